@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# Local Kafka (KRaft, one node) and Redis on loopback for dev, demo and tests.
+#
+#   scripts/services.sh up      install what is missing, start what is not running
+#   scripts/services.sh down    stop only what `up` started (pid files)
+#   scripts/services.sh status  say what runs
+#
+# Idempotent: `up` twice is fine and fast once the jars are cached.
+# State lives in .cache/ (git-ignored). No Docker needed.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="$ROOT/.cache"
+KAFKA_DIR="$CACHE/kafka"
+REDIS_DIR="$CACHE/redis"
+KAFKA_PORT="${IDEM_KAFKA_PORT:-9092}"
+KAFKA_CONTROLLER_PORT="${IDEM_KAFKA_CONTROLLER_PORT:-9093}"
+REDIS_PORT="${IDEM_REDIS_PORT:-6379}"
+KAFKA_HEAP="${IDEM_KAFKA_HEAP:--Xms256m -Xmx768m}"
+READY_TIMEOUT="${IDEM_SERVICES_TIMEOUT:-120}"
+
+log() { printf '[services] %s\n' "$*" >&2; }
+die() { printf '[services] error: %s\n' "$*" >&2; exit 1; }
+
+is_alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+need_root_install() {
+  local pkgs=("$@")
+  if [[ $(id -u) -ne 0 ]]; then
+    die "missing packages: ${pkgs[*]}; install them with: sudo apt-get install -y ${pkgs[*]}"
+  fi
+  log "installing ${pkgs[*]} (apt-get)"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
+}
+
+install_packages() {
+  local missing=()
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v redis-cli >/dev/null || missing+=(redis-tools)
+  command -v kcat >/dev/null || missing+=(kcat)
+  command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+  command -v mvn >/dev/null || missing+=(maven)
+  if ((${#missing[@]})); then need_root_install "${missing[@]}"; fi
+}
+
+resolve_kafka_jars() {
+  if [[ -f "$KAFKA_DIR/libs/.complete" ]]; then return; fi
+  log "resolving Apache Kafka jars from Maven Central (first run only)"
+  rm -rf "$KAFKA_DIR/libs.tmp"
+  mkdir -p "$KAFKA_DIR"
+  (cd "$ROOT/scripts/kafka" &&
+    mvn -q -B dependency:copy-dependencies -DoutputDirectory="$KAFKA_DIR/libs.tmp") ||
+    die "mvn could not resolve the Kafka jars (see the output above)"
+  touch "$KAFKA_DIR/libs.tmp/.complete"
+  rm -rf "$KAFKA_DIR/libs"
+  mv "$KAFKA_DIR/libs.tmp" "$KAFKA_DIR/libs"
+}
+
+kafka_java() { java -cp "$KAFKA_DIR/libs/*" "$@"; }
+
+write_kafka_config() {
+  cat >"$KAFKA_DIR/server.properties" <<EOF
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$KAFKA_DIR/data
+num.partitions=1
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=8
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+delete.topic.enable=true
+log.retention.hours=24
+log.segment.bytes=67108864
+EOF
+}
+
+kafka_ready() { kcat -b "127.0.0.1:$KAFKA_PORT" -L -m 3 >/dev/null 2>&1; }
+
+start_kafka() {
+  local pidfile="$KAFKA_DIR/kafka.pid"
+  if is_alive "$pidfile"; then log "kafka already running (pid $(cat "$pidfile"))"; return; fi
+  if kafka_ready; then log "a Kafka broker already answers on 127.0.0.1:$KAFKA_PORT; using it"; return; fi
+  resolve_kafka_jars
+  write_kafka_config
+  if [[ ! -f "$KAFKA_DIR/data/meta.properties" ]]; then
+    log "formatting KRaft storage"
+    local cluster_id
+    cluster_id="$(kafka_java kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)"
+    kafka_java kafka.tools.StorageTool format --standalone -t "$cluster_id" \
+      -c "$KAFKA_DIR/server.properties" >"$KAFKA_DIR/format.log" 2>&1 ||
+      die "formatting Kafka storage failed; see $KAFKA_DIR/format.log"
+  fi
+  log "starting kafka on 127.0.0.1:$KAFKA_PORT (log: $KAFKA_DIR/broker.log)"
+  # shellcheck disable=SC2086
+  nohup java $KAFKA_HEAP -XX:+UseG1GC -Dorg.slf4j.simpleLogger.defaultLogLevel=info \
+    -cp "$KAFKA_DIR/libs/*" kafka.Kafka "$KAFKA_DIR/server.properties" \
+    >"$KAFKA_DIR/broker.log" 2>&1 </dev/null &
+  echo $! >"$pidfile"
+  local waited=0
+  until kafka_ready; do
+    if ! is_alive "$pidfile"; then
+      tail -n 30 "$KAFKA_DIR/broker.log" >&2 || true
+      die "kafka exited during start-up; full log: $KAFKA_DIR/broker.log"
+    fi
+    if ((waited >= READY_TIMEOUT)); then
+      tail -n 30 "$KAFKA_DIR/broker.log" >&2 || true
+      die "kafka did not answer a metadata request within ${READY_TIMEOUT}s; full log: $KAFKA_DIR/broker.log"
+    fi
+    sleep 1
+    waited=$((waited + 1))
+  done
+  log "kafka ready after ${waited}s"
+}
+
+redis_ready() { redis-cli -h 127.0.0.1 -p "$1" ping 2>/dev/null | grep -q PONG; }
+
+start_redis() {
+  local pidfile="$REDIS_DIR/redis.pid"
+  mkdir -p "$REDIS_DIR"
+  if is_alive "$pidfile"; then log "redis already running (pid $(cat "$pidfile"))"; return; fi
+  if redis_ready "$REDIS_PORT"; then log "a Redis already answers on 127.0.0.1:$REDIS_PORT; using it"; return; fi
+  log "starting redis on 127.0.0.1:$REDIS_PORT"
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes \
+    --pidfile "$pidfile" --dir "$REDIS_DIR" --logfile "$REDIS_DIR/redis.log" \
+    --save "" --appendonly no --maxclients 10000 >/dev/null
+  local waited=0
+  until redis_ready "$REDIS_PORT"; do
+    ((waited < 50)) || die "redis did not answer PING; see $REDIS_DIR/redis.log"
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+  log "redis ready"
+}
+
+stop_pidfile() {
+  local name="$1" pidfile="$2"
+  if is_alive "$pidfile"; then
+    local pid
+    pid="$(cat "$pidfile")"
+    log "stopping $name (pid $pid)"
+    kill "$pid"
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    if kill -0 "$pid" 2>/dev/null; then log "$name did not stop in 20s; killing"; kill -9 "$pid"; fi
+  fi
+  rm -f "$pidfile"
+}
+
+case "${1:-up}" in
+  up)
+    install_packages
+    start_redis
+    start_kafka
+    log "up: kafka 127.0.0.1:$KAFKA_PORT, redis redis://127.0.0.1:$REDIS_PORT"
+    ;;
+  down)
+    stop_pidfile kafka "$KAFKA_DIR/kafka.pid"
+    stop_pidfile redis "$REDIS_DIR/redis.pid"
+    ;;
+  status)
+    is_alive "$KAFKA_DIR/kafka.pid" && echo "kafka: running (pid $(cat "$KAFKA_DIR/kafka.pid"))" || echo "kafka: not started here"
+    is_alive "$REDIS_DIR/redis.pid" && echo "redis: running (pid $(cat "$REDIS_DIR/redis.pid"))" || echo "redis: not started here"
+    ;;
+  *) die "usage: $0 up|down|status" ;;
+esac

@@ -1,0 +1,93 @@
+//! The command line: one subcommand per file, each with its own `run`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, LogFormat};
+
+pub mod inspect;
+pub mod run;
+pub mod sample;
+pub mod topics;
+
+/// idem applies Kafka topics to Redis with exactly-once effects.
+///
+/// Each event (a JSON record with `id`, `entity` and `seq`) has its effect
+/// applied once, however often Kafka delivers it: duplicates and stale
+/// out-of-order events are rejected atomically in Redis, and offsets are
+/// committed only after the effects are durable.
+///
+/// Configuration: config/default.toml (built in), then --config FILE, then
+/// IDEM__SECTION__KEY environment variables, e.g. IDEM__KAFKA__GROUP_ID=orders.
+#[derive(Debug, Parser)]
+#[command(name = "idem", version, propagate_version = true)]
+pub struct Cli {
+    /// Config file (TOML) layered over the defaults; keys as in config/default.toml.
+    #[arg(long, global = true, env = "IDEM_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Run(run::RunArgs),
+    Inspect(inspect::InspectArgs),
+    Topics(topics::TopicsArgs),
+    Sample(sample::SampleArgs),
+}
+
+/// Loads config, starts logging and runs the chosen command.
+pub fn main(cli: Cli) -> ExitCode {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let config = match Config::load(cli.config.as_deref(), &env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            eprintln!("hint: every key is documented in config/default.toml");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Run(args) => run::run(args, config).await,
+            Command::Inspect(args) => inspect::run(args, config).await,
+            Command::Topics(args) => topics::run(args, config).await,
+            Command::Sample(args) => sample::run(args, config).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,58 @@
+//! `idem run`: consume the configured topics and apply them to Redis.
+
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::config::Config;
+use crate::pipeline::{self, Shutdown};
+
+/// Consume the configured topics as a member of the consumer group and apply
+/// every event to Redis exactly once.
+///
+/// Stops cleanly on SIGINT/SIGTERM: no new work is taken, the current batch
+/// finishes, finished offsets are committed. A second signal exits at once,
+/// which is still safe: redelivered events are recognised as duplicates.
+///
+/// Example:
+///   IDEM__KAFKA__TOPICS=orders IDEM__KAFKA__GROUP_ID=orders-view idem run
+#[derive(Debug, Args)]
+pub struct RunArgs {}
+
+pub async fn run(_args: RunArgs, config: Config) -> anyhow::Result<ExitCode> {
+    let (trigger, shutdown) = Shutdown::new();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received: finishing the current batch, then committing (signal again to exit at once)");
+        trigger.trigger();
+        wait_for_signal().await;
+        tracing::warn!(
+            "second signal: exiting now; uncommitted events will be redelivered and deduplicated"
+        );
+        std::process::exit(130);
+    });
+    pipeline::run(config, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

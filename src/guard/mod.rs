@@ -1,0 +1,207 @@
+//! The guard: dedupe check, sequence check and effect as one atomic Redis
+//! script (`guard.lua`, beside this file), called for many events per round trip.
+//!
+//! Guarantee: for each event, the decision and its effect happen in one
+//! script execution, so there is no moment where an id is remembered and its
+//! effect is not, or the reverse. Calling `apply` again with the same events
+//! (a retry after a lost reply) changes nothing: they come back `duplicate`.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::Value;
+
+use crate::event::{id_hash, Event, Op};
+use crate::model::Outcome;
+use crate::store::{KeyLayout, StoreError};
+
+const SCRIPT: &str = include_str!("guard.lua");
+
+/// The guard's answer for one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub outcome: Outcome,
+    /// For a duplicate: how long after its first sighting it arrived.
+    pub duplicate_age: Option<Duration>,
+    /// For a conflict: the fingerprint remembered for the id.
+    pub remembered_fingerprint: Option<u64>,
+}
+
+/// One event to guard, with the dedupe window of its topic.
+#[derive(Debug, Clone, Copy)]
+pub struct GuardInput<'a> {
+    pub event: &'a Event,
+    pub window: Duration,
+}
+
+/// Runs the guard script against one Redis.
+pub struct Guard {
+    conn: ConnectionManager,
+    script: redis::Script,
+    layout: KeyLayout,
+    events_per_script: usize,
+}
+
+impl Guard {
+    pub fn new(conn: ConnectionManager, layout: KeyLayout, events_per_script: usize) -> Self {
+        Guard {
+            conn,
+            script: redis::Script::new(SCRIPT),
+            layout,
+            events_per_script: events_per_script.max(1),
+        }
+    }
+
+    /// The SHA1 of the script, as `EVALSHA` knows it.
+    pub fn script_sha(&self) -> &str {
+        self.script.get_hash()
+    }
+
+    /// Loads the script into Redis (done lazily on `NOSCRIPT` too).
+    pub async fn load_script(&mut self) -> Result<(), StoreError> {
+        self.script.load_async(&mut self.conn).await?;
+        Ok(())
+    }
+
+    /// Guards `inputs` in order, returning one verdict each. Events are sent
+    /// `events_per_script` per script call, all calls in one pipeline.
+    /// An error means any subset may have been applied; calling again is safe.
+    pub async fn apply(&mut self, inputs: &[GuardInput<'_>]) -> Result<Vec<Verdict>, StoreError> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pipe = self.build_pipeline(inputs);
+        let replies: Vec<Vec<Value>> = match pipe.query_async(&mut self.conn).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                // Redis restarted or was flushed: load once and resend.
+                self.load_script().await?;
+                pipe.query_async(&mut self.conn).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        parse_replies(&replies, inputs.len())
+    }
+
+    fn build_pipeline(&self, inputs: &[GuardInput<'_>]) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        for chunk in inputs.chunks(self.events_per_script) {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(self.script.get_hash()).arg(chunk.len());
+            for input in chunk {
+                cmd.arg(self.layout.entity_base(&input.event.entity));
+            }
+            for input in chunk {
+                push_event_args(&mut cmd, input);
+            }
+            pipe.add_command(cmd);
+        }
+        pipe
+    }
+}
+
+fn push_event_args(cmd: &mut redis::Cmd, input: &GuardInput<'_>) {
+    let e = input.event;
+    let window_ms = input.window.as_millis().max(1) as u64;
+    cmd.arg(window_ms)
+        .arg(&e.id)
+        .arg(&id_hash(&e.id).to_be_bytes()[..])
+        .arg(&e.fingerprint.to_be_bytes()[..])
+        .arg(format!("{:016x}", e.fingerprint))
+        .arg(e.seq)
+        .arg(match e.op {
+            Op::Upsert => "u",
+            Op::Delete => "d",
+        })
+        .arg(e.set.len());
+    for (k, v) in &e.set {
+        cmd.arg(k).arg(v);
+    }
+    cmd.arg(e.unset.len());
+    for k in &e.unset {
+        cmd.arg(k);
+    }
+}
+
+fn parse_replies(replies: &[Vec<Value>], expected: usize) -> Result<Vec<Verdict>, StoreError> {
+    let mut verdicts = Vec::with_capacity(expected);
+    for reply in replies {
+        if reply.len() % 2 != 0 {
+            return Err(StoreError::Protocol(format!(
+                "guard reply of odd length {}",
+                reply.len()
+            )));
+        }
+        for pair in reply.chunks(2) {
+            verdicts.push(parse_verdict(&pair[0], &pair[1])?);
+        }
+    }
+    if verdicts.len() != expected {
+        return Err(StoreError::Protocol(format!(
+            "guard returned {} verdicts for {expected} events",
+            verdicts.len()
+        )));
+    }
+    Ok(verdicts)
+}
+
+fn parse_verdict(code: &Value, detail: &Value) -> Result<Verdict, StoreError> {
+    let plain = |outcome| Verdict {
+        outcome,
+        duplicate_age: None,
+        remembered_fingerprint: None,
+    };
+    match (code, detail) {
+        (Value::Int(0), _) => Ok(plain(Outcome::Applied)),
+        (Value::Int(1), Value::Int(age_ms)) => Ok(Verdict {
+            duplicate_age: Some(Duration::from_millis((*age_ms).max(0) as u64)),
+            ..plain(Outcome::Duplicate)
+        }),
+        (Value::Int(2), _) => Ok(plain(Outcome::Stale)),
+        (Value::Int(3), Value::BulkString(fp)) if fp.len() == 8 => Ok(Verdict {
+            remembered_fingerprint: Some(u64::from_be_bytes(fp[..8].try_into().expect("8 bytes"))),
+            ..plain(Outcome::Conflict)
+        }),
+        other => Err(StoreError::Protocol(format!(
+            "unexpected guard verdict {other:?}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_parse_by_table() {
+        let fp = 0x0102030405060708u64.to_be_bytes().to_vec();
+        let replies = vec![
+            vec![
+                Value::Int(0),
+                Value::Int(0),
+                Value::Int(1),
+                Value::Int(1500),
+            ],
+            vec![
+                Value::Int(2),
+                Value::BulkString(b"7".to_vec()),
+                Value::Int(3),
+                Value::BulkString(fp),
+            ],
+        ];
+        let v = parse_replies(&replies, 4).unwrap();
+        assert_eq!(
+            v.iter().map(|v| v.outcome).collect::<Vec<_>>(),
+            vec![
+                Outcome::Applied,
+                Outcome::Duplicate,
+                Outcome::Stale,
+                Outcome::Conflict
+            ]
+        );
+        assert_eq!(v[1].duplicate_age, Some(Duration::from_millis(1500)));
+        assert_eq!(v[3].remembered_fingerprint, Some(0x0102030405060708));
+        assert!(parse_replies(&replies, 5).is_err());
+        assert!(parse_replies(&[vec![Value::Int(9), Value::Int(0)]], 1).is_err());
+    }
+}

@@ -1,0 +1,217 @@
+//! Metrics: every name and label declared here once, and the HTTP endpoint
+//! serving `/metrics`, `/healthz` and `/readyz`.
+//!
+//! Guarantee: no label carries an entity or an event id, so cardinality is
+//! bounded by topics × partitions × outcomes.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::model::Outcome;
+
+pub const EVENTS_TOTAL: &str = "idem_events_total";
+pub const DUPLICATE_AGE_SECONDS: &str = "idem_duplicate_age_seconds";
+pub const BATCH_DURATION_SECONDS: &str = "idem_batch_duration_seconds";
+pub const BATCH_EVENTS: &str = "idem_batch_events";
+pub const REDIS_ROUND_TRIP_SECONDS: &str = "idem_redis_round_trip_seconds";
+pub const RETRIES_TOTAL: &str = "idem_retries_total";
+pub const REBALANCES_TOTAL: &str = "idem_rebalances_total";
+pub const ASSIGNED_PARTITIONS: &str = "idem_assigned_partitions";
+pub const COMMITTED_OFFSET: &str = "idem_committed_offset";
+pub const BUILD_INFO: &str = "idem_build_info";
+
+/// Readiness as seen by `/readyz`: joined the group and Redis answers.
+#[derive(Debug, Default, Clone)]
+pub struct Health {
+    assigned: Arc<AtomicBool>,
+    redis_ok: Arc<AtomicBool>,
+}
+
+impl Health {
+    pub fn set_assigned(&self, yes: bool) {
+        self.assigned.store(yes, Ordering::Relaxed);
+    }
+    pub fn set_redis_ok(&self, yes: bool) {
+        self.redis_ok.store(yes, Ordering::Relaxed);
+    }
+    pub fn is_ready(&self) -> bool {
+        self.assigned.load(Ordering::Relaxed) && self.redis_ok.load(Ordering::Relaxed)
+    }
+}
+
+/// Installs the global Prometheus recorder and describes every metric.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let latency = [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    let ages = [
+        0.1,
+        1.0,
+        10.0,
+        60.0,
+        300.0,
+        900.0,
+        3600.0,
+        4.0 * 3600.0,
+        12.0 * 3600.0,
+        86400.0,
+        2.0 * 86400.0,
+        3.0 * 86400.0,
+    ];
+    let sizes = [
+        1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
+    ];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(BATCH_DURATION_SECONDS.into()), &latency)?
+        .set_buckets_for_metric(Matcher::Full(REDIS_ROUND_TRIP_SECONDS.into()), &latency)?
+        .set_buckets_for_metric(Matcher::Full(DUPLICATE_AGE_SECONDS.into()), &ages)?
+        .set_buckets_for_metric(Matcher::Full(BATCH_EVENTS.into()), &sizes)?
+        .install_recorder()?;
+    describe_counter!(
+        EVENTS_TOTAL,
+        "Events by topic and outcome (applied, duplicate, stale, conflict, invalid)."
+    );
+    describe_histogram!(
+        DUPLICATE_AGE_SECONDS,
+        Unit::Seconds,
+        "How long after its first sighting a duplicate arrived."
+    );
+    describe_histogram!(
+        BATCH_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time to decode, guard and release one batch."
+    );
+    describe_histogram!(BATCH_EVENTS, "Events per batch.");
+    describe_histogram!(
+        REDIS_ROUND_TRIP_SECONDS,
+        Unit::Seconds,
+        "One pipelined guard round trip to Redis."
+    );
+    describe_counter!(
+        RETRIES_TOTAL,
+        "Retried operations by cause; nothing is committed past a failed one."
+    );
+    describe_counter!(
+        REBALANCES_TOTAL,
+        "Consumer group rebalances by kind (assign, revoke, lost)."
+    );
+    describe_gauge!(ASSIGNED_PARTITIONS, "Partitions assigned to this instance.");
+    describe_gauge!(
+        COMMITTED_OFFSET,
+        "Next offset stored for commit, per partition."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label says which idem runs."
+    );
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(handle)
+}
+
+/// Zero-initialises a topic's outcome counters so `rate()` works from the first scrape.
+pub fn init_topic(topic: &str) {
+    for outcome in Outcome::ALL {
+        record_outcome(topic, outcome, 0);
+    }
+}
+
+/// Counts one outcome.
+pub fn record_outcome(topic: &str, outcome: Outcome, n: u64) {
+    counter!(EVENTS_TOTAL, "topic" => topic.to_string(), "outcome" => outcome.as_str())
+        .increment(n);
+}
+
+pub fn record_duplicate_age(age: Duration) {
+    histogram!(DUPLICATE_AGE_SECONDS).record(age.as_secs_f64());
+}
+
+pub fn record_batch(events: usize, elapsed: Duration) {
+    histogram!(BATCH_EVENTS).record(events as f64);
+    histogram!(BATCH_DURATION_SECONDS).record(elapsed.as_secs_f64());
+}
+
+pub fn record_round_trip(elapsed: Duration) {
+    histogram!(REDIS_ROUND_TRIP_SECONDS).record(elapsed.as_secs_f64());
+}
+
+pub fn record_retry(cause: &'static str) {
+    counter!(RETRIES_TOTAL, "cause" => cause).increment(1);
+}
+
+pub fn record_rebalance(kind: &'static str) {
+    counter!(REBALANCES_TOTAL, "kind" => kind).increment(1);
+}
+
+pub fn set_assigned_partitions(n: usize) {
+    gauge!(ASSIGNED_PARTITIONS).set(n as f64);
+}
+
+pub fn set_committed_offset(topic: &str, partition: i32, offset: i64) {
+    gauge!(COMMITTED_OFFSET, "topic" => topic.to_string(), "partition" => partition.to_string())
+        .set(offset as f64);
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listen` until the task is dropped.
+pub async fn serve(
+    listen: SocketAddr,
+    handle: PrometheusHandle,
+    health: Health,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on metrics.listen = {listen}: {e}"))?;
+    tracing::info!(address = %listener.local_addr()?, "metrics endpoint listening");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                continue;
+            };
+            let handle = handle.clone();
+            let health = health.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let n = match tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buf))
+                    .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+                let request = String::from_utf8_lossy(&buf[..n]);
+                let path = request.split_whitespace().nth(1).unwrap_or("/");
+                let (status, content_type, body) = match path {
+                    "/metrics" => ("200 OK", "text/plain; version=0.0.4", handle.render()),
+                    "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
+                    "/readyz" if health.is_ready() => {
+                        ("200 OK", "text/plain", "ready\n".to_string())
+                    }
+                    "/readyz" => (
+                        "503 Service Unavailable",
+                        "text/plain",
+                        "not ready: waiting for a partition assignment or for Redis\n".to_string(),
+                    ),
+                    _ => (
+                        "404 Not Found",
+                        "text/plain",
+                        "try /metrics, /healthz or /readyz\n".to_string(),
+                    ),
+                };
+                let response = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,212 @@
+//! The decision rules, once, as pure Rust: what the guard script decides for
+//! an event given what Redis remembers about its entity.
+//!
+//! `src/guard/guard.lua` implements the same rules inside Redis; this module
+//! is the oracle the tests hold it to, and the model `reconcile` will use.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::event::{id_hash, Event, Op};
+
+/// The outcome of one event. Every record gets exactly one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Applied,
+    Duplicate,
+    Stale,
+    Conflict,
+    Invalid,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Applied,
+        Outcome::Duplicate,
+        Outcome::Stale,
+        Outcome::Conflict,
+        Outcome::Invalid,
+    ];
+
+    /// The label used in metrics and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Stale => "stale",
+            Outcome::Conflict => "conflict",
+            Outcome::Invalid => "invalid",
+        }
+    }
+}
+
+/// Classifies a decodable event.
+///
+/// | id in window?        | seq vs recorded seq   | outcome   |
+/// |----------------------|-----------------------|-----------|
+/// | yes, same fingerprint| any                   | duplicate |
+/// | yes, other fingerprint| any                  | conflict  |
+/// | no                   | no recorded seq       | applied   |
+/// | no                   | seq > recorded        | applied   |
+/// | no                   | seq ≤ recorded        | stale     |
+pub fn classify(
+    remembered_fingerprint: Option<u64>,
+    fingerprint: u64,
+    recorded_seq: Option<u64>,
+    seq: u64,
+) -> Outcome {
+    match (remembered_fingerprint, recorded_seq) {
+        (Some(seen), _) if seen == fingerprint => Outcome::Duplicate,
+        (Some(_), _) => Outcome::Conflict,
+        (None, Some(recorded)) if seq <= recorded => Outcome::Stale,
+        (None, _) => Outcome::Applied,
+    }
+}
+
+/// What Redis holds for one entity, as the model sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EntityModel {
+    pub seq: Option<u64>,
+    pub state: BTreeMap<String, String>,
+    pub deleted: bool,
+    pub applied: u64,
+    pub last_id: Option<String>,
+    /// id hash → fingerprint of the ids in the dedupe window.
+    pub remembered: HashMap<u64, u64>,
+}
+
+impl EntityModel {
+    /// Decides `event` and applies its effect, exactly as the guard script does.
+    pub fn apply(&mut self, event: &Event) -> Outcome {
+        let key = id_hash(&event.id);
+        let outcome = classify(
+            self.remembered.get(&key).copied(),
+            event.fingerprint,
+            self.seq,
+            event.seq,
+        );
+        if matches!(outcome, Outcome::Applied | Outcome::Stale) {
+            self.remembered.insert(key, event.fingerprint);
+        }
+        if outcome == Outcome::Applied {
+            self.seq = Some(event.seq);
+            self.last_id = Some(event.id.clone());
+            self.applied += 1;
+            match event.op {
+                Op::Delete => {
+                    self.state.clear();
+                    self.deleted = true;
+                }
+                Op::Upsert => {
+                    self.deleted = false;
+                    for (k, v) in &event.set {
+                        self.state.insert(k.clone(), v.clone());
+                    }
+                    for k in &event.unset {
+                        self.state.remove(k);
+                    }
+                }
+            }
+        }
+        outcome
+    }
+}
+
+/// The model of a whole keyspace: entity → what Redis holds.
+#[derive(Debug, Clone, Default)]
+pub struct Model {
+    pub entities: BTreeMap<String, EntityModel>,
+}
+
+impl Model {
+    /// Decides and applies one event.
+    pub fn apply(&mut self, event: &Event) -> Outcome {
+        self.entities
+            .entry(event.entity.clone())
+            .or_default()
+            .apply(event)
+    }
+
+    /// Forgets every remembered id, as Redis does when the window has passed.
+    pub fn expire_window(&mut self) {
+        for e in self.entities.values_mut() {
+            e.remembered.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_by_table() {
+        use Outcome::*;
+        let table = [
+            (Some(1), 1, Some(9), 3, Duplicate),
+            (Some(1), 1, None, 3, Duplicate),
+            (Some(1), 2, Some(9), 30, Conflict),
+            (None, 1, None, 0, Applied),
+            (None, 1, Some(2), 3, Applied),
+            (None, 1, Some(3), 3, Stale),
+            (None, 1, Some(4), 3, Stale),
+            (None, 1, Some(u64::MAX - 1), u64::MAX, Applied),
+        ];
+        for (seen, fp, recorded, seq, want) in table {
+            assert_eq!(
+                classify(seen, fp, recorded, seq),
+                want,
+                "{seen:?} {fp} {recorded:?} {seq}"
+            );
+        }
+    }
+
+    fn ev(id: &str, seq: u64, op: Op, set: &[(&str, &str)], fp: u64) -> Event {
+        Event {
+            id: id.into(),
+            entity: "e".into(),
+            seq,
+            op,
+            set: set
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            unset: vec![],
+            fingerprint: fp,
+        }
+    }
+
+    #[test]
+    fn tombstone_keeps_seq_so_late_updates_cannot_resurrect() {
+        let mut m = Model::default();
+        assert_eq!(
+            m.apply(&ev("a", 1, Op::Upsert, &[("x", "1")], 1)),
+            Outcome::Applied
+        );
+        assert_eq!(m.apply(&ev("b", 3, Op::Delete, &[], 2)), Outcome::Applied);
+        assert_eq!(
+            m.apply(&ev("c", 2, Op::Upsert, &[("x", "2")], 3)),
+            Outcome::Stale
+        );
+        let e = &m.entities["e"];
+        assert!(e.deleted && e.state.is_empty());
+        assert_eq!(e.seq, Some(3));
+        assert_eq!(
+            m.apply(&ev("d", 4, Op::Upsert, &[("y", "1")], 4)),
+            Outcome::Applied
+        );
+        let e = &m.entities["e"];
+        assert!(!e.deleted);
+        assert_eq!(e.state.len(), 1);
+        assert_eq!(e.applied, 3);
+    }
+
+    #[test]
+    fn stale_ids_are_remembered_and_window_expiry_turns_duplicates_stale() {
+        let mut m = Model::default();
+        m.apply(&ev("a", 5, Op::Upsert, &[], 1));
+        assert_eq!(m.apply(&ev("b", 4, Op::Upsert, &[], 2)), Outcome::Stale);
+        assert_eq!(m.apply(&ev("b", 4, Op::Upsert, &[], 2)), Outcome::Duplicate);
+        m.expire_window();
+        assert_eq!(m.apply(&ev("a", 5, Op::Upsert, &[], 1)), Outcome::Stale);
+    }
+}

@@ -1,0 +1,329 @@
+//! Topics as code: TOML definitions in `topics/`, applied and checked through
+//! Kafka's admin API.
+//!
+//! Guarantee: `apply` only creates missing topics and adds partitions; it
+//! never deletes a topic, shrinks a partition count or rewrites configs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rdkafka::admin::{
+    AdminClient, AdminOptions, NewPartitions, NewTopic, ResourceSpecifier, TopicReplication,
+};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use serde::Deserialize;
+
+use crate::config::{is_valid_topic_name, parse_duration};
+use crate::kafka::ADMIN_TIMEOUT;
+
+/// One topic as declared in a `topics/*.toml` file.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    #[serde(default = "one")]
+    pub replication_factor: i32,
+    /// Retention as a duration ("7d"), or "forever".
+    #[serde(default)]
+    pub retention: Option<String>,
+    /// "delete", "compact" or "compact,delete".
+    #[serde(default)]
+    pub cleanup_policy: Option<String>,
+    /// The matching dead-letter topic, created beside it with one partition per
+    /// source partition.
+    #[serde(default)]
+    pub dead_letter: Option<String>,
+    /// Other topic configs, passed as they are.
+    #[serde(default)]
+    pub configs: BTreeMap<String, String>,
+}
+
+fn one() -> i32 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopicsFile {
+    #[serde(default)]
+    topic: Vec<TopicSpec>,
+}
+
+impl TopicSpec {
+    /// A plain topic with `partitions` partitions and broker defaults.
+    pub fn new(name: impl Into<String>, partitions: i32) -> Self {
+        TopicSpec {
+            name: name.into(),
+            partitions,
+            replication_factor: 1,
+            retention: None,
+            cleanup_policy: None,
+            dead_letter: None,
+            configs: BTreeMap::new(),
+        }
+    }
+
+    /// The topic configs this spec pins, as Kafka names them.
+    pub fn kafka_configs(&self) -> Result<BTreeMap<String, String>, String> {
+        let mut out = self.configs.clone();
+        if let Some(r) = &self.retention {
+            let ms = if r == "forever" {
+                "-1".to_string()
+            } else {
+                parse_duration(r)
+                    .ok_or_else(|| format!("topic {}: retention {r:?} is not a duration like \"7d\" or \"forever\"", self.name))?
+                    .as_millis()
+                    .to_string()
+            };
+            out.insert("retention.ms".into(), ms);
+        }
+        if let Some(p) = &self.cleanup_policy {
+            out.insert("cleanup.policy".into(), p.clone());
+        }
+        Ok(out)
+    }
+
+    /// The spec and, if declared, its dead-letter topic's spec.
+    pub fn with_dead_letter(&self) -> Vec<TopicSpec> {
+        let mut v = vec![self.clone()];
+        if let Some(dlq) = &self.dead_letter {
+            let mut d = TopicSpec::new(dlq.clone(), self.partitions);
+            d.replication_factor = self.replication_factor;
+            d.retention = self.retention.clone();
+            v.push(d);
+        }
+        v
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !is_valid_topic_name(&self.name) {
+            return Err(format!(
+                "topic name {:?} is not a valid Kafka topic name",
+                self.name
+            ));
+        }
+        if self.partitions < 1 || self.replication_factor < 1 {
+            return Err(format!(
+                "topic {}: partitions and replication_factor must be at least 1",
+                self.name
+            ));
+        }
+        self.kafka_configs().map(|_| ())
+    }
+}
+
+/// Reads every `*.toml` in `dir`, dead-letter topics included.
+pub fn load_dir(dir: &Path) -> anyhow::Result<Vec<TopicSpec>> {
+    let mut specs = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| anyhow::anyhow!("cannot read topics folder {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    for path in files {
+        let text = std::fs::read_to_string(&path)?;
+        let file: TopicsFile =
+            toml_from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        for spec in file.topic {
+            spec.validate()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            specs.extend(spec.with_dead_letter());
+        }
+    }
+    Ok(specs)
+}
+
+fn toml_from_str(text: &str) -> Result<TopicsFile, String> {
+    config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| e.to_string())
+}
+
+/// What `apply` did or `check` found for one topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicState {
+    Created,
+    PartitionsAdded {
+        from: i32,
+        to: i32,
+    },
+    UpToDate,
+    Missing,
+    PartitionDrift {
+        declared: i32,
+        actual: i32,
+    },
+    ConfigDrift {
+        key: String,
+        declared: String,
+        actual: String,
+    },
+}
+
+fn admin(brokers: &str) -> anyhow::Result<AdminClient<DefaultClientContext>> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?)
+}
+
+fn partition_counts(
+    admin: &AdminClient<DefaultClientContext>,
+) -> anyhow::Result<BTreeMap<String, i32>> {
+    let md = admin
+        .inner()
+        .fetch_metadata(None, ADMIN_TIMEOUT)
+        .map_err(|e| anyhow::anyhow!("cannot fetch metadata from Kafka: {e}; is the broker up?"))?;
+    Ok(md
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| (t.name().to_string(), t.partitions().len() as i32))
+        .collect())
+}
+
+/// Creates missing topics and adds missing partitions.
+pub async fn apply(
+    brokers: &str,
+    specs: &[TopicSpec],
+) -> anyhow::Result<Vec<(String, TopicState)>> {
+    let admin = admin(brokers)?;
+    let existing = partition_counts(&admin)?;
+    let opts = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
+    let mut report = Vec::new();
+    for spec in specs {
+        let state = match existing.get(&spec.name) {
+            None => {
+                let configs = spec.kafka_configs().map_err(|e| anyhow::anyhow!(e))?;
+                let mut topic = NewTopic::new(
+                    &spec.name,
+                    spec.partitions,
+                    TopicReplication::Fixed(spec.replication_factor),
+                );
+                for (k, v) in &configs {
+                    topic = topic.set(k, v);
+                }
+                let results = admin.create_topics([&topic], &opts).await?;
+                for r in results {
+                    match r {
+                        Ok(_) => {}
+                        Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                        Err((name, code)) => anyhow::bail!("creating topic {name} failed: {code}"),
+                    }
+                }
+                TopicState::Created
+            }
+            Some(&actual) if actual < spec.partitions => {
+                let np = NewPartitions::new(&spec.name, spec.partitions as usize);
+                for r in admin.create_partitions([&np], &opts).await? {
+                    if let Err((name, code)) = r {
+                        anyhow::bail!("adding partitions to {name} failed: {code}");
+                    }
+                }
+                TopicState::PartitionsAdded {
+                    from: actual,
+                    to: spec.partitions,
+                }
+            }
+            Some(_) => TopicState::UpToDate,
+        };
+        report.push((spec.name.clone(), state));
+    }
+    Ok(report)
+}
+
+/// Compares the declared topics with the cluster; drift is reported, not fixed.
+pub async fn check(
+    brokers: &str,
+    specs: &[TopicSpec],
+) -> anyhow::Result<Vec<(String, TopicState)>> {
+    let admin = admin(brokers)?;
+    let existing = partition_counts(&admin)?;
+    let opts = AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT));
+    let mut report = Vec::new();
+    for spec in specs {
+        let Some(&actual) = existing.get(&spec.name) else {
+            report.push((spec.name.clone(), TopicState::Missing));
+            continue;
+        };
+        if actual != spec.partitions {
+            report.push((
+                spec.name.clone(),
+                TopicState::PartitionDrift {
+                    declared: spec.partitions,
+                    actual,
+                },
+            ));
+        }
+        let declared = spec.kafka_configs().map_err(|e| anyhow::anyhow!(e))?;
+        if !declared.is_empty() {
+            let described = admin
+                .describe_configs([&ResourceSpecifier::Topic(&spec.name)], &opts)
+                .await?;
+            for resource in described.into_iter().flatten() {
+                for (key, want) in &declared {
+                    let got = resource
+                        .get(key)
+                        .and_then(|e| e.value.clone())
+                        .unwrap_or_default();
+                    if &got != want {
+                        report.push((
+                            spec.name.clone(),
+                            TopicState::ConfigDrift {
+                                key: key.clone(),
+                                declared: want.clone(),
+                                actual: got,
+                            },
+                        ));
+                    }
+                }
+            }
+        }
+        if !report.iter().any(|(n, _)| n == &spec.name) {
+            report.push((spec.name.clone(), TopicState::UpToDate));
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_file_parses_with_dead_letter() {
+        let file = toml_from_str(
+            r#"
+            [[topic]]
+            name = "orders"
+            partitions = 12
+            retention = "7d"
+            cleanup_policy = "delete"
+            dead_letter = "orders.dlq"
+            [topic.configs]
+            "max.message.bytes" = "2097152"
+            "#,
+        )
+        .unwrap();
+        let specs = file.topic[0].with_dead_letter();
+        assert_eq!(specs.len(), 2);
+        assert_eq!(specs[1].name, "orders.dlq");
+        let configs = specs[0].kafka_configs().unwrap();
+        assert_eq!(configs["retention.ms"], "604800000");
+        assert_eq!(configs["cleanup.policy"], "delete");
+        assert_eq!(configs["max.message.bytes"], "2097152");
+    }
+
+    #[test]
+    fn bad_specs_are_rejected() {
+        assert!(TopicSpec::new("bad name", 1).validate().is_err());
+        assert!(TopicSpec::new("ok", 0).validate().is_err());
+        let mut s = TopicSpec::new("ok", 1);
+        s.retention = Some("a while".into());
+        assert!(s.validate().is_err());
+    }
+}

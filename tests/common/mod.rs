@@ -1,0 +1,537 @@
+//! Shared helpers of the integration tests: real Kafka, real Redis, the real
+//! `idem` binary. Every test gets its own topic, group, key prefix and port.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use idem::event::{decode, FieldMap};
+use idem::model::{Model, Outcome};
+use idem::sample::SampleRecord;
+use idem::store::{self, EntityView, KeyLayout};
+use idem::topics::{self, TopicSpec};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+pub fn brokers() -> String {
+    std::env::var("IDEM_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("IDEM_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(name: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+        % 1_000_000_000_000;
+    format!(
+        "{name}-{}-{nanos}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub async fn create_topic(name: &str, partitions: i32) {
+    topics::apply(&brokers(), &[TopicSpec::new(name, partitions)])
+        .await
+        .expect("create topic");
+}
+
+/// A raw record: key and value, either may be absent.
+pub type RawRecord<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
+
+/// Produces records keyed by entity and waits until Kafka acknowledged all of them.
+pub async fn produce(topic: &str, records: &[SampleRecord]) {
+    let raw: Vec<RawRecord<'_>> = records
+        .iter()
+        .map(|r| (Some(r.key.as_bytes()), Some(r.value.as_slice())))
+        .collect();
+    produce_raw(topic, &raw).await;
+}
+
+/// Produces raw key/value pairs (either may be absent), in order.
+pub async fn produce_raw(topic: &str, records: &[RawRecord<'_>]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("message.max.bytes", "10000000")
+        .create()
+        .unwrap();
+    let mut pending = Vec::with_capacity(records.len());
+    for (key, value) in records {
+        loop {
+            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+            if let Some(k) = key {
+                rec = rec.key(k);
+            }
+            if let Some(v) = value {
+                rec = rec.payload(v);
+            }
+            match producer.send_result(rec) {
+                Ok(f) => {
+                    pending.push(f);
+                    break;
+                }
+                Err((e, _)) => {
+                    assert_eq!(
+                        e.rdkafka_error_code(),
+                        Some(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                        "produce failed: {e}"
+                    );
+                    producer.poll(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+    for f in pending {
+        f.await.expect("delivery future").expect("delivered");
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// How the test runs one idem process.
+#[derive(Debug, Clone)]
+pub struct IdemOpts {
+    pub topics: Vec<String>,
+    pub group: String,
+    pub prefix: String,
+    pub redis_url: String,
+    pub env: Vec<(String, String)>,
+}
+
+impl IdemOpts {
+    pub fn new(topic: &str, group: &str, prefix: &str) -> Self {
+        IdemOpts {
+            topics: vec![topic.to_string()],
+            group: group.to_string(),
+            prefix: prefix.to_string(),
+            redis_url: redis_url(),
+            env: Vec::new(),
+        }
+    }
+
+    pub fn with(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+}
+
+/// A running `idem run` process.
+pub struct Idem {
+    child: Child,
+    pub metrics_port: u16,
+    pub log: PathBuf,
+}
+
+impl Idem {
+    pub fn spawn(opts: &IdemOpts) -> Idem {
+        let port = free_port();
+        let log =
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}.log", unique(&opts.group)));
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_idem"));
+        cmd.arg("run")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info,librdkafka=warn")
+            .env("IDEM__KAFKA__BROKERS", brokers())
+            .env("IDEM__KAFKA__TOPICS", opts.topics.join(","))
+            .env("IDEM__KAFKA__GROUP_ID", &opts.group)
+            .env("IDEM__KAFKA__COMMIT_INTERVAL", "200ms")
+            .env("IDEM__KAFKA__SESSION_TIMEOUT", "6s")
+            .env("IDEM__REDIS__URL", &opts.redis_url)
+            .env("IDEM__REDIS__KEY_PREFIX", &opts.prefix)
+            .env("IDEM__REDIS__RESPONSE_TIMEOUT", "1s")
+            .env("IDEM__REDIS__CONNECT_TIMEOUT", "500ms")
+            .env("IDEM__PIPELINE__RETRY_MAX_BACKOFF", "500ms")
+            .env("IDEM__METRICS__LISTEN", format!("127.0.0.1:{port}"));
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn idem");
+        Idem {
+            child,
+            metrics_port: port,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig} failed");
+    }
+
+    /// SIGKILL: no chance to commit anything.
+    pub fn kill(mut self) {
+        self.signal("-KILL");
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub async fn terminate(mut self) {
+        self.signal("-TERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "idem exited with {status}; log: {}",
+                    self.log.display()
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "idem did not stop after SIGTERM; log: {}",
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The current /metrics text, if the endpoint answers.
+    pub async fn metrics(&self) -> Option<String> {
+        http_get(self.metrics_port, "/metrics").await
+    }
+
+    /// Sum of a counter over all label sets matching every `label="value"` given.
+    pub async fn counter(&self, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
+        let text = self.metrics().await?;
+        Some(sum_metric(&text, name, labels))
+    }
+
+    pub async fn outcome(&self, topic: &str, outcome: Outcome) -> u64 {
+        self.counter(
+            "idem_events_total",
+            &[("topic", topic), ("outcome", outcome.as_str())],
+        )
+        .await
+        .unwrap_or(0)
+    }
+
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!(
+                "idem exited early with {status}; log: {}",
+                self.log.display()
+            );
+        }
+    }
+}
+
+impl Drop for Idem {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn http_get(port: u16, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    let body = buf.split_once("\r\n\r\n")?.1;
+    Some(body.to_string())
+}
+
+/// Sums the samples of `name` whose labels include all of `labels`.
+pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = match series.find('{') {
+                Some(i) => (&series[..i], &series[i..]),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            if !labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+            {
+                return None;
+            }
+            value.parse::<f64>().ok()
+        })
+        .sum::<f64>() as u64
+}
+
+/// Polls `check` until it returns true or `timeout` passes (then panics with `what`).
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn admin_consumer(group: &str) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap()
+}
+
+/// The group's committed offset per partition (-1 where none).
+pub async fn committed(group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    let (group, topic) = (group.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let consumer = admin_consumer(&group);
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(&topic, p);
+        }
+        let got = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .expect("committed offsets");
+        (0..partitions)
+            .map(
+                |p| match got.find_partition(&topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => -1,
+                },
+            )
+            .collect()
+    })
+    .await
+    .unwrap()
+}
+
+/// The end offset (high watermark) per partition.
+pub async fn end_offsets(topic: &str, partitions: i32) -> Vec<i64> {
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let consumer = admin_consumer("watermarks");
+        (0..partitions)
+            .map(|p| {
+                consumer
+                    .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                    .unwrap()
+                    .1
+            })
+            .collect()
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits until the group has committed everything in the topic.
+pub async fn wait_caught_up(group: &str, topic: &str, partitions: i32, timeout: Duration) {
+    let end = end_offsets(topic, partitions).await;
+    wait_until(
+        &format!("group {group} committed up to {end:?} on {topic}"),
+        timeout,
+        || async { committed(group, topic, partitions).await == end },
+    )
+    .await;
+}
+
+/// The oracle: the model applied to the records in the order a keyed
+/// producer delivers them per entity.
+pub fn oracle(records: &[SampleRecord]) -> (Model, HashMap<Outcome, u64>) {
+    let mut model = Model::default();
+    let mut counts = HashMap::new();
+    for r in records {
+        let outcome = match decode(Some(&r.value), &FieldMap::default(), 1 << 20) {
+            Ok(e) => model.apply(&e),
+            Err(_) => Outcome::Invalid,
+        };
+        *counts.entry(outcome).or_insert(0) += 1;
+    }
+    (model, counts)
+}
+
+pub async fn redis_conn(url: &str) -> redis::aio::ConnectionManager {
+    let cfg = idem::config::RedisConfig {
+        url: url.to_string(),
+        key_prefix: "unused".into(),
+        response_timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(2),
+    };
+    store::connect(&cfg).await.expect("redis connection")
+}
+
+pub async fn read_entities(
+    url: &str,
+    prefix: &str,
+    entities: impl Iterator<Item = &String>,
+) -> BTreeMap<String, EntityView> {
+    let mut conn = redis_conn(url).await;
+    let layout = KeyLayout::new(prefix);
+    let mut out = BTreeMap::new();
+    for e in entities {
+        out.insert(
+            e.clone(),
+            store::read_entity(&mut conn, &layout, e).await.unwrap(),
+        );
+    }
+    out
+}
+
+/// Asserts that Redis holds exactly the oracle's state and applied count for every entity.
+pub async fn assert_matches_oracle(url: &str, prefix: &str, model: &Model) {
+    let views = read_entities(url, prefix, model.entities.keys()).await;
+    let mut mismatches = Vec::new();
+    for (name, want) in &model.entities {
+        let got = &views[name];
+        if got.state != want.state
+            || got.applied != want.applied
+            || got.seq != want.seq
+            || got.deleted != want.deleted
+        {
+            mismatches.push(format!(
+                "{name}: redis seq={:?} applied={} deleted={} state={:?}; oracle seq={:?} applied={} deleted={} state={:?}",
+                got.seq, got.applied, got.deleted, got.state, want.seq, want.applied, want.deleted, want.state
+            ));
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} of {} entities differ from the oracle, e.g.\n{}",
+        mismatches.len(),
+        model.entities.len(),
+        mismatches
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// A redis-server of the test's own, on its own port and folder, that the
+/// test may kill and restart. AOF with fsync always: what it acknowledged
+/// survives a SIGKILL.
+pub struct PrivateRedis {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> PrivateRedis {
+        let port = free_port();
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("redis"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut r = PrivateRedis {
+            port,
+            dir,
+            child: None,
+        };
+        r.restart().await;
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (install redis-server, or run `make services`)");
+        self.child = Some(child);
+        let url = self.url();
+        wait_until(
+            "private redis answers PING",
+            Duration::from_secs(20),
+            || {
+                let url = url.clone();
+                async move {
+                    let Ok(client) = redis::Client::open(url.as_str()) else {
+                        return false;
+                    };
+                    let Ok(mut c) = client.get_multiplexed_async_connection().await else {
+                        return false;
+                    };
+                    redis::cmd("PING")
+                        .query_async::<String>(&mut c)
+                        .await
+                        .is_ok()
+                }
+            },
+        )
+        .await;
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
