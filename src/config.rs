@@ -90,6 +90,8 @@ pub struct KafkaConfig {
     pub auto_offset_reset: OffsetReset,
     pub commit_interval: Duration,
     pub session_timeout: Duration,
+    /// How long a revoke waits for in-flight batches of the revoked partitions.
+    pub revoke_timeout: Duration,
     /// Passthrough librdkafka settings, already checked against the fixed keys.
     pub librdkafka: BTreeMap<String, String>,
 }
@@ -146,6 +148,8 @@ pub struct Config {
     pub event: EventConfig,
     pub pipeline: PipelineConfig,
     pub metrics_listen: SocketAddr,
+    /// How long a graceful shutdown waits for in-flight batches.
+    pub shutdown_drain_timeout: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -160,7 +164,14 @@ struct RawConfig {
     event: RawEvent,
     pipeline: RawPipeline,
     metrics: RawMetrics,
+    shutdown: RawShutdown,
     log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShutdown {
+    drain_timeout: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,6 +183,7 @@ struct RawKafka {
     auto_offset_reset: String,
     commit_interval: String,
     session_timeout: String,
+    revoke_timeout: String,
     /// Nested maps appear when a key's dots were read as path separators
     /// (environment variables); they are flattened back into dotted keys.
     #[serde(default)]
@@ -404,6 +416,7 @@ impl RawConfig {
                 auto_offset_reset,
                 commit_interval: positive_duration("kafka.commit_interval", &k.commit_interval)?,
                 session_timeout: positive_duration("kafka.session_timeout", &k.session_timeout)?,
+                revoke_timeout: positive_duration("kafka.revoke_timeout", &k.revoke_timeout)?,
                 librdkafka,
             },
             redis: RedisConfig {
@@ -419,6 +432,10 @@ impl RawConfig {
             event: EventConfig { fields, max_bytes },
             pipeline,
             metrics_listen,
+            shutdown_drain_timeout: positive_duration(
+                "shutdown.drain_timeout",
+                &self.shutdown.drain_timeout,
+            )?,
             log_format,
             log_level: self.log.level,
         })
@@ -660,6 +677,12 @@ mod tests {
             ),
             ("IDEM__METRICS__LISTEN", "localhost", "metrics.listen"),
             ("IDEM__LOG__FORMAT", "xml", "log.format"),
+            (
+                "IDEM__SHUTDOWN__DRAIN_TIMEOUT",
+                "never",
+                "shutdown.drain_timeout",
+            ),
+            ("IDEM__KAFKA__REVOKE_TIMEOUT", "0s", "kafka.revoke_timeout"),
         ];
         for (var, value, key) in table {
             let err = Config::load(None, &env(&[(var, value)])).unwrap_err();

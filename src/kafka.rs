@@ -13,8 +13,14 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
+use std::sync::Arc;
+
+use rdkafka::{Offset, TopicPartitionList};
+
 use crate::config::KafkaConfig;
 use crate::metrics::{self, Health};
+use crate::offsets::TopicPartition;
+use crate::pipeline::Progress;
 
 /// The consumer configuration: user passthrough first, then the settings
 /// that protect the guarantee, which always win.
@@ -40,6 +46,16 @@ pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
         )
         // End-of-partition events are noise for a long-running consumer.
         .set("enable.partition.eof", "false");
+    if !cfg.librdkafka.contains_key("queued.max.messages.kbytes") {
+        // librdkafka prefetches up to 64 MB by default; 8 MB keeps a second
+        // of backlog at high rates while holding resident memory flat.
+        c.set("queued.max.messages.kbytes", "8192");
+    }
+    if !cfg.librdkafka.contains_key("fetch.queue.backoff.ms") {
+        // With a small prefetch queue the default 1 s pause after filling it
+        // would show up as 1 s latency spikes and idle gaps; fetch again soon.
+        c.set("fetch.queue.backoff.ms", "10");
+    }
     if !cfg.librdkafka.contains_key("partition.assignment.strategy") {
         // Cooperative rebalancing moves only the partitions that must move.
         c.set("partition.assignment.strategy", "cooperative-sticky");
@@ -47,11 +63,15 @@ pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// Logs and counts rebalances; on revoke, commits what is stored so the next
-/// owner starts after everything this instance finished.
-#[derive(Default)]
+/// Rebalance handling. On revoke: stop taking records of the revoked
+/// partitions, wait (bounded) until their in-flight batches are applied,
+/// store and synchronously commit their offsets, then let the rebalance go
+/// on: the next owner starts after everything this instance finished. On
+/// loss: forget the partitions and commit nothing for them.
 pub struct IdemContext {
     pub health: Health,
+    pub progress: Arc<Progress>,
+    pub revoke_timeout: Duration,
 }
 
 impl ClientContext for IdemContext {}
@@ -60,16 +80,41 @@ impl ConsumerContext for IdemContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
+                let tps = partitions_of(tpl);
+                if consumer.assignment_lost() {
+                    metrics::record_rebalance("lost");
+                    tracing::warn!(
+                        partitions = tps.len(),
+                        "partitions lost; their in-flight work is not committed"
+                    );
+                    self.progress.forget(&tps);
+                    return;
+                }
                 metrics::record_rebalance("revoke");
-                tracing::info!(
-                    partitions = tpl.count(),
-                    "partitions revoked; committing finished offsets"
-                );
+                self.progress.unassign(&tps);
+                let idle = block_in_place_if_possible(|| {
+                    self.progress.wait_idle(&tps, self.revoke_timeout)
+                });
+                if !idle {
+                    tracing::warn!(timeout = ?self.revoke_timeout, "revoked partitions still had work in flight; committing only what is done");
+                }
+                let commits = self.progress.take_commits(|tp| tps.contains(tp));
+                for (tp, next) in &commits {
+                    store_offset(consumer, tp, *next);
+                }
                 commit_stored(consumer);
+                self.progress.forget(&tps);
+                tracing::info!(
+                    partitions = tps.len(),
+                    committed = commits.len(),
+                    "partitions revoked after committing their finished offsets"
+                );
             }
             Rebalance::Assign(tpl) => {
                 metrics::record_rebalance("assign");
-                tracing::info!(partitions = tpl.count(), "partitions assigned");
+                let tps = partitions_of(tpl);
+                self.progress.assign(&tps);
+                tracing::info!(partitions = tps.len(), "partitions assigned");
             }
             Rebalance::Error(e) => {
                 metrics::record_rebalance("error");
@@ -96,6 +141,43 @@ impl ConsumerContext for IdemContext {
             Err(e) => {
                 tracing::warn!(error = %e, "offset commit failed; it is retried with the next commit")
             }
+        }
+    }
+}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+    tpl.elements()
+        .iter()
+        .map(|e| TopicPartition::new(e.topic(), e.partition()))
+        .collect()
+}
+
+/// Runs a blocking wait without starving the async runtime's other tasks
+/// (the guard stage must keep running while a rebalance callback waits for it).
+fn block_in_place_if_possible<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+/// Stores `next` (the next offset to read) as the partition's commit point.
+/// A partition no longer assigned is skipped: its new owner decides.
+pub fn store_offset<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    tp: &TopicPartition,
+    next: i64,
+) {
+    let mut tpl = TopicPartitionList::with_capacity(1);
+    let stored = tpl
+        .add_partition_offset(&tp.topic, tp.partition, Offset::Offset(next))
+        .and_then(|()| consumer.store_offsets(&tpl));
+    match stored {
+        Ok(()) => metrics::set_committed_offset(&tp.topic, tp.partition, next),
+        Err(e) => {
+            tracing::debug!(topic = %tp.topic, partition = tp.partition, error = %e, "offset not stored (partition no longer assigned)")
         }
     }
 }

@@ -10,8 +10,10 @@
 //! - [`pipeline`]: the Kafka loop: fetch, decode, guard, mark done, store offsets.
 //! - [`kafka`], [`store`]: the Kafka and Redis edges; [`topics`]: topics as code;
 //!   [`group`]: a group's members and lag.
-//! - [`metrics`]: Prometheus names and the `/metrics` endpoint; [`sample`]: a test-data generator.
+//! - [`metrics`]: Prometheus names and the `/metrics` endpoint; [`sample`]: a test-data generator;
+//!   [`bench`]: the benchmark and its baselines.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod event;

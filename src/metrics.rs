@@ -28,6 +28,13 @@ pub const REBALANCES_TOTAL: &str = "idem_rebalances_total";
 pub const ASSIGNED_PARTITIONS: &str = "idem_assigned_partitions";
 pub const COMMITTED_OFFSET: &str = "idem_committed_offset";
 pub const BUILD_INFO: &str = "idem_build_info";
+pub const EVENT_LATENCY_SECONDS: &str = "idem_event_latency_seconds";
+
+/// Buckets fine enough for the benchmark to read p50/p99/p99.9 from.
+pub const LATENCY_BUCKETS: [f64; 24] = [
+    0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.008, 0.010, 0.012, 0.015, 0.020, 0.025, 0.030,
+    0.040, 0.050, 0.075, 0.100, 0.150, 0.200, 0.300, 0.500, 1.0, 2.5, 10.0,
+];
 
 /// Readiness as seen by `/readyz`: joined the group and Redis answers.
 #[derive(Debug, Default, Clone)]
@@ -75,7 +82,20 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         .set_buckets_for_metric(Matcher::Full(REDIS_ROUND_TRIP_SECONDS.into()), &latency)?
         .set_buckets_for_metric(Matcher::Full(DUPLICATE_AGE_SECONDS.into()), &ages)?
         .set_buckets_for_metric(Matcher::Full(BATCH_EVENTS.into()), &sizes)?
+        .set_buckets_for_metric(
+            Matcher::Full(EVENT_LATENCY_SECONDS.into()),
+            &LATENCY_BUCKETS,
+        )?
         .install_recorder()?;
+    // Histogram samples queue up until drained; drain them even if nobody scrapes.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
     describe_counter!(
         EVENTS_TOTAL,
         "Events by topic and outcome (applied, duplicate, stale, conflict, invalid)."
@@ -137,6 +157,14 @@ pub fn record_duplicate_age(age: Duration) {
 pub fn record_batch(events: usize, elapsed: Duration) {
     histogram!(BATCH_EVENTS).record(events as f64);
     histogram!(BATCH_DURATION_SECONDS).record(elapsed.as_secs_f64());
+}
+
+/// Records end-to-end latencies of one batch, in seconds.
+pub fn record_event_latencies(latencies: impl Iterator<Item = f64>) {
+    let h = histogram!(EVENT_LATENCY_SECONDS);
+    for l in latencies {
+        h.record(l);
+    }
 }
 
 pub fn record_round_trip(elapsed: Duration) {

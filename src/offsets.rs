@@ -115,10 +115,26 @@ impl Offsets {
 
     /// Commit points that moved since the last call, per partition.
     pub fn take_commits(&mut self) -> Vec<(TopicPartition, i64)> {
+        self.take_commits_where(|_| true)
+    }
+
+    /// Like `take_commits`, for the partitions `filter` selects.
+    pub fn take_commits_where(
+        &mut self,
+        filter: impl Fn(&TopicPartition) -> bool,
+    ) -> Vec<(TopicPartition, i64)> {
         self.partitions
             .iter_mut()
+            .filter(|(tp, _)| filter(tp))
             .filter_map(|(tp, p)| p.take_commit().map(|o| (tp.clone(), o)))
             .collect()
+    }
+
+    /// Events of one partition fetched and not yet done.
+    pub fn partition_in_flight(&self, tp: &TopicPartition) -> usize {
+        self.partitions
+            .get(tp)
+            .map_or(0, PartitionProgress::in_flight)
     }
 
     /// Forgets a partition (revoked or lost): nothing of it is committed later.

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, LogFormat};
 
+pub mod bench;
 pub mod inspect;
 pub mod run;
 pub mod sample;
@@ -38,6 +39,7 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     Topics(topics::TopicsArgs),
     Sample(sample::SampleArgs),
+    Bench(bench::BenchArgs),
 }
 
 /// Loads config, starts logging and runs the chosen command.
@@ -68,6 +70,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Inspect(args) => inspect::run(args, config).await,
             Command::Topics(args) => topics::run(args, config).await,
             Command::Sample(args) => sample::run(args, config).await,
+            Command::Bench(args) => bench::run(args, config).await,
         }
     });
     match result {

@@ -1,0 +1,45 @@
+//! `idem bench`: the whole pipeline on local services, measured against two
+//! baselines in the same run so that the result is a ratio, not a number
+//! that depends on how busy the machine was.
+//!
+//! Phases: produce a generated backlog into a fresh topic; run the real
+//! `idem` binary on it until every record has an outcome (throughput, CPU,
+//! peak memory, Redis memory per remembered id); a fixed-rate load at half
+//! that throughput (end-to-end latency); then the naive consumer (a) and the
+//! per-event script ceiling (b) on the same records.
+
+mod baselines;
+mod report;
+mod runner;
+
+pub use report::BenchReport;
+pub use runner::run;
+
+use std::path::PathBuf;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchSpec {
+    pub brokers: String,
+    pub redis_url: String,
+    /// Distinct events in the backlog.
+    pub events: usize,
+    pub entities: usize,
+    pub duplicate_ratio: f64,
+    pub out_of_order_ratio: f64,
+    /// Padding in each event's data, bytes.
+    pub data_bytes: usize,
+    pub partitions: i32,
+    /// Records the naive consumer processes (it is slow; its rate is what counts).
+    pub naive_records: usize,
+    /// Records the per-event script ceiling processes.
+    pub ceiling_records: usize,
+    /// How long the fixed-rate latency load runs.
+    pub latency_seconds: u64,
+    /// Rate of the latency load; None: half the measured throughput.
+    pub latency_rate: Option<f64>,
+    /// The idem binary to run (normally this very executable).
+    pub idem_exe: PathBuf,
+    pub out_dir: PathBuf,
+    pub seed: u64,
+}

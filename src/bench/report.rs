@@ -1,0 +1,184 @@
+//! The benchmark's results, as JSON and as a Markdown table.
+
+use serde::Serialize;
+
+/// Everything one bench run measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BenchReport {
+    pub machine: String,
+    pub command: String,
+    pub records: usize,
+    pub events: usize,
+    pub entities: usize,
+    pub partitions: i32,
+    pub produce_records_per_second: f64,
+    /// idem, end to end from a Kafka backlog until every record had its outcome.
+    pub idem_records_per_second: f64,
+    pub idem_cpu_seconds_per_million: f64,
+    pub idem_peak_rss_bytes: u64,
+    pub outcomes: Vec<(String, u64)>,
+    /// Remembered ids (applied + stale outcomes).
+    pub remembered_ids: u64,
+    /// `MEMORY USAGE` of the id hashes ÷ remembered ids: the dedupe storage alone.
+    pub redis_bytes_per_id_dedupe: f64,
+    /// `INFO memory` used_memory delta ÷ remembered ids: includes entity state.
+    pub redis_bytes_per_id_total: f64,
+    pub latency_rate_per_second: f64,
+    pub latency_records: u64,
+    /// Upper bounds of the histogram buckets holding the quantile, ms.
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub latency_p999_ms: f64,
+    /// The latency histogram of the fixed-rate phase: (upper bound s, cumulative count).
+    pub latency_histogram: Vec<(f64, u64)>,
+    pub naive_records: usize,
+    pub naive_records_per_second: f64,
+    pub ceiling_records: usize,
+    pub ceiling_records_per_second: f64,
+    pub ratio_vs_naive: f64,
+    pub ratio_vs_ceiling: f64,
+}
+
+impl BenchReport {
+    /// A Markdown table with the targets of the performance issue beside each figure.
+    pub fn to_markdown(&self) -> String {
+        let mut s = String::new();
+        s.push_str(&format!(
+            "Machine: {}  \nCommand: `{}`  \nBacklog: {} records ({} events over {} entities, {} partitions)\n\n",
+            self.machine, self.command, self.records, self.events, self.entities, self.partitions
+        ));
+        s.push_str("| measure | value | target |\n|---|---|---|\n");
+        let row = |s: &mut String, m: &str, v: String, t: &str| {
+            s.push_str(&format!("| {m} | {v} | {t} |\n"));
+        };
+        row(
+            &mut s,
+            "idem end to end (Kafka backlog → Redis)",
+            format!("{:.0} records/s", self.idem_records_per_second),
+            "",
+        );
+        row(
+            &mut s,
+            "(a) naive consumer (3 round trips + sync commit per record)",
+            format!(
+                "{:.0} records/s ({} records)",
+                self.naive_records_per_second, self.naive_records
+            ),
+            "",
+        );
+        row(
+            &mut s,
+            "(b) per-event script ceiling (1 script call per event, pipelined, no Kafka)",
+            format!(
+                "{:.0} records/s ({} records)",
+                self.ceiling_records_per_second, self.ceiling_records
+            ),
+            "",
+        );
+        row(
+            &mut s,
+            "idem ÷ (a)",
+            format!("{:.1}×", self.ratio_vs_naive),
+            "≥ 20×",
+        );
+        row(
+            &mut s,
+            "idem ÷ (b)",
+            format!("{:.2}×", self.ratio_vs_ceiling),
+            "≥ 1.0×",
+        );
+        row(
+            &mut s,
+            "Redis bytes per remembered id (id hashes only)",
+            format!("{:.1}", self.redis_bytes_per_id_dedupe),
+            "≤ 40",
+        );
+        row(
+            &mut s,
+            "Redis bytes per remembered id (all keys, incl. state)",
+            format!("{:.1}", self.redis_bytes_per_id_total),
+            "",
+        );
+        row(
+            &mut s,
+            &format!(
+                "latency p50 at {:.0} records/s",
+                self.latency_rate_per_second
+            ),
+            format!("≤ {:.0} ms", self.latency_p50_ms),
+            "",
+        );
+        row(
+            &mut s,
+            "latency p99",
+            format!("≤ {:.0} ms", self.latency_p99_ms),
+            "≤ 20 ms",
+        );
+        row(
+            &mut s,
+            "latency p99.9",
+            format!("≤ {:.0} ms", self.latency_p999_ms),
+            "",
+        );
+        row(
+            &mut s,
+            "idem peak resident memory",
+            format!("{:.1} MB", self.idem_peak_rss_bytes as f64 / 1e6),
+            "≤ 100 MB",
+        );
+        row(
+            &mut s,
+            "idem CPU per million records",
+            format!("{:.2} s", self.idem_cpu_seconds_per_million),
+            "",
+        );
+        let outcomes: Vec<String> = self
+            .outcomes
+            .iter()
+            .map(|(o, n)| format!("{o} {n}"))
+            .collect();
+        s.push_str(&format!(
+            "\nOutcomes of the backlog run: {}\n",
+            outcomes.join(", ")
+        ));
+        s
+    }
+}
+
+/// The upper bound of the bucket holding quantile `q` of a cumulative
+/// Prometheus histogram given as (upper bound, cumulative count) pairs.
+///
+/// | buckets (le → cumulative) | q    | result |
+/// |---------------------------|------|--------|
+/// | 1→50, 2→100               | 0.5  | 1      |
+/// | 1→50, 2→100               | 0.51 | 2      |
+/// | 1→0, 2→0                  | 0.5  | NaN    |
+pub fn quantile_upper_bound(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let Some(&(_, total)) = buckets.last() else {
+        return f64::NAN;
+    };
+    if total <= 0.0 {
+        return f64::NAN;
+    }
+    let rank = q * total;
+    buckets
+        .iter()
+        .find(|(_, cumulative)| *cumulative >= rank)
+        .map_or(f64::INFINITY, |(le, _)| *le)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_by_table() {
+        let b = [(1.0, 50.0), (2.0, 100.0)];
+        assert_eq!(quantile_upper_bound(&b, 0.5), 1.0);
+        assert_eq!(quantile_upper_bound(&b, 0.51), 2.0);
+        assert!(quantile_upper_bound(&[(1.0, 0.0), (2.0, 0.0)], 0.5).is_nan());
+        let b = [(1.0, 10.0), (5.0, 990.0), (f64::INFINITY, 1000.0)];
+        assert_eq!(quantile_upper_bound(&b, 0.99), 5.0);
+        assert_eq!(quantile_upper_bound(&b, 0.999), f64::INFINITY);
+    }
+}

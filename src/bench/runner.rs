@@ -1,0 +1,472 @@
+//! Runs the benchmark's phases and writes the report.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use super::baselines;
+use super::report::{quantile_upper_bound, BenchReport};
+use super::BenchSpec;
+use crate::metrics::{EVENTS_TOTAL, EVENT_LATENCY_SECONDS};
+use crate::model::Outcome;
+use crate::sample::{generate, SampleSpec};
+use crate::topics::{self, TopicSpec};
+
+/// Runs every phase and writes `bench.json` and `bench.md` into `spec.out_dir`.
+pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchReport> {
+    let run_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let topic = format!("bench-{run_id}");
+    let prefix = format!("bench-{run_id}");
+    std::fs::create_dir_all(&spec.out_dir)?;
+    let mut report = BenchReport {
+        machine: machine_description(),
+        command,
+        events: spec.events,
+        entities: spec.entities,
+        partitions: spec.partitions,
+        ..BenchReport::default()
+    };
+
+    progress(&format!(
+        "generating {} events over {} entities",
+        spec.events, spec.entities
+    ));
+    let records = generate(&SampleSpec {
+        events: spec.events,
+        entities: spec.entities,
+        duplicate_ratio: spec.duplicate_ratio,
+        out_of_order_ratio: spec.out_of_order_ratio,
+        delete_ratio: 0.0,
+        data_bytes: spec.data_bytes,
+        seed: spec.seed,
+        prefix: prefix.clone(),
+    });
+    report.records = records.len();
+    topics::apply(&spec.brokers, &[TopicSpec::new(&topic, spec.partitions)]).await?;
+    progress(&format!("producing {} records to {topic}", records.len()));
+    let backlog_producer = producer(&spec.brokers, "20")?;
+    let started = Instant::now();
+    for (i, r) in records.iter().enumerate() {
+        send(&backlog_producer, &topic, r.key.as_bytes(), &r.value);
+        if (i + 1) % 200_000 == 0 {
+            progress(&format!("  produced {}/{}", i + 1, records.len()));
+        }
+    }
+    backlog_producer.flush(Duration::from_secs(120))?;
+    report.produce_records_per_second = records.len() as f64 / started.elapsed().as_secs_f64();
+
+    // Made now so that its start-up is not counted as latency.
+    let live_producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &spec.brokers)
+        .set("linger.ms", "1")
+        .set("acks", "all")
+        .create()?;
+    live_producer
+        .client()
+        .fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+    let mut redis = redis::Client::open(spec.redis_url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let used_before = used_memory(&mut redis).await?;
+
+    progress("running idem on the backlog");
+    let port = free_port()?;
+    let mut idem = spawn_idem(spec, &topic, &prefix, port)?;
+    let metrics_url = port;
+    let total = records.len() as u64;
+    // The clock starts when the first outcome is counted, so the group join is not measured.
+    let (t0, cpu0) = loop {
+        ensure_running(&mut idem, &spec.out_dir)?;
+        if scrape_total(metrics_url, &topic).await.unwrap_or(0) > 0 {
+            break (Instant::now(), cpu_seconds(idem.id()));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let mut last_report = Instant::now();
+    loop {
+        ensure_running(&mut idem, &spec.out_dir)?;
+        let done = scrape_total(metrics_url, &topic).await.unwrap_or(0);
+        if done >= total {
+            break;
+        }
+        if last_report.elapsed() > Duration::from_secs(2) {
+            progress(&format!("  {done}/{total} records have their outcome"));
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(idem.id()) - cpu0;
+    report.idem_records_per_second = total as f64 / elapsed;
+    report.idem_cpu_seconds_per_million = cpu / total as f64 * 1e6;
+    let text = scrape(metrics_url).await.unwrap_or_default();
+    for o in Outcome::ALL {
+        let n = sum_series(
+            &text,
+            EVENTS_TOTAL,
+            &[("topic", &topic), ("outcome", o.as_str())],
+        );
+        report.outcomes.push((o.as_str().to_string(), n as u64));
+    }
+    let outcome = |name: &str| {
+        report
+            .outcomes
+            .iter()
+            .find(|(o, _)| o == name)
+            .map_or(0, |(_, n)| *n)
+    };
+    report.remembered_ids = outcome("applied") + outcome("stale");
+    let used_after = used_memory(&mut redis).await?;
+    report.redis_bytes_per_id_total =
+        used_after.saturating_sub(used_before) as f64 / report.remembered_ids.max(1) as f64;
+    report.redis_bytes_per_id_dedupe =
+        id_hash_bytes(&mut redis, &prefix).await? as f64 / report.remembered_ids.max(1) as f64;
+    progress(&format!(
+        "idem: {:.0} records/s, {:.2} CPU s per million",
+        report.idem_records_per_second, report.idem_cpu_seconds_per_million
+    ));
+
+    // Fixed-rate load at half the measured maximum, while idem keeps running.
+    let rate = spec
+        .latency_rate
+        .unwrap_or((report.idem_records_per_second / 2.0).max(100.0));
+    report.latency_rate_per_second = rate;
+    progress(&format!(
+        "latency: {rate:.0} records/s for {}s",
+        spec.latency_seconds
+    ));
+    let before = latency_buckets(&scrape(metrics_url).await.unwrap_or_default());
+    let live = generate(&SampleSpec {
+        events: (rate * spec.latency_seconds as f64) as usize,
+        entities: spec.entities,
+        duplicate_ratio: spec.duplicate_ratio,
+        out_of_order_ratio: spec.out_of_order_ratio,
+        delete_ratio: 0.0,
+        data_bytes: spec.data_bytes,
+        seed: spec.seed + 1,
+        prefix: format!("{prefix}-live"),
+    });
+    let live_producer = live_producer;
+    let tick = Duration::from_millis(5);
+    let per_tick = rate * tick.as_secs_f64();
+    let start = Instant::now();
+    let mut sent = 0usize;
+    let mut interval = tokio::time::interval(tick);
+    while sent < live.len() {
+        interval.tick().await;
+        let due = ((start.elapsed().as_secs_f64() / tick.as_secs_f64()) * per_tick) as usize;
+        while sent < due.min(live.len()) {
+            send(
+                &live_producer,
+                &topic,
+                live[sent].key.as_bytes(),
+                &live[sent].value,
+            );
+            sent += 1;
+        }
+        live_producer.poll(Duration::ZERO);
+    }
+    live_producer.flush(Duration::from_secs(30))?;
+    let want = total + live.len() as u64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while scrape_total(metrics_url, &topic).await.unwrap_or(0) < want {
+        ensure_running(&mut idem, &spec.out_dir)?;
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "idem did not finish the latency load in 120s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = latency_buckets(&scrape(metrics_url).await.unwrap_or_default());
+    let diff: Vec<(f64, f64)> = after
+        .iter()
+        .zip(before.iter().chain(std::iter::repeat(&(0.0, 0.0))))
+        .map(|((le, a), (_, b))| (*le, a - b))
+        .collect();
+    report.latency_records = diff.last().map_or(0, |(_, n)| *n as u64);
+    report.latency_histogram = diff.iter().map(|(le, n)| (*le, *n as u64)).collect();
+    report.latency_p50_ms = quantile_upper_bound(&diff, 0.5) * 1000.0;
+    report.latency_p99_ms = quantile_upper_bound(&diff, 0.99) * 1000.0;
+    report.latency_p999_ms = quantile_upper_bound(&diff, 0.999) * 1000.0;
+    report.idem_peak_rss_bytes = peak_rss_bytes(idem.id());
+    stop(idem);
+
+    progress(&format!(
+        "baseline (a): naive consumer on {} records",
+        spec.naive_records
+    ));
+    report.naive_records = spec.naive_records.min(records.len());
+    report.naive_records_per_second =
+        baselines::naive_consumer(&spec.brokers, &spec.redis_url, &topic, report.naive_records)
+            .await?;
+    progress(&format!(
+        "  {:.0} records/s",
+        report.naive_records_per_second
+    ));
+
+    report.ceiling_records = spec.ceiling_records.min(records.len());
+    progress(&format!(
+        "baseline (b): one script call per event on {} records",
+        report.ceiling_records
+    ));
+    let values: Vec<Vec<u8>> = records[..report.ceiling_records]
+        .iter()
+        .map(|r| r.value.clone())
+        .collect();
+    report.ceiling_records_per_second =
+        baselines::per_event_script_ceiling(&spec.redis_url, &format!("{prefix}-ceiling"), &values)
+            .await?;
+    progress(&format!(
+        "  {:.0} records/s",
+        report.ceiling_records_per_second
+    ));
+
+    report.ratio_vs_naive = report.idem_records_per_second / report.naive_records_per_second;
+    report.ratio_vs_ceiling = report.idem_records_per_second / report.ceiling_records_per_second;
+    std::fs::write(
+        spec.out_dir.join("bench.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    std::fs::write(spec.out_dir.join("bench.md"), report.to_markdown())?;
+    cleanup(&mut redis, &prefix).await;
+    Ok(report)
+}
+
+fn progress(msg: &str) {
+    eprintln!("[bench] {msg}");
+}
+
+fn producer(brokers: &str, linger_ms: &str) -> anyhow::Result<FutureProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", linger_ms)
+        .set("enable.idempotence", "true")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?)
+}
+
+fn send(producer: &FutureProducer, topic: &str, key: &[u8], value: &[u8]) {
+    loop {
+        match producer.send_result(FutureRecord::to(topic).key(key).payload(value)) {
+            Ok(_) => return,
+            Err((_, _)) => producer.poll(Duration::from_millis(10)),
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn spawn_idem(spec: &BenchSpec, topic: &str, prefix: &str, port: u16) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(spec.out_dir.join("idem.log"))?;
+    Ok(Command::new(&spec.idem_exe)
+        .arg("run")
+        .env("IDEM__KAFKA__BROKERS", &spec.brokers)
+        .env("IDEM__KAFKA__TOPICS", topic)
+        .env("IDEM__KAFKA__GROUP_ID", topic)
+        .env("IDEM__REDIS__URL", &spec.redis_url)
+        .env("IDEM__REDIS__KEY_PREFIX", prefix)
+        .env("IDEM__METRICS__LISTEN", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?)
+}
+
+fn ensure_running(child: &mut Child, out_dir: &Path) -> anyhow::Result<()> {
+    if let Some(status) = child.try_wait()? {
+        anyhow::bail!(
+            "idem exited with {status}; see {}",
+            out_dir.join("idem.log").display()
+        );
+    }
+    Ok(())
+}
+
+fn stop(mut child: Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+async fn scrape(port: u16) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    Some(buf.split_once("\r\n\r\n")?.1.to_string())
+}
+
+async fn scrape_total(port: u16, topic: &str) -> Option<u64> {
+    let text = scrape(port).await?;
+    Some(sum_series(&text, EVENTS_TOTAL, &[("topic", topic)]) as u64)
+}
+
+/// Sums the samples of `name` whose labels include every pair given.
+pub fn sum_series(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_at(series.find('{').unwrap_or(series.len()));
+            (metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())
+            .flatten()
+        })
+        .sum()
+}
+
+/// (le, cumulative count) pairs of the latency histogram.
+fn latency_buckets(text: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{EVENT_LATENCY_SECONDS}_bucket{{le=\"");
+    let mut out: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, tail) = rest.split_once('"')?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let count = tail.rsplit_once(' ')?.1.parse().ok()?;
+            Some((le, count))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out
+}
+
+async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("INFO memory has no used_memory"))
+}
+
+/// Sum of `MEMORY USAGE` over the id hashes under `prefix`.
+async fn id_hash_bytes(
+    conn: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+) -> anyhow::Result<u64> {
+    let keys = scan_keys(conn, &format!("{prefix}:{{*}}:ids:*")).await?;
+    let mut total = 0u64;
+    for chunk in keys.chunks(500) {
+        let mut pipe = redis::pipe();
+        for k in chunk {
+            pipe.cmd("MEMORY").arg("USAGE").arg(k).arg("SAMPLES").arg(0);
+        }
+        let sizes: Vec<Option<u64>> = pipe.query_async(conn).await?;
+        total += sizes.into_iter().flatten().sum::<u64>();
+    }
+    Ok(total)
+}
+
+async fn scan_keys(
+    conn: &mut redis::aio::MultiplexedConnection,
+    pattern: &str,
+) -> anyhow::Result<Vec<String>> {
+    let mut cursor: u64 = 0;
+    let mut keys = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        keys.extend(batch);
+        if next == 0 {
+            return Ok(keys);
+        }
+        cursor = next;
+    }
+}
+
+/// Deletes what the bench wrote, so repeated runs do not fill Redis.
+async fn cleanup(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) {
+    for pattern in [format!("{prefix}:*"), format!("{prefix}-*")] {
+        if let Ok(keys) = scan_keys(conn, &pattern).await {
+            for chunk in keys.chunks(1000) {
+                let _: Result<i64, _> = redis::cmd("UNLINK").arg(chunk).query_async(conn).await;
+            }
+        }
+    }
+}
+
+fn proc_stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may contain spaces, in parentheses.
+    let after = stat.rsplit_once(')')?.1;
+    Some(after.split_whitespace().map(str::to_string).collect())
+}
+
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// User + system CPU seconds of a process so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    // utime and stime are fields 14 and 15 of /proc/PID/stat; 12 and 13 after the name.
+    proc_stat_fields(pid)
+        .and_then(|f| Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?))
+        .map_or(0.0, |ticks| ticks / clock_ticks_per_second())
+}
+
+/// Peak resident set size (VmHWM) of a process.
+fn peak_rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn machine_description() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    format!("{cores} cores ({cpu}), {mem_gib:.0} GiB")
+}

@@ -1,0 +1,87 @@
+//! `idem bench`: measure the whole pipeline against its baselines.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::bench::{self, BenchSpec};
+use crate::config::Config;
+
+/// Measure idem end to end on the local Kafka and Redis, with two baselines
+/// in the same run: (a) the naive consumer (three Redis round trips and a
+/// synchronous commit per record) and (b) the per-event script ceiling (one
+/// guard script call per event, pipelined, no Kafka). Writes bench.json and
+/// bench.md into --out. Uses kafka.brokers and redis.url from the config.
+///
+/// Example (what `make bench` runs, on a release build):
+///   idem bench --events 1000000 --entities 10000 --out bench-out
+/// A smoke run:
+///   idem bench --events 2000 --naive-records 200 --latency-seconds 1
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Distinct events in the backlog.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: usize,
+    /// Entities the events are spread over.
+    #[arg(long, default_value_t = 10_000)]
+    entities: usize,
+    /// Fraction of produced records that are redelivered copies.
+    #[arg(long, default_value_t = 0.2)]
+    duplicates: f64,
+    /// Fraction of events that arrive out of order.
+    #[arg(long, default_value_t = 0.05)]
+    out_of_order: f64,
+    /// Bytes of padding in each event's data.
+    #[arg(long, default_value_t = 200)]
+    data_bytes: usize,
+    /// Partitions of the benchmark topic.
+    #[arg(long, default_value_t = 6)]
+    partitions: i32,
+    /// Records the naive consumer (a) processes; it is slow, its rate is what counts.
+    #[arg(long, default_value_t = 20_000)]
+    naive_records: usize,
+    /// Records the per-event script ceiling (b) processes (default: all).
+    #[arg(long)]
+    ceiling_records: Option<usize>,
+    /// Duration of the fixed-rate latency load, at half the measured throughput.
+    #[arg(long, default_value_t = 10)]
+    latency_seconds: u64,
+    /// Rate of the latency load, records/s (default: half the measured throughput).
+    #[arg(long)]
+    latency_rate: Option<f64>,
+    /// Seed of the generator.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Folder for bench.json, bench.md and idem.log.
+    #[arg(long, default_value = "bench-out")]
+    out: PathBuf,
+}
+
+pub async fn run(args: BenchArgs, config: Config) -> anyhow::Result<ExitCode> {
+    let command: Vec<String> = std::env::args().collect();
+    let spec = BenchSpec {
+        brokers: config.kafka.brokers.clone(),
+        redis_url: config.redis.url.clone(),
+        events: args.events,
+        entities: args.entities,
+        duplicate_ratio: args.duplicates,
+        out_of_order_ratio: args.out_of_order,
+        data_bytes: args.data_bytes,
+        partitions: args.partitions,
+        naive_records: args.naive_records,
+        ceiling_records: args.ceiling_records.unwrap_or(usize::MAX),
+        latency_seconds: args.latency_seconds,
+        latency_rate: args.latency_rate,
+        idem_exe: std::env::current_exe()?,
+        out_dir: args.out.clone(),
+        seed: args.seed,
+    };
+    let report = bench::run(&spec, command.join(" ")).await?;
+    println!("{}", report.to_markdown());
+    eprintln!(
+        "[bench] wrote {}/bench.json and bench.md",
+        args.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}

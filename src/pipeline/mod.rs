@@ -1,0 +1,328 @@
+//! The processing loop: fetch a batch, decode, guard+effect in Redis, mark
+//! offsets done, store the contiguous commit point.
+//!
+//! Guarantee (commit after effect): an offset is stored for commit only when
+//! it and every offset fetched before it in its partition has its outcome
+//! durable in Redis. A failing Redis call is retried with capped exponential
+//! backoff and nothing past it is stored meanwhile. Batches are processed one
+//! at a time and in fetch order, so per-partition order is preserved.
+
+mod apply;
+mod batch;
+mod progress;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Message};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+use crate::guard::Guard;
+use crate::kafka::{self, IdemContext};
+use crate::metrics::{self, Health};
+use crate::model::Outcome;
+use crate::offsets::TopicPartition;
+use crate::store::{self, KeyLayout};
+use apply::GuardStage;
+use batch::Batch;
+pub use progress::Progress;
+
+/// A cancellation signal shared by every part of one run.
+#[derive(Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+/// Fires the [`Shutdown`] it was created with.
+pub struct ShutdownTrigger(watch::Sender<bool>);
+
+impl Shutdown {
+    pub fn new() -> (ShutdownTrigger, Shutdown) {
+        let (tx, rx) = watch::channel(false);
+        (ShutdownTrigger(tx), Shutdown(rx))
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once shutdown was triggered (at once if it already was).
+    pub async fn wait(&mut self) {
+        let _ = self.0.wait_for(|v| *v).await;
+    }
+}
+
+impl ShutdownTrigger {
+    pub fn trigger(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+/// Runs idem until `shutdown` fires: serves metrics, consumes the configured
+/// topics and applies them to Redis. Returns after the final commit.
+pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    let handle = metrics::install()?;
+    let health = Health::default();
+    metrics::serve(config.metrics_listen, handle, health.clone()).await?;
+    for topic in &config.kafka.topics {
+        metrics::init_topic(topic);
+    }
+    run_pipeline(Arc::new(config), health, shutdown).await
+}
+
+async fn run_pipeline(
+    config: Arc<Config>,
+    health: Health,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let Some(conn) = connect_redis(&config, &mut shutdown).await else {
+        return Ok(());
+    };
+    health.set_redis_ok(true);
+    let mut guard = Guard::new(
+        conn,
+        KeyLayout::new(&config.redis.key_prefix),
+        config.pipeline.events_per_script.get(),
+    );
+    if let Err(e) = guard.load_script().await {
+        tracing::warn!(error = %e, "could not load the guard script now; it is loaded on first use");
+    }
+    let progress = Arc::new(Progress::default());
+    let consumer: StreamConsumer<IdemContext> = kafka::consumer_config(&config.kafka)
+        .create_with_context(IdemContext {
+            health: health.clone(),
+            progress: progress.clone(),
+            revoke_timeout: config.kafka.revoke_timeout,
+        })?;
+    let topics: Vec<&str> = config.kafka.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    tracing::info!(
+        group = %config.kafka.group_id,
+        topics = ?config.kafka.topics,
+        brokers = %config.kafka.brokers,
+        "consuming"
+    );
+
+    // Stage 2, its own task: applies batches in order. The channel holds one
+    // batch while another is applied, so fetching and decoding overlap the
+    // Redis round trip, and at most two batches are in flight.
+    let summary = Arc::new(std::sync::Mutex::new(Summary::new()));
+    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
+    let stage = GuardStage {
+        config: config.clone(),
+        guard,
+        progress: progress.clone(),
+        health: health.clone(),
+        shutdown: shutdown.clone(),
+        summary: summary.clone(),
+    };
+    let mut guard_task = tokio::spawn(stage.run(batch_rx));
+
+    let max = config.pipeline.batch_max_events.get();
+    let mut messages: Vec<BorrowedMessage<'_>> = Vec::with_capacity(max);
+    loop {
+        store_commits(&consumer, &progress);
+        summary
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .maybe_log();
+        let first = tokio::select! {
+            // Shutdown first: once asked to stop, take no new work.
+            biased;
+            _ = shutdown.wait() => break,
+            _ = progress.committable() => continue,
+            m = consumer.recv() => m,
+        };
+        match first {
+            Ok(m) => messages.push(m),
+            Err(e) => {
+                tracing::warn!(error = %e, "kafka consumer error; continuing");
+                continue;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + config.pipeline.batch_linger;
+        while messages.len() < max {
+            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                Ok(Ok(m)) => messages.push(m),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "kafka consumer error; continuing");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        // Records of partitions revoked while this batch filled belong to their new owner.
+        messages.retain(|m| progress.is_assigned(&TopicPartition::new(m.topic(), m.partition())));
+        let batch = Batch::decode(&messages, &config);
+        messages.clear();
+        if batch.is_empty() {
+            continue;
+        }
+        count_invalid(&batch, &summary);
+        progress.begin(batch.positions().map(|(tp, o)| (tp.clone(), o)));
+        tokio::select! {
+            biased;
+            _ = shutdown.wait() => break,
+            sent = batch_tx.send(batch) => if sent.is_err() {
+                break; // the guard stage ended: shutdown while Redis was failing
+            },
+        }
+    }
+
+    tracing::info!(
+        in_flight = progress.in_flight(),
+        drain_timeout = ?config.shutdown_drain_timeout,
+        "shutting down: finishing in-flight batches, then committing"
+    );
+    drop(batch_tx);
+    if tokio::time::timeout(config.shutdown_drain_timeout, &mut guard_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight batches did not finish within shutdown.drain_timeout; their offsets stay uncommitted");
+        guard_task.abort();
+    }
+    store_commits(&consumer, &progress);
+    summary.lock().unwrap_or_else(|e| e.into_inner()).log();
+    kafka::commit_stored(&consumer);
+    consumer.unsubscribe();
+    close_consumer(consumer).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn count_invalid(batch: &Batch, summary: &std::sync::Mutex<Summary>) {
+    for it in &batch.items {
+        if let Err(invalid) = &it.decoded {
+            let tp = &batch.partitions[it.partition];
+            tracing::warn!(
+                topic = %tp.topic,
+                partition = tp.partition,
+                offset = it.offset,
+                reason = invalid.code(),
+                error = %invalid,
+                "invalid record skipped"
+            );
+            metrics::record_outcome(&tp.topic, Outcome::Invalid, 1);
+            summary
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .add(Outcome::Invalid, 1);
+        }
+    }
+}
+
+/// Stores each owned partition's new commit point for librdkafka's next commit.
+fn store_commits(consumer: &StreamConsumer<IdemContext>, progress: &Progress) {
+    for (tp, next) in progress.take_owned_commits() {
+        kafka::store_offset(consumer, &tp, next);
+    }
+}
+
+/// Connects to Redis, retrying with backoff until it answers or shutdown fires.
+async fn connect_redis(
+    config: &Config,
+    shutdown: &mut Shutdown,
+) -> Option<redis::aio::ConnectionManager> {
+    let mut backoff = Backoff::new(config);
+    loop {
+        match store::connect(&config.redis).await {
+            Ok(conn) => return Some(conn),
+            Err(e) => {
+                let wait = backoff.next();
+                metrics::record_retry("redis_connect");
+                tracing::warn!(
+                    url = %crate::config::redact_url(&config.redis.url),
+                    error = %e,
+                    retry_in = ?wait,
+                    "cannot reach Redis; is it running and is redis.url right?"
+                );
+                tokio::select! {
+                    _ = shutdown.wait() => return None,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Drops the consumer off the async runtime: librdkafka's destroy can block
+/// (rust-rdkafka #509), and it must not stall the runtime or hang the exit.
+async fn close_consumer(consumer: StreamConsumer<IdemContext>) {
+    let closing = tokio::task::spawn_blocking(move || drop(consumer));
+    if tokio::time::timeout(Duration::from_secs(10), closing)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "kafka consumer did not close within 10s; exiting anyway (the guard makes this safe)"
+        );
+    }
+}
+
+pub(crate) fn unix_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Capped exponential backoff.
+pub(crate) struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(config: &Config) -> Self {
+        Backoff {
+            next: config.pipeline.retry_initial_backoff,
+            max: config.pipeline.retry_max_backoff,
+        }
+    }
+
+    pub(crate) fn next(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = (self.next * 2).min(self.max);
+        wait
+    }
+}
+
+/// A periodic one-line summary of outcomes for the log.
+pub(crate) struct Summary {
+    counts: [u64; 5],
+    last_log: Instant,
+}
+
+impl Summary {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    pub(crate) fn new() -> Self {
+        Summary {
+            counts: [0; 5],
+            last_log: Instant::now(),
+        }
+    }
+
+    pub(crate) fn add(&mut self, outcome: Outcome, n: u64) {
+        self.counts[outcome as usize] += n;
+    }
+
+    pub(crate) fn maybe_log(&mut self) {
+        if self.last_log.elapsed() >= Self::EVERY {
+            self.log();
+        }
+    }
+
+    pub(crate) fn log(&mut self) {
+        let [applied, duplicate, stale, conflict, invalid] = self.counts;
+        tracing::info!(
+            applied,
+            duplicate,
+            stale,
+            conflict,
+            invalid,
+            "outcomes since start"
+        );
+        self.last_log = Instant::now();
+    }
+}

@@ -1,0 +1,163 @@
+//! Progress shared by the fetch loop, the guard stage and the rebalance
+//! callbacks: which partitions this instance owns and which fetched offsets
+//! are done.
+//!
+//! Guarantee: a revoked partition's offsets are committed only after every
+//! batch holding its records has its outcome in Redis (or the revoke
+//! deadline passed, in which case only what is done is committed); a lost
+//! partition's offsets are never committed.
+
+use std::collections::HashSet;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::offsets::{Offsets, TopicPartition};
+
+#[derive(Default)]
+struct Inner {
+    offsets: Offsets,
+    assigned: HashSet<TopicPartition>,
+}
+
+/// See the module doc.
+#[derive(Default)]
+pub struct Progress {
+    inner: Mutex<Inner>,
+    /// Signalled when offsets are marked done (for the blocking revoke wait).
+    done: Condvar,
+    /// Signalled when offsets are marked done (for the async fetch loop).
+    committable: Notify,
+}
+
+impl Progress {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data behind: keep going.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn assign(&self, tps: &[TopicPartition]) {
+        self.lock().assigned.extend(tps.iter().cloned());
+    }
+
+    /// Stops accepting new records of `tps`; their in-flight work goes on.
+    pub fn unassign(&self, tps: &[TopicPartition]) {
+        let mut inner = self.lock();
+        for tp in tps {
+            inner.assigned.remove(tp);
+        }
+    }
+
+    /// Forgets `tps` entirely: nothing of them is committed afterwards.
+    pub fn forget(&self, tps: &[TopicPartition]) {
+        let mut inner = self.lock();
+        for tp in tps {
+            inner.assigned.remove(tp);
+            inner.offsets.forget(tp);
+        }
+    }
+
+    pub fn is_assigned(&self, tp: &TopicPartition) -> bool {
+        self.lock().assigned.contains(tp)
+    }
+
+    pub fn assigned_count(&self) -> usize {
+        self.lock().assigned.len()
+    }
+
+    pub fn begin(&self, records: impl Iterator<Item = (TopicPartition, i64)>) {
+        let mut inner = self.lock();
+        for (tp, offset) in records {
+            inner.offsets.begin(&tp, offset);
+        }
+    }
+
+    pub fn mark_done<'a>(&self, records: impl Iterator<Item = (&'a TopicPartition, i64)>) {
+        {
+            let mut inner = self.lock();
+            for (tp, offset) in records {
+                inner.offsets.mark_done(tp, offset);
+            }
+        }
+        self.done.notify_all();
+        self.committable.notify_one();
+    }
+
+    /// Commit points that moved, for the partitions selected by `filter`
+    /// (called with the lock held: it must not call back into `Progress`).
+    pub fn take_commits(
+        &self,
+        filter: impl Fn(&TopicPartition) -> bool,
+    ) -> Vec<(TopicPartition, i64)> {
+        self.lock().offsets.take_commits_where(filter)
+    }
+
+    /// Commit points that moved, for the partitions this instance owns.
+    pub fn take_owned_commits(&self) -> Vec<(TopicPartition, i64)> {
+        let mut inner = self.lock();
+        let Inner { offsets, assigned } = &mut *inner;
+        offsets.take_commits_where(|tp| assigned.contains(tp))
+    }
+
+    /// Events fetched and not yet done.
+    pub fn in_flight(&self) -> usize {
+        self.lock().offsets.in_flight()
+    }
+
+    /// Blocks until no record of `tps` is in flight, or `timeout` passes.
+    /// Returns whether they went idle.
+    pub fn wait_idle(&self, tps: &[TopicPartition], timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut inner = self.lock();
+        loop {
+            if tps
+                .iter()
+                .all(|tp| inner.offsets.partition_in_flight(tp) == 0)
+            {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            inner = self
+                .done
+                .wait_timeout(inner, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Resolves when some offsets were marked done since the last call.
+    pub async fn committable(&self) {
+        self.committable.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn revoke_waits_for_in_flight_records() {
+        let p = Arc::new(Progress::default());
+        let tp = TopicPartition::new("t", 0);
+        p.assign(std::slice::from_ref(&tp));
+        p.begin([(tp.clone(), 10), (tp.clone(), 11)].into_iter());
+        assert!(!p.wait_idle(std::slice::from_ref(&tp), Duration::from_millis(20)));
+        let worker = {
+            let (p, tp) = (p.clone(), tp.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                p.mark_done([(&tp, 10), (&tp, 11)].into_iter());
+            })
+        };
+        assert!(p.wait_idle(std::slice::from_ref(&tp), Duration::from_secs(5)));
+        worker.join().unwrap();
+        assert_eq!(p.take_commits(|_| true), vec![(tp.clone(), 12)]);
+        p.forget(std::slice::from_ref(&tp));
+        assert!(!p.is_assigned(&tp));
+    }
+}
