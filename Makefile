@@ -36,3 +36,8 @@ lint:
 clean-cache:
 	scripts/services.sh down
 	rm -rf .cache
+
+## The benchmark of docs/performance.md (release build; about 4 minutes).
+bench: services
+	$(CARGO) build --release
+	target/release/idem bench --out bench-out

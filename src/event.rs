@@ -110,13 +110,14 @@ pub fn decode(value: Option<&[u8]>, fields: &FieldMap, max_bytes: usize) -> Resu
         });
     }
     let text = std::str::from_utf8(bytes).map_err(|_| Invalid::NotUtf8)?;
-    let root: Value = serde_json::from_str(text).map_err(|e| Invalid::NotJson(e.to_string()))?;
+    let mut root: Value =
+        serde_json::from_str(text).map_err(|e| Invalid::NotJson(e.to_string()))?;
     if !root.is_object() {
         return Err(Invalid::NotObject);
     }
     let id = required_string(&root, &fields.id)?;
     let entity = required_string(&root, &fields.entity)?;
-    let seq = match root.pointer(&fields.seq) {
+    let seq = match lookup(&root, &fields.seq) {
         None | Some(Value::Null) => return Err(Invalid::MissingField(fields.seq.clone())),
         Some(Value::Number(n)) => n
             .as_u64()
@@ -128,7 +129,7 @@ pub fn decode(value: Option<&[u8]>, fields: &FieldMap, max_bytes: usize) -> Resu
             })
         }
     };
-    let op = match root.pointer(&fields.kind) {
+    let op = match lookup(&root, &fields.kind) {
         None | Some(Value::Null) => Op::Upsert,
         Some(Value::String(s)) if s == "delete" => Op::Delete,
         Some(Value::String(_)) => Op::Upsert,
@@ -139,45 +140,68 @@ pub fn decode(value: Option<&[u8]>, fields: &FieldMap, max_bytes: usize) -> Resu
             })
         }
     };
-    match root.pointer(&fields.ts) {
+    match lookup(&root, &fields.ts) {
         None | Some(Value::Null) => {}
         Some(Value::String(s)) if is_rfc3339(s) => {}
         Some(_) => return Err(Invalid::BadTimestamp(fields.ts.clone())),
     }
-    let (set, unset) = match root.pointer(&fields.data) {
-        None | Some(Value::Null) => (Vec::new(), Vec::new()),
-        Some(Value::Object(map)) => {
-            let mut set = Vec::with_capacity(map.len());
-            let mut unset = Vec::new();
-            for (k, v) in map {
-                match v {
-                    Value::Null => unset.push(k.clone()),
-                    Value::String(s) => set.push((k.clone(), s.clone())),
-                    other => set.push((k.clone(), other.to_string())),
-                }
-            }
-            (set, unset)
-        }
+    match lookup(&root, &fields.data) {
+        None | Some(Value::Null) | Some(Value::Object(_)) => {}
         Some(_) => {
             return Err(Invalid::WrongType {
                 field: fields.data.clone(),
                 expected: "a JSON object",
             })
         }
+    }
+    let fingerprint = fingerprint(&root);
+    let (id, entity) = (id.to_string(), entity.to_string());
+    // The fingerprint is taken: the data fields can now be moved out, not copied.
+    let (set, unset) = match root.pointer_mut(&fields.data).map(Value::take) {
+        Some(Value::Object(map)) => {
+            let mut set = Vec::with_capacity(map.len());
+            let mut unset = Vec::new();
+            for (k, v) in map {
+                match v {
+                    Value::Null => unset.push(k),
+                    Value::String(s) => set.push((k, s)),
+                    other => set.push((k, other.to_string())),
+                }
+            }
+            (set, unset)
+        }
+        _ => (Vec::new(), Vec::new()),
     };
     Ok(Event {
-        id: id.to_string(),
-        entity: entity.to_string(),
+        id,
+        entity,
         seq,
         op,
         set,
         unset,
-        fingerprint: fingerprint(&root),
+        fingerprint,
     })
 }
 
+/// `Value::pointer` without its per-token allocation in the common case
+/// (no `~` escapes in the pointer).
+fn lookup<'a>(root: &'a Value, pointer: &str) -> Option<&'a Value> {
+    if pointer.contains('~') {
+        return root.pointer(pointer);
+    }
+    let mut target = root;
+    for token in pointer.split('/').skip(1) {
+        target = match target {
+            Value::Object(map) => map.get(token)?,
+            Value::Array(list) => list.get(token.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(target)
+}
+
 fn required_string<'a>(root: &'a Value, pointer: &str) -> Result<&'a str, Invalid> {
-    match root.pointer(pointer) {
+    match lookup(root, pointer) {
         None | Some(Value::Null) => Err(Invalid::MissingField(pointer.to_string())),
         Some(Value::String(s)) if s.is_empty() => Err(Invalid::EmptyField(pointer.to_string())),
         Some(Value::String(s)) => Ok(s),
@@ -423,6 +447,16 @@ mod tests {
             (e.id.as_str(), e.entity.as_str(), e.seq, e.op),
             ("x", "k", 3, Op::Delete)
         );
+    }
+
+    #[test]
+    fn lookup_matches_json_pointer_semantics() {
+        let v: Value = serde_json::from_str(r#"{"a":{"b/c":1,"d~e":2,"l":[10,20]},"":3}"#).unwrap();
+        for p in [
+            "/a/b~1c", "/a/d~0e", "/a/l/1", "/a/l/9", "/", "/x", "/a/l/x", "",
+        ] {
+            assert_eq!(lookup(&v, p), v.pointer(p), "{p}");
+        }
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 6)]
     partitions: i32,
     /// Records the naive consumer (a) processes; it is slow, its rate is what counts.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 5_000)]
     naive_records: usize,
     /// Records the per-event script ceiling (b) processes (default: all).
     #[arg(long)]

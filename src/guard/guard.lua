@@ -26,6 +26,21 @@
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Number-to-string conversions are costly in Lua 5.1 (printf): make each once.
+local now_str = string.format('%d', now)
+local now_packed = struct.pack('>I6', now)
+local generations = {}
+local function generation(window)
+  local g = generations[window]
+  if not g then
+    local w = tonumber(window)
+    local n = math.floor(now / w)
+    g = { current = ':ids:' .. string.format('%d', n), previous = ':ids:' .. string.format('%d', n - 1),
+          expire_at = string.format('%d', (n + 2) * w) }
+    generations[window] = g
+  end
+  return g
+end
 
 -- seqs are u64 in decimal without leading zeros: Lua numbers (doubles)
 -- would lose precision above 2^53, so compare as strings.
@@ -38,7 +53,7 @@ local out = {}
 local a = 1
 for i = 1, #KEYS do
   local base = KEYS[i]
-  local window = tonumber(ARGV[a])
+  local window = ARGV[a]
   local id, idh, fp, fp_hex, seq, op = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
   local nset = tonumber(ARGV[a + 7])
   local set_from = a + 8
@@ -46,11 +61,11 @@ for i = 1, #KEYS do
   local unset_from = set_from + 2 * nset + 1
   a = unset_from + nunset
 
-  local gen = math.floor(now / window)
-  local current = base .. ':ids:' .. gen
+  local gen = generation(window)
+  local current = base .. gen.current
   local seen = redis.call('HGET', current, idh)
   if not seen then
-    seen = redis.call('HGET', base .. ':ids:' .. (gen - 1), idh)
+    seen = redis.call('HGET', base .. gen.previous, idh)
   end
 
   if seen then
@@ -63,22 +78,26 @@ for i = 1, #KEYS do
       out[#out + 1] = seen_fp
     end
   else
-    redis.call('HSET', current, idh, fp .. struct.pack('>I6', now))
+    redis.call('HSET', current, idh, fp .. now_packed)
     if redis.call('HLEN', current) == 1 then
-      redis.call('PEXPIREAT', current, (gen + 2) * window)
+      redis.call('PEXPIREAT', current, gen.expire_at)
     end
     local meta = base .. ':meta'
-    local recorded = redis.call('HGET', meta, 'seq')
+    local m = redis.call('HMGET', meta, 'seq', 'applied')
+    local recorded, applied = m[1], m[2]
     if recorded and not is_newer(seq, recorded) then
       out[#out + 1] = 2
       out[#out + 1] = recorded
     else
       local state = base .. ':state'
+      local count = string.format('%d', (tonumber(applied) or 0) + 1)
       if op == 'd' then
         redis.call('DEL', state)
-        redis.call('HSET', meta, 'seq', seq, 'last_id', id, 'fingerprint', fp_hex, 'updated_ms', now, 'deleted', 1)
+        redis.call('HSET', meta, 'seq', seq, 'last_id', id, 'fingerprint', fp_hex, 'updated_ms', now_str,
+          'applied', count, 'deleted', '1')
       else
-        redis.call('HSET', meta, 'seq', seq, 'last_id', id, 'fingerprint', fp_hex, 'updated_ms', now, 'deleted', 0)
+        redis.call('HSET', meta, 'seq', seq, 'last_id', id, 'fingerprint', fp_hex, 'updated_ms', now_str,
+          'applied', count, 'deleted', '0')
         if nset > 0 then
           redis.call('HSET', state, unpack(ARGV, set_from, set_from + 2 * nset - 1))
         end
@@ -86,7 +105,6 @@ for i = 1, #KEYS do
           redis.call('HDEL', state, unpack(ARGV, unset_from, unset_from + nunset - 1))
         end
       end
-      redis.call('HINCRBY', meta, 'applied', 1)
       out[#out + 1] = 0
       out[#out + 1] = 0
     end
