@@ -92,6 +92,8 @@ pub struct KafkaConfig {
     pub session_timeout: Duration,
     /// How long a revoke waits for in-flight batches of the revoked partitions.
     pub revoke_timeout: Duration,
+    /// Static group membership id (e.g. the pod name), if any.
+    pub group_instance_id: Option<String>,
     /// Passthrough librdkafka settings, already checked against the fixed keys.
     pub librdkafka: BTreeMap<String, String>,
 }
@@ -184,6 +186,7 @@ struct RawKafka {
     commit_interval: String,
     session_timeout: String,
     revoke_timeout: String,
+    group_instance_id: String,
     /// Nested maps appear when a key's dots were read as path separators
     /// (environment variables); they are flattened back into dotted keys.
     #[serde(default)]
@@ -417,6 +420,8 @@ impl RawConfig {
                 commit_interval: positive_duration("kafka.commit_interval", &k.commit_interval)?,
                 session_timeout: positive_duration("kafka.session_timeout", &k.session_timeout)?,
                 revoke_timeout: positive_duration("kafka.revoke_timeout", &k.revoke_timeout)?,
+                group_instance_id: Some(k.group_instance_id.trim().to_string())
+                    .filter(|s| !s.is_empty()),
                 librdkafka,
             },
             redis: RedisConfig {

@@ -46,6 +46,14 @@ pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
         )
         // End-of-partition events are noise for a long-running consumer.
         .set("enable.partition.eof", "false");
+    if let Some(id) = &cfg.group_instance_id {
+        // Static membership: a restart within the session timeout keeps the assignment.
+        c.set("group.instance.id", id);
+    }
+    if !cfg.librdkafka.contains_key("statistics.interval.ms") {
+        // Feeds the lag and uncommitted-events gauges.
+        c.set("statistics.interval.ms", "5000");
+    }
     if !cfg.librdkafka.contains_key("queued.max.messages.kbytes") {
         // librdkafka prefetches up to 64 MB by default; 8 MB keeps a second
         // of backlog at high rates while holding resident memory flat.
@@ -74,7 +82,31 @@ pub struct IdemContext {
     pub revoke_timeout: Duration,
 }
 
-impl ClientContext for IdemContext {}
+impl ClientContext for IdemContext {
+    /// librdkafka's periodic statistics carry each partition's lag and its
+    /// stored vs committed offsets: exported as gauges.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut uncommitted = 0i64;
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition < 0
+                    || !self
+                        .progress
+                        .is_assigned(&TopicPartition::new(topic.as_str(), *partition))
+                {
+                    continue;
+                }
+                if p.consumer_lag >= 0 {
+                    metrics::set_consumer_lag(topic, *partition, p.consumer_lag);
+                }
+                if p.stored_offset >= 0 && p.committed_offset >= 0 {
+                    uncommitted += (p.stored_offset - p.committed_offset).max(0);
+                }
+            }
+        }
+        metrics::set_uncommitted_events(uncommitted);
+    }
+}
 
 impl ConsumerContext for IdemContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

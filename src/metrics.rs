@@ -29,6 +29,10 @@ pub const ASSIGNED_PARTITIONS: &str = "idem_assigned_partitions";
 pub const COMMITTED_OFFSET: &str = "idem_committed_offset";
 pub const BUILD_INFO: &str = "idem_build_info";
 pub const EVENT_LATENCY_SECONDS: &str = "idem_event_latency_seconds";
+pub const CONSUMER_LAG: &str = "idem_consumer_lag";
+pub const UNCOMMITTED_EVENTS: &str = "idem_uncommitted_events";
+pub const IN_FLIGHT_EVENTS: &str = "idem_in_flight_events";
+pub const PAUSED: &str = "idem_paused";
 
 /// Buckets fine enough for the benchmark to read p50/p99/p99.9 from.
 pub const LATENCY_BUCKETS: [f64; 24] = [
@@ -181,6 +185,23 @@ pub fn record_rebalance(kind: &'static str) {
 
 pub fn set_assigned_partitions(n: usize) {
     gauge!(ASSIGNED_PARTITIONS).set(n as f64);
+}
+
+pub fn set_consumer_lag(topic: &str, partition: i32, lag: i64) {
+    gauge!(CONSUMER_LAG, "topic" => topic.to_string(), "partition" => partition.to_string())
+        .set(lag as f64);
+}
+
+pub fn set_uncommitted_events(n: i64) {
+    gauge!(UNCOMMITTED_EVENTS).set(n as f64);
+}
+
+pub fn set_in_flight_events(n: usize) {
+    gauge!(IN_FLIGHT_EVENTS).set(n as f64);
+}
+
+pub fn set_paused(paused: bool) {
+    gauge!(PAUSED).set(if paused { 1.0 } else { 0.0 });
 }
 
 pub fn set_committed_offset(topic: &str, partition: i32, offset: i64) {

@@ -160,12 +160,48 @@ async fn run_pipeline(
         }
         count_invalid(&batch, &summary);
         progress.begin(batch.positions().map(|(tp, o)| (tp.clone(), o)));
+        metrics::set_in_flight_events(progress.in_flight());
+        let batch = match batch_tx.try_send(batch) {
+            Ok(()) => continue,
+            Err(mpsc::error::TrySendError::Closed(_)) => break, // shutdown while Redis was failing
+            Err(mpsc::error::TrySendError::Full(batch)) => batch,
+        };
+        // Usually the guard stage takes the batch within one round trip.
         tokio::select! {
             biased;
             _ = shutdown.wait() => break,
-            sent = batch_tx.send(batch) => if sent.is_err() {
-                break; // the guard stage ended: shutdown while Redis was failing
+            permit = batch_tx.reserve() => match permit {
+                Ok(permit) => { permit.send(batch); continue; }
+                Err(_) => break,
             },
+            _ = tokio::time::sleep(PAUSE_AFTER) => {}
+        }
+        // Redis is slower than Kafka: pause fetching instead of buffering,
+        // and keep polling so the group session and rebalances stay served.
+        let paused = pause_assignment(&consumer);
+        let mut stop = false;
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.wait() => { stop = true; break; }
+                permit = batch_tx.reserve() => {
+                    match permit {
+                        Ok(permit) => permit.send(batch),
+                        Err(_) => stop = true,
+                    }
+                    break;
+                }
+                _ = progress.committable() => store_commits(&consumer, &progress),
+                // Records fetched before the pause: they start the next batch.
+                m = consumer.recv() => match m {
+                    Ok(m) => messages.push(m),
+                    Err(e) => tracing::warn!(error = %e, "kafka consumer error; continuing"),
+                },
+            }
+        }
+        resume(&consumer, paused);
+        if stop {
+            break;
         }
     }
 
@@ -189,6 +225,44 @@ async fn run_pipeline(
     close_consumer(consumer).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How long the fetch loop waits for the guard stage before pausing fetches.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
+
+/// Pauses fetching for every assigned partition; returns what was paused.
+fn pause_assignment(consumer: &StreamConsumer<IdemContext>) -> Option<rdkafka::TopicPartitionList> {
+    let assignment = consumer.assignment().ok()?;
+    match consumer.pause(&assignment) {
+        Ok(()) => {
+            metrics::set_paused(true);
+            tracing::debug!(
+                partitions = assignment.count(),
+                "fetching paused: Redis is behind"
+            );
+            Some(assignment)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not pause fetching");
+            None
+        }
+    }
+}
+
+fn resume(consumer: &StreamConsumer<IdemContext>, paused: Option<rdkafka::TopicPartitionList>) {
+    let Some(paused) = paused else { return };
+    // Partitions revoked meanwhile cannot be resumed; the rest can.
+    let owned = consumer.assignment().unwrap_or_default();
+    let mut resume = rdkafka::TopicPartitionList::new();
+    for e in paused.elements() {
+        if owned.find_partition(e.topic(), e.partition()).is_some() {
+            resume.add_partition(e.topic(), e.partition());
+        }
+    }
+    if let Err(e) = consumer.resume(&resume) {
+        tracing::warn!(error = %e, "could not resume fetching");
+    }
+    metrics::set_paused(false);
 }
 
 fn count_invalid(batch: &Batch, summary: &std::sync::Mutex<Summary>) {

@@ -60,17 +60,19 @@ pub async fn create_topic(name: &str, partitions: i32) {
 /// A raw record: key and value, either may be absent.
 pub type RawRecord<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
 
-/// Produces records keyed by entity and waits until Kafka acknowledged all of them.
-pub async fn produce(topic: &str, records: &[SampleRecord]) {
+/// Produces records keyed by entity and waits until Kafka acknowledged all
+/// of them; returns each record's (partition, offset).
+pub async fn produce(topic: &str, records: &[SampleRecord]) -> Vec<(i32, i64)> {
     let raw: Vec<RawRecord<'_>> = records
         .iter()
         .map(|r| (Some(r.key.as_bytes()), Some(r.value.as_slice())))
         .collect();
-    produce_raw(topic, &raw).await;
+    produce_raw(topic, &raw).await
 }
 
-/// Produces raw key/value pairs (either may be absent), in order.
-pub async fn produce_raw(topic: &str, records: &[RawRecord<'_>]) {
+/// Produces raw key/value pairs (either may be absent), in order; returns
+/// each record's (partition, offset).
+pub async fn produce_raw(topic: &str, records: &[RawRecord<'_>]) -> Vec<(i32, i64)> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("enable.idempotence", "true")
@@ -104,10 +106,13 @@ pub async fn produce_raw(topic: &str, records: &[RawRecord<'_>]) {
             }
         }
     }
+    let mut positions = Vec::with_capacity(pending.len());
     for f in pending {
-        f.await.expect("delivery future").expect("delivered");
+        let d = f.await.expect("delivery future").expect("delivered");
+        positions.push((d.partition, d.offset));
     }
     producer.flush(Duration::from_secs(30)).unwrap();
+    positions
 }
 
 /// How the test runs one idem process.
@@ -192,6 +197,26 @@ impl Idem {
             .status()
             .unwrap();
         assert!(status.success(), "kill {sig} failed");
+    }
+
+    pub fn stop_process(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn continue_process(&self) {
+        self.signal("-CONT");
+    }
+
+    /// Resident memory now, from /proc.
+    pub fn rss_bytes(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map_or(0, |kb| kb * 1024)
     }
 
     /// SIGKILL: no chance to commit anything.
@@ -519,6 +544,25 @@ impl PrivateRedis {
             },
         )
         .await;
+    }
+
+    /// SIGSTOP: the server stalls; clients time out.
+    pub fn pause(&self) {
+        if let Some(c) = &self.child {
+            Command::new("kill")
+                .args(["-STOP", &c.id().to_string()])
+                .status()
+                .unwrap();
+        }
+    }
+
+    pub fn resume(&self) {
+        if let Some(c) = &self.child {
+            Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status()
+                .unwrap();
+        }
     }
 
     pub fn kill(&mut self) {

@@ -1,0 +1,378 @@
+//! Running as a consumer group: rebalance storms, clean handover, backpressure,
+//! topics as code and the docker-compose file.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use idem::event::{decode, FieldMap};
+use idem::model::Outcome;
+use idem::sample::{generate, Rng, SampleRecord, SampleSpec};
+
+const CATCH_UP: Duration = Duration::from_secs(180);
+
+fn unique_stream(prefix: &str, events: usize, entities: usize, seed: u64) -> Vec<SampleRecord> {
+    // No redelivered copies and no reordering: every duplicate outcome is a redelivery by Kafka.
+    generate(&SampleSpec {
+        events,
+        entities,
+        duplicate_ratio: 0.0,
+        out_of_order_ratio: 0.0,
+        delete_ratio: 0.0,
+        data_bytes: 16,
+        seed,
+        prefix: prefix.to_string(),
+    })
+}
+
+/// Where each produced record landed, and the (entity, seq) it carries.
+type Positions = HashMap<(i32, i64), (String, u64)>;
+
+fn remember_positions(
+    positions: &mut Positions,
+    records: &[SampleRecord],
+    delivered: &[(i32, i64)],
+) {
+    for (r, pos) in records.iter().zip(delivered) {
+        let e = decode(Some(&r.value), &FieldMap::default(), 1 << 20).unwrap();
+        positions.insert(*pos, (e.entity, e.seq));
+    }
+}
+
+/// With every idem process frozen, no committed offset may be ahead of an
+/// effect: every record below a partition's committed offset must have its
+/// entity's recorded seq at or above the record's seq.
+async fn assert_commits_behind_effects(
+    group: &str,
+    topic: &str,
+    partitions: i32,
+    positions: &Positions,
+) -> usize {
+    // Let commit requests sent just before the freeze land, then read until stable.
+    let mut committed_now = committed(group, topic, partitions).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let again = committed(group, topic, partitions).await;
+        if again == committed_now {
+            break;
+        }
+        committed_now = again;
+    }
+    let entities: Vec<String> = {
+        let mut v: Vec<String> = positions.values().map(|(e, _)| e.clone()).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let views = read_entities(&redis_url(), topic, entities.iter()).await;
+    let mut checked = 0;
+    for ((p, offset), (entity, seq)) in positions {
+        if *offset < committed_now[*p as usize] {
+            let recorded = views[entity].seq.unwrap_or(0);
+            assert!(
+                recorded >= *seq,
+                "partition {p} committed {} but the record at offset {offset} ({entity} seq {seq}) has no effect (recorded seq {recorded})",
+                committed_now[*p as usize]
+            );
+            checked += 1;
+        }
+    }
+    checked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_storm_keeps_every_invariant() {
+    let topic = unique("storm");
+    let partitions = 12;
+    create_topic(&topic, partitions).await;
+    let records = unique_stream(&topic, 60_000, 600, 77);
+    let (model, _) = oracle(&records);
+    let opts = IdemOpts::new(&topic, &topic, &topic).with("IDEM__KAFKA__SESSION_TIMEOUT", "6s");
+
+    // A continuous stream over the whole storm.
+    let positions = std::sync::Arc::new(std::sync::Mutex::new(Positions::new()));
+    let producing = {
+        let (topic, records, positions) = (topic.clone(), records.clone(), positions.clone());
+        tokio::spawn(async move {
+            for slice in records.chunks(records.len() / 60 + 1) {
+                let delivered = produce(&topic, slice).await;
+                remember_positions(&mut positions.lock().unwrap(), slice, &delivered);
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+            }
+        })
+    };
+    let mut checked = 0;
+
+    let mut members: Vec<Idem> = (0..3).map(|_| Idem::spawn(&opts)).collect();
+    let mut rng = Rng::new(0x5707);
+    let started = Instant::now();
+    // Two halves, so that each kind of leave owns the redeliveries it causes:
+    // first only SIGTERM leaves, then only SIGKILL leaves.
+    let mut dead_duplicates = 0u64;
+    let mut leaves: HashMap<&str, u32> = HashMap::new();
+    let mut duplicates_after: HashMap<&str, u64> = HashMap::new();
+    let mut before = 0u64;
+    for kind in ["sigterm", "sigkill"] {
+        let half = Instant::now();
+        while half.elapsed() < Duration::from_secs(33) {
+            tokio::time::sleep(Duration::from_millis(2500 + rng.below(2500))).await;
+            let leaving = members.remove(rng.below(members.len() as u64) as usize);
+            dead_duplicates += leaving.outcome(&topic, Outcome::Duplicate).await;
+            if kind == "sigterm" {
+                leaving.terminate().await;
+            } else {
+                leaving.kill();
+            }
+            *leaves.entry(kind).or_default() += 1;
+            members.push(Idem::spawn(&opts));
+        }
+        if kind == "sigkill" {
+            // Let the last killed member's partitions move and be redelivered.
+            tokio::time::sleep(Duration::from_secs(8)).await;
+        }
+        let mut total = dead_duplicates;
+        for m in &members {
+            total += m.outcome(&topic, Outcome::Duplicate).await;
+        }
+        duplicates_after.insert(kind, total - before);
+        before = total;
+        // Freeze everyone mid-stream and check that no commit is ahead of its effect.
+        for m in &members {
+            m.stop_process();
+        }
+        let known = positions.lock().unwrap().clone();
+        checked += assert_commits_behind_effects(&topic, &topic, partitions, &known).await;
+        for m in &members {
+            m.continue_process();
+        }
+    }
+    let (terms, kills) = (leaves["sigterm"], leaves["sigkill"]);
+    producing.await.unwrap();
+    wait_caught_up(&topic, &topic, partitions, CATCH_UP).await;
+    assert_matches_oracle(&redis_url(), &topic, &model).await;
+    assert!(
+        terms >= 5 && kills >= 5,
+        "{terms} SIGTERMs, {kills} SIGKILLs"
+    );
+    eprintln!(
+        "storm: {:.0}s, {terms} SIGTERM and {kills} SIGKILL leaves, {} records; redelivered duplicates after SIGTERM leaves: {}, after SIGKILL leaves: {}; {checked} committed records checked against Redis while frozen",
+        started.elapsed().as_secs_f64(),
+        records.len(),
+        duplicates_after["sigterm"],
+        duplicates_after["sigkill"],
+    );
+    for m in members {
+        m.terminate().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_over_without_redelivery() {
+    let topic = unique("handover");
+    let partitions = 6;
+    create_topic(&topic, partitions).await;
+    let records = unique_stream(&topic, 12_000, 300, 88);
+    let (model, _) = oracle(&records);
+    let (first, rest) = records.split_at(4_000);
+    produce(&topic, first).await;
+    let opts = IdemOpts::new(&topic, &topic, &topic);
+    let mut members: Vec<Idem> = (0..3).map(|_| Idem::spawn(&opts)).collect();
+    wait_caught_up(&topic, &topic, partitions, CATCH_UP).await;
+    wait_until("all three members hold partitions", CATCH_UP, || async {
+        let mut holding = 0;
+        for m in &members {
+            if m.counter("idem_assigned_partitions", &[])
+                .await
+                .unwrap_or(0)
+                > 0
+            {
+                holding += 1;
+            }
+        }
+        holding == 3
+    })
+    .await;
+
+    // Keep producing while one member leaves with SIGTERM.
+    let producing = {
+        let (topic, rest) = (topic.clone(), rest.to_vec());
+        tokio::spawn(async move {
+            for slice in rest.chunks(500) {
+                produce(&topic, slice).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let leaving = members.remove(0);
+    let left_duplicates = leaving.outcome(&topic, Outcome::Duplicate).await;
+    leaving.terminate().await;
+    producing.await.unwrap();
+    wait_caught_up(&topic, &topic, partitions, CATCH_UP).await;
+
+    let mut survivors_duplicates = 0;
+    for m in &members {
+        survivors_duplicates += m.outcome(&topic, Outcome::Duplicate).await;
+    }
+    assert_eq!(left_duplicates, 0);
+    assert_eq!(
+        survivors_duplicates, 0,
+        "the survivors redelivered events the stopped member had already applied"
+    );
+    assert_matches_oracle(&redis_url(), &topic, &model).await;
+    for m in members {
+        m.terminate().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_redis_pauses_fetching_with_flat_memory() {
+    const RSS_BOUND: u64 = 100 * 1024 * 1024;
+    let topic = unique("stall");
+    create_topic(&topic, 4).await;
+    let redis = PrivateRedis::start().await;
+    let records = unique_stream(&topic, 200_000, 2_000, 99);
+    let (model, _) = oracle(&records);
+    let mut opts = IdemOpts::new(&topic, &topic, &topic);
+    opts.redis_url = redis.url();
+    let idem = Idem::spawn(&opts);
+    produce(&topic, &records[..1_000]).await;
+    wait_until("idem applies the first records", CATCH_UP, || async {
+        idem.outcome(&topic, Outcome::Applied).await > 0
+    })
+    .await;
+
+    redis.pause();
+    produce(&topic, &records[1_000..]).await;
+    wait_until(
+        "fetching paused while Redis is stalled",
+        CATCH_UP,
+        || async { idem.counter("idem_paused", &[]).await.unwrap_or(0) == 1 },
+    )
+    .await;
+    let mut peak = 0;
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(5) {
+        peak = peak.max(idem.rss_bytes());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        peak > 0 && peak < RSS_BOUND,
+        "resident memory {peak} bytes while stalled with a 199,000-record backlog"
+    );
+
+    redis.resume();
+    wait_caught_up(&topic, &topic, 4, CATCH_UP).await;
+    assert_eq!(idem.counter("idem_paused", &[]).await, Some(0));
+    assert_matches_oracle(&redis.url(), &topic, &model).await;
+    eprintln!(
+        "backpressure: peak RSS {:.1} MB while Redis was stalled",
+        peak as f64 / 1e6
+    );
+    idem.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_apply_is_idempotent_and_check_detects_drift() {
+    let topic = unique("declared");
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("topics"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("t.toml"),
+        format!("[[topic]]\nname = \"{topic}\"\npartitions = 2\nretention = \"1d\"\ndead_letter = \"{topic}.dlq\"\n"),
+    )
+    .unwrap();
+    let idem = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
+            .args(args)
+            .arg("--dir")
+            .arg(&dir)
+            .env("IDEM__KAFKA__BROKERS", brokers())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, out) = idem(&["topics", "apply"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!("{topic}: created"))
+            && out.contains(&format!("{topic}.dlq: created")),
+        "{out}"
+    );
+    let (code, out) = idem(&["topics", "apply"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains(&format!("{topic}: up to date")), "{out}");
+    let (code, out) = idem(&["topics", "check"]);
+    assert_eq!(code, Some(0), "{out}");
+
+    // Someone adds partitions by hand: check reports the drift and fails.
+    let mut spec = idem::topics::TopicSpec::new(&topic, 4);
+    spec.retention = Some("1d".into());
+    idem::topics::apply(&brokers(), &[spec]).await.unwrap();
+    let (code, out) = idem(&["topics", "check"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!("{topic}: 4 partitions, declared 2")),
+        "{out}"
+    );
+}
+
+#[test]
+fn docker_compose_uses_only_known_config_keys_and_ports() {
+    let compose =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docker-compose.yml"))
+            .unwrap();
+    let mut env = HashMap::new();
+    for line in compose.lines() {
+        let line = line.trim();
+        if let Some((k, v)) = line.split_once(':') {
+            if k.starts_with("IDEM__") {
+                env.insert(k.to_string(), v.trim().to_string());
+            }
+        }
+    }
+    assert!(
+        env.len() >= 5,
+        "compose sets idem's config through IDEM__ variables: {env:?}"
+    );
+    let config = idem::config::Config::load(None, &env)
+        .expect("every IDEM__ key of docker-compose.yml is a valid config key");
+    for service in ["kafka:", "redis:", "topics:", "idem:", "prometheus:"] {
+        assert!(
+            compose.contains(&format!("\n  {service}")),
+            "service {service} missing"
+        );
+    }
+    assert!(config.kafka.brokers.contains("kafka:9092"));
+    assert!(
+        compose.contains("PLAINTEXT://kafka:9092"),
+        "the broker advertises the address idem uses"
+    );
+    let prometheus = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/prometheus.yml"
+    ))
+    .unwrap();
+    assert!(
+        prometheus.contains(&format!("port: {}", config.metrics_listen.port())),
+        "Prometheus scrapes idem's metrics port"
+    );
+    let topics = idem::topics::load_dir(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/topics"
+    )))
+    .unwrap();
+    assert!(
+        config
+            .kafka
+            .topics
+            .iter()
+            .all(|t| topics.iter().any(|s| &s.name == t)),
+        "idem's topics are declared in topics/"
+    );
+}
