@@ -124,11 +124,38 @@ impl DedupeConfig {
     }
 }
 
+/// Which record formats are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventFormat {
+    /// CloudEvents when the record's headers say so, idem's envelope otherwise.
+    Auto,
+    Idem,
+    CloudEvents,
+}
+
 /// Decoding settings.
 #[derive(Debug, Clone)]
 pub struct EventConfig {
+    pub format: EventFormat,
     pub fields: FieldMap,
     pub max_bytes: usize,
+}
+
+/// Dead-letter settings.
+#[derive(Debug, Clone)]
+pub struct DlqConfig {
+    /// Topic name template; `{topic}` is the source topic.
+    pub topic: String,
+    pub max_ratio: f64,
+    pub ratio_window: usize,
+    pub send_timeout: Duration,
+}
+
+impl DlqConfig {
+    /// The dead-letter topic of `source`.
+    pub fn topic_for(&self, source: &str) -> String {
+        self.topic.replace("{topic}", source)
+    }
 }
 
 /// Batching and retry settings of the processing loop.
@@ -148,6 +175,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub dedupe: DedupeConfig,
     pub event: EventConfig,
+    pub dlq: DlqConfig,
     pub pipeline: PipelineConfig,
     pub metrics_listen: SocketAddr,
     /// How long a graceful shutdown waits for in-flight batches.
@@ -164,6 +192,7 @@ struct RawConfig {
     redis: RawRedis,
     dedupe: RawDedupe,
     event: RawEvent,
+    dlq: RawDlq,
     pipeline: RawPipeline,
     metrics: RawMetrics,
     shutdown: RawShutdown,
@@ -212,7 +241,17 @@ struct RawDedupe {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawDlq {
+    topic: String,
+    max_ratio: f64,
+    ratio_window: i64,
+    send_timeout: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawEvent {
+    format: String,
     id: String,
     entity: String,
     seq: String,
@@ -368,6 +407,41 @@ impl RawConfig {
             ts: pointer("event.ts", &e.ts)?,
         };
         let max_bytes = positive_int("event.max_bytes", e.max_bytes)?;
+        let format = match e.format.as_str() {
+            "auto" => EventFormat::Auto,
+            "idem" => EventFormat::Idem,
+            "cloudevents" => EventFormat::CloudEvents,
+            other => {
+                return Err(ConfigError::invalid(
+                    "event.format",
+                    other,
+                    "\"auto\", \"idem\" or \"cloudevents\"",
+                ))
+            }
+        };
+        let d = self.dlq;
+        if !d.topic.contains("{topic}") && !is_valid_topic_name(&d.topic)
+            || !is_valid_topic_name(&d.topic.replace("{topic}", "x"))
+        {
+            return Err(ConfigError::invalid(
+                "dlq.topic",
+                &d.topic,
+                "a topic name, optionally with {topic} for the source topic, e.g. \"{topic}.dlq\"",
+            ));
+        }
+        if !(d.max_ratio > 0.0 && d.max_ratio <= 1.0) {
+            return Err(ConfigError::invalid(
+                "dlq.max_ratio",
+                d.max_ratio,
+                "a share greater than 0 and at most 1.0 (1.0 disables the budget)",
+            ));
+        }
+        let dlq = DlqConfig {
+            topic: d.topic,
+            max_ratio: d.max_ratio,
+            ratio_window: positive_int("dlq.ratio_window", d.ratio_window)?,
+            send_timeout: positive_duration("dlq.send_timeout", &d.send_timeout)?,
+        };
 
         let p = self.pipeline;
         let pipeline = PipelineConfig {
@@ -434,7 +508,12 @@ impl RawConfig {
                 window,
                 topic_windows,
             },
-            event: EventConfig { fields, max_bytes },
+            event: EventConfig {
+                format,
+                fields,
+                max_bytes,
+            },
+            dlq,
             pipeline,
             metrics_listen,
             shutdown_drain_timeout: positive_duration(

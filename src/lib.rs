@@ -6,6 +6,7 @@
 //! - [`event`]: decoding a record into an [`event::Event`]; fingerprints.
 //! - [`model`]: the decision rules as a pure function (the oracle of the tests).
 //! - [`guard`]: the same rules as one atomic Redis script, many events per round trip.
+//! - [`dlq`]: the dead-letter topic (invalid records, conflicts), its budget and tools.
 //! - [`offsets`]: per-partition done offsets and the contiguous commit point.
 //! - [`pipeline`]: the Kafka loop: fetch, decode, guard, mark done, store offsets.
 //! - [`kafka`], [`store`]: the Kafka and Redis edges; [`topics`]: topics as code;
@@ -16,6 +17,7 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod dlq;
 pub mod event;
 pub mod group;
 pub mod guard;

@@ -33,6 +33,7 @@ pub const CONSUMER_LAG: &str = "idem_consumer_lag";
 pub const UNCOMMITTED_EVENTS: &str = "idem_uncommitted_events";
 pub const IN_FLIGHT_EVENTS: &str = "idem_in_flight_events";
 pub const PAUSED: &str = "idem_paused";
+pub const DEAD_LETTERS_TOTAL: &str = "idem_dead_letters_total";
 
 /// Buckets fine enough for the benchmark to read p50/p99/p99.9 from.
 pub const LATENCY_BUCKETS: [f64; 24] = [
@@ -40,14 +41,29 @@ pub const LATENCY_BUCKETS: [f64; 24] = [
     0.040, 0.050, 0.075, 0.100, 0.150, 0.200, 0.300, 0.500, 1.0, 2.5, 10.0,
 ];
 
-/// Readiness as seen by `/readyz`: joined the group and Redis answers.
+/// Readiness as seen by `/readyz`: joined the group, Redis answers, and
+/// consumption was not stopped (dead-letter budget).
 #[derive(Debug, Default, Clone)]
 pub struct Health {
     assigned: Arc<AtomicBool>,
     redis_ok: Arc<AtomicBool>,
+    stopped: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Health {
+    /// Stops consumption for good (until restart), with the reason `/readyz` shows.
+    pub fn stop_consuming(&self, reason: String) {
+        *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+    }
+
+    /// Why consumption was stopped, if it was.
+    pub fn stopped_reason(&self) -> Option<String> {
+        self.stopped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn set_assigned(&self, yes: bool) {
         self.assigned.store(yes, Ordering::Relaxed);
     }
@@ -55,7 +71,9 @@ impl Health {
         self.redis_ok.store(yes, Ordering::Relaxed);
     }
     pub fn is_ready(&self) -> bool {
-        self.assigned.load(Ordering::Relaxed) && self.redis_ok.load(Ordering::Relaxed)
+        self.assigned.load(Ordering::Relaxed)
+            && self.redis_ok.load(Ordering::Relaxed)
+            && self.stopped_reason().is_none()
     }
 }
 
@@ -187,6 +205,10 @@ pub fn set_assigned_partitions(n: usize) {
     gauge!(ASSIGNED_PARTITIONS).set(n as f64);
 }
 
+pub fn record_dead_letter(topic: &str, reason: &'static str) {
+    counter!(DEAD_LETTERS_TOTAL, "topic" => topic.to_string(), "reason" => reason).increment(1);
+}
+
 pub fn set_consumer_lag(topic: &str, partition: i32, lag: i64) {
     gauge!(CONSUMER_LAG, "topic" => topic.to_string(), "partition" => partition.to_string())
         .set(lag as f64);
@@ -245,7 +267,11 @@ pub async fn serve(
                     "/readyz" => (
                         "503 Service Unavailable",
                         "text/plain",
-                        "not ready: waiting for a partition assignment or for Redis\n".to_string(),
+                        match health.stopped_reason() {
+                            Some(reason) => format!("not ready: {reason}\n"),
+                            None => "not ready: waiting for a partition assignment or for Redis\n"
+                                .to_string(),
+                        },
                     ),
                     _ => (
                         "404 Not Found",

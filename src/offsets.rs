@@ -50,8 +50,15 @@ pub struct PartitionProgress {
 
 impl PartitionProgress {
     /// Records that `offset` was fetched and its work has begun.
+    /// An offset at or below one already begun (a partition rewound by a
+    /// rebalance) is not tracked again: the record is processed, but only the
+    /// first sighting moves the commit point.
     pub fn begin(&mut self, offset: i64) {
-        debug_assert!(self.in_flight.back().is_none_or(|(o, _)| *o < offset));
+        if self.in_flight.back().is_some_and(|(o, _)| *o >= offset)
+            || self.commit_point.is_some_and(|c| offset < c)
+        {
+            return;
+        }
         self.in_flight.push_back((offset, false));
     }
 

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, LogFormat};
 
 pub mod bench;
+pub mod dlq;
 pub mod inspect;
 pub mod run;
 pub mod sample;
@@ -40,6 +41,7 @@ pub enum Command {
     Topics(topics::TopicsArgs),
     Sample(sample::SampleArgs),
     Bench(bench::BenchArgs),
+    Dlq(dlq::DlqArgs),
 }
 
 /// Loads config, starts logging and runs the chosen command.
@@ -71,6 +73,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Topics(args) => topics::run(args, config).await,
             Command::Sample(args) => sample::run(args, config).await,
             Command::Bench(args) => bench::run(args, config).await,
+            Command::Dlq(args) => dlq::run(args, config).await,
         }
     });
     match result {

@@ -1,7 +1,8 @@
 -- idem guard: dedupe check, sequence check and effect in one atomic step.
 --
--- One call carries one or more events. In Redis Cluster every key of one
--- call must share a hash slot; idem groups events by slot before calling.
+-- One call carries one or more events. Every key of an event shares its
+-- entity's hash tag; in Redis Cluster all events of one call must also share
+-- a slot (standalone Redis has no such limit).
 --
 -- KEYS[i]  the base key of event i's entity: "<prefix>:{<entity>}". The
 --          script derives the entity's keys from it (same hash tag, so the
@@ -49,6 +50,10 @@ local function is_newer(a, b)
   return a > b
 end
 
+-- Lua's unpack is limited to a few thousand values: write fields in chunks
+-- (an even number, so field/value pairs stay together).
+local UNPACK_CHUNK = 1000
+
 local out = {}
 local a = 1
 for i = 1, #KEYS do
@@ -78,10 +83,6 @@ for i = 1, #KEYS do
       out[#out + 1] = seen_fp
     end
   else
-    redis.call('HSET', current, idh, fp .. now_packed)
-    if redis.call('HLEN', current) == 1 then
-      redis.call('PEXPIREAT', current, gen.expire_at)
-    end
     local meta = base .. ':meta'
     local m = redis.call('HMGET', meta, 'seq', 'applied')
     local recorded, applied = m[1], m[2]
@@ -89,24 +90,31 @@ for i = 1, #KEYS do
       out[#out + 1] = 2
       out[#out + 1] = recorded
     else
+      -- Writes in the order state, meta, id mark: Redis does not roll back a
+      -- script that fails halfway, and a failure must never leave the id
+      -- remembered without its effect (a retry then re-applies the merge,
+      -- which is idempotent).
       local state = base .. ':state'
       local count = string.format('%d', (tonumber(applied) or 0) + 1)
       if op == 'd' then
         redis.call('DEL', state)
-        redis.call('HSET', meta, 'seq', seq, 'last_id', id, 'fingerprint', fp_hex, 'updated_ms', now_str,
-          'applied', count, 'deleted', '1')
       else
-        redis.call('HSET', meta, 'seq', seq, 'last_id', id, 'fingerprint', fp_hex, 'updated_ms', now_str,
-          'applied', count, 'deleted', '0')
-        if nset > 0 then
-          redis.call('HSET', state, unpack(ARGV, set_from, set_from + 2 * nset - 1))
+        for from = set_from, set_from + 2 * nset - 1, UNPACK_CHUNK do
+          redis.call('HSET', state, unpack(ARGV, from, math.min(from + UNPACK_CHUNK, set_from + 2 * nset) - 1))
         end
-        if nunset > 0 then
-          redis.call('HDEL', state, unpack(ARGV, unset_from, unset_from + nunset - 1))
+        for from = unset_from, unset_from + nunset - 1, UNPACK_CHUNK do
+          redis.call('HDEL', state, unpack(ARGV, from, math.min(from + UNPACK_CHUNK, unset_from + nunset) - 1))
         end
       end
+      redis.call('HSET', meta, 'seq', seq, 'last_id', id, 'fingerprint', fp_hex, 'updated_ms', now_str,
+        'applied', count, 'deleted', op == 'd' and '1' or '0')
       out[#out + 1] = 0
       out[#out + 1] = 0
+    end
+    -- Stale ids are remembered too, so their redelivery is a duplicate.
+    redis.call('HSET', current, idh, fp .. now_packed)
+    if redis.call('HLEN', current) == 1 then
+      redis.call('PEXPIREAT', current, gen.expire_at)
     end
   end
 end

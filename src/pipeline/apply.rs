@@ -15,6 +15,8 @@ use super::batch::Batch;
 use super::progress::Progress;
 use super::{Backoff, Shutdown, Summary};
 use crate::config::Config;
+use crate::dlq::budget::DlqBudget;
+use crate::dlq::{DeadLetter, DlqWriter};
 use crate::guard::{Guard, GuardInput, Verdict};
 use crate::metrics::{self, Health};
 use crate::model::Outcome;
@@ -26,6 +28,8 @@ pub struct GuardStage {
     pub health: Health,
     pub shutdown: Shutdown,
     pub summary: Arc<std::sync::Mutex<Summary>>,
+    pub dlq: DlqWriter,
+    pub budget: DlqBudget,
 }
 
 impl GuardStage {
@@ -54,13 +58,72 @@ impl GuardStage {
             return false;
         };
         drop(inputs);
-        self.progress.mark_done(batch.positions());
+        let letters = dead_letters(&batch, &verdicts);
+        if !letters.is_empty() && !self.dead_letter_with_retry(&letters).await {
+            return false;
+        }
+        // Count before marking done: whoever sees the commit sees the counts.
         self.record(&batch, &verdicts);
+        self.progress.mark_done(batch.positions());
+        self.check_budget(&batch, &letters);
         metrics::record_batch(batch.len(), started.elapsed());
         true
     }
 
+    /// Writes dead letters until Kafka acknowledges all of them. Returns
+    /// false if shutdown fired first: the batch then stays unfinished.
+    async fn dead_letter_with_retry(&mut self, letters: &[DeadLetter<'_>]) -> bool {
+        let mut backoff = Backoff::new(&self.config);
+        loop {
+            match self.dlq.send_all(letters).await {
+                Ok(()) => {
+                    for l in letters {
+                        metrics::record_dead_letter(&l.source.topic, l.reason);
+                    }
+                    return true;
+                }
+                Err(e) => {
+                    metrics::record_retry("dead_letter");
+                    let wait = backoff.next();
+                    tracing::warn!(
+                        error = %e,
+                        records = letters.len(),
+                        dlq_topic = %self.config.dlq.topic_for(&letters[0].source.topic),
+                        retry_in = ?wait,
+                        "cannot write to the dead-letter topic (does it exist? see topics/); the batch waits and nothing past it is committed"
+                    );
+                    tokio::select! {
+                        _ = self.shutdown.wait() => return false,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_budget(&mut self, batch: &Batch, letters: &[DeadLetter<'_>]) {
+        let dead = letters.len();
+        for i in 0..batch.len() {
+            self.budget.record(i < dead);
+        }
+        if self.budget.is_exceeded() && self.health.stopped_reason().is_none() {
+            let reason = format!(
+                "dead-letter ratio {:.2} over the last {} records exceeds dlq.max_ratio = {}",
+                self.budget.ratio(),
+                self.config.dlq.ratio_window,
+                self.config.dlq.max_ratio
+            );
+            tracing::error!(
+                ratio = self.budget.ratio(),
+                max_ratio = self.config.dlq.max_ratio,
+                "{reason}: consumption stopped. Look at the dead letters with `idem dlq inspect`, fix the producer (or raise dlq.max_ratio), restart idem, then `idem dlq redrive` what should be applied"
+            );
+            self.health.stop_consuming(reason);
+        }
+    }
+
     fn record(&self, batch: &Batch, verdicts: &[Verdict]) {
+        // Duplicate ages, conflict logs and outcome counts.
         let mut counts: HashMap<(usize, Outcome), u64> = HashMap::new();
         let mut verdicts = verdicts.iter();
         for it in &batch.items {
@@ -103,7 +166,47 @@ impl GuardStage {
                 .filter_map(|it| Some((now_ms - it.timestamp_ms?).max(0) as f64 / 1000.0)),
         );
     }
+}
 
+/// The batch's invalid records and conflicts, in batch order.
+fn dead_letters<'a>(batch: &'a Batch, verdicts: &[Verdict]) -> Vec<DeadLetter<'a>> {
+    let mut letters = Vec::new();
+    let mut verdicts = verdicts.iter();
+    for it in &batch.items {
+        let (reason, message, fingerprints) = match &it.decoded {
+            Err(invalid) => (invalid.code(), invalid.to_string(), None),
+            Ok(event) => {
+                let v = verdicts.next().expect("one verdict per decoded event");
+                if v.outcome != Outcome::Conflict {
+                    continue;
+                }
+                let remembered = v.remembered_fingerprint.unwrap_or(0);
+                (
+                    "conflict",
+                    format!(
+                        "id {:?} was seen with another payload (fingerprint {remembered:016x}, this one {:016x})",
+                        event.id, event.fingerprint
+                    ),
+                    Some((event.fingerprint, remembered)),
+                )
+            }
+        };
+        letters.push(DeadLetter {
+            source: &batch.partitions[it.partition],
+            offset: it.offset,
+            timestamp_ms: it.timestamp_ms,
+            key: it.key.as_deref(),
+            value: it.value.as_deref(),
+            headers: &it.headers,
+            reason,
+            message,
+            fingerprints,
+        });
+    }
+    letters
+}
+
+impl GuardStage {
     async fn guard_with_retry(&mut self, inputs: &[GuardInput<'_>]) -> Option<Vec<Verdict>> {
         let mut backoff = Backoff::new(&self.config);
         loop {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 
 use crate::config::Config;
 use crate::event::{self, Event, Invalid};
@@ -16,6 +16,11 @@ pub struct Item {
     pub offset: i64,
     /// The record's Kafka timestamp, ms since the epoch.
     pub timestamp_ms: Option<i64>,
+    /// The original bytes, kept for the dead-letter topic (invalid records
+    /// and conflicts go there unchanged).
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
     pub decoded: Result<Event, Invalid>,
 }
 
@@ -35,13 +40,25 @@ impl Batch {
             windows: Vec::new(),
             items: Vec::with_capacity(messages.len()),
         };
+        let mut header_refs: Vec<(&str, &[u8])> = Vec::new();
         for m in messages {
             let partition = batch.partition_index(m.topic(), m.partition(), config);
+            header_refs.clear();
+            if let Some(h) = m.headers() {
+                header_refs.extend(h.iter().map(|h| (h.key, h.value.unwrap_or_default())));
+            }
+            let decoded = event::decode_record(m.payload(), &header_refs, &config.event);
             batch.items.push(Item {
                 partition,
                 offset: m.offset(),
                 timestamp_ms: m.timestamp().to_millis(),
-                decoded: event::decode(m.payload(), &config.event.fields, config.event.max_bytes),
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().map(<[u8]>::to_vec),
+                headers: header_refs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_vec()))
+                    .collect(),
+                decoded,
             });
         }
         batch
@@ -66,6 +83,12 @@ impl Batch {
         self.items
             .iter()
             .map(|it| (&self.partitions[it.partition], it.offset))
+    }
+
+    /// Drops the records of partitions `keep` rejects (revoked meanwhile).
+    pub fn retain_partitions(&mut self, keep: impl Fn(&TopicPartition) -> bool) {
+        let keep: Vec<bool> = self.partitions.iter().map(keep).collect();
+        self.items.retain(|it| keep[it.partition]);
     }
 
     pub fn len(&self) -> usize {

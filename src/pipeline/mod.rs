@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::BorrowedMessage;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
@@ -23,7 +23,6 @@ use crate::guard::Guard;
 use crate::kafka::{self, IdemContext};
 use crate::metrics::{self, Health};
 use crate::model::Outcome;
-use crate::offsets::TopicPartition;
 use crate::store::{self, KeyLayout};
 use apply::GuardStage;
 use batch::Batch;
@@ -115,6 +114,8 @@ async fn run_pipeline(
         health: health.clone(),
         shutdown: shutdown.clone(),
         summary: summary.clone(),
+        dlq: crate::dlq::DlqWriter::new(&config)?,
+        budget: crate::dlq::budget::DlqBudget::new(config.dlq.ratio_window, config.dlq.max_ratio),
     };
     let mut guard_task = tokio::spawn(stage.run(batch_rx));
 
@@ -126,18 +127,24 @@ async fn run_pipeline(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .maybe_log();
-        let first = tokio::select! {
-            // Shutdown first: once asked to stop, take no new work.
-            biased;
-            _ = shutdown.wait() => break,
-            _ = progress.committable() => continue,
-            m = consumer.recv() => m,
-        };
-        match first {
-            Ok(m) => messages.push(m),
-            Err(e) => {
-                tracing::warn!(error = %e, "kafka consumer error; continuing");
-                continue;
+        if health.stopped_reason().is_some() {
+            idle_until_shutdown(&consumer, &progress, &mut shutdown).await;
+            break;
+        }
+        if messages.is_empty() {
+            let first = tokio::select! {
+                // Shutdown first: once asked to stop, take no new work.
+                biased;
+                _ = shutdown.wait() => break,
+                _ = progress.committable() => continue,
+                m = consumer.recv() => m,
+            };
+            match first {
+                Ok(m) => messages.push(m),
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka consumer error; continuing");
+                    continue;
+                }
             }
         }
         let deadline = tokio::time::Instant::now() + config.pipeline.batch_linger;
@@ -151,58 +158,38 @@ async fn run_pipeline(
                 Err(_) => break,
             }
         }
-        // Records of partitions revoked while this batch filled belong to their new owner.
-        messages.retain(|m| progress.is_assigned(&TopicPartition::new(m.topic(), m.partition())));
-        let batch = Batch::decode(&messages, &config);
+        let mut batch = Batch::decode(&messages, &config);
         messages.clear();
+        // Hand the batch over. Its records are marked begun only at hand-over,
+        // so a revoke that happens while we wait never waits for a batch this
+        // very loop is holding.
+        let permit = match batch_tx.try_reserve() {
+            Ok(permit) => permit,
+            Err(mpsc::error::TrySendError::Closed(())) => break, // shutdown while Redis was failing
+            Err(mpsc::error::TrySendError::Full(())) => {
+                match wait_for_guard_stage(
+                    &consumer,
+                    &batch_tx,
+                    &progress,
+                    &mut shutdown,
+                    &mut messages,
+                )
+                .await
+                {
+                    Some(permit) => permit,
+                    None => break,
+                }
+            }
+        };
+        // Records of partitions revoked meanwhile belong to their new owner.
+        batch.retain_partitions(|tp| progress.is_assigned(tp));
         if batch.is_empty() {
             continue;
         }
         count_invalid(&batch, &summary);
         progress.begin(batch.positions().map(|(tp, o)| (tp.clone(), o)));
         metrics::set_in_flight_events(progress.in_flight());
-        let batch = match batch_tx.try_send(batch) {
-            Ok(()) => continue,
-            Err(mpsc::error::TrySendError::Closed(_)) => break, // shutdown while Redis was failing
-            Err(mpsc::error::TrySendError::Full(batch)) => batch,
-        };
-        // Usually the guard stage takes the batch within one round trip.
-        tokio::select! {
-            biased;
-            _ = shutdown.wait() => break,
-            permit = batch_tx.reserve() => match permit {
-                Ok(permit) => { permit.send(batch); continue; }
-                Err(_) => break,
-            },
-            _ = tokio::time::sleep(PAUSE_AFTER) => {}
-        }
-        // Redis is slower than Kafka: pause fetching instead of buffering,
-        // and keep polling so the group session and rebalances stay served.
-        let paused = pause_assignment(&consumer);
-        let mut stop = false;
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.wait() => { stop = true; break; }
-                permit = batch_tx.reserve() => {
-                    match permit {
-                        Ok(permit) => permit.send(batch),
-                        Err(_) => stop = true,
-                    }
-                    break;
-                }
-                _ = progress.committable() => store_commits(&consumer, &progress),
-                // Records fetched before the pause: they start the next batch.
-                m = consumer.recv() => match m {
-                    Ok(m) => messages.push(m),
-                    Err(e) => tracing::warn!(error = %e, "kafka consumer error; continuing"),
-                },
-            }
-        }
-        resume(&consumer, paused);
-        if stop {
-            break;
-        }
+        permit.send(batch);
     }
 
     tracing::info!(
@@ -219,12 +206,76 @@ async fn run_pipeline(
         guard_task.abort();
     }
     store_commits(&consumer, &progress);
+    // What did not finish now never will: revoke callbacks must not wait for it.
+    progress.close();
     summary.lock().unwrap_or_else(|e| e.into_inner()).log();
     kafka::commit_stored(&consumer);
     consumer.unsubscribe();
     close_consumer(consumer).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Waits for room in the guard stage's queue. Usually that takes one Redis
+/// round trip; if Redis is slower than Kafka for longer than `PAUSE_AFTER`,
+/// fetching is paused (instead of buffering) while the loop keeps polling, so
+/// the group session and rebalances stay served. Records that arrive anyway
+/// (prefetched before the pause) go to `messages` and start the next batch.
+/// Returns None on shutdown.
+async fn wait_for_guard_stage<'c, 'a>(
+    consumer: &'c StreamConsumer<IdemContext>,
+    batch_tx: &'a mpsc::Sender<Batch>,
+    progress: &Progress,
+    shutdown: &mut Shutdown,
+    messages: &mut Vec<BorrowedMessage<'c>>,
+) -> Option<mpsc::Permit<'a, Batch>> {
+    tokio::select! {
+        biased;
+        _ = shutdown.wait() => return None,
+        permit = batch_tx.reserve() => return permit.ok(),
+        _ = tokio::time::sleep(PAUSE_AFTER) => {}
+    }
+    let mut paused = pause_assignment(consumer);
+    let permit = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.wait() => break None,
+            permit = batch_tx.reserve() => break permit.ok(),
+            _ = progress.committable() => store_commits(consumer, progress),
+            m = consumer.recv() => match m {
+                Ok(m) => {
+                    messages.push(m);
+                    // A partition assigned during the pause fetches: pause it too.
+                    paused = pause_assignment(consumer);
+                }
+                Err(e) => tracing::warn!(error = %e, "kafka consumer error; continuing"),
+            },
+        }
+    };
+    resume(consumer, paused);
+    permit
+}
+
+/// Consumption was stopped (dead-letter budget): fetch nothing more, but keep
+/// polling so that rebalances are served and the group sees a live member
+/// that holds no work, and keep committing what finishes.
+async fn idle_until_shutdown(
+    consumer: &StreamConsumer<IdemContext>,
+    progress: &Progress,
+    shutdown: &mut Shutdown,
+) {
+    let paused = pause_assignment(consumer);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.wait() => break,
+            _ = progress.committable() => store_commits(consumer, progress),
+            // Records prefetched before the pause are dropped unprocessed: they
+            // were never marked begun, so their offsets are never committed.
+            _ = consumer.recv() => {}
+        }
+    }
+    resume(consumer, paused);
 }
 
 /// How long the fetch loop waits for the guard stage before pausing fetches.

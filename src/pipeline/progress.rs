@@ -19,6 +19,8 @@ use crate::offsets::{Offsets, TopicPartition};
 struct Inner {
     offsets: Offsets,
     assigned: HashSet<TopicPartition>,
+    /// Set after the shutdown drain: nothing in flight will finish any more.
+    closed: bool,
 }
 
 /// See the module doc.
@@ -96,13 +98,21 @@ impl Progress {
     /// Commit points that moved, for the partitions this instance owns.
     pub fn take_owned_commits(&self) -> Vec<(TopicPartition, i64)> {
         let mut inner = self.lock();
-        let Inner { offsets, assigned } = &mut *inner;
+        let Inner {
+            offsets, assigned, ..
+        } = &mut *inner;
         offsets.take_commits_where(|tp| assigned.contains(tp))
     }
 
     /// Events fetched and not yet done.
     pub fn in_flight(&self) -> usize {
         self.lock().offsets.in_flight()
+    }
+
+    /// After the shutdown drain: waits for in-flight work return at once.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.done.notify_all();
     }
 
     /// Blocks until no record of `tps` is in flight, or `timeout` passes.

@@ -51,10 +51,32 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Creates `name` and its dead-letter topic `name.dlq`.
 pub async fn create_topic(name: &str, partitions: i32) {
+    let mut spec = TopicSpec::new(name, partitions);
+    spec.dead_letter = Some(format!("{name}.dlq"));
+    topics::apply(&brokers(), &spec.with_dead_letter())
+        .await
+        .expect("create topic");
+}
+
+/// Creates `name` only: its dead-letter topic is missing.
+pub async fn create_topic_without_dlq(name: &str, partitions: i32) {
     topics::apply(&brokers(), &[TopicSpec::new(name, partitions)])
         .await
         .expect("create topic");
+}
+
+/// Every record of the dead-letter topic of `topic`.
+pub async fn dead_letters(topic: &str) -> Vec<idem::dlq::tools::DlqRecord> {
+    let dlq = format!("{topic}.dlq");
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        idem::dlq::tools::read_all(&brokers(), &dlq, |r| out.push(r)).expect("read dead letters");
+        out
+    })
+    .await
+    .unwrap()
 }
 
 /// A raw record: key and value, either may be absent.

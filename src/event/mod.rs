@@ -4,7 +4,11 @@
 //! Guarantee: decoding is total. Any byte string yields either an `Event` or
 //! an [`Invalid`] with a stable reason code; it never panics.
 
+pub mod cloudevents;
+
 use serde_json::Value;
+
+use crate::config::{EventConfig, EventFormat};
 
 /// JSON pointers (RFC 6901) to the envelope fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,7 +104,40 @@ impl Invalid {
     }
 }
 
-/// Decodes one record value.
+/// Decodes one record in the configured format: CloudEvents (structured or
+/// binary) or idem's envelope. `headers` are the record's headers.
+pub fn decode_record(
+    value: Option<&[u8]>,
+    headers: &[(&str, &[u8])],
+    cfg: &EventConfig,
+) -> Result<Event, Invalid> {
+    if let Some(bytes) = value {
+        if bytes.len() > cfg.max_bytes {
+            return Err(Invalid::TooLarge {
+                size: bytes.len(),
+                max: cfg.max_bytes,
+            });
+        }
+    }
+    let mode = match cfg.format {
+        EventFormat::Idem => None,
+        EventFormat::Auto => cloudevents::detect(headers),
+        EventFormat::CloudEvents => {
+            Some(cloudevents::detect(headers).unwrap_or(cloudevents::Mode::Structured))
+        }
+    };
+    match mode {
+        None => decode(value, &cfg.fields, cfg.max_bytes),
+        Some(cloudevents::Mode::Binary) => cloudevents::decode_binary(headers, value),
+        Some(cloudevents::Mode::Structured) => {
+            let bytes = value.ok_or(Invalid::EmptyValue)?;
+            let text = std::str::from_utf8(bytes).map_err(|_| Invalid::NotUtf8)?;
+            cloudevents::decode_structured(text)
+        }
+    }
+}
+
+/// Decodes one record value in idem's envelope.
 pub fn decode(value: Option<&[u8]>, fields: &FieldMap, max_bytes: usize) -> Result<Event, Invalid> {
     let bytes = value.ok_or(Invalid::EmptyValue)?;
     if bytes.len() > max_bytes {

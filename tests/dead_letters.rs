@@ -1,0 +1,340 @@
+//! Bad input and the dead-letter topic: nothing blocks a partition, nothing
+//! is lost, and what was dead-lettered can be re-driven once.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use idem::model::Outcome;
+use idem::sample::{generate, SampleSpec};
+
+const CATCH_UP: Duration = Duration::from_secs(120);
+
+fn good(prefix: &str, events: usize, seed: u64) -> Vec<idem::sample::SampleRecord> {
+    generate(&SampleSpec {
+        events,
+        entities: 20,
+        duplicate_ratio: 0.0,
+        out_of_order_ratio: 0.0,
+        delete_ratio: 0.0,
+        data_bytes: 16,
+        seed,
+        prefix: prefix.to_string(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_record_lands_in_the_dead_letter_topic_unchanged() {
+    let topic = unique("poison");
+    create_topic(&topic, 2).await;
+    let good = good(&topic, 600, 5);
+    let (model, _) = oracle(&good);
+    let oversize = format!(
+        r#"{{"id":"big","entity":"e","seq":1,"data":{{"x":"{}"}}}}"#,
+        "y".repeat(3000)
+    );
+    // The first good record's id reused with another payload: a conflict.
+    let first: serde_json::Value = serde_json::from_slice(&good[0].value).unwrap();
+    let conflict = format!(
+        r#"{{"id":{},"entity":{},"seq":999999,"data":{{"other":"payload"}}}}"#,
+        first["id"], first["entity"]
+    );
+    let bad: Vec<(&[u8], &str)> = vec![
+        (b"{\"id\":\"x\",\"entity\":\"e\",\"seq\":1", "not_json"),
+        (b"\xff\xfe\xfd binary garbage \x00\x01", "not_utf8"),
+        (b"[1,2,3]", "not_object"),
+        (b"42", "not_object"),
+        (br#"{"entity":"e","seq":1}"#, "missing_field"),
+        (br#"{"id":"x","seq":1}"#, "missing_field"),
+        (br#"{"id":"x","entity":"e"}"#, "missing_field"),
+        (br#"{"id":"","entity":"e","seq":1}"#, "empty_field"),
+        (br#"{"id":"x","entity":"","seq":1}"#, "empty_field"),
+        (br#"{"id":7,"entity":"e","seq":1}"#, "wrong_type"),
+        (br#"{"id":"x","entity":["e"],"seq":1}"#, "wrong_type"),
+        (br#"{"id":"x","entity":"e","seq":"12"}"#, "wrong_type"),
+        (
+            br#"{"id":"x","entity":"e","seq":1,"data":[1]}"#,
+            "wrong_type",
+        ),
+        (
+            br#"{"id":"x","entity":"e","seq":1,"type":false}"#,
+            "wrong_type",
+        ),
+        (br#"{"id":"x","entity":"e","seq":-3}"#, "seq_out_of_range"),
+        (
+            br#"{"id":"x","entity":"e","seq":99999999999999999999}"#,
+            "seq_out_of_range",
+        ),
+        (br#"{"id":"x","entity":"e","seq":1.5}"#, "seq_out_of_range"),
+        (
+            br#"{"id":"x","entity":"e","seq":1,"ts":"yesterday"}"#,
+            "bad_timestamp",
+        ),
+        (b"", "not_json"),
+        (oversize.as_bytes(), "too_large"),
+        (conflict.as_bytes(), "conflict"),
+    ];
+    let mut raw: Vec<RawRecord<'_>> = Vec::new();
+    let mut expected = Vec::new();
+    for (i, r) in good.iter().enumerate() {
+        raw.push((Some(r.key.as_bytes()), Some(&r.value)));
+        if i % 25 == 10 && expected.len() < bad.len() {
+            let (value, reason) = bad[expected.len()];
+            // The conflict must follow the original in its partition: same key.
+            let key = if reason == "conflict" {
+                &good[0].key
+            } else {
+                &r.key
+            };
+            raw.push((Some(key.as_bytes()), Some(value)));
+            expected.push((key.clone(), value.to_vec(), reason));
+        }
+    }
+    assert_eq!(
+        expected.len(),
+        bad.len(),
+        "every kind of bad record is produced"
+    );
+    raw.push((Some(b"tombstone"), None));
+    expected.push(("tombstone".into(), Vec::new(), "empty_value"));
+    let positions = produce_raw(&topic, &raw).await;
+
+    let idem =
+        Idem::spawn(&IdemOpts::new(&topic, &topic, &topic).with("IDEM__EVENT__MAX_BYTES", "2048"));
+    wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
+    assert_eq!(
+        idem.outcome(&topic, Outcome::Applied).await,
+        good.len() as u64
+    );
+    assert_eq!(
+        idem.outcome(&topic, Outcome::Invalid).await,
+        bad.len() as u64
+    ); // conflict counted apart, tombstone added
+    assert_eq!(idem.outcome(&topic, Outcome::Conflict).await, 1);
+    assert_matches_oracle(&redis_url(), &topic, &model).await;
+
+    let letters = dead_letters(&topic).await;
+    assert_eq!(letters.len(), expected.len());
+    for (key, value, reason) in &expected {
+        let found = letters
+            .iter()
+            .find(|l| {
+                l.key.as_deref() == Some(key.as_bytes())
+                    && l.value.clone().unwrap_or_default() == *value
+            })
+            .unwrap_or_else(|| panic!("no dead letter for a {reason} record"));
+        assert_eq!(
+            found.reason(),
+            *reason,
+            "value {:?}",
+            String::from_utf8_lossy(value)
+        );
+        assert_eq!(found.header("idem.original.topic"), Some(topic.as_str()));
+        assert_eq!(found.header("idem.consumer.group"), Some(topic.as_str()));
+        assert!(found.header("idem.message").is_some_and(|m| !m.is_empty()));
+        let (p, o) = (
+            found
+                .header("idem.original.partition")
+                .unwrap()
+                .parse::<i32>()
+                .unwrap(),
+            found
+                .header("idem.original.offset")
+                .unwrap()
+                .parse::<i64>()
+                .unwrap(),
+        );
+        let index = positions
+            .iter()
+            .position(|pos| *pos == (p, o))
+            .expect("the original position exists");
+        assert_eq!(
+            raw[index].1.unwrap_or_default(),
+            value.as_slice(),
+            "dead letter bytes are the original bytes"
+        );
+    }
+    let conflict_letter = letters.iter().find(|l| l.reason() == "conflict").unwrap();
+    assert!(conflict_letter.header("idem.fingerprint").is_some());
+    assert!(conflict_letter
+        .header("idem.remembered.fingerprint")
+        .is_some());
+    idem.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_dead_letter_topic_holds_the_commit_until_it_returns() {
+    let topic = unique("nodlq");
+    create_topic_without_dlq(&topic, 1).await;
+    let good = good(&topic, 300, 6);
+    let mut raw: Vec<RawRecord<'_>> = good[..100]
+        .iter()
+        .map(|r| (Some(r.key.as_bytes()), Some(r.value.as_slice())))
+        .collect();
+    raw.push((Some(b"k"), Some(b"not json")));
+    let bad_offset = 100i64;
+    raw.extend(
+        good[100..]
+            .iter()
+            .map(|r| (Some(r.key.as_bytes()), Some(r.value.as_slice()))),
+    );
+    produce_raw(&topic, &raw).await;
+
+    let idem =
+        Idem::spawn(&IdemOpts::new(&topic, &topic, &topic).with("IDEM__DLQ__SEND_TIMEOUT", "1s"));
+    wait_until(
+        "the dead-letter write failed and was retried",
+        CATCH_UP,
+        || async {
+            idem.counter("idem_retries_total", &[("cause", "dead_letter")])
+                .await
+                .unwrap_or(0)
+                >= 2
+        },
+    )
+    .await;
+    let held = committed(&topic, &topic, 1).await[0];
+    assert!(
+        held <= bad_offset,
+        "committed {held} passed the undelivered dead letter at {bad_offset}"
+    );
+
+    create_topic(&topic, 1).await; // creates the missing .dlq
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+    let letters = dead_letters(&topic).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].value.as_deref(), Some(&b"not json"[..]));
+    let (model, _) = oracle(&good);
+    assert_matches_oracle(&redis_url(), &topic, &model).await;
+    idem.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redrive_after_a_fix_applies_each_intent_once() {
+    let topic = unique("redrive");
+    create_topic(&topic, 2).await;
+    // A "bug": max_bytes too small rejects the larger events as too_large.
+    let records = generate(&SampleSpec {
+        events: 400,
+        entities: 20,
+        // No copies: a copy of an enlarged record would be a conflict.
+        duplicate_ratio: 0.0,
+        out_of_order_ratio: 0.05,
+        delete_ratio: 0.0,
+        data_bytes: 16,
+        seed: 8,
+        prefix: topic.clone(),
+    });
+    let mut records = records;
+    for (i, r) in records.iter_mut().enumerate() {
+        if i % 3 == 0 {
+            let mut v: serde_json::Value = serde_json::from_slice(&r.value).unwrap();
+            v["data"]["blob"] = serde_json::Value::String("z".repeat(400));
+            r.value = serde_json::to_vec(&v).unwrap();
+        }
+    }
+    produce(&topic, &records).await;
+    let buggy = IdemOpts::new(&topic, &topic, &topic).with("IDEM__EVENT__MAX_BYTES", "300");
+    let idem = Idem::spawn(&buggy);
+    wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
+    let rejected = idem.outcome(&topic, Outcome::Invalid).await;
+    assert!(rejected > 100, "{rejected}");
+    idem.terminate().await;
+
+    // The fix: the default max_bytes. Re-drive twice (an operator repeating
+    // the command must be harmless), then consume.
+    let fixed = IdemOpts::new(&topic, &topic, &topic);
+    for _ in 0..2 {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
+            .args([
+                "dlq",
+                "redrive",
+                "--reason",
+                "too_large",
+                "--topic",
+                &format!("{topic}.dlq"),
+            ])
+            .env("IDEM__KAFKA__BROKERS", brokers())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout)
+            .contains(&format!("re-published {rejected} to {topic}")));
+    }
+    let idem = Idem::spawn(&fixed);
+    wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
+    // The oracle applies the records in one pass; the redriven ones arrive
+    // later, so only entities' final state and counts under "each intent at
+    // most once, none lost" can be compared: every id must be applied or stale once.
+    let (model, _) = oracle(&records);
+    let views = read_entities(&redis_url(), &topic, model.entities.keys()).await;
+    let applied_total: u64 = views.values().map(|v| v.applied).sum();
+    let oracle_max: u64 = model.entities.values().map(|e| e.applied).sum();
+    assert!(
+        applied_total <= oracle_max,
+        "an intent was applied twice: {applied_total} > {oracle_max}"
+    );
+    for (entity, want) in &model.entities {
+        assert_eq!(
+            views[entity].seq, want.seq,
+            "{entity}: the newest event is applied"
+        );
+    }
+    assert_eq!(
+        idem.outcome(&topic, Outcome::Invalid).await,
+        0,
+        "after the fix nothing is rejected"
+    );
+    // The second copy of each re-driven record is a duplicate of the first.
+    assert_eq!(idem.outcome(&topic, Outcome::Duplicate).await, rejected);
+    assert_eq!(
+        idem.outcome(&topic, Outcome::Applied).await + idem.outcome(&topic, Outcome::Stale).await,
+        rejected,
+        "each re-driven intent is decided once"
+    );
+    idem.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_flood_stops_consumption_and_says_why() {
+    let topic = unique("flood");
+    create_topic(&topic, 1).await;
+    let raw: Vec<RawRecord<'_>> = (0..400)
+        .map(|_| (Some(&b"k"[..]), Some(&b"garbage"[..])))
+        .collect();
+    produce_raw(&topic, &raw).await;
+    let idem = Idem::spawn(
+        &IdemOpts::new(&topic, &topic, &topic)
+            .with("IDEM__DLQ__RATIO_WINDOW", "100")
+            .with("IDEM__PIPELINE__BATCH_MAX_EVENTS", "50")
+            .with("IDEM__DLQ__MAX_RATIO", "0.5"),
+    );
+    wait_until("/readyz reports the stop", CATCH_UP, || async {
+        http_get(idem.metrics_port, "/readyz")
+            .await
+            .is_some_and(|b| b.contains("dead-letter ratio"))
+    })
+    .await;
+    assert_eq!(idem.counter("idem_paused", &[]).await, Some(1));
+    // What was dead-lettered is committed (the last commit may take one
+    // commit interval), and nothing more.
+    wait_until(
+        "the commit reaches the last dead letter",
+        CATCH_UP,
+        || async {
+            committed(&topic, &topic, 1).await[0] == dead_letters(&topic).await.len() as i64
+        },
+    )
+    .await;
+    let dead = dead_letters(&topic).await.len();
+    assert!(
+        (100..2000).contains(&dead),
+        "stopped after the budget, not at the end: {dead} dead letters"
+    );
+    idem.terminate().await;
+}
