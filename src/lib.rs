@@ -10,7 +10,7 @@
 //! - [`offsets`]: per-partition done offsets and the contiguous commit point.
 //! - [`pipeline`]: the Kafka loop: fetch, decode, guard, mark done, store offsets.
 //! - [`kafka`], [`store`]: the Kafka and Redis edges; [`topics`]: topics as code;
-//!   [`group`]: a group's members and lag.
+//!   [`group`]: a group's members and lag; [`replay`] and [`reconcile`]: operating on a topic's history.
 //! - [`metrics`]: Prometheus names and the `/metrics` endpoint; [`sample`]: a test-data generator;
 //!   [`bench`]: the benchmark and its baselines.
 
@@ -26,6 +26,9 @@ pub mod metrics;
 pub mod model;
 pub mod offsets;
 pub mod pipeline;
+pub mod reconcile;
+pub mod replay;
 pub mod sample;
 pub mod store;
+pub mod topic_reader;
 pub mod topics;

@@ -11,6 +11,8 @@ use crate::config::{Config, LogFormat};
 pub mod bench;
 pub mod dlq;
 pub mod inspect;
+pub mod reconcile;
+pub mod replay;
 pub mod run;
 pub mod sample;
 pub mod topics;
@@ -42,6 +44,8 @@ pub enum Command {
     Sample(sample::SampleArgs),
     Bench(bench::BenchArgs),
     Dlq(dlq::DlqArgs),
+    Replay(replay::ReplayArgs),
+    Reconcile(reconcile::ReconcileArgs),
 }
 
 /// Loads config, starts logging and runs the chosen command.
@@ -74,6 +78,8 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Sample(args) => sample::run(args, config).await,
             Command::Bench(args) => bench::run(args, config).await,
             Command::Dlq(args) => dlq::run(args, config).await,
+            Command::Replay(args) => replay::run(args, config).await,
+            Command::Reconcile(args) => reconcile::run(args, config).await,
         }
     });
     match result {

@@ -8,34 +8,17 @@ use std::time::Duration;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{DeliveryResult, Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use super::header;
-
-const TIMEOUT: Duration = Duration::from_secs(15);
+use crate::topic_reader::{read_topic, TopicRecord};
 
 /// A dead-letter record as read back.
-#[derive(Debug, Clone)]
-pub struct DlqRecord {
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
-}
+pub type DlqRecord = TopicRecord;
 
 impl DlqRecord {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
-    }
-
     pub fn reason(&self) -> &str {
         self.header(header::REASON).unwrap_or("unknown")
     }
@@ -48,61 +31,9 @@ impl DlqRecord {
     }
 }
 
-/// Calls `each` for every record of `topic` from its start to its current end.
-/// Blocking: run it off the async runtime.
-pub fn read_all(
-    brokers: &str,
-    topic: &str,
-    mut each: impl FnMut(DlqRecord),
-) -> anyhow::Result<u64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "idem-dlq-reader")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()?;
-    let md = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
-    let Some(t) = md.topics().first().filter(|t| t.error().is_none()) else {
-        anyhow::bail!("dead-letter topic {topic} does not exist");
-    };
-    let mut ends = BTreeMap::new();
-    let mut tpl = TopicPartitionList::new();
-    for p in t.partitions() {
-        let (low, high) = consumer.fetch_watermarks(topic, p.id(), TIMEOUT)?;
-        if high > low {
-            ends.insert(p.id(), high);
-            tpl.add_partition_offset(topic, p.id(), Offset::Offset(low))?;
-        }
-    }
-    consumer.assign(&tpl)?;
-    let mut read = 0u64;
-    while !ends.is_empty() {
-        let Some(m) = consumer.poll(TIMEOUT) else {
-            anyhow::bail!("no record from {topic} within {TIMEOUT:?} though {} partitions are not read to their end", ends.len());
-        };
-        let m = m?;
-        let headers = m
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let (partition, offset) = (m.partition(), m.offset());
-        each(DlqRecord {
-            partition,
-            offset,
-            key: m.key().map(<[u8]>::to_vec),
-            value: m.payload().map(<[u8]>::to_vec),
-            headers,
-        });
-        read += 1;
-        if ends.get(&partition).is_some_and(|end| offset + 1 >= *end) {
-            ends.remove(&partition);
-        }
-    }
-    Ok(read)
+/// Calls `each` for every record of the dead-letter `topic`. Blocking.
+pub fn read_all(brokers: &str, topic: &str, each: impl FnMut(DlqRecord)) -> anyhow::Result<u64> {
+    read_topic(brokers, topic, each, |_| {})
 }
 
 /// What `idem dlq inspect` reports.

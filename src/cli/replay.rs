@@ -1,0 +1,170 @@
+//! `idem replay`: move a group's offsets back to read a topic again.
+
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::config::{parse_duration, Config};
+use crate::replay::{self, ReplayTarget};
+
+/// Move a consumer group's committed offsets back, so its next run reads a
+/// topic again. Dry run by default: prints, per partition, the current and new
+/// offset and how many records will be read again; --execute applies it.
+/// Refuses while the group has active members.
+///
+/// Replaying is safe for the state: already-applied events come back as
+/// duplicates (inside the dedupe window) or stale (after it).
+///
+/// Examples:
+///   idem replay --topic orders --to-earliest
+///   idem replay --topic orders --since 2h --execute
+///   idem replay --topic orders --to-timestamp 2026-11-26T08:00:00Z --partition 3
+///   idem replay --topic orders --to-offset 0:1200,1:980 --execute
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["to_earliest", "since", "to_timestamp", "to_offset"])))]
+pub struct ReplayArgs {
+    /// Topic to replay (default: the first of kafka.topics).
+    #[arg(long)]
+    topic: Option<String>,
+    /// Consumer group (default: kafka.group_id).
+    #[arg(long)]
+    group: Option<String>,
+    /// Only these partitions (repeat the flag); default: all.
+    #[arg(long = "partition")]
+    partitions: Vec<i32>,
+    /// Back to the start of the log.
+    #[arg(long)]
+    to_earliest: bool,
+    /// Back to the first record newer than this long ago, e.g. 30m, 2h, 7d.
+    #[arg(long)]
+    since: Option<String>,
+    /// Back to the first record at or after this RFC 3339 time, or ms since the epoch.
+    #[arg(long)]
+    to_timestamp: Option<String>,
+    /// Explicit offsets: PARTITION:OFFSET[,PARTITION:OFFSET…].
+    #[arg(long)]
+    to_offset: Option<String>,
+    /// Apply the plan (default: only show it).
+    #[arg(long)]
+    execute: bool,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(args: ReplayArgs, config: Config) -> anyhow::Result<ExitCode> {
+    let topic = args.topic.unwrap_or_else(|| config.kafka.topics[0].clone());
+    let group = args.group.unwrap_or_else(|| config.kafka.group_id.clone());
+    let target = if args.to_earliest {
+        ReplayTarget::Earliest
+    } else if let Some(since) = &args.since {
+        let d = parse_duration(since).ok_or_else(|| {
+            anyhow::anyhow!("--since {since:?}: expected a duration like 30m, 2h or 7d")
+        })?;
+        ReplayTarget::Timestamp(now_ms() - d.as_millis() as i64)
+    } else if let Some(ts) = &args.to_timestamp {
+        ReplayTarget::Timestamp(parse_timestamp(ts)?)
+    } else {
+        let text = args.to_offset.as_deref().unwrap_or_default();
+        ReplayTarget::Offsets(
+            replay::parse_offsets(text).map_err(|e| anyhow::anyhow!("--to-offset: {e}"))?,
+        )
+    };
+    let brokers = config.kafka.brokers.clone();
+    let partitions = (!args.partitions.is_empty()).then_some(args.partitions);
+    let plan = tokio::task::spawn_blocking({
+        let (brokers, group, topic) = (brokers.clone(), group.clone(), topic.clone());
+        move || replay::plan(&brokers, &group, &topic, partitions.as_deref(), &target)
+    })
+    .await??;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+    } else {
+        println!("group {group}, topic {topic}");
+        println!(
+            "{:>9} {:>12} {:>12} {:>12} {:>12}",
+            "partition", "current", "new", "end", "re-read"
+        );
+        for r in &plan.rows {
+            let current = r.current.map_or("-".to_string(), |c| c.to_string());
+            println!(
+                "{:>9} {:>12} {:>12} {:>12} {:>12}",
+                r.partition, current, r.new, r.end, r.reread
+            );
+        }
+        println!("{} records will be read again", plan.total_reread);
+    }
+    if let Err(e) = replay::refuse_if_active(&group, &plan.members) {
+        eprintln!("error: {e}");
+        return Ok(ExitCode::FAILURE);
+    }
+    if !args.execute {
+        eprintln!("dry run: nothing changed; add --execute to apply");
+        return Ok(ExitCode::SUCCESS);
+    }
+    tokio::task::spawn_blocking(move || replay::execute(&brokers, &plan)).await??;
+    eprintln!("offsets moved; the group's next run replays from there");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// RFC 3339 (UTC offsets) or ms since the epoch.
+fn parse_timestamp(text: &str) -> anyhow::Result<i64> {
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(ms);
+    }
+    anyhow::ensure!(
+        crate::event::is_rfc3339(text),
+        "--to-timestamp {text:?}: expected RFC 3339 (2026-11-26T08:00:00Z) or ms since the epoch"
+    );
+    let n = |r: std::ops::Range<usize>| text[r].parse::<i64>().unwrap_or(0);
+    let (y, mo, d, h, mi, s) = (n(0..4), n(5..7), n(8..10), n(11..13), n(14..16), n(17..19));
+    // Days from civil (Howard Hinnant's algorithm).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * (mo + if mo > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let mut ms = ((days * 24 + h) * 60 + mi) * 60_000 + s * 1000;
+    let tail = &text[19..];
+    let zone = tail.trim_start_matches(|c: char| c == '.' || c.is_ascii_digit());
+    if let Some(frac) = tail.strip_prefix('.') {
+        let digits: String = frac
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .take(3)
+            .collect();
+        ms += format!("{digits:0<3}").parse::<i64>().unwrap_or(0);
+    }
+    if zone.len() == 6 {
+        let sign = if zone.starts_with('-') { 1 } else { -1 };
+        ms += sign * (zone[1..3].parse::<i64>()? * 60 + zone[4..6].parse::<i64>()?) * 60_000;
+    }
+    Ok(ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_parse() {
+        assert_eq!(parse_timestamp("1970-01-01T00:00:00Z").unwrap(), 0);
+        assert_eq!(
+            parse_timestamp("2026-11-26T08:00:00Z").unwrap(),
+            1_795_680_000_000
+        );
+        assert_eq!(
+            parse_timestamp("2026-11-26T09:00:00.250+01:00").unwrap(),
+            1_795_680_000_250
+        );
+        assert_eq!(parse_timestamp("12345").unwrap(), 12345);
+        assert!(parse_timestamp("yesterday").is_err());
+    }
+}

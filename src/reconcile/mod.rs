@@ -1,0 +1,297 @@
+//! `idem reconcile`: does Redis still agree with the log?
+//!
+//! Reads a topic from its start with a throwaway consumer (never the live
+//! group), computes every entity's expected final state with the same rules
+//! as the guard (`crate::model`), and compares with Redis.
+//!
+//! The comparison assumes the topic still holds every event of the entities
+//! it mentions (retention): an entity whose early events were deleted by
+//! retention shows up as "state differs" or "seq ahead".
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::event::decode_record;
+use crate::model::{EntityModel, Model};
+use crate::store::{self, EntityView, KeyLayout, StoreError};
+use crate::topic_reader::read_topic;
+
+const REPAIR: &str = include_str!("repair.lua");
+
+/// How Redis differs from the log for one entity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DivergenceKind {
+    /// The log has the entity; Redis has nothing.
+    MissingEntity,
+    /// Redis's seq is older than the log's newest applied event.
+    SeqBehind,
+    /// Redis's seq is newer than anything in the log.
+    SeqAhead,
+    /// Same seq, different state (or tombstone).
+    StateDiffers,
+    /// Redis has an entity the log never mentions.
+    EntityNotInLog,
+}
+
+/// One diverged entity.
+#[derive(Debug, Clone, Serialize)]
+pub struct Divergence {
+    pub entity: String,
+    pub kind: DivergenceKind,
+    pub redis_seq: Option<u64>,
+    pub log_seq: Option<u64>,
+    /// Whether --repair rewrote it.
+    pub repaired: bool,
+}
+
+/// The JSON report.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReconcileReport {
+    pub topic: String,
+    pub key_prefix: String,
+    pub records_read: u64,
+    pub invalid_records: u64,
+    pub entities_in_log: usize,
+    pub by_kind: BTreeMap<DivergenceKind, usize>,
+    pub divergences: Vec<Divergence>,
+}
+
+impl ReconcileReport {
+    pub fn is_clean(&self) -> bool {
+        self.divergences.iter().all(|d| d.repaired)
+    }
+}
+
+/// Compares one entity.
+///
+/// | Redis                    | log (model)            | result          |
+/// |--------------------------|------------------------|-----------------|
+/// | nothing                  | seq 5                  | missing_entity  |
+/// | seq 3                    | seq 5                  | seq_behind      |
+/// | seq 7                    | seq 5                  | seq_ahead       |
+/// | seq 5, other state       | seq 5                  | state_differs   |
+/// | seq 5, same state        | seq 5                  | none            |
+pub fn compare(model: &EntityModel, view: &EntityView) -> Option<DivergenceKind> {
+    if !view.exists {
+        return Some(DivergenceKind::MissingEntity);
+    }
+    match (view.seq, model.seq) {
+        (Some(r), Some(l)) if r < l => Some(DivergenceKind::SeqBehind),
+        (None, Some(_)) => Some(DivergenceKind::SeqBehind),
+        (Some(r), Some(l)) if r > l => Some(DivergenceKind::SeqAhead),
+        _ if view.state != model.state || view.deleted != model.deleted => {
+            Some(DivergenceKind::StateDiffers)
+        }
+        _ => None,
+    }
+}
+
+/// Options of one reconcile run.
+pub struct ReconcileOptions {
+    pub topic: String,
+    /// Rewrite missing, behind and differing entities (never lowering a seq).
+    pub repair: bool,
+    /// With `repair`: also delete entities that are not in the log.
+    pub delete_extra: bool,
+}
+
+/// Runs a reconcile; `progress` gets human-readable progress lines.
+pub async fn reconcile(
+    config: &Config,
+    opts: &ReconcileOptions,
+    progress: impl Fn(String) + Send + Sync + 'static,
+) -> anyhow::Result<ReconcileReport> {
+    let progress = std::sync::Arc::new(progress);
+    let (brokers, topic, event_cfg) = (
+        config.kafka.brokers.clone(),
+        opts.topic.clone(),
+        config.event.clone(),
+    );
+    let p = progress.clone();
+    let (model, read, invalid) = tokio::task::spawn_blocking(move || {
+        let mut model = Model::default();
+        let mut invalid = 0u64;
+        let read = read_topic(
+            &brokers,
+            &topic,
+            |r| match decode_record(r.value.as_deref(), &r.header_refs(), &event_cfg) {
+                Ok(e) => {
+                    model.apply(&e);
+                }
+                Err(_) => invalid += 1,
+            },
+            |n| p(format!("read {n} records")),
+        )?;
+        anyhow::Ok((model, read, invalid))
+    })
+    .await??;
+    progress(format!(
+        "read {read} records ({invalid} invalid), {} entities; comparing with Redis",
+        model.entities.len()
+    ));
+
+    let mut conn = store::connect(&config.redis).await?;
+    let layout = KeyLayout::new(&config.redis.key_prefix);
+    let mut divergences = Vec::new();
+    for (i, (entity, want)) in model.entities.iter().enumerate() {
+        let view = store::read_entity(&mut conn, &layout, entity).await?;
+        if let Some(kind) = compare(want, &view) {
+            let mut repaired = false;
+            if opts.repair && kind != DivergenceKind::SeqAhead {
+                repaired = repair(&mut conn, &layout, entity, want).await?;
+            }
+            divergences.push(Divergence {
+                entity: entity.clone(),
+                kind,
+                redis_seq: view.seq,
+                log_seq: want.seq,
+                repaired,
+            });
+        }
+        if (i + 1) % 10_000 == 0 {
+            progress(format!(
+                "compared {} / {} entities",
+                i + 1,
+                model.entities.len()
+            ));
+        }
+    }
+    let in_log: BTreeSet<&String> = model.entities.keys().collect();
+    for entity in entities_in_redis(&mut conn, &layout).await? {
+        if !in_log.contains(&entity) {
+            let view = store::read_entity(&mut conn, &layout, &entity).await?;
+            let mut repaired = false;
+            if opts.repair && opts.delete_extra {
+                let base = layout.entity_base(&entity);
+                let _: i64 = redis::cmd("DEL")
+                    .arg(format!("{base}:state"))
+                    .arg(format!("{base}:meta"))
+                    .query_async(&mut conn)
+                    .await?;
+                repaired = true;
+            }
+            divergences.push(Divergence {
+                entity,
+                kind: DivergenceKind::EntityNotInLog,
+                redis_seq: view.seq,
+                log_seq: None,
+                repaired,
+            });
+        }
+    }
+    let mut by_kind = BTreeMap::new();
+    for d in &divergences {
+        *by_kind.entry(d.kind).or_insert(0) += 1;
+    }
+    Ok(ReconcileReport {
+        topic: opts.topic.clone(),
+        key_prefix: config.redis.key_prefix.clone(),
+        records_read: read,
+        invalid_records: invalid,
+        entities_in_log: model.entities.len(),
+        by_kind,
+        divergences,
+    })
+}
+
+async fn repair(
+    conn: &mut redis::aio::ConnectionManager,
+    layout: &KeyLayout,
+    entity: &str,
+    want: &EntityModel,
+) -> Result<bool, StoreError> {
+    let script = redis::Script::new(REPAIR);
+    let mut inv = script.key(layout.entity_base(entity));
+    inv.arg(want.seq.unwrap_or(0))
+        .arg(want.last_id.clone().unwrap_or_default())
+        .arg(want.applied)
+        .arg(if want.deleted { "1" } else { "0" })
+        .arg(want.state.len());
+    for (k, v) in &want.state {
+        inv.arg(k).arg(v);
+    }
+    let written: i64 = inv.invoke_async(conn).await?;
+    Ok(written == 1)
+}
+
+/// Entities that have a meta hash under the prefix.
+async fn entities_in_redis(
+    conn: &mut redis::aio::ConnectionManager,
+    layout: &KeyLayout,
+) -> Result<Vec<String>, StoreError> {
+    let pattern = layout.entity_base("*") + ":meta";
+    let mut cursor: u64 = 0;
+    let mut out = Vec::new();
+    let prefix_len = layout.entity_base("").len() - 1; // "<prefix>:{"
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        for k in keys {
+            if let Some(entity) = k.get(prefix_len..k.len() - "}:meta".len()) {
+                out.push(entity.to_string());
+            }
+        }
+        if next == 0 {
+            return Ok(out);
+        }
+        cursor = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(exists: bool, seq: Option<u64>, state: &[(&str, &str)]) -> EntityView {
+        EntityView {
+            entity: "e".into(),
+            exists,
+            deleted: false,
+            seq,
+            last_id: None,
+            fingerprint: None,
+            applied: 0,
+            updated_ms: None,
+            state: state
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn compare_by_table() {
+        let model = EntityModel {
+            seq: Some(5),
+            state: [("a".to_string(), "1".to_string())].into(),
+            ..EntityModel::default()
+        };
+        use DivergenceKind::*;
+        assert_eq!(
+            compare(&model, &view(false, None, &[])),
+            Some(MissingEntity)
+        );
+        assert_eq!(
+            compare(&model, &view(true, Some(3), &[("a", "1")])),
+            Some(SeqBehind)
+        );
+        assert_eq!(
+            compare(&model, &view(true, Some(7), &[("a", "1")])),
+            Some(SeqAhead)
+        );
+        assert_eq!(
+            compare(&model, &view(true, Some(5), &[("a", "2")])),
+            Some(StateDiffers)
+        );
+        assert_eq!(compare(&model, &view(true, Some(5), &[("a", "1")])), None);
+    }
+}

@@ -1,0 +1,242 @@
+//! Moving a consumer group's committed offsets back, to replay a topic.
+//!
+//! Guarantee: offsets are only moved while the group has no active member
+//! (otherwise its members would overwrite them, or fight over them); the
+//! plan is shown first and applied only on request. Replaying is safe for
+//! the state: the guard turns every already-applied event into `duplicate`
+//! (inside the window) or `stale` (after it).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+
+use crate::group::{group_status, GroupStatus, Member};
+
+const TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Where to move the offsets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplayTarget {
+    Earliest,
+    /// The first offset at or after this time (ms since the epoch).
+    Timestamp(i64),
+    /// Explicit offsets per partition.
+    Offsets(BTreeMap<i32, i64>),
+}
+
+/// One partition's move.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PlanRow {
+    pub partition: i32,
+    pub current: Option<i64>,
+    pub new: i64,
+    pub end: i64,
+    /// Records that will be read again (or skipped, if negative).
+    pub reread: i64,
+}
+
+/// What `idem replay` would do.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayPlan {
+    pub group: String,
+    pub topic: String,
+    pub rows: Vec<PlanRow>,
+    pub total_reread: i64,
+    #[serde(skip)]
+    pub members: Vec<Member>,
+}
+
+/// The new offset of one partition, clamped to what the log holds.
+///
+/// | target | log start | end | current | new |
+/// |--------|-----------|-----|---------|-----|
+/// | 0 (earliest) | 100 | 500 | 400 | 100 |
+/// | 700    | 100       | 500 | 400     | 500 |
+/// | 50     | 100       | 500 | None    | 100 |
+pub fn plan_row(
+    partition: i32,
+    wanted: i64,
+    log_start: i64,
+    end: i64,
+    current: Option<i64>,
+) -> PlanRow {
+    let new = wanted.clamp(log_start, end);
+    let from = current.unwrap_or(end).clamp(log_start, end);
+    PlanRow {
+        partition,
+        current,
+        new,
+        end,
+        reread: from - new,
+    }
+}
+
+/// Computes the plan for `topic` (optionally only `partitions`). Blocking.
+pub fn plan(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    partitions: Option<&[i32]>,
+    target: &ReplayTarget,
+) -> anyhow::Result<ReplayPlan> {
+    let status: GroupStatus = group_status(brokers, group, &[topic.to_string()])?;
+    let selected: Vec<_> = status
+        .partitions
+        .iter()
+        .filter(|p| partitions.is_none_or(|ps| ps.contains(&p.partition)))
+        .collect();
+    if let Some(ps) = partitions {
+        for p in ps {
+            anyhow::ensure!(
+                selected.iter().any(|s| s.partition == *p),
+                "topic {topic} has no partition {p}"
+            );
+        }
+    }
+    let wanted: BTreeMap<i32, i64> = match target {
+        ReplayTarget::Earliest => selected
+            .iter()
+            .map(|p| (p.partition, p.log_start))
+            .collect(),
+        ReplayTarget::Offsets(map) => {
+            for p in map.keys() {
+                anyhow::ensure!(
+                    selected.iter().any(|s| s.partition == *p),
+                    "--to-offset names partition {p}, which is not selected or does not exist"
+                );
+            }
+            map.clone()
+        }
+        ReplayTarget::Timestamp(ms) => {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", brokers)
+                .create()?;
+            let mut tpl = TopicPartitionList::new();
+            for p in &selected {
+                tpl.add_partition_offset(topic, p.partition, Offset::Offset(*ms))?;
+            }
+            let found = consumer.offsets_for_times(tpl, TIMEOUT)?;
+            selected
+                .iter()
+                .map(|p| {
+                    let o = match found.find_partition(topic, p.partition).map(|e| e.offset()) {
+                        Some(Offset::Offset(o)) => o,
+                        // No record at or after that time: nothing to replay.
+                        _ => p.end,
+                    };
+                    (p.partition, o)
+                })
+                .collect()
+        }
+    };
+    let rows: Vec<PlanRow> = selected
+        .iter()
+        .filter_map(|p| {
+            wanted
+                .get(&p.partition)
+                .map(|w| plan_row(p.partition, *w, p.log_start, p.end, p.committed))
+        })
+        .collect();
+    Ok(ReplayPlan {
+        group: group.to_string(),
+        topic: topic.to_string(),
+        total_reread: rows.iter().map(|r| r.reread.max(0)).sum(),
+        rows,
+        members: status.members,
+    })
+}
+
+/// Commits the plan's offsets for the group, refusing while it has members. Blocking.
+pub fn execute(brokers: &str, plan: &ReplayPlan) -> anyhow::Result<()> {
+    // Check again right before committing: someone may have started meanwhile.
+    let status = group_status(brokers, &plan.group, std::slice::from_ref(&plan.topic))?;
+    refuse_if_active(&plan.group, &status.members)?;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", &plan.group)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for r in &plan.rows {
+        tpl.add_partition_offset(&plan.topic, r.partition, Offset::Offset(r.new))?;
+    }
+    consumer.commit(&tpl, CommitMode::Sync).map_err(|e| {
+        anyhow::anyhow!(
+            "committing the new offsets for group {} failed: {e}",
+            plan.group
+        )
+    })?;
+    Ok(())
+}
+
+/// An error naming the active members and how to stop them.
+pub fn refuse_if_active(group: &str, members: &[Member]) -> anyhow::Result<()> {
+    if members.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = members
+        .iter()
+        .map(|m| format!("{} on {} (member {})", m.client_id, m.host, m.member_id))
+        .collect();
+    anyhow::bail!(
+        "group {group} has {} active member(s): {}. Stop every idem instance of this group first \
+         (SIGTERM them, or scale the deployment to 0), wait until `idem inspect group {group}` shows \
+         no members, then run the replay again",
+        members.len(),
+        names.join(", ")
+    )
+}
+
+/// Parses `P:O,P:O` into explicit offsets.
+pub fn parse_offsets(text: &str) -> Result<BTreeMap<i32, i64>, String> {
+    text.split(',')
+        .map(|pair| {
+            let (p, o) = pair
+                .split_once(':')
+                .ok_or_else(|| format!("{pair:?} is not PARTITION:OFFSET"))?;
+            let p = p
+                .trim()
+                .parse::<i32>()
+                .map_err(|_| format!("bad partition in {pair:?}"))?;
+            let o = o
+                .trim()
+                .parse::<i64>()
+                .map_err(|_| format!("bad offset in {pair:?}"))?;
+            if p < 0 || o < 0 {
+                return Err(format!(
+                    "{pair:?}: partition and offset must not be negative"
+                ));
+            }
+            Ok((p, o))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_rows_by_table() {
+        assert_eq!(plan_row(0, 0, 100, 500, Some(400)).new, 100);
+        assert_eq!(plan_row(0, 0, 100, 500, Some(400)).reread, 300);
+        assert_eq!(plan_row(1, 700, 100, 500, Some(400)).new, 500);
+        assert_eq!(plan_row(1, 700, 100, 500, Some(400)).reread, -100);
+        let never = plan_row(2, 50, 100, 500, None);
+        assert_eq!((never.new, never.reread), (100, 400));
+    }
+
+    #[test]
+    fn offsets_parse() {
+        assert_eq!(
+            parse_offsets("0:10,3:7").unwrap(),
+            BTreeMap::from([(0, 10), (3, 7)])
+        );
+        assert!(parse_offsets("0=10").is_err());
+        assert!(parse_offsets("0:-1").is_err());
+    }
+}

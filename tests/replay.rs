@@ -1,0 +1,400 @@
+//! Replaying topics, reconciling Redis with the log, and the guard script
+//! held to the pure model on random sequences.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use idem::event::{Event, Op};
+use idem::guard::{Guard, GuardInput};
+use idem::model::{Model, Outcome};
+use idem::sample::{generate, Rng, SampleSpec};
+use idem::store::KeyLayout;
+
+const CATCH_UP: Duration = Duration::from_secs(120);
+
+fn stream(prefix: &str, events: usize, dups: f64, seed: u64) -> Vec<idem::sample::SampleRecord> {
+    generate(&SampleSpec {
+        events,
+        entities: 50,
+        duplicate_ratio: dups,
+        out_of_order_ratio: 0.05,
+        delete_ratio: 0.02,
+        data_bytes: 16,
+        seed,
+        prefix: prefix.to_string(),
+    })
+}
+
+fn idem_cli(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args(args)
+        .env("IDEM__KAFKA__BROKERS", brokers())
+        .env("IDEM__REDIS__URL", redis_url())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn wait_group_empty(group: &str, topic: &str) {
+    let (g, t) = (group.to_string(), topic.to_string());
+    wait_until("the group has no members", CATCH_UP, || {
+        let (g, t) = (g.clone(), t.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                idem::group::group_status(&brokers(), &g, &[t]).unwrap()
+            })
+            .await
+            .unwrap()
+            .members
+            .is_empty()
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_to_earliest_applies_nothing_and_catches_up() {
+    let topic = unique("replay-earliest");
+    create_topic(&topic, 3).await;
+    let records = stream(&topic, 2_000, 0.2, 1);
+    let (model, _) = oracle(&records);
+    produce(&topic, &records).await;
+    let opts = IdemOpts::new(&topic, &topic, &topic);
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 3, CATCH_UP).await;
+    idem.terminate().await;
+    wait_group_empty(&topic, &topic).await;
+
+    let (code, out, _) = idem_cli(&[
+        "replay",
+        "--topic",
+        &topic,
+        "--group",
+        &topic,
+        "--to-earliest",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("{} records will be read again", records.len())),
+        "{out}"
+    );
+    assert_eq!(
+        committed(&topic, &topic, 3).await,
+        end_offsets(&topic, 3).await,
+        "a dry run changes nothing"
+    );
+    let (code, _, err) = idem_cli(&[
+        "replay",
+        "--topic",
+        &topic,
+        "--group",
+        &topic,
+        "--to-earliest",
+        "--execute",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(committed(&topic, &topic, 3).await, vec![0, 0, 0]);
+
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 3, CATCH_UP).await;
+    assert_eq!(idem.outcome(&topic, Outcome::Applied).await, 0);
+    assert_eq!(
+        idem.outcome(&topic, Outcome::Duplicate).await,
+        records.len() as u64
+    );
+    assert_matches_oracle(&redis_url(), &topic, &model).await;
+    let (code, out, _) = idem_cli(&["inspect", "group", &topic, "--topic", &topic]);
+    assert_eq!(code, 0);
+    assert!(out.contains("total lag 0"), "{out}");
+    idem.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_after_the_window_is_all_stale() {
+    let topic = unique("replay-stale");
+    create_topic(&topic, 2).await;
+    let records = stream(&topic, 1_000, 0.0, 2);
+    let (model, _) = oracle(&records);
+    produce(&topic, &records).await;
+    let opts = IdemOpts::new(&topic, &topic, &topic).with("IDEM__DEDUPE__WINDOW", "200ms");
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
+    idem.terminate().await;
+    wait_group_empty(&topic, &topic).await;
+    let mut conn = redis_conn(&redis_url()).await;
+    let pattern = format!("{topic}:{{*}}:ids:*");
+    wait_until(
+        "every remembered id expired",
+        Duration::from_secs(30),
+        || {
+            let (mut conn, pattern) = (conn.clone(), pattern.clone());
+            async move {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(&pattern)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                let mut live = 0;
+                for k in keys {
+                    let exists: bool = redis::cmd("EXISTS")
+                        .arg(&k)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    live += usize::from(exists);
+                }
+                live == 0
+            }
+        },
+    )
+    .await;
+    let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+
+    let (code, _, err) = idem_cli(&[
+        "replay",
+        "--topic",
+        &topic,
+        "--group",
+        &topic,
+        "--to-earliest",
+        "--execute",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
+    assert_eq!(idem.outcome(&topic, Outcome::Applied).await, 0);
+    assert_eq!(
+        idem.outcome(&topic, Outcome::Stale).await,
+        records.len() as u64
+    );
+    assert_matches_oracle(&redis_url(), &topic, &model).await;
+    idem.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_is_refused_while_a_member_runs() {
+    let topic = unique("replay-busy");
+    create_topic(&topic, 2).await;
+    produce(&topic, &stream(&topic, 200, 0.0, 3)).await;
+    let idem = Idem::spawn(&IdemOpts::new(&topic, &topic, &topic));
+    wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
+    let before = committed(&topic, &topic, 2).await;
+    let (code, _, err) = idem_cli(&[
+        "replay",
+        "--topic",
+        &topic,
+        "--group",
+        &topic,
+        "--to-earliest",
+        "--execute",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("1 active member(s)") && err.contains("Stop every idem instance"),
+        "{err}"
+    );
+    assert_eq!(
+        committed(&topic, &topic, 2).await,
+        before,
+        "offsets untouched"
+    );
+    idem.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_finds_each_injected_divergence_and_repair_cleans_it() {
+    let topic = unique("reconcile");
+    create_topic(&topic, 2).await;
+    let records = stream(&topic, 2_000, 0.1, 4);
+    let (model, _) = oracle(&records);
+    produce(&topic, &records).await;
+    let idem = Idem::spawn(&IdemOpts::new(&topic, &topic, &topic));
+    wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
+    idem.terminate().await;
+
+    let live: Vec<&String> = model
+        .entities
+        .iter()
+        .filter(|(_, e)| !e.deleted && e.seq.unwrap_or(0) > 2 && !e.state.is_empty())
+        .map(|(k, _)| k)
+        .collect();
+    let (missing, corrupted, lowered) = (live[0].clone(), live[1].clone(), live[2].clone());
+    let layout = KeyLayout::new(&topic);
+    let mut conn = redis_conn(&redis_url()).await;
+    let extra = "not-in-the-log";
+    let _: () = redis::pipe()
+        .del(layout.state_key(&missing))
+        .del(layout.meta_key(&missing))
+        .hset(layout.state_key(&corrupted), "f0", "corrupted")
+        .hset(layout.meta_key(&lowered), "seq", 1)
+        .hset(layout.meta_key(extra), "seq", 3)
+        .hset(layout.state_key(extra), "x", "1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let report =
+        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{topic}.json"));
+    let run = |extra_args: &[&str]| {
+        let mut args = vec![
+            "reconcile",
+            "--topic",
+            &topic,
+            "--report",
+            report.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra_args);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
+            .args(&args)
+            .env("IDEM__KAFKA__BROKERS", brokers())
+            .env("IDEM__REDIS__URL", redis_url())
+            .env("IDEM__REDIS__KEY_PREFIX", &topic)
+            .output()
+            .unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        (out.status.code(), json)
+    };
+    let (code, json) = run(&[]);
+    assert_eq!(code, Some(1), "divergence means a non-zero exit");
+    let kinds: Vec<(String, String)> = json["divergences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["entity"].as_str().unwrap().to_string(),
+                d["kind"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let mut want = vec![
+        (missing.clone(), "missing_entity".to_string()),
+        (corrupted.clone(), "state_differs".to_string()),
+        (lowered.clone(), "seq_behind".to_string()),
+        (extra.to_string(), "entity_not_in_log".to_string()),
+    ];
+    let mut got = kinds.clone();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want);
+
+    let (code, _) = run(&["--repair", "--delete-extra"]);
+    assert_eq!(
+        code,
+        Some(1),
+        "the repairing run still reports what it found"
+    );
+    let (code, json) = run(&[]);
+    assert_eq!(
+        code,
+        Some(0),
+        "after --repair a second reconcile is clean: {json}"
+    );
+    assert_matches_oracle(&redis_url(), &topic, &model).await;
+}
+
+/// Random short sequences over a few entities, with redelivered copies,
+/// reordering, conflicts, deletes and field removals.
+fn random_sequence(rng: &mut Rng, tag: &str) -> Vec<Event> {
+    let entities = 1 + rng.below(3) as usize;
+    let mut out: Vec<Event> = Vec::new();
+    for i in 0..(2 + rng.below(12)) {
+        let roll = rng.below(10);
+        if roll < 2 && !out.is_empty() {
+            // A redelivered copy.
+            let copy = out[rng.below(out.len() as u64) as usize].clone();
+            out.push(copy);
+            continue;
+        }
+        if roll == 2 && !out.is_empty() {
+            // The same id with another payload.
+            let mut c = out[rng.below(out.len() as u64) as usize].clone();
+            c.fingerprint ^= 0x5555;
+            c.set.push(("conflict".into(), "1".into()));
+            out.push(c);
+            continue;
+        }
+        let e = rng.below(entities as u64);
+        let op = if roll == 3 { Op::Delete } else { Op::Upsert };
+        let mut set = Vec::new();
+        let mut unset = Vec::new();
+        if op == Op::Upsert {
+            for f in 0..rng.below(4) {
+                set.push((format!("f{}", (f + rng.below(3)) % 4), format!("v{i}")));
+            }
+            if rng.below(4) == 0 {
+                unset.push(format!("f{}", rng.below(4)));
+                set.retain(|(k, _)| !unset.contains(k));
+            }
+        }
+        out.push(Event {
+            id: format!("{tag}-{i}"),
+            entity: format!("{tag}:{e}"),
+            seq: rng.below(8),
+            op,
+            set,
+            unset,
+            fingerprint: rng.next_u64(),
+        });
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guard_script_matches_the_model_on_random_sequences() {
+    const SEQUENCES: usize = 10_000;
+    let prefix = unique("diff");
+    let conn = redis_conn(&redis_url()).await;
+    let mut rng = Rng::new(0xD1FF);
+    let mut checked_events = 0;
+    let window = Duration::from_secs(3600);
+    for round in 0..(SEQUENCES / 100) {
+        // 100 sequences per round trip; each sequence has its own entities.
+        let events_per_script = 1 + rng.below(40) as usize;
+        let mut guard = Guard::new(conn.clone(), KeyLayout::new(&prefix), events_per_script);
+        let sequences: Vec<Vec<Event>> = (0..100)
+            .map(|s| random_sequence(&mut rng, &format!("r{round}s{s}")))
+            .collect();
+        let all: Vec<&Event> = sequences.iter().flatten().collect();
+        let inputs: Vec<GuardInput<'_>> = all
+            .iter()
+            .map(|event| GuardInput { event, window })
+            .collect();
+        let verdicts = guard.apply(&inputs).await.unwrap();
+        let mut model = Model::default();
+        for (event, verdict) in all.iter().zip(&verdicts) {
+            let want = model.apply(event);
+            assert_eq!(verdict.outcome, want, "outcome of {event:?}");
+        }
+        checked_events += all.len();
+        let views = read_entities(&redis_url(), &prefix, model.entities.keys()).await;
+        for (name, want) in &model.entities {
+            let got = &views[name];
+            assert_eq!(
+                (
+                    got.seq,
+                    got.deleted,
+                    got.applied,
+                    &got.state,
+                    got.last_id.as_ref()
+                ),
+                (
+                    want.seq,
+                    want.deleted,
+                    want.applied,
+                    &want.state,
+                    want.last_id.as_ref()
+                ),
+                "state of {name}"
+            );
+        }
+    }
+    eprintln!("differential: {SEQUENCES} sequences, {checked_events} events, Lua == model");
+}
