@@ -39,6 +39,8 @@ install_packages() {
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v redis-cli >/dev/null || missing+=(redis-tools)
   command -v kcat >/dev/null || missing+=(kcat)
+  # promtool and a Prometheus server for the alert-rule tests.
+  command -v promtool >/dev/null || missing+=(prometheus)
   command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null || missing+=(maven)
   if ((${#missing[@]})); then need_root_install "${missing[@]}"; fi

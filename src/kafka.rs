@@ -132,7 +132,9 @@ impl ConsumerContext for IdemContext {
                 }
                 let commits = self.progress.take_commits(|tp| tps.contains(tp));
                 for (tp, next) in &commits {
-                    store_offset(consumer, tp, *next);
+                    if store_offset(consumer, tp, *next) {
+                        self.progress.note_stored(tp, *next);
+                    }
                 }
                 commit_stored(consumer);
                 self.progress.forget(&tps);
@@ -168,7 +170,17 @@ impl ConsumerContext for IdemContext {
         offsets: &rdkafka::TopicPartitionList,
     ) {
         match result {
-            Ok(()) => tracing::debug!(partitions = offsets.count(), "offsets committed"),
+            Ok(()) => {
+                for e in offsets.elements() {
+                    if let rdkafka::Offset::Offset(o) = e.offset() {
+                        let tp = TopicPartition::new(e.topic(), e.partition());
+                        if let Some(lag) = self.progress.note_committed(&tp, o) {
+                            metrics::record_commit_lag(lag);
+                        }
+                    }
+                }
+                tracing::debug!(partitions = offsets.count(), "offsets committed");
+            }
             Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "offset commit failed; it is retried with the next commit")
@@ -195,21 +207,26 @@ fn block_in_place_if_possible<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
-/// Stores `next` (the next offset to read) as the partition's commit point.
-/// A partition no longer assigned is skipped: its new owner decides.
+/// Stores `next` (the next offset to read) as the partition's commit point;
+/// returns whether it was stored. A partition no longer assigned is skipped:
+/// its new owner decides.
 pub fn store_offset<C: ConsumerContext>(
     consumer: &impl Consumer<C>,
     tp: &TopicPartition,
     next: i64,
-) {
+) -> bool {
     let mut tpl = TopicPartitionList::with_capacity(1);
     let stored = tpl
         .add_partition_offset(&tp.topic, tp.partition, Offset::Offset(next))
         .and_then(|()| consumer.store_offsets(&tpl));
     match stored {
-        Ok(()) => metrics::set_committed_offset(&tp.topic, tp.partition, next),
+        Ok(()) => {
+            metrics::set_committed_offset(&tp.topic, tp.partition, next);
+            true
+        }
         Err(e) => {
-            tracing::debug!(topic = %tp.topic, partition = tp.partition, error = %e, "offset not stored (partition no longer assigned)")
+            tracing::debug!(topic = %tp.topic, partition = tp.partition, error = %e, "offset not stored (partition no longer assigned)");
+            false
         }
     }
 }

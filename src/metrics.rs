@@ -34,6 +34,7 @@ pub const UNCOMMITTED_EVENTS: &str = "idem_uncommitted_events";
 pub const IN_FLIGHT_EVENTS: &str = "idem_in_flight_events";
 pub const PAUSED: &str = "idem_paused";
 pub const DEAD_LETTERS_TOTAL: &str = "idem_dead_letters_total";
+pub const COMMIT_LAG_SECONDS: &str = "idem_commit_lag_seconds";
 
 /// Buckets fine enough for the benchmark to read p50/p99/p99.9 from.
 pub const LATENCY_BUCKETS: [f64; 24] = [
@@ -156,6 +157,23 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "Always 1; the version label says which idem runs."
     );
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    // Series that exist from the start, so dashboards and alerts see zeros, not gaps.
+    set_paused(false);
+    set_in_flight_events(0);
+    set_uncommitted_events(0);
+    set_assigned_partitions(0);
+    for cause in [
+        "timeout",
+        "connection",
+        "server",
+        "dead_letter",
+        "redis_connect",
+    ] {
+        counter!(RETRIES_TOTAL, "cause" => cause).increment(0);
+    }
+    for kind in ["assign", "revoke", "lost"] {
+        counter!(REBALANCES_TOTAL, "kind" => kind).increment(0);
+    }
     Ok(handle)
 }
 
@@ -203,6 +221,10 @@ pub fn record_rebalance(kind: &'static str) {
 
 pub fn set_assigned_partitions(n: usize) {
     gauge!(ASSIGNED_PARTITIONS).set(n as f64);
+}
+
+pub fn record_commit_lag(lag: Duration) {
+    histogram!(COMMIT_LAG_SECONDS).record(lag.as_secs_f64());
 }
 
 pub fn record_dead_letter(topic: &str, reason: &'static str) {

@@ -342,7 +342,14 @@ fn docker_compose_uses_only_known_config_keys_and_ports() {
     );
     let config = idem::config::Config::load(None, &env)
         .expect("every IDEM__ key of docker-compose.yml is a valid config key");
-    for service in ["kafka:", "redis:", "topics:", "idem:", "prometheus:"] {
+    for service in [
+        "kafka:",
+        "redis:",
+        "topics:",
+        "idem:",
+        "prometheus:",
+        "grafana:",
+    ] {
         assert!(
             compose.contains(&format!("\n  {service}")),
             "service {service} missing"
@@ -355,7 +362,7 @@ fn docker_compose_uses_only_known_config_keys_and_ports() {
     );
     let prometheus = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/deploy/prometheus.yml"
+        "/deploy/prometheus/prometheus.yml"
     ))
     .unwrap();
     assert!(

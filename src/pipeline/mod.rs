@@ -340,7 +340,9 @@ fn count_invalid(batch: &Batch, summary: &std::sync::Mutex<Summary>) {
 /// Stores each owned partition's new commit point for librdkafka's next commit.
 fn store_commits(consumer: &StreamConsumer<IdemContext>, progress: &Progress) {
     for (tp, next) in progress.take_owned_commits() {
-        kafka::store_offset(consumer, &tp, next);
+        if kafka::store_offset(consumer, &tp, next) {
+            progress.note_stored(&tp, next);
+        }
     }
 }
 

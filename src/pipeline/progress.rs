@@ -7,7 +7,7 @@
 //! deadline passed, in which case only what is done is committed); a lost
 //! partition's offsets are never committed.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,8 @@ struct Inner {
     assigned: HashSet<TopicPartition>,
     /// Set after the shutdown drain: nothing in flight will finish any more.
     closed: bool,
+    /// Per partition, the first offset stored since the last commit and when.
+    stored_since: HashMap<TopicPartition, (i64, Instant)>,
 }
 
 /// See the module doc.
@@ -107,6 +109,27 @@ impl Progress {
     /// Events fetched and not yet done.
     pub fn in_flight(&self) -> usize {
         self.lock().offsets.in_flight()
+    }
+
+    /// Notes that `next` was stored for commit (for the commit-lag metric).
+    pub fn note_stored(&self, tp: &TopicPartition, next: i64) {
+        self.lock()
+            .stored_since
+            .entry(tp.clone())
+            .or_insert((next, Instant::now()));
+    }
+
+    /// How long ago the oldest offset now covered by `committed` was stored.
+    pub fn note_committed(&self, tp: &TopicPartition, committed: i64) -> Option<Duration> {
+        let mut inner = self.lock();
+        match inner.stored_since.get(tp) {
+            Some((stored, at)) if *stored <= committed => {
+                let lag = at.elapsed();
+                inner.stored_since.remove(tp);
+                Some(lag)
+            }
+            _ => None,
+        }
     }
 
     /// After the shutdown drain: waits for in-flight work return at once.
