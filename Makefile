@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build services services-down demo test test-unit lint bench clean-cache
+.PHONY: all build services services-down demo test test-unit lint bench conformance clean-cache
 
 all: build
 
@@ -41,3 +41,9 @@ clean-cache:
 bench: services
 	$(CARGO) build --release
 	target/release/idem bench --out bench-out
+
+## The full conformance suite of docs/conformance.md (kills and restarts the local broker).
+conformance: services
+	$(CARGO) build --release
+	target/release/idem conformance --profile full --out conformance-out \
+	  --kafka-kill-cmd 'scripts/services.sh kill-kafka' --kafka-start-cmd 'scripts/services.sh up'

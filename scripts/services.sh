@@ -4,6 +4,7 @@
 #   scripts/services.sh up      install what is missing, start what is not running
 #   scripts/services.sh down    stop only what `up` started (pid files)
 #   scripts/services.sh status  say what runs
+#   scripts/services.sh kill-kafka  SIGKILL the broker (fault injection; `up` restarts it)
 #
 # Idempotent: `up` twice is fine and fast once the jars are cached.
 # State lives in .cache/ (git-ignored). No Docker needed.
@@ -169,9 +170,20 @@ case "${1:-up}" in
     stop_pidfile kafka "$KAFKA_DIR/kafka.pid"
     stop_pidfile redis "$REDIS_DIR/redis.pid"
     ;;
+  kill-kafka)
+    # For fault injection (make conformance): SIGKILL the broker started here.
+    if is_alive "$KAFKA_DIR/kafka.pid"; then
+      log "SIGKILL kafka (pid $(cat "$KAFKA_DIR/kafka.pid"))"
+      kill -9 "$(cat "$KAFKA_DIR/kafka.pid")"
+      while is_alive "$KAFKA_DIR/kafka.pid"; do sleep 0.1; done
+      rm -f "$KAFKA_DIR/kafka.pid"
+    else
+      die "no kafka started by this script is running"
+    fi
+    ;;
   status)
     is_alive "$KAFKA_DIR/kafka.pid" && echo "kafka: running (pid $(cat "$KAFKA_DIR/kafka.pid"))" || echo "kafka: not started here"
     is_alive "$REDIS_DIR/redis.pid" && echo "redis: running (pid $(cat "$REDIS_DIR/redis.pid"))" || echo "redis: not started here"
     ;;
-  *) die "usage: $0 up|down|status" ;;
+  *) die "usage: $0 up|down|status|kill-kafka" ;;
 esac

@@ -98,6 +98,18 @@ pub struct KafkaConfig {
     pub librdkafka: BTreeMap<String, String>,
 }
 
+/// When an effect counts as durable, so that its offset may be committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// When Redis replied (its persistence settings decide what a crash loses).
+    #[default]
+    Ack,
+    /// When `n` replicas acknowledged the batch (`WAIT`).
+    Replicas(u32),
+    /// When the batch is on disk: `appendfsync always`, or `WAITAOF` (Redis ≥ 7.2).
+    Fsync,
+}
+
 /// Redis connection settings and key layout.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
@@ -105,6 +117,7 @@ pub struct RedisConfig {
     pub key_prefix: String,
     pub response_timeout: Duration,
     pub connect_timeout: Duration,
+    pub durability: Durability,
 }
 
 /// The dedupe window, global and per topic.
@@ -229,6 +242,7 @@ struct RawRedis {
     key_prefix: String,
     response_timeout: String,
     connect_timeout: String,
+    durability: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -503,6 +517,13 @@ impl RawConfig {
                 key_prefix: r.key_prefix,
                 response_timeout: positive_duration("redis.response_timeout", &r.response_timeout)?,
                 connect_timeout: positive_duration("redis.connect_timeout", &r.connect_timeout)?,
+                durability: parse_durability(&r.durability).ok_or_else(|| {
+                    ConfigError::invalid(
+                        "redis.durability",
+                        &r.durability,
+                        "\"ack\", \"fsync\" or \"replicas:N\" with N ≥ 1",
+                    )
+                })?,
             },
             dedupe: DedupeConfig {
                 window,
@@ -621,6 +642,19 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         _ => return None,
     };
     n.checked_mul(millis_per_unit).map(Duration::from_millis)
+}
+
+/// Parses `ack`, `fsync` or `replicas:N`.
+pub fn parse_durability(text: &str) -> Option<Durability> {
+    match text {
+        "ack" => Some(Durability::Ack),
+        "fsync" => Some(Durability::Fsync),
+        other => other
+            .strip_prefix("replicas:")
+            .and_then(|n| n.parse::<u32>().ok())
+            .filter(|n| *n >= 1)
+            .map(Durability::Replicas),
+    }
 }
 
 /// Kafka's own rule for topic names.

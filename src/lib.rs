@@ -12,11 +12,12 @@
 //! - [`kafka`], [`store`]: the Kafka and Redis edges; [`topics`]: topics as code;
 //!   [`group`]: a group's members and lag; [`replay`] and [`reconcile`]: operating on a topic's history.
 //! - [`metrics`]: Prometheus names and the `/metrics` endpoint; [`sample`]: a test-data generator;
-//!   [`bench`]: the benchmark and its baselines.
+//!   [`bench`]: the benchmark and its baselines; [`conformance`]: fault injection against an oracle.
 
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod conformance;
 pub mod dlq;
 pub mod event;
 pub mod group;

@@ -20,6 +20,8 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("redis answered something idem does not understand: {0}")]
     Protocol(String),
+    #[error("the batch is in Redis but not durable as redis.durability asks: {0}")]
+    NotDurable(String),
 }
 
 impl StoreError {
@@ -44,6 +46,7 @@ impl StoreError {
                     )
             }
             StoreError::Protocol(_) => false,
+            StoreError::NotDurable(_) => true,
         }
     }
 
@@ -60,6 +63,7 @@ impl StoreError {
             StoreError::Redis(e) if e.is_cluster_error() => "cluster",
             StoreError::Redis(_) => "server",
             StoreError::Protocol(_) => "protocol",
+            StoreError::NotDurable(_) => "not_durable",
         }
     }
 }
@@ -201,6 +205,74 @@ pub async fn read_entity(
         updated_ms: parse_u64("updated_ms")?,
         state,
     })
+}
+
+/// Checks at start that the server can give `durability`, and says how
+/// batches must wait for it. The error says what to change.
+pub async fn durable_wait(
+    conn: &mut ConnectionManager,
+    durability: crate::config::Durability,
+) -> Result<crate::guard::DurableWait, String> {
+    use crate::config::Durability;
+    use crate::guard::DurableWait;
+    let info = |section: &'static str| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("INFO")
+                .arg(section)
+                .query_async::<String>(&mut conn)
+                .await
+                .map_err(|e| format!("INFO {section} failed: {e}"))
+        }
+    };
+    let field = |text: &str, name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .map(|v| v.trim().to_string())
+    };
+    match durability {
+        Durability::Ack => Ok(DurableWait::None),
+        Durability::Replicas(n) => {
+            let replication = info("replication").await?;
+            let connected: u32 = field(&replication, "connected_slaves")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if connected < n {
+                return Err(format!(
+                    "redis.durability = replicas:{n}, but this Redis has {connected} connected replica(s); add replicas or lower N"
+                ));
+            }
+            Ok(DurableWait::Replicas(n))
+        }
+        Durability::Fsync => {
+            let persistence = info("persistence").await?;
+            let server = info("server").await?;
+            let version = field(&server, "redis_version").unwrap_or_default();
+            let aof_on = field(&persistence, "aof_enabled").as_deref() == Some("1");
+            let fsync_always: Option<String> = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("appendfsync")
+                .query_async::<Vec<String>>(conn)
+                .await
+                .ok()
+                .and_then(|v| v.get(1).cloned());
+            if aof_on && fsync_always.as_deref() == Some("always") {
+                return Ok(DurableWait::None);
+            }
+            let (major, minor) = {
+                let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+                (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+            };
+            if aof_on && (major, minor) >= (7, 2) {
+                return Ok(DurableWait::LocalAof);
+            }
+            Err(format!(
+                "redis.durability = fsync needs the write on disk before the commit: this Redis {version} has appendonly {} and appendfsync {}. Set `appendonly yes` and `appendfsync always`, or use Redis >= 7.2 with appendonly yes (idem then waits with WAITAOF), or choose durability = \"ack\"",
+                if aof_on { "yes" } else { "no" },
+                fsync_always.as_deref().unwrap_or("unknown (CONFIG GET not allowed)")
+            ))
+        }
+    }
 }
 
 /// Pings Redis within `timeout`.

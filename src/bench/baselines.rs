@@ -91,6 +91,7 @@ pub async fn per_event_script_ceiling(
         key_prefix: prefix.to_string(),
         response_timeout: Duration::from_secs(30),
         connect_timeout: Duration::from_secs(5),
+        durability: Default::default(),
     };
     let conn = crate::store::connect(&cfg).await?;
     let mut guard = Guard::new(conn, KeyLayout::new(prefix), 1);

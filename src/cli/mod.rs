@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, LogFormat};
 
 pub mod bench;
+pub mod conformance;
 pub mod dlq;
 pub mod inspect;
 pub mod reconcile;
@@ -46,6 +47,7 @@ pub enum Command {
     Dlq(dlq::DlqArgs),
     Replay(replay::ReplayArgs),
     Reconcile(reconcile::ReconcileArgs),
+    Conformance(conformance::ConformanceArgs),
 }
 
 /// Loads config, starts logging and runs the chosen command.
@@ -80,6 +82,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Dlq(args) => dlq::run(args, config).await,
             Command::Replay(args) => replay::run(args, config).await,
             Command::Reconcile(args) => reconcile::run(args, config).await,
+            Command::Conformance(args) => conformance::run(args, config).await,
         }
     });
     match result {

@@ -34,12 +34,25 @@ pub struct GuardInput<'a> {
     pub window: Duration,
 }
 
+/// What a batch waits for after its scripts ran, before it counts as durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DurableWait {
+    /// Nothing: the script's reply is enough (`ack`, or `fsync` with appendfsync always).
+    None,
+    /// `WAIT n timeout`: n replicas acknowledged.
+    Replicas(u32),
+    /// `WAITAOF 1 0 timeout`: fsynced to the local AOF (Redis ≥ 7.2).
+    LocalAof,
+}
+
 /// Runs the guard script against one Redis.
 pub struct Guard {
     conn: ConnectionManager,
     script: redis::Script,
     layout: KeyLayout,
     events_per_script: usize,
+    wait: DurableWait,
+    wait_timeout_ms: u64,
 }
 
 impl Guard {
@@ -49,7 +62,16 @@ impl Guard {
             script: redis::Script::new(SCRIPT),
             layout,
             events_per_script: events_per_script.max(1),
+            wait: DurableWait::None,
+            wait_timeout_ms: 1000,
         }
+    }
+
+    /// Makes every batch wait for replicas or an fsync before it counts as done.
+    pub fn with_durable_wait(mut self, wait: DurableWait, timeout: Duration) -> Self {
+        self.wait = wait;
+        self.wait_timeout_ms = timeout.as_millis().max(1) as u64;
+        self
     }
 
     /// The SHA1 of the script, as `EVALSHA` knows it.
@@ -70,8 +92,9 @@ impl Guard {
         if inputs.is_empty() {
             return Ok(Vec::new());
         }
-        let pipe = self.build_pipeline(inputs);
-        let replies: Vec<Vec<Value>> = match pipe.query_async(&mut self.conn).await {
+        let chunks = chunk_by_entity(inputs, self.events_per_script);
+        let pipe = self.build_pipeline(inputs, &chunks);
+        let mut replies: Vec<Value> = match pipe.query_async(&mut self.conn).await {
             Ok(r) => r,
             Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
                 // Redis restarted or was flushed: load once and resend.
@@ -80,24 +103,112 @@ impl Guard {
             }
             Err(e) => return Err(e.into()),
         };
-        parse_replies(&replies, inputs.len())
+        if self.wait != DurableWait::None {
+            let reply = replies.pop().unwrap_or(Value::Nil);
+            check_durable(self.wait, &reply)?;
+        }
+        let replies: Vec<Vec<Value>> = replies
+            .into_iter()
+            .map(|v| match v {
+                Value::Array(items) => Ok(items),
+                other => Err(StoreError::Protocol(format!("guard reply {other:?}"))),
+            })
+            .collect::<Result<_, _>>()?;
+        let in_chunk_order = parse_replies(&replies, inputs.len())?;
+        // Back to input order.
+        let mut verdicts = vec![None; inputs.len()];
+        for (&i, v) in chunks.iter().flatten().zip(in_chunk_order) {
+            verdicts[i] = Some(v);
+        }
+        Ok(verdicts
+            .into_iter()
+            .map(|v| v.expect("every input is in one chunk"))
+            .collect())
     }
 
-    fn build_pipeline(&self, inputs: &[GuardInput<'_>]) -> redis::Pipeline {
+    fn build_pipeline(&self, inputs: &[GuardInput<'_>], chunks: &[Vec<usize>]) -> redis::Pipeline {
         let mut pipe = redis::pipe();
-        for chunk in inputs.chunks(self.events_per_script) {
+        for chunk in chunks {
             let mut cmd = redis::cmd("EVALSHA");
             cmd.arg(self.script.get_hash()).arg(chunk.len());
-            for input in chunk {
-                cmd.arg(self.layout.entity_base(&input.event.entity));
+            for &i in chunk {
+                cmd.arg(self.layout.entity_base(&inputs[i].event.entity));
             }
-            for input in chunk {
-                push_event_args(&mut cmd, input);
+            for &i in chunk {
+                push_event_args(&mut cmd, &inputs[i]);
             }
             pipe.add_command(cmd);
         }
+        match self.wait {
+            DurableWait::None => {}
+            DurableWait::Replicas(n) => {
+                pipe.cmd("WAIT").arg(n).arg(self.wait_timeout_ms);
+            }
+            DurableWait::LocalAof => {
+                pipe.cmd("WAITAOF").arg(1).arg(0).arg(self.wait_timeout_ms);
+            }
+        }
         pipe
     }
+}
+
+/// Whether the WAIT / WAITAOF reply confirms durability.
+fn check_durable(wait: DurableWait, reply: &Value) -> Result<(), StoreError> {
+    let ok = match (wait, reply) {
+        (DurableWait::Replicas(n), Value::Int(acked)) => *acked >= i64::from(n),
+        (DurableWait::LocalAof, Value::Array(counts)) => {
+            matches!(counts.first(), Some(Value::Int(local)) if *local >= 1)
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        // The effects are in Redis but not durable yet: the batch is retried
+        // (coming back as duplicates) and its offsets wait.
+        Err(StoreError::NotDurable(format!(
+            "{wait:?} answered {reply:?}"
+        )))
+    }
+}
+
+/// Splits a batch into script calls of about `per_call` events, keeping all
+/// events of one entity in the same call, in their order.
+///
+/// Why: Redis runs every call of a pipeline even when one fails halfway, and
+/// the batch is then retried. If an entity's events were spread over two
+/// calls and the first failed, the second would apply its newer events
+/// first, and the retry would find the older ones stale: a reordering.
+/// With one call per entity per batch, a retry resumes each entity exactly
+/// where it stopped.
+///
+/// | batch (entities)      | per_call | calls                 |
+/// |-----------------------|----------|-----------------------|
+/// | a b c d               | 2        | [a b] [c d]           |
+/// | a b a c               | 2        | [a b a] [c]           |
+/// | a a a b               | 2        | [a a a] [b]           |
+pub fn chunk_by_entity(inputs: &[GuardInput<'_>], per_call: usize) -> Vec<Vec<usize>> {
+    let mut chunks: Vec<Vec<usize>> = Vec::new();
+    let mut chunk_of: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut open: Option<usize> = None;
+    for (i, input) in inputs.iter().enumerate() {
+        let entity = input.event.entity.as_str();
+        if let Some(&c) = chunk_of.get(entity) {
+            chunks[c].push(i);
+            continue;
+        }
+        let c = match open {
+            Some(c) if chunks[c].len() < per_call => c,
+            _ => {
+                chunks.push(Vec::with_capacity(per_call));
+                open = Some(chunks.len() - 1);
+                chunks.len() - 1
+            }
+        };
+        chunks[c].push(i);
+        chunk_of.insert(entity, c);
+    }
+    chunks
 }
 
 fn push_event_args(cmd: &mut redis::Cmd, input: &GuardInput<'_>) {
@@ -171,6 +282,39 @@ fn parse_verdict(code: &Value, detail: &Value) -> Result<Verdict, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunks_keep_each_entity_in_one_call() {
+        let ev = |entity: &str| Event {
+            id: String::new(),
+            entity: entity.into(),
+            seq: 0,
+            op: Op::Upsert,
+            set: vec![],
+            unset: vec![],
+            fingerprint: 0,
+        };
+        type Row = (&'static [&'static str], usize, &'static [&'static [usize]]);
+        let table: &[Row] = &[
+            (&["a", "b", "c", "d"], 2, &[&[0, 1], &[2, 3]]),
+            (&["a", "b", "a", "c"], 2, &[&[0, 1, 2], &[3]]),
+            (&["a", "a", "a", "b"], 2, &[&[0, 1, 2], &[3]]),
+            (&["a", "b", "c", "a"], 1, &[&[0, 3], &[1], &[2]]),
+        ];
+        for (entities, per_call, want) in table {
+            let events: Vec<Event> = entities.iter().map(|e| ev(e)).collect();
+            let inputs: Vec<GuardInput<'_>> = events
+                .iter()
+                .map(|event| GuardInput {
+                    event,
+                    window: Duration::from_secs(1),
+                })
+                .collect();
+            let got = chunk_by_entity(&inputs, *per_call);
+            let want: Vec<Vec<usize>> = want.iter().map(|c| c.to_vec()).collect();
+            assert_eq!(got, want, "{entities:?}");
+        }
+    }
 
     #[test]
     fn verdicts_parse_by_table() {

@@ -78,11 +78,17 @@ async fn run_pipeline(
         return Ok(());
     };
     health.set_redis_ok(true);
+    let mut conn = conn;
+    let wait = store::durable_wait(&mut conn, config.redis.durability)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut guard = Guard::new(
         conn,
         KeyLayout::new(&config.redis.key_prefix),
         config.pipeline.events_per_script.get(),
-    );
+    )
+    // Half the response timeout, so a slow WAIT reports itself before the client gives up.
+    .with_durable_wait(wait, config.redis.response_timeout / 2);
     if let Err(e) = guard.load_script().await {
         tracing::warn!(error = %e, "could not load the guard script now; it is loaded on first use");
     }

@@ -447,6 +447,7 @@ pub async fn redis_conn(url: &str) -> redis::aio::ConnectionManager {
         key_prefix: "unused".into(),
         response_timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(2),
+        durability: Default::default(),
     };
     store::connect(&cfg).await.expect("redis connection")
 }

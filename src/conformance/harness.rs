@@ -1,0 +1,507 @@
+//! The conformance suite's hands: idem processes it can kill, stop and
+//! restart, private Redis servers, Kafka helpers, and the invariant checks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::event::{decode, FieldMap};
+use crate::model::{Model, Outcome};
+use crate::sample::SampleRecord;
+use crate::store::{self, EntityView, KeyLayout};
+use crate::topics::{self, TopicSpec};
+
+/// Where the suite runs.
+#[derive(Debug, Clone)]
+pub struct Env {
+    pub brokers: String,
+    pub redis_url: String,
+    pub idem_exe: PathBuf,
+    pub work_dir: PathBuf,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+}
+
+/// One `idem run` process.
+pub struct IdemProcess {
+    child: Child,
+    pub port: u16,
+}
+
+impl IdemProcess {
+    pub fn spawn(
+        env: &Env,
+        topic: &str,
+        group: &str,
+        prefix: &str,
+        redis_url: &str,
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let port = free_port();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(env.work_dir.join(format!("{group}.log")))?;
+        let mut cmd = Command::new(&env.idem_exe);
+        cmd.arg("run")
+            .env("IDEM__KAFKA__BROKERS", &env.brokers)
+            .env("IDEM__KAFKA__TOPICS", topic)
+            .env("IDEM__KAFKA__GROUP_ID", group)
+            .env("IDEM__KAFKA__COMMIT_INTERVAL", "200ms")
+            .env("IDEM__KAFKA__SESSION_TIMEOUT", "6s")
+            .env("IDEM__REDIS__URL", redis_url)
+            .env("IDEM__REDIS__KEY_PREFIX", prefix)
+            .env("IDEM__REDIS__RESPONSE_TIMEOUT", "1s")
+            .env("IDEM__REDIS__CONNECT_TIMEOUT", "500ms")
+            .env("IDEM__PIPELINE__RETRY_MAX_BACKOFF", "500ms")
+            .env("IDEM__PIPELINE__BATCH_MAX_EVENTS", "500")
+            .env("IDEM__METRICS__LISTEN", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "info,librdkafka=warn");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        Ok(IdemProcess { child, port })
+    }
+
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub async fn terminate(mut self) -> bool {
+        signal(self.child.id(), "-TERM");
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.kill();
+        false
+    }
+
+    pub fn stop(&self) {
+        signal(self.child.id(), "-STOP");
+    }
+
+    pub fn resume(&self) {
+        signal(self.child.id(), "-CONT");
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sum of `idem_events_total` for `outcome` (or all outcomes).
+    pub async fn outcome(&self, outcome: Option<Outcome>) -> u64 {
+        let Some(text) = scrape(self.port).await else {
+            return 0;
+        };
+        text.lines()
+            .filter(|l| l.starts_with("idem_events_total{"))
+            .filter(|l| outcome.is_none_or(|o| l.contains(&format!("outcome=\"{}\"", o.as_str()))))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+}
+
+impl Drop for IdemProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn scrape(port: u16) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    Some(buf.split_once("\r\n\r\n")?.1.to_string())
+}
+
+/// A redis-server of the suite's own, which it may kill and restart.
+pub struct PrivateRedis {
+    pub port: u16,
+    dir: PathBuf,
+    fsync: &'static str,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    /// `fsync` is the AOF policy: "always" or "everysec".
+    pub async fn start(work_dir: &Path, fsync: &'static str) -> anyhow::Result<Self> {
+        let port = free_port();
+        let dir = work_dir.join(format!("redis-{port}"));
+        std::fs::create_dir_all(&dir)?;
+        let mut r = PrivateRedis {
+            port,
+            dir,
+            fsync,
+            child: None,
+        };
+        r.restart().await?;
+        Ok(r)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", self.fsync])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                anyhow::anyhow!("cannot start redis-server (needed by this scenario): {e}")
+            })?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(client) = redis::Client::open(self.url().as_str()) {
+                if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                    if redis::cmd("PING")
+                        .query_async::<String>(&mut c)
+                        .await
+                        .is_ok()
+                    {
+                        return Ok(());
+                    }
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "private redis did not answer PING"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Creates `topic` and `topic.dlq`.
+pub async fn create_topic(env: &Env, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let mut spec = TopicSpec::new(topic, partitions);
+    spec.dead_letter = Some(format!("{topic}.dlq"));
+    topics::apply(&env.brokers, &spec.with_dead_letter()).await?;
+    Ok(())
+}
+
+/// Produces records keyed by entity, waits for every acknowledgement, and
+/// returns each record's (partition, offset).
+pub async fn produce(
+    env: &Env,
+    topic: &str,
+    records: &[SampleRecord],
+) -> anyhow::Result<Vec<(i32, i64)>> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()?;
+    let mut pending = Vec::with_capacity(records.len());
+    for r in records {
+        let mut rec = FutureRecord::to(topic)
+            .key(r.key.as_bytes())
+            .payload(&r.value);
+        loop {
+            match producer.send_result(rec) {
+                Ok(f) => {
+                    pending.push(f);
+                    break;
+                }
+                Err((_, back)) => {
+                    rec = back;
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(pending.len());
+    for f in pending {
+        let d = f.await?.map_err(|(e, _)| e)?;
+        out.push((d.partition, d.offset));
+    }
+    producer.flush(Duration::from_secs(30))?;
+    Ok(out)
+}
+
+fn admin_consumer(env: &Env, group: &str) -> anyhow::Result<BaseConsumer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?)
+}
+
+/// Committed offset per partition (-1 where none).
+pub async fn committed(
+    env: &Env,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<Vec<i64>> {
+    let (env, group, topic) = (env.clone(), group.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let c = admin_consumer(&env, &group)?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(&topic, p);
+        }
+        let got = c.committed_offsets(tpl, Duration::from_secs(10))?;
+        Ok((0..partitions)
+            .map(
+                |p| match got.find_partition(&topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => -1,
+                },
+            )
+            .collect())
+    })
+    .await?
+}
+
+pub async fn end_offsets(env: &Env, topic: &str, partitions: i32) -> anyhow::Result<Vec<i64>> {
+    let (env, topic) = (env.clone(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let c = admin_consumer(&env, "idem-conformance-watermarks")?;
+        (0..partitions)
+            .map(|p| Ok(c.fetch_watermarks(&topic, p, Duration::from_secs(10))?.1))
+            .collect()
+    })
+    .await?
+}
+
+/// Waits until the group committed everything; returns how long it took.
+pub async fn wait_caught_up(
+    env: &Env,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+    bound: Duration,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let end = end_offsets(env, topic, partitions).await?;
+    loop {
+        if committed(env, group, topic, partitions).await? == end {
+            return Ok(start.elapsed());
+        }
+        anyhow::ensure!(
+            start.elapsed() < bound,
+            "I5: group {group} did not catch up within {bound:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The oracle: the model applied in production order.
+pub fn oracle(records: &[SampleRecord]) -> Model {
+    let mut model = Model::default();
+    for r in records {
+        if let Ok(e) = decode(Some(&r.value), &FieldMap::default(), 1 << 20) {
+            model.apply(&e);
+        }
+    }
+    model
+}
+
+pub async fn read_views(
+    redis_url: &str,
+    prefix: &str,
+    entities: impl Iterator<Item = &String>,
+) -> anyhow::Result<BTreeMap<String, EntityView>> {
+    let cfg = crate::config::RedisConfig {
+        url: redis_url.to_string(),
+        key_prefix: prefix.to_string(),
+        response_timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(2),
+        durability: Default::default(),
+    };
+    let mut conn = store::connect(&cfg).await?;
+    let layout = KeyLayout::new(prefix);
+    let mut out = BTreeMap::new();
+    for e in entities {
+        out.insert(e.clone(), store::read_entity(&mut conn, &layout, e).await?);
+    }
+    Ok(out)
+}
+
+/// I1 and I2: (lost effects, doubled effects, a few examples) against the oracle.
+pub async fn lost_and_doubled(
+    redis_url: &str,
+    prefix: &str,
+    model: &Model,
+) -> anyhow::Result<(u64, u64, Vec<String>)> {
+    let views = read_views(redis_url, prefix, model.entities.keys()).await?;
+    let (mut lost, mut doubled) = (0, 0);
+    let mut examples = Vec::new();
+    for (name, want) in &model.entities {
+        let got = &views[name];
+        doubled += got.applied.saturating_sub(want.applied);
+        let missing = want.applied.saturating_sub(got.applied);
+        // A state that differs with equal counters is a lost (or wrong) effect too.
+        let wrong_state = missing == 0
+            && (got.state != want.state || got.seq != want.seq || got.deleted != want.deleted);
+        lost += missing + u64::from(wrong_state);
+        if (missing > 0 || wrong_state || got.applied > want.applied) && examples.len() < 3 {
+            examples.push(format!(
+                "{name}: redis seq {:?} applied {}, oracle seq {:?} applied {}",
+                got.seq, got.applied, want.seq, want.applied
+            ));
+        }
+    }
+    Ok((lost, doubled, examples))
+}
+
+/// I4 at a quiet moment: every record below a committed offset has its effect
+/// (its entity's recorded seq is at least the record's seq). Returns violations.
+pub async fn commits_ahead_of_effects(
+    env: &Env,
+    redis_url: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+    prefix: &str,
+    positions: &HashMap<(i32, i64), (String, u64)>,
+) -> anyhow::Result<u64> {
+    let committed = committed(env, group, topic, partitions).await?;
+    let entities: std::collections::BTreeSet<String> =
+        positions.values().map(|(e, _)| e.clone()).collect();
+    let views = read_views(redis_url, prefix, entities.iter()).await?;
+    let mut violations = 0;
+    for ((p, offset), (entity, seq)) in positions {
+        if *offset < committed[*p as usize] && views[entity].seq.unwrap_or(0) < *seq {
+            violations += 1;
+        }
+    }
+    Ok(violations)
+}
+
+/// Where each produced record landed and the (entity, seq) it carries.
+pub fn positions(
+    records: &[SampleRecord],
+    delivered: &[(i32, i64)],
+) -> HashMap<(i32, i64), (String, u64)> {
+    records
+        .iter()
+        .zip(delivered)
+        .filter_map(|(r, pos)| {
+            let e = decode(Some(&r.value), &FieldMap::default(), 1 << 20).ok()?;
+            Some((*pos, (e.entity, e.seq)))
+        })
+        .collect()
+}
+
+/// I3 and I4 samplers: while a scenario runs, read every entity's seq and the
+/// group's committed offsets; count decreases of either.
+pub struct Sampler {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<(u64, u64)>>,
+}
+
+impl Sampler {
+    pub fn start(
+        env: &Env,
+        redis_url: &str,
+        prefix: &str,
+        group: &str,
+        topic: &str,
+        partitions: i32,
+        entities: Vec<String>,
+    ) -> Sampler {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let (env, redis_url, prefix, group, topic) = (
+            env.clone(),
+            redis_url.to_string(),
+            prefix.to_string(),
+            group.to_string(),
+            topic.to_string(),
+        );
+        let task = tokio::spawn(async move {
+            let mut seqs: HashMap<String, u64> = HashMap::new();
+            let mut last_committed = vec![-1i64; partitions as usize];
+            let (mut seq_decreases, mut commit_decreases) = (0u64, 0u64);
+            while !*stopped.borrow() {
+                if let Ok(views) = read_views(&redis_url, &prefix, entities.iter()).await {
+                    for (e, v) in views {
+                        let now = v.seq.unwrap_or(0);
+                        let before = seqs.entry(e).or_insert(now);
+                        if now < *before {
+                            seq_decreases += 1;
+                        }
+                        *before = now.max(*before);
+                    }
+                }
+                if let Ok(c) = committed(&env, &group, &topic, partitions).await {
+                    for (i, o) in c.iter().enumerate() {
+                        if *o < last_committed[i] {
+                            commit_decreases += 1;
+                        }
+                        last_committed[i] = last_committed[i].max(*o);
+                    }
+                }
+                tokio::select! {
+                    _ = stopped.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+            Ok((seq_decreases, commit_decreases))
+        });
+        Sampler { stop, task }
+    }
+
+    /// (seq decreases, committed-offset decreases) seen.
+    pub async fn finish(self) -> anyhow::Result<(u64, u64)> {
+        let _ = self.stop.send(true);
+        self.task.await?
+    }
+}

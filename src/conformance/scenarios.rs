@@ -1,0 +1,637 @@
+//! The scenarios: each a named, repeatable case with a seed.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use super::harness::{self, Env, IdemProcess, PrivateRedis, Sampler};
+use super::{ConformanceSpec, Profile, ScenarioResult, RECOVERY_BOUND};
+use crate::model::{Model, Outcome};
+use crate::sample::{generate, Rng, SampleRecord, SampleSpec};
+
+type Run = fn(
+    ConformanceSpec,
+    u64,
+) -> Pin<Box<dyn Future<Output = anyhow::Result<(ScenarioResult, u32)>> + Send>>;
+
+pub struct Scenario {
+    pub name: &'static str,
+    pub run: Run,
+}
+
+pub fn all(profile: Profile) -> Vec<Scenario> {
+    let mut v = vec![
+        Scenario {
+            name: "sigkill-random",
+            run: |s, seed| Box::pin(sigkill_random(s, seed)),
+        },
+        Scenario {
+            name: "sigterm-mid-batch",
+            run: |s, seed| Box::pin(sigterm_mid_batch(s, seed)),
+        },
+        Scenario {
+            name: "redis-stalled",
+            run: |s, seed| Box::pin(redis_stalled(s, seed)),
+        },
+        Scenario {
+            name: "redis-killed-fsync",
+            run: |s, seed| Box::pin(redis_killed(s, seed, "always")),
+        },
+        Scenario {
+            name: "lua-error-mid-batch",
+            run: |s, seed| Box::pin(lua_error(s, seed)),
+        },
+        Scenario {
+            name: "duplicates-after-window",
+            run: |s, seed| Box::pin(after_window(s, seed)),
+        },
+        Scenario {
+            name: "replay-from-earliest",
+            run: |s, seed| Box::pin(replay_earliest(s, seed)),
+        },
+        Scenario {
+            name: "poison-record",
+            run: |s, seed| Box::pin(poison(s, seed)),
+        },
+    ];
+    if profile == Profile::Full {
+        v.push(Scenario {
+            name: "rebalance-storm",
+            run: |s, seed| Box::pin(storm(s, seed)),
+        });
+        v.push(Scenario {
+            name: "zombie",
+            run: |s, seed| Box::pin(zombie(s, seed)),
+        });
+        v.push(Scenario {
+            name: "redis-killed-ack-everysec",
+            run: |s, seed| Box::pin(redis_killed(s, seed, "everysec")),
+        });
+        v.push(Scenario {
+            name: "kafka-broker-restart",
+            run: |s, seed| Box::pin(kafka_restart(s, seed)),
+        });
+    }
+    v
+}
+
+/// What every scenario sets up: a fresh topic, group and prefix, a seeded
+/// stream and its oracle.
+struct Case {
+    env: Env,
+    name: String,
+    topic: String,
+    partitions: i32,
+    records: Vec<SampleRecord>,
+    model: Model,
+    redis_url: String,
+    positions: HashMap<(i32, i64), (String, u64)>,
+    recovery: Duration,
+    faults: Vec<String>,
+    kills: u32,
+}
+
+impl Case {
+    async fn new(
+        spec: &ConformanceSpec,
+        name: &str,
+        seed: u64,
+        events: usize,
+        partitions: i32,
+    ) -> anyhow::Result<Case> {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis();
+        let topic = format!("conf-{name}-{stamp}");
+        harness::create_topic(&spec.env, &topic, partitions).await?;
+        let records = generate(&SampleSpec {
+            events,
+            entities: 200,
+            duplicate_ratio: 0.2,
+            out_of_order_ratio: 0.05,
+            delete_ratio: 0.02,
+            data_bytes: 16,
+            seed,
+            prefix: topic.clone(),
+        });
+        let model = harness::oracle(&records);
+        Ok(Case {
+            env: spec.env.clone(),
+            name: name.to_string(),
+            topic,
+            partitions,
+            records,
+            model,
+            redis_url: spec.env.redis_url.clone(),
+            positions: HashMap::new(),
+            recovery: Duration::ZERO,
+            faults: Vec::new(),
+            kills: 0,
+        })
+    }
+
+    fn spawn(&self, extra: &[(&str, &str)]) -> anyhow::Result<IdemProcess> {
+        IdemProcess::spawn(
+            &self.env,
+            &self.topic,
+            &self.topic,
+            &self.topic,
+            &self.redis_url,
+            extra,
+        )
+    }
+
+    async fn produce(&mut self, from: usize, to: usize) -> anyhow::Result<()> {
+        let slice = &self.records[from..to];
+        let delivered = harness::produce(&self.env, &self.topic, slice).await?;
+        self.positions.extend(harness::positions(slice, &delivered));
+        Ok(())
+    }
+
+    fn sampler(&self) -> Sampler {
+        Sampler::start(
+            &self.env,
+            &self.redis_url,
+            &self.topic,
+            &self.topic,
+            &self.topic,
+            self.partitions,
+            self.model.entities.keys().cloned().collect(),
+        )
+    }
+
+    /// I4 while no idem runs.
+    async fn check_commits(&self) -> anyhow::Result<u64> {
+        harness::commits_ahead_of_effects(
+            &self.env,
+            &self.redis_url,
+            &self.topic,
+            &self.topic,
+            self.partitions,
+            &self.topic,
+            &self.positions,
+        )
+        .await
+    }
+
+    async fn catch_up(&mut self) -> anyhow::Result<()> {
+        let took = harness::wait_caught_up(
+            &self.env,
+            &self.topic,
+            &self.topic,
+            self.partitions,
+            RECOVERY_BOUND,
+        )
+        .await?;
+        self.recovery = self.recovery.max(took);
+        Ok(())
+    }
+
+    async fn finish(
+        self,
+        sampler: Option<Sampler>,
+        mut commit_violations: u64,
+        notes: String,
+        loss_expected: bool,
+    ) -> anyhow::Result<(ScenarioResult, u32)> {
+        let (seq_decreases, commit_decreases) = match sampler {
+            Some(s) => s.finish().await?,
+            None => (0, 0),
+        };
+        commit_violations += commit_decreases;
+        let (lost, doubled, examples) =
+            harness::lost_and_doubled(&self.redis_url, &self.topic, &self.model).await?;
+        let notes = if examples.is_empty() {
+            notes
+        } else {
+            format!("{notes} {}", examples.join("; "))
+        };
+        let result = ScenarioResult {
+            scenario: self.name.clone(),
+            seed: 0,
+            records: self.records.len(),
+            faults: self.faults.join(", "),
+            lost,
+            doubled,
+            seq_decreases,
+            commit_violations,
+            max_recovery_seconds: self.recovery.as_secs_f64(),
+            verdict: String::new(),
+            notes,
+        }
+        .judge(loss_expected);
+        Ok((result, self.kills))
+    }
+}
+
+async fn wait_processing(p: &IdemProcess, at_least: u64, bound: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while p.outcome(None).await < at_least {
+        anyhow::ensure!(
+            start.elapsed() < bound,
+            "idem processed nothing within {bound:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+fn kills_for(spec: &ConformanceSpec) -> u32 {
+    match spec.profile {
+        Profile::Short => 3,
+        Profile::Full => 20,
+    }
+}
+
+async fn sigkill_random(spec: ConformanceSpec, seed: u64) -> anyhow::Result<(ScenarioResult, u32)> {
+    let kills = kills_for(&spec);
+    let events = if spec.profile == Profile::Full {
+        60_000
+    } else {
+        8_000
+    };
+    let mut case = Case::new(&spec, "sigkill-random", seed, events, 6).await?;
+    let sampler = case.sampler();
+    let mut rng = Rng::new(seed);
+    let slices = kills as usize + 1;
+    let per = case.records.len() / slices + 1;
+    let mut violations = 0;
+    for k in 0..kills as usize {
+        case.produce(k * per, ((k + 1) * per).min(case.records.len()))
+            .await?;
+        let p = case.spawn(&[])?;
+        wait_processing(&p, 1, RECOVERY_BOUND).await?;
+        // Anywhere: before, inside or after a batch.
+        tokio::time::sleep(Duration::from_millis(rng.below(600))).await;
+        p.kill();
+        case.kills += 1;
+        violations += case.check_commits().await?;
+    }
+    case.produce(kills as usize * per, case.records.len())
+        .await?;
+    let p = case.spawn(&[])?;
+    case.catch_up().await?;
+    p.terminate().await;
+    violations += case.check_commits().await?;
+    case.faults
+        .push(format!("{kills} SIGKILLs at random moments"));
+    case.finish(Some(sampler), violations, String::new(), false)
+        .await
+}
+
+async fn sigterm_mid_batch(
+    spec: ConformanceSpec,
+    seed: u64,
+) -> anyhow::Result<(ScenarioResult, u32)> {
+    let mut case = Case::new(&spec, "sigterm-mid-batch", seed, 10_000, 4).await?;
+    let sampler = case.sampler();
+    let n = case.records.len();
+    case.produce(0, n).await?;
+    let mut violations = 0;
+    let mut clean = true;
+    for _ in 0..2 {
+        let p = case.spawn(&[("IDEM__PIPELINE__BATCH_MAX_EVENTS", "200")])?;
+        wait_processing(&p, 1, RECOVERY_BOUND).await?;
+        clean &= p.terminate().await;
+        violations += case.check_commits().await?;
+    }
+    let p = case.spawn(&[])?;
+    case.catch_up().await?;
+    p.terminate().await;
+    case.faults
+        .push("2 SIGTERMs while batches were in flight".into());
+    let notes = if clean {
+        String::new()
+    } else {
+        "idem did not exit 0 after SIGTERM".into()
+    };
+    let (mut r, k) = case.finish(Some(sampler), violations, notes, false).await?;
+    if !clean {
+        r.verdict = "fail".into();
+    }
+    Ok((r, k))
+}
+
+async fn redis_stalled(spec: ConformanceSpec, seed: u64) -> anyhow::Result<(ScenarioResult, u32)> {
+    let mut case = Case::new(&spec, "redis-stalled", seed, 6_000, 4).await?;
+    let sampler = case.sampler();
+    let n = case.records.len();
+    case.produce(0, n / 2).await?;
+    let p = case.spawn(&[])?;
+    wait_processing(&p, 1, RECOVERY_BOUND).await?;
+    // Stall Redis for three times the client's timeout.
+    let client = redis::Client::open(case.redis_url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(3000)
+        .arg("ALL")
+        .query_async(&mut conn)
+        .await?;
+    case.produce(n / 2, n).await?;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    case.catch_up().await?;
+    p.terminate().await;
+    let violations = case.check_commits().await?;
+    case.faults
+        .push("Redis paused 3 s (client timeout 1 s)".into());
+    case.finish(Some(sampler), violations, String::new(), false)
+        .await
+}
+
+async fn redis_killed(
+    spec: ConformanceSpec,
+    seed: u64,
+    fsync: &'static str,
+) -> anyhow::Result<(ScenarioResult, u32)> {
+    let name = if fsync == "always" {
+        "redis-killed-fsync"
+    } else {
+        "redis-killed-ack-everysec"
+    };
+    let mut case = Case::new(&spec, name, seed, 20_000, 4).await?;
+    let mut redis = PrivateRedis::start(&spec.env.work_dir, fsync)
+        .await
+        .map_err(|e| anyhow::anyhow!("skipped: {e}"))?;
+    case.redis_url = redis.url();
+    let sampler = case.sampler();
+    let n = case.records.len();
+    case.produce(0, n).await?;
+    let durability = if fsync == "always" { "fsync" } else { "ack" };
+    let p = case.spawn(&[("IDEM__REDIS__DURABILITY", durability)])?;
+    wait_processing(&p, (n / 3) as u64, RECOVERY_BOUND).await?;
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.restart().await?;
+    case.catch_up().await?;
+    p.terminate().await;
+    let violations = case.check_commits().await?;
+    case.faults.push(format!("redis-server SIGKILLed mid-stream and restarted (appendfsync {fsync}, durability {durability})"));
+    let notes = if fsync == "always" {
+        String::new()
+    } else {
+        "durability = ack with appendfsync everysec: Redis may lose up to 1 s of acknowledged writes, whose offsets may be committed".into()
+    };
+    case.finish(Some(sampler), violations, notes, fsync != "always")
+        .await
+}
+
+async fn lua_error(spec: ConformanceSpec, seed: u64) -> anyhow::Result<(ScenarioResult, u32)> {
+    let mut case = Case::new(&spec, "lua-error-mid-batch", seed, 6_000, 4).await?;
+    // An entity whose first event comes late: its state key is made a string,
+    // so the script fails with WRONGTYPE in the middle of a batch.
+    let victim = case
+        .records
+        .iter()
+        .skip(case.records.len() / 2)
+        .find_map(|r| {
+            let e =
+                crate::event::decode(Some(&r.value), &crate::event::FieldMap::default(), 1 << 20)
+                    .ok()?;
+            let first = case.records.iter().position(|x| x.key == r.key)?;
+            (first > case.records.len() / 2).then_some(e.entity)
+        })
+        .unwrap_or_else(|| {
+            case.model
+                .entities
+                .keys()
+                .last()
+                .cloned()
+                .unwrap_or_default()
+        });
+    let state_key = crate::store::KeyLayout::new(&case.topic).state_key(&victim);
+    let client = redis::Client::open(case.redis_url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let _: () = redis::cmd("SET")
+        .arg(&state_key)
+        .arg("not a hash")
+        .query_async(&mut conn)
+        .await?;
+    let sampler = case.sampler();
+    let n = case.records.len();
+    case.produce(0, n).await?;
+    let p = case.spawn(&[])?;
+    let start = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(case.env.work_dir.join(format!("{}.log", case.topic)))
+            .unwrap_or_default();
+        if log.contains("WRONGTYPE") {
+            break;
+        }
+        anyhow::ensure!(
+            start.elapsed() < RECOVERY_BOUND,
+            "the injected script error never happened"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _: () = redis::cmd("DEL")
+        .arg(&state_key)
+        .query_async(&mut conn)
+        .await?;
+    case.catch_up().await?;
+    p.terminate().await;
+    let violations = case.check_commits().await?;
+    case.faults
+        .push("script error (WRONGTYPE) inside a batch for 2 s".into());
+    case.finish(Some(sampler), violations, String::new(), false)
+        .await
+}
+
+async fn after_window(spec: ConformanceSpec, seed: u64) -> anyhow::Result<(ScenarioResult, u32)> {
+    let mut case = Case::new(&spec, "duplicates-after-window", seed, 3_000, 2).await?;
+    let n = case.records.len();
+    case.produce(0, n).await?;
+    let extra = [("IDEM__DEDUPE__WINDOW", "300ms")];
+    let p = case.spawn(&extra)?;
+    case.catch_up().await?;
+    // Wait past two windows, then redeliver a copy of everything.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let copies = case.records.clone();
+    let delivered = harness::produce(&case.env, &case.topic, &copies).await?;
+    case.positions
+        .extend(harness::positions(&copies, &delivered));
+    case.catch_up().await?;
+    let applied_again = p.outcome(Some(Outcome::Applied)).await;
+    p.terminate().await;
+    let violations = case.check_commits().await?;
+    case.faults
+        .push(format!("{n} records redelivered after the window expired"));
+    let notes = format!("{applied_again} applied over both passes");
+    case.finish(None, violations, notes, false).await
+}
+
+async fn replay_earliest(
+    spec: ConformanceSpec,
+    seed: u64,
+) -> anyhow::Result<(ScenarioResult, u32)> {
+    let mut case = Case::new(&spec, "replay-from-earliest", seed, 4_000, 3).await?;
+    let n = case.records.len();
+    case.produce(0, n).await?;
+    let p = case.spawn(&[])?;
+    case.catch_up().await?;
+    p.terminate().await;
+    let (brokers, group, topic) = (
+        case.env.brokers.clone(),
+        case.topic.clone(),
+        case.topic.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let start = Instant::now();
+        loop {
+            let plan = crate::replay::plan(
+                &brokers,
+                &group,
+                &topic,
+                None,
+                &crate::replay::ReplayTarget::Earliest,
+            )?;
+            if plan.members.is_empty() {
+                return crate::replay::execute(&brokers, &plan);
+            }
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(60),
+                "the group never emptied"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+    .await??;
+    let p = case.spawn(&[])?;
+    case.catch_up().await?;
+    let applied = p.outcome(Some(Outcome::Applied)).await;
+    p.terminate().await;
+    let violations = case.check_commits().await?;
+    case.faults
+        .push("offsets moved to earliest, whole topic read again".into());
+    let (mut r, k) = case
+        .finish(
+            None,
+            violations,
+            format!("{applied} applied on the replay"),
+            false,
+        )
+        .await?;
+    if applied != 0 {
+        r.verdict = "fail".into();
+    }
+    Ok((r, k))
+}
+
+async fn poison(spec: ConformanceSpec, seed: u64) -> anyhow::Result<(ScenarioResult, u32)> {
+    let mut case = Case::new(&spec, "poison-record", seed, 3_000, 2).await?;
+    let n = case.records.len();
+    // Poison records between the good ones: they go to the dead-letter topic.
+    for (i, r) in case.records.clone().iter().enumerate().step_by(97) {
+        case.records.insert(
+            i,
+            SampleRecord {
+                key: r.key.clone(),
+                value: b"\x00poison{".to_vec(),
+            },
+        );
+    }
+    case.produce(0, case.records.len()).await?;
+    let p = case.spawn(&[])?;
+    case.catch_up().await?;
+    let invalid = p.outcome(Some(Outcome::Invalid)).await;
+    p.terminate().await;
+    let violations = case.check_commits().await?;
+    case.faults.push(format!(
+        "{} poison records among {n}",
+        case.records.len() - n
+    ));
+    let expected = (case.records.len() - n) as u64;
+    let (mut r, k) = case
+        .finish(None, violations, format!("{invalid} dead-lettered"), false)
+        .await?;
+    if invalid != expected {
+        r.verdict = "fail".into();
+    }
+    Ok((r, k))
+}
+
+async fn storm(spec: ConformanceSpec, seed: u64) -> anyhow::Result<(ScenarioResult, u32)> {
+    let mut case = Case::new(&spec, "rebalance-storm", seed, 40_000, 12).await?;
+    let sampler = case.sampler();
+    let mut rng = Rng::new(seed);
+    let mut members: Vec<IdemProcess> = (0..3)
+        .map(|_| case.spawn(&[]))
+        .collect::<anyhow::Result<_>>()?;
+    let n = case.records.len();
+    let slices = 20;
+    for s in 0..slices {
+        case.produce(s * n / slices, (s + 1) * n / slices).await?;
+        tokio::time::sleep(Duration::from_millis(1000 + rng.below(1500))).await;
+        let leaving = members.remove(rng.below(members.len() as u64) as usize);
+        if s % 2 == 0 {
+            leaving.terminate().await;
+        } else {
+            leaving.kill();
+            case.kills += 1;
+        }
+        members.push(case.spawn(&[])?);
+    }
+    case.catch_up().await?;
+    for m in members {
+        m.terminate().await;
+    }
+    let violations = case.check_commits().await?;
+    case.faults.push(format!(
+        "{slices} leaves and joins (half SIGTERM, half SIGKILL) among 3 instances"
+    ));
+    case.finish(Some(sampler), violations, String::new(), false)
+        .await
+}
+
+async fn zombie(spec: ConformanceSpec, seed: u64) -> anyhow::Result<(ScenarioResult, u32)> {
+    let mut case = Case::new(&spec, "zombie", seed, 10_000, 4).await?;
+    let sampler = case.sampler();
+    let n = case.records.len();
+    let extra = [("IDEM__KAFKA__LIBRDKAFKA__MAX.POLL.INTERVAL.MS", "7000")];
+    case.produce(0, n / 3).await?;
+    let zombie = case.spawn(&extra)?;
+    let other = case.spawn(&extra)?;
+    wait_processing(&zombie, 1, RECOVERY_BOUND).await?;
+    zombie.stop();
+    case.produce(n / 3, 2 * n / 3).await?;
+    // Past session timeout and max.poll.interval: the group moves on.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    zombie.resume();
+    case.produce(2 * n / 3, n).await?;
+    case.catch_up().await?;
+    zombie.terminate().await;
+    other.terminate().await;
+    let violations = case.check_commits().await?;
+    case.faults.push(
+        "one instance SIGSTOPped 12 s (session 6 s, max.poll.interval 7 s), then SIGCONT".into(),
+    );
+    case.finish(Some(sampler), violations, String::new(), false)
+        .await
+}
+
+async fn kafka_restart(spec: ConformanceSpec, seed: u64) -> anyhow::Result<(ScenarioResult, u32)> {
+    let (Some(kill), Some(start)) = (spec.kafka_kill_cmd.clone(), spec.kafka_start_cmd.clone())
+    else {
+        anyhow::bail!("skipped: needs --kafka-kill-cmd and --kafka-start-cmd");
+    };
+    let mut case = Case::new(&spec, "kafka-broker-restart", seed, 10_000, 4).await?;
+    let sampler = case.sampler();
+    let n = case.records.len();
+    case.produce(0, n / 2).await?;
+    let p = case.spawn(&[])?;
+    wait_processing(&p, 1, RECOVERY_BOUND).await?;
+    let sh = |cmd: &str| std::process::Command::new("sh").arg("-c").arg(cmd).status();
+    anyhow::ensure!(sh(&kill)?.success(), "--kafka-kill-cmd failed");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    anyhow::ensure!(sh(&start)?.success(), "--kafka-start-cmd failed");
+    case.produce(n / 2, n).await?;
+    case.catch_up().await?;
+    p.terminate().await;
+    let violations = case.check_commits().await?;
+    case.faults
+        .push("Kafka broker killed and restarted mid-stream".into());
+    case.finish(Some(sampler), violations, String::new(), false)
+        .await
+}
