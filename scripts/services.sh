@@ -17,6 +17,8 @@ REDIS_DIR="$CACHE/redis"
 KAFKA_PORT="${IDEM_KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${IDEM_KAFKA_CONTROLLER_PORT:-9093}"
 REDIS_PORT="${IDEM_REDIS_PORT:-6379}"
+CLUSTER_PORTS="${IDEM_REDIS_CLUSTER_PORTS:-7000 7001 7002}"
+CLUSTER_DIR="$CACHE/redis-cluster"
 KAFKA_HEAP="${IDEM_KAFKA_HEAP:--Xms256m -Xmx768m}"
 READY_TIMEOUT="${IDEM_SERVICES_TIMEOUT:-120}"
 
@@ -146,6 +148,43 @@ start_redis() {
   log "redis ready"
 }
 
+# A local three-master Redis Cluster (no replicas) for the cluster tests.
+start_redis_cluster() {
+  local first="" nodes=()
+  for port in $CLUSTER_PORTS; do
+    first="${first:-$port}"
+    nodes+=("127.0.0.1:$port")
+    local dir="$CLUSTER_DIR/$port"
+    mkdir -p "$dir"
+    if is_alive "$dir/redis.pid" || redis_ready "$port"; then continue; fi
+    redis-server --bind 127.0.0.1 --port "$port" --daemonize yes --pidfile "$dir/redis.pid" \
+      --dir "$dir" --logfile "$dir/redis.log" --cluster-enabled yes \
+      --cluster-config-file nodes.conf --cluster-node-timeout 5000 \
+      --save "" --appendonly no >/dev/null
+  done
+  for port in $CLUSTER_PORTS; do
+    local waited=0
+    until redis_ready "$port"; do
+      ((waited < 50)) || die "redis cluster node $port did not answer PING; see $CLUSTER_DIR/$port/redis.log"
+      sleep 0.1
+      waited=$((waited + 1))
+    done
+  done
+  if ! redis-cli -p "$first" cluster info | grep -q "cluster_state:ok"; then
+    if ! redis-cli -p "$first" cluster info | grep -q "cluster_known_nodes:3"; then
+      log "creating the redis cluster on ${nodes[*]}"
+      redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >/dev/null
+    fi
+    local waited=0
+    until redis-cli -p "$first" cluster info | grep -q "cluster_state:ok"; do
+      ((waited < 100)) || die "redis cluster did not reach cluster_state:ok"
+      sleep 0.1
+      waited=$((waited + 1))
+    done
+  fi
+  log "redis cluster ready on ${nodes[*]}"
+}
+
 stop_pidfile() {
   local name="$1" pidfile="$2"
   if is_alive "$pidfile"; then
@@ -163,12 +202,16 @@ case "${1:-up}" in
   up)
     install_packages
     start_redis
+    start_redis_cluster
     start_kafka
-    log "up: kafka 127.0.0.1:$KAFKA_PORT, redis redis://127.0.0.1:$REDIS_PORT"
+    log "up: kafka 127.0.0.1:$KAFKA_PORT, redis redis://127.0.0.1:$REDIS_PORT, redis cluster on ports $CLUSTER_PORTS"
     ;;
   down)
     stop_pidfile kafka "$KAFKA_DIR/kafka.pid"
     stop_pidfile redis "$REDIS_DIR/redis.pid"
+    for port in $CLUSTER_PORTS; do stop_pidfile "redis cluster node $port" "$CLUSTER_DIR/$port/redis.pid"; done
+    # A restarted node would find its old cluster config: start clean next time.
+    rm -rf "$CLUSTER_DIR"
     ;;
   kill-kafka)
     # For fault injection (make conformance): SIGKILL the broker started here.

@@ -18,11 +18,16 @@ use crate::event::FieldMap;
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
 /// librdkafka keys that idem fixes because they protect the delivery guarantee.
-const FIXED_LIBRDKAFKA_KEYS: [&str; 4] = [
+const FIXED_LIBRDKAFKA_KEYS: [&str; 8] = [
     "enable.auto.offset.store",
     "enable.auto.commit",
     "bootstrap.servers",
     "group.id",
+    // Security settings have their own keys, so that passwords can come from files.
+    "security.protocol",
+    "sasl.mechanisms",
+    "sasl.username",
+    "sasl.password",
 ];
 
 /// A configuration that cannot be used, with the key at fault.
@@ -56,6 +61,45 @@ impl ConfigError {
             ConfigError::Load(_) => None,
         }
     }
+}
+
+/// A password: never printed (Debug shows `***`), read from the config, the
+/// environment or a file (`…_file` keys).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself: pass it to a client, never to a log.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Reads a secret given inline or as a file (the file wins, trailing newline trimmed).
+fn secret(key: &str, inline: &str, file: &str) -> Result<Option<Secret>, ConfigError> {
+    if !file.is_empty() {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            ConfigError::invalid(
+                &format!("{key}_file"),
+                file,
+                &format!("a readable file holding the secret ({e})"),
+            )
+        })?;
+        return Ok(Some(Secret(
+            text.trim_end_matches(['\n', '\r']).to_string(),
+        )));
+    }
+    Ok((!inline.is_empty()).then(|| Secret(inline.to_string())))
 }
 
 /// Where a group without committed offsets starts.
@@ -96,6 +140,14 @@ pub struct KafkaConfig {
     pub group_instance_id: Option<String>,
     /// Passthrough librdkafka settings, already checked against the fixed keys.
     pub librdkafka: BTreeMap<String, String>,
+    /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    pub security_protocol: String,
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` (with a sasl_* protocol).
+    pub sasl_mechanism: String,
+    pub sasl_username: String,
+    pub sasl_password: Option<Secret>,
+    /// CA bundle to verify the brokers' certificates (ssl protocols).
+    pub ssl_ca_location: String,
 }
 
 /// When an effect counts as durable, so that its offset may be committed.
@@ -110,14 +162,27 @@ pub enum Durability {
     Fsync,
 }
 
+/// One Redis or a Redis Cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RedisMode {
+    #[default]
+    Standalone,
+    Cluster,
+}
+
 /// Redis connection settings and key layout.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
+    pub mode: RedisMode,
+    /// One URL, or for a cluster comma-separated seed node URLs.
     pub url: String,
     pub key_prefix: String,
     pub response_timeout: Duration,
     pub connect_timeout: Duration,
     pub durability: Durability,
+    /// ACL user and password (override any in the URL).
+    pub username: String,
+    pub password: Option<Secret>,
 }
 
 /// The dedupe window, global and per topic.
@@ -229,6 +294,12 @@ struct RawKafka {
     session_timeout: String,
     revoke_timeout: String,
     group_instance_id: String,
+    security_protocol: String,
+    sasl_mechanism: String,
+    sasl_username: String,
+    sasl_password: String,
+    sasl_password_file: String,
+    ssl_ca_location: String,
     /// Nested maps appear when a key's dots were read as path separators
     /// (environment variables); they are flattened back into dotted keys.
     #[serde(default)]
@@ -238,11 +309,15 @@ struct RawKafka {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRedis {
+    mode: String,
     url: String,
     key_prefix: String,
     response_timeout: String,
     connect_timeout: String,
     durability: String,
+    username: String,
+    password: String,
+    password_file: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -388,11 +463,38 @@ impl RawConfig {
         }
 
         let r = self.redis;
-        if !(r.url.starts_with("redis://") || r.url.starts_with("rediss://")) {
+        let mode = match r.mode.as_str() {
+            "standalone" => RedisMode::Standalone,
+            "cluster" => RedisMode::Cluster,
+            other => {
+                return Err(ConfigError::invalid(
+                    "redis.mode",
+                    other,
+                    "\"standalone\" or \"cluster\"",
+                ))
+            }
+        };
+        for url in r.url.split(',').map(str::trim) {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(ConfigError::invalid(
+                    "redis.url",
+                    redact_url(url),
+                    "a URL like redis://host:6379 (for a cluster: seed nodes separated by commas)",
+                ));
+            }
+        }
+        if mode == RedisMode::Cluster && r.durability != "ack" {
+            return Err(ConfigError::invalid(
+                "redis.durability",
+                &r.durability,
+                "\"ack\" with redis.mode = \"cluster\" (WAIT and WAITAOF are per node; not supported on a cluster yet)",
+            ));
+        }
+        if mode == RedisMode::Standalone && r.url.contains(',') {
             return Err(ConfigError::invalid(
                 "redis.url",
                 redact_url(&r.url),
-                "a URL like redis://host:6379 or rediss://host:6380",
+                "one URL (several seed nodes need redis.mode = \"cluster\")",
             ));
         }
         non_empty("redis.key_prefix", &r.key_prefix)?;
@@ -511,12 +613,42 @@ impl RawConfig {
                 group_instance_id: Some(k.group_instance_id.trim().to_string())
                     .filter(|s| !s.is_empty()),
                 librdkafka,
+                security_protocol: match k.security_protocol.as_str() {
+                    p @ ("plaintext" | "ssl" | "sasl_plaintext" | "sasl_ssl") => p.to_string(),
+                    other => {
+                        return Err(ConfigError::invalid(
+                            "kafka.security_protocol",
+                            other,
+                            "\"plaintext\", \"ssl\", \"sasl_plaintext\" or \"sasl_ssl\"",
+                        ))
+                    }
+                },
+                sasl_mechanism: match k.sasl_mechanism.as_str() {
+                    m @ ("PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512") => m.to_string(),
+                    other => {
+                        return Err(ConfigError::invalid(
+                            "kafka.sasl_mechanism",
+                            other,
+                            "\"PLAIN\", \"SCRAM-SHA-256\" or \"SCRAM-SHA-512\"",
+                        ))
+                    }
+                },
+                sasl_username: k.sasl_username,
+                sasl_password: secret(
+                    "kafka.sasl_password",
+                    &k.sasl_password,
+                    &k.sasl_password_file,
+                )?,
+                ssl_ca_location: k.ssl_ca_location,
             },
             redis: RedisConfig {
+                mode,
                 url: r.url,
                 key_prefix: r.key_prefix,
                 response_timeout: positive_duration("redis.response_timeout", &r.response_timeout)?,
                 connect_timeout: positive_duration("redis.connect_timeout", &r.connect_timeout)?,
+                username: r.username.clone(),
+                password: secret("redis.password", &r.password, &r.password_file)?,
                 durability: parse_durability(&r.durability).ok_or_else(|| {
                     ConfigError::invalid(
                         "redis.durability",
@@ -839,6 +971,33 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_never_print() {
+        let path = std::env::temp_dir().join(format!("idem-secret-{}", std::process::id()));
+        std::fs::write(&path, "s3cret-value\n").unwrap();
+        let c = Config::load(
+            None,
+            &env(&[
+                ("IDEM__REDIS__PASSWORD_FILE", path.to_str().unwrap()),
+                ("IDEM__KAFKA__SASL_PASSWORD", "kafka-pw"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.redis.password.as_ref().map(Secret::expose),
+            Some("s3cret-value")
+        );
+        assert_eq!(
+            c.kafka.sasl_password.as_ref().map(Secret::expose),
+            Some("kafka-pw")
+        );
+        let printed = format!("{c:?}");
+        assert!(
+            !printed.contains("s3cret-value") && !printed.contains("kafka-pw"),
+            "{printed}"
+        );
     }
 
     #[test]

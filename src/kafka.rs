@@ -22,10 +22,29 @@ use crate::metrics::{self, Health};
 use crate::offsets::TopicPartition;
 use crate::pipeline::Progress;
 
+/// Brokers and security settings, shared by every client idem makes.
+pub fn base_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("security.protocol", &cfg.security_protocol);
+    if cfg.security_protocol.starts_with("sasl") {
+        c.set("sasl.mechanisms", &cfg.sasl_mechanism)
+            .set("sasl.username", &cfg.sasl_username)
+            .set(
+                "sasl.password",
+                cfg.sasl_password.as_ref().map(|p| p.expose()).unwrap_or(""),
+            );
+    }
+    if !cfg.ssl_ca_location.is_empty() {
+        c.set("ssl.ca.location", &cfg.ssl_ca_location);
+    }
+    c
+}
+
 /// The consumer configuration: user passthrough first, then the settings
 /// that protect the guarantee, which always win.
 pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
+    let mut c = base_config(cfg);
     for (k, v) in &cfg.librdkafka {
         c.set(k, v);
     }

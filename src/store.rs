@@ -7,8 +7,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::AsyncCommands;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Value};
 use serde::Serialize;
 
 use crate::config::{redact_url, RedisConfig};
@@ -138,9 +139,84 @@ fn crc16_xmodem(bytes: &[u8]) -> u16 {
     crc
 }
 
-/// Opens a self-reconnecting Redis connection.
-pub async fn connect(cfg: &RedisConfig) -> Result<ConnectionManager, StoreError> {
-    let client = redis::Client::open(cfg.url.as_str())?;
+/// A connection to a standalone Redis or to a Redis Cluster. Both reconnect
+/// by themselves; the cluster one follows MOVED/ASK redirections and routes
+/// each command by the slot of its first key.
+#[derive(Clone)]
+pub enum RedisConn {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl RedisConn {
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisConn::Cluster(_))
+    }
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConn::Standalone(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConn::Standalone(c) => c.req_packed_commands(cmd, offset, count),
+            RedisConn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Standalone(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Opens the connection `cfg` asks for (`redis.mode`).
+pub async fn connect(cfg: &RedisConfig) -> Result<RedisConn, StoreError> {
+    match cfg.mode {
+        crate::config::RedisMode::Standalone => {
+            Ok(RedisConn::Standalone(connect_standalone(cfg).await?))
+        }
+        crate::config::RedisMode::Cluster => {
+            let nodes: Vec<&str> = cfg.url.split(',').map(str::trim).collect();
+            let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
+                .response_timeout(cfg.response_timeout)
+                .connection_timeout(cfg.connect_timeout)
+                .retries(3);
+            if !cfg.username.is_empty() {
+                builder = builder.username(cfg.username.clone());
+            }
+            if let Some(p) = &cfg.password {
+                builder = builder.password(p.expose().to_string());
+            }
+            let client = builder.build()?;
+            Ok(RedisConn::Cluster(client.get_async_connection().await?))
+        }
+    }
+}
+
+/// Opens a self-reconnecting connection to one Redis.
+async fn connect_standalone(cfg: &RedisConfig) -> Result<ConnectionManager, StoreError> {
+    use redis::IntoConnectionInfo;
+    let mut info = cfg.url.as_str().into_connection_info()?;
+    if !cfg.username.is_empty() {
+        info.redis.username = Some(cfg.username.clone());
+    }
+    if let Some(p) = &cfg.password {
+        info.redis.password = Some(p.expose().to_string());
+    }
+    let client = redis::Client::open(info)?;
     let manager_config = ConnectionManagerConfig::new()
         .set_response_timeout(cfg.response_timeout)
         .set_connection_timeout(cfg.connect_timeout)
@@ -177,7 +253,7 @@ pub struct EntityView {
 
 /// Reads an entity's state and bookkeeping.
 pub async fn read_entity(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     layout: &KeyLayout,
     entity: &str,
 ) -> Result<EntityView, StoreError> {
@@ -210,7 +286,7 @@ pub async fn read_entity(
 /// Checks at start that the server can give `durability`, and says how
 /// batches must wait for it. The error says what to change.
 pub async fn durable_wait(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     durability: crate::config::Durability,
 ) -> Result<crate::guard::DurableWait, String> {
     use crate::config::Durability;
@@ -276,7 +352,7 @@ pub async fn durable_wait(
 }
 
 /// Pings Redis within `timeout`.
-pub async fn ping(conn: &mut ConnectionManager, timeout: Duration) -> bool {
+pub async fn ping(conn: &mut RedisConn, timeout: Duration) -> bool {
     matches!(
         tokio::time::timeout(timeout, conn.ping::<String>()).await,
         Ok(Ok(_))

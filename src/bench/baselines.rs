@@ -87,11 +87,14 @@ pub async fn per_event_script_ceiling(
         .filter_map(|v| decode(Some(v), &fields, 1 << 20).ok())
         .collect();
     let cfg = crate::config::RedisConfig {
+        mode: Default::default(),
         url: redis_url.to_string(),
         key_prefix: prefix.to_string(),
         response_timeout: Duration::from_secs(30),
         connect_timeout: Duration::from_secs(5),
         durability: Default::default(),
+        username: String::new(),
+        password: None,
     };
     let conn = crate::store::connect(&cfg).await?;
     let mut guard = Guard::new(conn, KeyLayout::new(prefix), 1);

@@ -360,11 +360,14 @@ pub async fn read_views(
     entities: impl Iterator<Item = &String>,
 ) -> anyhow::Result<BTreeMap<String, EntityView>> {
     let cfg = crate::config::RedisConfig {
+        mode: Default::default(),
         url: redis_url.to_string(),
         key_prefix: prefix.to_string(),
         response_timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(2),
         durability: Default::default(),
+        username: String::new(),
+        password: None,
     };
     let mut conn = store::connect(&cfg).await?;
     let layout = KeyLayout::new(prefix);

@@ -11,7 +11,6 @@ pub mod tools;
 
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -72,8 +71,7 @@ pub struct DlqWriter {
 
 impl DlqWriter {
     pub fn new(config: &Config) -> anyhow::Result<DlqWriter> {
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", &config.kafka.brokers)
+        let producer = crate::kafka::base_config(&config.kafka)
             // A dead letter must be durable before its source offset is committed.
             .set("enable.idempotence", "true")
             .set("acks", "all")

@@ -4,44 +4,37 @@
 -- entity's hash tag; in Redis Cluster all events of one call must also share
 -- a slot (standalone Redis has no such limit).
 --
--- KEYS[i]  the base key of event i's entity: "<prefix>:{<entity>}". The
---          script derives the entity's keys from it (same hash tag, so the
---          same slot):
---            <base>:state     hash, the materialized view (user fields only)
---            <base>:meta      hash: seq, last_id, fingerprint, applied, updated_ms, deleted
---            <base>:ids:<g>   hash: remembered ids of window generation g
--- ARGV     per event, in KEYS order, a fixed head then the fields:
---            window_ms, id, id_hash (8 bytes), fingerprint (8 bytes),
---            fingerprint_hex, seq (decimal u64), op ("u" | "d"),
---            nset, field1, value1, ..., nunset, field1, ...
+-- KEYS     four per event, all with the entity's hash tag (so one slot), and
+--          all declared, so that Redis Cluster runs the call only where every
+--          key is (during a slot migration it answers TRYAGAIN instead):
+--            <base>:meta        hash: seq, last_id, fingerprint, applied, updated_ms, deleted
+--            <base>:state       hash, the materialized view (user fields only)
+--            <base>:ids:<g>     hash: remembered ids of window generation g (current)
+--            <base>:ids:<g-1>   the previous generation
+--          where <base> is "<prefix>:{<entity>}".
+-- ARGV     per event, a fixed head then the fields:
+--            expire_at_ms (end of generation g+1), id, id_hash (8 bytes),
+--            fingerprint (8 bytes), fingerprint_hex, seq (decimal u64),
+--            op ("u" | "d"), nset, field1, value1, ..., nunset, field1, ...
 -- Returns  per event two values: code, detail
 --            0 applied    detail 0
 --            1 duplicate  detail: ms since the id was first seen
 --            2 stale      detail: the entity's recorded seq
 --            3 conflict   detail: the remembered fingerprint (8 bytes)
 --
--- The window: time is cut into generations of window_ms; an id is stored in
--- the current generation's hash, which expires two generations later, and
+-- The window: time is cut into generations of one window (idem computes g
+-- from its clock, so the keys can be declared); an id is stored in the
+-- current generation's hash, which expires at the end of the next one, and
 -- looked up in the current and the previous one. So an id is remembered for
 -- at least one window and at most two, and nothing ever scans for old ids.
+-- (Clocks of instances that differ by s seconds can miss a duplicate within
+-- s of a generation boundary; the sequence check still makes it stale.)
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- Number-to-string conversions are costly in Lua 5.1 (printf): make each once.
 local now_str = string.format('%d', now)
 local now_packed = struct.pack('>I6', now)
-local generations = {}
-local function generation(window)
-  local g = generations[window]
-  if not g then
-    local w = tonumber(window)
-    local n = math.floor(now / w)
-    g = { current = ':ids:' .. string.format('%d', n), previous = ':ids:' .. string.format('%d', n - 1),
-          expire_at = string.format('%d', (n + 2) * w) }
-    generations[window] = g
-  end
-  return g
-end
 
 -- seqs are u64 in decimal without leading zeros: Lua numbers (doubles)
 -- would lose precision above 2^53, so compare as strings.
@@ -56,9 +49,9 @@ local UNPACK_CHUNK = 1000
 
 local out = {}
 local a = 1
-for i = 1, #KEYS do
-  local base = KEYS[i]
-  local window = ARGV[a]
+for i = 1, #KEYS / 4 do
+  local meta, state, current, previous = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
+  local expire_at = ARGV[a]
   local id, idh, fp, fp_hex, seq, op = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
   local nset = tonumber(ARGV[a + 7])
   local set_from = a + 8
@@ -66,11 +59,9 @@ for i = 1, #KEYS do
   local unset_from = set_from + 2 * nset + 1
   a = unset_from + nunset
 
-  local gen = generation(window)
-  local current = base .. gen.current
   local seen = redis.call('HGET', current, idh)
   if not seen then
-    seen = redis.call('HGET', base .. gen.previous, idh)
+    seen = redis.call('HGET', previous, idh)
   end
 
   if seen then
@@ -83,7 +74,6 @@ for i = 1, #KEYS do
       out[#out + 1] = seen_fp
     end
   else
-    local meta = base .. ':meta'
     local m = redis.call('HMGET', meta, 'seq', 'applied')
     local recorded, applied = m[1], m[2]
     if recorded and not is_newer(seq, recorded) then
@@ -94,7 +84,6 @@ for i = 1, #KEYS do
       -- script that fails halfway, and a failure must never leave the id
       -- remembered without its effect (a retry then re-applies the merge,
       -- which is idempotent).
-      local state = base .. ':state'
       local count = string.format('%d', (tonumber(applied) or 0) + 1)
       if op == 'd' then
         redis.call('DEL', state)
@@ -114,7 +103,7 @@ for i = 1, #KEYS do
     -- Stale ids are remembered too, so their redelivery is a duplicate.
     redis.call('HSET', current, idh, fp .. now_packed)
     if redis.call('HLEN', current) == 1 then
-      redis.call('PEXPIREAT', current, gen.expire_at)
+      redis.call('PEXPIREAT', current, expire_at)
     end
   end
 end

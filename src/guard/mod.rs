@@ -8,12 +8,11 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::Value;
 
 use crate::event::{id_hash, Event, Op};
 use crate::model::Outcome;
-use crate::store::{KeyLayout, StoreError};
+use crate::store::{hash_slot, KeyLayout, RedisConn, StoreError};
 
 const SCRIPT: &str = include_str!("guard.lua");
 
@@ -47,7 +46,7 @@ pub enum DurableWait {
 
 /// Runs the guard script against one Redis.
 pub struct Guard {
-    conn: ConnectionManager,
+    conn: RedisConn,
     script: redis::Script,
     layout: KeyLayout,
     events_per_script: usize,
@@ -56,7 +55,7 @@ pub struct Guard {
 }
 
 impl Guard {
-    pub fn new(conn: ConnectionManager, layout: KeyLayout, events_per_script: usize) -> Self {
+    pub fn new(conn: RedisConn, layout: KeyLayout, events_per_script: usize) -> Self {
         Guard {
             conn,
             script: redis::Script::new(SCRIPT),
@@ -74,14 +73,24 @@ impl Guard {
         self
     }
 
+    /// Replaces the connection (after repeated failures, a fresh one can
+    /// recover where a long-lived client stays stuck, e.g. after a cluster
+    /// topology change).
+    pub fn replace_connection(&mut self, conn: RedisConn) {
+        self.conn = conn;
+    }
+
     /// The SHA1 of the script, as `EVALSHA` knows it.
     pub fn script_sha(&self) -> &str {
         self.script.get_hash()
     }
 
-    /// Loads the script into Redis (done lazily on `NOSCRIPT` too).
+    /// Loads the script into Redis (done lazily on `NOSCRIPT` too; on a
+    /// cluster each node loads it on first use).
     pub async fn load_script(&mut self) -> Result<(), StoreError> {
-        self.script.load_async(&mut self.conn).await?;
+        if !self.conn.is_cluster() {
+            self.script.load_async(&mut self.conn).await?;
+        }
         Ok(())
     }
 
@@ -91,6 +100,9 @@ impl Guard {
     pub async fn apply(&mut self, inputs: &[GuardInput<'_>]) -> Result<Vec<Verdict>, StoreError> {
         if inputs.is_empty() {
             return Ok(Vec::new());
+        }
+        if self.conn.is_cluster() {
+            return self.apply_cluster(inputs).await;
         }
         let chunks = chunk_by_entity(inputs, self.events_per_script);
         let pipe = self.build_pipeline(inputs, &chunks);
@@ -126,18 +138,82 @@ impl Guard {
             .collect())
     }
 
+    /// Redis Cluster: one call per hash slot (a script may only touch one
+    /// slot), sent concurrently; each is routed to the slot's owner. An
+    /// entity's events are all in its slot's call, in order.
+    async fn apply_cluster(
+        &mut self,
+        inputs: &[GuardInput<'_>],
+    ) -> Result<Vec<Verdict>, StoreError> {
+        let chunks = chunk_by_slot(inputs, &self.layout);
+        let calls = chunks.iter().map(|chunk| {
+            let mut conn = self.conn.clone();
+            let evalsha = self.script_cmd(inputs, chunk, false);
+            let eval = self.script_cmd(inputs, chunk, true);
+            async move {
+                match evalsha.query_async::<Vec<Value>>(&mut conn).await {
+                    // This node has not seen the script yet: EVAL loads it.
+                    Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                        eval.query_async(&mut conn).await
+                    }
+                    other => other,
+                }
+            }
+        });
+        let replies = futures_util::future::join_all(calls).await;
+        let mut verdicts = vec![None; inputs.len()];
+        for (chunk, reply) in chunks.iter().zip(replies) {
+            let parsed = parse_replies(&[reply?], chunk.len())?;
+            for (&i, v) in chunk.iter().zip(parsed) {
+                verdicts[i] = Some(v);
+            }
+        }
+        Ok(verdicts
+            .into_iter()
+            .map(|v| v.expect("every input is in one chunk"))
+            .collect())
+    }
+
+    fn script_cmd(
+        &self,
+        inputs: &[GuardInput<'_>],
+        chunk: &[usize],
+        with_source: bool,
+    ) -> redis::Cmd {
+        let mut cmd = if with_source {
+            let mut c = redis::cmd("EVAL");
+            c.arg(SCRIPT);
+            c
+        } else {
+            let mut c = redis::cmd("EVALSHA");
+            c.arg(self.script.get_hash());
+            c
+        };
+        cmd.arg(chunk.len() * 4);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        for &i in chunk {
+            let input = &inputs[i];
+            let base = self.layout.entity_base(&input.event.entity);
+            let generation = now_ms / window_ms(input);
+            cmd.arg(format!("{base}:meta"))
+                .arg(format!("{base}:state"))
+                .arg(format!("{base}:ids:{generation}"))
+                .arg(format!("{base}:ids:{}", generation.saturating_sub(1)));
+        }
+        for &i in chunk {
+            let input = &inputs[i];
+            let expire_at = (now_ms / window_ms(input) + 2) * window_ms(input);
+            push_event_args(&mut cmd, input, expire_at);
+        }
+        cmd
+    }
+
     fn build_pipeline(&self, inputs: &[GuardInput<'_>], chunks: &[Vec<usize>]) -> redis::Pipeline {
         let mut pipe = redis::pipe();
         for chunk in chunks {
-            let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(self.script.get_hash()).arg(chunk.len());
-            for &i in chunk {
-                cmd.arg(self.layout.entity_base(&inputs[i].event.entity));
-            }
-            for &i in chunk {
-                push_event_args(&mut cmd, &inputs[i]);
-            }
-            pipe.add_command(cmd);
+            pipe.add_command(self.script_cmd(inputs, chunk, false));
         }
         match self.wait {
             DurableWait::None => {}
@@ -170,6 +246,21 @@ fn check_durable(wait: DurableWait, reply: &Value) -> Result<(), StoreError> {
             "{wait:?} answered {reply:?}"
         )))
     }
+}
+
+/// One call per hash slot, events in batch order within each.
+pub fn chunk_by_slot(inputs: &[GuardInput<'_>], layout: &KeyLayout) -> Vec<Vec<usize>> {
+    let mut chunks: Vec<Vec<usize>> = Vec::new();
+    let mut chunk_of: std::collections::HashMap<u16, usize> = std::collections::HashMap::new();
+    for (i, input) in inputs.iter().enumerate() {
+        let slot = hash_slot(layout.entity_base(&input.event.entity).as_bytes());
+        let c = *chunk_of.entry(slot).or_insert_with(|| {
+            chunks.push(Vec::new());
+            chunks.len() - 1
+        });
+        chunks[c].push(i);
+    }
+    chunks
 }
 
 /// Splits a batch into script calls of about `per_call` events, keeping all
@@ -211,10 +302,13 @@ pub fn chunk_by_entity(inputs: &[GuardInput<'_>], per_call: usize) -> Vec<Vec<us
     chunks
 }
 
-fn push_event_args(cmd: &mut redis::Cmd, input: &GuardInput<'_>) {
+fn window_ms(input: &GuardInput<'_>) -> u64 {
+    input.window.as_millis().max(1) as u64
+}
+
+fn push_event_args(cmd: &mut redis::Cmd, input: &GuardInput<'_>, expire_at_ms: u64) {
     let e = input.event;
-    let window_ms = input.window.as_millis().max(1) as u64;
-    cmd.arg(window_ms)
+    cmd.arg(expire_at_ms)
         .arg(&e.id)
         .arg(&id_hash(&e.id).to_be_bytes()[..])
         .arg(&e.fingerprint.to_be_bytes()[..])

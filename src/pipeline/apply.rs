@@ -21,6 +21,9 @@ use crate::guard::{Guard, GuardInput, Verdict};
 use crate::metrics::{self, Health};
 use crate::model::Outcome;
 
+/// Consecutive failures after which the Redis connection is replaced.
+const RECONNECT_AFTER: u32 = 3;
+
 pub struct GuardStage {
     pub config: Arc<Config>,
     pub guard: Guard,
@@ -209,6 +212,7 @@ fn dead_letters<'a>(batch: &'a Batch, verdicts: &[Verdict]) -> Vec<DeadLetter<'a
 impl GuardStage {
     async fn guard_with_retry(&mut self, inputs: &[GuardInput<'_>]) -> Option<Vec<Verdict>> {
         let mut backoff = Backoff::new(&self.config);
+        let mut failures = 0u32;
         loop {
             let started = Instant::now();
             match self.guard.apply(inputs).await {
@@ -220,6 +224,19 @@ impl GuardStage {
                 Err(e) => {
                     self.health.set_redis_ok(false);
                     metrics::record_retry(e.cause());
+                    failures += 1;
+                    if failures % RECONNECT_AFTER == 0 {
+                        match crate::store::connect(&self.config.redis).await {
+                            Ok(conn) => {
+                                tracing::warn!(
+                                    failures,
+                                    "redis keeps failing: replaced the connection"
+                                );
+                                self.guard.replace_connection(conn);
+                            }
+                            Err(e) => tracing::warn!(error = %e, "redis reconnect failed"),
+                        }
+                    }
                     let wait: Duration = backoff.next();
                     tracing::warn!(
                         error = %e,

@@ -356,7 +356,7 @@ fn store_commits(consumer: &StreamConsumer<IdemContext>, progress: &Progress) {
 async fn connect_redis(
     config: &Config,
     shutdown: &mut Shutdown,
-) -> Option<redis::aio::ConnectionManager> {
+) -> Option<crate::store::RedisConn> {
     let mut backoff = Backoff::new(config);
     loop {
         match store::connect(&config.redis).await {

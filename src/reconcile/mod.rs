@@ -198,7 +198,7 @@ pub async fn reconcile(
 }
 
 async fn repair(
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut crate::store::RedisConn,
     layout: &KeyLayout,
     entity: &str,
     want: &EntityModel,
@@ -219,7 +219,7 @@ async fn repair(
 
 /// Entities that have a meta hash under the prefix.
 async fn entities_in_redis(
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut crate::store::RedisConn,
     layout: &KeyLayout,
 ) -> Result<Vec<String>, StoreError> {
     let pattern = layout.entity_base("*") + ":meta";

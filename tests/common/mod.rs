@@ -193,6 +193,9 @@ impl Idem {
             .env("IDEM__REDIS__CONNECT_TIMEOUT", "500ms")
             .env("IDEM__PIPELINE__RETRY_MAX_BACKOFF", "500ms")
             .env("IDEM__METRICS__LISTEN", format!("127.0.0.1:{port}"));
+        if opts.redis_url.contains(',') {
+            cmd.env("IDEM__REDIS__MODE", "cluster");
+        }
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
@@ -441,13 +444,28 @@ pub fn oracle(records: &[SampleRecord]) -> (Model, HashMap<Outcome, u64>) {
     (model, counts)
 }
 
-pub async fn redis_conn(url: &str) -> redis::aio::ConnectionManager {
+/// The local Redis Cluster's seed nodes (`make services` starts it).
+pub fn redis_cluster_url() -> String {
+    std::env::var("IDEM_REDIS_CLUSTER_URL").unwrap_or_else(|_| {
+        "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".into()
+    })
+}
+
+/// A connection to `url`: a cluster when it lists several seed nodes.
+pub async fn redis_conn(url: &str) -> idem::store::RedisConn {
     let cfg = idem::config::RedisConfig {
+        mode: if url.contains(',') {
+            idem::config::RedisMode::Cluster
+        } else {
+            idem::config::RedisMode::Standalone
+        },
         url: url.to_string(),
         key_prefix: "unused".into(),
         response_timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(2),
         durability: Default::default(),
+        username: String::new(),
+        password: None,
     };
     store::connect(&cfg).await.expect("redis connection")
 }
@@ -507,10 +525,16 @@ pub struct PrivateRedis {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    password: Option<String>,
 }
 
 impl PrivateRedis {
     pub async fn start() -> PrivateRedis {
+        Self::start_with_password(None).await
+    }
+
+    /// A private Redis that requires `password` (AUTH) when given.
+    pub async fn start_with_password(password: Option<&str>) -> PrivateRedis {
         let port = free_port();
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("redis"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -518,6 +542,7 @@ impl PrivateRedis {
             port,
             dir,
             child: None,
+            password: password.map(str::to_string),
         };
         r.restart().await;
         r
@@ -529,24 +554,31 @@ impl PrivateRedis {
 
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &self.port.to_string(),
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", "yes", "--appendfsync", "always"])
-            .arg("--dir")
-            .arg(&self.dir)
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &self.port.to_string(),
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "yes", "--appendfsync", "always"])
+        .arg("--dir")
+        .arg(&self.dir);
+        if let Some(p) = &self.password {
+            cmd.args(["--requirepass", p]);
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server (install redis-server, or run `make services`)");
         self.child = Some(child);
-        let url = self.url();
+        let url = match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => self.url(),
+        };
         wait_until(
             "private redis answers PING",
             Duration::from_secs(20),
