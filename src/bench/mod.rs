@@ -38,6 +38,10 @@ pub struct BenchSpec {
     pub latency_seconds: u64,
     /// Rate of the latency load; None: half the measured throughput.
     pub latency_rate: Option<f64>,
+    /// idem instances in the group during the backlog phase.
+    pub instances: usize,
+    /// Measure the backlog phase only (no latency phase, no baselines).
+    pub throughput_only: bool,
     /// The idem binary to run (normally this very executable).
     pub idem_exe: PathBuf,
     pub out_dir: PathBuf,

@@ -69,28 +69,44 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
     live_producer
         .client()
         .fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-    let mut redis = redis::Client::open(spec.redis_url.as_str())?
-        .get_multiplexed_async_connection()
-        .await?;
-    let used_before = used_memory(&mut redis).await?;
+    let cluster = spec.redis_url.contains(',');
+    let mut redis = if cluster {
+        None
+    } else {
+        Some(
+            redis::Client::open(spec.redis_url.as_str())?
+                .get_multiplexed_async_connection()
+                .await?,
+        )
+    };
+    let used_before = match redis.as_mut() {
+        Some(r) => used_memory(r).await?,
+        None => 0,
+    };
 
-    progress("running idem on the backlog");
-    let port = free_port()?;
-    let mut idem = spawn_idem(spec, &topic, &prefix, port)?;
-    let metrics_url = port;
+    progress(&format!(
+        "running {} idem instance(s) on the backlog",
+        spec.instances
+    ));
+    let mut idems: Vec<(Child, u16)> = Vec::new();
+    for _ in 0..spec.instances.max(1) {
+        let port = free_port()?;
+        idems.push((spawn_idem(spec, &topic, &prefix, port)?, port));
+    }
+    let ports: Vec<u16> = idems.iter().map(|(_, p)| *p).collect();
     let total = records.len() as u64;
     // The clock starts when the first outcome is counted, so the group join is not measured.
     let (t0, cpu0) = loop {
-        ensure_running(&mut idem, &spec.out_dir)?;
-        if scrape_total(metrics_url, &topic).await.unwrap_or(0) > 0 {
-            break (Instant::now(), cpu_seconds(idem.id()));
+        ensure_all_running(&mut idems, &spec.out_dir)?;
+        if scrape_total_all(&ports, &topic).await > 0 {
+            break (Instant::now(), cpu_seconds_all(&idems));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let mut last_report = Instant::now();
     loop {
-        ensure_running(&mut idem, &spec.out_dir)?;
-        let done = scrape_total(metrics_url, &topic).await.unwrap_or(0);
+        ensure_all_running(&mut idems, &spec.out_dir)?;
+        let done = scrape_total_all(&ports, &topic).await;
         if done >= total {
             break;
         }
@@ -101,10 +117,13 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = t0.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(idem.id()) - cpu0;
+    let cpu = cpu_seconds_all(&idems) - cpu0;
     report.idem_records_per_second = total as f64 / elapsed;
     report.idem_cpu_seconds_per_million = cpu / total as f64 * 1e6;
-    let text = scrape(metrics_url).await.unwrap_or_default();
+    let mut text = String::new();
+    for p in &ports {
+        text.push_str(&scrape(*p).await.unwrap_or_default());
+    }
     for o in Outcome::ALL {
         let n = sum_series(
             &text,
@@ -121,15 +140,36 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
             .map_or(0, |(_, n)| *n)
     };
     report.remembered_ids = outcome("applied") + outcome("stale");
-    let used_after = used_memory(&mut redis).await?;
-    report.redis_bytes_per_id_total =
-        used_after.saturating_sub(used_before) as f64 / report.remembered_ids.max(1) as f64;
-    report.redis_bytes_per_id_dedupe =
-        id_hash_bytes(&mut redis, &prefix).await? as f64 / report.remembered_ids.max(1) as f64;
+    if let Some(r) = redis.as_mut() {
+        let used_after = used_memory(r).await?;
+        report.redis_bytes_per_id_total =
+            used_after.saturating_sub(used_before) as f64 / report.remembered_ids.max(1) as f64;
+        report.redis_bytes_per_id_dedupe =
+            id_hash_bytes(r, &prefix).await? as f64 / report.remembered_ids.max(1) as f64;
+    }
     progress(&format!(
         "idem: {:.0} records/s, {:.2} CPU s per million",
         report.idem_records_per_second, report.idem_cpu_seconds_per_million
     ));
+    if spec.throughput_only {
+        report.idem_peak_rss_bytes = idems
+            .iter()
+            .map(|(c, _)| peak_rss_bytes(c.id()))
+            .max()
+            .unwrap_or(0);
+        for (c, _) in idems {
+            stop(c);
+        }
+        std::fs::write(
+            spec.out_dir.join("bench.json"),
+            serde_json::to_string_pretty(&report)?,
+        )?;
+        return Ok(report);
+    }
+    let (mut idem, metrics_url) = idems.remove(0);
+    for (c, _) in idems {
+        stop(c);
+    }
 
     // Fixed-rate load at half the measured maximum, while idem keeps running.
     let rate = spec
@@ -233,7 +273,9 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
         serde_json::to_string_pretty(&report)?,
     )?;
     std::fs::write(spec.out_dir.join("bench.md"), report.to_markdown())?;
-    cleanup(&mut redis, &prefix).await;
+    if let Some(r) = redis.as_mut() {
+        cleanup(r, &prefix).await;
+    }
     Ok(report)
 }
 
@@ -266,7 +308,10 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 fn spawn_idem(spec: &BenchSpec, topic: &str, prefix: &str, port: u16) -> anyhow::Result<Child> {
-    let log = std::fs::File::create(spec.out_dir.join("idem.log"))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(spec.out_dir.join("idem.log"))?;
     Ok(Command::new(&spec.idem_exe)
         .arg("run")
         .env("IDEM__KAFKA__BROKERS", &spec.brokers)
@@ -280,6 +325,25 @@ fn spawn_idem(spec: &BenchSpec, topic: &str, prefix: &str, port: u16) -> anyhow:
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()?)
+}
+
+fn ensure_all_running(children: &mut [(Child, u16)], out_dir: &Path) -> anyhow::Result<()> {
+    for (c, _) in children {
+        ensure_running(c, out_dir)?;
+    }
+    Ok(())
+}
+
+async fn scrape_total_all(ports: &[u16], topic: &str) -> u64 {
+    let mut sum = 0;
+    for p in ports {
+        sum += scrape_total(*p, topic).await.unwrap_or(0);
+    }
+    sum
+}
+
+fn cpu_seconds_all(children: &[(Child, u16)]) -> f64 {
+    children.iter().map(|(c, _)| cpu_seconds(c.id())).sum()
 }
 
 fn ensure_running(child: &mut Child, out_dir: &Path) -> anyhow::Result<()> {

@@ -50,6 +50,13 @@ pub struct BenchArgs {
     /// Rate of the latency load, records/s (default: half the measured throughput).
     #[arg(long)]
     latency_rate: Option<f64>,
+    /// idem instances (one consumer group) on the backlog.
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
+    /// Measure the backlog throughput only: no latency phase, no baselines.
+    /// With redis.mode = cluster only this part runs.
+    #[arg(long)]
+    throughput_only: bool,
     /// Seed of the generator.
     #[arg(long, default_value_t = 7)]
     seed: u64,
@@ -73,6 +80,9 @@ pub async fn run(args: BenchArgs, config: Config) -> anyhow::Result<ExitCode> {
         ceiling_records: args.ceiling_records.unwrap_or(usize::MAX),
         latency_seconds: args.latency_seconds,
         latency_rate: args.latency_rate,
+        instances: args.instances,
+        throughput_only: args.throughput_only
+            || config.redis.mode == crate::config::RedisMode::Cluster,
         idem_exe: std::env::current_exe()?,
         out_dir: args.out.clone(),
         seed: args.seed,
