@@ -253,6 +253,20 @@ pub fn set_committed_offset(topic: &str, partition: i32, offset: i64) {
         .set(offset as f64);
 }
 
+/// GETs `path` from an idem metrics endpoint on loopback `port` (used by the
+/// benchmark and the conformance suite to read the processes they run).
+pub async fn fetch_local(port: u16, path: &str) -> Option<String> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    Some(buf.split_once("\r\n\r\n")?.1.to_string())
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listen` until the task is dropped.
 pub async fn serve(
     listen: SocketAddr,

@@ -196,37 +196,7 @@ async fn replay_after_the_window_expired_is_all_stale() {
     wait_caught_up(&topic, &topic, 3, CATCH_UP).await;
     idem.terminate().await;
 
-    // Await Redis forgetting every id (generations expire after 2 windows).
-    let mut conn = redis_conn(&redis_url()).await;
-    let pattern = format!("{topic}:{{*}}:ids:*");
-    wait_until(
-        "every remembered id expired",
-        Duration::from_secs(30),
-        || {
-            let mut conn = conn.clone();
-            let pattern = pattern.clone();
-            async move {
-                let keys: Vec<String> = redis::cmd("KEYS")
-                    .arg(&pattern)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-                let mut live = 0;
-                for k in keys {
-                    // EXISTS expires a key lazily if its time has passed.
-                    let exists: bool = redis::cmd("EXISTS")
-                        .arg(&k)
-                        .query_async(&mut conn)
-                        .await
-                        .unwrap();
-                    live += usize::from(exists);
-                }
-                live == 0
-            }
-        },
-    )
-    .await;
-    let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+    wait_ids_expired(&topic).await;
 
     let replay_group = format!("{topic}-replay");
     let mut opts = opts.clone();

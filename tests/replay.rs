@@ -127,34 +127,7 @@ async fn replay_after_the_window_is_all_stale() {
     wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
     idem.terminate().await;
     wait_group_empty(&topic, &topic).await;
-    let mut conn = redis_conn(&redis_url()).await;
-    let pattern = format!("{topic}:{{*}}:ids:*");
-    wait_until(
-        "every remembered id expired",
-        Duration::from_secs(30),
-        || {
-            let (mut conn, pattern) = (conn.clone(), pattern.clone());
-            async move {
-                let keys: Vec<String> = redis::cmd("KEYS")
-                    .arg(&pattern)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-                let mut live = 0;
-                for k in keys {
-                    let exists: bool = redis::cmd("EXISTS")
-                        .arg(&k)
-                        .query_async(&mut conn)
-                        .await
-                        .unwrap();
-                    live += usize::from(exists);
-                }
-                live == 0
-            }
-        },
-    )
-    .await;
-    let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+    wait_ids_expired(&topic).await;
 
     let (code, _, err) = idem_cli(&[
         "replay",

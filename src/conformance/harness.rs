@@ -134,14 +134,7 @@ impl Drop for IdemProcess {
 }
 
 async fn scrape(port: u16) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.ok()?;
-    Some(buf.split_once("\r\n\r\n")?.1.to_string())
+    crate::metrics::fetch_local(port, "/metrics").await
 }
 
 /// A redis-server of the suite's own, which it may kill and restart.

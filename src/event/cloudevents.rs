@@ -133,15 +133,7 @@ impl Attributes {
         } else {
             Op::Upsert
         };
-        let mut set = Vec::with_capacity(data.len());
-        let mut unset = Vec::new();
-        for (k, v) in data {
-            match v {
-                Value::Null => unset.push(k),
-                Value::String(s) => set.push((k, s)),
-                other => set.push((k, other.to_string())),
-            }
-        }
+        let (set, unset) = super::split_data(data);
         Ok(Event {
             id: format!("{} {}", self.source, self.id),
             entity: self.subject,

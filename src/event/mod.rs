@@ -195,18 +195,7 @@ pub fn decode(value: Option<&[u8]>, fields: &FieldMap, max_bytes: usize) -> Resu
     let (id, entity) = (id.to_string(), entity.to_string());
     // The fingerprint is taken: the data fields can now be moved out, not copied.
     let (set, unset) = match root.pointer_mut(&fields.data).map(Value::take) {
-        Some(Value::Object(map)) => {
-            let mut set = Vec::with_capacity(map.len());
-            let mut unset = Vec::new();
-            for (k, v) in map {
-                match v {
-                    Value::Null => unset.push(k),
-                    Value::String(s) => set.push((k, s)),
-                    other => set.push((k, other.to_string())),
-                }
-            }
-            (set, unset)
-        }
+        Some(Value::Object(map)) => split_data(map),
         _ => (Vec::new(), Vec::new()),
     };
     Ok(Event {
@@ -218,6 +207,23 @@ pub fn decode(value: Option<&[u8]>, fields: &FieldMap, max_bytes: usize) -> Resu
         unset,
         fingerprint,
     })
+}
+
+/// Splits `data` into fields to set (strings as they are, other values as
+/// their JSON text) and fields to remove (`null`): one level of merge-patch.
+pub(crate) fn split_data(
+    map: serde_json::Map<String, Value>,
+) -> (Vec<(String, String)>, Vec<String>) {
+    let mut set = Vec::with_capacity(map.len());
+    let mut unset = Vec::new();
+    for (k, v) in map {
+        match v {
+            Value::Null => unset.push(k),
+            Value::String(s) => set.push((k, s)),
+            other => set.push((k, other.to_string())),
+        }
+    }
+    (set, unset)
 }
 
 /// `Value::pointer` without its per-token allocation in the common case

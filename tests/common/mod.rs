@@ -487,6 +487,38 @@ pub async fn read_entities(
     out
 }
 
+/// Waits until Redis forgot every id remembered under `prefix` (the window's
+/// generations expire after two windows; EXISTS expires a key lazily).
+pub async fn wait_ids_expired(prefix: &str) {
+    let conn = redis_conn(&redis_url()).await;
+    let pattern = format!("{prefix}:{{*}}:ids:*");
+    wait_until(
+        "every remembered id expired",
+        Duration::from_secs(30),
+        || {
+            let (mut conn, pattern) = (conn.clone(), pattern.clone());
+            async move {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(&pattern)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                let mut live = 0;
+                for k in keys {
+                    let exists: bool = redis::cmd("EXISTS")
+                        .arg(&k)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    live += usize::from(exists);
+                }
+                live == 0
+            }
+        },
+    )
+    .await;
+}
+
 /// Asserts that Redis holds exactly the oracle's state and applied count for every entity.
 pub async fn assert_matches_oracle(url: &str, prefix: &str, model: &Model) {
     let views = read_entities(url, prefix, model.entities.keys()).await;
