@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
@@ -45,8 +44,7 @@ pub struct GroupStatus {
 
 /// Reads the group's state for `topics` (blocking: call from `spawn_blocking`).
 pub fn group_status(brokers: &str, group: &str, topics: &[String]) -> anyhow::Result<GroupStatus> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let consumer: BaseConsumer = crate::kafka::client_config(brokers)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()?;

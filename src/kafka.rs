@@ -22,6 +22,36 @@ use crate::metrics::{self, Health};
 use crate::offsets::TopicPartition;
 use crate::pipeline::Progress;
 
+/// Security settings for the clients the tools make from a broker list
+/// (topics, replay, inspect, dlq, reconcile); set once by the CLI from the config.
+static TOOL_SECURITY: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+
+/// Makes every later `client_config` carry `cfg`'s security settings.
+pub fn set_tool_security(cfg: &KafkaConfig) {
+    let base = base_config(cfg);
+    let settings = [
+        "security.protocol",
+        "sasl.mechanisms",
+        "sasl.username",
+        "sasl.password",
+        "ssl.ca.location",
+    ]
+    .iter()
+    .filter_map(|k| base.get(k).map(|v| (k.to_string(), v.to_string())))
+    .collect();
+    let _ = TOOL_SECURITY.set(settings);
+}
+
+/// A client configuration for `brokers` with the process's security settings.
+pub fn client_config(brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    for (k, v) in TOOL_SECURITY.get().into_iter().flatten() {
+        c.set(k, v);
+    }
+    c
+}
+
 /// Brokers and security settings, shared by every client idem makes.
 pub fn base_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -261,3 +291,27 @@ pub fn commit_stored<C: ConsumerContext>(consumer: &impl Consumer<C>) {
 
 /// How long admin and metadata calls may take.
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Secret};
+
+    #[test]
+    fn security_settings_reach_every_client_and_fixed_keys_win() {
+        let mut cfg = Config::defaults().kafka;
+        cfg.security_protocol = "sasl_plaintext".into();
+        cfg.sasl_mechanism = "PLAIN".into();
+        cfg.sasl_username = "idem".into();
+        cfg.sasl_password = Some(Secret::new("pw"));
+        cfg.librdkafka
+            .insert("fetch.max.bytes".into(), "1000".into());
+        let c = consumer_config(&cfg);
+        assert_eq!(c.get("security.protocol"), Some("sasl_plaintext"));
+        assert_eq!(c.get("sasl.password"), Some("pw"));
+        assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(c.get("fetch.max.bytes"), Some("1000"));
+        let plain = base_config(&Config::defaults().kafka);
+        assert_eq!(plain.get("sasl.password"), None);
+    }
+}

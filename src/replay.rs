@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
@@ -112,9 +111,7 @@ pub fn plan(
             map.clone()
         }
         ReplayTarget::Timestamp(ms) => {
-            let consumer: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", brokers)
-                .create()?;
+            let consumer: BaseConsumer = crate::kafka::client_config(brokers).create()?;
             let mut tpl = TopicPartitionList::new();
             for p in &selected {
                 tpl.add_partition_offset(topic, p.partition, Offset::Offset(*ms))?;
@@ -155,8 +152,7 @@ pub fn execute(brokers: &str, plan: &ReplayPlan) -> anyhow::Result<()> {
     // Check again right before committing: someone may have started meanwhile.
     let status = group_status(brokers, &plan.group, std::slice::from_ref(&plan.topic))?;
     refuse_if_active(&plan.group, &status.members)?;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let consumer: BaseConsumer = crate::kafka::client_config(brokers)
         .set("group.id", &plan.group)
         .set("enable.auto.commit", "false")
         .create()?;

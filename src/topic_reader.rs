@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
@@ -48,8 +47,7 @@ pub fn read_topic(
     mut each: impl FnMut(TopicRecord),
     progress: impl Fn(u64),
 ) -> anyhow::Result<u64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let consumer: BaseConsumer = crate::kafka::client_config(brokers)
         .set("group.id", "idem-topic-reader")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")

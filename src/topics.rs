@@ -11,7 +11,6 @@ use rdkafka::admin::{
     AdminClient, AdminOptions, NewPartitions, NewTopic, ResourceSpecifier, TopicReplication,
 };
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use serde::Deserialize;
 
 use crate::config::{is_valid_topic_name, parse_duration};
@@ -166,9 +165,7 @@ pub enum TopicState {
 }
 
 fn admin(brokers: &str) -> anyhow::Result<AdminClient<DefaultClientContext>> {
-    Ok(ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?)
+    Ok(crate::kafka::client_config(brokers).create()?)
 }
 
 fn partition_counts(

@@ -4,7 +4,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::config::Config;
@@ -55,8 +54,7 @@ pub async fn run(args: SampleArgs, config: Config) -> anyhow::Result<ExitCode> {
         prefix: args.prefix,
     };
     let records = generate(&spec);
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka.brokers)
+    let producer: FutureProducer = crate::kafka::client_config(&config.kafka.brokers)
         .set("linger.ms", "5")
         .set("enable.idempotence", "true")
         .create()?;

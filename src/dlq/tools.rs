@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use serde::Serialize;
@@ -127,8 +126,7 @@ pub fn redrive(
     dry_run: bool,
     progress: impl Fn(u64),
 ) -> anyhow::Result<Redrive> {
-    let producer: ThreadedProducer<DeliveryCounter> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let producer: ThreadedProducer<DeliveryCounter> = crate::kafka::client_config(brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .create_with_context(DeliveryCounter::default())?;
