@@ -475,7 +475,14 @@ impl RawConfig {
             }
         };
         for url in r.url.split(',').map(str::trim) {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            if url.starts_with("rediss://") {
+                return Err(ConfigError::invalid(
+                    "redis.url",
+                    redact_url(url),
+                    "a redis:// URL: TLS (rediss://) is not supported by this build yet (docs/security.md)",
+                ));
+            }
+            if !url.starts_with("redis://") {
                 return Err(ConfigError::invalid(
                     "redis.url",
                     redact_url(url),
@@ -895,6 +902,7 @@ mod tests {
                 "kafka.librdkafka.enable.auto.offset.store",
             ),
             ("IDEM__REDIS__URL", "http://x", "redis.url"),
+            ("IDEM__REDIS__URL", "rediss://x:6380", "redis.url"),
             ("IDEM__REDIS__KEY_PREFIX", "a{b", "redis.key_prefix"),
             (
                 "IDEM__REDIS__RESPONSE_TIMEOUT",

@@ -102,6 +102,11 @@ impl KeyLayout {
         self.entity_base(entity) + ":meta"
     }
 
+    /// The counter a durable wait increments (standalone Redis only).
+    pub fn durability_barrier_key(&self) -> String {
+        format!("{}:durability-barrier", self.prefix)
+    }
+
     /// A pattern matching every key idem wrote under this prefix.
     pub fn scan_pattern(&self) -> String {
         format!("{}:{{*", self.prefix)
@@ -382,7 +387,11 @@ mod tests {
         assert_eq!(hash_slot(b"foo"), 12182);
         assert_eq!(hash_slot(b"bar"), 5061);
         assert_eq!(hash_slot(b"{user1000}.following"), hash_slot(b"user1000"));
-        assert_eq!(hash_slot(b"foo{}{bar}"), hash_slot(b"foo{}{bar}"));
+        // An empty tag: the whole key is hashed.
+        assert_eq!(
+            hash_slot(b"foo{}{bar}"),
+            crc16_xmodem(b"foo{}{bar}") % 16384
+        );
         assert_eq!(hash_slot(b"foo{{bar}}zap"), hash_slot(b"{bar"));
     }
 }

@@ -325,7 +325,13 @@ pub async fn wait_caught_up(
     let start = Instant::now();
     let end = end_offsets(env, topic, partitions).await?;
     loop {
-        if committed(env, group, topic, partitions).await? == end {
+        let now = committed(env, group, topic, partitions).await?;
+        // A partition that never got a record has nothing to commit.
+        if now
+            .iter()
+            .zip(&end)
+            .all(|(c, e)| c == e || (*e == 0 && *c < 0))
+        {
             return Ok(start.elapsed());
         }
         anyhow::ensure!(
@@ -407,32 +413,79 @@ pub async fn commits_ahead_of_effects(
     topic: &str,
     partitions: i32,
     prefix: &str,
-    positions: &HashMap<(i32, i64), (String, u64)>,
+    positions: &Positions,
 ) -> anyhow::Result<u64> {
     let committed = committed(env, group, topic, partitions).await?;
     let entities: std::collections::BTreeSet<String> =
-        positions.values().map(|(e, _)| e.clone()).collect();
+        positions.values().map(|r| r.entity.clone()).collect();
     let views = read_views(redis_url, prefix, entities.iter()).await?;
     let mut violations = 0;
-    for ((p, offset), (entity, seq)) in positions {
-        if *offset < committed[*p as usize] && views[entity].seq.unwrap_or(0) < *seq {
-            violations += 1;
+    // Per entity, how many records the oracle applies below the commit points:
+    // Redis must have applied at least that many (a seq check alone would miss
+    // a committed record whose effect is lost under a later one).
+    let mut must_have_applied: HashMap<&str, u64> = HashMap::new();
+    for ((p, offset), r) in positions {
+        if *offset < committed[*p as usize] {
+            if views[&r.entity].seq.unwrap_or(0) < r.seq {
+                violations += 1;
+            }
+            if r.applied_by_oracle {
+                *must_have_applied.entry(&r.entity).or_default() += 1;
+            }
         }
+    }
+    for (entity, need) in must_have_applied {
+        violations += need.saturating_sub(views[entity].applied);
     }
     Ok(violations)
 }
 
-/// Where each produced record landed and the (entity, seq) it carries.
+/// What the suite knows about one produced record.
+#[derive(Debug, Clone)]
+pub struct RecordFacts {
+    pub entity: String,
+    pub seq: u64,
+    /// Whether the oracle applies it (the first sighting of a newer seq).
+    pub applied_by_oracle: bool,
+}
+
+/// Produced records by (partition, offset).
+pub type Positions = HashMap<(i32, i64), RecordFacts>;
+
+/// For each record in production order: does the oracle apply it?
+pub fn oracle_applies(records: &[SampleRecord]) -> Vec<bool> {
+    let mut model = Model::default();
+    records
+        .iter()
+        .map(
+            |r| match decode(Some(&r.value), &FieldMap::default(), 1 << 20) {
+                Ok(e) => model.apply(&e) == Outcome::Applied,
+                Err(_) => false,
+            },
+        )
+        .collect()
+}
+
+/// Where each produced record landed, with what the suite knows about it.
 pub fn positions(
     records: &[SampleRecord],
     delivered: &[(i32, i64)],
-) -> HashMap<(i32, i64), (String, u64)> {
+    applied: &[bool],
+) -> Positions {
     records
         .iter()
         .zip(delivered)
-        .filter_map(|(r, pos)| {
+        .zip(applied)
+        .filter_map(|((r, pos), applied)| {
             let e = decode(Some(&r.value), &FieldMap::default(), 1 << 20).ok()?;
-            Some((*pos, (e.entity, e.seq)))
+            Some((
+                *pos,
+                RecordFacts {
+                    entity: e.entity,
+                    seq: e.seq,
+                    applied_by_oracle: *applied,
+                },
+            ))
         })
         .collect()
 }
@@ -479,7 +532,8 @@ impl Sampler {
                 }
                 if let Ok(c) = committed(&env, &group, &topic, partitions).await {
                     for (i, o) in c.iter().enumerate() {
-                        if *o < last_committed[i] {
+                        // -1: no commit read (none yet, or a failed read): not a move back.
+                        if *o >= 0 && *o < last_committed[i] {
                             commit_decreases += 1;
                         }
                         last_committed[i] = last_committed[i].max(*o);

@@ -86,7 +86,8 @@ struct Case {
     records: Vec<SampleRecord>,
     model: Model,
     redis_url: String,
-    positions: HashMap<(i32, i64), (String, u64)>,
+    positions: harness::Positions,
+    applied: Vec<bool>,
     recovery: Duration,
     faults: Vec<String>,
     kills: u32,
@@ -116,6 +117,7 @@ impl Case {
             prefix: topic.clone(),
         });
         let model = harness::oracle(&records);
+        let applied = harness::oracle_applies(&records);
         Ok(Case {
             env: spec.env.clone(),
             name: name.to_string(),
@@ -125,6 +127,7 @@ impl Case {
             model,
             redis_url: spec.env.redis_url.clone(),
             positions: HashMap::new(),
+            applied,
             recovery: Duration::ZERO,
             faults: Vec::new(),
             kills: 0,
@@ -145,7 +148,11 @@ impl Case {
     async fn produce(&mut self, from: usize, to: usize) -> anyhow::Result<()> {
         let slice = &self.records[from..to];
         let delivered = harness::produce(&self.env, &self.topic, slice).await?;
-        self.positions.extend(harness::positions(slice, &delivered));
+        self.positions.extend(harness::positions(
+            slice,
+            &delivered,
+            &self.applied[from..to],
+        ));
         Ok(())
     }
 
@@ -390,7 +397,14 @@ async fn lua_error(spec: ConformanceSpec, seed: u64) -> anyhow::Result<(Scenario
                 crate::event::decode(Some(&r.value), &crate::event::FieldMap::default(), 1 << 20)
                     .ok()?;
             let first = case.records.iter().position(|x| x.key == r.key)?;
-            (first > case.records.len() / 2).then_some(e.entity)
+            // Its first event must be an upsert: a delete would remove the injected string.
+            let first_is_upsert = crate::event::decode(
+                Some(&case.records[first].value),
+                &crate::event::FieldMap::default(),
+                1 << 20,
+            )
+            .is_ok_and(|f| f.op == crate::event::Op::Upsert);
+            (first > case.records.len() / 2 && first_is_upsert).then_some(e.entity)
         })
         .unwrap_or_else(|| {
             case.model
@@ -450,8 +464,9 @@ async fn after_window(spec: ConformanceSpec, seed: u64) -> anyhow::Result<(Scena
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let copies = case.records.clone();
     let delivered = harness::produce(&case.env, &case.topic, &copies).await?;
+    let none_applied = vec![false; copies.len()];
     case.positions
-        .extend(harness::positions(&copies, &delivered));
+        .extend(harness::positions(&copies, &delivered, &none_applied));
     case.catch_up().await?;
     let applied_again = p.outcome(Some(Outcome::Applied)).await;
     p.terminate().await;
@@ -532,6 +547,7 @@ async fn poison(spec: ConformanceSpec, seed: u64) -> anyhow::Result<(ScenarioRes
             },
         );
     }
+    case.applied = harness::oracle_applies(&case.records);
     case.produce(0, case.records.len()).await?;
     let p = case.spawn(&[])?;
     case.catch_up().await?;

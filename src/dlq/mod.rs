@@ -34,7 +34,7 @@ pub mod header {
 }
 
 /// The closed list of reason codes: the decoder's codes and `conflict`.
-pub const REASONS: [&str; 11] = [
+pub const REASONS: [&str; 12] = [
     "empty_value",
     "too_large",
     "not_utf8",
@@ -45,6 +45,7 @@ pub const REASONS: [&str; 11] = [
     "wrong_type",
     "seq_out_of_range",
     "bad_timestamp",
+    "bad_entity",
     "conflict",
 ];
 

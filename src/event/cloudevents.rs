@@ -122,6 +122,9 @@ struct Attributes {
 
 impl Attributes {
     fn into_event(self, data: Map<String, Value>, fingerprint: u64) -> Result<Event, Invalid> {
+        if self.subject.starts_with('}') {
+            return Err(Invalid::BadEntity(self.subject));
+        }
         if !self.specversion.starts_with("1.") {
             return Err(wrong_type("specversion", "\"1.0\""));
         }

@@ -84,6 +84,8 @@ pub enum Invalid {
     SeqOutOfRange(String),
     #[error("field {0} is not an RFC 3339 timestamp")]
     BadTimestamp(String),
+    #[error("entity {0:?} starts with `}}`, which would empty its Redis Cluster hash tag")]
+    BadEntity(String),
 }
 
 impl Invalid {
@@ -100,6 +102,7 @@ impl Invalid {
             Invalid::WrongType { .. } => "wrong_type",
             Invalid::SeqOutOfRange(_) => "seq_out_of_range",
             Invalid::BadTimestamp(_) => "bad_timestamp",
+            Invalid::BadEntity(_) => "bad_entity",
         }
     }
 }
@@ -190,6 +193,9 @@ pub fn decode(value: Option<&[u8]>, fields: &FieldMap, max_bytes: usize) -> Resu
                 expected: "a JSON object",
             })
         }
+    }
+    if entity.starts_with('}') {
+        return Err(Invalid::BadEntity(entity.to_string()));
     }
     let fingerprint = fingerprint(&root);
     let (id, entity) = (id.to_string(), entity.to_string());

@@ -215,6 +215,14 @@ impl Guard {
         for chunk in chunks {
             pipe.add_command(self.script_cmd(inputs, chunk, false));
         }
+        if self.wait != DurableWait::None {
+            // WAIT/WAITAOF only cover this connection's writes; a batch of
+            // duplicates writes nothing, so write something to make the wait
+            // cover everything sent on this connection before it.
+            pipe.cmd("INCR")
+                .arg(self.layout.durability_barrier_key())
+                .ignore();
+        }
         match self.wait {
             DurableWait::None => {}
             DurableWait::Replicas(n) => {
