@@ -310,17 +310,7 @@ impl Drop for Idem {
 }
 
 pub async fn http_get(port: u16, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.ok()?;
-    let body = buf.split_once("\r\n\r\n")?.1;
-    Some(body.to_string())
+    idem::metrics::fetch_local(port, path).await
 }
 
 /// Sums the samples of `name` whose labels include all of `labels`.
