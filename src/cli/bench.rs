@@ -8,17 +8,20 @@ use clap::Args;
 use crate::bench::{self, BenchSpec};
 use crate::config::Config;
 
-/// Measure idem end to end on the local Kafka and Redis, with two baselines
-/// in the same run: (a) the naive consumer (three Redis round trips and a
-/// synchronous commit per record) and (b) the per-event script ceiling (one
-/// guard script call per event, pipelined, no Kafka). Writes bench.json and
-/// bench.md into --out. Uses kafka.brokers and redis.url from the config.
+/// Measure idem end to end against two baselines run on the same records.
+///
+/// Produces a backlog, runs idem on it, then a fixed-rate latency load, then
+/// (a) the naive consumer (three Redis round trips and a synchronous commit
+/// per record) and (b) the per-event script ceiling (one guard script call
+/// per event, pipelined, no Kafka). Writes bench.json and bench.md into
+/// --out. Uses kafka.brokers and redis.url from the config.
 ///
 /// Example (what `make bench` runs, on a release build):
 ///   idem bench --events 1000000 --entities 10000 --out bench-out
 /// A smoke run:
 ///   idem bench --events 2000 --naive-records 200 --latency-seconds 1
 #[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
 pub struct BenchArgs {
     /// Distinct events in the backlog.
     #[arg(long, default_value_t = 1_000_000)]

@@ -16,7 +16,9 @@ enum ProfileArg {
     Full,
 }
 
-/// Inject faults (SIGKILL and SIGTERM of idem, a stalled or killed Redis, a
+/// Inject faults and check the exactly-once invariants against an oracle.
+///
+/// Faults: SIGKILL and SIGTERM of idem, a stalled or killed Redis, a
 /// script error inside a batch, a restarted broker, rebalance storms, zombies,
 /// replays, late duplicates, poison records) and check the invariants against
 /// an oracle: I1 no lost effect, I2 no doubled effect, I3 no seq observed to
@@ -31,6 +33,7 @@ enum ProfileArg {
 ///   IDEM__KAFKA__BROKERS=kafka:9092 IDEM__REDIS__URL=redis://redis:6379 idem conformance --profile full
 ///   idem conformance --profile full --kafka-kill-cmd 'scripts/services.sh kill-kafka' --kafka-start-cmd 'scripts/services.sh up'
 #[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
 pub struct ConformanceArgs {
     #[arg(long, value_enum, default_value = "short")]
     profile: ProfileArg,

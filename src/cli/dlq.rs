@@ -18,6 +18,7 @@ pub struct DlqArgs {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(verbatim_doc_comment)]
 enum DlqAction {
     /// Count dead letters by reason and show a few examples of each.
     ///

@@ -15,6 +15,7 @@ pub struct InspectArgs {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(verbatim_doc_comment)]
 enum InspectWhat {
     /// Show one entity: its state, seq, last event id, applied-events count and update time.
     ///

@@ -8,9 +8,11 @@ use clap::Args;
 use crate::config::Config;
 use crate::reconcile::{self, ReconcileOptions};
 
-/// Read a topic from its start with a throwaway consumer (never the live
-/// group), compute every entity's expected state with the guard's rules, and
-/// compare with Redis. Reports divergences by kind (missing_entity,
+/// Compare Redis with the log and report (or repair) divergences.
+///
+/// Reads a topic from its start with a throwaway consumer (never the live
+/// group), computes every entity's expected state with the guard's rules, and
+/// compares with Redis. Reports divergences by kind (missing_entity,
 /// seq_behind, seq_ahead, state_differs, entity_not_in_log), writes a JSON
 /// report, and exits 1 when it found any: usable from cron and CI.
 ///
@@ -23,6 +25,7 @@ use crate::reconcile::{self, ReconcileOptions};
 ///   idem reconcile --topic orders --report reconcile.json
 ///   idem reconcile --topic orders --repair
 #[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
 pub struct ReconcileArgs {
     /// Topic to read (default: the first of kafka.topics).
     #[arg(long)]

@@ -7,10 +7,11 @@ use clap::Args;
 use crate::config::{parse_duration, Config};
 use crate::replay::{self, ReplayTarget};
 
-/// Move a consumer group's committed offsets back, so its next run reads a
-/// topic again. Dry run by default: prints, per partition, the current and new
-/// offset and how many records will be read again; --execute applies it.
-/// Refuses while the group has active members.
+/// Move a consumer group's offsets back to read a topic again (dry run by default).
+///
+/// Prints, per partition, the current and new offset and how many records
+/// will be read again; --execute applies it. Refuses while the group has
+/// active members.
 ///
 /// Replaying is safe for the state: already-applied events come back as
 /// duplicates (inside the dedupe window) or stale (after it).
@@ -21,6 +22,7 @@ use crate::replay::{self, ReplayTarget};
 ///   idem replay --topic orders --to-timestamp 2026-11-26T08:00:00Z --partition 3
 ///   idem replay --topic orders --to-offset 0:1200,1:980 --execute
 #[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
 #[command(group(clap::ArgGroup::new("target").required(true).args(["to_earliest", "since", "to_timestamp", "to_offset"])))]
 pub struct ReplayArgs {
     /// Topic to replay (default: the first of kafka.topics).

@@ -7,8 +7,9 @@ use clap::Args;
 use crate::config::Config;
 use crate::pipeline::{self, Shutdown};
 
-/// Consume the configured topics as a member of the consumer group and apply
-/// every event to Redis exactly once.
+/// Consume the configured topics and apply every event to Redis exactly once.
+///
+/// Runs as a member of the consumer group kafka.group_id.
 ///
 /// Stops cleanly on SIGINT/SIGTERM: no new work is taken, the current batch
 /// finishes, finished offsets are committed. A second signal exits at once,
@@ -17,6 +18,7 @@ use crate::pipeline::{self, Shutdown};
 /// Example:
 ///   IDEM__KAFKA__TOPICS=orders IDEM__KAFKA__GROUP_ID=orders-view idem run
 #[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
 pub struct RunArgs {}
 
 pub async fn run(_args: RunArgs, config: Config) -> anyhow::Result<ExitCode> {

@@ -9,12 +9,15 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use crate::config::Config;
 use crate::sample::{generate, SampleSpec};
 
-/// Produce a generated event stream with redelivered duplicates and
-/// out-of-order events, keyed by entity, to try idem out.
+/// Produce a generated event stream to try idem out.
+///
+/// Events are keyed by entity, with redelivered duplicates and out-of-order
+/// arrivals at the rates given.
 ///
 /// Example:
 ///   idem sample --topic demo --events 10000 --entities 100 --duplicates 0.2
 #[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
 pub struct SampleArgs {
     /// Topic to produce to.
     #[arg(long)]

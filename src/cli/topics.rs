@@ -19,6 +19,7 @@ pub struct TopicsArgs {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(verbatim_doc_comment)]
 enum TopicsAction {
     /// Create missing topics (and their dead-letter topics) and add missing
     /// partitions. Never deletes a topic or shrinks one.
