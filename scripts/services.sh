@@ -42,6 +42,8 @@ install_packages() {
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v redis-cli >/dev/null || missing+=(redis-tools)
   command -v kcat >/dev/null || missing+=(kcat)
+  # openssl makes the throwaway certificates of the TLS tests.
+  command -v openssl >/dev/null || missing+=(openssl)
   # promtool and a Prometheus server for the alert-rule tests.
   command -v promtool >/dev/null || missing+=(prometheus)
   command -v java >/dev/null || missing+=(openjdk-17-jre-headless)

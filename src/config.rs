@@ -183,6 +183,9 @@ pub struct RedisConfig {
     /// ACL user and password (override any in the URL).
     pub username: String,
     pub password: Option<Secret>,
+    /// PEM CA bundle to verify the server's certificate with `rediss://`
+    /// (empty: the system's trust store).
+    pub tls_ca_file: String,
 }
 
 /// The dedupe window, global and per topic.
@@ -318,6 +321,7 @@ struct RawRedis {
     username: String,
     password: String,
     password_file: String,
+    tls_ca_file: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -475,14 +479,7 @@ impl RawConfig {
             }
         };
         for url in r.url.split(',').map(str::trim) {
-            if url.starts_with("rediss://") {
-                return Err(ConfigError::invalid(
-                    "redis.url",
-                    redact_url(url),
-                    "a redis:// URL: TLS (rediss://) is not supported by this build yet (docs/security.md)",
-                ));
-            }
-            if !url.starts_with("redis://") {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                 return Err(ConfigError::invalid(
                     "redis.url",
                     redact_url(url),
@@ -656,6 +653,16 @@ impl RawConfig {
                 connect_timeout: positive_duration("redis.connect_timeout", &r.connect_timeout)?,
                 username: r.username.clone(),
                 password: secret("redis.password", &r.password, &r.password_file)?,
+                tls_ca_file: {
+                    if !r.tls_ca_file.is_empty() && !Path::new(&r.tls_ca_file).is_file() {
+                        return Err(ConfigError::invalid(
+                            "redis.tls_ca_file",
+                            &r.tls_ca_file,
+                            "the path of a readable PEM CA bundle",
+                        ));
+                    }
+                    r.tls_ca_file.clone()
+                },
                 durability: parse_durability(&r.durability).ok_or_else(|| {
                     ConfigError::invalid(
                         "redis.durability",
@@ -902,7 +909,11 @@ mod tests {
                 "kafka.librdkafka.enable.auto.offset.store",
             ),
             ("IDEM__REDIS__URL", "http://x", "redis.url"),
-            ("IDEM__REDIS__URL", "rediss://x:6380", "redis.url"),
+            (
+                "IDEM__REDIS__TLS_CA_FILE",
+                "/nonexistent/ca.pem",
+                "redis.tls_ca_file",
+            ),
             ("IDEM__REDIS__KEY_PREFIX", "a{b", "redis.key_prefix"),
             (
                 "IDEM__REDIS__RESPONSE_TIMEOUT",

@@ -205,10 +205,28 @@ pub async fn connect(cfg: &RedisConfig) -> Result<RedisConn, StoreError> {
             if let Some(p) = &cfg.password {
                 builder = builder.password(p.expose().to_string());
             }
+            install_tls_provider();
+            if !cfg.tls_ca_file.is_empty() {
+                let root_cert = std::fs::read(&cfg.tls_ca_file).map_err(|e| {
+                    StoreError::Protocol(format!("cannot read redis.tls_ca_file: {e}"))
+                })?;
+                builder = builder.certs(redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                });
+            }
             let client = builder.build()?;
             Ok(RedisConn::Cluster(client.get_async_connection().await?))
         }
     }
+}
+
+/// rustls needs a process-wide crypto provider before the first TLS connection.
+fn install_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
 }
 
 /// Opens a self-reconnecting connection to one Redis.
@@ -221,7 +239,20 @@ async fn connect_standalone(cfg: &RedisConfig) -> Result<ConnectionManager, Stor
     if let Some(p) = &cfg.password {
         info.redis.password = Some(p.expose().to_string());
     }
-    let client = redis::Client::open(info)?;
+    install_tls_provider();
+    let client = if cfg.tls_ca_file.is_empty() {
+        redis::Client::open(info)?
+    } else {
+        let root_cert = std::fs::read(&cfg.tls_ca_file)
+            .map_err(|e| StoreError::Protocol(format!("cannot read redis.tls_ca_file: {e}")))?;
+        redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            },
+        )?
+    };
     let manager_config = ConnectionManagerConfig::new()
         .set_response_timeout(cfg.response_timeout)
         .set_connection_timeout(cfg.connect_timeout)

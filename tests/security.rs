@@ -94,3 +94,161 @@ fn metrics_endpoint_binds_to_loopback_by_default() {
     let c = idem::config::Config::defaults();
     assert!(c.metrics_listen.ip().is_loopback());
 }
+
+/// A throwaway CA and a server certificate for 127.0.0.1, made with openssl.
+fn make_certs(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl (make services installs it)");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=idem-test-ca",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_user_over_tls_authenticates_and_a_wrong_password_fails() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("tls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    make_certs(&dir);
+    let port = free_port();
+    let mut redis = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args([
+            "--tls-cert-file",
+            "server.crt",
+            "--tls-key-file",
+            "server.key",
+            "--tls-ca-cert-file",
+            "ca.crt",
+        ])
+        .args(["--tls-auth-clients", "no"])
+        // Only the ACL user may do anything: the default user is off.
+        .args(["--user", "default", "off"])
+        .args([
+            "--user",
+            "idem",
+            "on",
+            &format!(">{PASSWORD}"),
+            "~*",
+            "&*",
+            "+@all",
+        ])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server");
+
+    let topic = unique("tls");
+    create_topic(&topic, 1).await;
+    let records = generate(&SampleSpec {
+        events: 200,
+        entities: 10,
+        prefix: topic.clone(),
+        ..SampleSpec::default()
+    });
+    produce(&topic, &records).await;
+    let ca = dir.join("ca.crt");
+    let mut opts = IdemOpts::new(&topic, &topic, &topic)
+        .with("IDEM__REDIS__TLS_CA_FILE", ca.to_str().unwrap())
+        .with("IDEM__REDIS__USERNAME", "idem")
+        .with("IDEM__REDIS__PASSWORD", PASSWORD);
+    opts.redis_url = format!("rediss://127.0.0.1:{port}");
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 1, Duration::from_secs(120)).await;
+    assert!(
+        idem.outcome(&topic, Outcome::Applied).await > 0,
+        "applied over TLS as the ACL user"
+    );
+    let log = idem.log.clone();
+    idem.terminate().await;
+    assert!(!std::fs::read_to_string(&log).unwrap().contains(PASSWORD));
+
+    let mut wrong = opts.clone();
+    wrong.env.retain(|(k, _)| k != "IDEM__REDIS__PASSWORD");
+    wrong
+        .env
+        .push(("IDEM__REDIS__PASSWORD".into(), "wrong-password-77".into()));
+    let idem = Idem::spawn(&wrong);
+    let log = idem.log.clone();
+    wait_until(
+        "idem reports the refused authentication",
+        Duration::from_secs(30),
+        || {
+            let log = log.clone();
+            async move {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("cannot reach Redis")
+            }
+        },
+    )
+    .await;
+    idem.kill();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(!logged.contains("wrong-password-77"));
+    let _ = redis.kill();
+    let _ = redis.wait();
+}

@@ -95,6 +95,7 @@ pub async fn per_event_script_ceiling(
         durability: Default::default(),
         username: String::new(),
         password: None,
+        tls_ca_file: String::new(),
     };
     let conn = crate::store::connect(&cfg).await?;
     let mut guard = Guard::new(conn, KeyLayout::new(prefix), 1);

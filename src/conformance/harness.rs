@@ -367,6 +367,7 @@ pub async fn read_views(
         durability: Default::default(),
         username: String::new(),
         password: None,
+        tls_ca_file: String::new(),
     };
     let mut conn = store::connect(&cfg).await?;
     let layout = KeyLayout::new(prefix);

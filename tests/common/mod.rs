@@ -456,6 +456,7 @@ pub async fn redis_conn(url: &str) -> idem::store::RedisConn {
         durability: Default::default(),
         username: String::new(),
         password: None,
+        tls_ca_file: String::new(),
     };
     store::connect(&cfg).await.expect("redis connection")
 }
