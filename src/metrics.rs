@@ -267,6 +267,23 @@ pub async fn fetch_local(port: u16, path: &str) -> Option<String> {
     Some(buf.split_once("\r\n\r\n")?.1.to_string())
 }
 
+/// In a Prometheus exposition text, sums the samples of `name` whose labels include every pair given.
+pub fn sum_series(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_at(series.find('{').unwrap_or(series.len()));
+            (metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())
+            .flatten()
+        })
+        .sum()
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listen` until the task is dropped.
 pub async fn serve(
     listen: SocketAddr,

@@ -5,11 +5,10 @@
 //! and one script may touch them atomically.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Value};
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 use serde::Serialize;
 
 use crate::config::{redact_url, RedisConfig};
@@ -105,11 +104,6 @@ impl KeyLayout {
     /// The counter a durable wait increments (standalone Redis only).
     pub fn durability_barrier_key(&self) -> String {
         format!("{}:durability-barrier", self.prefix)
-    }
-
-    /// A pattern matching every key idem wrote under this prefix.
-    pub fn scan_pattern(&self) -> String {
-        format!("{}:{{*", self.prefix)
     }
 }
 
@@ -385,14 +379,6 @@ pub async fn durable_wait(
             ))
         }
     }
-}
-
-/// Pings Redis within `timeout`.
-pub async fn ping(conn: &mut RedisConn, timeout: Duration) -> bool {
-    matches!(
-        tokio::time::timeout(timeout, conn.ping::<String>()).await,
-        Ok(Ok(_))
-    )
 }
 
 #[cfg(test)]

@@ -113,7 +113,7 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
 async fn redis_outage_never_lets_the_commit_pass_an_unapplied_event() {
     let topic = unique("outage");
     create_topic(&topic, 1).await;
-    let mut redis = PrivateRedis::start().await;
+    let mut redis = private_redis(None).await;
     let first = generate(&spec(&format!("{topic}-a"), 2_000, 50, 0.0, 0.0, 33));
     let second = generate(&spec(&format!("{topic}-b"), 2_000, 50, 0.0, 0.0, 34));
     let mut opts = IdemOpts::new(&topic, &topic, &topic);
@@ -147,7 +147,7 @@ async fn redis_outage_never_lets_the_commit_pass_an_unapplied_event() {
         first.len() as u64
     );
 
-    redis.restart().await;
+    redis.restart().await.unwrap();
     wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
     let all: Vec<_> = first.iter().chain(&second).cloned().collect();
     let (model, _) = oracle(&all);

@@ -232,7 +232,7 @@ async fn stalled_redis_pauses_fetching_with_flat_memory() {
     const RSS_BOUND: u64 = 100 * 1024 * 1024;
     let topic = unique("stall");
     create_topic(&topic, 4).await;
-    let redis = PrivateRedis::start().await;
+    let redis = private_redis(None).await;
     let records = unique_stream(&topic, 200_000, 2_000, 99);
     let (model, _) = oracle(&records);
     let mut opts = IdemOpts::new(&topic, &topic, &topic);

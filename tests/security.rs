@@ -13,7 +13,7 @@ const PASSWORD: &str = "pa55-Zebra-Quartz-0917";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_from_a_file_authenticates_and_never_leaks() {
-    let redis = PrivateRedis::start_with_password(Some(PASSWORD)).await;
+    let redis = private_redis(Some(PASSWORD)).await;
     let topic = unique("secret");
     create_topic(&topic, 1).await;
     let records = generate(&SampleSpec {
@@ -50,29 +50,8 @@ async fn password_from_a_file_authenticates_and_never_leaks() {
     assert!(!metrics.contains(PASSWORD));
 
     // A wrong password: a clear error that names the problem, not the password.
-    let mut wrong = opts.clone();
-    wrong.env.retain(|(k, _)| k != "IDEM__REDIS__PASSWORD_FILE");
-    wrong.env.push((
-        "IDEM__REDIS__PASSWORD".into(),
-        "not-the-password-4242".into(),
-    ));
-    let idem = Idem::spawn(&wrong);
-    let log = idem.log.clone();
-    wait_until(
-        "idem reports the refused authentication",
-        Duration::from_secs(30),
-        || {
-            let log = log.clone();
-            async move {
-                std::fs::read_to_string(&log)
-                    .unwrap_or_default()
-                    .contains("cannot reach Redis")
-            }
-        },
-    )
-    .await;
-    idem.kill();
-    let logged = std::fs::read_to_string(&log).unwrap();
+    let logged =
+        log_of_refused_run(&opts, "IDEM__REDIS__PASSWORD_FILE", "not-the-password-4242").await;
     assert!(
         logged.contains("WRONGPASS")
             || logged.contains("Authentication")
@@ -93,6 +72,33 @@ async fn password_from_a_file_authenticates_and_never_leaks() {
 fn metrics_endpoint_binds_to_loopback_by_default() {
     let c = idem::config::Config::defaults();
     assert!(c.metrics_listen.ip().is_loopback());
+}
+
+/// Runs idem with `opts`, its password (given by `key`) replaced by `wrong`,
+/// until it reports that Redis refused it; returns its log.
+async fn log_of_refused_run(opts: &IdemOpts, key: &str, wrong: &str) -> String {
+    let mut wrong_opts = opts.clone();
+    wrong_opts.env.retain(|(k, _)| k != key);
+    wrong_opts
+        .env
+        .push(("IDEM__REDIS__PASSWORD".into(), wrong.into()));
+    let idem = Idem::spawn(&wrong_opts);
+    let log = idem.log.clone();
+    wait_until(
+        "idem reports the refused authentication",
+        Duration::from_secs(30),
+        || {
+            let log = log.clone();
+            async move {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("cannot reach Redis")
+            }
+        },
+    )
+    .await;
+    idem.kill();
+    std::fs::read_to_string(&log).unwrap()
 }
 
 /// A throwaway CA and a server certificate for 127.0.0.1, made with openssl.
@@ -226,28 +232,7 @@ async fn acl_user_over_tls_authenticates_and_a_wrong_password_fails() {
     idem.terminate().await;
     assert!(!std::fs::read_to_string(&log).unwrap().contains(PASSWORD));
 
-    let mut wrong = opts.clone();
-    wrong.env.retain(|(k, _)| k != "IDEM__REDIS__PASSWORD");
-    wrong
-        .env
-        .push(("IDEM__REDIS__PASSWORD".into(), "wrong-password-77".into()));
-    let idem = Idem::spawn(&wrong);
-    let log = idem.log.clone();
-    wait_until(
-        "idem reports the refused authentication",
-        Duration::from_secs(30),
-        || {
-            let log = log.clone();
-            async move {
-                std::fs::read_to_string(&log)
-                    .unwrap_or_default()
-                    .contains("cannot reach Redis")
-            }
-        },
-    )
-    .await;
-    idem.kill();
-    let logged = std::fs::read_to_string(&log).unwrap();
+    let logged = log_of_refused_run(&opts, "IDEM__REDIS__PASSWORD", "wrong-password-77").await;
     assert!(!logged.contains("wrong-password-77"));
     let _ = redis.kill();
     let _ = redis.wait();

@@ -125,7 +125,7 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
         text.push_str(&scrape(*p).await.unwrap_or_default());
     }
     for o in Outcome::ALL {
-        let n = sum_series(
+        let n = crate::metrics::sum_series(
             &text,
             EVENTS_TOTAL,
             &[("topic", &topic), ("outcome", o.as_str())],
@@ -369,24 +369,7 @@ async fn scrape(port: u16) -> Option<String> {
 
 async fn scrape_total(port: u16, topic: &str) -> Option<u64> {
     let text = scrape(port).await?;
-    Some(sum_series(&text, EVENTS_TOTAL, &[("topic", topic)]) as u64)
-}
-
-/// Sums the samples of `name` whose labels include every pair given.
-pub fn sum_series(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (metric, rest) = series.split_at(series.find('{').unwrap_or(series.len()));
-            (metric == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
-            .then(|| value.parse::<f64>().ok())
-            .flatten()
-        })
-        .sum()
+    Some(crate::metrics::sum_series(&text, EVENTS_TOTAL, &[("topic", topic)]) as u64)
 }
 
 /// (le, cumulative count) pairs of the latency histogram.

@@ -109,20 +109,13 @@ impl IdemProcess {
         signal(self.child.id(), "-CONT");
     }
 
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
     /// Sum of `idem_events_total` for `outcome` (or all outcomes).
     pub async fn outcome(&self, outcome: Option<Outcome>) -> u64 {
         let Some(text) = scrape(self.port).await else {
             return 0;
         };
-        text.lines()
-            .filter(|l| l.starts_with("idem_events_total{"))
-            .filter(|l| outcome.is_none_or(|o| l.contains(&format!("outcome=\"{}\"", o.as_str()))))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .sum::<f64>() as u64
+        let labels: Vec<(&str, &str)> = outcome.iter().map(|o| ("outcome", o.as_str())).collect();
+        crate::metrics::sum_series(&text, crate::metrics::EVENTS_TOTAL, &labels) as u64
     }
 }
 
@@ -142,12 +135,22 @@ pub struct PrivateRedis {
     pub port: u16,
     dir: PathBuf,
     fsync: &'static str,
+    password: Option<String>,
     child: Option<Child>,
 }
 
 impl PrivateRedis {
     /// `fsync` is the AOF policy: "always" or "everysec".
     pub async fn start(work_dir: &Path, fsync: &'static str) -> anyhow::Result<Self> {
+        Self::start_with(work_dir, fsync, None).await
+    }
+
+    /// Like `start`, requiring `password` (AUTH) when given.
+    pub async fn start_with(
+        work_dir: &Path,
+        fsync: &'static str,
+        password: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let port = free_port();
         let dir = work_dir.join(format!("redis-{port}"));
         std::fs::create_dir_all(&dir)?;
@@ -155,6 +158,7 @@ impl PrivateRedis {
             port,
             dir,
             fsync,
+            password: password.map(str::to_string),
             child: None,
         };
         r.restart().await?;
@@ -166,7 +170,11 @@ impl PrivateRedis {
     }
 
     pub async fn restart(&mut self) -> anyhow::Result<()> {
-        let child = Command::new("redis-server")
+        let mut cmd = Command::new("redis-server");
+        if let Some(p) = &self.password {
+            cmd.args(["--requirepass", p]);
+        }
+        let child = cmd
             .args([
                 "--bind",
                 "127.0.0.1",
@@ -186,8 +194,12 @@ impl PrivateRedis {
             })?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
+        let url = match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => self.url(),
+        };
         loop {
-            if let Ok(client) = redis::Client::open(self.url().as_str()) {
+            if let Ok(client) = redis::Client::open(url.as_str()) {
                 if let Ok(mut c) = client.get_multiplexed_async_connection().await {
                     if redis::cmd("PING")
                         .query_async::<String>(&mut c)
@@ -210,6 +222,20 @@ impl PrivateRedis {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// SIGSTOP: the server stalls and clients time out.
+    pub fn pause(&self) {
+        if let Some(c) = &self.child {
+            signal(c.id(), "-STOP");
+        }
+    }
+
+    /// SIGCONT after `pause`.
+    pub fn resume(&self) {
+        if let Some(c) = &self.child {
+            signal(c.id(), "-CONT");
         }
     }
 }

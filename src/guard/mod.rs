@@ -80,11 +80,6 @@ impl Guard {
         self.conn = conn;
     }
 
-    /// The SHA1 of the script, as `EVALSHA` knows it.
-    pub fn script_sha(&self) -> &str {
-        self.script.get_hash()
-    }
-
     /// Loads the script into Redis (done lazily on `NOSCRIPT` too; on a
     /// cluster each node loads it on first use).
     pub async fn load_script(&mut self) -> Result<(), StoreError> {
@@ -146,15 +141,20 @@ impl Guard {
         inputs: &[GuardInput<'_>],
     ) -> Result<Vec<Verdict>, StoreError> {
         let chunks = chunk_by_slot(inputs, &self.layout);
+        let this = &*self;
         let calls = chunks.iter().map(|chunk| {
-            let mut conn = self.conn.clone();
-            let evalsha = self.script_cmd(inputs, chunk, false);
-            let eval = self.script_cmd(inputs, chunk, true);
+            let mut conn = this.conn.clone();
             async move {
-                match evalsha.query_async::<Vec<Value>>(&mut conn).await {
+                match this
+                    .script_cmd(inputs, chunk, false)
+                    .query_async::<Vec<Value>>(&mut conn)
+                    .await
+                {
                     // This node has not seen the script yet: EVAL loads it.
                     Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                        eval.query_async(&mut conn).await
+                        this.script_cmd(inputs, chunk, true)
+                            .query_async(&mut conn)
+                            .await
                     }
                     other => other,
                 }
@@ -193,19 +193,24 @@ impl Guard {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        for &i in chunk {
-            let input = &inputs[i];
-            let base = self.layout.entity_base(&input.event.entity);
-            let generation = now_ms / window_ms(input);
+        // (generation, expiry) per event: the keys come first, the args after.
+        let windows: Vec<(u64, u64)> = chunk
+            .iter()
+            .map(|&i| {
+                let window = inputs[i].window.as_millis().max(1) as u64;
+                let generation = now_ms / window;
+                (generation, (generation + 2) * window)
+            })
+            .collect();
+        for (&i, (generation, _)) in chunk.iter().zip(&windows) {
+            let base = self.layout.entity_base(&inputs[i].event.entity);
             cmd.arg(format!("{base}:meta"))
                 .arg(format!("{base}:state"))
                 .arg(format!("{base}:ids:{generation}"))
                 .arg(format!("{base}:ids:{}", generation.saturating_sub(1)));
         }
-        for &i in chunk {
-            let input = &inputs[i];
-            let expire_at = (now_ms / window_ms(input) + 2) * window_ms(input);
-            push_event_args(&mut cmd, input, expire_at);
+        for (&i, (_, expire_at)) in chunk.iter().zip(&windows) {
+            push_event_args(&mut cmd, &inputs[i], *expire_at);
         }
         cmd
     }
@@ -308,10 +313,6 @@ pub fn chunk_by_entity(inputs: &[GuardInput<'_>], per_call: usize) -> Vec<Vec<us
         chunk_of.insert(entity, c);
     }
     chunks
-}
-
-fn window_ms(input: &GuardInput<'_>) -> u64 {
-    input.window.as_millis().max(1) as u64
 }
 
 fn push_event_args(cmd: &mut redis::Cmd, input: &GuardInput<'_>, expire_at_ms: u64) {

@@ -66,10 +66,6 @@ impl Progress {
         self.lock().assigned.contains(tp)
     }
 
-    pub fn assigned_count(&self) -> usize {
-        self.lock().assigned.len()
-    }
-
     pub fn begin(&self, records: impl Iterator<Item = (TopicPartition, i64)>) {
         let mut inner = self.lock();
         for (tp, offset) in records {

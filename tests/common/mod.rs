@@ -16,9 +16,7 @@ use idem::sample::SampleRecord;
 use idem::store::{self, EntityView, KeyLayout};
 use idem::topics::{self, TopicSpec};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{Offset, TopicPartitionList};
 
 pub fn brokers() -> String {
     std::env::var("IDEM_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
@@ -315,26 +313,7 @@ pub async fn http_get(port: u16, path: &str) -> Option<String> {
 
 /// Sums the samples of `name` whose labels include all of `labels`.
 pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (metric, rest) = match series.find('{') {
-                Some(i) => (&series[..i], &series[i..]),
-                None => (series, ""),
-            };
-            if metric != name {
-                return None;
-            }
-            if !labels
-                .iter()
-                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-            {
-                return None;
-            }
-            value.parse::<f64>().ok()
-        })
-        .sum::<f64>() as u64
+    idem::metrics::sum_series(text, name, labels) as u64
 }
 
 /// Polls `check` until it returns true or `timeout` passes (then panics with `what`).
@@ -356,56 +335,28 @@ where
     }
 }
 
-fn admin_consumer(group: &str) -> BaseConsumer {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap()
+/// The conformance harness's view of the local services, for its Kafka helpers.
+fn harness_env() -> idem::conformance::Env {
+    idem::conformance::Env {
+        brokers: brokers(),
+        redis_url: redis_url(),
+        idem_exe: PathBuf::from(env!("CARGO_BIN_EXE_idem")),
+        work_dir: PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
+    }
 }
 
 /// The group's committed offset per partition (-1 where none).
 pub async fn committed(group: &str, topic: &str, partitions: i32) -> Vec<i64> {
-    let (group, topic) = (group.to_string(), topic.to_string());
-    tokio::task::spawn_blocking(move || {
-        let consumer = admin_consumer(&group);
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition(&topic, p);
-        }
-        let got = consumer
-            .committed_offsets(tpl, Duration::from_secs(10))
-            .expect("committed offsets");
-        (0..partitions)
-            .map(
-                |p| match got.find_partition(&topic, p).map(|e| e.offset()) {
-                    Some(Offset::Offset(o)) => o,
-                    _ => -1,
-                },
-            )
-            .collect()
-    })
-    .await
-    .unwrap()
+    idem::conformance::harness::committed(&harness_env(), group, topic, partitions)
+        .await
+        .expect("committed offsets")
 }
 
 /// The end offset (high watermark) per partition.
 pub async fn end_offsets(topic: &str, partitions: i32) -> Vec<i64> {
-    let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || {
-        let consumer = admin_consumer("watermarks");
-        (0..partitions)
-            .map(|p| {
-                consumer
-                    .fetch_watermarks(&topic, p, Duration::from_secs(10))
-                    .unwrap()
-                    .1
-            })
-            .collect()
-    })
-    .await
-    .unwrap()
+    idem::conformance::harness::end_offsets(&harness_env(), topic, partitions)
+        .await
+        .expect("end offsets")
 }
 
 /// Waits until the group has committed everything in the topic.
@@ -541,119 +492,14 @@ pub async fn assert_matches_oracle(url: &str, prefix: &str, model: &Model) {
     );
 }
 
+pub use idem::conformance::harness::PrivateRedis;
+
 /// A redis-server of the test's own, on its own port and folder, that the
 /// test may kill and restart. AOF with fsync always: what it acknowledged
-/// survives a SIGKILL.
-pub struct PrivateRedis {
-    pub port: u16,
-    dir: PathBuf,
-    child: Option<Child>,
-    password: Option<String>,
-}
-
-impl PrivateRedis {
-    pub async fn start() -> PrivateRedis {
-        Self::start_with_password(None).await
-    }
-
-    /// A private Redis that requires `password` (AUTH) when given.
-    pub async fn start_with_password(password: Option<&str>) -> PrivateRedis {
-        let port = free_port();
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("redis"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut r = PrivateRedis {
-            port,
-            dir,
-            child: None,
-            password: password.map(str::to_string),
-        };
-        r.restart().await;
-        r
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    pub async fn restart(&mut self) {
-        assert!(self.child.is_none(), "already running");
-        let mut cmd = Command::new("redis-server");
-        cmd.args([
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &self.port.to_string(),
-            "--save",
-            "",
-        ])
-        .args(["--appendonly", "yes", "--appendfsync", "always"])
-        .arg("--dir")
-        .arg(&self.dir);
-        if let Some(p) = &self.password {
-            cmd.args(["--requirepass", p]);
-        }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (install redis-server, or run `make services`)");
-        self.child = Some(child);
-        let url = match &self.password {
-            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
-            None => self.url(),
-        };
-        wait_until(
-            "private redis answers PING",
-            Duration::from_secs(20),
-            || {
-                let url = url.clone();
-                async move {
-                    let Ok(client) = redis::Client::open(url.as_str()) else {
-                        return false;
-                    };
-                    let Ok(mut c) = client.get_multiplexed_async_connection().await else {
-                        return false;
-                    };
-                    redis::cmd("PING")
-                        .query_async::<String>(&mut c)
-                        .await
-                        .is_ok()
-                }
-            },
-        )
-        .await;
-    }
-
-    /// SIGSTOP: the server stalls; clients time out.
-    pub fn pause(&self) {
-        if let Some(c) = &self.child {
-            Command::new("kill")
-                .args(["-STOP", &c.id().to_string()])
-                .status()
-                .unwrap();
-        }
-    }
-
-    pub fn resume(&self) {
-        if let Some(c) = &self.child {
-            Command::new("kill")
-                .args(["-CONT", &c.id().to_string()])
-                .status()
-                .unwrap();
-        }
-    }
-
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// survives a SIGKILL. Requires `password` when given.
+pub async fn private_redis(password: Option<&str>) -> PrivateRedis {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    PrivateRedis::start_with(&dir, "always", password)
+        .await
+        .expect("private redis-server (install redis-server, or run `make services`)")
 }
