@@ -6,6 +6,10 @@
 #   scripts/services.sh status  say what runs
 #   scripts/services.sh kill-kafka  SIGKILL the broker (fault injection; `up` restarts it)
 #
+# The broker also listens with SASL_SSL (SCRAM-SHA-512 and PLAIN) and with
+# mutual-TLS SSL, for the security tests; the throwaway CA, certificates and
+# test users are made here (.cache/kafka/tls, credentials below).
+#
 # Idempotent: `up` twice is fine and fast once the jars are cached.
 # State lives in .cache/ (git-ignored). No Docker needed.
 set -euo pipefail
@@ -16,6 +20,15 @@ KAFKA_DIR="$CACHE/kafka"
 REDIS_DIR="$CACHE/redis"
 KAFKA_PORT="${IDEM_KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${IDEM_KAFKA_CONTROLLER_PORT:-9093}"
+KAFKA_SASL_SSL_PORT="${IDEM_KAFKA_SASL_SSL_PORT:-9094}"
+KAFKA_SSL_PORT="${IDEM_KAFKA_SSL_PORT:-9095}"
+KAFKA_TLS_DIR="$KAFKA_DIR/tls"
+# Test-only credentials of the local broker (tests/security.rs uses them).
+KAFKA_SCRAM_USER="idem-scram"
+KAFKA_SCRAM_PASSWORD="idem-scram-secret"
+KAFKA_PLAIN_USER="idem-plain"
+KAFKA_PLAIN_PASSWORD="idem-plain-secret"
+KAFKA_STORE_PASSWORD="idem-local-store"
 REDIS_PORT="${IDEM_REDIS_PORT:-6379}"
 CLUSTER_PORTS="${IDEM_REDIS_CLUSTER_PORTS:-7000 7001 7002}"
 CLUSTER_DIR="$CACHE/redis-cluster"
@@ -44,6 +57,9 @@ install_packages() {
   command -v kcat >/dev/null || missing+=(kcat)
   # openssl makes the throwaway certificates of the TLS tests.
   command -v openssl >/dev/null || missing+=(openssl)
+  # librdkafka links OpenSSL (TLS listeners, SCRAM): headers to build idem.
+  dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
+  command -v pkg-config >/dev/null || missing+=(pkg-config)
   # promtool and a Prometheus server for the alert-rule tests.
   command -v promtool >/dev/null || missing+=(prometheus)
   command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
@@ -66,16 +82,63 @@ resolve_kafka_jars() {
 
 kafka_java() { java -cp "$KAFKA_DIR/libs/*" "$@"; }
 
+# A throwaway CA, the broker's certificate (localhost, 127.0.0.1) in a
+# PKCS12 keystore, and a client certificate for the mutual-TLS listener.
+# Made again when missing or about to expire.
+make_kafka_tls() {
+  if [[ -f "$KAFKA_TLS_DIR/broker.p12" ]] &&
+    openssl x509 -checkend 86400 -noout -in "$KAFKA_TLS_DIR/broker.crt" >/dev/null 2>&1; then
+    return
+  fi
+  log "making a throwaway CA and certificates in $KAFKA_TLS_DIR"
+  rm -rf "$KAFKA_TLS_DIR"
+  mkdir -p "$KAFKA_TLS_DIR"
+  (
+    cd "$KAFKA_TLS_DIR"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 30 \
+      -subj "/CN=idem-local-test-ca"
+    openssl req -newkey rsa:2048 -nodes -keyout broker.key -out broker.csr -subj "/CN=localhost"
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >broker.ext
+    openssl x509 -req -in broker.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+      -out broker.crt -days 30 -extfile broker.ext
+    openssl pkcs12 -export -in broker.crt -inkey broker.key -certfile ca.crt \
+      -out broker.p12 -passout "pass:$KAFKA_STORE_PASSWORD"
+    openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj "/CN=idem-client"
+    printf 'extendedKeyUsage=clientAuth\n' >client.ext
+    openssl x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+      -out client.crt -days 30 -extfile client.ext
+  ) >"$KAFKA_DIR/tls.log" 2>&1 || die "making the TLS certificates failed; see $KAFKA_DIR/tls.log"
+}
+
+# SCRAM credentials live in the cluster metadata: (re)set them through the
+# plaintext listener once the broker answers.
+add_scram_user() {
+  kafka_java kafka.admin.ConfigCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" --alter \
+    --add-config "SCRAM-SHA-512=[password=$KAFKA_SCRAM_PASSWORD]" \
+    --entity-type users --entity-name "$KAFKA_SCRAM_USER" >"$KAFKA_DIR/scram.log" 2>&1 ||
+    die "creating the SCRAM user failed; see $KAFKA_DIR/scram.log"
+}
+
 write_kafka_config() {
   cat >"$KAFKA_DIR/server.properties" <<EOF
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT,SASL_SSL://127.0.0.1:$KAFKA_SASL_SSL_PORT,SSL://127.0.0.1:$KAFKA_SSL_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SASL_SSL://127.0.0.1:$KAFKA_SASL_SSL_PORT,SSL://127.0.0.1:$KAFKA_SSL_PORT
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL,SSL:SSL
 inter.broker.listener.name=PLAINTEXT
+sasl.enabled.mechanisms=SCRAM-SHA-512,PLAIN
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$KAFKA_PLAIN_USER="$KAFKA_PLAIN_PASSWORD";
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$KAFKA_TLS_DIR/broker.p12
+ssl.keystore.password=$KAFKA_STORE_PASSWORD
+ssl.key.password=$KAFKA_STORE_PASSWORD
+ssl.truststore.type=PEM
+ssl.truststore.location=$KAFKA_TLS_DIR/ca.crt
+listener.name.ssl.ssl.client.auth=required
 log.dirs=$KAFKA_DIR/data
 num.partitions=1
 auto.create.topics.enable=false
@@ -99,6 +162,7 @@ start_kafka() {
   if is_alive "$pidfile"; then log "kafka already running (pid $(cat "$pidfile"))"; return; fi
   if kafka_ready; then log "a Kafka broker already answers on 127.0.0.1:$KAFKA_PORT; using it"; return; fi
   resolve_kafka_jars
+  make_kafka_tls
   write_kafka_config
   if [[ ! -f "$KAFKA_DIR/data/meta.properties" ]]; then
     log "formatting KRaft storage"
@@ -127,7 +191,8 @@ start_kafka() {
     sleep 1
     waited=$((waited + 1))
   done
-  log "kafka ready after ${waited}s"
+  add_scram_user
+  log "kafka ready after ${waited}s (SASL_SSL on $KAFKA_SASL_SSL_PORT, mutual TLS on $KAFKA_SSL_PORT)"
 }
 
 redis_ready() { redis-cli -h 127.0.0.1 -p "$1" ping 2>/dev/null | grep -q PONG; }

@@ -18,7 +18,7 @@ use crate::event::FieldMap;
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
 /// librdkafka keys that idem fixes because they protect the delivery guarantee.
-const FIXED_LIBRDKAFKA_KEYS: [&str; 8] = [
+const FIXED_LIBRDKAFKA_KEYS: [&str; 12] = [
     "enable.auto.offset.store",
     "enable.auto.commit",
     "bootstrap.servers",
@@ -28,6 +28,10 @@ const FIXED_LIBRDKAFKA_KEYS: [&str; 8] = [
     "sasl.mechanisms",
     "sasl.username",
     "sasl.password",
+    "ssl.ca.location",
+    "ssl.certificate.location",
+    "ssl.key.location",
+    "ssl.key.password",
 ];
 
 /// A configuration that cannot be used, with the key at fault.
@@ -102,6 +106,18 @@ fn secret(key: &str, inline: &str, file: &str) -> Result<Option<Secret>, ConfigE
     Ok((!inline.is_empty()).then(|| Secret(inline.to_string())))
 }
 
+/// An optional path key: empty, or a file that exists.
+fn readable_file(key: &str, path: String) -> Result<String, ConfigError> {
+    if !path.is_empty() && !Path::new(&path).is_file() {
+        return Err(ConfigError::invalid(
+            key,
+            &path,
+            "the path of a readable file",
+        ));
+    }
+    Ok(path)
+}
+
 /// Where a group without committed offsets starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OffsetReset {
@@ -148,6 +164,10 @@ pub struct KafkaConfig {
     pub sasl_password: Option<Secret>,
     /// CA bundle to verify the brokers' certificates (ssl protocols).
     pub ssl_ca_location: String,
+    /// Client certificate and key for mutual TLS (both or neither).
+    pub ssl_certificate_location: String,
+    pub ssl_key_location: String,
+    pub ssl_key_password: Option<Secret>,
 }
 
 /// When an effect counts as durable, so that its offset may be committed.
@@ -186,6 +206,10 @@ pub struct RedisConfig {
     /// PEM CA bundle to verify the server's certificate with `rediss://`
     /// (empty: the system's trust store).
     pub tls_ca_file: String,
+    /// Client certificate and key (PEM) for servers that require mutual TLS
+    /// (`tls-auth-clients yes`); both or neither.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }
 
 /// The dedupe window, global and per topic.
@@ -303,6 +327,10 @@ struct RawKafka {
     sasl_password: String,
     sasl_password_file: String,
     ssl_ca_location: String,
+    ssl_certificate_location: String,
+    ssl_key_location: String,
+    ssl_key_password: String,
+    ssl_key_password_file: String,
     /// Nested maps appear when a key's dots were read as path separators
     /// (environment variables); they are flattened back into dotted keys.
     #[serde(default)]
@@ -322,6 +350,8 @@ struct RawRedis {
     password: String,
     password_file: String,
     tls_ca_file: String,
+    tls_cert_file: String,
+    tls_key_file: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -637,13 +667,51 @@ impl RawConfig {
                         ))
                     }
                 },
-                sasl_username: k.sasl_username,
+                sasl_username: match k.sasl_username.as_str() {
+                    "" if k.security_protocol.starts_with("sasl") => {
+                        return Err(ConfigError::invalid(
+                            "kafka.sasl_username",
+                            "",
+                            "a user name (kafka.security_protocol is a sasl protocol)",
+                        ))
+                    }
+                    _ => k.sasl_username,
+                },
                 sasl_password: secret(
                     "kafka.sasl_password",
                     &k.sasl_password,
                     &k.sasl_password_file,
                 )?,
-                ssl_ca_location: k.ssl_ca_location,
+                ssl_ca_location: readable_file("kafka.ssl_ca_location", k.ssl_ca_location)?,
+                ssl_certificate_location: match (
+                    k.ssl_certificate_location.is_empty(),
+                    k.ssl_key_location.is_empty(),
+                ) {
+                    (false, true) => {
+                        return Err(ConfigError::invalid(
+                            "kafka.ssl_key_location",
+                            "",
+                            "the client certificate's private key (PEM), since kafka.ssl_certificate_location is set",
+                        ))
+                    }
+                    (true, false) => {
+                        return Err(ConfigError::invalid(
+                            "kafka.ssl_certificate_location",
+                            "",
+                            "the client certificate (PEM), since kafka.ssl_key_location is set",
+                        ))
+                    }
+                    _ => readable_file(
+                        "kafka.ssl_certificate_location",
+                        k.ssl_certificate_location,
+                    )?,
+                },
+                ssl_key_location: readable_file("kafka.ssl_key_location", k.ssl_key_location)?,
+                ssl_key_password: secret(
+                    "kafka.ssl_key_password",
+                    &k.ssl_key_password,
+                    &k.ssl_key_password_file,
+                )?,
             },
             redis: RedisConfig {
                 mode,
@@ -653,16 +721,25 @@ impl RawConfig {
                 connect_timeout: positive_duration("redis.connect_timeout", &r.connect_timeout)?,
                 username: r.username.clone(),
                 password: secret("redis.password", &r.password, &r.password_file)?,
-                tls_ca_file: {
-                    if !r.tls_ca_file.is_empty() && !Path::new(&r.tls_ca_file).is_file() {
+                tls_ca_file: readable_file("redis.tls_ca_file", r.tls_ca_file.clone())?,
+                tls_cert_file: match (r.tls_cert_file.is_empty(), r.tls_key_file.is_empty()) {
+                    (false, true) => {
                         return Err(ConfigError::invalid(
-                            "redis.tls_ca_file",
-                            &r.tls_ca_file,
-                            "the path of a readable PEM CA bundle",
-                        ));
+                            "redis.tls_key_file",
+                            "",
+                            "the client certificate's private key (PEM), since redis.tls_cert_file is set",
+                        ))
                     }
-                    r.tls_ca_file.clone()
+                    (true, false) => {
+                        return Err(ConfigError::invalid(
+                            "redis.tls_cert_file",
+                            "",
+                            "the client certificate (PEM), since redis.tls_key_file is set",
+                        ))
+                    }
+                    _ => readable_file("redis.tls_cert_file", r.tls_cert_file.clone())?,
                 },
+                tls_key_file: readable_file("redis.tls_key_file", r.tls_key_file.clone())?,
                 durability: parse_durability(&r.durability).ok_or_else(|| {
                     ConfigError::invalid(
                         "redis.durability",
@@ -913,6 +990,31 @@ mod tests {
                 "IDEM__REDIS__TLS_CA_FILE",
                 "/nonexistent/ca.pem",
                 "redis.tls_ca_file",
+            ),
+            (
+                "IDEM__REDIS__TLS_KEY_FILE",
+                "Cargo.toml",
+                "redis.tls_cert_file",
+            ),
+            (
+                "IDEM__KAFKA__SSL_CA_LOCATION",
+                "/nonexistent/ca.pem",
+                "kafka.ssl_ca_location",
+            ),
+            (
+                "IDEM__KAFKA__SSL_CERTIFICATE_LOCATION",
+                "Cargo.toml",
+                "kafka.ssl_key_location",
+            ),
+            (
+                "IDEM__KAFKA__SECURITY_PROTOCOL",
+                "sasl_ssl",
+                "kafka.sasl_username",
+            ),
+            (
+                "IDEM__KAFKA__LIBRDKAFKA__SSL.KEY.PASSWORD",
+                "pw",
+                "kafka.librdkafka.ssl.key.password",
             ),
             ("IDEM__REDIS__KEY_PREFIX", "a{b", "redis.key_prefix"),
             (

@@ -28,17 +28,12 @@ static TOOL_SECURITY: std::sync::OnceLock<Vec<(String, String)>> = std::sync::On
 
 /// Makes every later `client_config` carry `cfg`'s security settings.
 pub fn set_tool_security(cfg: &KafkaConfig) {
-    let base = base_config(cfg);
-    let settings = [
-        "security.protocol",
-        "sasl.mechanisms",
-        "sasl.username",
-        "sasl.password",
-        "ssl.ca.location",
-    ]
-    .iter()
-    .filter_map(|k| base.get(k).map(|v| (k.to_string(), v.to_string())))
-    .collect();
+    let settings = base_config(cfg)
+        .config_map()
+        .iter()
+        .filter(|(k, _)| **k != "bootstrap.servers")
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let _ = TOOL_SECURITY.set(settings);
 }
 
@@ -65,10 +60,94 @@ pub fn base_config(cfg: &KafkaConfig) -> ClientConfig {
                 cfg.sasl_password.as_ref().map(|p| p.expose()).unwrap_or(""),
             );
     }
-    if !cfg.ssl_ca_location.is_empty() {
-        c.set("ssl.ca.location", &cfg.ssl_ca_location);
+    let files = [
+        ("ssl.ca.location", &cfg.ssl_ca_location),
+        ("ssl.certificate.location", &cfg.ssl_certificate_location),
+        ("ssl.key.location", &cfg.ssl_key_location),
+    ];
+    for (key, path) in files {
+        if !path.is_empty() {
+            c.set(key, path);
+        }
+    }
+    if let Some(p) = &cfg.ssl_key_password {
+        c.set("ssl.key.password", p.expose());
     }
     c
+}
+
+/// Checks, before joining the group, that the brokers accept idem's
+/// credentials and TLS settings: a refused login or a failed handshake is
+/// a configuration error, reported with what to fix, not retried forever.
+/// Unreachable brokers are not an error here (librdkafka keeps retrying).
+pub fn preflight(cfg: &KafkaConfig, timeout: Duration) -> anyhow::Result<()> {
+    let refused = Arc::new(std::sync::Mutex::new(None::<String>));
+    let consumer: BaseConsumer<RefusalContext> = base_config(cfg)
+        .set("group.id", "idem-preflight")
+        .create_with_context(RefusalContext(refused.clone()))?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let topic = cfg.topics.first().map(String::as_str);
+        let fetched = consumer.fetch_metadata(topic, Duration::from_secs(1));
+        // Error events reach the context only through polling.
+        let _ = consumer.poll(Duration::ZERO);
+        if let Some(reason) = refused.lock().unwrap().take() {
+            anyhow::bail!("{}", refusal_advice(cfg, &reason));
+        }
+        match fetched {
+            Ok(_) => return Ok(()),
+            Err(e) if std::time::Instant::now() >= deadline => {
+                tracing::warn!(brokers = %cfg.brokers, error = %e, "Kafka is not reachable yet; starting anyway, librdkafka keeps retrying");
+                return Ok(());
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// What to fix when the brokers refuse idem, from librdkafka's `reason`.
+fn refusal_advice(cfg: &KafkaConfig, reason: &str) -> String {
+    if reason.contains("SASL") || reason.contains("uthenticat") {
+        format!(
+            "Kafka refused idem's SASL credentials ({reason}). Check kafka.sasl_username (now {:?}), \
+             kafka.sasl_password or kafka.sasl_password_file, and that the user exists for \
+             kafka.sasl_mechanism {}.",
+            cfg.sasl_username, cfg.sasl_mechanism
+        )
+    } else {
+        format!(
+            "the TLS handshake with the Kafka brokers failed ({reason}). Check that \
+             kafka.security_protocol ({}) matches the listener at {}, that kafka.ssl_ca_location \
+             names the CA that signed the brokers' certificates, and any client certificate \
+             (kafka.ssl_certificate_location, kafka.ssl_key_location).",
+            cfg.security_protocol, cfg.brokers
+        )
+    }
+}
+
+/// Remembers the first authentication or TLS error librdkafka reports.
+struct RefusalContext(Arc<std::sync::Mutex<Option<String>>>);
+
+impl ClientContext for RefusalContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if is_refusal(&error) {
+            self.0
+                .lock()
+                .unwrap()
+                .get_or_insert_with(|| reason.to_string());
+        }
+    }
+}
+
+impl ConsumerContext for RefusalContext {}
+
+/// An error that retrying will not fix: the brokers refuse the credentials
+/// or the TLS handshake.
+fn is_refusal(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)
+    )
 }
 
 /// The consumer configuration: user passthrough first, then the settings
@@ -132,6 +211,18 @@ pub struct IdemContext {
 }
 
 impl ClientContext for IdemContext {
+    /// A refusal after start (rotated credentials, a replaced certificate)
+    /// is logged as an error with its cause; librdkafka keeps retrying, so
+    /// idem resumes once the brokers accept it again.
+    fn error(&self, error: KafkaError, reason: &str) {
+        if is_refusal(&error) {
+            metrics::record_retry("kafka_refused");
+            tracing::error!(error = %error, reason, "Kafka refused idem's credentials or TLS handshake; consumption is stalled until the brokers accept them (see docs/security.md)");
+        } else {
+            tracing::warn!(error = %error, reason, "kafka client error");
+        }
+    }
+
     /// librdkafka's periodic statistics carry each partition's lag and its
     /// stored vs committed offsets: exported as gauges.
     fn stats(&self, statistics: rdkafka::Statistics) {

@@ -168,6 +168,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "server",
         "dead_letter",
         "redis_connect",
+        "kafka_refused",
     ] {
         counter!(RETRIES_TOTAL, "cause" => cause).increment(0);
     }

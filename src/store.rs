@@ -200,19 +200,38 @@ pub async fn connect(cfg: &RedisConfig) -> Result<RedisConn, StoreError> {
                 builder = builder.password(p.expose().to_string());
             }
             install_tls_provider();
-            if !cfg.tls_ca_file.is_empty() {
-                let root_cert = std::fs::read(&cfg.tls_ca_file).map_err(|e| {
-                    StoreError::Protocol(format!("cannot read redis.tls_ca_file: {e}"))
-                })?;
-                builder = builder.certs(redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(root_cert),
-                });
+            if let Some(certs) = tls_certificates(cfg)? {
+                builder = builder.certs(certs);
             }
             let client = builder.build()?;
             Ok(RedisConn::Cluster(client.get_async_connection().await?))
         }
     }
+}
+
+/// The CA and client certificate of `rediss://` connections; `None` when
+/// neither is configured (the system's trust store, no client certificate).
+fn tls_certificates(cfg: &RedisConfig) -> Result<Option<redis::TlsCertificates>, StoreError> {
+    let read = |key: &str, path: &str| {
+        std::fs::read(path).map_err(|e| StoreError::Protocol(format!("cannot read {key}: {e}")))
+    };
+    let root_cert = match cfg.tls_ca_file.as_str() {
+        "" => None,
+        path => Some(read("redis.tls_ca_file", path)?),
+    };
+    let client_tls = match (cfg.tls_cert_file.as_str(), cfg.tls_key_file.as_str()) {
+        ("", _) | (_, "") => None,
+        (cert, key) => Some(redis::ClientTlsConfig {
+            client_cert: read("redis.tls_cert_file", cert)?,
+            client_key: read("redis.tls_key_file", key)?,
+        }),
+    };
+    Ok(
+        (root_cert.is_some() || client_tls.is_some()).then_some(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        }),
+    )
 }
 
 /// rustls needs a process-wide crypto provider before the first TLS connection.
@@ -234,18 +253,9 @@ async fn connect_standalone(cfg: &RedisConfig) -> Result<ConnectionManager, Stor
         info.redis.password = Some(p.expose().to_string());
     }
     install_tls_provider();
-    let client = if cfg.tls_ca_file.is_empty() {
-        redis::Client::open(info)?
-    } else {
-        let root_cert = std::fs::read(&cfg.tls_ca_file)
-            .map_err(|e| StoreError::Protocol(format!("cannot read redis.tls_ca_file: {e}")))?;
-        redis::Client::build_with_tls(
-            info,
-            redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(root_cert),
-            },
-        )?
+    let client = match tls_certificates(cfg)? {
+        None => redis::Client::open(info)?,
+        Some(certs) => redis::Client::build_with_tls(info, certs)?,
     };
     let manager_config = ConnectionManagerConfig::new()
         .set_response_timeout(cfg.response_timeout)

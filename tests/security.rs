@@ -162,10 +162,41 @@ fn make_certs(dir: &std::path::Path) {
         "-extfile",
         "ext.cnf",
     ]);
+    std::fs::write(dir.join("client.cnf"), "extendedKeyUsage=clientAuth\n").unwrap();
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+        "-subj",
+        "/CN=idem-client",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "client.crt",
+        "-days",
+        "1",
+        // Extensions make it an X.509 v3 certificate: rustls refuses v1.
+        "-extfile",
+        "client.cnf",
+    ]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acl_user_over_tls_authenticates_and_a_wrong_password_fails() {
+async fn acl_user_over_mutual_tls_authenticates_and_a_wrong_password_fails() {
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("tls"));
     std::fs::create_dir_all(&dir).unwrap();
     make_certs(&dir);
@@ -189,7 +220,8 @@ async fn acl_user_over_tls_authenticates_and_a_wrong_password_fails() {
             "--tls-ca-cert-file",
             "ca.crt",
         ])
-        .args(["--tls-auth-clients", "no"])
+        // Mutual TLS: the server asks for a certificate signed by its CA.
+        .args(["--tls-auth-clients", "yes"])
         // Only the ACL user may do anything: the default user is off.
         .args(["--user", "default", "off"])
         .args([
@@ -219,6 +251,14 @@ async fn acl_user_over_tls_authenticates_and_a_wrong_password_fails() {
     let ca = dir.join("ca.crt");
     let mut opts = IdemOpts::new(&topic, &topic, &topic)
         .with("IDEM__REDIS__TLS_CA_FILE", ca.to_str().unwrap())
+        .with(
+            "IDEM__REDIS__TLS_CERT_FILE",
+            dir.join("client.crt").to_str().unwrap(),
+        )
+        .with(
+            "IDEM__REDIS__TLS_KEY_FILE",
+            dir.join("client.key").to_str().unwrap(),
+        )
         .with("IDEM__REDIS__USERNAME", "idem")
         .with("IDEM__REDIS__PASSWORD", PASSWORD);
     opts.redis_url = format!("rediss://127.0.0.1:{port}");
@@ -226,7 +266,7 @@ async fn acl_user_over_tls_authenticates_and_a_wrong_password_fails() {
     wait_caught_up(&topic, &topic, 1, Duration::from_secs(120)).await;
     assert!(
         idem.outcome(&topic, Outcome::Applied).await > 0,
-        "applied over TLS as the ACL user"
+        "applied over mutual TLS as the ACL user"
     );
     let log = idem.log.clone();
     idem.terminate().await;
@@ -236,4 +276,188 @@ async fn acl_user_over_tls_authenticates_and_a_wrong_password_fails() {
     assert!(!logged.contains("wrong-password-77"));
     let _ = redis.kill();
     let _ = redis.wait();
+}
+
+// Kafka security against the local broker's SASL_SSL (9094) and mutual-TLS
+// SSL (9095) listeners; `make services` makes their throwaway CA,
+// certificates and users (scripts/services.sh).
+
+fn kafka_tls_file(name: &str) -> String {
+    let dir = std::env::var("IDEM_KAFKA_TLS_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/.cache/kafka/tls").into());
+    let path = std::path::Path::new(&dir).join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `make services` (it makes the broker's test CA)",
+        path.display()
+    );
+    path.to_str().unwrap().to_string()
+}
+
+fn sasl_ssl_brokers() -> String {
+    std::env::var("IDEM_KAFKA_SASL_SSL_BROKERS").unwrap_or_else(|_| "127.0.0.1:9094".into())
+}
+
+fn mtls_brokers() -> String {
+    std::env::var("IDEM_KAFKA_SSL_BROKERS").unwrap_or_else(|_| "127.0.0.1:9095".into())
+}
+
+/// A topic with `good` events and one malformed record (so the dead-letter
+/// producer must work over the secured connection too).
+async fn secured_topic(name: &str, good: usize) -> (String, Vec<idem::sample::SampleRecord>) {
+    let topic = unique(name);
+    create_topic(&topic, 1).await;
+    let records = generate(&SampleSpec {
+        events: good,
+        entities: 10,
+        prefix: topic.clone(),
+        ..SampleSpec::default()
+    });
+    produce(&topic, &records).await;
+    produce_raw(
+        &topic,
+        &[(Some(b"k".as_slice()), Some(b"{not json".as_slice()))],
+    )
+    .await;
+    (topic, records)
+}
+
+/// Runs idem with `security` until it caught up; asserts the oracle's
+/// applied count, the dead letter, and that `secret` never reached the log.
+async fn consumes_over(
+    topic: &str,
+    records: &[idem::sample::SampleRecord],
+    security: &[(&str, String)],
+    secret: &str,
+) {
+    let mut opts = IdemOpts::new(topic, topic, topic);
+    for (k, v) in security {
+        opts = opts.with(k, v);
+    }
+    let opts = opts.with("RUST_LOG", "debug,librdkafka=info");
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(topic, topic, 1, Duration::from_secs(120)).await;
+    let (_, counts) = oracle(records);
+    assert_eq!(
+        idem.outcome(topic, Outcome::Applied).await,
+        counts[&Outcome::Applied],
+        "every effect applied over the secured connection"
+    );
+    assert_eq!(
+        dead_letters(topic).await.len(),
+        1,
+        "dead-lettered through the secured producer"
+    );
+    let log = idem.log.clone();
+    idem.terminate().await;
+    assert!(
+        !std::fs::read_to_string(&log).unwrap().contains(secret),
+        "the secret is in {}",
+        log.display()
+    );
+}
+
+/// Runs idem with `security`; it must exit by itself with an error that
+/// contains every one of `expected` and not `secret`.
+async fn refused_at_start(
+    topic: &str,
+    security: &[(&str, String)],
+    expected: &[&str],
+    secret: &str,
+) {
+    let mut opts = IdemOpts::new(topic, &unique("refused"), topic);
+    for (k, v) in security {
+        opts = opts.with(k, v);
+    }
+    let idem = Idem::spawn(&opts);
+    let log = idem.log.clone();
+    let status = idem.wait_exit(Duration::from_secs(60)).await;
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "idem must fail, not run; log:\n{logged}");
+    for want in expected {
+        assert!(
+            logged.contains(want),
+            "the error names {want:?}; log:\n{logged}"
+        );
+    }
+    assert!(
+        !logged.contains(secret),
+        "the secret is in the log:\n{logged}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_sasl_ssl_scram_and_plain_consume_and_a_wrong_password_fails_clearly() {
+    let ca = kafka_tls_file("ca.crt");
+    for (mechanism, user, password) in [
+        ("SCRAM-SHA-512", "idem-scram", "idem-scram-secret"),
+        ("PLAIN", "idem-plain", "idem-plain-secret"),
+    ] {
+        let (topic, records) = secured_topic("sasl", 200).await;
+        let password_file =
+            std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{topic}.pw"));
+        std::fs::write(&password_file, format!("{password}\n")).unwrap();
+        let security = [
+            ("IDEM__KAFKA__BROKERS", sasl_ssl_brokers()),
+            ("IDEM__KAFKA__SECURITY_PROTOCOL", "sasl_ssl".into()),
+            ("IDEM__KAFKA__SASL_MECHANISM", mechanism.into()),
+            ("IDEM__KAFKA__SASL_USERNAME", user.into()),
+            (
+                "IDEM__KAFKA__SASL_PASSWORD_FILE",
+                password_file.to_str().unwrap().into(),
+            ),
+            ("IDEM__KAFKA__SSL_CA_LOCATION", ca.clone()),
+        ];
+        consumes_over(&topic, &records, &security, password).await;
+
+        let wrong = "not-the-kafka-password-5150";
+        let mut refused = security.to_vec();
+        refused.retain(|(k, _)| *k != "IDEM__KAFKA__SASL_PASSWORD_FILE");
+        refused.push(("IDEM__KAFKA__SASL_PASSWORD", wrong.into()));
+        refused_at_start(
+            &topic,
+            &refused,
+            &[
+                "Kafka refused idem's SASL credentials",
+                "kafka.sasl_password",
+                mechanism,
+            ],
+            wrong,
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_mutual_tls_consumes_and_a_wrong_ca_fails_clearly() {
+    let (topic, records) = secured_topic("mtls", 200).await;
+    let security = [
+        ("IDEM__KAFKA__BROKERS", mtls_brokers()),
+        ("IDEM__KAFKA__SECURITY_PROTOCOL", "ssl".into()),
+        ("IDEM__KAFKA__SSL_CA_LOCATION", kafka_tls_file("ca.crt")),
+        (
+            "IDEM__KAFKA__SSL_CERTIFICATE_LOCATION",
+            kafka_tls_file("client.crt"),
+        ),
+        (
+            "IDEM__KAFKA__SSL_KEY_LOCATION",
+            kafka_tls_file("client.key"),
+        ),
+    ];
+    consumes_over(&topic, &records, &security, "PRIVATE KEY").await;
+
+    // A CA that did not sign the broker's certificate: the handshake fails.
+    let mut wrong_ca = security.to_vec();
+    wrong_ca.retain(|(k, _)| *k != "IDEM__KAFKA__SSL_CA_LOCATION");
+    wrong_ca.push(("IDEM__KAFKA__SSL_CA_LOCATION", kafka_tls_file("client.crt")));
+    refused_at_start(
+        &topic,
+        &wrong_ca,
+        &[
+            "TLS handshake with the Kafka brokers failed",
+            "kafka.ssl_ca_location",
+        ],
+        "PRIVATE KEY",
+    )
+    .await;
 }

@@ -96,6 +96,8 @@ pub async fn per_event_script_ceiling(
         username: String::new(),
         password: None,
         tls_ca_file: String::new(),
+        tls_cert_file: String::new(),
+        tls_key_file: String::new(),
     };
     let conn = crate::store::connect(&cfg).await?;
     let mut guard = Guard::new(conn, KeyLayout::new(prefix), 1);

@@ -394,6 +394,8 @@ pub async fn read_views(
         username: String::new(),
         password: None,
         tls_ca_file: String::new(),
+        tls_cert_file: String::new(),
+        tls_key_file: String::new(),
     };
     let mut conn = store::connect(&cfg).await?;
     let layout = KeyLayout::new(prefix);

@@ -69,11 +69,18 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     run_pipeline(Arc::new(config), health, shutdown).await
 }
 
+/// How long start-up waits for the brokers to answer before it goes on
+/// without them (they are retried) — a refused login fails at once.
+const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
+
 async fn run_pipeline(
     config: Arc<Config>,
     health: Health,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    let kafka_config = config.kafka.clone();
+    tokio::task::spawn_blocking(move || kafka::preflight(&kafka_config, PREFLIGHT_TIMEOUT))
+        .await??;
     let Some(conn) = connect_redis(&config, &mut shutdown).await else {
         return Ok(());
     };

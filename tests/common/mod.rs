@@ -270,6 +270,22 @@ impl Idem {
         }
     }
 
+    /// Waits until idem exits on its own; returns its exit status.
+    pub async fn wait_exit(mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "idem still runs after {timeout:?}; log: {}",
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The current /metrics text, if the endpoint answers.
     pub async fn metrics(&self) -> Option<String> {
         http_get(self.metrics_port, "/metrics").await
@@ -408,6 +424,8 @@ pub async fn redis_conn(url: &str) -> idem::store::RedisConn {
         username: String::new(),
         password: None,
         tls_ca_file: String::new(),
+        tls_cert_file: String::new(),
+        tls_key_file: String::new(),
     };
     store::connect(&cfg).await.expect("redis connection")
 }
