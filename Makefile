@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build services services-down demo test test-unit lint bench conformance clean-cache
+.PHONY: all build services services-down demo test test-cluster test-unit lint bench conformance clean-cache
 
 all: build
 
@@ -21,9 +21,23 @@ services-down:
 demo: services build
 	scripts/demo.sh
 
-## The whole suite (unit and integration) against the real Kafka and Redis.
+# The local Redis Cluster that `make services` starts.
+REDIS_CLUSTER_URL ?= redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002
+
+## The whole suite against the real Kafka and Redis: every test against
+## standalone Redis, then the integration tests again against the Redis Cluster.
 test: services
 	$(CARGO) test --all-targets
+	$(MAKE) --no-print-directory test-cluster
+
+# The integration tests whose Redis follows IDEM_REDIS_URL. (cluster.rs runs
+# on clusters in both passes; security.rs and decoder_props.rs do not depend
+# on the shared Redis.) Add a new integration test file here too.
+CLUSTER_PASS_TESTS := foundation group dead_letters replay observability conformance bench_smoke
+
+## The integration tests against the Redis Cluster only.
+test-cluster: services
+	IDEM_REDIS_URL='$(REDIS_CLUSTER_URL)' $(CARGO) test $(addprefix --test ,$(CLUSTER_PASS_TESTS))
 
 ## Only the tests that need no services.
 test-unit:

@@ -212,6 +212,18 @@ pub struct RedisConfig {
     pub tls_key_file: String,
 }
 
+impl RedisConfig {
+    /// The default settings pointed at `url` in `mode`: the tools' and
+    /// tests' own connections (no credentials, no TLS).
+    pub fn for_url(url: &str, mode: RedisMode) -> RedisConfig {
+        RedisConfig {
+            mode,
+            url: url.to_string(),
+            ..Config::defaults().redis
+        }
+    }
+}
+
 /// The dedupe window, global and per topic.
 #[derive(Debug, Clone)]
 pub struct DedupeConfig {
@@ -516,13 +528,6 @@ impl RawConfig {
                     "a URL like redis://host:6379 (for a cluster: seed nodes separated by commas)",
                 ));
             }
-        }
-        if mode == RedisMode::Cluster && r.durability != "ack" {
-            return Err(ConfigError::invalid(
-                "redis.durability",
-                &r.durability,
-                "\"ack\" with redis.mode = \"cluster\" (WAIT and WAITAOF are per node; not supported on a cluster yet)",
-            ));
         }
         if mode == RedisMode::Standalone && r.url.contains(',') {
             return Err(ConfigError::invalid(

@@ -105,6 +105,33 @@ impl KeyLayout {
     pub fn durability_barrier_key(&self) -> String {
         format!("{}:durability-barrier", self.prefix)
     }
+
+    /// The barrier counter that lives in cluster slot `slot` (its hash tag
+    /// is a short string of that slot): at most one key per slot.
+    pub fn slot_barrier_key(&self, slot: u16) -> String {
+        format!("{}:durability-barrier:{{{}}}", self.prefix, slot_tag(slot))
+    }
+}
+
+/// A short hash tag for each cluster slot ("0", "1", … whichever lands there first).
+fn slot_tag(slot: u16) -> &'static str {
+    static TAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let mut tags = vec![String::new(); 16384];
+        let mut missing = tags.len();
+        let mut n: u64 = 0;
+        while missing > 0 {
+            let tag = n.to_string();
+            let s = usize::from(crc16_xmodem(tag.as_bytes()) % 16384);
+            if tags[s].is_empty() {
+                tags[s] = tag;
+                missing -= 1;
+            }
+            n += 1;
+        }
+        tags
+    });
+    &tags[usize::from(slot % 16384)]
 }
 
 /// The Redis Cluster slot of `key`: CRC16 (XMODEM) of its hash tag, mod 16384.
@@ -151,6 +178,98 @@ impl RedisConn {
     pub fn is_cluster(&self) -> bool {
         matches!(self, RedisConn::Cluster(_))
     }
+
+    /// The servers that hold data: the one server (`None`), or each master
+    /// of a cluster by address.
+    pub async fn masters(&mut self) -> Result<Vec<Option<(String, u16)>>, StoreError> {
+        Ok(match self {
+            RedisConn::Standalone(_) => vec![None],
+            RedisConn::Cluster(c) => cluster_masters(c).await?.into_iter().map(Some).collect(),
+        })
+    }
+
+    /// Runs `cmd` on one of `masters()`.
+    pub async fn query_on(
+        &mut self,
+        node: &Option<(String, u16)>,
+        cmd: &Cmd,
+    ) -> Result<Value, StoreError> {
+        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+        Ok(match (self, node) {
+            (RedisConn::Cluster(c), Some((host, port))) => {
+                let to = SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                };
+                c.route_command(cmd, RoutingInfo::SingleNode(to)).await?
+            }
+            (conn, _) => cmd.query_async(conn).await?,
+        })
+    }
+
+    /// Runs `cmd` on the master that owns `slot` (on a standalone server:
+    /// on it). A keyless command such as WAIT then reaches the node, and
+    /// the connection, that the slot's writes went to.
+    pub async fn query_on_slot(&mut self, slot: u16, cmd: &Cmd) -> Result<Value, StoreError> {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+        Ok(match self {
+            RedisConn::Cluster(c) => {
+                let to = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
+                c.route_command(cmd, RoutingInfo::SingleNode(to)).await?
+            }
+            conn => cmd.query_async(conn).await?,
+        })
+    }
+
+    /// Every key matching `pattern`, by SCAN (never KEYS): on the one
+    /// server, or on each master of a cluster in turn (a SCAN cursor
+    /// belongs to one node).
+    pub async fn scan_keys(&mut self, pattern: &str) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for node in self.masters().await? {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut cmd = redis::cmd("SCAN");
+                cmd.arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(1000);
+                let reply = self.query_on(&node, &cmd).await?;
+                let (next, keys): (u64, Vec<String>) = redis::from_redis_value(&reply)?;
+                out.extend(keys);
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The (host, port) of each master, from CLUSTER SLOTS.
+async fn cluster_masters(c: &mut ClusterConnection) -> Result<Vec<(String, u16)>, StoreError> {
+    let slots: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(c).await?;
+    let mut masters = std::collections::BTreeSet::new();
+    let Value::Array(ranges) = slots else {
+        return Err(StoreError::Protocol(format!(
+            "CLUSTER SLOTS answered {slots:?}"
+        )));
+    };
+    for range in ranges {
+        // [start, end, [host, port, id, ...], replicas...]
+        if let Value::Array(parts) = range {
+            if let Some(Value::Array(master)) = parts.get(2) {
+                if let (Some(host), Some(port)) = (master.first(), master.get(1)) {
+                    let host: String = redis::from_redis_value(host)?;
+                    let port: u16 = redis::from_redis_value(port)?;
+                    masters.insert((host, port));
+                }
+            }
+        }
+    }
+    Ok(masters.into_iter().collect())
 }
 
 impl ConnectionLike for RedisConn {
@@ -323,10 +442,38 @@ pub async fn read_entity(
     })
 }
 
-/// Checks at start that the server can give `durability`, and says how
-/// batches must wait for it. The error says what to change.
+/// Checks at start that the server (every master of a cluster) can give
+/// `durability`, and says how batches must wait for it. The error says what
+/// to change, and on a cluster which node falls short.
 pub async fn durable_wait(
     conn: &mut RedisConn,
+    durability: crate::config::Durability,
+) -> Result<crate::guard::DurableWait, String> {
+    use crate::guard::DurableWait;
+    let masters = conn
+        .masters()
+        .await
+        .map_err(|e| format!("cannot list the cluster's masters: {e}"))?;
+    let mut wait = DurableWait::None;
+    for node in &masters {
+        let on_node = durable_wait_on(conn, node, durability)
+            .await
+            .map_err(|e| match node {
+                Some((host, port)) => format!("master {host}:{port}: {e}"),
+                None => e,
+            })?;
+        // A cluster whose masters differ (one fsyncs always, one needs
+        // WAITAOF) waits the stricter way everywhere: it is harmless on the other.
+        if on_node != DurableWait::None {
+            wait = on_node;
+        }
+    }
+    Ok(wait)
+}
+
+async fn durable_wait_on(
+    conn: &mut RedisConn,
+    node: &Option<(String, u16)>,
     durability: crate::config::Durability,
 ) -> Result<crate::guard::DurableWait, String> {
     use crate::config::Durability;
@@ -334,10 +481,11 @@ pub async fn durable_wait(
     let info = |section: &'static str| {
         let mut conn = conn.clone();
         async move {
-            redis::cmd("INFO")
-                .arg(section)
-                .query_async::<String>(&mut conn)
+            let mut cmd = redis::cmd("INFO");
+            cmd.arg(section);
+            conn.query_on(node, &cmd)
                 .await
+                .and_then(|v| Ok(redis::from_redis_value::<String>(&v)?))
                 .map_err(|e| format!("INFO {section} failed: {e}"))
         }
     };
@@ -365,12 +513,13 @@ pub async fn durable_wait(
             let server = info("server").await?;
             let version = field(&server, "redis_version").unwrap_or_default();
             let aof_on = field(&persistence, "aof_enabled").as_deref() == Some("1");
-            let fsync_always: Option<String> = redis::cmd("CONFIG")
-                .arg("GET")
-                .arg("appendfsync")
-                .query_async::<Vec<String>>(conn)
+            let mut config_get = redis::cmd("CONFIG");
+            config_get.arg("GET").arg("appendfsync");
+            let fsync_always: Option<String> = conn
+                .query_on(node, &config_get)
                 .await
                 .ok()
+                .and_then(|v| redis::from_redis_value::<Vec<String>>(&v).ok())
                 .and_then(|v| v.get(1).cloned());
             if aof_on && fsync_always.as_deref() == Some("always") {
                 return Ok(DurableWait::None);

@@ -129,3 +129,240 @@ async fn slot_migration_while_consuming_keeps_the_invariants() {
     assert_matches_oracle(&redis_cluster_url(), &topic, &model).await;
     idem.terminate().await;
 }
+
+/// A six-node cluster of the test's own (three masters, each with one
+/// replica) on free ports, so that the test may kill a master.
+struct PrivateCluster {
+    dir: std::path::PathBuf,
+    nodes: Vec<(u16, std::process::Child)>,
+}
+
+impl PrivateCluster {
+    fn start() -> PrivateCluster {
+        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("failover"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cluster = PrivateCluster {
+            dir,
+            nodes: Vec::new(),
+        };
+        for _ in 0..6 {
+            let port = free_port();
+            let child = cluster.spawn_node(port);
+            cluster.nodes.push((port, child));
+        }
+        for (port, _) in &cluster.nodes {
+            wait_for_node(*port);
+        }
+        let addresses: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|(p, _)| format!("127.0.0.1:{p}"))
+            .collect();
+        let status = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("redis-cli (make services installs redis-tools)");
+        assert!(status.success(), "redis-cli --cluster create failed");
+        cluster
+    }
+
+    /// One node; its cluster state lives in `dir`, so a restarted node rejoins.
+    fn spawn_node(&self, port: u16) -> std::process::Child {
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+            .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+            .args(["--save", "", "--appendonly", "no"])
+            .current_dir(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (make services installs it)")
+    }
+
+    fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|(p, _)| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// `redis-cli role`: "master", or "slave" and the master's port.
+    fn role(port: u16) -> (String, Option<u16>) {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "role"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let mut lines = text.lines();
+        let role = lines.next().unwrap_or("").to_string();
+        let master_port = lines.nth(1).and_then(|p| p.trim().parse().ok());
+        (role, master_port)
+    }
+
+    /// Whether every slot is served and every master has a connected replica.
+    fn healthy(&self) -> bool {
+        let (first, _) = self.nodes[0];
+        let info = Command::new("redis-cli")
+            .args(["-p", &first.to_string(), "cluster", "info"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        info.contains("cluster_state:ok")
+            && self
+                .nodes
+                .iter()
+                .filter(|(p, _)| Self::role(*p).0 == "master")
+                .all(|(p, _)| {
+                    let repl = Command::new("redis-cli")
+                        .args(["-p", &p.to_string(), "info", "replication"])
+                        .output()
+                        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+                        .unwrap_or_default();
+                    repl.contains("connected_slaves:1") && repl.contains("state=online")
+                })
+    }
+
+    /// SIGKILLs the node on `port`, then starts it again on the same state.
+    fn kill(&mut self, port: u16) {
+        let (_, child) = self.nodes.iter_mut().find(|(p, _)| *p == port).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    fn restart(&mut self, port: u16) {
+        let child = self.spawn_node(port);
+        wait_for_node(port);
+        self.nodes.iter_mut().find(|(p, _)| *p == port).unwrap().1 = child;
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.nodes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn wait_for_node(port: u16) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let pong = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "ping"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"))
+            .unwrap_or(false);
+        if pong {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis-server on {port} did not answer"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A master dies while idem consumes with `durability = replicas:1`: its
+/// replica takes over, idem retries (committing nothing that is not on a
+/// replica) and goes on once the old master rejoins as a replica; every
+/// effect is then in Redis exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn master_failover_with_replica_durability_loses_nothing() {
+    let mut cluster = PrivateCluster::start();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !cluster.healthy() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the private cluster did not become healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let topic = unique("cluster-failover");
+    create_topic(&topic, 4).await;
+    let records = stream(&topic, 12_000, 4);
+    let (model, _) = oracle(&records);
+    let producing = {
+        let (topic, records) = (topic.clone(), records.clone());
+        tokio::spawn(async move {
+            for slice in records.chunks(records.len() / 8 + 1) {
+                produce(&topic, slice).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    let mut opts = IdemOpts::new(&topic, &topic, &topic)
+        .with("IDEM__REDIS__DURABILITY", "replicas:1")
+        .with("IDEM__PIPELINE__BATCH_MAX_EVENTS", "300");
+    opts.redis_url = cluster.url();
+    let idem = Idem::spawn(&opts);
+    wait_until("idem applies events", CATCH_UP, || async {
+        idem.outcome(&topic, Outcome::Applied).await > 0
+    })
+    .await;
+
+    let ports: Vec<u16> = cluster.nodes.iter().map(|(p, _)| *p).collect();
+    let master = *ports
+        .iter()
+        .find(|p| PrivateCluster::role(**p).0 == "master")
+        .unwrap();
+    let replica = *ports
+        .iter()
+        .find(|p| PrivateCluster::role(**p) == ("slave".to_string(), Some(master)))
+        .expect("the master's replica");
+    cluster.kill(master);
+    // The replica is promoted after the node timeout; only then does the old
+    // master come back (empty, as a replica of it), so replicas:1 can be met again.
+    wait_until("the replica took over", CATCH_UP, || async move {
+        PrivateCluster::role(replica).0 == "master"
+    })
+    .await;
+    cluster.restart(master);
+    producing.await.unwrap();
+    wait_caught_up(&topic, &topic, 4, CATCH_UP).await;
+    assert_eq!(
+        PrivateCluster::role(master),
+        ("slave".to_string(), Some(replica)),
+        "the old master rejoined as a replica"
+    );
+    assert_matches_oracle(&cluster.url(), &topic, &model).await;
+    let retries = idem.counter("idem_retries_total", &[]).await.unwrap_or(0);
+    assert!(retries > 0, "the failover was seen and retried");
+    let waits: u64 = ports
+        .iter()
+        .map(|p| {
+            let stats = Command::new("redis-cli")
+                .args(["-p", &p.to_string(), "info", "commandstats"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+                .unwrap_or_default();
+            stats
+                .lines()
+                .find_map(|l| l.strip_prefix("cmdstat_wait:calls="))
+                .and_then(|v| v.split(',').next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum();
+    assert!(waits > 0, "the masters answered WAIT");
+    idem.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_durability_is_refused_on_a_cluster_without_replicas() {
+    let topic = unique("cluster-no-replicas");
+    let idem = Idem::spawn(&cluster_opts(&topic).with("IDEM__REDIS__DURABILITY", "replicas:1"));
+    let log = idem.log.clone();
+    let status = idem.wait_exit(Duration::from_secs(60)).await;
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{logged}");
+    assert!(
+        logged.contains("master 127.0.0.1:") && logged.contains("0 connected replica(s)"),
+        "the error names the master that falls short:\n{logged}"
+    );
+}

@@ -13,7 +13,7 @@ fn short_conformance_profile_passes() {
         .args(["conformance", "--profile", "short", "--out"])
         .arg(&out)
         .env("IDEM__KAFKA__BROKERS", brokers())
-        .env("IDEM__REDIS__URL", redis_url())
+        .envs(redis_env(&redis_url()))
         .env("RUST_LOG", "warn")
         .status()
         .expect("run idem conformance");

@@ -31,7 +31,7 @@ fn idem_cli(args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
         .args(args)
         .env("IDEM__KAFKA__BROKERS", brokers())
-        .env("IDEM__REDIS__URL", redis_url())
+        .envs(redis_env(&redis_url()))
         .output()
         .unwrap();
     (
@@ -201,16 +201,33 @@ async fn reconcile_finds_each_injected_divergence_and_repair_cleans_it() {
     let layout = KeyLayout::new(&topic);
     let mut conn = redis_conn(&redis_url()).await;
     let extra = "not-in-the-log";
-    let _: () = redis::pipe()
-        .del(layout.state_key(&missing))
-        .del(layout.meta_key(&missing))
-        .hset(layout.state_key(&corrupted), "f0", "corrupted")
-        .hset(layout.meta_key(&lowered), "seq", 1)
-        .hset(layout.meta_key(extra), "seq", 3)
-        .hset(layout.state_key(extra), "x", "1")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    // One command at a time: in a cluster these keys live in different slots.
+    for cmd in [
+        redis::cmd("DEL").arg(layout.state_key(&missing)).clone(),
+        redis::cmd("DEL").arg(layout.meta_key(&missing)).clone(),
+        redis::cmd("HSET")
+            .arg(layout.state_key(&corrupted))
+            .arg("f0")
+            .arg("corrupted")
+            .clone(),
+        redis::cmd("HSET")
+            .arg(layout.meta_key(&lowered))
+            .arg("seq")
+            .arg(1)
+            .clone(),
+        redis::cmd("HSET")
+            .arg(layout.meta_key(extra))
+            .arg("seq")
+            .arg(3)
+            .clone(),
+        redis::cmd("HSET")
+            .arg(layout.state_key(extra))
+            .arg("x")
+            .arg("1")
+            .clone(),
+    ] {
+        let _: () = cmd.query_async(&mut conn).await.unwrap();
+    }
 
     let report =
         std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{topic}.json"));
@@ -226,7 +243,7 @@ async fn reconcile_finds_each_injected_divergence_and_repair_cleans_it() {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
             .args(&args)
             .env("IDEM__KAFKA__BROKERS", brokers())
-            .env("IDEM__REDIS__URL", redis_url())
+            .envs(redis_env(&redis_url()))
             .env("IDEM__REDIS__KEY_PREFIX", &topic)
             .output()
             .unwrap();

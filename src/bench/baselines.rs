@@ -86,19 +86,9 @@ pub async fn per_event_script_ceiling(
         .iter()
         .filter_map(|v| decode(Some(v), &fields, 1 << 20).ok())
         .collect();
-    let cfg = crate::config::RedisConfig {
-        mode: Default::default(),
-        url: redis_url.to_string(),
-        key_prefix: prefix.to_string(),
-        response_timeout: Duration::from_secs(30),
-        connect_timeout: Duration::from_secs(5),
-        durability: Default::default(),
-        username: String::new(),
-        password: None,
-        tls_ca_file: String::new(),
-        tls_cert_file: String::new(),
-        tls_key_file: String::new(),
-    };
+    let mut cfg = crate::config::RedisConfig::for_url(redis_url, Default::default());
+    cfg.key_prefix = prefix.to_string();
+    cfg.response_timeout = Duration::from_secs(30);
     let conn = crate::store::connect(&cfg).await?;
     let mut guard = Guard::new(conn, KeyLayout::new(prefix), 1);
     guard.load_script().await?;

@@ -58,7 +58,10 @@ pub async fn run(args: ConformanceArgs, config: Config) -> anyhow::Result<ExitCo
     let spec = ConformanceSpec {
         env: Env {
             brokers: config.kafka.brokers.clone(),
-            redis_url: config.redis.url.clone(),
+            redis: crate::conformance::harness::RedisTarget::new(
+                &config.redis.url,
+                config.redis.mode,
+            ),
             idem_exe: std::env::current_exe()?,
             work_dir: args.out.join("work"),
         },

@@ -11,6 +11,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::config::{RedisConfig, RedisMode};
 use crate::event::{decode, FieldMap};
 use crate::model::{Model, Outcome};
 use crate::sample::SampleRecord;
@@ -21,9 +22,37 @@ use crate::topics::{self, TopicSpec};
 #[derive(Debug, Clone)]
 pub struct Env {
     pub brokers: String,
-    pub redis_url: String,
+    pub redis: RedisTarget,
     pub idem_exe: PathBuf,
     pub work_dir: PathBuf,
+}
+
+/// A Redis the suite talks to: the shared one (standalone or a cluster) or
+/// a scenario's private redis-server.
+#[derive(Debug, Clone)]
+pub struct RedisTarget {
+    pub url: String,
+    pub mode: RedisMode,
+}
+
+impl RedisTarget {
+    pub fn new(url: &str, mode: RedisMode) -> Self {
+        RedisTarget {
+            url: url.to_string(),
+            mode,
+        }
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        self.mode == RedisMode::Cluster
+    }
+
+    pub async fn connect(&self) -> anyhow::Result<store::RedisConn> {
+        let mut cfg = RedisConfig::for_url(&self.url, self.mode);
+        cfg.response_timeout = Duration::from_secs(5);
+        cfg.connect_timeout = Duration::from_secs(2);
+        Ok(store::connect(&cfg).await?)
+    }
 }
 
 pub fn free_port() -> u16 {
@@ -49,7 +78,7 @@ impl IdemProcess {
         topic: &str,
         group: &str,
         prefix: &str,
-        redis_url: &str,
+        redis: &RedisTarget,
         extra: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         let port = free_port();
@@ -64,7 +93,15 @@ impl IdemProcess {
             .env("IDEM__KAFKA__GROUP_ID", group)
             .env("IDEM__KAFKA__COMMIT_INTERVAL", "200ms")
             .env("IDEM__KAFKA__SESSION_TIMEOUT", "6s")
-            .env("IDEM__REDIS__URL", redis_url)
+            .env("IDEM__REDIS__URL", &redis.url)
+            .env(
+                "IDEM__REDIS__MODE",
+                if redis.is_cluster() {
+                    "cluster"
+                } else {
+                    "standalone"
+                },
+            )
             .env("IDEM__REDIS__KEY_PREFIX", prefix)
             .env("IDEM__REDIS__RESPONSE_TIMEOUT", "1s")
             .env("IDEM__REDIS__CONNECT_TIMEOUT", "500ms")
@@ -163,6 +200,11 @@ impl PrivateRedis {
         };
         r.restart().await?;
         Ok(r)
+    }
+
+    /// This server as the suite's target.
+    pub fn target(&self) -> RedisTarget {
+        RedisTarget::new(&self.url(), RedisMode::Standalone)
     }
 
     pub fn url(&self) -> String {
@@ -380,24 +422,11 @@ pub fn oracle(records: &[SampleRecord]) -> Model {
 }
 
 pub async fn read_views(
-    redis_url: &str,
+    redis: &RedisTarget,
     prefix: &str,
     entities: impl Iterator<Item = &String>,
 ) -> anyhow::Result<BTreeMap<String, EntityView>> {
-    let cfg = crate::config::RedisConfig {
-        mode: Default::default(),
-        url: redis_url.to_string(),
-        key_prefix: prefix.to_string(),
-        response_timeout: Duration::from_secs(5),
-        connect_timeout: Duration::from_secs(2),
-        durability: Default::default(),
-        username: String::new(),
-        password: None,
-        tls_ca_file: String::new(),
-        tls_cert_file: String::new(),
-        tls_key_file: String::new(),
-    };
-    let mut conn = store::connect(&cfg).await?;
+    let mut conn = redis.connect().await?;
     let layout = KeyLayout::new(prefix);
     let mut out = BTreeMap::new();
     for e in entities {
@@ -408,11 +437,11 @@ pub async fn read_views(
 
 /// I1 and I2: (lost effects, doubled effects, a few examples) against the oracle.
 pub async fn lost_and_doubled(
-    redis_url: &str,
+    redis: &RedisTarget,
     prefix: &str,
     model: &Model,
 ) -> anyhow::Result<(u64, u64, Vec<String>)> {
-    let views = read_views(redis_url, prefix, model.entities.keys()).await?;
+    let views = read_views(redis, prefix, model.entities.keys()).await?;
     let (mut lost, mut doubled) = (0, 0);
     let mut examples = Vec::new();
     for (name, want) in &model.entities {
@@ -437,7 +466,7 @@ pub async fn lost_and_doubled(
 /// (its entity's recorded seq is at least the record's seq). Returns violations.
 pub async fn commits_ahead_of_effects(
     env: &Env,
-    redis_url: &str,
+    redis: &RedisTarget,
     group: &str,
     topic: &str,
     partitions: i32,
@@ -447,7 +476,7 @@ pub async fn commits_ahead_of_effects(
     let committed = committed(env, group, topic, partitions).await?;
     let entities: std::collections::BTreeSet<String> =
         positions.values().map(|r| r.entity.clone()).collect();
-    let views = read_views(redis_url, prefix, entities.iter()).await?;
+    let views = read_views(redis, prefix, entities.iter()).await?;
     let mut violations = 0;
     // Per entity, how many records the oracle applies below the commit points:
     // Redis must have applied at least that many (a seq check alone would miss
@@ -529,7 +558,7 @@ pub struct Sampler {
 impl Sampler {
     pub fn start(
         env: &Env,
-        redis_url: &str,
+        redis: &RedisTarget,
         prefix: &str,
         group: &str,
         topic: &str,
@@ -537,9 +566,9 @@ impl Sampler {
         entities: Vec<String>,
     ) -> Sampler {
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        let (env, redis_url, prefix, group, topic) = (
+        let (env, redis, prefix, group, topic) = (
             env.clone(),
-            redis_url.to_string(),
+            redis.clone(),
             prefix.to_string(),
             group.to_string(),
             topic.to_string(),
@@ -549,7 +578,7 @@ impl Sampler {
             let mut last_committed = vec![-1i64; partitions as usize];
             let (mut seq_decreases, mut commit_decreases) = (0u64, 0u64);
             while !*stopped.borrow() {
-                if let Ok(views) = read_views(&redis_url, &prefix, entities.iter()).await {
+                if let Ok(views) = read_views(&redis, &prefix, entities.iter()).await {
                     for (e, v) in views {
                         let now = v.seq.unwrap_or(0);
                         let before = seqs.entry(e).or_insert(now);

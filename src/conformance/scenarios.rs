@@ -85,7 +85,7 @@ struct Case {
     partitions: i32,
     records: Vec<SampleRecord>,
     model: Model,
-    redis_url: String,
+    redis: harness::RedisTarget,
     positions: harness::Positions,
     applied: Vec<bool>,
     recovery: Duration,
@@ -125,7 +125,7 @@ impl Case {
             partitions,
             records,
             model,
-            redis_url: spec.env.redis_url.clone(),
+            redis: spec.env.redis.clone(),
             positions: HashMap::new(),
             applied,
             recovery: Duration::ZERO,
@@ -140,7 +140,7 @@ impl Case {
             &self.topic,
             &self.topic,
             &self.topic,
-            &self.redis_url,
+            &self.redis,
             extra,
         )
     }
@@ -159,7 +159,7 @@ impl Case {
     fn sampler(&self) -> Sampler {
         Sampler::start(
             &self.env,
-            &self.redis_url,
+            &self.redis,
             &self.topic,
             &self.topic,
             &self.topic,
@@ -172,7 +172,7 @@ impl Case {
     async fn check_commits(&self) -> anyhow::Result<u64> {
         harness::commits_ahead_of_effects(
             &self.env,
-            &self.redis_url,
+            &self.redis,
             &self.topic,
             &self.topic,
             self.partitions,
@@ -208,7 +208,7 @@ impl Case {
         };
         commit_violations += commit_decreases;
         let (lost, doubled, examples) =
-            harness::lost_and_doubled(&self.redis_url, &self.topic, &self.model).await?;
+            harness::lost_and_doubled(&self.redis, &self.topic, &self.model).await?;
         let notes = if examples.is_empty() {
             notes
         } else {
@@ -328,8 +328,7 @@ async fn redis_stalled(spec: ConformanceSpec, seed: u64) -> anyhow::Result<(Scen
     let p = case.spawn(&[])?;
     wait_processing(&p, 1, RECOVERY_BOUND).await?;
     // Stall Redis for three times the client's timeout.
-    let client = redis::Client::open(case.redis_url.as_str())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut conn = case.redis.connect().await?;
     let _: () = redis::cmd("CLIENT")
         .arg("PAUSE")
         .arg(3000)
@@ -361,7 +360,7 @@ async fn redis_killed(
     let mut redis = PrivateRedis::start(&spec.env.work_dir, fsync)
         .await
         .map_err(|e| anyhow::anyhow!("skipped: {e}"))?;
-    case.redis_url = redis.url();
+    case.redis = redis.target();
     let sampler = case.sampler();
     let n = case.records.len();
     case.produce(0, n).await?;
@@ -415,8 +414,7 @@ async fn lua_error(spec: ConformanceSpec, seed: u64) -> anyhow::Result<(Scenario
                 .unwrap_or_default()
         });
     let state_key = crate::store::KeyLayout::new(&case.topic).state_key(&victim);
-    let client = redis::Client::open(case.redis_url.as_str())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut conn = case.redis.connect().await?;
     let _: () = redis::cmd("SET")
         .arg(&state_key)
         .arg("not a hash")

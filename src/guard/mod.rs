@@ -145,7 +145,7 @@ impl Guard {
         let calls = chunks.iter().map(|chunk| {
             let mut conn = this.conn.clone();
             async move {
-                match this
+                let reply = match this
                     .script_cmd(inputs, chunk, false)
                     .query_async::<Vec<Value>>(&mut conn)
                     .await
@@ -157,7 +157,16 @@ impl Guard {
                             .await
                     }
                     other => other,
+                }?;
+                if this.wait != DurableWait::None {
+                    let slot = hash_slot(
+                        this.layout
+                            .entity_base(&inputs[chunk[0]].event.entity)
+                            .as_bytes(),
+                    );
+                    this.wait_on_slot(&mut conn, slot).await?;
                 }
+                Ok::<_, StoreError>(reply)
             }
         });
         let replies = futures_util::future::join_all(calls).await;
@@ -172,6 +181,32 @@ impl Guard {
             .into_iter()
             .map(|v| v.expect("every input is in one chunk"))
             .collect())
+    }
+
+    /// The durable wait of one slot's call: a write in the slot (so the wait
+    /// covers everything the node took before, as in `build_pipeline`), then
+    /// WAIT / WAITAOF on the slot's master, over the connection the script used.
+    async fn wait_on_slot(&self, conn: &mut RedisConn, slot: u16) -> Result<(), StoreError> {
+        let _: i64 = redis::cmd("INCR")
+            .arg(self.layout.slot_barrier_key(slot))
+            .query_async(conn)
+            .await?;
+        let mut wait = match self.wait {
+            DurableWait::None => return Ok(()),
+            DurableWait::Replicas(n) => {
+                let mut c = redis::cmd("WAIT");
+                c.arg(n);
+                c
+            }
+            DurableWait::LocalAof => {
+                let mut c = redis::cmd("WAITAOF");
+                c.arg(1).arg(0);
+                c
+            }
+        };
+        wait.arg(self.wait_timeout_ms);
+        let reply = conn.query_on_slot(slot, &wait).await?;
+        check_durable(self.wait, &reply)
     }
 
     fn script_cmd(

@@ -223,28 +223,13 @@ async fn entities_in_redis(
     layout: &KeyLayout,
 ) -> Result<Vec<String>, StoreError> {
     let pattern = layout.entity_base("*") + ":meta";
-    let mut cursor: u64 = 0;
-    let mut out = Vec::new();
     let prefix_len = layout.entity_base("").len() - 1; // "<prefix>:{"
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
-        for k in keys {
-            if let Some(entity) = k.get(prefix_len..k.len() - "}:meta".len()) {
-                out.push(entity.to_string());
-            }
-        }
-        if next == 0 {
-            return Ok(out);
-        }
-        cursor = next;
-    }
+    let keys = conn.scan_keys(&pattern).await?;
+    Ok(keys
+        .iter()
+        .filter_map(|k| k.get(prefix_len..k.len() - "}:meta".len()))
+        .map(str::to_string)
+        .collect())
 }
 
 #[cfg(test)]

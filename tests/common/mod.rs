@@ -22,8 +22,23 @@ pub fn brokers() -> String {
     std::env::var("IDEM_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 
+/// The Redis the tests use: standalone by default; `IDEM_REDIS_URL` with
+/// several comma-separated seed nodes runs the suite against a cluster.
 pub fn redis_url() -> String {
     std::env::var("IDEM_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// The `IDEM__REDIS__…` variables that point idem at `url`.
+pub fn redis_env(url: &str) -> Vec<(&'static str, String)> {
+    let mode = if url.contains(',') {
+        "cluster"
+    } else {
+        "standalone"
+    };
+    vec![
+        ("IDEM__REDIS__URL", url.to_string()),
+        ("IDEM__REDIS__MODE", mode.to_string()),
+    ]
 }
 
 /// A name no other test (or earlier run) uses.
@@ -185,15 +200,12 @@ impl Idem {
             .env("IDEM__KAFKA__GROUP_ID", &opts.group)
             .env("IDEM__KAFKA__COMMIT_INTERVAL", "200ms")
             .env("IDEM__KAFKA__SESSION_TIMEOUT", "6s")
-            .env("IDEM__REDIS__URL", &opts.redis_url)
+            .envs(redis_env(&opts.redis_url))
             .env("IDEM__REDIS__KEY_PREFIX", &opts.prefix)
             .env("IDEM__REDIS__RESPONSE_TIMEOUT", "1s")
             .env("IDEM__REDIS__CONNECT_TIMEOUT", "500ms")
             .env("IDEM__PIPELINE__RETRY_MAX_BACKOFF", "500ms")
             .env("IDEM__METRICS__LISTEN", format!("127.0.0.1:{port}"));
-        if opts.redis_url.contains(',') {
-            cmd.env("IDEM__REDIS__MODE", "cluster");
-        }
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
@@ -355,7 +367,7 @@ where
 fn harness_env() -> idem::conformance::Env {
     idem::conformance::Env {
         brokers: brokers(),
-        redis_url: redis_url(),
+        redis: idem::conformance::harness::RedisTarget::new(&redis_url(), redis_mode(&redis_url())),
         idem_exe: PathBuf::from(env!("CARGO_BIN_EXE_idem")),
         work_dir: PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
     }
@@ -408,25 +420,18 @@ pub fn redis_cluster_url() -> String {
     })
 }
 
-/// A connection to `url`: a cluster when it lists several seed nodes.
+/// A cluster when `url` lists several seed nodes.
+pub fn redis_mode(url: &str) -> idem::config::RedisMode {
+    if url.contains(',') {
+        idem::config::RedisMode::Cluster
+    } else {
+        idem::config::RedisMode::Standalone
+    }
+}
+
+/// A connection to `url` (a cluster when it lists several seed nodes).
 pub async fn redis_conn(url: &str) -> idem::store::RedisConn {
-    let cfg = idem::config::RedisConfig {
-        mode: if url.contains(',') {
-            idem::config::RedisMode::Cluster
-        } else {
-            idem::config::RedisMode::Standalone
-        },
-        url: url.to_string(),
-        key_prefix: "unused".into(),
-        response_timeout: Duration::from_secs(5),
-        connect_timeout: Duration::from_secs(2),
-        durability: Default::default(),
-        username: String::new(),
-        password: None,
-        tls_ca_file: String::new(),
-        tls_cert_file: String::new(),
-        tls_key_file: String::new(),
-    };
+    let cfg = idem::config::RedisConfig::for_url(url, redis_mode(url));
     store::connect(&cfg).await.expect("redis connection")
 }
 
