@@ -18,7 +18,7 @@ use crate::event::FieldMap;
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
 /// librdkafka keys that idem fixes because they protect the delivery guarantee.
-const FIXED_LIBRDKAFKA_KEYS: [&str; 12] = [
+const FIXED_LIBRDKAFKA_KEYS: [&str; 13] = [
     "enable.auto.offset.store",
     "enable.auto.commit",
     "bootstrap.servers",
@@ -26,6 +26,7 @@ const FIXED_LIBRDKAFKA_KEYS: [&str; 12] = [
     // Security settings have their own keys, so that passwords can come from files.
     "security.protocol",
     "sasl.mechanisms",
+    "sasl.mechanism",
     "sasl.username",
     "sasl.password",
     "ssl.ca.location",
@@ -687,7 +688,13 @@ impl RawConfig {
                     &k.sasl_password,
                     &k.sasl_password_file,
                 )?,
-                ssl_ca_location: readable_file("kafka.ssl_ca_location", k.ssl_ca_location)?,
+                // librdkafka also takes a directory of CA files, or "probe"
+                // (search the system's usual locations).
+                ssl_ca_location: match k.ssl_ca_location.as_str() {
+                    "probe" => k.ssl_ca_location,
+                    path if Path::new(path).is_dir() => k.ssl_ca_location,
+                    _ => readable_file("kafka.ssl_ca_location", k.ssl_ca_location)?,
+                },
                 ssl_certificate_location: match (
                     k.ssl_certificate_location.is_empty(),
                     k.ssl_key_location.is_empty(),

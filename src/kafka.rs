@@ -81,18 +81,24 @@ pub fn base_config(cfg: &KafkaConfig) -> ClientConfig {
 /// a configuration error, reported with what to fix, not retried forever.
 /// Unreachable brokers are not an error here (librdkafka keeps retrying).
 pub fn preflight(cfg: &KafkaConfig, timeout: Duration) -> anyhow::Result<()> {
-    let refused = Arc::new(std::sync::Mutex::new(None::<String>));
-    let consumer: BaseConsumer<RefusalContext> = base_config(cfg)
-        .set("group.id", "idem-preflight")
-        .create_with_context(RefusalContext(refused.clone()))?;
+    let refused = Arc::new(std::sync::Mutex::new(None::<(RDKafkaErrorCode, String)>));
+    let mut config = base_config(cfg);
+    // The passthrough may carry TLS settings (e.g. ssl.endpoint.identification.algorithm).
+    for (k, v) in &cfg.librdkafka {
+        config.set(k, v);
+    }
+    // No group.id: the check joins no group, and librdkafka reports its
+    // errors on the main queue, which `poll` serves.
+    let consumer: BaseConsumer<RefusalContext> =
+        config.create_with_context(RefusalContext(refused.clone()))?;
     let deadline = std::time::Instant::now() + timeout;
     loop {
         let topic = cfg.topics.first().map(String::as_str);
         let fetched = consumer.fetch_metadata(topic, Duration::from_secs(1));
         // Error events reach the context only through polling.
-        let _ = consumer.poll(Duration::ZERO);
-        if let Some(reason) = refused.lock().unwrap().take() {
-            anyhow::bail!("{}", refusal_advice(cfg, &reason));
+        while consumer.poll(Duration::ZERO).is_some() {}
+        if let Some((code, reason)) = refused.lock().unwrap().take() {
+            anyhow::bail!("{}", refusal_advice(cfg, code, &reason));
         }
         match fetched {
             Ok(_) => return Ok(()),
@@ -105,9 +111,9 @@ pub fn preflight(cfg: &KafkaConfig, timeout: Duration) -> anyhow::Result<()> {
     }
 }
 
-/// What to fix when the brokers refuse idem, from librdkafka's `reason`.
-fn refusal_advice(cfg: &KafkaConfig, reason: &str) -> String {
-    if reason.contains("SASL") || reason.contains("uthenticat") {
+/// What to fix when the brokers refuse idem, from librdkafka's error.
+fn refusal_advice(cfg: &KafkaConfig, code: RDKafkaErrorCode, reason: &str) -> String {
+    if code == RDKafkaErrorCode::Authentication {
         format!(
             "Kafka refused idem's SASL credentials ({reason}). Check kafka.sasl_username (now {:?}), \
              kafka.sasl_password or kafka.sasl_password_file, and that the user exists for \
@@ -126,15 +132,15 @@ fn refusal_advice(cfg: &KafkaConfig, reason: &str) -> String {
 }
 
 /// Remembers the first authentication or TLS error librdkafka reports.
-struct RefusalContext(Arc<std::sync::Mutex<Option<String>>>);
+struct RefusalContext(Arc<std::sync::Mutex<Option<(RDKafkaErrorCode, String)>>>);
 
 impl ClientContext for RefusalContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        if is_refusal(&error) {
+        if let (true, Some(code)) = (is_refusal(&error), error.rdkafka_error_code()) {
             self.0
                 .lock()
                 .unwrap()
-                .get_or_insert_with(|| reason.to_string());
+                .get_or_insert_with(|| (code, reason.to_string()));
         }
     }
 }

@@ -181,7 +181,7 @@ impl RedisConn {
 
     /// The servers that hold data: the one server (`None`), or each master
     /// of a cluster by address.
-    pub async fn masters(&mut self) -> Result<Vec<Option<(String, u16)>>, StoreError> {
+    pub async fn masters(&mut self) -> Result<Vec<Option<NodeAddr>>, StoreError> {
         Ok(match self {
             RedisConn::Standalone(_) => vec![None],
             RedisConn::Cluster(c) => cluster_masters(c).await?.into_iter().map(Some).collect(),
@@ -191,7 +191,7 @@ impl RedisConn {
     /// Runs `cmd` on one of `masters()`.
     pub async fn query_on(
         &mut self,
-        node: &Option<(String, u16)>,
+        node: &Option<NodeAddr>,
         cmd: &Cmd,
     ) -> Result<Value, StoreError> {
         use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
@@ -207,18 +207,37 @@ impl RedisConn {
         })
     }
 
-    /// Runs `cmd` on the master that owns `slot` (on a standalone server:
-    /// on it). A keyless command such as WAIT then reaches the node, and
-    /// the connection, that the slot's writes went to.
-    pub async fn query_on_slot(&mut self, slot: u16, cmd: &Cmd) -> Result<Value, StoreError> {
-        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-        Ok(match self {
-            RedisConn::Cluster(c) => {
-                let to = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
-                c.route_command(cmd, RoutingInfo::SingleNode(to)).await?
+    /// Sends `pipe` to `node` (on a standalone server: to it) and returns
+    /// every reply; a server error in any reply is the error of the whole.
+    /// By address, so a retry never lands on another node.
+    pub async fn pipeline_on(
+        &mut self,
+        node: &Option<NodeAddr>,
+        pipe: &Pipeline,
+    ) -> Result<Vec<Value>, StoreError> {
+        use redis::cluster_routing::SingleNodeRoutingInfo;
+        let replies = match (self, node) {
+            (RedisConn::Cluster(c), Some((host, port))) => {
+                let to = SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                };
+                c.route_pipeline(pipe, 0, pipe.len(), to).await?
             }
-            conn => cmd.query_async(conn).await?,
-        })
+            (conn, _) => conn.req_packed_commands(pipe, 0, pipe.len()).await?,
+        };
+        Ok(replies
+            .into_iter()
+            .map(Value::extract_error)
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// The cluster's slot map (`None` for a standalone server).
+    pub async fn slot_map(&mut self) -> Result<Option<SlotMap>, StoreError> {
+        match self {
+            RedisConn::Standalone(_) => Ok(None),
+            RedisConn::Cluster(c) => Ok(Some(slot_map(c).await?)),
+        }
     }
 
     /// Every key matching `pattern`, by SCAN (never KEYS): on the one
@@ -248,28 +267,68 @@ impl RedisConn {
     }
 }
 
-/// The (host, port) of each master, from CLUSTER SLOTS.
-async fn cluster_masters(c: &mut ClusterConnection) -> Result<Vec<(String, u16)>, StoreError> {
+/// A cluster node by address.
+pub type NodeAddr = (String, u16);
+
+/// Which master owns which slots, from CLUSTER SLOTS.
+#[derive(Debug, Clone, Default)]
+pub struct SlotMap {
+    ranges: Vec<(u16, u16, NodeAddr)>,
+}
+
+impl SlotMap {
+    /// The master of `slot`, if the map has one.
+    pub fn owner(&self, slot: u16) -> Option<&NodeAddr> {
+        self.ranges
+            .iter()
+            .find(|(start, end, _)| (*start..=*end).contains(&slot))
+            .map(|(_, _, node)| node)
+    }
+
+    pub fn masters(&self) -> Vec<NodeAddr> {
+        let set: std::collections::BTreeSet<&NodeAddr> =
+            self.ranges.iter().map(|(_, _, n)| n).collect();
+        set.into_iter().cloned().collect()
+    }
+}
+
+/// Reads the cluster's slot map.
+pub async fn slot_map(c: &mut ClusterConnection) -> Result<SlotMap, StoreError> {
     let slots: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(c).await?;
-    let mut masters = std::collections::BTreeSet::new();
     let Value::Array(ranges) = slots else {
         return Err(StoreError::Protocol(format!(
             "CLUSTER SLOTS answered {slots:?}"
         )));
     };
+    let mut map = SlotMap::default();
     for range in ranges {
         // [start, end, [host, port, id, ...], replicas...]
-        if let Value::Array(parts) = range {
-            if let Some(Value::Array(master)) = parts.get(2) {
-                if let (Some(host), Some(port)) = (master.first(), master.get(1)) {
-                    let host: String = redis::from_redis_value(host)?;
-                    let port: u16 = redis::from_redis_value(port)?;
-                    masters.insert((host, port));
-                }
-            }
+        let Value::Array(parts) = range else { continue };
+        let (Some(start), Some(end), Some(Value::Array(master))) =
+            (parts.first(), parts.get(1), parts.get(2))
+        else {
+            continue;
+        };
+        let (Some(host), Some(port)) = (master.first(), master.get(1)) else {
+            continue;
+        };
+        let host: String = redis::from_redis_value(host).unwrap_or_default();
+        if host.is_empty() || host == "?" {
+            return Err(StoreError::Protocol(
+                "CLUSTER SLOTS names a master without an address; set cluster-announce-ip (or -hostname) on the nodes".into(),
+            ));
         }
+        map.ranges.push((
+            redis::from_redis_value(start)?,
+            redis::from_redis_value(end)?,
+            (host, redis::from_redis_value(port)?),
+        ));
     }
-    Ok(masters.into_iter().collect())
+    Ok(map)
+}
+
+async fn cluster_masters(c: &mut ClusterConnection) -> Result<Vec<NodeAddr>, StoreError> {
+    Ok(slot_map(c).await?.masters())
 }
 
 impl ConnectionLike for RedisConn {

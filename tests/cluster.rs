@@ -146,7 +146,7 @@ impl PrivateCluster {
             nodes: Vec::new(),
         };
         for _ in 0..6 {
-            let port = free_port();
+            let port = cluster_node_port(&cluster.nodes);
             let child = cluster.spawn_node(port);
             cluster.nodes.push((port, child));
         }
@@ -227,7 +227,16 @@ impl PrivateCluster {
                 })
     }
 
-    /// SIGKILLs the node on `port`, then starts it again on the same state.
+    fn signal(&self, port: u16, sig: &str) {
+        let (_, child) = self.nodes.iter().find(|(p, _)| *p == port).unwrap();
+        let status = Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig} {port}");
+    }
+
+    /// SIGKILLs the node on `port`; `restart` starts it again on its state.
     fn kill(&mut self, port: u16) {
         let (_, child) = self.nodes.iter_mut().find(|(p, _)| *p == port).unwrap();
         child.kill().unwrap();
@@ -246,6 +255,21 @@ impl Drop for PrivateCluster {
         for (_, child) in &mut self.nodes {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+}
+
+/// A free port for a cluster node: at most 55535 (Redis refuses higher
+/// ones in cluster mode), with its bus port (+10000) free too, and not
+/// already given to another node.
+fn cluster_node_port(taken: &[(u16, std::process::Child)]) -> u16 {
+    loop {
+        let port = free_port();
+        if port <= 55535
+            && !taken.iter().any(|(p, _)| *p == port || *p + 10000 == port)
+            && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok()
+        {
+            return port;
         }
     }
 }
@@ -269,8 +293,8 @@ fn wait_for_node(port: u16) {
     }
 }
 
-/// A master dies while idem consumes with `durability = replicas:1`: its
-/// replica takes over, idem retries (committing nothing that is not on a
+/// With `durability = replicas:1`: stopped replicas stall the commits;
+/// then a master dies while idem consumes: its replica takes over, idem retries (committing nothing that is not on a
 /// replica) and goes on once the old master rejoins as a replica; every
 /// effect is then in Redis exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,7 +315,8 @@ async fn master_failover_with_replica_durability_loses_nothing() {
     let producing = {
         let (topic, records) = (topic.clone(), records.clone());
         tokio::spawn(async move {
-            for slice in records.chunks(records.len() / 8 + 1) {
+            // Paced over ~8 s, so that work arrives during both faults.
+            for slice in records.chunks(records.len() / 25 + 1) {
                 produce(&topic, slice).await;
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
@@ -308,6 +333,53 @@ async fn master_failover_with_replica_durability_loses_nothing() {
     .await;
 
     let ports: Vec<u16> = cluster.nodes.iter().map(|(p, _)| *p).collect();
+
+    // First, deterministically: with every replica stopped no WAIT can be
+    // met, so idem retries its batch and the committed offsets stand still.
+    let replicas: Vec<u16> = ports
+        .iter()
+        .copied()
+        .filter(|p| PrivateCluster::role(*p).0 == "slave")
+        .collect();
+    for r in &replicas {
+        cluster.signal(*r, "-STOP");
+    }
+    let not_durable = || async {
+        idem.counter("idem_retries_total", &[("cause", "not_durable")])
+            .await
+            .unwrap_or(0)
+    };
+    // Two failed waits (over a second) after the last durable batch: its
+    // offsets, stored before, are committed by now (commit interval 200 ms).
+    wait_until(
+        "batches wait for the stopped replicas",
+        CATCH_UP,
+        || async { not_durable().await >= 2 },
+    )
+    .await;
+    let before = committed(&topic, &topic, 4).await;
+    wait_until("more failed waits", CATCH_UP, || async {
+        not_durable().await >= 5
+    })
+    .await;
+    assert_eq!(
+        committed(&topic, &topic, 4).await,
+        before,
+        "nothing is committed while no replica acknowledges"
+    );
+    for r in &replicas {
+        cluster.signal(*r, "-CONT");
+    }
+    let deadline = std::time::Instant::now() + CATCH_UP;
+    while !cluster.healthy() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replicas did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Then a real failover.
     let master = *ports
         .iter()
         .find(|p| PrivateCluster::role(**p).0 == "master")

@@ -79,9 +79,13 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     let mut kills = 0;
     for _ in 0..4 {
         let idem = Idem::spawn(&opts);
-        // Kill only once this process is applying, at a random moment after that.
+        // Kill only once this process is applying, at a random moment after
+        // that (or at once if an earlier one already finished everything).
         wait_until("the new idem process handles events", CATCH_UP, || async {
             idem.counter("idem_events_total", &[]).await.unwrap_or(0) > 0
+                || (producing.is_finished()
+                    && committed(&topic, &topic, partitions).await
+                        == end_offsets(&topic, partitions).await)
         })
         .await;
         tokio::time::sleep(Duration::from_millis(50 + rng.below(700))).await;

@@ -288,7 +288,8 @@ fn kafka_tls_file(name: &str) -> String {
     let path = std::path::Path::new(&dir).join(name);
     assert!(
         path.is_file(),
-        "{} is missing: run `make services` (it makes the broker's test CA)",
+        "{} is missing: run `make services` (it makes the broker's test CA and \
+         listeners; a broker it did not start has neither: `make services-down` first)",
         path.display()
     );
     path.to_str().unwrap().to_string()

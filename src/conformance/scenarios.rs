@@ -327,14 +327,13 @@ async fn redis_stalled(spec: ConformanceSpec, seed: u64) -> anyhow::Result<(Scen
     case.produce(0, n / 2).await?;
     let p = case.spawn(&[])?;
     wait_processing(&p, 1, RECOVERY_BOUND).await?;
-    // Stall Redis for three times the client's timeout.
+    // Stall Redis (every master of a cluster) for three times the client's timeout.
     let mut conn = case.redis.connect().await?;
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(3000)
-        .arg("ALL")
-        .query_async(&mut conn)
-        .await?;
+    let mut pause = redis::cmd("CLIENT");
+    pause.arg("PAUSE").arg(3000).arg("ALL");
+    for node in conn.masters().await? {
+        conn.query_on(&node, &pause).await?;
+    }
     case.produce(n / 2, n).await?;
     tokio::time::sleep(Duration::from_millis(3000)).await;
     case.catch_up().await?;

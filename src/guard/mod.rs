@@ -12,7 +12,7 @@ use redis::Value;
 
 use crate::event::{id_hash, Event, Op};
 use crate::model::Outcome;
-use crate::store::{hash_slot, KeyLayout, RedisConn, StoreError};
+use crate::store::{hash_slot, KeyLayout, NodeAddr, RedisConn, SlotMap, StoreError};
 
 const SCRIPT: &str = include_str!("guard.lua");
 
@@ -52,6 +52,9 @@ pub struct Guard {
     events_per_script: usize,
     wait: DurableWait,
     wait_timeout_ms: u64,
+    /// Cluster with a durable wait: which master owns which slot (read
+    /// when missing, dropped after any failure).
+    slot_map: Option<SlotMap>,
 }
 
 impl Guard {
@@ -63,6 +66,7 @@ impl Guard {
             events_per_script: events_per_script.max(1),
             wait: DurableWait::None,
             wait_timeout_ms: 1000,
+            slot_map: None,
         }
     }
 
@@ -78,6 +82,7 @@ impl Guard {
     /// topology change).
     pub fn replace_connection(&mut self, conn: RedisConn) {
         self.conn = conn;
+        self.slot_map = None;
     }
 
     /// Loads the script into Redis (done lazily on `NOSCRIPT` too; on a
@@ -141,11 +146,22 @@ impl Guard {
         inputs: &[GuardInput<'_>],
     ) -> Result<Vec<Verdict>, StoreError> {
         let chunks = chunk_by_slot(inputs, &self.layout);
+        if self.wait != DurableWait::None {
+            let replies = match self.apply_per_master(inputs, &chunks).await {
+                Ok(replies) => replies,
+                Err(e) => {
+                    // The slots may have moved: read the map again before the retry.
+                    self.slot_map = None;
+                    return Err(e);
+                }
+            };
+            return verdicts_by_chunk(&chunks, replies.into_iter().map(Ok), inputs.len());
+        }
         let this = &*self;
         let calls = chunks.iter().map(|chunk| {
             let mut conn = this.conn.clone();
             async move {
-                let reply = match this
+                match this
                     .script_cmd(inputs, chunk, false)
                     .query_async::<Vec<Value>>(&mut conn)
                     .await
@@ -157,56 +173,105 @@ impl Guard {
                             .await
                     }
                     other => other,
-                }?;
-                if this.wait != DurableWait::None {
-                    let slot = hash_slot(
-                        this.layout
-                            .entity_base(&inputs[chunk[0]].event.entity)
-                            .as_bytes(),
-                    );
-                    this.wait_on_slot(&mut conn, slot).await?;
                 }
-                Ok::<_, StoreError>(reply)
+                .map_err(StoreError::from)
             }
         });
         let replies = futures_util::future::join_all(calls).await;
-        let mut verdicts = vec![None; inputs.len()];
-        for (chunk, reply) in chunks.iter().zip(replies) {
-            let parsed = parse_replies(&[reply?], chunk.len())?;
-            for (&i, v) in chunk.iter().zip(parsed) {
-                verdicts[i] = Some(v);
-            }
-        }
-        Ok(verdicts
-            .into_iter()
-            .map(|v| v.expect("every input is in one chunk"))
-            .collect())
+        verdicts_by_chunk(&chunks, replies.into_iter(), inputs.len())
     }
 
-    /// The durable wait of one slot's call: a write in the slot (so the wait
-    /// covers everything the node took before, as in `build_pipeline`), then
-    /// WAIT / WAITAOF on the slot's master, over the connection the script used.
-    async fn wait_on_slot(&self, conn: &mut RedisConn, slot: u16) -> Result<(), StoreError> {
-        let _: i64 = redis::cmd("INCR")
-            .arg(self.layout.slot_barrier_key(slot))
-            .query_async(conn)
-            .await?;
-        let mut wait = match self.wait {
-            DurableWait::None => return Ok(()),
+    /// Redis Cluster with a durable wait: the slots' calls grouped by the
+    /// master that owns them, and for each master its calls, a barrier
+    /// write and WAIT / WAITAOF in one pipeline sent to it by address. One
+    /// wait per master per batch, and always on the connection that ran the
+    /// scripts: a retry resends the scripts too, so a WAIT reply never
+    /// stands for writes that went elsewhere (a failover makes the scripts
+    /// fail on the old address, or run again on the new master). A slot
+    /// that moved answers MOVED: the batch is retried with a fresh map.
+    async fn apply_per_master(
+        &mut self,
+        inputs: &[GuardInput<'_>],
+        chunks: &[Vec<usize>],
+    ) -> Result<Vec<Vec<Value>>, StoreError> {
+        if self.slot_map.is_none() {
+            self.slot_map = self.conn.slot_map().await?;
+        }
+        let map = self.slot_map.clone().unwrap_or_default();
+        let slot_of = |chunk: &[usize]| {
+            hash_slot(
+                self.layout
+                    .entity_base(&inputs[chunk[0]].event.entity)
+                    .as_bytes(),
+            )
+        };
+        let mut by_node: std::collections::BTreeMap<NodeAddr, Vec<usize>> = Default::default();
+        for (c, chunk) in chunks.iter().enumerate() {
+            let slot = slot_of(chunk);
+            let node = map.owner(slot).cloned().ok_or_else(|| {
+                StoreError::Protocol(format!("slot {slot} has no master in CLUSTER SLOTS"))
+            })?;
+            by_node.entry(node).or_default().push(c);
+        }
+        let this = &*self;
+        let calls = by_node.into_iter().map(|(node, mine)| {
+            let mut conn = this.conn.clone();
+            let barrier = this.layout.slot_barrier_key(slot_of(&chunks[mine[0]]));
+            async move {
+                let pipeline = |with_source: bool| {
+                    let mut pipe = redis::pipe();
+                    for &c in &mine {
+                        pipe.add_command(this.script_cmd(inputs, &chunks[c], with_source));
+                    }
+                    pipe.cmd("INCR").arg(&barrier);
+                    pipe.add_command(this.wait_cmd());
+                    pipe
+                };
+                let node = Some(node);
+                let mut replies = match conn.pipeline_on(&node, &pipeline(false)).await {
+                    // This node has not seen the script yet: EVAL loads it.
+                    Err(StoreError::Redis(e)) if e.kind() == redis::ErrorKind::NoScriptError => {
+                        conn.pipeline_on(&node, &pipeline(true)).await?
+                    }
+                    other => other?,
+                };
+                check_durable(this.wait, &replies.pop().unwrap_or(Value::Nil))?;
+                replies.pop(); // the barrier's count
+                let scripts = replies
+                    .into_iter()
+                    .map(|v| match v {
+                        Value::Array(items) => Ok(items),
+                        other => Err(StoreError::Protocol(format!("guard reply {other:?}"))),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok::<_, StoreError>(mine.into_iter().zip(scripts).collect::<Vec<_>>())
+            }
+        });
+        let mut out = vec![Vec::new(); chunks.len()];
+        for node_replies in futures_util::future::join_all(calls).await {
+            for (c, items) in node_replies? {
+                out[c] = items;
+            }
+        }
+        Ok(out)
+    }
+
+    /// WAIT or WAITAOF for the configured durability.
+    fn wait_cmd(&self) -> redis::Cmd {
+        let mut c = match self.wait {
             DurableWait::Replicas(n) => {
                 let mut c = redis::cmd("WAIT");
                 c.arg(n);
                 c
             }
-            DurableWait::LocalAof => {
+            DurableWait::LocalAof | DurableWait::None => {
                 let mut c = redis::cmd("WAITAOF");
                 c.arg(1).arg(0);
                 c
             }
         };
-        wait.arg(self.wait_timeout_ms);
-        let reply = conn.query_on_slot(slot, &wait).await?;
-        check_durable(self.wait, &reply)
+        c.arg(self.wait_timeout_ms);
+        c
     }
 
     fn script_cmd(
@@ -263,17 +328,30 @@ impl Guard {
                 .arg(self.layout.durability_barrier_key())
                 .ignore();
         }
-        match self.wait {
-            DurableWait::None => {}
-            DurableWait::Replicas(n) => {
-                pipe.cmd("WAIT").arg(n).arg(self.wait_timeout_ms);
-            }
-            DurableWait::LocalAof => {
-                pipe.cmd("WAITAOF").arg(1).arg(0).arg(self.wait_timeout_ms);
-            }
+        if self.wait != DurableWait::None {
+            pipe.add_command(self.wait_cmd());
         }
         pipe
     }
+}
+
+/// Verdicts in input order from each chunk's script reply items.
+fn verdicts_by_chunk(
+    chunks: &[Vec<usize>],
+    replies: impl Iterator<Item = Result<Vec<Value>, StoreError>>,
+    inputs: usize,
+) -> Result<Vec<Verdict>, StoreError> {
+    let mut verdicts = vec![None; inputs];
+    for (chunk, reply) in chunks.iter().zip(replies) {
+        let parsed = parse_replies(&[reply?], chunk.len())?;
+        for (&i, v) in chunk.iter().zip(parsed) {
+            verdicts[i] = Some(v);
+        }
+    }
+    Ok(verdicts
+        .into_iter()
+        .map(|v| v.expect("every input is in one chunk"))
+        .collect())
 }
 
 /// Whether the WAIT / WAITAOF reply confirms durability.
