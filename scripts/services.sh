@@ -29,6 +29,7 @@ KAFKA_SCRAM_PASSWORD="idem-scram-secret"
 KAFKA_PLAIN_USER="idem-plain"
 KAFKA_PLAIN_PASSWORD="idem-plain-secret"
 KAFKA_STORE_PASSWORD="idem-local-store"
+KAFKA_CLIENT_KEY_PASSWORD="idem-client-key-secret"
 REDIS_PORT="${IDEM_REDIS_PORT:-6379}"
 CLUSTER_PORTS="${IDEM_REDIS_CLUSTER_PORTS:-7000 7001 7002}"
 CLUSTER_DIR="$CACHE/redis-cluster"
@@ -86,7 +87,7 @@ kafka_java() { java -cp "$KAFKA_DIR/libs/*" "$@"; }
 # PKCS12 keystore, and a client certificate for the mutual-TLS listener.
 # Made again when missing or about to expire.
 make_kafka_tls() {
-  if [[ -f "$KAFKA_TLS_DIR/broker.p12" ]] &&
+  if [[ -f "$KAFKA_TLS_DIR/broker.p12" && -f "$KAFKA_TLS_DIR/client-encrypted.key" ]] &&
     openssl x509 -checkend 86400 -noout -in "$KAFKA_TLS_DIR/broker.crt" >/dev/null 2>&1; then
     return
   fi
@@ -107,6 +108,9 @@ make_kafka_tls() {
     printf 'extendedKeyUsage=clientAuth\n' >client.ext
     openssl x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
       -out client.crt -days 30 -extfile client.ext
+    # The same key, encrypted, for the kafka.ssl_key_password test.
+    openssl pkcs8 -topk8 -v2 aes256 -in client.key -out client-encrypted.key \
+      -passout "pass:$KAFKA_CLIENT_KEY_PASSWORD"
   ) >"$KAFKA_DIR/tls.log" 2>&1 || die "making the TLS certificates failed; see $KAFKA_DIR/tls.log"
 }
 

@@ -119,6 +119,30 @@ fn readable_file(key: &str, path: String) -> Result<String, ConfigError> {
     Ok(path)
 }
 
+/// A client certificate and its key for mutual TLS: both readable files,
+/// or neither. Each argument is (key name, path).
+fn client_certificate(
+    cert: (&str, String),
+    key: (&str, String),
+) -> Result<(String, String), ConfigError> {
+    match (cert.1.is_empty(), key.1.is_empty()) {
+        (false, true) => Err(ConfigError::invalid(
+            key.0,
+            "",
+            &format!(
+                "the client certificate's private key (PEM), since {} is set",
+                cert.0
+            ),
+        )),
+        (true, false) => Err(ConfigError::invalid(
+            cert.0,
+            "",
+            &format!("the client certificate (PEM), since {} is set", key.0),
+        )),
+        _ => Ok((readable_file(cert.0, cert.1)?, readable_file(key.0, key.1)?)),
+    }
+}
+
 /// Where a group without committed offsets starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OffsetReset {
@@ -641,6 +665,17 @@ impl RawConfig {
             }
         };
 
+        let (kafka_cert, kafka_key) = client_certificate(
+            (
+                "kafka.ssl_certificate_location",
+                k.ssl_certificate_location.clone(),
+            ),
+            ("kafka.ssl_key_location", k.ssl_key_location.clone()),
+        )?;
+        let (redis_cert, redis_key) = client_certificate(
+            ("redis.tls_cert_file", r.tls_cert_file.clone()),
+            ("redis.tls_key_file", r.tls_key_file.clone()),
+        )?;
         Ok(Config {
             kafka: KafkaConfig {
                 brokers: k.brokers,
@@ -695,30 +730,8 @@ impl RawConfig {
                     path if Path::new(path).is_dir() => k.ssl_ca_location,
                     _ => readable_file("kafka.ssl_ca_location", k.ssl_ca_location)?,
                 },
-                ssl_certificate_location: match (
-                    k.ssl_certificate_location.is_empty(),
-                    k.ssl_key_location.is_empty(),
-                ) {
-                    (false, true) => {
-                        return Err(ConfigError::invalid(
-                            "kafka.ssl_key_location",
-                            "",
-                            "the client certificate's private key (PEM), since kafka.ssl_certificate_location is set",
-                        ))
-                    }
-                    (true, false) => {
-                        return Err(ConfigError::invalid(
-                            "kafka.ssl_certificate_location",
-                            "",
-                            "the client certificate (PEM), since kafka.ssl_key_location is set",
-                        ))
-                    }
-                    _ => readable_file(
-                        "kafka.ssl_certificate_location",
-                        k.ssl_certificate_location,
-                    )?,
-                },
-                ssl_key_location: readable_file("kafka.ssl_key_location", k.ssl_key_location)?,
+                ssl_certificate_location: kafka_cert,
+                ssl_key_location: kafka_key,
                 ssl_key_password: secret(
                     "kafka.ssl_key_password",
                     &k.ssl_key_password,
@@ -734,24 +747,8 @@ impl RawConfig {
                 username: r.username.clone(),
                 password: secret("redis.password", &r.password, &r.password_file)?,
                 tls_ca_file: readable_file("redis.tls_ca_file", r.tls_ca_file.clone())?,
-                tls_cert_file: match (r.tls_cert_file.is_empty(), r.tls_key_file.is_empty()) {
-                    (false, true) => {
-                        return Err(ConfigError::invalid(
-                            "redis.tls_key_file",
-                            "",
-                            "the client certificate's private key (PEM), since redis.tls_cert_file is set",
-                        ))
-                    }
-                    (true, false) => {
-                        return Err(ConfigError::invalid(
-                            "redis.tls_cert_file",
-                            "",
-                            "the client certificate (PEM), since redis.tls_key_file is set",
-                        ))
-                    }
-                    _ => readable_file("redis.tls_cert_file", r.tls_cert_file.clone())?,
-                },
-                tls_key_file: readable_file("redis.tls_key_file", r.tls_key_file.clone())?,
+                tls_cert_file: redis_cert,
+                tls_key_file: redis_key,
                 durability: parse_durability(&r.durability).ok_or_else(|| {
                     ConfigError::invalid(
                         "redis.durability",

@@ -89,8 +89,17 @@ pub fn preflight(cfg: &KafkaConfig, timeout: Duration) -> anyhow::Result<()> {
     }
     // No group.id: the check joins no group, and librdkafka reports its
     // errors on the main queue, which `poll` serves.
-    let consumer: BaseConsumer<RefusalContext> =
-        config.create_with_context(RefusalContext(refused.clone()))?;
+    let consumer: BaseConsumer<RefusalContext> = config
+        .create_with_context(RefusalContext(refused.clone()))
+        .map_err(|e| match e.to_string() {
+            m if m.contains("ssl.") => anyhow::anyhow!(
+                "librdkafka could not load the TLS files ({m}). Check kafka.ssl_ca_location, \
+                 kafka.ssl_certificate_location and kafka.ssl_key_location, and \
+                 kafka.ssl_key_password (or _file) for an encrypted key: a wrong key \
+                 password shows as \"PEM lib\"."
+            ),
+            m => anyhow::anyhow!("cannot create a Kafka client: {m}"),
+        })?;
     let deadline = std::time::Instant::now() + timeout;
     loop {
         let topic = cfg.topics.first().map(String::as_str);
@@ -136,7 +145,7 @@ struct RefusalContext(Arc<std::sync::Mutex<Option<(RDKafkaErrorCode, String)>>>)
 
 impl ClientContext for RefusalContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        if let (true, Some(code)) = (is_refusal(&error), error.rdkafka_error_code()) {
+        if let (true, Some(code)) = (is_refusal(&error, reason), error.rdkafka_error_code()) {
             self.0
                 .lock()
                 .unwrap()
@@ -148,12 +157,15 @@ impl ClientContext for RefusalContext {
 impl ConsumerContext for RefusalContext {}
 
 /// An error that retrying will not fix: the brokers refuse the credentials
-/// or the TLS handshake.
-fn is_refusal(error: &KafkaError) -> bool {
-    matches!(
-        error.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)
-    )
+/// or the TLS handshake. A broker that rejects the client certificate
+/// (TLS 1.3 sends the alert after the handshake) shows up as a transport
+/// failure carrying OpenSSL's alert.
+fn is_refusal(error: &KafkaError, reason: &str) -> bool {
+    match error.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL) => true,
+        Some(RDKafkaErrorCode::BrokerTransportFailure) => reason.contains("SSL routines"),
+        _ => false,
+    }
 }
 
 /// The consumer configuration: user passthrough first, then the settings
@@ -221,7 +233,7 @@ impl ClientContext for IdemContext {
     /// is logged as an error with its cause; librdkafka keeps retrying, so
     /// idem resumes once the brokers accept it again.
     fn error(&self, error: KafkaError, reason: &str) {
-        if is_refusal(&error) {
+        if is_refusal(&error, reason) {
             metrics::record_retry("kafka_refused");
             tracing::error!(error = %error, reason, "Kafka refused idem's credentials or TLS handshake; consumption is stalled until the brokers accept them (see docs/security.md)");
         } else {

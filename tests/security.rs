@@ -101,7 +101,8 @@ async fn log_of_refused_run(opts: &IdemOpts, key: &str, wrong: &str) -> String {
     std::fs::read_to_string(&log).unwrap()
 }
 
-/// A throwaway CA and a server certificate for 127.0.0.1, made with openssl.
+/// A throwaway CA, a server certificate for 127.0.0.1 and a client
+/// certificate, made with openssl.
 fn make_certs(dir: &std::path::Path) {
     let run = |args: &[&str]| {
         let status = std::process::Command::new("openssl")
@@ -128,71 +129,43 @@ fn make_certs(dir: &std::path::Path) {
         "-subj",
         "/CN=idem-test-ca",
     ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
+    // `<name>.key` and `<name>.crt` signed by the CA. The extensions make it
+    // an X.509 v3 certificate: rustls refuses v1.
+    let signed = |name: &str, subject: &str, extensions: &str| {
+        let (key, csr, crt, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.cnf"),
+        );
+        std::fs::write(dir.join(&ext), extensions).unwrap();
+        run(&[
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", subject,
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "1",
+            "-extfile",
+            &ext,
+        ]);
+    };
+    signed(
+        "server",
         "/CN=127.0.0.1",
-    ]);
-    std::fs::write(
-        dir.join("ext.cnf"),
         "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-    ]);
-    std::fs::write(dir.join("client.cnf"), "extendedKeyUsage=clientAuth\n").unwrap();
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "client.key",
-        "-out",
-        "client.csr",
-        "-subj",
-        "/CN=idem-client",
-    ]);
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "client.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "client.crt",
-        "-days",
-        "1",
-        // Extensions make it an X.509 v3 certificate: rustls refuses v1.
-        "-extfile",
-        "client.cnf",
-    ]);
+    );
+    signed("client", "/CN=idem-client", "extendedKeyUsage=clientAuth\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -430,7 +403,7 @@ async fn kafka_sasl_ssl_scram_and_plain_consume_and_a_wrong_password_fails_clear
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_mutual_tls_consumes_and_a_wrong_ca_fails_clearly() {
+async fn kafka_mutual_tls_consumes_and_a_missing_certificate_or_wrong_ca_fails_clearly() {
     let (topic, records) = secured_topic("mtls", 200).await;
     let security = [
         ("IDEM__KAFKA__BROKERS", mtls_brokers()),
@@ -446,6 +419,53 @@ async fn kafka_mutual_tls_consumes_and_a_wrong_ca_fails_clearly() {
         ),
     ];
     consumes_over(&topic, &records, &security, "PRIVATE KEY").await;
+
+    // The same client key, encrypted: its password comes from a file.
+    let (topic2, records2) = secured_topic("mtls-encrypted", 100).await;
+    let key_password = "idem-client-key-secret";
+    let password_file =
+        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{topic2}.keypw"));
+    std::fs::write(&password_file, format!("{key_password}\n")).unwrap();
+    let mut encrypted = security.to_vec();
+    encrypted.retain(|(k, _)| *k != "IDEM__KAFKA__SSL_KEY_LOCATION");
+    encrypted.push((
+        "IDEM__KAFKA__SSL_KEY_LOCATION",
+        kafka_tls_file("client-encrypted.key"),
+    ));
+    encrypted.push((
+        "IDEM__KAFKA__SSL_KEY_PASSWORD_FILE",
+        password_file.to_str().unwrap().into(),
+    ));
+    consumes_over(&topic2, &records2, &encrypted, key_password).await;
+    let mut wrong_key_password = encrypted.clone();
+    wrong_key_password.retain(|(k, _)| *k != "IDEM__KAFKA__SSL_KEY_PASSWORD_FILE");
+    wrong_key_password.push((
+        "IDEM__KAFKA__SSL_KEY_PASSWORD",
+        "not-the-key-password".into(),
+    ));
+    refused_at_start(
+        &topic2,
+        &wrong_key_password,
+        &["could not load the TLS files", "kafka.ssl_key_password"],
+        "not-the-key-password",
+    )
+    .await;
+
+    // No client certificate: the broker refuses the connection.
+    let mut no_cert = security.to_vec();
+    no_cert.retain(|(k, _)| {
+        !k.starts_with("IDEM__KAFKA__SSL_CERTIFICATE") && !k.starts_with("IDEM__KAFKA__SSL_KEY")
+    });
+    refused_at_start(
+        &topic,
+        &no_cert,
+        &[
+            "TLS handshake with the Kafka brokers failed",
+            "kafka.ssl_certificate_location",
+        ],
+        "PRIVATE KEY",
+    )
+    .await;
 
     // A CA that did not sign the broker's certificate: the handshake fails.
     let mut wrong_ca = security.to_vec();
