@@ -82,17 +82,16 @@ pub fn base_config(cfg: &KafkaConfig) -> ClientConfig {
 /// Unreachable brokers are not an error here (librdkafka keeps retrying).
 pub fn preflight(cfg: &KafkaConfig, timeout: Duration) -> anyhow::Result<()> {
     let refused = Arc::new(std::sync::Mutex::new(None::<(RDKafkaErrorCode, String)>));
-    let mut config = base_config(cfg);
-    // The passthrough may carry TLS settings (e.g. ssl.endpoint.identification.algorithm).
-    for (k, v) in &cfg.librdkafka {
-        config.set(k, v);
-    }
-    // No group.id: the check joins no group, and librdkafka reports its
-    // errors on the main queue, which `poll` serves.
+    // The consumer's own settings (the passthrough may carry TLS settings
+    // such as ssl.endpoint.identification.algorithm, and librdkafka checks
+    // them against each other), without joining a group: without group.id
+    // librdkafka reports errors on the main queue, which `poll` serves.
+    let mut config = consumer_config(cfg);
+    config.remove("group.id").remove("group.instance.id");
     let consumer: BaseConsumer<RefusalContext> = config
         .create_with_context(RefusalContext(refused.clone()))
         .map_err(|e| match e.to_string() {
-            m if m.contains("ssl.") => anyhow::anyhow!(
+            m if m.contains("location failed") => anyhow::anyhow!(
                 "librdkafka could not load the TLS files ({m}). Check kafka.ssl_ca_location, \
                  kafka.ssl_certificate_location and kafka.ssl_key_location, and \
                  kafka.ssl_key_password (or _file) for an encrypted key: a wrong key \

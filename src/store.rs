@@ -209,7 +209,8 @@ impl RedisConn {
 
     /// Sends `pipe` to `node` (on a standalone server: to it) and returns
     /// every reply; a server error in any reply is the error of the whole.
-    /// By address, so a retry never lands on another node.
+    /// redis-rs resends the whole pipeline on a reconnect, and to the named
+    /// node on MOVED/ASK: a success is always one pass on one connection.
     pub async fn pipeline_on(
         &mut self,
         node: &Option<NodeAddr>,
@@ -294,7 +295,15 @@ impl SlotMap {
 
 /// Reads the cluster's slot map.
 pub async fn slot_map(c: &mut ClusterConnection) -> Result<SlotMap, StoreError> {
-    let slots: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(c).await?;
+    // From a master: a stalled replica must not hold up the map.
+    let slots = c
+        .route_command(
+            &redis::cmd("CLUSTER").arg("SLOTS").clone(),
+            redis::cluster_routing::RoutingInfo::SingleNode(
+                redis::cluster_routing::SingleNodeRoutingInfo::RandomPrimary,
+            ),
+        )
+        .await?;
     let Value::Array(ranges) = slots else {
         return Err(StoreError::Protocol(format!(
             "CLUSTER SLOTS answered {slots:?}"

@@ -266,7 +266,9 @@ fn cluster_node_port(taken: &[(u16, std::process::Child)]) -> u16 {
     loop {
         let port = free_port();
         if port <= 55535
-            && !taken.iter().any(|(p, _)| *p == port || *p + 10000 == port)
+            && !taken
+                .iter()
+                .any(|(p, _)| *p == port || *p + 10000 == port || port + 10000 == *p)
             && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok()
         {
             return port;
@@ -312,11 +314,13 @@ async fn master_failover_with_replica_durability_loses_nothing() {
     create_topic(&topic, 4).await;
     let records = stream(&topic, 12_000, 4);
     let (model, _) = oracle(&records);
+    // 60% paced over ~5 s (work arrives while the replicas are stopped);
+    // the rest once the master is dead.
+    let (early, late) = records.split_at(records.len() * 6 / 10);
     let producing = {
-        let (topic, records) = (topic.clone(), records.clone());
+        let (topic, early) = (topic.clone(), early.to_vec());
         tokio::spawn(async move {
-            // Paced over ~8 s, so that work arrives during both faults.
-            for slice in records.chunks(records.len() / 25 + 1) {
+            for slice in early.chunks(early.len() / 15 + 1) {
                 produce(&topic, slice).await;
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
@@ -349,17 +353,18 @@ async fn master_failover_with_replica_durability_loses_nothing() {
             .await
             .unwrap_or(0)
     };
+    let baseline = not_durable().await;
     // Two failed waits (over a second) after the last durable batch: its
     // offsets, stored before, are committed by now (commit interval 200 ms).
     wait_until(
         "batches wait for the stopped replicas",
         CATCH_UP,
-        || async { not_durable().await >= 2 },
+        || async { not_durable().await >= baseline + 2 },
     )
     .await;
     let before = committed(&topic, &topic, 4).await;
     wait_until("more failed waits", CATCH_UP, || async {
-        not_durable().await >= 5
+        not_durable().await >= baseline + 5
     })
     .await;
     assert_eq!(
@@ -388,7 +393,12 @@ async fn master_failover_with_replica_durability_loses_nothing() {
         .iter()
         .find(|p| PrivateCluster::role(**p) == ("slave".to_string(), Some(master)))
         .expect("the master's replica");
+    producing.await.unwrap();
+    let retries = || async { idem.counter("idem_retries_total", &[]).await.unwrap_or(0) };
+    let retries_before_kill = retries().await;
     cluster.kill(master);
+    // Work for every master, the dead one too.
+    produce(&topic, late).await;
     // The replica is promoted after the node timeout; only then does the old
     // master come back (empty, as a replica of it), so replicas:1 can be met again.
     wait_until("the replica took over", CATCH_UP, || async move {
@@ -396,7 +406,6 @@ async fn master_failover_with_replica_durability_loses_nothing() {
     })
     .await;
     cluster.restart(master);
-    producing.await.unwrap();
     wait_caught_up(&topic, &topic, 4, CATCH_UP).await;
     assert_eq!(
         PrivateCluster::role(master),
@@ -404,8 +413,10 @@ async fn master_failover_with_replica_durability_loses_nothing() {
         "the old master rejoined as a replica"
     );
     assert_matches_oracle(&cluster.url(), &topic, &model).await;
-    let retries = idem.counter("idem_retries_total", &[]).await.unwrap_or(0);
-    assert!(retries > 0, "the failover was seen and retried");
+    assert!(
+        retries().await > retries_before_kill,
+        "the failover was seen and retried"
+    );
     let waits: u64 = ports
         .iter()
         .map(|p| {

@@ -44,6 +44,9 @@ pub enum DurableWait {
     LocalAof,
 }
 
+/// How long a cluster's slot map is used before it is read again.
+const SLOT_MAP_MAX_AGE: Duration = Duration::from_secs(5);
+
 /// Runs the guard script against one Redis.
 pub struct Guard {
     conn: RedisConn,
@@ -52,9 +55,9 @@ pub struct Guard {
     events_per_script: usize,
     wait: DurableWait,
     wait_timeout_ms: u64,
-    /// Cluster with a durable wait: which master owns which slot (read
-    /// when missing, dropped after any failure).
-    slot_map: Option<SlotMap>,
+    /// Cluster with a durable wait: which master owns which slot, and when
+    /// it was read (read again when old, dropped after any failure).
+    slot_map: Option<(SlotMap, std::time::Instant)>,
 }
 
 impl Guard {
@@ -194,10 +197,20 @@ impl Guard {
         inputs: &[GuardInput<'_>],
         chunks: &[Vec<usize>],
     ) -> Result<Vec<Vec<Value>>, StoreError> {
-        if self.slot_map.is_none() {
-            self.slot_map = self.conn.slot_map().await?;
+        // Read again now and then: a redirected pipeline succeeds on the new
+        // owner, but each batch would first pay a round trip to the old one.
+        if self
+            .slot_map
+            .as_ref()
+            .is_none_or(|(_, read)| read.elapsed() > SLOT_MAP_MAX_AGE)
+        {
+            self.slot_map = self
+                .conn
+                .slot_map()
+                .await?
+                .map(|m| (m, std::time::Instant::now()));
         }
-        let map = self.slot_map.clone().unwrap_or_default();
+        let map = self.slot_map.clone().map(|(m, _)| m).unwrap_or_default();
         let slot_of = |chunk: &[usize]| {
             hash_slot(
                 self.layout
@@ -220,8 +233,13 @@ impl Guard {
             async move {
                 let pipeline = |with_source: bool| {
                     let mut pipe = redis::pipe();
-                    for &c in &mine {
-                        pipe.add_command(this.script_cmd(inputs, &chunks[c], with_source));
+                    for (n, &c) in mine.iter().enumerate() {
+                        // One EVAL loads the script for the EVALSHAs after it.
+                        pipe.add_command(this.script_cmd(
+                            inputs,
+                            &chunks[c],
+                            with_source && n == 0,
+                        ));
                     }
                     pipe.cmd("INCR").arg(&barrier);
                     pipe.add_command(this.wait_cmd());
