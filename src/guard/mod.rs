@@ -55,7 +55,7 @@ pub struct Guard {
     events_per_script: usize,
     wait: DurableWait,
     wait_timeout_ms: u64,
-    /// Cluster with a durable wait: which master owns which slot, and when
+    /// Cluster: which master owns which slot, and when
     /// it was read (read again when old, dropped after any failure).
     slot_map: Option<(SlotMap, std::time::Instant)>,
 }
@@ -149,49 +149,27 @@ impl Guard {
         inputs: &[GuardInput<'_>],
     ) -> Result<Vec<Verdict>, StoreError> {
         let chunks = chunk_by_slot(inputs, &self.layout);
-        if self.wait != DurableWait::None {
-            let replies = match self.apply_per_master(inputs, &chunks).await {
-                Ok(replies) => replies,
-                Err(e) => {
-                    // The slots may have moved: read the map again before the retry.
-                    self.slot_map = None;
-                    return Err(e);
-                }
-            };
-            return verdicts_by_chunk(&chunks, replies.into_iter().map(Ok), inputs.len());
-        }
-        let this = &*self;
-        let calls = chunks.iter().map(|chunk| {
-            let mut conn = this.conn.clone();
-            async move {
-                match this
-                    .script_cmd(inputs, chunk, false)
-                    .query_async::<Vec<Value>>(&mut conn)
-                    .await
-                {
-                    // This node has not seen the script yet: EVAL loads it.
-                    Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                        this.script_cmd(inputs, chunk, true)
-                            .query_async(&mut conn)
-                            .await
-                    }
-                    other => other,
-                }
-                .map_err(StoreError::from)
+        let replies = match self.apply_per_master(inputs, &chunks).await {
+            Ok(replies) => replies,
+            Err(e) => {
+                // The slots may have moved: read the map again before the retry.
+                self.slot_map = None;
+                return Err(e);
             }
-        });
-        let replies = futures_util::future::join_all(calls).await;
-        verdicts_by_chunk(&chunks, replies.into_iter(), inputs.len())
+        };
+        verdicts_by_chunk(&chunks, replies.into_iter().map(Ok), inputs.len())
     }
 
-    /// Redis Cluster with a durable wait: the slots' calls grouped by the
-    /// master that owns them, and for each master its calls, a barrier
-    /// write and WAIT / WAITAOF in one pipeline sent to it by address. One
-    /// wait per master per batch, and always on the connection that ran the
-    /// scripts: a retry resends the scripts too, so a WAIT reply never
-    /// stands for writes that went elsewhere (a failover makes the scripts
-    /// fail on the old address, or run again on the new master). A slot
-    /// that moved answers MOVED: the batch is retried with a fresh map.
+    /// Redis Cluster: the slots' calls (a script may touch one slot only)
+    /// grouped by the master that owns them, and for each master its calls
+    /// in one pipeline sent to it by address, all masters concurrently: one
+    /// round trip per master per batch. With a durable wait the pipeline
+    /// ends with a barrier write and WAIT / WAITAOF: one wait per master per
+    /// batch, always on the connection that ran the scripts. A retry
+    /// resends the scripts too, so a WAIT reply never stands for writes that
+    /// went elsewhere (a failover makes the scripts fail on the old address,
+    /// or run again on the new master). A slot that moved answers MOVED: the
+    /// batch is retried with a fresh map.
     async fn apply_per_master(
         &mut self,
         inputs: &[GuardInput<'_>],
@@ -241,8 +219,10 @@ impl Guard {
                             with_source && n == 0,
                         ));
                     }
-                    pipe.cmd("INCR").arg(&barrier);
-                    pipe.add_command(this.wait_cmd());
+                    if this.wait != DurableWait::None {
+                        pipe.cmd("INCR").arg(&barrier);
+                        pipe.add_command(this.wait_cmd());
+                    }
                     pipe
                 };
                 let node = Some(node);
@@ -253,8 +233,10 @@ impl Guard {
                     }
                     other => other?,
                 };
-                check_durable(this.wait, &replies.pop().unwrap_or(Value::Nil))?;
-                replies.pop(); // the barrier's count
+                if this.wait != DurableWait::None {
+                    check_durable(this.wait, &replies.pop().unwrap_or(Value::Nil))?;
+                    replies.pop(); // the barrier's count
+                }
                 let scripts = replies
                     .into_iter()
                     .map(|v| match v {
