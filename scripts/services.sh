@@ -201,6 +201,16 @@ start_kafka() {
 
 redis_ready() { redis-cli -h 127.0.0.1 -p "$1" ping 2>/dev/null | grep -q PONG; }
 
+# Waits up to 5 s until the Redis on port $1 answers PING; $2 names its log.
+wait_redis() {
+  local waited=0
+  until redis_ready "$1"; do
+    ((waited < 50)) || die "redis on port $1 did not answer PING; see $2"
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+}
+
 start_redis() {
   local pidfile="$REDIS_DIR/redis.pid"
   mkdir -p "$REDIS_DIR"
@@ -210,12 +220,7 @@ start_redis() {
   redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes \
     --pidfile "$pidfile" --dir "$REDIS_DIR" --logfile "$REDIS_DIR/redis.log" \
     --save "" --appendonly no --maxclients 10000 >/dev/null
-  local waited=0
-  until redis_ready "$REDIS_PORT"; do
-    ((waited < 50)) || die "redis did not answer PING; see $REDIS_DIR/redis.log"
-    sleep 0.1
-    waited=$((waited + 1))
-  done
+  wait_redis "$REDIS_PORT" "$REDIS_DIR/redis.log"
   log "redis ready"
 }
 
@@ -233,14 +238,7 @@ start_redis_cluster() {
       --cluster-config-file nodes.conf --cluster-node-timeout 5000 \
       --save "" --appendonly no >/dev/null
   done
-  for port in $CLUSTER_PORTS; do
-    local waited=0
-    until redis_ready "$port"; do
-      ((waited < 50)) || die "redis cluster node $port did not answer PING; see $CLUSTER_DIR/$port/redis.log"
-      sleep 0.1
-      waited=$((waited + 1))
-    done
-  done
+  for port in $CLUSTER_PORTS; do wait_redis "$port" "$CLUSTER_DIR/$port/redis.log"; done
   if ! redis-cli -p "$first" cluster info | grep -q "cluster_state:ok"; then
     if ! redis-cli -p "$first" cluster info | grep -q "cluster_known_nodes:3"; then
       log "creating the redis cluster on ${nodes[*]}"

@@ -41,6 +41,20 @@ fn idem_cli(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `idem replay --execute` of `topic`'s group (named like the topic) to the
+/// earliest offsets: (exit code, stdout, stderr).
+fn replay_to_earliest(topic: &str) -> (i32, String, String) {
+    idem_cli(&[
+        "replay",
+        "--topic",
+        topic,
+        "--group",
+        topic,
+        "--to-earliest",
+        "--execute",
+    ])
+}
+
 async fn wait_group_empty(group: &str, topic: &str) {
     let (g, t) = (group.to_string(), topic.to_string());
     wait_until("the group has no members", CATCH_UP, || {
@@ -89,15 +103,7 @@ async fn replay_to_earliest_applies_nothing_and_catches_up() {
         end_offsets(&topic, 3).await,
         "a dry run changes nothing"
     );
-    let (code, _, err) = idem_cli(&[
-        "replay",
-        "--topic",
-        &topic,
-        "--group",
-        &topic,
-        "--to-earliest",
-        "--execute",
-    ]);
+    let (code, _, err) = replay_to_earliest(&topic);
     assert_eq!(code, 0, "{err}");
     assert_eq!(committed(&topic, &topic, 3).await, vec![0, 0, 0]);
 
@@ -129,15 +135,7 @@ async fn replay_after_the_window_is_all_stale() {
     wait_group_empty(&topic, &topic).await;
     wait_ids_expired(&topic).await;
 
-    let (code, _, err) = idem_cli(&[
-        "replay",
-        "--topic",
-        &topic,
-        "--group",
-        &topic,
-        "--to-earliest",
-        "--execute",
-    ]);
+    let (code, _, err) = replay_to_earliest(&topic);
     assert_eq!(code, 0, "{err}");
     let idem = Idem::spawn(&opts);
     wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
@@ -158,15 +156,7 @@ async fn replay_is_refused_while_a_member_runs() {
     let idem = Idem::spawn(&IdemOpts::new(&topic, &topic, &topic));
     wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
     let before = committed(&topic, &topic, 2).await;
-    let (code, _, err) = idem_cli(&[
-        "replay",
-        "--topic",
-        &topic,
-        "--group",
-        &topic,
-        "--to-earliest",
-        "--execute",
-    ]);
+    let (code, _, err) = replay_to_earliest(&topic);
     assert_eq!(code, 1);
     assert!(
         err.contains("1 active member(s)") && err.contains("Stop every idem instance"),
