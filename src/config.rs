@@ -235,6 +235,9 @@ pub struct RedisConfig {
     /// (`tls-auth-clients yes`); both or neither.
     pub tls_cert_file: String,
     pub tls_key_file: String,
+    /// Start even if Redis's `maxmemory-policy` may evict idem's keys
+    /// (anything but `noeviction`): the operator accepts lost dedupe memory.
+    pub allow_eviction: bool,
 }
 
 impl RedisConfig {
@@ -281,6 +284,12 @@ pub struct EventConfig {
     pub format: EventFormat,
     pub fields: FieldMap,
     pub max_bytes: usize,
+    /// `event.duplicate_keys = "reject"`: a repeated JSON object key makes the
+    /// record invalid (`duplicate_key`); otherwise the last one wins.
+    pub reject_duplicate_keys: bool,
+    /// `event.key_mismatch = "dead_letter"`: a record whose key is not its
+    /// entity is dead-lettered (`key_mismatch`); otherwise it is only counted.
+    pub dead_letter_key_mismatch: bool,
 }
 
 /// Dead-letter settings.
@@ -308,6 +317,9 @@ pub struct PipelineConfig {
     pub events_per_script: NonZeroUsize,
     pub retry_initial_backoff: Duration,
     pub retry_max_backoff: Duration,
+    /// A partition with records in flight and no progress for this long is
+    /// "blocked": `/readyz` turns 503 and `idem_partition_blocked` names it.
+    pub stall_timeout: Duration,
 }
 
 /// The validated configuration of one idem process.
@@ -389,6 +401,7 @@ struct RawRedis {
     tls_ca_file: String,
     tls_cert_file: String,
     tls_key_file: String,
+    allow_eviction: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -420,6 +433,8 @@ struct RawEvent {
     data: String,
     ts: String,
     max_bytes: i64,
+    duplicate_keys: String,
+    key_mismatch: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -430,6 +445,7 @@ struct RawPipeline {
     events_per_script: i64,
     retry_initial_backoff: String,
     retry_max_backoff: String,
+    stall_timeout: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -587,6 +603,28 @@ impl RawConfig {
             ts: pointer("event.ts", &e.ts)?,
         };
         let max_bytes = positive_int("event.max_bytes", e.max_bytes)?;
+        let reject_duplicate_keys = match e.duplicate_keys.as_str() {
+            "last_wins" => false,
+            "reject" => true,
+            other => {
+                return Err(ConfigError::invalid(
+                    "event.duplicate_keys",
+                    other,
+                    "\"last_wins\" or \"reject\"",
+                ))
+            }
+        };
+        let dead_letter_key_mismatch = match e.key_mismatch.as_str() {
+            "count" => false,
+            "dead_letter" => true,
+            other => {
+                return Err(ConfigError::invalid(
+                    "event.key_mismatch",
+                    other,
+                    "\"count\" or \"dead_letter\"",
+                ))
+            }
+        };
         let format = match e.format.as_str() {
             "auto" => EventFormat::Auto,
             "idem" => EventFormat::Idem,
@@ -644,6 +682,7 @@ impl RawConfig {
                 "pipeline.retry_max_backoff",
                 &p.retry_max_backoff,
             )?,
+            stall_timeout: positive_duration("pipeline.stall_timeout", &p.stall_timeout)?,
         };
 
         let metrics_listen = self.metrics.listen.parse().map_err(|_| {
@@ -749,6 +788,7 @@ impl RawConfig {
                 tls_ca_file: readable_file("redis.tls_ca_file", r.tls_ca_file.clone())?,
                 tls_cert_file: redis_cert,
                 tls_key_file: redis_key,
+                allow_eviction: r.allow_eviction,
                 durability: parse_durability(&r.durability).ok_or_else(|| {
                     ConfigError::invalid(
                         "redis.durability",
@@ -765,6 +805,8 @@ impl RawConfig {
                 format,
                 fields,
                 max_bytes,
+                reject_duplicate_keys,
+                dead_letter_key_mismatch,
             },
             dlq,
             pipeline,

@@ -305,6 +305,9 @@ impl ConsumerContext for IdemContext {
                 metrics::record_rebalance("assign");
                 let tps = partitions_of(tpl);
                 self.progress.assign(&tps);
+                for tp in &tps {
+                    metrics::init_partition(&tp.topic, tp.partition);
+                }
                 tracing::info!(partitions = tps.len(), "partitions assigned");
             }
             Rebalance::Error(e) => {

@@ -35,6 +35,8 @@ pub const IN_FLIGHT_EVENTS: &str = "idem_in_flight_events";
 pub const PAUSED: &str = "idem_paused";
 pub const DEAD_LETTERS_TOTAL: &str = "idem_dead_letters_total";
 pub const COMMIT_LAG_SECONDS: &str = "idem_commit_lag_seconds";
+pub const KEY_MISMATCH_TOTAL: &str = "idem_key_mismatch_total";
+pub const PARTITION_BLOCKED: &str = "idem_partition_blocked";
 
 /// Buckets fine enough for the benchmark to read p50/p99/p99.9 from.
 pub const LATENCY_BUCKETS: [f64; 24] = [
@@ -42,13 +44,17 @@ pub const LATENCY_BUCKETS: [f64; 24] = [
     0.040, 0.050, 0.075, 0.100, 0.150, 0.200, 0.300, 0.500, 1.0, 2.5, 10.0,
 ];
 
-/// Readiness as seen by `/readyz`: joined the group, Redis answers, and
-/// consumption was not stopped (dead-letter budget).
+/// Readiness as seen by `/readyz`: joined the group, Redis answers,
+/// consumption was not stopped (dead-letter budget) and no partition is
+/// blocked (`pipeline.stall_timeout`).
 #[derive(Debug, Default, Clone)]
 pub struct Health {
     assigned: Arc<AtomicBool>,
     redis_ok: Arc<AtomicBool>,
     stopped: Arc<std::sync::Mutex<Option<String>>>,
+    blocked: Arc<std::sync::Mutex<Option<String>>>,
+    /// What the guard stage is retrying right now (`redis`, `dead_letter`).
+    waiting_on: Arc<std::sync::Mutex<Option<&'static str>>>,
 }
 
 impl Health {
@@ -65,6 +71,31 @@ impl Health {
             .clone()
     }
 
+    /// Sets (or clears, with `None`) why partitions are blocked.
+    pub fn set_blocked(&self, reason: Option<String>) {
+        *self.blocked.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+    }
+
+    /// Notes what the pipeline is retrying (`None`: nothing).
+    pub fn set_waiting_on(&self, cause: Option<&'static str>) {
+        *self.waiting_on.lock().unwrap_or_else(|e| e.into_inner()) = cause;
+    }
+
+    /// What the pipeline is retrying, if anything.
+    pub fn waiting_on(&self) -> Option<&'static str> {
+        *self.waiting_on.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Why `/readyz` says not ready, if a reason is known.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        self.stopped_reason().or_else(|| {
+            self.blocked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        })
+    }
+
     pub fn set_assigned(&self, yes: bool) {
         self.assigned.store(yes, Ordering::Relaxed);
     }
@@ -74,7 +105,7 @@ impl Health {
     pub fn is_ready(&self) -> bool {
         self.assigned.load(Ordering::Relaxed)
             && self.redis_ok.load(Ordering::Relaxed)
-            && self.stopped_reason().is_none()
+            && self.not_ready_reason().is_none()
     }
 }
 
@@ -175,6 +206,14 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     for kind in ["assign", "revoke", "lost"] {
         counter!(REBALANCES_TOTAL, "kind" => kind).increment(0);
     }
+    describe_counter!(
+        KEY_MISMATCH_TOTAL,
+        "Records whose Kafka key is not their entity (their entity may span partitions)."
+    );
+    describe_gauge!(
+        PARTITION_BLOCKED,
+        "1 while a partition has records in flight and no progress for pipeline.stall_timeout, by cause."
+    );
     Ok(handle)
 }
 
@@ -230,6 +269,27 @@ pub fn record_commit_lag(lag: Duration) {
 
 pub fn record_dead_letter(topic: &str, reason: &'static str) {
     counter!(DEAD_LETTERS_TOTAL, "topic" => topic.to_string(), "reason" => reason).increment(1);
+}
+
+pub fn record_key_mismatch(topic: &str) {
+    counter!(KEY_MISMATCH_TOTAL, "topic" => topic.to_string()).increment(1);
+}
+
+/// The causes `idem_partition_blocked` names.
+pub const BLOCKED_CAUSES: [&str; 3] = ["redis", "dead_letter", "slow"];
+
+/// Zero-initialises a newly assigned partition's series.
+pub fn init_partition(topic: &str, partition: i32) {
+    for cause in BLOCKED_CAUSES {
+        set_partition_blocked(topic, partition, cause, false);
+    }
+}
+
+/// Sets whether `topic`/`partition` is blocked, and by what (`redis`,
+/// `dead_letter`, or `slow` when nothing is being retried).
+pub fn set_partition_blocked(topic: &str, partition: i32, cause: &'static str, blocked: bool) {
+    gauge!(PARTITION_BLOCKED, "topic" => topic.to_string(), "partition" => partition.to_string(), "cause" => cause)
+        .set(if blocked { 1.0 } else { 0.0 });
 }
 
 pub fn set_consumer_lag(topic: &str, partition: i32, lag: i64) {
@@ -321,7 +381,7 @@ pub async fn serve(
                     "/readyz" => (
                         "503 Service Unavailable",
                         "text/plain",
-                        match health.stopped_reason() {
+                        match health.not_ready_reason() {
                             Some(reason) => format!("not ready: {reason}\n"),
                             None => "not ready: waiting for a partition assignment or for Redis\n"
                                 .to_string(),

@@ -72,6 +72,10 @@ pub struct EntityModel {
     pub last_id: Option<String>,
     /// id hash → fingerprint of the ids in the dedupe window.
     pub remembered: HashMap<u64, u64>,
+    /// id hash → when it was first remembered (ms), for [`Model::apply_at`].
+    pub remembered_at: HashMap<u64, i64>,
+    /// Whether a decision depended on the window's exact edge (see [`Model::apply_at`]).
+    pub window_ambiguous: bool,
 }
 
 impl EntityModel {
@@ -124,6 +128,38 @@ impl Model {
             .entry(event.entity.clone())
             .or_default()
             .apply(event)
+    }
+
+    /// Decides and applies one event seen at `at_ms`, with a dedupe window
+    /// of `window_ms`. Redis remembers an id for at least one window and at
+    /// most two (generations), so an id seen again after `gap` ms:
+    ///
+    /// | gap               | remembered by Redis? | model             |
+    /// |-------------------|----------------------|-------------------|
+    /// | < window          | yes                  | remembered        |
+    /// | window … 2×window | it depends           | forgotten, and the entity is marked `window_ambiguous` |
+    /// | ≥ 2×window        | no                   | forgotten         |
+    ///
+    /// Times are the records' Kafka timestamps, standing in for the moments
+    /// idem processed them (reconcile cannot know those).
+    pub fn apply_at(&mut self, event: &Event, at_ms: i64, window_ms: i64) -> Outcome {
+        let entity = self.entities.entry(event.entity.clone()).or_default();
+        let key = id_hash(&event.id);
+        if let Some(first) = entity.remembered_at.get(&key).copied() {
+            let gap = at_ms.saturating_sub(first);
+            if gap >= window_ms {
+                if gap < 2 * window_ms {
+                    entity.window_ambiguous = true;
+                }
+                entity.remembered.remove(&key);
+                entity.remembered_at.remove(&key);
+            }
+        }
+        let outcome = entity.apply(event);
+        if matches!(outcome, Outcome::Applied | Outcome::Stale) {
+            entity.remembered_at.insert(key, at_ms);
+        }
+        outcome
     }
 
     /// Forgets every remembered id, as Redis does when the window has passed.
@@ -208,5 +244,28 @@ mod tests {
         assert_eq!(m.apply(&ev("b", 4, Op::Upsert, &[], 2)), Outcome::Duplicate);
         m.expire_window();
         assert_eq!(m.apply(&ev("a", 5, Op::Upsert, &[], 1)), Outcome::Stale);
+    }
+
+    /// The table of `apply_at`: an id reused after the window is decided by
+    /// its seq again; between one and two windows the entity is ambiguous.
+    #[test]
+    fn windowed_model_forgets_ids_like_redis() {
+        let w = 1000;
+        for (gap, reused_outcome, ambiguous) in [
+            (500, Outcome::Duplicate, false),
+            (1500, Outcome::Applied, true),
+            (2500, Outcome::Applied, false),
+        ] {
+            let mut m = Model::default();
+            assert_eq!(
+                m.apply_at(&ev("a", 1, Op::Upsert, &[], 1), 0, w),
+                Outcome::Applied
+            );
+            // The same id reused for a newer intent (same fingerprint: the
+            // window cannot tell it from a redelivery).
+            let outcome = m.apply_at(&ev("a", 2, Op::Upsert, &[], 1), gap, w);
+            assert_eq!(outcome, reused_outcome, "gap {gap}");
+            assert_eq!(m.entities["e"].window_ambiguous, ambiguous, "gap {gap}");
+        }
     }
 }

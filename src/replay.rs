@@ -13,6 +13,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
+use crate::config::OffsetReset;
 use crate::group::{group_status, GroupStatus, Member};
 
 const TIMEOUT: Duration = Duration::from_secs(15);
@@ -45,26 +46,36 @@ pub struct ReplayPlan {
     pub topic: String,
     pub rows: Vec<PlanRow>,
     pub total_reread: i64,
+    /// Records a forward move skips (never applied).
+    pub total_skipped: i64,
     #[serde(skip)]
     pub members: Vec<Member>,
 }
 
-/// The new offset of one partition, clamped to what the log holds.
+/// The new offset of one partition, clamped to what the log holds. A group
+/// without a committed offset would start where `auto_offset_reset` says:
+/// the log start (`earliest`) or the end (`latest`).
 ///
-/// | target | log start | end | current | new |
-/// |--------|-----------|-----|---------|-----|
-/// | 0 (earliest) | 100 | 500 | 400 | 100 |
-/// | 700    | 100       | 500 | 400     | 500 |
-/// | 50     | 100       | 500 | None    | 100 |
+/// | target | log start | end | current | reset    | new | re-read |
+/// |--------|-----------|-----|---------|----------|-----|---------|
+/// | 0 (earliest) | 100 | 500 | 400   | any      | 100 | 300     |
+/// | 700    | 100       | 500 | 400     | any      | 500 | -100 (skip) |
+/// | 50     | 100       | 500 | None    | latest   | 100 | 400     |
+/// | 300    | 100       | 500 | None    | earliest | 300 | -200 (skip) |
 pub fn plan_row(
     partition: i32,
     wanted: i64,
     log_start: i64,
     end: i64,
     current: Option<i64>,
+    reset: OffsetReset,
 ) -> PlanRow {
     let new = wanted.clamp(log_start, end);
-    let from = current.unwrap_or(end).clamp(log_start, end);
+    let unset = match reset {
+        OffsetReset::Earliest => log_start,
+        OffsetReset::Latest => end,
+    };
+    let from = current.unwrap_or(unset).clamp(log_start, end);
     PlanRow {
         partition,
         current,
@@ -74,13 +85,15 @@ pub fn plan_row(
     }
 }
 
-/// Computes the plan for `topic` (optionally only `partitions`). Blocking.
+/// Computes the plan for `topic` (optionally only `partitions`); `reset` is
+/// where the group starts on a partition it never committed. Blocking.
 pub fn plan(
     brokers: &str,
     group: &str,
     topic: &str,
     partitions: Option<&[i32]>,
     target: &ReplayTarget,
+    reset: OffsetReset,
 ) -> anyhow::Result<ReplayPlan> {
     let status: GroupStatus = group_status(brokers, group, &[topic.to_string()])?;
     let selected: Vec<_> = status
@@ -135,16 +148,28 @@ pub fn plan(
         .filter_map(|p| {
             wanted
                 .get(&p.partition)
-                .map(|w| plan_row(p.partition, *w, p.log_start, p.end, p.committed))
+                .map(|w| plan_row(p.partition, *w, p.log_start, p.end, p.committed, reset))
         })
         .collect();
     Ok(ReplayPlan {
         group: group.to_string(),
         topic: topic.to_string(),
         total_reread: rows.iter().map(|r| r.reread.max(0)).sum(),
+        total_skipped: rows.iter().map(|r| (-r.reread).max(0)).sum(),
         rows,
         members: status.members,
     })
+}
+
+impl ReplayPlan {
+    /// The partitions the plan moves forward.
+    pub fn skipping_partitions(&self) -> Vec<String> {
+        self.rows
+            .iter()
+            .filter(|r| r.reread < 0)
+            .map(|r| r.partition.to_string())
+            .collect()
+    }
 }
 
 /// Commits the plan's offsets for the group, refusing while it has members. Blocking.
@@ -218,12 +243,21 @@ mod tests {
 
     #[test]
     fn plan_rows_by_table() {
-        assert_eq!(plan_row(0, 0, 100, 500, Some(400)).new, 100);
-        assert_eq!(plan_row(0, 0, 100, 500, Some(400)).reread, 300);
-        assert_eq!(plan_row(1, 700, 100, 500, Some(400)).new, 500);
-        assert_eq!(plan_row(1, 700, 100, 500, Some(400)).reread, -100);
-        let never = plan_row(2, 50, 100, 500, None);
-        assert_eq!((never.new, never.reread), (100, 400));
+        use OffsetReset::*;
+        let row = |wanted, current, reset| {
+            let r = plan_row(0, wanted, 100, 500, current, reset);
+            (r.new, r.reread)
+        };
+        assert_eq!(row(0, Some(400), Latest), (100, 300));
+        assert_eq!(row(700, Some(400), Earliest), (500, -100));
+        assert_eq!(row(50, None, Latest), (100, 400));
+        assert_eq!(row(300, None, Earliest), (300, -200));
+        // The case found from outside: committed at 0, moved to 100.
+        assert_eq!(
+            plan_row(0, 100, 0, 1000, Some(0), Latest).reread,
+            -100,
+            "a forward move is a skip"
+        );
     }
 
     #[test]

@@ -50,6 +50,22 @@ impl StoreError {
         }
     }
 
+    /// Whether Redis refused the credentials (wrong password, unknown ACL
+    /// user, or a password needed and not given): retrying will not help.
+    pub fn is_auth_refusal(&self) -> bool {
+        match self {
+            StoreError::Redis(e) => {
+                e.kind() == redis::ErrorKind::AuthenticationFailed
+                    || e.code()
+                        .is_some_and(|c| matches!(c, "NOAUTH" | "WRONGPASS" | "NOPERM"))
+                    || ["WRONGPASS", "NOAUTH", "invalid username-password"]
+                        .iter()
+                        .any(|m| e.to_string().contains(m))
+            }
+            _ => false,
+        }
+    }
+
     /// A short label for the retry metric.
     pub fn cause(&self) -> &'static str {
         match self {
@@ -513,6 +529,53 @@ pub async fn read_entity(
 /// Checks at start that the server (every master of a cluster) can give
 /// `durability`, and says how batches must wait for it. The error says what
 /// to change, and on a cluster which node falls short.
+/// Refuses a Redis (any master of a cluster) whose `maxmemory-policy` may
+/// evict idem's keys: `allkeys-*` evicts entity state and `volatile-*`
+/// evicts exactly the remembered ids (they carry TTLs), so redeliveries
+/// would be applied again. Only `noeviction` is safe; with `allow_eviction`
+/// the refusal becomes a warning. A server that does not answer CONFIG GET
+/// (a managed Redis may rename it) gets a warning, not a refusal.
+pub async fn check_eviction_policy(
+    conn: &mut RedisConn,
+    allow_eviction: bool,
+) -> Result<(), String> {
+    let masters = conn
+        .masters()
+        .await
+        .map_err(|e| format!("cannot list the cluster's masters: {e}"))?;
+    for node in &masters {
+        let where_ = node
+            .as_ref()
+            .map_or("redis".to_string(), |(h, p)| format!("master {h}:{p}"));
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg("maxmemory-policy");
+        let policy = conn
+            .query_on(node, &cmd)
+            .await
+            .and_then(|v| Ok(redis::from_redis_value::<Vec<String>>(&v)?))
+            .map(|pair| pair.get(1).cloned().unwrap_or_default());
+        match policy {
+            Ok(p) if p == "noeviction" => {}
+            Ok(p) if allow_eviction => tracing::warn!(
+                node = %where_,
+                policy = %p,
+                "Redis may evict idem's keys (maxmemory-policy is not noeviction); redis.allow_eviction = true accepts that evicted ids and state are lost"
+            ),
+            Ok(p) => {
+                return Err(format!(
+                    "{where_} has maxmemory-policy {p}: it may evict idem's keys (volatile-* evicts exactly the remembered ids, so redeliveries would be applied twice; allkeys-* also evicts entity state). Set `CONFIG SET maxmemory-policy noeviction` (and in redis.conf), or set redis.allow_eviction = true to accept the loss"
+                ))
+            }
+            Err(e) => tracing::warn!(
+                node = %where_,
+                error = %e,
+                "could not read maxmemory-policy (CONFIG GET refused?); make sure it is noeviction"
+            ),
+        }
+    }
+    Ok(())
+}
+
 pub async fn durable_wait(
     conn: &mut RedisConn,
     durability: crate::config::Durability,

@@ -16,6 +16,8 @@ const TIMEOUT: Duration = Duration::from_secs(15);
 pub struct TopicRecord {
     pub partition: i32,
     pub offset: i64,
+    /// The record's Kafka timestamp, ms since the epoch.
+    pub timestamp_ms: Option<i64>,
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
     pub headers: Vec<(String, Vec<u8>)>,
@@ -87,6 +89,7 @@ pub fn read_topic(
         each(TopicRecord {
             partition,
             offset,
+            timestamp_ms: m.timestamp().to_millis(),
             key: m.key().map(<[u8]>::to_vec),
             value: m.payload().map(<[u8]>::to_vec),
             headers,

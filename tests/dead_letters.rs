@@ -71,7 +71,11 @@ async fn every_bad_record_lands_in_the_dead_letter_topic_unchanged() {
             br#"{"id":"x","entity":"e","seq":1,"ts":"yesterday"}"#,
             "bad_timestamp",
         ),
-        (b"", "not_json"),
+        (b"", "empty_value"),
+        (
+            br#"{"id":"x","entity":"e","seq":1,"ts":"2024-13-45T99:99:99Z"}"#,
+            "bad_timestamp",
+        ),
         (oversize.as_bytes(), "too_large"),
         (conflict.as_bytes(), "conflict"),
     ];
@@ -181,8 +185,11 @@ async fn unavailable_dead_letter_topic_holds_the_commit_until_it_returns() {
     );
     produce_raw(&topic, &raw).await;
 
-    let idem =
-        Idem::spawn(&IdemOpts::new(&topic, &topic, &topic).with("IDEM__DLQ__SEND_TIMEOUT", "1s"));
+    let idem = Idem::spawn(
+        &IdemOpts::new(&topic, &topic, &topic)
+            .with("IDEM__DLQ__SEND_TIMEOUT", "1s")
+            .with("IDEM__PIPELINE__STALL_TIMEOUT", "2s"),
+    );
     wait_until(
         "the dead-letter write failed and was retried",
         CATCH_UP,
@@ -199,9 +206,33 @@ async fn unavailable_dead_letter_topic_holds_the_commit_until_it_returns() {
         held <= bad_offset,
         "committed {held} passed the undelivered dead letter at {bad_offset}"
     );
+    // Blocked: /readyz says so, naming the partition, and the metric names the cause.
+    let blocked = [
+        ("topic", topic.as_str()),
+        ("partition", "0"),
+        ("cause", "dead_letter"),
+    ];
+    wait_until("the partition is reported blocked", CATCH_UP, || async {
+        let ready = http_get(idem.metrics_port, "/readyz")
+            .await
+            .unwrap_or_default();
+        ready.contains("blocked by dead_letter")
+            && ready.contains(&format!("{topic}/0"))
+            && idem.counter("idem_partition_blocked", &blocked).await == Some(1)
+    })
+    .await;
 
     create_topic(&topic, 1).await; // creates the missing .dlq
     wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+    wait_until(
+        "the partition moves again and idem is ready",
+        CATCH_UP,
+        || async {
+            http_get(idem.metrics_port, "/readyz").await.as_deref() == Some("ready\n")
+                && idem.counter("idem_partition_blocked", &blocked).await == Some(0)
+        },
+    )
+    .await;
     let letters = dead_letters(&topic).await;
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].value.as_deref(), Some(&b"not json"[..]));
@@ -242,20 +273,27 @@ async fn redrive_after_a_fix_applies_each_intent_once() {
     assert!(rejected > 100, "{rejected}");
     idem.terminate().await;
 
-    // The fix: the default max_bytes. Re-drive twice (an operator repeating
-    // the command must be harmless), then consume.
+    // The fix: the default max_bytes. A dry run first (publishes nothing),
+    // then --execute twice (an operator repeating the command): the second
+    // publishes nothing, so each dead letter is re-published once.
     let fixed = IdemOpts::new(&topic, &topic, &topic);
-    for _ in 0..2 {
+    let redrive = |execute: bool| {
+        let mut args = vec![
+            "dlq".to_string(),
+            "redrive".into(),
+            "--reason".into(),
+            "too_large".into(),
+            "--topic".into(),
+            format!("{topic}.dlq"),
+        ];
+        if execute {
+            args.push("--execute".into());
+        }
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
-            .args([
-                "dlq",
-                "redrive",
-                "--reason",
-                "too_large",
-                "--topic",
-                &format!("{topic}.dlq"),
-            ])
+            .args(&args)
             .env("IDEM__KAFKA__BROKERS", brokers())
+            .envs(redis_env(&redis_url()))
+            .env("IDEM__REDIS__KEY_PREFIX", &topic)
             .output()
             .unwrap();
         assert!(
@@ -263,9 +301,30 @@ async fn redrive_after_a_fix_applies_each_intent_once() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(String::from_utf8_lossy(&out.stdout)
-            .contains(&format!("re-published {rejected} to {topic}")));
-    }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ends_before = end_offsets(&topic, 2).await;
+    let dry = redrive(false);
+    assert!(
+        dry.contains(&format!("would re-publish {rejected} to {topic}")),
+        "{dry}"
+    );
+    assert_eq!(
+        end_offsets(&topic, 2).await,
+        ends_before,
+        "a dry run publishes nothing"
+    );
+    let first = redrive(true);
+    assert!(
+        first.contains(&format!("re-published {rejected} to {topic}")),
+        "{first}"
+    );
+    let second = redrive(true);
+    assert!(
+        second.contains("re-published 0")
+            && second.contains(&format!("{rejected} already re-published")),
+        "{second}"
+    );
     let idem = Idem::spawn(&fixed);
     wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
     // The oracle applies the records in one pass; the redriven ones arrive
@@ -290,8 +349,8 @@ async fn redrive_after_a_fix_applies_each_intent_once() {
         0,
         "after the fix nothing is rejected"
     );
-    // The second copy of each re-driven record is a duplicate of the first.
-    assert_eq!(idem.outcome(&topic, Outcome::Duplicate).await, rejected);
+    // Each re-driven record was published once: no duplicates.
+    assert_eq!(idem.outcome(&topic, Outcome::Duplicate).await, 0);
     assert_eq!(
         idem.outcome(&topic, Outcome::Applied).await + idem.outcome(&topic, Outcome::Stale).await,
         rejected,

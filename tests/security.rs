@@ -74,8 +74,9 @@ fn metrics_endpoint_binds_to_loopback_by_default() {
     assert!(c.metrics_listen.ip().is_loopback());
 }
 
-/// Runs idem with `opts`, its password (given by `key`) replaced by `wrong`,
-/// until it reports that Redis refused it; returns its log.
+/// Runs idem with `opts`, its password (given by `key`) replaced by `wrong`:
+/// it must exit 1 saying that Redis refused the credentials (not that Redis
+/// cannot be reached); returns its log.
 async fn log_of_refused_run(opts: &IdemOpts, key: &str, wrong: &str) -> String {
     let mut wrong_opts = opts.clone();
     wrong_opts.env.retain(|(k, _)| k != key);
@@ -84,21 +85,14 @@ async fn log_of_refused_run(opts: &IdemOpts, key: &str, wrong: &str) -> String {
         .push(("IDEM__REDIS__PASSWORD".into(), wrong.into()));
     let idem = Idem::spawn(&wrong_opts);
     let log = idem.log.clone();
-    wait_until(
-        "idem reports the refused authentication",
-        Duration::from_secs(30),
-        || {
-            let log = log.clone();
-            async move {
-                std::fs::read_to_string(&log)
-                    .unwrap_or_default()
-                    .contains("cannot reach Redis")
-            }
-        },
-    )
-    .await;
-    idem.kill();
-    std::fs::read_to_string(&log).unwrap()
+    let status = idem.wait_exit(Duration::from_secs(30)).await;
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(1), "{logged}");
+    assert!(
+        logged.contains("refused the credentials") && !logged.contains("cannot reach Redis"),
+        "{logged}"
+    );
+    logged
 }
 
 /// A throwaway CA, a server certificate for 127.0.0.1 and a client

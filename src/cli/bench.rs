@@ -91,7 +91,7 @@ pub async fn run(args: BenchArgs, config: Config) -> anyhow::Result<ExitCode> {
         seed: args.seed,
     };
     let report = bench::run(&spec, command.join(" ")).await?;
-    println!("{}", report.to_markdown());
+    crate::outln!("{}", report.to_markdown());
     eprintln!(
         "[bench] wrote {}/bench.json and bench.md",
         args.out.display()

@@ -76,7 +76,7 @@ pub async fn run(args: ConformanceArgs, config: Config) -> anyhow::Result<ExitCo
         kafka_start_cmd: args.kafka_start_cmd,
     };
     let report = conformance::run(&spec).await?;
-    println!("{}", report.to_markdown());
+    crate::outln!("{}", report.to_markdown());
     eprintln!(
         "[conformance] wrote {}/conformance.json and conformance.md",
         args.out.display()

@@ -35,13 +35,25 @@ enum DlqAction {
     /// key, value and headers, so the guard decides again: intents already
     /// applied come back as duplicates, the others are applied once.
     ///
-    /// Example: idem dlq redrive --reason too_large --dry-run
+    /// A dry run by default: it re-checks every dead letter with the current
+    /// decoder and says what --execute would publish. Records still invalid
+    /// are never re-published (they would come straight back), nor are
+    /// references (too large for the dead-letter topic). --execute remembers
+    /// what it published (a Redis set, <key_prefix>:redriven:{<dlq topic>}),
+    /// so running it twice publishes each dead letter at most once.
+    ///
+    /// Examples:
+    ///   idem dlq redrive --reason too_large
+    ///   idem dlq redrive --reason too_large --execute
     Redrive {
         /// Only records with this reason code (see docs/event-contract.md).
         #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(REASONS))]
         reason: Option<String>,
-        /// Count what would be re-published, publish nothing.
+        /// Publish (default: only report what would be published).
         #[arg(long)]
+        execute: bool,
+        /// The default now; accepted so that older scripts keep working.
+        #[arg(long, hide = true, conflicts_with = "execute")]
         dry_run: bool,
     },
 }
@@ -58,43 +70,70 @@ pub async fn run(args: DlqArgs, config: Config) -> anyhow::Result<ExitCode> {
                 tokio::task::spawn_blocking(move || tools::inspect(&brokers, &t, examples))
                     .await??;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                crate::outln!("{}", serde_json::to_string_pretty(&report)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            println!("{topic}: {} dead letters", report.records);
+            crate::outln!("{topic}: {} dead letters", report.records);
             for (reason, n) in &report.by_reason {
-                println!("  {reason:<18} {n}");
+                crate::outln!("  {reason:<18} {n}");
             }
             for e in &report.examples {
-                println!(
+                crate::outln!(
                     "\n[{}] from {} (dead letter {})\n  {}\n  value: {}",
-                    e.reason, e.original, e.dlq_offset, e.message, e.value_preview
+                    e.reason,
+                    e.original,
+                    e.dlq_offset,
+                    e.message,
+                    e.value_preview
                 );
             }
             Ok(ExitCode::SUCCESS)
         }
-        DlqAction::Redrive { reason, dry_run } => {
-            let t = topic.clone();
-            let report = tokio::task::spawn_blocking(move || {
-                tools::redrive(&brokers, &t, reason.as_deref(), dry_run, |n| {
-                    eprintln!("redrive: {n} records re-published so far");
-                })
+        DlqAction::Redrive {
+            reason,
+            execute,
+            dry_run: _,
+        } => {
+            let report = tools::redrive(&config, &topic, reason.as_deref(), execute, |n| {
+                eprintln!("redrive: {n} records so far");
             })
-            .await??;
-            let verb = if dry_run {
-                "would re-publish"
-            } else {
+            .await?;
+            let verb = if execute {
                 "re-published"
+            } else {
+                "would re-publish"
             };
-            println!(
+            crate::outln!(
                 "read {} dead letters from {topic}; {} skipped by --reason",
-                report.read, report.skipped
+                report.read,
+                report.skipped
             );
             for (t, n) in &report.by_topic {
-                println!("  {verb} {n} to {t}");
+                crate::outln!("  {verb} {n} to {t}");
+            }
+            if report.by_topic.is_empty() {
+                crate::outln!("  {verb} 0");
+            }
+            if report.already_redriven > 0 {
+                crate::outln!(
+                    "  {} already re-published by an earlier --execute (not again)",
+                    report.already_redriven
+                );
+            }
+            for (code, n) in &report.still_invalid {
+                crate::outln!("  {n} still invalid for the current decoder ({code}): not re-published; fix the producer or the config first");
+            }
+            if report.references > 0 {
+                crate::outln!(
+                    "  {} were dead-lettered as references (too large for the dead-letter topic): re-publish them from the original topic/partition/offset in their headers",
+                    report.references
+                );
+            }
+            if !execute {
+                eprintln!("dry run: nothing published; add --execute to publish");
             }
             if report.failed > 0 {
-                println!("{} records were not delivered; run the redrive again (the guard makes repeats safe)", report.failed);
+                crate::outln!("{} records were not delivered; run the redrive again (only those are published again)", report.failed);
                 return Ok(ExitCode::FAILURE);
             }
             Ok(ExitCode::SUCCESS)

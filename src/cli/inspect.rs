@@ -69,10 +69,10 @@ pub async fn run(args: InspectArgs, config: Config) -> anyhow::Result<ExitCode> 
             })
             .await??;
             if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                crate::outln!("{}", serde_json::to_string_pretty(&status)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            println!(
+            crate::outln!(
                 "group {} ({}), {} member(s)",
                 status.group,
                 status.state,
@@ -84,7 +84,7 @@ pub async fn run(args: InspectArgs, config: Config) -> anyhow::Result<ExitCode> 
                     .iter()
                     .map(|(t, ps)| format!("{t}{ps:?}"))
                     .collect();
-                println!(
+                crate::outln!(
                     "  {} {} {} {}",
                     m.client_id,
                     m.host,
@@ -92,18 +92,26 @@ pub async fn run(args: InspectArgs, config: Config) -> anyhow::Result<ExitCode> 
                     parts.join(" ")
                 );
             }
-            println!(
+            crate::outln!(
                 "{:<40} {:>9} {:>12} {:>12} {:>10}",
-                "topic", "partition", "committed", "end", "lag"
+                "topic",
+                "partition",
+                "committed",
+                "end",
+                "lag"
             );
             for p in &status.partitions {
                 let committed = p.committed.map_or("-".to_string(), |c| c.to_string());
-                println!(
+                crate::outln!(
                     "{:<40} {:>9} {:>12} {:>12} {:>10}",
-                    p.topic, p.partition, committed, p.end, p.lag
+                    p.topic,
+                    p.partition,
+                    committed,
+                    p.end,
+                    p.lag
                 );
             }
-            println!("total lag {}", status.total_lag);
+            crate::outln!("total lag {}", status.total_lag);
             Ok(ExitCode::SUCCESS)
         }
         InspectWhat::Entity { entity, json } => {
@@ -116,28 +124,28 @@ pub async fn run(args: InspectArgs, config: Config) -> anyhow::Result<ExitCode> 
             let layout = KeyLayout::new(&config.redis.key_prefix);
             let view = store::read_entity(&mut conn, &layout, &entity).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
+                crate::outln!("{}", serde_json::to_string_pretty(&view)?);
             } else if !view.exists {
-                println!(
+                crate::outln!(
                     "entity {entity:?}: not found under prefix {:?}",
                     config.redis.key_prefix
                 );
             } else {
-                println!("entity      {}", view.entity);
-                println!(
+                crate::outln!("entity      {}", view.entity);
+                crate::outln!(
                     "seq         {}",
                     view.seq.map_or("-".into(), |s| s.to_string())
                 );
-                println!("deleted     {}", view.deleted);
-                println!("last id     {}", view.last_id.as_deref().unwrap_or("-"));
-                println!("applied     {}", view.applied);
-                println!(
+                crate::outln!("deleted     {}", view.deleted);
+                crate::outln!("last id     {}", view.last_id.as_deref().unwrap_or("-"));
+                crate::outln!("applied     {}", view.applied);
+                crate::outln!(
                     "updated ms  {}",
                     view.updated_ms.map_or("-".into(), |s| s.to_string())
                 );
-                println!("state");
+                crate::outln!("state");
                 for (k, v) in &view.state {
-                    println!("  {k} = {v}");
+                    crate::outln!("  {k} = {v}");
                 }
             }
             Ok(if view.exists {

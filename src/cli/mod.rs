@@ -107,3 +107,29 @@ fn init_logging(config: &Config) {
         LogFormat::Text => builder.init(),
     }
 }
+
+/// `println!` for a command's output: when the reader has gone (`idem … |
+/// head`), the command ends quietly with status 0 instead of panicking on
+/// the broken pipe.
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::cli::write_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// Writes to stdout; see [`outln!`].
+pub fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write the output: {e}");
+        std::process::exit(1);
+    }
+}

@@ -11,7 +11,9 @@ use crate::replay::{self, ReplayTarget};
 ///
 /// Prints, per partition, the current and new offset and how many records
 /// will be read again; --execute applies it. Refuses while the group has
-/// active members.
+/// active members (a dry run still shows the plan and exits 0). A move
+/// forward would skip records, which would then never be applied: it is
+/// refused unless --allow-skip is given, and the plan says how many.
 ///
 /// Replaying is safe for the state: already-applied events come back as
 /// duplicates (inside the dedupe window) or stale (after it).
@@ -21,6 +23,7 @@ use crate::replay::{self, ReplayTarget};
 ///   idem replay --topic orders --since 2h --execute
 ///   idem replay --topic orders --to-timestamp 2026-11-26T08:00:00Z --partition 3
 ///   idem replay --topic orders --to-offset 0:1200,1:980 --execute
+///   idem replay --topic orders --to-offset 0:5000 --allow-skip --execute
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 #[command(group(clap::ArgGroup::new("target").required(true).args(["to_earliest", "since", "to_timestamp", "to_offset"])))]
@@ -49,6 +52,10 @@ pub struct ReplayArgs {
     /// Apply the plan (default: only show it).
     #[arg(long)]
     execute: bool,
+    /// Allow moving a partition forward, past records that were never
+    /// applied (they are skipped for good).
+    #[arg(long)]
+    allow_skip: bool,
     /// Print the plan as JSON.
     #[arg(long)]
     json: bool,
@@ -73,36 +80,75 @@ pub async fn run(args: ReplayArgs, config: Config) -> anyhow::Result<ExitCode> {
         )
     };
     let brokers = config.kafka.brokers.clone();
+    let reset = config.kafka.auto_offset_reset;
     let partitions = (!args.partitions.is_empty()).then_some(args.partitions);
     let plan = tokio::task::spawn_blocking({
         let (brokers, group, topic) = (brokers.clone(), group.clone(), topic.clone());
-        move || replay::plan(&brokers, &group, &topic, partitions.as_deref(), &target)
+        move || {
+            replay::plan(
+                &brokers,
+                &group,
+                &topic,
+                partitions.as_deref(),
+                &target,
+                reset,
+            )
+        }
     })
     .await??;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&plan)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
-        println!("group {group}, topic {topic}");
-        println!(
+        crate::outln!("group {group}, topic {topic}");
+        crate::outln!(
             "{:>9} {:>12} {:>12} {:>12} {:>12}",
-            "partition", "current", "new", "end", "re-read"
+            "partition",
+            "current",
+            "new",
+            "end",
+            "re-read"
         );
         for r in &plan.rows {
             let current = r.current.map_or("-".to_string(), |c| c.to_string());
-            println!(
+            crate::outln!(
                 "{:>9} {:>12} {:>12} {:>12} {:>12}",
-                r.partition, current, r.new, r.end, r.reread
+                r.partition,
+                current,
+                r.new,
+                r.end,
+                r.reread
             );
         }
-        println!("{} records will be read again", plan.total_reread);
+        crate::outln!("{} records will be read again", plan.total_reread);
+        if plan.total_skipped > 0 {
+            crate::outln!(
+                "{} records will be SKIPPED (never applied): partitions {}",
+                plan.total_skipped,
+                plan.skipping_partitions().join(", ")
+            );
+        }
     }
-    if let Err(e) = replay::refuse_if_active(&group, &plan.members) {
-        eprintln!("error: {e}");
-        return Ok(ExitCode::FAILURE);
-    }
+    let skip_refusal = (plan.total_skipped > 0 && !args.allow_skip).then(|| {
+        format!(
+            "the plan moves partition(s) {} forward and would skip {} records that were never applied; \
+             add --allow-skip if that is what you want",
+            plan.skipping_partitions().join(", "),
+            plan.total_skipped
+        )
+    });
+    let active_refusal = replay::refuse_if_active(&group, &plan.members)
+        .err()
+        .map(|e| e.to_string());
     if !args.execute {
+        for refusal in skip_refusal.iter().chain(active_refusal.iter()) {
+            eprintln!("note: --execute would refuse: {refusal}");
+        }
         eprintln!("dry run: nothing changed; add --execute to apply");
         return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(e) = skip_refusal.or(active_refusal) {
+        eprintln!("error: {e}");
+        return Ok(ExitCode::FAILURE);
     }
     tokio::task::spawn_blocking(move || replay::execute(&brokers, &plan)).await??;
     eprintln!("offsets moved; the group's next run replays from there");

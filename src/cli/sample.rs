@@ -83,9 +83,11 @@ pub async fn run(args: SampleArgs, config: Config) -> anyhow::Result<ExitCode> {
         }
     }
     producer.flush(Duration::from_secs(30))?;
-    println!(
+    crate::outln!(
         "produced {total} records ({} events, {} entities) to {}",
-        spec.events, spec.entities, args.topic
+        spec.events,
+        spec.entities,
+        args.topic
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -39,11 +39,11 @@ pub async fn run(args: TopicsArgs, config: Config) -> anyhow::Result<ExitCode> {
         TopicsAction::Apply => {
             for (name, state) in topics::apply(brokers, &specs).await? {
                 match state {
-                    TopicState::Created => println!("{name}: created"),
+                    TopicState::Created => crate::outln!("{name}: created"),
                     TopicState::PartitionsAdded { from, to } => {
-                        println!("{name}: partitions {from} -> {to}")
+                        crate::outln!("{name}: partitions {from} -> {to}")
                     }
-                    _ => println!("{name}: up to date"),
+                    _ => crate::outln!("{name}: up to date"),
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -52,14 +52,14 @@ pub async fn run(args: TopicsArgs, config: Config) -> anyhow::Result<ExitCode> {
             let mut drift = false;
             for (name, state) in topics::check(brokers, &specs).await? {
                 match state {
-                    TopicState::UpToDate => println!("{name}: ok"),
+                    TopicState::UpToDate => crate::outln!("{name}: ok"),
                     TopicState::Missing => {
                         drift = true;
-                        println!("{name}: missing (run `idem topics apply`)");
+                        crate::outln!("{name}: missing (run `idem topics apply`)");
                     }
                     TopicState::PartitionDrift { declared, actual } => {
                         drift = true;
-                        println!("{name}: {actual} partitions, declared {declared}");
+                        crate::outln!("{name}: {actual} partitions, declared {declared}");
                     }
                     TopicState::ConfigDrift {
                         key,
@@ -67,9 +67,9 @@ pub async fn run(args: TopicsArgs, config: Config) -> anyhow::Result<ExitCode> {
                         actual,
                     } => {
                         drift = true;
-                        println!("{name}: {key} = {actual:?}, declared {declared:?}");
+                        crate::outln!("{name}: {key} = {actual:?}, declared {declared:?}");
                     }
-                    other => println!("{name}: {other:?}"),
+                    other => crate::outln!("{name}: {other:?}"),
                 }
             }
             Ok(if drift {

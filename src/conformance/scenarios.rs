@@ -498,6 +498,7 @@ async fn replay_earliest(
                 &topic,
                 None,
                 &crate::replay::ReplayTarget::Earliest,
+                crate::config::OffsetReset::Earliest,
             )?;
             if plan.members.is_empty() {
                 return crate::replay::execute(&brokers, &plan);

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::{Config, DlqConfig};
 use crate::offsets::TopicPartition;
@@ -29,12 +30,19 @@ pub mod header {
     pub const VERSION: &str = "idem.version";
     pub const FINGERPRINT: &str = "idem.fingerprint";
     pub const REMEMBERED_FINGERPRINT: &str = "idem.remembered.fingerprint";
+    /// "reference" when the record was too large for the dead-letter topic:
+    /// the value is only a prefix; see the original at topic/partition/offset.
+    pub const FORM: &str = "idem.form";
+    pub const ORIGINAL_SIZE: &str = "idem.original.size";
+    /// `fnv1a64:<hex>` of the whole original value.
+    pub const ORIGINAL_DIGEST: &str = "idem.original.digest";
+    pub const ORIGINAL_HEADERS_BYTES: &str = "idem.original.headers_bytes";
     /// Every header idem adds starts with this; redrive strips them.
     pub const PREFIX: &str = "idem.";
 }
 
 /// The closed list of reason codes: the decoder's codes and `conflict`.
-pub const REASONS: [&str; 12] = [
+pub const REASONS: [&str; 14] = [
     "empty_value",
     "too_large",
     "not_utf8",
@@ -46,6 +54,8 @@ pub const REASONS: [&str; 12] = [
     "seq_out_of_range",
     "bad_timestamp",
     "bad_entity",
+    "duplicate_key",
+    "key_mismatch",
     "conflict",
 ];
 
@@ -63,11 +73,32 @@ pub struct DeadLetter<'a> {
     pub fingerprints: Option<(u64, u64)>,
 }
 
+/// Room for the headers (the record's own and idem's) and the key beside a
+/// value of `event.max_bytes`.
+pub const HEADROOM_BYTES: usize = 256 * 1024;
+
+/// Bytes of the value a reference dead letter keeps.
+pub const REFERENCE_PREFIX_BYTES: usize = 16 * 1024;
+
+/// The dead-letter producer's `message.max.bytes`: every record idem accepts
+/// as valid-sized fits, with its headers (librdkafka's default is 1,000,000,
+/// below Kafka's default record limit of 1,048,588).
+pub fn producer_max_bytes(event_max_bytes: usize) -> usize {
+    (event_max_bytes + HEADROOM_BYTES).clamp(1_000_000, 1_000_000_000)
+}
+
 /// Writes dead letters and waits for Kafka's acknowledgement.
 pub struct DlqWriter {
     producer: FutureProducer,
     group: String,
     config: DlqConfig,
+}
+
+/// One letter's delivery failed.
+enum SendError {
+    /// Larger than the producer or the topic accepts: send a reference instead.
+    TooLarge(String),
+    Other(String),
 }
 
 impl DlqWriter {
@@ -80,6 +111,10 @@ impl DlqWriter {
                 "message.timeout.ms",
                 config.dlq.send_timeout.as_millis().to_string(),
             )
+            .set(
+                "message.max.bytes",
+                producer_max_bytes(config.event.max_bytes).to_string(),
+            )
             .set("linger.ms", "5")
             .create()?;
         Ok(DlqWriter {
@@ -89,78 +124,204 @@ impl DlqWriter {
         })
     }
 
-    /// Sends every letter and returns once all are acknowledged, or the first error.
-    pub async fn send_all(&self, letters: &[DeadLetter<'_>]) -> Result<(), String> {
+    /// Sends every letter not yet `delivered` and returns once all are
+    /// acknowledged, or the first error. `delivered` (one flag per letter)
+    /// survives a failed call, so a retry does not write a letter twice. A
+    /// letter too large for the producer or the topic is sent as a
+    /// reference instead (see [`reference`]): size never blocks a partition.
+    pub async fn send_all(
+        &self,
+        letters: &[DeadLetter<'_>],
+        delivered: &mut [bool],
+    ) -> Result<(), String> {
         let mut pending = Vec::with_capacity(letters.len());
-        for l in letters {
-            let topic = self.config.topic_for(&l.source.topic);
-            let mut headers = OwnedHeaders::new_with_capacity(l.headers.len() + 10);
+        for (i, l) in letters.iter().enumerate() {
+            if !delivered[i] {
+                pending.push((i, self.enqueue(l, false).await));
+            }
+        }
+        let mut first_error = None;
+        for (i, sent) in pending {
+            let mut result = match sent {
+                Ok(delivery) => Self::delivered(delivery).await,
+                Err(e) => Err(e),
+            };
+            if let Err(SendError::TooLarge(e)) = &result {
+                let l = &letters[i];
+                tracing::warn!(
+                    error = %e,
+                    topic = %l.source.topic,
+                    partition = l.source.partition,
+                    offset = l.offset,
+                    value_bytes = l.value.map_or(0, <[u8]>::len),
+                    "dead letter too large for the dead-letter topic: sent as a reference (headers, provenance, size, digest and the first {REFERENCE_PREFIX_BYTES} bytes); raise the topic's max.message.bytes to keep whole records"
+                );
+                result = match self.enqueue(l, true).await {
+                    Ok(delivery) => Self::delivered(delivery).await,
+                    Err(e) => Err(e),
+                };
+            }
+            match result {
+                Ok(()) => delivered[i] = true,
+                Err(SendError::TooLarge(e) | SendError::Other(e)) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    async fn delivered(delivery: rdkafka::producer::DeliveryFuture) -> Result<(), SendError> {
+        match delivery.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(classify(&e)),
+            Err(_) => Err(SendError::Other("the producer was dropped".into())),
+        }
+    }
+
+    /// Enqueues one letter (whole, or as a reference), waiting while the
+    /// producer's queue is full.
+    async fn enqueue(
+        &self,
+        l: &DeadLetter<'_>,
+        as_reference: bool,
+    ) -> Result<rdkafka::producer::DeliveryFuture, SendError> {
+        let topic = self.config.topic_for(&l.source.topic);
+        let value = l.value.unwrap_or_default();
+        let mut headers = OwnedHeaders::new_with_capacity(l.headers.len() + 14);
+        let own_headers_bytes: usize = l.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        // A reference keeps the record's headers unless they are what is too large.
+        if !as_reference || own_headers_bytes <= REFERENCE_PREFIX_BYTES {
             for (k, v) in l.headers {
                 headers = headers.insert(Header {
                     key: k,
                     value: Some(v),
                 });
             }
-            let partition = l.source.partition.to_string();
-            let offset = l.offset.to_string();
-            let timestamp = l.timestamp_ms.map(|t| t.to_string()).unwrap_or_default();
-            let mut idem_headers = vec![
-                (header::REASON, l.reason.to_string()),
-                (header::MESSAGE, l.message.clone()),
-                (header::TOPIC, l.source.topic.clone()),
-                (header::PARTITION, partition),
-                (header::OFFSET, offset),
-                (header::TIMESTAMP, timestamp),
-                (header::GROUP, self.group.clone()),
-                (header::VERSION, env!("CARGO_PKG_VERSION").to_string()),
-            ];
-            if let Some((fp, remembered)) = l.fingerprints {
-                idem_headers.push((header::FINGERPRINT, format!("{fp:016x}")));
-                idem_headers.push((header::REMEMBERED_FINGERPRINT, format!("{remembered:016x}")));
-            }
-            for (k, v) in &idem_headers {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v.as_bytes()),
-                });
-            }
-            let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&topic).headers(headers);
-            if let Some(k) = l.key {
-                record = record.key(k);
-            }
-            if let Some(v) = l.value {
-                record = record.payload(v);
-            }
-            if let Some(ts) = l.timestamp_ms {
-                record = record.timestamp(ts);
-            }
-            // Enqueue now (send_result is synchronous); the deliveries progress together.
-            loop {
-                match self.producer.send_result(record) {
-                    Ok(delivery) => {
-                        pending.push(delivery);
-                        break;
-                    }
-                    Err((e, back)) => {
-                        if e.rdkafka_error_code()
-                            != Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
-                        {
-                            return Err(e.to_string());
-                        }
-                        record = back;
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
+        }
+        let mut idem_headers = vec![
+            (header::REASON, l.reason.to_string()),
+            (header::MESSAGE, l.message.clone()),
+            (header::TOPIC, l.source.topic.clone()),
+            (header::PARTITION, l.source.partition.to_string()),
+            (header::OFFSET, l.offset.to_string()),
+            (
+                header::TIMESTAMP,
+                l.timestamp_ms.map(|t| t.to_string()).unwrap_or_default(),
+            ),
+            (header::GROUP, self.group.clone()),
+            (header::VERSION, env!("CARGO_PKG_VERSION").to_string()),
+        ];
+        if let Some((fp, remembered)) = l.fingerprints {
+            idem_headers.push((header::FINGERPRINT, format!("{fp:016x}")));
+            idem_headers.push((header::REMEMBERED_FINGERPRINT, format!("{remembered:016x}")));
+        }
+        if as_reference {
+            let mut digest = crate::event::Fnv64::default();
+            digest.update(value);
+            idem_headers.push((header::FORM, "reference".to_string()));
+            idem_headers.push((header::ORIGINAL_SIZE, value.len().to_string()));
+            idem_headers.push((
+                header::ORIGINAL_DIGEST,
+                format!("fnv1a64:{:016x}", digest.finish()),
+            ));
+            idem_headers.push((
+                header::ORIGINAL_HEADERS_BYTES,
+                own_headers_bytes.to_string(),
+            ));
+        }
+        for (k, v) in &idem_headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(headers);
+        if let Some(k) = l
+            .key
+            .filter(|k| !as_reference || k.len() <= REFERENCE_PREFIX_BYTES)
+        {
+            record = record.key(k);
+        }
+        if let Some(v) = l.value {
+            record = record.payload(if as_reference {
+                &v[..v.len().min(REFERENCE_PREFIX_BYTES)]
+            } else {
+                v
+            });
+        }
+        if let Some(ts) = l.timestamp_ms {
+            record = record.timestamp(ts);
+        }
+        // Enqueue now (send_result is synchronous); the deliveries progress together.
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((e, back)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
+                Err((e, _)) => return Err(classify(&e)),
             }
         }
-        for delivery in pending {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(e.to_string()),
-                Err(_) => return Err("the producer was dropped".into()),
+    }
+}
+
+fn classify(e: &rdkafka::error::KafkaError) -> SendError {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => SendError::TooLarge(e.to_string()),
+        _ => SendError::Other(e.to_string()),
+    }
+}
+
+/// The largest record the dead-letter topic `topic` accepts
+/// (`max.message.bytes`), if the broker says.
+pub async fn topic_max_message_bytes(
+    kafka: &crate::config::KafkaConfig,
+    topic: &str,
+) -> anyhow::Result<Option<usize>> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        crate::kafka::base_config(kafka).create()?;
+    let opts = AdminOptions::new().request_timeout(Some(crate::kafka::ADMIN_TIMEOUT));
+    let described = admin
+        .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)
+        .await?;
+    Ok(described
+        .into_iter()
+        .flatten()
+        .find_map(|r| r.get("max.message.bytes")?.value.as_deref()?.parse().ok()))
+}
+
+/// At start: warns for each dead-letter topic that accepts less than the
+/// producer may send (such records are dead-lettered as references).
+pub async fn check_topic_limits(config: &Config) {
+    let wanted = producer_max_bytes(config.event.max_bytes);
+    for source in &config.kafka.topics {
+        let topic = config.dlq.topic_for(source);
+        match topic_max_message_bytes(&config.kafka, &topic).await {
+            Ok(Some(limit)) if limit < wanted => tracing::warn!(
+                dlq_topic = %topic,
+                max_message_bytes = limit,
+                event_max_bytes = config.event.max_bytes,
+                "the dead-letter topic accepts records up to {limit} bytes, less than event.max_bytes plus {HEADROOM_BYTES} bytes of headers ({wanted}): larger invalid records are dead-lettered as references (headers, provenance, size, digest, first {REFERENCE_PREFIX_BYTES} bytes). Set the topic's max.message.bytes to {wanted} (topics/) to keep them whole"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(dlq_topic = %topic, error = %e, "could not read the dead-letter topic's max.message.bytes")
             }
         }
-        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn producer_accepts_every_valid_sized_record_with_headers() {
+        assert_eq!(producer_max_bytes(1_048_576), 1_048_576 + HEADROOM_BYTES);
+        assert_eq!(producer_max_bytes(10), 1_000_000);
+        assert_eq!(producer_max_bytes(usize::MAX / 2), 1_000_000_000);
     }
 }

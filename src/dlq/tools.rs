@@ -3,7 +3,6 @@
 //! commits), from the start of the topic up to its end at the time of the call.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
@@ -92,17 +91,21 @@ pub fn inspect(
 
 #[derive(Default)]
 struct DeliveryCounter {
-    failed: AtomicU64,
+    /// The dead letters ("partition:offset") whose copy was not delivered.
+    failed: std::sync::Mutex<Vec<String>>,
 }
 
 impl ClientContext for DeliveryCounter {}
 
 impl ProducerContext for DeliveryCounter {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+    type DeliveryOpaque = Box<String>;
+    fn delivery(&self, result: &DeliveryResult<'_>, member: Box<String>) {
         if let Err((e, _)) = result {
             tracing::warn!(error = %e, "redrive: a record was not delivered");
-            self.failed.fetch_add(1, Ordering::Relaxed);
+            self.failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(*member);
         }
     }
 }
@@ -113,24 +116,86 @@ pub struct Redrive {
     pub read: u64,
     /// Records re-published (or to be), per original topic.
     pub by_topic: BTreeMap<String, u64>,
+    /// Not selected by --reason.
     pub skipped: u64,
+    /// Re-published by an earlier `--execute` (remembered in Redis).
+    pub already_redriven: u64,
+    /// Still invalid for the current decoder, by its reason now: not
+    /// re-published (they would come straight back).
+    pub still_invalid: BTreeMap<String, u64>,
+    /// Dead-lettered as references (too large for the dead-letter topic):
+    /// the value is a prefix only; re-publish the original from its
+    /// topic/partition/offset.
+    pub references: u64,
     pub failed: u64,
 }
 
+/// The Redis set that remembers which dead letters of `dlq_topic` were re-published.
+pub fn redriven_key(key_prefix: &str, dlq_topic: &str) -> String {
+    format!("{key_prefix}:redriven:{{{dlq_topic}}}")
+}
+
 /// Re-publishes dead letters to their original topics with their original
-/// key, value and headers, so the guard decides again.
-pub fn redrive(
+/// key, value and headers, so the guard decides again. Each dead letter is
+/// re-checked with the current decoder first: one still invalid is not
+/// re-published. With `execute`, the re-published ones are remembered in
+/// Redis (`redriven_key`), so a repeated run publishes each dead letter at
+/// most once; without it nothing is written anywhere.
+pub async fn redrive(
+    config: &crate::config::Config,
+    dlq_topic: &str,
+    reason: Option<&str>,
+    execute: bool,
+    progress: impl Fn(u64) + Send + 'static,
+) -> anyhow::Result<Redrive> {
+    use redis::AsyncCommands;
+    let mut conn = crate::store::connect(&config.redis).await?;
+    let key = redriven_key(&config.redis.key_prefix, dlq_topic);
+    let done: std::collections::HashSet<String> = conn.smembers(&key).await?;
+    let (brokers, topic, event_cfg) = (
+        config.kafka.brokers.clone(),
+        dlq_topic.to_string(),
+        config.event.clone(),
+    );
+    let reason = reason.map(str::to_string);
+    let (out, published) = tokio::task::spawn_blocking(move || {
+        redrive_blocking(
+            &brokers,
+            &topic,
+            reason.as_deref(),
+            &event_cfg,
+            &done,
+            execute,
+            progress,
+        )
+    })
+    .await??;
+    if !published.is_empty() {
+        // After the deliveries: a redrive killed before this line publishes
+        // those again next time (the guard makes valid ones duplicates).
+        for chunk in published.chunks(1000) {
+            let _: i64 = conn.sadd(&key, chunk).await?;
+        }
+    }
+    Ok(out)
+}
+
+fn redrive_blocking(
     brokers: &str,
     dlq_topic: &str,
     reason: Option<&str>,
-    dry_run: bool,
+    event_cfg: &crate::config::EventConfig,
+    done: &std::collections::HashSet<String>,
+    execute: bool,
     progress: impl Fn(u64),
-) -> anyhow::Result<Redrive> {
+) -> anyhow::Result<(Redrive, Vec<String>)> {
     let producer: ThreadedProducer<DeliveryCounter> = crate::kafka::client_config(brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
+        .set("message.max.bytes", "1000000000")
         .create_with_context(DeliveryCounter::default())?;
     let mut out = Redrive::default();
+    let mut published = Vec::new();
     let mut error = None;
     out.read = read_all(brokers, dlq_topic, |r| {
         if error.is_some() || reason.is_some_and(|want| r.reason() != want) {
@@ -141,12 +206,31 @@ pub fn redrive(
             out.skipped += 1;
             return;
         };
+        if r.header(header::FORM) == Some("reference") {
+            out.references += 1;
+            return;
+        }
+        let member = format!("{}:{}", r.partition, r.offset);
+        if done.contains(&member) {
+            out.already_redriven += 1;
+            return;
+        }
+        let headers: Vec<(&str, &[u8])> = r
+            .original_headers()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
+        if let Err(invalid) = crate::event::decode_record(r.value.as_deref(), &headers, event_cfg) {
+            *out.still_invalid
+                .entry(invalid.code().to_string())
+                .or_default() += 1;
+            return;
+        }
         *out.by_topic.entry(target.clone()).or_default() += 1;
         let sent: u64 = out.by_topic.values().sum();
         if sent % 10_000 == 0 {
             progress(sent);
         }
-        if dry_run {
+        if !execute {
             return;
         }
         let mut headers = OwnedHeaders::new();
@@ -156,7 +240,8 @@ pub fn redrive(
                 value: Some(v),
             });
         }
-        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&target).headers(headers);
+        let mut record: BaseRecord<'_, [u8], [u8], Box<String>> =
+            BaseRecord::with_opaque_to(&target, Box::new(member.clone())).headers(headers);
         if let Some(k) = r.key.as_deref() {
             record = record.key(k);
         }
@@ -165,7 +250,10 @@ pub fn redrive(
         }
         loop {
             match producer.send(record) {
-                Ok(()) => break,
+                Ok(()) => {
+                    published.push(member);
+                    break;
+                }
                 Err((e, back))
                     if e.rdkafka_error_code()
                         == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
@@ -180,10 +268,18 @@ pub fn redrive(
             }
         }
     })?;
+    producer.flush(Duration::from_secs(60))?;
+    let failed = std::mem::take(
+        &mut *producer
+            .context()
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+    );
+    out.failed = failed.len() as u64;
+    published.retain(|m| !failed.contains(m));
     if let Some(e) = error {
         anyhow::bail!("redrive stopped: {e}");
     }
-    producer.flush(Duration::from_secs(60))?;
-    out.failed = producer.context().failed.load(Ordering::Relaxed);
-    Ok(out)
+    Ok((out, published))
 }

@@ -12,7 +12,8 @@
 
 use serde_json::{Map, Value};
 
-use super::{fingerprint, Event, Invalid, Op};
+use super::exact::DataFields;
+use super::{data_fields, fingerprint, parse_json, Event, Invalid, Op};
 
 /// The content type of structured-mode records.
 pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
@@ -40,9 +41,8 @@ pub enum Mode {
 }
 
 /// Decodes a structured-mode record value.
-pub fn decode_structured(text: &str) -> Result<Event, Invalid> {
-    let mut root: Value =
-        serde_json::from_str(text).map_err(|e| Invalid::NotJson(e.to_string()))?;
+pub fn decode_structured(text: &str, reject_duplicate_keys: bool) -> Result<Event, Invalid> {
+    let mut root = parse_json(text, reject_duplicate_keys)?;
     let Value::Object(map) = &root else {
         return Err(Invalid::NotObject);
     };
@@ -55,16 +55,22 @@ pub fn decode_structured(text: &str) -> Result<Event, Invalid> {
         sequence: sequence_attr(map.get("sequence"), "sequence")?,
     };
     let fp = fingerprint(&root);
-    let data = match root.get_mut("data").map(Value::take) {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(m)) => m,
-        Some(_) => return Err(wrong_type("data", "a JSON object")),
-    };
+    if !matches!(
+        root.get("data"),
+        None | Some(Value::Null | Value::Object(_))
+    ) {
+        return Err(wrong_type("data", "a JSON object"));
+    }
+    let data = data_fields(text, "/data", root.get_mut("data"))?;
     attrs.into_event(data, fp)
 }
 
 /// Decodes a binary-mode record: attributes in `ce_*` headers, data in the value.
-pub fn decode_binary(headers: &[(&str, &[u8])], value: Option<&[u8]>) -> Result<Event, Invalid> {
+pub fn decode_binary(
+    headers: &[(&str, &[u8])],
+    value: Option<&[u8]>,
+    reject_duplicate_keys: bool,
+) -> Result<Event, Invalid> {
     let header = |name: &str| -> Result<String, Invalid> {
         let raw = headers
             .iter()
@@ -86,12 +92,13 @@ pub fn decode_binary(headers: &[(&str, &[u8])], value: Option<&[u8]>) -> Result<
         subject: header("ce_subject")?,
         sequence: sequence_attr(Some(&Value::String(sequence_text)), "ce_sequence")?,
     };
-    let data = match value {
-        None | Some(b"") => Value::Null,
-        Some(bytes) => {
-            let text = std::str::from_utf8(bytes).map_err(|_| Invalid::NotUtf8)?;
-            serde_json::from_str(text).map_err(|e| Invalid::NotJson(e.to_string()))?
-        }
+    let text = match value {
+        None | Some(b"") => None,
+        Some(bytes) => Some(std::str::from_utf8(bytes).map_err(|_| Invalid::NotUtf8)?),
+    };
+    let data = match text {
+        None => Value::Null,
+        Some(text) => parse_json(text, reject_duplicate_keys)?,
     };
     // The fingerprint covers the attributes and the data, as structured mode's does.
     let mut canonical = Map::new();
@@ -103,11 +110,13 @@ pub fn decode_binary(headers: &[(&str, &[u8])], value: Option<&[u8]>) -> Result<
     canonical.insert("data".into(), data);
     let mut canonical = Value::Object(canonical);
     let fp = fingerprint(&canonical);
-    let data = match canonical.get_mut("data").map(Value::take) {
-        Some(Value::Object(m)) => m,
-        Some(Value::Null) | None => Map::new(),
-        Some(_) => return Err(wrong_type("data", "a JSON object")),
-    };
+    if !matches!(
+        canonical.get("data"),
+        None | Some(Value::Null | Value::Object(_))
+    ) {
+        return Err(wrong_type("data", "a JSON object"));
+    }
+    let data = data_fields(text.unwrap_or("null"), "", canonical.get_mut("data"))?;
     attrs.into_event(data, fp)
 }
 
@@ -121,7 +130,7 @@ struct Attributes {
 }
 
 impl Attributes {
-    fn into_event(self, data: Map<String, Value>, fingerprint: u64) -> Result<Event, Invalid> {
+    fn into_event(self, (set, unset): DataFields, fingerprint: u64) -> Result<Event, Invalid> {
         if self.subject.starts_with('}') {
             return Err(Invalid::BadEntity(self.subject));
         }
@@ -136,7 +145,6 @@ impl Attributes {
         } else {
             Op::Upsert
         };
-        let (set, unset) = super::split_data(data);
         Ok(Event {
             id: format!("{} {}", self.source, self.id),
             entity: self.subject,
@@ -191,14 +199,21 @@ mod tests {
     #[test]
     fn structured_and_binary_modes_map_the_same_way() {
         let s = decode_structured(
-            r#"{"specversion":"1.0","id":"e1","source":"/orders","type":"com.shop.order.updated","subject":"orders:42","sequence":"7","data":{"status":"paid"}}"#,
+            r#"{"specversion":"1.0","id":"e1","source":"/orders","type":"com.shop.order.updated","subject":"orders:42","sequence":"7","data":{"status":"paid","total":12.50}}"#,
+            false,
         )
         .unwrap();
         assert_eq!(
             (s.id.as_str(), s.entity.as_str(), s.seq, s.op),
             ("/orders e1", "orders:42", 7, Op::Upsert)
         );
-        assert_eq!(s.set, vec![("status".to_string(), "paid".to_string())]);
+        assert_eq!(
+            s.set,
+            vec![
+                ("status".to_string(), "paid".to_string()),
+                ("total".to_string(), "12.50".to_string())
+            ]
+        );
         let headers: Vec<(&str, &[u8])> = vec![
             ("ce_specversion", b"1.0"),
             ("ce_id", b"e1"),
@@ -208,7 +223,7 @@ mod tests {
             ("ce_sequence", b"8"),
         ];
         assert_eq!(detect(&headers), Some(Mode::Binary));
-        let b = decode_binary(&headers, None).unwrap();
+        let b = decode_binary(&headers, None, false).unwrap();
         assert_eq!((b.id.as_str(), b.seq, b.op), ("/orders e1", 8, Op::Delete));
         let ct: Vec<(&str, &[u8])> = vec![(
             "content-type",
@@ -248,14 +263,14 @@ mod tests {
         ];
         for (input, code) in table {
             assert_eq!(
-                decode_structured(input).unwrap_err().code(),
+                decode_structured(input, false).unwrap_err().code(),
                 code,
                 "{input}"
             );
         }
         let headers: Vec<(&str, &[u8])> = vec![("ce_specversion", b"1.0"), ("ce_id", b"e")];
         assert_eq!(
-            decode_binary(&headers, None).unwrap_err().code(),
+            decode_binary(&headers, None, false).unwrap_err().code(),
             "missing_field"
         );
     }

@@ -5,6 +5,8 @@
 //! an [`Invalid`] with a stable reason code; it never panics.
 
 pub mod cloudevents;
+pub mod exact;
+pub mod strict;
 
 use serde_json::Value;
 
@@ -86,6 +88,10 @@ pub enum Invalid {
     BadTimestamp(String),
     #[error("entity {0:?} starts with `}}`, which would empty its Redis Cluster hash tag")]
     BadEntity(String),
+    #[error("record value has a {0} (event.duplicate_keys = \"reject\")")]
+    DuplicateKey(String),
+    #[error("record key {key:?} is not the entity {entity:?}, so the entity's events can spread over partitions (event.key_mismatch = \"dead_letter\")")]
+    KeyMismatch { key: String, entity: String },
 }
 
 impl Invalid {
@@ -103,6 +109,8 @@ impl Invalid {
             Invalid::SeqOutOfRange(_) => "seq_out_of_range",
             Invalid::BadTimestamp(_) => "bad_timestamp",
             Invalid::BadEntity(_) => "bad_entity",
+            Invalid::DuplicateKey(_) => "duplicate_key",
+            Invalid::KeyMismatch { .. } => "key_mismatch",
         }
     }
 }
@@ -114,6 +122,8 @@ pub fn decode_record(
     headers: &[(&str, &[u8])],
     cfg: &EventConfig,
 ) -> Result<Event, Invalid> {
+    // A zero-byte value is no value (a tombstone record or an empty write).
+    let value = value.filter(|bytes| !bytes.is_empty());
     if let Some(bytes) = value {
         if bytes.len() > cfg.max_bytes {
             return Err(Invalid::TooLarge {
@@ -130,19 +140,32 @@ pub fn decode_record(
         }
     };
     match mode {
-        None => decode(value, &cfg.fields, cfg.max_bytes),
-        Some(cloudevents::Mode::Binary) => cloudevents::decode_binary(headers, value),
+        None => decode_with(value, &cfg.fields, cfg.max_bytes, cfg.reject_duplicate_keys),
+        Some(cloudevents::Mode::Binary) => {
+            cloudevents::decode_binary(headers, value, cfg.reject_duplicate_keys)
+        }
         Some(cloudevents::Mode::Structured) => {
             let bytes = value.ok_or(Invalid::EmptyValue)?;
             let text = std::str::from_utf8(bytes).map_err(|_| Invalid::NotUtf8)?;
-            cloudevents::decode_structured(text)
+            cloudevents::decode_structured(text, cfg.reject_duplicate_keys)
         }
     }
 }
 
-/// Decodes one record value in idem's envelope.
+/// Decodes one record value in idem's envelope (duplicate keys: last wins).
 pub fn decode(value: Option<&[u8]>, fields: &FieldMap, max_bytes: usize) -> Result<Event, Invalid> {
-    let bytes = value.ok_or(Invalid::EmptyValue)?;
+    decode_with(value, fields, max_bytes, false)
+}
+
+/// Decodes one record value in idem's envelope; `reject_duplicate_keys`
+/// makes a repeated object key an `Invalid::DuplicateKey`.
+pub fn decode_with(
+    value: Option<&[u8]>,
+    fields: &FieldMap,
+    max_bytes: usize,
+    reject_duplicate_keys: bool,
+) -> Result<Event, Invalid> {
+    let bytes = value.filter(|b| !b.is_empty()).ok_or(Invalid::EmptyValue)?;
     if bytes.len() > max_bytes {
         return Err(Invalid::TooLarge {
             size: bytes.len(),
@@ -150,8 +173,7 @@ pub fn decode(value: Option<&[u8]>, fields: &FieldMap, max_bytes: usize) -> Resu
         });
     }
     let text = std::str::from_utf8(bytes).map_err(|_| Invalid::NotUtf8)?;
-    let mut root: Value =
-        serde_json::from_str(text).map_err(|e| Invalid::NotJson(e.to_string()))?;
+    let mut root = parse_json(text, reject_duplicate_keys)?;
     if !root.is_object() {
         return Err(Invalid::NotObject);
     }
@@ -200,10 +222,7 @@ pub fn decode(value: Option<&[u8]>, fields: &FieldMap, max_bytes: usize) -> Resu
     let fingerprint = fingerprint(&root);
     let (id, entity) = (id.to_string(), entity.to_string());
     // The fingerprint is taken: the data fields can now be moved out, not copied.
-    let (set, unset) = match root.pointer_mut(&fields.data).map(Value::take) {
-        Some(Value::Object(map)) => split_data(map),
-        _ => (Vec::new(), Vec::new()),
-    };
+    let (set, unset) = data_fields(text, &fields.data, root.pointer_mut(&fields.data))?;
     Ok(Event {
         id,
         entity,
@@ -213,6 +232,39 @@ pub fn decode(value: Option<&[u8]>, fields: &FieldMap, max_bytes: usize) -> Resu
         unset,
         fingerprint,
     })
+}
+
+/// Parses a record value, refusing duplicate keys if asked to.
+pub(crate) fn parse_json(text: &str, reject_duplicate_keys: bool) -> Result<Value, Invalid> {
+    let parsed = if reject_duplicate_keys {
+        strict::parse(text)
+    } else {
+        serde_json::from_str(text)
+    };
+    parsed.map_err(|e| {
+        let message = e.to_string();
+        match message.strip_prefix(strict::DUPLICATE_KEY) {
+            Some(_) => Invalid::DuplicateKey(message),
+            None => Invalid::NotJson(message),
+        }
+    })
+}
+
+/// The fields of the data object `data` (found at `pointer` in `text`).
+/// Numbers keep their exact text: when `data` holds one, the fields are
+/// read again from `text` (see [`exact`]); otherwise `data` is moved out.
+pub(crate) fn data_fields(
+    text: &str,
+    pointer: &str,
+    data: Option<&mut Value>,
+) -> Result<exact::DataFields, Invalid> {
+    match data.map(Value::take) {
+        Some(Value::Object(map)) if map.values().any(exact::contains_number) => {
+            Ok(exact::data_fields(text, pointer)?.unwrap_or_default())
+        }
+        Some(Value::Object(map)) => Ok(split_data(map)),
+        _ => Ok((Vec::new(), Vec::new())),
+    }
 }
 
 /// Splits `data` into fields to set (strings as they are, other values as
@@ -312,26 +364,47 @@ pub fn id_hash(id: &str) -> u64 {
     h.finish()
 }
 
-/// A light RFC 3339 check: `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`.
+/// RFC 3339 `date-time`: `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`, with every
+/// field in range: month 1–12, the day within its month (leap years by the
+/// Gregorian rule), hour ≤ 23, minute ≤ 59, second ≤ 60 (a leap second),
+/// offset hour ≤ 23 and minute ≤ 59.
 pub fn is_rfc3339(s: &str) -> bool {
     let b = s.as_bytes();
-    let digits = |range: std::ops::Range<usize>| {
-        b.get(range)
-            .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
+    let number = |range: std::ops::Range<usize>| -> Option<u32> {
+        let digits = b.get(range)?;
+        digits
+            .iter()
+            .all(u8::is_ascii_digit)
+            .then(|| digits.iter().fold(0, |n, d| n * 10 + u32::from(d - b'0')))
     };
     if b.len() < 20
-        || !digits(0..4)
         || b[4] != b'-'
-        || !digits(5..7)
         || b[7] != b'-'
-        || !digits(8..10)
         || !matches!(b[10], b'T' | b't' | b' ')
-        || !digits(11..13)
         || b[13] != b':'
-        || !digits(14..16)
         || b[16] != b':'
-        || !digits(17..19)
     {
+        return false;
+    }
+    let (Some(year), Some(month), Some(day), Some(hour), Some(minute), Some(second)) = (
+        number(0..4),
+        number(5..7),
+        number(8..10),
+        number(11..13),
+        number(14..16),
+        number(17..19),
+    ) else {
+        return false;
+    };
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let days_in_month = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return false,
+    };
+    if day == 0 || day > days_in_month || hour > 23 || minute > 59 || second > 60 {
         return false;
     }
     let mut i = 19;
@@ -347,7 +420,9 @@ pub fn is_rfc3339(s: &str) -> bool {
     }
     match &b[i..] {
         [b'Z' | b'z'] => true,
-        [b'+' | b'-', h1, h2, b':', m1, m2] => [h1, h2, m1, m2].iter().all(|c| c.is_ascii_digit()),
+        [b'+' | b'-', _, _, b':', _, _] => {
+            matches!((number(i + 1..i + 3), number(i + 4..i + 6)), (Some(h), Some(m)) if h <= 23 && m <= 59)
+        }
         _ => false,
     }
 }
@@ -451,6 +526,59 @@ mod tests {
     }
 
     #[test]
+    fn zero_byte_value_is_empty_not_json() {
+        assert_eq!(dec("").unwrap_err().code(), "empty_value");
+        let cfg = crate::config::Config::defaults().event;
+        assert_eq!(
+            decode_record(Some(b""), &[], &cfg).unwrap_err().code(),
+            "empty_value"
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_win_last_or_are_refused() {
+        let text = br#"{"id":"a","entity":"e","seq":1,"data":{"amount":1,"amount":100}}"#;
+        let lax = decode_with(Some(text), &FieldMap::default(), 1024, false).unwrap();
+        assert_eq!(lax.set, vec![("amount".to_string(), "100".to_string())]);
+        let strict = decode_with(Some(text), &FieldMap::default(), 1024, true).unwrap_err();
+        assert_eq!(strict.code(), "duplicate_key");
+        assert!(strict.to_string().contains("\"amount\""), "{strict}");
+        // Without duplicates both agree, fingerprint included.
+        let clean = br#"{"id":"a","entity":"e","seq":1,"data":{"x":[1.5,{"y":2}]}}"#;
+        assert_eq!(
+            decode_with(Some(clean), &FieldMap::default(), 1024, false),
+            decode_with(Some(clean), &FieldMap::default(), 1024, true)
+        );
+    }
+
+    /// The fingerprint of that record as idem computed it before numbers
+    /// were kept exact: it must never change.
+    const GOLDEN_FINGERPRINT: u64 = 0xc6b8_344b_7e1b_7f1b;
+
+    /// The fingerprint keeps the normalisation of earlier versions (numbers
+    /// as serde_json re-serialises them), so an event remembered before the
+    /// exact-number change is still a duplicate when redelivered after it.
+    #[test]
+    fn fingerprint_is_stable_across_the_exact_number_change() {
+        let e = dec(r#"{"id":"a","entity":"e","seq":1,"data":{"p":0.42456890886584453,"n":1e2}}"#)
+            .unwrap();
+        // As the previous version computed it: over serde_json's Value.
+        let value: Value = serde_json::from_str(
+            r#"{"id":"a","entity":"e","seq":1,"data":{"p":0.4245689088658446,"n":100.0}}"#,
+        )
+        .unwrap();
+        assert_eq!(e.fingerprint, fingerprint(&value));
+        assert_eq!(e.fingerprint, GOLDEN_FINGERPRINT);
+        assert_eq!(
+            e.set,
+            vec![
+                ("n".to_string(), "1e2".to_string()),
+                ("p".to_string(), "0.42456890886584453".to_string())
+            ]
+        );
+    }
+
+    #[test]
     fn largest_seq_is_accepted() {
         let e = dec(r#"{"id":"a","entity":"e","seq":18446744073709551615}"#).unwrap();
         assert_eq!(e.seq, u64::MAX);
@@ -514,6 +642,8 @@ mod tests {
             "2026-01-02T03:04:05Z",
             "2026-01-02T03:04:05.5+01:00",
             "2026-01-02t03:04:05-00:00",
+            "2024-02-29T23:59:60Z",
+            "2000-02-29T00:00:00+23:59",
         ] {
             assert!(is_rfc3339(ok), "{ok}");
         }
@@ -523,6 +653,16 @@ mod tests {
             "2026-01-02T03:04:05.Z",
             "20260102T030405Z",
             "2026-01-02T03:04:05+0100",
+            "2024-13-45T99:99:99Z",
+            "2024-00-10T00:00:00Z",
+            "2023-02-29T00:00:00Z",
+            "2100-02-29T00:00:00Z",
+            "2024-04-31T00:00:00Z",
+            "2024-01-01T24:00:00Z",
+            "2024-01-01T00:60:00Z",
+            "2024-01-01T00:00:61Z",
+            "2024-01-01T00:00:00+24:00",
+            "2024-01-01T00:00:00+01:60",
         ] {
             assert!(!is_rfc3339(bad), "{bad}");
         }

@@ -57,9 +57,12 @@ impl GuardStage {
                 })
             })
             .collect();
-        let Some(verdicts) = self.guard_with_retry(&inputs).await else {
+        let Some((mut verdicts, retried_for)) = self.guard_with_retry(&inputs).await else {
             return false;
         };
+        if let Some(retried_for) = retried_for {
+            recount_retried(&inputs, &mut verdicts, retried_for);
+        }
         drop(inputs);
         let letters = dead_letters(&batch, &verdicts);
         if !letters.is_empty() && !self.dead_letter_with_retry(&letters).await {
@@ -77,23 +80,32 @@ impl GuardStage {
     /// false if shutdown fired first: the batch then stays unfinished.
     async fn dead_letter_with_retry(&mut self, letters: &[DeadLetter<'_>]) -> bool {
         let mut backoff = Backoff::new(&self.config);
+        let mut delivered = vec![false; letters.len()];
         loop {
-            match self.dlq.send_all(letters).await {
+            match self.dlq.send_all(letters, &mut delivered).await {
                 Ok(()) => {
+                    self.health.set_waiting_on(None);
                     for l in letters {
                         metrics::record_dead_letter(&l.source.topic, l.reason);
                     }
                     return true;
                 }
                 Err(e) => {
+                    self.health.set_waiting_on(Some("dead_letter"));
                     metrics::record_retry("dead_letter");
                     let wait = backoff.next();
+                    let hint = if e.contains("Unknown topic") || e.contains("UnknownTopic") {
+                        "the dead-letter topic does not exist: create it (topics/, `idem topics apply`)"
+                    } else {
+                        "Kafka did not accept the dead letters; see the error"
+                    };
                     tracing::warn!(
                         error = %e,
+                        hint,
                         records = letters.len(),
                         dlq_topic = %self.config.dlq.topic_for(&letters[0].source.topic),
                         retry_in = ?wait,
-                        "cannot write to the dead-letter topic (does it exist? see topics/); the batch waits and nothing past it is committed"
+                        "cannot write to the dead-letter topic; the batch waits and nothing past it is committed"
                     );
                     tokio::select! {
                         _ = self.shutdown.wait() => return false,
@@ -171,6 +183,44 @@ impl GuardStage {
     }
 }
 
+/// Slack for the millisecond clocks of Redis's first-seen times.
+const FIRST_SEEN_SLACK: Duration = Duration::from_millis(5);
+
+/// After a retried batch: an event that an earlier, failed attempt applied
+/// (Redis ran the script, the reply was lost) comes back `duplicate`. It
+/// was applied by this batch, and is counted so: a duplicate whose id was
+/// first seen within this batch's attempts (`retried_for` ago at most) is
+/// `applied`, for the first occurrence of its id in the batch only (a second
+/// occurrence is a real redelivery).
+///
+/// | retried | duplicate age         | first in batch | counted as |
+/// |---------|-----------------------|----------------|------------|
+/// | no      | any                   | any            | duplicate  |
+/// | yes     | ≤ retried_for (+slack)| yes            | applied    |
+/// | yes     | ≤ retried_for (+slack)| no             | duplicate  |
+/// | yes     | > retried_for (+slack)| any            | duplicate  |
+///
+/// (An event first applied meanwhile by another instance of the group,
+/// e.g. a zombie during a rebalance, would be counted applied by both: the
+/// counters can over-count then; the state is right either way.)
+fn recount_retried(inputs: &[GuardInput<'_>], verdicts: &mut [Verdict], retried_for: Duration) {
+    let mut seen = std::collections::HashSet::new();
+    for (input, v) in inputs.iter().zip(verdicts.iter_mut()) {
+        let first_in_batch = seen.insert((input.event.entity.as_str(), input.event.id.as_str()));
+        if v.outcome == Outcome::Duplicate
+            && first_in_batch
+            && v.duplicate_age
+                .is_some_and(|age| age <= retried_for + FIRST_SEEN_SLACK)
+        {
+            *v = Verdict {
+                outcome: Outcome::Applied,
+                duplicate_age: None,
+                remembered_fingerprint: None,
+            };
+        }
+    }
+}
+
 /// The batch's invalid records and conflicts, in batch order.
 fn dead_letters<'a>(batch: &'a Batch, verdicts: &[Verdict]) -> Vec<DeadLetter<'a>> {
     let mut letters = Vec::new();
@@ -210,19 +260,29 @@ fn dead_letters<'a>(batch: &'a Batch, verdicts: &[Verdict]) -> Vec<DeadLetter<'a
 }
 
 impl GuardStage {
-    async fn guard_with_retry(&mut self, inputs: &[GuardInput<'_>]) -> Option<Vec<Verdict>> {
+    /// Runs the guard until Redis answers. Returns the verdicts and, if an
+    /// attempt failed first, how long ago the first attempt started (for
+    /// [`recount_retried`]); `None` if shutdown fired first.
+    async fn guard_with_retry(
+        &mut self,
+        inputs: &[GuardInput<'_>],
+    ) -> Option<(Vec<Verdict>, Option<Duration>)> {
         let mut backoff = Backoff::new(&self.config);
         let mut failures = 0u32;
+        let first_attempt = Instant::now();
         loop {
             let started = Instant::now();
             match self.guard.apply(inputs).await {
                 Ok(verdicts) => {
                     metrics::record_round_trip(started.elapsed());
                     self.health.set_redis_ok(true);
-                    return Some(verdicts);
+                    self.health.set_waiting_on(None);
+                    let retried_for = (failures > 0).then(|| first_attempt.elapsed());
+                    return Some((verdicts, retried_for));
                 }
                 Err(e) => {
                     self.health.set_redis_ok(false);
+                    self.health.set_waiting_on(Some("redis"));
                     metrics::record_retry(e.cause());
                     failures += 1;
                     if failures % RECONNECT_AFTER == 0 {
@@ -252,5 +312,67 @@ impl GuardStage {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Event, Op};
+
+    fn event(id: &str) -> Event {
+        Event {
+            id: id.into(),
+            entity: "e".into(),
+            seq: 1,
+            op: Op::Upsert,
+            set: Vec::new(),
+            unset: Vec::new(),
+            fingerprint: 0,
+        }
+    }
+
+    fn dup(age_ms: u64) -> Verdict {
+        Verdict {
+            outcome: Outcome::Duplicate,
+            duplicate_age: Some(Duration::from_millis(age_ms)),
+            remembered_fingerprint: None,
+        }
+    }
+
+    /// The truth table of `recount_retried`, row by row.
+    #[test]
+    fn retried_batches_count_their_own_effects_as_applied() {
+        let events = [event("a"), event("b"), event("a"), event("c")];
+        let inputs: Vec<GuardInput<'_>> = events
+            .iter()
+            .map(|event| GuardInput {
+                event,
+                window: Duration::from_secs(60),
+            })
+            .collect();
+        // a: applied by the lost attempt 300 ms ago; b: a real old duplicate;
+        // a again: a redelivery inside the batch; c: applied now.
+        let mut verdicts = vec![
+            dup(300),
+            dup(60_000),
+            dup(300),
+            Verdict {
+                outcome: Outcome::Applied,
+                duplicate_age: None,
+                remembered_fingerprint: None,
+            },
+        ];
+        recount_retried(&inputs, &mut verdicts, Duration::from_millis(400));
+        let outcomes: Vec<Outcome> = verdicts.iter().map(|v| v.outcome).collect();
+        assert_eq!(
+            outcomes,
+            [
+                Outcome::Applied,
+                Outcome::Duplicate,
+                Outcome::Duplicate,
+                Outcome::Applied
+            ]
+        );
     }
 }

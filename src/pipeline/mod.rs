@@ -81,11 +81,15 @@ async fn run_pipeline(
     let kafka_config = config.kafka.clone();
     tokio::task::spawn_blocking(move || kafka::preflight(&kafka_config, PREFLIGHT_TIMEOUT))
         .await??;
-    let Some(conn) = connect_redis(&config, &mut shutdown).await else {
+    let Some(conn) = connect_redis(&config, &mut shutdown).await? else {
         return Ok(());
     };
     health.set_redis_ok(true);
     let mut conn = conn;
+    store::check_eviction_policy(&mut conn, config.redis.allow_eviction)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::dlq::check_topic_limits(&config).await;
     let wait = store::durable_wait(&mut conn, config.redis.durability)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -131,6 +135,11 @@ async fn run_pipeline(
         budget: crate::dlq::budget::DlqBudget::new(config.dlq.ratio_window, config.dlq.max_ratio),
     };
     let mut guard_task = tokio::spawn(stage.run(batch_rx));
+    let watchdog = tokio::spawn(watch_blocked_partitions(
+        progress.clone(),
+        health.clone(),
+        config.pipeline.stall_timeout,
+    ));
 
     let max = config.pipeline.batch_max_events.get();
     let mut messages: Vec<BorrowedMessage<'_>> = Vec::with_capacity(max);
@@ -211,6 +220,7 @@ async fn run_pipeline(
         "shutting down: finishing in-flight batches, then committing"
     );
     drop(batch_tx);
+    watchdog.abort();
     if tokio::time::timeout(config.shutdown_drain_timeout, &mut guard_task)
         .await
         .is_err()
@@ -359,15 +369,70 @@ fn store_commits(consumer: &StreamConsumer<IdemContext>, progress: &Progress) {
     }
 }
 
-/// Connects to Redis, retrying with backoff until it answers or shutdown fires.
+/// Every second: which partitions are blocked (records in flight, no
+/// progress for `stall`)? Sets `idem_partition_blocked` and `/readyz`, and
+/// logs when a partition becomes blocked and when it moves again.
+async fn watch_blocked_partitions(progress: Arc<Progress>, health: Health, stall: Duration) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut reported: std::collections::BTreeMap<crate::offsets::TopicPartition, &'static str> =
+        Default::default();
+    loop {
+        tick.tick().await;
+        let cause = health.waiting_on().unwrap_or("slow");
+        let blocked = progress.blocked(stall);
+        for (tp, was) in std::mem::take(&mut reported) {
+            if !blocked.iter().any(|(b, _)| *b == tp) {
+                metrics::set_partition_blocked(&tp.topic, tp.partition, was, false);
+                tracing::info!(topic = %tp.topic, partition = tp.partition, "partition moves again");
+            } else {
+                reported.insert(tp, was);
+            }
+        }
+        for (tp, idle) in &blocked {
+            let previous = reported.insert(tp.clone(), cause);
+            if previous != Some(cause) {
+                if let Some(old) = previous {
+                    metrics::set_partition_blocked(&tp.topic, tp.partition, old, false);
+                }
+                metrics::set_partition_blocked(&tp.topic, tp.partition, cause, true);
+                tracing::error!(
+                    topic = %tp.topic,
+                    partition = tp.partition,
+                    cause,
+                    idle = ?idle,
+                    "partition blocked: records in flight and no progress for longer than pipeline.stall_timeout; nothing past them is committed until the cause is fixed"
+                );
+            }
+        }
+        health.set_blocked((!blocked.is_empty()).then(|| {
+            let names: Vec<String> = blocked
+                .iter()
+                .map(|(tp, idle)| format!("{}/{} ({}s)", tp.topic, tp.partition, idle.as_secs()))
+                .collect();
+            format!(
+                "{} partition(s) blocked by {cause}, no progress for longer than pipeline.stall_timeout: {}",
+                blocked.len(),
+                names.join(", ")
+            )
+        }));
+    }
+}
+
+/// Connects to Redis, retrying with backoff until it answers or shutdown
+/// fires (`None`). Refused credentials end the start with an error: retrying
+/// cannot fix them.
 async fn connect_redis(
     config: &Config,
     shutdown: &mut Shutdown,
-) -> Option<crate::store::RedisConn> {
+) -> anyhow::Result<Option<crate::store::RedisConn>> {
     let mut backoff = Backoff::new(config);
     loop {
         match store::connect(&config.redis).await {
-            Ok(conn) => return Some(conn),
+            Ok(conn) => return Ok(Some(conn)),
+            Err(e) if e.is_auth_refusal() => anyhow::bail!(
+                "Redis at {} refused the credentials ({e}): check redis.username and redis.password (or redis.password_file, or the URL's user:password)",
+                crate::config::redact_url(&config.redis.url)
+            ),
             Err(e) => {
                 let wait = backoff.next();
                 metrics::record_retry("redis_connect");
@@ -378,7 +443,7 @@ async fn connect_redis(
                     "cannot reach Redis; is it running and is redis.url right?"
                 );
                 tokio::select! {
-                    _ = shutdown.wait() => return None,
+                    _ = shutdown.wait() => return Ok(None),
                     _ = tokio::time::sleep(wait) => {}
                 }
             }

@@ -23,6 +23,9 @@ struct Inner {
     closed: bool,
     /// Per partition, the first offset stored since the last commit and when.
     stored_since: HashMap<TopicPartition, (i64, Instant)>,
+    /// Per partition, when it last made progress (a record done, or work
+    /// taken while it had none in flight).
+    last_progress: HashMap<TopicPartition, Instant>,
 }
 
 /// See the module doc.
@@ -59,6 +62,7 @@ impl Progress {
         for tp in tps {
             inner.assigned.remove(tp);
             inner.offsets.forget(tp);
+            inner.last_progress.remove(tp);
         }
     }
 
@@ -68,7 +72,11 @@ impl Progress {
 
     pub fn begin(&self, records: impl Iterator<Item = (TopicPartition, i64)>) {
         let mut inner = self.lock();
+        let now = Instant::now();
         for (tp, offset) in records {
+            if inner.offsets.partition_in_flight(&tp) == 0 {
+                inner.last_progress.insert(tp.clone(), now);
+            }
             inner.offsets.begin(&tp, offset);
         }
     }
@@ -76,8 +84,12 @@ impl Progress {
     pub fn mark_done<'a>(&self, records: impl Iterator<Item = (&'a TopicPartition, i64)>) {
         {
             let mut inner = self.lock();
+            let now = Instant::now();
             for (tp, offset) in records {
                 inner.offsets.mark_done(tp, offset);
+                if let Some(at) = inner.last_progress.get_mut(tp) {
+                    *at = now;
+                }
             }
         }
         self.done.notify_all();
@@ -100,6 +112,27 @@ impl Progress {
             offsets, assigned, ..
         } = &mut *inner;
         offsets.take_commits_where(|tp| assigned.contains(tp))
+    }
+
+    /// Partitions with records in flight and no progress for longer than
+    /// `stall`, with how long they have been without progress: "blocked".
+    ///
+    /// | in flight | last progress  | blocked |
+    /// |-----------|----------------|---------|
+    /// | 0         | any            | no      |
+    /// | > 0       | within `stall` | no      |
+    /// | > 0       | before `stall` | yes     |
+    pub fn blocked(&self, stall: Duration) -> Vec<(TopicPartition, Duration)> {
+        let inner = self.lock();
+        let mut out: Vec<_> = inner
+            .last_progress
+            .iter()
+            .filter(|(tp, _)| inner.offsets.partition_in_flight(tp) > 0)
+            .map(|(tp, at)| (tp.clone(), at.elapsed()))
+            .filter(|(_, idle)| *idle > stall)
+            .collect();
+        out.sort();
+        out
     }
 
     /// Events fetched and not yet done.
@@ -188,5 +221,27 @@ mod tests {
         assert_eq!(p.take_commits(|_| true), vec![(tp.clone(), 12)]);
         p.forget(std::slice::from_ref(&tp));
         assert!(!p.is_assigned(&tp));
+    }
+
+    /// The truth table of `blocked`.
+    #[test]
+    fn blocked_means_in_flight_without_progress() {
+        let p = Progress::default();
+        let (a, b) = (TopicPartition::new("t", 0), TopicPartition::new("t", 1));
+        let stall = Duration::from_millis(30);
+        p.begin([(a.clone(), 0), (b.clone(), 0)].into_iter());
+        assert!(p.blocked(stall).is_empty(), "fresh work is not blocked");
+        std::thread::sleep(Duration::from_millis(40));
+        p.mark_done([(&b, 0)].into_iter());
+        let blocked = p.blocked(stall);
+        assert_eq!(blocked.len(), 1, "{blocked:?}");
+        assert_eq!(
+            blocked[0].0, a,
+            "a has work and no progress; b has none in flight"
+        );
+        p.begin([(b.clone(), 1)].into_iter());
+        assert_eq!(p.blocked(stall).len(), 1, "b's new work starts its clock");
+        p.mark_done([(&a, 0)].into_iter());
+        assert!(p.blocked(stall).is_empty());
     }
 }

@@ -7,8 +7,19 @@
 //! The comparison assumes the topic still holds every event of the entities
 //! it mentions (retention): an entity whose early events were deleted by
 //! retention shows up as "state differs" or "seq ahead".
+//!
+//! Guarantee: the expectation is deterministic and is one the live pipeline
+//! could have produced. An entity's events in one partition are applied in
+//! their offset order, as idem applies them, whatever order the partitions
+//! are read in. An entity whose events span partitions has no such order
+//! (idem may interleave them any way): it is reported as `spans_partitions`
+//! and repaired only with `repair_spanning`, toward its events applied in
+//! seq order. The dedupe window is modelled from the records' timestamps;
+//! where a decision falls between one and two windows (Redis may or may not
+//! still remember the id) a difference is reported as `window_ambiguous`,
+//! not as a divergence, and not repaired.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::Serialize;
 
@@ -34,6 +45,24 @@ pub enum DivergenceKind {
     StateDiffers,
     /// Redis has an entity the log never mentions.
     EntityNotInLog,
+    /// The entity's events are in several partitions: no single expected
+    /// state (informational, not a divergence; see the module doc).
+    SpansPartitions,
+    /// Redis differs, but the model's decision depended on whether Redis
+    /// still remembered a reused id (one to two windows): undecidable from
+    /// the log alone (informational, not a divergence).
+    WindowAmbiguous,
+}
+
+impl DivergenceKind {
+    /// Whether this kind says Redis is wrong (exit 1), rather than that the
+    /// log cannot say what is right.
+    pub fn is_divergence(self) -> bool {
+        !matches!(
+            self,
+            DivergenceKind::SpansPartitions | DivergenceKind::WindowAmbiguous
+        )
+    }
 }
 
 /// One diverged entity.
@@ -61,7 +90,17 @@ pub struct ReconcileReport {
 
 impl ReconcileReport {
     pub fn is_clean(&self) -> bool {
-        self.divergences.iter().all(|d| d.repaired)
+        self.divergences
+            .iter()
+            .all(|d| d.repaired || !d.kind.is_divergence())
+    }
+
+    /// Diverged entities (not counting the informational kinds).
+    pub fn divergence_count(&self) -> usize {
+        self.divergences
+            .iter()
+            .filter(|d| d.kind.is_divergence())
+            .count()
     }
 }
 
@@ -96,6 +135,9 @@ pub struct ReconcileOptions {
     pub repair: bool,
     /// With `repair`: also delete entities that are not in the log.
     pub delete_extra: bool,
+    /// With `repair`: also rewrite entities whose events span partitions,
+    /// toward their events applied in seq order.
+    pub repair_spanning: bool,
 }
 
 /// Runs a reconcile; `progress` gets human-readable progress lines.
@@ -111,36 +153,73 @@ pub async fn reconcile(
         config.event.clone(),
     );
     let p = progress.clone();
-    let (model, read, invalid) = tokio::task::spawn_blocking(move || {
+    let window_for = {
+        let dedupe = config.dedupe.clone();
+        move |topic: &str| dedupe.window_for(topic).as_millis() as i64
+    };
+    let window_ms = window_for(&opts.topic);
+    let (model, spanning, read, invalid) = tokio::task::spawn_blocking(move || {
         let mut model = Model::default();
+        let mut first_partition: HashMap<String, i32> = HashMap::new();
+        let mut spanning: BTreeSet<String> = BTreeSet::new();
         let mut invalid = 0u64;
         let read = read_topic(
             &brokers,
             &topic,
             |r| match decode_record(r.value.as_deref(), &r.header_refs(), &event_cfg) {
                 Ok(e) => {
-                    model.apply(&e);
+                    let p = *first_partition
+                        .entry(e.entity.clone())
+                        .or_insert(r.partition);
+                    if p != r.partition {
+                        spanning.insert(e.entity.clone());
+                    }
+                    model.apply_at(&e, r.timestamp_ms.unwrap_or(0), window_ms);
                 }
                 Err(_) => invalid += 1,
             },
             |n| p(format!("read {n} records")),
         )?;
-        anyhow::Ok((model, read, invalid))
+        anyhow::Ok((model, spanning, read, invalid))
     })
     .await??;
     progress(format!(
-        "read {read} records ({invalid} invalid), {} entities; comparing with Redis",
-        model.entities.len()
+        "read {read} records ({invalid} invalid), {} entities ({} with events in several partitions); comparing with Redis",
+        model.entities.len(),
+        spanning.len()
     ));
+    // Spanning entities: with repair_spanning, their expectation is their
+    // events in seq order (a second read, of those entities only).
+    let seq_ordered = if opts.repair && opts.repair_spanning && !spanning.is_empty() {
+        Some(seq_ordered_model(config, &opts.topic, &spanning, window_ms).await?)
+    } else {
+        None
+    };
 
     let mut conn = store::connect(&config.redis).await?;
     let layout = KeyLayout::new(&config.redis.key_prefix);
     let mut divergences = Vec::new();
     for (i, (entity, want)) in model.entities.iter().enumerate() {
         let view = store::read_entity(&mut conn, &layout, entity).await?;
-        if let Some(kind) = compare(want, &view) {
+        let is_spanning = spanning.contains(entity);
+        let want = match &seq_ordered {
+            Some(m) if is_spanning => &m.entities[entity],
+            _ => want,
+        };
+        let found = compare(want, &view).map(|kind| {
+            if is_spanning && seq_ordered.is_none() {
+                DivergenceKind::SpansPartitions
+            } else if want.window_ambiguous {
+                DivergenceKind::WindowAmbiguous
+            } else {
+                kind
+            }
+        });
+        let found = found
+            .or((is_spanning && seq_ordered.is_none()).then_some(DivergenceKind::SpansPartitions));
+        if let Some(kind) = found {
             let mut repaired = false;
-            if opts.repair && kind != DivergenceKind::SeqAhead {
+            if opts.repair && kind.is_divergence() && kind != DivergenceKind::SeqAhead {
                 repaired = repair(&mut conn, &layout, entity, want).await?;
             }
             divergences.push(Divergence {
@@ -195,6 +274,44 @@ pub async fn reconcile(
         by_kind,
         divergences,
     })
+}
+
+/// The expectation for `entities` (whose events span partitions): each
+/// one's events applied in (seq, partition, offset) order.
+async fn seq_ordered_model(
+    config: &Config,
+    topic: &str,
+    entities: &BTreeSet<String>,
+    window_ms: i64,
+) -> anyhow::Result<Model> {
+    let (brokers, topic, event_cfg, entities) = (
+        config.kafka.brokers.clone(),
+        topic.to_string(),
+        config.event.clone(),
+        entities.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let mut events = Vec::new();
+        read_topic(
+            &brokers,
+            &topic,
+            |r| {
+                if let Ok(e) = decode_record(r.value.as_deref(), &r.header_refs(), &event_cfg) {
+                    if entities.contains(&e.entity) {
+                        events.push((e.seq, r.partition, r.offset, r.timestamp_ms.unwrap_or(0), e));
+                    }
+                }
+            },
+            |_| {},
+        )?;
+        events.sort_by_key(|(seq, partition, offset, ..)| (*seq, *partition, *offset));
+        let mut model = Model::default();
+        for (_, _, _, at, e) in &events {
+            model.apply_at(e, *at, window_ms);
+        }
+        anyhow::Ok(model)
+    })
+    .await?
 }
 
 async fn repair(
