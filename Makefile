@@ -60,4 +60,5 @@ bench: services
 conformance: services
 	$(CARGO) build --release
 	target/release/idem conformance --profile full --out conformance-out \
-	  --kafka-kill-cmd 'scripts/services.sh kill-kafka' --kafka-start-cmd 'scripts/services.sh up'
+	  --kafka-kill-cmd 'scripts/services.sh kill-kafka' --kafka-start-cmd 'scripts/services.sh up' \
+	  --kafka-pause-cmd 'scripts/services.sh pause-kafka' --kafka-resume-cmd 'scripts/services.sh resume-kafka'

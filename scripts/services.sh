@@ -5,6 +5,7 @@
 #   scripts/services.sh down    stop only what `up` started (pid files)
 #   scripts/services.sh status  say what runs
 #   scripts/services.sh kill-kafka  SIGKILL the broker (fault injection; `up` restarts it)
+#   scripts/services.sh pause-kafka / resume-kafka  SIGSTOP / SIGCONT the broker (fault injection)
 #
 # The broker also listens with SASL_SSL (SCRAM-SHA-512 and PLAIN) and with
 # mutual-TLS SSL, for the security tests; the throwaway CA, certificates and
@@ -293,9 +294,16 @@ case "${1:-up}" in
       die "no kafka started by this script is running"
     fi
     ;;
+  pause-kafka|resume-kafka)
+    # For fault injection (make conformance): freeze or thaw the broker started here.
+    is_alive "$KAFKA_DIR/kafka.pid" || die "no kafka started by this script is running"
+    sig=STOP; [ "$1" = resume-kafka ] && sig=CONT
+    log "SIG$sig kafka (pid $(cat "$KAFKA_DIR/kafka.pid"))"
+    kill -"$sig" "$(cat "$KAFKA_DIR/kafka.pid")"
+    ;;
   status)
     is_alive "$KAFKA_DIR/kafka.pid" && echo "kafka: running (pid $(cat "$KAFKA_DIR/kafka.pid"))" || echo "kafka: not started here"
     is_alive "$REDIS_DIR/redis.pid" && echo "redis: running (pid $(cat "$REDIS_DIR/redis.pid"))" || echo "redis: not started here"
     ;;
-  *) die "usage: $0 up|down|status|kill-kafka" ;;
+  *) die "usage: $0 up|down|status|kill-kafka|pause-kafka|resume-kafka" ;;
 esac

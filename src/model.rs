@@ -137,20 +137,25 @@ impl Model {
     /// | gap               | remembered by Redis? | model             |
     /// |-------------------|----------------------|-------------------|
     /// | < window          | yes                  | remembered        |
-    /// | window … 2×window | it depends           | forgotten, and the entity is marked `window_ambiguous` |
+    /// | window … 2×window | it depends           | `keep_ambiguous` decides; the entity is marked `window_ambiguous` |
     /// | ≥ 2×window        | no                   | forgotten         |
     ///
     /// Times are the records' Kafka timestamps, standing in for the moments
     /// idem processed them (reconcile cannot know those).
-    pub fn apply_at(&mut self, event: &Event, at_ms: i64, window_ms: i64) -> Outcome {
+    pub fn apply_at(
+        &mut self,
+        event: &Event,
+        at_ms: i64,
+        window_ms: i64,
+        keep_ambiguous: bool,
+    ) -> Outcome {
         let entity = self.entities.entry(event.entity.clone()).or_default();
         let key = id_hash(&event.id);
         if let Some(first) = entity.remembered_at.get(&key).copied() {
             let gap = at_ms.saturating_sub(first);
-            if gap >= window_ms {
-                if gap < 2 * window_ms {
-                    entity.window_ambiguous = true;
-                }
+            let ambiguous = gap >= window_ms && gap < 2 * window_ms;
+            entity.window_ambiguous |= ambiguous;
+            if gap >= 2 * window_ms || (ambiguous && !keep_ambiguous) {
                 entity.remembered.remove(&key);
                 entity.remembered_at.remove(&key);
             }
@@ -251,19 +256,18 @@ mod tests {
     #[test]
     fn windowed_model_forgets_ids_like_redis() {
         let w = 1000;
-        for (gap, reused_outcome, ambiguous) in [
-            (500, Outcome::Duplicate, false),
-            (1500, Outcome::Applied, true),
-            (2500, Outcome::Applied, false),
+        for (gap, keep, reused_outcome, ambiguous) in [
+            (500, false, Outcome::Duplicate, false),
+            (1500, false, Outcome::Applied, true),
+            (1500, true, Outcome::Duplicate, true),
+            (2500, true, Outcome::Applied, false),
         ] {
             let mut m = Model::default();
-            assert_eq!(
-                m.apply_at(&ev("a", 1, Op::Upsert, &[], 1), 0, w),
-                Outcome::Applied
-            );
+            let first = m.apply_at(&ev("a", 1, Op::Upsert, &[], 1), 0, w, keep);
+            assert_eq!(first, Outcome::Applied);
             // The same id reused for a newer intent (same fingerprint: the
             // window cannot tell it from a redelivery).
-            let outcome = m.apply_at(&ev("a", 2, Op::Upsert, &[], 1), gap, w);
+            let outcome = m.apply_at(&ev("a", 2, Op::Upsert, &[], 1), gap, w, keep);
             assert_eq!(outcome, reused_outcome, "gap {gap}");
             assert_eq!(m.entities["e"].window_ambiguous, ambiguous, "gap {gap}");
         }

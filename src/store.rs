@@ -412,6 +412,26 @@ pub async fn connect(cfg: &RedisConfig) -> Result<RedisConn, StoreError> {
     }
 }
 
+/// `connect`, for the tools: the error says what to do, and tells refused
+/// credentials from an unreachable server.
+pub async fn connect_or_explain(cfg: &RedisConfig) -> anyhow::Result<RedisConn> {
+    connect(cfg)
+        .await
+        .map_err(|e| explain_connect_error(cfg, &e))
+}
+
+/// The error of a failed connection, saying what to do next.
+pub fn explain_connect_error(cfg: &RedisConfig, e: &StoreError) -> anyhow::Error {
+    let url = crate::config::redact_url(&cfg.url);
+    if e.is_auth_refusal() {
+        anyhow::anyhow!(
+            "Redis at {url} refused the credentials ({e}): check redis.username and redis.password (or redis.password_file, or the URL's user:password)"
+        )
+    } else {
+        anyhow::anyhow!("cannot reach Redis at {url}: {e}; is it running and is redis.url right?")
+    }
+}
+
 /// The CA and client certificate of `rediss://` connections; `None` when
 /// neither is configured (the system's trust store, no client certificate).
 fn tls_certificates(cfg: &RedisConfig) -> Result<Option<redis::TlsCertificates>, StoreError> {

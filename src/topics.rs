@@ -84,13 +84,26 @@ impl TopicSpec {
         Ok(out)
     }
 
-    /// The spec and, if declared, its dead-letter topic's spec.
+    /// The spec and, if declared, its dead-letter topic's spec. The
+    /// dead-letter topic takes records as large as its source topic's (or
+    /// the default `event.max_bytes`) plus room for idem's headers, so that
+    /// invalid records are kept whole (docs/event-contract.md).
     pub fn with_dead_letter(&self) -> Vec<TopicSpec> {
         let mut v = vec![self.clone()];
         if let Some(dlq) = &self.dead_letter {
             let mut d = TopicSpec::new(dlq.clone(), self.partitions);
             d.replication_factor = self.replication_factor;
             d.retention = self.retention.clone();
+            let default_max = crate::config::Config::defaults().event.max_bytes;
+            let source_limit = self
+                .configs
+                .get("max.message.bytes")
+                .and_then(|v| v.parse().ok())
+                .map_or(default_max, |limit: usize| limit.max(default_max));
+            d.configs.insert(
+                "max.message.bytes".into(),
+                crate::dlq::producer_max_bytes(source_limit).to_string(),
+            );
             v.push(d);
         }
         v
@@ -313,6 +326,11 @@ mod tests {
         assert_eq!(configs["retention.ms"], "604800000");
         assert_eq!(configs["cleanup.policy"], "delete");
         assert_eq!(configs["max.message.bytes"], "2097152");
+        // The dead-letter topic takes the source's largest record plus idem's headers.
+        assert_eq!(
+            specs[1].kafka_configs().unwrap()["max.message.bytes"],
+            (2_097_152 + crate::dlq::HEADROOM_BYTES).to_string()
+        );
     }
 
     #[test]

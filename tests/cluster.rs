@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use idem::conformance::harness::PrivateCluster;
 use idem::model::Outcome;
 use idem::sample::{generate, Rng, SampleSpec};
 
@@ -130,186 +131,18 @@ async fn slot_migration_while_consuming_keeps_the_invariants() {
     idem.terminate().await;
 }
 
-/// A six-node cluster of the test's own (three masters, each with one
-/// replica) on free ports, so that the test may kill a master.
-struct PrivateCluster {
-    dir: std::path::PathBuf,
-    nodes: Vec<(u16, std::process::Child)>,
-}
-
-impl PrivateCluster {
-    fn start() -> PrivateCluster {
-        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("failover"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut cluster = PrivateCluster {
-            dir,
-            nodes: Vec::new(),
-        };
-        for _ in 0..6 {
-            let port = cluster_node_port(&cluster.nodes);
-            let child = cluster.spawn_node(port);
-            cluster.nodes.push((port, child));
-        }
-        for (port, _) in &cluster.nodes {
-            wait_for_node(*port);
-        }
-        let addresses: Vec<String> = cluster
-            .nodes
-            .iter()
-            .map(|(p, _)| format!("127.0.0.1:{p}"))
-            .collect();
-        let status = Command::new("redis-cli")
-            .args(["--cluster", "create"])
-            .args(&addresses)
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("redis-cli (make services installs redis-tools)");
-        assert!(status.success(), "redis-cli --cluster create failed");
-        cluster
-    }
-
-    /// One node; its cluster state lives in `dir`, so a restarted node rejoins.
-    fn spawn_node(&self, port: u16) -> std::process::Child {
-        Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
-            .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
-            .args(["--save", "", "--appendonly", "no"])
-            .current_dir(&self.dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server (make services installs it)")
-    }
-
-    fn url(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|(p, _)| format!("redis://127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    /// `redis-cli role`: "master", or "slave" and the master's port.
-    fn role(port: u16) -> (String, Option<u16>) {
-        let out = Command::new("redis-cli")
-            .args(["-p", &port.to_string(), "role"])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let mut lines = text.lines();
-        let role = lines.next().unwrap_or("").to_string();
-        let master_port = lines.nth(1).and_then(|p| p.trim().parse().ok());
-        (role, master_port)
-    }
-
-    /// Whether every slot is served and every master has a connected replica.
-    fn healthy(&self) -> bool {
-        let (first, _) = self.nodes[0];
-        let info = Command::new("redis-cli")
-            .args(["-p", &first.to_string(), "cluster", "info"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-            .unwrap_or_default();
-        info.contains("cluster_state:ok")
-            && self
-                .nodes
-                .iter()
-                .filter(|(p, _)| Self::role(*p).0 == "master")
-                .all(|(p, _)| {
-                    let repl = Command::new("redis-cli")
-                        .args(["-p", &p.to_string(), "info", "replication"])
-                        .output()
-                        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-                        .unwrap_or_default();
-                    repl.contains("connected_slaves:1") && repl.contains("state=online")
-                })
-    }
-
-    fn signal(&self, port: u16, sig: &str) {
-        let (_, child) = self.nodes.iter().find(|(p, _)| *p == port).unwrap();
-        let status = Command::new("kill")
-            .args([sig, &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {sig} {port}");
-    }
-
-    /// SIGKILLs the node on `port`; `restart` starts it again on its state.
-    fn kill(&mut self, port: u16) {
-        let (_, child) = self.nodes.iter_mut().find(|(p, _)| *p == port).unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-
-    fn restart(&mut self, port: u16) {
-        let child = self.spawn_node(port);
-        wait_for_node(port);
-        self.nodes.iter_mut().find(|(p, _)| *p == port).unwrap().1 = child;
-    }
-}
-
-impl Drop for PrivateCluster {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.nodes {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// A free port for a cluster node: at most 55535 (Redis refuses higher
-/// ones in cluster mode), with its bus port (+10000) free too, and not
-/// already given to another node.
-fn cluster_node_port(taken: &[(u16, std::process::Child)]) -> u16 {
-    loop {
-        let port = free_port();
-        if port <= 55535
-            && !taken
-                .iter()
-                .any(|(p, _)| *p == port || *p + 10000 == port || port + 10000 == *p)
-            && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok()
-        {
-            return port;
-        }
-    }
-}
-
-fn wait_for_node(port: u16) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let pong = Command::new("redis-cli")
-            .args(["-p", &port.to_string(), "ping"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"))
-            .unwrap_or(false);
-        if pong {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "redis-server on {port} did not answer"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// With `durability = replicas:1`: stopped replicas stall the commits;
 /// then a master dies while idem consumes: its replica takes over, idem retries (committing nothing that is not on a
 /// replica) and goes on once the old master rejoins as a replica; every
 /// effect is then in Redis exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn master_failover_with_replica_durability_loses_nothing() {
-    let mut cluster = PrivateCluster::start();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !cluster.healthy() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the private cluster did not become healthy"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let mut cluster = PrivateCluster::start(&dir).expect("a private cluster");
+    cluster
+        .wait_healthy(Duration::from_secs(30))
+        .await
+        .expect("healthy");
     let topic = unique("cluster-failover");
     create_topic(&topic, 4).await;
     let records = stream(&topic, 12_000, 4);
@@ -405,7 +238,7 @@ async fn master_failover_with_replica_durability_loses_nothing() {
         PrivateCluster::role(replica).0 == "master"
     })
     .await;
-    cluster.restart(master);
+    cluster.restart(master).expect("restart the old master");
     wait_caught_up(&topic, &topic, 4, CATCH_UP).await;
     assert_eq!(
         PrivateCluster::role(master),

@@ -123,10 +123,15 @@ async fn invalid_records_of_any_readable_size_are_dead_lettered() {
     almost.resize(1_040_000, b'x');
     let mut over = b"{\"also not json".to_vec();
     over.resize(2_000_000, b'y');
+    // Within the producer's limit (event.max_bytes + 256 KiB) but above the
+    // dead-letter topic's: the broker refuses it, then it goes as a reference.
+    let mut broker_refuses = b"{\"still not json".to_vec();
+    broker_refuses.resize(1_200_000, b'z');
     let good = record("g1", "e1", 1, r#"{"ok":"yes"}"#);
     let raw: Vec<RawRecord<'_>> = vec![
         (Some(b"k1"), Some(&almost)),
         (Some(b"k2"), Some(&over)),
+        (Some(b"k3"), Some(&broker_refuses)),
         (Some(b"e1"), Some(&good)),
     ];
     produce_raw(&topic, &raw).await;
@@ -134,7 +139,7 @@ async fn invalid_records_of_any_readable_size_are_dead_lettered() {
     wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
 
     let letters = dead_letters(&topic).await;
-    assert_eq!(letters.len(), 2, "each bad record dead-lettered once");
+    assert_eq!(letters.len(), 3, "each bad record dead-lettered once");
     assert_eq!(letters[0].reason(), "not_json");
     assert_eq!(
         letters[0].value.as_deref(),
@@ -154,6 +159,9 @@ async fn invalid_records_of_any_readable_size_are_dead_lettered() {
         Some(&over[..idem::dlq::REFERENCE_PREFIX_BYTES])
     );
     assert_eq!(letters[1].key.as_deref(), Some(&b"k2"[..]));
+    assert_eq!(letters[2].header("idem.form"), Some("reference"));
+    assert_eq!(letters[2].header("idem.original.size"), Some("1200000"));
+    assert_eq!(letters[2].header("idem.original.offset"), Some("2"));
     let views = read_entities(&redis_url(), &topic, [String::from("e1")].iter()).await;
     assert_eq!(views["e1"].state["ok"], "yes");
     let log = std::fs::read_to_string(&idem.log).unwrap();
@@ -319,7 +327,7 @@ async fn reply_dropping_proxy(upstream: u16) -> (u16, Arc<AtomicBool>) {
 /// retried; its events come back `duplicate` but were applied by this batch,
 /// and are counted `applied`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retried_batch_counts_what_its_lost_attempt_applied() {
+async fn a_retried_batch_counts_what_its_lost_attempt_decided() {
     let redis = private_redis(None).await;
     let (proxy_port, armed) = reply_dropping_proxy(redis.port).await;
     let topic = unique("lostreply");
@@ -331,13 +339,19 @@ async fn a_retried_batch_counts_what_its_lost_attempt_applied() {
         http_get(idem.metrics_port, "/readyz").await.as_deref() == Some("ready\n")
     })
     .await;
+    // An entity at seq 5 before the fault: its seq-3 event in the lost
+    // attempt is stale.
+    let ahead = record("ahead-5", "acct:stale", 5, r#"{"x":"5"}"#);
+    produce_raw(&topic, &[(Some(b"acct:stale"), Some(&ahead))]).await;
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
     armed.store(true, Ordering::SeqCst);
-    let values: Vec<(String, Vec<u8>)> = (0..50)
-        .map(|i| {
+    let behind = record("behind-3", "acct:stale", 3, r#"{"x":"3"}"#);
+    let values: Vec<(String, Vec<u8>)> = std::iter::once(("acct:stale".to_string(), behind))
+        .chain((0..50).map(|i| {
             let entity = format!("acct:{i}");
             let v = record(&format!("id-{i}"), &entity, 1, r#"{"x":"1"}"#);
             (entity, v)
-        })
+        }))
         .collect();
     let raw: Vec<RawRecord<'_>> = values
         .iter()
@@ -350,8 +364,12 @@ async fn a_retried_batch_counts_what_its_lost_attempt_applied() {
     assert!(retries >= 1, "the batch was retried");
     let views = read_entities(&redis.url(), &topic, values.iter().map(|(k, _)| k)).await;
     let applied_in_redis: u64 = views.values().map(|v| v.applied).sum();
-    assert_eq!(applied_in_redis, 50, "each event applied once");
-    assert_eq!(idem.outcome(&topic, Outcome::Applied).await, 50);
+    assert_eq!(
+        applied_in_redis, 51,
+        "each event applied once (50 + the one before)"
+    );
+    assert_eq!(idem.outcome(&topic, Outcome::Applied).await, 51);
+    assert_eq!(idem.outcome(&topic, Outcome::Stale).await, 1);
     assert_eq!(idem.outcome(&topic, Outcome::Duplicate).await, 0);
     idem.terminate().await;
 }

@@ -18,9 +18,11 @@ enum ProfileArg {
 
 /// Inject faults and check the exactly-once invariants against an oracle.
 ///
-/// Faults: SIGKILL and SIGTERM of idem, a stalled or killed Redis, a
-/// script error inside a batch, a restarted broker, rebalance storms, zombies,
-/// replays, late duplicates, poison records) and check the invariants against
+/// Faults: SIGKILL and SIGTERM of idem, a stalled, killed or full Redis, an
+/// evicting Redis refused, a Redis Cluster master failover, a script error
+/// inside a batch, a restarted or paused broker, rebalance storms, zombies,
+/// replays, late duplicates, poison records and floods, oversized dead
+/// letters and a missing dead-letter topic; then the invariants against
 /// an oracle: I1 no lost effect, I2 no doubled effect, I3 no seq observed to
 /// decrease, I4 no committed offset ahead of its effect or moving backwards,
 /// I5 recovery within a bound. Runs against the Kafka and Redis of the config
@@ -32,6 +34,7 @@ enum ProfileArg {
 ///   idem conformance --profile short
 ///   IDEM__KAFKA__BROKERS=kafka:9092 IDEM__REDIS__URL=redis://redis:6379 idem conformance --profile full
 ///   idem conformance --profile full --kafka-kill-cmd 'scripts/services.sh kill-kafka' --kafka-start-cmd 'scripts/services.sh up'
+///     --kafka-pause-cmd 'scripts/services.sh pause-kafka' --kafka-resume-cmd 'scripts/services.sh resume-kafka'
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct ConformanceArgs {
@@ -52,6 +55,12 @@ pub struct ConformanceArgs {
     /// Shell command that starts it again and waits until it answers.
     #[arg(long)]
     kafka_start_cmd: Option<String>,
+    /// Shell command that SIGSTOPs the broker (enables commit-fails-in-rebalance).
+    #[arg(long)]
+    kafka_pause_cmd: Option<String>,
+    /// Shell command that SIGCONTs it.
+    #[arg(long)]
+    kafka_resume_cmd: Option<String>,
 }
 
 pub async fn run(args: ConformanceArgs, config: Config) -> anyhow::Result<ExitCode> {
@@ -74,6 +83,8 @@ pub async fn run(args: ConformanceArgs, config: Config) -> anyhow::Result<ExitCo
         only: args.only,
         kafka_kill_cmd: args.kafka_kill_cmd,
         kafka_start_cmd: args.kafka_start_cmd,
+        kafka_pause_cmd: args.kafka_pause_cmd,
+        kafka_resume_cmd: args.kafka_resume_cmd,
     };
     let report = conformance::run(&spec).await?;
     crate::outln!("{}", report.to_markdown());

@@ -115,12 +115,7 @@ pub async fn run(args: InspectArgs, config: Config) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::SUCCESS)
         }
         InspectWhat::Entity { entity, json } => {
-            let mut conn = store::connect(&config.redis).await.map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot reach Redis at {}: {e}",
-                    crate::config::redact_url(&config.redis.url)
-                )
-            })?;
+            let mut conn = store::connect_or_explain(&config.redis).await?;
             let layout = KeyLayout::new(&config.redis.key_prefix);
             let view = store::read_entity(&mut conn, &layout, &entity).await?;
             if json {

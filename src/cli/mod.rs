@@ -109,8 +109,9 @@ fn init_logging(config: &Config) {
 }
 
 /// `println!` for a command's output: when the reader has gone (`idem … |
-/// head`), the command ends quietly with status 0 instead of panicking on
-/// the broken pipe.
+/// head`), the rest of the output is dropped quietly instead of panicking on
+/// the broken pipe, and the command still does its work and exits with its
+/// own status (a `replay --execute | head` still executes).
 #[macro_export]
 macro_rules! outln {
     () => {
@@ -121,13 +122,21 @@ macro_rules! outln {
     };
 }
 
+/// Set once stdout's reader has gone.
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Writes to stdout; see [`outln!`].
 pub fn write_out(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
+    use std::sync::atomic::Ordering;
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return;
+    }
     let mut out = std::io::stdout().lock();
     if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
+            STDOUT_CLOSED.store(true, Ordering::Relaxed);
+            return;
         }
         eprintln!("error: cannot write the output: {e}");
         std::process::exit(1);

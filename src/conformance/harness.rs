@@ -142,6 +142,18 @@ impl IdemProcess {
         signal(self.child.id(), "-STOP");
     }
 
+    /// Waits until the process exits on its own, at most `bound`.
+    pub async fn wait_exit(mut self, bound: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + bound;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "idem still runs after {bound:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn resume(&self) {
         signal(self.child.id(), "-CONT");
     }
@@ -289,11 +301,238 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// A six-node Redis Cluster of the suite's own (three masters, each with one
+/// replica) on free ports, so that a scenario or a test may kill a master.
+pub struct PrivateCluster {
+    dir: PathBuf,
+    pub nodes: Vec<(u16, Child)>,
+}
+
+impl PrivateCluster {
+    /// Starts the nodes in a folder of `work_dir` and creates the cluster.
+    pub fn start(work_dir: &Path) -> anyhow::Result<PrivateCluster> {
+        let dir = work_dir.join(format!("cluster-{}", free_port()));
+        std::fs::create_dir_all(&dir)?;
+        let mut cluster = PrivateCluster {
+            dir,
+            nodes: Vec::new(),
+        };
+        for _ in 0..6 {
+            let port = cluster_node_port(&cluster.nodes);
+            let child = cluster.spawn_node(port)?;
+            cluster.nodes.push((port, child));
+        }
+        for (port, _) in &cluster.nodes {
+            wait_for_node(*port)?;
+        }
+        let addresses: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|(p, _)| format!("127.0.0.1:{p}"))
+            .collect();
+        let status = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|e| anyhow::anyhow!("redis-cli (make services installs redis-tools): {e}"))?;
+        anyhow::ensure!(status.success(), "redis-cli --cluster create failed");
+        Ok(cluster)
+    }
+
+    /// Waits until `healthy`, at most `bound`.
+    pub async fn wait_healthy(&self, bound: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + bound;
+        while !self.healthy() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the private cluster did not become healthy within {bound:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// One node; its cluster state lives in `dir`, so a restarted node rejoins.
+    fn spawn_node(&self, port: u16) -> anyhow::Result<Child> {
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+            .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+            .args(["--save", "", "--appendonly", "no"])
+            .current_dir(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("redis-server (make services installs it): {e}"))
+    }
+
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|(p, _)| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// This cluster as the suite's target.
+    pub fn target(&self) -> RedisTarget {
+        RedisTarget::new(&self.url(), RedisMode::Cluster)
+    }
+
+    /// `redis-cli role`: "master", or "slave" and the master's port.
+    pub fn role(port: u16) -> (String, Option<u16>) {
+        let text = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "role"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        let mut lines = text.lines();
+        let role = lines.next().unwrap_or("").to_string();
+        let master_port = lines.nth(1).and_then(|p| p.trim().parse().ok());
+        (role, master_port)
+    }
+
+    /// Whether every slot is served and every master has a connected replica.
+    pub fn healthy(&self) -> bool {
+        let (first, _) = self.nodes[0];
+        let info = Command::new("redis-cli")
+            .args(["-p", &first.to_string(), "cluster", "info"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        info.contains("cluster_state:ok")
+            && self
+                .nodes
+                .iter()
+                .filter(|(p, _)| Self::role(*p).0 == "master")
+                .all(|(p, _)| {
+                    let repl = Command::new("redis-cli")
+                        .args(["-p", &p.to_string(), "info", "replication"])
+                        .output()
+                        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+                        .unwrap_or_default();
+                    repl.contains("connected_slaves:1") && repl.contains("state=online")
+                })
+    }
+
+    /// Sends `sig` (e.g. "-STOP") to the node on `port`.
+    pub fn signal(&self, port: u16, sig: &str) {
+        if let Some((_, child)) = self.nodes.iter().find(|(p, _)| *p == port) {
+            signal(child.id(), sig);
+        }
+    }
+
+    /// SIGKILLs the node on `port`; `restart` starts it again on its state.
+    pub fn kill(&mut self, port: u16) {
+        if let Some((_, child)) = self.nodes.iter_mut().find(|(p, _)| *p == port) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self, port: u16) -> anyhow::Result<()> {
+        let child = self.spawn_node(port)?;
+        wait_for_node(port)?;
+        if let Some(node) = self.nodes.iter_mut().find(|(p, _)| *p == port) {
+            node.1 = child;
+        }
+        Ok(())
+    }
+
+    /// The port of a master and of its replica.
+    pub fn master_and_replica(&self) -> Option<(u16, u16)> {
+        let ports: Vec<u16> = self.nodes.iter().map(|(p, _)| *p).collect();
+        let master = *ports.iter().find(|p| Self::role(**p).0 == "master")?;
+        let replica = *ports
+            .iter()
+            .find(|p| Self::role(**p) == ("slave".to_string(), Some(master)))?;
+        Some((master, replica))
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.nodes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A free port for a cluster node: at most 55535 (Redis refuses higher
+/// ones in cluster mode), with its bus port (+10000) free too, and not
+/// already given to another node.
+fn cluster_node_port(taken: &[(u16, Child)]) -> u16 {
+    loop {
+        let port = free_port();
+        if port <= 55535
+            && !taken
+                .iter()
+                .any(|(p, _)| *p == port || *p + 10000 == port || port + 10000 == *p)
+            && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok()
+        {
+            return port;
+        }
+    }
+}
+
+fn wait_for_node(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pong = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "ping"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"))
+            .unwrap_or(false);
+        if pong {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "redis-server on {port} did not answer"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Creates `topic` and `topic.dlq`.
 pub async fn create_topic(env: &Env, topic: &str, partitions: i32) -> anyhow::Result<()> {
     let mut spec = TopicSpec::new(topic, partitions);
     spec.dead_letter = Some(format!("{topic}.dlq"));
     topics::apply(&env.brokers, &spec.with_dead_letter()).await?;
+    Ok(())
+}
+
+/// Sets one config of an existing topic (e.g. `max.message.bytes`).
+pub async fn set_topic_config(
+    env: &Env,
+    topic: &str,
+    key: &str,
+    value: &str,
+) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .create()?;
+    let change = AlterConfig::new(ResourceSpecifier::Topic(topic)).set(key, value);
+    for r in admin.alter_configs([&change], &AdminOptions::new()).await? {
+        r.map_err(|(_, e)| anyhow::anyhow!("setting {key} of {topic}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Deletes `topic`.
+pub async fn delete_topic(env: &Env, topic: &str) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .create()?;
+    for r in admin.delete_topics(&[topic], &AdminOptions::new()).await? {
+        r.map_err(|(_, e)| anyhow::anyhow!("deleting {topic}: {e}"))?;
+    }
     Ok(())
 }
 
@@ -308,6 +547,8 @@ pub async fn produce(
         .set("bootstrap.servers", &env.brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
+        // Scenarios produce records larger than librdkafka's default 1 MB.
+        .set("message.max.bytes", "10000000")
         .create()?;
     let mut pending = Vec::with_capacity(records.len());
     for r in records {

@@ -41,6 +41,9 @@ pub struct ConformanceSpec {
     /// Shell commands to kill and to start the Kafka broker (scenario `kafka-restart`).
     pub kafka_kill_cmd: Option<String>,
     pub kafka_start_cmd: Option<String>,
+    /// Shell commands to SIGSTOP and SIGCONT the broker (scenario `commit-fails-in-rebalance`).
+    pub kafka_pause_cmd: Option<String>,
+    pub kafka_resume_cmd: Option<String>,
 }
 
 /// One scenario's result: a row of the report.

@@ -72,6 +72,34 @@ pub fn all(profile: Profile) -> Vec<Scenario> {
             name: "kafka-broker-restart",
             run: |s, seed| Box::pin(kafka_restart(s, seed)),
         });
+        v.push(Scenario {
+            name: "oversized-dead-letter",
+            run: |s, seed| Box::pin(oversized_dead_letter(s, seed)),
+        });
+        v.push(Scenario {
+            name: "redis-out-of-memory",
+            run: |s, seed| Box::pin(redis_oom(s, seed)),
+        });
+        v.push(Scenario {
+            name: "eviction-policy-refused",
+            run: |s, seed| Box::pin(eviction_refused(s, seed)),
+        });
+        v.push(Scenario {
+            name: "dead-letter-topic-unavailable",
+            run: |s, seed| Box::pin(dead_letter_topic_unavailable(s, seed)),
+        });
+        v.push(Scenario {
+            name: "poison-flood-budget",
+            run: |s, seed| Box::pin(poison_flood(s, seed)),
+        });
+        v.push(Scenario {
+            name: "redis-cluster-master-failover",
+            run: |s, seed| Box::pin(cluster_failover(s, seed)),
+        });
+        v.push(Scenario {
+            name: "commit-fails-in-rebalance",
+            run: |s, seed| Box::pin(commit_fails_in_rebalance(s, seed)),
+        });
     }
     v
 }
@@ -229,6 +257,28 @@ impl Case {
         }
         .judge(loss_expected);
         Ok((result, self.kills))
+    }
+}
+
+impl Case {
+    /// `finish`, with a count the scenario checks itself: the verdict fails
+    /// unless `got == want`.
+    async fn finish_counting(
+        self,
+        sampler: Option<Sampler>,
+        violations: u64,
+        what: &str,
+        got: u64,
+        want: u64,
+    ) -> anyhow::Result<(ScenarioResult, u32)> {
+        let (mut r, k) = self
+            .finish(sampler, violations, format!("{got} {what}"), false)
+            .await?;
+        if got != want {
+            r.verdict = "fail".into();
+            r.notes.push_str(&format!(" (expected {want})"));
+        }
+        Ok((r, k))
     }
 }
 
@@ -557,13 +607,8 @@ async fn poison(spec: ConformanceSpec, seed: u64) -> anyhow::Result<(ScenarioRes
         case.records.len() - n
     ));
     let expected = (case.records.len() - n) as u64;
-    let (mut r, k) = case
-        .finish(None, violations, format!("{invalid} dead-lettered"), false)
-        .await?;
-    if invalid != expected {
-        r.verdict = "fail".into();
-    }
-    Ok((r, k))
+    case.finish_counting(None, violations, "dead-lettered", invalid, expected)
+        .await
 }
 
 async fn storm(spec: ConformanceSpec, seed: u64) -> anyhow::Result<(ScenarioResult, u32)> {
@@ -646,6 +691,376 @@ async fn kafka_restart(spec: ConformanceSpec, seed: u64) -> anyhow::Result<(Scen
     let violations = case.check_commits().await?;
     case.faults
         .push("Kafka broker killed and restarted mid-stream".into());
+    case.finish(Some(sampler), violations, String::new(), false)
+        .await
+}
+
+/// Reads /readyz of `p` until `check` accepts its body, at most `bound`.
+async fn wait_ready_text(
+    p: &IdemProcess,
+    what: &str,
+    bound: Duration,
+    check: impl Fn(&str) -> bool,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let body = crate::metrics::fetch_local(p.port, "/readyz")
+            .await
+            .unwrap_or_default();
+        if check(&body) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            start.elapsed() < bound,
+            "{what} within {bound:?}; /readyz: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Inserts `n` copies of `bad` records among the case's records, every `step`.
+fn insert_bad(case: &mut Case, step: usize, bad: impl Fn(usize) -> Vec<u8>) -> usize {
+    let mut inserted = 0;
+    for (i, r) in case.records.clone().iter().enumerate().step_by(step).rev() {
+        case.records.insert(
+            i,
+            SampleRecord {
+                key: r.key.clone(),
+                value: bad(inserted),
+            },
+        );
+        inserted += 1;
+    }
+    case.applied = harness::oracle_applies(&case.records);
+    inserted
+}
+
+/// The number of records in the case's dead-letter topic.
+async fn dead_letter_count(case: &Case) -> anyhow::Result<u64> {
+    let (brokers, dlq) = (case.env.brokers.clone(), format!("{}.dlq", case.topic));
+    tokio::task::spawn_blocking(move || crate::dlq::tools::read_all(&brokers, &dlq, |_| {})).await?
+}
+
+/// Invalid records above librdkafka's default producer limit and above the
+/// dead-letter topic's limit (dead-lettered as references): none blocks.
+async fn oversized_dead_letter(
+    spec: ConformanceSpec,
+    seed: u64,
+) -> anyhow::Result<(ScenarioResult, u32)> {
+    let mut case = Case::new(&spec, "oversized-dead-letter", seed, 3_000, 2).await?;
+    // The source topic takes 3 MB records; its dead-letter topic keeps Kafka's default.
+    harness::set_topic_config(&case.env, &case.topic, "max.message.bytes", "3000000").await?;
+    let n = case.records.len();
+    let inserted = insert_bad(&mut case, 500, |i| {
+        let mut v = b"{\"not json".to_vec();
+        v.resize(if i % 2 == 0 { 1_040_000 } else { 2_000_000 }, b'x');
+        v
+    });
+    let sampler = case.sampler();
+    case.produce(0, case.records.len()).await?;
+    let p = case.spawn(&[])?;
+    case.catch_up().await?;
+    let invalid = p.outcome(Some(Outcome::Invalid)).await;
+    p.terminate().await;
+    let violations = case.check_commits().await?;
+    let letters = dead_letter_count(&case).await?;
+    case.faults.push(format!(
+        "{inserted} invalid records of 1,040,000 and 2,000,000 bytes among {n}"
+    ));
+    anyhow::ensure!(
+        invalid == letters,
+        "{invalid} records counted invalid but {letters} dead letters"
+    );
+    case.finish_counting(
+        Some(sampler),
+        violations,
+        "dead letters",
+        letters,
+        inserted as u64,
+    )
+    .await
+}
+
+/// Redis reaches maxmemory (noeviction) mid-stream: scripts fail with OOM
+/// and are retried; once memory is freed, idem catches up.
+async fn redis_oom(spec: ConformanceSpec, seed: u64) -> anyhow::Result<(ScenarioResult, u32)> {
+    let mut case = Case::new(&spec, "redis-out-of-memory", seed, 8_000, 4).await?;
+    let redis = PrivateRedis::start(&spec.env.work_dir, "always")
+        .await
+        .map_err(|e| anyhow::anyhow!("skipped: {e}"))?;
+    case.redis = redis.target();
+    let mut conn = case.redis.connect().await?;
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await?;
+    let used: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(1 << 20);
+    // Room for a part of the stream only.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(used + 256 * 1024)
+        .query_async(&mut conn)
+        .await?;
+    let sampler = case.sampler();
+    let n = case.records.len();
+    case.produce(0, n).await?;
+    let p = case.spawn(&[])?;
+    let log = case.env.work_dir.join(format!("{}.log", case.topic));
+    let start = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("OOM")
+    {
+        anyhow::ensure!(
+            start.elapsed() < RECOVERY_BOUND,
+            "Redis never ran out of memory"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(0)
+        .query_async(&mut conn)
+        .await?;
+    case.catch_up().await?;
+    p.terminate().await;
+    let violations = case.check_commits().await?;
+    case.faults
+        .push("Redis at maxmemory (noeviction) mid-stream for 2 s: scripts fail with OOM".into());
+    let result = case
+        .finish(Some(sampler), violations, String::new(), false)
+        .await;
+    drop(redis);
+    result
+}
+
+/// A Redis whose maxmemory-policy may evict idem's keys is refused at start
+/// (nothing applied, nothing committed); with noeviction idem runs.
+async fn eviction_refused(
+    spec: ConformanceSpec,
+    seed: u64,
+) -> anyhow::Result<(ScenarioResult, u32)> {
+    let mut case = Case::new(&spec, "eviction-policy-refused", seed, 3_000, 2).await?;
+    let redis = PrivateRedis::start(&spec.env.work_dir, "always")
+        .await
+        .map_err(|e| anyhow::anyhow!("skipped: {e}"))?;
+    case.redis = redis.target();
+    let mut conn = case.redis.connect().await?;
+    let policy = |p: &'static str| {
+        let mut c = redis::cmd("CONFIG");
+        c.arg("SET").arg("maxmemory-policy").arg(p);
+        c
+    };
+    let _: () = policy("volatile-lru").query_async(&mut conn).await?;
+    let n = case.records.len();
+    case.produce(0, n).await?;
+    let refused = case.spawn(&[])?;
+    let status = refused.wait_exit(RECOVERY_BOUND).await?;
+    let committed =
+        harness::committed(&case.env, &case.topic, &case.topic, case.partitions).await?;
+    let mut notes = String::new();
+    if status.success() || committed.iter().any(|c| *c >= 0) {
+        notes = format!("not refused: exit {status}, committed {committed:?}");
+    }
+    let _: () = policy("noeviction").query_async(&mut conn).await?;
+    let p = case.spawn(&[])?;
+    case.catch_up().await?;
+    p.terminate().await;
+    let violations = case.check_commits().await?;
+    case.faults
+        .push("maxmemory-policy volatile-lru at start, then noeviction".into());
+    let refused_ok = notes.is_empty();
+    let (mut r, k) = case.finish(None, violations, notes, false).await?;
+    if !refused_ok {
+        r.verdict = "fail".into();
+    }
+    drop(redis);
+    Ok((r, k))
+}
+
+/// Invalid records while the dead-letter topic is missing: their partition
+/// is blocked (`/readyz` says so) and nothing past them is committed; once
+/// the topic exists each is dead-lettered once.
+async fn dead_letter_topic_unavailable(
+    spec: ConformanceSpec,
+    seed: u64,
+) -> anyhow::Result<(ScenarioResult, u32)> {
+    let mut case = Case::new(&spec, "dead-letter-topic-unavailable", seed, 3_000, 2).await?;
+    harness::delete_topic(&case.env, &format!("{}.dlq", case.topic)).await?;
+    let n = case.records.len();
+    let inserted = insert_bad(&mut case, 300, |_| b"\x00poison{".to_vec());
+    let sampler = case.sampler();
+    case.produce(0, case.records.len()).await?;
+    let p = case.spawn(&[
+        ("IDEM__PIPELINE__STALL_TIMEOUT", "2s"),
+        ("IDEM__DLQ__SEND_TIMEOUT", "1s"),
+    ])?;
+    wait_ready_text(
+        &p,
+        "the partition is reported blocked",
+        RECOVERY_BOUND,
+        |b| b.contains("blocked by dead_letter"),
+    )
+    .await?;
+    let held = case.check_commits().await?;
+    harness::create_topic(&case.env, &case.topic, case.partitions).await?;
+    case.catch_up().await?;
+    wait_ready_text(&p, "ready again", RECOVERY_BOUND, |b| b == "ready\n").await?;
+    p.terminate().await;
+    let violations = held + case.check_commits().await?;
+    let letters = dead_letter_count(&case).await?;
+    case.faults.push(format!(
+        "dead-letter topic missing with {inserted} invalid records among {n}, then created"
+    ));
+    case.finish_counting(
+        Some(sampler),
+        violations,
+        "dead letters",
+        letters,
+        inserted as u64,
+    )
+    .await
+}
+
+/// A flood of poison trips the dead-letter budget: consumption stops with
+/// the reason on /readyz; with the budget raised a restart catches up, and
+/// every poison record is dead-lettered exactly once.
+async fn poison_flood(spec: ConformanceSpec, seed: u64) -> anyhow::Result<(ScenarioResult, u32)> {
+    let mut case = Case::new(&spec, "poison-flood-budget", seed, 3_000, 1).await?;
+    let n = case.records.len();
+    let flood = 800;
+    let at = n / 2;
+    for i in 0..flood {
+        case.records.insert(
+            at + i,
+            SampleRecord {
+                key: format!("flood-{i}"),
+                value: b"\x00poison{".to_vec(),
+            },
+        );
+    }
+    case.applied = harness::oracle_applies(&case.records);
+    let sampler = case.sampler();
+    case.produce(0, case.records.len()).await?;
+    let p = case.spawn(&[])?;
+    wait_ready_text(&p, "the budget stops consumption", RECOVERY_BOUND, |b| {
+        b.contains("dead-letter ratio")
+    })
+    .await?;
+    p.terminate().await;
+    let mut violations = case.check_commits().await?;
+    let p = case.spawn(&[("IDEM__DLQ__MAX_RATIO", "1.0")])?;
+    case.catch_up().await?;
+    p.terminate().await;
+    violations += case.check_commits().await?;
+    let letters = dead_letter_count(&case).await?;
+    case.faults.push(format!(
+        "{flood} poison records in a row among {n} (dlq.max_ratio 0.5), then a restart with 1.0"
+    ));
+    case.finish_counting(
+        Some(sampler),
+        violations,
+        "dead letters",
+        letters,
+        flood as u64,
+    )
+    .await
+}
+
+/// A Redis Cluster master dies mid-stream (durability replicas:1): its
+/// replica takes over, idem retries and goes on once the old master rejoins
+/// as a replica.
+async fn cluster_failover(
+    spec: ConformanceSpec,
+    seed: u64,
+) -> anyhow::Result<(ScenarioResult, u32)> {
+    let mut case = Case::new(&spec, "redis-cluster-master-failover", seed, 12_000, 4).await?;
+    let mut cluster = harness::PrivateCluster::start(&spec.env.work_dir)
+        .map_err(|e| anyhow::anyhow!("skipped: {e}"))?;
+    cluster.wait_healthy(Duration::from_secs(30)).await?;
+    case.redis = cluster.target();
+    let sampler = case.sampler();
+    let n = case.records.len();
+    case.produce(0, n / 2).await?;
+    let p = case.spawn(&[("IDEM__REDIS__DURABILITY", "replicas:1")])?;
+    wait_processing(&p, 1, RECOVERY_BOUND).await?;
+    let (master, replica) = cluster
+        .master_and_replica()
+        .ok_or_else(|| anyhow::anyhow!("no master with a replica"))?;
+    cluster.kill(master);
+    case.produce(n / 2, n).await?;
+    let start = Instant::now();
+    while harness::PrivateCluster::role(replica).0 != "master" {
+        anyhow::ensure!(
+            start.elapsed() < RECOVERY_BOUND,
+            "the replica never took over"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.restart(master)?;
+    case.catch_up().await?;
+    p.terminate().await;
+    let violations = case.check_commits().await?;
+    case.faults.push(
+        "a master of a 3×2 cluster SIGKILLed mid-stream (durability replicas:1), restarted once its replica took over".into(),
+    );
+    let result = case
+        .finish(Some(sampler), violations, String::new(), false)
+        .await;
+    drop(cluster);
+    result
+}
+
+/// Commits fail during a rebalance: a third instance joins, and the broker
+/// is SIGSTOPped for 8 s while the group rebalances (the revoke's
+/// synchronous commit and the members' periodic commits time out), then
+/// SIGCONTed.
+async fn commit_fails_in_rebalance(
+    spec: ConformanceSpec,
+    seed: u64,
+) -> anyhow::Result<(ScenarioResult, u32)> {
+    let (Some(pause), Some(resume)) = (spec.kafka_pause_cmd.clone(), spec.kafka_resume_cmd.clone())
+    else {
+        anyhow::bail!("skipped: needs --kafka-pause-cmd and --kafka-resume-cmd");
+    };
+    let mut case = Case::new(&spec, "commit-fails-in-rebalance", seed, 12_000, 6).await?;
+    let sampler = case.sampler();
+    let n = case.records.len();
+    case.produce(0, n / 2).await?;
+    let a = case.spawn(&[])?;
+    let b = case.spawn(&[])?;
+    let start = Instant::now();
+    while a.outcome(None).await + b.outcome(None).await == 0 {
+        anyhow::ensure!(
+            start.elapsed() < RECOVERY_BOUND,
+            "neither instance processed anything within {RECOVERY_BOUND:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sh = |cmd: &str| std::process::Command::new("sh").arg("-c").arg(cmd).status();
+    let c = case.spawn(&[])?;
+    // The join starts a rebalance; pause the broker while it is under way.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    anyhow::ensure!(sh(&pause)?.success(), "--kafka-pause-cmd failed");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    anyhow::ensure!(sh(&resume)?.success(), "--kafka-resume-cmd failed");
+    case.produce(n / 2, n).await?;
+    case.catch_up().await?;
+    for m in [a, b, c] {
+        m.terminate().await;
+    }
+    let violations = case.check_commits().await?;
+    case.faults.push(
+        "a third instance joins; the broker SIGSTOPped 8 s during the rebalance, then SIGCONT"
+            .into(),
+    );
     case.finish(Some(sampler), violations, String::new(), false)
         .await
 }

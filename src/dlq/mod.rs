@@ -77,6 +77,9 @@ pub struct DeadLetter<'a> {
 /// value of `event.max_bytes`.
 pub const HEADROOM_BYTES: usize = 256 * 1024;
 
+/// Characters of `idem.message` kept (it may quote a key or an entity).
+pub const MESSAGE_MAX_CHARS: usize = 1024;
+
 /// Bytes of the value a reference dead letter keeps.
 pub const REFERENCE_PREFIX_BYTES: usize = 16 * 1024;
 
@@ -201,7 +204,11 @@ impl DlqWriter {
         }
         let mut idem_headers = vec![
             (header::REASON, l.reason.to_string()),
-            (header::MESSAGE, l.message.clone()),
+            // Bounded: a message may quote a key or an entity of any size.
+            (
+                header::MESSAGE,
+                l.message.chars().take(MESSAGE_MAX_CHARS).collect(),
+            ),
             (header::TOPIC, l.source.topic.clone()),
             (header::PARTITION, l.source.partition.to_string()),
             (header::OFFSET, l.offset.to_string()),

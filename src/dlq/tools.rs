@@ -91,7 +91,9 @@ pub fn inspect(
 
 #[derive(Default)]
 struct DeliveryCounter {
-    /// The dead letters ("partition:offset") whose copy was not delivered.
+    /// The dead letters ("partition:offset") whose copy Kafka acknowledged.
+    acknowledged: std::sync::Mutex<Vec<String>>,
+    /// Those whose copy was not delivered.
     failed: std::sync::Mutex<Vec<String>>,
 }
 
@@ -100,13 +102,14 @@ impl ClientContext for DeliveryCounter {}
 impl ProducerContext for DeliveryCounter {
     type DeliveryOpaque = Box<String>;
     fn delivery(&self, result: &DeliveryResult<'_>, member: Box<String>) {
-        if let Err((e, _)) = result {
-            tracing::warn!(error = %e, "redrive: a record was not delivered");
-            self.failed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(*member);
-        }
+        let list = match result {
+            Ok(_) => &self.acknowledged,
+            Err((e, _)) => {
+                tracing::warn!(error = %e, "redrive: a record was not delivered");
+                &self.failed
+            }
+        };
+        list.lock().unwrap_or_else(|e| e.into_inner()).push(*member);
     }
 }
 
@@ -149,7 +152,7 @@ pub async fn redrive(
     progress: impl Fn(u64) + Send + 'static,
 ) -> anyhow::Result<Redrive> {
     use redis::AsyncCommands;
-    let mut conn = crate::store::connect(&config.redis).await?;
+    let mut conn = crate::store::connect_or_explain(&config.redis).await?;
     let key = redriven_key(&config.redis.key_prefix, dlq_topic);
     let done: std::collections::HashSet<String> = conn.smembers(&key).await?;
     let (brokers, topic, event_cfg) = (
@@ -158,7 +161,7 @@ pub async fn redrive(
         config.event.clone(),
     );
     let reason = reason.map(str::to_string);
-    let (out, published) = tokio::task::spawn_blocking(move || {
+    let (out, acknowledged, error) = tokio::task::spawn_blocking(move || {
         redrive_blocking(
             &brokers,
             &topic,
@@ -170,14 +173,19 @@ pub async fn redrive(
         )
     })
     .await??;
-    if !published.is_empty() {
-        // After the deliveries: a redrive killed before this line publishes
-        // those again next time (the guard makes valid ones duplicates).
-        for chunk in published.chunks(1000) {
-            let _: i64 = conn.sadd(&key, chunk).await?;
-        }
+    // What Kafka acknowledged is remembered, also when the run stopped on an
+    // error. A redrive killed before this line publishes those again next
+    // time (the guard makes valid ones duplicates).
+    for chunk in acknowledged.chunks(1000) {
+        let _: i64 = conn.sadd(&key, chunk).await?;
     }
-    Ok(out)
+    match error {
+        Some(e) => anyhow::bail!(
+            "redrive stopped: {e} ({} acknowledged copies are remembered; run it again for the rest)",
+            acknowledged.len()
+        ),
+        None => Ok(out),
+    }
 }
 
 fn redrive_blocking(
@@ -188,16 +196,15 @@ fn redrive_blocking(
     done: &std::collections::HashSet<String>,
     execute: bool,
     progress: impl Fn(u64),
-) -> anyhow::Result<(Redrive, Vec<String>)> {
+) -> anyhow::Result<(Redrive, Vec<String>, Option<String>)> {
     let producer: ThreadedProducer<DeliveryCounter> = crate::kafka::client_config(brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("message.max.bytes", "1000000000")
         .create_with_context(DeliveryCounter::default())?;
     let mut out = Redrive::default();
-    let mut published = Vec::new();
     let mut error = None;
-    out.read = read_all(brokers, dlq_topic, |r| {
+    let read = read_all(brokers, dlq_topic, |r| {
         if error.is_some() || reason.is_some_and(|want| r.reason() != want) {
             out.skipped += 1;
             return;
@@ -219,7 +226,9 @@ fn redrive_blocking(
             .original_headers()
             .map(|(k, v)| (k.as_str(), v.as_slice()))
             .collect();
-        if let Err(invalid) = crate::event::decode_record(r.value.as_deref(), &headers, event_cfg) {
+        let (decoded, _) =
+            crate::event::decode_keyed(r.key.as_deref(), r.value.as_deref(), &headers, event_cfg);
+        if let Err(invalid) = decoded {
             *out.still_invalid
                 .entry(invalid.code().to_string())
                 .or_default() += 1;
@@ -250,10 +259,7 @@ fn redrive_blocking(
         }
         loop {
             match producer.send(record) {
-                Ok(()) => {
-                    published.push(member);
-                    break;
-                }
+                Ok(()) => break,
                 Err((e, back))
                     if e.rdkafka_error_code()
                         == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
@@ -267,19 +273,19 @@ fn redrive_blocking(
                 }
             }
         }
-    })?;
-    producer.flush(Duration::from_secs(60))?;
-    let failed = std::mem::take(
-        &mut *producer
-            .context()
-            .failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()),
-    );
-    out.failed = failed.len() as u64;
-    published.retain(|m| !failed.contains(m));
-    if let Some(e) = error {
-        anyhow::bail!("redrive stopped: {e}");
+    });
+    match read {
+        Ok(n) => out.read = n,
+        Err(e) => {
+            error.get_or_insert(format!("reading {dlq_topic}: {e}"));
+        }
     }
-    Ok((out, published))
+    if let Err(e) = producer.flush(Duration::from_secs(60)) {
+        error.get_or_insert(format!("not every copy was acknowledged within 60 s: {e}"));
+    }
+    let ctx = producer.context();
+    out.failed = ctx.failed.lock().unwrap_or_else(|e| e.into_inner()).len() as u64;
+    let acknowledged =
+        std::mem::take(&mut *ctx.acknowledged.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok((out, acknowledged, error))
 }

@@ -152,6 +152,37 @@ pub fn decode_record(
     }
 }
 
+/// Decodes one record with its Kafka key: `decode_record`, then the key
+/// rule. Returns the result and whether the key is not the entity (or is
+/// missing); with `event.key_mismatch = "dead_letter"` such a record is
+/// `Invalid::KeyMismatch`. The pipeline, `reconcile` and `dlq redrive` all
+/// decide with this one function.
+pub fn decode_keyed(
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    headers: &[(&str, &[u8])],
+    cfg: &EventConfig,
+) -> (Result<Event, Invalid>, bool) {
+    match decode_record(value, headers, cfg) {
+        Ok(e) if key != Some(e.entity.as_bytes()) => {
+            if cfg.dead_letter_key_mismatch {
+                let key = key.map(String::from_utf8_lossy).unwrap_or_default();
+                let entity = e.entity;
+                (
+                    Err(Invalid::KeyMismatch {
+                        key: key.chars().take(256).collect(),
+                        entity,
+                    }),
+                    true,
+                )
+            } else {
+                (Ok(e), true)
+            }
+        }
+        other => (other, false),
+    }
+}
+
 /// Decodes one record value in idem's envelope (duplicate keys: last wins).
 pub fn decode(value: Option<&[u8]>, fields: &FieldMap, max_bytes: usize) -> Result<Event, Invalid> {
     decode_with(value, fields, max_bytes, false)
@@ -234,8 +265,19 @@ pub fn decode_with(
     })
 }
 
+/// serde_json's private marker key for raw values.
+const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
+
 /// Parses a record value, refusing duplicate keys if asked to.
 pub(crate) fn parse_json(text: &str, reject_duplicate_keys: bool) -> Result<Value, Invalid> {
+    // serde_json's raw_value feature (used by `exact`) reads an object with
+    // this key as the JSON text of its value: refuse it, so a record means
+    // what it says, whatever the parser.
+    if text.contains(RAW_VALUE_TOKEN) {
+        return Err(Invalid::NotJson(format!(
+            "the key {RAW_VALUE_TOKEN:?} is reserved"
+        )));
+    }
     let parsed = if reject_duplicate_keys {
         strict::parse(text)
     } else {
@@ -523,6 +565,39 @@ mod tests {
                 .code(),
             "too_large"
         );
+    }
+
+    #[test]
+    fn serde_json_raw_value_marker_is_refused() {
+        let text =
+            r#"{"$serde_json::private::RawValue":"{\"id\":\"a\",\"entity\":\"e\",\"seq\":1}"}"#;
+        for strict in [false, true] {
+            let got = decode_with(Some(text.as_bytes()), &FieldMap::default(), 1024, strict);
+            assert_eq!(got.unwrap_err().code(), "not_json");
+        }
+    }
+
+    /// The key rule, as the pipeline, reconcile and redrive apply it.
+    #[test]
+    fn decode_keyed_by_table() {
+        let value = br#"{"id":"a","entity":"acct:1","seq":1}"#;
+        let mut cfg = crate::config::Config::defaults().event;
+        for (key, dead_letter, ok, mismatch) in [
+            (Some(&b"acct:1"[..]), false, true, false),
+            (Some(&b"acct:1"[..]), true, true, false),
+            (Some(&b"user-7"[..]), false, true, true),
+            (None, false, true, true),
+            (Some(&b"user-7"[..]), true, false, true),
+            (None, true, false, true),
+        ] {
+            cfg.dead_letter_key_mismatch = dead_letter;
+            let (got, mismatched) = decode_keyed(key, Some(value), &[], &cfg);
+            assert_eq!(got.is_ok(), ok, "{key:?} {dead_letter}");
+            assert_eq!(mismatched, mismatch, "{key:?} {dead_letter}");
+            if !ok {
+                assert_eq!(got.unwrap_err().code(), "key_mismatch");
+            }
+        }
     }
 
     #[test]

@@ -12,7 +12,8 @@
 --            <base>:ids:<g>     hash: remembered ids of window generation g (current)
 --            <base>:ids:<g-1>   the previous generation
 --          where <base> is "<prefix>:{<entity>}".
--- ARGV     per event, a fixed head then the fields:
+-- ARGV     first the batch token (4 bytes: the same for every attempt of one
+--          batch, new for the next batch), then per event a fixed head and the fields:
 --            expire_at_ms (end of generation g+1), id, id_hash (8 bytes),
 --            fingerprint (8 bytes), fingerprint_hex, seq (decimal u64),
 --            op ("u" | "d"), nset, field1, value1, ..., nunset, field1, ...
@@ -21,6 +22,13 @@
 --            1 duplicate  detail: ms since the id was first seen
 --            2 stale      detail: the entity's recorded seq
 --            3 conflict   detail: the remembered fingerprint (8 bytes)
+--            4 duplicate  first seen by an earlier attempt of this batch, which
+--                         applied it (its reply was lost); detail as for 1
+--            5 duplicate  likewise, but that attempt found it stale
+--
+-- An id mark is fingerprint (8 bytes) .. first-seen ms (6) .. batch token (4)
+-- .. "a" or "s" (applied or stale). Marks written by earlier versions have
+-- only the first 14 bytes; every version reads just the bytes it knows.
 --
 -- The window: time is cut into generations of one window (idem computes g
 -- from its clock, so the keys can be declared); an id is stored in the
@@ -47,8 +55,9 @@ end
 -- (an even number, so field/value pairs stay together).
 local UNPACK_CHUNK = 1000
 
+local token = ARGV[1]
 local out = {}
-local a = 1
+local a = 2
 for i = 1, #KEYS / 4 do
   local meta, state, current, previous = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
   local expire_at = ARGV[a]
@@ -67,7 +76,11 @@ for i = 1, #KEYS / 4 do
   if seen then
     local seen_fp = string.sub(seen, 1, 8)
     if seen_fp == fp then
-      out[#out + 1] = 1
+      local code = 1
+      if string.sub(seen, 15, 18) == token then
+        code = string.sub(seen, 19, 19) == 'a' and 4 or 5
+      end
+      out[#out + 1] = code
       out[#out + 1] = now - struct.unpack('>I6', seen, 9)
     else
       out[#out + 1] = 3
@@ -76,10 +89,12 @@ for i = 1, #KEYS / 4 do
   else
     local m = redis.call('HMGET', meta, 'seq', 'applied')
     local recorded, applied = m[1], m[2]
+    local decided = 's'
     if recorded and not is_newer(seq, recorded) then
       out[#out + 1] = 2
       out[#out + 1] = recorded
     else
+      decided = 'a'
       -- Writes in the order state, meta, id mark: Redis does not roll back a
       -- script that fails halfway, and a failure must never leave the id
       -- remembered without its effect (a retry then re-applies the merge,
@@ -101,7 +116,7 @@ for i = 1, #KEYS / 4 do
       out[#out + 1] = 0
     end
     -- Stale ids are remembered too, so their redelivery is a duplicate.
-    redis.call('HSET', current, idh, fp .. now_packed)
+    redis.call('HSET', current, idh, fp .. now_packed .. token .. decided)
     if redis.call('HLEN', current) == 1 then
       redis.call('PEXPIREAT', current, expire_at)
     end

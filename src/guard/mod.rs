@@ -24,6 +24,9 @@ pub struct Verdict {
     pub duplicate_age: Option<Duration>,
     /// For a conflict: the fingerprint remembered for the id.
     pub remembered_fingerprint: Option<u64>,
+    /// For a duplicate first seen by an earlier attempt of the same batch
+    /// (whose reply was lost): what that attempt decided, applied or stale.
+    pub earlier_attempt: Option<Outcome>,
 }
 
 /// One event to guard, with the dedupe window of its topic.
@@ -58,6 +61,10 @@ pub struct Guard {
     /// Cluster: which master owns which slot, and when
     /// it was read (read again when old, dropped after any failure).
     slot_map: Option<(SlotMap, std::time::Instant)>,
+    /// Written into every id mark: the same for every attempt of one batch
+    /// (see `begin_batch`), so a retry recognises what its lost attempt did.
+    batch_token: [u8; 4],
+    batches: u32,
 }
 
 impl Guard {
@@ -70,7 +77,28 @@ impl Guard {
             wait: DurableWait::None,
             wait_timeout_ms: 1000,
             slot_map: None,
+            batch_token: [0; 4],
+            batches: 0,
         }
+        .with_new_token()
+    }
+
+    fn with_new_token(mut self) -> Self {
+        self.begin_batch();
+        self
+    }
+
+    /// Starts a new batch: the calls until the next `begin_batch` are
+    /// attempts of the same batch (a retry after a lost reply), and their
+    /// verdicts say which duplicates an earlier attempt decided.
+    pub fn begin_batch(&mut self) {
+        self.batches = self.batches.wrapping_add(1);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() ^ (d.as_secs() as u32));
+        let token =
+            nanos ^ self.batches.wrapping_mul(0x9e37_79b9) ^ std::process::id().rotate_left(16);
+        self.batch_token = token.to_be_bytes();
     }
 
     /// Makes every batch wait for replicas or an fsync before it counts as done.
@@ -309,6 +337,7 @@ impl Guard {
                 .arg(format!("{base}:ids:{generation}"))
                 .arg(format!("{base}:ids:{}", generation.saturating_sub(1)));
         }
+        cmd.arg(&self.batch_token[..]);
         for (&i, (_, expire_at)) in chunk.iter().zip(&windows) {
             push_event_args(&mut cmd, &inputs[i], *expire_at);
         }
@@ -477,11 +506,17 @@ fn parse_verdict(code: &Value, detail: &Value) -> Result<Verdict, StoreError> {
         outcome,
         duplicate_age: None,
         remembered_fingerprint: None,
+        earlier_attempt: None,
     };
     match (code, detail) {
         (Value::Int(0), _) => Ok(plain(Outcome::Applied)),
-        (Value::Int(1), Value::Int(age_ms)) => Ok(Verdict {
+        (Value::Int(code @ 1 | code @ 4 | code @ 5), Value::Int(age_ms)) => Ok(Verdict {
             duplicate_age: Some(Duration::from_millis((*age_ms).max(0) as u64)),
+            earlier_attempt: match code {
+                4 => Some(Outcome::Applied),
+                5 => Some(Outcome::Stale),
+                _ => None,
+            },
             ..plain(Outcome::Duplicate)
         }),
         (Value::Int(2), _) => Ok(plain(Outcome::Stale)),

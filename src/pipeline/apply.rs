@@ -57,12 +57,11 @@ impl GuardStage {
                 })
             })
             .collect();
-        let Some((mut verdicts, retried_for)) = self.guard_with_retry(&inputs).await else {
+        self.guard.begin_batch();
+        let Some(mut verdicts) = self.guard_with_retry(&inputs).await else {
             return false;
         };
-        if let Some(retried_for) = retried_for {
-            recount_retried(&inputs, &mut verdicts, retried_for);
-        }
+        recount_retried(&inputs, &mut verdicts);
         drop(inputs);
         let letters = dead_letters(&batch, &verdicts);
         if !letters.is_empty() && !self.dead_letter_with_retry(&letters).await {
@@ -183,39 +182,31 @@ impl GuardStage {
     }
 }
 
-/// Slack for the millisecond clocks of Redis's first-seen times.
-const FIRST_SEEN_SLACK: Duration = Duration::from_millis(5);
-
-/// After a retried batch: an event that an earlier, failed attempt applied
-/// (Redis ran the script, the reply was lost) comes back `duplicate`. It
-/// was applied by this batch, and is counted so: a duplicate whose id was
-/// first seen within this batch's attempts (`retried_for` ago at most) is
-/// `applied`, for the first occurrence of its id in the batch only (a second
-/// occurrence is a real redelivery).
+/// After a retried batch: an event that an earlier, failed attempt decided
+/// (Redis ran the script, the reply was lost) comes back `duplicate`. The
+/// guard says so (the id mark carries the batch's token and its decision),
+/// and it is counted as what that attempt decided, applied or stale, for the
+/// first occurrence of its id in the batch only (a second occurrence is a
+/// real redelivery).
 ///
-/// | retried | duplicate age         | first in batch | counted as |
-/// |---------|-----------------------|----------------|------------|
-/// | no      | any                   | any            | duplicate  |
-/// | yes     | ≤ retried_for (+slack)| yes            | applied    |
-/// | yes     | ≤ retried_for (+slack)| no             | duplicate  |
-/// | yes     | > retried_for (+slack)| any            | duplicate  |
-///
-/// (An event first applied meanwhile by another instance of the group,
-/// e.g. a zombie during a rebalance, would be counted applied by both: the
-/// counters can over-count then; the state is right either way.)
-fn recount_retried(inputs: &[GuardInput<'_>], verdicts: &mut [Verdict], retried_for: Duration) {
+/// | verdict                         | first in batch | counted as          |
+/// |---------------------------------|----------------|---------------------|
+/// | duplicate, no earlier attempt   | any            | duplicate           |
+/// | duplicate, earlier attempt: X   | yes            | X (applied, stale)  |
+/// | duplicate, earlier attempt: X   | no             | duplicate           |
+/// | anything else                   | any            | itself              |
+fn recount_retried(inputs: &[GuardInput<'_>], verdicts: &mut [Verdict]) {
     let mut seen = std::collections::HashSet::new();
     for (input, v) in inputs.iter().zip(verdicts.iter_mut()) {
         let first_in_batch = seen.insert((input.event.entity.as_str(), input.event.id.as_str()));
-        if v.outcome == Outcome::Duplicate
-            && first_in_batch
-            && v.duplicate_age
-                .is_some_and(|age| age <= retried_for + FIRST_SEEN_SLACK)
+        if let (Outcome::Duplicate, Some(decided), true) =
+            (v.outcome, v.earlier_attempt, first_in_batch)
         {
             *v = Verdict {
-                outcome: Outcome::Applied,
+                outcome: decided,
                 duplicate_age: None,
                 remembered_fingerprint: None,
+                earlier_attempt: None,
             };
         }
     }
@@ -260,16 +251,10 @@ fn dead_letters<'a>(batch: &'a Batch, verdicts: &[Verdict]) -> Vec<DeadLetter<'a
 }
 
 impl GuardStage {
-    /// Runs the guard until Redis answers. Returns the verdicts and, if an
-    /// attempt failed first, how long ago the first attempt started (for
-    /// [`recount_retried`]); `None` if shutdown fired first.
-    async fn guard_with_retry(
-        &mut self,
-        inputs: &[GuardInput<'_>],
-    ) -> Option<(Vec<Verdict>, Option<Duration>)> {
+    /// Runs the guard until Redis answers; `None` if shutdown fired first.
+    async fn guard_with_retry(&mut self, inputs: &[GuardInput<'_>]) -> Option<Vec<Verdict>> {
         let mut backoff = Backoff::new(&self.config);
         let mut failures = 0u32;
-        let first_attempt = Instant::now();
         loop {
             let started = Instant::now();
             match self.guard.apply(inputs).await {
@@ -277,8 +262,7 @@ impl GuardStage {
                     metrics::record_round_trip(started.elapsed());
                     self.health.set_redis_ok(true);
                     self.health.set_waiting_on(None);
-                    let retried_for = (failures > 0).then(|| first_attempt.elapsed());
-                    return Some((verdicts, retried_for));
+                    return Some(verdicts);
                 }
                 Err(e) => {
                     self.health.set_redis_ok(false);
@@ -332,18 +316,19 @@ mod tests {
         }
     }
 
-    fn dup(age_ms: u64) -> Verdict {
+    fn verdict(outcome: Outcome, earlier_attempt: Option<Outcome>) -> Verdict {
         Verdict {
-            outcome: Outcome::Duplicate,
-            duplicate_age: Some(Duration::from_millis(age_ms)),
+            outcome,
+            duplicate_age: (outcome == Outcome::Duplicate).then(|| Duration::from_millis(3)),
             remembered_fingerprint: None,
+            earlier_attempt,
         }
     }
 
     /// The truth table of `recount_retried`, row by row.
     #[test]
-    fn retried_batches_count_their_own_effects_as_applied() {
-        let events = [event("a"), event("b"), event("a"), event("c")];
+    fn retried_batches_count_what_their_lost_attempt_decided() {
+        let events = [event("a"), event("b"), event("a"), event("c"), event("d")];
         let inputs: Vec<GuardInput<'_>> = events
             .iter()
             .map(|event| GuardInput {
@@ -351,28 +336,19 @@ mod tests {
                 window: Duration::from_secs(60),
             })
             .collect();
-        // a: applied by the lost attempt 300 ms ago; b: a real old duplicate;
-        // a again: a redelivery inside the batch; c: applied now.
+        use Outcome::*;
+        // a: applied by the lost attempt; b: a real duplicate (an earlier
+        // batch); a again: a redelivery inside the batch; c: applied now;
+        // d: found stale by the lost attempt.
         let mut verdicts = vec![
-            dup(300),
-            dup(60_000),
-            dup(300),
-            Verdict {
-                outcome: Outcome::Applied,
-                duplicate_age: None,
-                remembered_fingerprint: None,
-            },
+            verdict(Duplicate, Some(Applied)),
+            verdict(Duplicate, None),
+            verdict(Duplicate, Some(Applied)),
+            verdict(Applied, None),
+            verdict(Duplicate, Some(Stale)),
         ];
-        recount_retried(&inputs, &mut verdicts, Duration::from_millis(400));
+        recount_retried(&inputs, &mut verdicts);
         let outcomes: Vec<Outcome> = verdicts.iter().map(|v| v.outcome).collect();
-        assert_eq!(
-            outcomes,
-            [
-                Outcome::Applied,
-                Outcome::Duplicate,
-                Outcome::Duplicate,
-                Outcome::Applied
-            ]
-        );
+        assert_eq!(outcomes, [Applied, Duplicate, Duplicate, Applied, Stale]);
     }
 }

@@ -47,21 +47,10 @@ impl Batch {
             if let Some(h) = m.headers() {
                 header_refs.extend(h.iter().map(|h| (h.key, h.value.unwrap_or_default())));
             }
-            let mut decoded = event::decode_record(m.payload(), &header_refs, &config.event);
-            if let Ok(e) = &decoded {
-                if m.key() != Some(e.entity.as_bytes()) {
-                    note_key_mismatch(m.topic(), m.partition(), m.offset(), m.key(), &e.entity);
-                    if config.event.dead_letter_key_mismatch {
-                        decoded = Err(Invalid::KeyMismatch {
-                            key: m
-                                .key()
-                                .map(String::from_utf8_lossy)
-                                .unwrap_or_default()
-                                .into(),
-                            entity: e.entity.clone(),
-                        });
-                    }
-                }
+            let (decoded, key_mismatch) =
+                event::decode_keyed(m.key(), m.payload(), &header_refs, &config.event);
+            if key_mismatch {
+                note_key_mismatch(m.topic(), m.partition(), m.offset(), m.key());
             }
             batch.items.push(Item {
                 partition,
@@ -117,7 +106,7 @@ impl Batch {
 
 /// Counts a record whose key is not its entity, and logs one such record a
 /// minute at most (a producer that keys by something else sends many).
-fn note_key_mismatch(topic: &str, partition: i32, offset: i64, key: Option<&[u8]>, entity: &str) {
+fn note_key_mismatch(topic: &str, partition: i32, offset: i64, key: Option<&[u8]>) {
     use std::sync::atomic::{AtomicU64, Ordering};
     static LAST_LOG_S: AtomicU64 = AtomicU64::new(0);
     crate::metrics::record_key_mismatch(topic);
@@ -133,7 +122,6 @@ fn note_key_mismatch(topic: &str, partition: i32, offset: i64, key: Option<&[u8]
             partition,
             offset,
             key = %key.map(String::from_utf8_lossy).unwrap_or("(none)".into()),
-            entity,
             "record key is not the entity: an entity whose events spread over partitions loses their order, and a merge can keep an older field (docs/guarantees.md); key records by entity, or set event.key_mismatch = \"dead_letter\". Counted in idem_key_mismatch_total; logged once a minute"
         );
     }

@@ -429,10 +429,9 @@ async fn connect_redis(
     loop {
         match store::connect(&config.redis).await {
             Ok(conn) => return Ok(Some(conn)),
-            Err(e) if e.is_auth_refusal() => anyhow::bail!(
-                "Redis at {} refused the credentials ({e}): check redis.username and redis.password (or redis.password_file, or the URL's user:password)",
-                crate::config::redact_url(&config.redis.url)
-            ),
+            Err(e) if e.is_auth_refusal() => {
+                return Err(store::explain_connect_error(&config.redis, &e))
+            }
             Err(e) => {
                 let wait = backoff.next();
                 metrics::record_retry("redis_connect");

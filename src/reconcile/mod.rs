@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::event::decode_record;
+use crate::event::decode_keyed;
 use crate::model::{EntityModel, Model};
 use crate::store::{self, EntityView, KeyLayout, StoreError};
 use crate::topic_reader::read_topic;
@@ -128,6 +128,33 @@ pub fn compare(model: &EntityModel, view: &EntityView) -> Option<DivergenceKind>
     }
 }
 
+/// What to report for one entity, given whether its events span
+/// partitions (with no seq-order expectation for it), what the model
+/// expects, the other window branch's expectation (only when a decision was
+/// ambiguous) and what Redis holds.
+///
+/// | spans partitions | Redis vs model | Redis vs the other branch | report |
+/// |------------------|----------------|---------------------------|--------|
+/// | yes              | any            | any                       | spans_partitions |
+/// | no               | same           | –                         | nothing |
+/// | no               | differs: kind  | same                      | window_ambiguous |
+/// | no               | differs: kind  | differs, or no other branch | kind |
+pub fn judge(
+    spanning: bool,
+    want: &EntityModel,
+    other_branch: Option<&EntityModel>,
+    view: &EntityView,
+) -> Option<DivergenceKind> {
+    if spanning {
+        return Some(DivergenceKind::SpansPartitions);
+    }
+    let kind = compare(want, view)?;
+    match other_branch {
+        Some(other) if compare(other, view).is_none() => Some(DivergenceKind::WindowAmbiguous),
+        _ => Some(kind),
+    }
+}
+
 /// Options of one reconcile run.
 pub struct ReconcileOptions {
     pub topic: String,
@@ -158,15 +185,25 @@ pub async fn reconcile(
         move |topic: &str| dedupe.window_for(topic).as_millis() as i64
     };
     let window_ms = window_for(&opts.topic);
-    let (model, spanning, read, invalid) = tokio::task::spawn_blocking(move || {
-        let mut model = Model::default();
+    // Two models, one per branch of an ambiguous window decision (see
+    // `Model::apply_at`): `forgot` takes an id reused between one and two
+    // windows as forgotten, `kept` as still remembered.
+    let (model, kept, spanning, read, invalid) = tokio::task::spawn_blocking(move || {
+        let (mut model, mut kept) = (Model::default(), Model::default());
         let mut first_partition: HashMap<String, i32> = HashMap::new();
         let mut spanning: BTreeSet<String> = BTreeSet::new();
         let mut invalid = 0u64;
         let read = read_topic(
             &brokers,
             &topic,
-            |r| match decode_record(r.value.as_deref(), &r.header_refs(), &event_cfg) {
+            |r| match decode_keyed(
+                r.key.as_deref(),
+                r.value.as_deref(),
+                &r.header_refs(),
+                &event_cfg,
+            )
+            .0
+            {
                 Ok(e) => {
                     let p = *first_partition
                         .entry(e.entity.clone())
@@ -174,13 +211,15 @@ pub async fn reconcile(
                     if p != r.partition {
                         spanning.insert(e.entity.clone());
                     }
-                    model.apply_at(&e, r.timestamp_ms.unwrap_or(0), window_ms);
+                    let at = r.timestamp_ms.unwrap_or(0);
+                    model.apply_at(&e, at, window_ms, false);
+                    kept.apply_at(&e, at, window_ms, true);
                 }
                 Err(_) => invalid += 1,
             },
             |n| p(format!("read {n} records")),
         )?;
-        anyhow::Ok((model, spanning, read, invalid))
+        anyhow::Ok((model, kept, spanning, read, invalid))
     })
     .await??;
     progress(format!(
@@ -196,27 +235,23 @@ pub async fn reconcile(
         None
     };
 
-    let mut conn = store::connect(&config.redis).await?;
+    let mut conn = store::connect_or_explain(&config.redis).await?;
     let layout = KeyLayout::new(&config.redis.key_prefix);
     let mut divergences = Vec::new();
     for (i, (entity, want)) in model.entities.iter().enumerate() {
         let view = store::read_entity(&mut conn, &layout, entity).await?;
         let is_spanning = spanning.contains(entity);
-        let want = match &seq_ordered {
-            Some(m) if is_spanning => &m.entities[entity],
-            _ => want,
-        };
-        let found = compare(want, &view).map(|kind| {
-            if is_spanning && seq_ordered.is_none() {
-                DivergenceKind::SpansPartitions
-            } else if want.window_ambiguous {
-                DivergenceKind::WindowAmbiguous
-            } else {
-                kind
-            }
-        });
-        let found = found
-            .or((is_spanning && seq_ordered.is_none()).then_some(DivergenceKind::SpansPartitions));
+        let reordered = seq_ordered
+            .as_ref()
+            .filter(|_| is_spanning)
+            .and_then(|m| m.entities.get(entity));
+        let want = reordered.unwrap_or(want);
+        let found = judge(
+            is_spanning && reordered.is_none(),
+            want,
+            kept.entities.get(entity).filter(|_| want.window_ambiguous),
+            &view,
+        );
         if let Some(kind) = found {
             let mut repaired = false;
             if opts.repair && kind.is_divergence() && kind != DivergenceKind::SeqAhead {
@@ -296,7 +331,14 @@ async fn seq_ordered_model(
             &brokers,
             &topic,
             |r| {
-                if let Ok(e) = decode_record(r.value.as_deref(), &r.header_refs(), &event_cfg) {
+                if let Ok(e) = decode_keyed(
+                    r.key.as_deref(),
+                    r.value.as_deref(),
+                    &r.header_refs(),
+                    &event_cfg,
+                )
+                .0
+                {
                     if entities.contains(&e.entity) {
                         events.push((e.seq, r.partition, r.offset, r.timestamp_ms.unwrap_or(0), e));
                     }
@@ -307,7 +349,7 @@ async fn seq_ordered_model(
         events.sort_by_key(|(seq, partition, offset, ..)| (*seq, *partition, *offset));
         let mut model = Model::default();
         for (_, _, _, at, e) in &events {
-            model.apply_at(e, *at, window_ms);
+            model.apply_at(e, *at, window_ms, false);
         }
         anyhow::Ok(model)
     })
@@ -395,5 +437,37 @@ mod tests {
             Some(StateDiffers)
         );
         assert_eq!(compare(&model, &view(true, Some(5), &[("a", "1")])), None);
+    }
+
+    /// The truth table of `judge`.
+    #[test]
+    fn judge_by_table() {
+        use DivergenceKind::*;
+        let model = |seq: u64, ambiguous: bool| EntityModel {
+            seq: Some(seq),
+            state: [("a".to_string(), "1".to_string())].into(),
+            window_ambiguous: ambiguous,
+            ..EntityModel::default()
+        };
+        let redis = view(true, Some(5), &[("a", "1")]);
+        assert_eq!(
+            judge(true, &model(5, false), None, &redis),
+            Some(SpansPartitions)
+        );
+        assert_eq!(judge(false, &model(5, false), None, &redis), None);
+        // Redis matches the other branch of an ambiguous window decision.
+        assert_eq!(
+            judge(false, &model(4, true), Some(&model(5, true)), &redis),
+            Some(WindowAmbiguous)
+        );
+        // Matches neither branch: a real divergence, never hidden.
+        assert_eq!(
+            judge(false, &model(4, true), Some(&model(3, true)), &redis),
+            Some(SeqAhead)
+        );
+        assert_eq!(
+            judge(false, &model(6, false), None, &redis),
+            Some(SeqBehind)
+        );
     }
 }
