@@ -261,6 +261,17 @@ impl Case {
 }
 
 impl Case {
+    /// Points the case at a private redis-server of its own (AOF with
+    /// `fsync`), which the scenario may kill or reconfigure; the scenario is
+    /// skipped where redis-server is not installed.
+    async fn use_private_redis(&mut self, fsync: &'static str) -> anyhow::Result<PrivateRedis> {
+        let redis = PrivateRedis::start(&self.env.work_dir, fsync)
+            .await
+            .map_err(|e| anyhow::anyhow!("skipped: {e}"))?;
+        self.redis = redis.target();
+        Ok(redis)
+    }
+
     /// `finish`, with a count the scenario checks itself: the verdict fails
     /// unless `got == want`.
     async fn finish_counting(
@@ -406,10 +417,7 @@ async fn redis_killed(
         "redis-killed-ack-everysec"
     };
     let mut case = Case::new(&spec, name, seed, 20_000, 4).await?;
-    let mut redis = PrivateRedis::start(&spec.env.work_dir, fsync)
-        .await
-        .map_err(|e| anyhow::anyhow!("skipped: {e}"))?;
-    case.redis = redis.target();
+    let mut redis = case.use_private_redis(fsync).await?;
     let sampler = case.sampler();
     let n = case.records.len();
     case.produce(0, n).await?;
@@ -785,10 +793,7 @@ async fn oversized_dead_letter(
 /// and are retried; once memory is freed, idem catches up.
 async fn redis_oom(spec: ConformanceSpec, seed: u64) -> anyhow::Result<(ScenarioResult, u32)> {
     let mut case = Case::new(&spec, "redis-out-of-memory", seed, 8_000, 4).await?;
-    let redis = PrivateRedis::start(&spec.env.work_dir, "always")
-        .await
-        .map_err(|e| anyhow::anyhow!("skipped: {e}"))?;
-    case.redis = redis.target();
+    let redis = case.use_private_redis("always").await?;
     let mut conn = case.redis.connect().await?;
     let info: String = redis::cmd("INFO")
         .arg("memory")
@@ -848,10 +853,7 @@ async fn eviction_refused(
     seed: u64,
 ) -> anyhow::Result<(ScenarioResult, u32)> {
     let mut case = Case::new(&spec, "eviction-policy-refused", seed, 3_000, 2).await?;
-    let redis = PrivateRedis::start(&spec.env.work_dir, "always")
-        .await
-        .map_err(|e| anyhow::anyhow!("skipped: {e}"))?;
-    case.redis = redis.target();
+    let redis = case.use_private_redis("always").await?;
     let mut conn = case.redis.connect().await?;
     let policy = |p: &'static str| {
         let mut c = redis::cmd("CONFIG");
