@@ -179,6 +179,16 @@ impl Model {
 mod tests {
     use super::*;
 
+    /// The labels are a contract (metrics, reports, alerts).
+    #[test]
+    fn outcome_labels() {
+        let labels: Vec<&str> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
+        assert_eq!(
+            labels,
+            ["applied", "duplicate", "stale", "conflict", "invalid"]
+        );
+    }
+
     #[test]
     fn classify_by_table() {
         use Outcome::*;

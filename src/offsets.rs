@@ -162,6 +162,28 @@ impl Offsets {
 mod tests {
     use super::*;
 
+    /// A rewound partition (a rebalance hands back offsets already begun):
+    /// the repeated offsets are not tracked again, and the commit point
+    /// never moves back.
+    #[test]
+    fn rewound_offsets_are_not_tracked_again() {
+        let mut p = PartitionProgress::default();
+        for o in 10..13 {
+            p.begin(o);
+        }
+        p.begin(11); // rewound while still in flight
+        assert_eq!(p.in_flight(), 3);
+        p.mark_done(10);
+        p.mark_done(11);
+        assert_eq!(p.commit_point(), Some(12));
+        p.begin(10); // rewound below the commit point
+        assert_eq!(p.in_flight(), 1, "only 12 is in flight");
+        p.mark_done(10);
+        assert_eq!(p.commit_point(), Some(12), "never backwards");
+        p.mark_done(12);
+        assert_eq!(p.commit_point(), Some(13));
+    }
+
     /// The truth table from the type's doc, as data.
     #[test]
     fn commit_point_by_table() {

@@ -653,6 +653,20 @@ mod tests {
         );
     }
 
+    /// `event.max_bytes` is inclusive: a value of exactly that size is read.
+    #[test]
+    fn max_bytes_boundary() {
+        let text = br#"{"id":"a","entity":"e","seq":1}"#;
+        let n = text.len();
+        assert!(decode(Some(text), &FieldMap::default(), n).is_ok());
+        assert_eq!(
+            decode(Some(text), &FieldMap::default(), n - 1)
+                .unwrap_err()
+                .code(),
+            "too_large"
+        );
+    }
+
     #[test]
     fn largest_seq_is_accepted() {
         let e = dec(r#"{"id":"a","entity":"e","seq":18446744073709551615}"#).unwrap();
