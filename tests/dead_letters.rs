@@ -302,13 +302,8 @@ async fn redrive_after_a_fix_applies_each_intent_once() {
         if execute {
             args.push("--execute".into());
         }
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
-            .args(&args)
-            .env("IDEM__KAFKA__BROKERS", brokers())
-            .envs(redis_env(&redis_url()))
-            .env("IDEM__REDIS__KEY_PREFIX", &topic)
-            .output()
-            .unwrap();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = idem_tool(&args, &topic, &[]);
         assert!(
             out.status.success(),
             "{}",

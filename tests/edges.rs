@@ -18,21 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CATCH_UP: Duration = Duration::from_secs(120);
 
-/// Runs an `idem` tool command against the test services.
 fn idem_cli(args: &[&str], prefix: &str) -> Output {
-    idem_cli_with(args, prefix, &[])
-}
-
-/// `idem_cli` with more `IDEM__…` settings.
-fn idem_cli_with(args: &[&str], prefix: &str, env: &[(&str, &str)]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_idem"))
-        .args(args)
-        .env("IDEM__KAFKA__BROKERS", brokers())
-        .envs(redis_env(&redis_url()))
-        .env("IDEM__REDIS__KEY_PREFIX", prefix)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap()
+    idem_tool(args, prefix, &[])
 }
 
 fn record(id: &str, entity: &str, seq: u64, data: &str) -> Vec<u8> {
@@ -586,7 +573,7 @@ async fn reconcile_models_the_dedupe_window() {
     let report =
         std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{topic}.json"));
     let reconcile = |window: &str| {
-        let out = idem_cli_with(
+        let out = idem_tool(
             &[
                 "reconcile",
                 "--topic",

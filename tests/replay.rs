@@ -230,13 +230,7 @@ async fn reconcile_finds_each_injected_divergence_and_repair_cleans_it() {
             report.to_str().unwrap(),
         ];
         args.extend_from_slice(extra_args);
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
-            .args(&args)
-            .env("IDEM__KAFKA__BROKERS", brokers())
-            .envs(redis_env(&redis_url()))
-            .env("IDEM__REDIS__KEY_PREFIX", &topic)
-            .output()
-            .unwrap();
+        let out = idem_tool(&args, &topic, &[]);
         let json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
         (out.status.code(), json)

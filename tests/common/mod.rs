@@ -335,6 +335,19 @@ impl Drop for Idem {
     }
 }
 
+/// Runs an `idem` tool command (replay, reconcile, dlq …) against the test
+/// services, with `prefix` as the Redis key prefix and more `IDEM__…` settings.
+pub fn idem_tool(args: &[&str], prefix: &str, env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args(args)
+        .env("IDEM__KAFKA__BROKERS", brokers())
+        .envs(redis_env(&redis_url()))
+        .env("IDEM__REDIS__KEY_PREFIX", prefix)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run idem")
+}
+
 pub async fn http_get(port: u16, path: &str) -> Option<String> {
     idem::metrics::fetch_local(port, path).await
 }
