@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::event::FieldMap;
+pub use crate::event::settings::{EventConfig, EventFormat, FieldMap};
 
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
@@ -195,6 +195,17 @@ pub struct KafkaConfig {
     pub ssl_key_password: Option<Secret>,
 }
 
+impl KafkaConfig {
+    /// The default settings pointed at `brokers`: the tests' and the test
+    /// bench's own clients (plaintext, no credentials).
+    pub fn for_brokers(brokers: &str) -> KafkaConfig {
+        KafkaConfig {
+            brokers: brokers.to_string(),
+            ..Config::defaults().kafka
+        }
+    }
+}
+
 /// When an effect counts as durable, so that its offset may be committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
@@ -267,29 +278,6 @@ impl DedupeConfig {
             .copied()
             .unwrap_or(self.window)
     }
-}
-
-/// Which record formats are read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventFormat {
-    /// CloudEvents when the record's headers say so, idem's envelope otherwise.
-    Auto,
-    Idem,
-    CloudEvents,
-}
-
-/// Decoding settings.
-#[derive(Debug, Clone)]
-pub struct EventConfig {
-    pub format: EventFormat,
-    pub fields: FieldMap,
-    pub max_bytes: usize,
-    /// `event.duplicate_keys = "reject"`: a repeated JSON object key makes the
-    /// record invalid (`duplicate_key`); otherwise the last one wins.
-    pub reject_duplicate_keys: bool,
-    /// `event.key_mismatch = "dead_letter"`: a record whose key is not its
-    /// entity is dead-lettered (`key_mismatch`); otherwise it is only counted.
-    pub dead_letter_key_mismatch: bool,
 }
 
 /// Dead-letter settings.

@@ -1,5 +1,6 @@
-//! Kafka clients: the consumer's fixed delivery settings and its rebalance
-//! context, plus small admin helpers shared by the CLI and the tests.
+//! Kafka clients: the settings every client shares, the consumer's fixed
+//! delivery settings, the start-up check of credentials, and the offset
+//! store and commit helpers.
 //!
 //! Guarantee: offsets are stored only by idem after an effect
 //! (`enable.auto.offset.store=false`); librdkafka's auto commit then commits
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -18,34 +19,8 @@ use std::sync::Arc;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
-use crate::metrics::{self, Health};
+use crate::metrics;
 use crate::offsets::TopicPartition;
-use crate::pipeline::Progress;
-
-/// Security settings for the clients the tools make from a broker list
-/// (topics, replay, inspect, dlq, reconcile); set once by the CLI from the config.
-static TOOL_SECURITY: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
-
-/// Makes every later `client_config` carry `cfg`'s security settings.
-pub fn set_tool_security(cfg: &KafkaConfig) {
-    let settings = base_config(cfg)
-        .config_map()
-        .iter()
-        .filter(|(k, _)| **k != "bootstrap.servers")
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let _ = TOOL_SECURITY.set(settings);
-}
-
-/// A client configuration for `brokers` with the process's security settings.
-pub fn client_config(brokers: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers);
-    for (k, v) in TOOL_SECURITY.get().into_iter().flatten() {
-        c.set(k, v);
-    }
-    c
-}
 
 /// Brokers and security settings, shared by every client idem makes.
 pub fn base_config(cfg: &KafkaConfig) -> ClientConfig {
@@ -159,7 +134,7 @@ impl ConsumerContext for RefusalContext {}
 /// or the TLS handshake. A broker that rejects the client certificate
 /// (TLS 1.3 sends the alert after the handshake) shows up as a transport
 /// failure carrying OpenSSL's alert.
-fn is_refusal(error: &KafkaError, reason: &str) -> bool {
+pub(crate) fn is_refusal(error: &KafkaError, reason: &str) -> bool {
     match error.rdkafka_error_code() {
         Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL) => true,
         Some(RDKafkaErrorCode::BrokerTransportFailure) => reason.contains("SSL routines"),
@@ -214,157 +189,6 @@ pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
         c.set("partition.assignment.strategy", "cooperative-sticky");
     }
     c
-}
-
-/// Rebalance handling. On revoke: stop taking records of the revoked
-/// partitions, wait (bounded) until their in-flight batches are applied,
-/// store and synchronously commit their offsets, then let the rebalance go
-/// on: the next owner starts after everything this instance finished. On
-/// loss: forget the partitions and commit nothing for them.
-pub struct IdemContext {
-    pub health: Health,
-    pub progress: Arc<Progress>,
-    pub revoke_timeout: Duration,
-}
-
-impl ClientContext for IdemContext {
-    /// A refusal after start (rotated credentials, a replaced certificate)
-    /// is logged as an error with its cause; librdkafka keeps retrying, so
-    /// idem resumes once the brokers accept it again.
-    fn error(&self, error: KafkaError, reason: &str) {
-        if is_refusal(&error, reason) {
-            metrics::record_retry("kafka_refused");
-            tracing::error!(error = %error, reason, "Kafka refused idem's credentials or TLS handshake; consumption is stalled until the brokers accept them (see docs/security.md)");
-        } else {
-            tracing::warn!(error = %error, reason, "kafka client error");
-        }
-    }
-
-    /// librdkafka's periodic statistics carry each partition's lag and its
-    /// stored vs committed offsets: exported as gauges.
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        let mut uncommitted = 0i64;
-        for (topic, t) in &statistics.topics {
-            for (partition, p) in &t.partitions {
-                if *partition < 0
-                    || !self
-                        .progress
-                        .is_assigned(&TopicPartition::new(topic.as_str(), *partition))
-                {
-                    continue;
-                }
-                if p.consumer_lag >= 0 {
-                    metrics::set_consumer_lag(topic, *partition, p.consumer_lag);
-                }
-                if p.stored_offset >= 0 && p.committed_offset >= 0 {
-                    uncommitted += (p.stored_offset - p.committed_offset).max(0);
-                }
-            }
-        }
-        metrics::set_uncommitted_events(uncommitted);
-    }
-}
-
-impl ConsumerContext for IdemContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Revoke(tpl) => {
-                let tps = partitions_of(tpl);
-                if consumer.assignment_lost() {
-                    metrics::record_rebalance("lost");
-                    tracing::warn!(
-                        partitions = tps.len(),
-                        "partitions lost; their in-flight work is not committed"
-                    );
-                    self.progress.forget(&tps);
-                    return;
-                }
-                metrics::record_rebalance("revoke");
-                self.progress.unassign(&tps);
-                let idle = block_in_place_if_possible(|| {
-                    self.progress.wait_idle(&tps, self.revoke_timeout)
-                });
-                if !idle {
-                    tracing::warn!(timeout = ?self.revoke_timeout, "revoked partitions still had work in flight; committing only what is done");
-                }
-                let commits = self.progress.take_commits(|tp| tps.contains(tp));
-                for (tp, next) in &commits {
-                    if store_offset(consumer, tp, *next) {
-                        self.progress.note_stored(tp, *next);
-                    }
-                }
-                commit_stored(consumer);
-                self.progress.forget(&tps);
-                tracing::info!(
-                    partitions = tps.len(),
-                    committed = commits.len(),
-                    "partitions revoked after committing their finished offsets"
-                );
-            }
-            Rebalance::Assign(tpl) => {
-                metrics::record_rebalance("assign");
-                let tps = partitions_of(tpl);
-                self.progress.assign(&tps);
-                for tp in &tps {
-                    metrics::init_partition(&tp.topic, tp.partition);
-                }
-                tracing::info!(partitions = tps.len(), "partitions assigned");
-            }
-            Rebalance::Error(e) => {
-                metrics::record_rebalance("error");
-                tracing::warn!(error = %e, "rebalance error");
-            }
-        }
-    }
-
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, _rebalance: &Rebalance<'_>) {
-        if let Ok(assignment) = consumer.assignment() {
-            metrics::set_assigned_partitions(assignment.count());
-            self.health.set_assigned(assignment.count() > 0);
-        }
-    }
-
-    fn commit_callback(
-        &self,
-        result: rdkafka::error::KafkaResult<()>,
-        offsets: &rdkafka::TopicPartitionList,
-    ) {
-        match result {
-            Ok(()) => {
-                for e in offsets.elements() {
-                    if let rdkafka::Offset::Offset(o) = e.offset() {
-                        let tp = TopicPartition::new(e.topic(), e.partition());
-                        if let Some(lag) = self.progress.note_committed(&tp, o) {
-                            metrics::record_commit_lag(lag);
-                        }
-                    }
-                }
-                tracing::debug!(partitions = offsets.count(), "offsets committed");
-            }
-            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "offset commit failed; it is retried with the next commit")
-            }
-        }
-    }
-}
-
-fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
-    tpl.elements()
-        .iter()
-        .map(|e| TopicPartition::new(e.topic(), e.partition()))
-        .collect()
-}
-
-/// Runs a blocking wait without starving the async runtime's other tasks
-/// (the guard stage must keep running while a rebalance callback waits for it).
-fn block_in_place_if_possible<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
-    }
 }
 
 /// Stores `next` (the next offset to read) as the partition's commit point;

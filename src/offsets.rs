@@ -42,8 +42,6 @@ pub struct PartitionProgress {
     in_flight: VecDeque<(i64, bool)>,
     /// The highest released offset + 1: what may be committed.
     commit_point: Option<i64>,
-    /// Released but not yet taken by `take_commit`.
-    uncommitted: u64,
     /// The commit point last handed out by `take_commit`.
     last_taken: Option<i64>,
 }
@@ -71,7 +69,6 @@ impl PartitionProgress {
         while let Some(&(o, true)) = self.in_flight.front() {
             self.in_flight.pop_front();
             self.commit_point = Some(o + 1);
-            self.uncommitted += 1;
         }
     }
 
@@ -84,7 +81,6 @@ impl PartitionProgress {
     pub fn take_commit(&mut self) -> Option<i64> {
         if self.commit_point != self.last_taken {
             self.last_taken = self.commit_point;
-            self.uncommitted = 0;
             self.commit_point
         } else {
             None

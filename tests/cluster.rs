@@ -10,11 +10,11 @@ use std::time::Duration;
 use common::*;
 use idem::conformance::harness::PrivateCluster;
 use idem::model::Outcome;
-use idem::sample::{generate, Rng, SampleSpec};
+use idem::tools::sample::{generate, Rng, SampleSpec};
 
 const CATCH_UP: Duration = Duration::from_secs(120);
 
-fn stream(prefix: &str, events: usize, seed: u64) -> Vec<idem::sample::SampleRecord> {
+fn stream(prefix: &str, events: usize, seed: u64) -> Vec<idem::tools::sample::SampleRecord> {
     generate(&SampleSpec {
         events,
         entities: 300,

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use common::*;
 use idem::model::Outcome;
-use idem::sample::{generate, SampleSpec};
+use idem::tools::sample::{generate, SampleSpec};
 
 const CATCH_UP: Duration = Duration::from_secs(120);
 
-fn good(prefix: &str, events: usize, seed: u64) -> Vec<idem::sample::SampleRecord> {
+fn good(prefix: &str, events: usize, seed: u64) -> Vec<idem::tools::sample::SampleRecord> {
     generate(&SampleSpec {
         events,
         entities: 20,

@@ -3,9 +3,10 @@
 //! events, random JSON, random bytes, CloudEvents in both modes).
 //! Longer runs: IDEM_PROPTEST_CASES=10000000 cargo test --release --test decoder_props
 
-use idem::config::{Config, EventFormat};
+use idem::config::Config;
 use idem::event::decode_record;
-use idem::sample::Rng;
+use idem::event::EventFormat;
+use idem::tools::sample::Rng;
 
 fn cases() -> usize {
     std::env::var("IDEM_PROPTEST_CASES")

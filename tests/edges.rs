@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use idem::model::Outcome;
-use idem::topics::{self, TopicSpec};
+use idem::tools::topics::{self, TopicSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CATCH_UP: Duration = Duration::from_secs(120);
@@ -104,7 +104,7 @@ async fn invalid_records_of_any_readable_size_are_dead_lettered() {
     spec.dead_letter = Some(format!("{topic}.dlq"));
     let mut specs = spec.with_dead_letter();
     specs[1].configs.clear();
-    topics::apply(&brokers(), &specs).await.unwrap();
+    topics::apply(&kafka(), &specs).await.unwrap();
 
     let mut almost = b"{\"not json".to_vec();
     almost.resize(1_040_000, b'x');

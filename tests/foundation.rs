@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use idem::model::Outcome;
-use idem::sample::{generate, Rng, SampleSpec};
+use idem::tools::sample::{generate, Rng, SampleSpec};
 
 const CATCH_UP: Duration = Duration::from_secs(120);
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use idem::event::{decode, FieldMap};
 use idem::model::Outcome;
-use idem::sample::{generate, Rng, SampleRecord, SampleSpec};
+use idem::tools::sample::{generate, Rng, SampleRecord, SampleSpec};
 
 const CATCH_UP: Duration = Duration::from_secs(180);
 
@@ -311,9 +311,11 @@ async fn topics_apply_is_idempotent_and_check_detects_drift() {
     assert_eq!(code, Some(0), "{out}");
 
     // Someone adds partitions by hand: check reports the drift and fails.
-    let mut spec = idem::topics::TopicSpec::new(&topic, 4);
+    let mut spec = idem::tools::topics::TopicSpec::new(&topic, 4);
     spec.retention = Some("1d".into());
-    idem::topics::apply(&brokers(), &[spec]).await.unwrap();
+    idem::tools::topics::apply(&common::kafka(), &[spec])
+        .await
+        .unwrap();
     let (code, out) = idem(&["topics", "check"]);
     assert_eq!(code, Some(1), "{out}");
     assert!(
@@ -369,7 +371,7 @@ fn docker_compose_uses_only_known_config_keys_and_ports() {
         prometheus.contains(&format!("port: {}", config.metrics_listen.port())),
         "Prometheus scrapes idem's metrics port"
     );
-    let topics = idem::topics::load_dir(std::path::Path::new(concat!(
+    let topics = idem::tools::topics::load_dir(std::path::Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/topics"
     )))

@@ -9,12 +9,17 @@ use common::*;
 use idem::event::{Event, Op};
 use idem::guard::{Guard, GuardInput};
 use idem::model::{Model, Outcome};
-use idem::sample::{generate, Rng, SampleSpec};
 use idem::store::KeyLayout;
+use idem::tools::sample::{generate, Rng, SampleSpec};
 
 const CATCH_UP: Duration = Duration::from_secs(120);
 
-fn stream(prefix: &str, events: usize, dups: f64, seed: u64) -> Vec<idem::sample::SampleRecord> {
+fn stream(
+    prefix: &str,
+    events: usize,
+    dups: f64,
+    seed: u64,
+) -> Vec<idem::tools::sample::SampleRecord> {
     generate(&SampleSpec {
         events,
         entities: 50,
@@ -61,7 +66,7 @@ async fn wait_group_empty(group: &str, topic: &str) {
         let (g, t) = (g.clone(), t.clone());
         async move {
             tokio::task::spawn_blocking(move || {
-                idem::group::group_status(&brokers(), &g, &[t]).unwrap()
+                idem::tools::group::group_status(&common::kafka(), &g, &[t]).unwrap()
             })
             .await
             .unwrap()

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use idem::model::Outcome;
-use idem::sample::{generate, SampleSpec};
+use idem::tools::sample::{generate, SampleSpec};
 
 const PASSWORD: &str = "pa55-Zebra-Quartz-0917";
 
@@ -272,7 +272,10 @@ fn mtls_brokers() -> String {
 
 /// A topic with `good` events and one malformed record (so the dead-letter
 /// producer must work over the secured connection too).
-async fn secured_topic(name: &str, good: usize) -> (String, Vec<idem::sample::SampleRecord>) {
+async fn secured_topic(
+    name: &str,
+    good: usize,
+) -> (String, Vec<idem::tools::sample::SampleRecord>) {
     let topic = unique(name);
     create_topic(&topic, 1).await;
     let records = generate(&SampleSpec {
@@ -294,7 +297,7 @@ async fn secured_topic(name: &str, good: usize) -> (String, Vec<idem::sample::Sa
 /// applied count, the dead letter, and that `secret` never reached the log.
 async fn consumes_over(
     topic: &str,
-    records: &[idem::sample::SampleRecord],
+    records: &[idem::tools::sample::SampleRecord],
     security: &[(&str, String)],
     secret: &str,
 ) {

@@ -12,8 +12,8 @@ use super::report::{quantile_upper_bound, BenchReport};
 use super::BenchSpec;
 use crate::metrics::{EVENTS_TOTAL, EVENT_LATENCY_SECONDS};
 use crate::model::Outcome;
-use crate::sample::{generate, SampleSpec};
-use crate::topics::{self, TopicSpec};
+use crate::tools::sample::{generate, SampleSpec};
+use crate::tools::topics::{self, TopicSpec};
 
 /// Runs every phase and writes `bench.json` and `bench.md` into `spec.out_dir`.
 pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchReport> {
@@ -47,7 +47,11 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
         prefix: prefix.clone(),
     });
     report.records = records.len();
-    topics::apply(&spec.brokers, &[TopicSpec::new(&topic, spec.partitions)]).await?;
+    topics::apply(
+        &crate::config::KafkaConfig::for_brokers(&spec.brokers),
+        &[TopicSpec::new(&topic, spec.partitions)],
+    )
+    .await?;
     progress(&format!("producing {} records to {topic}", records.len()));
     let backlog_producer = producer(&spec.brokers, "20")?;
     let started = Instant::now();

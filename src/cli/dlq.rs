@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 
 use crate::config::Config;
-use crate::dlq::{tools, REASONS};
+use crate::dlq::REASONS;
+use crate::tools::dead_letters as tools;
 
 /// Inspect the dead-letter topic, and re-publish its records once the cause is fixed.
 #[derive(Debug, Args)]
@@ -62,13 +63,12 @@ pub async fn run(args: DlqArgs, config: Config) -> anyhow::Result<ExitCode> {
     let topic = args
         .topic
         .unwrap_or_else(|| config.dlq.topic_for(&config.kafka.topics[0]));
-    let brokers = config.kafka.brokers.clone();
+    let kafka = config.kafka.clone();
     match args.action {
         DlqAction::Inspect { examples, json } => {
             let t = topic.clone();
             let report =
-                tokio::task::spawn_blocking(move || tools::inspect(&brokers, &t, examples))
-                    .await??;
+                tokio::task::spawn_blocking(move || tools::inspect(&kafka, &t, examples)).await??;
             if json {
                 crate::outln!("{}", serde_json::to_string_pretty(&report)?);
                 return Ok(ExitCode::SUCCESS);

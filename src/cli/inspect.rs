@@ -63,9 +63,9 @@ pub async fn run(args: InspectArgs, config: Config) -> anyhow::Result<ExitCode> 
             } else {
                 topics
             };
-            let brokers = config.kafka.brokers.clone();
+            let kafka = config.kafka.clone();
             let status = tokio::task::spawn_blocking(move || {
-                crate::group::group_status(&brokers, &group, &topics)
+                crate::tools::group::group_status(&kafka, &group, &topics)
             })
             .await??;
             if json {

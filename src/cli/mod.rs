@@ -62,7 +62,6 @@ pub fn main(cli: Cli) -> ExitCode {
         }
     };
     init_logging(&config);
-    crate::kafka::set_tool_security(&config.kafka);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use crate::config::Config;
-use crate::reconcile::{self, ReconcileOptions};
+use crate::tools::reconcile::{self, ReconcileOptions};
 
 /// Compare Redis with the log and report (or repair) divergences.
 ///

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use crate::config::{parse_duration, Config};
-use crate::replay::{self, ReplayTarget};
+use crate::tools::replay::{self, ReplayTarget};
 
 /// Move a consumer group's offsets back to read a topic again (dry run by default).
 ///
@@ -79,14 +79,14 @@ pub async fn run(args: ReplayArgs, config: Config) -> anyhow::Result<ExitCode> {
             replay::parse_offsets(text).map_err(|e| anyhow::anyhow!("--to-offset: {e}"))?,
         )
     };
-    let brokers = config.kafka.brokers.clone();
+    let kafka = config.kafka.clone();
     let reset = config.kafka.auto_offset_reset;
     let partitions = (!args.partitions.is_empty()).then_some(args.partitions);
     let plan = tokio::task::spawn_blocking({
-        let (brokers, group, topic) = (brokers.clone(), group.clone(), topic.clone());
+        let (kafka, group, topic) = (kafka.clone(), group.clone(), topic.clone());
         move || {
             replay::plan(
-                &brokers,
+                &kafka,
                 &group,
                 &topic,
                 partitions.as_deref(),
@@ -150,7 +150,7 @@ pub async fn run(args: ReplayArgs, config: Config) -> anyhow::Result<ExitCode> {
         eprintln!("error: {e}");
         return Ok(ExitCode::FAILURE);
     }
-    tokio::task::spawn_blocking(move || replay::execute(&brokers, &plan)).await??;
+    tokio::task::spawn_blocking(move || replay::execute(&kafka, &plan)).await??;
     eprintln!("offsets moved; the group's next run replays from there");
     Ok(ExitCode::SUCCESS)
 }

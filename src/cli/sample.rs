@@ -7,7 +7,7 @@ use clap::Args;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::config::Config;
-use crate::sample::{generate, SampleSpec};
+use crate::tools::sample::{generate, SampleSpec};
 
 /// Produce a generated event stream to try idem out.
 ///
@@ -57,7 +57,7 @@ pub async fn run(args: SampleArgs, config: Config) -> anyhow::Result<ExitCode> {
         prefix: args.prefix,
     };
     let records = generate(&spec);
-    let producer: FutureProducer = crate::kafka::client_config(&config.kafka.brokers)
+    let producer: FutureProducer = crate::kafka::base_config(&config.kafka)
         .set("linger.ms", "5")
         .set("enable.idempotence", "true")
         .create()?;

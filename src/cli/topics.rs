@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 
 use crate::config::Config;
-use crate::topics::{self, TopicState};
+use crate::tools::topics::{self, TopicState};
 
 /// Create and check the topics declared in TOML files (see topics/).
 #[derive(Debug, Args)]
@@ -34,10 +34,10 @@ enum TopicsAction {
 
 pub async fn run(args: TopicsArgs, config: Config) -> anyhow::Result<ExitCode> {
     let specs = topics::load_dir(&args.dir)?;
-    let brokers = &config.kafka.brokers;
+    let kafka = &config.kafka;
     match args.action {
         TopicsAction::Apply => {
-            for (name, state) in topics::apply(brokers, &specs).await? {
+            for (name, state) in topics::apply(kafka, &specs).await? {
                 match state {
                     TopicState::Created => crate::outln!("{name}: created"),
                     TopicState::PartitionsAdded { from, to } => {
@@ -50,7 +50,7 @@ pub async fn run(args: TopicsArgs, config: Config) -> anyhow::Result<ExitCode> {
         }
         TopicsAction::Check => {
             let mut drift = false;
-            for (name, state) in topics::check(brokers, &specs).await? {
+            for (name, state) in topics::check(kafka, &specs).await? {
                 match state {
                     TopicState::UpToDate => crate::outln!("{name}: ok"),
                     TopicState::Missing => {

@@ -14,9 +14,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::config::{RedisConfig, RedisMode};
 use crate::event::{decode, FieldMap};
 use crate::model::{Model, Outcome};
-use crate::sample::SampleRecord;
 use crate::store::{self, EntityView, KeyLayout};
-use crate::topics::{self, TopicSpec};
+use crate::tools::sample::SampleRecord;
+use crate::tools::topics::{self, TopicSpec};
 
 /// Where the suite runs.
 #[derive(Debug, Clone)]
@@ -502,7 +502,11 @@ fn wait_for_node(port: u16) -> anyhow::Result<()> {
 pub async fn create_topic(env: &Env, topic: &str, partitions: i32) -> anyhow::Result<()> {
     let mut spec = TopicSpec::new(topic, partitions);
     spec.dead_letter = Some(format!("{topic}.dlq"));
-    topics::apply(&env.brokers, &spec.with_dead_letter()).await?;
+    topics::apply(
+        &crate::config::KafkaConfig::for_brokers(&env.brokers),
+        &spec.with_dead_letter(),
+    )
+    .await?;
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::harness::{self, Env, IdemProcess, PrivateRedis, Sampler};
 use super::{ConformanceSpec, Profile, ScenarioResult, RECOVERY_BOUND};
 use crate::model::{Model, Outcome};
-use crate::sample::{generate, Rng, SampleRecord, SampleSpec};
+use crate::tools::sample::{generate, Rng, SampleRecord, SampleSpec};
 
 type Run = fn(
     ConformanceSpec,
@@ -550,16 +550,19 @@ async fn replay_earliest(
     tokio::task::spawn_blocking(move || {
         let start = Instant::now();
         loop {
-            let plan = crate::replay::plan(
-                &brokers,
+            let plan = crate::tools::replay::plan(
+                &crate::config::KafkaConfig::for_brokers(&brokers),
                 &group,
                 &topic,
                 None,
-                &crate::replay::ReplayTarget::Earliest,
+                &crate::tools::replay::ReplayTarget::Earliest,
                 crate::config::OffsetReset::Earliest,
             )?;
             if plan.members.is_empty() {
-                return crate::replay::execute(&brokers, &plan);
+                return crate::tools::replay::execute(
+                    &crate::config::KafkaConfig::for_brokers(&brokers),
+                    &plan,
+                );
             }
             anyhow::ensure!(
                 start.elapsed() < Duration::from_secs(60),
@@ -746,7 +749,14 @@ fn insert_bad(case: &mut Case, step: usize, bad: impl Fn(usize) -> Vec<u8>) -> u
 /// The number of records in the case's dead-letter topic.
 async fn dead_letter_count(case: &Case) -> anyhow::Result<u64> {
     let (brokers, dlq) = (case.env.brokers.clone(), format!("{}.dlq", case.topic));
-    tokio::task::spawn_blocking(move || crate::dlq::tools::read_all(&brokers, &dlq, |_| {})).await?
+    tokio::task::spawn_blocking(move || {
+        crate::tools::dead_letters::read_all(
+            &crate::config::KafkaConfig::for_brokers(&brokers),
+            &dlq,
+            |_| {},
+        )
+    })
+    .await?
 }
 
 /// Invalid records above librdkafka's default producer limit and above the

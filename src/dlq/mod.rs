@@ -7,7 +7,6 @@
 //! record is never dropped and its offset is never committed.
 
 pub mod budget;
-pub mod tools;
 
 use std::time::Duration;
 

@@ -6,35 +6,12 @@
 
 pub mod cloudevents;
 pub mod exact;
+pub mod settings;
 pub mod strict;
 
 use serde_json::Value;
 
-use crate::config::{EventConfig, EventFormat};
-
-/// JSON pointers (RFC 6901) to the envelope fields.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldMap {
-    pub id: String,
-    pub entity: String,
-    pub seq: String,
-    pub kind: String,
-    pub data: String,
-    pub ts: String,
-}
-
-impl Default for FieldMap {
-    fn default() -> Self {
-        FieldMap {
-            id: "/id".into(),
-            entity: "/entity".into(),
-            seq: "/seq".into(),
-            kind: "/type".into(),
-            data: "/data".into(),
-            ts: "/ts".into(),
-        }
-    }
-}
+pub use settings::{EventConfig, EventFormat, FieldMap};
 
 /// What an applied event does to its entity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

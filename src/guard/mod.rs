@@ -12,7 +12,7 @@ use redis::Value;
 
 use crate::event::{id_hash, Event, Op};
 use crate::model::Outcome;
-use crate::store::{hash_slot, KeyLayout, NodeAddr, RedisConn, SlotMap, StoreError};
+use crate::store::{hash_slot, DurableWait, KeyLayout, NodeAddr, RedisConn, SlotMap, StoreError};
 
 const SCRIPT: &str = include_str!("guard.lua");
 
@@ -34,17 +34,6 @@ pub struct Verdict {
 pub struct GuardInput<'a> {
     pub event: &'a Event,
     pub window: Duration,
-}
-
-/// What a batch waits for after its scripts ran, before it counts as durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DurableWait {
-    /// Nothing: the script's reply is enough (`ack`, or `fsync` with appendfsync always).
-    None,
-    /// `WAIT n timeout`: n replicas acknowledged.
-    Replicas(u32),
-    /// `WAITAOF 1 0 timeout`: fsynced to the local AOF (Redis ≥ 7.2).
-    LocalAof,
 }
 
 /// How long a cluster's slot map is used before it is read again.

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
-use super::batch::Batch;
-use super::progress::Progress;
+use super::batch::{Batch, Finished};
 use super::{Backoff, Shutdown, Summary};
 use crate::config::Config;
 use crate::dlq::budget::DlqBudget;
@@ -27,26 +27,33 @@ const RECONNECT_AFTER: u32 = 3;
 pub struct GuardStage {
     pub config: Arc<Config>,
     pub guard: Guard,
-    pub progress: Arc<Progress>,
     pub health: Health,
     pub shutdown: Shutdown,
-    pub summary: Arc<std::sync::Mutex<Summary>>,
+    pub summary: Summary,
     pub dlq: DlqWriter,
     pub budget: DlqBudget,
+    /// Where finished batches are reported: the loop marks their offsets done.
+    pub finished: mpsc::UnboundedSender<Finished>,
 }
 
 impl GuardStage {
     /// Applies batches until the channel closes, or shutdown fires while Redis fails.
     pub async fn run(mut self, mut batches: mpsc::Receiver<Batch>) {
         while let Some(batch) = batches.recv().await {
-            if !self.apply(batch).await {
-                return;
+            // Every log line of the batch names its records.
+            let span =
+                tracing::info_span!("batch", records = batch.len(), offsets = %batch.describe());
+            if !self.apply(batch).instrument(span).await {
+                break;
             }
+            self.summary.maybe_log();
         }
+        self.summary.log();
     }
 
     async fn apply(&mut self, batch: Batch) -> bool {
         let started = Instant::now();
+        self.count_invalid(&batch);
         let inputs: Vec<GuardInput<'_>> = batch
             .items
             .iter()
@@ -69,7 +76,7 @@ impl GuardStage {
         }
         // Count before marking done: whoever sees the commit sees the counts.
         self.record(&batch, &verdicts);
-        self.progress.mark_done(batch.positions());
+        let _ = self.finished.send(batch.finished());
         self.check_budget(&batch, &letters);
         metrics::record_batch(batch.len(), started.elapsed());
         true
@@ -136,7 +143,25 @@ impl GuardStage {
         }
     }
 
-    fn record(&self, batch: &Batch, verdicts: &[Verdict]) {
+    fn count_invalid(&mut self, batch: &Batch) {
+        for it in &batch.items {
+            if let Err(invalid) = &it.decoded {
+                let tp = &batch.partitions[it.partition];
+                tracing::warn!(
+                    topic = %tp.topic,
+                    partition = tp.partition,
+                    offset = it.offset,
+                    reason = invalid.code(),
+                    error = %invalid,
+                    "invalid record skipped"
+                );
+                metrics::record_outcome(&tp.topic, Outcome::Invalid, 1);
+                self.summary.add(Outcome::Invalid, 1);
+            }
+        }
+    }
+
+    fn record(&mut self, batch: &Batch, verdicts: &[Verdict]) {
         // Duplicate ages, conflict logs and outcome counts.
         let mut counts: HashMap<(usize, Outcome), u64> = HashMap::new();
         let mut verdicts = verdicts.iter();
@@ -167,10 +192,9 @@ impl GuardStage {
                 _ => {}
             }
         }
-        let mut summary = self.summary.lock().unwrap_or_else(|e| e.into_inner());
         for ((partition, outcome), n) in counts {
             metrics::record_outcome(&batch.partitions[partition].topic, outcome, n);
-            summary.add(outcome, n);
+            self.summary.add(outcome, n);
         }
         let now_ms = super::unix_millis();
         metrics::record_event_latencies(

@@ -3,8 +3,7 @@
 
 use std::time::Duration;
 
-use rdkafka::message::{BorrowedMessage, Headers, Message};
-
+use super::consumer::Fetched;
 use crate::config::Config;
 use crate::event::{self, Event, Invalid};
 use crate::offsets::TopicPartition;
@@ -33,52 +32,50 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Decodes `messages` in order.
-    pub fn decode(messages: &[BorrowedMessage<'_>], config: &Config) -> Batch {
+    /// Decodes `records` in order.
+    pub fn decode(records: Vec<Fetched>, config: &Config) -> Batch {
         let mut batch = Batch {
             partitions: Vec::new(),
             windows: Vec::new(),
-            items: Vec::with_capacity(messages.len()),
+            items: Vec::with_capacity(records.len()),
         };
-        let mut header_refs: Vec<(&str, &[u8])> = Vec::new();
-        for m in messages {
-            let partition = batch.partition_index(m.topic(), m.partition(), config);
-            header_refs.clear();
-            if let Some(h) = m.headers() {
-                header_refs.extend(h.iter().map(|h| (h.key, h.value.unwrap_or_default())));
-            }
-            let (decoded, key_mismatch) =
-                event::decode_keyed(m.key(), m.payload(), &header_refs, &config.event);
+        for r in records {
+            let partition = batch.partition_index(&r.tp, config);
+            let header_refs: Vec<(&str, &[u8])> = r
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_slice()))
+                .collect();
+            let (decoded, key_mismatch) = event::decode_keyed(
+                r.key.as_deref(),
+                r.value.as_deref(),
+                &header_refs,
+                &config.event,
+            );
             if key_mismatch {
-                note_key_mismatch(m.topic(), m.partition(), m.offset(), m.key());
+                note_key_mismatch(&r.tp.topic, r.tp.partition, r.offset, r.key.as_deref());
             }
+            drop(header_refs);
             batch.items.push(Item {
                 partition,
-                offset: m.offset(),
-                timestamp_ms: m.timestamp().to_millis(),
-                key: m.key().map(<[u8]>::to_vec),
-                value: m.payload().map(<[u8]>::to_vec),
-                headers: header_refs
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_vec()))
-                    .collect(),
+                offset: r.offset,
+                timestamp_ms: r.timestamp_ms,
+                key: r.key,
+                value: r.value,
+                headers: r.headers,
                 decoded,
             });
         }
         batch
     }
 
-    fn partition_index(&mut self, topic: &str, partition: i32, config: &Config) -> usize {
+    fn partition_index(&mut self, tp: &TopicPartition, config: &Config) -> usize {
         // Batches hold few partitions: a linear search beats hashing here.
-        if let Some(i) = self
-            .partitions
-            .iter()
-            .position(|tp| tp.partition == partition && tp.topic == topic)
-        {
+        if let Some(i) = self.partitions.iter().position(|p| p == tp) {
             return i;
         }
-        self.partitions.push(TopicPartition::new(topic, partition));
-        self.windows.push(config.dedupe.window_for(topic));
+        self.partitions.push(tp.clone());
+        self.windows.push(config.dedupe.window_for(&tp.topic));
         self.partitions.len() - 1
     }
 
@@ -89,18 +86,53 @@ impl Batch {
             .map(|it| (&self.partitions[it.partition], it.offset))
     }
 
-    /// Drops the records of partitions `keep` rejects (revoked meanwhile).
-    pub fn retain_partitions(&mut self, keep: impl Fn(&TopicPartition) -> bool) {
-        let keep: Vec<bool> = self.partitions.iter().map(keep).collect();
-        self.items.retain(|it| keep[it.partition]);
+    /// What the loop needs back once the batch is applied.
+    pub fn finished(&self) -> Finished {
+        Finished {
+            partitions: self.partitions.clone(),
+            positions: self
+                .items
+                .iter()
+                .map(|it| (it.partition, it.offset))
+                .collect(),
+        }
+    }
+
+    /// Each partition's first and last offset, e.g. `orders/0:10-19 orders/3:7-7`.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        for (i, tp) in self.partitions.iter().enumerate() {
+            let mut offsets = self
+                .items
+                .iter()
+                .filter(|it| it.partition == i)
+                .map(|it| it.offset);
+            let first = offsets.next().unwrap_or(-1);
+            let last = offsets.next_back().unwrap_or(first);
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(&format!("{}/{}:{first}-{last}", tp.topic, tp.partition));
+        }
+        out
     }
 
     pub fn len(&self) -> usize {
         self.items.len()
     }
+}
 
-    pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
+/// A batch whose outcomes are durable: its offsets are done.
+pub struct Finished {
+    partitions: Vec<TopicPartition>,
+    positions: Vec<(usize, i64)>,
+}
+
+impl Finished {
+    pub fn positions(&self) -> impl Iterator<Item = (&TopicPartition, i64)> + '_ {
+        self.positions
+            .iter()
+            .map(|(p, offset)| (&self.partitions[*p], *offset))
     }
 }
 

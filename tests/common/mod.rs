@@ -12,14 +12,19 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use idem::event::{decode, FieldMap};
 use idem::model::{Model, Outcome};
-use idem::sample::SampleRecord;
 use idem::store::{self, EntityView, KeyLayout};
-use idem::topics::{self, TopicSpec};
+use idem::tools::sample::SampleRecord;
+use idem::tools::topics::{self, TopicSpec};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 pub fn brokers() -> String {
     std::env::var("IDEM_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// Client settings for the tests' broker (plaintext).
+pub fn kafka() -> idem::config::KafkaConfig {
+    idem::config::KafkaConfig::for_brokers(&brokers())
 }
 
 /// The Redis the tests use: standalone by default; `IDEM_REDIS_URL` with
@@ -68,24 +73,25 @@ pub fn free_port() -> u16 {
 pub async fn create_topic(name: &str, partitions: i32) {
     let mut spec = TopicSpec::new(name, partitions);
     spec.dead_letter = Some(format!("{name}.dlq"));
-    topics::apply(&brokers(), &spec.with_dead_letter())
+    topics::apply(&kafka(), &spec.with_dead_letter())
         .await
         .expect("create topic");
 }
 
 /// Creates `name` only: its dead-letter topic is missing.
 pub async fn create_topic_without_dlq(name: &str, partitions: i32) {
-    topics::apply(&brokers(), &[TopicSpec::new(name, partitions)])
+    topics::apply(&kafka(), &[TopicSpec::new(name, partitions)])
         .await
         .expect("create topic");
 }
 
 /// Every record of the dead-letter topic of `topic`.
-pub async fn dead_letters(topic: &str) -> Vec<idem::dlq::tools::DlqRecord> {
+pub async fn dead_letters(topic: &str) -> Vec<idem::tools::dead_letters::DlqRecord> {
     let dlq = format!("{topic}.dlq");
     tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
-        idem::dlq::tools::read_all(&brokers(), &dlq, |r| out.push(r)).expect("read dead letters");
+        idem::tools::dead_letters::read_all(&kafka(), &dlq, |r| out.push(r))
+            .expect("read dead letters");
         out
     })
     .await

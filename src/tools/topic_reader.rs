@@ -44,12 +44,12 @@ impl TopicRecord {
 /// time of the call, in partition order within each partition. Blocking: run
 /// it off the async runtime. `progress` is called every 100,000 records.
 pub fn read_topic(
-    brokers: &str,
+    kafka: &crate::config::KafkaConfig,
     topic: &str,
     mut each: impl FnMut(TopicRecord),
     progress: impl Fn(u64),
 ) -> anyhow::Result<u64> {
-    let consumer: BaseConsumer = crate::kafka::client_config(brokers)
+    let consumer: BaseConsumer = crate::kafka::base_config(kafka)
         .set("group.id", "idem-topic-reader")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")

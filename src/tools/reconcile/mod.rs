@@ -27,7 +27,7 @@ use crate::config::Config;
 use crate::event::decode_keyed;
 use crate::model::{EntityModel, Model};
 use crate::store::{self, EntityView, KeyLayout, StoreError};
-use crate::topic_reader::read_topic;
+use crate::tools::topic_reader::read_topic;
 
 const REPAIR: &str = include_str!("repair.lua");
 
@@ -174,8 +174,8 @@ pub async fn reconcile(
     progress: impl Fn(String) + Send + Sync + 'static,
 ) -> anyhow::Result<ReconcileReport> {
     let progress = std::sync::Arc::new(progress);
-    let (brokers, topic, event_cfg) = (
-        config.kafka.brokers.clone(),
+    let (kafka, topic, event_cfg) = (
+        config.kafka.clone(),
         opts.topic.clone(),
         config.event.clone(),
     );
@@ -194,7 +194,7 @@ pub async fn reconcile(
         let mut spanning: BTreeSet<String> = BTreeSet::new();
         let mut invalid = 0u64;
         let read = read_topic(
-            &brokers,
+            &kafka,
             &topic,
             |r| match decode_keyed(
                 r.key.as_deref(),
@@ -319,8 +319,8 @@ async fn seq_ordered_model(
     entities: &BTreeSet<String>,
     window_ms: i64,
 ) -> anyhow::Result<Model> {
-    let (brokers, topic, event_cfg, entities) = (
-        config.kafka.brokers.clone(),
+    let (kafka, topic, event_cfg, entities) = (
+        config.kafka.clone(),
         topic.to_string(),
         config.event.clone(),
         entities.clone(),
@@ -328,7 +328,7 @@ async fn seq_ordered_model(
     tokio::task::spawn_blocking(move || {
         let mut events = Vec::new();
         read_topic(
-            &brokers,
+            &kafka,
             &topic,
             |r| {
                 if let Ok(e) = decode_keyed(

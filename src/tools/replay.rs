@@ -14,7 +14,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::config::OffsetReset;
-use crate::group::{group_status, GroupStatus, Member};
+use crate::tools::group::{group_status, GroupStatus, Member};
 
 const TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -88,14 +88,14 @@ pub fn plan_row(
 /// Computes the plan for `topic` (optionally only `partitions`); `reset` is
 /// where the group starts on a partition it never committed. Blocking.
 pub fn plan(
-    brokers: &str,
+    kafka: &crate::config::KafkaConfig,
     group: &str,
     topic: &str,
     partitions: Option<&[i32]>,
     target: &ReplayTarget,
     reset: OffsetReset,
 ) -> anyhow::Result<ReplayPlan> {
-    let status: GroupStatus = group_status(brokers, group, &[topic.to_string()])?;
+    let status: GroupStatus = group_status(kafka, group, &[topic.to_string()])?;
     let selected: Vec<_> = status
         .partitions
         .iter()
@@ -124,7 +124,7 @@ pub fn plan(
             map.clone()
         }
         ReplayTarget::Timestamp(ms) => {
-            let consumer: BaseConsumer = crate::kafka::client_config(brokers).create()?;
+            let consumer: BaseConsumer = crate::kafka::base_config(kafka).create()?;
             let mut tpl = TopicPartitionList::new();
             for p in &selected {
                 tpl.add_partition_offset(topic, p.partition, Offset::Offset(*ms))?;
@@ -173,11 +173,11 @@ impl ReplayPlan {
 }
 
 /// Commits the plan's offsets for the group, refusing while it has members. Blocking.
-pub fn execute(brokers: &str, plan: &ReplayPlan) -> anyhow::Result<()> {
+pub fn execute(kafka: &crate::config::KafkaConfig, plan: &ReplayPlan) -> anyhow::Result<()> {
     // Check again right before committing: someone may have started meanwhile.
-    let status = group_status(brokers, &plan.group, std::slice::from_ref(&plan.topic))?;
+    let status = group_status(kafka, &plan.group, std::slice::from_ref(&plan.topic))?;
     refuse_if_active(&plan.group, &status.members)?;
-    let consumer: BaseConsumer = crate::kafka::client_config(brokers)
+    let consumer: BaseConsumer = crate::kafka::base_config(kafka)
         .set("group.id", &plan.group)
         .set("enable.auto.commit", "false")
         .create()?;

@@ -10,8 +10,8 @@ use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use serde::Serialize;
 
-use super::header;
-use crate::topic_reader::{read_topic, TopicRecord};
+use crate::dlq::header;
+use crate::tools::topic_reader::{read_topic, TopicRecord};
 
 /// A dead-letter record as read back.
 pub type DlqRecord = TopicRecord;
@@ -30,8 +30,12 @@ impl DlqRecord {
 }
 
 /// Calls `each` for every record of the dead-letter `topic`. Blocking.
-pub fn read_all(brokers: &str, topic: &str, each: impl FnMut(DlqRecord)) -> anyhow::Result<u64> {
-    read_topic(brokers, topic, each, |_| {})
+pub fn read_all(
+    kafka: &crate::config::KafkaConfig,
+    topic: &str,
+    each: impl FnMut(DlqRecord),
+) -> anyhow::Result<u64> {
+    read_topic(kafka, topic, each, |_| {})
 }
 
 /// What `idem dlq inspect` reports.
@@ -54,7 +58,7 @@ pub struct Example {
 }
 
 pub fn inspect(
-    brokers: &str,
+    kafka: &crate::config::KafkaConfig,
     topic: &str,
     examples_per_reason: usize,
 ) -> anyhow::Result<Inspection> {
@@ -62,7 +66,7 @@ pub fn inspect(
         topic: topic.to_string(),
         ..Inspection::default()
     };
-    out.records = read_all(brokers, topic, |r| {
+    out.records = read_all(kafka, topic, |r| {
         let reason = r.reason().to_string();
         let n = out.by_reason.entry(reason.clone()).or_default();
         *n += 1;
@@ -155,15 +159,15 @@ pub async fn redrive(
     let mut conn = crate::store::connect_or_explain(&config.redis).await?;
     let key = redriven_key(&config.redis.key_prefix, dlq_topic);
     let done: std::collections::HashSet<String> = conn.smembers(&key).await?;
-    let (brokers, topic, event_cfg) = (
-        config.kafka.brokers.clone(),
+    let (kafka, topic, event_cfg) = (
+        config.kafka.clone(),
         dlq_topic.to_string(),
         config.event.clone(),
     );
     let reason = reason.map(str::to_string);
     let (out, acknowledged, error) = tokio::task::spawn_blocking(move || {
         redrive_blocking(
-            &brokers,
+            &kafka,
             &topic,
             reason.as_deref(),
             &event_cfg,
@@ -189,22 +193,22 @@ pub async fn redrive(
 }
 
 fn redrive_blocking(
-    brokers: &str,
+    kafka: &crate::config::KafkaConfig,
     dlq_topic: &str,
     reason: Option<&str>,
-    event_cfg: &crate::config::EventConfig,
+    event_cfg: &crate::event::EventConfig,
     done: &std::collections::HashSet<String>,
     execute: bool,
     progress: impl Fn(u64),
 ) -> anyhow::Result<(Redrive, Vec<String>, Option<String>)> {
-    let producer: ThreadedProducer<DeliveryCounter> = crate::kafka::client_config(brokers)
+    let producer: ThreadedProducer<DeliveryCounter> = crate::kafka::base_config(kafka)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("message.max.bytes", "1000000000")
         .create_with_context(DeliveryCounter::default())?;
     let mut out = Redrive::default();
     let mut error = None;
-    let read = read_all(brokers, dlq_topic, |r| {
+    let read = read_all(kafka, dlq_topic, |r| {
         if error.is_some() || reason.is_some_and(|want| r.reason() != want) {
             out.skipped += 1;
             return;

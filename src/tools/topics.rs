@@ -177,8 +177,8 @@ pub enum TopicState {
     },
 }
 
-fn admin(brokers: &str) -> anyhow::Result<AdminClient<DefaultClientContext>> {
-    Ok(crate::kafka::client_config(brokers).create()?)
+fn admin(kafka: &crate::config::KafkaConfig) -> anyhow::Result<AdminClient<DefaultClientContext>> {
+    Ok(crate::kafka::base_config(kafka).create()?)
 }
 
 fn partition_counts(
@@ -198,10 +198,10 @@ fn partition_counts(
 
 /// Creates missing topics and adds missing partitions.
 pub async fn apply(
-    brokers: &str,
+    kafka: &crate::config::KafkaConfig,
     specs: &[TopicSpec],
 ) -> anyhow::Result<Vec<(String, TopicState)>> {
-    let admin = admin(brokers)?;
+    let admin = admin(kafka)?;
     let existing = partition_counts(&admin)?;
     let opts = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
     let mut report = Vec::new();
@@ -248,10 +248,10 @@ pub async fn apply(
 
 /// Compares the declared topics with the cluster; drift is reported, not fixed.
 pub async fn check(
-    brokers: &str,
+    kafka: &crate::config::KafkaConfig,
     specs: &[TopicSpec],
 ) -> anyhow::Result<Vec<(String, TopicState)>> {
-    let admin = admin(brokers)?;
+    let admin = admin(kafka)?;
     let existing = partition_counts(&admin)?;
     let opts = AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT));
     let mut report = Vec::new();

@@ -43,8 +43,12 @@ pub struct GroupStatus {
 }
 
 /// Reads the group's state for `topics` (blocking: call from `spawn_blocking`).
-pub fn group_status(brokers: &str, group: &str, topics: &[String]) -> anyhow::Result<GroupStatus> {
-    let consumer: BaseConsumer = crate::kafka::client_config(brokers)
+pub fn group_status(
+    kafka: &crate::config::KafkaConfig,
+    group: &str,
+    topics: &[String],
+) -> anyhow::Result<GroupStatus> {
+    let consumer: BaseConsumer = crate::kafka::base_config(kafka)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()?;

@@ -13,6 +13,9 @@ use serde::Serialize;
 
 use crate::config::{redact_url, RedisConfig};
 
+mod checks;
+pub use checks::{check_eviction_policy, durable_wait, CheckError, DurableWait};
+
 /// An error talking to Redis.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -544,151 +547,6 @@ pub async fn read_entity(
         updated_ms: parse_u64("updated_ms")?,
         state,
     })
-}
-
-/// Checks at start that the server (every master of a cluster) can give
-/// `durability`, and says how batches must wait for it. The error says what
-/// to change, and on a cluster which node falls short.
-/// Refuses a Redis (any master of a cluster) whose `maxmemory-policy` may
-/// evict idem's keys: `allkeys-*` evicts entity state and `volatile-*`
-/// evicts exactly the remembered ids (they carry TTLs), so redeliveries
-/// would be applied again. Only `noeviction` is safe; with `allow_eviction`
-/// the refusal becomes a warning. A server that does not answer CONFIG GET
-/// (a managed Redis may rename it) gets a warning, not a refusal.
-pub async fn check_eviction_policy(
-    conn: &mut RedisConn,
-    allow_eviction: bool,
-) -> Result<(), String> {
-    let masters = conn
-        .masters()
-        .await
-        .map_err(|e| format!("cannot list the cluster's masters: {e}"))?;
-    for node in &masters {
-        let where_ = node
-            .as_ref()
-            .map_or("redis".to_string(), |(h, p)| format!("master {h}:{p}"));
-        let mut cmd = redis::cmd("CONFIG");
-        cmd.arg("GET").arg("maxmemory-policy");
-        let policy = conn
-            .query_on(node, &cmd)
-            .await
-            .and_then(|v| Ok(redis::from_redis_value::<Vec<String>>(&v)?))
-            .map(|pair| pair.get(1).cloned().unwrap_or_default());
-        match policy {
-            Ok(p) if p == "noeviction" => {}
-            Ok(p) if allow_eviction => tracing::warn!(
-                node = %where_,
-                policy = %p,
-                "Redis may evict idem's keys (maxmemory-policy is not noeviction); redis.allow_eviction = true accepts that evicted ids and state are lost"
-            ),
-            Ok(p) => {
-                return Err(format!(
-                    "{where_} has maxmemory-policy {p}: it may evict idem's keys (volatile-* evicts exactly the remembered ids, so redeliveries would be applied twice; allkeys-* also evicts entity state). Set `CONFIG SET maxmemory-policy noeviction` (and in redis.conf), or set redis.allow_eviction = true to accept the loss"
-                ))
-            }
-            Err(e) => tracing::warn!(
-                node = %where_,
-                error = %e,
-                "could not read maxmemory-policy (CONFIG GET refused?); make sure it is noeviction"
-            ),
-        }
-    }
-    Ok(())
-}
-
-pub async fn durable_wait(
-    conn: &mut RedisConn,
-    durability: crate::config::Durability,
-) -> Result<crate::guard::DurableWait, String> {
-    use crate::guard::DurableWait;
-    let masters = conn
-        .masters()
-        .await
-        .map_err(|e| format!("cannot list the cluster's masters: {e}"))?;
-    let mut wait = DurableWait::None;
-    for node in &masters {
-        let on_node = durable_wait_on(conn, node, durability)
-            .await
-            .map_err(|e| match node {
-                Some((host, port)) => format!("master {host}:{port}: {e}"),
-                None => e,
-            })?;
-        // A cluster whose masters differ (one fsyncs always, one needs
-        // WAITAOF) waits the stricter way everywhere: it is harmless on the other.
-        if on_node != DurableWait::None {
-            wait = on_node;
-        }
-    }
-    Ok(wait)
-}
-
-async fn durable_wait_on(
-    conn: &mut RedisConn,
-    node: &Option<(String, u16)>,
-    durability: crate::config::Durability,
-) -> Result<crate::guard::DurableWait, String> {
-    use crate::config::Durability;
-    use crate::guard::DurableWait;
-    let info = |section: &'static str| {
-        let mut conn = conn.clone();
-        async move {
-            let mut cmd = redis::cmd("INFO");
-            cmd.arg(section);
-            conn.query_on(node, &cmd)
-                .await
-                .and_then(|v| Ok(redis::from_redis_value::<String>(&v)?))
-                .map_err(|e| format!("INFO {section} failed: {e}"))
-        }
-    };
-    let field = |text: &str, name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}:")))
-            .map(|v| v.trim().to_string())
-    };
-    match durability {
-        Durability::Ack => Ok(DurableWait::None),
-        Durability::Replicas(n) => {
-            let replication = info("replication").await?;
-            let connected: u32 = field(&replication, "connected_slaves")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            if connected < n {
-                return Err(format!(
-                    "redis.durability = replicas:{n}, but this Redis has {connected} connected replica(s); add replicas or lower N"
-                ));
-            }
-            Ok(DurableWait::Replicas(n))
-        }
-        Durability::Fsync => {
-            let persistence = info("persistence").await?;
-            let server = info("server").await?;
-            let version = field(&server, "redis_version").unwrap_or_default();
-            let aof_on = field(&persistence, "aof_enabled").as_deref() == Some("1");
-            let mut config_get = redis::cmd("CONFIG");
-            config_get.arg("GET").arg("appendfsync");
-            let fsync_always: Option<String> = conn
-                .query_on(node, &config_get)
-                .await
-                .ok()
-                .and_then(|v| redis::from_redis_value::<Vec<String>>(&v).ok())
-                .and_then(|v| v.get(1).cloned());
-            if aof_on && fsync_always.as_deref() == Some("always") {
-                return Ok(DurableWait::None);
-            }
-            let (major, minor) = {
-                let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-                (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
-            };
-            if aof_on && (major, minor) >= (7, 2) {
-                return Ok(DurableWait::LocalAof);
-            }
-            Err(format!(
-                "redis.durability = fsync needs the write on disk before the commit: this Redis {version} has appendonly {} and appendfsync {}. Set `appendonly yes` and `appendfsync always`, or use Redis >= 7.2 with appendonly yes (idem then waits with WAITAOF), or choose durability = \"ack\"",
-                if aof_on { "yes" } else { "no" },
-                fsync_always.as_deref().unwrap_or("unknown (CONFIG GET not allowed)")
-            ))
-        }
-    }
 }
 
 #[cfg(test)]

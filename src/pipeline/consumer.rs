@@ -1,0 +1,265 @@
+//! The consumer thread: polls a `BaseConsumer` on a thread of its own and
+//! forwards everything librdkafka reports (records, rebalances, commits,
+//! statistics) to the processing loop as [`KafkaEvent`]s. The loop owns all
+//! progress; this thread owns nothing but the client.
+//!
+//! This is Quickwit's pattern (`quickwit-indexing/src/source/kafka_source.rs`).
+//! With a `StreamConsumer` the rebalance callback runs inside the loop's own
+//! `recv()`, so "send to the loop and wait for its answer" would deadlock;
+//! here the callback runs on the poll thread, which may wait while the loop
+//! drains the revoked partitions.
+//!
+//! Guarantee: a revoke is answered only by the loop, after the revoked
+//! partitions' in-flight batches finished (or the revoke deadline passed);
+//! the commit points it answers with are stored and committed synchronously
+//! before librdkafka hands the partitions on. A lost assignment commits
+//! nothing. Once the loop is gone (shutdown), a revoke commits nothing more:
+//! the loop made its final commit before it let go.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::kafka;
+use crate::metrics;
+use crate::offsets::TopicPartition;
+
+/// A record as fetched, owned, before decoding.
+pub struct Fetched {
+    pub tp: TopicPartition,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Fetched {
+    fn from_message(m: &BorrowedMessage<'_>) -> Fetched {
+        Fetched {
+            tp: TopicPartition::new(m.topic(), m.partition()),
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+            headers: m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// What the consumer thread tells the loop, in the order librdkafka reported it.
+pub enum KafkaEvent {
+    Record(Fetched),
+    Error(KafkaError),
+    Assigned(Vec<TopicPartition>),
+    /// The loop stops taking records of `partitions`, waits (bounded) for
+    /// their in-flight batches and answers with their commit points.
+    Revoked {
+        partitions: Vec<TopicPartition>,
+        answer: std::sync::mpsc::SyncSender<Vec<(TopicPartition, i64)>>,
+    },
+    /// The assignment was lost (session timeout, fenced): commit nothing.
+    Lost(Vec<TopicPartition>),
+}
+
+/// Facts for metrics only, which need no order with the records.
+pub enum KafkaNote {
+    Committed(Vec<(TopicPartition, i64)>),
+    /// Per partition: consumer lag, stored offset, committed offset.
+    Stats(Vec<(TopicPartition, i64, i64, i64)>),
+}
+
+/// The client context: forwards callbacks to the loop.
+pub struct Forwarder {
+    events: mpsc::Sender<KafkaEvent>,
+    notes: mpsc::UnboundedSender<KafkaNote>,
+    /// How long a revoke waits for the loop's answer (the loop's own bound
+    /// plus slack).
+    revoke_wait: Duration,
+}
+
+pub type Consumer = BaseConsumer<Forwarder>;
+
+impl Forwarder {
+    pub fn new(
+        events: mpsc::Sender<KafkaEvent>,
+        notes: mpsc::UnboundedSender<KafkaNote>,
+        revoke_timeout: Duration,
+    ) -> Forwarder {
+        Forwarder {
+            events,
+            notes,
+            revoke_wait: revoke_timeout + Duration::from_secs(5),
+        }
+    }
+
+    fn revoke(&self, consumer: &Consumer, partitions: Vec<TopicPartition>) {
+        let (answer, answered) = std::sync::mpsc::sync_channel(1);
+        let n = partitions.len();
+        if self
+            .events
+            .blocking_send(KafkaEvent::Revoked { partitions, answer })
+            .is_err()
+        {
+            return; // the loop is gone; it made its final commit
+        }
+        let Ok(commits) = answered.recv_timeout(self.revoke_wait) else {
+            tracing::warn!(
+                partitions = n,
+                "the loop did not answer the revoke in time; committing nothing for the revoked partitions"
+            );
+            return;
+        };
+        for (tp, next) in &commits {
+            kafka::store_offset(consumer, tp, *next);
+        }
+        kafka::commit_stored(consumer);
+        tracing::info!(
+            partitions = n,
+            committed = commits.len(),
+            "partitions revoked after committing their finished offsets"
+        );
+    }
+}
+
+impl ClientContext for Forwarder {
+    /// A refusal after start (rotated credentials, a replaced certificate)
+    /// is logged as an error with its cause; librdkafka keeps retrying, so
+    /// idem resumes once the brokers accept it again.
+    fn error(&self, error: KafkaError, reason: &str) {
+        if kafka::is_refusal(&error, reason) {
+            metrics::record_retry("kafka_refused");
+            tracing::error!(error = %error, reason, "Kafka refused idem's credentials or TLS handshake; consumption is stalled until the brokers accept them (see docs/security.md)");
+        } else {
+            tracing::warn!(error = %error, reason, "kafka client error");
+        }
+    }
+
+    /// librdkafka's periodic statistics carry each partition's lag and its
+    /// stored vs committed offsets.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut rows = Vec::new();
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition >= 0 {
+                    rows.push((
+                        TopicPartition::new(topic.as_str(), *partition),
+                        p.consumer_lag,
+                        p.stored_offset,
+                        p.committed_offset,
+                    ));
+                }
+            }
+        }
+        let _ = self.notes.send(KafkaNote::Stats(rows));
+    }
+}
+
+impl ConsumerContext for Forwarder {
+    fn pre_rebalance(&self, consumer: &Consumer, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) if consumer.assignment_lost() => {
+                let _ = self
+                    .events
+                    .blocking_send(KafkaEvent::Lost(partitions_of(tpl)));
+            }
+            Rebalance::Revoke(tpl) => self.revoke(consumer, partitions_of(tpl)),
+            Rebalance::Assign(tpl) => {
+                let _ = self
+                    .events
+                    .blocking_send(KafkaEvent::Assigned(partitions_of(tpl)));
+            }
+            Rebalance::Error(e) => {
+                metrics::record_rebalance("error");
+                tracing::warn!(error = %e, "rebalance error");
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {
+                let committed = offsets
+                    .elements()
+                    .iter()
+                    .filter_map(|e| match e.offset() {
+                        Offset::Offset(o) => {
+                            Some((TopicPartition::new(e.topic(), e.partition()), o))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                let _ = self.notes.send(KafkaNote::Committed(committed));
+                tracing::debug!(partitions = offsets.count(), "offsets committed");
+            }
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "offset commit failed; it is retried with the next commit")
+            }
+        }
+    }
+}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+    tpl.elements()
+        .iter()
+        .map(|e| TopicPartition::new(e.topic(), e.partition()))
+        .collect()
+}
+
+/// The thread that polls the consumer; stopped by [`PollThread::stop`].
+pub struct PollThread {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<()>,
+}
+
+/// How long one poll waits; bounds how late a stop is noticed.
+const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+
+impl PollThread {
+    pub fn spawn(
+        consumer: Arc<Consumer>,
+        events: mpsc::Sender<KafkaEvent>,
+    ) -> std::io::Result<PollThread> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("idem-consumer".into())
+            .spawn(move || {
+                while !stopping.load(Ordering::Relaxed) {
+                    let event = match consumer.poll(POLL_TIMEOUT) {
+                        None => continue,
+                        Some(Ok(m)) => KafkaEvent::Record(Fetched::from_message(&m)),
+                        Some(Err(e)) => KafkaEvent::Error(e),
+                    };
+                    if events.blocking_send(event).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(PollThread { stop, handle })
+    }
+
+    /// Stops polling; returns once the thread has ended. Call after the
+    /// loop dropped its event receiver, so that a blocked send returns.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.handle.join();
+    }
+}

@@ -1,0 +1,328 @@
+//! The processing loop: the one owner of [`Progress`]. It takes what the
+//! consumer thread reports (records, rebalances) and what the guard stage
+//! finished, batches records, hands batches over in fetch order, and stores
+//! each partition's contiguous commit point.
+//!
+//! Guarantee (commit after effect): an offset is stored for commit only when
+//! it and every offset fetched before it in its partition has its outcome
+//! durable in Redis. A revoke is answered only after the revoked partitions'
+//! in-flight batches finished, or `kafka.revoke_timeout` passed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::Consumer as _;
+use rdkafka::TopicPartitionList;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::batch::{Batch, Finished};
+use super::blocked::BlockedWatch;
+use super::consumer::{Consumer, Fetched, KafkaEvent, KafkaNote};
+use super::progress::Progress;
+use super::Shutdown;
+use crate::config::Config;
+use crate::kafka;
+use crate::metrics::{self, Health};
+use crate::offsets::TopicPartition;
+
+/// How long the loop waits for the guard stage with a full batch before it
+/// pauses fetching (instead of buffering) while it keeps serving rebalances.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
+
+pub struct EventLoop {
+    pub config: Arc<Config>,
+    pub consumer: Arc<Consumer>,
+    pub health: Health,
+    pub progress: Progress,
+    pub events: mpsc::Receiver<KafkaEvent>,
+    pub notes: mpsc::UnboundedReceiver<KafkaNote>,
+    pub finished: mpsc::UnboundedReceiver<Finished>,
+    /// Fetched records not yet handed over, in fetch order.
+    pub pending: Vec<Fetched>,
+    /// When the pending records must be handed over even if few.
+    pub linger_until: Option<Instant>,
+    /// Since when a batch is ready and the guard stage has no room.
+    pub stage_full_since: Option<Instant>,
+    /// What was paused (Redis behind, or consumption stopped).
+    pub paused: Option<TopicPartitionList>,
+    pub blocked: BlockedWatch,
+}
+
+impl EventLoop {
+    pub fn new(
+        config: Arc<Config>,
+        consumer: Arc<Consumer>,
+        health: Health,
+        events: mpsc::Receiver<KafkaEvent>,
+        notes: mpsc::UnboundedReceiver<KafkaNote>,
+        finished: mpsc::UnboundedReceiver<Finished>,
+    ) -> EventLoop {
+        EventLoop {
+            config,
+            consumer,
+            health,
+            progress: Progress::default(),
+            events,
+            notes,
+            finished,
+            pending: Vec::new(),
+            linger_until: None,
+            stage_full_since: None,
+            paused: None,
+            blocked: BlockedWatch::default(),
+        }
+    }
+
+    /// Runs until `shutdown` fires or the guard stage ends.
+    pub async fn run(&mut self, batches: &mpsc::Sender<Batch>, shutdown: &mut Shutdown) {
+        let max = self.config.pipeline.batch_max_events.get();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let stopped = self.health.stopped_reason().is_some();
+            if stopped && self.paused.is_none() {
+                // Consumption was stopped (dead-letter budget): fetch nothing
+                // more, but keep serving rebalances and committing what finishes.
+                self.pending.clear();
+                self.pause();
+            }
+            let ready = !stopped
+                && !self.pending.is_empty()
+                && (self.pending.len() >= max
+                    || self.linger_until.is_some_and(|t| t <= Instant::now()));
+            if ready {
+                self.stage_full_since.get_or_insert_with(Instant::now);
+            }
+            let take_events = self.pending.len() < max || self.paused.is_some();
+            let wake_at = self.wake_at(ready);
+            tokio::select! {
+                // Shutdown first: once asked to stop, take no new work.
+                biased;
+                _ = shutdown.wait() => break,
+                Some(done) = self.finished.recv() => self.on_finished(done),
+                permit = batches.reserve(), if ready => match permit {
+                    Ok(permit) => self.hand_over(permit, max),
+                    Err(_) => break, // the guard stage ended (shutdown while Redis failed)
+                },
+                Some(event) = self.events.recv(), if take_events => self.on_event(event).await,
+                Some(note) = self.notes.recv() => self.on_note(note),
+                _ = tokio::time::sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => {
+                    if ready && self.paused.is_none() && self.stage_full_since.is_some_and(|t| t.elapsed() >= PAUSE_AFTER) {
+                        self.pause();
+                    }
+                }
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+    }
+
+    /// The next moment the loop must look again without any message: the
+    /// linger deadline, or when a waiting batch should pause fetching.
+    fn wake_at(&self, ready: bool) -> Option<Instant> {
+        if ready {
+            (self.paused.is_none())
+                .then(|| self.stage_full_since.map(|t| t + PAUSE_AFTER))
+                .flatten()
+        } else {
+            self.linger_until
+        }
+    }
+
+    /// Decodes up to `max` pending records and hands them to the guard stage.
+    fn hand_over(&mut self, permit: mpsc::Permit<'_, Batch>, max: usize) {
+        let take = self.pending.len().min(max);
+        let records: Vec<Fetched> = self.pending.drain(..take).collect();
+        self.linger_until = if self.pending.is_empty() {
+            None
+        } else {
+            Some(Instant::now() + self.config.pipeline.batch_linger)
+        };
+        self.stage_full_since = None;
+        if self.paused.is_some() && self.health.stopped_reason().is_none() {
+            self.resume();
+        }
+        let batch = Batch::decode(records, &self.config);
+        self.progress.begin(batch.positions());
+        metrics::set_in_flight_events(self.progress.in_flight());
+        permit.send(batch);
+    }
+
+    fn on_finished(&mut self, done: Finished) {
+        self.progress.mark_done(done.positions());
+        metrics::set_in_flight_events(self.progress.in_flight());
+        self.store_commits();
+    }
+
+    /// Stores each owned partition's new commit point for librdkafka's next commit.
+    fn store_commits(&mut self) {
+        for (tp, next) in self.progress.take_owned_commits() {
+            if kafka::store_offset(&*self.consumer, &tp, next) {
+                self.progress.note_stored(&tp, next);
+            }
+        }
+    }
+
+    async fn on_event(&mut self, event: KafkaEvent) {
+        match event {
+            KafkaEvent::Record(record) => {
+                // Records of partitions revoked meanwhile belong to their new
+                // owner; while stopped, records are dropped unprocessed (never
+                // begun, so never committed).
+                if self.progress.is_assigned(&record.tp) && self.health.stopped_reason().is_none() {
+                    if self.pending.is_empty() {
+                        self.linger_until =
+                            Some(Instant::now() + self.config.pipeline.batch_linger);
+                    }
+                    self.pending.push(record);
+                }
+            }
+            KafkaEvent::Error(e) => tracing::warn!(error = %e, "kafka consumer error; continuing"),
+            KafkaEvent::Assigned(tps) => self.on_assigned(&tps),
+            KafkaEvent::Lost(tps) => {
+                metrics::record_rebalance("lost");
+                tracing::warn!(
+                    partitions = tps.len(),
+                    "partitions lost; their in-flight work is not committed"
+                );
+                self.drop_partitions(&tps);
+            }
+            KafkaEvent::Revoked { partitions, answer } => {
+                let commits = self.on_revoked(&partitions).await;
+                // The consumer thread stores and commits them before the rebalance goes on.
+                let _ = answer.send(commits);
+            }
+        }
+    }
+
+    fn on_assigned(&mut self, tps: &[TopicPartition]) {
+        metrics::record_rebalance("assign");
+        self.progress.assign(tps);
+        for tp in tps {
+            metrics::init_partition(&tp.topic, tp.partition);
+        }
+        tracing::info!(partitions = tps.len(), "partitions assigned");
+        self.note_assignment();
+        if self.paused.is_some() {
+            // A partition assigned during the pause would fetch: pause it too.
+            self.pause();
+        }
+    }
+
+    /// Stops taking records of `tps`, waits (bounded by `kafka.revoke_timeout`)
+    /// until their in-flight batches finished, and returns their commit points.
+    async fn on_revoked(&mut self, tps: &[TopicPartition]) -> Vec<(TopicPartition, i64)> {
+        metrics::record_rebalance("revoke");
+        self.progress.unassign(tps);
+        self.pending.retain(|r| !tps.contains(&r.tp));
+        let timeout = self.config.kafka.revoke_timeout;
+        let deadline = Instant::now() + timeout;
+        while !self.progress.is_idle(tps) {
+            match tokio::time::timeout_at(deadline, self.finished.recv()).await {
+                Ok(Some(done)) => self.on_finished(done),
+                Ok(None) | Err(_) => {
+                    tracing::warn!(
+                        ?timeout,
+                        "revoked partitions still had work in flight; committing only what is done"
+                    );
+                    break;
+                }
+            }
+        }
+        let commits = self.progress.take_commits(|tp| tps.contains(tp));
+        self.drop_partitions(tps);
+        commits
+    }
+
+    /// Forgets `tps`: their pending records and progress go, nothing of them is committed.
+    fn drop_partitions(&mut self, tps: &[TopicPartition]) {
+        self.pending.retain(|r| !tps.contains(&r.tp));
+        self.progress.forget(tps);
+        self.note_assignment();
+    }
+
+    fn note_assignment(&self) {
+        let n = self.progress.assigned_count();
+        metrics::set_assigned_partitions(n);
+        self.health.set_assigned(n > 0);
+    }
+
+    fn on_note(&mut self, note: KafkaNote) {
+        match note {
+            KafkaNote::Committed(offsets) => {
+                for (tp, offset) in offsets {
+                    if let Some(lag) = self.progress.note_committed(&tp, offset) {
+                        metrics::record_commit_lag(lag);
+                    }
+                }
+            }
+            KafkaNote::Stats(rows) => {
+                let mut uncommitted = 0i64;
+                for (tp, lag, stored, committed) in rows {
+                    if !self.progress.is_assigned(&tp) {
+                        continue;
+                    }
+                    if lag >= 0 {
+                        metrics::set_consumer_lag(&tp.topic, tp.partition, lag);
+                    }
+                    if stored >= 0 && committed >= 0 {
+                        uncommitted += (stored - committed).max(0);
+                    }
+                }
+                metrics::set_uncommitted_events(uncommitted);
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        self.blocked.check(
+            &self.progress,
+            &self.health,
+            self.config.pipeline.stall_timeout,
+        );
+    }
+
+    /// Pauses fetching for every assigned partition.
+    fn pause(&mut self) {
+        let assignment = match self.consumer.assignment() {
+            Ok(a) => a,
+            Err(e) => {
+                return tracing::warn!(error = %e, "could not read the assignment to pause it")
+            }
+        };
+        match self.consumer.pause(&assignment) {
+            Ok(()) => {
+                metrics::set_paused(true);
+                tracing::debug!(partitions = assignment.count(), "fetching paused");
+                self.paused = Some(assignment);
+            }
+            Err(e) => tracing::warn!(error = %e, "could not pause fetching"),
+        }
+    }
+
+    fn resume(&mut self) {
+        let Some(paused) = self.paused.take() else {
+            return;
+        };
+        // Partitions revoked meanwhile cannot be resumed; the rest can.
+        let owned = self.consumer.assignment().unwrap_or_default();
+        let mut resume = TopicPartitionList::new();
+        for e in paused.elements() {
+            if owned.find_partition(e.topic(), e.partition()).is_some() {
+                resume.add_partition(e.topic(), e.partition());
+            }
+        }
+        if let Err(e) = self.consumer.resume(&resume) {
+            tracing::warn!(error = %e, "could not resume fetching");
+        }
+        metrics::set_paused(false);
+    }
+
+    /// After the guard stage ended: marks what it finished and stores the
+    /// final commit points.
+    pub fn finish(&mut self) {
+        while let Ok(done) = self.finished.try_recv() {
+            self.progress.mark_done(done.positions());
+        }
+        self.store_commits();
+    }
+}

@@ -1,0 +1,231 @@
+//! Start-up checks of the Redis idem writes to: will it keep idem's keys
+//! (no eviction), and how must a batch wait to count as durable?
+//!
+//! Guarantee: idem does not start on a Redis that may evict its keys or that
+//! cannot give the configured durability; the error names the node and what
+//! to change.
+
+use super::{RedisConn, StoreError};
+use crate::config::Durability;
+
+/// What a batch waits for after its scripts ran, before it counts as durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DurableWait {
+    /// Nothing: the script's reply is enough (`ack`, or `fsync` with appendfsync always).
+    None,
+    /// `WAIT n timeout`: n replicas acknowledged.
+    Replicas(u32),
+    /// `WAITAOF 1 0 timeout`: fsynced to the local AOF (Redis ≥ 7.2).
+    LocalAof,
+}
+
+/// Why a start-up check refused the Redis (or could not run).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("cannot list the cluster's masters: {0}")]
+    Masters(#[source] StoreError),
+    #[error("{node}: INFO {section} failed: {source}")]
+    Info {
+        node: String,
+        section: &'static str,
+        #[source]
+        source: StoreError,
+    },
+    #[error("{node} has maxmemory-policy {policy}: it may evict idem's keys (volatile-* evicts exactly the remembered ids, so redeliveries would be applied twice; allkeys-* also evicts entity state). Set `CONFIG SET maxmemory-policy noeviction` (and in redis.conf), or set redis.allow_eviction = true to accept the loss")]
+    EvictionPolicy { node: String, policy: String },
+    #[error("redis.durability = replicas:{wanted}, but {node} has {connected} connected replica(s); add replicas or lower N")]
+    TooFewReplicas {
+        node: String,
+        wanted: u32,
+        connected: u32,
+    },
+    #[error("redis.durability = fsync needs the write on disk before the commit: {node} (Redis {version}) has appendonly {} and appendfsync {appendfsync}. Set `appendonly yes` and `appendfsync always`, or use Redis >= 7.2 with appendonly yes (idem then waits with WAITAOF), or choose durability = \"ack\"", if *.aof_on { "yes" } else { "no" })]
+    NoFsync {
+        node: String,
+        version: String,
+        aof_on: bool,
+        appendfsync: String,
+    },
+}
+
+/// How a node is named in logs and errors.
+fn node_name(node: &Option<(String, u16)>) -> String {
+    node.as_ref()
+        .map_or("redis".to_string(), |(h, p)| format!("master {h}:{p}"))
+}
+
+/// Refuses a Redis (any master of a cluster) whose `maxmemory-policy` may
+/// evict idem's keys: `allkeys-*` evicts entity state and `volatile-*`
+/// evicts exactly the remembered ids (they carry TTLs), so redeliveries
+/// would be applied again. Only `noeviction` is safe; with `allow_eviction`
+/// the refusal becomes a warning. A server that does not answer CONFIG GET
+/// (a managed Redis may rename it) gets a warning, not a refusal.
+pub async fn check_eviction_policy(
+    conn: &mut RedisConn,
+    allow_eviction: bool,
+) -> Result<(), CheckError> {
+    let masters = conn.masters().await.map_err(CheckError::Masters)?;
+    for node in &masters {
+        let name = node_name(node);
+        match config_get(conn, node, "maxmemory-policy").await {
+            Ok(p) if p == "noeviction" => {}
+            Ok(p) if allow_eviction => tracing::warn!(
+                node = %name,
+                policy = %p,
+                "Redis may evict idem's keys (maxmemory-policy is not noeviction); redis.allow_eviction = true accepts that evicted ids and state are lost"
+            ),
+            Ok(policy) => return Err(CheckError::EvictionPolicy { node: name, policy }),
+            Err(e) => tracing::warn!(
+                node = %name,
+                error = %e,
+                "could not read maxmemory-policy (CONFIG GET refused?); make sure it is noeviction"
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Checks at start that the server (every master of a cluster) can give
+/// `durability`, and says how batches must wait for it. The error says what
+/// to change, and on a cluster which node falls short.
+pub async fn durable_wait(
+    conn: &mut RedisConn,
+    durability: Durability,
+) -> Result<DurableWait, CheckError> {
+    let masters = conn.masters().await.map_err(CheckError::Masters)?;
+    let mut wait = DurableWait::None;
+    for node in &masters {
+        let on_node = durable_wait_on(conn, node, durability).await?;
+        // A cluster whose masters differ (one fsyncs always, one needs
+        // WAITAOF) waits the stricter way everywhere: it is harmless on the other.
+        if on_node != DurableWait::None {
+            wait = on_node;
+        }
+    }
+    Ok(wait)
+}
+
+async fn durable_wait_on(
+    conn: &mut RedisConn,
+    node: &Option<(String, u16)>,
+    durability: Durability,
+) -> Result<DurableWait, CheckError> {
+    match durability {
+        Durability::Ack => Ok(DurableWait::None),
+        Durability::Replicas(wanted) => {
+            let replication = info(conn, node, "replication").await?;
+            let connected: u32 = info_field(&replication, "connected_slaves")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if connected < wanted {
+                return Err(CheckError::TooFewReplicas {
+                    node: node_name(node),
+                    wanted,
+                    connected,
+                });
+            }
+            Ok(DurableWait::Replicas(wanted))
+        }
+        Durability::Fsync => {
+            let persistence = info(conn, node, "persistence").await?;
+            let server = info(conn, node, "server").await?;
+            let version = info_field(&server, "redis_version").unwrap_or_default();
+            let aof_on = info_field(&persistence, "aof_enabled").as_deref() == Some("1");
+            let appendfsync = config_get(conn, node, "appendfsync").await.ok();
+            fsync_wait(aof_on, appendfsync.as_deref(), &version).ok_or_else(|| {
+                CheckError::NoFsync {
+                    node: node_name(node),
+                    version,
+                    aof_on,
+                    appendfsync: appendfsync
+                        .unwrap_or_else(|| "unknown (CONFIG GET not allowed)".into()),
+                }
+            })
+        }
+    }
+}
+
+/// How `durability = fsync` waits on a node, or None if it cannot.
+///
+/// | appendonly | appendfsync | version | wait      |
+/// |------------|-------------|---------|-----------|
+/// | yes        | always      | any     | none      |
+/// | yes        | other       | ≥ 7.2   | WAITAOF   |
+/// | yes        | other       | < 7.2   | refused   |
+/// | no         | any         | any     | refused   |
+fn fsync_wait(aof_on: bool, appendfsync: Option<&str>, version: &str) -> Option<DurableWait> {
+    if aof_on && appendfsync == Some("always") {
+        return Some(DurableWait::None);
+    }
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (aof_on && (major, minor) >= (7, 2)).then_some(DurableWait::LocalAof)
+}
+
+async fn info(
+    conn: &mut RedisConn,
+    node: &Option<(String, u16)>,
+    section: &'static str,
+) -> Result<String, CheckError> {
+    let mut cmd = redis::cmd("INFO");
+    cmd.arg(section);
+    conn.query_on(node, &cmd)
+        .await
+        .and_then(|v| Ok(redis::from_redis_value::<String>(&v)?))
+        .map_err(|source| CheckError::Info {
+            node: node_name(node),
+            section,
+            source,
+        })
+}
+
+fn info_field(text: &str, name: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(|v| v.trim().to_string())
+}
+
+/// One parameter's value from `CONFIG GET`.
+async fn config_get(
+    conn: &mut RedisConn,
+    node: &Option<(String, u16)>,
+    parameter: &str,
+) -> Result<String, StoreError> {
+    let mut cmd = redis::cmd("CONFIG");
+    cmd.arg("GET").arg(parameter);
+    let v = conn.query_on(node, &cmd).await?;
+    let pair: Vec<String> = redis::from_redis_value(&v)?;
+    Ok(pair.get(1).cloned().unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fsync_wait_by_table() {
+        use DurableWait::*;
+        let rows = [
+            (true, Some("always"), "6.2.0", Some(None)),
+            (true, Some("everysec"), "7.2.4", Some(LocalAof)),
+            (true, Some("everysec"), "7.10.0", Some(LocalAof)),
+            (true, Some("everysec"), "7.0.15", Option::None),
+            (true, Option::None, "6.0.0", Option::None),
+            (false, Some("always"), "7.4.0", Option::None),
+        ];
+        for (aof, fsync, version, want) in rows {
+            assert_eq!(
+                fsync_wait(aof, fsync, version),
+                want,
+                "{aof} {fsync:?} {version}"
+            );
+        }
+    }
+
+    #[test]
+    fn info_fields_are_found_by_exact_name() {
+        let text = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\nslave0:ip=x\r\n";
+        assert_eq!(info_field(text, "connected_slaves").as_deref(), Some("2"));
+        assert_eq!(info_field(text, "connected"), Option::None);
+    }
+}

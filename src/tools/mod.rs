@@ -1,0 +1,19 @@
+//! The operator's tools: everything idem does besides the data path, each
+//! run by a subcommand of `idem` (see `cli/`). They read topics and Redis,
+//! and write only where the operator asked them to.
+//!
+//! - [`topics`]: topics as code (`idem topics plan|apply`).
+//! - [`group`]: a group's members and lag (`idem inspect group`).
+//! - [`replay`]: moving a group's committed offsets (`idem replay`).
+//! - [`reconcile`]: Redis's state against a topic's history (`idem reconcile`).
+//! - [`dead_letters`]: looking at and redriving dead letters (`idem dlq`).
+//! - [`topic_reader`]: reading a partition range, shared by the tools above.
+//! - [`sample`]: a deterministic test-data generator (`idem sample`).
+
+pub mod dead_letters;
+pub mod group;
+pub mod reconcile;
+pub mod replay;
+pub mod sample;
+pub mod topic_reader;
+pub mod topics;
