@@ -5,7 +5,9 @@ RUN apt-get update && apt-get install -y --no-install-recommends cmake libssl-de
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY config ./config
-RUN cargo build --release --locked
+# The workspace names the test bench; only the idem binary is built and shipped.
+COPY testbench ./testbench
+RUN cargo build --release --locked -p idem --bin idem
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libssl3 && rm -rf /var/lib/apt/lists/*

@@ -27,25 +27,27 @@ REDIS_CLUSTER_URL ?= redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0
 ## The whole suite against the real Kafka and Redis: every test against
 ## standalone Redis, then the integration tests again against the Redis Cluster.
 test: services
-	$(CARGO) test --all-targets
+	$(CARGO) test --workspace --all-targets
 	$(MAKE) --no-print-directory test-cluster
 
 # The integration tests whose Redis follows IDEM_REDIS_URL. (cluster.rs runs
 # on clusters in both passes; security.rs and decoder_props.rs do not depend
-# on the shared Redis.) Add a new integration test file here too.
+# on the shared Redis.) Add a new integration test file here too; conformance
+# and bench_smoke are the test bench's (testbench/tests/).
 CLUSTER_PASS_TESTS := foundation group dead_letters replay observability conformance bench_smoke
 
 ## The integration tests against the Redis Cluster only.
 test-cluster: services
-	IDEM_REDIS_URL='$(REDIS_CLUSTER_URL)' $(CARGO) test $(addprefix --test ,$(CLUSTER_PASS_TESTS))
+	IDEM_REDIS_URL='$(REDIS_CLUSTER_URL)' $(CARGO) test --workspace $(addprefix --test ,$(CLUSTER_PASS_TESTS))
 
 ## Only the tests that need no services.
 test-unit:
-	$(CARGO) test --lib
+	$(CARGO) test --workspace --lib
 
 lint:
-	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	python3 scripts/module-graph.py src | grep -qx 'CYCLES: none' || { python3 scripts/module-graph.py src; exit 1; }
 
 clean-cache:
 	scripts/services.sh down
@@ -53,12 +55,12 @@ clean-cache:
 
 ## The benchmark of docs/performance.md (release build; about 4 minutes).
 bench: services
-	$(CARGO) build --release
-	target/release/idem bench --out bench-out
+	$(CARGO) build --release --workspace
+	target/release/idem-testbench bench --out bench-out
 
 ## The full conformance suite of docs/conformance.md (kills and restarts the local broker).
 conformance: services
-	$(CARGO) build --release
-	target/release/idem conformance --profile full --out conformance-out \
+	$(CARGO) build --release --workspace
+	target/release/idem-testbench conformance --profile full --out conformance-out \
 	  --kafka-kill-cmd 'scripts/services.sh kill-kafka' --kafka-start-cmd 'scripts/services.sh up' \
 	  --kafka-pause-cmd 'scripts/services.sh pause-kafka' --kafka-resume-cmd 'scripts/services.sh resume-kafka'

@@ -22,10 +22,8 @@
 //! reconcile, dead-letter inspection and redrive, the sample generator;
 //! and [`cli`], the `idem` command line over all of it.
 
-pub mod bench;
 pub mod cli;
 pub mod config;
-pub mod conformance;
 pub mod dlq;
 pub mod event;
 pub mod guard;

@@ -8,9 +8,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use idem::conformance::harness::PrivateCluster;
 use idem::model::Outcome;
 use idem::tools::sample::{generate, Rng, SampleSpec};
+use idem_testbench::conformance::harness::PrivateCluster;
 
 const CATCH_UP: Duration = Duration::from_secs(120);
 

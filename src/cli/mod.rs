@@ -8,8 +8,6 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, LogFormat};
 
-pub mod bench;
-pub mod conformance;
 pub mod dlq;
 pub mod inspect;
 pub mod reconcile;
@@ -43,17 +41,36 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     Topics(topics::TopicsArgs),
     Sample(sample::SampleArgs),
-    Bench(bench::BenchArgs),
     Dlq(dlq::DlqArgs),
     Replay(replay::ReplayArgs),
     Reconcile(reconcile::ReconcileArgs),
-    Conformance(conformance::ConformanceArgs),
 }
 
 /// Loads config, starts logging and runs the chosen command.
 pub fn main(cli: Cli) -> ExitCode {
+    with_config(cli.config.as_deref(), move |config| async move {
+        match cli.command {
+            Command::Run(args) => run::run(args, config).await,
+            Command::Inspect(args) => inspect::run(args, config).await,
+            Command::Topics(args) => topics::run(args, config).await,
+            Command::Sample(args) => sample::run(args, config).await,
+            Command::Dlq(args) => dlq::run(args, config).await,
+            Command::Replay(args) => replay::run(args, config).await,
+            Command::Reconcile(args) => reconcile::run(args, config).await,
+        }
+    })
+}
+
+/// Loads the config (defaults, `file`, `IDEM__…` variables), starts
+/// logging and the runtime, and runs `command` on them; errors are printed
+/// with their causes. A bad config exits 2, naming the key.
+pub fn with_config<F, Fut>(file: Option<&std::path::Path>, command: F) -> ExitCode
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
+{
     let env: HashMap<String, String> = std::env::vars().collect();
-    let config = match Config::load(cli.config.as_deref(), &env) {
+    let config = match Config::load(file, &env) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -72,20 +89,7 @@ pub fn main(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async move {
-        match cli.command {
-            Command::Run(args) => run::run(args, config).await,
-            Command::Inspect(args) => inspect::run(args, config).await,
-            Command::Topics(args) => topics::run(args, config).await,
-            Command::Sample(args) => sample::run(args, config).await,
-            Command::Bench(args) => bench::run(args, config).await,
-            Command::Dlq(args) => dlq::run(args, config).await,
-            Command::Replay(args) => replay::run(args, config).await,
-            Command::Reconcile(args) => reconcile::run(args, config).await,
-            Command::Conformance(args) => conformance::run(args, config).await,
-        }
-    });
-    match result {
+    match runtime.block_on(command(config)) {
         Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -1,16 +1,13 @@
 //! Shared helpers of the integration tests: real Kafka, real Redis, the real
 //! `idem` binary. Every test gets its own topic, group, key prefix and port.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
-use idem::event::{decode, FieldMap};
 use idem::model::{Model, Outcome};
 use idem::store::{self, EntityView, KeyLayout};
 use idem::tools::sample::SampleRecord;
@@ -18,56 +15,9 @@ use idem::tools::topics::{self, TopicSpec};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-pub fn brokers() -> String {
-    std::env::var("IDEM_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
-
-/// Client settings for the tests' broker (plaintext).
-pub fn kafka() -> idem::config::KafkaConfig {
-    idem::config::KafkaConfig::for_brokers(&brokers())
-}
-
-/// The Redis the tests use: standalone by default; `IDEM_REDIS_URL` with
-/// several comma-separated seed nodes runs the suite against a cluster.
-pub fn redis_url() -> String {
-    std::env::var("IDEM_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-/// The `IDEM__REDIS__…` variables that point idem at `url`.
-pub fn redis_env(url: &str) -> Vec<(&'static str, String)> {
-    let mode = if url.contains(',') {
-        "cluster"
-    } else {
-        "standalone"
-    };
-    vec![
-        ("IDEM__REDIS__URL", url.to_string()),
-        ("IDEM__REDIS__MODE", mode.to_string()),
-    ]
-}
-
-/// A name no other test (or earlier run) uses.
-pub fn unique(name: &str) -> String {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-        % 1_000_000_000_000;
-    format!(
-        "{name}-{}-{nanos}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use idem_testbench::oracle::oracle;
+pub use idem_testbench::process::{free_port, rss_bytes, signal, IdemCommand};
+pub use idem_testbench::services::{brokers, kafka, redis_env, redis_mode, redis_url, unique};
 
 /// Creates `name` and its dead-letter topic `name.dlq`.
 pub async fn create_topic(name: &str, partitions: i32) {
@@ -195,32 +145,20 @@ impl Idem {
         let port = free_port();
         let log =
             PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}.log", unique(&opts.group)));
-        let log_file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_idem"));
-        cmd.arg("run")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info,librdkafka=warn")
-            .env("IDEM__KAFKA__BROKERS", brokers())
-            .env("IDEM__KAFKA__TOPICS", opts.topics.join(","))
-            .env("IDEM__KAFKA__GROUP_ID", &opts.group)
-            .env("IDEM__KAFKA__COMMIT_INTERVAL", "200ms")
-            .env("IDEM__KAFKA__SESSION_TIMEOUT", "6s")
-            .envs(redis_env(&opts.redis_url))
-            .env("IDEM__REDIS__KEY_PREFIX", &opts.prefix)
-            .env("IDEM__REDIS__RESPONSE_TIMEOUT", "1s")
-            .env("IDEM__REDIS__CONNECT_TIMEOUT", "500ms")
-            .env("IDEM__PIPELINE__RETRY_MAX_BACKOFF", "500ms")
-            .env("IDEM__METRICS__LISTEN", format!("127.0.0.1:{port}"));
+        let mut cmd = IdemCommand::new(
+            std::path::Path::new(env!("CARGO_BIN_EXE_idem")),
+            &brokers(),
+            &opts.topics.join(","),
+            &opts.group,
+        )
+        .clean_env()
+        .fast_recovery()
+        .redis(&opts.redis_url, redis_mode(&opts.redis_url), &opts.prefix)
+        .metrics_port(port);
         for (k, v) in &opts.env {
-            cmd.env(k, v);
+            cmd = cmd.env(k, v);
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn idem");
+        let child = cmd.spawn(&log).expect("spawn idem");
         Idem {
             child,
             metrics_port: port,
@@ -233,11 +171,7 @@ impl Idem {
     }
 
     fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {sig} failed");
+        assert!(signal(self.child.id(), sig), "kill {sig} failed");
     }
 
     pub fn stop_process(&self) {
@@ -250,14 +184,7 @@ impl Idem {
 
     /// Resident memory now, from /proc.
     pub fn rss_bytes(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-            .map_or(0, |kb| kb * 1024)
+        rss_bytes(self.child.id())
     }
 
     /// SIGKILL: no chance to commit anything.
@@ -383,10 +310,13 @@ where
 }
 
 /// The conformance harness's view of the local services, for its Kafka helpers.
-fn harness_env() -> idem::conformance::Env {
-    idem::conformance::Env {
+fn harness_env() -> idem_testbench::conformance::Env {
+    idem_testbench::conformance::Env {
         brokers: brokers(),
-        redis: idem::conformance::harness::RedisTarget::new(&redis_url(), redis_mode(&redis_url())),
+        redis: idem_testbench::conformance::harness::RedisTarget::new(
+            &redis_url(),
+            redis_mode(&redis_url()),
+        ),
         idem_exe: PathBuf::from(env!("CARGO_BIN_EXE_idem")),
         work_dir: PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
     }
@@ -394,14 +324,14 @@ fn harness_env() -> idem::conformance::Env {
 
 /// The group's committed offset per partition (-1 where none).
 pub async fn committed(group: &str, topic: &str, partitions: i32) -> Vec<i64> {
-    idem::conformance::harness::committed(&harness_env(), group, topic, partitions)
+    idem_testbench::conformance::harness::committed(&harness_env(), group, topic, partitions)
         .await
         .expect("committed offsets")
 }
 
 /// The end offset (high watermark) per partition.
 pub async fn end_offsets(topic: &str, partitions: i32) -> Vec<i64> {
-    idem::conformance::harness::end_offsets(&harness_env(), topic, partitions)
+    idem_testbench::conformance::harness::end_offsets(&harness_env(), topic, partitions)
         .await
         .expect("end offsets")
 }
@@ -424,35 +354,11 @@ pub async fn wait_caught_up(group: &str, topic: &str, partitions: i32, timeout: 
     .await;
 }
 
-/// The oracle: the model applied to the records in the order a keyed
-/// producer delivers them per entity.
-pub fn oracle(records: &[SampleRecord]) -> (Model, HashMap<Outcome, u64>) {
-    let mut model = Model::default();
-    let mut counts = HashMap::new();
-    for r in records {
-        let outcome = match decode(Some(&r.value), &FieldMap::default(), 1 << 20) {
-            Ok(e) => model.apply(&e),
-            Err(_) => Outcome::Invalid,
-        };
-        *counts.entry(outcome).or_insert(0) += 1;
-    }
-    (model, counts)
-}
-
 /// The local Redis Cluster's seed nodes (`make services` starts it).
 pub fn redis_cluster_url() -> String {
     std::env::var("IDEM_REDIS_CLUSTER_URL").unwrap_or_else(|_| {
         "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".into()
     })
-}
-
-/// A cluster when `url` lists several seed nodes.
-pub fn redis_mode(url: &str) -> idem::config::RedisMode {
-    if url.contains(',') {
-        idem::config::RedisMode::Cluster
-    } else {
-        idem::config::RedisMode::Standalone
-    }
 }
 
 /// A connection to `url` (a cluster when it lists several seed nodes).
@@ -541,7 +447,7 @@ pub async fn assert_matches_oracle(url: &str, prefix: &str, model: &Model) {
     );
 }
 
-pub use idem::conformance::harness::PrivateRedis;
+pub use idem_testbench::conformance::harness::PrivateRedis;
 
 /// A redis-server of the test's own, on its own port and folder, that the
 /// test may kill and restart. AOF with fsync always: what it acknowledged

@@ -1,12 +1,12 @@
-//! `idem conformance`: the fault-injection suite with an oracle.
+//! `idem-testbench conformance`: the fault-injection suite with an oracle.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
 
-use crate::config::Config;
-use crate::conformance::{self, ConformanceSpec, Env, Profile};
+use idem::config::Config;
+use idem_testbench::conformance::{self, ConformanceSpec, Env, Profile};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum ProfileArg {
@@ -31,9 +31,9 @@ enum ProfileArg {
 /// writes conformance.json and conformance.md; exits 1 if a scenario failed.
 ///
 /// Examples:
-///   idem conformance --profile short
-///   IDEM__KAFKA__BROKERS=kafka:9092 IDEM__REDIS__URL=redis://redis:6379 idem conformance --profile full
-///   idem conformance --profile full --kafka-kill-cmd 'scripts/services.sh kill-kafka' --kafka-start-cmd 'scripts/services.sh up'
+///   idem-testbench conformance --profile short
+///   IDEM__KAFKA__BROKERS=kafka:9092 IDEM__REDIS__URL=redis://redis:6379 idem-testbench conformance --profile full
+///   idem-testbench conformance --profile full --kafka-kill-cmd 'scripts/services.sh kill-kafka' --kafka-start-cmd 'scripts/services.sh up'
 ///     --kafka-pause-cmd 'scripts/services.sh pause-kafka' --kafka-resume-cmd 'scripts/services.sh resume-kafka'
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
@@ -63,15 +63,19 @@ pub struct ConformanceArgs {
     kafka_resume_cmd: Option<String>,
 }
 
-pub async fn run(args: ConformanceArgs, config: Config) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    args: ConformanceArgs,
+    config: Config,
+    idem_exe: PathBuf,
+) -> anyhow::Result<ExitCode> {
     let spec = ConformanceSpec {
         env: Env {
             brokers: config.kafka.brokers.clone(),
-            redis: crate::conformance::harness::RedisTarget::new(
+            redis: idem_testbench::conformance::harness::RedisTarget::new(
                 &config.redis.url,
                 config.redis.mode,
             ),
-            idem_exe: std::env::current_exe()?,
+            idem_exe,
             work_dir: args.out.join("work"),
         },
         profile: match args.profile {
@@ -87,7 +91,7 @@ pub async fn run(args: ConformanceArgs, config: Config) -> anyhow::Result<ExitCo
         kafka_resume_cmd: args.kafka_resume_cmd,
     };
     let report = conformance::run(&spec).await?;
-    crate::outln!("{}", report.to_markdown());
+    idem::outln!("{}", report.to_markdown());
     eprintln!(
         "[conformance] wrote {}/conformance.json and conformance.md",
         args.out.display()

@@ -2,21 +2,21 @@
 //! (no lost, no doubled effect, no seq decrease, no commit ahead of an
 //! effect, recovery within the bound). `make conformance` runs the full one.
 
-mod common;
-
-use common::*;
+use idem_testbench::services::{brokers, redis_env, redis_url, unique};
 
 #[test]
 fn short_conformance_profile_passes() {
     let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("conformance"));
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_idem-testbench"))
+        .arg("--idem")
+        .arg(idem_exe())
         .args(["conformance", "--profile", "short", "--out"])
         .arg(&out)
         .env("IDEM__KAFKA__BROKERS", brokers())
         .envs(redis_env(&redis_url()))
         .env("RUST_LOG", "warn")
         .status()
-        .expect("run idem conformance");
+        .expect("run idem-testbench conformance");
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("conformance.json")).unwrap())
             .unwrap();
@@ -29,4 +29,15 @@ fn short_conformance_profile_passes() {
     }
     assert!(report["sigkills"].as_u64().unwrap() >= 3);
     assert!(status.success());
+}
+
+/// The `idem` binary of the same build (`cargo test --workspace` builds it).
+fn idem_exe() -> std::path::PathBuf {
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_idem-testbench")).with_file_name("idem");
+    assert!(
+        exe.exists(),
+        "no idem binary at {}: run the tests with `cargo test --workspace` (make test)",
+        exe.display()
+    );
+    exe
 }

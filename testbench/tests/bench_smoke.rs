@@ -1,14 +1,14 @@
-//! A smoke run of `idem bench` with a tiny backlog: every phase runs and the
+//! A smoke run of `idem-testbench bench` with a tiny backlog: every phase runs and the
 //! report holds sane figures. The real benchmark is `make bench` (not a test).
 
-mod common;
-
-use common::*;
+use idem_testbench::services::{brokers, redis_env, redis_url, unique};
 
 #[test]
 fn bench_runs_every_phase_and_writes_its_report() {
     let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("bench"));
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_idem-testbench"))
+        .arg("--idem")
+        .arg(idem_exe())
         .args([
             "bench",
             "--events",
@@ -24,8 +24,8 @@ fn bench_runs_every_phase_and_writes_its_report() {
         .envs(redis_env(&redis_url()))
         .env("RUST_LOG", "warn")
         .status()
-        .expect("run idem bench");
-    assert!(status.success(), "idem bench failed: {status}");
+        .expect("run idem-testbench bench");
+    assert!(status.success(), "idem-testbench bench failed: {status}");
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("bench.json")).unwrap()).unwrap();
     let records = report["records"].as_u64().unwrap();
@@ -42,7 +42,7 @@ fn bench_runs_every_phase_and_writes_its_report() {
     );
     assert!(report["idem_records_per_second"].as_f64().unwrap() > 0.0);
     if redis_url().contains(',') {
-        // With a cluster, `idem bench` measures throughput only (docs/capacity.md).
+        // With a cluster, `idem-testbench bench` measures throughput only (docs/capacity.md).
         return;
     }
     for key in [
@@ -62,4 +62,15 @@ fn bench_runs_every_phase_and_writes_its_report() {
     assert!(report["idem_peak_rss_bytes"].as_u64().unwrap() > 1_000_000);
     let md = std::fs::read_to_string(out.join("bench.md")).unwrap();
     assert!(md.contains("idem ÷ (a)"));
+}
+
+/// The `idem` binary of the same build (`cargo test --workspace` builds it).
+fn idem_exe() -> std::path::PathBuf {
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_idem-testbench")).with_file_name("idem");
+    assert!(
+        exe.exists(),
+        "no idem binary at {}: run the tests with `cargo test --workspace` (make test)",
+        exe.display()
+    );
+    exe
 }

@@ -14,9 +14,9 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 
-use crate::event::{decode, Event, FieldMap};
-use crate::guard::{Guard, GuardInput};
-use crate::store::KeyLayout;
+use idem::event::{decode, Event, FieldMap};
+use idem::guard::{Guard, GuardInput};
+use idem::store::KeyLayout;
 
 /// Runs the naive consumer over the first `records` records of `topic`; returns records/s.
 pub async fn naive_consumer(
@@ -86,10 +86,10 @@ pub async fn per_event_script_ceiling(
         .iter()
         .filter_map(|v| decode(Some(v), &fields, 1 << 20).ok())
         .collect();
-    let mut cfg = crate::config::RedisConfig::for_url(redis_url, Default::default());
+    let mut cfg = idem::config::RedisConfig::for_url(redis_url, Default::default());
     cfg.key_prefix = prefix.to_string();
     cfg.response_timeout = Duration::from_secs(30);
-    let conn = crate::store::connect(&cfg).await?;
+    let conn = idem::store::connect(&cfg).await?;
     let mut guard = Guard::new(conn, KeyLayout::new(prefix), 1);
     guard.load_script().await?;
     let window = Duration::from_secs(86_400);

@@ -1,4 +1,4 @@
-//! `idem bench`: the whole pipeline on local services, measured against two
+//! `idem-testbench bench`: the whole pipeline on local services, measured against two
 //! baselines in the same run so that the result is a ratio, not a number
 //! that depends on how busy the machine was.
 //!

@@ -1,7 +1,7 @@
 //! Runs the benchmark's phases and writes the report.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
@@ -10,10 +10,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use super::baselines;
 use super::report::{quantile_upper_bound, BenchReport};
 use super::BenchSpec;
-use crate::metrics::{EVENTS_TOTAL, EVENT_LATENCY_SECONDS};
-use crate::model::Outcome;
-use crate::tools::sample::{generate, SampleSpec};
-use crate::tools::topics::{self, TopicSpec};
+use crate::process::IdemCommand;
+use idem::metrics::{EVENTS_TOTAL, EVENT_LATENCY_SECONDS};
+use idem::model::Outcome;
+use idem::tools::sample::{generate, SampleSpec};
+use idem::tools::topics::{self, TopicSpec};
 
 /// Runs every phase and writes `bench.json` and `bench.md` into `spec.out_dir`.
 pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchReport> {
@@ -48,7 +49,7 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
     });
     report.records = records.len();
     topics::apply(
-        &crate::config::KafkaConfig::for_brokers(&spec.brokers),
+        &idem::config::KafkaConfig::for_brokers(&spec.brokers),
         &[TopicSpec::new(&topic, spec.partitions)],
     )
     .await?;
@@ -94,7 +95,7 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
     ));
     let mut idems: Vec<(Child, u16)> = Vec::new();
     for _ in 0..spec.instances.max(1) {
-        let port = free_port()?;
+        let port = crate::process::free_port();
         idems.push((spawn_idem(spec, &topic, &prefix, port)?, port));
     }
     let ports: Vec<u16> = idems.iter().map(|(_, p)| *p).collect();
@@ -129,7 +130,7 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
         text.push_str(&scrape(*p).await.unwrap_or_default());
     }
     for o in Outcome::ALL {
-        let n = crate::metrics::sum_series(
+        let n = idem::metrics::sum_series(
             &text,
             EVENTS_TOTAL,
             &[("topic", &topic), ("outcome", o.as_str())],
@@ -305,30 +306,19 @@ fn send(producer: &FutureProducer, topic: &str, key: &[u8], value: &[u8]) {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 fn spawn_idem(spec: &BenchSpec, topic: &str, prefix: &str, port: u16) -> anyhow::Result<Child> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(spec.out_dir.join("idem.log"))?;
-    Ok(Command::new(&spec.idem_exe)
-        .arg("run")
-        .env("IDEM__KAFKA__BROKERS", &spec.brokers)
-        .env("IDEM__KAFKA__TOPICS", topic)
-        .env("IDEM__KAFKA__GROUP_ID", topic)
-        .env("IDEM__REDIS__URL", &spec.redis_url)
-        .env("IDEM__REDIS__KEY_PREFIX", prefix)
-        .env("IDEM__METRICS__LISTEN", format!("127.0.0.1:{port}"))
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()?)
+    let redis_mode = if spec.redis_url.contains(',') {
+        idem::config::RedisMode::Cluster
+    } else {
+        idem::config::RedisMode::Standalone
+    };
+    Ok(
+        IdemCommand::new(&spec.idem_exe, &spec.brokers, topic, topic)
+            .redis(&spec.redis_url, redis_mode, prefix)
+            .metrics_port(port)
+            .env("RUST_LOG", "warn")
+            .spawn(&spec.out_dir.join("idem.log"))?,
+    )
 }
 
 fn ensure_all_running(children: &mut [(Child, u16)], out_dir: &Path) -> anyhow::Result<()> {
@@ -368,12 +358,12 @@ fn stop(mut child: Child) {
 }
 
 async fn scrape(port: u16) -> Option<String> {
-    crate::metrics::fetch_local(port, "/metrics").await
+    idem::metrics::fetch_local(port, "/metrics").await
 }
 
 async fn scrape_total(port: u16, topic: &str) -> Option<u64> {
     let text = scrape(port).await?;
-    Some(crate::metrics::sum_series(&text, EVENTS_TOTAL, &[("topic", topic)]) as u64)
+    Some(idem::metrics::sum_series(&text, EVENTS_TOTAL, &[("topic", topic)]) as u64)
 }
 
 /// (le, cumulative count) pairs of the latency histogram.

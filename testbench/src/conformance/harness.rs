@@ -11,12 +11,13 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::config::{RedisConfig, RedisMode};
-use crate::event::{decode, FieldMap};
-use crate::model::{Model, Outcome};
-use crate::store::{self, EntityView, KeyLayout};
-use crate::tools::sample::SampleRecord;
-use crate::tools::topics::{self, TopicSpec};
+use crate::process::IdemCommand;
+use idem::config::{RedisConfig, RedisMode};
+use idem::event::{decode, FieldMap};
+use idem::model::{Model, Outcome};
+use idem::store::{self, EntityView, KeyLayout};
+use idem::tools::sample::SampleRecord;
+use idem::tools::topics::{self, TopicSpec};
 
 /// Where the suite runs.
 #[derive(Debug, Clone)]
@@ -55,15 +56,10 @@ impl RedisTarget {
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
+pub use crate::process::free_port;
 
 fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+    crate::process::signal(pid, sig);
 }
 
 /// One `idem run` process.
@@ -82,41 +78,15 @@ impl IdemProcess {
         extra: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         let port = free_port();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(env.work_dir.join(format!("{group}.log")))?;
-        let mut cmd = Command::new(&env.idem_exe);
-        cmd.arg("run")
-            .env("IDEM__KAFKA__BROKERS", &env.brokers)
-            .env("IDEM__KAFKA__TOPICS", topic)
-            .env("IDEM__KAFKA__GROUP_ID", group)
-            .env("IDEM__KAFKA__COMMIT_INTERVAL", "200ms")
-            .env("IDEM__KAFKA__SESSION_TIMEOUT", "6s")
-            .env("IDEM__REDIS__URL", &redis.url)
-            .env(
-                "IDEM__REDIS__MODE",
-                if redis.is_cluster() {
-                    "cluster"
-                } else {
-                    "standalone"
-                },
-            )
-            .env("IDEM__REDIS__KEY_PREFIX", prefix)
-            .env("IDEM__REDIS__RESPONSE_TIMEOUT", "1s")
-            .env("IDEM__REDIS__CONNECT_TIMEOUT", "500ms")
-            .env("IDEM__PIPELINE__RETRY_MAX_BACKOFF", "500ms")
-            .env("IDEM__PIPELINE__BATCH_MAX_EVENTS", "500")
-            .env("IDEM__METRICS__LISTEN", format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "info,librdkafka=warn");
+        let mut cmd = IdemCommand::new(&env.idem_exe, &env.brokers, topic, group)
+            .fast_recovery()
+            .redis(&redis.url, redis.mode, prefix)
+            .metrics_port(port)
+            .env("IDEM__PIPELINE__BATCH_MAX_EVENTS", "500");
         for (k, v) in extra {
-            cmd.env(k, v);
+            cmd = cmd.env(k, v);
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
+        let child = cmd.spawn(&env.work_dir.join(format!("{group}.log")))?;
         Ok(IdemProcess { child, port })
     }
 
@@ -164,7 +134,7 @@ impl IdemProcess {
             return 0;
         };
         let labels: Vec<(&str, &str)> = outcome.iter().map(|o| ("outcome", o.as_str())).collect();
-        crate::metrics::sum_series(&text, crate::metrics::EVENTS_TOTAL, &labels) as u64
+        idem::metrics::sum_series(&text, idem::metrics::EVENTS_TOTAL, &labels) as u64
     }
 }
 
@@ -176,7 +146,7 @@ impl Drop for IdemProcess {
 }
 
 async fn scrape(port: u16) -> Option<String> {
-    crate::metrics::fetch_local(port, "/metrics").await
+    idem::metrics::fetch_local(port, "/metrics").await
 }
 
 /// A redis-server of the suite's own, which it may kill and restart.
@@ -503,7 +473,7 @@ pub async fn create_topic(env: &Env, topic: &str, partitions: i32) -> anyhow::Re
     let mut spec = TopicSpec::new(topic, partitions);
     spec.dead_letter = Some(format!("{topic}.dlq"));
     topics::apply(
-        &crate::config::KafkaConfig::for_brokers(&env.brokers),
+        &idem::config::KafkaConfig::for_brokers(&env.brokers),
         &spec.with_dead_letter(),
     )
     .await?;

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use super::harness::{self, Env, IdemProcess, PrivateRedis, Sampler};
 use super::{ConformanceSpec, Profile, ScenarioResult, RECOVERY_BOUND};
-use crate::model::{Model, Outcome};
-use crate::tools::sample::{generate, Rng, SampleRecord, SampleSpec};
+use idem::model::{Model, Outcome};
+use idem::tools::sample::{generate, Rng, SampleRecord, SampleSpec};
 
 type Run = fn(
     ConformanceSpec,
@@ -449,17 +449,16 @@ async fn lua_error(spec: ConformanceSpec, seed: u64) -> anyhow::Result<(Scenario
         .iter()
         .skip(case.records.len() / 2)
         .find_map(|r| {
-            let e =
-                crate::event::decode(Some(&r.value), &crate::event::FieldMap::default(), 1 << 20)
-                    .ok()?;
+            let e = idem::event::decode(Some(&r.value), &idem::event::FieldMap::default(), 1 << 20)
+                .ok()?;
             let first = case.records.iter().position(|x| x.key == r.key)?;
             // Its first event must be an upsert: a delete would remove the injected string.
-            let first_is_upsert = crate::event::decode(
+            let first_is_upsert = idem::event::decode(
                 Some(&case.records[first].value),
-                &crate::event::FieldMap::default(),
+                &idem::event::FieldMap::default(),
                 1 << 20,
             )
-            .is_ok_and(|f| f.op == crate::event::Op::Upsert);
+            .is_ok_and(|f| f.op == idem::event::Op::Upsert);
             (first > case.records.len() / 2 && first_is_upsert).then_some(e.entity)
         })
         .unwrap_or_else(|| {
@@ -470,7 +469,7 @@ async fn lua_error(spec: ConformanceSpec, seed: u64) -> anyhow::Result<(Scenario
                 .cloned()
                 .unwrap_or_default()
         });
-    let state_key = crate::store::KeyLayout::new(&case.topic).state_key(&victim);
+    let state_key = idem::store::KeyLayout::new(&case.topic).state_key(&victim);
     let mut conn = case.redis.connect().await?;
     let _: () = redis::cmd("SET")
         .arg(&state_key)
@@ -550,17 +549,17 @@ async fn replay_earliest(
     tokio::task::spawn_blocking(move || {
         let start = Instant::now();
         loop {
-            let plan = crate::tools::replay::plan(
-                &crate::config::KafkaConfig::for_brokers(&brokers),
+            let plan = idem::tools::replay::plan(
+                &idem::config::KafkaConfig::for_brokers(&brokers),
                 &group,
                 &topic,
                 None,
-                &crate::tools::replay::ReplayTarget::Earliest,
-                crate::config::OffsetReset::Earliest,
+                &idem::tools::replay::ReplayTarget::Earliest,
+                idem::config::OffsetReset::Earliest,
             )?;
             if plan.members.is_empty() {
-                return crate::tools::replay::execute(
-                    &crate::config::KafkaConfig::for_brokers(&brokers),
+                return idem::tools::replay::execute(
+                    &idem::config::KafkaConfig::for_brokers(&brokers),
                     &plan,
                 );
             }
@@ -715,7 +714,7 @@ async fn wait_ready_text(
 ) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
-        let body = crate::metrics::fetch_local(p.port, "/readyz")
+        let body = idem::metrics::fetch_local(p.port, "/readyz")
             .await
             .unwrap_or_default();
         if check(&body) {
@@ -750,8 +749,8 @@ fn insert_bad(case: &mut Case, step: usize, bad: impl Fn(usize) -> Vec<u8>) -> u
 async fn dead_letter_count(case: &Case) -> anyhow::Result<u64> {
     let (brokers, dlq) = (case.env.brokers.clone(), format!("{}.dlq", case.topic));
     tokio::task::spawn_blocking(move || {
-        crate::tools::dead_letters::read_all(
-            &crate::config::KafkaConfig::for_brokers(&brokers),
+        idem::tools::dead_letters::read_all(
+            &idem::config::KafkaConfig::for_brokers(&brokers),
             &dlq,
             |_| {},
         )

@@ -1,12 +1,12 @@
-//! `idem bench`: measure the whole pipeline against its baselines.
+//! `idem-testbench bench`: measure the whole pipeline against its baselines.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::bench::{self, BenchSpec};
-use crate::config::Config;
+use idem::config::Config;
+use idem_testbench::bench::{self, BenchSpec};
 
 /// Measure idem end to end against two baselines run on the same records.
 ///
@@ -17,9 +17,9 @@ use crate::config::Config;
 /// --out. Uses kafka.brokers and redis.url from the config.
 ///
 /// Example (what `make bench` runs, on a release build):
-///   idem bench --events 1000000 --entities 10000 --out bench-out
+///   idem-testbench bench --events 1000000 --entities 10000 --out bench-out
 /// A smoke run:
-///   idem bench --events 2000 --naive-records 200 --latency-seconds 1
+///   idem-testbench bench --events 2000 --naive-records 200 --latency-seconds 1
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct BenchArgs {
@@ -68,7 +68,7 @@ pub struct BenchArgs {
     out: PathBuf,
 }
 
-pub async fn run(args: BenchArgs, config: Config) -> anyhow::Result<ExitCode> {
+pub async fn run(args: BenchArgs, config: Config, idem_exe: PathBuf) -> anyhow::Result<ExitCode> {
     let command: Vec<String> = std::env::args().collect();
     let spec = BenchSpec {
         brokers: config.kafka.brokers.clone(),
@@ -85,13 +85,13 @@ pub async fn run(args: BenchArgs, config: Config) -> anyhow::Result<ExitCode> {
         latency_rate: args.latency_rate,
         instances: args.instances,
         throughput_only: args.throughput_only
-            || config.redis.mode == crate::config::RedisMode::Cluster,
-        idem_exe: std::env::current_exe()?,
+            || config.redis.mode == idem::config::RedisMode::Cluster,
+        idem_exe,
         out_dir: args.out.clone(),
         seed: args.seed,
     };
     let report = bench::run(&spec, command.join(" ")).await?;
-    crate::outln!("{}", report.to_markdown());
+    idem::outln!("{}", report.to_markdown());
     eprintln!(
         "[bench] wrote {}/bench.json and bench.md",
         args.out.display()

@@ -1,4 +1,4 @@
-//! `idem conformance`: inject faults, then check the invariants against an
+//! `idem-testbench conformance`: inject faults, then check the invariants against an
 //! oracle, the way Kafka's and Flink's system tests do, against any Kafka
 //! and Redis.
 //!

@@ -1,0 +1,17 @@
+//! idem's test bench, apart from the product: the conformance suite (fault
+//! injection against an oracle), the benchmark with its baselines, and the
+//! harness that idem's own integration tests share with them. It drives the
+//! real `idem` binary and real services; it may run `kill`, `redis-server`
+//! and shell commands, which is why it does not ship inside `idem`.
+//!
+//! - [`process`]: starting `idem run`, free ports, signals, memory readings.
+//! - [`services`]: the local Kafka and Redis, unique names.
+//! - [`oracle`]: what idem must have done with a stream, from the pure model.
+//! - [`conformance`]: the fault-injection suite (`idem-testbench conformance`).
+//! - [`bench`]: the benchmark (`idem-testbench bench`).
+
+pub mod bench;
+pub mod conformance;
+pub mod oracle;
+pub mod process;
+pub mod services;
