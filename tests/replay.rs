@@ -224,22 +224,7 @@ async fn reconcile_finds_each_injected_divergence_and_repair_cleans_it() {
         let _: () = cmd.query_async(&mut conn).await.unwrap();
     }
 
-    let report =
-        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{topic}.json"));
-    let run = |extra_args: &[&str]| {
-        let mut args = vec![
-            "reconcile",
-            "--topic",
-            &topic,
-            "--report",
-            report.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra_args);
-        let out = idem_tool(&args, &topic, &[]);
-        let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-        (out.status.code(), json)
-    };
+    let run = |extra_args: &[&str]| reconcile_report(&topic, extra_args, &[]);
     let (code, json) = run(&[]);
     assert_eq!(code, Some(1), "divergence means a non-zero exit");
     let kinds: Vec<(String, String)> = json["divergences"]

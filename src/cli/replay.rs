@@ -70,7 +70,7 @@ pub async fn run(args: ReplayArgs, config: Config) -> anyhow::Result<ExitCode> {
         let d = parse_duration(since).ok_or_else(|| {
             anyhow::anyhow!("--since {since:?}: expected a duration like 30m, 2h or 7d")
         })?;
-        ReplayTarget::Timestamp(now_ms() - d.as_millis() as i64)
+        ReplayTarget::Timestamp(crate::pipeline::unix_millis() - d.as_millis() as i64)
     } else if let Some(ts) = &args.to_timestamp {
         ReplayTarget::Timestamp(parse_timestamp(ts)?)
     } else {
@@ -153,12 +153,6 @@ pub async fn run(args: ReplayArgs, config: Config) -> anyhow::Result<ExitCode> {
     tokio::task::spawn_blocking(move || replay::execute(&kafka, &plan)).await??;
     eprintln!("offsets moved; the group's next run replays from there");
     Ok(ExitCode::SUCCESS)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// RFC 3339 (UTC offsets) or ms since the epoch.

@@ -39,13 +39,9 @@ impl Batch {
             windows: Vec::new(),
             items: Vec::with_capacity(records.len()),
         };
-        for r in records {
-            let partition = batch.partition_index(&r.tp, config);
-            let header_refs: Vec<(&str, &[u8])> = r
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_slice()))
-                .collect();
+        for Fetched { tp, record: r } in records {
+            let partition = batch.partition_index(&tp, config);
+            let header_refs = r.header_refs();
             let (decoded, key_mismatch) = event::decode_keyed(
                 r.key.as_deref(),
                 r.value.as_deref(),
@@ -53,7 +49,7 @@ impl Batch {
                 &config.event,
             );
             if key_mismatch {
-                note_key_mismatch(&r.tp.topic, r.tp.partition, r.offset, r.key.as_deref());
+                note_key_mismatch(&tp.topic, tp.partition, r.offset, r.key.as_deref());
             }
             drop(header_refs);
             batch.items.push(Item {

@@ -24,41 +24,26 @@ use std::time::Duration;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use crate::kafka;
+use crate::kafka::{self, TopicRecord};
 use crate::metrics;
 use crate::offsets::TopicPartition;
 
-/// A record as fetched, owned, before decoding.
+/// A record as fetched, with the partition it came from, before decoding.
 pub struct Fetched {
     pub tp: TopicPartition,
-    pub offset: i64,
-    pub timestamp_ms: Option<i64>,
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub record: TopicRecord,
 }
 
 impl Fetched {
     fn from_message(m: &BorrowedMessage<'_>) -> Fetched {
         Fetched {
             tp: TopicPartition::new(m.topic(), m.partition()),
-            offset: m.offset(),
-            timestamp_ms: m.timestamp().to_millis(),
-            key: m.key().map(<[u8]>::to_vec),
-            value: m.payload().map(<[u8]>::to_vec),
-            headers: m
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            record: TopicRecord::from_message(m),
         }
     }
 }

@@ -31,22 +31,24 @@ use crate::offsets::TopicPartition;
 const PAUSE_AFTER: Duration = Duration::from_secs(1);
 
 pub struct EventLoop {
-    pub config: Arc<Config>,
-    pub consumer: Arc<Consumer>,
-    pub health: Health,
-    pub progress: Progress,
-    pub events: mpsc::Receiver<KafkaEvent>,
-    pub notes: mpsc::UnboundedReceiver<KafkaNote>,
-    pub finished: mpsc::UnboundedReceiver<Finished>,
+    config: Arc<Config>,
+    consumer: Arc<Consumer>,
+    health: Health,
+    progress: Progress,
+    events: mpsc::Receiver<KafkaEvent>,
+    notes: mpsc::UnboundedReceiver<KafkaNote>,
+    finished: mpsc::UnboundedReceiver<Finished>,
     /// Fetched records not yet handed over, in fetch order.
-    pub pending: Vec<Fetched>,
+    pending: Vec<Fetched>,
     /// When the pending records must be handed over even if few.
-    pub linger_until: Option<Instant>,
+    linger_until: Option<Instant>,
     /// Since when a batch is ready and the guard stage has no room.
-    pub stage_full_since: Option<Instant>,
+    stage_full_since: Option<Instant>,
     /// What was paused (Redis behind, or consumption stopped).
-    pub paused: Option<TopicPartitionList>,
-    pub blocked: BlockedWatch,
+    paused: Option<TopicPartitionList>,
+    blocked: BlockedWatch,
+    /// Consumption was stopped (dead-letter budget); read once per turn of the loop.
+    stopped: bool,
 }
 
 impl EventLoop {
@@ -71,6 +73,7 @@ impl EventLoop {
             stage_full_since: None,
             paused: None,
             blocked: BlockedWatch::default(),
+            stopped: false,
         }
     }
 
@@ -79,7 +82,8 @@ impl EventLoop {
         let max = self.config.pipeline.batch_max_events.get();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
-            let stopped = self.health.stopped_reason().is_some();
+            self.stopped = self.health.stopped_reason().is_some();
+            let stopped = self.stopped;
             if stopped && self.paused.is_none() {
                 // Consumption was stopped (dead-letter budget): fetch nothing
                 // more, but keep serving rebalances and committing what finishes.
@@ -138,7 +142,7 @@ impl EventLoop {
             Some(Instant::now() + self.config.pipeline.batch_linger)
         };
         self.stage_full_since = None;
-        if self.paused.is_some() && self.health.stopped_reason().is_none() {
+        if self.paused.is_some() && !self.stopped {
             self.resume();
         }
         let batch = Batch::decode(records, &self.config);
@@ -168,7 +172,7 @@ impl EventLoop {
                 // Records of partitions revoked meanwhile belong to their new
                 // owner; while stopped, records are dropped unprocessed (never
                 // begun, so never committed).
-                if self.progress.is_assigned(&record.tp) && self.health.stopped_reason().is_none() {
+                if self.progress.is_assigned(&record.tp) && !self.stopped {
                     if self.pending.is_empty() {
                         self.linger_until =
                             Some(Instant::now() + self.config.pipeline.batch_linger);
@@ -315,6 +319,16 @@ impl EventLoop {
             tracing::warn!(error = %e, "could not resume fetching");
         }
         metrics::set_paused(false);
+    }
+
+    /// Events fetched and not yet done.
+    pub fn in_flight(&self) -> usize {
+        self.progress.in_flight()
+    }
+
+    /// The consumer and the event receiver, for the final commit and close.
+    pub fn into_parts(self) -> (Arc<Consumer>, mpsc::Receiver<KafkaEvent>) {
+        (self.consumer, self.events)
     }
 
     /// After the guard stage ended: marks what it finished and stores the

@@ -133,7 +133,7 @@ async fn run_pipeline(
     event_loop.run(&batch_tx, &mut shutdown).await;
 
     tracing::info!(
-        in_flight = event_loop.progress.in_flight(),
+        in_flight = event_loop.in_flight(),
         drain_timeout = ?config.shutdown_drain_timeout,
         "shutting down: finishing in-flight batches, then committing"
     );
@@ -146,9 +146,7 @@ async fn run_pipeline(
         guard_task.abort();
     }
     event_loop.finish();
-    let EventLoop {
-        consumer, events, ..
-    } = event_loop;
+    let (consumer, events) = event_loop.into_parts();
     // A revoke from here on finds the loop gone and commits nothing more:
     // the final commit below is the last word.
     drop(events);
@@ -234,7 +232,8 @@ async fn close_consumer(consumer: Arc<Consumer>) {
     }
 }
 
-pub(crate) fn unix_millis() -> i64 {
+/// Milliseconds since the Unix epoch (0 before it).
+pub fn unix_millis() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)

@@ -6,39 +6,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
+pub use crate::kafka::TopicRecord;
+
 const TIMEOUT: Duration = Duration::from_secs(15);
-
-/// One record as read back.
-#[derive(Debug, Clone)]
-pub struct TopicRecord {
-    pub partition: i32,
-    pub offset: i64,
-    /// The record's Kafka timestamp, ms since the epoch.
-    pub timestamp_ms: Option<i64>,
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
-}
-
-impl TopicRecord {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
-    }
-
-    /// Headers as borrowed pairs, the form the decoder takes.
-    pub fn header_refs(&self) -> Vec<(&str, &[u8])> {
-        self.headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_slice()))
-            .collect()
-    }
-}
 
 /// Calls `each` for every record of `topic` from its start to its end at the
 /// time of the call, in partition order within each partition. Blocking: run
@@ -77,23 +50,8 @@ pub fn read_topic(
             );
         };
         let m = m?;
-        let headers = m
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                    .collect()
-            })
-            .unwrap_or_default();
         let (partition, offset) = (m.partition(), m.offset());
-        each(TopicRecord {
-            partition,
-            offset,
-            timestamp_ms: m.timestamp().to_millis(),
-            key: m.key().map(<[u8]>::to_vec),
-            value: m.payload().map(<[u8]>::to_vec),
-            headers,
-        });
+        each(TopicRecord::from_message(&m));
         read += 1;
         if read % 100_000 == 0 {
             progress(read);

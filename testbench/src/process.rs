@@ -24,21 +24,35 @@ pub fn signal(pid: u32, sig: &str) -> bool {
 
 /// Resident memory of `pid` now, from /proc (0 if it is gone).
 pub fn rss_bytes(pid: u32) -> u64 {
+    status_bytes(pid, "VmRSS")
+}
+
+/// Peak resident memory of `pid` (VmHWM), from /proc (0 if it is gone).
+pub fn peak_rss_bytes(pid: u32) -> u64 {
+    status_bytes(pid, "VmHWM")
+}
+
+/// A size field (in kB) of `/proc/<pid>/status`, in bytes.
+fn status_bytes(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+/// The `idem` binary of the same build as `exe` (`target/<profile>/idem`).
+pub fn idem_beside(exe: &Path) -> anyhow::Result<PathBuf> {
+    let idem = exe.with_file_name("idem");
+    anyhow::ensure!(
+        idem.exists(),
+        "no idem binary at {}: build it (`cargo build --workspace`) or pass --idem PATH",
+        idem.display()
+    );
+    Ok(idem)
 }
 
 /// How to start one `idem run`: the settings every harness shares (fast

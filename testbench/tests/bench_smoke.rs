@@ -1,14 +1,13 @@
 //! A smoke run of `idem-testbench bench` with a tiny backlog: every phase runs and the
 //! report holds sane figures. The real benchmark is `make bench` (not a test).
 
+// The binary runs the `idem` built beside it (`cargo test --workspace` builds both).
 use idem_testbench::services::{brokers, redis_env, redis_url, unique};
 
 #[test]
 fn bench_runs_every_phase_and_writes_its_report() {
     let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("bench"));
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_idem-testbench"))
-        .arg("--idem")
-        .arg(idem_exe())
         .args([
             "bench",
             "--events",
@@ -62,15 +61,4 @@ fn bench_runs_every_phase_and_writes_its_report() {
     assert!(report["idem_peak_rss_bytes"].as_u64().unwrap() > 1_000_000);
     let md = std::fs::read_to_string(out.join("bench.md")).unwrap();
     assert!(md.contains("idem ÷ (a)"));
-}
-
-/// The `idem` binary of the same build (`cargo test --workspace` builds it).
-fn idem_exe() -> std::path::PathBuf {
-    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_idem-testbench")).with_file_name("idem");
-    assert!(
-        exe.exists(),
-        "no idem binary at {}: run the tests with `cargo test --workspace` (make test)",
-        exe.display()
-    );
-    exe
 }

@@ -2,14 +2,13 @@
 //! (no lost, no doubled effect, no seq decrease, no commit ahead of an
 //! effect, recovery within the bound). `make conformance` runs the full one.
 
+// The binary runs the `idem` built beside it (`cargo test --workspace` builds both).
 use idem_testbench::services::{brokers, redis_env, redis_url, unique};
 
 #[test]
 fn short_conformance_profile_passes() {
     let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("conformance"));
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_idem-testbench"))
-        .arg("--idem")
-        .arg(idem_exe())
         .args(["conformance", "--profile", "short", "--out"])
         .arg(&out)
         .env("IDEM__KAFKA__BROKERS", brokers())
@@ -29,15 +28,4 @@ fn short_conformance_profile_passes() {
     }
     assert!(report["sigkills"].as_u64().unwrap() >= 3);
     assert!(status.success());
-}
-
-/// The `idem` binary of the same build (`cargo test --workspace` builds it).
-fn idem_exe() -> std::path::PathBuf {
-    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_idem-testbench")).with_file_name("idem");
-    assert!(
-        exe.exists(),
-        "no idem binary at {}: run the tests with `cargo test --workspace` (make test)",
-        exe.display()
-    );
-    exe
 }

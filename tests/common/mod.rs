@@ -281,6 +281,27 @@ pub fn idem_tool(args: &[&str], prefix: &str, env: &[(&str, &str)]) -> std::proc
         .expect("run idem")
 }
 
+/// Runs `idem reconcile --topic <topic>` (key prefix `<topic>`) with `extra`
+/// arguments and `env`: its exit code and its JSON report.
+pub fn reconcile_report(
+    topic: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Option<i32>, serde_json::Value) {
+    let report = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{topic}.json"));
+    let mut args = vec![
+        "reconcile",
+        "--topic",
+        topic,
+        "--report",
+        report.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = idem_tool(&args, topic, env);
+    let json = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    (out.status.code(), json)
+}
+
 pub async fn http_get(port: u16, path: &str) -> Option<String> {
     idem::metrics::fetch_local(port, path).await
 }

@@ -10,7 +10,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use super::baselines;
 use super::report::{quantile_upper_bound, BenchReport};
 use super::BenchSpec;
-use crate::process::IdemCommand;
+use crate::process::{peak_rss_bytes, IdemCommand};
 use idem::metrics::{EVENTS_TOTAL, EVENT_LATENCY_SECONDS};
 use idem::model::Outcome;
 use idem::tools::sample::{generate, SampleSpec};
@@ -470,18 +470,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     proc_stat_fields(pid)
         .and_then(|f| Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?))
         .map_or(0.0, |ticks| ticks / clock_ticks_per_second())
-}
-
-/// Peak resident set size (VmHWM) of a process.
-fn peak_rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
 }
 
 fn machine_description() -> String {

@@ -50,12 +50,5 @@ pub fn main(cli: Cli) -> ExitCode {
 
 /// The `idem` binary of the same build (`target/<profile>/idem`).
 fn idem_beside_this() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let idem = exe.with_file_name("idem");
-    anyhow::ensure!(
-        idem.exists(),
-        "no idem binary at {}: build it (`cargo build --release`) or pass --idem PATH",
-        idem.display()
-    );
-    Ok(idem)
+    idem_testbench::process::idem_beside(&std::env::current_exe()?)
 }

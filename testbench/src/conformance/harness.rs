@@ -57,10 +57,7 @@ impl RedisTarget {
 }
 
 pub use crate::process::free_port;
-
-fn signal(pid: u32, sig: &str) {
-    crate::process::signal(pid, sig);
-}
+use crate::process::signal;
 
 /// One `idem run` process.
 pub struct IdemProcess {
