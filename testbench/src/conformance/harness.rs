@@ -570,7 +570,17 @@ pub async fn committed(
         for p in 0..partitions {
             tpl.add_partition(&topic, p);
         }
-        let got = c.committed_offsets(tpl, Duration::from_secs(10))?;
+        // A broker that just restarted (a fault the suite injects) answers
+        // "not coordinator" or "loading" for a few seconds: ask again.
+        let deadline = Instant::now() + COORDINATOR_SETTLE;
+        let got = loop {
+            match c.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+                Err(e) if is_coordinator_moving(&e) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                got => break got?,
+            }
+        };
         Ok((0..partitions)
             .map(
                 |p| match got.find_partition(&topic, p).map(|e| e.offset()) {
@@ -581,6 +591,18 @@ pub async fn committed(
             .collect())
     })
     .await?
+}
+
+/// How long a committed-offsets query waits for the group coordinator to settle.
+const COORDINATOR_SETTLE: Duration = Duration::from_secs(30);
+
+/// The coordinator is moving or loading its offsets: asking again helps.
+fn is_coordinator_moving(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode::*;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(NotCoordinator | CoordinatorLoadInProgress | CoordinatorNotAvailable)
+    )
 }
 
 pub async fn end_offsets(env: &Env, topic: &str, partitions: i32) -> anyhow::Result<Vec<i64>> {
