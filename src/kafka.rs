@@ -27,9 +27,9 @@ use crate::offsets::TopicPartition;
 pub fn base_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.brokers)
-        .set("security.protocol", &cfg.security_protocol);
-    if cfg.security_protocol.starts_with("sasl") {
-        c.set("sasl.mechanisms", &cfg.sasl_mechanism)
+        .set("security.protocol", cfg.security_protocol.as_str());
+    if cfg.security_protocol.uses_sasl() {
+        c.set("sasl.mechanisms", cfg.sasl_mechanism.as_str())
             .set("sasl.username", &cfg.sasl_username)
             .set(
                 "sasl.password",
@@ -52,11 +52,30 @@ pub fn base_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// Why idem cannot talk to the brokers with its settings: a configuration
+/// error, reported with what to fix and never retried.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PreflightError {
+    #[error(
+        "librdkafka could not load the TLS files ({0}). Check kafka.ssl_ca_location, \
+         kafka.ssl_certificate_location and kafka.ssl_key_location, and \
+         kafka.ssl_key_password (or _file) for an encrypted key: a wrong key \
+         password shows as \"PEM lib\"."
+    )]
+    TlsFiles(String),
+    #[error("cannot create a Kafka client: {0}")]
+    Client(String),
+    /// The brokers refused the credentials or the TLS handshake; the text
+    /// says what to check.
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// Checks, before joining the group, that the brokers accept idem's
 /// credentials and TLS settings: a refused login or a failed handshake is
 /// a configuration error, reported with what to fix, not retried forever.
 /// Unreachable brokers are not an error here (librdkafka keeps retrying).
-pub fn preflight(cfg: &KafkaConfig, timeout: Duration) -> anyhow::Result<()> {
+pub fn preflight(cfg: &KafkaConfig, timeout: Duration) -> Result<(), PreflightError> {
     let refused = Arc::new(std::sync::Mutex::new(None::<(RDKafkaErrorCode, String)>));
     // The consumer's own settings (the passthrough may carry TLS settings
     // such as ssl.endpoint.identification.algorithm, and librdkafka checks
@@ -66,14 +85,12 @@ pub fn preflight(cfg: &KafkaConfig, timeout: Duration) -> anyhow::Result<()> {
     config.remove("group.id").remove("group.instance.id");
     let consumer: BaseConsumer<RefusalContext> = config
         .create_with_context(RefusalContext(refused.clone()))
-        .map_err(|e| match e.to_string() {
-            m if m.contains("location failed") => anyhow::anyhow!(
-                "librdkafka could not load the TLS files ({m}). Check kafka.ssl_ca_location, \
-                 kafka.ssl_certificate_location and kafka.ssl_key_location, and \
-                 kafka.ssl_key_password (or _file) for an encrypted key: a wrong key \
-                 password shows as \"PEM lib\"."
-            ),
-            m => anyhow::anyhow!("cannot create a Kafka client: {m}"),
+        .map_err(|e| match e {
+            // librdkafka checks the TLS files when the client is created.
+            KafkaError::ClientCreation(reason) if cfg.security_protocol.uses_tls() => {
+                PreflightError::TlsFiles(reason)
+            }
+            other => PreflightError::Client(other.to_string()),
         })?;
     let deadline = std::time::Instant::now() + timeout;
     loop {
@@ -82,7 +99,7 @@ pub fn preflight(cfg: &KafkaConfig, timeout: Duration) -> anyhow::Result<()> {
         // Error events reach the context only through polling.
         while consumer.poll(Duration::ZERO).is_some() {}
         if let Some((code, reason)) = refused.lock().unwrap().take() {
-            anyhow::bail!("{}", refusal_advice(cfg, code, &reason));
+            return Err(PreflightError::Refused(refusal_advice(cfg, code, &reason)));
         }
         match fetched {
             Ok(_) => return Ok(()),
@@ -102,7 +119,8 @@ fn refusal_advice(cfg: &KafkaConfig, code: RDKafkaErrorCode, reason: &str) -> St
             "Kafka refused idem's SASL credentials ({reason}). Check kafka.sasl_username (now {:?}), \
              kafka.sasl_password or kafka.sasl_password_file, and that the user exists for \
              kafka.sasl_mechanism {}.",
-            cfg.sasl_username, cfg.sasl_mechanism
+            cfg.sasl_username,
+            cfg.sasl_mechanism.as_str()
         )
     } else {
         format!(
@@ -110,7 +128,8 @@ fn refusal_advice(cfg: &KafkaConfig, code: RDKafkaErrorCode, reason: &str) -> St
              kafka.security_protocol ({}) matches the listener at {}, that kafka.ssl_ca_location \
              names the CA that signed the brokers' certificates, and any client certificate \
              (kafka.ssl_certificate_location, kafka.ssl_key_location).",
-            cfg.security_protocol, cfg.brokers
+            cfg.security_protocol.as_str(),
+            cfg.brokers
         )
     }
 }
@@ -280,13 +299,13 @@ pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, Secret};
+    use crate::config::{Config, SaslMechanism, Secret, SecurityProtocol};
 
     #[test]
     fn security_settings_reach_every_client_and_fixed_keys_win() {
         let mut cfg = Config::defaults().kafka;
-        cfg.security_protocol = "sasl_plaintext".into();
-        cfg.sasl_mechanism = "PLAIN".into();
+        cfg.security_protocol = SecurityProtocol::SaslPlaintext;
+        cfg.sasl_mechanism = SaslMechanism::Plain;
         cfg.sasl_username = "idem".into();
         cfg.sasl_password = Some(Secret::new("pw"));
         cfg.librdkafka

@@ -111,6 +111,23 @@ impl Health {
 
 /// Installs the global Prometheus recorder and describes every metric.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = recorder()?;
+    // Histogram samples queue up until drained; drain them even if nobody scrapes.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    describe_all();
+    initial_series();
+    Ok(handle)
+}
+
+/// The recorder with each histogram's buckets.
+fn recorder() -> anyhow::Result<PrometheusHandle> {
     let latency = [
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
     ];
@@ -131,7 +148,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     let sizes = [
         1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
     ];
-    let handle = PrometheusBuilder::new()
+    Ok(PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(BATCH_DURATION_SECONDS.into()), &latency)?
         .set_buckets_for_metric(Matcher::Full(REDIS_ROUND_TRIP_SECONDS.into()), &latency)?
         .set_buckets_for_metric(Matcher::Full(DUPLICATE_AGE_SECONDS.into()), &ages)?
@@ -140,16 +157,11 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
             Matcher::Full(EVENT_LATENCY_SECONDS.into()),
             &LATENCY_BUCKETS,
         )?
-        .install_recorder()?;
-    // Histogram samples queue up until drained; drain them even if nobody scrapes.
-    let upkeep = handle.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tick.tick().await;
-            upkeep.run_upkeep();
-        }
-    });
+        .install_recorder()?)
+}
+
+/// HELP text (and unit) of every metric.
+fn describe_all() {
     describe_counter!(
         EVENTS_TOTAL,
         "Events by topic and outcome (applied, duplicate, stale, conflict, invalid)."
@@ -187,8 +199,19 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         BUILD_INFO,
         "Always 1; the version label says which idem runs."
     );
+    describe_counter!(
+        KEY_MISMATCH_TOTAL,
+        "Records whose Kafka key is not their entity (their entity may span partitions)."
+    );
+    describe_gauge!(
+        PARTITION_BLOCKED,
+        "1 while a partition has records in flight and no progress for pipeline.stall_timeout, by cause."
+    );
+}
+
+/// Series that exist from the start, so dashboards and alerts see zeros, not gaps.
+fn initial_series() {
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-    // Series that exist from the start, so dashboards and alerts see zeros, not gaps.
     set_paused(false);
     set_in_flight_events(0);
     set_uncommitted_events(0);
@@ -206,15 +229,6 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     for kind in ["assign", "revoke", "lost"] {
         counter!(REBALANCES_TOTAL, "kind" => kind).increment(0);
     }
-    describe_counter!(
-        KEY_MISMATCH_TOTAL,
-        "Records whose Kafka key is not their entity (their entity may span partitions)."
-    );
-    describe_gauge!(
-        PARTITION_BLOCKED,
-        "1 while a partition has records in flight and no progress for pipeline.stall_timeout, by cause."
-    );
-    Ok(handle)
 }
 
 /// Zero-initialises a topic's outcome counters so `rate()` works from the first scrape.

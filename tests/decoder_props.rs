@@ -1,18 +1,30 @@
 //! The decoder never panics and never accepts what the contract rejects:
-//! at least 100,000 generated inputs per run (structured mutations of valid
-//! events, random JSON, random bytes, CloudEvents in both modes).
+//! 100,000 generated inputs per run (structured mutations of valid events,
+//! random JSON, random bytes, CloudEvents in both modes), generated and
+//! shrunk by proptest: a failure is reported as a minimal input.
 //! Longer runs: IDEM_PROPTEST_CASES=10000000 cargo test --release --test decoder_props
 
 use idem::config::Config;
 use idem::event::decode_record;
-use idem::event::EventFormat;
-use idem::tools::sample::Rng;
+use idem::event::{EventConfig, EventFormat};
+use proptest::prelude::*;
+use proptest::test_runner::{Config as RunnerConfig, TestRunner};
 
-fn cases() -> usize {
+fn cases() -> u32 {
     std::env::var("IDEM_PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000)
+}
+
+fn runner(cases: u32) -> TestRunner {
+    TestRunner::new(RunnerConfig {
+        cases,
+        // Shrinking a failure is what proptest is for; the default 1024
+        // steps stay, the persistence file does not (tests run from a clean tree).
+        failure_persistence: None,
+        ..RunnerConfig::default()
+    })
 }
 
 const PIECES: [&str; 24] = [
@@ -42,166 +54,179 @@ const PIECES: [&str; 24] = [
     "\"\\ud800\"",
 ];
 
-fn random_json(rng: &mut Rng, depth: u32) -> String {
-    match rng.below(if depth > 3 { 5 } else { 8 }) {
-        0 => "null".into(),
-        1 => format!("{}", rng.next_u64() as i64),
-        2 => format!("\"{}\"", "é".repeat(rng.below(4) as usize)),
-        3 => format!("{}", rng.next_u64()),
-        4 => "1.25".into(),
-        5 => format!("[{}]", random_json(rng, depth + 1)),
-        _ => format!("{{\"k{}\":{}}}", rng.below(3), random_json(rng, depth + 1)),
+fn piece() -> impl Strategy<Value = &'static str> {
+    proptest::sample::select(&PIECES[..])
+}
+
+/// Random JSON text, nested up to four levels.
+fn json() -> impl Strategy<Value = String> {
+    let leaf = prop_oneof![
+        Just("null".to_string()),
+        any::<i64>().prop_map(|n| n.to_string()),
+        any::<u64>().prop_map(|n| n.to_string()),
+        (0usize..4).prop_map(|n| format!("\"{}\"", "é".repeat(n))),
+        Just("1.25".to_string()),
+    ];
+    leaf.prop_recursive(4, 32, 2, |inner| {
+        prop_oneof![
+            inner.clone().prop_map(|v| format!("[{v}]")),
+            (0u8..3, inner).prop_map(|(k, v)| format!("{{\"k{k}\":{v}}}")),
+        ]
+    })
+}
+
+fn valid_event() -> impl Strategy<Value = String> {
+    (0u32..1000, 0u32..10, 0u32..(1 << 20)).prop_map(|(id, entity, seq)| {
+        format!(
+            r#"{{"id":"e{id}","entity":"ent{entity}","seq":{seq},"type":"upsert","ts":"2026-11-26T12:00:00Z","data":{{"a":1,"b":"x"}}}}"#
+        )
+    })
+}
+
+/// One edit of a valid event: a flipped byte, a truncation or an inserted piece.
+#[derive(Debug, Clone)]
+enum Edit {
+    Flip(prop::sample::Index, u8),
+    Truncate(prop::sample::Index),
+    Insert(prop::sample::Index, &'static str),
+}
+
+fn edit(bytes: &mut Vec<u8>, e: &Edit) {
+    match e {
+        Edit::Flip(i, b) if !bytes.is_empty() => {
+            let i = i.index(bytes.len());
+            bytes[i] = *b;
+        }
+        Edit::Flip(..) => {}
+        Edit::Truncate(i) => bytes.truncate(i.index(bytes.len() + 1)),
+        Edit::Insert(i, p) => {
+            let i = i.index(bytes.len() + 1);
+            bytes.splice(i..i, p.bytes());
+        }
     }
 }
 
-fn input(rng: &mut Rng) -> Vec<u8> {
-    let valid = format!(
-        r#"{{"id":"e{}","entity":"ent{}","seq":{},"type":"upsert","ts":"2026-11-26T12:00:00Z","data":{{"a":1,"b":"x"}}}}"#,
-        rng.below(1000),
-        rng.below(10),
-        rng.below(1 << 20)
+fn input() -> impl Strategy<Value = Vec<u8>> {
+    let edits = prop::collection::vec(
+        prop_oneof![
+            (any::<prop::sample::Index>(), any::<u8>()).prop_map(|(i, b)| Edit::Flip(i, b)),
+            any::<prop::sample::Index>().prop_map(Edit::Truncate),
+            (any::<prop::sample::Index>(), piece()).prop_map(|(i, p)| Edit::Insert(i, p)),
+        ],
+        1..=4,
     );
-    match rng.below(6) {
-        0 => valid.into_bytes(),
-        1 => {
-            // Byte flips, truncation and insertion on a valid event.
-            let mut b = valid.into_bytes();
-            for _ in 0..=rng.below(4) {
-                match rng.below(3) {
-                    0 if !b.is_empty() => {
-                        let i = rng.below(b.len() as u64) as usize;
-                        b[i] = rng.next_u64() as u8;
-                    }
-                    1 => b.truncate(rng.below(b.len() as u64 + 1) as usize),
-                    _ => {
-                        let i = rng.below(b.len() as u64 + 1) as usize;
-                        b.splice(
-                            i..i,
-                            PIECES[rng.below(PIECES.len() as u64) as usize].bytes(),
-                        );
-                    }
-                }
-            }
-            b
-        }
-        2 => {
-            // Valid shape, random types in the fields.
+    prop_oneof![
+        valid_event().prop_map(String::into_bytes),
+        (valid_event(), edits).prop_map(|(valid, edits)| {
+            let mut bytes = valid.into_bytes();
+            edits.iter().for_each(|e| edit(&mut bytes, e));
+            bytes
+        }),
+        // Valid shape, random types in the fields.
+        prop::collection::vec(json(), 6).prop_map(|f| {
             format!(
                 r#"{{"id":{},"entity":{},"seq":{},"type":{},"data":{},"ts":{}}}"#,
-                random_json(rng, 0),
-                random_json(rng, 0),
-                random_json(rng, 0),
-                random_json(rng, 0),
-                random_json(rng, 0),
-                random_json(rng, 0)
+                f[0], f[1], f[2], f[3], f[4], f[5]
             )
             .into_bytes()
-        }
-        3 => (0..rng.below(64))
-            .map(|_| PIECES[rng.below(PIECES.len() as u64) as usize])
-            .collect::<String>()
-            .into_bytes(),
-        4 => (0..rng.below(128)).map(|_| rng.next_u64() as u8).collect(),
-        _ => random_json(rng, 0).into_bytes(),
-    }
+        }),
+        prop::collection::vec(piece(), 0..64).prop_map(|p| p.concat().into_bytes()),
+        prop::collection::vec(any::<u8>(), 0..128),
+        json().prop_map(String::into_bytes),
+    ]
+}
+
+type Headers = Vec<(&'static str, &'static [u8])>;
+
+fn headers() -> impl Strategy<Value = Headers> {
+    let binary = |sequence: &'static [u8]| -> Headers {
+        vec![
+            ("ce_specversion", b"1.0"),
+            ("ce_id", b"x"),
+            ("ce_source", b"/s"),
+            ("ce_type", b"t"),
+            ("ce_subject", b"e"),
+            ("ce_sequence", sequence),
+        ]
+    };
+    prop_oneof![
+        2 => Just(vec![]),
+        1 => Just(vec![("content-type", &b"application/cloudevents+json"[..])]),
+        1 => prop_oneof![Just(binary(b"12")), Just(binary(b"-1"))],
+    ]
+}
+
+fn format() -> impl Strategy<Value = EventFormat> {
+    prop_oneof![
+        Just(EventFormat::Auto),
+        Just(EventFormat::Idem),
+        Just(EventFormat::CloudEvents),
+    ]
 }
 
 #[test]
 fn decoder_never_panics_and_accepted_events_honour_the_contract() {
-    let mut config = Config::defaults().event;
-    config.max_bytes = 4096;
-    let mut rng = Rng::new(0xDEC0DE);
+    let base = EventConfig {
+        max_bytes: 4096,
+        ..Config::defaults().event
+    };
     let n = cases();
-    let (mut accepted, mut rejected) = (0usize, 0usize);
-    for i in 0..n {
-        let bytes = input(&mut rng);
-        config.format = [
-            EventFormat::Auto,
-            EventFormat::Idem,
-            EventFormat::CloudEvents,
-        ][i % 3];
-        let ce_headers: Vec<(&str, &[u8])> = match rng.below(4) {
-            0 => vec![("content-type", b"application/cloudevents+json")],
-            1 => vec![
-                ("ce_specversion", b"1.0"),
-                ("ce_id", b"x"),
-                ("ce_source", b"/s"),
-                ("ce_type", b"t"),
-                ("ce_subject", b"e"),
-                ("ce_sequence", if rng.below(2) == 0 { b"12" } else { b"-1" }),
-            ],
-            _ => vec![],
-        };
-        let value = if rng.below(50) == 0 {
-            None
-        } else {
-            Some(bytes.as_slice())
-        };
-        match decode_record(value, &ce_headers, &config) {
-            Ok(e) => {
-                accepted += 1;
-                assert!(
-                    !e.id.is_empty() && !e.entity.is_empty(),
-                    "accepted an event without identity: {e:?}"
-                );
-                assert!(value.is_some_and(|v| v.len() <= 4096) || ce_headers.len() > 1);
+    let (accepted, rejected) = (std::cell::Cell::new(0u32), std::cell::Cell::new(0u32));
+    // One record in fifty has no value at all (a tombstone).
+    let record = (input(), headers(), format(), 0u8..50);
+    runner(n)
+        .run(&record, |(bytes, headers, format, tombstone)| {
+            let config = EventConfig {
+                format,
+                ..base.clone()
+            };
+            let value = (tombstone != 0).then_some(bytes.as_slice());
+            match decode_record(value, &headers, &config) {
+                Ok(e) => {
+                    accepted.set(accepted.get() + 1);
+                    prop_assert!(
+                        !e.id.is_empty() && !e.entity.is_empty(),
+                        "accepted an event without identity: {e:?}"
+                    );
+                    prop_assert!(value.is_some_and(|v| v.len() <= 4096) || headers.len() > 1);
+                }
+                Err(invalid) => {
+                    rejected.set(rejected.get() + 1);
+                    prop_assert!(idem::dlq::REASONS.contains(&invalid.code()));
+                }
             }
-            Err(invalid) => {
-                rejected += 1;
-                assert!(idem::dlq::REASONS.contains(&invalid.code()));
-            }
-        }
-    }
-    assert_eq!(accepted + rejected, n);
+            Ok(())
+        })
+        .unwrap();
+    let (accepted, rejected) = (accepted.get(), rejected.get());
+    assert!(accepted + rejected >= n);
     assert!(
         accepted > n / 20 && rejected > n / 20,
         "both paths exercised: {accepted} accepted, {rejected} rejected"
     );
 }
 
-/// A random JSON number text: a double in one of Rust's forms, or up to 40
-/// digits with an optional fraction and exponent (magnitudes stay within a
-/// double's range: beyond ±1.8e308 the record is not_json, as documented).
-fn number_text(rng: &mut Rng) -> String {
-    let double = loop {
-        let x = f64::from_bits(rng.next_u64());
-        if x.is_finite() {
-            break x;
-        }
-    };
-    let digits = |rng: &mut Rng, n: u64| -> String {
-        (0..n)
-            .map(|_| char::from(b'0' + rng.below(10) as u8))
-            .collect()
-    };
-    match rng.below(5) {
-        0 => format!("{double:e}"),
-        1 => format!("{double:.17e}"),
-        2 => format!("{}", double.abs() % 1e6),
-        _ => {
-            let sign = if rng.below(2) == 0 { "" } else { "-" };
-            let int = match rng.below(40) {
-                0 => "0".to_string(),
-                n => format!("{}{}", 1 + rng.below(9), digits(rng, n)),
-            };
-            let frac = match rng.below(3) {
-                0 => {
-                    let n = 1 + rng.below(30);
-                    format!(".{}", digits(rng, n))
-                }
-                _ => String::new(),
-            };
-            let exp = match rng.below(4) {
-                0 => format!(
-                    "{}{}",
-                    ["e", "E", "e+", "e-"][rng.below(4) as usize],
-                    1 + rng.below(250)
-                ),
-                _ => String::new(),
-            };
-            format!("{sign}{int}{frac}{exp}")
-        }
-    }
+/// A JSON number text: a double in one of Rust's forms, or up to 40 digits
+/// with an optional fraction and exponent (magnitudes stay within a double's
+/// range: beyond ±1.8e308 the record is not_json, as documented).
+fn number_text() -> impl Strategy<Value = String> {
+    let double = any::<f64>().prop_filter("finite", |x| x.is_finite());
+    let decimal = (
+        prop_oneof![Just(""), Just("-")],
+        prop_oneof![Just("0".to_string()), "[1-9][0-9]{1,39}"],
+        prop_oneof![2 => Just(String::new()), 1 => "\\.[0-9]{1,30}"],
+        prop_oneof![
+            3 => Just(String::new()),
+            1 => ("e|E|e\\+|e-", 1u32..=250).prop_map(|(e, n)| format!("{e}{n}")),
+        ],
+    )
+        .prop_map(|(sign, int, frac, exp)| format!("{sign}{int}{frac}{exp}"));
+    prop_oneof![
+        1 => double.clone().prop_map(|x| format!("{x:e}")),
+        1 => double.clone().prop_map(|x| format!("{x:.17e}")),
+        1 => double.prop_map(|x| format!("{}", x.abs() % 1e6)),
+        2 => decimal,
+    ]
 }
 
 /// Property: any number in `data` is stored as its exact text, top level or
@@ -210,21 +235,23 @@ fn number_text(rng: &mut Rng) -> String {
 #[test]
 fn numbers_in_data_keep_their_exact_text() {
     let config = Config::defaults().event;
-    let mut rng = Rng::new(0x0DD5);
-    for _ in 0..cases() / 10 {
-        let n = number_text(&mut rng);
-        let text = format!(r#"{{"id":"a","entity":"e","seq":1,"data":{{"x":{n},"l":[{n}]}}}}"#);
-        let e = decode_record(Some(text.as_bytes()), &[], &config)
-            .unwrap_or_else(|err| panic!("{text}: {err}"));
-        assert_eq!(
-            e.set,
-            vec![
-                ("l".to_string(), format!("[{n}]")),
-                ("x".to_string(), n.clone())
-            ],
-            "{text}"
-        );
-        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(e.fingerprint, idem::event::fingerprint(&value), "{text}");
-    }
+    runner(cases() / 10)
+        .run(&number_text(), |n| {
+            let text = format!(r#"{{"id":"a","entity":"e","seq":1,"data":{{"x":{n},"l":[{n}]}}}}"#);
+            let e = decode_record(Some(text.as_bytes()), &[], &config)
+                .map_err(|err| TestCaseError::fail(format!("{text}: {err}")))?;
+            prop_assert_eq!(
+                &e.set,
+                &vec![
+                    ("l".to_string(), format!("[{n}]")),
+                    ("x".to_string(), n.clone())
+                ],
+                "{}",
+                text
+            );
+            let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+            prop_assert_eq!(e.fingerprint, idem::event::fingerprint(&value), "{}", text);
+            Ok(())
+        })
+        .unwrap();
 }

@@ -73,20 +73,7 @@ pub async fn run(args: DlqArgs, config: Config) -> anyhow::Result<ExitCode> {
                 crate::outln!("{}", serde_json::to_string_pretty(&report)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            crate::outln!("{topic}: {} dead letters", report.records);
-            for (reason, n) in &report.by_reason {
-                crate::outln!("  {reason:<18} {n}");
-            }
-            for e in &report.examples {
-                crate::outln!(
-                    "\n[{}] from {} (dead letter {})\n  {}\n  value: {}",
-                    e.reason,
-                    e.original,
-                    e.dlq_offset,
-                    e.message,
-                    e.value_preview
-                );
-            }
+            print_inspection(&topic, &report);
             Ok(ExitCode::SUCCESS)
         }
         DlqAction::Redrive {
@@ -98,45 +85,71 @@ pub async fn run(args: DlqArgs, config: Config) -> anyhow::Result<ExitCode> {
                 eprintln!("redrive: {n} records so far");
             })
             .await?;
-            let verb = if execute {
-                "re-published"
-            } else {
-                "would re-publish"
-            };
-            crate::outln!(
-                "read {} dead letters from {topic}; {} skipped by --reason",
-                report.read,
-                report.skipped
-            );
-            for (t, n) in &report.by_topic {
-                crate::outln!("  {verb} {n} to {t}");
-            }
-            if report.by_topic.is_empty() {
-                crate::outln!("  {verb} 0");
-            }
-            if report.already_redriven > 0 {
-                crate::outln!(
-                    "  {} already re-published by an earlier --execute (not again)",
-                    report.already_redriven
-                );
-            }
-            for (code, n) in &report.still_invalid {
-                crate::outln!("  {n} still invalid for the current decoder ({code}): not re-published; fix the producer or the config first");
-            }
-            if report.references > 0 {
-                crate::outln!(
-                    "  {} were dead-lettered as references (too large for the dead-letter topic): re-publish them from the original topic/partition/offset in their headers",
-                    report.references
-                );
-            }
-            if !execute {
-                eprintln!("dry run: nothing published; add --execute to publish");
-            }
-            if report.failed > 0 {
-                crate::outln!("{} records were not delivered; run the redrive again (only those are published again)", report.failed);
-                return Ok(ExitCode::FAILURE);
-            }
-            Ok(ExitCode::SUCCESS)
+            Ok(print_redrive(&topic, &report, execute))
         }
     }
+}
+
+/// What the dead-letter topic holds: counts by reason, then the examples.
+fn print_inspection(topic: &str, report: &tools::Inspection) {
+    crate::outln!("{topic}: {} dead letters", report.records);
+    for (reason, n) in &report.by_reason {
+        crate::outln!("  {reason:<18} {n}");
+    }
+    for e in &report.examples {
+        crate::outln!(
+            "\n[{}] from {} (dead letter {})\n  {}\n  value: {}",
+            e.reason,
+            e.original,
+            e.dlq_offset,
+            e.message,
+            e.value_preview
+        );
+    }
+}
+
+/// What a redrive did (or would do); failure if some copies were not delivered.
+fn print_redrive(topic: &str, report: &tools::Redrive, execute: bool) -> ExitCode {
+    let verb = if execute {
+        "re-published"
+    } else {
+        "would re-publish"
+    };
+    crate::outln!(
+        "read {} dead letters from {topic}; {} skipped by --reason",
+        report.read,
+        report.skipped
+    );
+    for (t, n) in &report.by_topic {
+        crate::outln!("  {verb} {n} to {t}");
+    }
+    if report.by_topic.is_empty() {
+        crate::outln!("  {verb} 0");
+    }
+    if report.already_redriven > 0 {
+        crate::outln!(
+            "  {} already re-published by an earlier --execute (not again)",
+            report.already_redriven
+        );
+    }
+    for (code, n) in &report.still_invalid {
+        crate::outln!("  {n} still invalid for the current decoder ({code}): not re-published; fix the producer or the config first");
+    }
+    if report.references > 0 {
+        crate::outln!(
+            "  {} were dead-lettered as references (too large for the dead-letter topic): re-publish them from the original topic/partition/offset in their headers",
+            report.references
+        );
+    }
+    if !execute {
+        eprintln!("dry run: nothing published; add --execute to publish");
+    }
+    if report.failed > 0 {
+        crate::outln!(
+            "{} records were not delivered; run the redrive again (only those are published again)",
+            report.failed
+        );
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }

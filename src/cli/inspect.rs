@@ -70,48 +70,9 @@ pub async fn run(args: InspectArgs, config: Config) -> anyhow::Result<ExitCode> 
             .await??;
             if json {
                 crate::outln!("{}", serde_json::to_string_pretty(&status)?);
-                return Ok(ExitCode::SUCCESS);
+            } else {
+                print_group(&status);
             }
-            crate::outln!(
-                "group {} ({}), {} member(s)",
-                status.group,
-                status.state,
-                status.members.len()
-            );
-            for m in &status.members {
-                let parts: Vec<String> = m
-                    .assignment
-                    .iter()
-                    .map(|(t, ps)| format!("{t}{ps:?}"))
-                    .collect();
-                crate::outln!(
-                    "  {} {} {} {}",
-                    m.client_id,
-                    m.host,
-                    m.member_id,
-                    parts.join(" ")
-                );
-            }
-            crate::outln!(
-                "{:<40} {:>9} {:>12} {:>12} {:>10}",
-                "topic",
-                "partition",
-                "committed",
-                "end",
-                "lag"
-            );
-            for p in &status.partitions {
-                let committed = p.committed.map_or("-".to_string(), |c| c.to_string());
-                crate::outln!(
-                    "{:<40} {:>9} {:>12} {:>12} {:>10}",
-                    p.topic,
-                    p.partition,
-                    committed,
-                    p.end,
-                    p.lag
-                );
-            }
-            crate::outln!("total lag {}", status.total_lag);
             Ok(ExitCode::SUCCESS)
         }
         InspectWhat::Entity { entity, json } => {
@@ -126,22 +87,7 @@ pub async fn run(args: InspectArgs, config: Config) -> anyhow::Result<ExitCode> 
                     config.redis.key_prefix
                 );
             } else {
-                crate::outln!("entity      {}", view.entity);
-                crate::outln!(
-                    "seq         {}",
-                    view.seq.map_or("-".into(), |s| s.to_string())
-                );
-                crate::outln!("deleted     {}", view.deleted);
-                crate::outln!("last id     {}", view.last_id.as_deref().unwrap_or("-"));
-                crate::outln!("applied     {}", view.applied);
-                crate::outln!(
-                    "updated ms  {}",
-                    view.updated_ms.map_or("-".into(), |s| s.to_string())
-                );
-                crate::outln!("state");
-                for (k, v) in &view.state {
-                    crate::outln!("  {k} = {v}");
-                }
+                print_entity(&view);
             }
             Ok(if view.exists {
                 ExitCode::SUCCESS
@@ -149,5 +95,69 @@ pub async fn run(args: InspectArgs, config: Config) -> anyhow::Result<ExitCode> 
                 ExitCode::from(3)
             })
         }
+    }
+}
+
+/// The group, its members and per-partition lag, as a table.
+fn print_group(status: &crate::tools::group::GroupStatus) {
+    crate::outln!(
+        "group {} ({}), {} member(s)",
+        status.group,
+        status.state,
+        status.members.len()
+    );
+    for m in &status.members {
+        let parts: Vec<String> = m
+            .assignment
+            .iter()
+            .map(|(t, ps)| format!("{t}{ps:?}"))
+            .collect();
+        crate::outln!(
+            "  {} {} {} {}",
+            m.client_id,
+            m.host,
+            m.member_id,
+            parts.join(" ")
+        );
+    }
+    crate::outln!(
+        "{:<40} {:>9} {:>12} {:>12} {:>10}",
+        "topic",
+        "partition",
+        "committed",
+        "end",
+        "lag"
+    );
+    for p in &status.partitions {
+        let committed = p.committed.map_or("-".to_string(), |c| c.to_string());
+        crate::outln!(
+            "{:<40} {:>9} {:>12} {:>12} {:>10}",
+            p.topic,
+            p.partition,
+            committed,
+            p.end,
+            p.lag
+        );
+    }
+    crate::outln!("total lag {}", status.total_lag);
+}
+
+/// One entity's bookkeeping and state, one field per line.
+fn print_entity(view: &store::EntityView) {
+    crate::outln!("entity      {}", view.entity);
+    crate::outln!(
+        "seq         {}",
+        view.seq.map_or("-".into(), |s| s.to_string())
+    );
+    crate::outln!("deleted     {}", view.deleted);
+    crate::outln!("last id     {}", view.last_id.as_deref().unwrap_or("-"));
+    crate::outln!("applied     {}", view.applied);
+    crate::outln!(
+        "updated ms  {}",
+        view.updated_ms.map_or("-".into(), |s| s.to_string())
+    );
+    crate::outln!("state");
+    for (k, v) in &view.state {
+        crate::outln!("  {k} = {v}");
     }
 }

@@ -62,23 +62,9 @@ pub struct ReplayArgs {
 }
 
 pub async fn run(args: ReplayArgs, config: Config) -> anyhow::Result<ExitCode> {
+    let target = replay_target(&args)?;
     let topic = args.topic.unwrap_or_else(|| config.kafka.topics[0].clone());
     let group = args.group.unwrap_or_else(|| config.kafka.group_id.clone());
-    let target = if args.to_earliest {
-        ReplayTarget::Earliest
-    } else if let Some(since) = &args.since {
-        let d = parse_duration(since).ok_or_else(|| {
-            anyhow::anyhow!("--since {since:?}: expected a duration like 30m, 2h or 7d")
-        })?;
-        ReplayTarget::Timestamp(crate::pipeline::unix_millis() - d.as_millis() as i64)
-    } else if let Some(ts) = &args.to_timestamp {
-        ReplayTarget::Timestamp(parse_timestamp(ts)?)
-    } else {
-        let text = args.to_offset.as_deref().unwrap_or_default();
-        ReplayTarget::Offsets(
-            replay::parse_offsets(text).map_err(|e| anyhow::anyhow!("--to-offset: {e}"))?,
-        )
-    };
     let kafka = config.kafka.clone();
     let reset = config.kafka.auto_offset_reset;
     let partitions = (!args.partitions.is_empty()).then_some(args.partitions);
@@ -99,34 +85,7 @@ pub async fn run(args: ReplayArgs, config: Config) -> anyhow::Result<ExitCode> {
     if args.json {
         crate::outln!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
-        crate::outln!("group {group}, topic {topic}");
-        crate::outln!(
-            "{:>9} {:>12} {:>12} {:>12} {:>12}",
-            "partition",
-            "current",
-            "new",
-            "end",
-            "re-read"
-        );
-        for r in &plan.rows {
-            let current = r.current.map_or("-".to_string(), |c| c.to_string());
-            crate::outln!(
-                "{:>9} {:>12} {:>12} {:>12} {:>12}",
-                r.partition,
-                current,
-                r.new,
-                r.end,
-                r.reread
-            );
-        }
-        crate::outln!("{} records will be read again", plan.total_reread);
-        if plan.total_skipped > 0 {
-            crate::outln!(
-                "{} records will be SKIPPED (never applied): partitions {}",
-                plan.total_skipped,
-                plan.skipping_partitions().join(", ")
-            );
-        }
+        print_plan(&group, &topic, &plan);
     }
     let skip_refusal = (plan.total_skipped > 0 && !args.allow_skip).then(|| {
         format!(
@@ -153,6 +112,58 @@ pub async fn run(args: ReplayArgs, config: Config) -> anyhow::Result<ExitCode> {
     tokio::task::spawn_blocking(move || replay::execute(&kafka, &plan)).await??;
     eprintln!("offsets moved; the group's next run replays from there");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where the chosen flag moves the group.
+fn replay_target(args: &ReplayArgs) -> anyhow::Result<ReplayTarget> {
+    Ok(if args.to_earliest {
+        ReplayTarget::Earliest
+    } else if let Some(since) = &args.since {
+        let d = parse_duration(since).ok_or_else(|| {
+            anyhow::anyhow!("--since {since:?}: expected a duration like 30m, 2h or 7d")
+        })?;
+        ReplayTarget::Timestamp(crate::pipeline::unix_millis() - d.as_millis() as i64)
+    } else if let Some(ts) = &args.to_timestamp {
+        ReplayTarget::Timestamp(parse_timestamp(ts)?)
+    } else {
+        let text = args.to_offset.as_deref().unwrap_or_default();
+        ReplayTarget::Offsets(
+            replay::parse_offsets(text).map_err(|e| anyhow::anyhow!("--to-offset: {e}"))?,
+        )
+    })
+}
+
+/// The plan as a table: per partition the current and new offsets and what
+/// is read again, then what would be skipped.
+fn print_plan(group: &str, topic: &str, plan: &replay::ReplayPlan) {
+    crate::outln!("group {group}, topic {topic}");
+    crate::outln!(
+        "{:>9} {:>12} {:>12} {:>12} {:>12}",
+        "partition",
+        "current",
+        "new",
+        "end",
+        "re-read"
+    );
+    for r in &plan.rows {
+        let current = r.current.map_or("-".to_string(), |c| c.to_string());
+        crate::outln!(
+            "{:>9} {:>12} {:>12} {:>12} {:>12}",
+            r.partition,
+            current,
+            r.new,
+            r.end,
+            r.reread
+        );
+    }
+    crate::outln!("{} records will be read again", plan.total_reread);
+    if plan.total_skipped > 0 {
+        crate::outln!(
+            "{} records will be SKIPPED (never applied): partitions {}",
+            plan.total_skipped,
+            plan.skipping_partitions().join(", ")
+        );
+    }
 }
 
 /// RFC 3339 (UTC offsets) or ms since the epoch.

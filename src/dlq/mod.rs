@@ -96,11 +96,35 @@ pub struct DlqWriter {
     config: DlqConfig,
 }
 
-/// One letter's delivery failed.
-enum SendError {
-    /// Larger than the producer or the topic accepts: send a reference instead.
+/// Why dead letters could not be written. Every kind is retried by the
+/// pipeline (the batch waits, nothing past it is committed); the kind picks
+/// the advice in the log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// Larger than the producer or the topic accepts (whole, the letter is
+    /// then sent as a reference; this is returned only if even that fails).
+    #[error("too large for the dead-letter topic: {0}")]
     TooLarge(String),
+    /// The dead-letter topic does not exist (and the brokers do not create it).
+    #[error("the dead-letter topic does not exist: {0}")]
+    UnknownTopic(String),
+    #[error("{0}")]
     Other(String),
+}
+
+impl SendError {
+    /// What the operator can do about it.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            SendError::UnknownTopic(_) => {
+                "the dead-letter topic does not exist: create it (topics/, `idem topics apply`)"
+            }
+            SendError::TooLarge(_) => {
+                "even the reference is too large: raise the dead-letter topic's max.message.bytes"
+            }
+            SendError::Other(_) => "Kafka did not accept the dead letters; see the error",
+        }
+    }
 }
 
 impl DlqWriter {
@@ -135,7 +159,7 @@ impl DlqWriter {
         &self,
         letters: &[DeadLetter<'_>],
         delivered: &mut [bool],
-    ) -> Result<(), String> {
+    ) -> Result<(), SendError> {
         let mut pending = Vec::with_capacity(letters.len());
         for (i, l) in letters.iter().enumerate() {
             if !delivered[i] {
@@ -165,7 +189,7 @@ impl DlqWriter {
             }
             match result {
                 Ok(()) => delivered[i] = true,
-                Err(SendError::TooLarge(e) | SendError::Other(e)) => {
+                Err(e) => {
                     first_error.get_or_insert(e);
                 }
             }
@@ -189,7 +213,6 @@ impl DlqWriter {
         as_reference: bool,
     ) -> Result<rdkafka::producer::DeliveryFuture, SendError> {
         let topic = self.config.topic_for(&l.source.topic);
-        let value = l.value.unwrap_or_default();
         let mut headers = OwnedHeaders::new_with_capacity(l.headers.len() + 14);
         let own_headers_bytes: usize = l.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
         // A reference keeps the record's headers unless they are what is too large.
@@ -201,41 +224,7 @@ impl DlqWriter {
                 });
             }
         }
-        let mut idem_headers = vec![
-            (header::REASON, l.reason.to_string()),
-            // Bounded: a message may quote a key or an entity of any size.
-            (
-                header::MESSAGE,
-                l.message.chars().take(MESSAGE_MAX_CHARS).collect(),
-            ),
-            (header::TOPIC, l.source.topic.clone()),
-            (header::PARTITION, l.source.partition.to_string()),
-            (header::OFFSET, l.offset.to_string()),
-            (
-                header::TIMESTAMP,
-                l.timestamp_ms.map(|t| t.to_string()).unwrap_or_default(),
-            ),
-            (header::GROUP, self.group.clone()),
-            (header::VERSION, env!("CARGO_PKG_VERSION").to_string()),
-        ];
-        if let Some((fp, remembered)) = l.fingerprints {
-            idem_headers.push((header::FINGERPRINT, format!("{fp:016x}")));
-            idem_headers.push((header::REMEMBERED_FINGERPRINT, format!("{remembered:016x}")));
-        }
-        if as_reference {
-            let mut digest = crate::event::Fnv64::default();
-            digest.update(value);
-            idem_headers.push((header::FORM, "reference".to_string()));
-            idem_headers.push((header::ORIGINAL_SIZE, value.len().to_string()));
-            idem_headers.push((
-                header::ORIGINAL_DIGEST,
-                format!("fnv1a64:{:016x}", digest.finish()),
-            ));
-            idem_headers.push((
-                header::ORIGINAL_HEADERS_BYTES,
-                own_headers_bytes.to_string(),
-            ));
-        }
+        let idem_headers = self.idem_headers(l, as_reference, own_headers_bytes);
         for (k, v) in &idem_headers {
             headers = headers.insert(Header {
                 key: k,
@@ -271,11 +260,64 @@ impl DlqWriter {
             }
         }
     }
+
+    /// idem's own headers of a dead letter: why, where from, which group and
+    /// version; for a reference also the original's size, digest and
+    /// header bytes.
+    fn idem_headers(
+        &self,
+        l: &DeadLetter<'_>,
+        as_reference: bool,
+        own_headers_bytes: usize,
+    ) -> Vec<(&'static str, String)> {
+        let mut idem_headers = vec![
+            (header::REASON, l.reason.to_string()),
+            // Bounded: a message may quote a key or an entity of any size.
+            (
+                header::MESSAGE,
+                l.message.chars().take(MESSAGE_MAX_CHARS).collect(),
+            ),
+            (header::TOPIC, l.source.topic.clone()),
+            (header::PARTITION, l.source.partition.to_string()),
+            (header::OFFSET, l.offset.to_string()),
+            (
+                header::TIMESTAMP,
+                l.timestamp_ms.map(|t| t.to_string()).unwrap_or_default(),
+            ),
+            (header::GROUP, self.group.clone()),
+            (header::VERSION, env!("CARGO_PKG_VERSION").to_string()),
+        ];
+        if let Some((fp, remembered)) = l.fingerprints {
+            idem_headers.push((header::FINGERPRINT, format!("{fp:016x}")));
+            idem_headers.push((header::REMEMBERED_FINGERPRINT, format!("{remembered:016x}")));
+        }
+        if as_reference {
+            let mut digest = crate::event::Fnv64::default();
+            digest.update(l.value.unwrap_or_default());
+            idem_headers.push((header::FORM, "reference".to_string()));
+            idem_headers.push((
+                header::ORIGINAL_SIZE,
+                l.value.map_or(0, <[u8]>::len).to_string(),
+            ));
+            idem_headers.push((
+                header::ORIGINAL_DIGEST,
+                format!("fnv1a64:{:016x}", digest.finish()),
+            ));
+            idem_headers.push((
+                header::ORIGINAL_HEADERS_BYTES,
+                own_headers_bytes.to_string(),
+            ));
+        }
+        idem_headers
+    }
 }
 
 fn classify(e: &rdkafka::error::KafkaError) -> SendError {
     match e.rdkafka_error_code() {
         Some(RDKafkaErrorCode::MessageSizeTooLarge) => SendError::TooLarge(e.to_string()),
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+            SendError::UnknownTopic(e.to_string())
+        }
         _ => SendError::Other(e.to_string()),
     }
 }
@@ -329,5 +371,32 @@ mod tests {
         assert_eq!(producer_max_bytes(1_048_576), 1_048_576 + HEADROOM_BYTES);
         assert_eq!(producer_max_bytes(10), 1_000_000);
         assert_eq!(producer_max_bytes(usize::MAX / 2), 1_000_000_000);
+    }
+
+    #[test]
+    fn send_errors_are_classified_by_code_not_text() {
+        use rdkafka::error::KafkaError;
+        let table = [
+            (
+                RDKafkaErrorCode::MessageSizeTooLarge,
+                "too large for the dead-letter topic",
+            ),
+            (RDKafkaErrorCode::UnknownTopicOrPartition, "does not exist"),
+            (RDKafkaErrorCode::UnknownTopic, "does not exist"),
+            (RDKafkaErrorCode::MessageTimedOut, "Message timed out"),
+        ];
+        for (code, text) in table {
+            let e = classify(&KafkaError::MessageProduction(code));
+            assert!(e.to_string().contains(text), "{code:?}: {e}");
+        }
+        let unknown = classify(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+        ));
+        assert!(unknown.hint().contains("create it"), "{}", unknown.hint());
+        assert_ne!(
+            unknown.hint(),
+            SendError::Other(String::new()).hint(),
+            "each kind has its own advice"
+        );
     }
 }

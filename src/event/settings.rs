@@ -26,7 +26,8 @@ impl Default for FieldMap {
 }
 
 /// Which record formats are read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum EventFormat {
     /// CloudEvents when the record's headers say so, idem's envelope otherwise.
     Auto,

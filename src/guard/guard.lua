@@ -55,6 +55,15 @@ end
 -- (an even number, so field/value pairs stay together).
 local UNPACK_CHUNK = 1000
 
+-- Verdict codes (src/guard/reply.rs names the same numbers; a unit test
+-- compares the two).
+local APPLIED = 0
+local DUPLICATE = 1
+local STALE = 2
+local CONFLICT = 3
+local DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT = 4
+local DUPLICATE_STALE_BY_EARLIER_ATTEMPT = 5
+
 local token = ARGV[1]
 local out = {}
 local a = 2
@@ -76,14 +85,15 @@ for i = 1, #KEYS / 4 do
   if seen then
     local seen_fp = string.sub(seen, 1, 8)
     if seen_fp == fp then
-      local code = 1
+      local code = DUPLICATE
       if string.sub(seen, 15, 18) == token then
-        code = string.sub(seen, 19, 19) == 'a' and 4 or 5
+        code = string.sub(seen, 19, 19) == 'a' and DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT
+          or DUPLICATE_STALE_BY_EARLIER_ATTEMPT
       end
       out[#out + 1] = code
       out[#out + 1] = now - struct.unpack('>I6', seen, 9)
     else
-      out[#out + 1] = 3
+      out[#out + 1] = CONFLICT
       out[#out + 1] = seen_fp
     end
   else
@@ -91,7 +101,7 @@ for i = 1, #KEYS / 4 do
     local recorded, applied = m[1], m[2]
     local decided = 's'
     if recorded and not is_newer(seq, recorded) then
-      out[#out + 1] = 2
+      out[#out + 1] = STALE
       out[#out + 1] = recorded
     else
       decided = 'a'
@@ -112,7 +122,7 @@ for i = 1, #KEYS / 4 do
       end
       redis.call('HSET', meta, 'seq', seq, 'last_id', id, 'fingerprint', fp_hex, 'updated_ms', now_str,
         'applied', count, 'deleted', op == 'd' and '1' or '0')
-      out[#out + 1] = 0
+      out[#out + 1] = APPLIED
       out[#out + 1] = 0
     end
     -- Stale ids are remembered too, so their redelivery is a duplicate.

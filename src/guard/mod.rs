@@ -14,6 +14,12 @@ use crate::event::{id_hash, Event, Op};
 use crate::model::Outcome;
 use crate::store::{hash_slot, DurableWait, KeyLayout, NodeAddr, RedisConn, SlotMap, StoreError};
 
+mod plan;
+mod reply;
+
+pub use plan::{chunk_by_entity, chunk_by_slot, id_generations, IdGenerations};
+use reply::{check_durable, script_items, verdicts_by_chunk};
+
 const SCRIPT: &str = include_str!("guard.lua");
 
 /// The guard's answer for one event.
@@ -139,23 +145,7 @@ impl Guard {
             let reply = replies.pop().unwrap_or(Value::Nil);
             check_durable(self.wait, &reply)?;
         }
-        let replies: Vec<Vec<Value>> = replies
-            .into_iter()
-            .map(|v| match v {
-                Value::Array(items) => Ok(items),
-                other => Err(StoreError::Protocol(format!("guard reply {other:?}"))),
-            })
-            .collect::<Result<_, _>>()?;
-        let in_chunk_order = parse_replies(&replies, inputs.len())?;
-        // Back to input order.
-        let mut verdicts = vec![None; inputs.len()];
-        for (&i, v) in chunks.iter().flatten().zip(in_chunk_order) {
-            verdicts[i] = Some(v);
-        }
-        Ok(verdicts
-            .into_iter()
-            .map(|v| v.expect("every input is in one chunk"))
-            .collect())
+        verdicts_by_chunk(&chunks, &script_items(replies)?, inputs.len())
     }
 
     /// Redis Cluster: one call per hash slot (a script may only touch one
@@ -174,7 +164,7 @@ impl Guard {
                 return Err(e);
             }
         };
-        verdicts_by_chunk(&chunks, replies.into_iter().map(Ok), inputs.len())
+        verdicts_by_chunk(&chunks, &replies, inputs.len())
     }
 
     /// Redis Cluster: the slots' calls (a script may touch one slot only)
@@ -254,13 +244,7 @@ impl Guard {
                     check_durable(this.wait, &replies.pop().unwrap_or(Value::Nil))?;
                     replies.pop(); // the barrier's count
                 }
-                let scripts = replies
-                    .into_iter()
-                    .map(|v| match v {
-                        Value::Array(items) => Ok(items),
-                        other => Err(StoreError::Protocol(format!("guard reply {other:?}"))),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
+                let scripts = script_items(replies)?;
                 Ok::<_, StoreError>(mine.into_iter().zip(scripts).collect::<Vec<_>>())
             }
         });
@@ -310,25 +294,21 @@ impl Guard {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        // (generation, expiry) per event: the keys come first, the args after.
-        let windows: Vec<(u64, u64)> = chunk
+        // The keys come first, the args after.
+        let windows: Vec<IdGenerations> = chunk
             .iter()
-            .map(|&i| {
-                let window = inputs[i].window.as_millis().max(1) as u64;
-                let generation = now_ms / window;
-                (generation, (generation + 2) * window)
-            })
+            .map(|&i| id_generations(now_ms, inputs[i].window))
             .collect();
-        for (&i, (generation, _)) in chunk.iter().zip(&windows) {
+        for (&i, ids) in chunk.iter().zip(&windows) {
             let base = self.layout.entity_base(&inputs[i].event.entity);
             cmd.arg(format!("{base}:meta"))
                 .arg(format!("{base}:state"))
-                .arg(format!("{base}:ids:{generation}"))
-                .arg(format!("{base}:ids:{}", generation.saturating_sub(1)));
+                .arg(format!("{base}:ids:{}", ids.current))
+                .arg(format!("{base}:ids:{}", ids.previous));
         }
         cmd.arg(&self.batch_token[..]);
-        for (&i, (_, expire_at)) in chunk.iter().zip(&windows) {
-            push_event_args(&mut cmd, &inputs[i], *expire_at);
+        for (&i, ids) in chunk.iter().zip(&windows) {
+            push_event_args(&mut cmd, &inputs[i], ids.expire_at_ms);
         }
         cmd
     }
@@ -353,99 +333,6 @@ impl Guard {
     }
 }
 
-/// Verdicts in input order from each chunk's script reply items.
-fn verdicts_by_chunk(
-    chunks: &[Vec<usize>],
-    replies: impl Iterator<Item = Result<Vec<Value>, StoreError>>,
-    inputs: usize,
-) -> Result<Vec<Verdict>, StoreError> {
-    let mut verdicts = vec![None; inputs];
-    for (chunk, reply) in chunks.iter().zip(replies) {
-        let parsed = parse_replies(&[reply?], chunk.len())?;
-        for (&i, v) in chunk.iter().zip(parsed) {
-            verdicts[i] = Some(v);
-        }
-    }
-    Ok(verdicts
-        .into_iter()
-        .map(|v| v.expect("every input is in one chunk"))
-        .collect())
-}
-
-/// Whether the WAIT / WAITAOF reply confirms durability.
-fn check_durable(wait: DurableWait, reply: &Value) -> Result<(), StoreError> {
-    let ok = match (wait, reply) {
-        (DurableWait::Replicas(n), Value::Int(acked)) => *acked >= i64::from(n),
-        (DurableWait::LocalAof, Value::Array(counts)) => {
-            matches!(counts.first(), Some(Value::Int(local)) if *local >= 1)
-        }
-        _ => false,
-    };
-    if ok {
-        Ok(())
-    } else {
-        // The effects are in Redis but not durable yet: the batch is retried
-        // (coming back as duplicates) and its offsets wait.
-        Err(StoreError::NotDurable(format!(
-            "{wait:?} answered {reply:?}"
-        )))
-    }
-}
-
-/// One call per hash slot, events in batch order within each.
-pub fn chunk_by_slot(inputs: &[GuardInput<'_>], layout: &KeyLayout) -> Vec<Vec<usize>> {
-    let mut chunks: Vec<Vec<usize>> = Vec::new();
-    let mut chunk_of: std::collections::HashMap<u16, usize> = std::collections::HashMap::new();
-    for (i, input) in inputs.iter().enumerate() {
-        let slot = hash_slot(layout.entity_base(&input.event.entity).as_bytes());
-        let c = *chunk_of.entry(slot).or_insert_with(|| {
-            chunks.push(Vec::new());
-            chunks.len() - 1
-        });
-        chunks[c].push(i);
-    }
-    chunks
-}
-
-/// Splits a batch into script calls of about `per_call` events, keeping all
-/// events of one entity in the same call, in their order.
-///
-/// Why: Redis runs every call of a pipeline even when one fails halfway, and
-/// the batch is then retried. If an entity's events were spread over two
-/// calls and the first failed, the second would apply its newer events
-/// first, and the retry would find the older ones stale: a reordering.
-/// With one call per entity per batch, a retry resumes each entity exactly
-/// where it stopped.
-///
-/// | batch (entities)      | per_call | calls                 |
-/// |-----------------------|----------|-----------------------|
-/// | a b c d               | 2        | [a b] [c d]           |
-/// | a b a c               | 2        | [a b a] [c]           |
-/// | a a a b               | 2        | [a a a] [b]           |
-pub fn chunk_by_entity(inputs: &[GuardInput<'_>], per_call: usize) -> Vec<Vec<usize>> {
-    let mut chunks: Vec<Vec<usize>> = Vec::new();
-    let mut chunk_of: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-    let mut open: Option<usize> = None;
-    for (i, input) in inputs.iter().enumerate() {
-        let entity = input.event.entity.as_str();
-        if let Some(&c) = chunk_of.get(entity) {
-            chunks[c].push(i);
-            continue;
-        }
-        let c = match open {
-            Some(c) if chunks[c].len() < per_call => c,
-            _ => {
-                chunks.push(Vec::with_capacity(per_call));
-                open = Some(chunks.len() - 1);
-                chunks.len() - 1
-            }
-        };
-        chunks[c].push(i);
-        chunk_of.insert(entity, c);
-    }
-    chunks
-}
-
 fn push_event_args(cmd: &mut redis::Cmd, input: &GuardInput<'_>, expire_at_ms: u64) {
     let e = input.event;
     cmd.arg(expire_at_ms)
@@ -465,127 +352,5 @@ fn push_event_args(cmd: &mut redis::Cmd, input: &GuardInput<'_>, expire_at_ms: u
     cmd.arg(e.unset.len());
     for k in &e.unset {
         cmd.arg(k);
-    }
-}
-
-fn parse_replies(replies: &[Vec<Value>], expected: usize) -> Result<Vec<Verdict>, StoreError> {
-    let mut verdicts = Vec::with_capacity(expected);
-    for reply in replies {
-        if reply.len() % 2 != 0 {
-            return Err(StoreError::Protocol(format!(
-                "guard reply of odd length {}",
-                reply.len()
-            )));
-        }
-        for pair in reply.chunks(2) {
-            verdicts.push(parse_verdict(&pair[0], &pair[1])?);
-        }
-    }
-    if verdicts.len() != expected {
-        return Err(StoreError::Protocol(format!(
-            "guard returned {} verdicts for {expected} events",
-            verdicts.len()
-        )));
-    }
-    Ok(verdicts)
-}
-
-fn parse_verdict(code: &Value, detail: &Value) -> Result<Verdict, StoreError> {
-    let plain = |outcome| Verdict {
-        outcome,
-        duplicate_age: None,
-        remembered_fingerprint: None,
-        earlier_attempt: None,
-    };
-    match (code, detail) {
-        (Value::Int(0), _) => Ok(plain(Outcome::Applied)),
-        (Value::Int(code @ 1 | code @ 4 | code @ 5), Value::Int(age_ms)) => Ok(Verdict {
-            duplicate_age: Some(Duration::from_millis((*age_ms).max(0) as u64)),
-            earlier_attempt: match code {
-                4 => Some(Outcome::Applied),
-                5 => Some(Outcome::Stale),
-                _ => None,
-            },
-            ..plain(Outcome::Duplicate)
-        }),
-        (Value::Int(2), _) => Ok(plain(Outcome::Stale)),
-        (Value::Int(3), Value::BulkString(fp)) if fp.len() == 8 => Ok(Verdict {
-            remembered_fingerprint: Some(u64::from_be_bytes(fp[..8].try_into().expect("8 bytes"))),
-            ..plain(Outcome::Conflict)
-        }),
-        other => Err(StoreError::Protocol(format!(
-            "unexpected guard verdict {other:?}"
-        ))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunks_keep_each_entity_in_one_call() {
-        let ev = |entity: &str| Event {
-            id: String::new(),
-            entity: entity.into(),
-            seq: 0,
-            op: Op::Upsert,
-            set: vec![],
-            unset: vec![],
-            fingerprint: 0,
-        };
-        type Row = (&'static [&'static str], usize, &'static [&'static [usize]]);
-        let table: &[Row] = &[
-            (&["a", "b", "c", "d"], 2, &[&[0, 1], &[2, 3]]),
-            (&["a", "b", "a", "c"], 2, &[&[0, 1, 2], &[3]]),
-            (&["a", "a", "a", "b"], 2, &[&[0, 1, 2], &[3]]),
-            (&["a", "b", "c", "a"], 1, &[&[0, 3], &[1], &[2]]),
-        ];
-        for (entities, per_call, want) in table {
-            let events: Vec<Event> = entities.iter().map(|e| ev(e)).collect();
-            let inputs: Vec<GuardInput<'_>> = events
-                .iter()
-                .map(|event| GuardInput {
-                    event,
-                    window: Duration::from_secs(1),
-                })
-                .collect();
-            let got = chunk_by_entity(&inputs, *per_call);
-            let want: Vec<Vec<usize>> = want.iter().map(|c| c.to_vec()).collect();
-            assert_eq!(got, want, "{entities:?}");
-        }
-    }
-
-    #[test]
-    fn verdicts_parse_by_table() {
-        let fp = 0x0102030405060708u64.to_be_bytes().to_vec();
-        let replies = vec![
-            vec![
-                Value::Int(0),
-                Value::Int(0),
-                Value::Int(1),
-                Value::Int(1500),
-            ],
-            vec![
-                Value::Int(2),
-                Value::BulkString(b"7".to_vec()),
-                Value::Int(3),
-                Value::BulkString(fp),
-            ],
-        ];
-        let v = parse_replies(&replies, 4).unwrap();
-        assert_eq!(
-            v.iter().map(|v| v.outcome).collect::<Vec<_>>(),
-            vec![
-                Outcome::Applied,
-                Outcome::Duplicate,
-                Outcome::Stale,
-                Outcome::Conflict
-            ]
-        );
-        assert_eq!(v[1].duplicate_age, Some(Duration::from_millis(1500)));
-        assert_eq!(v[3].remembered_fingerprint, Some(0x0102030405060708));
-        assert!(parse_replies(&replies, 5).is_err());
-        assert!(parse_replies(&[vec![Value::Int(9), Value::Int(0)]], 1).is_err());
     }
 }

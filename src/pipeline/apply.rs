@@ -100,14 +100,9 @@ impl GuardStage {
                     self.health.set_waiting_on(Some("dead_letter"));
                     metrics::record_retry("dead_letter");
                     let wait = backoff.next();
-                    let hint = if e.contains("Unknown topic") || e.contains("UnknownTopic") {
-                        "the dead-letter topic does not exist: create it (topics/, `idem topics apply`)"
-                    } else {
-                        "Kafka did not accept the dead letters; see the error"
-                    };
                     tracing::warn!(
                         error = %e,
-                        hint,
+                        hint = e.hint(),
                         records = letters.len(),
                         dlq_topic = %self.config.dlq.topic_for(&letters[0].source.topic),
                         retry_in = ?wait,

@@ -91,6 +91,42 @@ async fn run_pipeline(
     health.set_redis_ok(true);
     crate::dlq::check_topic_limits(&config).await;
 
+    let (consumer, poller, events, notes) = start_consumer(&config)?;
+
+    // The guard stage, its own task: applies batches in order. The channel
+    // holds one batch while another is applied, so fetching and decoding
+    // overlap the Redis round trip, and at most two batches are in flight.
+    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
+    let (finished_tx, finished) = mpsc::unbounded_channel();
+    let stage = GuardStage {
+        config: config.clone(),
+        guard,
+        health: health.clone(),
+        shutdown: shutdown.clone(),
+        summary: Summary::new(),
+        dlq: crate::dlq::DlqWriter::new(&config)?,
+        budget: crate::dlq::budget::DlqBudget::new(config.dlq.ratio_window, config.dlq.max_ratio),
+        finished: finished_tx,
+    };
+    let guard_task = tokio::spawn(stage.run(batch_rx));
+    let mut event_loop = EventLoop::new(config.clone(), consumer, health, events, notes, finished);
+    event_loop.run(&batch_tx, &mut shutdown).await;
+
+    shut_down(&config, event_loop, guard_task, batch_tx, poller).await;
+    Ok(())
+}
+
+/// The consumer and its polling thread, subscribed; the channels on which
+/// records, rebalances (`events`), commits and statistics (`notes`) arrive.
+type ConsumerParts = (
+    Arc<Consumer>,
+    PollThread,
+    mpsc::Receiver<KafkaEvent>,
+    mpsc::UnboundedReceiver<consumer::KafkaNote>,
+);
+
+/// Creates the consumer, subscribes it and starts its polling thread.
+fn start_consumer(config: &Config) -> anyhow::Result<ConsumerParts> {
     // The consumer thread reports in order; at most this many records wait
     // in the channel (the loop also holds up to one batch of its own).
     let (event_tx, events) =
@@ -112,26 +148,18 @@ async fn run_pipeline(
         brokers = %config.kafka.brokers,
         "consuming"
     );
+    Ok((consumer, poller, events, notes))
+}
 
-    // The guard stage, its own task: applies batches in order. The channel
-    // holds one batch while another is applied, so fetching and decoding
-    // overlap the Redis round trip, and at most two batches are in flight.
-    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
-    let (finished_tx, finished) = mpsc::unbounded_channel();
-    let stage = GuardStage {
-        config: config.clone(),
-        guard,
-        health: health.clone(),
-        shutdown: shutdown.clone(),
-        summary: Summary::new(),
-        dlq: crate::dlq::DlqWriter::new(&config)?,
-        budget: crate::dlq::budget::DlqBudget::new(config.dlq.ratio_window, config.dlq.max_ratio),
-        finished: finished_tx,
-    };
-    let mut guard_task = tokio::spawn(stage.run(batch_rx));
-    let mut event_loop = EventLoop::new(config.clone(), consumer, health, events, notes, finished);
-    event_loop.run(&batch_tx, &mut shutdown).await;
-
+/// Finishes in-flight batches (bounded by shutdown.drain_timeout), commits
+/// what is done and leaves the group.
+async fn shut_down(
+    config: &Config,
+    mut event_loop: EventLoop,
+    mut guard_task: tokio::task::JoinHandle<()>,
+    batch_tx: mpsc::Sender<Batch>,
+    poller: PollThread,
+) {
     tracing::info!(
         in_flight = event_loop.in_flight(),
         drain_timeout = ?config.shutdown_drain_timeout,
@@ -161,7 +189,6 @@ async fn run_pipeline(
         _ => tracing::warn!("the final commit did not finish within 30s; exiting anyway (the guard makes this safe)"),
     }
     tracing::info!("stopped");
-    Ok(())
 }
 
 /// Connects to Redis (retrying until it answers), checks that it keeps

@@ -246,36 +246,8 @@ fn redrive_blocking(
         if !execute {
             return;
         }
-        let mut headers = OwnedHeaders::new();
-        for (k, v) in r.original_headers() {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v),
-            });
-        }
-        let mut record: BaseRecord<'_, [u8], [u8], Box<String>> =
-            BaseRecord::with_opaque_to(&target, Box::new(member.clone())).headers(headers);
-        if let Some(k) = r.key.as_deref() {
-            record = record.key(k);
-        }
-        if let Some(v) = r.value.as_deref() {
-            record = record.payload(v);
-        }
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((e, back))
-                    if e.rdkafka_error_code()
-                        == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
-                {
-                    record = back;
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err((e, _)) => {
-                    error = Some(e.to_string());
-                    break;
-                }
-            }
+        if let Err(e) = republish(&producer, &target, member, &r) {
+            error = Some(e);
         }
     });
     match read {
@@ -292,4 +264,42 @@ fn redrive_blocking(
     let acknowledged =
         std::mem::take(&mut *ctx.acknowledged.lock().unwrap_or_else(|e| e.into_inner()));
     Ok((out, acknowledged, error))
+}
+
+/// Sends a dead letter's original record (key, value, headers) back to
+/// `target`, waiting while the producer's queue is full; `member` comes back
+/// in the delivery report.
+fn republish(
+    producer: &ThreadedProducer<DeliveryCounter>,
+    target: &str,
+    member: String,
+    r: &TopicRecord,
+) -> Result<(), String> {
+    let mut headers = OwnedHeaders::new();
+    for (k, v) in r.original_headers() {
+        headers = headers.insert(Header {
+            key: k,
+            value: Some(v),
+        });
+    }
+    let mut record: BaseRecord<'_, [u8], [u8], Box<String>> =
+        BaseRecord::with_opaque_to(target, Box::new(member)).headers(headers);
+    if let Some(k) = r.key.as_deref() {
+        record = record.key(k);
+    }
+    if let Some(v) = r.value.as_deref() {
+        record = record.payload(v);
+    }
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((e, back))
+                if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
+            {
+                record = back;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err((e, _)) => return Err(e.to_string()),
+        }
+    }
 }

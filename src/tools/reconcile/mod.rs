@@ -174,21 +174,85 @@ pub async fn reconcile(
     progress: impl Fn(String) + Send + Sync + 'static,
 ) -> anyhow::Result<ReconcileReport> {
     let progress = std::sync::Arc::new(progress);
+    let window_ms = config.dedupe.window_for(&opts.topic).as_millis() as i64;
+    let p = progress.clone();
+    let log = read_log(config, &opts.topic, window_ms, move |n| {
+        p(format!("read {n} records"))
+    })
+    .await?;
+    progress(format!(
+        "read {} records ({} invalid), {} entities ({} with events in several partitions); comparing with Redis",
+        log.read,
+        log.invalid,
+        log.model.entities.len(),
+        log.spanning.len()
+    ));
+    // Spanning entities: with repair_spanning, their expectation is their
+    // events in seq order (a second read, of those entities only).
+    let seq_ordered = if opts.repair && opts.repair_spanning && !log.spanning.is_empty() {
+        Some(seq_ordered_model(config, &opts.topic, &log.spanning, window_ms).await?)
+    } else {
+        None
+    };
+
+    let mut conn = store::connect_or_explain(&config.redis).await?;
+    let layout = KeyLayout::new(&config.redis.key_prefix);
+    let mut divergences = compare_with_redis(
+        &mut conn,
+        &layout,
+        &log,
+        seq_ordered.as_ref(),
+        opts,
+        &*progress,
+    )
+    .await?;
+    let in_log: BTreeSet<&String> = log.model.entities.keys().collect();
+    divergences.extend(not_in_log(&mut conn, &layout, &in_log, opts).await?);
+    Ok(ReconcileReport {
+        topic: opts.topic.clone(),
+        key_prefix: config.redis.key_prefix.clone(),
+        records_read: log.read,
+        invalid_records: log.invalid,
+        entities_in_log: log.model.entities.len(),
+        by_kind: count_by_kind(&divergences),
+        divergences,
+    })
+}
+
+fn count_by_kind(divergences: &[Divergence]) -> BTreeMap<DivergenceKind, usize> {
+    let mut by_kind = BTreeMap::new();
+    for d in divergences {
+        *by_kind.entry(d.kind).or_insert(0) += 1;
+    }
+    by_kind
+}
+
+/// What the log says: the model under both readings of an ambiguous window
+/// decision, the entities whose events span partitions, records read and
+/// invalid ones.
+struct LogModels {
+    /// An id reused between one and two windows taken as forgotten.
+    model: Model,
+    /// The same id taken as still remembered (see `Model::apply_at`).
+    kept: Model,
+    spanning: BTreeSet<String>,
+    read: u64,
+    invalid: u64,
+}
+
+/// Reads the whole topic once and builds both models.
+async fn read_log(
+    config: &Config,
+    topic: &str,
+    window_ms: i64,
+    progress: impl Fn(u64) + Send + 'static,
+) -> anyhow::Result<LogModels> {
     let (kafka, topic, event_cfg) = (
         config.kafka.clone(),
-        opts.topic.clone(),
+        topic.to_string(),
         config.event.clone(),
     );
-    let p = progress.clone();
-    let window_for = {
-        let dedupe = config.dedupe.clone();
-        move |topic: &str| dedupe.window_for(topic).as_millis() as i64
-    };
-    let window_ms = window_for(&opts.topic);
-    // Two models, one per branch of an ambiguous window decision (see
-    // `Model::apply_at`): `forgot` takes an id reused between one and two
-    // windows as forgotten, `kept` as still remembered.
-    let (model, kept, spanning, read, invalid) = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let (mut model, mut kept) = (Model::default(), Model::default());
         let mut first_partition: HashMap<String, i32> = HashMap::new();
         let mut spanning: BTreeSet<String> = BTreeSet::new();
@@ -217,45 +281,50 @@ pub async fn reconcile(
                 }
                 Err(_) => invalid += 1,
             },
-            |n| p(format!("read {n} records")),
+            progress,
         )?;
-        anyhow::Ok((model, kept, spanning, read, invalid))
+        anyhow::Ok(LogModels {
+            model,
+            kept,
+            spanning,
+            read,
+            invalid,
+        })
     })
-    .await??;
-    progress(format!(
-        "read {read} records ({invalid} invalid), {} entities ({} with events in several partitions); comparing with Redis",
-        model.entities.len(),
-        spanning.len()
-    ));
-    // Spanning entities: with repair_spanning, their expectation is their
-    // events in seq order (a second read, of those entities only).
-    let seq_ordered = if opts.repair && opts.repair_spanning && !spanning.is_empty() {
-        Some(seq_ordered_model(config, &opts.topic, &spanning, window_ms).await?)
-    } else {
-        None
-    };
+    .await?
+}
 
-    let mut conn = store::connect_or_explain(&config.redis).await?;
-    let layout = KeyLayout::new(&config.redis.key_prefix);
+/// Each entity of the log against what Redis holds: the divergences found,
+/// repaired where `opts.repair` says so.
+async fn compare_with_redis(
+    conn: &mut store::RedisConn,
+    layout: &KeyLayout,
+    log: &LogModels,
+    seq_ordered: Option<&Model>,
+    opts: &ReconcileOptions,
+    progress: &(dyn Fn(String) + Send + Sync),
+) -> anyhow::Result<Vec<Divergence>> {
     let mut divergences = Vec::new();
-    for (i, (entity, want)) in model.entities.iter().enumerate() {
-        let view = store::read_entity(&mut conn, &layout, entity).await?;
-        let is_spanning = spanning.contains(entity);
+    for (i, (entity, want)) in log.model.entities.iter().enumerate() {
+        let view = store::read_entity(conn, layout, entity).await?;
+        let is_spanning = log.spanning.contains(entity);
         let reordered = seq_ordered
-            .as_ref()
             .filter(|_| is_spanning)
             .and_then(|m| m.entities.get(entity));
         let want = reordered.unwrap_or(want);
         let found = judge(
             is_spanning && reordered.is_none(),
             want,
-            kept.entities.get(entity).filter(|_| want.window_ambiguous),
+            log.kept
+                .entities
+                .get(entity)
+                .filter(|_| want.window_ambiguous),
             &view,
         );
         if let Some(kind) = found {
             let mut repaired = false;
             if opts.repair && kind.is_divergence() && kind != DivergenceKind::SeqAhead {
-                repaired = repair(&mut conn, &layout, entity, want).await?;
+                repaired = repair(conn, layout, entity, want).await?;
             }
             divergences.push(Divergence {
                 entity: entity.clone(),
@@ -269,21 +338,32 @@ pub async fn reconcile(
             progress(format!(
                 "compared {} / {} entities",
                 i + 1,
-                model.entities.len()
+                log.model.entities.len()
             ));
         }
     }
-    let in_log: BTreeSet<&String> = model.entities.keys().collect();
-    for entity in entities_in_redis(&mut conn, &layout).await? {
+    Ok(divergences)
+}
+
+/// Entities in Redis that no record of the log mentions; deleted with
+/// `repair` and `delete_extra`.
+async fn not_in_log(
+    conn: &mut store::RedisConn,
+    layout: &KeyLayout,
+    in_log: &BTreeSet<&String>,
+    opts: &ReconcileOptions,
+) -> anyhow::Result<Vec<Divergence>> {
+    let mut divergences = Vec::new();
+    for entity in entities_in_redis(conn, layout).await? {
         if !in_log.contains(&entity) {
-            let view = store::read_entity(&mut conn, &layout, &entity).await?;
+            let view = store::read_entity(conn, layout, &entity).await?;
             let mut repaired = false;
             if opts.repair && opts.delete_extra {
                 let base = layout.entity_base(&entity);
                 let _: i64 = redis::cmd("DEL")
                     .arg(format!("{base}:state"))
                     .arg(format!("{base}:meta"))
-                    .query_async(&mut conn)
+                    .query_async(conn)
                     .await?;
                 repaired = true;
             }
@@ -296,19 +376,7 @@ pub async fn reconcile(
             });
         }
     }
-    let mut by_kind = BTreeMap::new();
-    for d in &divergences {
-        *by_kind.entry(d.kind).or_insert(0) += 1;
-    }
-    Ok(ReconcileReport {
-        topic: opts.topic.clone(),
-        key_prefix: config.redis.key_prefix.clone(),
-        records_read: read,
-        invalid_records: invalid,
-        entities_in_log: model.entities.len(),
-        by_kind,
-        divergences,
-    })
+    Ok(divergences)
 }
 
 /// The expectation for `entities` (whose events span partitions): each

@@ -42,96 +42,14 @@ pub struct BenchReport {
 impl BenchReport {
     /// A Markdown table with the targets of the performance issue beside each figure.
     pub fn to_markdown(&self) -> String {
-        let mut s = String::new();
-        s.push_str(&format!(
+        let mut s = format!(
             "Machine: {}  \nCommand: `{}`  \nBacklog: {} records ({} events over {} entities, {} partitions)\n\n",
             self.machine, self.command, self.records, self.events, self.entities, self.partitions
-        ));
+        );
         s.push_str("| measure | value | target |\n|---|---|---|\n");
-        let row = |s: &mut String, m: &str, v: String, t: &str| {
-            s.push_str(&format!("| {m} | {v} | {t} |\n"));
-        };
-        row(
-            &mut s,
-            "idem end to end (Kafka backlog → Redis)",
-            format!("{:.0} records/s", self.idem_records_per_second),
-            "",
-        );
-        row(
-            &mut s,
-            "(a) naive consumer (3 round trips + sync commit per record)",
-            format!(
-                "{:.0} records/s ({} records)",
-                self.naive_records_per_second, self.naive_records
-            ),
-            "",
-        );
-        row(
-            &mut s,
-            "(b) per-event script ceiling (1 script call per event, pipelined, no Kafka)",
-            format!(
-                "{:.0} records/s ({} records)",
-                self.ceiling_records_per_second, self.ceiling_records
-            ),
-            "",
-        );
-        row(
-            &mut s,
-            "idem ÷ (a)",
-            format!("{:.1}×", self.ratio_vs_naive),
-            "≥ 20×",
-        );
-        row(
-            &mut s,
-            "idem ÷ (b)",
-            format!("{:.2}×", self.ratio_vs_ceiling),
-            "≥ 1.0×",
-        );
-        row(
-            &mut s,
-            "Redis bytes per remembered id (id hashes only)",
-            format!("{:.1}", self.redis_bytes_per_id_dedupe),
-            "≤ 40",
-        );
-        row(
-            &mut s,
-            "Redis bytes per remembered id (all keys, incl. state)",
-            format!("{:.1}", self.redis_bytes_per_id_total),
-            "",
-        );
-        row(
-            &mut s,
-            &format!(
-                "latency p50 at {:.0} records/s",
-                self.latency_rate_per_second
-            ),
-            format!("≤ {:.0} ms", self.latency_p50_ms),
-            "",
-        );
-        row(
-            &mut s,
-            "latency p99",
-            format!("≤ {:.0} ms", self.latency_p99_ms),
-            "≤ 20 ms",
-        );
-        row(
-            &mut s,
-            "latency p99.9",
-            format!("≤ {:.0} ms", self.latency_p999_ms),
-            "",
-        );
-        row(
-            &mut s,
-            "idem peak resident memory",
-            format!("{:.1} MB", self.idem_peak_rss_bytes as f64 / 1e6),
-            "≤ 100 MB",
-        );
-        row(
-            &mut s,
-            "idem CPU per million records",
-            format!("{:.2} s", self.idem_cpu_seconds_per_million),
-            "",
-        );
+        for (measure, value, target) in self.rows() {
+            s.push_str(&format!("| {measure} | {value} | {target} |\n"));
+        }
         let outcomes: Vec<String> = self
             .outcomes
             .iter()
@@ -142,6 +60,78 @@ impl BenchReport {
             outcomes.join(", ")
         ));
         s
+    }
+
+    /// The table's rows: (measure, value, target).
+    fn rows(&self) -> Vec<(String, String, &'static str)> {
+        let per_second =
+            |rate: f64, records: usize| format!("{rate:.0} records/s ({records} records)");
+        vec![
+            (
+                "idem end to end (Kafka backlog → Redis)".into(),
+                format!("{:.0} records/s", self.idem_records_per_second),
+                "",
+            ),
+            (
+                "(a) naive consumer (3 round trips + sync commit per record)".into(),
+                per_second(self.naive_records_per_second, self.naive_records),
+                "",
+            ),
+            (
+                "(b) per-event script ceiling (1 script call per event, pipelined, no Kafka)"
+                    .into(),
+                per_second(self.ceiling_records_per_second, self.ceiling_records),
+                "",
+            ),
+            (
+                "idem ÷ (a)".into(),
+                format!("{:.1}×", self.ratio_vs_naive),
+                "≥ 20×",
+            ),
+            (
+                "idem ÷ (b)".into(),
+                format!("{:.2}×", self.ratio_vs_ceiling),
+                "≥ 1.0×",
+            ),
+            (
+                "Redis bytes per remembered id (id hashes only)".into(),
+                format!("{:.1}", self.redis_bytes_per_id_dedupe),
+                "≤ 40",
+            ),
+            (
+                "Redis bytes per remembered id (all keys, incl. state)".into(),
+                format!("{:.1}", self.redis_bytes_per_id_total),
+                "",
+            ),
+            (
+                format!(
+                    "latency p50 at {:.0} records/s",
+                    self.latency_rate_per_second
+                ),
+                format!("≤ {:.0} ms", self.latency_p50_ms),
+                "",
+            ),
+            (
+                "latency p99".into(),
+                format!("≤ {:.0} ms", self.latency_p99_ms),
+                "≤ 20 ms",
+            ),
+            (
+                "latency p99.9".into(),
+                format!("≤ {:.0} ms", self.latency_p999_ms),
+                "",
+            ),
+            (
+                "idem peak resident memory".into(),
+                format!("{:.1} MB", self.idem_peak_rss_bytes as f64 / 1e6),
+                "≤ 100 MB",
+            ),
+            (
+                "idem CPU per million records".into(),
+                format!("{:.2} s", self.idem_cpu_seconds_per_million),
+                "",
+            ),
+        ]
     }
 }
 

@@ -16,13 +16,21 @@ use idem::model::Outcome;
 use idem::tools::sample::{generate, SampleSpec};
 use idem::tools::topics::{self, TopicSpec};
 
+/// One run's names: its topic and key prefix.
+struct Names {
+    topic: String,
+    prefix: String,
+}
+
 /// Runs every phase and writes `bench.json` and `bench.md` into `spec.out_dir`.
 pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchReport> {
     let run_id = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
-    let topic = format!("bench-{run_id}");
-    let prefix = format!("bench-{run_id}");
+    let names = Names {
+        topic: format!("bench-{run_id}"),
+        prefix: format!("bench-{run_id}"),
+    };
     std::fs::create_dir_all(&spec.out_dir)?;
     let mut report = BenchReport {
         machine: machine_description(),
@@ -32,7 +40,85 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
         partitions: spec.partitions,
         ..BenchReport::default()
     };
+    let records = produce_backlog(spec, &names, &mut report).await?;
 
+    // Made now so that its start-up is not counted as latency.
+    let live_producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &spec.brokers)
+        .set("linger.ms", "1")
+        .set("acks", "all")
+        .create()?;
+    live_producer
+        .client()
+        .fetch_metadata(Some(&names.topic), Duration::from_secs(10))?;
+    let mut redis = standalone_redis(spec).await?;
+    let used_before = match redis.as_mut() {
+        Some(r) => used_memory(r).await?,
+        None => 0,
+    };
+
+    let mut idems = measure_throughput(spec, &names, records.len() as u64, &mut report).await?;
+    if let Some(r) = redis.as_mut() {
+        measure_memory(r, used_before, &names.prefix, &mut report).await?;
+    }
+    if spec.throughput_only {
+        report.idem_peak_rss_bytes = idems
+            .iter()
+            .map(|(c, _)| peak_rss_bytes(c.id()))
+            .max()
+            .unwrap_or(0);
+        idems.into_iter().for_each(|(c, _)| stop(c));
+        std::fs::write(
+            spec.out_dir.join("bench.json"),
+            serde_json::to_string_pretty(&report)?,
+        )?;
+        return Ok(report);
+    }
+    let (idem, metrics_port) = idems.remove(0);
+    idems.into_iter().for_each(|(c, _)| stop(c));
+    let backlog = records.len() as u64;
+    measure_latency(
+        spec,
+        &names,
+        (idem, metrics_port),
+        live_producer,
+        backlog,
+        &mut report,
+    )
+    .await?;
+    run_baselines(spec, &names, &records, &mut report).await?;
+
+    report.ratio_vs_naive = report.idem_records_per_second / report.naive_records_per_second;
+    report.ratio_vs_ceiling = report.idem_records_per_second / report.ceiling_records_per_second;
+    std::fs::write(
+        spec.out_dir.join("bench.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    std::fs::write(spec.out_dir.join("bench.md"), report.to_markdown())?;
+    if let Some(r) = redis.as_mut() {
+        cleanup(r, &names.prefix).await;
+    }
+    Ok(report)
+}
+
+/// Memory is measured on a standalone Redis only (a cluster spreads it).
+async fn standalone_redis(
+    spec: &BenchSpec,
+) -> anyhow::Result<Option<redis::aio::MultiplexedConnection>> {
+    if spec.redis_url.contains(',') {
+        return Ok(None);
+    }
+    let client = redis::Client::open(spec.redis_url.as_str())?;
+    Ok(Some(client.get_multiplexed_async_connection().await?))
+}
+
+/// Generates the seeded stream, creates the topic and produces the backlog.
+async fn produce_backlog(
+    spec: &BenchSpec,
+    names: &Names,
+    report: &mut BenchReport,
+) -> anyhow::Result<Vec<idem::tools::sample::SampleRecord>> {
+    let topic = &names.topic;
     progress(&format!(
         "generating {} events over {} entities",
         spec.events, spec.entities
@@ -45,50 +131,38 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
         delete_ratio: 0.0,
         data_bytes: spec.data_bytes,
         seed: spec.seed,
-        prefix: prefix.clone(),
+        prefix: names.prefix.clone(),
     });
     report.records = records.len();
     topics::apply(
         &idem::config::KafkaConfig::for_brokers(&spec.brokers),
-        &[TopicSpec::new(&topic, spec.partitions)],
+        &[TopicSpec::new(topic, spec.partitions)],
     )
     .await?;
     progress(&format!("producing {} records to {topic}", records.len()));
     let backlog_producer = producer(&spec.brokers, "20")?;
     let started = Instant::now();
     for (i, r) in records.iter().enumerate() {
-        send(&backlog_producer, &topic, r.key.as_bytes(), &r.value);
+        send(&backlog_producer, topic, r.key.as_bytes(), &r.value);
         if (i + 1) % 200_000 == 0 {
             progress(&format!("  produced {}/{}", i + 1, records.len()));
         }
     }
     backlog_producer.flush(Duration::from_secs(120))?;
     report.produce_records_per_second = records.len() as f64 / started.elapsed().as_secs_f64();
+    Ok(records)
+}
 
-    // Made now so that its start-up is not counted as latency.
-    let live_producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &spec.brokers)
-        .set("linger.ms", "1")
-        .set("acks", "all")
-        .create()?;
-    live_producer
-        .client()
-        .fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-    let cluster = spec.redis_url.contains(',');
-    let mut redis = if cluster {
-        None
-    } else {
-        Some(
-            redis::Client::open(spec.redis_url.as_str())?
-                .get_multiplexed_async_connection()
-                .await?,
-        )
-    };
-    let used_before = match redis.as_mut() {
-        Some(r) => used_memory(r).await?,
-        None => 0,
-    };
-
+/// Runs `spec.instances` idem processes on the backlog and measures records
+/// per second and CPU from the first counted outcome to the last; returns
+/// the processes (still running) with their metrics ports.
+async fn measure_throughput(
+    spec: &BenchSpec,
+    names: &Names,
+    total: u64,
+    report: &mut BenchReport,
+) -> anyhow::Result<Vec<(Child, u16)>> {
+    let topic = &names.topic;
     progress(&format!(
         "running {} idem instance(s) on the backlog",
         spec.instances
@@ -96,14 +170,13 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
     let mut idems: Vec<(Child, u16)> = Vec::new();
     for _ in 0..spec.instances.max(1) {
         let port = crate::process::free_port();
-        idems.push((spawn_idem(spec, &topic, &prefix, port)?, port));
+        idems.push((spawn_idem(spec, topic, &names.prefix, port)?, port));
     }
     let ports: Vec<u16> = idems.iter().map(|(_, p)| *p).collect();
-    let total = records.len() as u64;
     // The clock starts when the first outcome is counted, so the group join is not measured.
     let (t0, cpu0) = loop {
         ensure_all_running(&mut idems, &spec.out_dir)?;
-        if scrape_total_all(&ports, &topic).await > 0 {
+        if scrape_total_all(&ports, topic).await > 0 {
             break (Instant::now(), cpu_seconds_all(&idems));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -111,7 +184,7 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
     let mut last_report = Instant::now();
     loop {
         ensure_all_running(&mut idems, &spec.out_dir)?;
-        let done = scrape_total_all(&ports, &topic).await;
+        let done = scrape_total_all(&ports, topic).await;
         if done >= total {
             break;
         }
@@ -133,7 +206,7 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
         let n = idem::metrics::sum_series(
             &text,
             EVENTS_TOTAL,
-            &[("topic", &topic), ("outcome", o.as_str())],
+            &[("topic", topic), ("outcome", o.as_str())],
         );
         report.outcomes.push((o.as_str().to_string(), n as u64));
     }
@@ -145,38 +218,38 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
             .map_or(0, |(_, n)| *n)
     };
     report.remembered_ids = outcome("applied") + outcome("stale");
-    if let Some(r) = redis.as_mut() {
-        let used_after = used_memory(r).await?;
-        report.redis_bytes_per_id_total =
-            used_after.saturating_sub(used_before) as f64 / report.remembered_ids.max(1) as f64;
-        report.redis_bytes_per_id_dedupe =
-            id_hash_bytes(r, &prefix).await? as f64 / report.remembered_ids.max(1) as f64;
-    }
     progress(&format!(
         "idem: {:.0} records/s, {:.2} CPU s per million",
         report.idem_records_per_second, report.idem_cpu_seconds_per_million
     ));
-    if spec.throughput_only {
-        report.idem_peak_rss_bytes = idems
-            .iter()
-            .map(|(c, _)| peak_rss_bytes(c.id()))
-            .max()
-            .unwrap_or(0);
-        for (c, _) in idems {
-            stop(c);
-        }
-        std::fs::write(
-            spec.out_dir.join("bench.json"),
-            serde_json::to_string_pretty(&report)?,
-        )?;
-        return Ok(report);
-    }
-    let (mut idem, metrics_url) = idems.remove(0);
-    for (c, _) in idems {
-        stop(c);
-    }
+    Ok(idems)
+}
 
-    // Fixed-rate load at half the measured maximum, while idem keeps running.
+/// Redis bytes per remembered id: in all and in the dedupe hashes alone.
+async fn measure_memory(
+    redis: &mut redis::aio::MultiplexedConnection,
+    used_before: u64,
+    prefix: &str,
+    report: &mut BenchReport,
+) -> anyhow::Result<()> {
+    let used_after = used_memory(redis).await?;
+    let ids = report.remembered_ids.max(1) as f64;
+    report.redis_bytes_per_id_total = used_after.saturating_sub(used_before) as f64 / ids;
+    report.redis_bytes_per_id_dedupe = id_hash_bytes(redis, prefix).await? as f64 / ids;
+    Ok(())
+}
+
+/// Fixed-rate load at half the measured maximum (or `spec.latency_rate`)
+/// while one idem keeps running: the end-to-end latency histogram's
+/// difference over the load gives the quantiles.
+async fn measure_latency(
+    spec: &BenchSpec,
+    names: &Names,
+    (mut idem, metrics_port): (Child, u16),
+    live_producer: FutureProducer,
+    backlog: u64,
+    report: &mut BenchReport,
+) -> anyhow::Result<()> {
     let rate = spec
         .latency_rate
         .unwrap_or((report.idem_records_per_second / 2.0).max(100.0));
@@ -185,7 +258,7 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
         "latency: {rate:.0} records/s for {}s",
         spec.latency_seconds
     ));
-    let before = latency_buckets(&scrape(metrics_url).await.unwrap_or_default());
+    let before = latency_buckets(&scrape(metrics_port).await.unwrap_or_default());
     let live = generate(&SampleSpec {
         events: (rate * spec.latency_seconds as f64) as usize,
         entities: spec.entities,
@@ -194,32 +267,12 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
         delete_ratio: 0.0,
         data_bytes: spec.data_bytes,
         seed: spec.seed + 1,
-        prefix: format!("{prefix}-live"),
+        prefix: format!("{}-live", names.prefix),
     });
-    let live_producer = live_producer;
-    let tick = Duration::from_millis(5);
-    let per_tick = rate * tick.as_secs_f64();
-    let start = Instant::now();
-    let mut sent = 0usize;
-    let mut interval = tokio::time::interval(tick);
-    while sent < live.len() {
-        interval.tick().await;
-        let due = ((start.elapsed().as_secs_f64() / tick.as_secs_f64()) * per_tick) as usize;
-        while sent < due.min(live.len()) {
-            send(
-                &live_producer,
-                &topic,
-                live[sent].key.as_bytes(),
-                &live[sent].value,
-            );
-            sent += 1;
-        }
-        live_producer.poll(Duration::ZERO);
-    }
-    live_producer.flush(Duration::from_secs(30))?;
-    let want = total + live.len() as u64;
+    send_at_rate(&live_producer, &names.topic, &live, rate).await?;
+    let want = backlog + live.len() as u64;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while scrape_total(metrics_url, &topic).await.unwrap_or(0) < want {
+    while scrape_total(metrics_port, &names.topic).await.unwrap_or(0) < want {
         ensure_running(&mut idem, &spec.out_dir)?;
         anyhow::ensure!(
             Instant::now() < deadline,
@@ -227,7 +280,7 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let after = latency_buckets(&scrape(metrics_url).await.unwrap_or_default());
+    let after = latency_buckets(&scrape(metrics_port).await.unwrap_or_default());
     let diff: Vec<(f64, f64)> = after
         .iter()
         .zip(before.iter().chain(std::iter::repeat(&(0.0, 0.0))))
@@ -240,20 +293,59 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
     report.latency_p999_ms = quantile_upper_bound(&diff, 0.999) * 1000.0;
     report.idem_peak_rss_bytes = peak_rss_bytes(idem.id());
     stop(idem);
+    Ok(())
+}
 
+/// Produces `records` at `rate` per second, in 5 ms ticks.
+async fn send_at_rate(
+    producer: &FutureProducer,
+    topic: &str,
+    records: &[idem::tools::sample::SampleRecord],
+    rate: f64,
+) -> anyhow::Result<()> {
+    let tick = Duration::from_millis(5);
+    let per_tick = rate * tick.as_secs_f64();
+    let start = Instant::now();
+    let mut sent = 0usize;
+    let mut interval = tokio::time::interval(tick);
+    while sent < records.len() {
+        interval.tick().await;
+        let due = ((start.elapsed().as_secs_f64() / tick.as_secs_f64()) * per_tick) as usize;
+        while sent < due.min(records.len()) {
+            let r = &records[sent];
+            send(producer, topic, r.key.as_bytes(), &r.value);
+            sent += 1;
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30))?;
+    Ok(())
+}
+
+/// The two baselines of the same run: (a) a naive consumer, (b) one
+/// script call per event without Kafka.
+async fn run_baselines(
+    spec: &BenchSpec,
+    names: &Names,
+    records: &[idem::tools::sample::SampleRecord],
+    report: &mut BenchReport,
+) -> anyhow::Result<()> {
     progress(&format!(
         "baseline (a): naive consumer on {} records",
         spec.naive_records
     ));
     report.naive_records = spec.naive_records.min(records.len());
-    report.naive_records_per_second =
-        baselines::naive_consumer(&spec.brokers, &spec.redis_url, &topic, report.naive_records)
-            .await?;
+    report.naive_records_per_second = baselines::naive_consumer(
+        &spec.brokers,
+        &spec.redis_url,
+        &names.topic,
+        report.naive_records,
+    )
+    .await?;
     progress(&format!(
         "  {:.0} records/s",
         report.naive_records_per_second
     ));
-
     report.ceiling_records = spec.ceiling_records.min(records.len());
     progress(&format!(
         "baseline (b): one script call per event on {} records",
@@ -263,25 +355,17 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
         .iter()
         .map(|r| r.value.clone())
         .collect();
-    report.ceiling_records_per_second =
-        baselines::per_event_script_ceiling(&spec.redis_url, &format!("{prefix}-ceiling"), &values)
-            .await?;
+    report.ceiling_records_per_second = baselines::per_event_script_ceiling(
+        &spec.redis_url,
+        &format!("{}-ceiling", names.prefix),
+        &values,
+    )
+    .await?;
     progress(&format!(
         "  {:.0} records/s",
         report.ceiling_records_per_second
     ));
-
-    report.ratio_vs_naive = report.idem_records_per_second / report.naive_records_per_second;
-    report.ratio_vs_ceiling = report.idem_records_per_second / report.ceiling_records_per_second;
-    std::fs::write(
-        spec.out_dir.join("bench.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    std::fs::write(spec.out_dir.join("bench.md"), report.to_markdown())?;
-    if let Some(r) = redis.as_mut() {
-        cleanup(r, &prefix).await;
-    }
-    Ok(report)
+    Ok(())
 }
 
 fn progress(msg: &str) {

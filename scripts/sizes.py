@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""House limits (docs/development.md): no source file over 600 lines and no
+function over 80 lines, outside tests. Prints each excess and exits 1 if
+any; `make lint` runs it over src/ and testbench/src/.
+
+A function is counted from its `fn` line to the closing brace at the same
+indentation (rustfmt's layout); `#[cfg(test)]` modules and `tests/` folders
+are skipped."""
+import pathlib
+import re
+import sys
+
+MAX_FILE_LINES = 600
+MAX_FN_LINES = 80
+FN = re.compile(r"^(\s*)(pub(\([^)]*\))? )?(const )?(async )?(unsafe )?fn \w+")
+
+
+def test_module_start(lines):
+    """Index of a trailing `#[cfg(test)] mod tests {`, or len(lines)."""
+    for i, line in enumerate(lines):
+        if line.strip() == "#[cfg(test)]" and i + 1 < len(lines) and lines[i + 1].startswith("mod tests"):
+            return i
+    return len(lines)
+
+
+def excesses(path):
+    lines = path.read_text().split("\n")
+    code = lines[: test_module_start(lines)]
+    if path.name == "tests.rs" or "tests" in path.parts:
+        return
+    if len(code) > MAX_FILE_LINES:
+        yield f"{path}: {len(code)} lines (limit {MAX_FILE_LINES})"
+    for i, line in enumerate(code):
+        m = FN.match(line)
+        if not m or line.rstrip().endswith(";"):
+            continue
+        indent = m.group(1)
+        for j in range(i + 1, len(code)):
+            if code[j] == indent + "}":
+                if j - i + 1 > MAX_FN_LINES:
+                    name = line.strip().split("(")[0]
+                    yield f"{path}:{i + 1}: {name} is {j - i + 1} lines (limit {MAX_FN_LINES})"
+                break
+
+
+def main(roots):
+    found = [e for root in roots for p in sorted(pathlib.Path(root).rglob("*.rs")) for e in excesses(p)]
+    for e in found:
+        print(e)
+    print(f"SIZES: {'ok' if not found else f'{len(found)} over the limits'}")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:] or ["src", "testbench/src"]))

@@ -1,0 +1,425 @@
+//! Typed settings: `config/default.toml` (compiled in), an optional file and
+//! `IDEM__SECTION__KEY` variables, validated once at start.
+//!
+//! Guarantee: a `Config` that exists is valid. Every rejected value names its
+//! key, the value and the expected form, so the operator knows what to fix.
+//!
+//! Layout: this file holds the validated types and the loader; `raw.rs` the
+//! layer as read and its validation, one function per section.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use crate::event::settings::{EventConfig, EventFormat, FieldMap};
+
+mod raw;
+#[cfg(test)]
+mod tests;
+
+const DEFAULTS: &str = include_str!("../../config/default.toml");
+
+/// A configuration that cannot be used, with the key at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A value is present but not of the expected form.
+    #[error("config key `{key}`: got {value:?}, expected {expected}")]
+    Invalid {
+        key: String,
+        value: String,
+        expected: String,
+    },
+    /// The layers could not be read or merged (unknown key, wrong type, unreadable file).
+    #[error("config: {0}")]
+    Load(String),
+}
+
+impl ConfigError {
+    fn invalid(key: &str, value: impl fmt::Display, expected: &str) -> Self {
+        ConfigError::Invalid {
+            key: key.to_string(),
+            value: value.to_string(),
+            expected: expected.to_string(),
+        }
+    }
+
+    /// The key this error is about, when it names one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key),
+            ConfigError::Load(_) => None,
+        }
+    }
+}
+
+/// A password: never printed (Debug shows `***`), read from the config, the
+/// environment or a file (`…_file` keys).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself: pass it to a client, never to a log.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Where a group without committed offsets starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffsetReset {
+    Earliest,
+    Latest,
+}
+
+impl OffsetReset {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OffsetReset::Earliest => "earliest",
+            OffsetReset::Latest => "latest",
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// How idem talks to the brokers (librdkafka's `security.protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// librdkafka's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    /// Whether the connection is encrypted (librdkafka then loads the TLS files).
+    pub fn uses_tls(self) -> bool {
+        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
+    }
+
+    /// Whether the client authenticates with SASL (a user name and mechanism).
+    pub fn uses_sasl(self) -> bool {
+        matches!(
+            self,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        )
+    }
+}
+
+/// The SASL mechanism (librdkafka's `sasl.mechanisms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// librdkafka's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// Kafka connection and group settings.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub group_id: String,
+    pub topics: Vec<String>,
+    pub auto_offset_reset: OffsetReset,
+    pub commit_interval: Duration,
+    pub session_timeout: Duration,
+    /// How long a revoke waits for in-flight batches of the revoked partitions.
+    pub revoke_timeout: Duration,
+    /// Static group membership id (e.g. the pod name), if any.
+    pub group_instance_id: Option<String>,
+    /// Passthrough librdkafka settings, already checked against the fixed keys.
+    pub librdkafka: BTreeMap<String, String>,
+    pub security_protocol: SecurityProtocol,
+    /// Used with a `sasl_*` protocol.
+    pub sasl_mechanism: SaslMechanism,
+    pub sasl_username: String,
+    pub sasl_password: Option<Secret>,
+    /// CA bundle to verify the brokers' certificates (ssl protocols).
+    pub ssl_ca_location: String,
+    /// Client certificate and key for mutual TLS (both or neither).
+    pub ssl_certificate_location: String,
+    pub ssl_key_location: String,
+    pub ssl_key_password: Option<Secret>,
+}
+
+impl KafkaConfig {
+    /// The default settings pointed at `brokers`: the tests' and the test
+    /// bench's own clients (plaintext, no credentials).
+    pub fn for_brokers(brokers: &str) -> KafkaConfig {
+        KafkaConfig {
+            brokers: brokers.to_string(),
+            ..Config::defaults().kafka
+        }
+    }
+}
+
+/// When an effect counts as durable, so that its offset may be committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// When Redis replied (its persistence settings decide what a crash loses).
+    #[default]
+    Ack,
+    /// When `n` replicas acknowledged the batch (`WAIT`).
+    Replicas(u32),
+    /// When the batch is on disk: `appendfsync always`, or `WAITAOF` (Redis ≥ 7.2).
+    Fsync,
+}
+
+/// One Redis or a Redis Cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisMode {
+    #[default]
+    Standalone,
+    Cluster,
+}
+
+/// Redis connection settings and key layout.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub mode: RedisMode,
+    /// One URL, or for a cluster comma-separated seed node URLs.
+    pub url: String,
+    pub key_prefix: String,
+    pub response_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub durability: Durability,
+    /// ACL user and password (override any in the URL).
+    pub username: String,
+    pub password: Option<Secret>,
+    /// PEM CA bundle to verify the server's certificate with `rediss://`
+    /// (empty: the system's trust store).
+    pub tls_ca_file: String,
+    /// Client certificate and key (PEM) for servers that require mutual TLS
+    /// (`tls-auth-clients yes`); both or neither.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
+    /// Start even if Redis's `maxmemory-policy` may evict idem's keys
+    /// (anything but `noeviction`): the operator accepts lost dedupe memory.
+    pub allow_eviction: bool,
+}
+
+impl RedisConfig {
+    /// The default settings pointed at `url` in `mode`: the tools' and
+    /// tests' own connections (no credentials, no TLS).
+    pub fn for_url(url: &str, mode: RedisMode) -> RedisConfig {
+        RedisConfig {
+            mode,
+            url: url.to_string(),
+            ..Config::defaults().redis
+        }
+    }
+}
+
+/// The dedupe window, global and per topic.
+#[derive(Debug, Clone)]
+pub struct DedupeConfig {
+    pub window: Duration,
+    pub topic_windows: BTreeMap<String, Duration>,
+}
+
+impl DedupeConfig {
+    /// The window that applies to events of `topic`.
+    pub fn window_for(&self, topic: &str) -> Duration {
+        self.topic_windows
+            .get(topic)
+            .copied()
+            .unwrap_or(self.window)
+    }
+}
+
+/// Dead-letter settings.
+#[derive(Debug, Clone)]
+pub struct DlqConfig {
+    /// Topic name template; `{topic}` is the source topic.
+    pub topic: String,
+    pub max_ratio: f64,
+    pub ratio_window: usize,
+    pub send_timeout: Duration,
+}
+
+impl DlqConfig {
+    /// The dead-letter topic of `source`.
+    pub fn topic_for(&self, source: &str) -> String {
+        self.topic.replace("{topic}", source)
+    }
+}
+
+/// Batching and retry settings of the processing loop.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub batch_max_events: NonZeroUsize,
+    pub batch_linger: Duration,
+    pub events_per_script: NonZeroUsize,
+    pub retry_initial_backoff: Duration,
+    pub retry_max_backoff: Duration,
+    /// A partition with records in flight and no progress for this long is
+    /// "blocked": `/readyz` turns 503 and `idem_partition_blocked` names it.
+    pub stall_timeout: Duration,
+}
+
+/// The validated configuration of one idem process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub redis: RedisConfig,
+    pub dedupe: DedupeConfig,
+    pub event: EventConfig,
+    pub dlq: DlqConfig,
+    pub pipeline: PipelineConfig,
+    pub metrics_listen: SocketAddr,
+    /// How long a graceful shutdown waits for in-flight batches.
+    pub shutdown_drain_timeout: Duration,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+impl Config {
+    /// Loads the layers: built-in defaults, then `file` if given, then the
+    /// `IDEM__…` entries of `env` (passed in so tests need not touch the process env).
+    pub fn load(file: Option<&Path>, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Load(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        let idem_env: HashMap<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("IDEM__"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("IDEM")
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("kafka.topics")
+                .try_parsing(true)
+                .source(Some(idem_env)),
+        );
+        let raw: raw::RawConfig = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        raw.validate()
+    }
+
+    /// Loads the built-in defaults only (useful for tools and tests).
+    pub fn defaults() -> Config {
+        Config::load(None, &HashMap::new()).expect("built-in defaults are valid")
+    }
+}
+
+/// Parses `<number><unit>` with unit `ms`, `s`, `m`, `h` or `d`.
+///
+/// | input    | result        |
+/// |----------|---------------|
+/// | `"250ms"`| 250 ms        |
+/// | `"5s"`   | 5 s           |
+/// | `"24h"`  | 86 400 s      |
+/// | `"5"`    | None (no unit)|
+/// | `"-1s"`  | None          |
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let millis_per_unit: u64 = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    n.checked_mul(millis_per_unit).map(Duration::from_millis)
+}
+
+/// Parses `ack`, `fsync` or `replicas:N`.
+pub fn parse_durability(text: &str) -> Option<Durability> {
+    match text {
+        "ack" => Some(Durability::Ack),
+        "fsync" => Some(Durability::Fsync),
+        other => other
+            .strip_prefix("replicas:")
+            .and_then(|n| n.parse::<u32>().ok())
+            .filter(|n| *n >= 1)
+            .map(Durability::Replicas),
+    }
+}
+
+/// Kafka's own rule for topic names.
+pub fn is_valid_topic_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// A URL with any password replaced, safe for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}:***{}", &url[..scheme_end + 3], user, &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}

@@ -1,0 +1,481 @@
+//! The config's tables: defaults, layering, and every key's rejection.
+
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn defaults_are_valid() {
+    let c = Config::defaults();
+    assert_eq!(c.kafka.topics, vec!["events"]);
+    assert_eq!(c.dedupe.window, Duration::from_secs(86_400));
+    assert_eq!(c.metrics_listen.to_string(), "127.0.0.1:9464");
+}
+
+#[test]
+fn environment_overrides_defaults() {
+    let c = Config::load(
+        None,
+        &env(&[
+            ("IDEM__KAFKA__GROUP_ID", "orders-view"),
+            ("IDEM__KAFKA__TOPICS", "orders,payments"),
+            ("IDEM__DEDUPE__WINDOW", "72h"),
+            ("IDEM__PIPELINE__EVENTS_PER_SCRIPT", "16"),
+            ("UNRELATED", "x"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.kafka.group_id, "orders-view");
+    assert_eq!(c.kafka.topics, vec!["orders", "payments"]);
+    assert_eq!(c.dedupe.window, Duration::from_secs(72 * 3600));
+    assert_eq!(c.pipeline.events_per_script.get(), 16);
+}
+
+#[test]
+fn file_layer_sits_between_defaults_and_env() {
+    let dir = std::env::temp_dir().join(format!("idem-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("c.toml");
+    std::fs::write(
+        &path,
+        "[kafka]\ngroup_id = \"from-file\"\n[dedupe.topic_windows]\npayments = \"72h\"\n",
+    )
+    .unwrap();
+    let c = Config::load(Some(&path), &HashMap::new()).unwrap();
+    assert_eq!(c.kafka.group_id, "from-file");
+    assert_eq!(
+        c.dedupe.window_for("payments"),
+        Duration::from_secs(72 * 3600)
+    );
+    assert_eq!(c.dedupe.window_for("other"), Duration::from_secs(24 * 3600));
+    let c = Config::load(Some(&path), &env(&[("IDEM__KAFKA__GROUP_ID", "env")])).unwrap();
+    assert_eq!(c.kafka.group_id, "env");
+}
+
+/// Each bad value names exactly its key.
+#[test]
+fn invalid_values_name_their_key() {
+    let table: &[(&str, &str, &str)] = &[
+        ("IDEM__KAFKA__GROUP_ID", " ", "kafka.group_id"),
+        ("IDEM__KAFKA__BROKERS", "", "kafka.brokers"),
+        ("IDEM__KAFKA__TOPICS", "bad topic", "kafka.topics"),
+        (
+            "IDEM__KAFKA__AUTO_OFFSET_RESET",
+            "smallest",
+            "kafka.auto_offset_reset",
+        ),
+        ("IDEM__KAFKA__COMMIT_INTERVAL", "1", "kafka.commit_interval"),
+        (
+            "IDEM__KAFKA__SESSION_TIMEOUT",
+            "0s",
+            "kafka.session_timeout",
+        ),
+        (
+            "IDEM__KAFKA__LIBRDKAFKA__ENABLE.AUTO.OFFSET.STORE",
+            "true",
+            "kafka.librdkafka.enable.auto.offset.store",
+        ),
+        ("IDEM__REDIS__URL", "http://x", "redis.url"),
+        (
+            "IDEM__REDIS__TLS_CA_FILE",
+            "/nonexistent/ca.pem",
+            "redis.tls_ca_file",
+        ),
+        (
+            "IDEM__REDIS__TLS_KEY_FILE",
+            "Cargo.toml",
+            "redis.tls_cert_file",
+        ),
+        (
+            "IDEM__KAFKA__SSL_CA_LOCATION",
+            "/nonexistent/ca.pem",
+            "kafka.ssl_ca_location",
+        ),
+        (
+            "IDEM__KAFKA__SSL_CERTIFICATE_LOCATION",
+            "Cargo.toml",
+            "kafka.ssl_key_location",
+        ),
+        (
+            "IDEM__KAFKA__SECURITY_PROTOCOL",
+            "sasl_ssl",
+            "kafka.sasl_username",
+        ),
+        (
+            "IDEM__KAFKA__LIBRDKAFKA__SSL.KEY.PASSWORD",
+            "pw",
+            "kafka.librdkafka.ssl.key.password",
+        ),
+        ("IDEM__REDIS__KEY_PREFIX", "a{b", "redis.key_prefix"),
+        (
+            "IDEM__REDIS__RESPONSE_TIMEOUT",
+            "soon",
+            "redis.response_timeout",
+        ),
+        ("IDEM__DEDUPE__WINDOW", "-5s", "dedupe.window"),
+        ("IDEM__DEDUPE__WINDOW", "0ms", "dedupe.window"),
+        (
+            "IDEM__DEDUPE__TOPIC_WINDOWS__PAYMENTS",
+            "3 weeks",
+            "dedupe.topic_windows.payments",
+        ),
+        ("IDEM__EVENT__ID", "id", "event.id"),
+        ("IDEM__EVENT__MAX_BYTES", "0", "event.max_bytes"),
+        (
+            "IDEM__PIPELINE__BATCH_MAX_EVENTS",
+            "-1",
+            "pipeline.batch_max_events",
+        ),
+        (
+            "IDEM__PIPELINE__EVENTS_PER_SCRIPT",
+            "0",
+            "pipeline.events_per_script",
+        ),
+        (
+            "IDEM__PIPELINE__BATCH_LINGER",
+            "5 parsecs",
+            "pipeline.batch_linger",
+        ),
+        ("IDEM__METRICS__LISTEN", "localhost", "metrics.listen"),
+        ("IDEM__LOG__FORMAT", "xml", "log.format"),
+        (
+            "IDEM__SHUTDOWN__DRAIN_TIMEOUT",
+            "never",
+            "shutdown.drain_timeout",
+        ),
+        ("IDEM__KAFKA__REVOKE_TIMEOUT", "0s", "kafka.revoke_timeout"),
+    ];
+    for (var, value, key) in table {
+        let err = Config::load(None, &env(&[(var, value)])).unwrap_err();
+        assert_eq!(err.key(), Some(*key), "{var}={value:?} gave {err}");
+        assert!(err.to_string().contains(key), "{err}");
+    }
+}
+
+#[test]
+fn unknown_keys_are_rejected() {
+    let err = Config::load(None, &env(&[("IDEM__KAFKA__GROUPID", "x")])).unwrap_err();
+    assert!(err.to_string().contains("groupid"), "{err}");
+    let err = Config::load(None, &env(&[("IDEM__NOPE__X", "1")])).unwrap_err();
+    assert!(err.to_string().contains("nope"), "{err}");
+}
+
+#[test]
+fn durations_parse_by_table() {
+    let table: &[(&str, Option<u64>)] = &[
+        ("250ms", Some(250)),
+        ("5s", Some(5_000)),
+        ("2m", Some(120_000)),
+        ("24h", Some(86_400_000)),
+        ("7d", Some(604_800_000)),
+        ("0s", Some(0)),
+        ("5", None),
+        ("s", None),
+        ("-1s", None),
+        ("1.5s", None),
+        ("1w", None),
+    ];
+    for (text, millis) in table {
+        assert_eq!(
+            parse_duration(text),
+            millis.map(Duration::from_millis),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn secrets_come_from_files_and_never_print() {
+    let path = std::env::temp_dir().join(format!("idem-secret-{}", std::process::id()));
+    std::fs::write(&path, "s3cret-value\n").unwrap();
+    let c = Config::load(
+        None,
+        &env(&[
+            ("IDEM__REDIS__PASSWORD_FILE", path.to_str().unwrap()),
+            ("IDEM__KAFKA__SASL_PASSWORD", "kafka-pw"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(
+        c.redis.password.as_ref().map(Secret::expose),
+        Some("s3cret-value")
+    );
+    assert_eq!(
+        c.kafka.sasl_password.as_ref().map(Secret::expose),
+        Some("kafka-pw")
+    );
+    let printed = format!("{c:?}");
+    assert!(
+        !printed.contains("s3cret-value") && !printed.contains("kafka-pw"),
+        "{printed}"
+    );
+}
+
+#[test]
+fn passwords_are_redacted() {
+    assert_eq!(
+        redact_url("redis://u:secret@h:6379"),
+        "redis://u:***@h:6379"
+    );
+    assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+}
+
+/// Values at and around each numeric bound: accepted or refused by key.
+#[test]
+fn bounds_by_table() {
+    let table: &[(&str, &str, bool)] = &[
+        ("IDEM__DLQ__MAX_RATIO", "1.0", true),
+        ("IDEM__DLQ__MAX_RATIO", "0.0001", true),
+        ("IDEM__DLQ__MAX_RATIO", "1.0001", false),
+        ("IDEM__DLQ__MAX_RATIO", "0", false),
+        ("IDEM__DLQ__MAX_RATIO", "-0.5", false),
+        ("IDEM__EVENT__MAX_BYTES", "1", true),
+        ("IDEM__EVENT__MAX_BYTES", "0", false),
+        ("IDEM__EVENT__MAX_BYTES", "-1", false),
+        ("IDEM__DLQ__RATIO_WINDOW", "1", true),
+        ("IDEM__DLQ__RATIO_WINDOW", "0", false),
+        ("IDEM__PIPELINE__BATCH_LINGER", "0ms", true),
+        ("IDEM__PIPELINE__STALL_TIMEOUT", "0ms", false),
+        ("IDEM__REDIS__DURABILITY", "replicas:1", true),
+        ("IDEM__REDIS__DURABILITY", "replicas:0", false),
+        ("IDEM__REDIS__DURABILITY", "replicas:", false),
+        ("IDEM__REDIS__DURABILITY", "replicas:-1", false),
+        ("IDEM__REDIS__DURABILITY", "fsync", true),
+        ("IDEM__REDIS__DURABILITY", "always", false),
+    ];
+    for (var, value, ok) in table {
+        let got = Config::load(None, &env(&[(var, value)]));
+        assert_eq!(got.is_ok(), *ok, "{var}={value}: {got:?}");
+    }
+    let c = Config::load(None, &env(&[("IDEM__DLQ__MAX_RATIO", "0.25")])).unwrap();
+    assert_eq!(c.dlq.max_ratio, 0.25);
+    let c = Config::load(None, &env(&[("IDEM__EVENT__MAX_BYTES", "512")])).unwrap();
+    assert_eq!(c.event.max_bytes, 512);
+}
+
+#[test]
+fn durability_parses_by_table() {
+    let table: &[(&str, Option<Durability>)] = &[
+        ("ack", Some(Durability::Ack)),
+        ("fsync", Some(Durability::Fsync)),
+        ("replicas:1", Some(Durability::Replicas(1))),
+        ("replicas:3", Some(Durability::Replicas(3))),
+        ("replicas:0", None),
+        ("replicas:x", None),
+        ("replicas", None),
+        ("ACK", None),
+        ("", None),
+    ];
+    for (text, want) in table {
+        assert_eq!(parse_durability(text), *want, "{text}");
+    }
+}
+
+/// Every enum key takes exactly the documented names; a wrong one is
+/// refused with the accepted names in the message.
+#[test]
+fn choices_decode_by_name() {
+    let c = Config::load(
+        None,
+        &env(&[
+            ("IDEM__KAFKA__AUTO_OFFSET_RESET", "latest"),
+            ("IDEM__KAFKA__SECURITY_PROTOCOL", "sasl_ssl"),
+            ("IDEM__KAFKA__SASL_MECHANISM", "SCRAM-SHA-512"),
+            ("IDEM__KAFKA__SASL_USERNAME", "idem"),
+            ("IDEM__REDIS__MODE", "cluster"),
+            (
+                "IDEM__REDIS__URL",
+                "redis://127.0.0.1:7000,redis://127.0.0.1:7001",
+            ),
+            ("IDEM__EVENT__FORMAT", "cloudevents"),
+            ("IDEM__EVENT__DUPLICATE_KEYS", "reject"),
+            ("IDEM__EVENT__KEY_MISMATCH", "dead_letter"),
+            ("IDEM__LOG__FORMAT", "json"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.kafka.auto_offset_reset, OffsetReset::Latest);
+    assert_eq!(c.kafka.security_protocol, SecurityProtocol::SaslSsl);
+    assert_eq!(c.kafka.sasl_mechanism, SaslMechanism::ScramSha512);
+    assert_eq!(c.redis.mode, RedisMode::Cluster);
+    assert_eq!(c.event.format, EventFormat::CloudEvents);
+    assert!(c.event.reject_duplicate_keys);
+    assert!(c.event.dead_letter_key_mismatch);
+    assert_eq!(c.log_format, LogFormat::Json);
+
+    let d = Config::defaults();
+    assert_eq!(d.kafka.auto_offset_reset, OffsetReset::Earliest);
+    assert_eq!(d.kafka.security_protocol, SecurityProtocol::Plaintext);
+    assert_eq!(d.redis.mode, RedisMode::Standalone);
+    assert_eq!(d.event.format, EventFormat::Auto);
+    assert!(!d.event.reject_duplicate_keys);
+    assert!(!d.event.dead_letter_key_mismatch);
+    assert_eq!(d.log_format, LogFormat::Text);
+
+    let err = Config::load(None, &env(&[("IDEM__KAFKA__SECURITY_PROTOCOL", "tls")])).unwrap_err();
+    let text = err.to_string();
+    assert_eq!(err.key(), Some("kafka.security_protocol"));
+    for name in ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"] {
+        assert!(text.contains(&format!("`{name}`")), "{text}");
+    }
+    let err = Config::load(None, &env(&[("IDEM__EVENT__KEY_MISMATCH", "ignore")])).unwrap_err();
+    assert_eq!(err.key(), Some("event.key_mismatch"));
+    let err = Config::load(None, &env(&[("IDEM__EVENT__DUPLICATE_KEYS", "first")])).unwrap_err();
+    assert_eq!(err.key(), Some("event.duplicate_keys"));
+    let err = Config::load(None, &env(&[("IDEM__KAFKA__SASL_MECHANISM", "plain")])).unwrap_err();
+    assert_eq!(err.key(), Some("kafka.sasl_mechanism"));
+    let err = Config::load(None, &env(&[("IDEM__REDIS__MODE", "sentinel")])).unwrap_err();
+    assert_eq!(err.key(), Some("redis.mode"));
+    let err = Config::load(None, &env(&[("IDEM__EVENT__FORMAT", "avro")])).unwrap_err();
+    assert_eq!(err.key(), Some("event.format"));
+}
+
+#[test]
+fn protocol_names_and_properties_by_table() {
+    use SecurityProtocol::*;
+    let table = [
+        (Plaintext, "plaintext", false, false),
+        (Ssl, "ssl", true, false),
+        (SaslPlaintext, "sasl_plaintext", false, true),
+        (SaslSsl, "sasl_ssl", true, true),
+    ];
+    for (p, name, tls, sasl) in table {
+        assert_eq!((p.as_str(), p.uses_tls(), p.uses_sasl()), (name, tls, sasl));
+    }
+    assert_eq!(SaslMechanism::Plain.as_str(), "PLAIN");
+    assert_eq!(SaslMechanism::ScramSha256.as_str(), "SCRAM-SHA-256");
+    assert_eq!(SaslMechanism::ScramSha512.as_str(), "SCRAM-SHA-512");
+    assert_eq!(OffsetReset::Earliest.as_str(), "earliest");
+    assert_eq!(OffsetReset::Latest.as_str(), "latest");
+}
+
+#[test]
+fn secret_debug_is_redacted() {
+    let s = Secret::new("hunter2");
+    assert_eq!(format!("{s:?}"), "***");
+    assert_eq!(s.expose(), "hunter2");
+}
+
+#[test]
+fn urls_and_topic_names_by_table() {
+    let ok = |pairs: &[(&str, &str)]| Config::load(None, &env(pairs));
+    assert!(ok(&[("IDEM__REDIS__URL", "rediss://u:p@h:6380")]).is_ok());
+    let err = ok(&[("IDEM__REDIS__URL", "redis://a:1,redis://b:2")]).unwrap_err();
+    assert_eq!(
+        err.key(),
+        Some("redis.url"),
+        "several seeds need cluster mode"
+    );
+    let err = ok(&[
+        ("IDEM__REDIS__MODE", "cluster"),
+        ("IDEM__REDIS__URL", "redis://a:1, http://b:2"),
+    ])
+    .unwrap_err();
+    assert_eq!(err.key(), Some("redis.url"));
+    assert!(!err.to_string().contains("p@"), "{err}");
+    let err = ok(&[("IDEM__REDIS__URL", "http://u:pw@h:1")]).unwrap_err();
+    assert!(
+        !err.to_string().contains("pw"),
+        "passwords never in errors: {err}"
+    );
+
+    for (template, valid) in [
+        ("{topic}.dlq", true),
+        ("dead-letters", true),
+        ("{topic}/dlq", false),
+        ("bad topic", false),
+        ("", false),
+    ] {
+        let got = ok(&[("IDEM__DLQ__TOPIC", template)]);
+        assert_eq!(got.is_ok(), valid, "{template:?}: {got:?}");
+    }
+    let c = ok(&[("IDEM__DLQ__TOPIC", "{topic}-dead")]).unwrap();
+    assert_eq!(c.dlq.topic_for("orders"), "orders-dead");
+
+    let long = "a".repeat(249);
+    for (name, valid) in [
+        (long.as_str(), true),
+        (&*format!("{long}a"), false),
+        (".", false),
+        ("..", false),
+        ("a.b_c-D9", true),
+        ("", false),
+        ("é", false),
+    ] {
+        assert_eq!(is_valid_topic_name(name), valid, "{name:?}");
+    }
+    let err = ok(&[("IDEM__REDIS__KEY_PREFIX", "a}b")]).unwrap_err();
+    assert_eq!(err.key(), Some("redis.key_prefix"));
+}
+
+#[test]
+fn librdkafka_passthrough_flattens_and_refuses_fixed_keys() {
+    let c = Config::load(
+        None,
+        &env(&[
+            ("IDEM__KAFKA__LIBRDKAFKA__FETCH.MAX.BYTES", "1000"),
+            ("IDEM__KAFKA__LIBRDKAFKA__CHECK.CRCS", "true"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(
+        c.kafka
+            .librdkafka
+            .get("fetch.max.bytes")
+            .map(String::as_str),
+        Some("1000")
+    );
+    assert_eq!(
+        c.kafka.librdkafka.get("check.crcs").map(String::as_str),
+        Some("true")
+    );
+    for key in FIXED_KEYS_SAMPLE {
+        let var = format!("IDEM__KAFKA__LIBRDKAFKA__{}", key.to_uppercase());
+        let err = Config::load(None, &env(&[(&var, "x")])).unwrap_err();
+        assert_eq!(err.key(), Some(&*format!("kafka.librdkafka.{key}")));
+    }
+}
+
+const FIXED_KEYS_SAMPLE: [&str; 3] = ["enable.auto.commit", "group.id", "sasl.password"];
+
+#[test]
+fn group_instance_id_is_trimmed_and_optional() {
+    let c = Config::load(
+        None,
+        &env(&[("IDEM__KAFKA__GROUP_INSTANCE_ID", "  pod-1 ")]),
+    )
+    .unwrap();
+    assert_eq!(c.kafka.group_instance_id.as_deref(), Some("pod-1"));
+    let c = Config::load(None, &env(&[("IDEM__KAFKA__GROUP_INSTANCE_ID", "  ")])).unwrap();
+    assert_eq!(c.kafka.group_instance_id, None);
+    assert_eq!(Config::defaults().kafka.group_instance_id, None);
+}
+
+#[test]
+fn ca_location_takes_probe_a_directory_or_a_file() {
+    let dir = std::env::temp_dir();
+    for value in ["probe", dir.to_str().unwrap(), "Cargo.toml"] {
+        let c = Config::load(None, &env(&[("IDEM__KAFKA__SSL_CA_LOCATION", value)])).unwrap();
+        assert_eq!(c.kafka.ssl_ca_location, value);
+    }
+    let c = Config::load(
+        None,
+        &env(&[
+            ("IDEM__KAFKA__SSL_CERTIFICATE_LOCATION", "Cargo.toml"),
+            ("IDEM__KAFKA__SSL_KEY_LOCATION", "Cargo.lock"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            c.kafka.ssl_certificate_location.as_str(),
+            c.kafka.ssl_key_location.as_str()
+        ),
+        ("Cargo.toml", "Cargo.lock")
+    );
+}

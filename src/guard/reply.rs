@@ -1,0 +1,288 @@
+//! Reading the guard's replies: verdict codes, the per-call arrays back in
+//! batch order, and the durable wait's answer. Pure: values in, verdicts out.
+
+use std::time::Duration;
+
+use redis::Value;
+
+use super::Verdict;
+use crate::model::Outcome;
+use crate::store::{DurableWait, StoreError};
+
+/// The verdict codes `guard.lua` returns (it declares the same names).
+pub mod code {
+    pub const APPLIED: i64 = 0;
+    /// Detail: ms since the id was first seen.
+    pub const DUPLICATE: i64 = 1;
+    /// Detail: the entity's recorded seq.
+    pub const STALE: i64 = 2;
+    /// Detail: the remembered fingerprint (8 bytes).
+    pub const CONFLICT: i64 = 3;
+    /// A duplicate first seen by an earlier attempt of this batch, which applied it.
+    pub const DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT: i64 = 4;
+    /// Likewise, but that attempt found it stale.
+    pub const DUPLICATE_STALE_BY_EARLIER_ATTEMPT: i64 = 5;
+}
+
+/// The items of each script call's reply (one array per call).
+pub fn script_items(replies: Vec<Value>) -> Result<Vec<Vec<Value>>, StoreError> {
+    replies
+        .into_iter()
+        .map(|v| match v {
+            Value::Array(items) => Ok(items),
+            other => Err(StoreError::Protocol(format!("guard reply {other:?}"))),
+        })
+        .collect()
+}
+
+/// Verdicts in input order from each chunk's script reply items
+/// (`replies[c]` answers `chunks[c]`).
+pub fn verdicts_by_chunk(
+    chunks: &[Vec<usize>],
+    replies: &[Vec<Value>],
+    inputs: usize,
+) -> Result<Vec<Verdict>, StoreError> {
+    if replies.len() != chunks.len() {
+        return Err(StoreError::Protocol(format!(
+            "{} guard replies for {} calls",
+            replies.len(),
+            chunks.len()
+        )));
+    }
+    let mut verdicts = vec![None; inputs];
+    for (chunk, reply) in chunks.iter().zip(replies) {
+        for (&i, v) in chunk.iter().zip(parse_reply(reply, chunk.len())?) {
+            verdicts[i] = Some(v);
+        }
+    }
+    verdicts
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            v.ok_or_else(|| StoreError::Protocol(format!("no guard verdict for event {i}")))
+        })
+        .collect()
+}
+
+/// One call's verdicts: `expected` pairs of (code, detail).
+fn parse_reply(reply: &[Value], expected: usize) -> Result<Vec<Verdict>, StoreError> {
+    if reply.len() != 2 * expected {
+        return Err(StoreError::Protocol(format!(
+            "guard returned {} values for {expected} events",
+            reply.len()
+        )));
+    }
+    reply
+        .chunks(2)
+        .map(|pair| parse_verdict(&pair[0], &pair[1]))
+        .collect()
+}
+
+fn parse_verdict(code: &Value, detail: &Value) -> Result<Verdict, StoreError> {
+    use code::*;
+    let plain = |outcome| Verdict {
+        outcome,
+        duplicate_age: None,
+        remembered_fingerprint: None,
+        earlier_attempt: None,
+    };
+    match (code, detail) {
+        (Value::Int(APPLIED), _) => Ok(plain(Outcome::Applied)),
+        (
+            Value::Int(
+                code @ (DUPLICATE
+                | DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT
+                | DUPLICATE_STALE_BY_EARLIER_ATTEMPT),
+            ),
+            Value::Int(age_ms),
+        ) => Ok(Verdict {
+            duplicate_age: Some(Duration::from_millis((*age_ms).max(0) as u64)),
+            earlier_attempt: match *code {
+                DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT => Some(Outcome::Applied),
+                DUPLICATE_STALE_BY_EARLIER_ATTEMPT => Some(Outcome::Stale),
+                _ => None,
+            },
+            ..plain(Outcome::Duplicate)
+        }),
+        (Value::Int(STALE), _) => Ok(plain(Outcome::Stale)),
+        (Value::Int(CONFLICT), Value::BulkString(fp)) if fp.len() == 8 => Ok(Verdict {
+            remembered_fingerprint: Some(u64::from_be_bytes(fp[..8].try_into().expect("8 bytes"))),
+            ..plain(Outcome::Conflict)
+        }),
+        other => Err(StoreError::Protocol(format!(
+            "unexpected guard verdict {other:?}"
+        ))),
+    }
+}
+
+/// Whether the WAIT / WAITAOF reply confirms durability.
+pub fn check_durable(wait: DurableWait, reply: &Value) -> Result<(), StoreError> {
+    let ok = match (wait, reply) {
+        (DurableWait::Replicas(n), Value::Int(acked)) => *acked >= i64::from(n),
+        (DurableWait::LocalAof, Value::Array(counts)) => {
+            matches!(counts.first(), Some(Value::Int(local)) if *local >= 1)
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        // The effects are in Redis but not durable yet: the batch is retried
+        // (coming back as duplicates) and its offsets wait.
+        Err(StoreError::NotDurable(format!(
+            "{wait:?} answered {reply:?}"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcomes(v: &[Verdict]) -> Vec<Outcome> {
+        v.iter().map(|v| v.outcome).collect()
+    }
+
+    #[test]
+    fn verdicts_parse_by_table() {
+        let fp = 0x0102030405060708u64.to_be_bytes().to_vec();
+        let replies = vec![
+            vec![
+                Value::Int(code::APPLIED),
+                Value::Int(0),
+                Value::Int(code::DUPLICATE),
+                Value::Int(1500),
+            ],
+            vec![
+                Value::Int(code::STALE),
+                Value::BulkString(b"7".to_vec()),
+                Value::Int(code::CONFLICT),
+                Value::BulkString(fp),
+                Value::Int(code::DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT),
+                Value::Int(-3),
+                Value::Int(code::DUPLICATE_STALE_BY_EARLIER_ATTEMPT),
+                Value::Int(20),
+            ],
+        ];
+        // Chunks in another order than the inputs: verdicts come back in input order.
+        let chunks = vec![vec![4, 0], vec![1, 5, 2, 3]];
+        let v = verdicts_by_chunk(&chunks, &replies, 6).unwrap();
+        use Outcome::*;
+        assert_eq!(
+            outcomes(&v),
+            vec![Duplicate, Stale, Duplicate, Duplicate, Applied, Conflict]
+        );
+        assert_eq!(v[0].duplicate_age, Some(Duration::from_millis(1500)));
+        assert_eq!(v[0].earlier_attempt, None);
+        assert_eq!(v[5].remembered_fingerprint, Some(0x0102030405060708));
+        assert_eq!(v[2].earlier_attempt, Some(Applied));
+        assert_eq!(
+            v[2].duplicate_age,
+            Some(Duration::ZERO),
+            "a clock step back is age 0"
+        );
+        assert_eq!(v[3].earlier_attempt, Some(Stale));
+        assert_eq!(
+            v[4],
+            Verdict {
+                outcome: Applied,
+                duplicate_age: None,
+                remembered_fingerprint: None,
+                earlier_attempt: None
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_replies_are_protocol_errors() {
+        let ok = || vec![Value::Int(code::APPLIED), Value::Int(0)];
+        type Case = (Vec<Vec<usize>>, Vec<Vec<Value>>, usize);
+        let bad: &[Case] = &[
+            // a verdict missing for an event
+            (vec![vec![0, 1]], vec![ok()], 2),
+            // a verdict too many
+            (vec![vec![0]], vec![[ok(), ok()].concat()], 1),
+            // a reply missing for a call
+            (vec![vec![0], vec![1]], vec![ok()], 2),
+            // an unknown code
+            (vec![vec![0]], vec![vec![Value::Int(9), Value::Int(0)]], 1),
+            // a conflict whose fingerprint is not 8 bytes
+            (
+                vec![vec![0]],
+                vec![vec![
+                    Value::Int(code::CONFLICT),
+                    Value::BulkString(vec![1; 7]),
+                ]],
+                1,
+            ),
+            // a duplicate without its age
+            (
+                vec![vec![0]],
+                vec![vec![Value::Int(code::DUPLICATE), Value::Nil]],
+                1,
+            ),
+        ];
+        for (chunks, replies, inputs) in bad {
+            let got = verdicts_by_chunk(chunks, replies, *inputs);
+            assert!(
+                matches!(got, Err(StoreError::Protocol(_))),
+                "{replies:?} gave {got:?}"
+            );
+        }
+        assert!(script_items(vec![Value::Int(1)]).is_err());
+        assert_eq!(script_items(vec![Value::Array(ok())]).unwrap(), vec![ok()]);
+    }
+
+    /// The Rust and Lua sides name the same numbers.
+    #[test]
+    fn lua_declares_the_same_verdict_codes() {
+        let declared = |name: &str| -> i64 {
+            let line = super::super::SCRIPT
+                .lines()
+                .find(|l| l.starts_with(&format!("local {name} = ")))
+                .unwrap_or_else(|| panic!("guard.lua declares {name}"));
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        assert_eq!(declared("APPLIED"), code::APPLIED);
+        assert_eq!(declared("DUPLICATE"), code::DUPLICATE);
+        assert_eq!(declared("STALE"), code::STALE);
+        assert_eq!(declared("CONFLICT"), code::CONFLICT);
+        assert_eq!(
+            declared("DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT"),
+            code::DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT
+        );
+        assert_eq!(
+            declared("DUPLICATE_STALE_BY_EARLIER_ATTEMPT"),
+            code::DUPLICATE_STALE_BY_EARLIER_ATTEMPT
+        );
+    }
+
+    #[test]
+    fn durable_wait_replies_by_table() {
+        let table: &[(DurableWait, Value, bool)] = &[
+            (DurableWait::Replicas(2), Value::Int(2), true),
+            (DurableWait::Replicas(2), Value::Int(3), true),
+            (DurableWait::Replicas(2), Value::Int(1), false),
+            (
+                DurableWait::LocalAof,
+                Value::Array(vec![Value::Int(1), Value::Int(0)]),
+                true,
+            ),
+            (
+                DurableWait::LocalAof,
+                Value::Array(vec![Value::Int(0), Value::Int(0)]),
+                false,
+            ),
+            (DurableWait::LocalAof, Value::Array(vec![]), false),
+            (DurableWait::Replicas(1), Value::Nil, false),
+            (DurableWait::None, Value::Int(5), false),
+        ];
+        for (wait, reply, ok) in table {
+            let got = check_durable(*wait, reply);
+            assert_eq!(got.is_ok(), *ok, "{wait:?} {reply:?}");
+            if !ok {
+                assert!(matches!(got, Err(StoreError::NotDurable(_))));
+            }
+        }
+    }
+}
