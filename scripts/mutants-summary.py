@@ -29,7 +29,7 @@ def main(out):
             m = module(line.split(":", 1)[0])
             counts[m][kind] += 1
             if kind != "caught":
-                missed[m].append(line)
+                missed[m].append(f"{kind}: {line}")
     below = 0
     print(f"{'module':<22} {'caught':>6} {'missed':>6} {'timeout':>7} {'share':>7}")
     for m in sorted(counts):
@@ -40,7 +40,7 @@ def main(out):
         print(f"{m:<22} {c['caught']:>6} {c['missed']:>6} {c['timeout']:>7} {share:>6.1f}%")
     for m in sorted(missed):
         for line in missed[m]:
-            print(f"  missed: {line}")
+            print(f"  {line}")
     print(f"MUTANTS: {'all modules' if not below else f'{below} module(s) below'} >= {TARGET}% (timeouts count as caught)")
     return 1 if below else 0
 

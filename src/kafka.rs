@@ -86,8 +86,7 @@ pub fn preflight(cfg: &KafkaConfig, timeout: Duration) -> Result<(), PreflightEr
     let consumer: BaseConsumer<RefusalContext> = config
         .create_with_context(RefusalContext(refused.clone()))
         .map_err(|e| match e {
-            // librdkafka checks the TLS files when the client is created.
-            KafkaError::ClientCreation(reason) if cfg.security_protocol.uses_tls() => {
+            KafkaError::ClientCreation(reason) if tls_files_fail(cfg) => {
                 PreflightError::TlsFiles(reason)
             }
             other => PreflightError::Client(other.to_string()),
@@ -110,6 +109,14 @@ pub fn preflight(cfg: &KafkaConfig, timeout: Duration) -> Result<(), PreflightEr
             Err(_) => {}
         }
     }
+}
+
+/// Whether a client with only the brokers and the security settings cannot
+/// be created: librdkafka loads the TLS files (CA, certificate, key with
+/// its password) at creation, so then the files are at fault, not the
+/// passthrough settings.
+fn tls_files_fail(cfg: &KafkaConfig) -> bool {
+    cfg.security_protocol.uses_tls() && base_config(cfg).create::<BaseConsumer>().is_err()
 }
 
 /// What to fix when the brokers refuse idem, from librdkafka's error.

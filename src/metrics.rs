@@ -109,8 +109,20 @@ impl Health {
     }
 }
 
+/// The metrics endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot install the Prometheus recorder")]
+    Recorder(#[from] metrics_exporter_prometheus::BuildError),
+    #[error("cannot listen on metrics.listen = {listen}: {cause} (another process on that port? set metrics.listen)")]
+    Listen {
+        listen: SocketAddr,
+        cause: std::io::Error,
+    },
+}
+
 /// Installs the global Prometheus recorder and describes every metric.
-pub fn install() -> anyhow::Result<PrometheusHandle> {
+pub fn install() -> Result<PrometheusHandle, MetricsError> {
     let handle = recorder()?;
     // Histogram samples queue up until drained; drain them even if nobody scrapes.
     let upkeep = handle.clone();
@@ -127,7 +139,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
 }
 
 /// The recorder with each histogram's buckets.
-fn recorder() -> anyhow::Result<PrometheusHandle> {
+fn recorder() -> Result<PrometheusHandle, MetricsError> {
     let latency = [
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
     ];
@@ -342,33 +354,17 @@ pub async fn fetch_local(port: u16, path: &str) -> Option<String> {
     Some(buf.split_once("\r\n\r\n")?.1.to_string())
 }
 
-/// In a Prometheus exposition text, sums the samples of `name` whose labels include every pair given.
-pub fn sum_series(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (metric, rest) = series.split_at(series.find('{').unwrap_or(series.len()));
-            (metric == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
-            .then(|| value.parse::<f64>().ok())
-            .flatten()
-        })
-        .sum()
-}
-
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listen` until the task is dropped.
 pub async fn serve(
     listen: SocketAddr,
     handle: PrometheusHandle,
     health: Health,
-) -> anyhow::Result<()> {
+) -> Result<(), MetricsError> {
     let listener = TcpListener::bind(listen)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on metrics.listen = {listen}: {e}"))?;
-    tracing::info!(address = %listener.local_addr()?, "metrics endpoint listening");
+        .map_err(|cause| MetricsError::Listen { listen, cause })?;
+    let address = listener.local_addr().unwrap_or(listen);
+    tracing::info!(address = %address, "metrics endpoint listening");
     tokio::spawn(async move {
         loop {
             let Ok((mut socket, _)) = listener.accept().await else {

@@ -268,8 +268,13 @@ mod tests {
         let w = 1000;
         for (gap, keep, reused_outcome, ambiguous) in [
             (500, false, Outcome::Duplicate, false),
+            (999, false, Outcome::Duplicate, false),
+            (1000, false, Outcome::Applied, true),
+            (1000, true, Outcome::Duplicate, true),
             (1500, false, Outcome::Applied, true),
             (1500, true, Outcome::Duplicate, true),
+            (1999, true, Outcome::Duplicate, true),
+            (2000, true, Outcome::Applied, false),
             (2500, true, Outcome::Applied, false),
         ] {
             let mut m = Model::default();

@@ -180,6 +180,25 @@ mod tests {
         assert_eq!(p.commit_point(), Some(13));
     }
 
+    /// With nothing in flight, only the commit point tells a rewound offset
+    /// (below it: not tracked) from a new one (at or above it: tracked).
+    #[test]
+    fn with_nothing_in_flight_the_commit_point_decides() {
+        let mut p = PartitionProgress::default();
+        p.begin(20);
+        p.mark_done(20);
+        assert_eq!((p.commit_point(), p.in_flight()), (Some(21), 0));
+        p.begin(19);
+        assert_eq!(p.in_flight(), 0, "19 is below the commit point");
+        p.begin(21);
+        assert_eq!(p.in_flight(), 1, "21 is the commit point itself");
+        p.mark_done(21);
+        p.begin(30);
+        assert_eq!(p.in_flight(), 1, "a gap (compacted offsets) is tracked");
+        p.mark_done(30);
+        assert_eq!(p.commit_point(), Some(31));
+    }
+
     /// The truth table from the type's doc, as data.
     #[test]
     fn commit_point_by_table() {

@@ -428,11 +428,16 @@ impl RawPipeline {
     }
 }
 
-/// One of an enum's names, decoded by its serde attributes; serde's message
-/// ("unknown variant `x`, expected `a` or `b`") is the expected form.
+/// One of an enum's names, decoded by its serde attributes; the expected
+/// form is serde's list of the names (`` `text` or `json` ``).
 fn choice<T: DeserializeOwned>(key: &str, value: &str) -> Result<T, ConfigError> {
-    T::deserialize(value.into_deserializer())
-        .map_err(|e: serde::de::value::Error| ConfigError::invalid(key, value, &e.to_string()))
+    T::deserialize(value.into_deserializer()).map_err(|e: serde::de::value::Error| {
+        let message = e.to_string();
+        let names = message
+            .split_once(", expected ")
+            .map_or(message.as_str(), |(_, names)| names);
+        ConfigError::invalid(key, value, names)
+    })
 }
 
 fn positive_count(key: &str, value: i64) -> Result<NonZeroUsize, ConfigError> {

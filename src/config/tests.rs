@@ -223,6 +223,9 @@ fn passwords_are_redacted() {
         "redis://u:***@h:6379"
     );
     assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+    // An `@` before the scheme is not user information.
+    assert_eq!(redact_url("x@redis://h:6379"), "x@redis://h:6379");
+    assert_eq!(redact_url("redis://:pw@h:1"), "redis://:***@h:1");
 }
 
 /// Values at and around each numeric bound: accepted or refused by key.
@@ -323,6 +326,12 @@ fn choices_decode_by_name() {
     for name in ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"] {
         assert!(text.contains(&format!("`{name}`")), "{text}");
     }
+    assert!(!text.contains("unknown variant"), "{text}");
+    let err = Config::load(None, &env(&[("IDEM__LOG__FORMAT", "xml")])).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "config key `log.format`: got \"xml\", expected `text` or `json`"
+    );
     let err = Config::load(None, &env(&[("IDEM__EVENT__KEY_MISMATCH", "ignore")])).unwrap_err();
     assert_eq!(err.key(), Some("event.key_mismatch"));
     let err = Config::load(None, &env(&[("IDEM__EVENT__DUPLICATE_KEYS", "first")])).unwrap_err();
@@ -478,4 +487,20 @@ fn ca_location_takes_probe_a_directory_or_a_file() {
         ),
         ("Cargo.toml", "Cargo.lock")
     );
+}
+
+#[test]
+fn for_brokers_and_for_url_point_the_defaults_elsewhere() {
+    let defaults = Config::defaults();
+    let k = KafkaConfig::for_brokers("10.0.0.1:9093");
+    assert_eq!(k.brokers, "10.0.0.1:9093");
+    assert_eq!(k.group_id, defaults.kafka.group_id);
+    let r = RedisConfig::for_url("redis://10.0.0.2:7000", RedisMode::Cluster);
+    assert_eq!(
+        (r.url.as_str(), r.mode),
+        ("redis://10.0.0.2:7000", RedisMode::Cluster)
+    );
+    assert_eq!(r.key_prefix, defaults.redis.key_prefix);
+    let r = RedisConfig::for_url("redis://h:1", RedisMode::Standalone);
+    assert_eq!(r.mode, RedisMode::Standalone);
 }

@@ -128,7 +128,7 @@ impl SendError {
 }
 
 impl DlqWriter {
-    pub fn new(config: &Config) -> anyhow::Result<DlqWriter> {
+    pub fn new(config: &Config) -> Result<DlqWriter, rdkafka::error::KafkaError> {
         let producer = crate::kafka::base_config(&config.kafka)
             // A dead letter must be durable before its source offset is committed.
             .set("enable.idempotence", "true")
@@ -327,7 +327,7 @@ fn classify(e: &rdkafka::error::KafkaError) -> SendError {
 pub async fn topic_max_message_bytes(
     kafka: &crate::config::KafkaConfig,
     topic: &str,
-) -> anyhow::Result<Option<usize>> {
+) -> Result<Option<usize>, rdkafka::error::KafkaError> {
     use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
     let admin: AdminClient<rdkafka::client::DefaultClientContext> =
         crate::kafka::base_config(kafka).create()?;

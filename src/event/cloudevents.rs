@@ -274,4 +274,62 @@ mod tests {
             "missing_field"
         );
     }
+
+    #[test]
+    fn detection_by_table() {
+        type Headers<'a> = &'a [(&'a str, &'a [u8])];
+        let table: &[(Headers, Option<Mode>)] = &[
+            (&[], None),
+            (
+                &[("content-type", b"application/cloudevents+json")],
+                Some(Mode::Structured),
+            ),
+            (
+                &[(
+                    "Content-Type",
+                    b"application/cloudevents+json; charset=utf-8",
+                )],
+                Some(Mode::Structured),
+            ),
+            (&[("content-type", b"application/json")], None),
+            (&[("x-type", b"application/cloudevents+json")], None),
+            (&[("traceparent", b"00-1-2-01")], None),
+            (&[("ce_id", b"x")], None),
+            (&[("ce_specversion", b"1.0")], Some(Mode::Binary)),
+            (
+                &[
+                    ("content-type", b"application/json"),
+                    ("ce_specversion", b"1.0"),
+                ],
+                Some(Mode::Binary),
+            ),
+        ];
+        for (headers, want) in table {
+            assert_eq!(detect(headers), *want, "{headers:?}");
+        }
+    }
+
+    /// `type` "delete", or ending in ".delete" or ".deleted", deletes.
+    #[test]
+    fn delete_types_by_table() {
+        for (kind, op) in [
+            ("delete", Op::Delete),
+            ("order.delete", Op::Delete),
+            ("order.deleted", Op::Delete),
+            ("order.deletes", Op::Upsert),
+            ("deleted", Op::Upsert),
+            ("order.updated", Op::Upsert),
+        ] {
+            let headers: [(&str, &[u8]); 6] = [
+                ("ce_specversion", b"1.0"),
+                ("ce_id", b"x"),
+                ("ce_source", b"/s"),
+                ("ce_type", kind.as_bytes()),
+                ("ce_subject", b"e"),
+                ("ce_sequence", b"3"),
+            ];
+            let e = decode_binary(&headers, Some(br#"{"a":"b"}"#), false).unwrap();
+            assert_eq!(e.op, op, "{kind}");
+        }
+    }
 }

@@ -295,11 +295,11 @@ impl Guard {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         // The keys come first, the args after.
-        let windows: Vec<IdGenerations> = chunk
+        let generations: Vec<IdGenerations> = chunk
             .iter()
             .map(|&i| id_generations(now_ms, inputs[i].window))
             .collect();
-        for (&i, ids) in chunk.iter().zip(&windows) {
+        for (&i, ids) in chunk.iter().zip(&generations) {
             let base = self.layout.entity_base(&inputs[i].event.entity);
             cmd.arg(format!("{base}:meta"))
                 .arg(format!("{base}:state"))
@@ -307,7 +307,7 @@ impl Guard {
                 .arg(format!("{base}:ids:{}", ids.previous));
         }
         cmd.arg(&self.batch_token[..]);
-        for (&i, ids) in chunk.iter().zip(&windows) {
+        for (&i, ids) in chunk.iter().zip(&generations) {
             push_event_args(&mut cmd, &inputs[i], ids.expire_at_ms);
         }
         cmd

@@ -370,4 +370,73 @@ mod tests {
         let outcomes: Vec<Outcome> = verdicts.iter().map(|v| v.outcome).collect();
         assert_eq!(outcomes, [Applied, Duplicate, Duplicate, Applied, Stale]);
     }
+
+    /// Invalid records and conflicts become letters, in batch order, each
+    /// with its partition, offset, original bytes and reason; everything
+    /// else does not.
+    #[test]
+    fn dead_letters_are_the_invalid_records_and_the_conflicts() {
+        use crate::event::Invalid;
+        use crate::offsets::TopicPartition;
+        use crate::pipeline::batch::Item;
+        let item = |partition, offset: i64, decoded| Item {
+            partition,
+            offset,
+            timestamp_ms: Some(1000 + offset),
+            key: Some(format!("k{offset}").into_bytes()),
+            value: Some(format!("v{offset}").into_bytes()),
+            headers: vec![("h".into(), b"x".to_vec())],
+            decoded,
+        };
+        let mut conflicting = event("c");
+        conflicting.fingerprint = 0xab;
+        let batch = Batch {
+            partitions: vec![TopicPartition::new("t", 0), TopicPartition::new("t", 3)],
+            windows: vec![Duration::from_secs(60); 2],
+            items: vec![
+                item(0, 10, Err(Invalid::NotJson("eof".into()))),
+                item(1, 11, Ok(event("a"))),
+                item(1, 12, Ok(conflicting)),
+                item(0, 13, Ok(event("d"))),
+                item(1, 14, Err(Invalid::EmptyValue)),
+                item(0, 15, Ok(event("s"))),
+            ],
+        };
+        use Outcome::*;
+        let mut conflict = verdict(Conflict, None);
+        conflict.remembered_fingerprint = Some(0xcd);
+        let verdicts = [
+            verdict(Applied, None),
+            conflict,
+            verdict(Duplicate, None),
+            verdict(Stale, None),
+        ];
+        let letters = dead_letters(&batch, &verdicts);
+        let summary: Vec<(i32, i64, &str)> = letters
+            .iter()
+            .map(|l| (l.source.partition, l.offset, l.reason))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (0, 10, "not_json"),
+                (3, 12, "conflict"),
+                (3, 14, "empty_value")
+            ]
+        );
+        let c = &letters[1];
+        assert_eq!(c.fingerprints, Some((0xab, 0xcd)));
+        assert!(
+            c.message.contains("00000000000000cd") && c.message.contains("00000000000000ab"),
+            "{}",
+            c.message
+        );
+        assert_eq!(
+            (c.key, c.value, c.timestamp_ms),
+            (Some(&b"k12"[..]), Some(&b"v12"[..]), Some(1012))
+        );
+        assert_eq!(c.headers, &[("h".to_string(), b"x".to_vec())][..]);
+        assert_eq!(letters[0].message, "record value is not JSON: eof");
+        assert_eq!(letters[0].fingerprints, None);
+    }
 }

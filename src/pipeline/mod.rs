@@ -61,9 +61,32 @@ impl ShutdownTrigger {
     }
 }
 
+/// Why `idem run` could not start (or, for the metrics endpoint, keep
+/// serving). Each says what to fix; none is retried: retryable faults
+/// (Redis or Kafka unreachable, timeouts) are retried inside the pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
+    #[error(transparent)]
+    Preflight(#[from] kafka::PreflightError),
+    #[error(transparent)]
+    RedisRefused(#[from] store::ConnectError),
+    #[error(transparent)]
+    RedisUnfit(#[from] store::CheckError),
+    /// Creating the consumer or producer, or subscribing, failed.
+    #[error("Kafka client")]
+    KafkaClient(#[from] rdkafka::error::KafkaError),
+    #[error("cannot start the consumer thread")]
+    Thread(#[source] std::io::Error),
+    /// The task that ran the broker check ended without an answer.
+    #[error("the start-up check of the brokers did not finish")]
+    PreflightTask(#[from] tokio::task::JoinError),
+}
+
 /// Runs idem until `shutdown` fires: serves metrics, consumes the configured
 /// topics and applies them to Redis. Returns after the final commit.
-pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     let handle = metrics::install()?;
     let health = Health::default();
     metrics::serve(config.metrics_listen, handle, health.clone()).await?;
@@ -81,7 +104,7 @@ async fn run_pipeline(
     config: Arc<Config>,
     health: Health,
     mut shutdown: Shutdown,
-) -> anyhow::Result<()> {
+) -> Result<(), RunError> {
     let kafka_config = config.kafka.clone();
     tokio::task::spawn_blocking(move || kafka::preflight(&kafka_config, PREFLIGHT_TIMEOUT))
         .await??;
@@ -126,7 +149,7 @@ type ConsumerParts = (
 );
 
 /// Creates the consumer, subscribes it and starts its polling thread.
-fn start_consumer(config: &Config) -> anyhow::Result<ConsumerParts> {
+fn start_consumer(config: &Config) -> Result<ConsumerParts, RunError> {
     // The consumer thread reports in order; at most this many records wait
     // in the channel (the loop also holds up to one batch of its own).
     let (event_tx, events) =
@@ -141,7 +164,7 @@ fn start_consumer(config: &Config) -> anyhow::Result<ConsumerParts> {
     );
     let topics: Vec<&str> = config.kafka.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
-    let poller = PollThread::spawn(consumer.clone(), event_tx)?;
+    let poller = PollThread::spawn(consumer.clone(), event_tx).map_err(RunError::Thread)?;
     tracing::info!(
         group = %config.kafka.group_id,
         topics = ?config.kafka.topics,
@@ -194,7 +217,7 @@ async fn shut_down(
 /// Connects to Redis (retrying until it answers), checks that it keeps
 /// idem's keys and gives the configured durability, and loads the guard
 /// script. `None` if shutdown fired first.
-async fn start_guard(config: &Config, shutdown: &mut Shutdown) -> anyhow::Result<Option<Guard>> {
+async fn start_guard(config: &Config, shutdown: &mut Shutdown) -> Result<Option<Guard>, RunError> {
     let Some(mut conn) = connect_redis(config, shutdown).await? else {
         return Ok(None);
     };
@@ -219,13 +242,13 @@ async fn start_guard(config: &Config, shutdown: &mut Shutdown) -> anyhow::Result
 async fn connect_redis(
     config: &Config,
     shutdown: &mut Shutdown,
-) -> anyhow::Result<Option<crate::store::RedisConn>> {
+) -> Result<Option<crate::store::RedisConn>, RunError> {
     let mut backoff = Backoff::new(config);
     loop {
         match store::connect(&config.redis).await {
             Ok(conn) => return Ok(Some(conn)),
             Err(e) if e.is_auth_refusal() => {
-                return Err(store::explain_connect_error(&config.redis, &e))
+                return Err(store::explain_connect_error(&config.redis, e).into())
             }
             Err(e) => {
                 let wait = backoff.next();

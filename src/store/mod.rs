@@ -415,23 +415,31 @@ pub async fn connect(cfg: &RedisConfig) -> Result<RedisConn, StoreError> {
     }
 }
 
+/// A connection that failed, with what to do next (the URL's password
+/// redacted).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("Redis at {url} refused the credentials ({cause}): check redis.username and redis.password (or redis.password_file, or the URL's user:password)")]
+    Refused { url: String, cause: StoreError },
+    #[error("cannot reach Redis at {url}: {cause}; is it running and is redis.url right?")]
+    Unreachable { url: String, cause: StoreError },
+}
+
 /// `connect`, for the tools: the error says what to do, and tells refused
 /// credentials from an unreachable server.
-pub async fn connect_or_explain(cfg: &RedisConfig) -> anyhow::Result<RedisConn> {
+pub async fn connect_or_explain(cfg: &RedisConfig) -> Result<RedisConn, ConnectError> {
     connect(cfg)
         .await
-        .map_err(|e| explain_connect_error(cfg, &e))
+        .map_err(|e| explain_connect_error(cfg, e))
 }
 
 /// The error of a failed connection, saying what to do next.
-pub fn explain_connect_error(cfg: &RedisConfig, e: &StoreError) -> anyhow::Error {
+pub fn explain_connect_error(cfg: &RedisConfig, cause: StoreError) -> ConnectError {
     let url = crate::config::redact_url(&cfg.url);
-    if e.is_auth_refusal() {
-        anyhow::anyhow!(
-            "Redis at {url} refused the credentials ({e}): check redis.username and redis.password (or redis.password_file, or the URL's user:password)"
-        )
+    if cause.is_auth_refusal() {
+        ConnectError::Refused { url, cause }
     } else {
-        anyhow::anyhow!("cannot reach Redis at {url}: {e}; is it running and is redis.url right?")
+        ConnectError::Unreachable { url, cause }
     }
 }
 

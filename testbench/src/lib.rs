@@ -7,11 +7,13 @@
 //! - [`process`]: starting `idem run`, free ports, signals, memory readings.
 //! - [`services`]: the local Kafka and Redis, unique names.
 //! - [`oracle`]: what idem must have done with a stream, from the pure model.
+//! - [`exposition`]: reading `/metrics` (sums by label, histogram buckets).
 //! - [`conformance`]: the fault-injection suite (`idem-testbench conformance`).
 //! - [`bench`]: the benchmark (`idem-testbench bench`).
 
 pub mod bench;
 pub mod conformance;
+pub mod exposition;
 pub mod oracle;
 pub mod process;
 pub mod services;

@@ -308,7 +308,7 @@ pub async fn http_get(port: u16, path: &str) -> Option<String> {
 
 /// Sums the samples of `name` whose labels include all of `labels`.
 pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
-    idem::metrics::sum_series(text, name, labels) as u64
+    idem_testbench::exposition::sum(text, name, labels) as u64
 }
 
 /// Polls `check` until it returns true or `timeout` passes (then panics with `what`).

@@ -10,6 +10,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use super::baselines;
 use super::report::{quantile_upper_bound, BenchReport};
 use super::BenchSpec;
+use crate::exposition;
 use crate::process::{peak_rss_bytes, IdemCommand};
 use idem::metrics::{EVENTS_TOTAL, EVENT_LATENCY_SECONDS};
 use idem::model::Outcome;
@@ -203,7 +204,7 @@ async fn measure_throughput(
         text.push_str(&scrape(*p).await.unwrap_or_default());
     }
     for o in Outcome::ALL {
-        let n = idem::metrics::sum_series(
+        let n = exposition::sum(
             &text,
             EVENTS_TOTAL,
             &[("topic", topic), ("outcome", o.as_str())],
@@ -447,28 +448,12 @@ async fn scrape(port: u16) -> Option<String> {
 
 async fn scrape_total(port: u16, topic: &str) -> Option<u64> {
     let text = scrape(port).await?;
-    Some(idem::metrics::sum_series(&text, EVENTS_TOTAL, &[("topic", topic)]) as u64)
+    Some(exposition::sum(&text, EVENTS_TOTAL, &[("topic", topic)]) as u64)
 }
 
 /// (le, cumulative count) pairs of the latency histogram.
 fn latency_buckets(text: &str) -> Vec<(f64, f64)> {
-    let prefix = format!("{EVENT_LATENCY_SECONDS}_bucket{{le=\"");
-    let mut out: Vec<(f64, f64)> = text
-        .lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix(&prefix)?;
-            let (le, tail) = rest.split_once('"')?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            let count = tail.rsplit_once(' ')?.1.parse().ok()?;
-            Some((le, count))
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.total_cmp(&b.0));
-    out
+    exposition::buckets(text, EVENT_LATENCY_SECONDS)
 }
 
 async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {

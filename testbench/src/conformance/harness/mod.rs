@@ -139,7 +139,7 @@ impl IdemProcess {
             return 0;
         };
         let labels: Vec<(&str, &str)> = outcome.iter().map(|o| ("outcome", o.as_str())).collect();
-        idem::metrics::sum_series(&text, idem::metrics::EVENTS_TOTAL, &labels) as u64
+        crate::exposition::sum(&text, idem::metrics::EVENTS_TOTAL, &labels) as u64
     }
 }
 
