@@ -4,6 +4,8 @@ mods={}
 for dp,dn,fn in os.walk(root):
     for f in fn:
         if not f.endswith('.rs'): continue
+        # A tests.rs is a unit-test module (`#[cfg(test)] mod tests;`).
+        if f=='tests.rs': continue
         p=os.path.join(dp,f); rel=os.path.relpath(p,root)
         top=rel.split('/')[0].replace('.rs','')
         if top in ('lib','main'): continue
