@@ -27,6 +27,7 @@ use crate::offsets::TopicPartition;
 pub fn base_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", client_id(host_name().as_deref()))
         .set("security.protocol", cfg.security_protocol.as_str());
     if cfg.security_protocol.uses_sasl() {
         c.set("sasl.mechanisms", cfg.sasl_mechanism.as_str())
@@ -50,6 +51,37 @@ pub fn base_config(cfg: &KafkaConfig) -> ClientConfig {
         c.set("ssl.key.password", p.expose());
     }
     c
+}
+
+/// `idem-<host>`, so that group listings and broker logs name the machine
+/// (or pod) rather than librdkafka's default `rdkafka`. Characters Kafka
+/// quotas and logs do not like become `-`. Override with
+/// `kafka.librdkafka."client.id"`.
+pub fn client_id(host: Option<&str>) -> String {
+    let host: String = host
+        .unwrap_or("")
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if host.is_empty() {
+        "idem".to_string()
+    } else {
+        format!("idem-{host}")
+    }
+}
+
+fn host_name() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
 }
 
 /// Why idem cannot talk to the brokers with its settings: a configuration
@@ -307,6 +339,19 @@ pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 mod tests {
     use super::*;
     use crate::config::{Config, SaslMechanism, Secret, SecurityProtocol};
+
+    #[test]
+    fn client_ids_name_the_host() {
+        for (host, id) in [
+            (Some("worker-7\n"), "idem-worker-7"),
+            (Some("idem-0.idem.prod.svc"), "idem-idem-0.idem.prod.svc"),
+            (Some("a b/c"), "idem-a-b-c"),
+            (Some(" "), "idem"),
+            (None, "idem"),
+        ] {
+            assert_eq!(client_id(host), id, "{host:?}");
+        }
+    }
 
     #[test]
     fn security_settings_reach_every_client_and_fixed_keys_win() {

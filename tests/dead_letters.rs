@@ -191,6 +191,17 @@ async fn unavailable_dead_letter_topic_holds_the_commit_until_it_returns() {
             .with("IDEM__PIPELINE__STALL_TIMEOUT", "2s"),
     );
     wait_until(
+        "the start-up check names the missing dead-letter topic",
+        CATCH_UP,
+        || async {
+            std::fs::read_to_string(&idem.log).is_ok_and(|log| {
+                log.contains("the dead-letter topic does not exist")
+                    && log.contains(&format!("{topic}.dlq"))
+            })
+        },
+    )
+    .await;
+    wait_until(
         "the dead-letter write failed and was retried",
         CATCH_UP,
         || async {

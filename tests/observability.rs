@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -129,49 +129,230 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     names
 }
 
+/// The metrics table of docs/metrics.md: name → (type, exported).
+fn documented_metrics() -> BTreeMap<String, (String, String)> {
+    let doc = std::fs::read_to_string(format!("{ROOT}/docs/metrics.md")).unwrap();
+    doc.lines()
+        .filter(|l| l.starts_with("| `idem_"))
+        .map(|l| {
+            let cells: Vec<&str> = l.trim_matches('|').split('|').map(str::trim).collect();
+            let name = cells[0].trim_matches('`').to_string();
+            (name, (cells[1].to_string(), cells[3].to_string()))
+        })
+        .collect()
+}
+
+/// `# TYPE` lines of an exposition: name → type.
+fn exposed_types(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(name, kind)| (name.to_string(), kind.to_string()))
+        .collect()
+}
+
+/// The contract between idem's exposition, docs/metrics.md, the dashboard
+/// and the alert rules: the documented type and HELP of every metric, the
+/// series that exist before the first event, the group and key-prefix
+/// labels, and only exposed metrics queried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dashboard_and_alerts_query_only_metrics_idem_exposes() {
+async fn exposition_matches_docs_dashboard_and_alerts() {
     let dashboard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(format!("{ROOT}/deploy/grafana/dashboards/idem.json")).unwrap(),
     )
     .expect("the dashboard is valid JSON");
     let mut exprs = String::new();
     for panel in dashboard["panels"].as_array().unwrap() {
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "{panel}");
         for target in panel["targets"].as_array().unwrap() {
-            exprs.push_str(target["expr"].as_str().unwrap());
+            let expr = target["expr"].as_str().unwrap();
+            assert!(expr.contains(r#"group=~"$group""#), "{expr}");
+            exprs.push_str(expr);
             exprs.push('\n');
         }
     }
+    let variables: BTreeSet<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(
+        variables,
+        BTreeSet::from(["datasource", "job", "group", "topic"])
+    );
     exprs.push_str(
         &std::fs::read_to_string(format!("{ROOT}/deploy/prometheus/alerts.yml")).unwrap(),
     );
     let wanted = metric_names(&exprs);
     assert!(wanted.len() >= 10, "{wanted:?}");
+    let documented = documented_metrics();
 
-    // Some traffic of every kind, so every histogram and labelled series exists.
+    // Before the first event: the series documented "from start".
     let topic = unique("exposition");
     create_topic(&topic, 1).await;
+    let idem = Idem::spawn(
+        &IdemOpts::new(&topic, &topic, &topic)
+            .with("IDEM__KAFKA__LIBRDKAFKA__STATISTICS.INTERVAL.MS", "500"),
+    );
+    wait_until("idem is ready", CATCH_UP, || async {
+        http_get(idem.metrics_port, "/readyz").await.as_deref() == Some("ready\n")
+    })
+    .await;
+    let at_start = exposed_types(&idem.metrics().await.unwrap());
+    for (name, (kind, exported)) in &documented {
+        if exported.starts_with("from start") {
+            assert_eq!(at_start.get(name), Some(kind), "{name} at start");
+        }
+    }
+
+    // Some traffic of every kind, so every histogram and labelled series exists.
     let (values, _) = scenario(&topic);
     let raw: Vec<RawRecord<'_>> = values
         .iter()
         .map(|v| (Some(&b"k"[..]), Some(v.as_slice())))
         .collect();
     produce_raw(&topic, &raw).await;
-    let idem = Idem::spawn(
-        &IdemOpts::new(&topic, &topic, &topic)
-            .with("IDEM__KAFKA__LIBRDKAFKA__STATISTICS.INTERVAL.MS", "500"),
-    );
     wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
     wait_until(
-        "every queried metric is exposed",
+        "every documented and queried metric is exposed",
         Duration::from_secs(30),
         || async {
             let exposed = metric_names(&idem.metrics().await.unwrap_or_default());
-            wanted.is_subset(&exposed)
+            wanted.is_subset(&exposed) && documented.keys().all(|n| exposed.contains(n))
         },
     )
     .await;
+    let text = idem.metrics().await.unwrap();
+    let types = exposed_types(&text);
+    let documented_types: BTreeMap<String, String> = documented
+        .iter()
+        .map(|(name, (kind, _))| (name.clone(), kind.clone()))
+        .collect();
+    assert_eq!(types, documented_types, "exposed vs documented types");
+    for name in types.keys() {
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "{name} has no HELP text"
+        );
+    }
+    for sample in idem_testbench::exposition::parse(&text) {
+        assert_eq!(sample.label("group"), Some(topic.as_str()), "{sample:?}");
+        assert_eq!(
+            sample.label("key_prefix"),
+            Some(topic.as_str()),
+            "{sample:?}"
+        );
+    }
     idem.terminate().await;
+}
+
+/// The partitions whose per-partition series an instance exports.
+fn exported_partitions(text: &str) -> BTreeSet<(String, String)> {
+    idem_testbench::exposition::parse(text)
+        .into_iter()
+        .filter(|s| {
+            [
+                "idem_partition_blocked",
+                "idem_committed_offset",
+                "idem_consumer_lag",
+            ]
+            .contains(&s.name.as_str())
+        })
+        .filter_map(|s| {
+            Some((
+                s.label("topic")?.to_string(),
+                s.label("partition")?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// Two instances share two partitions, then a third joins as an idle
+/// standby: no partition is exported by two instances (the old owner drops
+/// a revoked partition's series), and the standby is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_partitions_leave_the_exposition_and_a_standby_is_ready() {
+    let topic = unique("owned-series");
+    create_topic(&topic, 2).await;
+    let opts = IdemOpts::new(&topic, &topic, &topic)
+        .with("IDEM__KAFKA__LIBRDKAFKA__STATISTICS.INTERVAL.MS", "500");
+    let first = Idem::spawn(&opts);
+    let produce_round = |round: u32| {
+        let topic = topic.clone();
+        async move {
+            let values: Vec<Vec<u8>> = (0..40)
+                .map(|i| {
+                    event(
+                        &format!("{topic}-{round}-{i}"),
+                        &format!("e{i}"),
+                        1 + u64::from(round),
+                        "x",
+                    )
+                })
+                .collect();
+            let keys: Vec<String> = (0..40).map(|i| format!("e{i}")).collect();
+            let raw: Vec<RawRecord<'_>> = values
+                .iter()
+                .zip(&keys)
+                .map(|(v, k)| (Some(k.as_bytes()), Some(v.as_slice())))
+                .collect();
+            produce_raw(&topic, &raw).await;
+        }
+    };
+    produce_round(0).await;
+    wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
+    let all = BTreeSet::from([
+        (topic.clone(), "0".to_string()),
+        (topic.clone(), "1".to_string()),
+    ]);
+    assert_eq!(exported_partitions(&first.metrics().await.unwrap()), all);
+
+    let second = Idem::spawn(&opts);
+    wait_until("each instance owns one partition", CATCH_UP, || async {
+        first.counter("idem_assigned_partitions", &[]).await == Some(1)
+            && second.counter("idem_assigned_partitions", &[]).await == Some(1)
+    })
+    .await;
+    produce_round(1).await;
+    wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
+    wait_until(
+        "the two expositions split the partitions",
+        CATCH_UP,
+        || async {
+            let a = exported_partitions(&first.metrics().await.unwrap_or_default());
+            let b = exported_partitions(&second.metrics().await.unwrap_or_default());
+            a.len() == 1 && b.len() == 1 && a.union(&b).cloned().collect::<BTreeSet<_>>() == all
+        },
+    )
+    .await;
+
+    // A third instance: one of the three (the newcomer, with a sticky
+    // assignor) holds nothing, and every one of them is ready.
+    let third = Idem::spawn(&opts);
+    let members = [&first, &second, &third];
+    wait_until(
+        "all three are ready, one holding nothing",
+        CATCH_UP,
+        || async {
+            let mut holding = Vec::new();
+            for m in members {
+                if http_get(m.metrics_port, "/readyz").await.as_deref() != Some("ready\n") {
+                    return false;
+                }
+                holding.push(
+                    m.counter("idem_assigned_partitions", &[])
+                        .await
+                        .unwrap_or(9),
+                );
+            }
+            holding.iter().sum::<u64>() == 2 && holding.contains(&0)
+        },
+    )
+    .await;
+    for idem in [first, second, third] {
+        idem.terminate().await;
+    }
 }
 
 struct Prometheus {
@@ -288,5 +469,55 @@ async fn alert_rules_pass_promtool_and_fire_on_a_duplicate_flood() {
     )
     .await;
     assert!(idem.outcome(&topic, Outcome::Duplicate).await >= 2000);
+
+    // With the only instance gone, nothing else can fire: IdemDown must.
     idem.terminate().await;
+    wait_until(
+        "Prometheus fires IdemDown",
+        Duration::from_secs(90),
+        || async {
+            http_get(prometheus.port, "/api/v1/alerts")
+                .await
+                .is_some_and(|body| {
+                    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                    v["data"]["alerts"].as_array().is_some_and(|alerts| {
+                        alerts.iter().any(|a| {
+                            a["labels"]["alertname"] == "IdemDown" && a["state"] == "firing"
+                        })
+                    })
+                })
+        },
+    )
+    .await;
+}
+
+/// Every alert rule links a runbook section that exists.
+#[test]
+fn every_alert_has_a_runbook_section() {
+    let rules = std::fs::read_to_string(format!("{ROOT}/deploy/prometheus/alerts.yml")).unwrap();
+    let runbook = std::fs::read_to_string(format!("{ROOT}/docs/runbook.md")).unwrap();
+    let anchors: BTreeSet<String> = runbook
+        .lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .map(|h| h.trim().to_lowercase())
+        .collect();
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    let links: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("runbook_url: "))
+        .map(|l| l.trim_matches('"'))
+        .collect();
+    assert!(alerts.len() >= 7, "{alerts:?}");
+    assert_eq!(alerts.len(), links.len(), "one runbook_url per rule");
+    for (alert, link) in alerts.iter().zip(&links) {
+        let anchor = alert.to_lowercase();
+        assert_eq!(*link, format!("docs/runbook.md#{anchor}"), "{alert}");
+        assert!(
+            anchors.contains(&anchor),
+            "docs/runbook.md has no `## {alert}`"
+        );
+    }
 }

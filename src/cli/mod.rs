@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, LogFormat};
 
+pub mod config;
 pub mod dlq;
 pub mod inspect;
 pub mod reconcile;
@@ -44,10 +45,12 @@ pub enum Command {
     Dlq(dlq::DlqArgs),
     Replay(replay::ReplayArgs),
     Reconcile(reconcile::ReconcileArgs),
+    Config(config::ConfigArgs),
 }
 
 /// Loads config, starts logging and runs the chosen command.
 pub fn main(cli: Cli) -> ExitCode {
+    let file = cli.config.clone();
     with_config(cli.config.as_deref(), move |config| async move {
         match cli.command {
             Command::Run(args) => run::run(args, config).await,
@@ -57,6 +60,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Dlq(args) => dlq::run(args, config).await,
             Command::Replay(args) => replay::run(args, config).await,
             Command::Reconcile(args) => reconcile::run(args, config).await,
+            Command::Config(args) => config::run(args, config, file).await,
         }
     })
 }
@@ -89,11 +93,16 @@ where
             return ExitCode::FAILURE;
         }
     };
+    let json_logs = config.log_format == LogFormat::Json;
     match runtime.block_on(command(config)) {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
+            // Once: as a log record for log pipelines, else as plain text.
+            if json_logs {
+                tracing::error!("{e:#}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -104,11 +113,19 @@ fn init_logging(config: &Config) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour_on_stderr())
         .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+}
+
+/// Colours only for a person at a terminal, and never with `NO_COLOR` set
+/// (<https://no-color.org>).
+fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// `println!` for a command's output: when the reader has gone (`idem … |

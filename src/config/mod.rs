@@ -18,6 +18,11 @@ use serde::Deserialize;
 
 pub use crate::event::settings::{EventConfig, EventFormat, FieldMap};
 
+mod forms;
+mod show;
+pub use forms::format_duration;
+use show::Layers;
+pub use show::{effective, Layer, Setting};
 mod raw;
 #[cfg(test)]
 mod tests;
@@ -325,36 +330,28 @@ impl Config {
     /// Loads the layers: built-in defaults, then `file` if given, then the
     /// `IDEM__…` entries of `env` (passed in so tests need not touch the process env).
     pub fn load(file: Option<&Path>, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
-        let mut builder = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
-        if let Some(path) = file {
-            if !path.exists() {
-                return Err(ConfigError::Load(format!(
-                    "config file {} does not exist",
-                    path.display()
-                )));
-            }
-            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
-        }
-        let idem_env: HashMap<String, String> = env
-            .iter()
-            .filter(|(k, _)| k.starts_with("IDEM__"))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        builder = builder.add_source(
-            config::Environment::with_prefix("IDEM")
-                .prefix_separator("__")
-                .separator("__")
-                .list_separator(",")
-                .with_list_parse_key("kafka.topics")
-                .try_parsing(true)
-                .source(Some(idem_env)),
-        );
-        let raw: raw::RawConfig = builder
+        let raw: raw::RawConfig = Layers::ALL
+            .builder(file, env)?
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| ConfigError::Load(e.to_string()))?;
         raw.validate()
+    }
+
+    /// Settings that are valid but probably not what was meant; `idem run`
+    /// logs each at WARN.
+    pub fn warnings(&self) -> Vec<String> {
+        forms::unused_window_warnings(&self.dedupe.topic_windows, &self.kafka.topics)
+    }
+
+    /// Each consumed topic with its dedupe window, e.g. `orders=24h,payments=72h`.
+    pub fn effective_windows(&self) -> String {
+        self.kafka
+            .topics
+            .iter()
+            .map(|t| format!("{t}={}", format_duration(self.dedupe.window_for(t))))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Loads the built-in defaults only (useful for tools and tests).

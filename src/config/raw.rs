@@ -100,6 +100,9 @@ struct RawDedupe {
     window: String,
     #[serde(default)]
     topic_windows: BTreeMap<String, String>,
+    /// `topic=duration,…`; wins over `topic_windows` for the same topic.
+    #[serde(default)]
+    windows: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,6 +184,7 @@ impl RawConfig {
 impl RawKafka {
     fn validate(self) -> Result<KafkaConfig, ConfigError> {
         non_empty("kafka.brokers", &self.brokers)?;
+        forms::broker_list("kafka.brokers", &self.brokers)?;
         non_empty("kafka.group_id", &self.group_id)?;
         if self.topics.is_empty() {
             return Err(ConfigError::invalid(
@@ -333,6 +337,10 @@ impl RawDedupe {
         for (topic, window) in &self.topic_windows {
             let key = format!("dedupe.topic_windows.{topic}");
             topic_windows.insert(topic.clone(), positive_duration(&key, window)?);
+        }
+        for (topic, window) in forms::window_map("dedupe.windows", &self.windows)? {
+            let duration = positive_duration(&format!("dedupe.windows ({topic})"), &window)?;
+            topic_windows.insert(topic, duration);
         }
         Ok(DedupeConfig {
             window: positive_duration("dedupe.window", &self.window)?,

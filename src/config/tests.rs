@@ -38,9 +38,8 @@ fn environment_overrides_defaults() {
 
 #[test]
 fn file_layer_sits_between_defaults_and_env() {
-    let dir = std::env::temp_dir().join(format!("idem-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("c.toml");
+    let dir = ScratchDir::new("config");
+    let path = dir.0.join("c.toml");
     std::fs::write(
         &path,
         "[kafka]\ngroup_id = \"from-file\"\n[dedupe.topic_windows]\npayments = \"72h\"\n",
@@ -191,7 +190,8 @@ fn durations_parse_by_table() {
 
 #[test]
 fn secrets_come_from_files_and_never_print() {
-    let path = std::env::temp_dir().join(format!("idem-secret-{}", std::process::id()));
+    let dir = ScratchDir::new("secret");
+    let path = dir.0.join("password");
     std::fs::write(&path, "s3cret-value\n").unwrap();
     let c = Config::load(
         None,
@@ -503,4 +503,138 @@ fn for_brokers_and_for_url_point_the_defaults_elsewhere() {
     assert_eq!(r.key_prefix, defaults.redis.key_prefix);
     let r = RedisConfig::for_url("redis://h:1", RedisMode::Standalone);
     assert_eq!(r.mode, RedisMode::Standalone);
+}
+
+/// A private directory under the system temp dir, removed when the test ends
+/// (passing or not), so repeated runs leave nothing behind.
+struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    fn new(purpose: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("idem-{purpose}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        ScratchDir(dir)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn broker_lists_by_table() {
+    for (brokers, ok) in [
+        ("127.0.0.1:9092", true),
+        ("kafka-1:9092, kafka-2.prod.svc:9093", true),
+        ("[::1]:9092", true),
+        ("kafka://127.0.0.1:9092", false),
+        ("127.0.0.1", false),
+        ("127.0.0.1:0", false),
+        ("127.0.0.1:70000", false),
+        (":9092", false),
+        ("a:9092,,b:9092", false),
+        ("[::1:9092", false),
+    ] {
+        let result = Config::load(None, &env(&[("IDEM__KAFKA__BROKERS", brokers)]));
+        match result {
+            Ok(_) => assert!(ok, "{brokers} accepted"),
+            Err(e) => {
+                assert!(!ok, "{brokers} refused: {e}");
+                let text = e.to_string();
+                assert!(
+                    text.contains("kafka.brokers") && text.contains("host:port"),
+                    "{text}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn topic_windows_from_one_environment_string() {
+    let c = Config::load(
+        None,
+        &env(&[
+            ("IDEM__KAFKA__TOPICS", "orders-v2,payments,ux.clicks"),
+            ("IDEM__DEDUPE__WINDOWS", "orders-v2=72h, ux.clicks=1h"),
+            ("IDEM__DEDUPE__TOPIC_WINDOWS__PAYMENTS", "48h"),
+        ]),
+    )
+    .unwrap();
+    let hours = |t: &str| c.dedupe.window_for(t).as_secs() / 3600;
+    assert_eq!(
+        [
+            hours("orders-v2"),
+            hours("payments"),
+            hours("ux.clicks"),
+            hours("other")
+        ],
+        [72, 48, 1, 24]
+    );
+    assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    for (bad, key) in [
+        ("orders-v2", "dedupe.windows"),
+        ("orders-v2=", "dedupe.windows (orders-v2)"),
+        ("orders v2=1h", "dedupe.windows"),
+        ("orders-v2=3 weeks", "dedupe.windows (orders-v2)"),
+    ] {
+        let e = Config::load(None, &env(&[("IDEM__DEDUPE__WINDOWS", bad)])).unwrap_err();
+        assert!(e.to_string().contains(&format!("`{key}`")), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn windows_for_unconsumed_topics_are_warned_about() {
+    let c = Config::load(
+        None,
+        &env(&[
+            ("IDEM__KAFKA__TOPICS", "ux-orders"),
+            ("IDEM__DEDUPE__TOPIC_WINDOWS__UX_ORDERS", "1h"),
+            ("IDEM__DEDUPE__WINDOWS", "payments=2h"),
+        ]),
+    )
+    .unwrap();
+    let warnings = c.warnings();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        warnings[0].contains("`payments`") && warnings[0].contains("kafka.topics: ux-orders"),
+        "{}",
+        warnings[0]
+    );
+    assert!(
+        warnings[1].contains("`ux_orders`")
+            && warnings[1].contains("did you mean `ux-orders`")
+            && warnings[1].contains("IDEM__DEDUPE__WINDOWS=ux-orders="),
+        "{}",
+        warnings[1]
+    );
+}
+
+#[test]
+fn durations_format_back_to_themselves() {
+    for (text, formatted) in [
+        ("24h", "24h"),
+        ("72h", "72h"),
+        ("7d", "168h"),
+        ("90s", "90s"),
+        ("120s", "2m"),
+        ("250ms", "250ms"),
+        ("1500ms", "1500ms"),
+        ("0s", "0ms"),
+    ] {
+        let d = parse_duration(text).unwrap();
+        assert_eq!(format_duration(d), formatted, "{text}");
+        assert_eq!(parse_duration(formatted), Some(d), "{formatted}");
+    }
+    let c = Config::load(
+        None,
+        &env(&[
+            ("IDEM__KAFKA__TOPICS", "a,b"),
+            ("IDEM__DEDUPE__WINDOWS", "b=36h"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.effective_windows(), "a=24h,b=36h");
 }

@@ -322,12 +322,19 @@ fn classify(e: &rdkafka::error::KafkaError) -> SendError {
     }
 }
 
-/// The largest record the dead-letter topic `topic` accepts
-/// (`max.message.bytes`), if the broker says.
-pub async fn topic_max_message_bytes(
+/// What the broker says about a dead-letter topic at start.
+#[derive(Debug, PartialEq)]
+pub enum TopicState {
+    /// It exists; the largest record it accepts (`max.message.bytes`), if said.
+    Exists(Option<usize>),
+    Missing,
+}
+
+/// Describes the dead-letter topic `topic`.
+pub async fn describe_topic(
     kafka: &crate::config::KafkaConfig,
     topic: &str,
-) -> Result<Option<usize>, rdkafka::error::KafkaError> {
+) -> Result<TopicState, rdkafka::error::KafkaError> {
     use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
     let admin: AdminClient<rdkafka::client::DefaultClientContext> =
         crate::kafka::base_config(kafka).create()?;
@@ -335,20 +342,35 @@ pub async fn topic_max_message_bytes(
     let described = admin
         .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)
         .await?;
-    Ok(described
-        .into_iter()
-        .flatten()
-        .find_map(|r| r.get("max.message.bytes")?.value.as_deref()?.parse().ok()))
+    match described.into_iter().next() {
+        Some(Err(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)) => {
+            Ok(TopicState::Missing)
+        }
+        Some(Err(code)) => Err(rdkafka::error::KafkaError::AdminOp(code)),
+        Some(Ok(resource)) => Ok(TopicState::Exists(
+            resource
+                .get("max.message.bytes")
+                .and_then(|e| e.value.as_deref()?.parse().ok()),
+        )),
+        None => Ok(TopicState::Exists(None)),
+    }
 }
 
-/// At start: warns for each dead-letter topic that accepts less than the
-/// producer may send (such records are dead-lettered as references).
-pub async fn check_topic_limits(config: &Config) {
+/// At start: an error for each dead-letter topic that does not exist (the
+/// first invalid record would block its partition until it is created, so
+/// say it now), a warning for each that accepts less than the producer may
+/// send (such records are dead-lettered as references).
+pub async fn check_topics(config: &Config) {
     let wanted = producer_max_bytes(config.event.max_bytes);
     for source in &config.kafka.topics {
         let topic = config.dlq.topic_for(source);
-        match topic_max_message_bytes(&config.kafka, &topic).await {
-            Ok(Some(limit)) if limit < wanted => tracing::warn!(
+        match describe_topic(&config.kafka, &topic).await {
+            Ok(TopicState::Missing) => tracing::error!(
+                dlq_topic = %topic,
+                source_topic = %source,
+                "the dead-letter topic does not exist: the first invalid record of {source} will block its partition (nothing is lost or committed past it) until it is created. Create it (idem topics apply, see topics/) or set dlq.topic"
+            ),
+            Ok(TopicState::Exists(Some(limit))) if limit < wanted => tracing::warn!(
                 dlq_topic = %topic,
                 max_message_bytes = limit,
                 event_max_bytes = config.event.max_bytes,
@@ -356,7 +378,7 @@ pub async fn check_topic_limits(config: &Config) {
             ),
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(dlq_topic = %topic, error = %e, "could not read the dead-letter topic's max.message.bytes")
+                tracing::warn!(dlq_topic = %topic, error = %e, "could not describe the dead-letter topic")
             }
         }
     }

@@ -66,8 +66,13 @@ pub enum KafkaEvent {
 /// Facts for metrics only, which need no order with the records.
 pub enum KafkaNote {
     Committed(Vec<(TopicPartition, i64)>),
-    /// Per partition: consumer lag, stored offset, committed offset.
-    Stats(Vec<(TopicPartition, i64, i64, i64)>),
+    /// Whether the group protocol is up (a member of a settled group, with
+    /// or without partitions) and per partition: consumer lag, stored
+    /// offset, committed offset.
+    Stats {
+        joined: bool,
+        rows: Vec<(TopicPartition, i64, i64, i64)>,
+    },
 }
 
 /// The client context: forwards callbacks to the loop.
@@ -152,7 +157,11 @@ impl ClientContext for Forwarder {
                 }
             }
         }
-        let _ = self.notes.send(KafkaNote::Stats(rows));
+        let joined = statistics
+            .cgrp
+            .as_ref()
+            .is_some_and(|g| g.state == "up" && g.join_state == "steady");
+        let _ = self.notes.send(KafkaNote::Stats { joined, rows });
     }
 }
 

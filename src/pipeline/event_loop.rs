@@ -200,6 +200,8 @@ impl EventLoop {
 
     fn on_assigned(&mut self, tps: &[TopicPartition]) {
         metrics::record_rebalance("assign");
+        // Any assignment, even an empty one (a standby), means the group has us.
+        self.health.set_joined();
         self.progress.assign(tps);
         for tp in tps {
             metrics::init_partition(&tp.topic, tp.partition);
@@ -247,7 +249,7 @@ impl EventLoop {
     fn note_assignment(&self) {
         let n = self.progress.assigned_count();
         metrics::set_assigned_partitions(n);
-        self.health.set_assigned(n > 0);
+        self.health.set_owned(self.progress.assigned());
     }
 
     fn on_note(&mut self, note: KafkaNote) {
@@ -259,7 +261,10 @@ impl EventLoop {
                     }
                 }
             }
-            KafkaNote::Stats(rows) => {
+            KafkaNote::Stats { joined, rows } => {
+                if joined {
+                    self.health.set_joined();
+                }
                 let mut uncommitted = 0i64;
                 for (tp, lag, stored, committed) in rows {
                     if !self.progress.is_assigned(&tp) {

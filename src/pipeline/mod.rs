@@ -87,13 +87,35 @@ pub enum RunError {
 /// Runs idem until `shutdown` fires: serves metrics, consumes the configured
 /// topics and applies them to Redis. Returns after the final commit.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
-    let handle = metrics::install()?;
+    log_effective_config(&config);
+    let handle = metrics::install(&config.kafka.group_id, &config.redis.key_prefix)?;
     let health = Health::default();
     metrics::serve(config.metrics_listen, handle, health.clone()).await?;
     for topic in &config.kafka.topics {
         metrics::init_topic(topic);
     }
     run_pipeline(Arc::new(config), health, shutdown).await
+}
+
+/// The settings an operator checks first, secrets redacted, and the
+/// warnings about settings that are valid but probably not meant.
+fn log_effective_config(config: &Config) {
+    tracing::info!(
+        brokers = %config.kafka.brokers,
+        group = %config.kafka.group_id,
+        topics = %config.kafka.topics.join(","),
+        windows = %config.effective_windows(),
+        redis = %config.redis.url.split(',').map(crate::config::redact_url).collect::<Vec<_>>().join(","),
+        redis_mode = ?config.redis.mode,
+        key_prefix = %config.redis.key_prefix,
+        durability = ?config.redis.durability,
+        dead_letter_topic = %config.dlq.topic,
+        metrics = %config.metrics_listen,
+        "effective configuration (`idem config show` lists every key and where it was set)"
+    );
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
 }
 
 /// How long start-up waits for the brokers to answer before it goes on
@@ -112,7 +134,7 @@ async fn run_pipeline(
         return Ok(());
     };
     health.set_redis_ok(true);
-    crate::dlq::check_topic_limits(&config).await;
+    crate::dlq::check_topics(&config).await;
 
     let (consumer, poller, events, notes) = start_consumer(&config)?;
 

@@ -54,6 +54,10 @@ impl Progress {
         self.assigned.len()
     }
 
+    pub fn assigned(&self) -> impl Iterator<Item = &TopicPartition> {
+        self.assigned.iter()
+    }
+
     pub fn begin<'a>(&mut self, records: impl Iterator<Item = (&'a TopicPartition, i64)>) {
         let now = Instant::now();
         for (tp, offset) in records {

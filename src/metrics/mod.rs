@@ -4,6 +4,7 @@
 //! Guarantee: no label carries an entity or an event id, so cardinality is
 //! bounded by topics × partitions × outcomes.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,6 +18,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::model::Outcome;
+use crate::offsets::TopicPartition;
+
+mod exposition;
 
 pub const EVENTS_TOTAL: &str = "idem_events_total";
 pub const DUPLICATE_AGE_SECONDS: &str = "idem_duplicate_age_seconds";
@@ -44,12 +48,15 @@ pub const LATENCY_BUCKETS: [f64; 24] = [
     0.040, 0.050, 0.075, 0.100, 0.150, 0.200, 0.300, 0.500, 1.0, 2.5, 10.0,
 ];
 
-/// Readiness as seen by `/readyz`: joined the group, Redis answers,
-/// consumption was not stopped (dead-letter budget) and no partition is
-/// blocked (`pipeline.stall_timeout`).
+/// Readiness as seen by `/readyz`: joined the group (with or without
+/// partitions: an idle standby is ready), Redis answers, consumption was not
+/// stopped (dead-letter budget) and no partition is blocked
+/// (`pipeline.stall_timeout`). Also which partitions this instance owns,
+/// so `/metrics` exports per-partition series of those only.
 #[derive(Debug, Default, Clone)]
 pub struct Health {
-    assigned: Arc<AtomicBool>,
+    joined: Arc<AtomicBool>,
+    owned: Arc<std::sync::RwLock<HashSet<TopicPartition>>>,
     redis_ok: Arc<AtomicBool>,
     stopped: Arc<std::sync::Mutex<Option<String>>>,
     blocked: Arc<std::sync::Mutex<Option<String>>>,
@@ -96,14 +103,31 @@ impl Health {
         })
     }
 
-    pub fn set_assigned(&self, yes: bool) {
-        self.assigned.store(yes, Ordering::Relaxed);
+    /// The instance is a member of the group (an assignment arrived, even
+    /// an empty one, or the client reports the group up). Stays set: a
+    /// rebalance does not make a running instance unready.
+    pub fn set_joined(&self) {
+        self.joined.store(true, Ordering::Relaxed);
     }
+
+    /// The partitions this instance owns now.
+    pub fn set_owned<'a>(&self, tps: impl Iterator<Item = &'a TopicPartition>) {
+        let owned = tps.cloned().collect();
+        *self.owned.write().unwrap_or_else(|e| e.into_inner()) = owned;
+    }
+
+    /// The exposition without the per-partition series of partitions this
+    /// instance no longer owns.
+    fn exposition(&self, handle: &PrometheusHandle) -> String {
+        let owned = self.owned.read().unwrap_or_else(|e| e.into_inner());
+        exposition::keep_owned(&handle.render(), &owned)
+    }
+
     pub fn set_redis_ok(&self, yes: bool) {
         self.redis_ok.store(yes, Ordering::Relaxed);
     }
     pub fn is_ready(&self) -> bool {
-        self.assigned.load(Ordering::Relaxed)
+        self.joined.load(Ordering::Relaxed)
             && self.redis_ok.load(Ordering::Relaxed)
             && self.not_ready_reason().is_none()
     }
@@ -122,8 +146,10 @@ pub enum MetricsError {
 }
 
 /// Installs the global Prometheus recorder and describes every metric.
-pub fn install() -> Result<PrometheusHandle, MetricsError> {
-    let handle = recorder()?;
+/// Every series carries the consumer `group` and the Redis `key_prefix`, so
+/// two deployments (a blue/green rebuild) never mix in one query.
+pub fn install(group: &str, key_prefix: &str) -> Result<PrometheusHandle, MetricsError> {
+    let handle = recorder(group, key_prefix)?;
     // Histogram samples queue up until drained; drain them even if nobody scrapes.
     let upkeep = handle.clone();
     tokio::spawn(async move {
@@ -138,8 +164,9 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
     Ok(handle)
 }
 
-/// The recorder with each histogram's buckets.
-fn recorder() -> Result<PrometheusHandle, MetricsError> {
+/// The recorder with the global labels and each histogram's buckets (no
+/// summaries: quantiles of summaries cannot be aggregated across replicas).
+fn recorder(group: &str, key_prefix: &str) -> Result<PrometheusHandle, MetricsError> {
     let latency = [
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
     ];
@@ -160,7 +187,13 @@ fn recorder() -> Result<PrometheusHandle, MetricsError> {
     let sizes = [
         1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
     ];
+    let commit_lags = [
+        0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+    ];
     Ok(PrometheusBuilder::new()
+        .add_global_label("group", group)
+        .add_global_label("key_prefix", key_prefix)
+        .set_buckets_for_metric(Matcher::Full(COMMIT_LAG_SECONDS.into()), &commit_lags)?
         .set_buckets_for_metric(Matcher::Full(BATCH_DURATION_SECONDS.into()), &latency)?
         .set_buckets_for_metric(Matcher::Full(REDIS_ROUND_TRIP_SECONDS.into()), &latency)?
         .set_buckets_for_metric(Matcher::Full(DUPLICATE_AGE_SECONDS.into()), &ages)?
@@ -215,6 +248,36 @@ fn describe_all() {
         KEY_MISMATCH_TOTAL,
         "Records whose Kafka key is not their entity (their entity may span partitions)."
     );
+    describe_histogram!(
+        EVENT_LATENCY_SECONDS,
+        Unit::Seconds,
+        "From a record's timestamp to its outcome being durable in Redis."
+    );
+    describe_histogram!(
+        COMMIT_LAG_SECONDS,
+        Unit::Seconds,
+        "From an offset being stored (its effect durable) to Kafka acknowledging its commit."
+    );
+    describe_gauge!(
+        CONSUMER_LAG,
+        "Records between the committed offset and the end of the partition (librdkafka statistics)."
+    );
+    describe_gauge!(
+        UNCOMMITTED_EVENTS,
+        "Records done in Redis whose offsets are stored but not yet committed."
+    );
+    describe_gauge!(
+        IN_FLIGHT_EVENTS,
+        "Records fetched and not yet done (at most two batches)."
+    );
+    describe_gauge!(
+        PAUSED,
+        "1 while fetching is paused (Redis behind, or the dead-letter budget exceeded)."
+    );
+    describe_counter!(
+        DEAD_LETTERS_TOTAL,
+        "Records written to the dead-letter topic, by source topic and reason code."
+    );
     describe_gauge!(
         PARTITION_BLOCKED,
         "1 while a partition has records in flight and no progress for pipeline.stall_timeout, by cause."
@@ -241,13 +304,28 @@ fn initial_series() {
     for kind in ["assign", "revoke", "lost"] {
         counter!(REBALANCES_TOTAL, "kind" => kind).increment(0);
     }
+    // A registered histogram is exported (empty) before its first sample.
+    for name in HISTOGRAMS {
+        let _ = histogram!(name);
+    }
 }
 
-/// Zero-initialises a topic's outcome counters so `rate()` works from the first scrape.
+/// Every histogram idem exports.
+pub const HISTOGRAMS: [&str; 6] = [
+    DUPLICATE_AGE_SECONDS,
+    BATCH_DURATION_SECONDS,
+    BATCH_EVENTS,
+    REDIS_ROUND_TRIP_SECONDS,
+    EVENT_LATENCY_SECONDS,
+    COMMIT_LAG_SECONDS,
+];
+
+/// Zero-initialises a topic's counters so `rate()` works from the first scrape.
 pub fn init_topic(topic: &str) {
     for outcome in Outcome::ALL {
         record_outcome(topic, outcome, 0);
     }
+    counter!(KEY_MISMATCH_TOTAL, "topic" => topic.to_string()).increment(0);
 }
 
 /// Counts one outcome.
@@ -383,7 +461,11 @@ pub async fn serve(
                 let request = String::from_utf8_lossy(&buf[..n]);
                 let path = request.split_whitespace().nth(1).unwrap_or("/");
                 let (status, content_type, body) = match path {
-                    "/metrics" => ("200 OK", "text/plain; version=0.0.4", handle.render()),
+                    "/metrics" => (
+                        "200 OK",
+                        "text/plain; version=0.0.4",
+                        health.exposition(&handle),
+                    ),
                     "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
                     "/readyz" if health.is_ready() => {
                         ("200 OK", "text/plain", "ready\n".to_string())
@@ -393,7 +475,7 @@ pub async fn serve(
                         "text/plain",
                         match health.not_ready_reason() {
                             Some(reason) => format!("not ready: {reason}\n"),
-                            None => "not ready: waiting for a partition assignment or for Redis\n"
+                            None => "not ready: waiting to join the consumer group, or for Redis\n"
                                 .to_string(),
                         },
                     ),
