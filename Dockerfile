@@ -13,6 +13,9 @@ FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libssl3 && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/idem /usr/local/bin/idem
 COPY topics /etc/idem/topics
+# A writable working directory for the tools' files (reconcile reports).
+WORKDIR /var/lib/idem
+RUN chown 65534:65534 /var/lib/idem
 USER 65534
 EXPOSE 9464
 ENTRYPOINT ["idem"]

@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build services services-down demo test test-cluster test-unit lint bench conformance mutants clean-cache
+.PHONY: all build services services-demo services-down demo test test-cluster check-deploy test-unit lint bench conformance mutants clean-cache
 
 all: build
 
@@ -13,12 +13,16 @@ build:
 services:
 	scripts/services.sh up
 
+## Only what the demo needs: Kafka and Redis (no Redis Cluster, no Prometheus).
+services-demo:
+	scripts/services.sh up-demo
+
 ## Stops only what `make services` started.
 services-down:
 	scripts/services.sh down
 
 ## Services up, demo topic, idem processing a sample stream, outcome counts shown.
-demo: services build
+demo: services-demo build
 	scripts/demo.sh
 
 # The local Redis Cluster that `make services` starts.
@@ -29,6 +33,13 @@ REDIS_CLUSTER_URL ?= redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0
 test: services
 	$(CARGO) test --workspace --all-targets
 	$(MAKE) --no-print-directory test-cluster
+	$(MAKE) --no-print-directory check-deploy
+
+## The deployment files, checked offline: compose schema, hadolint, Kubernetes
+## schemas, and the example configs loaded by idem (tools from PyPI, cached).
+check-deploy:
+	$(CARGO) build -p idem --bin idem
+	scripts/check-deploy.sh target/debug/idem
 
 # The integration tests whose Redis follows IDEM_REDIS_URL. (cluster.rs runs
 # on clusters in both passes; security.rs and decoder_props.rs do not depend

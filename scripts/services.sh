@@ -52,6 +52,7 @@ need_root_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
 }
 
+# $1 = "demo": only what `make demo` needs (no Prometheus).
 install_packages() {
   local missing=()
   command -v redis-server >/dev/null || missing+=(redis-server)
@@ -63,7 +64,7 @@ install_packages() {
   dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
   command -v pkg-config >/dev/null || missing+=(pkg-config)
   # promtool and a Prometheus server for the alert-rule tests.
-  command -v promtool >/dev/null || missing+=(prometheus)
+  [[ "${1:-}" == demo ]] || command -v promtool >/dev/null || missing+=(prometheus)
   command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null || missing+=(maven)
   if ((${#missing[@]})); then need_root_install "${missing[@]}"; fi
@@ -275,6 +276,16 @@ case "${1:-up}" in
     start_redis_cluster
     start_kafka
     log "up: kafka 127.0.0.1:$KAFKA_PORT, redis redis://127.0.0.1:$REDIS_PORT, redis cluster on ports $CLUSTER_PORTS"
+    ;;
+  up-demo)
+    # What the demo needs: Redis and Kafka. No Redis Cluster and no
+    # Prometheus (make test starts and installs those). The broker keeps its
+    # TLS listeners: it is the same broker `make services` would start, so a
+    # `make test` after the demo finds everything it needs.
+    install_packages demo
+    start_redis
+    start_kafka
+    log "up for the demo: kafka 127.0.0.1:$KAFKA_PORT, redis redis://127.0.0.1:$REDIS_PORT"
     ;;
   down)
     stop_pidfile kafka "$KAFKA_DIR/kafka.pid"

@@ -45,7 +45,7 @@ fn a_failure_after_start_is_printed_once_without_colour() {
             ("IDEM__METRICS__LISTEN", &listen),
         ],
     );
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert_one_plain_error(&out, "cannot listen on metrics.listen");
 }
 
@@ -100,4 +100,191 @@ fn config_show_names_the_layer_of_every_key_and_redacts_secrets() {
         assert_eq!(row(key)["value"], value, "{key}");
         assert_eq!(row(key)["layer"], layer, "{key}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_passes_on_ready_services_and_names_what_is_missing() {
+    let topic = unique("check");
+    create_topic(&topic, 2).await;
+    let out = idem_tool(&["check"], &topic, &[("IDEM__KAFKA__TOPICS", &topic)]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{out:?}");
+    for expected in [
+        "ok   config".to_string(),
+        "ok   kafka".to_string(),
+        format!("ok   topic {topic} "),
+        format!("ok   dead-letter topic {topic}.dlq"),
+        "ok   redis ".to_string(),
+        "ok   redis eviction".to_string(),
+        "ok   redis durability".to_string(),
+    ] {
+        assert!(stdout.contains(&expected), "no `{expected}` in:\n{stdout}");
+    }
+
+    // A topic that does not exist, with no dead-letter topic either: exit 1,
+    // one FAIL line for each, and the JSON form says the same.
+    let missing = unique("check-missing");
+    let out = idem_tool(
+        &["check", "--json"],
+        &topic,
+        &[("IDEM__KAFKA__TOPICS", &missing)],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|c| c["status"] == "fail")
+        .filter_map(|c| c["what"].as_str())
+        .collect();
+    assert_eq!(
+        failed,
+        vec![
+            format!("topic {missing}"),
+            format!("dead-letter topic {missing}.dlq")
+        ]
+    );
+}
+
+#[test]
+fn check_names_unreachable_brokers_within_its_timeout() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let started = std::time::Instant::now();
+    let out = idem_tool(
+        &["check", "--timeout", "2s"],
+        "cli-unreachable",
+        &[("IDEM__KAFKA__BROKERS", &address)],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("FAIL kafka") && stdout.contains(&address),
+        "{stdout}"
+    );
+    // Bounded by --timeout, not by librdkafka's own retries (generous slack
+    // for a loaded machine; the point is not waiting 15-30 s).
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(12),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// With the brokers unreachable, idem's log stays readable: librdkafka's
+/// repeated connection failures are held back (one line per kind per 30 s)
+/// and no statistics are dumped at INFO.
+#[test]
+fn an_unreachable_broker_does_not_flood_the_log() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let log = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("flood.log"));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
+        .arg("run")
+        .env("IDEM__KAFKA__BROKERS", &address)
+        .env("IDEM__KAFKA__TOPICS", "cli-flood")
+        .env("IDEM__REDIS__URL", redis_url())
+        .env("IDEM__METRICS__LISTEN", "127.0.0.1:0")
+        .env("IDEM__KAFKA__LIBRDKAFKA__STATISTICS.INTERVAL.MS", "500")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // The measurement is a rate: watch the log for a fixed 20 s (the
+    // start-up check's 10 s, then the consumer's own retries, which used to
+    // log about 45 lines a second).
+    std::thread::sleep(std::time::Duration::from_secs(20));
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let loud = text
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .count();
+    assert!(loud <= 20, "{loud} WARN/ERROR lines in 20 s:\n{text}");
+    assert!(
+        text.contains("consuming"),
+        "the consumer never started: {text}"
+    );
+    assert!(!text.contains("Client stats"), "{text}");
+    assert!(text.contains("Kafka is not reachable yet"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_group_names_members_as_objects_and_refuses_an_unknown_group() {
+    let topic = unique("inspect-group");
+    create_topic(&topic, 2).await;
+    let idem = Idem::spawn(&IdemOpts::new(&topic, &topic, &topic));
+    wait_until(
+        "idem holds both partitions",
+        std::time::Duration::from_secs(60),
+        || async { idem.counter("idem_assigned_partitions", &[]).await == Some(2) },
+    )
+    .await;
+    let out = idem_tool(
+        &["inspect", "group", &topic, "--topic", &topic, "--json"],
+        &topic,
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let member = &status["members"][0];
+    assert!(
+        member["client_id"].as_str().unwrap().starts_with("idem"),
+        "client.id names idem: {member}"
+    );
+    assert_eq!(member["assignment"][0]["topic"], topic.as_str(), "{member}");
+    let mut partitions: Vec<i64> = member["assignment"][0]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(serde_json::Value::as_i64)
+        .collect();
+    partitions.sort();
+    assert_eq!(partitions, vec![0, 1]);
+    idem.terminate().await;
+
+    let nobody = unique("no-such-group");
+    let out = idem_tool(
+        &["inspect", "group", &nobody, "--topic", &topic],
+        &topic,
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no such group"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_checks_its_report_path_first_and_writes_to_stdout_on_dash() {
+    let topic = unique("reconcile-report");
+    create_topic(&topic, 1).await;
+    let bad = "/nonexistent-dir/report.json";
+    let out = idem_tool(
+        &["reconcile", "--topic", &topic, "--report", bad],
+        &topic,
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(bad) && stderr.contains("--report -"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("reconcile: "),
+        "the topic was read first: {stderr}"
+    );
+
+    let out = idem_tool(
+        &["reconcile", "--topic", &topic, "--report", "-"],
+        &topic,
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["topic"], topic.as_str());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("0 divergences"));
 }

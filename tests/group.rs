@@ -300,20 +300,61 @@ async fn topics_apply_is_idempotent_and_check_detects_drift() {
     let (code, out) = idem(&["topics", "apply"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(
-        out.contains(&format!("{topic}: created"))
-            && out.contains(&format!("{topic}.dlq: created")),
+        out.contains(&format!("+ {topic}: create"))
+            && out.contains(&format!("+ {topic}.dlq: create")),
         "{out}"
     );
     let (code, out) = idem(&["topics", "apply"]);
     assert_eq!(code, Some(0));
-    assert!(out.contains(&format!("{topic}: up to date")), "{out}");
+    assert!(out.contains(&format!("= {topic}: up to date")), "{out}");
     let (code, out) = idem(&["topics", "check"]);
     assert_eq!(code, Some(0), "{out}");
 
-    // Someone adds partitions by hand: check reports the drift and fails.
+    // Someone sets an undeclared setting by hand; then the declared
+    // retention changes. The plan shows the change and changes nothing;
+    // apply sets it and keeps the undeclared setting (a whole-config alter
+    // would have reset it to the broker default).
+    set_topic_configs(
+        &topic,
+        &[("retention.ms", "86400000"), ("segment.ms", "3600000")],
+    )
+    .await;
+    std::fs::write(
+        dir.join("t.toml"),
+        format!("[[topic]]\nname = \"{topic}\"\npartitions = 2\nretention = \"2d\"\ndead_letter = \"{topic}.dlq\"\n"),
+    )
+    .unwrap();
+    let (code, out) = idem(&["topics", "apply", "--dry-run"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!(
+            "~ {topic}: retention.ms \"86400000\" -> \"172800000\""
+        )),
+        "{out}"
+    );
+    assert_eq!(
+        topic_config(&topic, "retention.ms").await,
+        "86400000",
+        "a dry run changed the topic"
+    );
+    let (code, out) = idem(&["topics", "check"]);
+    assert_eq!(code, Some(1), "{out}");
+    let (code, out) = idem(&["topics", "apply"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(topic_config(&topic, "retention.ms").await, "172800000");
+    assert_eq!(
+        topic_config(&topic, "segment.ms").await,
+        "3600000",
+        "the undeclared setting survived"
+    );
+    let (code, out) = idem(&["topics", "check"]);
+    assert_eq!(code, Some(0), "{out}");
+
+    // Someone adds partitions by hand: check reports the drift, and apply
+    // says plainly that it cannot shrink the topic.
     let mut spec = idem::tools::topics::TopicSpec::new(&topic, 4);
-    spec.retention = Some("1d".into());
-    idem::tools::topics::apply(&common::kafka(), &[spec])
+    spec.retention = Some("2d".into());
+    idem::tools::topics::apply(&common::kafka(), &[spec], true)
         .await
         .unwrap();
     let (code, out) = idem(&["topics", "check"]);
@@ -322,6 +363,48 @@ async fn topics_apply_is_idempotent_and_check_detects_drift() {
         out.contains(&format!("{topic}: 4 partitions, declared 2")),
         "{out}"
     );
+    let (code, out) = idem(&["topics", "apply"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!(
+            "! {topic}: has 4 partitions, declared 2: Kafka cannot remove partitions"
+        )),
+        "{out}"
+    );
+}
+
+fn admin() -> rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> {
+    idem::kafka::base_config(&common::kafka()).create().unwrap()
+}
+
+/// Sets exactly `configs` on `topic` (Kafka's whole-config alter: every
+/// other setting goes back to the broker default).
+async fn set_topic_configs(topic: &str, configs: &[(&str, &str)]) {
+    use rdkafka::admin::{AdminOptions, AlterConfig, ResourceSpecifier};
+    let mut alter = AlterConfig::new(ResourceSpecifier::Topic(topic));
+    for (k, v) in configs {
+        alter = alter.set(k, v);
+    }
+    for r in admin()
+        .alter_configs([&alter], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+}
+
+async fn topic_config(topic: &str, key: &str) -> String {
+    use rdkafka::admin::{AdminOptions, ResourceSpecifier};
+    let described = admin()
+        .describe_configs([&ResourceSpecifier::Topic(topic)], &AdminOptions::new())
+        .await
+        .unwrap();
+    described
+        .into_iter()
+        .flatten()
+        .find_map(|r| r.get(key)?.value.clone())
+        .unwrap_or_default()
 }
 
 #[test]
@@ -349,6 +432,7 @@ fn docker_compose_uses_only_known_config_keys_and_ports() {
         "redis:",
         "topics:",
         "idem:",
+        "producer:",
         "prometheus:",
         "grafana:",
     ] {
@@ -361,6 +445,11 @@ fn docker_compose_uses_only_known_config_keys_and_ports() {
     assert!(
         compose.contains("PLAINTEXT://kafka:9092"),
         "the broker advertises the address idem uses"
+    );
+    assert!(
+        compose.contains("EXTERNAL://127.0.0.1:9094")
+            && compose.contains("\"127.0.0.1:9094:9094\""),
+        "host tools reach the broker on 127.0.0.1:9094"
     );
     let prometheus = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),

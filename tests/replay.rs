@@ -159,7 +159,7 @@ async fn replay_is_refused_while_a_member_runs() {
     wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
     let before = committed(&topic, &topic, 2).await;
     let (code, _, err) = replay_to_earliest(&topic);
-    assert_eq!(code, 1);
+    assert_eq!(code, 2, "a refused operation exits 2");
     assert!(
         err.contains("1 active member(s)") && err.contains("Stop every idem instance"),
         "{err}"

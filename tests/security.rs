@@ -75,7 +75,7 @@ fn metrics_endpoint_binds_to_loopback_by_default() {
 }
 
 /// Runs idem with `opts`, its password (given by `key`) replaced by `wrong`:
-/// it must exit 1 saying that Redis refused the credentials (not that Redis
+/// it must exit 2 saying that Redis refused the credentials (not that Redis
 /// cannot be reached); returns its log.
 async fn log_of_refused_run(opts: &IdemOpts, key: &str, wrong: &str) -> String {
     let mut wrong_opts = opts.clone();
@@ -87,7 +87,7 @@ async fn log_of_refused_run(opts: &IdemOpts, key: &str, wrong: &str) -> String {
     let log = idem.log.clone();
     let status = idem.wait_exit(Duration::from_secs(30)).await;
     let logged = std::fs::read_to_string(&log).unwrap();
-    assert_eq!(status.code(), Some(1), "{logged}");
+    assert_eq!(status.code(), Some(2), "{logged}");
     assert!(
         logged.contains("refused the credentials") && !logged.contains("cannot reach Redis"),
         "{logged}"

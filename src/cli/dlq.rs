@@ -149,7 +149,7 @@ fn print_redrive(topic: &str, report: &tools::Redrive, execute: bool) -> ExitCod
             "{} records were not delivered; run the redrive again (only those are published again)",
             report.failed
         );
-        return ExitCode::FAILURE;
+        return ExitCode::from(super::EXIT_FAILED);
     }
     ExitCode::SUCCESS
 }

@@ -37,7 +37,8 @@ enum InspectWhat {
     /// Example:
     ///   idem inspect group orders-view --topic orders
     ///
-    /// Defaults to the configured group and topics.
+    /// Defaults to the configured group and topics. Exits 3 when the group
+    /// does not exist (no members, nothing committed).
     Group {
         /// The group (default: kafka.group_id).
         group: Option<String>,
@@ -70,10 +71,27 @@ pub async fn run(args: InspectArgs, config: Config) -> anyhow::Result<ExitCode> 
             .await??;
             if json {
                 crate::outln!("{}", serde_json::to_string_pretty(&status)?);
+            } else if !status.exists() {
+                crate::outln!(
+                    "group {}: no such group (no members, no committed offsets on {})",
+                    status.group,
+                    status
+                        .partitions
+                        .iter()
+                        .map(|p| p.topic.as_str())
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .into_iter()
+                        .collect::<Vec<_>>()
+                        .join(",")
+                );
             } else {
                 print_group(&status);
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(if status.exists() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(super::EXIT_NOT_FOUND)
+            })
         }
         InspectWhat::Entity { entity, json } => {
             let mut conn = store::connect_or_explain(&config.redis).await?;
@@ -92,7 +110,7 @@ pub async fn run(args: InspectArgs, config: Config) -> anyhow::Result<ExitCode> 
             Ok(if view.exists {
                 ExitCode::SUCCESS
             } else {
-                ExitCode::from(3)
+                ExitCode::from(super::EXIT_NOT_FOUND)
             })
         }
     }
@@ -110,7 +128,7 @@ fn print_group(status: &crate::tools::group::GroupStatus) {
         let parts: Vec<String> = m
             .assignment
             .iter()
-            .map(|(t, ps)| format!("{t}{ps:?}"))
+            .map(|a| format!("{}{:?}", a.topic, a.partitions))
             .collect();
         crate::outln!(
             "  {} {} {} {}",
@@ -153,8 +171,11 @@ fn print_entity(view: &store::EntityView) {
     crate::outln!("last id     {}", view.last_id.as_deref().unwrap_or("-"));
     crate::outln!("applied     {}", view.applied);
     crate::outln!(
-        "updated ms  {}",
-        view.updated_ms.map_or("-".into(), |s| s.to_string())
+        "updated     {}",
+        view.updated_ms.map_or("-".into(), |ms| format!(
+            "{} ({ms} ms)",
+            super::utc_millis(ms as i64)
+        ))
     );
     crate::outln!("state");
     for (k, v) in &view.state {

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, LogFormat};
 
+pub mod check;
 pub mod config;
 pub mod dlq;
 pub mod inspect;
@@ -26,6 +27,12 @@ pub mod topics;
 ///
 /// Configuration: config/default.toml (built in), then --config FILE, then
 /// IDEM__SECTION__KEY environment variables, e.g. IDEM__KAFKA__GROUP_ID=orders.
+/// `idem config show` prints the result; `idem check` tries it.
+///
+/// Exit status, for every command: 0 done; 1 done and found something to
+/// report (reconcile divergences, topic drift, a failed check); 2 could not
+/// do its work (bad configuration, unreachable service, refused operation);
+/// 3 the entity or group looked up does not exist.
 #[derive(Debug, Parser)]
 #[command(name = "idem", version, propagate_version = true)]
 pub struct Cli {
@@ -46,6 +53,7 @@ pub enum Command {
     Replay(replay::ReplayArgs),
     Reconcile(reconcile::ReconcileArgs),
     Config(config::ConfigArgs),
+    Check(check::CheckArgs),
 }
 
 /// Loads config, starts logging and runs the chosen command.
@@ -61,9 +69,19 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Replay(args) => replay::run(args, config).await,
             Command::Reconcile(args) => reconcile::run(args, config).await,
             Command::Config(args) => config::run(args, config, file).await,
+            Command::Check(args) => check::run(args, config).await,
         }
     })
 }
+
+/// Exit status of a command that found something to report (a divergence,
+/// drift, a failed check): it ran to the end.
+pub const EXIT_FOUND: u8 = 1;
+/// Exit status of a command that could not do its work (a bad config, an
+/// unreachable service, a refused operation).
+pub const EXIT_FAILED: u8 = 2;
+/// Exit status of a lookup that found nothing (`inspect entity`, `inspect group`).
+pub const EXIT_NOT_FOUND: u8 = 3;
 
 /// Loads the config (defaults, `file`, `IDEM__…` variables), starts
 /// logging and the runtime, and runs `command` on them; errors are printed
@@ -79,7 +97,7 @@ where
         Err(e) => {
             eprintln!("error: {e}");
             eprintln!("hint: every key is documented in config/default.toml");
-            return ExitCode::from(2);
+            return ExitCode::from(EXIT_FAILED);
         }
     };
     init_logging(&config);
@@ -90,7 +108,7 @@ where
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(EXIT_FAILED);
         }
     };
     let json_logs = config.log_format == LogFormat::Json;
@@ -103,7 +121,7 @@ where
             } else {
                 eprintln!("error: {e:#}");
             }
-            ExitCode::FAILURE
+            ExitCode::from(EXIT_FAILED)
         }
     }
 }
@@ -160,5 +178,46 @@ pub fn write_out(args: std::fmt::Arguments<'_>) {
         }
         eprintln!("error: cannot write the output: {e}");
         std::process::exit(1);
+    }
+}
+
+/// Unix milliseconds as an RFC 3339 UTC time with milliseconds
+/// (`2026-11-27T23:52:01.123Z`), for people reading the tools' output.
+pub fn utc_millis(ms: i64) -> String {
+    let (days, rest) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (h, m, s, milli) = (
+        rest / 3_600_000,
+        rest / 60_000 % 60,
+        rest / 1000 % 60,
+        rest % 1000,
+    );
+    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{milli:03}Z")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unix_millis_read_as_utc_dates() {
+        for (ms, text) in [
+            (0, "1970-01-01T00:00:00.000Z"),
+            (951_782_400_000, "2000-02-29T00:00:00.000Z"),
+            (1_795_823_521_123, "2026-11-27T23:52:01.123Z"),
+            (-1, "1969-12-31T23:59:59.999Z"),
+            (253_402_300_799_999, "9999-12-31T23:59:59.999Z"),
+        ] {
+            assert_eq!(utc_millis(ms), text, "{ms}");
+        }
     }
 }

@@ -37,7 +37,8 @@ pub struct ReconcileArgs {
     /// Topic to read (default: the first of kafka.topics).
     #[arg(long)]
     topic: Option<String>,
-    /// Where to write the JSON report.
+    /// Where to write the JSON report; `-` writes it to stdout (the summary
+    /// then goes to stderr). Checked before the topic is read.
     #[arg(long, default_value = "reconcile-report.json")]
     report: PathBuf,
     /// Rewrite diverged entities from the log.
@@ -59,30 +60,58 @@ pub async fn run(args: ReconcileArgs, config: Config) -> anyhow::Result<ExitCode
         delete_extra: args.delete_extra,
         repair_spanning: args.repair_spanning,
     };
+    let to_stdout = args.report.as_os_str() == "-";
+    // Open the report first: reading a large topic and then failing to
+    // write the result would waste the whole read.
+    let mut file = if to_stdout {
+        None
+    } else {
+        Some(std::fs::File::create(&args.report).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot write the report to {}: {e}; choose another --report path, or --report - for stdout",
+                args.report.display()
+            )
+        })?)
+    };
     let report =
         reconcile::reconcile(&config, &opts, |line| eprintln!("reconcile: {line}")).await?;
-    std::fs::write(&args.report, serde_json::to_string_pretty(&report)?)?;
-    crate::outln!(
+    let json = serde_json::to_string_pretty(&report)?;
+    match file.as_mut() {
+        Some(f) => std::io::Write::write_all(f, json.as_bytes())
+            .map_err(|e| anyhow::anyhow!("writing the report to {}: {e}", args.report.display()))?,
+        None => crate::outln!("{json}"),
+    }
+    let summary = |line: String| {
+        if to_stdout {
+            eprintln!("{line}");
+        } else {
+            crate::outln!("{line}");
+        }
+    };
+    summary(format!(
         "{}: {} records, {} entities in the log, {} divergences (report: {})",
         report.topic,
         report.records_read,
         report.entities_in_log,
         report.divergence_count(),
         args.report.display()
-    );
+    ));
     for (kind, n) in &report.by_kind {
-        crate::outln!(
+        summary(format!(
             "  {:<18} {n}",
             serde_json::to_value(kind)?.as_str().unwrap_or("?")
-        );
+        ));
     }
     let repaired = report.divergences.iter().filter(|d| d.repaired).count();
     if args.repair {
-        crate::outln!("repaired {repaired} of {}", report.divergence_count());
+        summary(format!(
+            "repaired {repaired} of {}",
+            report.divergence_count()
+        ));
     }
     Ok(if report.divergence_count() == 0 {
         ExitCode::SUCCESS
     } else {
-        ExitCode::FAILURE
+        ExitCode::from(super::EXIT_FOUND)
     })
 }

@@ -107,7 +107,7 @@ pub async fn run(args: ReplayArgs, config: Config) -> anyhow::Result<ExitCode> {
     }
     if let Some(e) = skip_refusal.or(active_refusal) {
         eprintln!("error: {e}");
-        return Ok(ExitCode::FAILURE);
+        return Ok(ExitCode::from(super::EXIT_FAILED));
     }
     tokio::task::spawn_blocking(move || replay::execute(&kafka, &plan)).await??;
     eprintln!("offsets moved; the group's next run replays from there");

@@ -21,11 +21,21 @@ pub struct TopicsArgs {
 #[derive(Debug, Subcommand)]
 #[command(verbatim_doc_comment)]
 enum TopicsAction {
-    /// Create missing topics (and their dead-letter topics) and add missing
-    /// partitions. Never deletes a topic or shrinks one.
+    /// Show the plan, then create missing topics (and their dead-letter
+    /// topics), add missing partitions and set declared settings that differ.
     ///
-    /// Example: idem topics apply --dir topics
-    Apply,
+    /// Never deletes a topic; cannot shrink one (Kafka cannot remove
+    /// partitions: the plan says so and the exit status is 1). A settings
+    /// change keeps the topic's other explicit settings.
+    ///
+    /// Plan lines: `+` create, `~` change, `!` cannot change, `=` up to date.
+    ///
+    /// Example: idem topics apply --dir topics --dry-run
+    Apply {
+        /// Only show the plan; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Report drift between the declarations and the cluster; exits 1 on drift.
     ///
     /// Example: idem topics check --dir topics
@@ -36,17 +46,21 @@ pub async fn run(args: TopicsArgs, config: Config) -> anyhow::Result<ExitCode> {
     let specs = topics::load_dir(&args.dir)?;
     let kafka = &config.kafka;
     match args.action {
-        TopicsAction::Apply => {
-            for (name, state) in topics::apply(kafka, &specs).await? {
-                match state {
-                    TopicState::Created => crate::outln!("{name}: created"),
-                    TopicState::PartitionsAdded { from, to } => {
-                        crate::outln!("{name}: partitions {from} -> {to}")
-                    }
-                    _ => crate::outln!("{name}: up to date"),
-                }
+        TopicsAction::Apply { dry_run } => {
+            let plan = topics::apply(kafka, &specs, !dry_run).await?;
+            let mut cannot = false;
+            for (name, state) in &plan {
+                cannot |= matches!(state, TopicState::CannotShrink { .. });
+                crate::outln!("{}", plan_line(name, state));
             }
-            Ok(ExitCode::SUCCESS)
+            if dry_run {
+                eprintln!("dry run: nothing changed; run without --dry-run to apply");
+            }
+            Ok(if cannot {
+                ExitCode::from(super::EXIT_FOUND)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         TopicsAction::Check => {
             let mut drift = false;
@@ -73,10 +87,24 @@ pub async fn run(args: TopicsArgs, config: Config) -> anyhow::Result<ExitCode> {
                 }
             }
             Ok(if drift {
-                ExitCode::FAILURE
+                ExitCode::from(super::EXIT_FOUND)
             } else {
                 ExitCode::SUCCESS
             })
         }
+    }
+}
+
+/// One line of `topics apply`'s plan.
+fn plan_line(name: &str, state: &TopicState) -> String {
+    match state {
+        TopicState::Created => format!("+ {name}: create"),
+        TopicState::PartitionsAdded { from, to } => format!("~ {name}: partitions {from} -> {to}"),
+        TopicState::ConfigSet { key, from, to } => format!("~ {name}: {key} {from:?} -> {to:?}"),
+        TopicState::CannotShrink { declared, actual } => format!(
+            "! {name}: has {actual} partitions, declared {declared}: Kafka cannot remove partitions (recreate the topic, or declare {actual})"
+        ),
+        TopicState::UpToDate => format!("= {name}: up to date"),
+        other => format!("? {name}: {other:?}"),
     }
 }

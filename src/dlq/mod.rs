@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::kafka::QuietContext;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::{Config, DlqConfig};
@@ -91,7 +93,7 @@ pub fn producer_max_bytes(event_max_bytes: usize) -> usize {
 
 /// Writes dead letters and waits for Kafka's acknowledgement.
 pub struct DlqWriter {
-    producer: FutureProducer,
+    producer: FutureProducer<QuietContext>,
     group: String,
     config: DlqConfig,
 }
@@ -142,7 +144,7 @@ impl DlqWriter {
                 producer_max_bytes(config.event.max_bytes).to_string(),
             )
             .set("linger.ms", "5")
-            .create()?;
+            .create_with_context(QuietContext::default())?;
         Ok(DlqWriter {
             producer,
             group: config.kafka.group_id.clone(),
@@ -336,8 +338,8 @@ pub async fn describe_topic(
     topic: &str,
 ) -> Result<TopicState, rdkafka::error::KafkaError> {
     use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-        crate::kafka::base_config(kafka).create()?;
+    let admin: AdminClient<QuietContext> =
+        crate::kafka::base_config(kafka).create_with_context(QuietContext::default())?;
     let opts = AdminOptions::new().request_timeout(Some(crate::kafka::ADMIN_TIMEOUT));
     let described = admin
         .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)
@@ -347,6 +349,9 @@ pub async fn describe_topic(
             Ok(TopicState::Missing)
         }
         Some(Err(code)) => Err(rdkafka::error::KafkaError::AdminOp(code)),
+        // Some brokers answer an unknown topic with no entries at all; a
+        // real topic always lists its settings (defaults included).
+        Some(Ok(resource)) if resource.entries.is_empty() => Ok(TopicState::Missing),
         Some(Ok(resource)) => Ok(TopicState::Exists(
             resource
                 .get("max.message.bytes")

@@ -82,6 +82,7 @@ pub struct Forwarder {
     /// How long a revoke waits for the loop's answer (the loop's own bound
     /// plus slack).
     revoke_wait: Duration,
+    limiter: kafka::quiet::LogLimiter,
 }
 
 pub type Consumer = BaseConsumer<Forwarder>;
@@ -96,6 +97,7 @@ impl Forwarder {
             events,
             notes,
             revoke_wait: revoke_timeout + Duration::from_secs(5),
+            limiter: kafka::quiet::LogLimiter::default(),
         }
     }
 
@@ -137,8 +139,12 @@ impl ClientContext for Forwarder {
             metrics::record_retry("kafka_refused");
             tracing::error!(error = %error, reason, "Kafka refused idem's credentials or TLS handshake; consumption is stalled until the brokers accept them (see docs/security.md)");
         } else {
-            tracing::warn!(error = %error, reason, "kafka client error");
+            self.limiter.error(&error, reason);
         }
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        self.limiter.log(level, fac, message);
     }
 
     /// librdkafka's periodic statistics carry each partition's lag and its

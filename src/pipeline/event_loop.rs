@@ -49,6 +49,8 @@ pub struct EventLoop {
     blocked: BlockedWatch,
     /// Consumption was stopped (dead-letter budget); read once per turn of the loop.
     stopped: bool,
+    /// Holds back repeated consumer errors (one per poll with the brokers down).
+    quiet: crate::kafka::quiet::LogLimiter,
 }
 
 impl EventLoop {
@@ -74,6 +76,7 @@ impl EventLoop {
             paused: None,
             blocked: BlockedWatch::default(),
             stopped: false,
+            quiet: Default::default(),
         }
     }
 
@@ -180,7 +183,7 @@ impl EventLoop {
                     self.pending.push(record);
                 }
             }
-            KafkaEvent::Error(e) => tracing::warn!(error = %e, "kafka consumer error; continuing"),
+            KafkaEvent::Error(e) => self.quiet.consumer_error(&e),
             KafkaEvent::Assigned(tps) => self.on_assigned(&tps),
             KafkaEvent::Lost(tps) => {
                 metrics::record_rebalance("lost");

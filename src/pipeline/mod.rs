@@ -134,7 +134,12 @@ async fn run_pipeline(
         return Ok(());
     };
     health.set_redis_ok(true);
-    crate::dlq::check_topics(&config).await;
+    // In the background: with the brokers down it waits for its timeout,
+    // and consumption need not wait for a warning.
+    tokio::spawn({
+        let config = config.clone();
+        async move { crate::dlq::check_topics(&config).await }
+    });
 
     let (consumer, poller, events, notes) = start_consumer(&config)?;
 
@@ -245,6 +250,13 @@ async fn start_guard(config: &Config, shutdown: &mut Shutdown) -> Result<Option<
     };
     store::check_eviction_policy(&mut conn, config.redis.allow_eviction).await?;
     let wait = store::durable_wait(&mut conn, config.redis.durability).await?;
+    match store::persistence(&mut conn).await {
+        Ok(nodes) => nodes
+            .iter()
+            .filter_map(|p| p.warning(config.redis.durability))
+            .for_each(|w| tracing::warn!("{w}")),
+        Err(e) => tracing::debug!(error = %e, "could not read Redis's persistence settings"),
+    }
     let mut guard = Guard::new(
         conn,
         KeyLayout::new(&config.redis.key_prefix),

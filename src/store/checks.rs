@@ -198,9 +198,78 @@ async fn config_get(
     Ok(pair.get(1).cloned().unwrap_or_default())
 }
 
+/// What a node keeps across a restart: an append-only file, RDB snapshots
+/// (`None` when `CONFIG GET save` is refused, as on some managed Redis).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Persistence {
+    pub node: String,
+    pub aof: bool,
+    pub rdb: Option<bool>,
+}
+
+impl Persistence {
+    /// The warning for a durability level that relies on what this node
+    /// keeps: with `ack` and no persistence at all, a restart loses every
+    /// remembered id and all state, and Kafka's committed offsets are
+    /// already past the effects (docs/guarantees.md).
+    pub fn warning(&self, durability: Durability) -> Option<String> {
+        let keeps_nothing = !self.aof && self.rdb == Some(false);
+        (keeps_nothing && durability == Durability::Ack).then(|| {
+            format!(
+                "{} has no persistence (appendonly no, save \"\"): a restart loses all of idem's state while Kafka's offsets stay committed. Enable appendonly, or choose redis.durability = \"fsync\" or \"replicas:N\"",
+                self.node
+            )
+        })
+    }
+}
+
+/// The persistence of every master.
+pub async fn persistence(conn: &mut RedisConn) -> Result<Vec<Persistence>, CheckError> {
+    let masters = conn.masters().await.map_err(CheckError::Masters)?;
+    let mut nodes = Vec::new();
+    for node in &masters {
+        let info = info(conn, node, "persistence").await?;
+        let aof = info_field(&info, "aof_enabled").as_deref() == Some("1");
+        let rdb = config_get(conn, node, "save")
+            .await
+            .ok()
+            .map(|s| !s.trim().is_empty());
+        nodes.push(Persistence {
+            node: node_name(node),
+            aof,
+            rdb,
+        });
+    }
+    Ok(nodes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_ack_on_a_node_that_keeps_nothing_is_warned_about() {
+        let node = |aof, rdb| Persistence {
+            node: "redis".into(),
+            aof,
+            rdb,
+        };
+        let rows = [
+            (node(false, Some(false)), Durability::Ack, true),
+            (node(false, Some(false)), Durability::Fsync, false),
+            (node(false, Some(false)), Durability::Replicas(1), false),
+            (node(true, Some(false)), Durability::Ack, false),
+            (node(false, Some(true)), Durability::Ack, false),
+            (node(false, Option::None), Durability::Ack, false),
+        ];
+        for (p, durability, warned) in rows {
+            assert_eq!(
+                p.warning(durability).is_some(),
+                warned,
+                "{p:?} {durability:?}"
+            );
+        }
+    }
 
     #[test]
     fn fsync_wait_by_table() {

@@ -14,7 +14,9 @@ use serde::Serialize;
 use crate::config::{redact_url, RedisConfig};
 
 mod checks;
-pub use checks::{check_eviction_policy, durable_wait, CheckError, DurableWait};
+pub use checks::{
+    check_eviction_policy, durable_wait, persistence, CheckError, DurableWait, Persistence,
+};
 
 /// An error talking to Redis.
 #[derive(Debug, thiserror::Error)]

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::kafka::QuietContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
@@ -15,8 +16,15 @@ pub struct Member {
     pub member_id: String,
     pub client_id: String,
     pub host: String,
-    /// (topic, partitions) pairs assigned to this member.
-    pub assignment: Vec<(String, Vec<i32>)>,
+    /// The partitions assigned to this member, by topic.
+    pub assignment: Vec<TopicAssignment>,
+}
+
+/// Partitions of one topic held by one member.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TopicAssignment {
+    pub topic: String,
+    pub partitions: Vec<i32>,
 }
 
 /// Committed vs end offset of one partition.
@@ -42,16 +50,25 @@ pub struct GroupStatus {
     pub total_lag: i64,
 }
 
+impl GroupStatus {
+    /// Kafka reports an unknown group as `Dead` (or not at all): no
+    /// members and nothing committed means there is no such group.
+    pub fn exists(&self) -> bool {
+        let known = !matches!(self.state.as_str(), "Dead" | "Unknown");
+        known || !self.members.is_empty() || self.partitions.iter().any(|p| p.committed.is_some())
+    }
+}
+
 /// Reads the group's state for `topics` (blocking: call from `spawn_blocking`).
 pub fn group_status(
     kafka: &crate::config::KafkaConfig,
     group: &str,
     topics: &[String],
 ) -> anyhow::Result<GroupStatus> {
-    let consumer: BaseConsumer = crate::kafka::base_config(kafka)
+    let consumer: BaseConsumer<QuietContext> = crate::kafka::base_config(kafka)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
-        .create()?;
+        .create_with_context(QuietContext::default())?;
     let groups = consumer
         .fetch_group_list(Some(group), TIMEOUT)
         .map_err(|e| anyhow::anyhow!("cannot describe group {group}: {e}; is the broker up?"))?;
@@ -115,7 +132,7 @@ pub fn group_status(
 /// Decodes Kafka's ConsumerProtocolAssignment: version (i16), then
 /// [topic (i16-length string), [partition (i32)]], then user data.
 /// Anything malformed yields what was decoded so far.
-pub fn decode_assignment(bytes: &[u8]) -> Vec<(String, Vec<i32>)> {
+pub fn decode_assignment(bytes: &[u8]) -> Vec<TopicAssignment> {
     let mut r = Reader { bytes, pos: 0 };
     let mut out = Vec::new();
     let decoded = (|| {
@@ -129,7 +146,10 @@ pub fn decode_assignment(bytes: &[u8]) -> Vec<(String, Vec<i32>)> {
             for _ in 0..n.max(0) {
                 parts.push(r.i32()?);
             }
-            out.push((name, parts));
+            out.push(TopicAssignment {
+                topic: name,
+                partitions: parts,
+            });
         }
         Some(())
     })();
@@ -165,7 +185,13 @@ mod tests {
         let mut b = vec![0, 1, 0, 0, 0, 1, 0, 3];
         b.extend_from_slice(b"abc");
         b.extend_from_slice(&[0, 0, 0, 2, 0, 0, 0, 4, 0, 0, 0, 9, 0, 0, 0, 0]);
-        assert_eq!(decode_assignment(&b), vec![("abc".to_string(), vec![4, 9])]);
+        assert_eq!(
+            decode_assignment(&b),
+            vec![TopicAssignment {
+                topic: "abc".to_string(),
+                partitions: vec![4, 9]
+            }]
+        );
         for cut in 0..b.len() {
             let _ = decode_assignment(&b[..cut]);
         }

@@ -10,6 +10,7 @@
 //! - [`topic_reader`]: reading a partition range, shared by the tools above.
 //! - [`sample`]: a deterministic test-data generator (`idem sample`).
 
+pub mod check;
 pub mod dead_letters;
 pub mod group;
 pub mod reconcile;

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::kafka::QuietContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
@@ -124,7 +125,8 @@ pub fn plan(
             map.clone()
         }
         ReplayTarget::Timestamp(ms) => {
-            let consumer: BaseConsumer = crate::kafka::base_config(kafka).create()?;
+            let consumer: BaseConsumer<QuietContext> =
+                crate::kafka::base_config(kafka).create_with_context(QuietContext::default())?;
             let mut tpl = TopicPartitionList::new();
             for p in &selected {
                 tpl.add_partition_offset(topic, p.partition, Offset::Offset(*ms))?;
@@ -177,10 +179,10 @@ pub fn execute(kafka: &crate::config::KafkaConfig, plan: &ReplayPlan) -> anyhow:
     // Check again right before committing: someone may have started meanwhile.
     let status = group_status(kafka, &plan.group, std::slice::from_ref(&plan.topic))?;
     refuse_if_active(&plan.group, &status.members)?;
-    let consumer: BaseConsumer = crate::kafka::base_config(kafka)
+    let consumer: BaseConsumer<QuietContext> = crate::kafka::base_config(kafka)
         .set("group.id", &plan.group)
         .set("enable.auto.commit", "false")
-        .create()?;
+        .create_with_context(QuietContext::default())?;
     let mut tpl = TopicPartitionList::new();
     for r in &plan.rows {
         tpl.add_partition_offset(&plan.topic, r.partition, Offset::Offset(r.new))?;

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::kafka::QuietContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -22,11 +23,11 @@ pub fn read_topic(
     mut each: impl FnMut(TopicRecord),
     progress: impl Fn(u64),
 ) -> anyhow::Result<u64> {
-    let consumer: BaseConsumer = crate::kafka::base_config(kafka)
+    let consumer: BaseConsumer<QuietContext> = crate::kafka::base_config(kafka)
         .set("group.id", "idem-topic-reader")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
-        .create()?;
+        .create_with_context(QuietContext::default())?;
     let md = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
     let Some(t) = md.topics().first().filter(|t| t.error().is_none()) else {
         anyhow::bail!("topic {topic} does not exist");

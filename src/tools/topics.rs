@@ -1,16 +1,20 @@
 //! Topics as code: TOML definitions in `topics/`, applied and checked through
 //! Kafka's admin API.
 //!
-//! Guarantee: `apply` only creates missing topics and adds partitions; it
-//! never deletes a topic, shrinks a partition count or rewrites configs.
+//! Guarantee: `apply` creates missing topics, adds partitions and sets the
+//! declared settings; it never deletes a topic or shrinks one (Kafka cannot),
+//! and a settings change keeps every setting it does not declare: Kafka's
+//! (non-incremental) AlterConfigs resets what it is not sent, so `apply`
+//! sends the topic's current explicit settings with the declared ones.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::kafka::QuietContext;
 use rdkafka::admin::{
-    AdminClient, AdminOptions, NewPartitions, NewTopic, ResourceSpecifier, TopicReplication,
+    AdminClient, AdminOptions, AlterConfig, ConfigSource, NewPartitions, NewTopic,
+    ResourceSpecifier, TopicReplication,
 };
-use rdkafka::client::DefaultClientContext;
 use serde::Deserialize;
 
 use crate::config::{is_valid_topic_name, parse_duration};
@@ -175,15 +179,24 @@ pub enum TopicState {
         declared: String,
         actual: String,
     },
+    /// `apply` set a declared setting (`from` is the value before).
+    ConfigSet {
+        key: String,
+        from: String,
+        to: String,
+    },
+    /// More partitions than declared: Kafka cannot remove partitions.
+    CannotShrink {
+        declared: i32,
+        actual: i32,
+    },
 }
 
-fn admin(kafka: &crate::config::KafkaConfig) -> anyhow::Result<AdminClient<DefaultClientContext>> {
-    Ok(crate::kafka::base_config(kafka).create()?)
+fn admin(kafka: &crate::config::KafkaConfig) -> anyhow::Result<AdminClient<QuietContext>> {
+    Ok(crate::kafka::base_config(kafka).create_with_context(QuietContext::default())?)
 }
 
-fn partition_counts(
-    admin: &AdminClient<DefaultClientContext>,
-) -> anyhow::Result<BTreeMap<String, i32>> {
+fn partition_counts(admin: &AdminClient<QuietContext>) -> anyhow::Result<BTreeMap<String, i32>> {
     let md = admin
         .inner()
         .fetch_metadata(None, ADMIN_TIMEOUT)
@@ -196,54 +209,136 @@ fn partition_counts(
         .collect())
 }
 
-/// Creates missing topics and adds missing partitions.
+/// Creates missing topics, adds missing partitions and sets declared
+/// settings that differ; with `execute` false only reports what it would
+/// do (the plan). A topic with more partitions than declared is reported as
+/// `CannotShrink`.
 pub async fn apply(
     kafka: &crate::config::KafkaConfig,
     specs: &[TopicSpec],
+    execute: bool,
 ) -> anyhow::Result<Vec<(String, TopicState)>> {
     let admin = admin(kafka)?;
     let existing = partition_counts(&admin)?;
-    let opts = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
     let mut report = Vec::new();
     for spec in specs {
-        let state = match existing.get(&spec.name) {
-            None => {
-                let configs = spec.kafka_configs().map_err(|e| anyhow::anyhow!(e))?;
-                let mut topic = NewTopic::new(
-                    &spec.name,
-                    spec.partitions,
-                    TopicReplication::Fixed(spec.replication_factor),
-                );
-                for (k, v) in &configs {
-                    topic = topic.set(k, v);
-                }
-                let results = admin.create_topics([&topic], &opts).await?;
-                for r in results {
-                    match r {
-                        Ok(_) => {}
-                        Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                        Err((name, code)) => anyhow::bail!("creating topic {name} failed: {code}"),
-                    }
-                }
-                TopicState::Created
+        let Some(&actual) = existing.get(&spec.name) else {
+            if execute {
+                create(&admin, spec).await?;
             }
-            Some(&actual) if actual < spec.partitions => {
-                let np = NewPartitions::new(&spec.name, spec.partitions as usize);
-                for r in admin.create_partitions([&np], &opts).await? {
-                    if let Err((name, code)) = r {
-                        anyhow::bail!("adding partitions to {name} failed: {code}");
-                    }
-                }
-                TopicState::PartitionsAdded {
-                    from: actual,
-                    to: spec.partitions,
-                }
-            }
-            Some(_) => TopicState::UpToDate,
+            report.push((spec.name.clone(), TopicState::Created));
+            continue;
         };
-        report.push((spec.name.clone(), state));
+        let mut states = Vec::new();
+        if actual < spec.partitions {
+            if execute {
+                add_partitions(&admin, spec).await?;
+            }
+            states.push(TopicState::PartitionsAdded {
+                from: actual,
+                to: spec.partitions,
+            });
+        } else if actual > spec.partitions {
+            states.push(TopicState::CannotShrink {
+                declared: spec.partitions,
+                actual,
+            });
+        }
+        states.extend(set_configs(&admin, spec, execute).await?);
+        if states.is_empty() {
+            states.push(TopicState::UpToDate);
+        }
+        report.extend(states.into_iter().map(|st| (spec.name.clone(), st)));
     }
     Ok(report)
+}
+
+async fn create(admin: &AdminClient<QuietContext>, spec: &TopicSpec) -> anyhow::Result<()> {
+    let opts = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
+    let configs = spec.kafka_configs().map_err(|e| anyhow::anyhow!(e))?;
+    let mut topic = NewTopic::new(
+        &spec.name,
+        spec.partitions,
+        TopicReplication::Fixed(spec.replication_factor),
+    );
+    for (k, v) in &configs {
+        topic = topic.set(k, v);
+    }
+    for r in admin.create_topics([&topic], &opts).await? {
+        match r {
+            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => anyhow::bail!("creating topic {name} failed: {code}"),
+        }
+    }
+    Ok(())
+}
+
+async fn add_partitions(admin: &AdminClient<QuietContext>, spec: &TopicSpec) -> anyhow::Result<()> {
+    let opts = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
+    let np = NewPartitions::new(&spec.name, spec.partitions as usize);
+    for r in admin.create_partitions([&np], &opts).await? {
+        if let Err((name, code)) = r {
+            anyhow::bail!("adding partitions to {name} failed: {code}");
+        }
+    }
+    Ok(())
+}
+
+/// The declared settings that differ from the topic's (as `ConfigSet`),
+/// set when `execute`: the topic's current explicit settings are sent
+/// along, so that none of them falls back to the broker default.
+async fn set_configs(
+    admin: &AdminClient<QuietContext>,
+    spec: &TopicSpec,
+    execute: bool,
+) -> anyhow::Result<Vec<TopicState>> {
+    let declared = spec.kafka_configs().map_err(|e| anyhow::anyhow!(e))?;
+    if declared.is_empty() {
+        return Ok(Vec::new());
+    }
+    let opts = AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT));
+    let described = admin
+        .describe_configs([&ResourceSpecifier::Topic(&spec.name)], &opts)
+        .await?;
+    let Some(Ok(resource)) = described.into_iter().next() else {
+        anyhow::bail!("cannot read the settings of topic {}", spec.name);
+    };
+    let current = |key: &str| {
+        resource
+            .entries
+            .iter()
+            .find(|e| e.name == key)
+            .and_then(|e| e.value.clone())
+            .unwrap_or_default()
+    };
+    let changes: Vec<TopicState> = declared
+        .iter()
+        .filter(|(key, want)| &current(key) != *want)
+        .map(|(key, want)| TopicState::ConfigSet {
+            key: key.clone(),
+            from: current(key),
+            to: want.clone(),
+        })
+        .collect();
+    if execute && !changes.is_empty() {
+        let mut full: BTreeMap<String, String> = resource
+            .entries
+            .iter()
+            .filter(|e| e.source == ConfigSource::DynamicTopic && !e.is_sensitive)
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect();
+        full.extend(declared.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let mut alter = AlterConfig::new(ResourceSpecifier::Topic(&spec.name));
+        for (k, v) in &full {
+            alter = alter.set(k, v);
+        }
+        for r in admin.alter_configs([&alter], &opts).await? {
+            if let Err((_, code)) = r {
+                anyhow::bail!("setting the configs of topic {} failed: {code}", spec.name);
+            }
+        }
+    }
+    Ok(changes)
 }
 
 /// Compares the declared topics with the cluster; drift is reported, not fixed.

@@ -23,14 +23,14 @@ pub use idem_testbench::services::{brokers, kafka, redis_env, redis_mode, redis_
 pub async fn create_topic(name: &str, partitions: i32) {
     let mut spec = TopicSpec::new(name, partitions);
     spec.dead_letter = Some(format!("{name}.dlq"));
-    topics::apply(&kafka(), &spec.with_dead_letter())
+    topics::apply(&kafka(), &spec.with_dead_letter(), true)
         .await
         .expect("create topic");
 }
 
 /// Creates `name` only: its dead-letter topic is missing.
 pub async fn create_topic_without_dlq(name: &str, partitions: i32) {
-    topics::apply(&kafka(), &[TopicSpec::new(name, partitions)])
+    topics::apply(&kafka(), &[TopicSpec::new(name, partitions)], true)
         .await
         .expect("create topic");
 }

@@ -138,6 +138,7 @@ async fn produce_backlog(
     topics::apply(
         &idem::config::KafkaConfig::for_brokers(&spec.brokers),
         &[TopicSpec::new(topic, spec.partitions)],
+        true,
     )
     .await?;
     progress(&format!("producing {} records to {topic}", records.len()));

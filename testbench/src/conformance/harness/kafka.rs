@@ -9,6 +9,7 @@ pub async fn create_topic(env: &Env, topic: &str, partitions: i32) -> anyhow::Re
     topics::apply(
         &idem::config::KafkaConfig::for_brokers(&env.brokers),
         &spec.with_dead_letter(),
+        true,
     )
     .await?;
     Ok(())

@@ -6,7 +6,11 @@
 //! (`enable.auto.offset.store=false`); librdkafka's auto commit then commits
 //! nothing but those stored offsets. No config key can change this.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+pub mod quiet;
+pub use quiet::QuietContext;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
@@ -108,6 +112,34 @@ pub enum PreflightError {
 /// a configuration error, reported with what to fix, not retried forever.
 /// Unreachable brokers are not an error here (librdkafka keeps retrying).
 pub fn preflight(cfg: &KafkaConfig, timeout: Duration) -> Result<(), PreflightError> {
+    let topic = cfg.topics.first().map(String::as_str);
+    if let Reach::NotYet(e) = probe(cfg, topic, timeout)? {
+        tracing::warn!(brokers = %cfg.brokers, error = %e, "Kafka is not reachable yet; starting anyway, librdkafka keeps retrying");
+    }
+    Ok(())
+}
+
+/// What the brokers said to a metadata request.
+#[derive(Debug)]
+pub enum Reach {
+    /// They answered: how many brokers the cluster has, and the partition
+    /// count of each topic asked about (every topic, when none was named).
+    Answered {
+        brokers: usize,
+        partitions: BTreeMap<String, usize>,
+    },
+    /// None answered before the deadline; librdkafka's last error.
+    NotYet(String),
+}
+
+/// Asks the brokers for metadata (of `topic`, or of every topic) until they
+/// answer or `timeout` passes, with the consumer's settings; refused
+/// credentials or TLS are the error.
+pub fn probe(
+    cfg: &KafkaConfig,
+    topic: Option<&str>,
+    timeout: Duration,
+) -> Result<Reach, PreflightError> {
     let refused = Arc::new(std::sync::Mutex::new(None::<(RDKafkaErrorCode, String)>));
     // The consumer's own settings (the passthrough may carry TLS settings
     // such as ssl.endpoint.identification.algorithm, and librdkafka checks
@@ -116,7 +148,7 @@ pub fn preflight(cfg: &KafkaConfig, timeout: Duration) -> Result<(), PreflightEr
     let mut config = consumer_config(cfg);
     config.remove("group.id").remove("group.instance.id");
     let consumer: BaseConsumer<RefusalContext> = config
-        .create_with_context(RefusalContext(refused.clone()))
+        .create_with_context(RefusalContext::new(refused.clone()))
         .map_err(|e| match e {
             KafkaError::ClientCreation(reason) if tls_files_fail(cfg) => {
                 PreflightError::TlsFiles(reason)
@@ -125,18 +157,26 @@ pub fn preflight(cfg: &KafkaConfig, timeout: Duration) -> Result<(), PreflightEr
         })?;
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        let topic = cfg.topics.first().map(String::as_str);
-        let fetched = consumer.fetch_metadata(topic, Duration::from_secs(1));
+        let fetched = consumer.fetch_metadata(topic, timeout.min(Duration::from_secs(1)));
         // Error events reach the context only through polling.
         while consumer.poll(Duration::ZERO).is_some() {}
         if let Some((code, reason)) = refused.lock().unwrap().take() {
             return Err(PreflightError::Refused(refusal_advice(cfg, code, &reason)));
         }
         match fetched {
-            Ok(_) => return Ok(()),
+            Ok(md) => {
+                return Ok(Reach::Answered {
+                    brokers: md.brokers().len(),
+                    partitions: md
+                        .topics()
+                        .iter()
+                        .filter(|t| t.error().is_none())
+                        .map(|t| (t.name().to_string(), t.partitions().len()))
+                        .collect(),
+                })
+            }
             Err(e) if std::time::Instant::now() >= deadline => {
-                tracing::warn!(brokers = %cfg.brokers, error = %e, "Kafka is not reachable yet; starting anyway, librdkafka keeps retrying");
-                return Ok(());
+                return Ok(Reach::NotYet(e.to_string()))
             }
             Err(_) => {}
         }
@@ -173,13 +213,32 @@ fn refusal_advice(cfg: &KafkaConfig, code: RDKafkaErrorCode, reason: &str) -> St
     }
 }
 
-/// Remembers the first authentication or TLS error librdkafka reports.
-struct RefusalContext(Arc<std::sync::Mutex<Option<(RDKafkaErrorCode, String)>>>);
+/// Remembers the first authentication or TLS error librdkafka reports;
+/// its own log lines are quiet (see [`quiet`]).
+struct RefusalContext {
+    refused: Arc<std::sync::Mutex<Option<(RDKafkaErrorCode, String)>>>,
+    limiter: quiet::LogLimiter,
+}
+
+impl RefusalContext {
+    fn new(refused: Arc<std::sync::Mutex<Option<(RDKafkaErrorCode, String)>>>) -> Self {
+        RefusalContext {
+            refused,
+            limiter: quiet::LogLimiter::default(),
+        }
+    }
+}
 
 impl ClientContext for RefusalContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        self.limiter.log(level, fac, message);
+    }
+
+    fn stats(&self, _: rdkafka::Statistics) {}
+
     fn error(&self, error: KafkaError, reason: &str) {
         if let (true, Some(code)) = (is_refusal(&error, reason), error.rdkafka_error_code()) {
-            self.0
+            self.refused
                 .lock()
                 .unwrap()
                 .get_or_insert_with(|| (code, reason.to_string()));

@@ -1,0 +1,64 @@
+//! `idem check`: preflight of everything `idem run` needs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::config::Config;
+use crate::outln;
+use crate::tools::check::{self, Status};
+
+/// Check everything `idem run` needs, without consuming or writing anything.
+///
+/// One line per check: the configuration (and its warnings), the brokers,
+/// each source topic and its dead-letter topic, the declared topics
+/// (--topics DIR: partitions and settings), and Redis: reachable, eviction
+/// policy, durability level, persistence.
+///
+/// Exit status: 0 every check passed (warnings allowed), 1 a check failed,
+/// 2 the configuration is invalid (the error names the key).
+///
+/// Example:
+///   IDEM__KAFKA__TOPICS=orders idem check --topics topics
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct CheckArgs {
+    /// Also compare the topics declared in this directory with the cluster.
+    #[arg(long, value_name = "DIR")]
+    topics: Option<PathBuf>,
+    /// How long to wait for the brokers to answer (e.g. 10s, 500ms).
+    #[arg(long, default_value = "10s", value_parser = parse_timeout)]
+    timeout: Duration,
+    /// One JSON object per check instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    crate::config::parse_duration(text)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("expected a duration such as 500ms, 10s or 1m, got {text:?}"))
+}
+
+pub async fn run(args: CheckArgs, config: Config) -> anyhow::Result<ExitCode> {
+    let checks = check::run(&config, args.timeout, args.topics.as_deref()).await;
+    if args.json {
+        outln!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        let width = checks.iter().map(|c| c.what.len()).max().unwrap_or(0);
+        for c in &checks {
+            outln!("{:4} {:width$}  {}", c.status.as_str(), c.what, c.detail);
+        }
+    }
+    let failed = checks.iter().filter(|c| c.status == Status::Fail).count();
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        if !args.json {
+            outln!("{failed} check(s) failed");
+        }
+        ExitCode::from(super::EXIT_FOUND)
+    })
+}

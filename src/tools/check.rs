@@ -1,0 +1,249 @@
+//! `idem check`: everything `idem run` needs, checked once, one line per
+//! check, before anything is consumed. Nothing is written anywhere.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::dlq::TopicState as DlqTopic;
+use crate::kafka::Reach;
+use crate::store;
+use crate::tools::topics::{self, TopicState};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Warn,
+    Fail,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Warn => "warn",
+            Status::Fail => "FAIL",
+        }
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub status: Status,
+    pub what: String,
+    pub detail: String,
+}
+
+fn line(status: Status, what: impl Into<String>, detail: impl Into<String>) -> Check {
+    Check {
+        status,
+        what: what.into(),
+        detail: detail.into(),
+    }
+}
+
+/// Runs every check; Kafka's wait for an answer is bounded by `timeout`.
+/// `topics_dir`: also compare the declared topics (partitions, settings).
+pub async fn run(config: &Config, timeout: Duration, topics_dir: Option<&Path>) -> Vec<Check> {
+    let mut checks = vec![line(
+        Status::Ok,
+        "config",
+        format!(
+            "valid: group {}, topics {}, windows {}",
+            config.kafka.group_id,
+            config.kafka.topics.join(","),
+            config.effective_windows()
+        ),
+    )];
+    checks.extend(
+        config
+            .warnings()
+            .into_iter()
+            .map(|w| line(Status::Warn, "config", w)),
+    );
+    if kafka(config, timeout, &mut checks).await {
+        if let Some(dir) = topics_dir {
+            declared_topics(config, dir, &mut checks).await;
+        }
+    }
+    redis(config, &mut checks).await;
+    checks
+}
+
+/// The brokers, the source topics and their dead-letter topics; false
+/// when the brokers did not answer (the rest cannot be checked).
+async fn kafka(config: &Config, timeout: Duration, checks: &mut Vec<Check>) -> bool {
+    let cfg = config.kafka.clone();
+    let probed =
+        tokio::task::spawn_blocking(move || crate::kafka::probe(&cfg, None, timeout)).await;
+    let partitions = match probed {
+        Ok(Ok(Reach::Answered {
+            brokers,
+            partitions,
+        })) => {
+            checks.push(line(
+                Status::Ok,
+                "kafka",
+                format!("{brokers} broker(s) answered at {}", config.kafka.brokers),
+            ));
+            partitions
+        }
+        Ok(Ok(Reach::NotYet(e))) => {
+            checks.push(line(
+                Status::Fail,
+                "kafka",
+                format!("no broker at {} answered within {timeout:?}: {e}. Is kafka.brokers right and the broker up? (--timeout waits longer)", config.kafka.brokers),
+            ));
+            return false;
+        }
+        Ok(Err(e)) => {
+            checks.push(line(Status::Fail, "kafka", e.to_string()));
+            return false;
+        }
+        Err(e) => {
+            checks.push(line(
+                Status::Fail,
+                "kafka",
+                format!("the check did not finish: {e}"),
+            ));
+            return false;
+        }
+    };
+    for topic in &config.kafka.topics {
+        checks.push(match partitions.get(topic) {
+            Some(n) => line(
+                Status::Ok,
+                format!("topic {topic}"),
+                format!("exists, {n} partition(s)"),
+            ),
+            None => line(
+                Status::Fail,
+                format!("topic {topic}"),
+                "does not exist: create it (idem topics apply --dir topics) or fix kafka.topics",
+            ),
+        });
+        let dlq = config.dlq.topic_for(topic);
+        let what = format!("dead-letter topic {dlq}");
+        checks.push(match crate::dlq::describe_topic(&config.kafka, &dlq).await {
+            Ok(DlqTopic::Exists(_)) => line(Status::Ok, what, format!("exists (for {topic})")),
+            Ok(DlqTopic::Missing) => line(
+                Status::Fail,
+                what,
+                format!("does not exist: the first invalid record of {topic} would block its partition. Create it (idem topics apply --dir topics) or set dlq.topic"),
+            ),
+            Err(e) => line(Status::Warn, what, format!("could not describe it: {e}")),
+        });
+    }
+    true
+}
+
+/// The topics declared in `dir` against the cluster.
+async fn declared_topics(config: &Config, dir: &Path, checks: &mut Vec<Check>) {
+    let report = match topics::load_dir(dir) {
+        Ok(specs) => topics::check(&config.kafka, &specs).await,
+        Err(e) => Err(e),
+    };
+    match report {
+        Ok(rows) => checks.extend(rows.into_iter().map(|(name, state)| {
+            let what = format!("declared topic {name}");
+            match state {
+                TopicState::UpToDate => line(Status::Ok, what, "matches its declaration"),
+                other => line(
+                    Status::Fail,
+                    what,
+                    format!(
+                        "{other:?} (idem topics apply --dir {} shows the plan)",
+                        dir.display()
+                    ),
+                ),
+            }
+        })),
+        Err(e) => checks.push(line(
+            Status::Fail,
+            format!("declared topics in {}", dir.display()),
+            format!("{e:#}"),
+        )),
+    }
+}
+
+/// Redis: reachable, keeps idem's keys, can give the durability, persists.
+async fn redis(config: &Config, checks: &mut Vec<Check>) {
+    let mut conn = match store::connect_or_explain(&config.redis).await {
+        Ok(conn) => conn,
+        Err(e) => return checks.push(line(Status::Fail, "redis", e.to_string())),
+    };
+    let shape = match conn.masters().await {
+        Ok(masters) if conn.is_cluster() => format!("cluster of {} master(s)", masters.len()),
+        Ok(_) => "standalone".to_string(),
+        Err(e) => return checks.push(line(Status::Fail, "redis", e.to_string())),
+    };
+    let url = crate::config::redact_url(&config.redis.url);
+    checks.push(line(
+        Status::Ok,
+        "redis",
+        format!("{shape} at {url} answered"),
+    ));
+    checks.push(
+        match store::check_eviction_policy(&mut conn, config.redis.allow_eviction).await {
+            Ok(()) => line(
+                Status::Ok,
+                "redis eviction",
+                "maxmemory-policy keeps idem's keys (or redis.allow_eviction accepts the loss)",
+            ),
+            Err(e) => line(Status::Fail, "redis eviction", e.to_string()),
+        },
+    );
+    let durability = config.redis.durability;
+    checks.push(match store::durable_wait(&mut conn, durability).await {
+        Ok(wait) => line(
+            Status::Ok,
+            "redis durability",
+            durability_text(durability, wait),
+        ),
+        Err(e) => line(Status::Fail, "redis durability", e.to_string()),
+    });
+    match store::persistence(&mut conn).await {
+        Ok(nodes) => checks.extend(nodes.iter().map(|p| match p.warning(durability) {
+            Some(w) => line(Status::Warn, "redis persistence", w),
+            None => line(
+                Status::Ok,
+                "redis persistence",
+                format!(
+                    "{}: appendonly {}, snapshots {}",
+                    p.node,
+                    yes_no(Some(p.aof)),
+                    yes_no(p.rdb)
+                ),
+            ),
+        })),
+        Err(e) => checks.push(line(Status::Warn, "redis persistence", e.to_string())),
+    }
+}
+
+/// The durability level as configured, and how a batch waits for it.
+fn durability_text(durability: crate::config::Durability, wait: store::DurableWait) -> String {
+    use crate::config::Durability;
+    let level = match durability {
+        Durability::Ack => "ack".to_string(),
+        Durability::Fsync => "fsync".to_string(),
+        Durability::Replicas(n) => format!("replicas:{n}"),
+    };
+    let how = match wait {
+        store::DurableWait::None => "the script's reply".to_string(),
+        store::DurableWait::Replicas(n) => format!("WAIT for {n} replica(s)"),
+        store::DurableWait::LocalAof => "WAITAOF (fsync of the local append-only file)".to_string(),
+    };
+    format!("{level}: a batch counts as durable after {how}")
+}
+
+fn yes_no(v: Option<bool>) -> &'static str {
+    match v {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "unknown (CONFIG GET refused)",
+    }
+}
