@@ -288,3 +288,84 @@ async fn reconcile_checks_its_report_path_first_and_writes_to_stdout_on_dash() {
     assert_eq!(report["topic"], topic.as_str());
     assert!(String::from_utf8_lossy(&out.stderr).contains("0 divergences"));
 }
+
+#[test]
+fn tools_name_unreachable_brokers_within_the_timeout() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    for args in [
+        &["inspect", "group", "some-group", "--timeout", "2s"][..],
+        &["topics", "check", "--timeout", "2s"][..],
+    ] {
+        let started = std::time::Instant::now();
+        let out = idem_tool(args, "cli-timeout", &[("IDEM__KAFKA__BROKERS", &address)]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&address)
+                && stderr.contains("within 2s")
+                && stderr.contains("--timeout"),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("librdkafka"),
+            "{args:?}: raw client text: {stderr}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(12),
+            "{args:?}: {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_and_redrive_plans_come_as_json() {
+    let topic = unique("json-plans");
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("json-topics"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("t.toml"),
+        format!("[[topic]]\nname = \"{topic}\"\npartitions = 2\ndead_letter = \"{topic}.dlq\"\n"),
+    )
+    .unwrap();
+    let dir_arg = dir.to_str().unwrap();
+    let out = idem_tool(
+        &["topics", "apply", "--dry-run", "--json", "--dir", dir_arg],
+        &topic,
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(rows.iter().all(|r| r["state"] == "created"), "{rows:?}");
+    assert_eq!(rows[0]["topic"], topic.as_str());
+
+    // The dry run created nothing: check reports both missing, exit 1.
+    let out = idem_tool(
+        &["topics", "check", "--json", "--dir", dir_arg],
+        &topic,
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(rows.iter().all(|r| r["state"] == "missing"), "{rows:?}");
+
+    let out = idem_tool(&["topics", "apply", "--dir", dir_arg], &topic, &[]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = idem_tool(
+        &[
+            "dlq",
+            "redrive",
+            "--topic",
+            &format!("{topic}.dlq"),
+            "--json",
+        ],
+        &topic,
+        &[("IDEM__KAFKA__TOPICS", &topic)],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["read"], 0, "{report}");
+}

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Args;
 
@@ -12,7 +11,8 @@ use crate::tools::check::{self, Status};
 
 /// Check everything `idem run` needs, without consuming or writing anything.
 ///
-/// One line per check: the configuration (and its warnings), the brokers,
+/// One line per check: the configuration (and its warnings), the brokers
+/// (waiting up to --timeout, i.e. kafka.request_timeout, for an answer),
 /// each source topic and its dead-letter topic, the declared topics
 /// (--topics DIR: partitions and settings), and Redis: reachable, eviction
 /// policy, durability level, persistence.
@@ -28,22 +28,18 @@ pub struct CheckArgs {
     /// Also compare the topics declared in this directory with the cluster.
     #[arg(long, value_name = "DIR")]
     topics: Option<PathBuf>,
-    /// How long to wait for the brokers to answer (e.g. 10s, 500ms).
-    #[arg(long, default_value = "10s", value_parser = parse_timeout)]
-    timeout: Duration,
     /// One JSON object per check instead of text.
     #[arg(long)]
     json: bool,
 }
 
-fn parse_timeout(text: &str) -> Result<Duration, String> {
-    crate::config::parse_duration(text)
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| format!("expected a duration such as 500ms, 10s or 1m, got {text:?}"))
-}
-
 pub async fn run(args: CheckArgs, config: Config) -> anyhow::Result<ExitCode> {
-    let checks = check::run(&config, args.timeout, args.topics.as_deref()).await;
+    let checks = check::run(
+        &config,
+        config.kafka.request_timeout,
+        args.topics.as_deref(),
+    )
+    .await;
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&checks)?);
     } else {

@@ -56,6 +56,9 @@ enum DlqAction {
         /// The default now; accepted so that older scripts keep working.
         #[arg(long, hide = true, conflicts_with = "execute")]
         dry_run: bool,
+        /// Print the report (or the plan) as JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -80,11 +83,21 @@ pub async fn run(args: DlqArgs, config: Config) -> anyhow::Result<ExitCode> {
             reason,
             execute,
             dry_run: _,
+            json,
         } => {
             let report = tools::redrive(&config, &topic, reason.as_deref(), execute, |n| {
                 eprintln!("redrive: {n} records so far");
             })
             .await?;
+            if json {
+                crate::outln!("{}", serde_json::to_string_pretty(&report)?);
+                let failed = report.failed > 0;
+                return Ok(if failed {
+                    ExitCode::from(super::EXIT_FAILED)
+                } else {
+                    ExitCode::SUCCESS
+                });
+            }
             Ok(print_redrive(&topic, &report, execute))
         }
     }

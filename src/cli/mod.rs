@@ -39,6 +39,10 @@ pub struct Cli {
     /// Config file (TOML) layered over the defaults; keys as in config/default.toml.
     #[arg(long, global = true, env = "IDEM_CONFIG")]
     pub config: Option<PathBuf>,
+    /// How long to wait for the brokers to answer one request (e.g. 5s);
+    /// sets kafka.request_timeout for this run.
+    #[arg(long, global = true, value_parser = parse_timeout)]
+    pub timeout: Option<std::time::Duration>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -59,7 +63,11 @@ pub enum Command {
 /// Loads config, starts logging and runs the chosen command.
 pub fn main(cli: Cli) -> ExitCode {
     let file = cli.config.clone();
-    with_config(cli.config.as_deref(), move |config| async move {
+    let timeout = cli.timeout;
+    with_config(cli.config.as_deref(), move |mut config| async move {
+        if let Some(t) = timeout {
+            config.kafka.request_timeout = t;
+        }
         match cli.command {
             Command::Run(args) => run::run(args, config).await,
             Command::Inspect(args) => inspect::run(args, config).await,
@@ -72,6 +80,12 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Check(args) => check::run(args, config).await,
         }
     })
+}
+
+fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
+    crate::config::parse_duration(text)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("expected a duration such as 500ms, 10s or 1m, got {text:?}"))
 }
 
 /// Exit status of a command that found something to report (a divergence,

@@ -16,6 +16,9 @@ pub struct TopicsArgs {
     /// Folder of *.toml topic definitions.
     #[arg(long, global = true, default_value = "topics")]
     dir: PathBuf,
+    /// One JSON object per topic and change instead of text.
+    #[arg(long, global = true)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -48,10 +51,15 @@ pub async fn run(args: TopicsArgs, config: Config) -> anyhow::Result<ExitCode> {
     match args.action {
         TopicsAction::Apply { dry_run } => {
             let plan = topics::apply(kafka, &specs, !dry_run).await?;
-            let mut cannot = false;
-            for (name, state) in &plan {
-                cannot |= matches!(state, TopicState::CannotShrink { .. });
-                crate::outln!("{}", plan_line(name, state));
+            let cannot = plan
+                .iter()
+                .any(|(_, state)| matches!(state, TopicState::CannotShrink { .. }));
+            if args.json {
+                crate::outln!("{}", json_rows(&plan)?);
+            } else {
+                for (name, state) in &plan {
+                    crate::outln!("{}", plan_line(name, state));
+                }
             }
             if dry_run {
                 eprintln!("dry run: nothing changed; run without --dry-run to apply");
@@ -63,8 +71,18 @@ pub async fn run(args: TopicsArgs, config: Config) -> anyhow::Result<ExitCode> {
             })
         }
         TopicsAction::Check => {
+            let report = topics::check(kafka, &specs).await?;
+            if args.json {
+                crate::outln!("{}", json_rows(&report)?);
+                let drift = report.iter().any(|(_, s)| *s != TopicState::UpToDate);
+                return Ok(if drift {
+                    ExitCode::from(super::EXIT_FOUND)
+                } else {
+                    ExitCode::SUCCESS
+                });
+            }
             let mut drift = false;
-            for (name, state) in topics::check(kafka, &specs).await? {
+            for (name, state) in report {
                 match state {
                     TopicState::UpToDate => crate::outln!("{name}: ok"),
                     TopicState::Missing => {
@@ -107,4 +125,17 @@ fn plan_line(name: &str, state: &TopicState) -> String {
         TopicState::UpToDate => format!("= {name}: up to date"),
         other => format!("? {name}: {other:?}"),
     }
+}
+
+/// `[{"topic": …, "state": "created" | "config_set" | …, …}]`.
+fn json_rows(rows: &[(String, TopicState)]) -> anyhow::Result<String> {
+    let rows: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|(topic, state)| {
+            let mut row = serde_json::to_value(state)?;
+            row["topic"] = serde_json::Value::from(topic.as_str());
+            Ok(row)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(serde_json::to_string_pretty(&rows)?)
 }

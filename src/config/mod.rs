@@ -177,6 +177,8 @@ pub struct KafkaConfig {
     pub session_timeout: Duration,
     /// How long a revoke waits for in-flight batches of the revoked partitions.
     pub revoke_timeout: Duration,
+    /// How long tools and start-up checks wait for one broker request.
+    pub request_timeout: Duration,
     /// Static group membership id (e.g. the pod name), if any.
     pub group_instance_id: Option<String>,
     /// Passthrough librdkafka settings, already checked against the fixed keys.

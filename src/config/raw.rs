@@ -59,6 +59,7 @@ struct RawKafka {
     commit_interval: String,
     session_timeout: String,
     revoke_timeout: String,
+    request_timeout: String,
     group_instance_id: String,
     security_protocol: String,
     sasl_mechanism: String,
@@ -221,6 +222,7 @@ impl RawKafka {
             commit_interval: positive_duration("kafka.commit_interval", &self.commit_interval)?,
             session_timeout: positive_duration("kafka.session_timeout", &self.session_timeout)?,
             revoke_timeout: positive_duration("kafka.revoke_timeout", &self.revoke_timeout)?,
+            request_timeout: positive_duration("kafka.request_timeout", &self.request_timeout)?,
             group_instance_id: Some(self.group_instance_id.trim().to_string())
                 .filter(|s| !s.is_empty()),
             librdkafka: librdkafka_passthrough(&self.librdkafka)?,

@@ -144,7 +144,7 @@ impl DlqWriter {
                 producer_max_bytes(config.event.max_bytes).to_string(),
             )
             .set("linger.ms", "5")
-            .create_with_context(QuietContext::default())?;
+            .create_with_context(QuietContext)?;
         Ok(DlqWriter {
             producer,
             group: config.kafka.group_id.clone(),
@@ -339,8 +339,8 @@ pub async fn describe_topic(
 ) -> Result<TopicState, rdkafka::error::KafkaError> {
     use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
     let admin: AdminClient<QuietContext> =
-        crate::kafka::base_config(kafka).create_with_context(QuietContext::default())?;
-    let opts = AdminOptions::new().request_timeout(Some(crate::kafka::ADMIN_TIMEOUT));
+        crate::kafka::base_config(kafka).create_with_context(QuietContext)?;
+    let opts = AdminOptions::new().request_timeout(Some(kafka.request_timeout));
     let described = admin
         .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)
         .await?;

@@ -391,9 +391,6 @@ impl TopicRecord {
     }
 }
 
-/// How long admin and metadata calls may take.
-pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,8 +1,8 @@
 //! librdkafka's own logging, made quiet: with a broker down it reports the
 //! same failure dozens of times a second (every connection attempt, every
-//! client). Each client context here logs the first of a kind and then at
-//! most one per [`REPEAT_EVERY`], saying how many it held back; statistics
-//! never reach INFO.
+//! client). The consumer of `idem run` logs the first of a kind and then at
+//! most one per [`REPEAT_EVERY`], saying how many it held back; the other
+//! clients log at DEBUG only; statistics never reach INFO.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -101,23 +101,23 @@ fn error_kind(source: &str, error: &KafkaError) -> String {
     }
 }
 
-/// The context of idem's short-lived and auxiliary clients (the dead-letter
-/// producer, the tools' admin clients and readers): quiet logs, no
-/// statistics dumps.
+/// The context of idem's auxiliary clients (the dead-letter producer, the
+/// tools' admin clients and readers): librdkafka's own lines and client
+/// errors at DEBUG, no statistics. A tool reports a failed request itself,
+/// naming the brokers and the wait; in `idem run` the consumer's context
+/// already reports the same brokers' state.
 #[derive(Debug, Default)]
-pub struct QuietContext {
-    limiter: LogLimiter,
-}
+pub struct QuietContext;
 
 impl ClientContext for QuietContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        self.limiter.log(level, fac, message);
+    fn log(&self, _: RDKafkaLogLevel, fac: &str, message: &str) {
+        tracing::debug!(target: "librdkafka", facility = fac, "{message}");
     }
 
     fn stats(&self, _: rdkafka::Statistics) {}
 
     fn error(&self, error: KafkaError, reason: &str) {
-        self.limiter.error(&error, reason);
+        tracing::debug!(error = %error, reason, "kafka client error");
     }
 }
 

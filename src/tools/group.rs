@@ -1,14 +1,10 @@
 //! A consumer group's members, assignment, committed offsets and lag, read
 //! through Kafka's APIs without joining the group.
 
-use std::time::Duration;
-
 use crate::kafka::QuietContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
-
-const TIMEOUT: Duration = Duration::from_secs(15);
 
 /// One member of the group and the partitions it holds.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -65,13 +61,14 @@ pub fn group_status(
     group: &str,
     topics: &[String],
 ) -> anyhow::Result<GroupStatus> {
+    let timeout = kafka.request_timeout;
     let consumer: BaseConsumer<QuietContext> = crate::kafka::base_config(kafka)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
-        .create_with_context(QuietContext::default())?;
+        .create_with_context(QuietContext)?;
     let groups = consumer
-        .fetch_group_list(Some(group), TIMEOUT)
-        .map_err(|e| anyhow::anyhow!("cannot describe group {group}: {e}; is the broker up?"))?;
+        .fetch_group_list(Some(group), timeout)
+        .map_err(|e| super::unanswered(kafka, &format!("describing group {group}"), e))?;
     let (state, members) = match groups.groups().first() {
         Some(g) => (
             g.state().to_string(),
@@ -90,7 +87,7 @@ pub fn group_status(
 
     let mut tpl = TopicPartitionList::new();
     for topic in topics {
-        let md = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
+        let md = consumer.fetch_metadata(Some(topic), timeout)?;
         let Some(t) = md.topics().first().filter(|t| t.error().is_none()) else {
             anyhow::bail!("topic {topic} does not exist");
         };
@@ -98,10 +95,10 @@ pub fn group_status(
             tpl.add_partition(topic, p.id());
         }
     }
-    let committed = consumer.committed_offsets(tpl.clone(), TIMEOUT)?;
+    let committed = consumer.committed_offsets(tpl.clone(), timeout)?;
     let mut partitions = Vec::new();
     for e in tpl.elements() {
-        let (low, high) = consumer.fetch_watermarks(e.topic(), e.partition(), TIMEOUT)?;
+        let (low, high) = consumer.fetch_watermarks(e.topic(), e.partition(), timeout)?;
         let committed = match committed
             .find_partition(e.topic(), e.partition())
             .map(|c| c.offset())

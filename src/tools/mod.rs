@@ -18,3 +18,17 @@ pub mod replay;
 pub mod sample;
 pub mod topic_reader;
 pub mod topics;
+
+/// A request the brokers did not answer, as an error that names the
+/// brokers, the wait and what to do.
+pub(crate) fn unanswered(
+    cfg: &crate::config::KafkaConfig,
+    doing: &str,
+    e: rdkafka::error::KafkaError,
+) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{doing}: no answer from the brokers at {} within {:?} ({e}); is kafka.brokers right and the broker up? (--timeout waits longer)",
+        cfg.brokers,
+        cfg.request_timeout
+    )
+}

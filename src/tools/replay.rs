@@ -7,7 +7,6 @@
 //! (inside the window) or `stale` (after it).
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use crate::kafka::QuietContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -16,8 +15,6 @@ use serde::Serialize;
 
 use crate::config::OffsetReset;
 use crate::tools::group::{group_status, GroupStatus, Member};
-
-const TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Where to move the offsets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,12 +123,12 @@ pub fn plan(
         }
         ReplayTarget::Timestamp(ms) => {
             let consumer: BaseConsumer<QuietContext> =
-                crate::kafka::base_config(kafka).create_with_context(QuietContext::default())?;
+                crate::kafka::base_config(kafka).create_with_context(QuietContext)?;
             let mut tpl = TopicPartitionList::new();
             for p in &selected {
                 tpl.add_partition_offset(topic, p.partition, Offset::Offset(*ms))?;
             }
-            let found = consumer.offsets_for_times(tpl, TIMEOUT)?;
+            let found = consumer.offsets_for_times(tpl, kafka.request_timeout)?;
             selected
                 .iter()
                 .map(|p| {
@@ -182,7 +179,7 @@ pub fn execute(kafka: &crate::config::KafkaConfig, plan: &ReplayPlan) -> anyhow:
     let consumer: BaseConsumer<QuietContext> = crate::kafka::base_config(kafka)
         .set("group.id", &plan.group)
         .set("enable.auto.commit", "false")
-        .create_with_context(QuietContext::default())?;
+        .create_with_context(QuietContext)?;
     let mut tpl = TopicPartitionList::new();
     for r in &plan.rows {
         tpl.add_partition_offset(&plan.topic, r.partition, Offset::Offset(r.new))?;

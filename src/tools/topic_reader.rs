@@ -3,7 +3,6 @@
 //! dead-letter tools and by reconcile; never touches a live group.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use crate::kafka::QuietContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -11,8 +10,6 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 pub use crate::kafka::TopicRecord;
-
-const TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Calls `each` for every record of `topic` from its start to its end at the
 /// time of the call, in partition order within each partition. Blocking: run
@@ -27,15 +24,18 @@ pub fn read_topic(
         .set("group.id", "idem-topic-reader")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
-        .create_with_context(QuietContext::default())?;
-    let md = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
+        .create_with_context(QuietContext)?;
+    let timeout = kafka.request_timeout;
+    let md = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| super::unanswered(kafka, &format!("reading topic {topic}"), e))?;
     let Some(t) = md.topics().first().filter(|t| t.error().is_none()) else {
         anyhow::bail!("topic {topic} does not exist");
     };
     let mut ends = BTreeMap::new();
     let mut tpl = TopicPartitionList::new();
     for p in t.partitions() {
-        let (low, high) = consumer.fetch_watermarks(topic, p.id(), TIMEOUT)?;
+        let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
         if high > low {
             ends.insert(p.id(), high);
             tpl.add_partition_offset(topic, p.id(), Offset::Offset(low))?;
@@ -44,9 +44,9 @@ pub fn read_topic(
     consumer.assign(&tpl)?;
     let mut read = 0u64;
     while !ends.is_empty() {
-        let Some(m) = consumer.poll(TIMEOUT) else {
+        let Some(m) = consumer.poll(timeout) else {
             anyhow::bail!(
-                "no record from {topic} within {TIMEOUT:?} though {} partitions are not read to their end",
+                "no record from {topic} within {timeout:?} though {} partitions are not read to their end",
                 ends.len()
             );
         };

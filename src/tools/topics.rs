@@ -18,7 +18,6 @@ use rdkafka::admin::{
 use serde::Deserialize;
 
 use crate::config::{is_valid_topic_name, parse_duration};
-use crate::kafka::ADMIN_TIMEOUT;
 
 /// One topic as declared in a `topics/*.toml` file.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -161,7 +160,8 @@ fn toml_from_str(text: &str) -> Result<TopicsFile, String> {
 }
 
 /// What `apply` did or `check` found for one topic.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
 pub enum TopicState {
     Created,
     PartitionsAdded {
@@ -193,14 +193,17 @@ pub enum TopicState {
 }
 
 fn admin(kafka: &crate::config::KafkaConfig) -> anyhow::Result<AdminClient<QuietContext>> {
-    Ok(crate::kafka::base_config(kafka).create_with_context(QuietContext::default())?)
+    Ok(crate::kafka::base_config(kafka).create_with_context(QuietContext)?)
 }
 
-fn partition_counts(admin: &AdminClient<QuietContext>) -> anyhow::Result<BTreeMap<String, i32>> {
+fn partition_counts(
+    kafka: &crate::config::KafkaConfig,
+    admin: &AdminClient<QuietContext>,
+) -> anyhow::Result<BTreeMap<String, i32>> {
     let md = admin
         .inner()
-        .fetch_metadata(None, ADMIN_TIMEOUT)
-        .map_err(|e| anyhow::anyhow!("cannot fetch metadata from Kafka: {e}; is the broker up?"))?;
+        .fetch_metadata(None, kafka.request_timeout)
+        .map_err(|e| super::unanswered(kafka, "listing topics", e))?;
     Ok(md
         .topics()
         .iter()
@@ -219,12 +222,12 @@ pub async fn apply(
     execute: bool,
 ) -> anyhow::Result<Vec<(String, TopicState)>> {
     let admin = admin(kafka)?;
-    let existing = partition_counts(&admin)?;
+    let existing = partition_counts(kafka, &admin)?;
     let mut report = Vec::new();
     for spec in specs {
         let Some(&actual) = existing.get(&spec.name) else {
             if execute {
-                create(&admin, spec).await?;
+                create(kafka, &admin, spec).await?;
             }
             report.push((spec.name.clone(), TopicState::Created));
             continue;
@@ -232,7 +235,7 @@ pub async fn apply(
         let mut states = Vec::new();
         if actual < spec.partitions {
             if execute {
-                add_partitions(&admin, spec).await?;
+                add_partitions(kafka, &admin, spec).await?;
             }
             states.push(TopicState::PartitionsAdded {
                 from: actual,
@@ -244,7 +247,7 @@ pub async fn apply(
                 actual,
             });
         }
-        states.extend(set_configs(&admin, spec, execute).await?);
+        states.extend(set_configs(kafka, &admin, spec, execute).await?);
         if states.is_empty() {
             states.push(TopicState::UpToDate);
         }
@@ -253,8 +256,12 @@ pub async fn apply(
     Ok(report)
 }
 
-async fn create(admin: &AdminClient<QuietContext>, spec: &TopicSpec) -> anyhow::Result<()> {
-    let opts = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
+async fn create(
+    kafka: &crate::config::KafkaConfig,
+    admin: &AdminClient<QuietContext>,
+    spec: &TopicSpec,
+) -> anyhow::Result<()> {
+    let opts = AdminOptions::new().operation_timeout(Some(kafka.request_timeout));
     let configs = spec.kafka_configs().map_err(|e| anyhow::anyhow!(e))?;
     let mut topic = NewTopic::new(
         &spec.name,
@@ -273,8 +280,12 @@ async fn create(admin: &AdminClient<QuietContext>, spec: &TopicSpec) -> anyhow::
     Ok(())
 }
 
-async fn add_partitions(admin: &AdminClient<QuietContext>, spec: &TopicSpec) -> anyhow::Result<()> {
-    let opts = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
+async fn add_partitions(
+    kafka: &crate::config::KafkaConfig,
+    admin: &AdminClient<QuietContext>,
+    spec: &TopicSpec,
+) -> anyhow::Result<()> {
+    let opts = AdminOptions::new().operation_timeout(Some(kafka.request_timeout));
     let np = NewPartitions::new(&spec.name, spec.partitions as usize);
     for r in admin.create_partitions([&np], &opts).await? {
         if let Err((name, code)) = r {
@@ -288,6 +299,7 @@ async fn add_partitions(admin: &AdminClient<QuietContext>, spec: &TopicSpec) -> 
 /// set when `execute`: the topic's current explicit settings are sent
 /// along, so that none of them falls back to the broker default.
 async fn set_configs(
+    kafka: &crate::config::KafkaConfig,
     admin: &AdminClient<QuietContext>,
     spec: &TopicSpec,
     execute: bool,
@@ -296,7 +308,7 @@ async fn set_configs(
     if declared.is_empty() {
         return Ok(Vec::new());
     }
-    let opts = AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT));
+    let opts = AdminOptions::new().request_timeout(Some(kafka.request_timeout));
     let described = admin
         .describe_configs([&ResourceSpecifier::Topic(&spec.name)], &opts)
         .await?;
@@ -347,8 +359,8 @@ pub async fn check(
     specs: &[TopicSpec],
 ) -> anyhow::Result<Vec<(String, TopicState)>> {
     let admin = admin(kafka)?;
-    let existing = partition_counts(&admin)?;
-    let opts = AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT));
+    let existing = partition_counts(kafka, &admin)?;
+    let opts = AdminOptions::new().request_timeout(Some(kafka.request_timeout));
     let mut report = Vec::new();
     for spec in specs {
         let Some(&actual) = existing.get(&spec.name) else {
