@@ -452,43 +452,32 @@ async fn alert_rules_pass_promtool_and_fire_on_a_duplicate_flood() {
     wait_until(
         "Prometheus fires IdemDuplicateRatioSpike",
         Duration::from_secs(90),
-        || async {
-            http_get(prometheus.port, "/api/v1/alerts")
-                .await
-                .is_some_and(|body| {
-                    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-                    v["data"]["alerts"].as_array().is_some_and(|alerts| {
-                        alerts.iter().any(|a| {
-                            a["labels"]["alertname"] == "IdemDuplicateRatioSpike"
-                                && a["labels"]["topic"] == topic.as_str()
-                                && a["state"] == "firing"
-                        })
-                    })
-                })
-        },
+        || firing(prometheus.port, "IdemDuplicateRatioSpike", Some(&topic)),
     )
     .await;
     assert!(idem.outcome(&topic, Outcome::Duplicate).await >= 2000);
 
     // With the only instance gone, nothing else can fire: IdemDown must.
     idem.terminate().await;
-    wait_until(
-        "Prometheus fires IdemDown",
-        Duration::from_secs(90),
-        || async {
-            http_get(prometheus.port, "/api/v1/alerts")
-                .await
-                .is_some_and(|body| {
-                    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-                    v["data"]["alerts"].as_array().is_some_and(|alerts| {
-                        alerts.iter().any(|a| {
-                            a["labels"]["alertname"] == "IdemDown" && a["state"] == "firing"
-                        })
-                    })
-                })
-        },
-    )
+    wait_until("Prometheus fires IdemDown", Duration::from_secs(90), || {
+        firing(prometheus.port, "IdemDown", None)
+    })
     .await;
+}
+
+/// Whether the Prometheus on `port` has `alert` firing (for `topic`, if given).
+async fn firing(port: u16, alert: &str, topic: Option<&str>) -> bool {
+    let Some(body) = http_get(port, "/api/v1/alerts").await else {
+        return false;
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    v["data"]["alerts"].as_array().is_some_and(|alerts| {
+        alerts.iter().any(|a| {
+            a["labels"]["alertname"] == alert
+                && topic.is_none_or(|t| a["labels"]["topic"] == t)
+                && a["state"] == "firing"
+        })
+    })
 }
 
 /// Every alert rule links a runbook section that exists.
