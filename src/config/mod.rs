@@ -411,8 +411,16 @@ pub fn is_valid_topic_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
-/// A URL with any password replaced, safe for logs and errors.
-pub fn redact_url(url: &str) -> String {
+/// A URL, or a comma-separated list of them (a cluster's seed nodes), with
+/// any password replaced: safe for logs and errors.
+pub fn redact_url(urls: &str) -> String {
+    urls.split(',')
+        .map(redact_one_url)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn redact_one_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             let userinfo = &url[scheme_end + 3..at];

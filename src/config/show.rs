@@ -164,11 +164,7 @@ fn redacted(key: &str, value: String) -> String {
     if secret && !value.is_empty() {
         "***".to_string()
     } else if key == "redis.url" {
-        value
-            .split(',')
-            .map(redact_url)
-            .collect::<Vec<_>>()
-            .join(",")
+        redact_url(&value)
     } else {
         value
     }

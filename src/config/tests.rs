@@ -226,6 +226,11 @@ fn passwords_are_redacted() {
     // An `@` before the scheme is not user information.
     assert_eq!(redact_url("x@redis://h:6379"), "x@redis://h:6379");
     assert_eq!(redact_url("redis://:pw@h:1"), "redis://:***@h:1");
+    // A cluster's seed list: every node's password, not only the last.
+    assert_eq!(
+        redact_url("redis://u:a@h1:7000,redis://u:b@h2:7001"),
+        "redis://u:***@h1:7000,redis://u:***@h2:7001"
+    );
 }
 
 /// Values at and around each numeric bound: accepted or refused by key.

@@ -12,11 +12,10 @@ use std::time::Duration;
 
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-
-use crate::kafka::QuietContext;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::{Config, DlqConfig};
+use crate::kafka::QuietContext;
 use crate::offsets::TopicPartition;
 
 /// Header names idem adds to a dead-letter record.

@@ -105,7 +105,7 @@ fn log_effective_config(config: &Config) {
         group = %config.kafka.group_id,
         topics = %config.kafka.topics.join(","),
         windows = %config.effective_windows(),
-        redis = %config.redis.url.split(',').map(crate::config::redact_url).collect::<Vec<_>>().join(","),
+        redis = %crate::config::redact_url(&config.redis.url),
         redis_mode = ?config.redis.mode,
         key_prefix = %config.redis.key_prefix,
         durability = ?config.redis.durability,
