@@ -9,6 +9,8 @@
 //! - [`model`]: the decision rules as a pure function (the oracle of the tests).
 //! - [`guard`]: the same rules as one atomic Redis script, many events per round trip.
 //! - [`offsets`]: per-partition done offsets and the contiguous commit point.
+//! - [`resume`]: where an assigned partition resumes: the commit, or where
+//!   Redis's own progress records say its state stops (lost, rolled back).
 //! - [`dlq`]: the dead-letter topic (invalid records, conflicts) and its budget.
 //! - [`pipeline`]: the Kafka loop: fetch, decode, guard, mark done, commit;
 //!   rebalances arrive in it as messages.
@@ -32,5 +34,6 @@ pub mod metrics;
 pub mod model;
 pub mod offsets;
 pub mod pipeline;
+pub mod resume;
 pub mod store;
 pub mod tools;

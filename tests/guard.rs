@@ -9,6 +9,7 @@ use common::*;
 use idem::event::{Event, Op};
 use idem::guard::{Guard, GuardInput};
 use idem::model::Model;
+use idem::store::progress::ProgressStore;
 use idem::store::KeyLayout;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -71,10 +72,19 @@ async fn guard_script_matches_the_model_on_random_sequences() {
     let mut rng = StdRng::seed_from_u64(0xD1FF);
     let mut checked_events = 0;
     let window = Duration::from_secs(3600);
+    let epoch = ProgressStore::new(conn.clone(), KeyLayout::new(&prefix))
+        .establish_epoch()
+        .await
+        .expect("epoch");
     for round in 0..(SEQUENCES / 100) {
         // 100 sequences per round trip; each sequence has its own entities.
         let events_per_script = 1 + rng.random_range(0..40) as usize;
-        let mut guard = Guard::new(conn.clone(), KeyLayout::new(&prefix), events_per_script);
+        let mut guard = Guard::new(
+            conn.clone(),
+            KeyLayout::new(&prefix),
+            events_per_script,
+            epoch.clone(),
+        );
         let sequences: Vec<Vec<Event>> = (0..100)
             .map(|s| random_sequence(&mut rng, &format!("r{round}s{s}")))
             .collect();

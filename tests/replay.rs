@@ -114,12 +114,76 @@ async fn replay_to_earliest_applies_nothing_and_catches_up() {
     assert_eq!(idem.outcome(&topic, Outcome::Applied).await, 0);
     assert_eq!(
         idem.outcome(&topic, Outcome::Duplicate).await,
-        records.len() as u64
+        records.len() as u64,
+        "Redis's progress records (written by the first run) did not move the operator's replay"
+    );
+    assert_eq!(
+        idem.counter("idem_redis_rewinds_total", &[]).await,
+        Some(0),
+        "a commit written by replay is taken as it is"
     );
     assert_matches_oracle(&redis_url(), &topic, &model).await;
     let (code, out, _) = idem_cli(&["inspect", "group", &topic, "--topic", &topic]);
     assert_eq!(code, 0);
     assert!(out.contains("total lag 0"), "{out}");
+    idem.terminate().await;
+}
+
+/// A forward move with `--allow-skip` while Redis's progress records stop
+/// before it: idem starts where the operator said, the skipped records are
+/// never applied, and nothing is rewound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_forward_skips_what_the_operator_skipped_despite_progress_records() {
+    let topic = unique("replay-skip");
+    create_topic(&topic, 1).await;
+    let first = stream(&format!("{topic}-a"), 300, 0.0, 11);
+    produce(&topic, &first).await;
+    let opts = IdemOpts::new(&topic, &topic, &topic);
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+    idem.terminate().await;
+    wait_group_empty(&topic, &topic).await;
+
+    let skipped = stream(&format!("{topic}-skipped"), 200, 0.0, 12);
+    produce(&topic, &skipped).await;
+    let end = end_offsets(&topic, 1).await[0];
+    let (code, _, err) = idem_cli(&[
+        "replay",
+        "--topic",
+        &topic,
+        "--group",
+        &topic,
+        "--to-offset",
+        &format!("0:{end}"),
+        "--allow-skip",
+        "--execute",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let last = stream(&format!("{topic}-c"), 100, 0.0, 13);
+    produce(&topic, &last).await;
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+    assert_eq!(
+        idem.outcome(&topic, Outcome::Applied).await,
+        oracle(&last)
+            .0
+            .entities
+            .values()
+            .map(|e| e.applied)
+            .sum::<u64>(),
+        "only the records after the skip are applied"
+    );
+    assert_eq!(
+        idem.counter("idem_rewound_records_total", &[]).await,
+        Some(0)
+    );
+    let skipped_entities: Vec<String> = oracle(&skipped).0.entities.keys().cloned().collect();
+    for (name, view) in read_entities(&redis_url(), &topic, skipped_entities.iter()).await {
+        assert!(
+            !view.exists,
+            "{name} was skipped by the operator, yet applied"
+        );
+    }
     idem.terminate().await;
 }
 

@@ -4,7 +4,8 @@
 -- entity's hash tag; in Redis Cluster all events of one call must also share
 -- a slot (standalone Redis has no such limit).
 --
--- KEYS     four per event, all with the entity's hash tag (so one slot), and
+-- KEYS     first the epoch marker (standalone: the one; cluster: the one of
+--          the call's slot), then four per event, all with the entity's hash tag (so one slot), and
 --          all declared, so that Redis Cluster runs the call only where every
 --          key is (during a slot migration it answers TRYAGAIN instead):
 --            <base>:meta        hash: seq, last_id, fingerprint, applied, updated_ms, deleted
@@ -13,7 +14,8 @@
 --            <base>:ids:<g-1>   the previous generation
 --          where <base> is "<prefix>:{<entity>}".
 -- ARGV     first the batch token (4 bytes: the same for every attempt of one
---          batch, new for the next batch), then per event a fixed head and the fields:
+--          batch, new for the next batch), then the epoch idem knows, then
+--          per event a fixed head and the fields:
 --            expire_at_ms (end of generation g+1), id, id_hash (8 bytes),
 --            fingerprint (8 bytes), fingerprint_hex, seq (decimal u64),
 --            op ("u" | "d"), nset, field1, value1, ..., nunset, field1, ...
@@ -25,6 +27,9 @@
 --            4 duplicate  first seen by an earlier attempt of this batch, which
 --                         applied it (its reply was lost); detail as for 1
 --            5 duplicate  likewise, but that attempt found it stale
+--          or, before any write, the error `IDEMEPOCH <marker>` when the
+--          marker is not the epoch idem knows: Redis lost (some of) its state
+--          since, and idem must find out how far it goes before it writes.
 --
 -- An id mark is fingerprint (8 bytes) .. first-seen ms (6) .. batch token (4)
 -- .. "a" or "s" (applied or stale). Marks written by earlier versions have
@@ -64,11 +69,17 @@ local CONFLICT = 3
 local DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT = 4
 local DUPLICATE_STALE_BY_EARLIER_ATTEMPT = 5
 
+local marker = redis.call('GET', KEYS[1])
+if marker ~= ARGV[2] then
+  return redis.error_reply('IDEMEPOCH ' .. (marker or 'missing'))
+end
+
 local token = ARGV[1]
 local out = {}
-local a = 2
-for i = 1, #KEYS / 4 do
-  local meta, state, current, previous = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
+local a = 3
+for i = 1, (#KEYS - 1) / 4 do
+  local k = 4 * i - 2
+  local meta, state, current, previous = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local expire_at = ARGV[a]
   local id, idh, fp, fp_hex, seq, op = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
   local nset = tonumber(ARGV[a + 7])

@@ -12,6 +12,7 @@ use redis::Value;
 
 use crate::event::{id_hash, Event, Op};
 use crate::model::Outcome;
+use crate::store::progress::epoch_refusal;
 use crate::store::{hash_slot, DurableWait, KeyLayout, NodeAddr, RedisConn, SlotMap, StoreError};
 
 mod plan;
@@ -60,10 +61,19 @@ pub struct Guard {
     /// (see `begin_batch`), so a retry recognises what its lost attempt did.
     batch_token: [u8; 4],
     batches: u32,
+    /// The epoch marker's value idem knows: every call is refused, before
+    /// any write, where the marker differs (Redis lost its state since).
+    epoch: String,
 }
 
 impl Guard {
-    pub fn new(conn: RedisConn, layout: KeyLayout, events_per_script: usize) -> Self {
+    /// `epoch`: what `ProgressStore::establish_epoch` answered.
+    pub fn new(
+        conn: RedisConn,
+        layout: KeyLayout,
+        events_per_script: usize,
+        epoch: String,
+    ) -> Self {
         Guard {
             conn,
             script: redis::Script::new(SCRIPT),
@@ -74,6 +84,7 @@ impl Guard {
             slot_map: None,
             batch_token: [0; 4],
             batches: 0,
+            epoch,
         }
         .with_new_token()
     }
@@ -122,8 +133,19 @@ impl Guard {
 
     /// Guards `inputs` in order, returning one verdict each. Events are sent
     /// `events_per_script` per script call, all calls in one pipeline.
-    /// An error means any subset may have been applied; calling again is safe.
+    /// An error means any subset may have been applied; calling again is
+    /// safe. `EpochChanged`: the calls that met a changed marker wrote nothing.
     pub async fn apply(&mut self, inputs: &[GuardInput<'_>]) -> Result<Vec<Verdict>, StoreError> {
+        let epoch = self.epoch.clone();
+        self.apply_unchecked(inputs)
+            .await
+            .map_err(|e| epoch_refusal(e, &epoch))
+    }
+
+    async fn apply_unchecked(
+        &mut self,
+        inputs: &[GuardInput<'_>],
+    ) -> Result<Vec<Verdict>, StoreError> {
         if inputs.is_empty() {
             return Ok(Vec::new());
         }
@@ -290,11 +312,20 @@ impl Guard {
             c.arg(self.script.get_hash());
             c
         };
-        cmd.arg(chunk.len() * 4);
+        cmd.arg(chunk.len() * 4 + 1);
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        // The keys come first, the args after.
+        // The keys come first (the marker of the call's slot, then the
+        // events'), the args after.
+        let slot = self.conn.is_cluster().then(|| {
+            hash_slot(
+                self.layout
+                    .entity_base(&inputs[chunk[0]].event.entity)
+                    .as_bytes(),
+            )
+        });
+        cmd.arg(self.layout.epoch_key(slot));
         let generations: Vec<IdGenerations> = chunk
             .iter()
             .map(|&i| id_generations(now_ms, inputs[i].window))
@@ -306,7 +337,7 @@ impl Guard {
                 .arg(format!("{base}:ids:{}", ids.current))
                 .arg(format!("{base}:ids:{}", ids.previous));
         }
-        cmd.arg(&self.batch_token[..]);
+        cmd.arg(&self.batch_token[..]).arg(&self.epoch);
         for (&i, ids) in chunk.iter().zip(&generations) {
             push_event_args(&mut cmd, &inputs[i], ids.expire_at_ms);
         }

@@ -309,17 +309,20 @@ pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// Stores `next` (the next offset to read) as the partition's commit point;
-/// returns whether it was stored. A partition no longer assigned is skipped:
-/// its new owner decides.
+/// Stores `next` (the next offset to read) as the partition's commit point,
+/// with `metadata` (see `resume::commit_metadata`); returns whether it was
+/// stored. A partition no longer assigned is skipped: its new owner decides.
 pub fn store_offset<C: ConsumerContext>(
     consumer: &impl Consumer<C>,
     tp: &TopicPartition,
     next: i64,
+    metadata: &str,
 ) -> bool {
     let mut tpl = TopicPartitionList::with_capacity(1);
-    let stored = tpl
-        .add_partition_offset(&tp.topic, tp.partition, Offset::Offset(next))
+    let mut elem = tpl.add_partition(&tp.topic, tp.partition);
+    elem.set_metadata(metadata);
+    let stored = elem
+        .set_offset(Offset::Offset(next))
         .and_then(|()| consumer.store_offsets(&tpl));
     match stored {
         Ok(()) => {

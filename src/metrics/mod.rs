@@ -41,6 +41,9 @@ pub const DEAD_LETTERS_TOTAL: &str = "idem_dead_letters_total";
 pub const COMMIT_LAG_SECONDS: &str = "idem_commit_lag_seconds";
 pub const KEY_MISMATCH_TOTAL: &str = "idem_key_mismatch_total";
 pub const PARTITION_BLOCKED: &str = "idem_partition_blocked";
+pub const REDIS_REWINDS_TOTAL: &str = "idem_redis_rewinds_total";
+pub const REWOUND_RECORDS_TOTAL: &str = "idem_rewound_records_total";
+pub const REDIS_STATE_CHANGES_TOTAL: &str = "idem_redis_state_changes_total";
 
 /// Buckets fine enough for the benchmark to read p50/p99/p99.9 from.
 pub const LATENCY_BUCKETS: [f64; 24] = [
@@ -62,6 +65,9 @@ pub struct Health {
     blocked: Arc<std::sync::Mutex<Option<String>>>,
     /// What the guard stage is retrying right now (`redis`, `dead_letter`).
     waiting_on: Arc<std::sync::Mutex<Option<&'static str>>>,
+    /// Partitions re-read because Redis lost state, until they are back
+    /// where Kafka's commit was.
+    rewinding: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Health {
@@ -93,14 +99,19 @@ impl Health {
         *self.waiting_on.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Sets (or clears) what is being re-read after a Redis state loss.
+    pub fn set_rewinding(&self, what: Option<String>) {
+        *self.rewinding.lock().unwrap_or_else(|e| e.into_inner()) = what;
+    }
+
     /// Why `/readyz` says not ready, if a reason is known.
     pub fn not_ready_reason(&self) -> Option<String> {
-        self.stopped_reason().or_else(|| {
-            self.blocked
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-        })
+        let lock = |m: &std::sync::Mutex<Option<String>>| {
+            m.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        };
+        self.stopped_reason()
+            .or_else(|| lock(&self.blocked))
+            .or_else(|| lock(&self.rewinding))
     }
 
     /// The instance is a member of the group (an assignment arrived, even
@@ -232,6 +243,18 @@ fn describe_all() {
         "Retried operations by cause; nothing is committed past a failed one."
     );
     describe_counter!(
+        REDIS_REWINDS_TOTAL,
+        "Partitions resumed before their committed offset because Redis's progress records stop earlier, by cause (lost, rolled_back)."
+    );
+    describe_counter!(
+        REWOUND_RECORDS_TOTAL,
+        "Records read again because Redis's state stopped before the committed offset."
+    );
+    describe_counter!(
+        REDIS_STATE_CHANGES_TOTAL,
+        "Times a running idem found Redis's state lost or rolled back and restarted consumption from what Redis holds, by cause (epoch, rolled_back)."
+    );
+    describe_counter!(
         REBALANCES_TOTAL,
         "Consumer group rebalances by kind (assign, revoke, lost)."
     );
@@ -304,6 +327,9 @@ fn initial_series() {
     for kind in ["assign", "revoke", "lost"] {
         counter!(REBALANCES_TOTAL, "kind" => kind).increment(0);
     }
+    for cause in ["epoch", "rolled_back"] {
+        counter!(REDIS_STATE_CHANGES_TOTAL, "cause" => cause).increment(0);
+    }
     // A registered histogram is exported (empty) before its first sample.
     for name in HISTOGRAMS {
         let _ = histogram!(name);
@@ -326,6 +352,10 @@ pub fn init_topic(topic: &str) {
         record_outcome(topic, outcome, 0);
     }
     counter!(KEY_MISMATCH_TOTAL, "topic" => topic.to_string()).increment(0);
+    for cause in ["lost", "rolled_back"] {
+        counter!(REDIS_REWINDS_TOTAL, "topic" => topic.to_string(), "cause" => cause).increment(0);
+    }
+    counter!(REWOUND_RECORDS_TOTAL, "topic" => topic.to_string()).increment(0);
 }
 
 /// Counts one outcome.
@@ -357,6 +387,15 @@ pub fn record_round_trip(elapsed: Duration) {
 
 pub fn record_retry(cause: &'static str) {
     counter!(RETRIES_TOTAL, "cause" => cause).increment(1);
+}
+
+pub fn record_rewind(topic: &str, cause: &'static str, records: i64) {
+    counter!(REDIS_REWINDS_TOTAL, "topic" => topic.to_string(), "cause" => cause).increment(1);
+    counter!(REWOUND_RECORDS_TOTAL, "topic" => topic.to_string()).increment(records.max(0) as u64);
+}
+
+pub fn record_redis_state_change(cause: &'static str) {
+    counter!(REDIS_STATE_CHANGES_TOTAL, "cause" => cause).increment(1);
 }
 
 pub fn record_rebalance(kind: &'static str) {

@@ -13,13 +13,16 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::batch::{Batch, Finished};
-use super::{Backoff, Shutdown, Summary};
+use super::recovery::RedisProgress;
+use super::recovery::StateChanged;
+use super::{Backoff, Shutdown, ShutdownTrigger, Summary};
 use crate::config::Config;
 use crate::dlq::budget::DlqBudget;
 use crate::dlq::{DeadLetter, DlqWriter};
 use crate::guard::{Guard, GuardInput, Verdict};
 use crate::metrics::{self, Health};
 use crate::model::Outcome;
+use crate::store::StoreError;
 
 /// Consecutive failures after which the Redis connection is replaced.
 const RECONNECT_AFTER: u32 = 3;
@@ -34,6 +37,10 @@ pub struct GuardStage {
     pub budget: DlqBudget,
     /// Where finished batches are reported: the loop marks their offsets done.
     pub finished: mpsc::UnboundedSender<Finished>,
+    /// Redis's progress records: written after each batch, checked after a failure.
+    pub progress: RedisProgress,
+    /// Fired when Redis's state changed: consumption restarts from what it holds.
+    pub restart: ShutdownTrigger,
 }
 
 impl GuardStage {
@@ -72,6 +79,9 @@ impl GuardStage {
         drop(inputs);
         let letters = dead_letters(&batch, &verdicts);
         if !letters.is_empty() && !self.dead_letter_with_retry(&letters).await {
+            return false;
+        }
+        if !self.record_progress(&batch).await {
             return false;
         }
         // Count before marking done: whoever sees the commit sees the counts.
@@ -276,14 +286,28 @@ impl GuardStage {
         let mut failures = 0u32;
         loop {
             let started = Instant::now();
-            match self.guard.apply(inputs).await {
+            // After a failure, nothing is written before the check says
+            // Redis still holds what idem recorded.
+            let attempt = match self.progress.check().await {
+                Ok(Some(changed)) => return self.restart_for(changed),
+                Ok(None) => self.guard.apply(inputs).await,
+                Err(e) => Err(e),
+            };
+            match attempt {
                 Ok(verdicts) => {
                     metrics::record_round_trip(started.elapsed());
                     self.health.set_redis_ok(true);
                     self.health.set_waiting_on(None);
                     return Some(verdicts);
                 }
+                Err(StoreError::EpochChanged { expected, found }) => {
+                    return self.restart_for(StateChanged {
+                        cause: "epoch",
+                        detail: format!("epoch marker {found}, idem knows {expected}"),
+                    });
+                }
                 Err(e) => {
+                    self.progress.suspect();
                     self.health.set_redis_ok(false);
                     self.health.set_waiting_on(Some("redis"));
                     metrics::record_retry(e.cause());
@@ -295,6 +319,7 @@ impl GuardStage {
                                     failures,
                                     "redis keeps failing: replaced the connection"
                                 );
+                                self.progress.replace_connection(conn.clone());
                                 self.guard.replace_connection(conn);
                             }
                             Err(e) => tracing::warn!(error = %e, "redis reconnect failed"),

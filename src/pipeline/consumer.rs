@@ -22,10 +22,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
@@ -48,11 +48,25 @@ impl Fetched {
     }
 }
 
+/// A newly assigned partition with its committed offset and metadata.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub tp: TopicPartition,
+    /// `None`: no commit (or it could not be read).
+    pub offset: Option<i64>,
+    pub metadata: String,
+}
+
 /// What the consumer thread tells the loop, in the order librdkafka reported it.
 pub enum KafkaEvent {
     Record(Fetched),
     Error(KafkaError),
-    Assigned(Vec<TopicPartition>),
+    /// The loop answers with the partitions that must start elsewhere than
+    /// their committed offset (Redis's state stops before it).
+    Assigned {
+        partitions: Vec<Committed>,
+        answer: std::sync::mpsc::SyncSender<Vec<(TopicPartition, i64)>>,
+    },
     /// The loop stops taking records of `partitions`, waits (bounded) for
     /// their in-flight batches and answers with their commit points.
     Revoked {
@@ -83,6 +97,8 @@ pub struct Forwarder {
     /// plus slack).
     revoke_wait: Duration,
     limiter: kafka::quiet::LogLimiter,
+    /// Stored with every offset: the epoch of the Redis the effects are in.
+    metadata: String,
 }
 
 pub type Consumer = BaseConsumer<Forwarder>;
@@ -92,12 +108,59 @@ impl Forwarder {
         events: mpsc::Sender<KafkaEvent>,
         notes: mpsc::UnboundedSender<KafkaNote>,
         revoke_timeout: Duration,
+        metadata: String,
     ) -> Forwarder {
         Forwarder {
             events,
             notes,
             revoke_wait: revoke_timeout + Duration::from_secs(5),
             limiter: kafka::quiet::LogLimiter::default(),
+            metadata,
+        }
+    }
+
+    /// Reads the committed offsets of `tpl`, asks the loop where each must
+    /// start, and sets those offsets in `tpl` before it is assigned.
+    fn assign(&self, consumer: &Consumer, tpl: &mut TopicPartitionList) {
+        let partitions = match consumer.committed_offsets(tpl.clone(), self.revoke_wait) {
+            Ok(committed) => committed
+                .elements()
+                .iter()
+                .map(|e| Committed {
+                    tp: TopicPartition::new(e.topic(), e.partition()),
+                    offset: match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    },
+                    metadata: e.metadata().to_string(),
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the committed offsets of the assigned partitions; they start where Kafka says, without comparing Redis's progress");
+                Vec::new()
+            }
+        };
+        let (answer, answered) = std::sync::mpsc::sync_channel(1);
+        if self
+            .events
+            .blocking_send(KafkaEvent::Assigned { partitions, answer })
+            .is_err()
+        {
+            return;
+        }
+        match answered.recv_timeout(self.revoke_wait) {
+            Ok(starts) => {
+                for (tp, offset) in starts {
+                    if let Err(e) =
+                        tpl.set_partition_offset(&tp.topic, tp.partition, Offset::Offset(offset))
+                    {
+                        tracing::error!(error = %e, topic = %tp.topic, partition = tp.partition, "could not set the rewound start offset");
+                    }
+                }
+            }
+            Err(_) => tracing::warn!(
+                "the loop did not answer the assignment in time; partitions start where Kafka says"
+            ),
         }
     }
 
@@ -119,7 +182,7 @@ impl Forwarder {
             return;
         };
         for (tp, next) in &commits {
-            kafka::store_offset(consumer, tp, *next);
+            kafka::store_offset(consumer, tp, *next, &self.metadata);
         }
         kafka::commit_stored(consumer);
         tracing::info!(
@@ -172,23 +235,44 @@ impl ClientContext for Forwarder {
 }
 
 impl ConsumerContext for Forwarder {
-    fn pre_rebalance(&self, consumer: &Consumer, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Revoke(tpl) if consumer.assignment_lost() => {
-                let _ = self
-                    .events
-                    .blocking_send(KafkaEvent::Lost(partitions_of(tpl)));
+    /// rust-rdkafka's own `rebalance`, with one change: an assignment's
+    /// start offsets may be set (rewound) before librdkafka takes it.
+    fn rebalance(&self, consumer: &Consumer, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.assign(consumer, tpl);
+                if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                }
             }
-            Rebalance::Revoke(tpl) => self.revoke(consumer, partitions_of(tpl)),
-            Rebalance::Assign(tpl) => {
-                let _ = self
-                    .events
-                    .blocking_send(KafkaEvent::Assigned(partitions_of(tpl)));
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                if consumer.assignment_lost() {
+                    let _ = self
+                        .events
+                        .blocking_send(KafkaEvent::Lost(partitions_of(tpl)));
+                } else {
+                    self.revoke(consumer, partitions_of(tpl));
+                }
+                if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                }
             }
-            Rebalance::Error(e) => {
+            other => {
                 metrics::record_rebalance("error");
-                tracing::warn!(error = %e, "rebalance error");
+                tracing::warn!(error = %RDKafkaErrorCode::from(other), "rebalance error");
+                Ok(())
             }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "librdkafka refused the rebalance's assignment change");
         }
     }
 

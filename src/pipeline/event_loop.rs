@@ -18,13 +18,15 @@ use tokio::time::Instant;
 
 use super::batch::{Batch, Finished};
 use super::blocked::BlockedWatch;
-use super::consumer::{Consumer, Fetched, KafkaEvent, KafkaNote};
+use super::consumer::{Committed, Consumer, Fetched, KafkaEvent, KafkaNote};
 use super::progress::Progress;
+use super::recovery::{resume_points, Unrecoverable};
 use super::Shutdown;
 use crate::config::Config;
 use crate::kafka;
 use crate::metrics::{self, Health};
 use crate::offsets::TopicPartition;
+use crate::store::progress::ProgressStore;
 
 /// How long the loop waits for the guard stage with a full batch before it
 /// pauses fetching (instead of buffering) while it keeps serving rebalances.
@@ -51,6 +53,32 @@ pub struct EventLoop {
     stopped: bool,
     /// Holds back repeated consumer errors (one per poll with the brokers down).
     quiet: crate::kafka::quiet::LogLimiter,
+    /// Redis's progress records, read when partitions are assigned.
+    redis: ProgressStore,
+    /// The epoch of the Redis this run writes to, and the commit metadata naming it.
+    epoch: String,
+    metadata: String,
+    /// Rewound partitions and the committed offset they were rewound from.
+    rewinding: std::collections::HashMap<TopicPartition, i64>,
+    /// Why the loop must end before taking more work, if it must.
+    end: Option<LoopEnd>,
+}
+
+/// Why the loop ended.
+#[derive(Debug)]
+pub enum LoopEnd {
+    Shutdown,
+    /// Consumption restarts from what Redis holds (its state changed, or
+    /// the progress check of an assignment could not be made).
+    Restart(String),
+    /// Redis lost effects the log no longer holds.
+    Unrecoverable(Unrecoverable),
+}
+
+/// What the loop reads Redis's progress with.
+pub struct RedisSide {
+    pub store: ProgressStore,
+    pub epoch: String,
 }
 
 impl EventLoop {
@@ -61,8 +89,14 @@ impl EventLoop {
         events: mpsc::Receiver<KafkaEvent>,
         notes: mpsc::UnboundedReceiver<KafkaNote>,
         finished: mpsc::UnboundedReceiver<Finished>,
+        redis: RedisSide,
     ) -> EventLoop {
         EventLoop {
+            metadata: crate::resume::commit_metadata(&redis.epoch),
+            epoch: redis.epoch,
+            redis: redis.store,
+            rewinding: Default::default(),
+            end: None,
             config,
             consumer,
             health,
@@ -80,11 +114,20 @@ impl EventLoop {
         }
     }
 
-    /// Runs until `shutdown` fires or the guard stage ends.
-    pub async fn run(&mut self, batches: &mpsc::Sender<Batch>, shutdown: &mut Shutdown) {
+    /// Runs until `shutdown` fires, the guard stage ends or asks for a
+    /// restart (`restart`), or an assignment cannot start safely.
+    pub async fn run(
+        &mut self,
+        batches: &mpsc::Sender<Batch>,
+        shutdown: &mut Shutdown,
+        restart: &mut Shutdown,
+    ) -> LoopEnd {
         let max = self.config.pipeline.batch_max_events.get();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
+            if let Some(end) = self.end.take() {
+                return end;
+            }
             self.stopped = self.health.stopped_reason().is_some();
             let stopped = self.stopped;
             if stopped && self.paused.is_none() {
@@ -106,6 +149,7 @@ impl EventLoop {
                 // Shutdown first: once asked to stop, take no new work.
                 biased;
                 _ = shutdown.wait() => break,
+                _ = restart.wait() => return LoopEnd::Restart("the guard stage found Redis's state changed".into()),
                 Some(done) = self.finished.recv() => self.on_finished(done),
                 permit = batches.reserve(), if ready => match permit {
                     Ok(permit) => self.hand_over(permit, max),
@@ -121,6 +165,7 @@ impl EventLoop {
                 _ = tick.tick() => self.on_tick(),
             }
         }
+        LoopEnd::Shutdown
     }
 
     /// The next moment the loop must look again without any message: the
@@ -163,10 +208,25 @@ impl EventLoop {
     /// Stores each owned partition's new commit point for librdkafka's next commit.
     fn store_commits(&mut self) {
         for (tp, next) in self.progress.take_owned_commits() {
-            if kafka::store_offset(&*self.consumer, &tp, next) {
+            if kafka::store_offset(&*self.consumer, &tp, next, &self.metadata) {
                 self.progress.note_stored(&tp, next);
             }
+            if self.rewinding.get(&tp).is_some_and(|c| next >= *c) {
+                self.rewinding.remove(&tp);
+                tracing::info!(topic = %tp.topic, partition = tp.partition, next, "rewound partition is back at its committed offset");
+                self.note_rewinding();
+            }
         }
+    }
+
+    fn note_rewinding(&self) {
+        self.health
+            .set_rewinding((!self.rewinding.is_empty()).then(|| {
+                format!(
+                    "re-reading {} partition(s) after Redis lost or rolled back its state",
+                    self.rewinding.len()
+                )
+            }));
     }
 
     async fn on_event(&mut self, event: KafkaEvent) {
@@ -184,7 +244,11 @@ impl EventLoop {
                 }
             }
             KafkaEvent::Error(e) => self.quiet.consumer_error(&e),
-            KafkaEvent::Assigned(tps) => self.on_assigned(&tps),
+            KafkaEvent::Assigned { partitions, answer } => {
+                let starts = self.on_assigned(&partitions).await;
+                // The consumer thread assigns them from these offsets.
+                let _ = answer.send(starts);
+            }
             KafkaEvent::Lost(tps) => {
                 metrics::record_rebalance("lost");
                 tracing::warn!(
@@ -201,7 +265,43 @@ impl EventLoop {
         }
     }
 
-    fn on_assigned(&mut self, tps: &[TopicPartition]) {
+    /// Takes newly assigned partitions and answers where those must start
+    /// that Redis's progress records put before their commit.
+    async fn on_assigned(&mut self, assigned: &[Committed]) -> Vec<(TopicPartition, i64)> {
+        let tps: Vec<TopicPartition> = assigned.iter().map(|c| c.tp.clone()).collect();
+        self.take_partitions(&tps);
+        let group = self.config.kafka.group_id.clone();
+        let checked = resume_points(
+            &mut self.redis,
+            &self.epoch,
+            &self.consumer,
+            assigned,
+            &group,
+        )
+        .await;
+        match checked {
+            Ok(Ok(rewinds)) => {
+                let starts = rewinds.iter().map(|r| (r.tp.clone(), r.to)).collect();
+                for r in rewinds {
+                    self.rewinding.insert(r.tp, r.committed);
+                }
+                self.note_rewinding();
+                starts
+            }
+            Ok(Err(unrecoverable)) => {
+                self.end = Some(LoopEnd::Unrecoverable(unrecoverable));
+                Vec::new()
+            }
+            Err(e) => {
+                self.end = Some(LoopEnd::Restart(format!(
+                    "could not read Redis's progress records for the assigned partitions: {e}"
+                )));
+                Vec::new()
+            }
+        }
+    }
+
+    fn take_partitions(&mut self, tps: &[TopicPartition]) {
         metrics::record_rebalance("assign");
         // Any assignment, even an empty one (a standby), means the group has us.
         self.health.set_joined();
@@ -246,6 +346,8 @@ impl EventLoop {
     fn drop_partitions(&mut self, tps: &[TopicPartition]) {
         self.pending.retain(|r| !tps.contains(&r.tp));
         self.progress.forget(tps);
+        self.rewinding.retain(|tp, _| !tps.contains(tp));
+        self.note_rewinding();
         self.note_assignment();
     }
 

@@ -13,6 +13,7 @@ mod blocked;
 mod consumer;
 mod event_loop;
 mod progress;
+mod recovery;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,8 +30,10 @@ use crate::store::{self, KeyLayout};
 use apply::GuardStage;
 use batch::Batch;
 use consumer::{Consumer, Forwarder, KafkaEvent, PollThread};
-use event_loop::EventLoop;
+use event_loop::{EventLoop, LoopEnd, RedisSide};
 pub use progress::Progress;
+use recovery::RedisProgress;
+use store::progress::ProgressStore;
 
 /// A cancellation signal shared by every part of one run.
 #[derive(Clone)]
@@ -82,6 +85,9 @@ pub enum RunError {
     /// The task that ran the broker check ended without an answer.
     #[error("the start-up check of the brokers did not finish")]
     PreflightTask(#[from] tokio::task::JoinError),
+    /// Redis lost effects that the log no longer holds.
+    #[error(transparent)]
+    Unrecoverable(#[from] recovery::Unrecoverable),
 }
 
 /// Runs idem until `shutdown` fires: serves metrics, consumes the configured
@@ -130,40 +136,76 @@ async fn run_pipeline(
     let kafka_config = config.kafka.clone();
     tokio::task::spawn_blocking(move || kafka::preflight(&kafka_config, PREFLIGHT_TIMEOUT))
         .await??;
-    let Some(guard) = start_guard(&config, &mut shutdown).await? else {
-        return Ok(());
-    };
-    health.set_redis_ok(true);
     // In the background: with the brokers down it waits for its timeout,
     // and consumption need not wait for a warning.
     tokio::spawn({
         let config = config.clone();
         async move { crate::dlq::check_topics(&config).await }
     });
+    let mut backoff = Backoff::new(&config);
+    loop {
+        let Some((guard, redis)) = start_guard(&config, &mut shutdown).await? else {
+            return Ok(());
+        };
+        health.set_redis_ok(true);
+        match run_consumer(&config, &health, &mut shutdown, guard, redis).await? {
+            LoopEnd::Shutdown => return Ok(()),
+            LoopEnd::Unrecoverable(e) => return Err(e.into()),
+            LoopEnd::Restart(why) => {
+                let wait = backoff.next();
+                tracing::warn!(reason = %why, restart_in = ?wait, "consumption restarts: Redis's progress is read again and every partition resumes from what Redis holds");
+                tokio::select! {
+                    _ = shutdown.wait() => return Ok(()),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
 
-    let (consumer, poller, events, notes) = start_consumer(&config)?;
+/// One consumer's life: joins the group, applies batches until shutdown,
+/// a restart or an unrecoverable loss, then commits what is done and leaves.
+async fn run_consumer(
+    config: &Arc<Config>,
+    health: &Health,
+    shutdown: &mut Shutdown,
+    guard: Guard,
+    redis: RedisSide,
+) -> Result<LoopEnd, RunError> {
+    let (consumer, poller, events, notes) = start_consumer(config, &redis.epoch)?;
 
     // The guard stage, its own task: applies batches in order. The channel
     // holds one batch while another is applied, so fetching and decoding
     // overlap the Redis round trip, and at most two batches are in flight.
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
     let (finished_tx, finished) = mpsc::unbounded_channel();
+    let (restart_trigger, mut restart) = Shutdown::new();
     let stage = GuardStage {
         config: config.clone(),
         guard,
         health: health.clone(),
         shutdown: shutdown.clone(),
         summary: Summary::new(),
-        dlq: crate::dlq::DlqWriter::new(&config)?,
+        dlq: crate::dlq::DlqWriter::new(config)?,
         budget: crate::dlq::budget::DlqBudget::new(config.dlq.ratio_window, config.dlq.max_ratio),
         finished: finished_tx,
+        progress: RedisProgress::new(redis.store.clone(), redis.epoch.clone()),
+        restart: restart_trigger,
     };
     let guard_task = tokio::spawn(stage.run(batch_rx));
-    let mut event_loop = EventLoop::new(config.clone(), consumer, health, events, notes, finished);
-    event_loop.run(&batch_tx, &mut shutdown).await;
+    let mut event_loop = EventLoop::new(
+        config.clone(),
+        consumer,
+        health.clone(),
+        events,
+        notes,
+        finished,
+        redis,
+    );
+    let end = event_loop.run(&batch_tx, shutdown, &mut restart).await;
 
-    shut_down(&config, event_loop, guard_task, batch_tx, poller).await;
-    Ok(())
+    shut_down(config, event_loop, guard_task, batch_tx, poller).await;
+    Ok(end)
 }
 
 /// The consumer and its polling thread, subscribed; the channels on which
@@ -176,7 +218,7 @@ type ConsumerParts = (
 );
 
 /// Creates the consumer, subscribes it and starts its polling thread.
-fn start_consumer(config: &Config) -> Result<ConsumerParts, RunError> {
+fn start_consumer(config: &Config, epoch: &str) -> Result<ConsumerParts, RunError> {
     // The consumer thread reports in order; at most this many records wait
     // in the channel (the loop also holds up to one batch of its own).
     let (event_tx, events) =
@@ -187,6 +229,7 @@ fn start_consumer(config: &Config) -> Result<ConsumerParts, RunError> {
             event_tx.clone(),
             note_tx,
             config.kafka.revoke_timeout,
+            crate::resume::commit_metadata(epoch),
         ))?,
     );
     let topics: Vec<&str> = config.kafka.topics.iter().map(String::as_str).collect();
@@ -242,9 +285,12 @@ async fn shut_down(
 }
 
 /// Connects to Redis (retrying until it answers), checks that it keeps
-/// idem's keys and gives the configured durability, and loads the guard
-/// script. `None` if shutdown fired first.
-async fn start_guard(config: &Config, shutdown: &mut Shutdown) -> Result<Option<Guard>, RunError> {
+/// idem's keys and gives the configured durability, settles the epoch
+/// marker and loads the guard script. `None` if shutdown fired first.
+async fn start_guard(
+    config: &Config,
+    shutdown: &mut Shutdown,
+) -> Result<Option<(Guard, RedisSide)>, RunError> {
     let Some(mut conn) = connect_redis(config, shutdown).await? else {
         return Ok(None);
     };
@@ -257,17 +303,50 @@ async fn start_guard(config: &Config, shutdown: &mut Shutdown) -> Result<Option<
             .for_each(|w| tracing::warn!("{w}")),
         Err(e) => tracing::debug!(error = %e, "could not read Redis's persistence settings"),
     }
+    let layout = KeyLayout::new(&config.redis.key_prefix);
+    let mut store = ProgressStore::new(conn.clone(), layout.clone());
+    let Some(epoch) = establish_epoch(config, &mut store, shutdown).await else {
+        return Ok(None);
+    };
     let mut guard = Guard::new(
         conn,
-        KeyLayout::new(&config.redis.key_prefix),
+        layout,
         config.pipeline.events_per_script.get(),
+        epoch.clone(),
     )
     // Half the response timeout, so a slow WAIT reports itself before the client gives up.
     .with_durable_wait(wait, config.redis.response_timeout / 2);
     if let Err(e) = guard.load_script().await {
         tracing::warn!(error = %e, "could not load the guard script now; it is loaded on first use");
     }
-    Ok(Some(guard))
+    Ok(Some((guard, RedisSide { store, epoch })))
+}
+
+/// The epoch every marker agrees on (renewed where one is missing),
+/// retrying until Redis answers; `None` if shutdown fired first.
+async fn establish_epoch(
+    config: &Config,
+    store: &mut ProgressStore,
+    shutdown: &mut Shutdown,
+) -> Option<String> {
+    let mut backoff = Backoff::new(config);
+    loop {
+        match store.establish_epoch().await {
+            Ok(epoch) => {
+                tracing::info!(epoch = %epoch, "Redis epoch marker");
+                return Some(epoch);
+            }
+            Err(e) => {
+                let wait = backoff.next();
+                metrics::record_retry(e.cause());
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot read or set Redis's epoch marker");
+                tokio::select! {
+                    _ = shutdown.wait() => return None,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
 }
 
 /// Connects to Redis, retrying with backoff until it answers or shutdown

@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::config::{redact_url, RedisConfig};
 
 mod checks;
+pub mod progress;
 pub use checks::{
     check_eviction_policy, durable_wait, persistence, CheckError, DurableWait, Persistence,
 };
@@ -27,6 +28,10 @@ pub enum StoreError {
     Protocol(String),
     #[error("the batch is in Redis but not durable as redis.durability asks: {0}")]
     NotDurable(String),
+    /// The epoch marker is gone or was renewed: Redis lost (some of) its
+    /// state since idem last looked. Nothing of the refused call was written.
+    #[error("Redis's epoch marker is {found} where idem expected {expected}: Redis lost or replaced its state")]
+    EpochChanged { expected: String, found: String },
 }
 
 impl StoreError {
@@ -50,7 +55,7 @@ impl StoreError {
                             | redis::ErrorKind::Ask
                     )
             }
-            StoreError::Protocol(_) => false,
+            StoreError::Protocol(_) | StoreError::EpochChanged { .. } => false,
             StoreError::NotDurable(_) => true,
         }
     }
@@ -85,6 +90,7 @@ impl StoreError {
             StoreError::Redis(_) => "server",
             StoreError::Protocol(_) => "protocol",
             StoreError::NotDurable(_) => "not_durable",
+            StoreError::EpochChanged { .. } => "epoch",
         }
     }
 }
@@ -131,6 +137,25 @@ impl KeyLayout {
     /// is a short string of that slot): at most one key per slot.
     pub fn slot_barrier_key(&self, slot: u16) -> String {
         format!("{}:durability-barrier:{{{}}}", self.prefix, slot_tag(slot))
+    }
+
+    /// The epoch marker every guard call checks: the one key of a
+    /// standalone server (`None`), or the one of cluster slot `slot`.
+    pub fn epoch_key(&self, slot: Option<u16>) -> String {
+        match slot {
+            None => format!("{}:epoch", self.prefix),
+            Some(s) => format!("{}:epoch:{{{}}}", self.prefix, slot_tag(s)),
+        }
+    }
+
+    /// The progress records of a server (`None`), or of the cluster master
+    /// whose lowest slot is `slot`: a hash, field `<topic>:<partition>`,
+    /// value the next offset to read.
+    pub fn progress_key(&self, slot: Option<u16>) -> String {
+        match slot {
+            None => format!("{}:progress", self.prefix),
+            Some(s) => format!("{}:progress:{{{}}}", self.prefix, slot_tag(s)),
+        }
     }
 }
 
@@ -305,6 +330,17 @@ impl SlotMap {
             .iter()
             .find(|(start, end, _)| (*start..=*end).contains(&slot))
             .map(|(_, _, node)| node)
+    }
+
+    /// Each master with the lowest slot it owns: where its progress
+    /// records live.
+    pub fn anchors(&self) -> Vec<(NodeAddr, u16)> {
+        let mut lowest: BTreeMap<&NodeAddr, u16> = BTreeMap::new();
+        for (start, _, node) in &self.ranges {
+            let e = lowest.entry(node).or_insert(*start);
+            *e = (*e).min(*start);
+        }
+        lowest.into_iter().map(|(n, s)| (n.clone(), s)).collect()
     }
 
     pub fn masters(&self) -> Vec<NodeAddr> {

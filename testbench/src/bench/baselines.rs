@@ -90,7 +90,10 @@ pub async fn per_event_script_ceiling(
     cfg.key_prefix = prefix.to_string();
     cfg.response_timeout = Duration::from_secs(30);
     let conn = idem::store::connect(&cfg).await?;
-    let mut guard = Guard::new(conn, KeyLayout::new(prefix), 1);
+    let epoch = idem::store::progress::ProgressStore::new(conn.clone(), KeyLayout::new(prefix))
+        .establish_epoch()
+        .await?;
+    let mut guard = Guard::new(conn, KeyLayout::new(prefix), 1, epoch);
     guard.load_script().await?;
     let window = Duration::from_secs(86_400);
     let started = Instant::now();

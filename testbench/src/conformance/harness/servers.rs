@@ -13,7 +13,9 @@ pub struct PrivateRedis {
 }
 
 impl PrivateRedis {
-    /// `fsync` is the AOF policy: "always" or "everysec".
+    /// `fsync` is the AOF policy: "always" or "everysec"; "none" runs
+    /// without AOF (and without automatic RDB saves): a kill loses everything
+    /// but what an explicit BGSAVE wrote.
     pub async fn start(work_dir: &Path, fsync: &'static str) -> anyhow::Result<Self> {
         Self::start_with(work_dir, fsync, None).await
     }
@@ -47,6 +49,11 @@ impl PrivateRedis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// The server's working directory (its `dump.rdb`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         let mut cmd = Command::new("redis-server");
         if let Some(p) = &self.password {
@@ -61,7 +68,10 @@ impl PrivateRedis {
                 "--save",
                 "",
             ])
-            .args(["--appendonly", "yes", "--appendfsync", self.fsync])
+            .args(match self.fsync {
+                "none" => vec!["--appendonly", "no"],
+                fsync => vec!["--appendonly", "yes", "--appendfsync", fsync],
+            })
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())

@@ -1,0 +1,287 @@
+//! Keeping Redis's own progress records and acting on them: recording how
+//! far each partition is applied after every batch, checking them after any
+//! Redis failure before the next write, and choosing where newly assigned
+//! partitions resume (`resume::decide`).
+//!
+//! Guarantee: a batch's offsets are marked done only after its progress
+//! record is in Redis, so a record is never behind what Kafka may commit
+//! with this epoch; and after a failed Redis call nothing is written again
+//! until the records show that Redis still holds what idem recorded.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::Consumer as _;
+
+use super::consumer::{Committed, Consumer};
+use crate::metrics;
+use crate::offsets::TopicPartition;
+use crate::resume::{decide, Start};
+use crate::store::progress::ProgressStore;
+use crate::store::StoreError;
+
+/// The guard stage's side: the records it wrote and the check after a failure.
+pub struct RedisProgress {
+    store: ProgressStore,
+    epoch: String,
+    /// Per partition, the highest next offset this instance recorded.
+    recorded: HashMap<TopicPartition, i64>,
+    /// A Redis call failed since the last check: Redis may have restarted.
+    suspect: bool,
+    last_check: std::time::Instant,
+}
+
+/// How often the records are checked without a failure: a restart that the
+/// client's silent reconnect hid is noticed within this.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Redis no longer holds what idem recorded: consumption must restart from
+/// what it holds.
+#[derive(Debug, Clone)]
+pub struct StateChanged {
+    pub cause: &'static str,
+    pub detail: String,
+}
+
+impl RedisProgress {
+    pub fn new(store: ProgressStore, epoch: String) -> Self {
+        RedisProgress {
+            store,
+            epoch,
+            recorded: HashMap::new(),
+            suspect: false,
+            last_check: std::time::Instant::now(),
+        }
+    }
+
+    /// Records that every record of `positions` before the given next
+    /// offsets is applied.
+    pub async fn record(&mut self, positions: &[(TopicPartition, i64)]) -> Result<(), StoreError> {
+        self.store.record(&self.epoch, positions).await?;
+        for (tp, next) in positions {
+            let e = self.recorded.entry(tp.clone()).or_insert(*next);
+            *e = (*e).max(*next);
+        }
+        Ok(())
+    }
+
+    /// After the guard replaced its connection: the same for the records.
+    pub fn replace_connection(&mut self, conn: crate::store::RedisConn) {
+        self.store.set_connection(conn);
+    }
+
+    /// Notes a failed Redis call: the next write waits for `check`.
+    pub fn suspect(&mut self) {
+        self.suspect = true;
+    }
+
+    /// After a failure: whether Redis still holds the marker and at least
+    /// the records this instance wrote (a restart without persistence
+    /// loses both; a restored snapshot or a promoted replica, the last records).
+    /// Runs after a failure, and at most every `CHECK_EVERY` otherwise.
+    pub async fn check(&mut self) -> Result<Option<StateChanged>, StoreError> {
+        if !self.suspect && self.last_check.elapsed() < CHECK_EVERY {
+            return Ok(None);
+        }
+        let tps: Vec<TopicPartition> = self.recorded.keys().cloned().collect();
+        let views = self.store.read(&tps).await?;
+        self.suspect = false;
+        self.last_check = std::time::Instant::now();
+        for (tp, servers) in tps.iter().zip(views) {
+            let mine = self.recorded[tp];
+            for s in servers {
+                let at = s
+                    .node
+                    .as_ref()
+                    .map_or("redis".into(), |(h, p)| format!("{h}:{p}"));
+                if s.marker.as_deref() != Some(self.epoch.as_str()) {
+                    return Ok(Some(StateChanged {
+                        cause: "epoch",
+                        detail: format!(
+                            "{at}: epoch marker {:?}, idem knows {}",
+                            s.marker, self.epoch
+                        ),
+                    }));
+                }
+                if s.next.is_none_or(|n| n < mine) {
+                    return Ok(Some(StateChanged {
+                        cause: "rolled_back",
+                        detail: format!(
+                            "{at}: progress of {}/{} is {:?}, idem recorded {mine}",
+                            tp.topic, tp.partition, s.next
+                        ),
+                    }));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl super::apply::GuardStage {
+    /// Logs and counts a change of Redis's state and asks the loop to
+    /// restart consumption from what Redis holds. Returns `None`: the batch
+    /// is not finished (nothing of it is committed).
+    pub(super) fn restart_for<T>(&mut self, changed: StateChanged) -> Option<T> {
+        metrics::record_redis_state_change(changed.cause);
+        tracing::error!(
+            cause = changed.cause,
+            detail = %changed.detail,
+            "Redis lost or rolled back its state: nothing more is written; consumption restarts from the offsets Redis's state reflects"
+        );
+        self.restart.trigger();
+        None
+    }
+
+    /// Records the batch's progress in Redis, retrying until it answers.
+    /// False if shutdown fired first or Redis's state changed (then the
+    /// batch stays unfinished).
+    pub(super) async fn record_progress(&mut self, batch: &super::batch::Batch) -> bool {
+        let ends = batch_ends(batch.positions());
+        let mut backoff = super::Backoff::new(&self.config);
+        loop {
+            let attempt = match self.progress.check().await {
+                Ok(Some(changed)) => return self.restart_for::<()>(changed).is_some(),
+                Ok(None) => self.progress.record(&ends).await,
+                Err(e) => Err(e),
+            };
+            match attempt {
+                Ok(()) => return true,
+                Err(StoreError::EpochChanged { expected, found }) => {
+                    let changed = StateChanged {
+                        cause: "epoch",
+                        detail: format!("epoch marker {found}, idem knows {expected}"),
+                    };
+                    return self.restart_for::<()>(changed).is_some();
+                }
+                Err(e) => {
+                    self.progress.suspect();
+                    metrics::record_retry(e.cause());
+                    let wait = backoff.next();
+                    tracing::warn!(error = %e, retry_in = ?wait, "cannot record the batch's progress in Redis; the batch waits and nothing past it is committed");
+                    tokio::select! {
+                        _ = self.shutdown.wait() => return false,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Per partition, each the next offset of the last record of the batch.
+pub fn batch_ends<'a>(
+    positions: impl Iterator<Item = (&'a TopicPartition, i64)>,
+) -> Vec<(TopicPartition, i64)> {
+    let mut ends: HashMap<&TopicPartition, i64> = HashMap::new();
+    for (tp, offset) in positions {
+        let e = ends.entry(tp).or_insert(offset + 1);
+        *e = (*e).max(offset + 1);
+    }
+    ends.into_iter().map(|(tp, n)| (tp.clone(), n)).collect()
+}
+
+/// Redis lost effects that the log no longer holds: idem must not run.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unrecoverable(pub String);
+
+/// A partition that resumes before its committed offset.
+pub struct Rewind {
+    pub tp: TopicPartition,
+    pub to: i64,
+    pub committed: i64,
+}
+
+/// Where each newly assigned partition resumes. Reads Redis's records,
+/// decides (`resume::decide`), raises the records to the start positions
+/// (the bootstrap of a deployment that had none) and says so loudly for
+/// every rewind.
+pub async fn resume_points(
+    store: &mut ProgressStore,
+    epoch: &str,
+    consumer: &Arc<Consumer>,
+    assigned: &[Committed],
+    group: &str,
+) -> Result<Result<Vec<Rewind>, Unrecoverable>, StoreError> {
+    let tps: Vec<TopicPartition> = assigned.iter().map(|c| c.tp.clone()).collect();
+    let views = store.read(&tps).await?;
+    let mut rewinds = Vec::new();
+    let mut starts = Vec::new();
+    for (c, servers) in assigned.iter().zip(views) {
+        let committed = c.offset.map(|o| (o, c.metadata.as_str()));
+        let log_start = match decide(committed, &servers, i64::MAX) {
+            Start::Refuse { .. } => low_watermark(consumer, &c.tp).await,
+            _ => 0,
+        };
+        match decide(committed, &servers, log_start) {
+            Start::Committed | Start::Bootstrap => {
+                if let Some(o) = c.offset {
+                    starts.push((c.tp.clone(), o));
+                }
+            }
+            Start::Rewind {
+                to,
+                committed,
+                cause,
+            } => {
+                tracing::warn!(
+                    topic = %c.tp.topic,
+                    partition = c.tp.partition,
+                    from = to,
+                    committed,
+                    records = committed - to,
+                    cause = cause.as_str(),
+                    "Redis's state stops before the committed offset (it {}): reading those records again; the guard turns what Redis still holds into duplicates",
+                    match cause {
+                        crate::resume::Cause::Lost => "lost its state",
+                        crate::resume::Cause::RolledBack => "went back to an older state",
+                    }
+                );
+                metrics::record_rewind(&c.tp.topic, cause.as_str(), committed - to);
+                starts.push((c.tp.clone(), to));
+                rewinds.push(Rewind {
+                    tp: c.tp.clone(),
+                    to,
+                    committed,
+                });
+            }
+            Start::Refuse {
+                needed,
+                log_start,
+                cause,
+                ..
+            } => {
+                return Ok(Err(Unrecoverable(format!(
+                    "Redis {} for {}/{}: its state needs the records from offset {needed}, but the log now starts at {log_start} (retention deleted the rest); the effects of offsets {needed}..{} are gone from Redis and from Kafka. Restore Redis from a backup that holds them, or accept the loss and re-apply what the log still holds: `idem replay --group {group} --topic {} --to-earliest --execute` (a commit written by replay is taken as it is)",
+                    match cause {
+                        crate::resume::Cause::Lost => "lost its state",
+                        crate::resume::Cause::RolledBack => "went back to an older state",
+                    },
+                    c.tp.topic,
+                    c.tp.partition,
+                    log_start - 1,
+                    c.tp.topic,
+                ))));
+            }
+        }
+    }
+    store.record(epoch, &starts).await?;
+    Ok(Ok(rewinds))
+}
+
+/// The partition's first offset now (0 if the brokers do not answer: the
+/// rewind then asks for what may be gone, and the fetch resets by
+/// `auto_offset_reset`).
+async fn low_watermark(consumer: &Arc<Consumer>, tp: &TopicPartition) -> i64 {
+    let consumer = consumer.clone();
+    let tp = tp.clone();
+    tokio::task::spawn_blocking(move || {
+        consumer
+            .fetch_watermarks(&tp.topic, tp.partition, Duration::from_secs(10))
+            .map_or(0, |(low, _)| low)
+    })
+    .await
+    .unwrap_or(0)
+}

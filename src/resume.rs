@@ -1,0 +1,207 @@
+//! Where a partition resumes when it is assigned: at the offset committed in
+//! Kafka, or further back where Redis's own progress records say its state
+//! does not reach that far (Redis restarted empty, was restored from an older
+//! snapshot, or a replica without the last writes took over). Pure: facts in,
+//! a decision out; `pipeline` reads the facts and acts.
+//!
+//! Kafka's commit is a hint; Redis's records are the truth about Redis. They
+//! are tied together by the commit metadata: idem commits `idem.v1
+//! epoch=<E>`, meaning "when this was committed, Redis with epoch E held
+//! progress records at least this far". A commit without it (written by an
+//! earlier idem, or by `idem replay`, `kafka-consumer-groups`) is taken as
+//! it is: that is the upgrade bootstrap and the operator's decision.
+
+use crate::store::progress::MasterRecord;
+
+/// The prefix of the commit metadata idem writes.
+const METADATA_PREFIX: &str = "idem.v1 epoch=";
+
+/// The commit metadata for offsets committed while Redis had `epoch`.
+pub fn commit_metadata(epoch: &str) -> String {
+    format!("{METADATA_PREFIX}{epoch}")
+}
+
+/// The epoch a commit's metadata names, if idem wrote it.
+pub fn metadata_epoch(metadata: &str) -> Option<&str> {
+    metadata
+        .strip_prefix(METADATA_PREFIX)
+        .filter(|e| !e.is_empty())
+}
+
+/// Where a partition starts, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// Where Kafka says (the committed offset, or `auto_offset_reset`).
+    Committed,
+    /// The commit was not written by this idem (an earlier version, or an
+    /// operator's tool): taken as it is, and Redis's records raised to it.
+    Bootstrap,
+    /// Redis's state stops before the committed offset: read again from `to`.
+    Rewind {
+        to: i64,
+        committed: i64,
+        cause: Cause,
+    },
+    /// Redis needs records from `needed` but the log starts at `log_start`:
+    /// their effects are lost and cannot be re-applied from Kafka.
+    Refuse {
+        needed: i64,
+        log_start: i64,
+        committed: i64,
+        cause: Cause,
+    },
+}
+
+/// Why Redis is behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// A server holds no marker, or a renewed one and no record: it lost
+    /// everything (restarted empty, flushed).
+    Lost,
+    /// A server's record is behind the commit: its state went back in time
+    /// (an older snapshot restored, a replica without the last writes promoted).
+    RolledBack,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Lost => "lost",
+            Cause::RolledBack => "rolled_back",
+        }
+    }
+}
+
+/// Decides where a partition starts.
+///
+/// `committed`: Kafka's committed offset and its metadata; `records`: what
+/// each Redis server says; `log_start`: the partition's first offset now.
+///
+/// | committed | metadata epoch | a server says                    | start        |
+/// |-----------|----------------|----------------------------------|--------------|
+/// | none      | any            | any                              | Committed    |
+/// | C         | none           | any                              | Bootstrap    |
+/// | C         | E              | every record ≥ C                 | Committed    |
+/// | C         | E              | record P < C                     | Rewind to P  |
+/// | C         | E              | no record, marker E              | (no opinion) |
+/// | C         | E              | no record, marker absent or ≠ E  | Rewind to 0 (lost) |
+/// | C         | E              | rewind target < log start        | Refuse       |
+pub fn decide(committed: Option<(i64, &str)>, records: &[MasterRecord], log_start: i64) -> Start {
+    let Some((committed, metadata)) = committed else {
+        return Start::Committed;
+    };
+    let Some(epoch) = metadata_epoch(metadata) else {
+        return Start::Bootstrap;
+    };
+    let mut target: Option<(i64, Cause)> = None;
+    for r in records {
+        let says = match r.next {
+            Some(next) => (next, Cause::RolledBack),
+            None if r.marker.as_deref() == Some(epoch) => continue,
+            None => (0, Cause::Lost),
+        };
+        if target.is_none_or(|(t, _)| says.0 < t) {
+            target = Some(says);
+        }
+    }
+    match target {
+        Some((to, cause)) if to < committed && to < log_start => Start::Refuse {
+            needed: to,
+            log_start,
+            committed,
+            cause,
+        },
+        Some((to, cause)) if to < committed => Start::Rewind {
+            to,
+            committed,
+            cause,
+        },
+        _ => Start::Committed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(marker: Option<&str>, next: Option<i64>) -> MasterRecord {
+        MasterRecord {
+            node: None,
+            marker: marker.map(str::to_string),
+            next,
+        }
+    }
+
+    #[test]
+    fn metadata_round_trips_and_foreign_metadata_is_no_epoch() {
+        assert_eq!(metadata_epoch(&commit_metadata("ab12")), Some("ab12"));
+        assert_eq!(metadata_epoch(""), None);
+        assert_eq!(metadata_epoch("idem.v1 epoch="), None);
+        assert_eq!(metadata_epoch("something else"), None);
+    }
+
+    /// The table of `decide`, row by row.
+    #[test]
+    fn starts_by_table() {
+        let e = commit_metadata("E");
+        let at = |c: i64| Some((c, e.as_str()));
+        let ok = rec(Some("E"), Some(500));
+        assert_eq!(decide(None, &[rec(None, None)], 0), Start::Committed);
+        assert_eq!(
+            decide(Some((500, "")), &[rec(None, None)], 0),
+            Start::Bootstrap
+        );
+        assert_eq!(
+            decide(at(500), std::slice::from_ref(&ok), 0),
+            Start::Committed
+        );
+        assert_eq!(
+            decide(at(400), &[rec(Some("E"), Some(900))], 0),
+            Start::Committed,
+            "Redis ahead of the commit: the commit is where to go on"
+        );
+        assert_eq!(
+            decide(at(500), &[ok.clone(), rec(Some("E"), Some(300))], 0),
+            Start::Rewind {
+                to: 300,
+                committed: 500,
+                cause: Cause::RolledBack
+            },
+            "one master behind rewinds the partition to it"
+        );
+        assert_eq!(
+            decide(at(500), &[ok.clone(), rec(Some("E"), None)], 0),
+            Start::Committed,
+            "no record where the marker is intact: no opinion (a moved anchor)"
+        );
+        for marker in [None, Some("F")] {
+            assert_eq!(
+                decide(at(500), &[ok.clone(), rec(marker, None)], 0),
+                Start::Rewind {
+                    to: 0,
+                    committed: 500,
+                    cause: Cause::Lost
+                },
+                "marker {marker:?}: that server lost everything"
+            );
+        }
+        assert_eq!(
+            decide(at(500), &[rec(None, None)], 200),
+            Start::Refuse {
+                needed: 0,
+                log_start: 200,
+                committed: 500,
+                cause: Cause::Lost
+            }
+        );
+        assert_eq!(
+            decide(at(500), &[rec(Some("E"), Some(300))], 200),
+            Start::Rewind {
+                to: 300,
+                committed: 500,
+                cause: Cause::RolledBack
+            },
+            "the log still holds what is needed"
+        );
+    }
+}

@@ -1,0 +1,251 @@
+//! Redis's own record of how far its state goes: the epoch marker that every
+//! guard call checks, and per partition the next offset whose effects are
+//! all in Redis (the sink keeps its own progress, as Kafka Connect sinks do).
+//!
+//! Guarantee: a progress record is written only after every effect it covers
+//! was answered by Redis, on the same server, so any state Redis comes back
+//! with (a restart, a restored snapshot, a promoted replica: each a prefix of
+//! what was written) holds every effect its records cover. Records only move
+//! forward. A record is written only where the epoch marker is the one idem
+//! knows, so nothing is recorded into a Redis that lost its state.
+//!
+//! Layout (docs/redis-layout.md): the marker is one key on a standalone
+//! server and one key per slot on a cluster (a script may only read keys of
+//! the slot it runs in); the records of a cluster live on every master, in
+//! the slot that is its lowest, so a master that lost its state shows it in
+//! its own records while an idle master still has fresh ones.
+
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hasher};
+
+use redis::Value;
+
+use super::{KeyLayout, NodeAddr, RedisConn, StoreError};
+use crate::offsets::TopicPartition;
+
+/// Checks the marker, then raises each record to the given offset (never lowers it).
+const RECORD: &str = r#"
+local found = redis.call('GET', KEYS[1])
+if found ~= ARGV[1] then return redis.error_reply('IDEMEPOCH ' .. (found or 'missing')) end
+for i = 2, #ARGV, 2 do
+  local cur = tonumber(redis.call('HGET', KEYS[2], ARGV[i]))
+  if not cur or cur < tonumber(ARGV[i + 1]) then redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+end
+return 1
+"#;
+
+/// Sets the marker to ARGV[2] if it still is ARGV[1] ('' for absent); answers the marker.
+const RENEW: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] or (not cur and ARGV[1] == '') then
+  redis.call('SET', KEYS[1], ARGV[2])
+  return ARGV[2]
+end
+return cur
+"#;
+
+/// What one server (or one cluster master) says about one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasterRecord {
+    /// The master, by address (`None` on a standalone server).
+    pub node: Option<NodeAddr>,
+    /// The epoch marker where the records live (`None`: absent).
+    pub marker: Option<String>,
+    /// The next offset whose effects are all on this master (`None`: no record).
+    pub next: Option<i64>,
+}
+
+/// Reads and writes the marker and the progress records.
+#[derive(Clone)]
+pub struct ProgressStore {
+    conn: RedisConn,
+    layout: KeyLayout,
+}
+
+/// The field of a partition in a progress hash.
+fn field(tp: &TopicPartition) -> String {
+    format!("{}:{}", tp.topic, tp.partition)
+}
+
+/// A fresh epoch: 16 hex digits, random.
+pub fn new_epoch() -> String {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
+}
+
+/// Turns the scripts' `IDEMEPOCH <found>` refusal into its own error.
+pub fn epoch_refusal(e: StoreError, expected: &str) -> StoreError {
+    match &e {
+        StoreError::Redis(r) if r.code() == Some("IDEMEPOCH") => StoreError::EpochChanged {
+            expected: expected.to_string(),
+            found: r.detail().unwrap_or("missing").to_string(),
+        },
+        _ => e,
+    }
+}
+
+impl ProgressStore {
+    pub fn new(conn: RedisConn, layout: KeyLayout) -> Self {
+        ProgressStore { conn, layout }
+    }
+
+    pub fn set_connection(&mut self, conn: RedisConn) {
+        self.conn = conn;
+    }
+
+    /// Each server that holds data with the slot of its records (`None`s on
+    /// a standalone server).
+    async fn anchors(&mut self) -> Result<Vec<(Option<NodeAddr>, Option<u16>)>, StoreError> {
+        Ok(match self.conn.slot_map().await? {
+            None => vec![(None, None)],
+            Some(map) => map
+                .anchors()
+                .into_iter()
+                .map(|(n, s)| (Some(n), Some(s)))
+                .collect(),
+        })
+    }
+
+    /// Every marker key, grouped by the server that holds it.
+    async fn marker_groups(&mut self) -> Result<Vec<(Option<NodeAddr>, Vec<String>)>, StoreError> {
+        let Some(map) = self.conn.slot_map().await? else {
+            return Ok(vec![(None, vec![self.layout.epoch_key(None)])]);
+        };
+        let mut groups: BTreeMap<NodeAddr, Vec<String>> = BTreeMap::new();
+        for slot in 0..16384u16 {
+            let node = map.owner(slot).cloned().ok_or_else(|| {
+                StoreError::Protocol(format!("slot {slot} has no master in CLUSTER SLOTS"))
+            })?;
+            groups
+                .entry(node)
+                .or_default()
+                .push(self.layout.epoch_key(Some(slot)));
+        }
+        Ok(groups.into_iter().map(|(n, k)| (Some(n), k)).collect())
+    }
+
+    /// The epoch every marker holds, after making them agree: markers that
+    /// are absent (a server lost its state, or idem never ran here) renew
+    /// the epoch for all, so every instance notices at its next write; a
+    /// disagreement (another instance renewing) settles on the authority's.
+    pub async fn establish_epoch(&mut self) -> Result<String, StoreError> {
+        let groups = self.marker_groups().await?;
+        let mut markers = Vec::new();
+        for (node, keys) in &groups {
+            let mut pipe = redis::pipe();
+            for k in keys {
+                pipe.cmd("GET").arg(k);
+            }
+            for v in self.conn.pipeline_on(node, &pipe).await? {
+                markers.push(redis::from_redis_value::<Option<String>>(&v)?);
+            }
+        }
+        if let Some(Some(first)) = markers.first() {
+            if markers.iter().all(|m| m.as_deref() == Some(first)) {
+                return Ok(first.clone());
+            }
+        }
+        let authority = self.layout.epoch_key(self.conn.is_cluster().then_some(0));
+        let seen: Option<String> =
+            redis::from_redis_value(&self.query(redis::cmd("GET").arg(&authority)).await?)?;
+        let epoch: String = if markers.iter().any(Option::is_none) {
+            let mut renew = redis::cmd("EVAL");
+            renew
+                .arg(RENEW)
+                .arg(1)
+                .arg(&authority)
+                .arg(seen.unwrap_or_default())
+                .arg(new_epoch());
+            redis::from_redis_value(&self.query(&renew).await?)?
+        } else {
+            seen.unwrap_or_else(new_epoch)
+        };
+        for (node, keys) in &groups {
+            let mut pipe = redis::pipe();
+            for k in keys {
+                pipe.cmd("SET").arg(k).arg(&epoch).ignore();
+            }
+            self.conn.pipeline_on(node, &pipe).await?;
+        }
+        Ok(epoch)
+    }
+
+    async fn query(&mut self, cmd: &redis::Cmd) -> Result<Value, StoreError> {
+        Ok(cmd.query_async(&mut self.conn).await?)
+    }
+
+    /// Per partition (in the order given), what each server says.
+    pub async fn read(
+        &mut self,
+        tps: &[TopicPartition],
+    ) -> Result<Vec<Vec<MasterRecord>>, StoreError> {
+        let mut out = vec![Vec::new(); tps.len()];
+        if tps.is_empty() {
+            return Ok(out);
+        }
+        for (node, anchor) in self.anchors().await? {
+            let mut pipe = redis::pipe();
+            pipe.cmd("GET").arg(self.layout.epoch_key(anchor));
+            let mut hmget = redis::cmd("HMGET");
+            hmget.arg(self.layout.progress_key(anchor));
+            for tp in tps {
+                hmget.arg(field(tp));
+            }
+            pipe.add_command(hmget);
+            let replies = self.conn.pipeline_on(&node, &pipe).await?;
+            let (Some(marker), Some(nexts)) = (replies.first(), replies.get(1)) else {
+                return Err(StoreError::Protocol(format!("progress read: {replies:?}")));
+            };
+            let marker: Option<String> = redis::from_redis_value(marker)?;
+            let nexts: Vec<Option<i64>> = redis::from_redis_value(nexts)?;
+            for (i, next) in nexts.into_iter().enumerate().take(tps.len()) {
+                out[i].push(MasterRecord {
+                    node: node.clone(),
+                    marker: marker.clone(),
+                    next,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Raises the records of `positions` to the given next offsets on every
+    /// server (all concurrently), where the marker still is `epoch`.
+    pub async fn record(
+        &mut self,
+        epoch: &str,
+        positions: &[(TopicPartition, i64)],
+    ) -> Result<(), StoreError> {
+        if positions.is_empty() {
+            return Ok(());
+        }
+        let anchors = self.anchors().await?;
+        let calls = anchors.into_iter().map(|(node, anchor)| {
+            let mut conn = self.conn.clone();
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(RECORD)
+                .arg(2)
+                .arg(self.layout.epoch_key(anchor))
+                .arg(self.layout.progress_key(anchor))
+                .arg(epoch);
+            for (tp, next) in positions {
+                cmd.arg(field(tp)).arg(*next);
+            }
+            async move {
+                let mut pipe = redis::pipe();
+                pipe.add_command(cmd);
+                conn.pipeline_on(&node, &pipe).await
+            }
+        });
+        for result in futures_util::future::join_all(calls).await {
+            result.map_err(|e| epoch_refusal(e, epoch))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,225 @@
+//! When Redis loses or rolls back its state while idem runs: idem notices
+//! before it writes again, resumes every partition from what Redis's own
+//! progress records say it holds, and ends equal to the oracle. Each test
+//! has a redis-server of its own (it kills it), without AOF, as an `ack`
+//! deployment without persistence would run.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use idem::model::Outcome;
+use idem::tools::sample::{generate, SampleRecord, SampleSpec};
+use idem_testbench::conformance::harness::PrivateRedis;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+const CATCH_UP: Duration = Duration::from_secs(120);
+
+fn stream(prefix: &str, events: usize, seed: u64) -> Vec<SampleRecord> {
+    generate(&SampleSpec {
+        events,
+        entities: 40,
+        duplicate_ratio: 0.1,
+        out_of_order_ratio: 0.1,
+        delete_ratio: 0.1,
+        data_bytes: 8,
+        seed,
+        prefix: prefix.to_string(),
+    })
+}
+
+/// A redis-server without persistence: a kill loses everything not saved
+/// by an explicit BGSAVE.
+async fn volatile_redis() -> PrivateRedis {
+    PrivateRedis::start_with(
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")),
+        "none",
+        None,
+    )
+    .await
+    .expect("private redis-server (install redis-server, or run `make services`)")
+}
+
+async fn redis_cmd(url: &str, args: &[&str]) -> redis::Value {
+    let mut conn = redis_conn(url).await;
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(&mut conn).await.expect("redis command")
+}
+
+/// BGSAVE and wait until it finished.
+async fn snapshot(url: &str) {
+    let before: i64 = redis::from_redis_value(&redis_cmd(url, &["LASTSAVE"]).await).unwrap();
+    redis_cmd(url, &["BGSAVE"]).await;
+    wait_until("BGSAVE finished", Duration::from_secs(30), || async {
+        let now: i64 = redis::from_redis_value(&redis_cmd(url, &["LASTSAVE"]).await).unwrap();
+        let info: String =
+            redis::from_redis_value(&redis_cmd(url, &["INFO", "persistence"]).await).unwrap();
+        now > before && info.contains("rdb_bgsave_in_progress:0")
+    })
+    .await;
+}
+
+/// The case found from outside: Redis restarts empty mid-stream,
+/// then redeliveries and late older updates arrive (tombstones and
+/// remembered ids are gone). Every entity still ends equal to the oracle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_restart_mid_stream_rewinds_to_what_redis_holds() {
+    let topic = unique("loss-empty");
+    create_topic(&topic, 2).await;
+    let mut redis = volatile_redis().await;
+    let all = stream(&topic, 1_200, 61);
+    let (first, second) = all.split_at(600);
+    let mut opts = IdemOpts::new(&topic, &topic, &topic);
+    opts.redis_url = redis.url();
+    produce(&topic, first).await;
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
+
+    redis.kill();
+    redis.restart().await.unwrap();
+    // The rest, then redeliveries of the first 300 records.
+    let mut produced: Vec<SampleRecord> = first.to_vec();
+    produced.extend_from_slice(second);
+    produced.extend_from_slice(&first[..300]);
+    produce(&topic, second).await;
+    produce(&topic, &first[..300]).await;
+    wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
+
+    let (model, _) = oracle(&produced);
+    assert_matches_oracle(&redis.url(), &topic, &model).await;
+    let rewinds = idem
+        .counter("idem_redis_rewinds_total", &[("cause", "lost")])
+        .await
+        .unwrap();
+    assert!(rewinds >= 1, "the metric names the rewind: {rewinds}");
+    let log = std::fs::read_to_string(&idem.log).unwrap();
+    assert!(
+        log.contains("Redis's state stops before the committed offset"),
+        "the log names the rewind"
+    );
+    idem.terminate().await;
+}
+
+/// An operator restores an older snapshot: the events between the snapshot
+/// and the commit are applied again, in order, before anything newer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_restore_mid_stream_reapplies_what_the_snapshot_missed() {
+    let topic = unique("loss-restore");
+    create_topic(&topic, 2).await;
+    let mut redis = volatile_redis().await;
+    let all = stream(&topic, 1_500, 62);
+    let (a, rest) = all.split_at(500);
+    let (b, c) = rest.split_at(500);
+    let mut opts = IdemOpts::new(&topic, &topic, &topic);
+    opts.redis_url = redis.url();
+    produce(&topic, a).await;
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
+    snapshot(&redis.url()).await;
+    let rdb = redis.dir().join("dump.rdb");
+    let saved = redis.dir().join("snapshot-after-a.rdb");
+    std::fs::copy(&rdb, &saved).unwrap();
+
+    produce(&topic, b).await;
+    wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
+    redis.kill();
+    std::fs::copy(&saved, &rdb).unwrap();
+    redis.restart().await.unwrap();
+    produce(&topic, c).await;
+    wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
+
+    let (model, _) = oracle(&all);
+    assert_matches_oracle(&redis.url(), &topic, &model).await;
+    let rewinds = idem
+        .counter("idem_redis_rewinds_total", &[("cause", "rolled_back")])
+        .await
+        .unwrap();
+    assert!(rewinds >= 1, "the metric names the rewind: {rewinds}");
+    idem.terminate().await;
+}
+
+/// Commits `offsets` for `group` with no metadata, as idem before progress
+/// records (and every other tool) commits.
+fn commit_without_metadata(group: &str, topic: &str, offsets: &[i64]) {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in offsets.iter().enumerate() {
+        tpl.add_partition_offset(topic, p as i32, Offset::Offset(*o))
+            .unwrap();
+    }
+    consumer.commit(&tpl, CommitMode::Sync).unwrap();
+}
+
+/// A deployment upgraded from the version without progress records: Redis
+/// holds state but no epoch marker and no records, Kafka holds commits
+/// without idem's metadata. The new version starts without refusing and
+/// without rewinding, and then writes its records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_bootstraps_progress_records_without_a_rewind() {
+    let topic = unique("loss-upgrade");
+    create_topic(&topic, 2).await;
+    let mut spec = SampleSpec {
+        events: 400,
+        entities: 40,
+        duplicate_ratio: 0.0,
+        out_of_order_ratio: 0.0,
+        delete_ratio: 0.0,
+        data_bytes: 8,
+        seed: 63,
+        prefix: topic.clone(),
+    };
+    let before = generate(&spec);
+    produce(&topic, &before).await;
+    let opts = IdemOpts::new(&topic, &topic, &topic);
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
+    idem.terminate().await;
+    // What the previous version leaves behind.
+    let url = redis_url();
+    let mut conn = redis_conn(&url).await;
+    for key in conn.scan_keys(&format!("{topic}:epoch*")).await.unwrap() {
+        redis_cmd(&url, &["DEL", &key]).await;
+    }
+    for key in conn.scan_keys(&format!("{topic}:progress*")).await.unwrap() {
+        redis_cmd(&url, &["DEL", &key]).await;
+    }
+    let ends = end_offsets(&topic, 2).await;
+    commit_without_metadata(&topic, &topic, &ends);
+
+    spec.seed = 64;
+    spec.prefix = format!("{topic}-after");
+    let after = generate(&spec);
+    produce(&topic, &after).await;
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
+    assert_eq!(
+        idem.counter("idem_rewound_records_total", &[]).await,
+        Some(0)
+    );
+    assert_eq!(
+        idem.outcome(&topic, Outcome::Duplicate).await,
+        0,
+        "nothing re-read"
+    );
+    let all: Vec<SampleRecord> = before.iter().chain(&after).cloned().collect();
+    assert_matches_oracle(&url, &topic, &oracle(&all).0).await;
+    assert!(
+        !conn
+            .scan_keys(&format!("{topic}:progress*"))
+            .await
+            .unwrap()
+            .is_empty(),
+        "the new version writes its progress records"
+    );
+    idem.terminate().await;
+}
