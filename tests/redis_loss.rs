@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::*;
 use idem::model::Outcome;
 use idem::tools::sample::{generate, SampleRecord, SampleSpec};
-use idem_testbench::conformance::harness::PrivateRedis;
+use idem_testbench::conformance::harness::{PrivateCluster, PrivateRedis};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -220,6 +220,82 @@ async fn an_upgrade_bootstraps_progress_records_without_a_rewind() {
             .unwrap()
             .is_empty(),
         "the new version writes its progress records"
+    );
+    idem.terminate().await;
+}
+
+/// Redis Cluster, durability `ack`: a master's replica falls behind (paused),
+/// the master dies and the replica takes over without the last writes. The
+/// partitions whose effects the promoted replica lacks are rewound, not
+/// halted, and every entity ends equal to the oracle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_failover_under_ack_rewinds_what_the_replica_missed() {
+    let work_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let mut cluster = PrivateCluster::start(work_dir).expect("private cluster");
+    cluster
+        .wait_healthy(Duration::from_secs(60))
+        .await
+        .expect("cluster healthy");
+    let topic = unique("loss-failover");
+    create_topic(&topic, 2).await;
+    let a = stream(&topic, 500, 65);
+    // Large enough (~12 MB of effects) that most of it is still in the
+    // master's output buffer, not in the paused replica's socket, when the
+    // master dies: the promoted replica lacks it.
+    let b = generate(&SampleSpec {
+        events: 3_000,
+        entities: 200,
+        duplicate_ratio: 0.0,
+        out_of_order_ratio: 0.1,
+        delete_ratio: 0.05,
+        data_bytes: 4_000,
+        seed: 66,
+        prefix: format!("{topic}-b"),
+    });
+    let c = stream(&topic, 500, 67);
+    let all: Vec<SampleRecord> = a.iter().chain(&b).chain(&c).cloned().collect();
+    let (a, b, c) = (&a[..], &b[..], &c[..]);
+    let mut opts = IdemOpts::new(&topic, &topic, &topic);
+    opts.redis_url = cluster.url();
+    produce(&topic, a).await;
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
+
+    let (master, replica) = cluster
+        .master_and_replica()
+        .expect("a master with a replica");
+    cluster.signal(replica, "-STOP");
+    produce(&topic, b).await;
+    wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
+    cluster.kill(master);
+    cluster.signal(replica, "-CONT");
+    let takeover = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &replica.to_string(),
+            "CLUSTER",
+            "FAILOVER",
+            "TAKEOVER",
+        ])
+        .output()
+        .expect("redis-cli");
+    assert!(takeover.status.success(), "{takeover:?}");
+    wait_until("the replica took over", CATCH_UP, || async {
+        PrivateCluster::role(replica).0 == "master"
+    })
+    .await;
+    cluster.restart(master).expect("old master rejoins");
+    produce(&topic, c).await;
+    wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
+
+    assert_matches_oracle(&cluster.url(), &topic, &oracle(&all).0).await;
+    let rewinds = idem
+        .counter("idem_redis_rewinds_total", &[("cause", "rolled_back")])
+        .await
+        .unwrap();
+    assert!(
+        rewinds >= 1,
+        "the affected partitions were rewound: {rewinds}"
     );
     idem.terminate().await;
 }

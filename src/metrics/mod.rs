@@ -217,6 +217,22 @@ fn recorder(group: &str, key_prefix: &str) -> Result<PrometheusHandle, MetricsEr
 }
 
 /// HELP text (and unit) of every metric.
+/// The metrics of Redis state losses (docs/guarantees.md).
+fn describe_redis_state() {
+    describe_counter!(
+        REDIS_REWINDS_TOTAL,
+        "Partitions resumed before their committed offset because Redis's progress records stop earlier, by cause (lost, rolled_back)."
+    );
+    describe_counter!(
+        REWOUND_RECORDS_TOTAL,
+        "Records read again because Redis's state stopped before the committed offset."
+    );
+    describe_counter!(
+        REDIS_STATE_CHANGES_TOTAL,
+        "Times a running idem found Redis's state lost or rolled back and restarted consumption from what Redis holds, by cause (epoch, rolled_back)."
+    );
+}
+
 fn describe_all() {
     describe_counter!(
         EVENTS_TOTAL,
@@ -242,18 +258,7 @@ fn describe_all() {
         RETRIES_TOTAL,
         "Retried operations by cause; nothing is committed past a failed one."
     );
-    describe_counter!(
-        REDIS_REWINDS_TOTAL,
-        "Partitions resumed before their committed offset because Redis's progress records stop earlier, by cause (lost, rolled_back)."
-    );
-    describe_counter!(
-        REWOUND_RECORDS_TOTAL,
-        "Records read again because Redis's state stopped before the committed offset."
-    );
-    describe_counter!(
-        REDIS_STATE_CHANGES_TOTAL,
-        "Times a running idem found Redis's state lost or rolled back and restarted consumption from what Redis holds, by cause (epoch, rolled_back)."
-    );
+    describe_redis_state();
     describe_counter!(
         REBALANCES_TOTAL,
         "Consumer group rebalances by kind (assign, revoke, lost)."

@@ -216,10 +216,11 @@ pub async fn resume_points(
             _ => 0,
         };
         match decide(committed, &servers, log_start) {
+            // Every assigned partition gets a record at once (0 where
+            // nothing is committed: trivially true), so a snapshot taken
+            // from now on has one, and a restore of it shows as behind.
             Start::Committed | Start::Bootstrap => {
-                if let Some(o) = c.offset {
-                    starts.push((c.tp.clone(), o));
-                }
+                starts.push((c.tp.clone(), c.offset.unwrap_or(0)));
             }
             Start::Rewind {
                 to,

@@ -55,11 +55,19 @@ pub struct MasterRecord {
     pub next: Option<i64>,
 }
 
+/// Each server that holds data with the slot of its records.
+type Anchors = Vec<(Option<NodeAddr>, Option<u16>)>;
+
+/// How long a cluster's anchors are used before the slot map is read again.
+const ANCHORS_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Reads and writes the marker and the progress records.
 #[derive(Clone)]
 pub struct ProgressStore {
     conn: RedisConn,
     layout: KeyLayout,
+    /// Read again when old, dropped after any failure (a failover moves them).
+    anchors: Option<(Anchors, std::time::Instant)>,
 }
 
 /// The field of a partition in a progress hash.
@@ -92,24 +100,36 @@ pub fn epoch_refusal(e: StoreError, expected: &str) -> StoreError {
 
 impl ProgressStore {
     pub fn new(conn: RedisConn, layout: KeyLayout) -> Self {
-        ProgressStore { conn, layout }
+        ProgressStore {
+            conn,
+            layout,
+            anchors: None,
+        }
     }
 
     pub fn set_connection(&mut self, conn: RedisConn) {
         self.conn = conn;
+        self.anchors = None;
     }
 
     /// Each server that holds data with the slot of its records (`None`s on
-    /// a standalone server).
-    async fn anchors(&mut self) -> Result<Vec<(Option<NodeAddr>, Option<u16>)>, StoreError> {
-        Ok(match self.conn.slot_map().await? {
+    /// a standalone server); a cluster's are read at most every few seconds.
+    async fn anchors(&mut self) -> Result<Anchors, StoreError> {
+        if let Some((anchors, read)) = &self.anchors {
+            if read.elapsed() < ANCHORS_MAX_AGE {
+                return Ok(anchors.clone());
+            }
+        }
+        let anchors: Anchors = match self.conn.slot_map().await? {
             None => vec![(None, None)],
             Some(map) => map
                 .anchors()
                 .into_iter()
                 .map(|(n, s)| (Some(n), Some(s)))
                 .collect(),
-        })
+        };
+        self.anchors = Some((anchors.clone(), std::time::Instant::now()));
+        Ok(anchors)
     }
 
     /// Every marker key, grouped by the server that holds it.
@@ -185,6 +205,17 @@ impl ProgressStore {
         &mut self,
         tps: &[TopicPartition],
     ) -> Result<Vec<Vec<MasterRecord>>, StoreError> {
+        let read = self.read_once(tps).await;
+        if read.is_err() {
+            self.anchors = None;
+        }
+        read
+    }
+
+    async fn read_once(
+        &mut self,
+        tps: &[TopicPartition],
+    ) -> Result<Vec<Vec<MasterRecord>>, StoreError> {
         let mut out = vec![Vec::new(); tps.len()];
         if tps.is_empty() {
             return Ok(out);
@@ -243,7 +274,11 @@ impl ProgressStore {
                 conn.pipeline_on(&node, &pipe).await
             }
         });
-        for result in futures_util::future::join_all(calls).await {
+        let results = futures_util::future::join_all(calls).await;
+        if results.iter().any(Result::is_err) {
+            self.anchors = None;
+        }
+        for result in results {
             result.map_err(|e| epoch_refusal(e, epoch))?;
         }
         Ok(())

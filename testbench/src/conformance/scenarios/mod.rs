@@ -31,7 +31,7 @@ pub struct Scenario {
 /// The scenarios of `profile`, in running order.
 pub fn all(profile: Profile) -> Vec<Scenario> {
     // (name, only in the full profile, run)
-    let table: [(&'static str, bool, Run); 19] = [
+    let table: [(&'static str, bool, Run); 21] = [
         ("sigkill-random", false, |s, seed| {
             Box::pin(sigkill_random(s, seed))
         }),
@@ -76,6 +76,12 @@ pub fn all(profile: Profile) -> Vec<Scenario> {
         }),
         ("poison-flood-budget", true, |s, seed| {
             Box::pin(poison_flood(s, seed))
+        }),
+        ("redis-restarted-empty", true, |s, seed| {
+            Box::pin(redis_state_lost(s, seed, false))
+        }),
+        ("redis-snapshot-restored", true, |s, seed| {
+            Box::pin(redis_state_lost(s, seed, true))
         }),
         ("redis-cluster-master-failover", true, |s, seed| {
             Box::pin(cluster_failover(s, seed))

@@ -278,3 +278,52 @@ pub(super) async fn cluster_failover(
     drop(cluster);
     result
 }
+
+/// Redis loses its state mid-stream (durability ack, no persistence):
+/// restarted empty, or restored from a snapshot taken earlier in the
+/// stream. idem must notice before its next write and re-apply from the
+/// log what Redis lost. No sampler: the fault itself moves seqs back, and
+/// the rewind moves the commit back, both by design.
+pub(super) async fn redis_state_lost(
+    spec: ConformanceSpec,
+    seed: u64,
+    restore: bool,
+) -> anyhow::Result<(ScenarioResult, u32)> {
+    let name = if restore {
+        "redis-snapshot-restored"
+    } else {
+        "redis-restarted-empty"
+    };
+    let mut case = Case::new(&spec, name, seed, 12_000, 4).await?;
+    let mut redis = case.use_private_redis("none").await?;
+    let n = case.records.len();
+    case.produce(0, n).await?;
+    let p = case.spawn(&[("IDEM__REDIS__DURABILITY", "ack")])?;
+    wait_processing(&p, (n / 4) as u64, RECOVERY_BOUND).await?;
+    let rdb = redis.dir().join("dump.rdb");
+    let saved = redis.dir().join("snapshot.rdb");
+    if restore {
+        let mut conn = redis::Client::open(redis.url())?
+            .get_multiplexed_async_connection()
+            .await?;
+        let _: () = redis::cmd("SAVE").query_async(&mut conn).await?;
+        std::fs::copy(&rdb, &saved)?;
+        wait_processing(&p, (n / 2) as u64, RECOVERY_BOUND).await?;
+    }
+    redis.kill();
+    if restore {
+        std::fs::copy(&saved, &rdb)?;
+    } else {
+        let _ = std::fs::remove_file(&rdb);
+    }
+    redis.restart().await?;
+    case.catch_up().await?;
+    p.terminate().await;
+    let violations = case.check_commits().await?;
+    case.faults.push(if restore {
+        "Redis (no persistence, durability ack) restored mid-stream from a snapshot taken a quarter of the way in".into()
+    } else {
+        "Redis (no persistence, durability ack) SIGKILLed mid-stream and restarted empty".into()
+    });
+    case.finish(None, violations, String::new(), false).await
+}
