@@ -299,3 +299,56 @@ async fn a_cluster_failover_under_ack_rewinds_what_the_replica_missed() {
     );
     idem.terminate().await;
 }
+
+/// Redis lost its state and retention already deleted records whose effects
+/// it held: idem refuses to run (exit 2), naming the partition, the offsets
+/// gone from both, and what to do, instead of going on without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loss_past_the_log_start_is_refused_with_what_to_do() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let topic = unique("loss-refused");
+    create_topic(&topic, 1).await;
+    let mut redis = volatile_redis().await;
+    let records = stream(&topic, 300, 68);
+    produce(&topic, &records).await;
+    let mut opts = IdemOpts::new(&topic, &topic, &topic);
+    opts.redis_url = redis.url();
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+    idem.terminate().await;
+
+    redis.kill();
+    redis.restart().await.unwrap();
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::Offset(100))
+        .unwrap();
+    admin
+        .delete_records(&tpl, &AdminOptions::new())
+        .await
+        .expect("records deleted");
+
+    let idem = Idem::spawn(&opts);
+    let log_path = idem.log.clone();
+    let status = idem.wait_exit(CATCH_UP).await;
+    assert_eq!(status.code(), Some(2), "refused, exit 2");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    for wanted in [
+        "needs the records from offset 0",
+        "the log now starts at 100",
+        "idem replay",
+    ] {
+        assert!(log.contains(wanted), "the refusal says {wanted:?}");
+    }
+    let entities: Vec<String> = oracle(&records).0.entities.keys().cloned().collect();
+    for (name, view) in read_entities(&redis.url(), &topic, entities.iter()).await {
+        assert!(
+            !view.exists,
+            "{name}: nothing is applied before the refusal"
+        );
+    }
+}
