@@ -83,7 +83,8 @@ impl Cause {
 /// | C         | none           | any                              | Bootstrap    |
 /// | C         | E              | every record ≥ C                 | Committed    |
 /// | C         | E              | record P < C                     | Rewind to P  |
-/// | C         | E              | no record, marker E              | (no opinion) |
+/// | C         | E              | no record, marker E, no records at all there | (no opinion) |
+/// | C         | E              | no record, marker E, others there | Rewind to 0 (rolled back) |
 /// | C         | E              | no record, marker absent or ≠ E  | Rewind to 0 (lost) |
 /// | C         | E              | rewind target < log start        | Refuse       |
 pub fn decide(committed: Option<(i64, &str)>, records: &[MasterRecord], log_start: i64) -> Start {
@@ -97,7 +98,11 @@ pub fn decide(committed: Option<(i64, &str)>, records: &[MasterRecord], log_star
     for r in records {
         let says = match r.next {
             Some(next) => (next, Cause::RolledBack),
-            None if r.marker.as_deref() == Some(epoch) => continue,
+            // No record where the marker is intact: a resharding moved the
+            // master's lowest slot (no records there at all: no opinion),
+            // or the record came after the state Redis went back to.
+            None if r.marker.as_deref() == Some(epoch) && !r.has_records => continue,
+            None if r.marker.as_deref() == Some(epoch) => (0, Cause::RolledBack),
             None => (0, Cause::Lost),
         };
         if target.is_none_or(|(t, _)| says.0 < t) {
@@ -129,6 +134,7 @@ mod tests {
             node: None,
             marker: marker.map(str::to_string),
             next,
+            has_records: next.is_some(),
         }
     }
 
@@ -172,7 +178,18 @@ mod tests {
         assert_eq!(
             decide(at(500), &[ok.clone(), rec(Some("E"), None)], 0),
             Start::Committed,
-            "no record where the marker is intact: no opinion (a moved anchor)"
+            "no records at all where the marker is intact: no opinion (a moved anchor)"
+        );
+        let mut others = rec(Some("E"), None);
+        others.has_records = true;
+        assert_eq!(
+            decide(at(500), &[ok.clone(), others], 0),
+            Start::Rewind {
+                to: 0,
+                committed: 500,
+                cause: Cause::RolledBack
+            },
+            "no record among others: written after the state Redis went back to"
         );
         for marker in [None, Some("F")] {
             assert_eq!(

@@ -352,3 +352,48 @@ async fn a_loss_past_the_log_start_is_refused_with_what_to_do() {
         );
     }
 }
+
+/// A rollback that no failed call revealed (a silent reconnect) is not
+/// hidden by the next record: the record write refuses, writing nothing,
+/// where a record is below what this instance wrote; and a renewed epoch
+/// refuses every writer that still knows the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_below_what_was_written_is_refused_and_renewal_refuses_old_writers() {
+    use idem::offsets::TopicPartition;
+    use idem::store::progress::ProgressStore;
+    use idem::store::{KeyLayout, StoreError};
+    let prefix = unique("loss-record");
+    let url = redis_url();
+    let mut conn = redis_conn(&url).await;
+    let mut store = ProgressStore::new(conn.clone(), KeyLayout::new(&prefix));
+    let epoch = store.establish_epoch().await.unwrap();
+    let tp = TopicPartition::new("t", 0);
+    store
+        .record(&epoch, &[(tp.clone(), 100, None)])
+        .await
+        .unwrap();
+    // Redis goes back: every server's record of t/0 drops to 50.
+    for key in conn
+        .scan_keys(&format!("{prefix}:progress*"))
+        .await
+        .unwrap()
+    {
+        redis_cmd(&url, &["HSET", &key, "t:0", "50"]).await;
+    }
+    let refused = store.record(&epoch, &[(tp.clone(), 150, Some(100))]).await;
+    assert!(
+        matches!(refused, Err(StoreError::RolledBack(_))),
+        "{refused:?}"
+    );
+    for server in &store.read(std::slice::from_ref(&tp)).await.unwrap()[0] {
+        assert_eq!(server.next, Some(50), "the refused write wrote nothing");
+    }
+    let renewed = store.renew_epoch(&epoch).await.unwrap();
+    assert_ne!(renewed, epoch);
+    let refused = store.record(&epoch, &[(tp.clone(), 150, None)]).await;
+    assert!(
+        matches!(refused, Err(StoreError::EpochChanged { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(store.establish_epoch().await.unwrap(), renewed, "settled");
+}

@@ -289,7 +289,7 @@ impl GuardStage {
             // After a failure, nothing is written before the check says
             // Redis still holds what idem recorded.
             let attempt = match self.progress.check().await {
-                Ok(Some(changed)) => return self.restart_for(changed),
+                Ok(Some(changed)) => return self.restart_for(changed).await,
                 Ok(None) => self.guard.apply(inputs).await,
                 Err(e) => Err(e),
             };
@@ -301,10 +301,12 @@ impl GuardStage {
                     return Some(verdicts);
                 }
                 Err(StoreError::EpochChanged { expected, found }) => {
-                    return self.restart_for(StateChanged {
-                        cause: "epoch",
-                        detail: format!("epoch marker {found}, idem knows {expected}"),
-                    });
+                    return self
+                        .restart_for(StateChanged {
+                            cause: "epoch",
+                            detail: format!("epoch marker {found}, idem knows {expected}"),
+                        })
+                        .await;
                 }
                 Err(e) => {
                     self.progress.suspect();

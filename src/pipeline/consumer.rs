@@ -52,9 +52,11 @@ impl Fetched {
 #[derive(Debug, Clone)]
 pub struct Committed {
     pub tp: TopicPartition,
-    /// `None`: no commit (or it could not be read).
+    /// `None`: no commit.
     pub offset: Option<i64>,
     pub metadata: String,
+    /// Whether the commit could be read (if not, consumption restarts).
+    pub known: bool,
 }
 
 /// What the consumer thread tells the loop, in the order librdkafka reported it.
@@ -133,11 +135,20 @@ impl Forwarder {
                         _ => None,
                     },
                     metadata: e.metadata().to_string(),
+                    known: e.error().is_ok(),
                 })
                 .collect(),
             Err(e) => {
-                tracing::warn!(error = %e, "could not read the committed offsets of the assigned partitions; they start where Kafka says, without comparing Redis's progress");
-                Vec::new()
+                tracing::warn!(error = %e, "could not read the committed offsets of the assigned partitions; consumption restarts");
+                partitions_of(tpl)
+                    .into_iter()
+                    .map(|tp| Committed {
+                        tp,
+                        offset: None,
+                        metadata: String::new(),
+                        known: false,
+                    })
+                    .collect()
             }
         };
         let (answer, answered) = std::sync::mpsc::sync_channel(1);
@@ -148,19 +159,16 @@ impl Forwarder {
         {
             return;
         }
-        match answered.recv_timeout(self.revoke_wait) {
-            Ok(starts) => {
-                for (tp, offset) in starts {
-                    if let Err(e) =
-                        tpl.set_partition_offset(&tp.topic, tp.partition, Offset::Offset(offset))
-                    {
-                        tracing::error!(error = %e, topic = %tp.topic, partition = tp.partition, "could not set the rewound start offset");
-                    }
+        // No timeout: a partition must never start without the loop's
+        // decision (the answer comes, or the loop is gone and so is the sender).
+        if let Ok(starts) = answered.recv() {
+            for (tp, offset) in starts {
+                if let Err(e) =
+                    tpl.set_partition_offset(&tp.topic, tp.partition, Offset::Offset(offset))
+                {
+                    tracing::error!(error = %e, topic = %tp.topic, partition = tp.partition, "could not set the rewound start offset");
                 }
             }
-            Err(_) => tracing::warn!(
-                "the loop did not answer the assignment in time; partitions start where Kafka says"
-            ),
         }
     }
 

@@ -270,6 +270,13 @@ impl EventLoop {
     async fn on_assigned(&mut self, assigned: &[Committed]) -> Vec<(TopicPartition, i64)> {
         let tps: Vec<TopicPartition> = assigned.iter().map(|c| c.tp.clone()).collect();
         self.take_partitions(&tps);
+        if let Some(c) = assigned.iter().find(|c| !c.known) {
+            self.end = Some(LoopEnd::Restart(format!(
+                "could not read the committed offset of {}/{}",
+                c.tp.topic, c.tp.partition
+            )));
+            return Vec::new();
+        }
         let group = self.config.kafka.group_id.clone();
         let checked = resume_points(
             &mut self.redis,

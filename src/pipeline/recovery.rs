@@ -29,12 +29,7 @@ pub struct RedisProgress {
     recorded: HashMap<TopicPartition, i64>,
     /// A Redis call failed since the last check: Redis may have restarted.
     suspect: bool,
-    last_check: std::time::Instant,
 }
-
-/// How often the records are checked without a failure: a restart that the
-/// client's silent reconnect hid is noticed within this.
-const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Redis no longer holds what idem recorded: consumption must restart from
 /// what it holds.
@@ -51,14 +46,19 @@ impl RedisProgress {
             epoch,
             recorded: HashMap::new(),
             suspect: false,
-            last_check: std::time::Instant::now(),
         }
     }
 
     /// Records that every record of `positions` before the given next
     /// offsets is applied.
+    /// Refused (`RolledBack`) where a record is below what this instance
+    /// wrote there: then Redis went back after this instance's last check.
     pub async fn record(&mut self, positions: &[(TopicPartition, i64)]) -> Result<(), StoreError> {
-        self.store.record(&self.epoch, positions).await?;
+        let with_expected: Vec<(TopicPartition, i64, Option<i64>)> = positions
+            .iter()
+            .map(|(tp, next)| (tp.clone(), *next, self.recorded.get(tp).copied()))
+            .collect();
+        self.store.record(&self.epoch, &with_expected).await?;
         for (tp, next) in positions {
             let e = self.recorded.entry(tp.clone()).or_insert(*next);
             *e = (*e).max(*next);
@@ -71,23 +71,38 @@ impl RedisProgress {
         self.store.set_connection(conn);
     }
 
-    /// Notes a failed Redis call: the next write waits for `check`.
+    /// Notes a failed Redis call (for the log of the next check).
     pub fn suspect(&mut self) {
         self.suspect = true;
+    }
+
+    /// After a rollback: renews the epoch so that every other instance's
+    /// next write is refused too and each reads the records again (one that
+    /// has written nothing since its assignment would not notice otherwise).
+    pub async fn renew_epoch(&mut self) {
+        match self.store.renew_epoch(&self.epoch).await {
+            Ok(epoch) => {
+                tracing::info!(epoch = %epoch, "renewed Redis's epoch marker so every instance re-reads the records")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not renew Redis's epoch marker; other instances notice at their own next check")
+            }
+        }
     }
 
     /// After a failure: whether Redis still holds the marker and at least
     /// the records this instance wrote (a restart without persistence
     /// loses both; a restored snapshot or a promoted replica, the last records).
-    /// Runs after a failure, and at most every `CHECK_EVERY` otherwise.
+    /// Runs before every batch (a reconnect can be silent: redis-rs
+    /// resends, a proxy keeps the client's connection through a failover);
+    /// `suspect` only says a failure happened since.
     pub async fn check(&mut self) -> Result<Option<StateChanged>, StoreError> {
-        if !self.suspect && self.last_check.elapsed() < CHECK_EVERY {
+        let tps: Vec<TopicPartition> = self.recorded.keys().cloned().collect();
+        if tps.is_empty() {
             return Ok(None);
         }
-        let tps: Vec<TopicPartition> = self.recorded.keys().cloned().collect();
         let views = self.store.read(&tps).await?;
         self.suspect = false;
-        self.last_check = std::time::Instant::now();
         for (tp, servers) in tps.iter().zip(views) {
             let mine = self.recorded[tp];
             for s in servers {
@@ -123,7 +138,10 @@ impl super::apply::GuardStage {
     /// Logs and counts a change of Redis's state and asks the loop to
     /// restart consumption from what Redis holds. Returns `None`: the batch
     /// is not finished (nothing of it is committed).
-    pub(super) fn restart_for<T>(&mut self, changed: StateChanged) -> Option<T> {
+    pub(super) async fn restart_for<T>(&mut self, changed: StateChanged) -> Option<T> {
+        if changed.cause == "rolled_back" {
+            self.progress.renew_epoch().await;
+        }
         metrics::record_redis_state_change(changed.cause);
         tracing::error!(
             cause = changed.cause,
@@ -142,7 +160,7 @@ impl super::apply::GuardStage {
         let mut backoff = super::Backoff::new(&self.config);
         loop {
             let attempt = match self.progress.check().await {
-                Ok(Some(changed)) => return self.restart_for::<()>(changed).is_some(),
+                Ok(Some(changed)) => return self.restart_for::<()>(changed).await.is_some(),
                 Ok(None) => self.progress.record(&ends).await,
                 Err(e) => Err(e),
             };
@@ -153,7 +171,14 @@ impl super::apply::GuardStage {
                         cause: "epoch",
                         detail: format!("epoch marker {found}, idem knows {expected}"),
                     };
-                    return self.restart_for::<()>(changed).is_some();
+                    return self.restart_for::<()>(changed).await.is_some();
+                }
+                Err(StoreError::RolledBack(detail)) => {
+                    let changed = StateChanged {
+                        cause: "rolled_back",
+                        detail,
+                    };
+                    return self.restart_for::<()>(changed).await.is_some();
                 }
                 Err(e) => {
                     self.progress.suspect();
@@ -212,7 +237,12 @@ pub async fn resume_points(
     for (c, servers) in assigned.iter().zip(views) {
         let committed = c.offset.map(|o| (o, c.metadata.as_str()));
         let log_start = match decide(committed, &servers, i64::MAX) {
-            Start::Refuse { .. } => low_watermark(consumer, &c.tp).await,
+            Start::Refuse { .. } => low_watermark(consumer, &c.tp).await.ok_or_else(|| {
+                StoreError::Protocol(format!(
+                    "the brokers did not say where {}/{} starts",
+                    c.tp.topic, c.tp.partition
+                ))
+            })?,
             _ => 0,
         };
         match decide(committed, &servers, log_start) {
@@ -220,7 +250,7 @@ pub async fn resume_points(
             // nothing is committed: trivially true), so a snapshot taken
             // from now on has one, and a restore of it shows as behind.
             Start::Committed | Start::Bootstrap => {
-                starts.push((c.tp.clone(), c.offset.unwrap_or(0)));
+                starts.push((c.tp.clone(), c.offset.unwrap_or(0), None));
             }
             Start::Rewind {
                 to,
@@ -241,7 +271,7 @@ pub async fn resume_points(
                     }
                 );
                 metrics::record_rewind(&c.tp.topic, cause.as_str(), committed - to);
-                starts.push((c.tp.clone(), to));
+                starts.push((c.tp.clone(), to, None));
                 rewinds.push(Rewind {
                     tp: c.tp.clone(),
                     to,
@@ -272,17 +302,18 @@ pub async fn resume_points(
     Ok(Ok(rewinds))
 }
 
-/// The partition's first offset now (0 if the brokers do not answer: the
-/// rewind then asks for what may be gone, and the fetch resets by
-/// `auto_offset_reset`).
-async fn low_watermark(consumer: &Arc<Consumer>, tp: &TopicPartition) -> i64 {
+/// The partition's first offset now (`None` if the brokers do not answer:
+/// then nothing is assumed, and consumption restarts).
+async fn low_watermark(consumer: &Arc<Consumer>, tp: &TopicPartition) -> Option<i64> {
     let consumer = consumer.clone();
     let tp = tp.clone();
     tokio::task::spawn_blocking(move || {
         consumer
             .fetch_watermarks(&tp.topic, tp.partition, Duration::from_secs(10))
-            .map_or(0, |(low, _)| low)
+            .ok()
+            .map(|(low, _)| low)
     })
     .await
-    .unwrap_or(0)
+    .ok()
+    .flatten()
 }

@@ -32,6 +32,9 @@ pub enum StoreError {
     /// state since idem last looked. Nothing of the refused call was written.
     #[error("Redis's epoch marker is {found} where idem expected {expected}: Redis lost or replaced its state")]
     EpochChanged { expected: String, found: String },
+    /// A progress record went below what idem wrote (nothing written).
+    #[error("a progress record went back: {0}")]
+    RolledBack(String),
 }
 
 impl StoreError {
@@ -55,7 +58,9 @@ impl StoreError {
                             | redis::ErrorKind::Ask
                     )
             }
-            StoreError::Protocol(_) | StoreError::EpochChanged { .. } => false,
+            StoreError::Protocol(_)
+            | StoreError::EpochChanged { .. }
+            | StoreError::RolledBack(_) => false,
             StoreError::NotDurable(_) => true,
         }
     }
@@ -91,6 +96,7 @@ impl StoreError {
             StoreError::Protocol(_) => "protocol",
             StoreError::NotDurable(_) => "not_durable",
             StoreError::EpochChanged { .. } => "epoch",
+            StoreError::RolledBack(_) => "rolled_back",
         }
     }
 }
@@ -137,25 +143,6 @@ impl KeyLayout {
     /// is a short string of that slot): at most one key per slot.
     pub fn slot_barrier_key(&self, slot: u16) -> String {
         format!("{}:durability-barrier:{{{}}}", self.prefix, slot_tag(slot))
-    }
-
-    /// The epoch marker every guard call checks: the one key of a
-    /// standalone server (`None`), or the one of cluster slot `slot`.
-    pub fn epoch_key(&self, slot: Option<u16>) -> String {
-        match slot {
-            None => format!("{}:epoch", self.prefix),
-            Some(s) => format!("{}:epoch:{{{}}}", self.prefix, slot_tag(s)),
-        }
-    }
-
-    /// The progress records of a server (`None`), or of the cluster master
-    /// whose lowest slot is `slot`: a hash, field `<topic>:<partition>`,
-    /// value the next offset to read.
-    pub fn progress_key(&self, slot: Option<u16>) -> String {
-        match slot {
-            None => format!("{}:progress", self.prefix),
-            Some(s) => format!("{}:progress:{{{}}}", self.prefix, slot_tag(s)),
-        }
     }
 }
 

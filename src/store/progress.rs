@@ -23,13 +23,45 @@ use redis::Value;
 use super::{KeyLayout, NodeAddr, RedisConn, StoreError};
 use crate::offsets::TopicPartition;
 
-/// Checks the marker, then raises each record to the given offset (never lowers it).
+impl KeyLayout {
+    /// The epoch marker every guard call checks: the one key of a
+    /// standalone server (`None`), or the one of cluster slot `slot`.
+    pub fn epoch_key(&self, slot: Option<u16>) -> String {
+        match slot {
+            None => format!("{}:epoch", self.prefix),
+            Some(s) => format!("{}:epoch:{{{}}}", self.prefix, super::slot_tag(s)),
+        }
+    }
+
+    /// The progress records of a server (`None`), or of the cluster master
+    /// whose lowest slot is `slot`: a hash, field `<topic>:<partition>`,
+    /// value the next offset to read.
+    pub fn progress_key(&self, slot: Option<u16>) -> String {
+        match slot {
+            None => format!("{}:progress", self.prefix),
+            Some(s) => format!("{}:progress:{{{}}}", self.prefix, super::slot_tag(s)),
+        }
+    }
+}
+
+/// Checks the marker, then that no record is below what the caller last
+/// wrote (ARGV triples: field, new offset, expected minimum or -1), then
+/// raises each record to its new offset (never lowers it). A refusal writes
+/// nothing.
 const RECORD: &str = r#"
 local found = redis.call('GET', KEYS[1])
 if found ~= ARGV[1] then return redis.error_reply('IDEMEPOCH ' .. (found or 'missing')) end
-for i = 2, #ARGV, 2 do
+local current = {}
+for i = 2, #ARGV, 3 do
   local cur = tonumber(redis.call('HGET', KEYS[2], ARGV[i]))
-  if not cur or cur < tonumber(ARGV[i + 1]) then redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+  local expected = tonumber(ARGV[i + 2])
+  if expected >= 0 and (not cur or cur < expected) then
+    return redis.error_reply('IDEMROLLBACK ' .. ARGV[i] .. ' is ' .. tostring(cur) .. ', idem recorded ' .. ARGV[i + 2])
+  end
+  current[i] = cur
+end
+for i = 2, #ARGV, 3 do
+  if not current[i] or current[i] < tonumber(ARGV[i + 1]) then redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 end
 return 1
 "#;
@@ -53,6 +85,8 @@ pub struct MasterRecord {
     pub marker: Option<String>,
     /// The next offset whose effects are all on this master (`None`: no record).
     pub next: Option<i64>,
+    /// Whether this master holds progress records at all (of any partition).
+    pub has_records: bool,
 }
 
 /// Each server that holds data with the slot of its records.
@@ -87,13 +121,17 @@ pub fn new_epoch() -> String {
     format!("{:016x}", h.finish())
 }
 
-/// Turns the scripts' `IDEMEPOCH <found>` refusal into its own error.
+/// Turns the scripts' `IDEMEPOCH <found>` and `IDEMROLLBACK <what>`
+/// refusals into their own errors.
 pub fn epoch_refusal(e: StoreError, expected: &str) -> StoreError {
     match &e {
         StoreError::Redis(r) if r.code() == Some("IDEMEPOCH") => StoreError::EpochChanged {
             expected: expected.to_string(),
             found: r.detail().unwrap_or("missing").to_string(),
         },
+        StoreError::Redis(r) if r.code() == Some("IDEMROLLBACK") => {
+            StoreError::RolledBack(r.detail().unwrap_or_default().to_string())
+        }
         _ => e,
     }
 }
@@ -155,6 +193,17 @@ impl ProgressStore {
     /// the epoch for all, so every instance notices at its next write; a
     /// disagreement (another instance renewing) settles on the authority's.
     pub async fn establish_epoch(&mut self) -> Result<String, StoreError> {
+        self.settle_epoch(None).await
+    }
+
+    /// Replaces the epoch `known` by a new one on every marker (or adopts
+    /// the one another instance already put there): every instance's next
+    /// write is refused, and each reads Redis's records again.
+    pub async fn renew_epoch(&mut self, known: &str) -> Result<String, StoreError> {
+        self.settle_epoch(Some(known)).await
+    }
+
+    async fn settle_epoch(&mut self, renew_from: Option<&str>) -> Result<String, StoreError> {
         let groups = self.marker_groups().await?;
         let mut markers = Vec::new();
         for (node, keys) in &groups {
@@ -167,14 +216,16 @@ impl ProgressStore {
             }
         }
         if let Some(Some(first)) = markers.first() {
-            if markers.iter().all(|m| m.as_deref() == Some(first)) {
+            let agree = markers.iter().all(|m| m.as_deref() == Some(first));
+            if agree && renew_from != Some(first.as_str()) {
                 return Ok(first.clone());
             }
         }
         let authority = self.layout.epoch_key(self.conn.is_cluster().then_some(0));
         let seen: Option<String> =
             redis::from_redis_value(&self.query(redis::cmd("GET").arg(&authority)).await?)?;
-        let epoch: String = if markers.iter().any(Option::is_none) {
+        let renew = renew_from.is_some_and(|k| seen.as_deref() == Some(k));
+        let epoch: String = if renew || markers.iter().any(Option::is_none) {
             let mut renew = redis::cmd("EVAL");
             renew
                 .arg(RENEW)
@@ -223,6 +274,7 @@ impl ProgressStore {
         for (node, anchor) in self.anchors().await? {
             let mut pipe = redis::pipe();
             pipe.cmd("GET").arg(self.layout.epoch_key(anchor));
+            pipe.cmd("EXISTS").arg(self.layout.progress_key(anchor));
             let mut hmget = redis::cmd("HMGET");
             hmget.arg(self.layout.progress_key(anchor));
             for tp in tps {
@@ -230,16 +282,20 @@ impl ProgressStore {
             }
             pipe.add_command(hmget);
             let replies = self.conn.pipeline_on(&node, &pipe).await?;
-            let (Some(marker), Some(nexts)) = (replies.first(), replies.get(1)) else {
+            let (Some(marker), Some(exists), Some(nexts)) =
+                (replies.first(), replies.get(1), replies.get(2))
+            else {
                 return Err(StoreError::Protocol(format!("progress read: {replies:?}")));
             };
             let marker: Option<String> = redis::from_redis_value(marker)?;
+            let has_records: bool = redis::from_redis_value(exists)?;
             let nexts: Vec<Option<i64>> = redis::from_redis_value(nexts)?;
             for (i, next) in nexts.into_iter().enumerate().take(tps.len()) {
                 out[i].push(MasterRecord {
                     node: node.clone(),
                     marker: marker.clone(),
                     next,
+                    has_records,
                 });
             }
         }
@@ -247,11 +303,13 @@ impl ProgressStore {
     }
 
     /// Raises the records of `positions` to the given next offsets on every
-    /// server (all concurrently), where the marker still is `epoch`.
+    /// server (all concurrently), where the marker still is `epoch` and no
+    /// record is below the expected minimum given with it (what the caller
+    /// last wrote; `None`: no expectation). Refused: `EpochChanged`, `RolledBack`.
     pub async fn record(
         &mut self,
         epoch: &str,
-        positions: &[(TopicPartition, i64)],
+        positions: &[(TopicPartition, i64, Option<i64>)],
     ) -> Result<(), StoreError> {
         if positions.is_empty() {
             return Ok(());
@@ -265,8 +323,8 @@ impl ProgressStore {
                 .arg(self.layout.epoch_key(anchor))
                 .arg(self.layout.progress_key(anchor))
                 .arg(epoch);
-            for (tp, next) in positions {
-                cmd.arg(field(tp)).arg(*next);
+            for (tp, next, expected) in positions {
+                cmd.arg(field(tp)).arg(*next).arg(expected.unwrap_or(-1));
             }
             async move {
                 let mut pipe = redis::pipe();
