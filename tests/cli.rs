@@ -117,9 +117,14 @@ async fn check_passes_on_ready_services_and_names_what_is_missing() {
         "ok   redis ".to_string(),
         "ok   redis eviction".to_string(),
         "ok   redis durability".to_string(),
+        "ok   redis progress".to_string(),
     ] {
         assert!(stdout.contains(&expected), "no `{expected}` in:\n{stdout}");
     }
+    assert!(
+        stdout.contains("no epoch marker"),
+        "a fresh prefix: {stdout}"
+    );
 
     // A topic that does not exist, with no dead-letter topic either: exit 1,
     // one FAIL line for each, and the JSON form says the same.

@@ -95,6 +95,17 @@ type Anchors = Vec<(Option<NodeAddr>, Option<u16>)>;
 /// How long a cluster's anchors are used before the slot map is read again.
 const ANCHORS_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// The markers and records of a Redis, as `idem check` shows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Survey {
+    /// Each marker value and how many markers (slots) hold it.
+    pub epochs: BTreeMap<String, usize>,
+    /// Markers absent.
+    pub missing: usize,
+    /// Per server, how many partitions it holds a progress record of.
+    pub records: Vec<(Option<NodeAddr>, usize)>,
+}
+
 /// Reads and writes the marker and the progress records.
 #[derive(Clone)]
 pub struct ProgressStore {
@@ -205,16 +216,7 @@ impl ProgressStore {
 
     async fn settle_epoch(&mut self, renew_from: Option<&str>) -> Result<String, StoreError> {
         let groups = self.marker_groups().await?;
-        let mut markers = Vec::new();
-        for (node, keys) in &groups {
-            let mut pipe = redis::pipe();
-            for k in keys {
-                pipe.cmd("GET").arg(k);
-            }
-            for v in self.conn.pipeline_on(node, &pipe).await? {
-                markers.push(redis::from_redis_value::<Option<String>>(&v)?);
-            }
-        }
+        let markers = self.read_markers(&groups).await?;
         if let Some(Some(first)) = markers.first() {
             let agree = markers.iter().all(|m| m.as_deref() == Some(first));
             if agree && renew_from != Some(first.as_str()) {
@@ -245,6 +247,44 @@ impl ProgressStore {
             self.conn.pipeline_on(node, &pipe).await?;
         }
         Ok(epoch)
+    }
+
+    /// Every marker's value, in the order of `groups`.
+    async fn read_markers(
+        &mut self,
+        groups: &[(Option<NodeAddr>, Vec<String>)],
+    ) -> Result<Vec<Option<String>>, StoreError> {
+        let mut markers = Vec::new();
+        for (node, keys) in groups {
+            let mut pipe = redis::pipe();
+            for k in keys {
+                pipe.cmd("GET").arg(k);
+            }
+            for v in self.conn.pipeline_on(node, &pipe).await? {
+                markers.push(redis::from_redis_value::<Option<String>>(&v)?);
+            }
+        }
+        Ok(markers)
+    }
+
+    /// What `idem check` reports, read only: the markers' values and how
+    /// many progress records each server holds.
+    pub async fn survey(&mut self) -> Result<Survey, StoreError> {
+        let groups = self.marker_groups().await?;
+        let mut survey = Survey::default();
+        for marker in self.read_markers(&groups).await? {
+            match marker {
+                Some(e) => *survey.epochs.entry(e).or_default() += 1,
+                None => survey.missing += 1,
+            }
+        }
+        for (node, anchor) in self.anchors().await? {
+            let mut hlen = redis::cmd("HLEN");
+            hlen.arg(self.layout.progress_key(anchor));
+            let n: usize = redis::from_redis_value(&self.conn.query_on(&node, &hlen).await?)?;
+            survey.records.push((node, n));
+        }
+        Ok(survey)
     }
 
     async fn query(&mut self, cmd: &redis::Cmd) -> Result<Value, StoreError> {

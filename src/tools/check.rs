@@ -206,6 +206,16 @@ async fn redis(config: &Config, checks: &mut Vec<Check>) {
         ),
         Err(e) => line(Status::Fail, "redis durability", e.to_string()),
     });
+    let layout = store::KeyLayout::new(&config.redis.key_prefix);
+    checks.push(
+        match store::progress::ProgressStore::new(conn.clone(), layout)
+            .survey()
+            .await
+        {
+            Ok(survey) => progress_line(&survey),
+            Err(e) => line(Status::Warn, "redis progress", e.to_string()),
+        },
+    );
     match store::persistence(&mut conn).await {
         Ok(nodes) => checks.extend(nodes.iter().map(|p| match p.warning(durability) {
             Some(w) => line(Status::Warn, "redis persistence", w),
@@ -221,6 +231,47 @@ async fn redis(config: &Config, checks: &mut Vec<Check>) {
             ),
         })),
         Err(e) => checks.push(line(Status::Warn, "redis persistence", e.to_string())),
+    }
+}
+
+/// The epoch markers and progress records under the key prefix
+/// (docs/guarantees.md, "When Redis loses or rolls back its state").
+///
+/// | markers               | records | status |
+/// |-----------------------|---------|--------|
+/// | none                  | none    | ok: not set yet (the first run sets them) |
+/// | all present, one value| any     | ok     |
+/// | some absent, or values differ | any | warn: a server lost state, or a renewal is under way |
+/// | none                  | some    | warn   |
+fn progress_line(s: &store::progress::Survey) -> Check {
+    let records: usize = s.records.iter().map(|(_, n)| n).sum();
+    let what = "redis progress";
+    match (s.epochs.len(), s.missing) {
+        (0, _) if records == 0 => line(
+            Status::Ok,
+            what,
+            "no epoch marker and no progress records under this key prefix yet: the first `idem run` sets them",
+        ),
+        (1, 0) => line(
+            Status::Ok,
+            what,
+            format!(
+                "epoch {} on every marker ({}); {records} progress record(s) on {} server(s)",
+                s.epochs.keys().next().map_or("", String::as_str),
+                s.epochs.values().sum::<usize>(),
+                s.records.len()
+            ),
+        ),
+        _ => line(
+            Status::Warn,
+            what,
+            format!(
+                "epoch markers absent ({} of {}) or differing ({} values): Redis lost state on some server, or an instance is renewing the epoch; idem re-reads from the log what Redis lost (docs/guarantees.md)",
+                s.missing,
+                s.missing + s.epochs.values().sum::<usize>(),
+                s.epochs.len()
+            ),
+        ),
     }
 }
 
@@ -245,5 +296,38 @@ fn yes_no(v: Option<bool>) -> &'static str {
         Some(true) => "yes",
         Some(false) => "no",
         None => "unknown (CONFIG GET refused)",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use store::progress::Survey;
+
+    /// The table of `progress_line`, row by row.
+    #[test]
+    fn progress_lines_by_table() {
+        let survey = |epochs: &[(&str, usize)], missing, records: usize| Survey {
+            epochs: epochs.iter().map(|(e, n)| (e.to_string(), *n)).collect(),
+            missing,
+            records: vec![(None, records)],
+        };
+        let status = |s: &Survey| progress_line(s).status;
+        assert_eq!(status(&survey(&[], 1, 0)), Status::Ok, "not set yet");
+        assert_eq!(status(&survey(&[("E", 1)], 0, 3)), Status::Ok);
+        assert!(progress_line(&survey(&[("E", 1)], 0, 3))
+            .detail
+            .contains("epoch E"));
+        assert_eq!(status(&survey(&[("E", 10)], 2, 3)), Status::Warn, "absent");
+        assert_eq!(
+            status(&survey(&[("E", 5), ("F", 5)], 0, 3)),
+            Status::Warn,
+            "differing"
+        );
+        assert_eq!(
+            status(&survey(&[], 1, 2)),
+            Status::Warn,
+            "records, no marker"
+        );
     }
 }
