@@ -70,6 +70,14 @@ impl Cause {
             Cause::RolledBack => "rolled_back",
         }
     }
+
+    /// What Redis did, for a sentence: "Redis … ".
+    pub fn describe(self) -> &'static str {
+        match self {
+            Cause::Lost => "lost its state",
+            Cause::RolledBack => "went back to an older state",
+        }
+    }
 }
 
 /// Decides where a partition starts.

@@ -22,7 +22,6 @@ use crate::dlq::{DeadLetter, DlqWriter};
 use crate::guard::{Guard, GuardInput, Verdict};
 use crate::metrics::{self, Health};
 use crate::model::Outcome;
-use crate::store::StoreError;
 
 /// Consecutive failures after which the Redis connection is replaced.
 const RECONNECT_AFTER: u32 = 3;
@@ -300,15 +299,10 @@ impl GuardStage {
                     self.health.set_waiting_on(None);
                     return Some(verdicts);
                 }
-                Err(StoreError::EpochChanged { expected, found }) => {
-                    return self
-                        .restart_for(StateChanged {
-                            cause: "epoch",
-                            detail: format!("epoch marker {found}, idem knows {expected}"),
-                        })
-                        .await;
-                }
                 Err(e) => {
+                    if let Some(changed) = StateChanged::from_refusal(&e) {
+                        return self.restart_for(changed).await;
+                    }
                     self.progress.suspect();
                     self.health.set_redis_ok(false);
                     self.health.set_waiting_on(Some("redis"));

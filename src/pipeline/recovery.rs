@@ -39,6 +39,23 @@ pub struct StateChanged {
     pub detail: String,
 }
 
+impl StateChanged {
+    /// The change a refused Redis call reports (`IDEMEPOCH`, `IDEMROLLBACK`).
+    pub fn from_refusal(e: &StoreError) -> Option<StateChanged> {
+        match e {
+            StoreError::EpochChanged { expected, found } => Some(StateChanged {
+                cause: "epoch",
+                detail: format!("epoch marker {found}, idem knows {expected}"),
+            }),
+            StoreError::RolledBack(detail) => Some(StateChanged {
+                cause: "rolled_back",
+                detail: detail.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
 impl RedisProgress {
     pub fn new(store: ProgressStore, epoch: String) -> Self {
         RedisProgress {
@@ -166,21 +183,10 @@ impl super::apply::GuardStage {
             };
             match attempt {
                 Ok(()) => return true,
-                Err(StoreError::EpochChanged { expected, found }) => {
-                    let changed = StateChanged {
-                        cause: "epoch",
-                        detail: format!("epoch marker {found}, idem knows {expected}"),
-                    };
-                    return self.restart_for::<()>(changed).await.is_some();
-                }
-                Err(StoreError::RolledBack(detail)) => {
-                    let changed = StateChanged {
-                        cause: "rolled_back",
-                        detail,
-                    };
-                    return self.restart_for::<()>(changed).await.is_some();
-                }
                 Err(e) => {
+                    if let Some(changed) = StateChanged::from_refusal(&e) {
+                        return self.restart_for::<()>(changed).await.is_some();
+                    }
                     self.progress.suspect();
                     metrics::record_retry(e.cause());
                     let wait = backoff.next();
@@ -265,10 +271,7 @@ pub async fn resume_points(
                     records = committed - to,
                     cause = cause.as_str(),
                     "Redis's state stops before the committed offset (it {}): reading those records again; the guard turns what Redis still holds into duplicates",
-                    match cause {
-                        crate::resume::Cause::Lost => "lost its state",
-                        crate::resume::Cause::RolledBack => "went back to an older state",
-                    }
+                    cause.describe()
                 );
                 metrics::record_rewind(&c.tp.topic, cause.as_str(), committed - to);
                 starts.push((c.tp.clone(), to, None));
@@ -286,10 +289,7 @@ pub async fn resume_points(
             } => {
                 return Ok(Err(Unrecoverable(format!(
                     "Redis {} for {}/{}: its state needs the records from offset {needed}, but the log now starts at {log_start} (retention deleted the rest); the effects of offsets {needed}..{} are gone from Redis and from Kafka. Restore Redis from a backup that holds them, or accept the loss and re-apply what the log still holds: `idem replay --group {group} --topic {} --to-earliest --execute` (a commit written by replay is taken as it is)",
-                    match cause {
-                        crate::resume::Cause::Lost => "lost its state",
-                        crate::resume::Cause::RolledBack => "went back to an older state",
-                    },
+                    cause.describe(),
                     c.tp.topic,
                     c.tp.partition,
                     log_start - 1,
