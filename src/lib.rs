@@ -6,6 +6,8 @@
 //! The data path:
 //! - [`config`]: typed settings from `config/default.toml`, a file and `IDEM__…` variables.
 //! - [`event`]: decoding a record into an [`event::Event`]; fingerprints.
+//! - [`effects`]: what an event does, declared per topic and event type:
+//!   merge, replace, counters, ledger, sets, custom Lua; planned purely.
 //! - [`model`]: the decision rules as a pure function (the oracle of the tests).
 //! - [`guard`]: the same rules as one atomic Redis script, many events per round trip.
 //! - [`offsets`]: per-partition done offsets and the contiguous commit point.
@@ -27,6 +29,7 @@
 pub mod cli;
 pub mod config;
 pub mod dlq;
+pub mod effects;
 pub mod event;
 pub mod guard;
 pub mod kafka;

@@ -6,25 +6,30 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::effects::{Amount, Effects, Mutation, Order, StateEffect};
 use crate::event::{id_hash, Event, Op};
 
 /// The outcome of one event. Every record gets exactly one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Outcome {
     Applied,
     Duplicate,
     Stale,
     Conflict,
     Invalid,
+    /// Seq not newer: the ordered effects were skipped, the commutative ones
+    /// (counters, ledger, sets) applied (docs/effects.md).
+    Late,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 5] = [
+    pub const ALL: [Outcome; 6] = [
         Outcome::Applied,
         Outcome::Duplicate,
         Outcome::Stale,
         Outcome::Conflict,
         Outcome::Invalid,
+        Outcome::Late,
     ];
 
     /// The label used in metrics and reports.
@@ -35,6 +40,7 @@ impl Outcome {
             Outcome::Stale => "stale",
             Outcome::Conflict => "conflict",
             Outcome::Invalid => "invalid",
+            Outcome::Late => "late",
         }
     }
 }
@@ -76,11 +82,35 @@ pub struct EntityModel {
     pub remembered_at: HashMap<u64, i64>,
     /// Whether a decision depended on the window's exact edge (see [`Model::apply_at`]).
     pub window_ambiguous: bool,
+    /// Counter field → value (`<base>:counters`).
+    pub counters: BTreeMap<String, Amount>,
+    /// Ledger stream → entries in the order they were appended.
+    pub ledgers: BTreeMap<String, Vec<Vec<(String, String)>>>,
+    /// Set → members.
+    pub sets: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// Set → member → seq of the newest add or remove that touched it.
+    pub set_seqs: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Whether a custom effect ran (the model cannot run Lua: such an
+    /// entity's custom fields are not predicted).
+    pub ran_custom: bool,
 }
 
 impl EntityModel {
-    /// Decides `event` and applies its effect, exactly as the guard script does.
+    /// Decides `event` and applies its effect (merge), exactly as the guard script does.
     pub fn apply(&mut self, event: &Event) -> Outcome {
+        self.apply_effects(event, &Effects::default())
+    }
+
+    /// Decides `event` and applies `effects`, exactly as the guard script does.
+    ///
+    /// | id in window | seq newer | commutative part | outcome   | writes                         |
+    /// |--------------|-----------|------------------|-----------|--------------------------------|
+    /// | yes          | any       | any              | duplicate/conflict | none                  |
+    /// | no           | yes       | any              | applied   | state, seq, every mutation     |
+    /// | no           | no        | yes              | late      | the commutative mutations only |
+    /// | no           | no        | no               | stale     | none (the id is remembered)    |
+    /// | no           | any       | a counter would pass 38 digits | invalid | none, not even the id |
+    pub fn apply_effects(&mut self, event: &Event, effects: &Effects) -> Outcome {
         let key = id_hash(&event.id);
         let outcome = classify(
             self.remembered.get(&key).copied(),
@@ -88,30 +118,126 @@ impl EntityModel {
             self.seq,
             event.seq,
         );
-        if matches!(outcome, Outcome::Applied | Outcome::Stale) {
-            self.remembered.insert(key, event.fingerprint);
+        if !matches!(outcome, Outcome::Applied | Outcome::Stale) {
+            return outcome;
         }
-        if outcome == Outcome::Applied {
-            self.seq = Some(event.seq);
-            self.last_id = Some(event.id.clone());
-            self.applied += 1;
-            match event.op {
-                Op::Delete => {
+        let newer = outcome == Outcome::Applied;
+        if (newer || effects.commutes()) && !self.apply_mutations(event, effects, newer) {
+            return Outcome::Invalid;
+        }
+        self.remembered.insert(key, event.fingerprint);
+        if !newer {
+            return if effects.commutes() {
+                Outcome::Late
+            } else {
+                Outcome::Stale
+            };
+        }
+        self.seq = Some(event.seq);
+        self.last_id = Some(event.id.clone());
+        self.applied += 1;
+        match (event.op, &effects.state) {
+            (Op::Delete, _) => {
+                self.state.clear();
+                self.deleted = true;
+            }
+            (Op::Upsert, StateEffect::Keep) => {}
+            (Op::Upsert, state) => {
+                self.deleted = false;
+                if *state == StateEffect::Replace {
                     self.state.clear();
-                    self.deleted = true;
                 }
-                Op::Upsert => {
-                    self.deleted = false;
-                    for (k, v) in &event.set {
-                        self.state.insert(k.clone(), v.clone());
-                    }
-                    for k in &event.unset {
-                        self.state.remove(k);
-                    }
+                for (k, v) in event.set.iter().filter(|(k, _)| effects.writes_field(k)) {
+                    self.state.insert(k.clone(), v.clone());
+                }
+                for k in event.unset.iter().filter(|k| effects.writes_field(k)) {
+                    self.state.remove(k);
                 }
             }
         }
-        outcome
+        Outcome::Applied
+    }
+
+    /// The counters, ledgers and sets as Redis stores them.
+    pub fn commutative_view(&self) -> crate::effects::CommutativeView {
+        crate::effects::CommutativeView {
+            counters: self
+                .counters
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_string()))
+                .collect(),
+            ledgers: self
+                .ledgers
+                .iter()
+                .filter(|(_, l)| !l.is_empty())
+                .map(|(k, l)| (k.clone(), l.clone()))
+                .collect(),
+            sets: self
+                .sets
+                .iter()
+                .filter(|(_, m)| !m.is_empty())
+                .map(|(k, m)| (k.clone(), m.clone()))
+                .collect(),
+            set_seqs: self.set_seqs.clone(),
+        }
+    }
+
+    /// Applies the mutations that apply (all when newer, the commutative
+    /// ones when late), all or none: false when a counter would overflow.
+    fn apply_mutations(&mut self, event: &Event, effects: &Effects, newer: bool) -> bool {
+        let mut counters = self.counters.clone();
+        for m in &effects.mutations {
+            if let Mutation::Count { field, amount } = m {
+                let now = counters
+                    .get(field)
+                    .copied()
+                    .unwrap_or(Amount::zero(amount.scale));
+                let Some(sum) = now.checked_add(*amount) else {
+                    return false;
+                };
+                counters.insert(field.clone(), sum);
+            }
+        }
+        self.counters = counters;
+        let seq = event.seq;
+        for m in &effects.mutations {
+            match m {
+                Mutation::Count { .. } => {}
+                Mutation::Append {
+                    stream,
+                    entry,
+                    max_len,
+                    ..
+                } => {
+                    let ledger = self.ledgers.entry(stream.clone()).or_default();
+                    ledger.push(entry.clone());
+                    if *max_len > 0 && ledger.len() as u64 > *max_len {
+                        ledger.drain(..ledger.len() - *max_len as usize);
+                    }
+                }
+                Mutation::SetAdd { set, member } | Mutation::SetRemove { set, member } => {
+                    let remove = matches!(m, Mutation::SetRemove { .. });
+                    let seqs = self.set_seqs.entry(set.clone()).or_default();
+                    let wins = match seqs.get(member) {
+                        None => true,
+                        Some(&last) => seq > last || (remove && seq == last),
+                    };
+                    if wins {
+                        seqs.insert(member.clone(), seq);
+                        let members = self.sets.entry(set.clone()).or_default();
+                        if remove {
+                            members.remove(member);
+                        } else {
+                            members.insert(member.clone());
+                        }
+                    }
+                }
+                Mutation::Custom { order, .. } => {
+                    self.ran_custom |= newer || *order == Order::Commutative;
+                }
+            }
+        }
+        true
     }
 }
 
@@ -122,12 +248,17 @@ pub struct Model {
 }
 
 impl Model {
-    /// Decides and applies one event.
+    /// Decides and applies one event (merge).
     pub fn apply(&mut self, event: &Event) -> Outcome {
+        self.apply_effects(event, &Effects::default())
+    }
+
+    /// Decides and applies one event with its planned effects.
+    pub fn apply_effects(&mut self, event: &Event, effects: &Effects) -> Outcome {
         self.entities
             .entry(event.entity.clone())
             .or_default()
-            .apply(event)
+            .apply_effects(event, effects)
     }
 
     /// Decides and applies one event seen at `at_ms`, with a dedupe window
@@ -145,6 +276,7 @@ impl Model {
     pub fn apply_at(
         &mut self,
         event: &Event,
+        effects: &Effects,
         at_ms: i64,
         window_ms: i64,
         keep_ambiguous: bool,
@@ -160,8 +292,8 @@ impl Model {
                 entity.remembered_at.remove(&key);
             }
         }
-        let outcome = entity.apply(event);
-        if matches!(outcome, Outcome::Applied | Outcome::Stale) {
+        let outcome = entity.apply_effects(event, effects);
+        if matches!(outcome, Outcome::Applied | Outcome::Stale | Outcome::Late) {
             entity.remembered_at.insert(key, at_ms);
         }
         outcome
@@ -185,7 +317,14 @@ mod tests {
         let labels: Vec<&str> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
         assert_eq!(
             labels,
-            ["applied", "duplicate", "stale", "conflict", "invalid"]
+            [
+                "applied",
+                "duplicate",
+                "stale",
+                "conflict",
+                "invalid",
+                "late"
+            ]
         );
     }
 
@@ -217,6 +356,7 @@ mod tests {
             entity: "e".into(),
             seq,
             op,
+            kind: None,
             set: set
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -278,11 +418,23 @@ mod tests {
             (2500, true, Outcome::Applied, false),
         ] {
             let mut m = Model::default();
-            let first = m.apply_at(&ev("a", 1, Op::Upsert, &[], 1), 0, w, keep);
+            let first = m.apply_at(
+                &ev("a", 1, Op::Upsert, &[], 1),
+                &Effects::default(),
+                0,
+                w,
+                keep,
+            );
             assert_eq!(first, Outcome::Applied);
             // The same id reused for a newer intent (same fingerprint: the
             // window cannot tell it from a redelivery).
-            let outcome = m.apply_at(&ev("a", 2, Op::Upsert, &[], 1), gap, w, keep);
+            let outcome = m.apply_at(
+                &ev("a", 2, Op::Upsert, &[], 1),
+                &Effects::default(),
+                gap,
+                w,
+                keep,
+            );
             assert_eq!(outcome, reused_outcome, "gap {gap}");
             assert_eq!(m.entities["e"].window_ambiguous, ambiguous, "gap {gap}");
         }

@@ -1,11 +1,13 @@
 //! The guard script held to the pure model (`idem::model`) on random
-//! sequences against a real Redis: every verdict and every entity's state.
+//! sequences against a real Redis: every verdict and every entity's state,
+//! counters, ledger and sets, with a random mix of every built-in effect.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
+use idem::effects::{Amount, Effects, Mutation, StateEffect};
 use idem::event::{Event, Op};
 use idem::guard::{Guard, GuardInput};
 use idem::model::Model;
@@ -14,11 +16,74 @@ use idem::store::KeyLayout;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// A random amount: mostly small with 0 or 2 decimals, sometimes 30 or 37
+/// digits (so sums pass 38 digits and are rejected).
+fn random_amount(rng: &mut StdRng, scale: u8) -> Amount {
+    let magnitude: i128 = match rng.random_range(0..20) {
+        0 => 10i128.pow(29) + i128::from(rng.random::<u32>()),
+        1 => 10i128.pow(37) * i128::from(rng.random_range(1..10u32)),
+        _ => i128::from(rng.random_range(0..100_000u32)),
+    };
+    let units = if rng.random_range(0..3) == 0 {
+        -magnitude
+    } else {
+        magnitude
+    };
+    Amount { units, scale }
+}
+
+/// Random effects: a state rule, counters, a trimmed ledger, set adds and
+/// removes on a few members; a quarter of the events have none (merge).
+fn random_effects(rng: &mut StdRng, id: &str, seq: u64) -> Effects {
+    if rng.random_range(0..4) == 0 {
+        return Effects::default();
+    }
+    let state = match rng.random_range(0..4) {
+        0 => StateEffect::Replace,
+        1 => StateEffect::Keep,
+        _ => StateEffect::Merge,
+    };
+    let fields = (rng.random_range(0..4) == 0).then(|| vec!["f0".to_string(), "f1".to_string()]);
+    let mut mutations = Vec::new();
+    for _ in 0..rng.random_range(0..3) {
+        let (field, scale) = if rng.random_range(0..2) == 0 {
+            ("bal", 2)
+        } else {
+            ("n", 0)
+        };
+        mutations.push(Mutation::Count {
+            field: field.into(),
+            amount: random_amount(rng, scale),
+        });
+    }
+    if rng.random_range(0..2) == 0 {
+        mutations.push(Mutation::Append {
+            stream: "l".into(),
+            entry: vec![("id".into(), id.into()), ("seq".into(), seq.to_string())],
+            max_len: 3,
+            max_age_ms: 0,
+        });
+    }
+    for _ in 0..rng.random_range(0..2) {
+        let (set, member) = ("s".to_string(), format!("m{}", rng.random_range(0..3)));
+        mutations.push(if rng.random_range(0..3) == 0 {
+            Mutation::SetRemove { set, member }
+        } else {
+            Mutation::SetAdd { set, member }
+        });
+    }
+    Effects {
+        state,
+        fields,
+        mutations,
+    }
+}
+
 /// Random short sequences over a few entities, with redelivered copies,
 /// reordering, conflicts, deletes and field removals.
-fn random_sequence(rng: &mut StdRng, tag: &str) -> Vec<Event> {
+fn random_sequence(rng: &mut StdRng, tag: &str) -> Vec<(Event, Effects)> {
     let entities = 1 + rng.random_range(0..3) as usize;
-    let mut out: Vec<Event> = Vec::new();
+    let mut out: Vec<(Event, Effects)> = Vec::new();
     for i in 0..(2 + rng.random_range(0..12)) {
         let roll = rng.random_range(0..10);
         if roll < 2 && !out.is_empty() {
@@ -30,8 +95,8 @@ fn random_sequence(rng: &mut StdRng, tag: &str) -> Vec<Event> {
         if roll == 2 && !out.is_empty() {
             // The same id with another payload.
             let mut c = out[rng.random_range(0..out.len() as u64) as usize].clone();
-            c.fingerprint ^= 0x5555;
-            c.set.push(("conflict".into(), "1".into()));
+            c.0.fingerprint ^= 0x5555;
+            c.0.set.push(("conflict".into(), "1".into()));
             out.push(c);
             continue;
         }
@@ -51,15 +116,19 @@ fn random_sequence(rng: &mut StdRng, tag: &str) -> Vec<Event> {
                 set.retain(|(k, _)| !unset.contains(k));
             }
         }
-        out.push(Event {
-            id: format!("{tag}-{i}"),
+        let (id, seq) = (format!("{tag}-{i}"), rng.random_range(0..8));
+        let effects = random_effects(rng, &id, seq);
+        let event = Event {
+            id,
             entity: format!("{tag}:{e}"),
-            seq: rng.random_range(0..8),
+            seq,
             op,
+            kind: None,
             set,
             unset,
             fingerprint: rng.random::<u64>(),
-        });
+        };
+        out.push((event, effects));
     }
     out
 }
@@ -71,6 +140,7 @@ async fn guard_script_matches_the_model_on_random_sequences() {
     let conn = redis_conn(&redis_url()).await;
     let mut rng = StdRng::seed_from_u64(0xD1FF);
     let mut checked_events = 0;
+    let mut outcomes = std::collections::BTreeMap::new();
     let window = Duration::from_secs(3600);
     let epoch = ProgressStore::new(conn.clone(), KeyLayout::new(&prefix))
         .establish_epoch()
@@ -85,19 +155,27 @@ async fn guard_script_matches_the_model_on_random_sequences() {
             events_per_script,
             epoch.clone(),
         );
-        let sequences: Vec<Vec<Event>> = (0..100)
+        let sequences: Vec<Vec<(Event, Effects)>> = (0..100)
             .map(|s| random_sequence(&mut rng, &format!("r{round}s{s}")))
             .collect();
-        let all: Vec<&Event> = sequences.iter().flatten().collect();
+        let all: Vec<&(Event, Effects)> = sequences.iter().flatten().collect();
         let inputs: Vec<GuardInput<'_>> = all
             .iter()
-            .map(|event| GuardInput { event, window })
+            .map(|(event, effects)| GuardInput {
+                event,
+                window,
+                effects,
+            })
             .collect();
         let verdicts = guard.apply(&inputs).await.unwrap();
         let mut model = Model::default();
-        for (event, verdict) in all.iter().zip(&verdicts) {
-            let want = model.apply(event);
-            assert_eq!(verdict.outcome, want, "outcome of {event:?}");
+        for ((event, effects), verdict) in all.iter().zip(&verdicts) {
+            let want = model.apply_effects(event, effects);
+            assert_eq!(
+                verdict.outcome, want,
+                "outcome of {event:?} with {effects:?}"
+            );
+            *outcomes.entry(want.as_str()).or_insert(0u64) += 1;
         }
         checked_events += all.len();
         let views = read_entities(&redis_url(), &prefix, model.entities.keys()).await;
@@ -120,7 +198,21 @@ async fn guard_script_matches_the_model_on_random_sequences() {
                 ),
                 "state of {name}"
             );
+            let commutative = idem::store::commutative::read(
+                &mut conn.clone(),
+                &KeyLayout::new(&prefix),
+                name,
+                &["l".to_string()],
+                &["s".to_string()],
+            )
+            .await
+            .unwrap();
+            assert_eq!(
+                commutative,
+                want.commutative_view(),
+                "counters, ledger and sets of {name}"
+            );
         }
     }
-    eprintln!("differential: {SEQUENCES} sequences, {checked_events} events, Lua == model");
+    eprintln!("differential: {SEQUENCES} sequences, {checked_events} events, Lua == model; outcomes {outcomes:?}");
 }

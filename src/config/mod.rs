@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 pub use crate::event::settings::{EventConfig, EventFormat, FieldMap};
 
+mod effects;
 mod forms;
 mod show;
 pub use forms::format_duration;
@@ -326,6 +327,8 @@ pub struct Config {
     pub shutdown_drain_timeout: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// What events do, per topic and type (docs/effects.md).
+    pub effects: crate::effects::EffectsConfig,
 }
 
 impl Config {

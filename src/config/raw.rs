@@ -41,6 +41,9 @@ pub(super) struct RawConfig {
     metrics: RawMetrics,
     shutdown: RawShutdown,
     log: RawLog,
+    /// `[[effects]]`: none by default (every event merges its data).
+    #[serde(default)]
+    effects: Vec<super::effects::RawRule>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -178,6 +181,7 @@ impl RawConfig {
             )?,
             log_format: choice("log.format", &self.log.format)?,
             log_level: self.log.level,
+            effects: super::effects::validate(self.effects)?,
         })
     }
 }

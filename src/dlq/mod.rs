@@ -41,8 +41,9 @@ pub mod header {
     pub const PREFIX: &str = "idem.";
 }
 
-/// The closed list of reason codes: the decoder's codes and `conflict`.
-pub const REASONS: [&str; 14] = [
+/// The closed list of reason codes: the decoder's codes, `conflict`, and
+/// the effects' (docs/effects.md).
+pub const REASONS: [&str; 23] = [
     "empty_value",
     "too_large",
     "not_utf8",
@@ -57,6 +58,15 @@ pub const REASONS: [&str; 14] = [
     "duplicate_key",
     "key_mismatch",
     "conflict",
+    "effect_field_missing",
+    "amount_not_numeric",
+    "amount_excess_decimals",
+    "amount_overflow",
+    "counter_overflow",
+    "counter_unreadable",
+    "effect_failed",
+    "effect_invalid_output",
+    "effect_rejected",
 ];
 
 /// One record to dead-letter.

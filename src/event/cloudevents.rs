@@ -150,6 +150,7 @@ impl Attributes {
             entity: self.subject,
             seq: self.sequence,
             op,
+            kind: Some(self.kind),
             set,
             unset,
             fingerprint,

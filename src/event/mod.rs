@@ -29,6 +29,9 @@ pub struct Event {
     pub entity: String,
     pub seq: u64,
     pub op: Op,
+    /// The event type (`type` in the envelope or CloudEvents), which
+    /// chooses its effects (docs/effects.md).
+    pub kind: Option<String>,
     /// Fields to set: strings as they are, other JSON values as their JSON text.
     pub set: Vec<(String, String)>,
     /// Fields to remove (given as `null` in `data`).
@@ -69,6 +72,9 @@ pub enum Invalid {
     DuplicateKey(String),
     #[error("record key {key:?} is not the entity {entity:?}, so the entity's events can spread over partitions (event.key_mismatch = \"dead_letter\")")]
     KeyMismatch { key: String, entity: String },
+    /// The event's declared effects cannot be applied (docs/effects.md).
+    #[error("{message}")]
+    Effect { code: &'static str, message: String },
 }
 
 impl Invalid {
@@ -88,6 +94,7 @@ impl Invalid {
             Invalid::BadEntity(_) => "bad_entity",
             Invalid::DuplicateKey(_) => "duplicate_key",
             Invalid::KeyMismatch { .. } => "key_mismatch",
+            Invalid::Effect { code, .. } => code,
         }
     }
 }
@@ -199,10 +206,10 @@ pub fn decode_with(
             })
         }
     };
-    let op = match lookup(&root, &fields.kind) {
-        None | Some(Value::Null) => Op::Upsert,
-        Some(Value::String(s)) if s == "delete" => Op::Delete,
-        Some(Value::String(_)) => Op::Upsert,
+    let (op, kind) = match lookup(&root, &fields.kind) {
+        None | Some(Value::Null) => (Op::Upsert, None),
+        Some(Value::String(s)) if s == "delete" => (Op::Delete, Some(s.clone())),
+        Some(Value::String(s)) => (Op::Upsert, Some(s.clone())),
         Some(_) => {
             return Err(Invalid::WrongType {
                 field: fields.kind.clone(),
@@ -236,6 +243,7 @@ pub fn decode_with(
         entity,
         seq,
         op,
+        kind,
         set,
         unset,
         fingerprint,

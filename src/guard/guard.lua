@@ -1,24 +1,42 @@
--- idem guard: dedupe check, sequence check and effect in one atomic step.
+#!lua
+-- idem guard: dedupe check, sequence check and effects in one atomic step.
+--
+-- The `#!lua` line (Redis >= 7) declares the script's flags: none, so it
+-- may write and Redis refuses the whole call up front when it is out of
+-- memory, instead of failing at the first write halfway through.
 --
 -- One call carries one or more events. Every key of an event shares its
 -- entity's hash tag; in Redis Cluster all events of one call must also share
 -- a slot (standalone Redis has no such limit).
 --
 -- KEYS     first the epoch marker (standalone: the one; cluster: the one of
---          the call's slot), then four per event, all with the entity's hash tag (so one slot), and
---          all declared, so that Redis Cluster runs the call only where every
---          key is (during a slot migration it answers TRYAGAIN instead):
+--          the call's slot), then per event four keys and its effects' keys,
+--          all with the entity's hash tag (so one slot), and all declared, so
+--          that Redis Cluster runs the call only where every key is (during
+--          a slot migration it answers TRYAGAIN instead):
 --            <base>:meta        hash: seq, last_id, fingerprint, applied, updated_ms, deleted
 --            <base>:state       hash, the materialized view (user fields only)
 --            <base>:ids:<g>     hash: remembered ids of window generation g (current)
 --            <base>:ids:<g-1>   the previous generation
+--            then the effects' keys (docs/effects.md): <base>:counters,
+--            <base>:ledger:<name>, <base>:set:<name> and <base>:set:<name>:seq
 --          where <base> is "<prefix>:{<entity>}".
 -- ARGV     first the batch token (4 bytes: the same for every attempt of one
 --          batch, new for the next batch), then the epoch idem knows, then
---          per event a fixed head and the fields:
+--          per event a fixed head, the state fields and the mutations:
 --            expire_at_ms (end of generation g+1), id, id_hash (8 bytes),
 --            fingerprint (8 bytes), fingerprint_hex, seq (decimal u64),
---            op ("u" | "d"), nset, field1, value1, ..., nunset, field1, ...
+--            state ("u" merge | "r" replace | "d" delete | "k" keep),
+--            nset, field1, value1, ..., nunset, field1, ...,
+--            nkeys (the event's keys after the four), type,
+--            nmutations, then each mutation (all key numbers count from
+--            the event's fifth key, 1-based):
+--              "c" key field units scale          counter += units / 10^scale
+--              "l" key max_len max_age_ms n f1 v1 ...   ledger entry
+--              "a" key seqkey member              set add
+--              "r" key seqkey member              set remove
+--              "x" snippet key order n f1 v1 ...  custom effect ("o" | "c"),
+--                                                 the event's data fields
 -- Returns  per event two values: code, detail
 --            0 applied    detail 0
 --            1 duplicate  detail: ms since the id was first seen
@@ -27,13 +45,20 @@
 --            4 duplicate  first seen by an earlier attempt of this batch, which
 --                         applied it (its reply was lost); detail as for 1
 --            5 duplicate  likewise, but that attempt found it stale
+--            6 late       seq not newer: the ordered effects were skipped,
+--                         the commutative ones applied; detail: recorded seq
+--            7 rejected   an effect cannot be applied (a counter would
+--                         overflow, a custom effect failed): nothing was
+--                         written, not even the id; detail "<reason> <message>"
+--            8 duplicate  like 4, but that attempt found it late
 --          or, before any write, the error `IDEMEPOCH <marker>` when the
 --          marker is not the epoch idem knows: Redis lost (some of) its state
 --          since, and idem must find out how far it goes before it writes.
 --
 -- An id mark is fingerprint (8 bytes) .. first-seen ms (6) .. batch token (4)
--- .. "a" or "s" (applied or stale). Marks written by earlier versions have
--- only the first 14 bytes; every version reads just the bytes it knows.
+-- .. "a", "s" or "l" (applied, stale, late). Marks written by earlier
+-- versions have only the first 14 bytes; every version reads just the bytes
+-- it knows.
 --
 -- The window: time is cut into generations of one window (idem computes g
 -- from its clock, so the keys can be declared); an id is stored in the
@@ -68,6 +93,231 @@ local STALE = 2
 local CONFLICT = 3
 local DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT = 4
 local DUPLICATE_STALE_BY_EARLIER_ATTEMPT = 5
+local LATE = 6
+local REJECTED = 7
+local DUPLICATE_LATE_BY_EARLIER_ATTEMPT = 8
+
+-- Exact decimals (counters): a value is sign (1 or -1) and magnitude digits
+-- without leading zeros, counted in units of 10^-scale. Doubles would round
+-- money, and HINCRBY stops at 2^63, so the arithmetic is on digit strings.
+local MAX_DIGITS = 38
+
+local function strip(digits)
+  digits = string.gsub(digits, '^0+', '')
+  if digits == '' then return '0' end
+  return digits
+end
+
+-- Parses signed digits ("-1250") as idem sends them.
+local function parse_units(text)
+  if string.sub(text, 1, 1) == '-' then return -1, strip(string.sub(text, 2)) end
+  return 1, strip(text)
+end
+
+-- Parses a stored counter ("12.50") at `scale`; nil if it is not one.
+local function parse_stored(text, scale)
+  local sign = 1
+  if string.sub(text, 1, 1) == '-' then sign, text = -1, string.sub(text, 2) end
+  local int, frac = string.match(text, '^(%d+)%.?(%d*)$')
+  if not int then return nil end
+  if #frac > scale then
+    if string.find(string.sub(frac, scale + 1), '[^0]') then return nil end
+    frac = string.sub(frac, 1, scale)
+  end
+  return sign, strip(int .. frac .. string.rep('0', scale - #frac))
+end
+
+local function format_units(sign, digits, scale)
+  if scale > 0 then
+    if #digits <= scale then digits = string.rep('0', scale - #digits + 1) .. digits end
+    digits = string.sub(digits, 1, #digits - scale) .. '.' .. string.sub(digits, #digits - scale + 1)
+  end
+  if sign < 0 and string.find(digits, '[1-9]') then return '-' .. digits end
+  return digits
+end
+
+local function compare_magnitudes(a, b)
+  if #a ~= #b then return #a > #b and 1 or -1 end
+  if a == b then return 0 end
+  return a > b and 1 or -1
+end
+
+-- a + b, or a - b (a >= b) with `direction` -1, on digit strings.
+local function combine_magnitudes(a, b, direction)
+  local out, carry = {}, 0
+  local i, j = #a, #b
+  while i > 0 or j > 0 do
+    local d = (i > 0 and string.byte(a, i) - 48 or 0)
+      + direction * (j > 0 and string.byte(b, j) - 48 or 0) + carry
+    carry = 0
+    if d >= 10 then d, carry = d - 10, 1 elseif d < 0 then d, carry = d + 10, -1 end
+    out[#out + 1] = d
+    i, j = i - 1, j - 1
+  end
+  if carry > 0 then out[#out + 1] = carry end
+  local s = {}
+  for k = #out, 1, -1 do s[#s + 1] = out[k] end
+  return strip(table.concat(s))
+end
+
+local function add_signed(sa, a, sb, b)
+  if sa == sb then return sa, combine_magnitudes(a, b, 1) end
+  local c = compare_magnitudes(a, b)
+  if c == 0 then return 1, '0' end
+  if c > 0 then return sa, combine_magnitudes(a, b, -1) end
+  return sb, combine_magnitudes(b, a, -1)
+end
+
+-- Custom effects (docs/effects.md), inserted by idem where the next line
+-- is: CUSTOM[i] = { file = ..., offset = ..., fn = function(state, counters, event) ... end }
+local CUSTOM = {}
+-- @CUSTOM
+
+local function hash_table(key)
+  local flat = redis.call('HGETALL', key)
+  local out = {}
+  for i = 1, #flat, 2 do out[flat[i]] = flat[i + 1] end
+  return out
+end
+
+-- Runs custom effect `index` (pure: it gets values, returns fields); its
+-- writes as a flat list, or nil and why.
+local function run_custom(index, state_key, counters_key, event)
+  local custom = CUSTOM[index]
+  local ok, result = pcall(custom.fn, hash_table(state_key), hash_table(counters_key), event)
+  local where = custom.file
+  if not ok then
+    local message = string.gsub(tostring(result), 'user_script:(%d+):', function(n)
+      return where .. ':' .. (tonumber(n) - custom.offset) .. ':'
+    end)
+    return nil, 'effect_failed ' .. message
+  end
+  if type(result) ~= 'table' then
+    return nil, 'effect_invalid_output ' .. where .. ' returned a ' .. type(result) .. ', not a table of fields'
+  end
+  local writes = {}
+  for field, value in pairs(result) do
+    if type(field) ~= 'string' or not custom.writes[field] then
+      return nil, 'effect_invalid_output ' .. where .. ' returned field ' .. tostring(field) .. ', not one of its declared writes'
+    end
+    if type(value) == 'number' then
+      if value ~= math.floor(value) or math.abs(value) >= 2 ^ 53 then
+        return nil, 'effect_invalid_output ' .. where .. ' returned ' .. field .. ' = ' .. tostring(value) .. ': a number must be an integer below 2^53 (return a string for decimals)'
+      end
+      value = string.format('%d', value)
+    elseif value ~= false and type(value) ~= 'string' then
+      return nil, 'effect_invalid_output ' .. where .. ' returned ' .. field .. ' as a ' .. type(value) .. ' (a string, an integer or false to remove it)'
+    end
+    writes[#writes + 1] = { field, value }
+  end
+  return writes
+end
+
+-- Phase one of an event's mutations: every decision and every check, no
+-- write. Returns the writes as closures' arguments, or nil and why.
+local function prepare(mutations, keys, newer, seq, state_key, event_head)
+  local plan = {}
+  local counters_seen = {}
+  for _, m in ipairs(mutations) do
+    local kind = m[1]
+    if kind == 'c' then
+      local key, field, scale = keys[m[2]], m[3], tonumber(m[5])
+      local memo = counters_seen[field]
+      local sign, digits
+      if memo then
+        sign, digits = memo[1], memo[2]
+      else
+        local stored = redis.call('HGET', key, field)
+        if stored then
+          sign, digits = parse_stored(stored, scale)
+          if not sign then
+            return nil, 'counter_unreadable counter ' .. field .. ' holds ' .. stored .. ', not a decimal with at most ' .. scale .. ' decimals'
+          end
+        else
+          sign, digits = 1, '0'
+        end
+      end
+      local us, ud = parse_units(m[4])
+      sign, digits = add_signed(sign, digits, us, ud)
+      if #digits > MAX_DIGITS then
+        return nil, 'counter_overflow counter ' .. field .. ' would pass ' .. MAX_DIGITS .. ' digits'
+      end
+      counters_seen[field] = { sign, digits }
+      plan[#plan + 1] = { 'HSET', key, field, format_units(sign, digits, scale) }
+    elseif kind == 'a' or kind == 'r' then
+      local key, seqkey, member = keys[m[2]], keys[m[3]], m[4]
+      local last = redis.call('HGET', seqkey, member)
+      -- Per member, the newest seq wins; at an equal seq the remove wins,
+      -- so every arrival order ends in the same set.
+      local wins = not last or is_newer(seq, last) or (kind == 'r' and seq == last)
+      if wins then
+        plan[#plan + 1] = { kind == 'a' and 'SADD' or 'SREM', key, member }
+        plan[#plan + 1] = { 'HSET', seqkey, member, seq }
+      end
+    elseif kind == 'l' then
+      local key, max_len, max_age, entry = keys[m[2]], m[3], tonumber(m[4]), m[5]
+      if max_len ~= '0' then
+        plan[#plan + 1] = { 'XADD', key, 'MAXLEN', '=', max_len, '*', unpack(entry) }
+      else
+        plan[#plan + 1] = { 'XADD', key, '*', unpack(entry) }
+      end
+      if max_age > 0 then
+        plan[#plan + 1] = { 'XTRIM', key, 'MINID', string.format('%d', now - max_age) }
+      end
+    elseif kind == 'x' then
+      if m[4] == 'c' or newer then
+        local event = { id = event_head[1], seq = seq, type = event_head[2], data = m[5] }
+        local writes, err = run_custom(tonumber(m[2]), state_key, keys[m[3]], event)
+        if not writes then return nil, err end
+        local target = m[4] == 'c' and keys[m[3]] or state_key
+        for _, w in ipairs(writes) do
+          if w[2] == false then
+            plan[#plan + 1] = { 'HDEL', target, w[1] }
+          else
+            plan[#plan + 1] = { 'HSET', target, w[1], w[2] }
+          end
+        end
+      end
+    end
+  end
+  return plan
+end
+
+-- Reads the event's mutations from ARGV at `a`; returns them, the next
+-- position, and whether any of them commutes (applies when late too).
+local function read_mutations(a)
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  local mutations, commutative = {}, false
+  for _ = 1, n do
+    local kind = ARGV[a]
+    if kind == 'c' then
+      mutations[#mutations + 1] = { kind, tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], ARGV[a + 4] }
+      a = a + 5
+      commutative = true
+    elseif kind == 'a' or kind == 'r' then
+      mutations[#mutations + 1] = { kind, tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3] }
+      a = a + 4
+      commutative = true
+    elseif kind == 'l' then
+      local count = tonumber(ARGV[a + 4])
+      mutations[#mutations + 1] = { kind, tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3],
+        { unpack(ARGV, a + 5, a + 4 + 2 * count) } }
+      a = a + 5 + 2 * count
+      commutative = true
+    elseif kind == 'x' then
+      local count = tonumber(ARGV[a + 4])
+      local data = {}
+      for k = a + 5, a + 4 + 2 * count, 2 do data[ARGV[k]] = ARGV[k + 1] end
+      mutations[#mutations + 1] = { kind, tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3], data }
+      commutative = commutative or ARGV[a + 3] == 'c'
+      a = a + 5 + 2 * count
+    else
+      error('IDEMPROTOCOL unknown mutation ' .. tostring(kind))
+    end
+  end
+  return mutations, a, commutative
+end
 
 local marker = redis.call('GET', KEYS[1])
 if marker ~= ARGV[2] then
@@ -77,8 +327,8 @@ end
 local token = ARGV[1]
 local out = {}
 local a = 3
-for i = 1, (#KEYS - 1) / 4 do
-  local k = 4 * i - 2
+local k = 2
+while a <= #ARGV do
   local meta, state, current, previous = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local expire_at = ARGV[a]
   local id, idh, fp, fp_hex, seq, op = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
@@ -87,6 +337,11 @@ for i = 1, (#KEYS - 1) / 4 do
   local nunset = tonumber(ARGV[set_from + 2 * nset])
   local unset_from = set_from + 2 * nset + 1
   a = unset_from + nunset
+  local nkeys, event_type = tonumber(ARGV[a]), ARGV[a + 1]
+  local keys = { unpack(KEYS, k + 4, k + 3 + nkeys) }
+  k = k + 4 + nkeys
+  local mutations, commutative
+  mutations, a, commutative = read_mutations(a + 2)
 
   local seen = redis.call('HGET', current, idh)
   if not seen then
@@ -98,7 +353,9 @@ for i = 1, (#KEYS - 1) / 4 do
     if seen_fp == fp then
       local code = DUPLICATE
       if string.sub(seen, 15, 18) == token then
-        code = string.sub(seen, 19, 19) == 'a' and DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT
+        local decided = string.sub(seen, 19, 19)
+        code = decided == 'a' and DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT
+          or decided == 'l' and DUPLICATE_LATE_BY_EARLIER_ATTEMPT
           or DUPLICATE_STALE_BY_EARLIER_ATTEMPT
       end
       out[#out + 1] = code
@@ -110,36 +367,59 @@ for i = 1, (#KEYS - 1) / 4 do
   else
     local m = redis.call('HMGET', meta, 'seq', 'applied')
     local recorded, applied = m[1], m[2]
-    local decided = 's'
-    if recorded and not is_newer(seq, recorded) then
-      out[#out + 1] = STALE
-      out[#out + 1] = recorded
-    else
-      decided = 'a'
-      -- Writes in the order state, meta, id mark: Redis does not roll back a
-      -- script that fails halfway, and a failure must never leave the id
-      -- remembered without its effect (a retry then re-applies the merge,
-      -- which is idempotent).
-      local count = string.format('%d', (tonumber(applied) or 0) + 1)
-      if op == 'd' then
-        redis.call('DEL', state)
-      else
-        for from = set_from, set_from + 2 * nset - 1, UNPACK_CHUNK do
-          redis.call('HSET', state, unpack(ARGV, from, math.min(from + UNPACK_CHUNK, set_from + 2 * nset) - 1))
-        end
-        for from = unset_from, unset_from + nunset - 1, UNPACK_CHUNK do
-          redis.call('HDEL', state, unpack(ARGV, from, math.min(from + UNPACK_CHUNK, unset_from + nunset) - 1))
-        end
-      end
-      redis.call('HSET', meta, 'seq', seq, 'last_id', id, 'fingerprint', fp_hex, 'updated_ms', now_str,
-        'applied', count, 'deleted', op == 'd' and '1' or '0')
-      out[#out + 1] = APPLIED
-      out[#out + 1] = 0
+    local newer = not recorded or is_newer(seq, recorded)
+    local plan, why = nil, nil
+    if newer or commutative then
+      plan, why = prepare(mutations, keys, newer, seq, state, { id, event_type })
     end
-    -- Stale ids are remembered too, so their redelivery is a duplicate.
-    redis.call('HSET', current, idh, fp .. now_packed .. token .. decided)
-    if redis.call('HLEN', current) == 1 then
-      redis.call('PEXPIREAT', current, expire_at)
+    if why then
+      -- Nothing written, not even the id: a redelivery is decided again.
+      out[#out + 1] = REJECTED
+      out[#out + 1] = why
+    else
+      local decided = 's'
+      if newer then
+        decided = 'a'
+        -- Writes in the order state, meta, effects, id mark: a failure must
+        -- never leave the id remembered without its effect.
+        local count = string.format('%d', (tonumber(applied) or 0) + 1)
+        if op == 'd' or op == 'r' then
+          redis.call('DEL', state)
+        end
+        if op == 'u' or op == 'r' then
+          for from = set_from, set_from + 2 * nset - 1, UNPACK_CHUNK do
+            redis.call('HSET', state, unpack(ARGV, from, math.min(from + UNPACK_CHUNK, set_from + 2 * nset) - 1))
+          end
+          for from = unset_from, unset_from + nunset - 1, UNPACK_CHUNK do
+            redis.call('HDEL', state, unpack(ARGV, from, math.min(from + UNPACK_CHUNK, unset_from + nunset) - 1))
+          end
+        end
+        if op == 'k' then
+          -- "keep" changes no state: a tombstone stays one.
+          redis.call('HSET', meta, 'seq', seq, 'last_id', id, 'fingerprint', fp_hex, 'updated_ms', now_str,
+            'applied', count)
+        else
+          redis.call('HSET', meta, 'seq', seq, 'last_id', id, 'fingerprint', fp_hex, 'updated_ms', now_str,
+            'applied', count, 'deleted', op == 'd' and '1' or '0')
+        end
+        out[#out + 1] = APPLIED
+        out[#out + 1] = 0
+      elseif commutative then
+        decided = 'l'
+        out[#out + 1] = LATE
+        out[#out + 1] = recorded
+      else
+        out[#out + 1] = STALE
+        out[#out + 1] = recorded
+      end
+      for _, w in ipairs(plan or {}) do
+        redis.call(unpack(w))
+      end
+      -- Stale ids are remembered too, so their redelivery is a duplicate.
+      redis.call('HSET', current, idh, fp .. now_packed .. token .. decided)
+      if redis.call('HLEN', current) == 1 then
+        redis.call('PEXPIREAT', current, expire_at)
+      end
     end
   end
 end

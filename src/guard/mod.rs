@@ -10,21 +10,24 @@ use std::time::Duration;
 
 use redis::Value;
 
-use crate::event::{id_hash, Event, Op};
+use crate::effects::{Effects, Snippet};
+use crate::event::Event;
 use crate::model::Outcome;
 use crate::store::progress::epoch_refusal;
 use crate::store::{hash_slot, DurableWait, KeyLayout, NodeAddr, RedisConn, SlotMap, StoreError};
 
+mod args;
 mod plan;
 mod reply;
 
+use args::{push_event_args, EffectParts};
 pub use plan::{chunk_by_entity, chunk_by_slot, id_generations, IdGenerations};
 use reply::{check_durable, script_items, verdicts_by_chunk};
 
 const SCRIPT: &str = include_str!("guard.lua");
 
 /// The guard's answer for one event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
     pub outcome: Outcome,
     /// For a duplicate: how long after its first sighting it arrived.
@@ -34,6 +37,45 @@ pub struct Verdict {
     /// For a duplicate first seen by an earlier attempt of the same batch
     /// (whose reply was lost): what that attempt decided, applied or stale.
     pub earlier_attempt: Option<Outcome>,
+    /// For an event Redis refused to apply (outcome `Invalid`): the
+    /// dead-letter reason and message (a counter would overflow, a custom
+    /// effect failed). Nothing of it was written.
+    pub rejection: Option<(&'static str, String)>,
+}
+
+/// A custom effect that does not compile (refused at start).
+#[derive(Debug, thiserror::Error)]
+#[error("custom effect {file} does not compile: {message}. Fix the snippet (docs/effects.md says what it receives and returns) and start again")]
+pub struct SnippetError {
+    pub file: String,
+    pub message: String,
+}
+
+/// Compiles every custom effect in Redis before anything runs, so a
+/// snippet with a syntax error stops the start instead of every batch.
+/// Errors name the snippet's own file and line. A Redis that cannot answer
+/// now is only logged: the script is compiled again on first use.
+pub async fn check_snippets(
+    conn: &mut RedisConn,
+    snippets: &[Snippet],
+) -> Result<(), SnippetError> {
+    for snippet in snippets {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(args::compile_check(snippet)).arg(0);
+        match cmd.query_async::<Value>(conn).await {
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("user_script") => {
+                return Err(SnippetError {
+                    file: snippet.file.clone(),
+                    message: args::snippet_lines(&e.to_string(), &snippet.file, 2),
+                })
+            }
+            Err(e) => {
+                tracing::warn!(file = %snippet.file, error = %e, "could not compile the custom effect now; it is compiled on first use")
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One event to guard, with the dedupe window of its topic.
@@ -41,6 +83,8 @@ pub struct Verdict {
 pub struct GuardInput<'a> {
     pub event: &'a Event,
     pub window: Duration,
+    /// Its planned effects (`Effects::default()`: merge every field).
+    pub effects: &'a Effects,
 }
 
 /// How long a cluster's slot map is used before it is read again.
@@ -49,6 +93,8 @@ const SLOT_MAP_MAX_AGE: Duration = Duration::from_secs(5);
 /// Runs the guard script against one Redis.
 pub struct Guard {
     conn: RedisConn,
+    /// `guard.lua` with the custom effects in it, and its SHA.
+    source: std::sync::Arc<str>,
     script: redis::Script,
     layout: KeyLayout,
     events_per_script: usize,
@@ -76,6 +122,7 @@ impl Guard {
     ) -> Self {
         Guard {
             conn,
+            source: SCRIPT.into(),
             script: redis::Script::new(SCRIPT),
             layout,
             events_per_script: events_per_script.max(1),
@@ -105,6 +152,14 @@ impl Guard {
         let token =
             nanos ^ self.batches.wrapping_mul(0x9e37_79b9) ^ std::process::id().rotate_left(16);
         self.batch_token = token.to_be_bytes();
+    }
+
+    /// Runs the custom effects (`effects.snippets`) in the script.
+    pub fn with_snippets(mut self, snippets: &[Snippet]) -> Self {
+        let source = args::assemble(SCRIPT, snippets);
+        self.script = redis::Script::new(&source);
+        self.source = source.into();
+        self
     }
 
     /// Makes every batch wait for replicas or an fsync before it counts as done.
@@ -305,41 +360,50 @@ impl Guard {
     ) -> redis::Cmd {
         let mut cmd = if with_source {
             let mut c = redis::cmd("EVAL");
-            c.arg(SCRIPT);
+            c.arg(&*self.source);
             c
         } else {
             let mut c = redis::cmd("EVALSHA");
             c.arg(self.script.get_hash());
             c
         };
-        cmd.arg(chunk.len() * 4 + 1);
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        // The keys come first (the marker of the call's slot, then the
-        // events'), the args after.
-        let slot = self.conn.is_cluster().then(|| {
-            hash_slot(
-                self.layout
-                    .entity_base(&inputs[chunk[0]].event.entity)
-                    .as_bytes(),
-            )
-        });
-        cmd.arg(self.layout.epoch_key(slot));
+        let bases: Vec<String> = chunk
+            .iter()
+            .map(|&i| self.layout.entity_base(&inputs[i].event.entity))
+            .collect();
         let generations: Vec<IdGenerations> = chunk
             .iter()
             .map(|&i| id_generations(now_ms, inputs[i].window))
             .collect();
-        for (&i, ids) in chunk.iter().zip(&generations) {
-            let base = self.layout.entity_base(&inputs[i].event.entity);
+        let parts: Vec<EffectParts> = chunk
+            .iter()
+            .zip(&bases)
+            .map(|(&i, base)| EffectParts::new(base, inputs[i].event, inputs[i].effects))
+            .collect();
+        let keys = 1 + 4 * chunk.len() + parts.iter().map(|p| p.keys.len()).sum::<usize>();
+        cmd.arg(keys);
+        // The keys come first (the marker of the call's slot, then the
+        // events'), the args after.
+        let slot = self
+            .conn
+            .is_cluster()
+            .then(|| hash_slot(bases[0].as_bytes()));
+        cmd.arg(self.layout.epoch_key(slot));
+        for ((base, ids), part) in bases.iter().zip(&generations).zip(&parts) {
             cmd.arg(format!("{base}:meta"))
                 .arg(format!("{base}:state"))
                 .arg(format!("{base}:ids:{}", ids.current))
                 .arg(format!("{base}:ids:{}", ids.previous));
+            for key in &part.keys {
+                cmd.arg(key);
+            }
         }
         cmd.arg(&self.batch_token[..]).arg(&self.epoch);
-        for (&i, ids) in chunk.iter().zip(&generations) {
-            push_event_args(&mut cmd, &inputs[i], ids.expire_at_ms);
+        for ((&i, ids), part) in chunk.iter().zip(&generations).zip(&parts) {
+            push_event_args(&mut cmd, &inputs[i], ids.expire_at_ms, part);
         }
         cmd
     }
@@ -361,27 +425,5 @@ impl Guard {
             pipe.add_command(self.wait_cmd());
         }
         pipe
-    }
-}
-
-fn push_event_args(cmd: &mut redis::Cmd, input: &GuardInput<'_>, expire_at_ms: u64) {
-    let e = input.event;
-    cmd.arg(expire_at_ms)
-        .arg(&e.id)
-        .arg(&id_hash(&e.id).to_be_bytes()[..])
-        .arg(&e.fingerprint.to_be_bytes()[..])
-        .arg(format!("{:016x}", e.fingerprint))
-        .arg(e.seq)
-        .arg(match e.op {
-            Op::Upsert => "u",
-            Op::Delete => "d",
-        })
-        .arg(e.set.len());
-    for (k, v) in &e.set {
-        cmd.arg(k).arg(v);
-    }
-    cmd.arg(e.unset.len());
-    for k in &e.unset {
-        cmd.arg(k);
     }
 }

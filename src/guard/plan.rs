@@ -104,6 +104,7 @@ mod tests {
             entity: entity.into(),
             seq: 0,
             op: Op::Upsert,
+            kind: None,
             set: vec![],
             unset: vec![],
             fingerprint: 0,
@@ -116,6 +117,7 @@ mod tests {
             .map(|event| GuardInput {
                 event,
                 window: Duration::from_secs(1),
+                effects: &crate::effects::MERGE,
             })
             .collect()
     }

@@ -22,6 +22,31 @@ pub mod code {
     pub const DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT: i64 = 4;
     /// Likewise, but that attempt found it stale.
     pub const DUPLICATE_STALE_BY_EARLIER_ATTEMPT: i64 = 5;
+    /// Ordered part stale, commutative part applied. Detail: the recorded seq.
+    pub const LATE: i64 = 6;
+    /// Nothing written. Detail: "<reason> <message>".
+    pub const REJECTED: i64 = 7;
+    /// Like 4, but that attempt found it late.
+    pub const DUPLICATE_LATE_BY_EARLIER_ATTEMPT: i64 = 8;
+}
+
+/// The reasons `guard.lua` gives for a rejection (dead-letter reasons).
+const REJECTION_REASONS: [&str; 4] = [
+    "counter_overflow",
+    "counter_unreadable",
+    "effect_failed",
+    "effect_invalid_output",
+];
+
+/// A rejection's detail as (reason, message); an unknown reason is
+/// `effect_rejected` with the whole detail as the message.
+fn rejection(detail: &[u8]) -> (&'static str, String) {
+    let text = String::from_utf8_lossy(detail);
+    let (reason, message) = text.split_once(' ').unwrap_or((&text, ""));
+    match REJECTION_REASONS.iter().find(|r| **r == reason) {
+        Some(r) => (*r, message.to_string()),
+        None => ("effect_rejected", text.to_string()),
+    }
 }
 
 /// The items of each script call's reply (one array per call).
@@ -85,6 +110,7 @@ fn parse_verdict(code: &Value, detail: &Value) -> Result<Verdict, StoreError> {
         duplicate_age: None,
         remembered_fingerprint: None,
         earlier_attempt: None,
+        rejection: None,
     };
     match (code, detail) {
         (Value::Int(APPLIED), _) => Ok(plain(Outcome::Applied)),
@@ -92,7 +118,8 @@ fn parse_verdict(code: &Value, detail: &Value) -> Result<Verdict, StoreError> {
             Value::Int(
                 code @ (DUPLICATE
                 | DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT
-                | DUPLICATE_STALE_BY_EARLIER_ATTEMPT),
+                | DUPLICATE_STALE_BY_EARLIER_ATTEMPT
+                | DUPLICATE_LATE_BY_EARLIER_ATTEMPT),
             ),
             Value::Int(age_ms),
         ) => Ok(Verdict {
@@ -100,11 +127,17 @@ fn parse_verdict(code: &Value, detail: &Value) -> Result<Verdict, StoreError> {
             earlier_attempt: match *code {
                 DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT => Some(Outcome::Applied),
                 DUPLICATE_STALE_BY_EARLIER_ATTEMPT => Some(Outcome::Stale),
+                DUPLICATE_LATE_BY_EARLIER_ATTEMPT => Some(Outcome::Late),
                 _ => None,
             },
             ..plain(Outcome::Duplicate)
         }),
         (Value::Int(STALE), _) => Ok(plain(Outcome::Stale)),
+        (Value::Int(LATE), _) => Ok(plain(Outcome::Late)),
+        (Value::Int(REJECTED), Value::BulkString(detail)) => Ok(Verdict {
+            rejection: Some(rejection(detail)),
+            ..plain(Outcome::Invalid)
+        }),
         (Value::Int(CONFLICT), Value::BulkString(fp)) if fp.len() == 8 => Ok(Verdict {
             remembered_fingerprint: Some(u64::from_be_bytes(fp[..8].try_into().expect("8 bytes"))),
             ..plain(Outcome::Conflict)
@@ -188,9 +221,43 @@ mod tests {
                 outcome: Applied,
                 duplicate_age: None,
                 remembered_fingerprint: None,
-                earlier_attempt: None
+                earlier_attempt: None,
+                rejection: None,
             }
         );
+    }
+
+    #[test]
+    fn late_and_rejected_verdicts_parse() {
+        let replies = vec![vec![
+            Value::Int(code::LATE),
+            Value::BulkString(b"9".to_vec()),
+            Value::Int(code::REJECTED),
+            Value::BulkString(b"effect_failed loyalty.lua:3: boom".to_vec()),
+            Value::Int(code::REJECTED),
+            Value::BulkString(b"something new".to_vec()),
+            Value::Int(code::DUPLICATE_LATE_BY_EARLIER_ATTEMPT),
+            Value::Int(5),
+        ]];
+        let v = verdicts_by_chunk(&[vec![0, 1, 2, 3]], &replies, 4).unwrap();
+        assert_eq!(
+            outcomes(&v),
+            vec![
+                Outcome::Late,
+                Outcome::Invalid,
+                Outcome::Invalid,
+                Outcome::Duplicate
+            ]
+        );
+        assert_eq!(
+            v[1].rejection,
+            Some(("effect_failed", "loyalty.lua:3: boom".to_string()))
+        );
+        assert_eq!(
+            v[2].rejection,
+            Some(("effect_rejected", "something new".to_string()))
+        );
+        assert_eq!(v[3].earlier_attempt, Some(Outcome::Late));
     }
 
     #[test]
@@ -255,6 +322,18 @@ mod tests {
             declared("DUPLICATE_STALE_BY_EARLIER_ATTEMPT"),
             code::DUPLICATE_STALE_BY_EARLIER_ATTEMPT
         );
+        assert_eq!(declared("LATE"), code::LATE);
+        assert_eq!(declared("REJECTED"), code::REJECTED);
+        assert_eq!(
+            declared("DUPLICATE_LATE_BY_EARLIER_ATTEMPT"),
+            code::DUPLICATE_LATE_BY_EARLIER_ATTEMPT
+        );
+        for reason in REJECTION_REASONS {
+            assert!(
+                super::super::SCRIPT.contains(&format!("'{reason} ")),
+                "{reason}"
+            );
+        }
     }
 
     #[test]

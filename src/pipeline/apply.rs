@@ -67,6 +67,7 @@ impl GuardStage {
                 it.decoded.as_ref().ok().map(|event| GuardInput {
                     event,
                     window: batch.windows[it.partition],
+                    effects: &it.effects,
                 })
             })
             .collect();
@@ -235,6 +236,7 @@ fn recount_retried(inputs: &[GuardInput<'_>], verdicts: &mut [Verdict]) {
                 duplicate_age: None,
                 remembered_fingerprint: None,
                 earlier_attempt: None,
+                rejection: None,
             };
         }
     }
@@ -249,6 +251,10 @@ fn dead_letters<'a>(batch: &'a Batch, verdicts: &[Verdict]) -> Vec<DeadLetter<'a
             Err(invalid) => (invalid.code(), invalid.to_string(), None),
             Ok(event) => {
                 let v = verdicts.next().expect("one verdict per decoded event");
+                if let Some((reason, message)) = &v.rejection {
+                    letters.push(letter(batch, it, reason, message.clone(), None));
+                    continue;
+                }
                 if v.outcome != Outcome::Conflict {
                     continue;
                 }
@@ -263,19 +269,29 @@ fn dead_letters<'a>(batch: &'a Batch, verdicts: &[Verdict]) -> Vec<DeadLetter<'a
                 )
             }
         };
-        letters.push(DeadLetter {
-            source: &batch.partitions[it.partition],
-            offset: it.offset,
-            timestamp_ms: it.timestamp_ms,
-            key: it.key.as_deref(),
-            value: it.value.as_deref(),
-            headers: &it.headers,
-            reason,
-            message,
-            fingerprints,
-        });
+        letters.push(letter(batch, it, reason, message, fingerprints));
     }
     letters
+}
+
+fn letter<'a>(
+    batch: &'a Batch,
+    it: &'a super::batch::Item,
+    reason: &'static str,
+    message: String,
+    fingerprints: Option<(u64, u64)>,
+) -> DeadLetter<'a> {
+    DeadLetter {
+        source: &batch.partitions[it.partition],
+        offset: it.offset,
+        timestamp_ms: it.timestamp_ms,
+        key: it.key.as_deref(),
+        value: it.value.as_deref(),
+        headers: &it.headers,
+        reason,
+        message,
+        fingerprints,
+    }
 }
 
 impl GuardStage {
@@ -350,6 +366,7 @@ mod tests {
             entity: "e".into(),
             seq: 1,
             op: Op::Upsert,
+            kind: None,
             set: Vec::new(),
             unset: Vec::new(),
             fingerprint: 0,
@@ -362,6 +379,7 @@ mod tests {
             duplicate_age: (outcome == Outcome::Duplicate).then(|| Duration::from_millis(3)),
             remembered_fingerprint: None,
             earlier_attempt,
+            rejection: None,
         }
     }
 
@@ -374,6 +392,7 @@ mod tests {
             .map(|event| GuardInput {
                 event,
                 window: Duration::from_secs(60),
+                effects: &crate::effects::MERGE,
             })
             .collect();
         use Outcome::*;
@@ -408,6 +427,7 @@ mod tests {
             value: Some(format!("v{offset}").into_bytes()),
             headers: vec![("h".into(), b"x".to_vec())],
             decoded,
+            effects: Default::default(),
         };
         let mut conflicting = event("c");
         conflicting.fingerprint = 0xab;
@@ -421,6 +441,7 @@ mod tests {
                 item(0, 13, Ok(event("d"))),
                 item(1, 14, Err(Invalid::EmptyValue)),
                 item(0, 15, Ok(event("s"))),
+                item(1, 16, Ok(event("r"))),
             ],
         };
         use Outcome::*;
@@ -431,6 +452,10 @@ mod tests {
             conflict,
             verdict(Duplicate, None),
             verdict(Stale, None),
+            Verdict {
+                rejection: Some(("counter_overflow", "counter b would pass 38 digits".into())),
+                ..verdict(Invalid, None)
+            },
         ];
         let letters = dead_letters(&batch, &verdicts);
         let summary: Vec<(i32, i64, &str)> = letters
@@ -442,7 +467,8 @@ mod tests {
             [
                 (0, 10, "not_json"),
                 (3, 12, "conflict"),
-                (3, 14, "empty_value")
+                (3, 14, "empty_value"),
+                (3, 16, "counter_overflow")
             ]
         );
         let c = &letters[1];

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::consumer::Fetched;
 use crate::config::Config;
+use crate::effects::Effects;
 use crate::event::{self, Event, Invalid};
 use crate::offsets::TopicPartition;
 
@@ -21,6 +22,24 @@ pub struct Item {
     pub value: Option<Vec<u8>>,
     pub headers: Vec<(String, Vec<u8>)>,
     pub decoded: Result<Event, Invalid>,
+    /// The decoded event's planned effects (its topic's and type's rule).
+    pub effects: Effects,
+}
+
+/// A decoded event's effects under its topic's rules; an event whose
+/// effects cannot be planned becomes invalid (dead-lettered with the reason).
+pub fn plan_effects(
+    decoded: Result<Event, Invalid>,
+    topic: &str,
+    config: &Config,
+) -> (Result<Event, Invalid>, Effects) {
+    let Ok(event) = decoded else {
+        return (decoded, Effects::default());
+    };
+    match config.effects.plan_for(topic, &event) {
+        Ok(planned) => (Ok(event), planned),
+        Err(invalid) => (Err(invalid), Effects::default()),
+    }
 }
 
 /// Records in fetch order, with the partitions they came from.
@@ -52,6 +71,7 @@ impl Batch {
                 note_key_mismatch(&tp.topic, tp.partition, r.offset, r.key.as_deref());
             }
             drop(header_refs);
+            let (decoded, effects) = plan_effects(decoded, &tp.topic, config);
             batch.items.push(Item {
                 partition,
                 offset: r.offset,
@@ -60,6 +80,7 @@ impl Batch {
                 value: r.value,
                 headers: r.headers,
                 decoded,
+                effects,
             });
         }
         batch

@@ -85,6 +85,8 @@ pub enum RunError {
     /// The task that ran the broker check ended without an answer.
     #[error("the start-up check of the brokers did not finish")]
     PreflightTask(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Snippet(#[from] crate::guard::SnippetError),
     /// Redis lost effects that the log no longer holds.
     #[error(transparent)]
     Unrecoverable(#[from] recovery::Unrecoverable),
@@ -308,16 +310,28 @@ async fn start_guard(
     let Some(epoch) = establish_epoch(config, &mut store, shutdown).await else {
         return Ok(None);
     };
+    crate::guard::check_snippets(&mut conn, &config.effects.snippets).await?;
     let mut guard = Guard::new(
         conn,
         layout,
         config.pipeline.events_per_script.get(),
         epoch.clone(),
     )
+    .with_snippets(&config.effects.snippets)
     // Half the response timeout, so a slow WAIT reports itself before the client gives up.
     .with_durable_wait(wait, config.redis.response_timeout / 2);
-    if let Err(e) = guard.load_script().await {
-        tracing::warn!(error = %e, "could not load the guard script now; it is loaded on first use");
+    match guard.load_script().await {
+        // Each snippet compiled alone, yet the script with them does not.
+        Err(e) if e.to_string().contains("compiling") => {
+            return Err(RunError::Snippet(crate::guard::SnippetError {
+                file: "guard.lua with the custom effects".into(),
+                message: e.to_string(),
+            }))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not load the guard script now; it is loaded on first use")
+        }
+        Ok(()) => {}
     }
     Ok(Some((guard, RedisSide { store, epoch })))
 }
@@ -425,7 +439,7 @@ impl Backoff {
 
 /// A periodic one-line summary of outcomes for the log.
 pub(crate) struct Summary {
-    counts: [u64; 5],
+    counts: [u64; Outcome::ALL.len()],
     last_log: Instant,
 }
 
@@ -434,7 +448,7 @@ impl Summary {
 
     pub(crate) fn new() -> Self {
         Summary {
-            counts: [0; 5],
+            counts: [0; Outcome::ALL.len()],
             last_log: Instant::now(),
         }
     }
@@ -450,13 +464,14 @@ impl Summary {
     }
 
     pub(crate) fn log(&mut self) {
-        let [applied, duplicate, stale, conflict, invalid] = self.counts;
+        let [applied, duplicate, stale, conflict, invalid, late] = self.counts;
         tracing::info!(
             applied,
             duplicate,
             stale,
             conflict,
             invalid,
+            late,
             "outcomes since start"
         );
         self.last_log = Instant::now();

@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::config::{redact_url, RedisConfig};
 
 mod checks;
+pub mod commutative;
 pub mod progress;
 pub use checks::{
     check_eviction_policy, durable_wait, persistence, CheckError, DurableWait, Persistence,

@@ -7,6 +7,7 @@
 //! - [`process`]: starting `idem run`, free ports, signals, memory readings.
 //! - [`services`]: the local Kafka and Redis, unique names.
 //! - [`oracle`]: what idem must have done with a stream, from the pure model.
+//! - [`payments`]: a payments stream with counters, a ledger and a custom effect.
 //! - [`exposition`]: reading `/metrics` (sums by label, histogram buckets).
 //! - [`conformance`]: the fault-injection suite (`idem-testbench conformance`).
 //! - [`bench`]: the benchmark (`idem-testbench bench`).
@@ -15,5 +16,6 @@ pub mod bench;
 pub mod conformance;
 pub mod exposition;
 pub mod oracle;
+pub mod payments;
 pub mod process;
 pub mod services;

@@ -247,10 +247,11 @@ async fn read_log(
     window_ms: i64,
     progress: impl Fn(u64) + Send + 'static,
 ) -> anyhow::Result<LogModels> {
-    let (kafka, topic, event_cfg) = (
+    let (kafka, topic, event_cfg, effects) = (
         config.kafka.clone(),
         topic.to_string(),
         config.event.clone(),
+        config.effects.clone(),
     );
     tokio::task::spawn_blocking(move || {
         let (mut model, mut kept) = (Model::default(), Model::default());
@@ -267,8 +268,11 @@ async fn read_log(
                 &event_cfg,
             )
             .0
-            {
-                Ok(e) => {
+            .and_then(|e| {
+                let planned = effects.plan_for(&topic, &e)?;
+                Ok((e, planned))
+            }) {
+                Ok((e, planned)) => {
                     let p = *first_partition
                         .entry(e.entity.clone())
                         .or_insert(r.partition);
@@ -276,8 +280,8 @@ async fn read_log(
                         spanning.insert(e.entity.clone());
                     }
                     let at = r.timestamp_ms.unwrap_or(0);
-                    model.apply_at(&e, at, window_ms, false);
-                    kept.apply_at(&e, at, window_ms, true);
+                    model.apply_at(&e, &planned, at, window_ms, false);
+                    kept.apply_at(&e, &planned, at, window_ms, true);
                 }
                 Err(_) => invalid += 1,
             },
@@ -387,11 +391,12 @@ async fn seq_ordered_model(
     entities: &BTreeSet<String>,
     window_ms: i64,
 ) -> anyhow::Result<Model> {
-    let (kafka, topic, event_cfg, entities) = (
+    let (kafka, topic, event_cfg, entities, effects) = (
         config.kafka.clone(),
         topic.to_string(),
         config.event.clone(),
         entities.clone(),
+        config.effects.clone(),
     );
     tokio::task::spawn_blocking(move || {
         let mut events = Vec::new();
@@ -407,8 +412,11 @@ async fn seq_ordered_model(
                 )
                 .0
                 {
-                    if entities.contains(&e.entity) {
-                        events.push((e.seq, r.partition, r.offset, r.timestamp_ms.unwrap_or(0), e));
+                    if let (true, Ok(planned)) =
+                        (entities.contains(&e.entity), effects.plan_for(&topic, &e))
+                    {
+                        let at = r.timestamp_ms.unwrap_or(0);
+                        events.push((e.seq, r.partition, r.offset, at, e, planned));
                     }
                 }
             },
@@ -416,8 +424,8 @@ async fn seq_ordered_model(
         )?;
         events.sort_by_key(|(seq, partition, offset, ..)| (*seq, *partition, *offset));
         let mut model = Model::default();
-        for (_, _, _, at, e) in &events {
-            model.apply_at(e, *at, window_ms, false);
+        for (_, _, _, at, e, planned) in &events {
+            model.apply_at(e, planned, *at, window_ms, false);
         }
         anyhow::Ok(model)
     })

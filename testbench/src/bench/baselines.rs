@@ -100,7 +100,11 @@ pub async fn per_event_script_ceiling(
     for chunk in events.chunks(1000) {
         let inputs: Vec<GuardInput<'_>> = chunk
             .iter()
-            .map(|event| GuardInput { event, window })
+            .map(|event| GuardInput {
+                event,
+                window,
+                effects: &idem::effects::MERGE,
+            })
             .collect();
         guard.apply(&inputs).await?;
     }

@@ -1,0 +1,239 @@
+//! Effects: what an event does to its entity, declared per topic and event
+//! type (docs/effects.md), and the pure planning of one event's effects.
+//!
+//! Guarantee: an event's effects are planned without I/O and completely
+//! before anything is written: an amount that is not a number, has too many
+//! decimals or a missing field makes the whole event invalid (dead-lettered
+//! with the reason), never a part of it. What only Redis can decide (a
+//! counter that would overflow, a custom effect that fails) is checked by
+//! `guard.lua` before its first write, with the same all-or-nothing rule.
+//!
+//! Two kinds, by how they meet order:
+//! - *ordered* (the state: merge, replace, delete; ordered custom effects)
+//!   applies only when the event's seq is newer than the entity's;
+//! - *commutative* (counters, ledger entries, set adds and removes,
+//!   commutative custom effects) applies exactly once per event, whatever
+//!   its seq, so a late deposit still counts.
+
+pub mod decimal;
+mod plan;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::event::{Event, Invalid};
+
+pub use decimal::{Amount, AmountError};
+pub use plan::{data_value, plan};
+
+/// What happens to the state hash when the event is newer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StateEffect {
+    /// Merge the data fields (all, or only `fields`) into the state.
+    #[default]
+    Merge,
+    /// The state becomes the data fields (only `fields`, if given).
+    Replace,
+    /// The state is left as it is (the seq still advances).
+    Keep,
+}
+
+/// Whether an effect waits for order or commutes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    Ordered,
+    Commutative,
+}
+
+/// Where a counter's amount comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AmountSource {
+    /// A JSON pointer into the event's `data` (`/amount`, `/money/value`).
+    Pointer(String),
+    Constant(Amount),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CounterSpec {
+    pub field: String,
+    pub amount: AmountSource,
+    pub scale: u8,
+    /// Subtract the amount instead of adding it (a withdrawal).
+    pub subtract: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerSpec {
+    pub stream: String,
+    /// Data fields copied into each entry (all when `None`).
+    pub fields: Option<Vec<String>>,
+    pub max_len: Option<u64>,
+    pub max_age: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetSpec {
+    pub set: String,
+    /// A JSON pointer into `data`: the member.
+    pub member: String,
+    pub remove: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomSpec {
+    /// Index into [`EffectsConfig::snippets`].
+    pub snippet: usize,
+    pub order: Order,
+}
+
+/// A user's Lua snippet (docs/effects.md): pure, it gets the entity's
+/// values and the event and returns fields to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snippet {
+    pub file: String,
+    pub source: String,
+    /// The only fields it may return.
+    pub writes: Vec<String>,
+}
+
+/// The effects of one topic's events of some types.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Rule {
+    pub topic: String,
+    /// Event types this rule is for; empty: every type without its own rule.
+    pub types: Vec<String>,
+    pub state: StateEffect,
+    /// The data fields the state effect writes (all when `None`).
+    pub fields: Option<Vec<String>>,
+    pub counters: Vec<CounterSpec>,
+    pub ledger: Option<LedgerSpec>,
+    pub sets: Vec<SetSpec>,
+    pub custom: Vec<CustomSpec>,
+}
+
+/// Every declared effect (`[[effects]]` in the config).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EffectsConfig {
+    pub rules: Vec<Rule>,
+    pub snippets: Vec<Snippet>,
+}
+
+impl EffectsConfig {
+    /// The rule for an event of `kind` on `topic`: the one naming its type,
+    /// else the topic's catch-all, else none (merge, as without effects).
+    pub fn rule_for(&self, topic: &str, kind: Option<&str>) -> Option<&Rule> {
+        let of_topic = || self.rules.iter().filter(move |r| r.topic == topic);
+        kind.and_then(|k| of_topic().find(|r| r.types.iter().any(|t| t == k)))
+            .or_else(|| of_topic().find(|r| r.types.is_empty()))
+    }
+
+    /// `event`'s effects on `topic` (see [`plan`]).
+    pub fn plan_for(&self, topic: &str, event: &Event) -> Result<Effects, Invalid> {
+        plan(event, self.rule_for(topic, event.kind.as_deref()))
+    }
+}
+
+/// One commutative or custom change, ready for the guard and the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mutation {
+    Count {
+        field: String,
+        amount: Amount,
+    },
+    Append {
+        stream: String,
+        entry: Vec<(String, String)>,
+        max_len: u64,
+        max_age_ms: u64,
+    },
+    SetAdd {
+        set: String,
+        member: String,
+    },
+    SetRemove {
+        set: String,
+        member: String,
+    },
+    Custom {
+        snippet: usize,
+        order: Order,
+    },
+}
+
+impl Mutation {
+    /// Whether it applies to a late event too.
+    pub fn commutes(&self) -> bool {
+        !matches!(
+            self,
+            Mutation::Custom {
+                order: Order::Ordered,
+                ..
+            }
+        )
+    }
+}
+
+/// Merge every field, nothing else: the effects of an event without a rule.
+pub static MERGE: Effects = Effects {
+    state: StateEffect::Merge,
+    fields: None,
+    mutations: Vec::new(),
+};
+
+/// An event's planned effects. The default is today's merge of every field.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Effects {
+    pub state: StateEffect,
+    pub fields: Option<Vec<String>>,
+    pub mutations: Vec<Mutation>,
+}
+
+impl Effects {
+    /// Whether any part applies to a late event.
+    pub fn commutes(&self) -> bool {
+        self.mutations.iter().any(Mutation::commutes)
+    }
+
+    /// Whether the state effect writes data field `name`.
+    pub fn writes_field(&self, name: &str) -> bool {
+        self.state != StateEffect::Keep
+            && self
+                .fields
+                .as_ref()
+                .is_none_or(|f| f.iter().any(|x| x == name))
+    }
+}
+
+/// Counters, ledgers and sets of one entity, as stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommutativeView {
+    /// Counter field → stored decimal (and commutative custom effects' fields).
+    pub counters: BTreeMap<String, String>,
+    /// Stream → entries (fields, without the stream ids), oldest first.
+    pub ledgers: BTreeMap<String, Vec<Vec<(String, String)>>>,
+    /// Set → members (absent when empty).
+    pub sets: BTreeMap<String, BTreeSet<String>>,
+    /// Set → member → seq of the newest add or remove that touched it.
+    pub set_seqs: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+/// The keys of an entity's commutative state, beside `<base>:state`
+/// (`<base>` is `<prefix>:{<entity>}`; docs/redis-layout.md).
+pub mod keys {
+    /// Hash: counter field → stored decimal; commutative custom effects' fields.
+    pub fn counters(base: &str) -> String {
+        format!("{base}:counters")
+    }
+    /// Stream: one entry per event, in the order they were applied.
+    pub fn ledger(base: &str, stream: &str) -> String {
+        format!("{base}:ledger:{stream}")
+    }
+    /// Set: the members.
+    pub fn set(base: &str, set: &str) -> String {
+        format!("{base}:set:{set}")
+    }
+    /// Hash: member → seq of the newest add or remove that touched it.
+    pub fn set_seqs(base: &str, set: &str) -> String {
+        format!("{base}:set:{set}:seq")
+    }
+}

@@ -1,0 +1,307 @@
+//! What one event sends to `guard.lua`: its keys beyond the four every
+//! event has, and its arguments (the layout is documented at the top of
+//! the script). Pure: an event and its effects in, keys and arguments out.
+
+use super::GuardInput;
+use crate::effects::{keys, Effects, Mutation, Order, Snippet, StateEffect};
+use crate::event::{id_hash, Event, Op};
+
+/// An event's effect keys (after its four) and its mutations' arguments,
+/// where a key is named by its 1-based position in `keys`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct EffectParts {
+    pub keys: Vec<String>,
+    pub args: Vec<String>,
+}
+
+impl EffectParts {
+    pub fn new(base: &str, event: &Event, effects: &Effects) -> EffectParts {
+        let mut parts = EffectParts::default();
+        if effects.mutations.is_empty() {
+            return parts;
+        }
+        let mut args = Vec::new();
+        for m in &effects.mutations {
+            match m {
+                Mutation::Count { field, amount } => {
+                    let key = parts.key(keys::counters(base));
+                    args.extend([
+                        "c".into(),
+                        key,
+                        field.clone(),
+                        amount.units_text(),
+                        amount.scale.to_string(),
+                    ]);
+                }
+                Mutation::Append {
+                    stream,
+                    entry,
+                    max_len,
+                    max_age_ms,
+                } => {
+                    let key = parts.key(keys::ledger(base, stream));
+                    args.extend([
+                        "l".into(),
+                        key,
+                        max_len.to_string(),
+                        max_age_ms.to_string(),
+                        entry.len().to_string(),
+                    ]);
+                    args.extend(entry.iter().flat_map(|(k, v)| [k.clone(), v.clone()]));
+                }
+                Mutation::SetAdd { set, member } | Mutation::SetRemove { set, member } => {
+                    let kind = if matches!(m, Mutation::SetAdd { .. }) {
+                        "a"
+                    } else {
+                        "r"
+                    };
+                    let key = parts.key(keys::set(base, set));
+                    let seqs = parts.key(keys::set_seqs(base, set));
+                    args.extend([kind.into(), key, seqs, member.clone()]);
+                }
+                Mutation::Custom { snippet, order } => {
+                    let key = parts.key(keys::counters(base));
+                    let order = if *order == Order::Ordered { "o" } else { "c" };
+                    args.extend([
+                        "x".into(),
+                        (snippet + 1).to_string(),
+                        key,
+                        order.into(),
+                        event.set.len().to_string(),
+                    ]);
+                    args.extend(event.set.iter().flat_map(|(k, v)| [k.clone(), v.clone()]));
+                }
+            }
+        }
+        parts.args = args;
+        parts
+    }
+
+    /// The position of `key` among the event's effect keys, added once.
+    fn key(&mut self, key: String) -> String {
+        let at = match self.keys.iter().position(|k| *k == key) {
+            Some(at) => at,
+            None => {
+                self.keys.push(key);
+                self.keys.len() - 1
+            }
+        };
+        (at + 1).to_string()
+    }
+}
+
+/// The state code `guard.lua` reads: what a newer event does to the state.
+pub fn state_code(event: &Event, effects: &Effects) -> &'static str {
+    match (event.op, &effects.state) {
+        (Op::Delete, _) => "d",
+        (Op::Upsert, StateEffect::Merge) => "u",
+        (Op::Upsert, StateEffect::Replace) => "r",
+        (Op::Upsert, StateEffect::Keep) => "k",
+    }
+}
+
+pub fn push_event_args(
+    cmd: &mut redis::Cmd,
+    input: &GuardInput<'_>,
+    expire_at_ms: u64,
+    parts: &EffectParts,
+) {
+    let e = input.event;
+    let effects = input.effects;
+    let set: Vec<&(String, String)> = e
+        .set
+        .iter()
+        .filter(|(k, _)| effects.writes_field(k))
+        .collect();
+    let unset: Vec<&String> = e.unset.iter().filter(|k| effects.writes_field(k)).collect();
+    cmd.arg(expire_at_ms)
+        .arg(&e.id)
+        .arg(&id_hash(&e.id).to_be_bytes()[..])
+        .arg(&e.fingerprint.to_be_bytes()[..])
+        .arg(format!("{:016x}", e.fingerprint))
+        .arg(e.seq)
+        .arg(state_code(e, effects))
+        .arg(set.len());
+    for (k, v) in set {
+        cmd.arg(k).arg(v);
+    }
+    cmd.arg(unset.len());
+    for k in unset {
+        cmd.arg(k);
+    }
+    cmd.arg(parts.keys.len())
+        .arg(e.kind.as_deref().unwrap_or(""))
+        .arg(effects.mutations.len());
+    for a in &parts.args {
+        cmd.arg(a);
+    }
+}
+
+/// The line in `guard.lua` where custom effects go.
+const CUSTOM_MARK: &str = "-- @CUSTOM\n";
+
+/// `guard.lua` with the custom effects inserted: each one a function of
+/// (state, counters, event) that cannot reach `redis`, `KEYS` or `ARGV`,
+/// with the line offset that maps error messages back to its file.
+pub fn assemble(script: &str, snippets: &[Snippet]) -> String {
+    if snippets.is_empty() {
+        return script.to_string();
+    }
+    let (head, tail) = script
+        .split_once(CUSTOM_MARK)
+        .expect("guard.lua has the custom mark");
+    let mut out = head.to_string();
+    for (i, s) in snippets.iter().enumerate() {
+        let writes: Vec<String> = s
+            .writes
+            .iter()
+            .map(|w| format!("[ {} ] = true", lua_string(w)))
+            .collect();
+        out.push_str(&format!(
+            "CUSTOM[{}] = {{ file = {}, writes = {{ {} }}, offset = {}, fn = function(state, counters, event)\n{}\n",
+            i + 1,
+            lua_string(&s.file),
+            writes.join(", "),
+            0,
+            SANDBOX
+        ));
+        // Lines are 1-based; the snippet's first line follows the two above.
+        let offset = out.lines().count();
+        out = out.replacen("offset = 0, fn", &format!("offset = {offset}, fn"), 1);
+        out.push_str(&s.source);
+        out.push_str("\nend }\n");
+    }
+    out.push_str(tail);
+    out
+}
+
+/// Shadows what a pure effect must not touch.
+const SANDBOX: &str = "local redis, KEYS, ARGV, _G, loadstring, rawset, rawget, setmetatable, getmetatable = nil, nil, nil, nil, nil, nil, nil, nil, nil";
+
+/// A Lua long string literal that holds `text` whatever it contains.
+fn lua_string(text: &str) -> String {
+    let mut eq = String::new();
+    while text.contains(&format!("]{eq}]")) {
+        eq.push('=');
+    }
+    format!("[{eq}[{text}]{eq}]")
+}
+
+/// A standalone script that only compiles `snippet` (for the start-up
+/// check): its errors name the snippet's own lines.
+pub fn compile_check(snippet: &Snippet) -> String {
+    format!(
+        "#!lua flags=no-writes\nlocal f = function(state, counters, event)\n{}\nend\nreturn 1\n",
+        snippet.source
+    )
+}
+
+/// `text` with Lua's `user_script:N:` positions turned into `file:N-offset:`.
+pub fn snippet_lines(text: &str, file: &str, offset: usize) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("user_script:") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + "user_script:".len()..];
+        let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+        match digits.parse::<usize>() {
+            Ok(n) => out.push_str(&format!("{file}:{}", n.saturating_sub(offset))),
+            Err(_) => out.push_str("user_script:"),
+        }
+        rest = &after[digits.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::effects::Amount;
+
+    #[test]
+    fn keys_are_named_once_and_args_follow_the_script_layout() {
+        let event = Event {
+            id: "i".into(),
+            entity: "e".into(),
+            seq: 3,
+            op: Op::Upsert,
+            kind: None,
+            set: vec![("tag".into(), "vip".into())],
+            unset: vec![],
+            fingerprint: 0,
+        };
+        let effects = Effects {
+            mutations: vec![
+                Mutation::Count {
+                    field: "b".into(),
+                    amount: Amount {
+                        units: -5,
+                        scale: 2,
+                    },
+                },
+                Mutation::SetAdd {
+                    set: "s".into(),
+                    member: "vip".into(),
+                },
+                Mutation::Custom {
+                    snippet: 0,
+                    order: Order::Ordered,
+                },
+            ],
+            ..Effects::default()
+        };
+        let parts = EffectParts::new("p:{e}", &event, &effects);
+        assert_eq!(
+            parts.keys,
+            ["p:{e}:counters", "p:{e}:set:s", "p:{e}:set:s:seq"]
+        );
+        let args: Vec<&str> = parts.args.iter().map(String::as_str).collect();
+        assert_eq!(
+            args,
+            [
+                "c", "1", "b", "-5", "2", "a", "2", "3", "vip", "x", "1", "1", "o", "1", "tag",
+                "vip"
+            ]
+        );
+        assert_eq!(
+            EffectParts::new("p:{e}", &event, &Effects::default()),
+            EffectParts::default()
+        );
+    }
+
+    #[test]
+    fn snippet_positions_name_the_file() {
+        assert_eq!(
+            snippet_lines(
+                "Error compiling script (new function): user_script:3: unexpected symbol",
+                "a.lua",
+                2
+            ),
+            "Error compiling script (new function): a.lua:1: unexpected symbol"
+        );
+        assert_eq!(snippet_lines("no position", "a.lua", 2), "no position");
+    }
+
+    #[test]
+    fn assembled_snippets_know_their_first_line() {
+        let snippet = Snippet {
+            file: "a]].lua".into(),
+            source: "local x = 1\nreturn { p = x }".into(),
+            writes: vec!["p".into()],
+        };
+        let script = "head\n-- @CUSTOM\ntail\n";
+        let out = assemble(script, &[snippet]);
+        let lines: Vec<&str> = out.lines().collect();
+        let offset: usize = out
+            .split("offset = ")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        assert_eq!(lines[offset], "local x = 1", "{out}");
+        assert!(out.contains("file = [=[a]].lua]=]"), "{out}");
+        assert!(out.ends_with("end }\ntail\n"), "{out}");
+        assert_eq!(assemble(script, &[]), script);
+    }
+}

@@ -1,0 +1,351 @@
+//! Effects that are not idempotent, applied exactly once by the real `idem`
+//! binary against a real broker and a real Redis: counters to the last
+//! digit, a ledger with each event once and in order, a custom effect,
+//! late commutative events, and effects that fail leaving nothing behind.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::*;
+use idem::config::Config;
+use idem::effects::CommutativeView;
+use idem::model::{Model, Outcome};
+use idem::store::commutative as view;
+use idem::store::KeyLayout;
+use idem::tools::sample::Rng;
+use idem_testbench::payments::{self, PaymentsSpec, HUGE_AMOUNT};
+
+const CATCH_UP: Duration = Duration::from_secs(180);
+
+fn config_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name)
+}
+
+/// The effects idem will run with, read back through idem's own config loader.
+fn effects_of(file: &std::path::Path) -> idem::effects::EffectsConfig {
+    Config::load(Some(file), &Default::default())
+        .expect("effects config")
+        .effects
+}
+
+async fn commutative(prefix: &str, entity: &str) -> CommutativeView {
+    let mut conn = redis_conn(&redis_url()).await;
+    view::read(
+        &mut conn,
+        &KeyLayout::new(prefix),
+        entity,
+        &["ledger".to_string()],
+        &[],
+    )
+    .await
+    .unwrap()
+}
+
+/// Every account's balance (to the last digit) and ledger (each event once,
+/// in order) as the model says; points as the snippet must have made them.
+async fn assert_effects(
+    prefix: &str,
+    model: &Model,
+    points: &std::collections::BTreeMap<String, u64>,
+) {
+    assert_matches_oracle(&redis_url(), prefix, model).await;
+    let mut wrong = Vec::new();
+    for (entity, want) in &model.entities {
+        let got = commutative(prefix, entity).await;
+        let mut want_view = want.commutative_view();
+        if let Some(p) = points.get(entity) {
+            want_view.counters.insert("points".into(), p.to_string());
+        }
+        if got != want_view {
+            wrong.push(format!("{entity}: redis {got:?}\n model {want_view:?}"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} accounts differ:\n{}",
+        wrong.len(),
+        wrong[..wrong.len().min(3)].join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_ledger_and_custom_effect_apply_exactly_once_through_sigkills() {
+    let topic = unique("pay");
+    let partitions = 4;
+    create_topic(&topic, partitions).await;
+    let file = payments::write_config(&config_dir(&topic), &topic).unwrap();
+    let records = payments::generate(&PaymentsSpec {
+        events: 20_000,
+        accounts: 300,
+        duplicate_ratio: 0.30,
+        out_of_order_ratio: 0.10,
+        seed: 15,
+        prefix: topic.clone(),
+    });
+    let (model, counts, points) = payments::oracle(&records, &topic, &effects_of(&file));
+    assert!(
+        counts[&Outcome::Late] > 100,
+        "the stream has late deposits: {counts:?}"
+    );
+    assert!(records
+        .iter()
+        .any(|r| String::from_utf8_lossy(&r.value).contains(HUGE_AMOUNT)));
+
+    let producing = {
+        let (topic, records) = (topic.clone(), records.clone());
+        tokio::spawn(async move {
+            for slice in records.chunks(records.len() / 8 + 1) {
+                produce(&topic, slice).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    let opts = IdemOpts::new(&topic, &topic, &topic)
+        .with("IDEM_CONFIG", file.to_str().unwrap())
+        .with("IDEM__PIPELINE__BATCH_MAX_EVENTS", "300");
+    let mut rng = Rng::new(0xFEE);
+    let started = Instant::now();
+    let mut kills = 0;
+    for _ in 0..4 {
+        let idem = Idem::spawn(&opts);
+        wait_until("the new idem process handles events", CATCH_UP, || async {
+            idem.counter("idem_events_total", &[]).await.unwrap_or(0) > 0
+                || (producing.is_finished()
+                    && committed(&topic, &topic, partitions).await
+                        == end_offsets(&topic, partitions).await)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(50 + rng.below(700))).await;
+        idem.kill();
+        kills += 1;
+    }
+    producing.await.unwrap();
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, partitions, CATCH_UP).await;
+    assert_effects(&topic, &model, &points).await;
+    let huge_account = model
+        .entities
+        .iter()
+        .find(|(_, e)| {
+            e.counters
+                .get("balance")
+                .is_some_and(|b| b.to_string().len() > 30)
+        })
+        .map(|(name, e)| (name.clone(), e.counters["balance"].to_string()));
+    eprintln!(
+        "effects under {kills} SIGKILLs: {} records in {:.1}s, outcomes {counts:?}; the 30-digit account: {huge_account:?}",
+        records.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        huge_account.is_some(),
+        "one balance carries the 30-digit amount"
+    );
+    idem.terminate().await;
+}
+
+fn record(id: &str, entity: &str, seq: u64, kind: &str, data: &str) -> Vec<u8> {
+    format!(r#"{{"id":"{id}","entity":"{entity}","seq":{seq},"type":"{kind}","data":{data}}}"#)
+        .into_bytes()
+}
+
+/// A deposit that arrives after a newer status update still counts, and
+/// its own (older) state fields do not overwrite the newer ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_deposit_still_counts_and_leaves_the_newer_status() {
+    let topic = unique("late");
+    create_topic(&topic, 1).await;
+    let file = payments::write_config(&config_dir(&topic), &topic).unwrap();
+    let entity = format!("{topic}:acct");
+    let values = [
+        record("d1", &entity, 1, "deposit", r#"{"amount":"10.00"}"#),
+        record("s3", &entity, 3, "status", r#"{"status":"frozen"}"#),
+        // seq 2, after seq 3: stale for the state, still a deposit
+        record("d2", &entity, 2, "deposit", r#"{"amount":5.25}"#),
+        record("d2", &entity, 2, "deposit", r#"{"amount":5.25}"#),
+    ];
+    let raw: Vec<RawRecord<'_>> = values
+        .iter()
+        .map(|v| (Some(entity.as_bytes()), Some(v.as_slice())))
+        .collect();
+    produce_raw(&topic, &raw).await;
+    let idem = Idem::spawn(
+        &IdemOpts::new(&topic, &topic, &topic).with("IDEM_CONFIG", file.to_str().unwrap()),
+    );
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+
+    let views = read_entities(&redis_url(), &topic, [entity.clone()].iter()).await;
+    let state = &views[&entity].state;
+    assert_eq!(state.get("status").map(String::as_str), Some("frozen"));
+    assert_eq!(
+        state.get("amount").map(String::as_str),
+        Some("10.00"),
+        "the late deposit's own field is older"
+    );
+    assert_eq!(views[&entity].seq, Some(3));
+    let got = commutative(&topic, &entity).await;
+    assert_eq!(
+        got.counters.get("balance").map(String::as_str),
+        Some("15.25")
+    );
+    assert_eq!(got.counters.get("points").map(String::as_str), Some("15"));
+    let ids: Vec<&str> = got.ledgers["ledger"]
+        .iter()
+        .map(|entry| entry[0].1.as_str())
+        .collect();
+    assert_eq!(ids, ["d1", "d2"]);
+    assert_eq!(idem.outcome(&topic, Outcome::Late).await, 1);
+    assert_eq!(idem.outcome(&topic, Outcome::Duplicate).await, 1);
+    idem.terminate().await;
+}
+
+/// A custom effect that errors, a counter that would overflow and an amount
+/// with too many decimals: each event is dead-lettered with its reason and
+/// message, and nothing of it is in Redis (not its state, not its id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn effects_that_cannot_apply_are_dead_lettered_and_leave_nothing() {
+    let topic = unique("reject");
+    create_topic(&topic, 1).await;
+    let dir = config_dir(&topic);
+    std::fs::create_dir_all(&dir).unwrap();
+    let failing = dir.join("failing.lua");
+    std::fs::write(
+        &failing,
+        "local x = 1\nerror('refusing ' .. event.id)\nreturn {}\n",
+    )
+    .unwrap();
+    let file = dir.join("effects.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+[[effects]]
+topic = "{topic}"
+types = ["bad"]
+custom = [{{ file = "{failing}", order = "ordered", writes = ["x"] }}]
+
+[[effects]]
+topic = "{topic}"
+types = ["deposit"]
+counters = [{{ field = "balance", from = "/amount", scale = 2 }}]
+ledger = {{ stream = "ledger", max_len = 10 }}
+"#,
+            failing = failing.display()
+        ),
+    )
+    .unwrap();
+    let (a, b, c) = (
+        format!("{topic}:a"),
+        format!("{topic}:b"),
+        format!("{topic}:c"),
+    );
+    let nines = "9".repeat(36);
+    let values = [
+        (a.clone(), record("bad1", &a, 1, "bad", r#"{"x":1}"#)),
+        (
+            b.clone(),
+            record("b1", &b, 1, "deposit", &format!(r#"{{"amount":{nines}}}"#)),
+        ),
+        (
+            b.clone(),
+            record("b2", &b, 2, "deposit", &format!(r#"{{"amount":{nines}}}"#)),
+        ),
+        (
+            c.clone(),
+            record("c1", &c, 1, "deposit", r#"{"amount":1.005}"#),
+        ),
+        (
+            c.clone(),
+            record("c2", &c, 2, "deposit", r#"{"amount":"2"}"#),
+        ),
+    ];
+    let raw: Vec<RawRecord<'_>> = values
+        .iter()
+        .map(|(k, v)| (Some(k.as_bytes()), Some(v.as_slice())))
+        .collect();
+    produce_raw(&topic, &raw).await;
+    let idem = Idem::spawn(
+        &IdemOpts::new(&topic, &topic, &topic).with("IDEM_CONFIG", file.to_str().unwrap()),
+    );
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+
+    let letters = dead_letters(&topic).await;
+    let got: Vec<(String, String)> = letters
+        .iter()
+        .map(|l| {
+            let original = l.header(idem::dlq::header::OFFSET).unwrap_or("?");
+            (original.to_string(), l.reason().to_string())
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("0".to_string(), "effect_failed".to_string()),
+            ("2".to_string(), "counter_overflow".to_string()),
+            ("3".to_string(), "amount_excess_decimals".to_string())
+        ],
+        "{letters:#?}"
+    );
+    let failed = letters[0]
+        .header(idem::dlq::header::MESSAGE)
+        .unwrap_or_default();
+    assert!(
+        failed.contains(&format!("{}:2:", failing.display())) && failed.contains("refusing bad1"),
+        "the message names the snippet's file, line and error: {failed}"
+    );
+    let views = read_entities(
+        &redis_url(),
+        &topic,
+        [a.clone(), b.clone(), c.clone()].iter(),
+    )
+    .await;
+    assert_eq!(
+        views[&a].seq, None,
+        "nothing of the failed event is in Redis"
+    );
+    assert_eq!(
+        views[&b].seq,
+        Some(1),
+        "the overflowing deposit was not applied"
+    );
+    let balance_b = commutative(&topic, &b).await;
+    assert_eq!(balance_b.counters["balance"], format!("{nines}.00"));
+    assert_eq!(balance_b.ledgers["ledger"].len(), 1);
+    assert_eq!(commutative(&topic, &c).await.counters["balance"], "2.00");
+    assert_eq!(idem.outcome(&topic, Outcome::Invalid).await, 3);
+    idem.terminate().await;
+}
+
+/// A custom effect that does not compile stops the start, naming its file
+/// and line, before anything is consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snippet_that_does_not_compile_refuses_the_start() {
+    let topic = unique("nocompile");
+    create_topic(&topic, 1).await;
+    let dir = config_dir(&topic);
+    std::fs::create_dir_all(&dir).unwrap();
+    let broken = dir.join("broken.lua");
+    std::fs::write(&broken, "local x = 1\nlocal y = = 2\nreturn {}\n").unwrap();
+    let file = dir.join("effects.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[effects]]\ntopic = \"{topic}\"\ncustom = [{{ file = \"{}\", order = \"ordered\", writes = [\"x\"] }}]\n",
+            broken.display()
+        ),
+    )
+    .unwrap();
+    let idem = Idem::spawn(
+        &IdemOpts::new(&topic, &topic, &topic).with("IDEM_CONFIG", file.to_str().unwrap()),
+    );
+    let log = idem.log.clone();
+    let status = idem.wait_exit(Duration::from_secs(60)).await;
+    assert!(!status.success());
+    let text = std::fs::read_to_string(log).unwrap();
+    assert!(
+        text.contains(&format!("{}:2:", broken.display())) && text.contains("does not compile"),
+        "{text}"
+    );
+}
