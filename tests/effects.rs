@@ -196,6 +196,18 @@ async fn a_late_deposit_still_counts_and_leaves_the_newer_status() {
         .map(|entry| entry[0].1.as_str())
         .collect();
     assert_eq!(ids, ["d1", "d2"]);
+    let env = [("IDEM_CONFIG", file.to_str().unwrap())];
+    let out = idem_tool(&["inspect", "entity", &entity, "--json"], &topic, &env);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["counters"]["balance"], "15.25", "{json}");
+    assert_eq!(json["ledgers"]["ledger"]["length"], 2, "{json}");
+    assert_eq!(json["seq"], 3, "{json}");
+    let text = idem_tool(&["inspect", "entity", &entity], &topic, &env);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("balance = 15.25") && text.contains("2 entries"),
+        "{text}"
+    );
     assert_eq!(idem.outcome(&topic, Outcome::Late).await, 1);
     assert_eq!(idem.outcome(&topic, Outcome::Duplicate).await, 1);
     idem.terminate().await;
@@ -348,4 +360,81 @@ async fn a_snippet_that_does_not_compile_refuses_the_start() {
         text.contains(&format!("{}:2:", broken.display())) && text.contains("does not compile"),
         "{text}"
     );
+}
+
+/// A replay from before the dedupe window would count the deposits again:
+/// `idem replay` refuses it on a topic with commutative effects, and with
+/// `--allow-recount` it does what it says (the balance counts twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_from_before_the_window_is_refused_unless_recounting_is_allowed() {
+    let topic = unique("recount");
+    create_topic(&topic, 1).await;
+    let file = payments::write_config(&config_dir(&topic), &topic).unwrap();
+    let entity = format!("{topic}:acct");
+    let values = [
+        record("d1", &entity, 1, "deposit", r#"{"amount":"10.00"}"#),
+        record("d2", &entity, 2, "deposit", r#"{"amount":"2.50"}"#),
+    ];
+    let raw: Vec<RawRecord<'_>> = values
+        .iter()
+        .map(|v| (Some(entity.as_bytes()), Some(v.as_slice())))
+        .collect();
+    produce_raw(&topic, &raw).await;
+    let produced = Instant::now();
+    let config = file.to_str().unwrap();
+    let opts = IdemOpts::new(&topic, &topic, &topic)
+        .with("IDEM_CONFIG", config)
+        .with("IDEM__DEDUPE__WINDOW", "1s");
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+    idem.terminate().await;
+    let balance = || async { commutative(&topic, &entity).await.counters["balance"].clone() };
+    assert_eq!(balance().await, "12.50");
+    // The records are now older than the 1 s window.
+    wait_until(
+        "the records are older than the window",
+        CATCH_UP,
+        || async { produced.elapsed() > Duration::from_secs(2) },
+    )
+    .await;
+    let env = [
+        ("IDEM_CONFIG", config),
+        ("IDEM__DEDUPE__WINDOW", "1s"),
+        ("IDEM__KAFKA__GROUP_ID", topic.as_str()),
+    ];
+    let replay = |extra: &'static [&'static str]| {
+        let mut args = vec![
+            "replay",
+            "--topic",
+            topic.as_str(),
+            "--to-earliest",
+            "--execute",
+        ];
+        args.extend_from_slice(extra);
+        idem_tool(&args, &topic, &env)
+    };
+    let refused = replay(&[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--allow-recount") && stderr.contains("re-reads 2 records"),
+        "{stderr}"
+    );
+    assert_eq!(committed(&topic, &topic, 1).await, vec![2], "nothing moved");
+
+    let allowed = replay(&["--allow-recount"]);
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+    assert_eq!(
+        balance().await,
+        "25.00",
+        "what --allow-recount warned about"
+    );
+    assert_eq!(idem.outcome(&topic, Outcome::Late).await, 2);
+    idem.terminate().await;
 }

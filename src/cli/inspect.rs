@@ -17,7 +17,9 @@ pub struct InspectArgs {
 #[derive(Debug, Subcommand)]
 #[command(verbatim_doc_comment)]
 enum InspectWhat {
-    /// Show one entity: its state, seq, last event id, applied-events count and update time.
+    /// Show one entity: its state, seq, last event id, applied-events count and
+    /// update time; with declared effects also its counters, each ledger's
+    /// length and newest entry, and each set's size.
     ///
     /// Example:
     ///   idem inspect entity orders:42 --json
@@ -97,8 +99,17 @@ pub async fn run(args: InspectArgs, config: Config) -> anyhow::Result<ExitCode> 
             let mut conn = store::connect_or_explain(&config.redis).await?;
             let layout = KeyLayout::new(&config.redis.key_prefix);
             let view = store::read_entity(&mut conn, &layout, &entity).await?;
+            let (streams, sets) = config.effects.names();
+            let effects =
+                store::commutative::summary(&mut conn, &layout, &entity, &streams, &sets).await?;
             if json {
-                crate::outln!("{}", serde_json::to_string_pretty(&view)?);
+                crate::outln!(
+                    "{}",
+                    serde_json::to_string_pretty(&EntityJson {
+                        view: &view,
+                        effects: &effects
+                    })?
+                );
             } else if !view.exists {
                 crate::outln!(
                     "entity {entity:?}: not found under prefix {:?}",
@@ -106,6 +117,7 @@ pub async fn run(args: InspectArgs, config: Config) -> anyhow::Result<ExitCode> 
                 );
             } else {
                 print_entity(&view);
+                print_effects(&effects);
             }
             Ok(if view.exists {
                 ExitCode::SUCCESS
@@ -158,6 +170,38 @@ fn print_group(status: &crate::tools::group::GroupStatus) {
         );
     }
     crate::outln!("total lag {}", status.total_lag);
+}
+
+/// The entity's view, with its commutative state (docs/effects.md) beside
+/// it where there is some: the JSON stays as before for entities without.
+#[derive(serde::Serialize)]
+struct EntityJson<'a> {
+    #[serde(flatten)]
+    view: &'a store::EntityView,
+    #[serde(flatten, skip_serializing_if = "store::commutative::Summary::is_empty")]
+    effects: &'a store::commutative::Summary,
+}
+
+/// Counters, each ledger's length and newest entry, each set's size.
+fn print_effects(effects: &store::commutative::Summary) {
+    if !effects.counters.is_empty() {
+        crate::outln!("counters");
+        for (k, v) in &effects.counters {
+            crate::outln!("  {k} = {v}");
+        }
+    }
+    for (name, l) in &effects.ledgers {
+        let last: Vec<String> = l.last.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        crate::outln!(
+            "ledger {name}  {} entries, newest {} {}",
+            l.length,
+            l.last_id.as_deref().unwrap_or("-"),
+            last.join(" ")
+        );
+    }
+    for (name, size) in &effects.sets {
+        crate::outln!("set {name}  {size} members");
+    }
 }
 
 /// One entity's bookkeeping and state, one field per line.

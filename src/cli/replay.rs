@@ -56,6 +56,11 @@ pub struct ReplayArgs {
     /// applied (they are skipped for good).
     #[arg(long)]
     allow_skip: bool,
+    /// Allow re-reading records older than the dedupe window on a topic
+    /// whose events have commutative effects (counters, ledgers, sets):
+    /// those records count again (docs/effects.md).
+    #[arg(long)]
+    allow_recount: bool,
     /// Print the plan as JSON.
     #[arg(long)]
     json: bool,
@@ -68,6 +73,14 @@ pub async fn run(args: ReplayArgs, config: Config) -> anyhow::Result<ExitCode> {
     let kafka = config.kafka.clone();
     let reset = config.kafka.auto_offset_reset;
     let partitions = (!args.partitions.is_empty()).then_some(args.partitions);
+    // Only where a re-read could count twice: the window's start, as a time.
+    let window = config.dedupe.window_for(&topic);
+    let window_start_ms = config.effects.has_commutative(&topic).then(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        now.saturating_sub(i64::try_from(window.as_millis()).unwrap_or(i64::MAX))
+    });
     let plan = tokio::task::spawn_blocking({
         let (kafka, group, topic) = (kafka.clone(), group.clone(), topic.clone());
         move || {
@@ -78,6 +91,7 @@ pub async fn run(args: ReplayArgs, config: Config) -> anyhow::Result<ExitCode> {
                 partitions.as_deref(),
                 &target,
                 reset,
+                window_start_ms,
             )
         }
     })
@@ -95,17 +109,30 @@ pub async fn run(args: ReplayArgs, config: Config) -> anyhow::Result<ExitCode> {
             plan.total_skipped
         )
     });
+    let recount_refusal = (plan.total_recount > 0 && !args.allow_recount).then(|| {
+        format!(
+            "the plan re-reads {} records of {topic} older than the dedupe window ({}); its events have \
+             commutative effects (counters, ledgers, sets), so those would count again. \
+             Add --allow-recount if that is what you want (docs/effects.md)",
+            plan.total_recount,
+            crate::config::format_duration(window)
+        )
+    });
     let active_refusal = replay::refuse_if_active(&group, &plan.members)
         .err()
         .map(|e| e.to_string());
+    let refusals: Vec<String> = [skip_refusal, recount_refusal, active_refusal]
+        .into_iter()
+        .flatten()
+        .collect();
     if !args.execute {
-        for refusal in skip_refusal.iter().chain(active_refusal.iter()) {
+        for refusal in &refusals {
             eprintln!("note: --execute would refuse: {refusal}");
         }
         eprintln!("dry run: nothing changed; add --execute to apply");
         return Ok(ExitCode::SUCCESS);
     }
-    if let Some(e) = skip_refusal.or(active_refusal) {
+    if let Some(e) = refusals.first() {
         eprintln!("error: {e}");
         return Ok(ExitCode::from(super::EXIT_FAILED));
     }
@@ -162,6 +189,12 @@ fn print_plan(group: &str, topic: &str, plan: &replay::ReplayPlan) {
             "{} records will be SKIPPED (never applied): partitions {}",
             plan.total_skipped,
             plan.skipping_partitions().join(", ")
+        );
+    }
+    if plan.total_recount > 0 {
+        crate::outln!(
+            "{} of them are older than the dedupe window: their commutative effects (counters, ledgers, sets) would COUNT AGAIN",
+            plan.total_recount
         );
     }
 }

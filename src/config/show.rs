@@ -85,6 +85,17 @@ fn flatten(key: &str, value: config::Value, out: &mut BTreeMap<String, String>) 
                 flatten(&format!("{key}.{k}"), v, out);
             }
         }
+        // An array of tables (`[[effects]]`, a counter list): one key per
+        // element, `effects[0].topic`, so each value stays readable.
+        config::ValueKind::Array(items)
+            if items
+                .iter()
+                .any(|v| matches!(v.kind, config::ValueKind::Table(_))) =>
+        {
+            for (i, v) in items.into_iter().enumerate() {
+                flatten(&format!("{key}[{i}]"), v, out);
+            }
+        }
         config::ValueKind::Array(items) => {
             let items: Vec<String> = items.iter().map(ToString::to_string).collect();
             out.insert(key.to_string(), items.join(","));

@@ -127,6 +127,32 @@ impl EffectsConfig {
             .or_else(|| of_topic().find(|r| r.types.is_empty()))
     }
 
+    /// Whether some event of `topic` has an effect that applies to a late
+    /// event too (so a replay from before the dedupe window counts again).
+    pub fn has_commutative(&self, topic: &str) -> bool {
+        self.rules.iter().filter(|r| r.topic == topic).any(|r| {
+            !r.counters.is_empty()
+                || r.ledger.is_some()
+                || !r.sets.is_empty()
+                || r.custom.iter().any(|c| c.order == Order::Commutative)
+        })
+    }
+
+    /// Every declared ledger stream and set name (sorted, once each).
+    pub fn names(&self) -> (Vec<String>, Vec<String>) {
+        let streams: BTreeSet<String> = self
+            .rules
+            .iter()
+            .filter_map(|r| r.ledger.as_ref().map(|l| l.stream.clone()))
+            .collect();
+        let sets: BTreeSet<String> = self
+            .rules
+            .iter()
+            .flat_map(|r| r.sets.iter().map(|s| s.set.clone()))
+            .collect();
+        (streams.into_iter().collect(), sets.into_iter().collect())
+    }
+
     /// `event`'s effects on `topic` (see [`plan`]).
     pub fn plan_for(&self, topic: &str, event: &Event) -> Result<Effects, Invalid> {
         plan(event, self.rule_for(topic, event.kind.as_deref()))

@@ -296,6 +296,7 @@ async fn start_guard(
     let Some(mut conn) = connect_redis(config, shutdown).await? else {
         return Ok(None);
     };
+    store::check_version(&mut conn).await?;
     store::check_eviction_policy(&mut conn, config.redis.allow_eviction).await?;
     let wait = store::durable_wait(&mut conn, config.redis.durability).await?;
     match store::persistence(&mut conn).await {

@@ -33,6 +33,8 @@ pub enum CheckError {
     },
     #[error("{node} has maxmemory-policy {policy}: it may evict idem's keys (volatile-* evicts exactly the remembered ids, so redeliveries would be applied twice; allkeys-* also evicts entity state). Set `CONFIG SET maxmemory-policy noeviction` (and in redis.conf), or set redis.allow_eviction = true to accept the loss")]
     EvictionPolicy { node: String, policy: String },
+    #[error("{node} runs Redis {version}; idem needs Redis 7.0 or newer (its guard script declares its flags with `#!lua`, so an out-of-memory server refuses a whole call). Upgrade Redis")]
+    TooOld { node: String, version: String },
     #[error("redis.durability = replicas:{wanted}, but {node} has {connected} connected replica(s); add replicas or lower N")]
     TooFewReplicas {
         node: String,
@@ -83,6 +85,35 @@ pub async fn check_eviction_policy(
         }
     }
     Ok(())
+}
+
+/// Refuses a server (any master of a cluster) older than Redis 7.0. A
+/// server that hides its version (a managed proxy) is let through.
+pub async fn check_version(conn: &mut RedisConn) -> Result<(), CheckError> {
+    let masters = conn.masters().await.map_err(CheckError::Masters)?;
+    for node in &masters {
+        let server = info(conn, node, "server").await?;
+        let version = info_field(&server, "redis_version").unwrap_or_default();
+        if !version_at_least_7(&version) {
+            return Err(CheckError::TooOld {
+                node: node_name(node),
+                version,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// | version  | ok    |
+/// |----------|-------|
+/// | 7.0.15   | yes   |
+/// | 6.2.14   | no    |
+/// | ""       | yes (unknown) |
+fn version_at_least_7(version: &str) -> bool {
+    match version.split('.').next().map(str::parse::<u32>) {
+        Some(Ok(major)) => major >= 7,
+        _ => true,
+    }
 }
 
 /// Checks at start that the server (every master of a cluster) can give
@@ -246,6 +277,20 @@ pub async fn persistence(conn: &mut RedisConn) -> Result<Vec<Persistence>, Check
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_by_table() {
+        for (version, ok) in [
+            ("7.0.15", true),
+            ("7.2.4", true),
+            ("8.0.0", true),
+            ("6.2.14", false),
+            ("5.0.7", false),
+            ("", true),
+        ] {
+            assert_eq!(version_at_least_7(version), ok, "{version}");
+        }
+    }
 
     #[test]
     fn only_ack_on_a_node_that_keeps_nothing_is_warned_about() {

@@ -62,3 +62,90 @@ pub async fn read(
     }
     Ok(view)
 }
+
+/// What `idem inspect entity` shows of the commutative state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Summary {
+    pub counters: BTreeMap<String, String>,
+    /// Stream → its length and newest entry.
+    pub ledgers: BTreeMap<String, LedgerSummary>,
+    /// Set → its size.
+    pub sets: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LedgerSummary {
+    pub length: u64,
+    /// The newest entry's stream id and fields.
+    pub last_id: Option<String>,
+    pub last: Vec<(String, String)>,
+}
+
+impl Summary {
+    pub fn is_empty(&self) -> bool {
+        self.counters.is_empty() && self.ledgers.is_empty() && self.sets.is_empty()
+    }
+}
+
+/// `entity`'s counters, and the length and newest entry of each named
+/// ledger and the size of each named set that exists.
+pub async fn summary(
+    conn: &mut RedisConn,
+    layout: &KeyLayout,
+    entity: &str,
+    streams: &[String],
+    sets: &[String],
+) -> Result<Summary, StoreError> {
+    let base = layout.entity_base(entity);
+    let mut out = Summary {
+        counters: redis::cmd("HGETALL")
+            .arg(keys::counters(&base))
+            .query_async(conn)
+            .await?,
+        ..Summary::default()
+    };
+    for s in streams {
+        let key = keys::ledger(&base, s);
+        let length: u64 = redis::cmd("XLEN").arg(&key).query_async(conn).await?;
+        if length == 0 {
+            continue;
+        }
+        let newest: Vec<Entry> = redis::cmd("XREVRANGE")
+            .arg(&key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(conn)
+            .await?;
+        let (last_id, last) = newest
+            .into_iter()
+            .next()
+            .map_or((None, Vec::new()), |(id, flat)| {
+                (
+                    Some(id),
+                    flat.chunks(2)
+                        .map(|p| (p[0].clone(), p.get(1).cloned().unwrap_or_default()))
+                        .collect(),
+                )
+            });
+        out.ledgers.insert(
+            s.clone(),
+            LedgerSummary {
+                length,
+                last_id,
+                last,
+            },
+        );
+    }
+    for s in sets {
+        let size: u64 = redis::cmd("SCARD")
+            .arg(keys::set(&base, s))
+            .query_async(conn)
+            .await?;
+        if size > 0 {
+            out.sets.insert(s.clone(), size);
+        }
+    }
+    Ok(out)
+}

@@ -17,7 +17,8 @@ mod checks;
 pub mod commutative;
 pub mod progress;
 pub use checks::{
-    check_eviction_policy, durable_wait, persistence, CheckError, DurableWait, Persistence,
+    check_eviction_policy, check_version, durable_wait, persistence, CheckError, DurableWait,
+    Persistence,
 };
 
 /// An error talking to Redis.

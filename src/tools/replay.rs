@@ -35,6 +35,9 @@ pub struct PlanRow {
     pub end: i64,
     /// Records that will be read again (or skipped, if negative).
     pub reread: i64,
+    /// Of those, records older than the dedupe window on a topic with
+    /// commutative effects: they would count again (docs/effects.md).
+    pub recount: i64,
 }
 
 /// What `idem replay` would do.
@@ -46,6 +49,9 @@ pub struct ReplayPlan {
     pub total_reread: i64,
     /// Records a forward move skips (never applied).
     pub total_skipped: i64,
+    /// Re-read records older than the dedupe window whose commutative
+    /// effects (counters, ledgers, sets) would apply again.
+    pub total_recount: i64,
     #[serde(skip)]
     pub members: Vec<Member>,
 }
@@ -80,7 +86,21 @@ pub fn plan_row(
         new,
         end,
         reread: from - new,
+        recount: 0,
     }
+}
+
+/// Of a row's re-read records `[new, from)`, those before `window_start`
+/// (the first offset inside the dedupe window): they would count again.
+///
+/// | new | from | window_start | recount |
+/// |-----|------|--------------|---------|
+/// | 100 | 400  | 300          | 200     |
+/// | 100 | 400  | 50           | 0       |
+/// | 100 | 400  | 900          | 300     |
+/// | 500 | 400  | 100          | 0 (a skip) |
+pub fn recount(new: i64, from: i64, window_start: i64) -> i64 {
+    (from.min(window_start) - new).max(0)
 }
 
 /// Computes the plan for `topic` (optionally only `partitions`); `reset` is
@@ -92,6 +112,7 @@ pub fn plan(
     partitions: Option<&[i32]>,
     target: &ReplayTarget,
     reset: OffsetReset,
+    window_start_ms: Option<i64>,
 ) -> anyhow::Result<ReplayPlan> {
     let status: GroupStatus = group_status(kafka, group, &[topic.to_string()])?;
     let selected: Vec<_> = status
@@ -121,33 +142,28 @@ pub fn plan(
             }
             map.clone()
         }
-        ReplayTarget::Timestamp(ms) => {
-            let consumer: BaseConsumer<QuietContext> =
-                crate::kafka::base_config(kafka).create_with_context(QuietContext)?;
-            let mut tpl = TopicPartitionList::new();
-            for p in &selected {
-                tpl.add_partition_offset(topic, p.partition, Offset::Offset(*ms))?;
-            }
-            let found = consumer.offsets_for_times(tpl, kafka.request_timeout)?;
-            selected
-                .iter()
-                .map(|p| {
-                    let o = match found.find_partition(topic, p.partition).map(|e| e.offset()) {
-                        Some(Offset::Offset(o)) => o,
-                        // No record at or after that time: nothing to replay.
-                        _ => p.end,
-                    };
-                    (p.partition, o)
-                })
-                .collect()
-        }
+        ReplayTarget::Timestamp(ms) => offsets_at(kafka, topic, &selected, *ms)?,
+    };
+    let window_start = match window_start_ms {
+        Some(ms) => Some(offsets_at(kafka, topic, &selected, ms)?),
+        None => None,
     };
     let rows: Vec<PlanRow> = selected
         .iter()
         .filter_map(|p| {
-            wanted
-                .get(&p.partition)
-                .map(|w| plan_row(p.partition, *w, p.log_start, p.end, p.committed, reset))
+            let mut row = plan_row(
+                p.partition,
+                *wanted.get(&p.partition)?,
+                p.log_start,
+                p.end,
+                p.committed,
+                reset,
+            );
+            if let Some(starts) = &window_start {
+                let from = row.new + row.reread;
+                row.recount = recount(row.new, from, starts[&p.partition]);
+            }
+            Some(row)
         })
         .collect();
     Ok(ReplayPlan {
@@ -155,9 +171,37 @@ pub fn plan(
         topic: topic.to_string(),
         total_reread: rows.iter().map(|r| r.reread.max(0)).sum(),
         total_skipped: rows.iter().map(|r| (-r.reread).max(0)).sum(),
+        total_recount: rows.iter().map(|r| r.recount).sum(),
         rows,
         members: status.members,
     })
+}
+
+/// Per partition, the first offset at or after `ms` (the end if none).
+fn offsets_at(
+    kafka: &crate::config::KafkaConfig,
+    topic: &str,
+    selected: &[&crate::tools::group::PartitionLag],
+    ms: i64,
+) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let consumer: BaseConsumer<QuietContext> =
+        crate::kafka::base_config(kafka).create_with_context(QuietContext)?;
+    let mut tpl = TopicPartitionList::new();
+    for p in selected {
+        tpl.add_partition_offset(topic, p.partition, Offset::Offset(ms))?;
+    }
+    let found = consumer.offsets_for_times(tpl, kafka.request_timeout)?;
+    Ok(selected
+        .iter()
+        .map(|p| {
+            let o = match found.find_partition(topic, p.partition).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                // No record at or after that time: nothing to replay.
+                _ => p.end,
+            };
+            (p.partition, o)
+        })
+        .collect())
 }
 
 impl ReplayPlan {
@@ -257,6 +301,22 @@ mod tests {
             -100,
             "a forward move is a skip"
         );
+    }
+
+    #[test]
+    fn recounts_by_table() {
+        for (new, from, window_start, want) in [
+            (100, 400, 300, 200),
+            (100, 400, 50, 0),
+            (100, 400, 900, 300),
+            (500, 400, 100, 0),
+        ] {
+            assert_eq!(
+                recount(new, from, window_start),
+                want,
+                "{new} {from} {window_start}"
+            );
+        }
     }
 
     #[test]

@@ -55,6 +55,12 @@ fn bench_runs_every_phase_and_writes_its_report() {
             report[key]
         );
     }
+    let effects = report["effects"].as_array().unwrap();
+    assert_eq!(effects.len(), 6, "one row per effects variant: {effects:?}");
+    for row in effects {
+        assert!(row["records_per_second"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["redis_us_per_record"].as_f64().unwrap() > 0.0, "{row}");
+    }
     // CPU is counted in 10 ms ticks: a tiny backlog may take less than one.
     assert!(report["idem_cpu_seconds_per_million"].as_f64().unwrap() >= 0.0);
     assert!(report["latency_records"].as_u64().unwrap() > 0);

@@ -29,6 +29,10 @@ use crate::model::{EntityModel, Model};
 use crate::store::{self, EntityView, KeyLayout, StoreError};
 use crate::tools::topic_reader::read_topic;
 
+mod effects;
+
+use effects::EffectsCheck;
+
 const REPAIR: &str = include_str!("repair.lua");
 
 /// How Redis differs from the log for one entity.
@@ -52,6 +56,10 @@ pub enum DivergenceKind {
     /// still remembered a reused id (one to two windows): undecidable from
     /// the log alone (informational, not a divergence).
     WindowAmbiguous,
+    /// State and seq agree, but counters, a ledger or a set differ from what
+    /// the log's events make them (docs/effects.md). Not repaired: rebuild
+    /// beside the live view (docs/operations.md).
+    EffectsDiffer,
 }
 
 impl DivergenceKind {
@@ -203,6 +211,7 @@ pub async fn reconcile(
         &log,
         seq_ordered.as_ref(),
         opts,
+        EffectsCheck::of(config, &opts.topic).as_ref(),
         &*progress,
     )
     .await?;
@@ -306,6 +315,7 @@ async fn compare_with_redis(
     log: &LogModels,
     seq_ordered: Option<&Model>,
     opts: &ReconcileOptions,
+    effects: Option<&EffectsCheck>,
     progress: &(dyn Fn(String) + Send + Sync),
 ) -> anyhow::Result<Vec<Divergence>> {
     let mut divergences = Vec::new();
@@ -325,9 +335,24 @@ async fn compare_with_redis(
                 .filter(|_| want.window_ambiguous),
             &view,
         );
+        let found = match (found, effects) {
+            (None, Some(check)) => {
+                let kept = log
+                    .kept
+                    .entities
+                    .get(entity)
+                    .filter(|_| want.window_ambiguous);
+                check.judge(conn, layout, entity, want, kept).await?
+            }
+            (found, _) => found,
+        };
         if let Some(kind) = found {
             let mut repaired = false;
-            if opts.repair && kind.is_divergence() && kind != DivergenceKind::SeqAhead {
+            let repairable = !matches!(
+                kind,
+                DivergenceKind::SeqAhead | DivergenceKind::EffectsDiffer
+            );
+            if opts.repair && kind.is_divergence() && repairable {
                 repaired = repair(conn, layout, entity, want).await?;
             }
             divergences.push(Divergence {

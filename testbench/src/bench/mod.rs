@@ -6,9 +6,13 @@
 //! `idem` binary on it until every record has an outcome (throughput, CPU,
 //! peak memory, Redis memory per remembered id); a fixed-rate load at half
 //! that throughput (end-to-end latency); then the naive consumer (a) and the
-//! per-event script ceiling (b) on the same records.
+//! per-event script ceiling (b) on the same records; last, the effects
+//! phase: one payments stream through idem with no effects declared, then
+//! with each kind of effect, then all together (records/s, Redis µs per
+//! record and bytes per entity, docs/effects.md).
 
 mod baselines;
+mod effects;
 mod report;
 mod runner;
 

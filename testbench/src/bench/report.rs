@@ -37,6 +37,8 @@ pub struct BenchReport {
     pub ceiling_records_per_second: f64,
     pub ratio_vs_naive: f64,
     pub ratio_vs_ceiling: f64,
+    /// The effects phase, one row per variant (the first declares none).
+    pub effects: Vec<super::effects::EffectsRow>,
 }
 
 impl BenchReport {
@@ -59,6 +61,31 @@ impl BenchReport {
             "\nOutcomes of the backlog run: {}\n",
             outcomes.join(", ")
         ));
+        s.push_str(&self.effects_markdown());
+        s
+    }
+
+    /// The effects phase: each variant against the first (no effects), same run.
+    fn effects_markdown(&self) -> String {
+        let Some(base) = self.effects.first() else {
+            return String::new();
+        };
+        let mut s = format!(
+            "\nEffects ({} records of one payments stream per variant, each through idem on its own topic):\n\n\
+             | effects declared | records/s | ÷ none | Redis µs per record | + µs vs none | Redis bytes per entity (its keys) |\n|---|---|---|---|---|---|\n",
+            base.records
+        );
+        for r in &self.effects {
+            s.push_str(&format!(
+                "| {} | {:.0} | {:.2} | {:.1} | {:+.1} | {:.0} |\n",
+                r.name,
+                r.records_per_second,
+                r.records_per_second / base.records_per_second.max(1e-9),
+                r.redis_us_per_record,
+                r.redis_us_per_record - base.redis_us_per_record,
+                r.redis_bytes_per_entity
+            ));
+        }
         s
     }
 

@@ -88,6 +88,7 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
     )
     .await?;
     run_baselines(spec, &names, &records, &mut report).await?;
+    report.effects = super::effects::measure(spec, &names.prefix).await?;
 
     report.ratio_vs_naive = report.idem_records_per_second / report.naive_records_per_second;
     report.ratio_vs_ceiling = report.idem_records_per_second / report.ceiling_records_per_second;
@@ -103,7 +104,7 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
 }
 
 /// Memory is measured on a standalone Redis only (a cluster spreads it).
-async fn standalone_redis(
+pub(super) async fn standalone_redis(
     spec: &BenchSpec,
 ) -> anyhow::Result<Option<redis::aio::MultiplexedConnection>> {
     if spec.redis_url.contains(',') {
@@ -370,11 +371,11 @@ async fn run_baselines(
     Ok(())
 }
 
-fn progress(msg: &str) {
+pub(super) fn progress(msg: &str) {
     eprintln!("[bench] {msg}");
 }
 
-fn producer(brokers: &str, linger_ms: &str) -> anyhow::Result<FutureProducer> {
+pub(super) fn producer(brokers: &str, linger_ms: &str) -> anyhow::Result<FutureProducer> {
     Ok(ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("linger.ms", linger_ms)
@@ -383,7 +384,7 @@ fn producer(brokers: &str, linger_ms: &str) -> anyhow::Result<FutureProducer> {
         .create()?)
 }
 
-fn send(producer: &FutureProducer, topic: &str, key: &[u8], value: &[u8]) {
+pub(super) fn send(producer: &FutureProducer, topic: &str, key: &[u8], value: &[u8]) {
     loop {
         match producer.send_result(FutureRecord::to(topic).key(key).payload(value)) {
             Ok(_) => return,
@@ -436,7 +437,7 @@ fn ensure_running(child: &mut Child, out_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn stop(mut child: Child) {
+pub(super) fn stop(mut child: Child) {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -447,7 +448,7 @@ async fn scrape(port: u16) -> Option<String> {
     idem::metrics::fetch_local(port, "/metrics").await
 }
 
-async fn scrape_total(port: u16, topic: &str) -> Option<u64> {
+pub(super) async fn scrape_total(port: u16, topic: &str) -> Option<u64> {
     let text = scrape(port).await?;
     Some(exposition::sum(&text, EVENTS_TOTAL, &[("topic", topic)]) as u64)
 }
@@ -483,7 +484,7 @@ async fn id_hash_bytes(
     Ok(total)
 }
 
-async fn scan_keys(
+pub(super) async fn scan_keys(
     conn: &mut redis::aio::MultiplexedConnection,
     pattern: &str,
 ) -> anyhow::Result<Vec<String>> {

@@ -55,6 +55,7 @@ pub(super) async fn replay_earliest(
                 None,
                 &idem::tools::replay::ReplayTarget::Earliest,
                 idem::config::OffsetReset::Earliest,
+                None,
             )?;
             if plan.members.is_empty() {
                 return idem::tools::replay::execute(

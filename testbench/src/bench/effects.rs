@@ -1,0 +1,230 @@
+//! The effects phase: the same number of events run twice through the real
+//! `idem`, each on its own topic and key prefix, in the same run: once as
+//! plain merges, once as a payments stream whose events count a balance,
+//! append to a ledger and run a custom effect (docs/effects.md). Reported:
+//! records/s, Redis µs per record (`INFO commandstats`, the guard script's
+//! time) and Redis bytes per entity.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::runner::{producer, progress, scan_keys, scrape_total, send, standalone_redis, stop};
+use super::BenchSpec;
+use crate::payments::{self, PaymentsSpec};
+use crate::process::IdemCommand;
+use idem::tools::sample::SampleRecord;
+use idem::tools::topics::{self, TopicSpec};
+
+/// One variant's figures.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EffectsRow {
+    pub name: String,
+    pub records: usize,
+    pub records_per_second: f64,
+    /// Redis CPU in the guard script per record (standalone Redis only).
+    pub redis_us_per_record: f64,
+    /// `MEMORY USAGE` of the entity's keys of this variant ÷ entities.
+    pub redis_bytes_per_entity: f64,
+}
+
+/// The variants: a name, the `[[effects]]` of its topic (none: merge), and
+/// the key suffixes whose memory it adds.
+fn variants(
+    topic: &str,
+    snippet: &std::path::Path,
+) -> Vec<(&'static str, Option<String>, &'static [&'static str])> {
+    let rule = |kind: &str, body: &str| {
+        format!("[[effects]]\ntopic = \"{topic}\"\ntypes = [\"{kind}\"]\n{body}\n")
+    };
+    let both = |deposit: &str, withdrawal: &str| {
+        format!(
+            "{}{}",
+            rule("deposit", deposit),
+            rule("withdrawal", withdrawal)
+        )
+    };
+    let ledger = "ledger = { stream = \"ledger\", fields = [\"amount\"], max_len = 100000 }";
+    let custom = format!(
+        "custom = [{{ file = \"{}\", order = \"commutative\", writes = [\"points\"] }}]",
+        snippet.display()
+    );
+    vec![
+        ("merge (no effects declared)", None, &[":state", ":meta"][..]),
+        (
+            "counter",
+            Some(both(
+                "counters = [{ field = \"balance\", from = \"/amount\", scale = 2 }]",
+                "counters = [{ field = \"balance\", from = \"/amount\", scale = 2, subtract = true }]",
+            )),
+            &[":counters"][..],
+        ),
+        ("ledger", Some(both(ledger, ledger)), &[":ledger:*"][..]),
+        (
+            "set add",
+            Some(rule("deposit", "set_add = [{ set = \"amounts\", from = \"/amount\" }]")),
+            &[":set:*"][..],
+        ),
+        ("custom (Lua)", Some(rule("deposit", &custom)), &[":counters"][..]),
+        (
+            "counter + ledger + custom + status",
+            Some(payments::effects_toml(topic, snippet)),
+            &[":counters", ":ledger:*"][..],
+        ),
+    ]
+}
+
+/// Runs every variant on the same payments stream (at most 100,000 events),
+/// each on its own topic and key prefix named after `run_prefix`.
+pub async fn measure(spec: &BenchSpec, run_prefix: &str) -> anyhow::Result<Vec<EffectsRow>> {
+    let records = payments::generate(&PaymentsSpec {
+        events: spec.events.min(100_000),
+        accounts: spec.entities,
+        duplicate_ratio: spec.duplicate_ratio,
+        out_of_order_ratio: spec.out_of_order_ratio,
+        seed: spec.seed,
+        prefix: run_prefix.to_string(),
+    });
+    let dir = spec.out_dir.join("effects");
+    std::fs::create_dir_all(&dir)?;
+    let snippet = dir.join("loyalty.lua");
+    std::fs::write(&snippet, payments::LOYALTY_LUA)?;
+    let mut rows = Vec::new();
+    for i in 0..variants(run_prefix, &snippet).len() {
+        let topic = format!("{run_prefix}-fx{i}");
+        let (name, toml, suffixes) = variants(&topic, &snippet).swap_remove(i);
+        let config = match toml {
+            Some(text) => {
+                let path = dir.join(format!("fx{i}.toml"));
+                std::fs::write(&path, text)?;
+                Some(path)
+            }
+            None => None,
+        };
+        rows.push(run_variant(spec, name, &topic, &records, config.as_deref(), suffixes).await?);
+    }
+    Ok(rows)
+}
+
+async fn run_variant(
+    spec: &BenchSpec,
+    name: &str,
+    prefix: &str,
+    records: &[SampleRecord],
+    config: Option<&std::path::Path>,
+    key_suffixes: &[&str],
+) -> anyhow::Result<EffectsRow> {
+    let topic = prefix;
+    progress(&format!(
+        "effects ({name}): producing {} records to {topic}",
+        records.len()
+    ));
+    produce_to(spec, topic, records).await?;
+    let mut redis = standalone_redis(spec).await?;
+    if let Some(r) = redis.as_mut() {
+        let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(r).await?;
+    }
+    let port = crate::process::free_port();
+    let mut cmd = IdemCommand::new(&spec.idem_exe, &spec.brokers, topic, topic)
+        .redis(&spec.redis_url, redis_mode(spec), prefix)
+        .metrics_port(port)
+        .env("RUST_LOG", "warn");
+    if let Some(c) = config {
+        cmd = cmd.env("IDEM_CONFIG", &c.display().to_string());
+    }
+    let mut child = cmd.spawn(&spec.out_dir.join(format!("idem-{prefix}.log")))?;
+    let total = records.len() as u64;
+    let mut started = None;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!(
+                "idem ({name}) exited with {status}; see {}",
+                spec.out_dir.display()
+            );
+        }
+        let done = scrape_total(port, topic).await.unwrap_or(0);
+        if done > 0 && started.is_none() {
+            started = Some((Instant::now(), done));
+        }
+        if done >= total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (t0, first) = started.expect("outcomes counted");
+    let rate = (total - first).max(1) as f64 / t0.elapsed().as_secs_f64().max(1e-6);
+    stop(child);
+    let mut row = EffectsRow {
+        name: name.to_string(),
+        records: records.len(),
+        records_per_second: rate,
+        ..EffectsRow::default()
+    };
+    if let Some(r) = redis.as_mut() {
+        row.redis_us_per_record = script_usec(r).await? / total as f64;
+        row.redis_bytes_per_entity =
+            key_bytes(r, prefix, key_suffixes).await? as f64 / spec.entities.max(1) as f64;
+    }
+    progress(&format!(
+        "  {:.0} records/s, {:.1} µs of Redis per record, {:.0} bytes per entity",
+        row.records_per_second, row.redis_us_per_record, row.redis_bytes_per_entity
+    ));
+    Ok(row)
+}
+
+fn redis_mode(spec: &BenchSpec) -> idem::config::RedisMode {
+    if spec.redis_url.contains(',') {
+        idem::config::RedisMode::Cluster
+    } else {
+        idem::config::RedisMode::Standalone
+    }
+}
+
+async fn produce_to(spec: &BenchSpec, topic: &str, records: &[SampleRecord]) -> anyhow::Result<()> {
+    topics::apply(
+        &idem::config::KafkaConfig::for_brokers(&spec.brokers),
+        &[TopicSpec::new(topic, spec.partitions)],
+        true,
+    )
+    .await?;
+    let p = producer(&spec.brokers, "20")?;
+    for r in records {
+        send(&p, topic, r.key.as_bytes(), &r.value);
+    }
+    rdkafka::producer::Producer::flush(&p, Duration::from_secs(120))?;
+    Ok(())
+}
+
+/// `MEMORY USAGE` summed over the entities' keys ending in `suffixes`.
+async fn key_bytes(
+    conn: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    suffixes: &[&str],
+) -> anyhow::Result<u64> {
+    let mut bytes = 0u64;
+    for suffix in suffixes {
+        for key in scan_keys(conn, &format!("{prefix}:{{*}}{suffix}")).await? {
+            let used: Option<u64> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(&key)
+                .query_async(conn)
+                .await?;
+            bytes += used.unwrap_or(0);
+        }
+    }
+    Ok(bytes)
+}
+
+/// Microseconds Redis spent in scripts since the last RESETSTAT.
+async fn script_usec(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<f64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await?;
+    Ok(info
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| l.split(',').find_map(|f| f.strip_prefix("usec=")))
+        .filter_map(|v| v.parse::<f64>().ok())
+        .sum())
+}
