@@ -56,7 +56,7 @@ fn bench_runs_every_phase_and_writes_its_report() {
         );
     }
     let effects = report["effects"].as_array().unwrap();
-    assert_eq!(effects.len(), 6, "one row per effects variant: {effects:?}");
+    assert_eq!(effects.len(), 7, "one row per effects variant: {effects:?}");
     for row in effects {
         assert!(row["records_per_second"].as_f64().unwrap() > 0.0, "{row}");
         assert!(row["redis_us_per_record"].as_f64().unwrap() > 0.0, "{row}");

@@ -71,6 +71,8 @@ fn variants(
             Some(payments::effects_toml(topic, snippet)),
             &[":counters", ":ledger:*"][..],
         ),
+        // The first row again, last: how much the order of the runs moves the figures.
+        ("merge again (order check)", None, &[":state", ":meta"][..]),
     ]
 }
 
