@@ -72,20 +72,76 @@ pub struct SampleRecord {
     pub value: Vec<u8>,
 }
 
+/// A stream being built in production order: each record pushed may swap
+/// places with its entity's previous one (arriving out of order) and be
+/// followed by redelivered copies of recent records.
+pub struct Shuffler {
+    out: Vec<SampleRecord>,
+    /// Index in `out` of each entity's latest record that may still be swapped.
+    last_of: Vec<Option<usize>>,
+    out_of_order_ratio: f64,
+    copy_chance: f64,
+}
+
+impl Shuffler {
+    pub fn new(
+        entities: usize,
+        duplicate_ratio: f64,
+        out_of_order_ratio: f64,
+        capacity: usize,
+    ) -> Shuffler {
+        Shuffler {
+            out: Vec::with_capacity(capacity),
+            last_of: vec![None; entities],
+            out_of_order_ratio,
+            copy_chance: if duplicate_ratio >= 1.0 {
+                1.0
+            } else {
+                duplicate_ratio / (1.0 - duplicate_ratio)
+            },
+        }
+    }
+
+    /// Appends `record` of entity number `entity`.
+    pub fn push(&mut self, rng: &mut Rng, entity: usize, record: SampleRecord) {
+        let out = &mut self.out;
+        out.push(record);
+        let idx = out.len() - 1;
+        match self.last_of[entity] {
+            Some(j) if rng.chance(self.out_of_order_ratio) => {
+                out.swap(j, idx);
+                // Both have moved; neither is swapped again.
+                self.last_of[entity] = None;
+            }
+            _ => self.last_of[entity] = Some(idx),
+        }
+        while rng.chance(self.copy_chance.min(0.95)) {
+            let back = rng.below(out.len().min(200) as u64) as usize;
+            let copy = out[out.len() - 1 - back].clone();
+            out.push(copy);
+            if !rng.chance(0.2) {
+                break;
+            }
+        }
+    }
+
+    pub fn finish(self) -> Vec<SampleRecord> {
+        self.out
+    }
+}
+
 /// Generates the records in the order they are to be produced.
 pub fn generate(spec: &SampleSpec) -> Vec<SampleRecord> {
     let mut rng = Rng::new(spec.seed);
     let entities = spec.entities.max(1);
     let mut next_seq = vec![1u64; entities];
-    // Index in `out` of each entity's latest record that may still be swapped.
-    let mut last_of: Vec<Option<usize>> = vec![None; entities];
-    let copy_chance = if spec.duplicate_ratio >= 1.0 {
-        1.0
-    } else {
-        spec.duplicate_ratio / (1.0 - spec.duplicate_ratio)
-    };
+    let mut shuffler = Shuffler::new(
+        entities,
+        spec.duplicate_ratio,
+        spec.out_of_order_ratio,
+        spec.events * 2,
+    );
     let pad = "x".repeat(spec.data_bytes);
-    let mut out: Vec<SampleRecord> = Vec::with_capacity(spec.events * 2);
     for i in 0..spec.events {
         let e = rng.below(entities as u64) as usize;
         let seq = next_seq[e];
@@ -103,29 +159,16 @@ pub fn generate(spec: &SampleSpec) -> Vec<SampleRecord> {
                 k = i % 4
             )
         };
-        out.push(SampleRecord {
-            key: entity,
-            value: value.into_bytes(),
-        });
-        let idx = out.len() - 1;
-        match last_of[e] {
-            Some(j) if rng.chance(spec.out_of_order_ratio) => {
-                out.swap(j, idx);
-                // Both have moved; neither is swapped again.
-                last_of[e] = None;
-            }
-            _ => last_of[e] = Some(idx),
-        }
-        while rng.chance(copy_chance.min(0.95)) {
-            let back = rng.below(out.len().min(200) as u64) as usize;
-            let copy = out[out.len() - 1 - back].clone();
-            out.push(copy);
-            if !rng.chance(0.2) {
-                break;
-            }
-        }
+        shuffler.push(
+            &mut rng,
+            e,
+            SampleRecord {
+                key: entity,
+                value: value.into_bytes(),
+            },
+        );
     }
-    out
+    shuffler.finish()
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::path::Path;
 use idem::effects::EffectsConfig;
 use idem::event::{decode, FieldMap};
 use idem::model::{Model, Outcome};
-use idem::tools::sample::{Rng, SampleRecord};
+use idem::tools::sample::{Rng, SampleRecord, Shuffler};
 
 /// The 30-digit deposit every stream carries once.
 pub const HUGE_AMOUNT: &str = "123456789012345678901234567890.05";
@@ -95,9 +95,12 @@ pub fn generate(spec: &PaymentsSpec) -> Vec<SampleRecord> {
     let mut rng = Rng::new(spec.seed);
     let accounts = spec.accounts.max(1);
     let mut next_seq = vec![1u64; accounts];
-    let mut last_of: Vec<Option<usize>> = vec![None; accounts];
-    let copy_chance = spec.duplicate_ratio / (1.0 - spec.duplicate_ratio).max(0.05);
-    let mut out: Vec<SampleRecord> = Vec::with_capacity(spec.events * 2);
+    let mut shuffler = Shuffler::new(
+        accounts,
+        spec.duplicate_ratio,
+        spec.out_of_order_ratio,
+        spec.events * 2,
+    );
     for i in 0..spec.events {
         let a = rng.below(accounts as u64) as usize;
         let seq = next_seq[a];
@@ -116,28 +119,16 @@ pub fn generate(spec: &PaymentsSpec) -> Vec<SampleRecord> {
             r#"{{"id":"{p}-{i}","entity":"{entity}","seq":{seq},"type":"{kind}","data":{data}}}"#,
             p = spec.prefix
         );
-        out.push(SampleRecord {
-            key: entity,
-            value: value.into_bytes(),
-        });
-        let idx = out.len() - 1;
-        match last_of[a] {
-            Some(j) if rng.chance(spec.out_of_order_ratio) => {
-                out.swap(j, idx);
-                last_of[a] = None;
-            }
-            _ => last_of[a] = Some(idx),
-        }
-        while rng.chance(copy_chance.min(0.95)) {
-            let back = rng.below(out.len().min(200) as u64) as usize;
-            let copy = out[out.len() - 1 - back].clone();
-            out.push(copy);
-            if !rng.chance(0.2) {
-                break;
-            }
-        }
+        shuffler.push(
+            &mut rng,
+            a,
+            SampleRecord {
+                key: entity,
+                value: value.into_bytes(),
+            },
+        );
     }
-    out
+    shuffler.finish()
 }
 
 /// What idem must hold after `records` on `topic`: the model with the
