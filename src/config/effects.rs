@@ -144,8 +144,12 @@ fn validate_rule(i: usize, r: RawRule, snippets: &mut Vec<Snippet>) -> Result<Ru
         let name = if remove { "set_remove" } else { "set_add" };
         for (s, raw) in list.into_iter().enumerate() {
             let k = key(&format!("{name}[{s}]"));
-            if raw.set.is_empty() {
-                return Err(invalid(format!("{k}.set"), "", "a set name"));
+            if raw.set.is_empty() || raw.set.contains(':') {
+                return Err(invalid(
+                    format!("{k}.set"),
+                    &raw.set,
+                    "a set name without `:` (`<set>:seq` is the set's own seq hash)",
+                ));
             }
             sets.push(SetSpec {
                 set: raw.set,
@@ -264,8 +268,12 @@ fn counter(key: &str, raw: RawCounter) -> Result<CounterSpec, ConfigError> {
 }
 
 fn ledger(key: &str, raw: RawLedger) -> Result<LedgerSpec, ConfigError> {
-    if raw.stream.is_empty() {
-        return Err(invalid(format!("{key}.stream"), "", "a stream name"));
+    if raw.stream.is_empty() || raw.stream.contains(':') {
+        return Err(invalid(
+            format!("{key}.stream"),
+            &raw.stream,
+            "a stream name without `:`",
+        ));
     }
     let max_len = match raw.max_len {
         0 => None,
@@ -282,9 +290,14 @@ fn ledger(key: &str, raw: RawLedger) -> Result<LedgerSpec, ConfigError> {
         "" => None,
         text => Some(
             parse_duration(text)
-                .filter(|d| !d.is_zero())
+                // Past ten years, `now - max_age` could go below the epoch.
+                .filter(|d| !d.is_zero() && d.as_secs() <= 3650 * 86_400)
                 .ok_or_else(|| {
-                    invalid(format!("{key}.max_age"), text, "a duration like \"30d\"")
+                    invalid(
+                        format!("{key}.max_age"),
+                        text,
+                        "a duration like \"30d\", at most 3650d",
+                    )
                 })?,
         ),
     };
@@ -317,8 +330,18 @@ pub(super) fn check_convergence(cfg: &EffectsConfig) -> Result<(), ConfigError> 
     let mut scales: BTreeMap<&str, u8> = BTreeMap::new();
     let mut ordered: BTreeSet<&str> = BTreeSet::new();
     let mut custom_commutative: BTreeSet<&str> = BTreeSet::new();
-    for r in &cfg.rules {
+    for (i, r) in cfg.rules.iter().enumerate() {
         ordered.extend(r.fields.iter().flatten().map(String::as_str));
+        let mut written = BTreeSet::new();
+        for c in &r.custom {
+            if let Some(f) = cfg.snippets[c.snippet]
+                .writes
+                .iter()
+                .find(|w| !written.insert(w.as_str()))
+            {
+                return Err(invalid(format!("effects[{i}].custom"), f, "each field written by one custom effect per rule (two would overwrite each other)"));
+            }
+        }
         for c in &r.custom {
             let writes = cfg.snippets[c.snippet].writes.iter().map(String::as_str);
             match c.order {
@@ -444,6 +467,9 @@ state = "keep"
             (rule("ledger = { stream = \"l\" }"), "effects[0].ledger"),
             (rule("ledger = { max_len = 5, max_age = \"soon\" }"), "effects[0].ledger.max_age"),
             (rule("set_add = [{ set = \"s\", from = \"\" }]"), "effects[0].set_add[0].from"),
+            (rule("set_add = [{ set = \"s:seq\", from = \"/m\" }]"), "effects[0].set_add[0].set"),
+            (rule("ledger = { max_len = 5, max_age = \"36500d\" }"), "effects[0].ledger.max_age"),
+            (rule("custom = [{ file = \"SNIPPET\", order = \"ordered\", writes = [\"x\"] }, { file = \"SNIPPET\", order = \"ordered\", writes = [\"x\"] }]"), "effects[0].custom"),
             (rule("custom = [{ file = \"/nonexistent.lua\", order = \"ordered\", writes = [\"x\"] }]"), "effects[0].custom[0].file"),
             (rule("custom = [{ file = \"SNIPPET\", order = \"sometimes\", writes = [\"x\"] }]"), "effects[0].custom[0].order"),
             (rule("custom = [{ file = \"SNIPPET\", order = \"ordered\", writes = [] }]"), "effects[0].custom[0].writes"),

@@ -181,7 +181,7 @@ const SANDBOX: &str = "local redis, KEYS, ARGV, _G, loadstring, rawset, rawget, 
 /// A Lua long string literal that holds `text` whatever it contains.
 fn lua_string(text: &str) -> String {
     let mut eq = String::new();
-    while text.contains(&format!("]{eq}]")) {
+    while text.contains(&format!("]{eq}]")) || text.ends_with(&format!("]{eq}")) {
         eq.push('=');
     }
     format!("[{eq}[{text}]{eq}]")
@@ -301,6 +301,7 @@ mod tests {
             .unwrap();
         assert_eq!(lines[offset], "local x = 1", "{out}");
         assert!(out.contains("file = [=[a]].lua]=]"), "{out}");
+        assert_eq!(lua_string("tags]"), "[=[tags]]=]");
         assert!(out.ends_with("end }\ntail\n"), "{out}");
         assert_eq!(assemble(script, &[]), script);
     }

@@ -262,7 +262,7 @@ local function prepare(mutations, keys, newer, seq, state_key, event_head)
         plan[#plan + 1] = { 'XADD', key, '*', unpack(entry) }
       end
       if max_age > 0 then
-        plan[#plan + 1] = { 'XTRIM', key, 'MINID', string.format('%d', now - max_age) }
+        plan[#plan + 1] = { 'XTRIM', key, 'MINID', string.format('%d', math.max(0, now - max_age)) }
       end
     elseif kind == 'x' then
       if m[4] == 'c' or newer then
