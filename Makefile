@@ -58,7 +58,7 @@ test-unit:
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	python3 scripts/module-graph.py src | grep -qx 'CYCLES: none' || { python3 scripts/module-graph.py src; exit 1; }
+	python3 scripts/module-graph.py src > .module-graph.out; grep -qx 'CYCLES: none' .module-graph.out && grep -qx 'ORDER: ok' .module-graph.out || { cat .module-graph.out; rm -f .module-graph.out; exit 1; }; rm -f .module-graph.out
 	python3 scripts/sizes.py src testbench/src
 
 # The pure core that `make mutants` holds to >= 95% caught (docs/development.md).

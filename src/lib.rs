@@ -1,30 +1,34 @@
 //! idem: a Kafka stream processor with exactly-once *effects* on Redis.
 //!
-//! Layout, following the data. Dependencies point down this list, never up
-//! (`python3 scripts/module-graph.py` checks it).
+//! Layout, in dependency order: each part uses only the parts above it
+//! (`python3 scripts/module-graph.py src` checks the order and that no
+//! submodules import each other in a circle; `make lint` runs it).
 //!
-//! The data path:
-//! - [`config`]: typed settings from `config/default.toml`, a file and `IDEM__…` variables.
+//! What an event is and what it does, pure:
 //! - [`event`]: decoding a record into an [`event::Event`]; fingerprints.
 //! - [`effects`]: what an event does, declared per topic and event type:
 //!   merge, replace, counters, ledger, sets, custom Lua; planned purely.
+//! - [`config`]: typed settings from `config/default.toml`, a file and `IDEM__…` variables.
 //! - [`model`]: the decision rules as a pure function (the oracle of the tests).
-//! - [`guard`]: the same rules as one atomic Redis script, many events per round trip.
 //! - [`offsets`]: per-partition done offsets and the contiguous commit point.
-//! - [`resume`]: where an assigned partition resumes: the commit, or where
-//!   Redis's own progress records say its state stops (lost, rolled back).
-//! - [`dlq`]: the dead-letter topic (invalid records, conflicts) and its budget.
-//! - [`pipeline`]: the Kafka loop: fetch, decode, guard, mark done, commit;
-//!   rebalances arrive in it as messages.
 //!
 //! The edges:
-//! - [`kafka`]: client settings and the start-up check of credentials;
-//! - [`store`]: the Redis connection, key layout and start-up checks;
 //! - [`metrics`]: Prometheus names and the `/metrics` and `/readyz` endpoints.
+//! - [`kafka`]: client settings and the start-up check of credentials.
+//! - [`store`]: the Redis connection, key layout and start-up checks.
 //!
-//! The operator's tools, [`tools`]: topics as code, a group's lag, replay,
-//! reconcile, dead-letter inspection and redrive, the sample generator;
-//! and [`cli`], the `idem` command line over all of it.
+//! The data path:
+//! - [`resume`]: where an assigned partition resumes: the commit, or where
+//!   Redis's own progress records say its state stops (lost, rolled back).
+//! - [`guard`]: the decision rules as one atomic Redis script, many events per round trip.
+//! - [`dlq`]: the dead-letter topic (invalid records, conflicts) and its budget.
+//! - [`pipeline`]: the Kafka loop: fetch, decode, guard, mark done, commit;
+//!   rebalances and the guard stage's reports arrive in it as messages.
+//!
+//! On top:
+//! - [`tools`]: the operator's tools: topics as code, a group's lag, replay,
+//!   reconcile, dead-letter inspection and redrive, the sample generator.
+//! - [`cli`]: the `idem` command line over all of it.
 
 pub mod cli;
 pub mod config;

@@ -143,6 +143,97 @@ async fn a_snapshot_restore_mid_stream_reapplies_what_the_snapshot_missed() {
     idem.terminate().await;
 }
 
+/// Redis rolled back under an idle idem (found from outside): a snapshot
+/// taken halfway is restored and no record arrives after it. idem notices
+/// on its own progress check, re-reads the lost half, and every entity
+/// rolls forward to the oracle without a single new record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_restored_under_an_idle_partition_is_noticed_without_new_records() {
+    let topic = unique("loss-idle");
+    create_topic(&topic, 1).await;
+    let mut redis = volatile_redis().await;
+    let all = stream(&topic, 400, 63);
+    let (first, second) = all.split_at(200);
+    let opts = IdemOpts {
+        redis_url: redis.url(),
+        ..IdemOpts::new(&topic, &topic, &topic)
+    }
+    .with("IDEM__REDIS__PROGRESS_CHECK_INTERVAL", "1s");
+    produce(&topic, first).await;
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+    let saved = save_snapshot(&mut redis, "halfway").await;
+    produce(&topic, second).await;
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+
+    restore_snapshot(&mut redis, &saved).await;
+    let (model, _) = oracle(&all);
+    wait_matches_oracle(&redis.url(), &topic, &model, CATCH_UP).await;
+    let changes = idem
+        .counter(
+            "idem_redis_state_changes_total",
+            &[("cause", "rolled_back")],
+        )
+        .await
+        .unwrap();
+    assert!(
+        changes >= 1,
+        "the idle check counted the rollback: {changes}"
+    );
+    idem.terminate().await;
+}
+
+/// The same after a restart: the new process has written nothing but the
+/// records of its assignment, stays idle, and still notices the restore.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_idle_idem_notices_a_snapshot_restore() {
+    let topic = unique("loss-idle-restart");
+    create_topic(&topic, 1).await;
+    let mut redis = volatile_redis().await;
+    let all = stream(&topic, 400, 64);
+    let (first, second) = all.split_at(200);
+    let opts = IdemOpts {
+        redis_url: redis.url(),
+        ..IdemOpts::new(&topic, &topic, &topic)
+    }
+    .with("IDEM__REDIS__PROGRESS_CHECK_INTERVAL", "1s");
+    produce(&topic, first).await;
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+    let saved = save_snapshot(&mut redis, "halfway").await;
+    produce(&topic, second).await;
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+    idem.terminate().await;
+
+    let idem = Idem::spawn(&opts);
+    wait_until("the new process owns the partition", CATCH_UP, || async {
+        idem.metrics()
+            .await
+            .is_some_and(|m| sum_metric(&m, "idem_assigned_partitions", &[]) == 1)
+    })
+    .await;
+    restore_snapshot(&mut redis, &saved).await;
+    let (model, _) = oracle(&all);
+    wait_matches_oracle(&redis.url(), &topic, &model, CATCH_UP).await;
+    idem.terminate().await;
+}
+
+/// BGSAVE, and a copy of the dump named `name` to restore later.
+async fn save_snapshot(redis: &mut PrivateRedis, name: &str) -> std::path::PathBuf {
+    snapshot(&redis.url()).await;
+    let saved = redis.dir().join(format!("snapshot-{name}.rdb"));
+    std::fs::copy(redis.dir().join("dump.rdb"), &saved).unwrap();
+    saved
+}
+
+/// The operator's "restore from backup": stop the server, put the dump
+/// back, start it again.
+async fn restore_snapshot(redis: &mut PrivateRedis, saved: &std::path::Path) {
+    redis.kill();
+    std::fs::copy(saved, redis.dir().join("dump.rdb")).unwrap();
+    redis.restart().await.unwrap();
+}
+
 /// Commits `offsets` for `group` with no metadata, as idem before progress
 /// records (and every other tool) commits.
 fn commit_without_metadata(group: &str, topic: &str, offsets: &[i64]) {

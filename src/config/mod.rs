@@ -238,6 +238,9 @@ pub struct RedisConfig {
     pub key_prefix: String,
     pub response_timeout: Duration,
     pub connect_timeout: Duration,
+    /// While idle, how often Redis's epoch marker and progress records are
+    /// checked (a rollback under an idle partition is noticed this late).
+    pub progress_check_interval: Duration,
     pub durability: Durability,
     /// ACL user and password (override any in the URL).
     pub username: String,

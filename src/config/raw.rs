@@ -88,6 +88,7 @@ struct RawRedis {
     key_prefix: String,
     response_timeout: String,
     connect_timeout: String,
+    progress_check_interval: String,
     durability: String,
     username: String,
     password: String,
@@ -320,6 +321,10 @@ impl RawRedis {
             key_prefix: self.key_prefix,
             response_timeout: positive_duration("redis.response_timeout", &self.response_timeout)?,
             connect_timeout: positive_duration("redis.connect_timeout", &self.connect_timeout)?,
+            progress_check_interval: positive_duration(
+                "redis.progress_check_interval",
+                &self.progress_check_interval,
+            )?,
             password: secret("redis.password", &self.password, &self.password_file)?,
             username: self.username,
             tls_ca_file: readable_file("redis.tls_ca_file", self.tls_ca_file)?,

@@ -116,6 +116,11 @@ fn invalid_values_name_their_key() {
             "soon",
             "redis.response_timeout",
         ),
+        (
+            "IDEM__REDIS__PROGRESS_CHECK_INTERVAL",
+            "0s",
+            "redis.progress_check_interval",
+        ),
         ("IDEM__DEDUPE__WINDOW", "-5s", "dedupe.window"),
         ("IDEM__DEDUPE__WINDOW", "0ms", "dedupe.window"),
         (

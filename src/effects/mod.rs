@@ -242,24 +242,3 @@ pub struct CommutativeView {
     /// Set → member → seq of the newest add or remove that touched it.
     pub set_seqs: BTreeMap<String, BTreeMap<String, u64>>,
 }
-
-/// The keys of an entity's commutative state, beside `<base>:state`
-/// (`<base>` is `<prefix>:{<entity>}`; docs/redis-layout.md).
-pub mod keys {
-    /// Hash: counter field → stored decimal; commutative custom effects' fields.
-    pub fn counters(base: &str) -> String {
-        format!("{base}:counters")
-    }
-    /// Stream: one entry per event, in the order they were applied.
-    pub fn ledger(base: &str, stream: &str) -> String {
-        format!("{base}:ledger:{stream}")
-    }
-    /// Set: the members.
-    pub fn set(base: &str, set: &str) -> String {
-        format!("{base}:set:{set}")
-    }
-    /// Hash: member → seq of the newest add or remove that touched it.
-    pub fn set_seqs(base: &str, set: &str) -> String {
-        format!("{base}:set:{set}:seq")
-    }
-}

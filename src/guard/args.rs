@@ -1,10 +1,45 @@
 //! What one event sends to `guard.lua`: its keys beyond the four every
 //! event has, and its arguments (the layout is documented at the top of
 //! the script). Pure: an event and its effects in, keys and arguments out.
+//! Each mutation kind has a code of its own ([`MutationKind::code`]), read
+//! by its own function in the script; a test has the script report how it
+//! parsed a call of every kind (tests/guard.rs).
 
 use super::GuardInput;
-use crate::effects::{keys, Effects, Mutation, Order, Snippet, StateEffect};
+use crate::effects::{Effects, Mutation, Order, Snippet, StateEffect};
 use crate::event::{id_hash, Event, Op};
+use crate::store::EntityKeys;
+
+/// The kinds of mutation a guard call carries, each with its own code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MutationKind {
+    Counter,
+    Ledger,
+    SetAdd,
+    SetRemove,
+    Custom,
+}
+
+impl MutationKind {
+    /// The code `guard.lua`'s `READ_MUTATION` is keyed by.
+    pub fn code(self) -> &'static str {
+        match self {
+            MutationKind::Counter => "counter",
+            MutationKind::Ledger => "ledger",
+            MutationKind::SetAdd => "set_add",
+            MutationKind::SetRemove => "set_remove",
+            MutationKind::Custom => "custom",
+        }
+    }
+}
+
+/// A custom effect's order, as `guard.lua` reads it.
+pub fn order_code(order: Order) -> &'static str {
+    match order {
+        Order::Ordered => "ordered",
+        Order::Commutative => "commutative",
+    }
+}
 
 /// An event's effect keys (after its four) and its mutations' arguments,
 /// where a key is named by its 1-based position in `keys`.
@@ -15,7 +50,7 @@ pub struct EffectParts {
 }
 
 impl EffectParts {
-    pub fn new(base: &str, event: &Event, effects: &Effects) -> EffectParts {
+    pub fn new(entity: &EntityKeys, event: &Event, effects: &Effects) -> EffectParts {
         let mut parts = EffectParts::default();
         if effects.mutations.is_empty() {
             return parts;
@@ -24,9 +59,9 @@ impl EffectParts {
         for m in &effects.mutations {
             match m {
                 Mutation::Count { field, amount } => {
-                    let key = parts.key(keys::counters(base));
+                    let key = parts.key(entity.counters());
                     args.extend([
-                        "c".into(),
+                        MutationKind::Counter.code().into(),
                         key,
                         field.clone(),
                         amount.units_text(),
@@ -39,9 +74,9 @@ impl EffectParts {
                     max_len,
                     max_age_ms,
                 } => {
-                    let key = parts.key(keys::ledger(base, stream));
+                    let key = parts.key(entity.ledger(stream));
                     args.extend([
-                        "l".into(),
+                        MutationKind::Ledger.code().into(),
                         key,
                         max_len.to_string(),
                         max_age_ms.to_string(),
@@ -51,22 +86,21 @@ impl EffectParts {
                 }
                 Mutation::SetAdd { set, member } | Mutation::SetRemove { set, member } => {
                     let kind = if matches!(m, Mutation::SetAdd { .. }) {
-                        "a"
+                        MutationKind::SetAdd
                     } else {
-                        "r"
+                        MutationKind::SetRemove
                     };
-                    let key = parts.key(keys::set(base, set));
-                    let seqs = parts.key(keys::set_seqs(base, set));
-                    args.extend([kind.into(), key, seqs, member.clone()]);
+                    let key = parts.key(entity.set(set));
+                    let seqs = parts.key(entity.set_seqs(set));
+                    args.extend([kind.code().into(), key, seqs, member.clone()]);
                 }
                 Mutation::Custom { snippet, order } => {
-                    let key = parts.key(keys::counters(base));
-                    let order = if *order == Order::Ordered { "o" } else { "c" };
+                    let key = parts.key(entity.counters());
                     args.extend([
-                        "x".into(),
+                        MutationKind::Custom.code().into(),
                         (snippet + 1).to_string(),
                         key,
-                        order.into(),
+                        order_code(*order).into(),
                         event.set.len().to_string(),
                     ]);
                     args.extend(event.set.iter().flat_map(|(k, v)| [k.clone(), v.clone()]));
@@ -93,10 +127,10 @@ impl EffectParts {
 /// The state code `guard.lua` reads: what a newer event does to the state.
 pub fn state_code(event: &Event, effects: &Effects) -> &'static str {
     match (event.op, &effects.state) {
-        (Op::Delete, _) => "d",
-        (Op::Upsert, StateEffect::Merge) => "u",
-        (Op::Upsert, StateEffect::Replace) => "r",
-        (Op::Upsert, StateEffect::Keep) => "k",
+        (Op::Delete, _) => "delete",
+        (Op::Upsert, StateEffect::Merge) => "merge",
+        (Op::Upsert, StateEffect::Replace) => "replace",
+        (Op::Upsert, StateEffect::Keep) => "keep",
     }
 }
 
@@ -251,7 +285,8 @@ mod tests {
             ],
             ..Effects::default()
         };
-        let parts = EffectParts::new("p:{e}", &event, &effects);
+        let entity = crate::store::KeyLayout::new("p").entity("e");
+        let parts = EffectParts::new(&entity, &event, &effects);
         assert_eq!(
             parts.keys,
             ["p:{e}:counters", "p:{e}:set:s", "p:{e}:set:s:seq"]
@@ -260,12 +295,12 @@ mod tests {
         assert_eq!(
             args,
             [
-                "c", "1", "b", "-5", "2", "a", "2", "3", "vip", "x", "1", "1", "o", "1", "tag",
-                "vip"
+                "counter", "1", "b", "-5", "2", "set_add", "2", "3", "vip", "custom", "1", "1",
+                "ordered", "1", "tag", "vip"
             ]
         );
         assert_eq!(
-            EffectParts::new("p:{e}", &event, &Effects::default()),
+            EffectParts::new(&entity, &event, &Effects::default()),
             EffectParts::default()
         );
     }

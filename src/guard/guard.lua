@@ -26,17 +26,19 @@
 --          per event a fixed head, the state fields and the mutations:
 --            expire_at_ms (end of generation g+1), id, id_hash (8 bytes),
 --            fingerprint (8 bytes), fingerprint_hex, seq (decimal u64),
---            state ("u" merge | "r" replace | "d" delete | "k" keep),
+--            state ("merge" | "replace" | "delete" | "keep"),
 --            nset, field1, value1, ..., nunset, field1, ...,
 --            nkeys (the event's keys after the four), type,
---            nmutations, then each mutation (all key numbers count from
---            the event's fifth key, 1-based):
---              "c" key field units scale          counter += units / 10^scale
---              "l" key max_len max_age_ms n f1 v1 ...   ledger entry
---              "a" key seqkey member              set add
---              "r" key seqkey member              set remove
---              "x" snippet key order n f1 v1 ...  custom effect ("o" | "c"),
---                                                 the event's data fields
+--            nmutations, then each mutation, its kind first (all key
+--            numbers count from the event's fifth key, 1-based; each kind
+--            has its own code, read by its own function below):
+--              "counter" key field units scale        counter += units / 10^scale
+--              "ledger" key max_len max_age_ms n f1 v1 ...  ledger entry
+--              "set_add" key seqkey member            set add
+--              "set_remove" key seqkey member         set remove
+--              "custom" snippet key order n f1 v1 ... custom effect (order
+--                                                     "ordered" | "commutative"),
+--                                                     the event's data fields
 -- Returns  per event two values: code, detail
 --            0 applied    detail 0
 --            1 duplicate  detail: ms since the id was first seen
@@ -214,62 +216,59 @@ local function run_custom(index, state_key, counters_key, event)
 end
 
 -- Phase one of an event's mutations: every decision and every check, no
--- write. Returns the writes as closures' arguments, or nil and why.
-local function prepare(mutations, keys, newer, seq, state_key, event_head)
+-- write. Returns the writes as commands, or nil and why.
+local function prepare(mutations, newer, seq, state_key, event_head)
   local plan = {}
   local counters_seen = {}
   for _, m in ipairs(mutations) do
-    local kind = m[1]
-    if kind == 'c' then
-      local key, field, scale = keys[m[2]], m[3], tonumber(m[5])
-      local memo = counters_seen[field]
+    if m.kind == 'counter' then
+      local memo = counters_seen[m.field]
       local sign, digits
       if memo then
         sign, digits = memo[1], memo[2]
       else
-        local stored = redis.call('HGET', key, field)
+        local stored = redis.call('HGET', m.key, m.field)
         if stored then
-          sign, digits = parse_stored(stored, scale)
+          sign, digits = parse_stored(stored, m.scale)
           if not sign then
-            return nil, 'counter_unreadable counter ' .. field .. ' holds ' .. stored .. ', not a decimal with at most ' .. scale .. ' decimals'
+            return nil, 'counter_unreadable counter ' .. m.field .. ' holds ' .. stored .. ', not a decimal with at most ' .. m.scale .. ' decimals'
           end
         else
           sign, digits = 1, '0'
         end
       end
-      local us, ud = parse_units(m[4])
+      local us, ud = parse_units(m.units)
       sign, digits = add_signed(sign, digits, us, ud)
       if #digits > MAX_DIGITS then
-        return nil, 'counter_overflow counter ' .. field .. ' would pass ' .. MAX_DIGITS .. ' digits'
+        return nil, 'counter_overflow counter ' .. m.field .. ' would pass ' .. MAX_DIGITS .. ' digits'
       end
-      counters_seen[field] = { sign, digits }
-      plan[#plan + 1] = { 'HSET', key, field, format_units(sign, digits, scale) }
-    elseif kind == 'a' or kind == 'r' then
-      local key, seqkey, member = keys[m[2]], keys[m[3]], m[4]
-      local last = redis.call('HGET', seqkey, member)
+      counters_seen[m.field] = { sign, digits }
+      plan[#plan + 1] = { 'HSET', m.key, m.field, format_units(sign, digits, m.scale) }
+    elseif m.kind == 'set_add' or m.kind == 'set_remove' then
+      local removes = m.kind == 'set_remove'
+      local last = redis.call('HGET', m.seqkey, m.member)
       -- Per member, the newest seq wins; at an equal seq the remove wins,
       -- so every arrival order ends in the same set.
-      local wins = not last or is_newer(seq, last) or (kind == 'r' and seq == last)
-      if wins then
-        plan[#plan + 1] = { kind == 'a' and 'SADD' or 'SREM', key, member }
-        plan[#plan + 1] = { 'HSET', seqkey, member, seq }
+      if not last or is_newer(seq, last) or (removes and seq == last) then
+        plan[#plan + 1] = { removes and 'SREM' or 'SADD', m.key, m.member }
+        plan[#plan + 1] = { 'HSET', m.seqkey, m.member, seq }
       end
-    elseif kind == 'l' then
-      local key, max_len, max_age, entry = keys[m[2]], m[3], tonumber(m[4]), m[5]
-      if max_len ~= '0' then
-        plan[#plan + 1] = { 'XADD', key, 'MAXLEN', '=', max_len, '*', unpack(entry) }
+    elseif m.kind == 'ledger' then
+      if m.max_len ~= '0' then
+        plan[#plan + 1] = { 'XADD', m.key, 'MAXLEN', '=', m.max_len, '*', unpack(m.entry) }
       else
-        plan[#plan + 1] = { 'XADD', key, '*', unpack(entry) }
+        plan[#plan + 1] = { 'XADD', m.key, '*', unpack(m.entry) }
       end
-      if max_age > 0 then
-        plan[#plan + 1] = { 'XTRIM', key, 'MINID', string.format('%d', math.max(0, now - max_age)) }
+      if m.max_age_ms > 0 then
+        plan[#plan + 1] = { 'XTRIM', m.key, 'MINID', string.format('%d', math.max(0, now - m.max_age_ms)) }
       end
-    elseif kind == 'x' then
-      if m[4] == 'c' or newer then
-        local event = { id = event_head[1], seq = seq, type = event_head[2], data = m[5] }
-        local writes, err = run_custom(tonumber(m[2]), state_key, keys[m[3]], event)
+    elseif m.kind == 'custom' then
+      local commutes = m.order == 'commutative'
+      if commutes or newer then
+        local event = { id = event_head[1], seq = seq, type = event_head[2], data = m.data }
+        local writes, err = run_custom(m.snippet, state_key, m.key, event)
         if not writes then return nil, err end
-        local target = m[4] == 'c' and keys[m[3]] or state_key
+        local target = commutes and m.key or state_key
         for _, w in ipairs(writes) do
           if w[2] == false then
             plan[#plan + 1] = { 'HDEL', target, w[1] }
@@ -283,144 +282,175 @@ local function prepare(mutations, keys, newer, seq, state_key, event_head)
   return plan
 end
 
+-- One reader per mutation kind: each takes ARGV from `a` (just after the
+-- kind) and the event's effect keys, and returns the mutation and the
+-- position after it.
+local READ_MUTATION = {
+  counter = function(a, keys)
+    return { key = keys[tonumber(ARGV[a])], field = ARGV[a + 1], units = ARGV[a + 2],
+      scale = tonumber(ARGV[a + 3]) }, a + 4
+  end,
+  ledger = function(a, keys)
+    local count = tonumber(ARGV[a + 3])
+    return { key = keys[tonumber(ARGV[a])], max_len = ARGV[a + 1], max_age_ms = tonumber(ARGV[a + 2]),
+      entry = { unpack(ARGV, a + 4, a + 3 + 2 * count) } }, a + 4 + 2 * count
+  end,
+  set_add = function(a, keys)
+    return { key = keys[tonumber(ARGV[a])], seqkey = keys[tonumber(ARGV[a + 1])], member = ARGV[a + 2] }, a + 3
+  end,
+  custom = function(a, keys)
+    local count = tonumber(ARGV[a + 3])
+    local data = {}
+    for k = a + 4, a + 3 + 2 * count, 2 do data[ARGV[k]] = ARGV[k + 1] end
+    return { snippet = tonumber(ARGV[a]), key = keys[tonumber(ARGV[a + 1])], order = ARGV[a + 2],
+      data = data }, a + 4 + 2 * count
+  end,
+}
+READ_MUTATION.set_remove = READ_MUTATION.set_add
+
 -- Reads the event's mutations from ARGV at `a`; returns them, the next
 -- position, and whether any of them commutes (applies when late too).
-local function read_mutations(a)
+local function read_mutations(a, keys)
   local n = tonumber(ARGV[a])
   a = a + 1
   local mutations, commutative = {}, false
   for _ = 1, n do
     local kind = ARGV[a]
-    if kind == 'c' then
-      mutations[#mutations + 1] = { kind, tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], ARGV[a + 4] }
-      a = a + 5
-      commutative = true
-    elseif kind == 'a' or kind == 'r' then
-      mutations[#mutations + 1] = { kind, tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3] }
-      a = a + 4
-      commutative = true
-    elseif kind == 'l' then
-      local count = tonumber(ARGV[a + 4])
-      mutations[#mutations + 1] = { kind, tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3],
-        { unpack(ARGV, a + 5, a + 4 + 2 * count) } }
-      a = a + 5 + 2 * count
-      commutative = true
-    elseif kind == 'x' then
-      local count = tonumber(ARGV[a + 4])
-      local data = {}
-      for k = a + 5, a + 4 + 2 * count, 2 do data[ARGV[k]] = ARGV[k + 1] end
-      mutations[#mutations + 1] = { kind, tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3], data }
-      commutative = commutative or ARGV[a + 3] == 'c'
-      a = a + 5 + 2 * count
-    else
-      error('IDEMPROTOCOL unknown mutation ' .. tostring(kind))
-    end
+    local read = READ_MUTATION[kind]
+    if not read then error('IDEMPROTOCOL unknown mutation ' .. tostring(kind)) end
+    local m
+    m, a = read(a + 1, keys)
+    m.kind = kind
+    mutations[#mutations + 1] = m
+    commutative = commutative or kind ~= 'custom' or m.order == 'commutative'
   end
   return mutations, a, commutative
 end
 
-local marker = redis.call('GET', KEYS[1])
-if marker ~= ARGV[2] then
-  return redis.error_reply('IDEMEPOCH ' .. (marker or 'missing'))
+-- Reads one event of the call: its keys from KEYS at `k`, its arguments
+-- from ARGV at `a`. Returns it and the positions of the next event.
+local function read_event(k, a)
+  local e = { meta = KEYS[k], state = KEYS[k + 1], current = KEYS[k + 2], previous = KEYS[k + 3] }
+  e.expire_at, e.id, e.idh, e.fp, e.fp_hex, e.seq, e.op =
+    ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
+  -- The state fields stay in ARGV (written from there in chunks).
+  e.nset = tonumber(ARGV[a + 7])
+  e.set_from = a + 8
+  e.nunset = tonumber(ARGV[e.set_from + 2 * e.nset])
+  e.unset_from = e.set_from + 2 * e.nset + 1
+  a = e.unset_from + e.nunset
+  local nkeys = tonumber(ARGV[a])
+  e.type = ARGV[a + 1]
+  e.keys = { unpack(KEYS, k + 4, k + 3 + nkeys) }
+  e.mutations, a, e.commutative = read_mutations(a + 2, e.keys)
+  return e, k + 4 + nkeys, a
 end
 
-local token = ARGV[1]
-local out = {}
-local a = 3
-local k = 2
-while a <= #ARGV do
-  local meta, state, current, previous = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-  local expire_at = ARGV[a]
-  local id, idh, fp, fp_hex, seq, op = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
-  local nset = tonumber(ARGV[a + 7])
-  local set_from = a + 8
-  local nunset = tonumber(ARGV[set_from + 2 * nset])
-  local unset_from = set_from + 2 * nset + 1
-  a = unset_from + nunset
-  local nkeys, event_type = tonumber(ARGV[a]), ARGV[a + 1]
-  local keys = { unpack(KEYS, k + 4, k + 3 + nkeys) }
-  k = k + 4 + nkeys
-  local mutations, commutative
-  mutations, a, commutative = read_mutations(a + 2)
-
-  local seen = redis.call('HGET', current, idh)
-  if not seen then
-    seen = redis.call('HGET', previous, idh)
+-- Every event of the call, in order.
+local function read_call()
+  local events, k, a = {}, 2, 3
+  while a <= #ARGV do
+    events[#events + 1], k, a = read_event(k, a)
   end
+  return events
+end
 
-  if seen then
-    local seen_fp = string.sub(seen, 1, 8)
-    if seen_fp == fp then
-      local code = DUPLICATE
-      if string.sub(seen, 15, 18) == token then
-        local decided = string.sub(seen, 19, 19)
-        code = decided == 'a' and DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT
-          or decided == 'l' and DUPLICATE_LATE_BY_EARLIER_ATTEMPT
-          or DUPLICATE_STALE_BY_EARLIER_ATTEMPT
-      end
-      out[#out + 1] = code
-      out[#out + 1] = now - struct.unpack('>I6', seen, 9)
-    else
-      out[#out + 1] = CONFLICT
-      out[#out + 1] = seen_fp
+-- An id seen before in the window: a duplicate (perhaps decided by an
+-- earlier attempt of this batch) or a conflict. Returns code, detail.
+local function decide_seen(seen, e, token)
+  local seen_fp = string.sub(seen, 1, 8)
+  if seen_fp ~= e.fp then
+    return CONFLICT, seen_fp
+  end
+  local code = DUPLICATE
+  if string.sub(seen, 15, 18) == token then
+    local decided = string.sub(seen, 19, 19)
+    code = decided == 'a' and DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT
+      or decided == 'l' and DUPLICATE_LATE_BY_EARLIER_ATTEMPT
+      or DUPLICATE_STALE_BY_EARLIER_ATTEMPT
+  end
+  return code, now - struct.unpack('>I6', seen, 9)
+end
+
+-- A newer event's state and bookkeeping (`applied`: the count before it).
+-- Writes in the order state, meta; the effects and the id mark follow.
+local function write_newer(e, applied)
+  local count = string.format('%d', (tonumber(applied) or 0) + 1)
+  if e.op == 'delete' or e.op == 'replace' then
+    redis.call('DEL', e.state)
+  end
+  if e.op == 'merge' or e.op == 'replace' then
+    for from = e.set_from, e.set_from + 2 * e.nset - 1, UNPACK_CHUNK do
+      redis.call('HSET', e.state, unpack(ARGV, from, math.min(from + UNPACK_CHUNK, e.set_from + 2 * e.nset) - 1))
     end
+    for from = e.unset_from, e.unset_from + e.nunset - 1, UNPACK_CHUNK do
+      redis.call('HDEL', e.state, unpack(ARGV, from, math.min(from + UNPACK_CHUNK, e.unset_from + e.nunset) - 1))
+    end
+  end
+  if e.op == 'keep' then
+    -- "keep" changes no state: a tombstone stays one.
+    redis.call('HSET', e.meta, 'seq', e.seq, 'last_id', e.id, 'fingerprint', e.fp_hex, 'updated_ms', now_str,
+      'applied', count)
   else
-    local m = redis.call('HMGET', meta, 'seq', 'applied')
-    local recorded, applied = m[1], m[2]
-    local newer = not recorded or is_newer(seq, recorded)
-    local plan, why = nil, nil
-    if newer or commutative then
-      plan, why = prepare(mutations, keys, newer, seq, state, { id, event_type })
-    end
-    if why then
-      -- Nothing written, not even the id: a redelivery is decided again.
-      out[#out + 1] = REJECTED
-      out[#out + 1] = why
-    else
-      local decided = 's'
-      if newer then
-        decided = 'a'
-        -- Writes in the order state, meta, effects, id mark: a failure must
-        -- never leave the id remembered without its effect.
-        local count = string.format('%d', (tonumber(applied) or 0) + 1)
-        if op == 'd' or op == 'r' then
-          redis.call('DEL', state)
-        end
-        if op == 'u' or op == 'r' then
-          for from = set_from, set_from + 2 * nset - 1, UNPACK_CHUNK do
-            redis.call('HSET', state, unpack(ARGV, from, math.min(from + UNPACK_CHUNK, set_from + 2 * nset) - 1))
-          end
-          for from = unset_from, unset_from + nunset - 1, UNPACK_CHUNK do
-            redis.call('HDEL', state, unpack(ARGV, from, math.min(from + UNPACK_CHUNK, unset_from + nunset) - 1))
-          end
-        end
-        if op == 'k' then
-          -- "keep" changes no state: a tombstone stays one.
-          redis.call('HSET', meta, 'seq', seq, 'last_id', id, 'fingerprint', fp_hex, 'updated_ms', now_str,
-            'applied', count)
-        else
-          redis.call('HSET', meta, 'seq', seq, 'last_id', id, 'fingerprint', fp_hex, 'updated_ms', now_str,
-            'applied', count, 'deleted', op == 'd' and '1' or '0')
-        end
-        out[#out + 1] = APPLIED
-        out[#out + 1] = 0
-      elseif commutative then
-        decided = 'l'
-        out[#out + 1] = LATE
-        out[#out + 1] = recorded
-      else
-        out[#out + 1] = STALE
-        out[#out + 1] = recorded
-      end
-      for _, w in ipairs(plan or {}) do
-        redis.call(unpack(w))
-      end
-      -- Stale ids are remembered too, so their redelivery is a duplicate.
-      redis.call('HSET', current, idh, fp .. now_packed .. token .. decided)
-      if redis.call('HLEN', current) == 1 then
-        redis.call('PEXPIREAT', current, expire_at)
-      end
-    end
+    redis.call('HSET', e.meta, 'seq', e.seq, 'last_id', e.id, 'fingerprint', e.fp_hex, 'updated_ms', now_str,
+      'applied', count, 'deleted', e.op == 'delete' and '1' or '0')
   end
 end
-return out
+
+-- An id not seen in the window: applied, late, stale or rejected, with
+-- every write of it. Returns code, detail.
+local function decide_new(e, token)
+  local m = redis.call('HMGET', e.meta, 'seq', 'applied')
+  local recorded, applied = m[1], m[2]
+  local newer = not recorded or is_newer(e.seq, recorded)
+  local plan, why = nil, nil
+  if newer or e.commutative then
+    plan, why = prepare(e.mutations, newer, e.seq, e.state, { e.id, e.type })
+  end
+  if why then
+    -- Nothing written, not even the id: a redelivery is decided again.
+    return REJECTED, why
+  end
+  local code, detail, decided = STALE, recorded, 's'
+  if newer then
+    -- A failure must never leave the id remembered without its effect:
+    -- state and meta first, then the effects, the id mark last.
+    write_newer(e, applied)
+    code, detail, decided = APPLIED, 0, 'a'
+  elseif e.commutative then
+    code, decided = LATE, 'l'
+  end
+  for _, w in ipairs(plan or {}) do
+    redis.call(unpack(w))
+  end
+  -- Stale ids are remembered too, so their redelivery is a duplicate.
+  redis.call('HSET', e.current, e.idh, e.fp .. now_packed .. token .. decided)
+  if redis.call('HLEN', e.current) == 1 then
+    redis.call('PEXPIREAT', e.current, e.expire_at)
+  end
+  return code, detail
+end
+
+local function main()
+  local marker = redis.call('GET', KEYS[1])
+  if marker ~= ARGV[2] then
+    return redis.error_reply('IDEMEPOCH ' .. (marker or 'missing'))
+  end
+  local token = ARGV[1]
+  local out = {}
+  for _, e in ipairs(read_call()) do
+    local seen = redis.call('HGET', e.current, e.idh) or redis.call('HGET', e.previous, e.idh)
+    local code, detail
+    if seen then
+      code, detail = decide_seen(seen, e, token)
+    else
+      code, detail = decide_new(e, token)
+    end
+    out[#out + 1] = code
+    out[#out + 1] = detail
+  end
+  return out
+end
+
+-- @MAIN (idem's parse test puts a report of read_call() here instead)
+return main()

@@ -14,7 +14,9 @@ use crate::effects::{Effects, Snippet};
 use crate::event::Event;
 use crate::model::Outcome;
 use crate::store::progress::epoch_refusal;
-use crate::store::{hash_slot, DurableWait, KeyLayout, NodeAddr, RedisConn, SlotMap, StoreError};
+use crate::store::{
+    hash_slot, DurableWait, EntityKeys, KeyLayout, NodeAddr, RedisConn, SlotMap, StoreError,
+};
 
 mod args;
 mod plan;
@@ -25,6 +27,29 @@ pub use plan::{chunk_by_entity, chunk_by_slot, id_generations, IdGenerations};
 use reply::{check_durable, script_items, verdicts_by_chunk};
 
 const SCRIPT: &str = include_str!("guard.lua");
+
+/// Replaces guard.lua's last line for `Guard::parsed_by_script`: a report
+/// of what `read_call` made of the call, instead of running it.
+const REPORT: &str = r#"
+local report = {}
+for _, e in ipairs(read_call()) do
+  local set, unset = {}, {}
+  for i = e.set_from, e.set_from + 2 * e.nset - 1 do set[#set + 1] = ARGV[i] end
+  for i = e.unset_from, e.unset_from + e.nunset - 1 do unset[#unset + 1] = ARGV[i] end
+  report[#report + 1] = { meta = e.meta, state = e.state, current = e.current, previous = e.previous,
+    id = e.id, fingerprint = e.fp_hex, seq = e.seq, op = e.op, type = e.type, set = set, unset = unset,
+    mutations = e.mutations, commutative = e.commutative }
+end
+return cjson.encode(report)
+"#;
+
+/// A command argument's bytes.
+fn arg_bytes(arg: redis::Arg<&[u8]>) -> Vec<u8> {
+    match arg {
+        redis::Arg::Simple(b) => b.to_vec(),
+        redis::Arg::Cursor => b"0".to_vec(),
+    }
+}
 
 /// The guard's answer for one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +89,7 @@ pub async fn check_snippets(
         cmd.arg(args::compile_check(snippet)).arg(0);
         match cmd.query_async::<Value>(conn).await {
             Ok(_) => {}
-            Err(e) if e.to_string().contains("user_script") => {
+            Err(e) if is_compile_refusal(&e) => {
                 return Err(SnippetError {
                     file: snippet.file.clone(),
                     message: args::snippet_lines(&e.to_string(), &snippet.file, 2),
@@ -76,6 +101,12 @@ pub async fn check_snippets(
         }
     }
     Ok(())
+}
+
+/// Whether Redis answered a request to compile a script with a refusal (a
+/// plain `ERR` reply: the Lua does not compile), rather than not answering.
+pub fn is_compile_refusal(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::ResponseError
 }
 
 /// One event to guard, with the dedupe window of its topic.
@@ -352,6 +383,28 @@ impl Guard {
         c
     }
 
+    /// How `guard.lua` parses one call of `inputs`, as the script itself
+    /// reports it (JSON: per event its keys, head, state fields and
+    /// mutations by name). Nothing is written. tests/guard.rs holds the
+    /// encoder to it for every mutation kind, so the two cannot drift.
+    pub async fn parsed_by_script(
+        &mut self,
+        inputs: &[GuardInput<'_>],
+    ) -> Result<serde_json::Value, StoreError> {
+        let report = self.source.replace("\nreturn main()\n", REPORT);
+        let chunk: Vec<usize> = (0..inputs.len()).collect();
+        let mut cmd = self.script_cmd(inputs, &chunk, true);
+        // The same call, with the reporting script in place of guard.lua.
+        let mut args: Vec<Vec<u8>> = cmd.args_iter().map(arg_bytes).collect();
+        args[1] = report.into_bytes();
+        cmd = redis::cmd("EVAL");
+        for a in &args[1..] {
+            cmd.arg(&a[..]);
+        }
+        let json: String = cmd.query_async(&mut self.conn).await?;
+        serde_json::from_str(&json).map_err(|e| StoreError::Protocol(format!("parse report: {e}")))
+    }
+
     fn script_cmd(
         &self,
         inputs: &[GuardInput<'_>],
@@ -370,9 +423,9 @@ impl Guard {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let bases: Vec<String> = chunk
+        let entities: Vec<EntityKeys> = chunk
             .iter()
-            .map(|&i| self.layout.entity_base(&inputs[i].event.entity))
+            .map(|&i| self.layout.entity(&inputs[i].event.entity))
             .collect();
         let generations: Vec<IdGenerations> = chunk
             .iter()
@@ -380,8 +433,8 @@ impl Guard {
             .collect();
         let parts: Vec<EffectParts> = chunk
             .iter()
-            .zip(&bases)
-            .map(|(&i, base)| EffectParts::new(base, inputs[i].event, inputs[i].effects))
+            .zip(&entities)
+            .map(|(&i, keys)| EffectParts::new(keys, inputs[i].event, inputs[i].effects))
             .collect();
         let keys = 1 + 4 * chunk.len() + parts.iter().map(|p| p.keys.len()).sum::<usize>();
         cmd.arg(keys);
@@ -390,13 +443,13 @@ impl Guard {
         let slot = self
             .conn
             .is_cluster()
-            .then(|| hash_slot(bases[0].as_bytes()));
+            .then(|| hash_slot(entities[0].base().as_bytes()));
         cmd.arg(self.layout.epoch_key(slot));
-        for ((base, ids), part) in bases.iter().zip(&generations).zip(&parts) {
-            cmd.arg(format!("{base}:meta"))
-                .arg(format!("{base}:state"))
-                .arg(format!("{base}:ids:{}", ids.current))
-                .arg(format!("{base}:ids:{}", ids.previous));
+        for ((keys, ids), part) in entities.iter().zip(&generations).zip(&parts) {
+            cmd.arg(keys.meta())
+                .arg(keys.state())
+                .arg(keys.ids(ids.current))
+                .arg(keys.ids(ids.previous));
             for key in &part.keys {
                 cmd.arg(key);
             }

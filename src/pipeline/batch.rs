@@ -140,6 +140,7 @@ impl Batch {
 }
 
 /// A batch whose outcomes are durable: its offsets are done.
+#[derive(Debug)]
 pub struct Finished {
     partitions: Vec<TopicPartition>,
     positions: Vec<(usize, i64)>,
@@ -159,7 +160,7 @@ fn note_key_mismatch(topic: &str, partition: i32, offset: i64, key: Option<&[u8]
     use std::sync::atomic::{AtomicU64, Ordering};
     static LAST_LOG_S: AtomicU64 = AtomicU64::new(0);
     crate::metrics::record_key_mismatch(topic);
-    let now_s = (super::unix_millis() / 1000) as u64;
+    let now_s = (super::timing::unix_millis() / 1000) as u64;
     let last = LAST_LOG_S.load(Ordering::Relaxed);
     if now_s >= last + 60
         && LAST_LOG_S

@@ -1,12 +1,14 @@
 //! The processing loop: the one owner of [`Progress`]. It takes what the
 //! consumer thread reports (records, rebalances) and what the guard stage
-//! finished, batches records, hands batches over in fetch order, and stores
-//! each partition's contiguous commit point.
+//! reports ([`StageEvent`]), batches records, hands batches over in fetch
+//! order, and stores each partition's contiguous commit point. Messages
+//! alone drive it: shutdown, a stage's event or a rebalance; why it ended is
+//! what [`EventLoop::run`] returns.
 //!
-//! Guarantee (commit after effect): an offset is stored for commit only when
-//! it and every offset fetched before it in its partition has its outcome
-//! durable in Redis. A revoke is answered only after the revoked partitions'
-//! in-flight batches finished, or `kafka.revoke_timeout` passed.
+//! Guarantee: the commit-after-effect rule of docs/guarantees.md, kept by
+//! storing only [`Progress`]'s contiguous commit points; a revoke is
+//! answered only after the revoked partitions' in-flight batches finished,
+//! or `kafka.revoke_timeout` passed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,9 +21,10 @@ use tokio::time::Instant;
 use super::batch::{Batch, Finished};
 use super::blocked::BlockedWatch;
 use super::consumer::{Committed, Consumer, Fetched, KafkaEvent, KafkaNote};
+use super::guard_stage::{Ownership, StageEvent};
 use super::progress::Progress;
-use super::recovery::{resume_points, Unrecoverable};
-use super::Shutdown;
+use super::recovery::{resume_points, ResumeError, Resumed, Unrecoverable};
+use super::shutdown::Shutdown;
 use crate::config::Config;
 use crate::kafka;
 use crate::metrics::{self, Health};
@@ -32,14 +35,17 @@ use crate::store::progress::ProgressStore;
 /// pauses fetching (instead of buffering) while it keeps serving rebalances.
 const PAUSE_AFTER: Duration = Duration::from_secs(1);
 
-pub struct EventLoop {
+pub struct EventLoop<R = RedisSide> {
     config: Arc<Config>,
     consumer: Arc<Consumer>,
     health: Health,
     progress: Progress,
     events: mpsc::Receiver<KafkaEvent>,
     notes: mpsc::UnboundedReceiver<KafkaNote>,
-    finished: mpsc::UnboundedReceiver<Finished>,
+    /// What the guard stage reports, in the order it decided it.
+    stage: mpsc::UnboundedReceiver<StageEvent>,
+    /// Tells the guard stage which partitions to check.
+    ownership: mpsc::UnboundedSender<Ownership>,
     /// Fetched records not yet handed over, in fetch order.
     pending: Vec<Fetched>,
     /// When the pending records must be handed over even if few.
@@ -49,19 +55,16 @@ pub struct EventLoop {
     /// What was paused (Redis behind, or consumption stopped).
     paused: Option<TopicPartitionList>,
     blocked: BlockedWatch,
-    /// Consumption was stopped (dead-letter budget); read once per turn of the loop.
+    /// Consumption was stopped (the guard stage said so: dead-letter budget).
     stopped: bool,
     /// Holds back repeated consumer errors (one per poll with the brokers down).
     quiet: crate::kafka::quiet::LogLimiter,
-    /// Redis's progress records, read when partitions are assigned.
-    redis: ProgressStore,
-    /// The epoch of the Redis this run writes to, and the commit metadata naming it.
-    epoch: String,
+    /// Where assigned partitions resume: Redis's progress records.
+    resume: R,
+    /// The commit metadata naming the epoch of the Redis this run writes to.
     metadata: String,
     /// Rewound partitions and the committed offset they were rewound from.
     rewinding: std::collections::HashMap<TopicPartition, i64>,
-    /// Why the loop must end before taking more work, if it must.
-    end: Option<LoopEnd>,
 }
 
 /// Why the loop ended.
@@ -75,35 +78,77 @@ pub enum LoopEnd {
     Unrecoverable(Unrecoverable),
 }
 
+/// Where newly assigned partitions resume. The loop asks it at every
+/// assignment; production reads Redis's progress records ([`RedisSide`]),
+/// the loop's unit tests answer from a table.
+pub trait Resume {
+    /// The epoch of the Redis this run writes to (named in the commit metadata).
+    fn epoch(&self) -> &str;
+
+    /// Where each of `assigned` starts; every one's record is at least its floor afterwards.
+    fn resume(
+        &mut self,
+        consumer: &Arc<Consumer>,
+        assigned: &[Committed],
+    ) -> impl std::future::Future<Output = Result<Resumed, ResumeError>> + Send;
+}
+
 /// What the loop reads Redis's progress with.
 pub struct RedisSide {
     pub store: ProgressStore,
     pub epoch: String,
+    pub group: String,
 }
 
-impl EventLoop {
+impl Resume for RedisSide {
+    fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    async fn resume(
+        &mut self,
+        consumer: &Arc<Consumer>,
+        assigned: &[Committed],
+    ) -> Result<Resumed, ResumeError> {
+        resume_points(
+            &mut self.store,
+            &self.epoch,
+            consumer,
+            assigned,
+            &self.group,
+        )
+        .await
+    }
+}
+
+/// The channels the loop talks to the guard stage on.
+pub struct StageLink {
+    pub events: mpsc::UnboundedReceiver<StageEvent>,
+    pub ownership: mpsc::UnboundedSender<Ownership>,
+}
+
+impl<R: Resume> EventLoop<R> {
     pub fn new(
         config: Arc<Config>,
         consumer: Arc<Consumer>,
         health: Health,
         events: mpsc::Receiver<KafkaEvent>,
         notes: mpsc::UnboundedReceiver<KafkaNote>,
-        finished: mpsc::UnboundedReceiver<Finished>,
-        redis: RedisSide,
-    ) -> EventLoop {
+        stage: StageLink,
+        resume: R,
+    ) -> EventLoop<R> {
         EventLoop {
-            metadata: crate::resume::commit_metadata(&redis.epoch),
-            epoch: redis.epoch,
-            redis: redis.store,
+            metadata: crate::resume::commit_metadata(resume.epoch()),
+            resume,
             rewinding: Default::default(),
-            end: None,
             config,
             consumer,
             health,
             progress: Progress::default(),
             events,
             notes,
-            finished,
+            stage: stage.events,
+            ownership: stage.ownership,
             pending: Vec::new(),
             linger_until: None,
             stage_full_since: None,
@@ -114,28 +159,13 @@ impl EventLoop {
         }
     }
 
-    /// Runs until `shutdown` fires, the guard stage ends or asks for a
-    /// restart (`restart`), or an assignment cannot start safely.
-    pub async fn run(
-        &mut self,
-        batches: &mpsc::Sender<Batch>,
-        shutdown: &mut Shutdown,
-        restart: &mut Shutdown,
-    ) -> LoopEnd {
+    /// Runs until `shutdown` fires, the guard stage ends or reports a
+    /// change of Redis's state, or an assignment cannot start safely; says which.
+    pub async fn run(&mut self, batches: &mpsc::Sender<Batch>, shutdown: &mut Shutdown) -> LoopEnd {
         let max = self.config.pipeline.batch_max_events.get();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
-            if let Some(end) = self.end.take() {
-                return end;
-            }
-            self.stopped = self.health.stopped_reason().is_some();
             let stopped = self.stopped;
-            if stopped && self.paused.is_none() {
-                // Consumption was stopped (dead-letter budget): fetch nothing
-                // more, but keep serving rebalances and committing what finishes.
-                self.pending.clear();
-                self.pause();
-            }
             let ready = !stopped
                 && !self.pending.is_empty()
                 && (self.pending.len() >= max
@@ -148,14 +178,17 @@ impl EventLoop {
             tokio::select! {
                 // Shutdown first: once asked to stop, take no new work.
                 biased;
-                _ = shutdown.wait() => break,
-                _ = restart.wait() => return LoopEnd::Restart("the guard stage found Redis's state changed".into()),
-                Some(done) = self.finished.recv() => self.on_finished(done),
+                _ = shutdown.wait() => return LoopEnd::Shutdown,
+                Some(event) = self.stage.recv() => if let Some(end) = self.on_stage_event(event) {
+                    return end;
+                },
                 permit = batches.reserve(), if ready => match permit {
                     Ok(permit) => self.hand_over(permit, max),
-                    Err(_) => break, // the guard stage ended (shutdown while Redis failed)
+                    Err(_) => return LoopEnd::Shutdown, // the guard stage ended (shutdown while Redis failed)
                 },
-                Some(event) = self.events.recv(), if take_events => self.on_event(event).await,
+                Some(event) = self.events.recv(), if take_events => if let Some(end) = self.on_event(event).await {
+                    return end;
+                },
                 Some(note) = self.notes.recv() => self.on_note(note),
                 _ = tokio::time::sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => {
                     if ready && self.paused.is_none() && self.stage_full_since.is_some_and(|t| t.elapsed() >= PAUSE_AFTER) {
@@ -165,7 +198,32 @@ impl EventLoop {
                 _ = tick.tick() => self.on_tick(),
             }
         }
-        LoopEnd::Shutdown
+    }
+
+    /// Acts on what the guard stage reports; `Some` when the loop must end.
+    fn on_stage_event(&mut self, event: StageEvent) -> Option<LoopEnd> {
+        match event {
+            StageEvent::Finished(done) => self.on_finished(done),
+            StageEvent::StopConsuming(reason) => {
+                // Fetch nothing more, but keep serving rebalances and
+                // committing what finishes.
+                self.health.stop_consuming(reason);
+                self.stopped = true;
+                self.pending.clear();
+                self.linger_until = None;
+                if self.paused.is_none() {
+                    self.pause();
+                }
+            }
+            StageEvent::Restart(changed) => {
+                return Some(LoopEnd::Restart(format!(
+                    "the guard stage found Redis's state changed ({}: {})",
+                    changed.cause.as_str(),
+                    changed.detail
+                )))
+            }
+        }
+        None
     }
 
     /// The next moment the loop must look again without any message: the
@@ -229,7 +287,8 @@ impl EventLoop {
             }));
     }
 
-    async fn on_event(&mut self, event: KafkaEvent) {
+    /// Acts on what the consumer thread reports; `Some` when the loop must end.
+    async fn on_event(&mut self, event: KafkaEvent) -> Option<LoopEnd> {
         match event {
             KafkaEvent::Record(record) => {
                 // Records of partitions revoked meanwhile belong to their new
@@ -245,9 +304,13 @@ impl EventLoop {
             }
             KafkaEvent::Error(e) => self.quiet.consumer_error(&e),
             KafkaEvent::Assigned { partitions, answer } => {
-                let starts = self.on_assigned(&partitions).await;
+                let (starts, end) = match self.on_assigned(&partitions).await {
+                    Ok(starts) => (starts, None),
+                    Err(end) => (Vec::new(), Some(end)),
+                };
                 // The consumer thread assigns them from these offsets.
                 let _ = answer.send(starts);
+                return end;
             }
             KafkaEvent::Lost(tps) => {
                 metrics::record_rebalance("lost");
@@ -258,53 +321,47 @@ impl EventLoop {
                 self.drop_partitions(&tps);
             }
             KafkaEvent::Revoked { partitions, answer } => {
-                let commits = self.on_revoked(&partitions).await;
+                let (commits, end) = self.on_revoked(&partitions).await;
                 // The consumer thread stores and commits them before the rebalance goes on.
                 let _ = answer.send(commits);
+                return end;
             }
         }
+        None
     }
 
-    /// Takes newly assigned partitions and answers where those must start
-    /// that Redis's progress records put before their commit.
-    async fn on_assigned(&mut self, assigned: &[Committed]) -> Vec<(TopicPartition, i64)> {
+    /// Takes newly assigned partitions and returns where those must start
+    /// that Redis's progress records put before their commit; or how the
+    /// loop ends when that cannot be decided safely.
+    async fn on_assigned(
+        &mut self,
+        assigned: &[Committed],
+    ) -> Result<Vec<(TopicPartition, i64)>, LoopEnd> {
         let tps: Vec<TopicPartition> = assigned.iter().map(|c| c.tp.clone()).collect();
         self.take_partitions(&tps);
         if let Some(c) = assigned.iter().find(|c| !c.known) {
-            self.end = Some(LoopEnd::Restart(format!(
+            return Err(LoopEnd::Restart(format!(
                 "could not read the committed offset of {}/{}",
                 c.tp.topic, c.tp.partition
             )));
-            return Vec::new();
         }
-        let group = self.config.kafka.group_id.clone();
-        let checked = resume_points(
-            &mut self.redis,
-            &self.epoch,
-            &self.consumer,
-            assigned,
-            &group,
-        )
-        .await;
-        match checked {
-            Ok(Ok(rewinds)) => {
+        match self.resume.resume(&self.consumer, assigned).await {
+            Ok(Resumed { floors, rewinds }) => {
+                // Sent before any batch of these partitions: the stage checks them from now on.
+                let _ = self.ownership.send(Ownership::Taken(floors));
                 let starts = rewinds.iter().map(|r| (r.tp.clone(), r.to)).collect();
                 for r in rewinds {
                     self.rewinding.insert(r.tp, r.committed);
                 }
                 self.note_rewinding();
-                starts
+                Ok(starts)
             }
-            Ok(Err(unrecoverable)) => {
-                self.end = Some(LoopEnd::Unrecoverable(unrecoverable));
-                Vec::new()
+            Err(ResumeError::Unrecoverable(unrecoverable)) => {
+                Err(LoopEnd::Unrecoverable(unrecoverable))
             }
-            Err(e) => {
-                self.end = Some(LoopEnd::Restart(format!(
-                    "could not read Redis's progress records for the assigned partitions: {e}"
-                )));
-                Vec::new()
-            }
+            Err(ResumeError::Unreadable(e)) => Err(LoopEnd::Restart(format!(
+                "could not read Redis's progress records for the assigned partitions: {e}"
+            ))),
         }
     }
 
@@ -325,16 +382,27 @@ impl EventLoop {
     }
 
     /// Stops taking records of `tps`, waits (bounded by `kafka.revoke_timeout`)
-    /// until their in-flight batches finished, and returns their commit points.
-    async fn on_revoked(&mut self, tps: &[TopicPartition]) -> Vec<(TopicPartition, i64)> {
+    /// until their in-flight batches finished, and returns their commit
+    /// points; and how the loop ends if the guard stage said so meanwhile.
+    async fn on_revoked(
+        &mut self,
+        tps: &[TopicPartition],
+    ) -> (Vec<(TopicPartition, i64)>, Option<LoopEnd>) {
         metrics::record_rebalance("revoke");
         self.progress.unassign(tps);
         self.pending.retain(|r| !tps.contains(&r.tp));
         let timeout = self.config.kafka.revoke_timeout;
         let deadline = Instant::now() + timeout;
+        let mut end = None;
         while !self.progress.is_idle(tps) {
-            match tokio::time::timeout_at(deadline, self.finished.recv()).await {
-                Ok(Some(done)) => self.on_finished(done),
+            match tokio::time::timeout_at(deadline, self.stage.recv()).await {
+                Ok(Some(event)) => {
+                    // A restart: the stage stopped, nothing more finishes.
+                    end = self.on_stage_event(event);
+                    if end.is_some() {
+                        break;
+                    }
+                }
                 Ok(None) | Err(_) => {
                     tracing::warn!(
                         ?timeout,
@@ -346,11 +414,12 @@ impl EventLoop {
         }
         let commits = self.progress.take_commits(|tp| tps.contains(tp));
         self.drop_partitions(tps);
-        commits
+        (commits, end)
     }
 
     /// Forgets `tps`: their pending records and progress go, nothing of them is committed.
     fn drop_partitions(&mut self, tps: &[TopicPartition]) {
+        let _ = self.ownership.send(Ownership::Released(tps.to_vec()));
         self.pending.retain(|r| !tps.contains(&r.tp));
         self.progress.forget(tps);
         self.rewinding.retain(|tp, _| !tps.contains(tp));
@@ -451,9 +520,14 @@ impl EventLoop {
     /// After the guard stage ended: marks what it finished and stores the
     /// final commit points.
     pub fn finish(&mut self) {
-        while let Ok(done) = self.finished.try_recv() {
-            self.progress.mark_done(done.positions());
+        while let Ok(event) = self.stage.try_recv() {
+            if let StageEvent::Finished(done) = event {
+                self.progress.mark_done(done.positions());
+            }
         }
         self.store_commits();
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,12 +1,13 @@
 //! Keeping Redis's own progress records and acting on them: recording how
-//! far each partition is applied after every batch, checking them after any
-//! Redis failure before the next write, and choosing where newly assigned
+//! far each partition is applied after every batch, checking them before
+//! every batch and on a timer while idle, and choosing where newly assigned
 //! partitions resume (`resume::decide`).
 //!
 //! Guarantee: a batch's offsets are marked done only after its progress
 //! record is in Redis, so a record is never behind what Kafka may commit
-//! with this epoch; and after a failed Redis call nothing is written again
-//! until the records show that Redis still holds what idem recorded.
+//! with this epoch; nothing is written until the records show that Redis
+//! still holds what idem recorded; and an owned partition's records are
+//! checked at least every `redis.progress_check_interval`, batch or not.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,11 +22,12 @@ use crate::resume::{decide, Start};
 use crate::store::progress::ProgressStore;
 use crate::store::StoreError;
 
-/// The guard stage's side: the records it wrote and the check after a failure.
+/// The guard stage's side: the records it wrote and their check.
 pub struct RedisProgress {
     store: ProgressStore,
     epoch: String,
-    /// Per partition, the highest next offset this instance recorded.
+    /// Per owned partition, the highest next offset this instance recorded
+    /// (at the assignment, or after a batch): Redis must hold at least that.
     recorded: HashMap<TopicPartition, i64>,
     /// A Redis call failed since the last check: Redis may have restarted.
     suspect: bool,
@@ -33,10 +35,30 @@ pub struct RedisProgress {
 
 /// Redis no longer holds what idem recorded: consumption must restart from
 /// what it holds.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateChanged {
-    pub cause: &'static str,
+    pub cause: Change,
     pub detail: String,
+}
+
+/// How Redis's state changed under a running idem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// The epoch marker is gone or was renewed (Redis lost its state, or
+    /// another instance found a rollback and renewed it).
+    Epoch,
+    /// A progress record is below what this instance recorded.
+    RolledBack,
+}
+
+impl Change {
+    /// The `cause` label of `idem_redis_state_changes_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Change::Epoch => "epoch",
+            Change::RolledBack => "rolled_back",
+        }
+    }
 }
 
 impl StateChanged {
@@ -44,11 +66,11 @@ impl StateChanged {
     pub fn from_refusal(e: &StoreError) -> Option<StateChanged> {
         match e {
             StoreError::EpochChanged { expected, found } => Some(StateChanged {
-                cause: "epoch",
+                cause: Change::Epoch,
                 detail: format!("epoch marker {found}, idem knows {expected}"),
             }),
             StoreError::RolledBack(detail) => Some(StateChanged {
-                cause: "rolled_back",
+                cause: Change::RolledBack,
                 detail: detail.clone(),
             }),
             _ => None,
@@ -77,10 +99,25 @@ impl RedisProgress {
             .collect();
         self.store.record(&self.epoch, &with_expected).await?;
         for (tp, next) in positions {
-            let e = self.recorded.entry(tp.clone()).or_insert(*next);
-            *e = (*e).max(*next);
+            // A partition released meanwhile is no longer this instance's to check.
+            if let Some(e) = self.recorded.get_mut(tp) {
+                *e = (*e).max(*next);
+            }
         }
         Ok(())
+    }
+
+    /// Partitions assigned, each with the offset its record was raised to
+    /// at the assignment: checked from now on.
+    pub fn watch(&mut self, starts: Vec<(TopicPartition, i64)>) {
+        self.recorded.extend(starts);
+    }
+
+    /// Partitions revoked or lost: no longer checked.
+    pub fn release(&mut self, tps: &[TopicPartition]) {
+        for tp in tps {
+            self.recorded.remove(tp);
+        }
     }
 
     /// After the guard replaced its connection: the same for the records.
@@ -107,12 +144,13 @@ impl RedisProgress {
         }
     }
 
-    /// After a failure: whether Redis still holds the marker and at least
-    /// the records this instance wrote (a restart without persistence
-    /// loses both; a restored snapshot or a promoted replica, the last records).
-    /// Runs before every batch (a reconnect can be silent: redis-rs
-    /// resends, a proxy keeps the client's connection through a failover);
-    /// `suspect` only says a failure happened since.
+    /// Whether Redis still holds the marker and, for every owned partition,
+    /// at least the record this instance wrote or found at the assignment (a
+    /// restart without persistence loses both; a restored snapshot or a
+    /// promoted replica, the last records). Runs before every batch and on
+    /// a timer while idle (a reconnect can be silent: redis-rs resends, a
+    /// proxy keeps the client's connection through a failover); `suspect`
+    /// only says a failure happened since. No owned partition: nothing to check.
     pub async fn check(&mut self) -> Result<Option<StateChanged>, StoreError> {
         let tps: Vec<TopicPartition> = self.recorded.keys().cloned().collect();
         if tps.is_empty() {
@@ -129,7 +167,7 @@ impl RedisProgress {
                     .map_or("redis".into(), |(h, p)| format!("{h}:{p}"));
                 if s.marker.as_deref() != Some(self.epoch.as_str()) {
                     return Ok(Some(StateChanged {
-                        cause: "epoch",
+                        cause: Change::Epoch,
                         detail: format!(
                             "{at}: epoch marker {:?}, idem knows {}",
                             s.marker, self.epoch
@@ -138,7 +176,7 @@ impl RedisProgress {
                 }
                 if s.next.is_none_or(|n| n < mine) {
                     return Ok(Some(StateChanged {
-                        cause: "rolled_back",
+                        cause: Change::RolledBack,
                         detail: format!(
                             "{at}: progress of {}/{} is {:?}, idem recorded {mine}",
                             tp.topic, tp.partition, s.next
@@ -148,56 +186,6 @@ impl RedisProgress {
             }
         }
         Ok(None)
-    }
-}
-
-impl super::apply::GuardStage {
-    /// Logs and counts a change of Redis's state and asks the loop to
-    /// restart consumption from what Redis holds. Returns `None`: the batch
-    /// is not finished (nothing of it is committed).
-    pub(super) async fn restart_for<T>(&mut self, changed: StateChanged) -> Option<T> {
-        if changed.cause == "rolled_back" {
-            self.progress.renew_epoch().await;
-        }
-        metrics::record_redis_state_change(changed.cause);
-        tracing::error!(
-            cause = changed.cause,
-            detail = %changed.detail,
-            "Redis lost or rolled back its state: nothing more is written; consumption restarts from the offsets Redis's state reflects"
-        );
-        self.restart.trigger();
-        None
-    }
-
-    /// Records the batch's progress in Redis, retrying until it answers.
-    /// False if shutdown fired first or Redis's state changed (then the
-    /// batch stays unfinished).
-    pub(super) async fn record_progress(&mut self, batch: &super::batch::Batch) -> bool {
-        let ends = batch_ends(batch.positions());
-        let mut backoff = super::Backoff::new(&self.config);
-        loop {
-            let attempt = match self.progress.check().await {
-                Ok(Some(changed)) => return self.restart_for::<()>(changed).await.is_some(),
-                Ok(None) => self.progress.record(&ends).await,
-                Err(e) => Err(e),
-            };
-            match attempt {
-                Ok(()) => return true,
-                Err(e) => {
-                    if let Some(changed) = StateChanged::from_refusal(&e) {
-                        return self.restart_for::<()>(changed).await.is_some();
-                    }
-                    self.progress.suspect();
-                    metrics::record_retry(e.cause());
-                    let wait = backoff.next();
-                    tracing::warn!(error = %e, retry_in = ?wait, "cannot record the batch's progress in Redis; the batch waits and nothing past it is committed");
-                    tokio::select! {
-                        _ = self.shutdown.wait() => return false,
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
-        }
     }
 }
 
@@ -218,6 +206,24 @@ pub fn batch_ends<'a>(
 #[error("{0}")]
 pub struct Unrecoverable(pub String);
 
+/// Where an assignment's partitions resume.
+pub struct Resumed {
+    /// Every assigned partition with the offset its progress record now
+    /// holds at least (its start): what the guard stage checks from then on.
+    pub floors: Vec<(TopicPartition, i64)>,
+    /// The partitions that start before their committed offset.
+    pub rewinds: Vec<Rewind>,
+}
+
+/// Why an assignment's resume points could not be settled.
+#[derive(Debug)]
+pub enum ResumeError {
+    /// Redis or the brokers did not answer: consumption restarts and asks again.
+    Unreadable(StoreError),
+    /// Redis lost effects the log no longer holds: idem must not run.
+    Unrecoverable(Unrecoverable),
+}
+
 /// A partition that resumes before its committed offset.
 pub struct Rewind {
     pub tp: TopicPartition,
@@ -235,19 +241,19 @@ pub async fn resume_points(
     consumer: &Arc<Consumer>,
     assigned: &[Committed],
     group: &str,
-) -> Result<Result<Vec<Rewind>, Unrecoverable>, StoreError> {
+) -> Result<Resumed, ResumeError> {
     let tps: Vec<TopicPartition> = assigned.iter().map(|c| c.tp.clone()).collect();
-    let views = store.read(&tps).await?;
+    let views = store.read(&tps).await.map_err(ResumeError::Unreadable)?;
     let mut rewinds = Vec::new();
     let mut starts = Vec::new();
     for (c, servers) in assigned.iter().zip(views) {
         let committed = c.offset.map(|o| (o, c.metadata.as_str()));
         let log_start = match decide(committed, &servers, i64::MAX) {
             Start::Refuse { .. } => low_watermark(consumer, &c.tp).await.ok_or_else(|| {
-                StoreError::Protocol(format!(
+                ResumeError::Unreadable(StoreError::Protocol(format!(
                     "the brokers did not say where {}/{} starts",
                     c.tp.topic, c.tp.partition
-                ))
+                )))
             })?,
             _ => 0,
         };
@@ -287,7 +293,7 @@ pub async fn resume_points(
                 cause,
                 ..
             } => {
-                return Ok(Err(Unrecoverable(format!(
+                return Err(ResumeError::Unrecoverable(Unrecoverable(format!(
                     "Redis {} for {}/{}: its state needs the records from offset {needed}, but the log now starts at {log_start} (retention deleted the rest); the effects of offsets {needed}..{} are gone from Redis and from Kafka. Restore Redis from a backup that holds them, or accept the loss and re-apply what the log still holds: `idem replay --group {group} --topic {} --to-earliest --execute` (a commit written by replay is taken as it is)",
                     cause.describe(),
                     c.tp.topic,
@@ -298,8 +304,14 @@ pub async fn resume_points(
             }
         }
     }
-    store.record(epoch, &starts).await?;
-    Ok(Ok(rewinds))
+    store
+        .record(epoch, &starts)
+        .await
+        .map_err(ResumeError::Unreadable)?;
+    Ok(Resumed {
+        floors: starts.into_iter().map(|(tp, to, _)| (tp, to)).collect(),
+        rewinds,
+    })
 }
 
 /// The partition's first offset now (`None` if the brokers do not answer:

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{KeyLayout, RedisConn, StoreError};
-use crate::effects::{keys, CommutativeView};
+use crate::effects::CommutativeView;
 
 type Entry = (String, Vec<String>);
 
@@ -17,17 +17,17 @@ pub async fn read(
     streams: &[String],
     sets: &[String],
 ) -> Result<CommutativeView, StoreError> {
-    let base = layout.entity_base(entity);
+    let keys = layout.entity(entity);
     let mut view = CommutativeView {
         counters: redis::cmd("HGETALL")
-            .arg(keys::counters(&base))
+            .arg(keys.counters())
             .query_async(conn)
             .await?,
         ..CommutativeView::default()
     };
     for s in streams {
         let entries: Vec<Entry> = redis::cmd("XRANGE")
-            .arg(keys::ledger(&base, s))
+            .arg(keys.ledger(s))
             .arg("-")
             .arg("+")
             .query_async(conn)
@@ -46,14 +46,14 @@ pub async fn read(
     }
     for s in sets {
         let members: BTreeSet<String> = redis::cmd("SMEMBERS")
-            .arg(keys::set(&base, s))
+            .arg(keys.set(s))
             .query_async(conn)
             .await?;
         if !members.is_empty() {
             view.sets.insert(s.clone(), members);
         }
         let seqs: BTreeMap<String, u64> = redis::cmd("HGETALL")
-            .arg(keys::set_seqs(&base, s))
+            .arg(keys.set_seqs(s))
             .query_async(conn)
             .await?;
         if !seqs.is_empty() {
@@ -96,16 +96,16 @@ pub async fn summary(
     streams: &[String],
     sets: &[String],
 ) -> Result<Summary, StoreError> {
-    let base = layout.entity_base(entity);
+    let keys = layout.entity(entity);
     let mut out = Summary {
         counters: redis::cmd("HGETALL")
-            .arg(keys::counters(&base))
+            .arg(keys.counters())
             .query_async(conn)
             .await?,
         ..Summary::default()
     };
     for s in streams {
-        let key = keys::ledger(&base, s);
+        let key = keys.ledger(s);
         let length: u64 = redis::cmd("XLEN").arg(&key).query_async(conn).await?;
         if length == 0 {
             continue;
@@ -140,7 +140,7 @@ pub async fn summary(
     }
     for s in sets {
         let size: u64 = redis::cmd("SCARD")
-            .arg(keys::set(&base, s))
+            .arg(keys.set(s))
             .query_async(conn)
             .await?;
         if size > 0 {

@@ -15,11 +15,13 @@ use crate::config::{redact_url, RedisConfig};
 
 mod checks;
 pub mod commutative;
+mod keys;
 pub mod progress;
 pub use checks::{
     check_eviction_policy, check_version, durable_wait, persistence, CheckError, DurableWait,
     Persistence,
 };
+pub use keys::{progress_field, EntityKeys, KeyLayout};
 
 /// An error talking to Redis.
 #[derive(Debug, thiserror::Error)]
@@ -100,51 +102,6 @@ impl StoreError {
             StoreError::EpochChanged { .. } => "epoch",
             StoreError::RolledBack(_) => "rolled_back",
         }
-    }
-}
-
-/// Names of the keys idem writes. See docs/redis-layout.md.
-#[derive(Debug, Clone)]
-pub struct KeyLayout {
-    prefix: String,
-}
-
-impl KeyLayout {
-    pub fn new(prefix: impl Into<String>) -> Self {
-        KeyLayout {
-            prefix: prefix.into(),
-        }
-    }
-
-    /// `<prefix>:{<entity>}`: the base every key of the entity starts with.
-    pub fn entity_base(&self, entity: &str) -> String {
-        let mut s = String::with_capacity(self.prefix.len() + entity.len() + 3);
-        s.push_str(&self.prefix);
-        s.push_str(":{");
-        s.push_str(entity);
-        s.push('}');
-        s
-    }
-
-    /// The materialized view other services read: a hash of the entity's fields.
-    pub fn state_key(&self, entity: &str) -> String {
-        self.entity_base(entity) + ":state"
-    }
-
-    /// idem's bookkeeping for the entity: seq, last id, counters.
-    pub fn meta_key(&self, entity: &str) -> String {
-        self.entity_base(entity) + ":meta"
-    }
-
-    /// The counter a durable wait increments (standalone Redis only).
-    pub fn durability_barrier_key(&self) -> String {
-        format!("{}:durability-barrier", self.prefix)
-    }
-
-    /// The barrier counter that lives in cluster slot `slot` (its hash tag
-    /// is a short string of that slot): at most one key per slot.
-    pub fn slot_barrier_key(&self, slot: u16) -> String {
-        format!("{}:durability-barrier:{{{}}}", self.prefix, slot_tag(slot))
     }
 }
 
@@ -587,18 +544,6 @@ pub async fn read_entity(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_key_carries_the_entity_hash_tag() {
-        let l = KeyLayout::new("idem");
-        assert_eq!(l.state_key("orders:42"), "idem:{orders:42}:state");
-        assert_eq!(l.meta_key("orders:42"), "idem:{orders:42}:meta");
-        assert_eq!(
-            hash_slot(l.state_key("a").as_bytes()),
-            hash_slot(l.meta_key("a").as_bytes())
-        );
-        assert_eq!(hash_slot(l.entity_base("a").as_bytes()), hash_slot(b"a"));
-    }
 
     #[test]
     fn hash_slots_match_redis() {

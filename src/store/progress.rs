@@ -20,29 +20,8 @@ use std::hash::{BuildHasher, Hasher};
 
 use redis::Value;
 
-use super::{KeyLayout, NodeAddr, RedisConn, StoreError};
+use super::{progress_field, KeyLayout, NodeAddr, RedisConn, StoreError};
 use crate::offsets::TopicPartition;
-
-impl KeyLayout {
-    /// The epoch marker every guard call checks: the one key of a
-    /// standalone server (`None`), or the one of cluster slot `slot`.
-    pub fn epoch_key(&self, slot: Option<u16>) -> String {
-        match slot {
-            None => format!("{}:epoch", self.prefix),
-            Some(s) => format!("{}:epoch:{{{}}}", self.prefix, super::slot_tag(s)),
-        }
-    }
-
-    /// The progress records of a server (`None`), or of the cluster master
-    /// whose lowest slot is `slot`: a hash, field `<topic>:<partition>`,
-    /// value the next offset to read.
-    pub fn progress_key(&self, slot: Option<u16>) -> String {
-        match slot {
-            None => format!("{}:progress", self.prefix),
-            Some(s) => format!("{}:progress:{{{}}}", self.prefix, super::slot_tag(s)),
-        }
-    }
-}
 
 /// Checks the marker, then that no record is below what the caller last
 /// wrote (ARGV triples: field, new offset, expected minimum or -1), then
@@ -113,11 +92,6 @@ pub struct ProgressStore {
     layout: KeyLayout,
     /// Read again when old, dropped after any failure (a failover moves them).
     anchors: Option<(Anchors, std::time::Instant)>,
-}
-
-/// The field of a partition in a progress hash.
-fn field(tp: &TopicPartition) -> String {
-    format!("{}:{}", tp.topic, tp.partition)
 }
 
 /// A fresh epoch: 16 hex digits, random.
@@ -318,7 +292,7 @@ impl ProgressStore {
             let mut hmget = redis::cmd("HMGET");
             hmget.arg(self.layout.progress_key(anchor));
             for tp in tps {
-                hmget.arg(field(tp));
+                hmget.arg(progress_field(tp));
             }
             pipe.add_command(hmget);
             let replies = self.conn.pipeline_on(&node, &pipe).await?;
@@ -364,7 +338,9 @@ impl ProgressStore {
                 .arg(self.layout.progress_key(anchor))
                 .arg(epoch);
             for (tp, next, expected) in positions {
-                cmd.arg(field(tp)).arg(*next).arg(expected.unwrap_or(-1));
+                cmd.arg(progress_field(tp))
+                    .arg(*next)
+                    .arg(expected.unwrap_or(-1));
             }
             async move {
                 let mut pipe = redis::pipe();

@@ -137,16 +137,11 @@ pub struct Redrive {
     pub failed: u64,
 }
 
-/// The Redis set that remembers which dead letters of `dlq_topic` were re-published.
-pub fn redriven_key(key_prefix: &str, dlq_topic: &str) -> String {
-    format!("{key_prefix}:redriven:{{{dlq_topic}}}")
-}
-
 /// Re-publishes dead letters to their original topics with their original
 /// key, value and headers, so the guard decides again. Each dead letter is
 /// re-checked with the current decoder first: one still invalid is not
 /// re-published. With `execute`, the re-published ones are remembered in
-/// Redis (`redriven_key`), so a repeated run publishes each dead letter at
+/// Redis (`KeyLayout::redriven_key`), so a repeated run publishes each dead letter at
 /// most once; without it nothing is written anywhere.
 pub async fn redrive(
     config: &crate::config::Config,
@@ -157,7 +152,7 @@ pub async fn redrive(
 ) -> anyhow::Result<Redrive> {
     use redis::AsyncCommands;
     let mut conn = crate::store::connect_or_explain(&config.redis).await?;
-    let key = redriven_key(&config.redis.key_prefix, dlq_topic);
+    let key = crate::store::KeyLayout::new(&config.redis.key_prefix).redriven_key(dlq_topic);
     let done: std::collections::HashSet<String> = conn.smembers(&key).await?;
     let (kafka, topic, event_cfg) = (
         config.kafka.clone(),

@@ -437,8 +437,9 @@ pub async fn wait_ids_expired(prefix: &str) {
     .await;
 }
 
-/// Asserts that Redis holds exactly the oracle's state and applied count for every entity.
-pub async fn assert_matches_oracle(url: &str, prefix: &str, model: &Model) {
+/// The entities whose state, applied count, seq or deletion in Redis differ
+/// from the oracle's, one line each.
+pub async fn oracle_mismatches(url: &str, prefix: &str, model: &Model) -> Vec<String> {
     let views = read_entities(url, prefix, model.entities.keys()).await;
     let mut mismatches = Vec::new();
     for (name, want) in &model.entities {
@@ -454,6 +455,12 @@ pub async fn assert_matches_oracle(url: &str, prefix: &str, model: &Model) {
             ));
         }
     }
+    mismatches
+}
+
+/// Asserts that Redis holds exactly the oracle's state and applied count for every entity.
+pub async fn assert_matches_oracle(url: &str, prefix: &str, model: &Model) {
+    let mismatches = oracle_mismatches(url, prefix, model).await;
     assert!(
         mismatches.is_empty(),
         "{} of {} entities differ from the oracle, e.g.\n{}",
@@ -466,6 +473,15 @@ pub async fn assert_matches_oracle(url: &str, prefix: &str, model: &Model) {
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+/// Waits until Redis holds exactly the oracle's state for every entity.
+pub async fn wait_matches_oracle(url: &str, prefix: &str, model: &Model, timeout: Duration) {
+    wait_until("every entity equals the oracle", timeout, || async {
+        oracle_mismatches(url, prefix, model).await.is_empty()
+    })
+    .await;
+    assert_matches_oracle(url, prefix, model).await;
 }
 
 pub use idem_testbench::conformance::harness::PrivateRedis;

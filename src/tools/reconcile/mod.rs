@@ -388,10 +388,10 @@ async fn not_in_log(
             let view = store::read_entity(conn, layout, &entity).await?;
             let mut repaired = false;
             if opts.repair && opts.delete_extra {
-                let base = layout.entity_base(&entity);
+                let keys = layout.entity(&entity);
                 let _: i64 = redis::cmd("DEL")
-                    .arg(format!("{base}:state"))
-                    .arg(format!("{base}:meta"))
+                    .arg(keys.state())
+                    .arg(keys.meta())
                     .query_async(conn)
                     .await?;
                 repaired = true;
@@ -464,7 +464,9 @@ async fn repair(
     want: &EntityModel,
 ) -> Result<bool, StoreError> {
     let script = redis::Script::new(REPAIR);
-    let mut inv = script.key(layout.entity_base(entity));
+    let keys = layout.entity(entity);
+    let mut inv = script.key(keys.meta());
+    inv.key(keys.state());
     inv.arg(want.seq.unwrap_or(0))
         .arg(want.last_id.clone().unwrap_or_default())
         .arg(want.applied)
@@ -482,8 +484,7 @@ async fn entities_in_redis(
     conn: &mut crate::store::RedisConn,
     layout: &KeyLayout,
 ) -> Result<Vec<String>, StoreError> {
-    let pattern = layout.entity_base("*") + ":meta";
-    let prefix_len = layout.entity_base("").len() - 1; // "<prefix>:{"
+    let (pattern, prefix_len) = layout.meta_pattern();
     let keys = conn.scan_keys(&pattern).await?;
     Ok(keys
         .iter()

@@ -1,9 +1,14 @@
 //! The guard stage: takes decoded batches in order, runs the guard for them
-//! (retrying until Redis answers), counts outcomes and marks their offsets done.
+//! (retrying until Redis answers), writes dead letters, records Redis's
+//! progress, counts outcomes and reports each batch finished. Between
+//! batches it checks Redis's progress records on a timer, so a Redis that
+//! went back under an idle partition is noticed too.
 //!
 //! Guarantee: batches are applied strictly in the order they were fetched,
-//! one at a time, and a batch's offsets are marked done only after Redis
-//! answered for all of its events.
+//! one at a time, and a batch is reported finished only after Redis answered
+//! for all of its events and holds its progress record (the commit-after-
+//! effect rule of docs/guarantees.md rests on this). The stage steers the
+//! loop only through [`StageEvent`]s, in the order it decided them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,18 +18,45 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::batch::{Batch, Finished};
-use super::recovery::RedisProgress;
-use super::recovery::StateChanged;
-use super::{Backoff, Shutdown, ShutdownTrigger, Summary};
+use super::recovery::{batch_ends, RedisProgress, StateChanged};
+use super::shutdown::Shutdown;
+use super::summary::Summary;
+use super::timing::{unix_millis, Backoff};
 use crate::config::Config;
 use crate::dlq::budget::DlqBudget;
 use crate::dlq::{DeadLetter, DlqWriter};
 use crate::guard::{Guard, GuardInput, Verdict};
 use crate::metrics::{self, Health};
 use crate::model::Outcome;
+use crate::offsets::TopicPartition;
 
 /// Consecutive failures after which the Redis connection is replaced.
 const RECONNECT_AFTER: u32 = 3;
+
+/// What the guard stage tells the loop: the only way it steers it.
+#[derive(Debug)]
+pub enum StageEvent {
+    /// A batch is applied and its progress recorded: its offsets are done.
+    Finished(Finished),
+    /// The dead-letter budget is exceeded: fetch nothing more (the reason
+    /// is what `/readyz` and the log show).
+    StopConsuming(String),
+    /// Redis lost or rolled back its state (a refused write, or the
+    /// progress check): nothing more is written, consumption restarts from
+    /// what Redis holds.
+    Restart(StateChanged),
+}
+
+/// What the loop tells the guard stage besides batches: which partitions
+/// it owns, so the progress check covers exactly those.
+#[derive(Debug)]
+pub enum Ownership {
+    /// Assigned, each with the offset Redis's record was raised to at the
+    /// assignment: the check expects at least that from then on.
+    Taken(Vec<(TopicPartition, i64)>),
+    /// Revoked or lost: no longer checked.
+    Released(Vec<TopicPartition>),
+}
 
 pub struct GuardStage {
     pub config: Arc<Config>,
@@ -34,27 +66,84 @@ pub struct GuardStage {
     pub summary: Summary,
     pub dlq: DlqWriter,
     pub budget: DlqBudget,
-    /// Where finished batches are reported: the loop marks their offsets done.
-    pub finished: mpsc::UnboundedSender<Finished>,
-    /// Redis's progress records: written after each batch, checked after a failure.
+    /// Where the stage reports to the loop.
+    pub events: mpsc::UnboundedSender<StageEvent>,
+    /// The partitions the loop owns, as it takes and releases them.
+    pub ownership: mpsc::UnboundedReceiver<Ownership>,
+    /// Redis's progress records: written after each batch, checked before
+    /// each batch and on a timer while idle.
     pub progress: RedisProgress,
-    /// Fired when Redis's state changed: consumption restarts from what it holds.
-    pub restart: ShutdownTrigger,
+    /// Consumption was stopped (dead-letter budget): said once.
+    pub stopped: bool,
 }
 
 impl GuardStage {
-    /// Applies batches until the channel closes, or shutdown fires while Redis fails.
+    /// Applies batches until the channel closes, shutdown fires while Redis
+    /// fails, or Redis's state changed. With no batch for
+    /// `redis.progress_check_interval`, checks Redis's progress records:
+    /// here, so the check never reads between two of the stage's own writes.
     pub async fn run(mut self, mut batches: mpsc::Receiver<Batch>) {
-        while let Some(batch) = batches.recv().await {
-            // Every log line of the batch names its records.
-            let span =
-                tracing::info_span!("batch", records = batch.len(), offsets = %batch.describe());
-            if !self.apply(batch).instrument(span).await {
-                break;
+        let idle = self.config.redis.progress_check_interval;
+        loop {
+            tokio::select! {
+                // A batch first: it runs the same check before it writes.
+                biased;
+                batch = batches.recv() => {
+                    let Some(batch) = batch else { break };
+                    self.take_ownership();
+                    // Every log line of the batch names its records.
+                    let span = tracing::info_span!("batch", records = batch.len(), offsets = %batch.describe());
+                    if !self.apply(batch).instrument(span).await {
+                        break;
+                    }
+                    self.summary.maybe_log();
+                }
+                _ = tokio::time::sleep(idle) => {
+                    self.take_ownership();
+                    if !self.check_while_idle().await {
+                        break;
+                    }
+                }
             }
-            self.summary.maybe_log();
         }
         self.summary.log();
+    }
+
+    /// Applies what the loop said about its partitions (all of it sent
+    /// before the batch at hand, so a batch's partitions are known).
+    fn take_ownership(&mut self) {
+        while let Ok(change) = self.ownership.try_recv() {
+            match change {
+                Ownership::Taken(starts) => self.progress.watch(starts),
+                Ownership::Released(tps) => self.progress.release(&tps),
+            }
+        }
+    }
+
+    /// The check while no batch runs. False when Redis's state changed (the
+    /// loop was told to restart). A Redis that does not answer is logged
+    /// and tried again at the next turn; nothing is written meanwhile.
+    async fn check_while_idle(&mut self) -> bool {
+        match self.progress.check().await {
+            Ok(None) => {
+                self.health.set_redis_ok(true);
+                true
+            }
+            Ok(Some(changed)) => {
+                self.restart_for::<()>(changed).await;
+                false
+            }
+            Err(e) => {
+                self.progress.suspect();
+                self.health.set_redis_ok(false);
+                tracing::warn!(
+                    error = %e,
+                    retry_in = ?self.config.redis.progress_check_interval,
+                    "cannot check Redis's progress records while idle; is Redis up?"
+                );
+                true
+            }
+        }
     }
 
     async fn apply(&mut self, batch: Batch) -> bool {
@@ -86,7 +175,7 @@ impl GuardStage {
         }
         // Count before marking done: whoever sees the commit sees the counts.
         self.record(&batch, &verdicts);
-        let _ = self.finished.send(batch.finished());
+        let _ = self.events.send(StageEvent::Finished(batch.finished()));
         self.check_budget(&batch, &letters);
         metrics::record_batch(batch.len(), started.elapsed());
         true
@@ -132,7 +221,7 @@ impl GuardStage {
         for i in 0..batch.len() {
             self.budget.record(i < dead);
         }
-        if self.budget.is_exceeded() && self.health.stopped_reason().is_none() {
+        if self.budget.is_exceeded() && !self.stopped {
             let reason = format!(
                 "dead-letter ratio {:.2} over the last {} records exceeds dlq.max_ratio = {}",
                 self.budget.ratio(),
@@ -144,7 +233,8 @@ impl GuardStage {
                 max_ratio = self.config.dlq.max_ratio,
                 "{reason}: consumption stopped. Look at the dead letters with `idem dlq inspect`, fix the producer (or raise dlq.max_ratio), restart idem, then `idem dlq redrive` what should be applied"
             );
-            self.health.stop_consuming(reason);
+            self.stopped = true;
+            let _ = self.events.send(StageEvent::StopConsuming(reason));
         }
     }
 
@@ -201,7 +291,7 @@ impl GuardStage {
             metrics::record_outcome(&batch.partitions[partition].topic, outcome, n);
             self.summary.add(outcome, n);
         }
-        let now_ms = super::unix_millis();
+        let now_ms = unix_millis();
         metrics::record_event_latencies(
             batch
                 .items
@@ -347,6 +437,54 @@ impl GuardStage {
                     );
                     tokio::select! {
                         _ = self.shutdown.wait() => return None,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Logs and counts a change of Redis's state and tells the loop to
+    /// restart consumption from what Redis holds. Returns `None`: the batch
+    /// is not finished (nothing of it is committed).
+    async fn restart_for<T>(&mut self, changed: StateChanged) -> Option<T> {
+        if changed.cause == super::recovery::Change::RolledBack {
+            self.progress.renew_epoch().await;
+        }
+        metrics::record_redis_state_change(changed.cause.as_str());
+        tracing::error!(
+            cause = changed.cause.as_str(),
+            detail = %changed.detail,
+            "Redis lost or rolled back its state: nothing more is written; consumption restarts from the offsets Redis's state reflects"
+        );
+        let _ = self.events.send(StageEvent::Restart(changed));
+        None
+    }
+
+    /// Records the batch's progress in Redis, retrying until it answers.
+    /// False if shutdown fired first or Redis's state changed (then the
+    /// batch stays unfinished).
+    async fn record_progress(&mut self, batch: &Batch) -> bool {
+        let ends = batch_ends(batch.positions());
+        let mut backoff = Backoff::new(&self.config);
+        loop {
+            let attempt = match self.progress.check().await {
+                Ok(Some(changed)) => return self.restart_for::<()>(changed).await.is_some(),
+                Ok(None) => self.progress.record(&ends).await,
+                Err(e) => Err(e),
+            };
+            match attempt {
+                Ok(()) => return true,
+                Err(e) => {
+                    if let Some(changed) = StateChanged::from_refusal(&e) {
+                        return self.restart_for::<()>(changed).await.is_some();
+                    }
+                    self.progress.suspect();
+                    metrics::record_retry(e.cause());
+                    let wait = backoff.next();
+                    tracing::warn!(error = %e, retry_in = ?wait, "cannot record the batch's progress in Redis; the batch waits and nothing past it is committed");
+                    tokio::select! {
+                        _ = self.shutdown.wait() => return false,
                         _ = tokio::time::sleep(wait) => {}
                     }
                 }

@@ -1,0 +1,407 @@
+//! The loop fed with messages, as quickwit tests its Kafka source: a real
+//! librdkafka consumer that never reaches a broker (partitions assigned by
+//! hand, so offsets can be stored), a table in place of Redis's progress
+//! records, and the test in the place of the consumer thread and the guard
+//! stage.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::Consumer as _;
+use rdkafka::TopicPartitionList;
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::kafka::TopicRecord;
+use crate::pipeline::consumer::Forwarder;
+use crate::pipeline::recovery::{Change, Rewind, StateChanged};
+use crate::pipeline::shutdown::ShutdownTrigger;
+
+/// Where partitions resume: rewinds by partition, or a failure for all.
+struct Table {
+    rewinds: HashMap<TopicPartition, i64>,
+    unrecoverable: bool,
+}
+
+impl Resume for Table {
+    fn epoch(&self) -> &str {
+        "E"
+    }
+
+    async fn resume(
+        &mut self,
+        _consumer: &Arc<Consumer>,
+        assigned: &[Committed],
+    ) -> Result<Resumed, ResumeError> {
+        if self.unrecoverable {
+            return Err(ResumeError::Unrecoverable(Unrecoverable("gone".into())));
+        }
+        let mut floors = Vec::new();
+        let mut rewinds = Vec::new();
+        for c in assigned {
+            let committed = c.offset.unwrap_or(0);
+            let start = self.rewinds.get(&c.tp).copied().unwrap_or(committed);
+            floors.push((c.tp.clone(), start));
+            if start < committed {
+                rewinds.push(Rewind {
+                    tp: c.tp.clone(),
+                    to: start,
+                    committed,
+                });
+            }
+        }
+        Ok(Resumed { floors, rewinds })
+    }
+}
+
+/// The loop running on its own task, and the other ends of its channels.
+struct Harness {
+    consumer: Arc<Consumer>,
+    kafka: mpsc::Sender<KafkaEvent>,
+    stage: mpsc::UnboundedSender<StageEvent>,
+    ownership: mpsc::UnboundedReceiver<Ownership>,
+    batches: mpsc::Receiver<Batch>,
+    health: Health,
+    shutdown: ShutdownTrigger,
+    task: tokio::task::JoinHandle<(LoopEnd, EventLoop<Table>)>,
+}
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn tp(partition: i32) -> TopicPartition {
+    TopicPartition::new("t", partition)
+}
+
+fn start(table: Table) -> Harness {
+    let mut config = Config::defaults();
+    config.pipeline.batch_linger = Duration::from_millis(5);
+    config.kafka.revoke_timeout = Duration::from_secs(30);
+    let (kafka_tx, kafka_rx) = mpsc::channel(64);
+    let (note_tx, notes) = mpsc::unbounded_channel();
+    let consumer: Arc<Consumer> = Arc::new(
+        ClientConfig::new()
+            // Nothing listens there: the consumer is never polled anyway.
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("group.id", "event-loop-tests")
+            .set("enable.auto.offset.store", "false")
+            // Nothing to commit to: a close would wait for a coordinator.
+            .set("enable.auto.commit", "false")
+            .create_with_context(Forwarder::new(
+                kafka_tx.clone(),
+                note_tx,
+                Duration::from_secs(1),
+                String::new(),
+            ))
+            .expect("a consumer without a broker"),
+    );
+    let (stage_tx, stage_rx) = mpsc::unbounded_channel();
+    let (ownership_tx, ownership_rx) = mpsc::unbounded_channel();
+    let (batch_tx, batch_rx) = mpsc::channel(1);
+    let (trigger, mut shutdown) = Shutdown::new();
+    let health = Health::default();
+    let mut event_loop = EventLoop::new(
+        Arc::new(config),
+        consumer.clone(),
+        health.clone(),
+        kafka_rx,
+        notes,
+        StageLink {
+            events: stage_rx,
+            ownership: ownership_tx,
+        },
+        table,
+    );
+    let task = tokio::spawn(async move {
+        let end = event_loop.run(&batch_tx, &mut shutdown).await;
+        (end, event_loop)
+    });
+    Harness {
+        consumer,
+        kafka: kafka_tx,
+        stage: stage_tx,
+        ownership: ownership_rx,
+        batches: batch_rx,
+        health,
+        shutdown: trigger,
+        task,
+    }
+}
+
+fn table() -> Table {
+    Table {
+        rewinds: HashMap::new(),
+        unrecoverable: false,
+    }
+}
+
+impl Harness {
+    /// Assigns `(partition, committed)` as the consumer thread would, and
+    /// returns the loop's answer: where partitions start instead.
+    async fn assign(&self, partitions: &[(i32, Option<i64>)]) -> Vec<(TopicPartition, i64)> {
+        let mut tpl = TopicPartitionList::new();
+        for (p, _) in partitions {
+            tpl.add_partition("t", *p);
+        }
+        self.consumer.assign(&tpl).expect("manual assignment");
+        let committed = partitions
+            .iter()
+            .map(|(p, offset)| Committed {
+                tp: tp(*p),
+                offset: *offset,
+                metadata: crate::resume::commit_metadata("E"),
+                known: true,
+            })
+            .collect();
+        self.assign_committed(committed).await
+    }
+
+    async fn assign_committed(&self, partitions: Vec<Committed>) -> Vec<(TopicPartition, i64)> {
+        let (answer, rx) = std::sync::mpsc::sync_channel(1);
+        self.send(KafkaEvent::Assigned { partitions, answer }).await;
+        answer_of(rx).await
+    }
+
+    async fn send(&self, event: KafkaEvent) {
+        self.kafka.send(event).await.expect("the loop takes events");
+    }
+
+    async fn records(&self, partition: i32, offsets: std::ops::Range<i64>) {
+        for offset in offsets {
+            let value = format!(r#"{{"id":"i{offset}","entity":"e","seq":{}}}"#, offset + 1);
+            self.send(KafkaEvent::Record(Fetched {
+                tp: tp(partition),
+                record: TopicRecord {
+                    partition,
+                    offset,
+                    timestamp_ms: None,
+                    key: None,
+                    value: Some(value.into_bytes()),
+                    headers: Vec::new(),
+                },
+            }))
+            .await;
+        }
+    }
+
+    /// The next batch the loop hands to the guard stage.
+    async fn next_batch(&mut self) -> Batch {
+        tokio::time::timeout(WAIT, self.batches.recv())
+            .await
+            .expect("a batch within the wait")
+            .expect("the loop is running")
+    }
+
+    /// Sends a revoke and returns the answer's receiver (answered later).
+    async fn revoke(
+        &self,
+        partitions: &[i32],
+    ) -> std::sync::mpsc::Receiver<Vec<(TopicPartition, i64)>> {
+        let (answer, rx) = std::sync::mpsc::sync_channel(1);
+        let partitions = partitions.iter().map(|p| tp(*p)).collect();
+        self.send(KafkaEvent::Revoked { partitions, answer }).await;
+        rx
+    }
+
+    async fn ended(self) -> (LoopEnd, EventLoop<Table>) {
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("the loop ends within the wait")
+            .expect("the loop does not panic")
+    }
+}
+
+async fn answer_of<T: Send + 'static>(rx: std::sync::mpsc::Receiver<T>) -> T {
+    tokio::task::spawn_blocking(move || rx.recv_timeout(WAIT))
+        .await
+        .unwrap()
+        .expect("the loop answers within the wait")
+}
+
+fn offsets(batch: &Batch) -> Vec<(i32, i64)> {
+    batch.positions().map(|(tp, o)| (tp.partition, o)).collect()
+}
+
+fn rolled_back() -> StateChanged {
+    StateChanged {
+        cause: Change::RolledBack,
+        detail: "redis: progress of t/0 is Some(200), idem recorded 400".into(),
+    }
+}
+
+#[tokio::test]
+async fn an_assignment_answers_the_rewinds_and_tells_the_stage_what_to_check() {
+    let mut table = table();
+    table.rewinds.insert(tp(1), 5);
+    let mut h = start(table);
+    let starts = h.assign(&[(0, Some(10)), (1, Some(20))]).await;
+    assert_eq!(
+        starts,
+        [(tp(1), 5)],
+        "only the rewound partition starts elsewhere"
+    );
+    match h.ownership.recv().await {
+        Some(Ownership::Taken(mut floors)) => {
+            floors.sort_by_key(|(tp, _)| tp.partition);
+            assert_eq!(floors, [(tp(0), 10), (tp(1), 5)]);
+        }
+        other => panic!("expected the assignment's floors, got {other:?}"),
+    }
+    assert!(h
+        .health
+        .not_ready_reason()
+        .is_some_and(|r| r.contains("re-reading 1 partition")));
+    h.records(1, 5..7).await;
+    assert_eq!(offsets(&h.next_batch().await), [(1, 5), (1, 6)]);
+}
+
+#[tokio::test]
+async fn a_revoke_waits_for_the_in_flight_batch_and_answers_its_commit_point() {
+    let mut h = start(table());
+    h.assign(&[(0, None)]).await;
+    h.records(0, 0..3).await;
+    let batch = h.next_batch().await;
+    let answer = h.revoke(&[0]).await;
+    // The loop is waiting for the batch: no answer yet.
+    tokio::task::yield_now().await;
+    assert!(
+        answer.try_recv().is_err(),
+        "answered before the batch finished"
+    );
+    h.stage
+        .send(StageEvent::Finished(batch.finished()))
+        .unwrap();
+    assert_eq!(
+        answer_of(answer).await,
+        [(tp(0), 3)],
+        "committed == last done + 1"
+    );
+    let released = loop {
+        match h.ownership.recv().await {
+            Some(Ownership::Released(tps)) => break tps,
+            Some(Ownership::Taken(_)) => continue,
+            None => panic!("the loop dropped the ownership channel"),
+        }
+    };
+    assert_eq!(
+        released,
+        [tp(0)],
+        "the stage stops checking a revoked partition"
+    );
+}
+
+#[tokio::test]
+async fn a_restart_from_the_stage_ends_the_loop_with_its_cause() {
+    let h = start(table());
+    h.assign(&[(0, Some(400))]).await;
+    // What the idle check reports when Redis went back under an idle partition.
+    h.stage.send(StageEvent::Restart(rolled_back())).unwrap();
+    match h.ended().await.0 {
+        LoopEnd::Restart(why) => {
+            assert!(why.contains("rolled_back") && why.contains("400"), "{why}")
+        }
+        other => panic!("expected a restart, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_restart_during_a_revoke_answers_at_once_then_ends_the_loop() {
+    let mut h = start(table());
+    h.assign(&[(0, None)]).await;
+    h.records(0, 0..2).await;
+    let _in_flight = h.next_batch().await;
+    let answer = h.revoke(&[0]).await;
+    // One turn for the loop (this runtime has one thread): it takes the
+    // revoke and waits for the batch.
+    tokio::task::yield_now().await;
+    h.stage.send(StageEvent::Restart(rolled_back())).unwrap();
+    // Well before kafka.revoke_timeout (30 s): the stage stopped, nothing more finishes.
+    assert_eq!(
+        answer_of(answer).await,
+        [],
+        "nothing of the unfinished batch is committed"
+    );
+    assert!(matches!(h.ended().await.0, LoopEnd::Restart(_)));
+}
+
+#[tokio::test]
+async fn stop_consuming_drops_new_records_and_still_commits_what_finishes() {
+    let mut h = start(table());
+    h.assign(&[(0, None)]).await;
+    h.records(0, 0..2).await;
+    let batch = h.next_batch().await;
+    h.stage
+        .send(StageEvent::StopConsuming("dead-letter ratio 0.9".into()))
+        .unwrap();
+    h.stage
+        .send(StageEvent::Finished(batch.finished()))
+        .unwrap();
+    h.records(0, 2..4).await;
+    let answer = h.revoke(&[0]).await;
+    assert_eq!(
+        answer_of(answer).await,
+        [],
+        "the finished batch was stored before the revoke"
+    );
+    assert_eq!(
+        h.health.stopped_reason().as_deref(),
+        Some("dead-letter ratio 0.9")
+    );
+    assert!(
+        h.batches.try_recv().is_err(),
+        "no record is batched once stopped"
+    );
+    h.shutdown.trigger();
+    let (end, event_loop) = h.ended().await;
+    assert!(matches!(end, LoopEnd::Shutdown));
+    assert_eq!(
+        event_loop.in_flight(),
+        0,
+        "records after the stop were never begun"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_during_a_drain_ends_the_loop_and_finish_takes_what_the_stage_finished() {
+    let mut h = start(table());
+    h.assign(&[(0, None)]).await;
+    h.records(0, 0..3).await;
+    let batch = h.next_batch().await;
+    h.shutdown.trigger();
+    let stage = h.stage.clone();
+    let (end, mut event_loop) = h.ended().await;
+    assert!(matches!(end, LoopEnd::Shutdown));
+    assert_eq!(event_loop.in_flight(), 3);
+    // The guard stage finishes its batch during the drain, then ends.
+    stage.send(StageEvent::Finished(batch.finished())).unwrap();
+    event_loop.finish();
+    assert_eq!(
+        event_loop.in_flight(),
+        0,
+        "the drained batch is done, so its offsets are stored"
+    );
+}
+
+#[tokio::test]
+async fn an_unreadable_commit_or_a_lost_log_ends_the_loop_without_starts() {
+    let h = start(table());
+    let starts = h
+        .assign_committed(vec![Committed {
+            tp: tp(0),
+            offset: None,
+            metadata: String::new(),
+            known: false,
+        }])
+        .await;
+    assert_eq!(starts, []);
+    assert!(
+        matches!(h.ended().await.0, LoopEnd::Restart(why) if why.contains("committed offset of t/0"))
+    );
+
+    let mut table = table();
+    table.unrecoverable = true;
+    let h = start(table);
+    assert_eq!(h.assign(&[(0, Some(5))]).await, []);
+    assert!(matches!(h.ended().await.0, LoopEnd::Unrecoverable(_)));
+}

@@ -1,0 +1,160 @@
+//! Start-up of one consumption round: Redis connected (retrying until it
+//! answers), checked for what idem needs, the epoch marker settled and the
+//! guard script loaded; and the errors that end `idem run` before it starts.
+
+use super::event_loop::RedisSide;
+use super::recovery;
+use super::shutdown::Shutdown;
+use super::timing::Backoff;
+use crate::config::Config;
+use crate::guard::Guard;
+use crate::kafka;
+use crate::metrics;
+use crate::store::{self, progress::ProgressStore, KeyLayout, StoreError};
+
+/// Why `idem run` could not start (or, for the metrics endpoint, keep
+/// serving). Each says what to fix; none is retried: retryable faults
+/// (Redis or Kafka unreachable, timeouts) are retried inside the pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
+    #[error(transparent)]
+    Preflight(#[from] kafka::PreflightError),
+    #[error(transparent)]
+    RedisRefused(#[from] store::ConnectError),
+    #[error(transparent)]
+    RedisUnfit(#[from] store::CheckError),
+    /// Creating the consumer or producer, or subscribing, failed.
+    #[error("Kafka client")]
+    KafkaClient(#[from] rdkafka::error::KafkaError),
+    #[error("cannot start the consumer thread")]
+    Thread(#[source] std::io::Error),
+    /// The task that ran the broker check ended without an answer.
+    #[error("the start-up check of the brokers did not finish")]
+    PreflightTask(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Snippet(#[from] crate::guard::SnippetError),
+    /// Redis lost effects that the log no longer holds.
+    #[error(transparent)]
+    Unrecoverable(#[from] recovery::Unrecoverable),
+}
+
+/// Connects to Redis (retrying until it answers), checks that it keeps
+/// idem's keys and gives the configured durability, settles the epoch
+/// marker and loads the guard script. `None` if shutdown fired first.
+pub async fn start_guard(
+    config: &Config,
+    shutdown: &mut Shutdown,
+) -> Result<Option<(Guard, RedisSide)>, RunError> {
+    let Some(mut conn) = connect_redis(config, shutdown).await? else {
+        return Ok(None);
+    };
+    store::check_version(&mut conn).await?;
+    store::check_eviction_policy(&mut conn, config.redis.allow_eviction).await?;
+    let wait = store::durable_wait(&mut conn, config.redis.durability).await?;
+    match store::persistence(&mut conn).await {
+        Ok(nodes) => nodes
+            .iter()
+            .filter_map(|p| p.warning(config.redis.durability))
+            .for_each(|w| tracing::warn!("{w}")),
+        Err(e) => tracing::debug!(error = %e, "could not read Redis's persistence settings"),
+    }
+    let layout = KeyLayout::new(&config.redis.key_prefix);
+    let mut store = ProgressStore::new(conn.clone(), layout.clone());
+    let Some(epoch) = establish_epoch(config, &mut store, shutdown).await else {
+        return Ok(None);
+    };
+    crate::guard::check_snippets(&mut conn, &config.effects.snippets).await?;
+    let mut guard = Guard::new(
+        conn,
+        layout,
+        config.pipeline.events_per_script.get(),
+        epoch.clone(),
+    )
+    .with_snippets(&config.effects.snippets)
+    // Half the response timeout, so a slow WAIT reports itself before the client gives up.
+    .with_durable_wait(wait, config.redis.response_timeout / 2);
+    match guard.load_script().await {
+        // Redis answered, refusing to compile: each snippet compiled alone,
+        // yet the script with them does not.
+        Err(StoreError::Redis(e)) if crate::guard::is_compile_refusal(&e) => {
+            return Err(RunError::Snippet(crate::guard::SnippetError {
+                file: "guard.lua with the custom effects".into(),
+                message: e.to_string(),
+            }))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not load the guard script now; it is loaded on first use")
+        }
+        Ok(()) => {}
+    }
+    let group = config.kafka.group_id.clone();
+    Ok(Some((
+        guard,
+        RedisSide {
+            store,
+            epoch,
+            group,
+        },
+    )))
+}
+
+/// The epoch every marker agrees on (renewed where one is missing),
+/// retrying until Redis answers; `None` if shutdown fired first.
+async fn establish_epoch(
+    config: &Config,
+    store: &mut ProgressStore,
+    shutdown: &mut Shutdown,
+) -> Option<String> {
+    let mut backoff = Backoff::new(config);
+    loop {
+        match store.establish_epoch().await {
+            Ok(epoch) => {
+                tracing::info!(epoch = %epoch, "Redis epoch marker");
+                return Some(epoch);
+            }
+            Err(e) => {
+                let wait = backoff.next();
+                metrics::record_retry(e.cause());
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot read or set Redis's epoch marker");
+                tokio::select! {
+                    _ = shutdown.wait() => return None,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Connects to Redis, retrying with backoff until it answers or shutdown
+/// fires (`None`). Refused credentials end the start with an error: retrying
+/// cannot fix them.
+async fn connect_redis(
+    config: &Config,
+    shutdown: &mut Shutdown,
+) -> Result<Option<crate::store::RedisConn>, RunError> {
+    let mut backoff = Backoff::new(config);
+    loop {
+        match store::connect(&config.redis).await {
+            Ok(conn) => return Ok(Some(conn)),
+            Err(e) if e.is_auth_refusal() => {
+                return Err(store::explain_connect_error(&config.redis, e).into())
+            }
+            Err(e) => {
+                let wait = backoff.next();
+                metrics::record_retry("redis_connect");
+                tracing::warn!(
+                    url = %crate::config::redact_url(&config.redis.url),
+                    error = %e,
+                    retry_in = ?wait,
+                    "cannot reach Redis; is it running and is redis.url right?"
+                );
+                tokio::select! {
+                    _ = shutdown.wait() => return Ok(None),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}

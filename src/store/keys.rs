@@ -1,0 +1,225 @@
+//! Every key idem writes, named in one place: an entity's keys (state,
+//! bookkeeping, remembered ids, effects), the epoch markers and progress
+//! records, the durability barrier and the redrive record.
+//! docs/redis-layout.md lists the same keys; a test checks the page
+//! against this module.
+//!
+//! An entity's keys all start with `<prefix>:{<entity>}`: the braces are a
+//! Redis Cluster hash tag, so one script can read and write all of them.
+
+use crate::offsets::TopicPartition;
+
+/// Names of the keys idem writes under one `redis.key_prefix`.
+#[derive(Debug, Clone)]
+pub struct KeyLayout {
+    prefix: String,
+}
+
+/// The keys of one entity: all share its hash tag (so one cluster slot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntityKeys {
+    base: String,
+}
+
+impl KeyLayout {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        KeyLayout {
+            prefix: prefix.into(),
+        }
+    }
+
+    /// The keys of `entity`.
+    pub fn entity(&self, entity: &str) -> EntityKeys {
+        let mut base = String::with_capacity(self.prefix.len() + entity.len() + 3);
+        base.push_str(&self.prefix);
+        base.push_str(":{");
+        base.push_str(entity);
+        base.push('}');
+        EntityKeys { base }
+    }
+
+    /// `<prefix>:{<entity>}`: the base every key of the entity starts with
+    /// (what its hash slot is computed from).
+    pub fn entity_base(&self, entity: &str) -> String {
+        self.entity(entity).base
+    }
+
+    /// The materialized view other services read: a hash of the entity's fields.
+    pub fn state_key(&self, entity: &str) -> String {
+        self.entity(entity).state()
+    }
+
+    /// idem's bookkeeping for the entity: seq, last id, fingerprint, applied, deleted.
+    pub fn meta_key(&self, entity: &str) -> String {
+        self.entity(entity).meta()
+    }
+
+    /// The `SCAN` pattern of every entity's bookkeeping key, and the length
+    /// of the text before the entity's name in each match.
+    pub fn meta_pattern(&self) -> (String, usize) {
+        (self.meta_key("*"), self.prefix.len() + 2)
+    }
+
+    /// The epoch marker every guard call checks: the one key of a
+    /// standalone server (`None`), or the one of cluster slot `slot`.
+    pub fn epoch_key(&self, slot: Option<u16>) -> String {
+        self.own_key("epoch", slot)
+    }
+
+    /// The progress records of a server (`None`), or of the cluster master
+    /// whose lowest slot is `slot`: a hash, field [`progress_field`],
+    /// value the next offset to read.
+    pub fn progress_key(&self, slot: Option<u16>) -> String {
+        self.own_key("progress", slot)
+    }
+
+    /// The counter a durable wait increments (standalone Redis only).
+    pub fn durability_barrier_key(&self) -> String {
+        self.own_key("durability-barrier", None)
+    }
+
+    /// The barrier counter that lives in cluster slot `slot`: at most one key per slot.
+    pub fn slot_barrier_key(&self, slot: u16) -> String {
+        self.own_key("durability-barrier", Some(slot))
+    }
+
+    /// The set of dead letters of `dlq_topic` that `idem dlq redrive`
+    /// re-published (members `partition:offset`).
+    pub fn redriven_key(&self, dlq_topic: &str) -> String {
+        format!("{}:redriven:{{{dlq_topic}}}", self.prefix)
+    }
+
+    /// `<prefix>:<name>`, or on a cluster `<prefix>:<name>:{<tag>}` in slot `slot`.
+    fn own_key(&self, name: &str, slot: Option<u16>) -> String {
+        match slot {
+            None => format!("{}:{name}", self.prefix),
+            Some(s) => format!("{}:{name}:{{{}}}", self.prefix, super::slot_tag(s)),
+        }
+    }
+}
+
+/// The field of a partition in a progress hash: `<topic>:<partition>`.
+pub fn progress_field(tp: &TopicPartition) -> String {
+    format!("{}:{}", tp.topic, tp.partition)
+}
+
+impl EntityKeys {
+    /// `<prefix>:{<entity>}`.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Hash: the materialized view (user fields only).
+    pub fn state(&self) -> String {
+        self.with(":state")
+    }
+
+    /// Hash: seq, last_id, fingerprint, applied, updated_ms, deleted.
+    pub fn meta(&self) -> String {
+        self.with(":meta")
+    }
+
+    /// Hash: the ids remembered in dedupe-window generation `generation`.
+    pub fn ids(&self, generation: u64) -> String {
+        format!("{}:ids:{generation}", self.base)
+    }
+
+    /// Hash: counter field → stored decimal; commutative custom effects' fields.
+    pub fn counters(&self) -> String {
+        self.with(":counters")
+    }
+
+    /// Stream: one entry per event, in the order they were applied.
+    pub fn ledger(&self, stream: &str) -> String {
+        format!("{}:ledger:{stream}", self.base)
+    }
+
+    /// Set: the members.
+    pub fn set(&self, set: &str) -> String {
+        format!("{}:set:{set}", self.base)
+    }
+
+    /// Hash: member → seq of the newest add or remove that touched it.
+    pub fn set_seqs(&self, set: &str) -> String {
+        format!("{}:set:{set}:seq", self.base)
+    }
+
+    fn with(&self, suffix: &str) -> String {
+        let mut key = String::with_capacity(self.base.len() + suffix.len());
+        key.push_str(&self.base);
+        key.push_str(suffix);
+        key
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{hash_slot, slot_tag};
+    use super::*;
+
+    #[test]
+    fn an_entitys_keys_share_its_slot() {
+        let l = KeyLayout::new("idem");
+        assert_eq!(l.state_key("orders:42"), "idem:{orders:42}:state");
+        assert_eq!(l.meta_key("orders:42"), "idem:{orders:42}:meta");
+        let e = l.entity("a");
+        for key in [
+            e.state(),
+            e.meta(),
+            e.ids(7),
+            e.counters(),
+            e.ledger("l"),
+            e.set("s"),
+            e.set_seqs("s"),
+        ] {
+            assert_eq!(hash_slot(key.as_bytes()), hash_slot(b"a"), "{key}");
+        }
+        let (pattern, before) = l.meta_pattern();
+        assert_eq!(pattern, "idem:{*}:meta");
+        assert_eq!(&l.meta_key("x:1")[before..before + 3], "x:1");
+        for slot in [0, 5, 16383] {
+            assert_eq!(hash_slot(l.epoch_key(Some(slot)).as_bytes()), slot);
+            assert_eq!(hash_slot(l.slot_barrier_key(slot).as_bytes()), slot);
+        }
+    }
+
+    /// Every key idem writes, with placeholders, as docs/redis-layout.md
+    /// must name it.
+    fn every_key() -> Vec<String> {
+        let l = KeyLayout::new("<prefix>");
+        let e = l.entity("<entity>");
+        let tag = |key: String| key.replace(&format!("{{{}}}", slot_tag(5)), "{<tag>}");
+        vec![
+            e.state(),
+            e.meta(),
+            e.base().to_string() + ":ids:<g>",
+            e.counters(),
+            e.ledger("<stream>"),
+            e.set("<set>"),
+            e.set_seqs("<set>"),
+            l.epoch_key(None),
+            tag(l.epoch_key(Some(5))),
+            l.progress_key(None),
+            tag(l.progress_key(Some(5))),
+            l.durability_barrier_key(),
+            tag(l.slot_barrier_key(5)),
+            l.redriven_key("<dlq topic>"),
+        ]
+    }
+
+    #[test]
+    fn the_layout_page_names_every_key_idem_writes() {
+        let page = include_str!("../../docs/redis-layout.md");
+        assert_eq!(
+            KeyLayout::new("p").entity("e").ids(3),
+            "p:{e}:ids:3",
+            "the page's <g> stands for the generation"
+        );
+        for key in every_key() {
+            assert!(
+                page.contains(&format!("`{key}`")),
+                "docs/redis-layout.md does not name `{key}`"
+            );
+        }
+    }
+}
