@@ -37,7 +37,7 @@ impl TopicPartition {
 /// | 5 (yes), 6 (yes), 9 (yes)| Some(10)        |
 /// | 5 (no), 6 (yes)         | None             |
 #[derive(Debug, Default, Clone)]
-pub struct PartitionProgress {
+pub struct PartitionOffsets {
     /// Fetched offsets not yet released, in fetch order, with their done flag.
     in_flight: VecDeque<(i64, bool)>,
     /// The highest released offset + 1: what may be committed.
@@ -46,7 +46,7 @@ pub struct PartitionProgress {
     last_taken: Option<i64>,
 }
 
-impl PartitionProgress {
+impl PartitionOffsets {
     /// Records that `offset` was fetched and its work has begun.
     /// An offset at or below one already begun (a partition rewound by a
     /// rebalance) is not tracked again: the record is processed, but only the
@@ -96,7 +96,7 @@ impl PartitionProgress {
 /// Progress of every partition this instance works on.
 #[derive(Debug, Default)]
 pub struct Offsets {
-    partitions: BTreeMap<TopicPartition, PartitionProgress>,
+    partitions: BTreeMap<TopicPartition, PartitionOffsets>,
 }
 
 impl Offsets {
@@ -104,7 +104,7 @@ impl Offsets {
         if let Some(p) = self.partitions.get_mut(tp) {
             p.begin(offset);
         } else {
-            let mut p = PartitionProgress::default();
+            let mut p = PartitionOffsets::default();
             p.begin(offset);
             self.partitions.insert(tp.clone(), p);
         }
@@ -137,7 +137,7 @@ impl Offsets {
     pub fn partition_in_flight(&self, tp: &TopicPartition) -> usize {
         self.partitions
             .get(tp)
-            .map_or(0, PartitionProgress::in_flight)
+            .map_or(0, PartitionOffsets::in_flight)
     }
 
     /// Forgets a partition (revoked or lost): nothing of it is committed later.
@@ -149,7 +149,7 @@ impl Offsets {
     pub fn in_flight(&self) -> usize {
         self.partitions
             .values()
-            .map(PartitionProgress::in_flight)
+            .map(PartitionOffsets::in_flight)
             .sum()
     }
 }
@@ -163,7 +163,7 @@ mod tests {
     /// never moves back.
     #[test]
     fn rewound_offsets_are_not_tracked_again() {
-        let mut p = PartitionProgress::default();
+        let mut p = PartitionOffsets::default();
         for o in 10..13 {
             p.begin(o);
         }
@@ -184,7 +184,7 @@ mod tests {
     /// (below it: not tracked) from a new one (at or above it: tracked).
     #[test]
     fn with_nothing_in_flight_the_commit_point_decides() {
-        let mut p = PartitionProgress::default();
+        let mut p = PartitionOffsets::default();
         p.begin(20);
         p.mark_done(20);
         assert_eq!((p.commit_point(), p.in_flight()), (Some(21), 0));
@@ -212,7 +212,7 @@ mod tests {
             (&[(5, false), (6, true)], None),
         ];
         for (fetched, want) in table {
-            let mut p = PartitionProgress::default();
+            let mut p = PartitionOffsets::default();
             for (o, _) in fetched.iter() {
                 p.begin(*o);
             }
@@ -247,7 +247,7 @@ mod tests {
 
     #[test]
     fn out_of_order_completion_releases_in_order() {
-        let mut p = PartitionProgress::default();
+        let mut p = PartitionOffsets::default();
         for o in 100..200 {
             p.begin(o);
         }

@@ -80,10 +80,11 @@ impl Cause {
     }
 }
 
-/// Decides where a partition starts.
+/// Decides where a partition starts; a rewind is then held to where the
+/// log starts now ([`Start::within_log`]: a rewind before it is refused).
 ///
 /// `committed`: Kafka's committed offset and its metadata; `records`: what
-/// each Redis server says; `log_start`: the partition's first offset now.
+/// each Redis server says.
 ///
 /// | committed | metadata epoch | a server says                    | start        |
 /// |-----------|----------------|----------------------------------|--------------|
@@ -94,8 +95,8 @@ impl Cause {
 /// | C         | E              | no record, marker E, no records at all there | (no opinion) |
 /// | C         | E              | no record, marker E, others there | Rewind to 0 (rolled back) |
 /// | C         | E              | no record, marker absent or ≠ E  | Rewind to 0 (lost) |
-/// | C         | E              | rewind target < log start        | Refuse       |
-pub fn decide(committed: Option<(i64, &str)>, records: &[MasterRecord], log_start: i64) -> Start {
+/// | C         | E              | rewind target < log start (`within_log`) | Refuse |
+pub fn decide(committed: Option<(i64, &str)>, records: &[MasterRecord]) -> Start {
     let Some((committed, metadata)) = committed else {
         return Start::Committed;
     };
@@ -118,18 +119,33 @@ pub fn decide(committed: Option<(i64, &str)>, records: &[MasterRecord], log_star
         }
     }
     match target {
-        Some((to, cause)) if to < committed && to < log_start => Start::Refuse {
-            needed: to,
-            log_start,
-            committed,
-            cause,
-        },
         Some((to, cause)) if to < committed => Start::Rewind {
             to,
             committed,
             cause,
         },
         _ => Start::Committed,
+    }
+}
+
+impl Start {
+    /// A rewind held to the partition's first offset now (`log_start`): a
+    /// rewind before it needs records retention deleted, and is refused.
+    /// Every other start stays as it is.
+    pub fn within_log(self, log_start: i64) -> Start {
+        match self {
+            Start::Rewind {
+                to,
+                committed,
+                cause,
+            } if to < log_start => Start::Refuse {
+                needed: to,
+                log_start,
+                committed,
+                cause,
+            },
+            start => start,
+        }
     }
 }
 
@@ -160,22 +176,19 @@ mod tests {
         let e = commit_metadata("E");
         let at = |c: i64| Some((c, e.as_str()));
         let ok = rec(Some("E"), Some(500));
-        assert_eq!(decide(None, &[rec(None, None)], 0), Start::Committed);
+        assert_eq!(decide(None, &[rec(None, None)]), Start::Committed);
         assert_eq!(
-            decide(Some((500, "")), &[rec(None, None)], 0),
+            decide(Some((500, "")), &[rec(None, None)]),
             Start::Bootstrap
         );
+        assert_eq!(decide(at(500), std::slice::from_ref(&ok)), Start::Committed);
         assert_eq!(
-            decide(at(500), std::slice::from_ref(&ok), 0),
-            Start::Committed
-        );
-        assert_eq!(
-            decide(at(400), &[rec(Some("E"), Some(900))], 0),
+            decide(at(400), &[rec(Some("E"), Some(900))]),
             Start::Committed,
             "Redis ahead of the commit: the commit is where to go on"
         );
         assert_eq!(
-            decide(at(500), &[ok.clone(), rec(Some("E"), Some(300))], 0),
+            decide(at(500), &[ok.clone(), rec(Some("E"), Some(300))]),
             Start::Rewind {
                 to: 300,
                 committed: 500,
@@ -184,14 +197,14 @@ mod tests {
             "one master behind rewinds the partition to it"
         );
         assert_eq!(
-            decide(at(500), &[ok.clone(), rec(Some("E"), None)], 0),
+            decide(at(500), &[ok.clone(), rec(Some("E"), None)]),
             Start::Committed,
             "no records at all where the marker is intact: no opinion (a moved anchor)"
         );
         let mut others = rec(Some("E"), None);
         others.has_records = true;
         assert_eq!(
-            decide(at(500), &[ok.clone(), others], 0),
+            decide(at(500), &[ok.clone(), others]),
             Start::Rewind {
                 to: 0,
                 committed: 500,
@@ -201,7 +214,7 @@ mod tests {
         );
         for marker in [None, Some("F")] {
             assert_eq!(
-                decide(at(500), &[ok.clone(), rec(marker, None)], 0),
+                decide(at(500), &[ok.clone(), rec(marker, None)]),
                 Start::Rewind {
                     to: 0,
                     committed: 500,
@@ -211,7 +224,7 @@ mod tests {
             );
         }
         assert_eq!(
-            decide(at(500), &[rec(None, None)], 200),
+            decide(at(500), &[rec(None, None)]).within_log(200),
             Start::Refuse {
                 needed: 0,
                 log_start: 200,
@@ -220,7 +233,7 @@ mod tests {
             }
         );
         assert_eq!(
-            decide(at(500), &[rec(Some("E"), Some(300))], 200),
+            decide(at(500), &[rec(Some("E"), Some(300))]).within_log(200),
             Start::Rewind {
                 to: 300,
                 committed: 500,

@@ -143,16 +143,23 @@ async fn a_snapshot_restore_mid_stream_reapplies_what_the_snapshot_missed() {
     idem.terminate().await;
 }
 
-/// Redis rolled back under an idle idem (found from outside): a snapshot
-/// taken halfway is restored and no record arrives after it. idem notices
-/// on its own progress check, re-reads the lost half, and every entity
-/// rolls forward to the oracle without a single new record.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_snapshot_restored_under_an_idle_partition_is_noticed_without_new_records() {
-    let topic = unique("loss-idle");
+/// A one-partition topic of 400 events applied by an idem on a private
+/// Redis that checks its progress every second, with a snapshot of that
+/// Redis taken after the first 200.
+struct AppliedWithSnapshot {
+    topic: String,
+    redis: PrivateRedis,
+    all: Vec<SampleRecord>,
+    opts: IdemOpts,
+    idem: Idem,
+    halfway: std::path::PathBuf,
+}
+
+async fn applied_with_a_snapshot_halfway(name: &str, seed: u64) -> AppliedWithSnapshot {
+    let topic = unique(name);
     create_topic(&topic, 1).await;
     let mut redis = volatile_redis().await;
-    let all = stream(&topic, 400, 63);
+    let all = stream(&topic, 400, seed);
     let (first, second) = all.split_at(200);
     let opts = IdemOpts {
         redis_url: redis.url(),
@@ -162,14 +169,31 @@ async fn a_snapshot_restored_under_an_idle_partition_is_noticed_without_new_reco
     produce(&topic, first).await;
     let idem = Idem::spawn(&opts);
     wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
-    let saved = save_snapshot(&mut redis, "halfway").await;
+    let halfway = save_snapshot(&mut redis, "halfway").await;
     produce(&topic, second).await;
     wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+    AppliedWithSnapshot {
+        topic,
+        redis,
+        all,
+        opts,
+        idem,
+        halfway,
+    }
+}
 
-    restore_snapshot(&mut redis, &saved).await;
-    let (model, _) = oracle(&all);
-    wait_matches_oracle(&redis.url(), &topic, &model, CATCH_UP).await;
-    let changes = idem
+/// Redis rolled back under an idle idem (found from outside): a snapshot
+/// taken halfway is restored and no record arrives after it. idem notices
+/// on its own progress check, re-reads the lost half, and every entity
+/// rolls forward to the oracle without a single new record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_restored_under_an_idle_partition_is_noticed_without_new_records() {
+    let mut run = applied_with_a_snapshot_halfway("loss-idle", 63).await;
+    restore_snapshot(&mut run.redis, &run.halfway).await;
+    let (model, _) = oracle(&run.all);
+    wait_matches_oracle(&run.redis.url(), &run.topic, &model, CATCH_UP).await;
+    let changes = run
+        .idem
         .counter(
             "idem_redis_state_changes_total",
             &[("cause", "rolled_back")],
@@ -180,41 +204,25 @@ async fn a_snapshot_restored_under_an_idle_partition_is_noticed_without_new_reco
         changes >= 1,
         "the idle check counted the rollback: {changes}"
     );
-    idem.terminate().await;
+    run.idem.terminate().await;
 }
 
 /// The same after a restart: the new process has written nothing but the
 /// records of its assignment, stays idle, and still notices the restore.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_idle_idem_notices_a_snapshot_restore() {
-    let topic = unique("loss-idle-restart");
-    create_topic(&topic, 1).await;
-    let mut redis = volatile_redis().await;
-    let all = stream(&topic, 400, 64);
-    let (first, second) = all.split_at(200);
-    let opts = IdemOpts {
-        redis_url: redis.url(),
-        ..IdemOpts::new(&topic, &topic, &topic)
-    }
-    .with("IDEM__REDIS__PROGRESS_CHECK_INTERVAL", "1s");
-    produce(&topic, first).await;
-    let idem = Idem::spawn(&opts);
-    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
-    let saved = save_snapshot(&mut redis, "halfway").await;
-    produce(&topic, second).await;
-    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
-    idem.terminate().await;
-
-    let idem = Idem::spawn(&opts);
+    let mut run = applied_with_a_snapshot_halfway("loss-idle-restart", 64).await;
+    run.idem.terminate().await;
+    let idem = Idem::spawn(&run.opts);
     wait_until("the new process owns the partition", CATCH_UP, || async {
         idem.metrics()
             .await
             .is_some_and(|m| sum_metric(&m, "idem_assigned_partitions", &[]) == 1)
     })
     .await;
-    restore_snapshot(&mut redis, &saved).await;
-    let (model, _) = oracle(&all);
-    wait_matches_oracle(&redis.url(), &topic, &model, CATCH_UP).await;
+    restore_snapshot(&mut run.redis, &run.halfway).await;
+    let (model, _) = oracle(&run.all);
+    wait_matches_oracle(&run.redis.url(), &run.topic, &model, CATCH_UP).await;
     idem.terminate().await;
 }
 

@@ -327,10 +327,12 @@ local function read_mutations(a, keys)
   return mutations, a, commutative
 end
 
--- Reads one event of the call: its keys from KEYS at `k`, its arguments
--- from ARGV at `a`. Returns it and the positions of the next event.
-local function read_event(k, a)
-  local e = { meta = KEYS[k], state = KEYS[k + 1], current = KEYS[k + 2], previous = KEYS[k + 3] }
+-- Reads one event of the call into `e`: its keys from KEYS at `k`, its
+-- arguments from ARGV at `a`. Returns it and the positions of the next
+-- event. The main loop passes the same table for every event: filling a
+-- table that has its fields already costs Redis no allocation per event.
+local function read_event(k, a, e)
+  e.meta, e.state, e.current, e.previous = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   e.expire_at, e.id, e.idh, e.fp, e.fp_hex, e.seq, e.op =
     ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
   -- The state fields stay in ARGV (written from there in chunks).
@@ -346,11 +348,11 @@ local function read_event(k, a)
   return e, k + 4 + nkeys, a
 end
 
--- Every event of the call, in order.
+-- Every event of the call, in order, each in a table of its own.
 local function read_call()
   local events, k, a = {}, 2, 3
   while a <= #ARGV do
-    events[#events + 1], k, a = read_event(k, a)
+    events[#events + 1], k, a = read_event(k, a, {})
   end
   return events
 end
@@ -438,7 +440,9 @@ local function main()
   end
   local token = ARGV[1]
   local out = {}
-  for _, e in ipairs(read_call()) do
+  local e, k, a = {}, 2, 3
+  while a <= #ARGV do
+    e, k, a = read_event(k, a, e)
     local seen = redis.call('HGET', e.current, e.idh) or redis.call('HGET', e.previous, e.idh)
     local code, detail
     if seen then

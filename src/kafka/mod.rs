@@ -326,7 +326,7 @@ pub fn store_offset<C: ConsumerContext>(
         .and_then(|()| consumer.store_offsets(&tpl));
     match stored {
         Ok(()) => {
-            metrics::set_committed_offset(&tp.topic, tp.partition, next);
+            metrics::set_stored_offset(&tp.topic, tp.partition, next);
             true
         }
         Err(e) => {

@@ -457,7 +457,7 @@ pub fn set_paused(paused: bool) {
     gauge!(PAUSED).set(if paused { 1.0 } else { 0.0 });
 }
 
-pub fn set_committed_offset(topic: &str, partition: i32, offset: i64) {
+pub fn set_stored_offset(topic: &str, partition: i32, offset: i64) {
     gauge!(COMMITTED_OFFSET, "topic" => topic.to_string(), "partition" => partition.to_string())
         .set(offset as f64);
 }

@@ -12,7 +12,7 @@ use crate::offsets::TopicPartition;
 /// One record of a batch.
 pub struct Item {
     /// Index into `Batch::partitions`.
-    pub partition: usize,
+    pub partition_index: usize,
     pub offset: i64,
     /// The record's Kafka timestamp, ms since the epoch.
     pub timestamp_ms: Option<i64>,
@@ -59,7 +59,7 @@ impl Batch {
             items: Vec::with_capacity(records.len()),
         };
         for Fetched { tp, record: r } in records {
-            let partition = batch.partition_index(&tp, config);
+            let partition_index = batch.partition_index(&tp, config);
             let header_refs = r.header_refs();
             let (decoded, key_mismatch) = event::decode_keyed(
                 r.key.as_deref(),
@@ -73,7 +73,7 @@ impl Batch {
             drop(header_refs);
             let (decoded, effects) = plan_effects(decoded, &tp.topic, config);
             batch.items.push(Item {
-                partition,
+                partition_index,
                 offset: r.offset,
                 timestamp_ms: r.timestamp_ms,
                 key: r.key,
@@ -100,7 +100,7 @@ impl Batch {
     pub fn positions(&self) -> impl Iterator<Item = (&TopicPartition, i64)> + '_ {
         self.items
             .iter()
-            .map(|it| (&self.partitions[it.partition], it.offset))
+            .map(|it| (&self.partitions[it.partition_index], it.offset))
     }
 
     /// What the loop needs back once the batch is applied.
@@ -110,7 +110,7 @@ impl Batch {
             positions: self
                 .items
                 .iter()
-                .map(|it| (it.partition, it.offset))
+                .map(|it| (it.partition_index, it.offset))
                 .collect(),
         }
     }
@@ -122,7 +122,7 @@ impl Batch {
             let mut offsets = self
                 .items
                 .iter()
-                .filter(|it| it.partition == i)
+                .filter(|it| it.partition_index == i)
                 .map(|it| it.offset);
             let first = offsets.next().unwrap_or(-1);
             let last = offsets.next_back().unwrap_or(first);

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::progress::Progress;
+use super::owned::OwnedPartitions;
 use crate::metrics::{self, Health};
 use crate::offsets::TopicPartition;
 
@@ -17,7 +17,7 @@ pub struct BlockedWatch {
 }
 
 impl BlockedWatch {
-    pub fn check(&mut self, progress: &Progress, health: &Health, stall: Duration) {
+    pub fn check(&mut self, progress: &OwnedPartitions, health: &Health, stall: Duration) {
         let cause = health.waiting_on().unwrap_or("slow");
         let blocked = progress.blocked(stall);
         for (tp, was) in std::mem::take(&mut self.reported) {

@@ -1,4 +1,4 @@
-//! The processing loop: the one owner of [`Progress`]. It takes what the
+//! The processing loop: the one owner of [`OwnedPartitions`]. It takes what the
 //! consumer thread reports (records, rebalances) and what the guard stage
 //! reports ([`StageEvent`]), batches records, hands batches over in fetch
 //! order, and stores each partition's contiguous commit point. Messages
@@ -6,7 +6,7 @@
 //! what [`EventLoop::run`] returns.
 //!
 //! Guarantee: the commit-after-effect rule of docs/guarantees.md, kept by
-//! storing only [`Progress`]'s contiguous commit points; a revoke is
+//! storing only [`OwnedPartitions`]'s contiguous commit points; a revoke is
 //! answered only after the revoked partitions' in-flight batches finished,
 //! or `kafka.revoke_timeout` passed.
 
@@ -22,7 +22,7 @@ use super::batch::{Batch, Finished};
 use super::blocked::BlockedWatch;
 use super::consumer::{Committed, Consumer, Fetched, KafkaEvent, KafkaNote};
 use super::guard_stage::{Ownership, StageEvent};
-use super::progress::Progress;
+use super::owned::OwnedPartitions;
 use super::recovery::{resume_points, ResumeError, Resumed, Unrecoverable};
 use super::shutdown::Shutdown;
 use crate::config::Config;
@@ -39,7 +39,7 @@ pub struct EventLoop<R = RedisSide> {
     config: Arc<Config>,
     consumer: Arc<Consumer>,
     health: Health,
-    progress: Progress,
+    progress: OwnedPartitions,
     events: mpsc::Receiver<KafkaEvent>,
     notes: mpsc::UnboundedReceiver<KafkaNote>,
     /// What the guard stage reports, in the order it decided it.
@@ -144,7 +144,7 @@ impl<R: Resume> EventLoop<R> {
             config,
             consumer,
             health,
-            progress: Progress::default(),
+            progress: OwnedPartitions::default(),
             events,
             notes,
             stage: stage.events,

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::batch::{Batch, Finished};
-use super::recovery::{batch_ends, RedisProgress, StateChanged};
+use super::recovery::{batch_ends, ProgressRecords, StateChanged};
 use super::shutdown::Shutdown;
 use super::summary::Summary;
 use super::timing::{unix_millis, Backoff};
@@ -72,7 +72,7 @@ pub struct GuardStage {
     pub ownership: mpsc::UnboundedReceiver<Ownership>,
     /// Redis's progress records: written after each batch, checked before
     /// each batch and on a timer while idle.
-    pub progress: RedisProgress,
+    pub progress: ProgressRecords,
     /// Consumption was stopped (dead-letter budget): said once.
     pub stopped: bool,
 }
@@ -155,7 +155,7 @@ impl GuardStage {
             .filter_map(|it| {
                 it.decoded.as_ref().ok().map(|event| GuardInput {
                     event,
-                    window: batch.windows[it.partition],
+                    window: batch.windows[it.partition_index],
                     effects: &it.effects,
                 })
             })
@@ -170,7 +170,7 @@ impl GuardStage {
         if !letters.is_empty() && !self.dead_letter_with_retry(&letters).await {
             return false;
         }
-        if !self.record_progress(&batch).await {
+        if !self.record_batch_progress(&batch).await {
             return false;
         }
         // Count before marking done: whoever sees the commit sees the counts.
@@ -241,7 +241,7 @@ impl GuardStage {
     fn count_invalid(&mut self, batch: &Batch) {
         for it in &batch.items {
             if let Err(invalid) = &it.decoded {
-                let tp = &batch.partitions[it.partition];
+                let tp = &batch.partitions[it.partition_index];
                 tracing::warn!(
                     topic = %tp.topic,
                     partition = tp.partition,
@@ -265,7 +265,7 @@ impl GuardStage {
                 continue; // invalid records were counted when decoded
             };
             let v = verdicts.next().expect("one verdict per decoded event");
-            *counts.entry((it.partition, v.outcome)).or_default() += 1;
+            *counts.entry((it.partition_index, v.outcome)).or_default() += 1;
             match v.outcome {
                 Outcome::Duplicate => {
                     if let Some(age) = v.duplicate_age {
@@ -273,7 +273,7 @@ impl GuardStage {
                     }
                 }
                 Outcome::Conflict => {
-                    let tp = &batch.partitions[it.partition];
+                    let tp = &batch.partitions[it.partition_index];
                     tracing::warn!(
                         topic = %tp.topic,
                         partition = tp.partition,
@@ -372,7 +372,7 @@ fn letter<'a>(
     fingerprints: Option<(u64, u64)>,
 ) -> DeadLetter<'a> {
     DeadLetter {
-        source: &batch.partitions[it.partition],
+        source: &batch.partitions[it.partition_index],
         offset: it.offset,
         timestamp_ms: it.timestamp_ms,
         key: it.key.as_deref(),
@@ -464,7 +464,7 @@ impl GuardStage {
     /// Records the batch's progress in Redis, retrying until it answers.
     /// False if shutdown fired first or Redis's state changed (then the
     /// batch stays unfinished).
-    async fn record_progress(&mut self, batch: &Batch) -> bool {
+    async fn record_batch_progress(&mut self, batch: &Batch) -> bool {
         let ends = batch_ends(batch.positions());
         let mut backoff = Backoff::new(&self.config);
         loop {
@@ -557,8 +557,8 @@ mod tests {
         use crate::event::Invalid;
         use crate::offsets::TopicPartition;
         use crate::pipeline::batch::Item;
-        let item = |partition, offset: i64, decoded| Item {
-            partition,
+        let item = |partition_index, offset: i64, decoded| Item {
+            partition_index,
             offset,
             timestamp_ms: Some(1000 + offset),
             key: Some(format!("k{offset}").into_bytes()),

@@ -14,7 +14,7 @@ mod blocked;
 mod consumer;
 mod event_loop;
 mod guard_stage;
-mod progress;
+mod owned;
 mod recovery;
 mod shutdown;
 mod startup;
@@ -35,8 +35,8 @@ use batch::Batch;
 use consumer::{Consumer, Forwarder, KafkaEvent, PollThread};
 use event_loop::{EventLoop, LoopEnd, RedisSide, StageLink};
 use guard_stage::GuardStage;
-pub use progress::Progress;
-use recovery::RedisProgress;
+pub use owned::OwnedPartitions;
+use recovery::ProgressRecords;
 pub use shutdown::{Shutdown, ShutdownTrigger};
 use startup::start_guard;
 pub use startup::RunError;
@@ -144,7 +144,7 @@ async fn run_consumer(
         budget: crate::dlq::budget::DlqBudget::new(config.dlq.ratio_window, config.dlq.max_ratio),
         events: stage_tx,
         ownership,
-        progress: RedisProgress::new(redis.store.clone(), redis.epoch.clone()),
+        progress: ProgressRecords::new(redis.store.clone(), redis.epoch.clone()),
         stopped: false,
     };
     let guard_task = tokio::spawn(stage.run(batch_rx));

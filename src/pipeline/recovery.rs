@@ -23,7 +23,7 @@ use crate::store::progress::ProgressStore;
 use crate::store::StoreError;
 
 /// The guard stage's side: the records it wrote and their check.
-pub struct RedisProgress {
+pub struct ProgressRecords {
     store: ProgressStore,
     epoch: String,
     /// Per owned partition, the highest next offset this instance recorded
@@ -78,9 +78,9 @@ impl StateChanged {
     }
 }
 
-impl RedisProgress {
+impl ProgressRecords {
     pub fn new(store: ProgressStore, epoch: String) -> Self {
-        RedisProgress {
+        ProgressRecords {
             store,
             epoch,
             recorded: HashMap::new(),
@@ -248,16 +248,18 @@ pub async fn resume_points(
     let mut starts = Vec::new();
     for (c, servers) in assigned.iter().zip(views) {
         let committed = c.offset.map(|o| (o, c.metadata.as_str()));
-        let log_start = match decide(committed, &servers, i64::MAX) {
-            Start::Refuse { .. } => low_watermark(consumer, &c.tp).await.ok_or_else(|| {
+        let mut start = decide(committed, &servers);
+        if let Start::Rewind { .. } = start {
+            // Only a rewind needs the log: does it still hold the records?
+            let log_start = low_watermark(consumer, &c.tp).await.ok_or_else(|| {
                 ResumeError::Unreadable(StoreError::Protocol(format!(
                     "the brokers did not say where {}/{} starts",
                     c.tp.topic, c.tp.partition
                 )))
-            })?,
-            _ => 0,
-        };
-        match decide(committed, &servers, log_start) {
+            })?;
+            start = start.within_log(log_start);
+        }
+        match start {
             // Every assigned partition gets a record at once (0 where
             // nothing is committed: trivially true), so a snapshot taken
             // from now on has one, and a restore of it shows as behind.

@@ -15,6 +15,7 @@ use idem::tools::topics::{self, TopicSpec};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
+pub use idem_testbench::conformance::harness::IdemProcess;
 pub use idem_testbench::oracle::oracle;
 pub use idem_testbench::process::{free_port, rss_bytes, signal, IdemCommand};
 pub use idem_testbench::services::{brokers, kafka, redis_env, redis_mode, redis_url, unique};
@@ -48,62 +49,22 @@ pub async fn dead_letters(topic: &str) -> Vec<idem::tools::dead_letters::DlqReco
     .unwrap()
 }
 
-/// A raw record: key and value, either may be absent.
-pub type RawRecord<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
+pub use idem_testbench::conformance::harness::RawRecord;
 
 /// Produces records keyed by entity and waits until Kafka acknowledged all
 /// of them; returns each record's (partition, offset).
 pub async fn produce(topic: &str, records: &[SampleRecord]) -> Vec<(i32, i64)> {
-    let raw: Vec<RawRecord<'_>> = records
-        .iter()
-        .map(|r| (Some(r.key.as_bytes()), Some(r.value.as_slice())))
-        .collect();
-    produce_raw(topic, &raw).await
+    idem_testbench::conformance::harness::produce(&harness_env(), topic, records)
+        .await
+        .expect("produce")
 }
 
 /// Produces raw key/value pairs (either may be absent), in order; returns
 /// each record's (partition, offset).
 pub async fn produce_raw(topic: &str, records: &[RawRecord<'_>]) -> Vec<(i32, i64)> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .set("message.max.bytes", "10000000")
-        .create()
-        .unwrap();
-    let mut pending = Vec::with_capacity(records.len());
-    for (key, value) in records {
-        loop {
-            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
-            if let Some(k) = key {
-                rec = rec.key(k);
-            }
-            if let Some(v) = value {
-                rec = rec.payload(v);
-            }
-            match producer.send_result(rec) {
-                Ok(f) => {
-                    pending.push(f);
-                    break;
-                }
-                Err((e, _)) => {
-                    assert_eq!(
-                        e.rdkafka_error_code(),
-                        Some(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                        "produce failed: {e}"
-                    );
-                    producer.poll(Duration::from_millis(20));
-                }
-            }
-        }
-    }
-    let mut positions = Vec::with_capacity(pending.len());
-    for f in pending {
-        let d = f.await.expect("delivery future").expect("delivered");
-        positions.push((d.partition, d.offset));
-    }
-    producer.flush(Duration::from_secs(30)).unwrap();
-    positions
+    idem_testbench::conformance::harness::produce_raw(&harness_env(), topic, records)
+        .await
+        .expect("produce")
 }
 
 /// How the test runs one idem process.
@@ -133,9 +94,10 @@ impl IdemOpts {
     }
 }
 
-/// A running `idem run` process.
+/// A running `idem run` process: the harness's [`IdemProcess`], with
+/// checks that fail the test.
 pub struct Idem {
-    child: Child,
+    process: IdemProcess,
     pub metrics_port: u16,
     pub log: PathBuf,
 }
@@ -158,77 +120,52 @@ impl Idem {
         for (k, v) in &opts.env {
             cmd = cmd.env(k, v);
         }
-        let child = cmd.spawn(&log).expect("spawn idem");
+        let process = IdemProcess::start(&cmd, &log, port).expect("spawn idem");
         Idem {
-            child,
+            process,
             metrics_port: port,
             log,
         }
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn signal(&self, sig: &str) {
-        assert!(signal(self.child.id(), sig), "kill {sig} failed");
+        self.process.pid()
     }
 
     pub fn stop_process(&self) {
-        self.signal("-STOP");
+        self.process.stop();
     }
 
     pub fn continue_process(&self) {
-        self.signal("-CONT");
+        self.process.resume();
     }
 
     /// Resident memory now, from /proc.
     pub fn rss_bytes(&self) -> u64 {
-        rss_bytes(self.child.id())
+        rss_bytes(self.pid())
     }
 
     /// SIGKILL: no chance to commit anything.
-    pub fn kill(mut self) {
-        self.signal("-KILL");
-        let _ = self.child.wait();
+    pub fn kill(self) {
+        self.process.kill();
     }
 
     /// SIGTERM and wait for a clean exit.
-    pub async fn terminate(mut self) {
-        self.signal("-TERM");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(
-                    status.success(),
-                    "idem exited with {status}; log: {}",
-                    self.log.display()
-                );
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "idem did not stop after SIGTERM; log: {}",
-                self.log.display()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    pub async fn terminate(self) {
+        let log = self.log.display().to_string();
+        match self.process.terminate_status().await {
+            Some(status) => assert!(status.success(), "idem exited with {status}; log: {log}"),
+            None => panic!("idem did not stop after SIGTERM; log: {log}"),
         }
     }
 
     /// Waits until idem exits on its own; returns its exit status.
-    pub async fn wait_exit(mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "idem still runs after {timeout:?}; log: {}",
-                self.log.display()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    pub async fn wait_exit(self, timeout: Duration) -> std::process::ExitStatus {
+        let log = self.log.display().to_string();
+        self.process
+            .wait_exit(timeout)
+            .await
+            .unwrap_or_else(|e| panic!("{e}; log: {log}"))
     }
 
     /// The current /metrics text, if the endpoint answers.
@@ -252,19 +189,12 @@ impl Idem {
     }
 
     pub fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
+        if let Some(status) = self.process.try_wait() {
             panic!(
                 "idem exited early with {status}; log: {}",
                 self.log.display()
             );
         }
-    }
-}
-
-impl Drop for Idem {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -360,19 +290,15 @@ pub async fn end_offsets(topic: &str, partitions: i32) -> Vec<i64> {
 /// Waits until the group has committed everything in the topic (an empty
 /// partition has nothing to commit).
 pub async fn wait_caught_up(group: &str, topic: &str, partitions: i32, timeout: Duration) {
-    let end = end_offsets(topic, partitions).await;
-    wait_until(
-        &format!("group {group} committed up to {end:?} on {topic}"),
+    idem_testbench::conformance::harness::wait_caught_up(
+        &harness_env(),
+        group,
+        topic,
+        partitions,
         timeout,
-        || async {
-            let committed = committed(group, topic, partitions).await;
-            committed
-                .iter()
-                .zip(&end)
-                .all(|(c, e)| c == e || (*e == 0 && *c < 0))
-        },
     )
-    .await;
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// The local Redis Cluster's seed nodes (`make services` starts it).

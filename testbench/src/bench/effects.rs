@@ -7,26 +7,13 @@
 
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
-use super::runner::{producer, progress, scan_keys, scrape_total, send, standalone_redis, stop};
+use super::io::{producer, progress, scan_keys, scrape_total, send, standalone_redis, stop};
+use super::report::EffectsRow;
 use super::BenchSpec;
 use crate::payments::{self, PaymentsSpec};
 use crate::process::IdemCommand;
 use idem::tools::sample::SampleRecord;
 use idem::tools::topics::{self, TopicSpec};
-
-/// One variant's figures.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct EffectsRow {
-    pub name: String,
-    pub records: usize,
-    pub records_per_second: f64,
-    /// Redis CPU in the guard script per record (standalone Redis only).
-    pub redis_us_per_record: f64,
-    /// `MEMORY USAGE` of the entity's keys of this variant ÷ entities.
-    pub redis_bytes_per_entity: f64,
-}
 
 /// The variants: a name, the `[[effects]]` of its topic (none: merge), and
 /// the key suffixes whose memory it adds.

@@ -13,6 +13,7 @@
 
 mod baselines;
 mod effects;
+mod io;
 mod report;
 mod runner;
 

@@ -2,6 +2,18 @@
 
 use serde::Serialize;
 
+/// One variant's figures.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EffectsRow {
+    pub name: String,
+    pub records: usize,
+    pub records_per_second: f64,
+    /// Redis CPU in the guard script per record (standalone Redis only).
+    pub redis_us_per_record: f64,
+    /// `MEMORY USAGE` of the entity's keys of this variant ÷ entities.
+    pub redis_bytes_per_entity: f64,
+}
+
 /// Everything one bench run measured.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct BenchReport {
@@ -38,7 +50,7 @@ pub struct BenchReport {
     pub ratio_vs_naive: f64,
     pub ratio_vs_ceiling: f64,
     /// The effects phase, one row per variant (the first declares none).
-    pub effects: Vec<super::effects::EffectsRow>,
+    pub effects: Vec<EffectsRow>,
 }
 
 impl BenchReport {

@@ -5,9 +5,12 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, Producer};
 
 use super::baselines;
+use super::io::{
+    producer, progress, scan_keys, scrape, scrape_total, send, standalone_redis, stop,
+};
 use super::report::{quantile_upper_bound, BenchReport};
 use super::BenchSpec;
 use crate::exposition;
@@ -101,17 +104,6 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
         cleanup(r, &names.prefix).await;
     }
     Ok(report)
-}
-
-/// Memory is measured on a standalone Redis only (a cluster spreads it).
-pub(super) async fn standalone_redis(
-    spec: &BenchSpec,
-) -> anyhow::Result<Option<redis::aio::MultiplexedConnection>> {
-    if spec.redis_url.contains(',') {
-        return Ok(None);
-    }
-    let client = redis::Client::open(spec.redis_url.as_str())?;
-    Ok(Some(client.get_multiplexed_async_connection().await?))
 }
 
 /// Generates the seeded stream, creates the topic and produces the backlog.
@@ -371,28 +363,6 @@ async fn run_baselines(
     Ok(())
 }
 
-pub(super) fn progress(msg: &str) {
-    eprintln!("[bench] {msg}");
-}
-
-pub(super) fn producer(brokers: &str, linger_ms: &str) -> anyhow::Result<FutureProducer> {
-    Ok(ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("linger.ms", linger_ms)
-        .set("enable.idempotence", "true")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()?)
-}
-
-pub(super) fn send(producer: &FutureProducer, topic: &str, key: &[u8], value: &[u8]) {
-    loop {
-        match producer.send_result(FutureRecord::to(topic).key(key).payload(value)) {
-            Ok(_) => return,
-            Err((_, _)) => producer.poll(Duration::from_millis(10)),
-        }
-    }
-}
-
 fn spawn_idem(spec: &BenchSpec, topic: &str, prefix: &str, port: u16) -> anyhow::Result<Child> {
     let redis_mode = if spec.redis_url.contains(',') {
         idem::config::RedisMode::Cluster
@@ -437,22 +407,6 @@ fn ensure_running(child: &mut Child, out_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(super) fn stop(mut child: Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
-}
-
-async fn scrape(port: u16) -> Option<String> {
-    idem::metrics::fetch_local(port, "/metrics").await
-}
-
-pub(super) async fn scrape_total(port: u16, topic: &str) -> Option<u64> {
-    let text = scrape(port).await?;
-    Some(exposition::sum(&text, EVENTS_TOTAL, &[("topic", topic)]) as u64)
-}
-
 /// (le, cumulative count) pairs of the latency histogram.
 fn latency_buckets(text: &str) -> Vec<(f64, f64)> {
     exposition::buckets(text, EVENT_LATENCY_SECONDS)
@@ -482,29 +436,6 @@ async fn id_hash_bytes(
         total += sizes.into_iter().flatten().sum::<u64>();
     }
     Ok(total)
-}
-
-pub(super) async fn scan_keys(
-    conn: &mut redis::aio::MultiplexedConnection,
-    pattern: &str,
-) -> anyhow::Result<Vec<String>> {
-    let mut cursor: u64 = 0;
-    let mut keys = Vec::new();
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
-        keys.extend(batch);
-        if next == 0 {
-            return Ok(keys);
-        }
-        cursor = next;
-    }
 }
 
 /// Deletes what the bench wrote, so repeated runs do not fill Redis.

@@ -1,6 +1,7 @@
 //! Kafka helpers: topics, producing, committed and end offsets.
 
 use super::*;
+use rdkafka::types::RDKafkaErrorCode;
 
 /// Creates `topic` and `topic.dlq`.
 pub async fn create_topic(env: &Env, topic: &str, partitions: i32) -> anyhow::Result<()> {
@@ -45,12 +46,29 @@ pub async fn delete_topic(env: &Env, topic: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A raw record: key and value, either may be absent.
+pub type RawRecord<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
+
 /// Produces records keyed by entity, waits for every acknowledgement, and
 /// returns each record's (partition, offset).
 pub async fn produce(
     env: &Env,
     topic: &str,
     records: &[SampleRecord],
+) -> anyhow::Result<Vec<(i32, i64)>> {
+    let raw: Vec<RawRecord<'_>> = records
+        .iter()
+        .map(|r| (Some(r.key.as_bytes()), Some(r.value.as_slice())))
+        .collect();
+    produce_raw(env, topic, &raw).await
+}
+
+/// Produces raw key/value pairs in order, waits for every acknowledgement,
+/// and returns each record's (partition, offset).
+pub async fn produce_raw(
+    env: &Env,
+    topic: &str,
+    records: &[RawRecord<'_>],
 ) -> anyhow::Result<Vec<(i32, i64)>> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &env.brokers)
@@ -60,20 +78,24 @@ pub async fn produce(
         .set("message.max.bytes", "10000000")
         .create()?;
     let mut pending = Vec::with_capacity(records.len());
-    for r in records {
-        let mut rec = FutureRecord::to(topic)
-            .key(r.key.as_bytes())
-            .payload(&r.value);
+    for (key, value) in records {
         loop {
+            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+            if let Some(k) = key {
+                rec = rec.key(k);
+            }
+            if let Some(v) = value {
+                rec = rec.payload(v);
+            }
             match producer.send_result(rec) {
                 Ok(f) => {
                     pending.push(f);
                     break;
                 }
-                Err((_, back)) => {
-                    rec = back;
+                Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
                     producer.poll(Duration::from_millis(10));
                 }
+                Err((e, _)) => anyhow::bail!("producing to {topic}: {e}"),
             }
         }
     }
@@ -165,13 +187,7 @@ pub async fn wait_caught_up(
     let start = Instant::now();
     let end = end_offsets(env, topic, partitions).await?;
     loop {
-        let now = committed(env, group, topic, partitions).await?;
-        // A partition that never got a record has nothing to commit.
-        if now
-            .iter()
-            .zip(&end)
-            .all(|(c, e)| c == e || (*e == 0 && *c < 0))
-        {
+        if is_caught_up(&committed(env, group, topic, partitions).await?, &end) {
             return Ok(start.elapsed());
         }
         anyhow::ensure!(
@@ -180,4 +196,13 @@ pub async fn wait_caught_up(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Whether committed offsets (-1: none) reached the end offsets: a
+/// partition that never got a record has nothing to commit.
+pub fn is_caught_up(committed: &[i64], end: &[i64]) -> bool {
+    committed
+        .iter()
+        .zip(end)
+        .all(|(c, e)| c == e || (*e == 0 && *c < 0))
 }

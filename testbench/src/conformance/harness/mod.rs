@@ -67,10 +67,13 @@ impl RedisTarget {
 pub use crate::process::free_port;
 use crate::process::signal;
 
-/// One `idem run` process.
+/// One `idem run` process: the one wrapper of the conformance suite and
+/// of idem's integration tests (tests/common's `Idem` builds on it).
 pub struct IdemProcess {
     child: Child,
     pub port: u16,
+    /// Where its output goes.
+    pub log: std::path::PathBuf,
 }
 
 impl IdemProcess {
@@ -91,8 +94,31 @@ impl IdemProcess {
         for (k, v) in extra {
             cmd = cmd.env(k, v);
         }
-        let child = cmd.spawn(&env.work_dir.join(format!("{group}.log")))?;
-        Ok(IdemProcess { child, port })
+        Self::start(&cmd, &env.work_dir.join(format!("{group}.log")), port)
+    }
+
+    /// Starts `cmd` (which serves metrics on `port`), its output into `log`.
+    pub fn start(cmd: &IdemCommand, log: &std::path::Path, port: u16) -> anyhow::Result<Self> {
+        let child = cmd.spawn(log)?;
+        Ok(IdemProcess {
+            child,
+            port,
+            log: log.to_path_buf(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its exit status if it exited.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// The current /metrics text, if the endpoint answers.
+    pub async fn metrics(&self) -> Option<String> {
+        scrape(self.port).await
     }
 
     pub fn kill(mut self) {
@@ -100,17 +126,26 @@ impl IdemProcess {
         let _ = self.child.wait();
     }
 
-    pub async fn terminate(mut self) -> bool {
+    /// SIGTERM, and whether it then exited cleanly within 40 s (killed if not).
+    pub async fn terminate(self) -> bool {
+        self.terminate_status()
+            .await
+            .is_some_and(|status| status.success())
+    }
+
+    /// SIGTERM; its exit status, or `None` if it did not exit within 40 s
+    /// (then it is killed).
+    pub async fn terminate_status(mut self) -> Option<std::process::ExitStatus> {
         signal(self.child.id(), "-TERM");
         let deadline = Instant::now() + Duration::from_secs(40);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return status.success();
+                return Some(status);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.kill();
-        false
+        None
     }
 
     pub fn stop(&self) {

@@ -1,4 +1,4 @@
-//! Progress of the processing loop, owned by it alone: which partitions
+//! OwnedPartitions of the processing loop, owned by it alone: which partitions
 //! this instance owns, which fetched offsets are done, and since when each
 //! partition has made no progress.
 //!
@@ -14,7 +14,7 @@ use crate::offsets::{Offsets, TopicPartition};
 
 /// See the module doc.
 #[derive(Default)]
-pub struct Progress {
+pub struct OwnedPartitions {
     offsets: Offsets,
     assigned: HashSet<TopicPartition>,
     /// Per partition, the first offset stored since the last commit and when.
@@ -24,7 +24,7 @@ pub struct Progress {
     last_progress: HashMap<TopicPartition, Instant>,
 }
 
-impl Progress {
+impl OwnedPartitions {
     pub fn assign(&mut self, tps: &[TopicPartition]) {
         self.assigned.extend(tps.iter().cloned());
     }
@@ -149,7 +149,7 @@ mod tests {
 
     #[test]
     fn a_revoked_partition_commits_what_is_done_and_then_nothing() {
-        let mut p = Progress::default();
+        let mut p = OwnedPartitions::default();
         let tp = TopicPartition::new("t", 0);
         p.assign(std::slice::from_ref(&tp));
         p.begin([(&tp, 10), (&tp, 11)].into_iter());
@@ -167,7 +167,7 @@ mod tests {
 
     #[test]
     fn commit_lag_runs_from_the_first_store_to_the_covering_commit() {
-        let mut p = Progress::default();
+        let mut p = OwnedPartitions::default();
         let tp = TopicPartition::new("t", 0);
         p.note_stored(&tp, 5);
         p.note_stored(&tp, 9);
@@ -179,7 +179,7 @@ mod tests {
     /// The truth table of `blocked`.
     #[test]
     fn blocked_means_in_flight_without_progress() {
-        let mut p = Progress::default();
+        let mut p = OwnedPartitions::default();
         let (a, b) = (TopicPartition::new("t", 0), TopicPartition::new("t", 1));
         let stall = Duration::from_millis(30);
         p.begin([(&a, 0), (&b, 0)].into_iter());
