@@ -33,6 +33,10 @@ for dp, dn, fn in os.walk(root):
         if rel in ('lib.rs', 'main.rs'):
             continue
         src = open(os.path.join(dp, f)).read()
+        # `#[cfg(test)] mod tests;` declares a test file: drop the two
+        # lines. A `#[cfg(test)]` before anything else (an inline test
+        # module, last in the file) drops the rest.
+        src = re.sub(r'#\[cfg\(test\)\]\s*mod \w+;', '', src)
         i = src.find('#[cfg(test)]')
         if i >= 0:
             src = src[:i]
@@ -50,19 +54,40 @@ def resolve(path):
     return None
 
 
+def expand(prefix, body):
+    """The paths of a use group's body, `b, c::{d, e}` under `prefix`."""
+    paths, part, depth = [], '', 0
+    for ch in body + ',':
+        if ch == ',' and depth == 0:
+            part = part.strip().split(' as ')[0].strip()
+            if part == 'self':
+                paths.append(prefix)
+            elif '{' in part:
+                head, inner = part.split('{', 1)
+                paths += expand(prefix + '::' + head.rstrip(':'), inner.rsplit('}', 1)[0])
+            elif part:
+                paths.append(prefix + '::' + part)
+            part = ''
+            continue
+        depth += {'{': 1, '}': -1}.get(ch, 0)
+        part += ch
+    return paths
+
+
 def paths_in(src, me):
     """Every module path a file refers to, as tuples from the crate root."""
     children = set(re.findall(r'^\s*(?:pub(?:\([^)]*\))?\s+)?mod\s+(\w+)\s*;', src, re.M))
     out = []
-    # `use a::{b, c::d}` groups expanded one level deep.
-    for m in re.finditer(r'\b((?:crate|super|\w+)(?:::\w+)*)::\{([^}]*)\}', src):
-        for part in m.group(2).split(','):
-            part = part.strip().split(' as ')[0]
-            if part and part != 'self':
-                out.append(m.group(1) + '::' + part)
-            elif part == 'self':
-                out.append(m.group(1))
+    # `use a::{b, c::{d, e}}` groups expanded at every depth.
+    for m in re.finditer(r'\b((?:crate|super|\w+)(?:::\w+)*)::\{', src):
+        depth, j = 1, m.end()
+        while j < len(src) and depth:
+            depth += {'{': 1, '}': -1}.get(src[j], 0)
+            j += 1
+        out += expand(m.group(1), src[m.end():j - 1])
     out += re.findall(r'\b((?:crate|super)(?:::\w+)+)', src)
+    # A glob import (`use super::*`) uses the module it names.
+    out += re.findall(r'\b((?:crate|super)(?:::\w+)*)::\*', src)
     out += [p for p in re.findall(r'\b(\w+(?:::\w+)+)', src) if p.split('::')[0] in children]
     for p in out:
         names = p.split('::')

@@ -349,8 +349,27 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
         .iter()
         .map(|(e, effects, op)| {
             let written = |k: &String| effects.writes_field(k);
+            // Each effect key once, in the order the mutations name them.
+            let mut effect_keys: Vec<String> = Vec::new();
+            for m in &effects.mutations {
+                let named = match m {
+                    Mutation::Count { .. } | Mutation::Custom { .. } => vec![keys.counters()],
+                    Mutation::Append { stream, .. } => vec![keys.ledger(stream)],
+                    Mutation::SetAdd { set, .. } | Mutation::SetRemove { set, .. } => {
+                        vec![keys.set(set), keys.set_seqs(set)]
+                    }
+                };
+                for k in named {
+                    if !effect_keys.contains(&k) {
+                        effect_keys.push(k);
+                    }
+                }
+            }
             json!({
                 "meta": keys.meta(), "state": keys.state(), "id": e.id,
+                "id_hash": format!("{:016x}", idem::event::id_hash(&e.id)),
+                "fingerprint_bytes": format!("{:016x}", e.fingerprint),
+                "keys": effect_keys,
                 "fingerprint": format!("{:016x}", e.fingerprint), "seq": e.seq.to_string(),
                 "op": op, "type": "deposit",
                 "set": e.set.iter().filter(|(k, _)| written(k))
@@ -375,6 +394,14 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
             assert!(key.starts_with(&format!("{}:ids:", keys.base())), "{key}");
             got.as_object_mut().unwrap().remove(generation);
         }
+        // When the current generation ends: in the future, within two windows.
+        let expire_at: u64 = got["expire_at"].as_str().unwrap().parse().unwrap();
+        let now_ms = idem::pipeline::unix_millis() as u64;
+        assert!(
+            expire_at > now_ms && expire_at <= now_ms + 2 * 3_600_000,
+            "{expire_at}"
+        );
+        got.as_object_mut().unwrap().remove("expire_at");
         assert_eq!(&got, want);
     }
 }

@@ -214,15 +214,37 @@ async fn a_restarted_idle_idem_notices_a_snapshot_restore() {
     let mut run = applied_with_a_snapshot_halfway("loss-idle-restart", 64).await;
     run.idem.terminate().await;
     let idem = Idem::spawn(&run.opts);
-    wait_until("the new process owns the partition", CATCH_UP, || async {
-        idem.metrics()
-            .await
-            .is_some_and(|m| sum_metric(&m, "idem_assigned_partitions", &[]) == 1)
-    })
+    // Owns the partition and is ready: its assignment was decided and its
+    // records written, so the restore below comes after them.
+    wait_until(
+        "the new process owns the partition, ready",
+        CATCH_UP,
+        || async {
+            let owns = idem
+                .metrics()
+                .await
+                .is_some_and(|m| sum_metric(&m, "idem_assigned_partitions", &[]) == 1);
+            owns && http_get(idem.metrics_port, "/readyz")
+                .await
+                .is_some_and(|body| body.trim() == "ready")
+        },
+    )
     .await;
     restore_snapshot(&mut run.redis, &run.halfway).await;
     let (model, _) = oracle(&run.all);
     wait_matches_oracle(&run.redis.url(), &run.topic, &model, CATCH_UP).await;
+    // Found by the stage's check (an assignment's rewind counts no state change).
+    let changes = idem
+        .counter(
+            "idem_redis_state_changes_total",
+            &[("cause", "rolled_back")],
+        )
+        .await
+        .unwrap();
+    assert!(
+        changes >= 1,
+        "the idle check counted the rollback: {changes}"
+    );
     idem.terminate().await;
 }
 

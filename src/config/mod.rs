@@ -27,6 +27,7 @@ pub use show::{effective, Layer, Setting};
 mod raw;
 #[cfg(test)]
 mod tests;
+mod values;
 
 const DEFAULTS: &str = include_str!("../../config/default.toml");
 
@@ -40,6 +41,10 @@ pub enum ConfigError {
         value: String,
         expected: String,
     },
+    /// A value its decoder refused (`got …, expected …`), at the key the
+    /// layers read it from.
+    #[error("config key `{key}`: {message}")]
+    Refused { key: String, message: String },
     /// The layers could not be read or merged (unknown key, wrong type, unreadable file).
     #[error("config: {0}")]
     Load(String),
@@ -57,8 +62,33 @@ impl ConfigError {
     /// The key this error is about, when it names one.
     pub fn key(&self) -> Option<&str> {
         match self {
-            ConfigError::Invalid { key, .. } => Some(key),
+            ConfigError::Invalid { key, .. } | ConfigError::Refused { key, .. } => Some(key),
             ConfigError::Load(_) => None,
+        }
+    }
+
+    /// The `config` crate's error as idem's: a refused value keeps the key
+    /// it names (typed: `At`/`Type` carry it), anything else is a load error.
+    fn from_layers(e: config::ConfigError) -> Self {
+        match e {
+            config::ConfigError::At {
+                error,
+                key: Some(key),
+                ..
+            } => ConfigError::Refused {
+                key,
+                message: error.to_string(),
+            },
+            config::ConfigError::Type {
+                unexpected,
+                expected,
+                key: Some(key),
+                ..
+            } => ConfigError::Refused {
+                key,
+                message: format!("got {unexpected}, expected {expected}"),
+            },
+            other => ConfigError::Load(other.to_string()),
         }
     }
 }
@@ -286,13 +316,24 @@ impl DedupeConfig {
     }
 }
 
-/// Dead-letter settings.
-#[derive(Debug, Clone)]
+/// Dead-letter settings (`[dlq]`), decoded as they are read.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DlqConfig {
-    /// Topic name template; `{topic}` is the source topic.
+    /// Dead-letter topic for invalid records and conflicts; "{topic}" is replaced by
+    /// the source topic. Declare it in topics/ (dead_letter = ...).
+    #[serde(deserialize_with = "values::dlq_topic")]
     pub topic: String,
+    /// If more than this share of the last `ratio_window` records went to the
+    /// dead-letter topic, idem stops consuming, turns /readyz unhealthy and says why:
+    /// a poison flood must not quietly become a dead-letter flood. 1.0 disables it.
+    #[serde(deserialize_with = "values::share")]
     pub max_ratio: f64,
+    /// Described with `max_ratio` (config/default.toml has one comment for the group).
+    #[serde(deserialize_with = "values::positive_int")]
     pub ratio_window: usize,
+    /// How long one dead-letter write may take before it is retried.
+    #[serde(deserialize_with = "values::positive_duration")]
     pub send_timeout: Duration,
 }
 
@@ -303,16 +344,30 @@ impl DlqConfig {
     }
 }
 
-/// Batching and retry settings of the processing loop.
-#[derive(Debug, Clone)]
+/// Batching and retry settings of the processing loop (`[pipeline]`),
+/// decoded as they are read.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
+    /// Largest number of events taken from Kafka into one batch.
+    #[serde(deserialize_with = "values::positive_count")]
     pub batch_max_events: NonZeroUsize,
+    /// How long a batch waits to fill once it has its first event.
+    #[serde(deserialize_with = "values::duration")]
     pub batch_linger: Duration,
+    /// Events carried by one call of the guard script (Redis is single-threaded:
+    /// bigger calls amortise per-call cost, smaller ones keep latency of other clients low).
+    #[serde(deserialize_with = "values::positive_count")]
     pub events_per_script: NonZeroUsize,
+    /// Backoff of retried Redis calls: starts here, doubles, capped at retry_max_backoff.
+    #[serde(deserialize_with = "values::positive_duration")]
     pub retry_initial_backoff: Duration,
+    /// Described with `retry_initial_backoff` (config/default.toml has one comment for the group).
+    #[serde(deserialize_with = "values::positive_duration")]
     pub retry_max_backoff: Duration,
-    /// A partition with records in flight and no progress for this long is
-    /// "blocked": `/readyz` turns 503 and `idem_partition_blocked` names it.
+    /// A partition with fetched records and no progress for this long is blocked:
+    /// /readyz answers 503 naming it, and idem_partition_blocked{topic,partition,cause} is 1.
+    #[serde(deserialize_with = "values::positive_duration")]
     pub stall_timeout: Duration,
 }
 
@@ -342,7 +397,7 @@ impl Config {
             .builder(file, env)?
             .build()
             .and_then(|c| c.try_deserialize())
-            .map_err(|e| ConfigError::Load(e.to_string()))?;
+            .map_err(ConfigError::from_layers)?;
         raw.validate()
     }
 

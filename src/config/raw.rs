@@ -1,13 +1,16 @@
-//! The raw layer: what the files and variables say, before validation, and
-//! the validation itself, one function per section.
+//! The sections as the layers give them, decoded by serde into typed
+//! values (`values.rs`: the `config` crate names the key of a refused
+//! value), then the checks that span several keys, one function per
+//! section. Each key is declared here once, with its doc; its default and
+//! its comment are in `config/default.toml` (a test holds the two together).
 
 use std::collections::BTreeMap;
-use std::num::NonZeroUsize;
-use std::path::Path;
+use std::net::SocketAddr;
+use std::time::Duration;
 
-use serde::de::{DeserializeOwned, IntoDeserializer};
 use serde::Deserialize;
 
+use super::values;
 use super::*;
 
 /// librdkafka keys that idem fixes because they protect the delivery guarantee.
@@ -28,7 +31,7 @@ const FIXED_LIBRDKAFKA_KEYS: [&str; 13] = [
     "ssl.key.password",
 ];
 
-/// What the layers say, before validation.
+/// What the layers say, decoded.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
@@ -36,8 +39,8 @@ pub(super) struct RawConfig {
     redis: RawRedis,
     dedupe: RawDedupe,
     event: RawEvent,
-    dlq: RawDlq,
-    pipeline: RawPipeline,
+    dlq: DlqConfig,
+    pipeline: PipelineConfig,
     metrics: RawMetrics,
     shutdown: RawShutdown,
     log: RawLog,
@@ -46,141 +49,275 @@ pub(super) struct RawConfig {
     effects: Vec<super::effects::RawRule>,
 }
 
+/// `[shutdown]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawShutdown {
-    drain_timeout: String,
+    /// On SIGTERM/SIGINT, how long in-flight batches may take to finish before the
+    /// final commit. What is not finished is not committed (and is redelivered later).
+    #[serde(deserialize_with = "values::positive_duration")]
+    drain_timeout: Duration,
 }
 
+/// `[kafka]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawKafka {
+    /// Bootstrap brokers, comma separated host:port.
+    #[serde(deserialize_with = "values::brokers")]
     brokers: String,
+    /// Consumer group. All idem instances of one pipeline share it.
+    #[serde(deserialize_with = "values::non_empty")]
     group_id: String,
+    /// Source topics (at least one).
+    #[serde(deserialize_with = "values::topics")]
     topics: Vec<String>,
-    auto_offset_reset: String,
-    commit_interval: String,
-    session_timeout: String,
-    revoke_timeout: String,
-    request_timeout: String,
-    group_instance_id: String,
-    security_protocol: String,
-    sasl_mechanism: String,
+    /// Where a group without a committed offset starts: "earliest" or "latest".
+    #[serde(deserialize_with = "values::choice")]
+    auto_offset_reset: OffsetReset,
+    /// How often the offsets of finished events are committed. Only offsets whose
+    /// effects are already in Redis are ever committed, so this trades redelivered
+    /// work after a crash against commit traffic; it never affects correctness.
+    #[serde(deserialize_with = "values::positive_duration")]
+    commit_interval: Duration,
+    /// Group session timeout: how long the group waits for a silent instance.
+    #[serde(deserialize_with = "values::positive_duration")]
+    session_timeout: Duration,
+    /// When partitions are revoked in a rebalance, how long idem waits for their
+    /// in-flight batches before committing what is done and letting go.
+    #[serde(deserialize_with = "values::positive_duration")]
+    revoke_timeout: Duration,
+    /// How long a tool (topics, inspect, replay, reconcile, dlq, check) and the
+    /// start-up checks wait for the brokers to answer one request. The tools'
+    /// global --timeout sets it for one run.
+    #[serde(deserialize_with = "values::positive_duration")]
+    request_timeout: Duration,
+    /// Static group membership: a stable id per instance (e.g. the pod name,
+    /// IDEM__KAFKA__GROUP_INSTANCE_ID=$POD_NAME). An instance that restarts within
+    /// session_timeout gets its partitions back without a rebalance. Empty: dynamic.
+    #[serde(deserialize_with = "values::optional_trimmed")]
+    group_instance_id: Option<String>,
+    /// Security (docs/security.md). security_protocol: "plaintext", "ssl",
+    /// "sasl_plaintext" or "sasl_ssl". Every Kafka client idem makes uses these
+    /// settings: the consumer, the dead-letter producer and the tools.
+    #[serde(deserialize_with = "values::choice")]
+    security_protocol: SecurityProtocol,
+    /// SASL mechanism: "PLAIN", "SCRAM-SHA-256" or "SCRAM-SHA-512". sasl_username
+    /// is required with the sasl protocols.
+    #[serde(deserialize_with = "values::choice")]
+    sasl_mechanism: SaslMechanism,
+    /// Described with `sasl_mechanism` (config/default.toml has one comment for the group).
     sasl_username: String,
+    /// The SASL password, inline (better: IDEM__KAFKA__SASL_PASSWORD) or from a file
+    /// (sasl_password_file, e.g. a mounted secret). Never logged.
     sasl_password: String,
+    /// Described with `sasl_password` (config/default.toml has one comment for the group).
     sasl_password_file: String,
+    /// CA bundle (PEM file, or a directory of them) to verify the brokers'
+    /// certificates; empty: librdkafka's default; "probe": search the system's usual places.
+    #[serde(deserialize_with = "values::ca_location")]
     ssl_ca_location: String,
+    /// Mutual TLS: the client certificate and its private key (PEM), both or
+    /// neither; the key's password inline or from a file, if the key is encrypted.
+    #[serde(deserialize_with = "values::readable_file")]
     ssl_certificate_location: String,
+    /// Described with `ssl_certificate_location` (config/default.toml has one comment for the group).
+    #[serde(deserialize_with = "values::readable_file")]
     ssl_key_location: String,
+    /// Described with `ssl_certificate_location` (config/default.toml has one comment for the group).
     ssl_key_password: String,
+    /// Described with `ssl_certificate_location` (config/default.toml has one comment for the group).
     ssl_key_password_file: String,
-    /// Nested maps appear when a key's dots were read as path separators
-    /// (environment variables); they are flattened back into dotted keys.
+    /// Extra librdkafka consumer settings, passed as they are (e.g. "fetch.max.bytes",
+    /// "ssl.endpoint.identification.algorithm"). Refused here because they protect
+    /// the delivery guarantee or have a key of their own above: enable.auto.offset.store,
+    /// enable.auto.commit, bootstrap.servers, group.id, security.protocol, sasl.*,
+    /// ssl.ca.location, ssl.certificate.location, ssl.key.location, ssl.key.password.
     #[serde(default)]
     librdkafka: BTreeMap<String, serde_json::Value>,
 }
 
+/// `[redis]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRedis {
-    mode: String,
+    /// "standalone" (one Redis) or "cluster" (Redis Cluster: events are grouped by
+    /// the hash slot of their entity; MOVED/ASK and failovers are followed).
+    #[serde(deserialize_with = "values::choice")]
+    mode: RedisMode,
+    /// Redis URL: redis://[user:password@]host:port[/db]. For a cluster, seed nodes
+    /// separated by commas: redis://10.0.0.1:7000,redis://10.0.0.2:7000
     url: String,
+    /// Prefix of every key idem writes, so several pipelines can share one Redis.
+    /// Keys look like <prefix>:{<entity>}:state (see docs/redis-layout.md).
+    #[serde(deserialize_with = "values::key_prefix")]
     key_prefix: String,
-    response_timeout: String,
-    connect_timeout: String,
-    progress_check_interval: String,
-    durability: String,
+    /// How long one Redis round trip may take before it counts as failed and is retried.
+    #[serde(deserialize_with = "values::positive_duration")]
+    response_timeout: Duration,
+    /// How long to wait for a (re)connection to Redis.
+    #[serde(deserialize_with = "values::positive_duration")]
+    connect_timeout: Duration,
+    /// While no batch runs, how often the epoch marker and the progress records of
+    /// every assigned partition are checked, so that a Redis restarted empty or
+    /// restored from an older snapshot is noticed (and re-read from the log) even on
+    /// an idle topic. Each check is one round trip of three commands per server.
+    #[serde(deserialize_with = "values::positive_duration")]
+    progress_check_interval: Duration,
+    /// When an effect counts as durable, so that its offset may be committed:
+    ///   "ack"        when Redis replied. What a Redis crash loses then depends on its
+    ///                persistence (AOF everysec loses up to a second of acknowledged writes).
+    ///   "fsync"      when the write is on disk: needs appendonly yes + appendfsync always
+    ///                (checked at start), or Redis >= 7.2 where idem waits with WAITAOF.
+    ///   "replicas:N" when N replicas acknowledged it (WAIT after each batch).
+    /// idem checks at start that the server (every master of a cluster) can give the
+    /// level and refuses otherwise. On a cluster the wait runs on each master a batch wrote to.
+    #[serde(deserialize_with = "values::durability")]
+    durability: Durability,
+    /// ACL user and password; override any in the URL. The password may come from
+    /// a file (password_file, e.g. a mounted secret) and is never logged.
     username: String,
+    /// Described with `username` (config/default.toml has one comment for the group).
     password: String,
+    /// Described with `username` (config/default.toml has one comment for the group).
     password_file: String,
+    /// With rediss:// URLs: a PEM CA bundle to verify the server's certificate
+    /// (empty: the system's trust store).
+    #[serde(deserialize_with = "values::readable_file")]
     tls_ca_file: String,
+    /// Mutual TLS (a server with tls-auth-clients yes): the client certificate and
+    /// its private key (PEM), both or neither.
+    #[serde(deserialize_with = "values::readable_file")]
     tls_cert_file: String,
+    /// Described with `tls_cert_file` (config/default.toml has one comment for the group).
+    #[serde(deserialize_with = "values::readable_file")]
     tls_key_file: String,
+    /// idem refuses to start unless Redis's maxmemory-policy is "noeviction" (on a
+    /// cluster: every master): an allkeys-* policy evicts entity state, and a
+    /// volatile-* policy evicts exactly the remembered ids (they carry TTLs), so
+    /// redeliveries would be applied again. true starts anyway, with a warning.
     allow_eviction: bool,
 }
 
+/// `[dedupe]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDedupe {
-    window: String,
-    #[serde(default)]
-    topic_windows: BTreeMap<String, String>,
-    /// `topic=duration,…`; wins over `topic_windows` for the same topic.
-    #[serde(default)]
-    windows: String,
+    /// How long an event id is remembered to reject redeliveries as duplicates.
+    /// Ids are remembered for at least this long and at most twice this long.
+    /// Events older than the window are still caught by the per-entity sequence (stale).
+    #[serde(deserialize_with = "values::positive_duration")]
+    window: Duration,
+    /// Per-topic windows, overriding `window` for the named topics, e.g.
+    ///   payments = "72h"
+    /// A window for a topic that kafka.topics does not name is logged at WARN.
+    #[serde(default, deserialize_with = "values::positive_durations")]
+    topic_windows: BTreeMap<String, Duration>,
+    /// Per-topic windows as one string, for the environment (whose keys are
+    /// lower-cased and cannot hold `-` or `.`), e.g.
+    ///   IDEM__DEDUPE__WINDOWS="orders-v2=72h,payments=24h"
+    /// A topic named here wins over the same topic in [dedupe.topic_windows].
+    #[serde(default, deserialize_with = "values::window_map")]
+    windows: BTreeMap<String, Duration>,
 }
 
+/// `event.duplicate_keys`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDlq {
-    topic: String,
-    max_ratio: f64,
-    ratio_window: i64,
-    send_timeout: String,
+#[serde(rename_all = "snake_case")]
+enum DuplicateKeys {
+    LastWins,
+    Reject,
 }
 
+/// `event.key_mismatch`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum KeyMismatch {
+    Count,
+    DeadLetter,
+}
+
+/// `[event]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEvent {
-    format: String,
+    /// Record formats: "auto" reads CloudEvents 1.0 when the record says so (header
+    /// content-type: application/cloudevents+json for structured mode, ce_* headers
+    /// for binary mode) and idem's envelope otherwise; "idem" or "cloudevents" force one.
+    /// See docs/event-contract.md for how CloudEvents attributes map to id, entity and seq.
+    #[serde(deserialize_with = "values::choice")]
+    format: EventFormat,
+    /// JSON pointers (RFC 6901) to the fields of the event envelope.
+    #[serde(deserialize_with = "values::pointer")]
     id: String,
+    /// Described with `id` (config/default.toml has one comment for the group).
+    #[serde(deserialize_with = "values::pointer")]
     entity: String,
+    /// Described with `id` (config/default.toml has one comment for the group).
+    #[serde(deserialize_with = "values::pointer")]
     seq: String,
-    #[serde(rename = "type")]
+    /// Described with `id` (config/default.toml has one comment for the group).
+    #[serde(rename = "type", deserialize_with = "values::pointer")]
     kind: String,
+    /// Described with `id` (config/default.toml has one comment for the group).
+    #[serde(deserialize_with = "values::pointer")]
     data: String,
+    /// Described with `id` (config/default.toml has one comment for the group).
+    #[serde(deserialize_with = "values::pointer")]
     ts: String,
-    max_bytes: i64,
-    duplicate_keys: String,
-    key_mismatch: String,
+    /// Records larger than this many bytes are rejected as invalid (and
+    /// dead-lettered: the dead-letter producer accepts records of this size plus headers).
+    #[serde(deserialize_with = "values::positive_int")]
+    max_bytes: usize,
+    /// Two equal keys in one JSON object, e.g. {"amount":1,"amount":100}:
+    /// "last_wins" keeps the last (what most JSON parsers do; the default, so that
+    /// upgrading does not turn an existing producer's records into dead letters), or
+    /// "reject" dead-letters the record with reason duplicate_key.
+    #[serde(deserialize_with = "values::choice")]
+    duplicate_keys: DuplicateKeys,
+    /// A record whose Kafka key is not its entity (or has no key) may put the
+    /// entity's events on several partitions, where their order is lost and a merge
+    /// can keep an older field (docs/guarantees.md). "count" counts them
+    /// (idem_key_mismatch_total) and logs now and then; "dead_letter" also
+    /// dead-letters them with reason key_mismatch.
+    #[serde(deserialize_with = "values::choice")]
+    key_mismatch: KeyMismatch,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPipeline {
-    batch_max_events: i64,
-    batch_linger: String,
-    events_per_script: i64,
-    retry_initial_backoff: String,
-    retry_max_backoff: String,
-    stall_timeout: String,
-}
-
+/// `[metrics]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
-    listen: String,
+    /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz.
+    /// Loopback by default; set "0.0.0.0:9464" to expose it.
+    #[serde(deserialize_with = "values::listen")]
+    listen: SocketAddr,
 }
 
+/// `[log]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLog {
-    format: String,
+    /// "text" for people, "json" for log pipelines.
+    #[serde(deserialize_with = "values::choice")]
+    format: LogFormat,
+    /// Default level filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     level: String,
 }
 
 impl RawConfig {
-    /// Checks every section; the first bad value is the error.
+    /// The checks that span several keys, section by section.
     pub(super) fn validate(self) -> Result<Config, ConfigError> {
         Ok(Config {
             kafka: self.kafka.validate()?,
             redis: self.redis.validate()?,
-            dedupe: self.dedupe.validate()?,
-            event: self.event.validate()?,
-            dlq: self.dlq.validate()?,
-            pipeline: self.pipeline.validate()?,
-            metrics_listen: self.metrics.listen.parse().map_err(|_| {
-                ConfigError::invalid(
-                    "metrics.listen",
-                    &self.metrics.listen,
-                    "an address like 127.0.0.1:9464",
-                )
-            })?,
-            shutdown_drain_timeout: positive_duration(
-                "shutdown.drain_timeout",
-                &self.shutdown.drain_timeout,
-            )?,
-            log_format: choice("log.format", &self.log.format)?,
+            dedupe: self.dedupe.validate(),
+            event: self.event.validate(),
+            dlq: self.dlq,
+            pipeline: self.pipeline,
+            metrics_listen: self.metrics.listen,
+            shutdown_drain_timeout: self.shutdown.drain_timeout,
+            log_format: self.log.format,
             log_level: self.log.level,
             effects: super::effects::validate(self.effects)?,
         })
@@ -189,26 +326,7 @@ impl RawConfig {
 
 impl RawKafka {
     fn validate(self) -> Result<KafkaConfig, ConfigError> {
-        non_empty("kafka.brokers", &self.brokers)?;
-        forms::broker_list("kafka.brokers", &self.brokers)?;
-        non_empty("kafka.group_id", &self.group_id)?;
-        if self.topics.is_empty() {
-            return Err(ConfigError::invalid(
-                "kafka.topics",
-                "[]",
-                "a list of at least one topic name",
-            ));
-        }
-        if let Some(topic) = self.topics.iter().find(|t| !is_valid_topic_name(t)) {
-            return Err(ConfigError::invalid(
-                "kafka.topics",
-                topic,
-                "topic names of 1-249 characters from [a-zA-Z0-9._-]",
-            ));
-        }
-        let security_protocol: SecurityProtocol =
-            choice("kafka.security_protocol", &self.security_protocol)?;
-        if security_protocol.uses_sasl() && self.sasl_username.is_empty() {
+        if self.security_protocol.uses_sasl() && self.sasl_username.is_empty() {
             return Err(ConfigError::invalid(
                 "kafka.sasl_username",
                 "",
@@ -223,29 +341,22 @@ impl RawKafka {
             ("kafka.ssl_key_location", self.ssl_key_location),
         )?;
         Ok(KafkaConfig {
-            auto_offset_reset: choice("kafka.auto_offset_reset", &self.auto_offset_reset)?,
-            commit_interval: positive_duration("kafka.commit_interval", &self.commit_interval)?,
-            session_timeout: positive_duration("kafka.session_timeout", &self.session_timeout)?,
-            revoke_timeout: positive_duration("kafka.revoke_timeout", &self.revoke_timeout)?,
-            request_timeout: positive_duration("kafka.request_timeout", &self.request_timeout)?,
-            group_instance_id: Some(self.group_instance_id.trim().to_string())
-                .filter(|s| !s.is_empty()),
+            auto_offset_reset: self.auto_offset_reset,
+            commit_interval: self.commit_interval,
+            session_timeout: self.session_timeout,
+            revoke_timeout: self.revoke_timeout,
+            request_timeout: self.request_timeout,
+            group_instance_id: self.group_instance_id,
             librdkafka: librdkafka_passthrough(&self.librdkafka)?,
-            security_protocol,
-            sasl_mechanism: choice("kafka.sasl_mechanism", &self.sasl_mechanism)?,
+            security_protocol: self.security_protocol,
+            sasl_mechanism: self.sasl_mechanism,
             sasl_username: self.sasl_username,
             sasl_password: secret(
                 "kafka.sasl_password",
                 &self.sasl_password,
                 &self.sasl_password_file,
             )?,
-            // librdkafka also takes a directory of CA files, or "probe"
-            // (search the system's usual locations).
-            ssl_ca_location: match self.ssl_ca_location.as_str() {
-                "probe" => self.ssl_ca_location,
-                path if Path::new(path).is_dir() => self.ssl_ca_location,
-                _ => readable_file("kafka.ssl_ca_location", self.ssl_ca_location)?,
-            },
+            ssl_ca_location: self.ssl_ca_location,
             ssl_certificate_location,
             ssl_key_location,
             ssl_key_password: secret(
@@ -283,7 +394,6 @@ fn librdkafka_passthrough(
 
 impl RawRedis {
     fn validate(self) -> Result<RedisConfig, ConfigError> {
-        let mode: RedisMode = choice("redis.mode", &self.mode)?;
         if let Some(url) = self
             .url
             .split(',')
@@ -296,19 +406,11 @@ impl RawRedis {
                 "a URL like redis://host:6379 (for a cluster: seed nodes separated by commas)",
             ));
         }
-        if mode == RedisMode::Standalone && self.url.contains(',') {
+        if self.mode == RedisMode::Standalone && self.url.contains(',') {
             return Err(ConfigError::invalid(
                 "redis.url",
                 redact_url(&self.url),
                 "one URL (several seed nodes need redis.mode = \"cluster\")",
-            ));
-        }
-        non_empty("redis.key_prefix", &self.key_prefix)?;
-        if self.key_prefix.contains(['{', '}']) {
-            return Err(ConfigError::invalid(
-                "redis.key_prefix",
-                &self.key_prefix,
-                "a prefix without `{` or `}` (they would change the Redis Cluster hash tag)",
             ));
         }
         let (tls_cert_file, tls_key_file) = client_certificate(
@@ -316,151 +418,51 @@ impl RawRedis {
             ("redis.tls_key_file", self.tls_key_file),
         )?;
         Ok(RedisConfig {
-            mode,
+            mode: self.mode,
             url: self.url,
             key_prefix: self.key_prefix,
-            response_timeout: positive_duration("redis.response_timeout", &self.response_timeout)?,
-            connect_timeout: positive_duration("redis.connect_timeout", &self.connect_timeout)?,
-            progress_check_interval: positive_duration(
-                "redis.progress_check_interval",
-                &self.progress_check_interval,
-            )?,
+            response_timeout: self.response_timeout,
+            connect_timeout: self.connect_timeout,
+            progress_check_interval: self.progress_check_interval,
             password: secret("redis.password", &self.password, &self.password_file)?,
             username: self.username,
-            tls_ca_file: readable_file("redis.tls_ca_file", self.tls_ca_file)?,
+            tls_ca_file: self.tls_ca_file,
             tls_cert_file,
             tls_key_file,
             allow_eviction: self.allow_eviction,
-            durability: parse_durability(&self.durability).ok_or_else(|| {
-                ConfigError::invalid(
-                    "redis.durability",
-                    &self.durability,
-                    "\"ack\", \"fsync\" or \"replicas:N\" with N ≥ 1",
-                )
-            })?,
+            durability: self.durability,
         })
     }
 }
 
 impl RawDedupe {
-    fn validate(self) -> Result<DedupeConfig, ConfigError> {
-        let mut topic_windows = BTreeMap::new();
-        for (topic, window) in &self.topic_windows {
-            let key = format!("dedupe.topic_windows.{topic}");
-            topic_windows.insert(topic.clone(), positive_duration(&key, window)?);
-        }
-        for (topic, window) in forms::window_map("dedupe.windows", &self.windows)? {
-            let duration = positive_duration(&format!("dedupe.windows ({topic})"), &window)?;
-            topic_windows.insert(topic, duration);
-        }
-        Ok(DedupeConfig {
-            window: positive_duration("dedupe.window", &self.window)?,
+    fn validate(self) -> DedupeConfig {
+        let mut topic_windows = self.topic_windows;
+        topic_windows.extend(self.windows);
+        DedupeConfig {
+            window: self.window,
             topic_windows,
-        })
+        }
     }
-}
-
-/// `event.duplicate_keys`.
-#[derive(Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum DuplicateKeys {
-    LastWins,
-    Reject,
-}
-
-/// `event.key_mismatch`.
-#[derive(Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum KeyMismatch {
-    Count,
-    DeadLetter,
 }
 
 impl RawEvent {
-    fn validate(self) -> Result<EventConfig, ConfigError> {
-        let fields = FieldMap {
-            id: pointer("event.id", &self.id)?,
-            entity: pointer("event.entity", &self.entity)?,
-            seq: pointer("event.seq", &self.seq)?,
-            kind: pointer("event.type", &self.kind)?,
-            data: pointer("event.data", &self.data)?,
-            ts: pointer("event.ts", &self.ts)?,
-        };
-        let duplicate_keys: DuplicateKeys = choice("event.duplicate_keys", &self.duplicate_keys)?;
-        let key_mismatch: KeyMismatch = choice("event.key_mismatch", &self.key_mismatch)?;
-        Ok(EventConfig {
-            format: choice("event.format", &self.format)?,
-            fields,
-            max_bytes: positive_int("event.max_bytes", self.max_bytes)?,
-            reject_duplicate_keys: matches!(duplicate_keys, DuplicateKeys::Reject),
-            dead_letter_key_mismatch: matches!(key_mismatch, KeyMismatch::DeadLetter),
-        })
-    }
-}
-
-impl RawDlq {
-    fn validate(self) -> Result<DlqConfig, ConfigError> {
-        if !self.topic.contains("{topic}") && !is_valid_topic_name(&self.topic)
-            || !is_valid_topic_name(&self.topic.replace("{topic}", "x"))
-        {
-            return Err(ConfigError::invalid(
-                "dlq.topic",
-                &self.topic,
-                "a topic name, optionally with {topic} for the source topic, e.g. \"{topic}.dlq\"",
-            ));
+    fn validate(self) -> EventConfig {
+        EventConfig {
+            format: self.format,
+            fields: FieldMap {
+                id: self.id,
+                entity: self.entity,
+                seq: self.seq,
+                kind: self.kind,
+                data: self.data,
+                ts: self.ts,
+            },
+            max_bytes: self.max_bytes,
+            reject_duplicate_keys: matches!(self.duplicate_keys, DuplicateKeys::Reject),
+            dead_letter_key_mismatch: matches!(self.key_mismatch, KeyMismatch::DeadLetter),
         }
-        if !(self.max_ratio > 0.0 && self.max_ratio <= 1.0) {
-            return Err(ConfigError::invalid(
-                "dlq.max_ratio",
-                self.max_ratio,
-                "a share greater than 0 and at most 1.0 (1.0 disables the budget)",
-            ));
-        }
-        Ok(DlqConfig {
-            topic: self.topic,
-            max_ratio: self.max_ratio,
-            ratio_window: positive_int("dlq.ratio_window", self.ratio_window)?,
-            send_timeout: positive_duration("dlq.send_timeout", &self.send_timeout)?,
-        })
     }
-}
-
-impl RawPipeline {
-    fn validate(self) -> Result<PipelineConfig, ConfigError> {
-        Ok(PipelineConfig {
-            batch_max_events: positive_count("pipeline.batch_max_events", self.batch_max_events)?,
-            batch_linger: duration("pipeline.batch_linger", &self.batch_linger)?,
-            events_per_script: positive_count(
-                "pipeline.events_per_script",
-                self.events_per_script,
-            )?,
-            retry_initial_backoff: positive_duration(
-                "pipeline.retry_initial_backoff",
-                &self.retry_initial_backoff,
-            )?,
-            retry_max_backoff: positive_duration(
-                "pipeline.retry_max_backoff",
-                &self.retry_max_backoff,
-            )?,
-            stall_timeout: positive_duration("pipeline.stall_timeout", &self.stall_timeout)?,
-        })
-    }
-}
-
-/// One of an enum's names, decoded by its serde attributes; the expected
-/// form is serde's list of the names (`` `text` or `json` ``).
-fn choice<T: DeserializeOwned>(key: &str, value: &str) -> Result<T, ConfigError> {
-    T::deserialize(value.into_deserializer()).map_err(|e: serde::de::value::Error| {
-        let message = e.to_string();
-        let names = message
-            .split_once(", expected ")
-            .map_or(message.as_str(), |(_, names)| names);
-        ConfigError::invalid(key, value, names)
-    })
-}
-
-fn positive_count(key: &str, value: i64) -> Result<NonZeroUsize, ConfigError> {
-    Ok(NonZeroUsize::new(positive_int(key, value)?).expect("positive_int is positive"))
 }
 
 /// Reads a secret given inline or as a file (the file wins, trailing newline trimmed).
@@ -480,20 +482,8 @@ fn secret(key: &str, inline: &str, file: &str) -> Result<Option<Secret>, ConfigE
     Ok((!inline.is_empty()).then(|| Secret(inline.to_string())))
 }
 
-/// An optional path key: empty, or a file that exists.
-fn readable_file(key: &str, path: String) -> Result<String, ConfigError> {
-    if !path.is_empty() && !Path::new(&path).is_file() {
-        return Err(ConfigError::invalid(
-            key,
-            &path,
-            "the path of a readable file",
-        ));
-    }
-    Ok(path)
-}
-
-/// A client certificate and its key for mutual TLS: both readable files,
-/// or neither. Each argument is (key name, path).
+/// A client certificate and its key for mutual TLS: both or neither (each
+/// already a readable file). Each argument is (key name, path).
 fn client_certificate(
     cert: (&str, String),
     key: (&str, String),
@@ -512,7 +502,7 @@ fn client_certificate(
             "",
             &format!("the client certificate (PEM), since {} is set", key.0),
         )),
-        _ => Ok((readable_file(cert.0, cert.1)?, readable_file(key.0, key.1)?)),
+        _ => Ok((cert.1, key.1)),
     }
 }
 
@@ -542,48 +532,4 @@ fn flatten_into(
         }
     }
     Ok(())
-}
-
-fn non_empty(key: &str, value: &str) -> Result<(), ConfigError> {
-    if value.trim().is_empty() {
-        Err(ConfigError::invalid(key, value, "a non-empty string"))
-    } else {
-        Ok(())
-    }
-}
-
-fn positive_int(key: &str, value: i64) -> Result<usize, ConfigError> {
-    usize::try_from(value)
-        .ok()
-        .filter(|v| *v > 0)
-        .ok_or_else(|| ConfigError::invalid(key, value, "a positive whole number"))
-}
-
-fn pointer(key: &str, value: &str) -> Result<String, ConfigError> {
-    if value.starts_with('/') {
-        Ok(value.to_string())
-    } else {
-        Err(ConfigError::invalid(
-            key,
-            value,
-            "a JSON pointer (RFC 6901) such as \"/id\" or \"/meta/id\"",
-        ))
-    }
-}
-
-const DURATION_FORM: &str = "a duration such as \"250ms\", \"5s\", \"2m\", \"24h\" or \"7d\"";
-
-fn duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
-    parse_duration(value).ok_or_else(|| ConfigError::invalid(key, value, DURATION_FORM))
-}
-
-fn positive_duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
-    match parse_duration(value) {
-        Some(d) if !d.is_zero() => Ok(d),
-        _ => Err(ConfigError::invalid(
-            key,
-            value,
-            &format!("{DURATION_FORM}, greater than zero"),
-        )),
-    }
 }

@@ -584,14 +584,15 @@ fn topic_windows_from_one_environment_string() {
         [72, 48, 1, 24]
     );
     assert!(c.warnings().is_empty(), "{:?}", c.warnings());
-    for (bad, key) in [
-        ("orders-v2", "dedupe.windows"),
-        ("orders-v2=", "dedupe.windows (orders-v2)"),
-        ("orders v2=1h", "dedupe.windows"),
-        ("orders-v2=3 weeks", "dedupe.windows (orders-v2)"),
+    for (bad, names) in [
+        ("orders-v2", "orders-v2"),
+        ("orders-v2=", "(orders-v2)"),
+        ("orders v2=1h", "orders v2"),
+        ("orders-v2=3 weeks", "(orders-v2)"),
     ] {
         let e = Config::load(None, &env(&[("IDEM__DEDUPE__WINDOWS", bad)])).unwrap_err();
-        assert!(e.to_string().contains(&format!("`{key}`")), "{bad}: {e}");
+        assert_eq!(e.key(), Some("dedupe.windows"), "{bad}: {e}");
+        assert!(e.to_string().contains(names), "{bad}: {e}");
     }
 }
 
@@ -647,4 +648,132 @@ fn durations_format_back_to_themselves() {
     )
     .unwrap();
     assert_eq!(c.effective_windows(), "a=24h,b=36h");
+}
+
+/// The comment of each key in config/default.toml: its own block, or the
+/// key whose block it shares (`With(head)`).
+#[derive(Debug, PartialEq, Eq)]
+enum TomlComment {
+    Own(String),
+    With(String),
+}
+
+fn normalise(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// `(section, key)` → its comment, read from config/default.toml.
+fn default_toml_comments() -> BTreeMap<(String, String), TomlComment> {
+    let mut out = BTreeMap::new();
+    let (mut section, mut block, mut head) = (String::new(), Vec::<String>::new(), None);
+    let note = |out: &mut BTreeMap<_, _>,
+                sec: &str,
+                key: &str,
+                block: &mut Vec<String>,
+                head: &Option<String>| {
+        let comment = if block.is_empty() {
+            TomlComment::With(head.clone().unwrap_or_default())
+        } else {
+            TomlComment::Own(normalise(&block.join(" ")))
+        };
+        out.insert((sec.to_string(), key.to_string()), comment);
+        block.clear();
+    };
+    for line in DEFAULTS.lines().map(str::trim) {
+        if let Some(comment) = line.strip_prefix('#') {
+            block.push(comment.trim().to_string());
+        } else if let Some(name) = line.strip_prefix('[').map(|l| l.trim_matches(['[', ']'])) {
+            match name.split_once('.') {
+                Some((sec, key)) => note(&mut out, sec, key, &mut block, &head),
+                None => section = name.to_string(),
+            }
+            block.clear();
+            head = None;
+        } else if let Some((key, _)) = line.split_once('=') {
+            let key = key.trim();
+            if !block.is_empty() {
+                head = Some(key.to_string());
+            }
+            note(&mut out, &section, key, &mut block, &head);
+        } else {
+            block.clear();
+        }
+    }
+    out
+}
+
+/// `(section, key)` → the `///` doc of its field, read from the sources
+/// of the structs serde decodes the sections into.
+fn field_docs() -> BTreeMap<(String, String), String> {
+    let sections = [
+        ("RawKafka", "kafka"),
+        ("RawRedis", "redis"),
+        ("RawDedupe", "dedupe"),
+        ("RawEvent", "event"),
+        ("DlqConfig", "dlq"),
+        ("PipelineConfig", "pipeline"),
+        ("RawMetrics", "metrics"),
+        ("RawShutdown", "shutdown"),
+        ("RawLog", "log"),
+    ];
+    let mut out = BTreeMap::new();
+    for source in [include_str!("raw.rs"), include_str!("mod.rs")] {
+        let mut section: Option<&str> = None;
+        let (mut doc, mut rename) = (Vec::new(), None);
+        for line in source.lines().map(str::trim) {
+            if let Some((_, s)) = sections.iter().find(|(name, _)| {
+                [format!("struct {name} {{"), format!("pub struct {name} {{")]
+                    .iter()
+                    .any(|head| line.ends_with(head.as_str()))
+            }) {
+                section = Some(s);
+                continue;
+            }
+            let Some(sec) = section else { continue };
+            if line == "}" {
+                section = None;
+            } else if let Some(text) = line.strip_prefix("///") {
+                doc.push(text.trim().to_string());
+            } else if line.starts_with("#[") {
+                rename = line
+                    .split_once("rename = \"")
+                    .and_then(|(_, r)| r.split_once('"'))
+                    .map(|(r, _)| r.to_string());
+            } else if let Some((field, _)) = line.trim_start_matches("pub ").split_once(':') {
+                let key = rename.take().unwrap_or_else(|| field.to_string());
+                out.insert((sec.to_string(), key), normalise(&doc.join(" ")));
+                doc.clear();
+            }
+        }
+    }
+    out
+}
+
+/// Every key of config/default.toml is a field of the struct its section
+/// is decoded into (serde refuses unknown keys, and a field without a
+/// default fails the load), and the field's doc is the key's comment: the
+/// two cannot drift. A key sharing a comment says with which key.
+#[test]
+fn every_key_is_documented_where_it_is_declared_as_in_default_toml() {
+    let comments = default_toml_comments();
+    let docs = field_docs();
+    assert_eq!(
+        comments.keys().collect::<Vec<_>>(),
+        docs.keys().collect::<Vec<_>>(),
+        "the keys of config/default.toml and the decoded structs' fields"
+    );
+    for (key, comment) in &comments {
+        let doc = &docs[key];
+        let want = match comment {
+            TomlComment::Own(text) => text.clone(),
+            TomlComment::With(head) => format!(
+                "Described with `{head}` (config/default.toml has one comment for the group)."
+            ),
+        };
+        assert_eq!(
+            doc, &want,
+            "{}.{}: its /// doc must say what config/default.toml says",
+            key.0, key.1
+        );
+    }
 }

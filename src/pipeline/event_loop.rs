@@ -39,7 +39,7 @@ pub struct EventLoop<R = RedisSide> {
     config: Arc<Config>,
     consumer: Arc<Consumer>,
     health: Health,
-    progress: OwnedPartitions,
+    owned: OwnedPartitions,
     events: mpsc::Receiver<KafkaEvent>,
     notes: mpsc::UnboundedReceiver<KafkaNote>,
     /// What the guard stage reports, in the order it decided it.
@@ -137,6 +137,7 @@ impl<R: Resume> EventLoop<R> {
         stage: StageLink,
         resume: R,
     ) -> EventLoop<R> {
+        let stopped = health.stopped_reason().is_some();
         EventLoop {
             metadata: crate::resume::commit_metadata(resume.epoch()),
             resume,
@@ -144,7 +145,7 @@ impl<R: Resume> EventLoop<R> {
             config,
             consumer,
             health,
-            progress: OwnedPartitions::default(),
+            owned: OwnedPartitions::default(),
             events,
             notes,
             stage: stage.events,
@@ -154,7 +155,8 @@ impl<R: Resume> EventLoop<R> {
             stage_full_since: None,
             paused: None,
             blocked: BlockedWatch::default(),
-            stopped: false,
+            // A stop outlives a restart of consumption: only a restart of idem lifts it.
+            stopped,
             quiet: Default::default(),
         }
     }
@@ -252,22 +254,22 @@ impl<R: Resume> EventLoop<R> {
             self.resume();
         }
         let batch = Batch::decode(records, &self.config);
-        self.progress.begin(batch.positions());
-        metrics::set_in_flight_events(self.progress.in_flight());
+        self.owned.begin(batch.positions());
+        metrics::set_in_flight_events(self.owned.in_flight());
         permit.send(batch);
     }
 
     fn on_finished(&mut self, done: Finished) {
-        self.progress.mark_done(done.positions());
-        metrics::set_in_flight_events(self.progress.in_flight());
+        self.owned.mark_done(done.positions());
+        metrics::set_in_flight_events(self.owned.in_flight());
         self.store_commits();
     }
 
     /// Stores each owned partition's new commit point for librdkafka's next commit.
     fn store_commits(&mut self) {
-        for (tp, next) in self.progress.take_owned_commits() {
+        for (tp, next) in self.owned.take_owned_commits() {
             if kafka::store_offset(&*self.consumer, &tp, next, &self.metadata) {
-                self.progress.note_stored(&tp, next);
+                self.owned.note_stored(&tp, next);
             }
             if self.rewinding.get(&tp).is_some_and(|c| next >= *c) {
                 self.rewinding.remove(&tp);
@@ -294,7 +296,7 @@ impl<R: Resume> EventLoop<R> {
                 // Records of partitions revoked meanwhile belong to their new
                 // owner; while stopped, records are dropped unprocessed (never
                 // begun, so never committed).
-                if self.progress.is_assigned(&record.tp) && !self.stopped {
+                if self.owned.is_assigned(&record.tp) && !self.stopped {
                     if self.pending.is_empty() {
                         self.linger_until =
                             Some(Instant::now() + self.config.pipeline.batch_linger);
@@ -369,14 +371,15 @@ impl<R: Resume> EventLoop<R> {
         metrics::record_rebalance("assign");
         // Any assignment, even an empty one (a standby), means the group has us.
         self.health.set_joined();
-        self.progress.assign(tps);
+        self.owned.assign(tps);
         for tp in tps {
             metrics::init_partition(&tp.topic, tp.partition);
         }
         tracing::info!(partitions = tps.len(), "partitions assigned");
         self.note_assignment();
-        if self.paused.is_some() {
-            // A partition assigned during the pause would fetch: pause it too.
+        if self.paused.is_some() || self.stopped {
+            // A partition assigned during the pause (or after consumption
+            // was stopped) would fetch: pause it too.
             self.pause();
         }
     }
@@ -389,12 +392,12 @@ impl<R: Resume> EventLoop<R> {
         tps: &[TopicPartition],
     ) -> (Vec<(TopicPartition, i64)>, Option<LoopEnd>) {
         metrics::record_rebalance("revoke");
-        self.progress.unassign(tps);
+        self.owned.unassign(tps);
         self.pending.retain(|r| !tps.contains(&r.tp));
         let timeout = self.config.kafka.revoke_timeout;
         let deadline = Instant::now() + timeout;
         let mut end = None;
-        while !self.progress.is_idle(tps) {
+        while !self.owned.is_idle(tps) {
             match tokio::time::timeout_at(deadline, self.stage.recv()).await {
                 Ok(Some(event)) => {
                     // A restart: the stage stopped, nothing more finishes.
@@ -412,7 +415,7 @@ impl<R: Resume> EventLoop<R> {
                 }
             }
         }
-        let commits = self.progress.take_commits(|tp| tps.contains(tp));
+        let commits = self.owned.take_commits(|tp| tps.contains(tp));
         self.drop_partitions(tps);
         (commits, end)
     }
@@ -421,23 +424,23 @@ impl<R: Resume> EventLoop<R> {
     fn drop_partitions(&mut self, tps: &[TopicPartition]) {
         let _ = self.ownership.send(Ownership::Released(tps.to_vec()));
         self.pending.retain(|r| !tps.contains(&r.tp));
-        self.progress.forget(tps);
+        self.owned.forget(tps);
         self.rewinding.retain(|tp, _| !tps.contains(tp));
         self.note_rewinding();
         self.note_assignment();
     }
 
     fn note_assignment(&self) {
-        let n = self.progress.assigned_count();
+        let n = self.owned.assigned_count();
         metrics::set_assigned_partitions(n);
-        self.health.set_owned(self.progress.assigned());
+        self.health.set_owned(self.owned.assigned());
     }
 
     fn on_note(&mut self, note: KafkaNote) {
         match note {
             KafkaNote::Committed(offsets) => {
                 for (tp, offset) in offsets {
-                    if let Some(lag) = self.progress.note_committed(&tp, offset) {
+                    if let Some(lag) = self.owned.note_committed(&tp, offset) {
                         metrics::record_commit_lag(lag);
                     }
                 }
@@ -448,7 +451,7 @@ impl<R: Resume> EventLoop<R> {
                 }
                 let mut uncommitted = 0i64;
                 for (tp, lag, stored, committed) in rows {
-                    if !self.progress.is_assigned(&tp) {
+                    if !self.owned.is_assigned(&tp) {
                         continue;
                     }
                     if lag >= 0 {
@@ -465,7 +468,7 @@ impl<R: Resume> EventLoop<R> {
 
     fn on_tick(&mut self) {
         self.blocked.check(
-            &self.progress,
+            &self.owned,
             &self.health,
             self.config.pipeline.stall_timeout,
         );
@@ -509,7 +512,7 @@ impl<R: Resume> EventLoop<R> {
 
     /// Events fetched and not yet done.
     pub fn in_flight(&self) -> usize {
-        self.progress.in_flight()
+        self.owned.in_flight()
     }
 
     /// The consumer and the event receiver, for the final commit and close.
@@ -522,7 +525,7 @@ impl<R: Resume> EventLoop<R> {
     pub fn finish(&mut self) {
         while let Ok(event) = self.stage.try_recv() {
             if let StageEvent::Finished(done) = event {
-                self.progress.mark_done(done.positions());
+                self.owned.mark_done(done.positions());
             }
         }
         self.store_commits();

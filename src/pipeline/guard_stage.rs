@@ -75,6 +75,9 @@ pub struct GuardStage {
     pub progress: ProgressRecords,
     /// Consumption was stopped (dead-letter budget): said once.
     pub stopped: bool,
+    /// Idle progress checks that failed in a row (the connection is
+    /// replaced every `RECONNECT_AFTER`).
+    pub idle_failures: u32,
 }
 
 impl GuardStage {
@@ -126,6 +129,7 @@ impl GuardStage {
     async fn check_while_idle(&mut self) -> bool {
         match self.progress.check().await {
             Ok(None) => {
+                self.idle_failures = 0;
                 self.health.set_redis_ok(true);
                 true
             }
@@ -136,11 +140,15 @@ impl GuardStage {
             Err(e) => {
                 self.progress.suspect();
                 self.health.set_redis_ok(false);
+                self.idle_failures += 1;
                 tracing::warn!(
                     error = %e,
                     retry_in = ?self.config.redis.progress_check_interval,
                     "cannot check Redis's progress records while idle; is Redis up?"
                 );
+                if self.idle_failures % RECONNECT_AFTER == 0 {
+                    self.reconnect(self.idle_failures).await;
+                }
                 true
             }
         }
@@ -385,6 +393,20 @@ fn letter<'a>(
 }
 
 impl GuardStage {
+    /// After repeated failures, a fresh connection for the guard and the
+    /// progress records: it can recover where a long-lived client stays
+    /// stuck (a failover that moved the address, a cluster topology change).
+    async fn reconnect(&mut self, failures: u32) {
+        match crate::store::connect(&self.config.redis).await {
+            Ok(conn) => {
+                tracing::warn!(failures, "redis keeps failing: replaced the connection");
+                self.progress.replace_connection(conn.clone());
+                self.guard.replace_connection(conn);
+            }
+            Err(e) => tracing::warn!(error = %e, "redis reconnect failed"),
+        }
+    }
+
     /// Runs the guard until Redis answers; `None` if shutdown fired first.
     async fn guard_with_retry(&mut self, inputs: &[GuardInput<'_>]) -> Option<Vec<Verdict>> {
         let mut backoff = Backoff::new(&self.config);
@@ -415,17 +437,7 @@ impl GuardStage {
                     metrics::record_retry(e.cause());
                     failures += 1;
                     if failures % RECONNECT_AFTER == 0 {
-                        match crate::store::connect(&self.config.redis).await {
-                            Ok(conn) => {
-                                tracing::warn!(
-                                    failures,
-                                    "redis keeps failing: replaced the connection"
-                                );
-                                self.progress.replace_connection(conn.clone());
-                                self.guard.replace_connection(conn);
-                            }
-                            Err(e) => tracing::warn!(error = %e, "redis reconnect failed"),
-                        }
+                        self.reconnect(failures).await;
                     }
                     let wait: Duration = backoff.next();
                     tracing::warn!(

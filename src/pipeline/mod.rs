@@ -145,7 +145,9 @@ async fn run_consumer(
         events: stage_tx,
         ownership,
         progress: ProgressRecords::new(redis.store.clone(), redis.epoch.clone()),
-        stopped: false,
+        // A stop outlives a restart of consumption: only a restart of idem lifts it.
+        stopped: health.stopped_reason().is_some(),
+        idle_failures: 0,
     };
     let guard_task = tokio::spawn(stage.run(batch_rx));
     let mut event_loop = EventLoop::new(

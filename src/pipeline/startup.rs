@@ -78,7 +78,9 @@ pub async fn start_guard(
     match guard.load_script().await {
         // Redis answered, refusing to compile: each snippet compiled alone,
         // yet the script with them does not.
-        Err(StoreError::Redis(e)) if crate::guard::is_compile_refusal(&e) => {
+        Err(StoreError::Redis(e))
+            if !config.effects.snippets.is_empty() && crate::guard::is_compile_refusal(&e) =>
+        {
             return Err(RunError::Snippet(crate::guard::SnippetError {
                 file: "guard.lua with the custom effects".into(),
                 message: e.to_string(),

@@ -21,7 +21,7 @@ pub use checks::{
     check_eviction_policy, check_version, durable_wait, persistence, CheckError, DurableWait,
     Persistence,
 };
-pub use keys::{progress_field, EntityKeys, KeyLayout};
+pub use keys::{hash_slot, progress_field, EntityKeys, KeyLayout};
 
 /// An error talking to Redis.
 #[derive(Debug, thiserror::Error)]
@@ -103,58 +103,6 @@ impl StoreError {
             StoreError::RolledBack(_) => "rolled_back",
         }
     }
-}
-
-/// A short hash tag for each cluster slot ("0", "1", … whichever lands there first).
-fn slot_tag(slot: u16) -> &'static str {
-    static TAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let tags = TAGS.get_or_init(|| {
-        let mut tags = vec![String::new(); 16384];
-        let mut missing = tags.len();
-        let mut n: u64 = 0;
-        while missing > 0 {
-            let tag = n.to_string();
-            let s = usize::from(crc16_xmodem(tag.as_bytes()) % 16384);
-            if tags[s].is_empty() {
-                tags[s] = tag;
-                missing -= 1;
-            }
-            n += 1;
-        }
-        tags
-    });
-    &tags[usize::from(slot % 16384)]
-}
-
-/// The Redis Cluster slot of `key`: CRC16 (XMODEM) of its hash tag, mod 16384.
-pub fn hash_slot(key: &[u8]) -> u16 {
-    let tagged = key
-        .iter()
-        .position(|&b| b == b'{')
-        .and_then(|open| {
-            let rest = &key[open + 1..];
-            rest.iter()
-                .position(|&b| b == b'}')
-                .filter(|&close| close > 0)
-                .map(|close| &rest[..close])
-        })
-        .unwrap_or(key);
-    crc16_xmodem(tagged) % 16384
-}
-
-fn crc16_xmodem(bytes: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &b in bytes {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
 }
 
 /// A connection to a standalone Redis or to a Redis Cluster. Both reconnect
@@ -539,24 +487,4 @@ pub async fn read_entity(
         updated_ms: parse_u64("updated_ms")?,
         state,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hash_slots_match_redis() {
-        // Values from CLUSTER KEYSLOT on a real server.
-        assert_eq!(crc16_xmodem(b"123456789"), 0x31c3);
-        assert_eq!(hash_slot(b"foo"), 12182);
-        assert_eq!(hash_slot(b"bar"), 5061);
-        assert_eq!(hash_slot(b"{user1000}.following"), hash_slot(b"user1000"));
-        // An empty tag: the whole key is hashed.
-        assert_eq!(
-            hash_slot(b"foo{}{bar}"),
-            crc16_xmodem(b"foo{}{bar}") % 16384
-        );
-        assert_eq!(hash_slot(b"foo{{bar}}zap"), hash_slot(b"{bar"));
-    }
 }

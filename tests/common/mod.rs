@@ -133,11 +133,11 @@ impl Idem {
     }
 
     pub fn stop_process(&self) {
-        self.process.stop();
+        assert!(signal(self.pid(), "-STOP"), "kill -STOP failed");
     }
 
     pub fn continue_process(&self) {
-        self.process.resume();
+        assert!(signal(self.pid(), "-CONT"), "kill -CONT failed");
     }
 
     /// Resident memory now, from /proc.

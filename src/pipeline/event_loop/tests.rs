@@ -75,6 +75,12 @@ fn tp(partition: i32) -> TopicPartition {
 }
 
 fn start(table: Table) -> Harness {
+    start_with(table, Health::default())
+}
+
+/// The loop of a consumption round that starts with `health` as the last
+/// round left it.
+fn start_with(table: Table, health: Health) -> Harness {
     let mut config = Config::defaults();
     config.pipeline.batch_linger = Duration::from_millis(5);
     config.kafka.revoke_timeout = Duration::from_secs(30);
@@ -100,7 +106,6 @@ fn start(table: Table) -> Harness {
     let (ownership_tx, ownership_rx) = mpsc::unbounded_channel();
     let (batch_tx, batch_rx) = mpsc::channel(1);
     let (trigger, mut shutdown) = Shutdown::new();
-    let health = Health::default();
     let mut event_loop = EventLoop::new(
         Arc::new(config),
         consumer.clone(),
@@ -404,4 +409,26 @@ async fn an_unreadable_commit_or_a_lost_log_ends_the_loop_without_starts() {
     let h = start(table);
     assert_eq!(h.assign(&[(0, Some(5))]).await, []);
     assert!(matches!(h.ended().await.0, LoopEnd::Unrecoverable(_)));
+}
+
+#[tokio::test]
+async fn a_stop_outlives_a_restart_of_consumption() {
+    let health = Health::default();
+    health.stop_consuming("dead-letter ratio 0.9".into());
+    let mut h = start_with(table(), health);
+    h.assign(&[(0, None)]).await;
+    h.records(0, 0..3).await;
+    let answer = h.revoke(&[0]).await;
+    assert_eq!(
+        answer_of(answer).await,
+        [],
+        "nothing was begun, so nothing is committed"
+    );
+    assert!(
+        h.batches.try_recv().is_err(),
+        "the new round batches nothing once stopped"
+    );
+    h.shutdown.trigger();
+    let (_, event_loop) = h.ended().await;
+    assert_eq!(event_loop.in_flight(), 0);
 }
