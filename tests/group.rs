@@ -457,7 +457,7 @@ fn docker_compose_uses_only_known_config_keys_and_ports() {
     ))
     .unwrap();
     assert!(
-        prometheus.contains(&format!("port: {}", config.metrics_listen.port())),
+        prometheus.contains(&format!("port: {}", config.metrics.listen.port())),
         "Prometheus scrapes idem's metrics port"
     );
     let topics = idem::tools::topics::load_dir(std::path::Path::new(concat!(

@@ -71,7 +71,7 @@ async fn password_from_a_file_authenticates_and_never_leaks() {
 #[test]
 fn metrics_endpoint_binds_to_loopback_by_default() {
     let c = idem::config::Config::defaults();
-    assert!(c.metrics_listen.ip().is_loopback());
+    assert!(c.metrics.listen.ip().is_loopback());
 }
 
 /// Runs idem with `opts`, its password (given by `key`) replaced by `wrong`:

@@ -125,7 +125,7 @@ where
             return ExitCode::from(EXIT_FAILED);
         }
     };
-    let json_logs = config.log_format == LogFormat::Json;
+    let json_logs = config.log.format == LogFormat::Json;
     match runtime.block_on(command(config)) {
         Ok(code) => code,
         Err(e) => {
@@ -142,12 +142,12 @@ where
 
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour_on_stderr())
         .with_writer(std::io::stderr);
-    match config.log_format {
+    match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }

@@ -1,10 +1,11 @@
-//! The textual forms of a few config values that a type cannot check:
-//! broker lists and the per-topic window map given as one string. Pure
-//! functions with their truth tables in `tests.rs`.
+//! The textual forms of a few config values that a type cannot check
+//! (broker lists, the per-topic window map given as one string), and the
+//! checks several sections share (secrets from files, a client certificate
+//! with its key). Pure functions with their truth tables in `tests.rs`.
 
 use std::collections::BTreeMap;
 
-use super::{is_valid_topic_name, ConfigError};
+use super::{is_valid_topic_name, ConfigError, Secret};
 
 /// Checks `kafka.brokers`: `host:port[,host:port…]`, no scheme, a port in
 /// 1-65535, an IPv6 address in brackets (`[::1]:9092`).
@@ -96,4 +97,43 @@ pub fn format_duration(d: std::time::Duration) -> String {
         }
     }
     format!("{ms}ms")
+}
+
+/// A secret given as a file (`file_key` names it): its text, trailing
+/// newline trimmed; none when the key is empty.
+pub(super) fn secret_file(file_key: &str, file: &str) -> Result<Option<Secret>, ConfigError> {
+    if file.is_empty() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        ConfigError::invalid(
+            file_key,
+            file,
+            &format!("a readable file holding the secret ({e})"),
+        )
+    })?;
+    Ok(Some(Secret(
+        text.trim_end_matches(['\n', '\r']).to_string(),
+    )))
+}
+
+/// A client certificate and its key for mutual TLS: both or neither (each
+/// already a readable file). Each argument is (key name, path).
+pub(super) fn both_or_neither(cert: (&str, &str), key: (&str, &str)) -> Result<(), ConfigError> {
+    match (cert.1.is_empty(), key.1.is_empty()) {
+        (false, true) => Err(ConfigError::invalid(
+            key.0,
+            "",
+            &format!(
+                "the client certificate's private key (PEM), since {} is set",
+                cert.0
+            ),
+        )),
+        (true, false) => Err(ConfigError::invalid(
+            cert.0,
+            "",
+            &format!("the client certificate (PEM), since {} is set", key.0),
+        )),
+        _ => Ok(()),
+    }
 }

@@ -4,12 +4,14 @@
 //! Guarantee: a `Config` that exists is valid. Every rejected value names its
 //! key, the value and the expected form, so the operator knows what to fix.
 //!
-//! Layout: this file holds the validated types and the loader; `raw.rs` the
-//! layer as read and its validation, one function per section.
+//! Layout: this file holds the loader, the errors and the forms shared by
+//! sections; `kafka.rs` and `redis.rs` their sections, `sections.rs` the
+//! document and the small sections, `values.rs` the value forms, `effects.rs`
+//! the `[[effects]]` rules. Every key is a field of its section's struct,
+//! decoded by serde, then checked across keys once (`checked`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::Path;
 use std::time::Duration;
@@ -20,14 +22,20 @@ pub use crate::event::settings::{EventConfig, EventFormat, FieldMap};
 
 mod effects;
 mod forms;
+mod kafka;
+mod redis;
+mod sections;
 mod show;
-pub use forms::format_duration;
-use show::Layers;
-pub use show::{effective, Layer, Setting};
-mod raw;
 #[cfg(test)]
 mod tests;
 mod values;
+
+pub use forms::format_duration;
+pub use kafka::{KafkaConfig, OffsetReset, SaslMechanism, SecurityProtocol};
+pub use redis::{Durability, RedisConfig, RedisMode};
+pub use sections::{DedupeConfig, LogConfig, LogFormat, MetricsConfig, ShutdownConfig};
+use show::Layers;
+pub use show::{effective, Layer, Setting};
 
 const DEFAULTS: &str = include_str!("../../config/default.toml");
 
@@ -115,207 +123,6 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// Where a group without committed offsets starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OffsetReset {
-    Earliest,
-    Latest,
-}
-
-impl OffsetReset {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OffsetReset::Earliest => "earliest",
-            OffsetReset::Latest => "latest",
-        }
-    }
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-/// How idem talks to the brokers (librdkafka's `security.protocol`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SecurityProtocol {
-    Plaintext,
-    Ssl,
-    SaslPlaintext,
-    SaslSsl,
-}
-
-impl SecurityProtocol {
-    /// librdkafka's name for it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SecurityProtocol::Plaintext => "plaintext",
-            SecurityProtocol::Ssl => "ssl",
-            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
-            SecurityProtocol::SaslSsl => "sasl_ssl",
-        }
-    }
-
-    /// Whether the connection is encrypted (librdkafka then loads the TLS files).
-    pub fn uses_tls(self) -> bool {
-        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
-    }
-
-    /// Whether the client authenticates with SASL (a user name and mechanism).
-    pub fn uses_sasl(self) -> bool {
-        matches!(
-            self,
-            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
-        )
-    }
-}
-
-/// The SASL mechanism (librdkafka's `sasl.mechanisms`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum SaslMechanism {
-    #[serde(rename = "PLAIN")]
-    Plain,
-    #[serde(rename = "SCRAM-SHA-256")]
-    ScramSha256,
-    #[serde(rename = "SCRAM-SHA-512")]
-    ScramSha512,
-}
-
-impl SaslMechanism {
-    /// librdkafka's name for it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SaslMechanism::Plain => "PLAIN",
-            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
-            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
-        }
-    }
-}
-
-/// Kafka connection and group settings.
-#[derive(Debug, Clone)]
-pub struct KafkaConfig {
-    pub brokers: String,
-    pub group_id: String,
-    pub topics: Vec<String>,
-    pub auto_offset_reset: OffsetReset,
-    pub commit_interval: Duration,
-    pub session_timeout: Duration,
-    /// How long a revoke waits for in-flight batches of the revoked partitions.
-    pub revoke_timeout: Duration,
-    /// How long tools and start-up checks wait for one broker request.
-    pub request_timeout: Duration,
-    /// Static group membership id (e.g. the pod name), if any.
-    pub group_instance_id: Option<String>,
-    /// Passthrough librdkafka settings, already checked against the fixed keys.
-    pub librdkafka: BTreeMap<String, String>,
-    pub security_protocol: SecurityProtocol,
-    /// Used with a `sasl_*` protocol.
-    pub sasl_mechanism: SaslMechanism,
-    pub sasl_username: String,
-    pub sasl_password: Option<Secret>,
-    /// CA bundle to verify the brokers' certificates (ssl protocols).
-    pub ssl_ca_location: String,
-    /// Client certificate and key for mutual TLS (both or neither).
-    pub ssl_certificate_location: String,
-    pub ssl_key_location: String,
-    pub ssl_key_password: Option<Secret>,
-}
-
-impl KafkaConfig {
-    /// The default settings pointed at `brokers`: the tests' and the test
-    /// bench's own clients (plaintext, no credentials).
-    pub fn for_brokers(brokers: &str) -> KafkaConfig {
-        KafkaConfig {
-            brokers: brokers.to_string(),
-            ..Config::defaults().kafka
-        }
-    }
-}
-
-/// When an effect counts as durable, so that its offset may be committed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Durability {
-    /// When Redis replied (its persistence settings decide what a crash loses).
-    #[default]
-    Ack,
-    /// When `n` replicas acknowledged the batch (`WAIT`).
-    Replicas(u32),
-    /// When the batch is on disk: `appendfsync always`, or `WAITAOF` (Redis ≥ 7.2).
-    Fsync,
-}
-
-/// One Redis or a Redis Cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RedisMode {
-    #[default]
-    Standalone,
-    Cluster,
-}
-
-/// Redis connection settings and key layout.
-#[derive(Debug, Clone)]
-pub struct RedisConfig {
-    pub mode: RedisMode,
-    /// One URL, or for a cluster comma-separated seed node URLs.
-    pub url: String,
-    pub key_prefix: String,
-    pub response_timeout: Duration,
-    pub connect_timeout: Duration,
-    /// While idle, how often Redis's epoch marker and progress records are
-    /// checked (a rollback under an idle partition is noticed this late).
-    pub progress_check_interval: Duration,
-    pub durability: Durability,
-    /// ACL user and password (override any in the URL).
-    pub username: String,
-    pub password: Option<Secret>,
-    /// PEM CA bundle to verify the server's certificate with `rediss://`
-    /// (empty: the system's trust store).
-    pub tls_ca_file: String,
-    /// Client certificate and key (PEM) for servers that require mutual TLS
-    /// (`tls-auth-clients yes`); both or neither.
-    pub tls_cert_file: String,
-    pub tls_key_file: String,
-    /// Start even if Redis's `maxmemory-policy` may evict idem's keys
-    /// (anything but `noeviction`): the operator accepts lost dedupe memory.
-    pub allow_eviction: bool,
-}
-
-impl RedisConfig {
-    /// The default settings pointed at `url` in `mode`: the tools' and
-    /// tests' own connections (no credentials, no TLS).
-    pub fn for_url(url: &str, mode: RedisMode) -> RedisConfig {
-        RedisConfig {
-            mode,
-            url: url.to_string(),
-            ..Config::defaults().redis
-        }
-    }
-}
-
-/// The dedupe window, global and per topic.
-#[derive(Debug, Clone)]
-pub struct DedupeConfig {
-    pub window: Duration,
-    pub topic_windows: BTreeMap<String, Duration>,
-}
-
-impl DedupeConfig {
-    /// The window that applies to events of `topic`.
-    pub fn window_for(&self, topic: &str) -> Duration {
-        self.topic_windows
-            .get(topic)
-            .copied()
-            .unwrap_or(self.window)
-    }
-}
-
 /// Dead-letter settings (`[dlq]`), decoded as they are read.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -380,11 +187,9 @@ pub struct Config {
     pub event: EventConfig,
     pub dlq: DlqConfig,
     pub pipeline: PipelineConfig,
-    pub metrics_listen: SocketAddr,
-    /// How long a graceful shutdown waits for in-flight batches.
-    pub shutdown_drain_timeout: Duration,
-    pub log_format: LogFormat,
-    pub log_level: String,
+    pub metrics: MetricsConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
     /// What events do, per topic and type (docs/effects.md).
     pub effects: crate::effects::EffectsConfig,
 }
@@ -393,12 +198,12 @@ impl Config {
     /// Loads the layers: built-in defaults, then `file` if given, then the
     /// `IDEM__…` entries of `env` (passed in so tests need not touch the process env).
     pub fn load(file: Option<&Path>, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
-        let raw: raw::RawConfig = Layers::ALL
+        let document: sections::Document = Layers::ALL
             .builder(file, env)?
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(ConfigError::from_layers)?;
-        raw.validate()
+        document.checked()
     }
 
     /// Settings that are valid but probably not what was meant; `idem run`

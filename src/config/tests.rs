@@ -1,5 +1,7 @@
 //! The config's tables: defaults, layering, and every key's rejection.
 
+use std::collections::BTreeMap;
+
 use super::*;
 
 fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
@@ -14,7 +16,7 @@ fn defaults_are_valid() {
     let c = Config::defaults();
     assert_eq!(c.kafka.topics, vec!["events"]);
     assert_eq!(c.dedupe.window, Duration::from_secs(86_400));
-    assert_eq!(c.metrics_listen.to_string(), "127.0.0.1:9464");
+    assert_eq!(c.metrics.listen.to_string(), "127.0.0.1:9464");
 }
 
 #[test]
@@ -319,7 +321,7 @@ fn choices_decode_by_name() {
     assert_eq!(c.event.format, EventFormat::CloudEvents);
     assert!(c.event.reject_duplicate_keys);
     assert!(c.event.dead_letter_key_mismatch);
-    assert_eq!(c.log_format, LogFormat::Json);
+    assert_eq!(c.log.format, LogFormat::Json);
 
     let d = Config::defaults();
     assert_eq!(d.kafka.auto_offset_reset, OffsetReset::Earliest);
@@ -328,7 +330,7 @@ fn choices_decode_by_name() {
     assert_eq!(d.event.format, EventFormat::Auto);
     assert!(!d.event.reject_duplicate_keys);
     assert!(!d.event.dead_letter_key_mismatch);
-    assert_eq!(d.log_format, LogFormat::Text);
+    assert_eq!(d.log.format, LogFormat::Text);
 
     let err = Config::load(None, &env(&[("IDEM__KAFKA__SECURITY_PROTOCOL", "tls")])).unwrap_err();
     let text = err.to_string();
@@ -706,18 +708,23 @@ fn default_toml_comments() -> BTreeMap<(String, String), TomlComment> {
 /// of the structs serde decodes the sections into.
 fn field_docs() -> BTreeMap<(String, String), String> {
     let sections = [
-        ("RawKafka", "kafka"),
-        ("RawRedis", "redis"),
-        ("RawDedupe", "dedupe"),
-        ("RawEvent", "event"),
+        ("KafkaConfig", "kafka"),
+        ("RedisConfig", "redis"),
+        ("DedupeConfig", "dedupe"),
+        ("EventSection", "event"),
         ("DlqConfig", "dlq"),
         ("PipelineConfig", "pipeline"),
-        ("RawMetrics", "metrics"),
-        ("RawShutdown", "shutdown"),
-        ("RawLog", "log"),
+        ("MetricsConfig", "metrics"),
+        ("ShutdownConfig", "shutdown"),
+        ("LogConfig", "log"),
     ];
     let mut out = BTreeMap::new();
-    for source in [include_str!("raw.rs"), include_str!("mod.rs")] {
+    for source in [
+        include_str!("kafka.rs"),
+        include_str!("redis.rs"),
+        include_str!("sections.rs"),
+        include_str!("mod.rs"),
+    ] {
         let mut section: Option<&str> = None;
         let (mut doc, mut rename) = (Vec::new(), None);
         for line in source.lines().map(str::trim) {

@@ -12,7 +12,9 @@ use std::time::Duration;
 use serde::de::{DeserializeOwned, Error, IntoDeserializer};
 use serde::{Deserialize, Deserializer};
 
-use super::{is_valid_topic_name, parse_durability, parse_duration, ConfigError, Durability};
+use super::{
+    is_valid_topic_name, parse_durability, parse_duration, ConfigError, Durability, Secret,
+};
 
 pub(super) const DURATION_FORM: &str =
     "a duration such as \"250ms\", \"5s\", \"2m\", \"24h\" or \"7d\"";
@@ -225,4 +227,10 @@ pub fn window_map<'de, D: Deserializer<'de>>(
         out.insert(topic, duration);
     }
     Ok(out)
+}
+
+/// A secret given inline: empty is none.
+pub fn secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+    let text = String::deserialize(d)?;
+    Ok((!text.is_empty()).then(|| Secret::new(text)))
 }

@@ -47,14 +47,6 @@ end
 return cjson.encode(report)
 "#;
 
-/// A command argument's bytes.
-fn arg_bytes(arg: redis::Arg<&[u8]>) -> Vec<u8> {
-    match arg {
-        redis::Arg::Simple(b) => b.to_vec(),
-        redis::Arg::Cursor => b"0".to_vec(),
-    }
-}
-
 /// The guard's answer for one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
@@ -332,11 +324,8 @@ impl Guard {
                     let mut pipe = redis::pipe();
                     for (n, &c) in mine.iter().enumerate() {
                         // One EVAL loads the script for the EVALSHAs after it.
-                        pipe.add_command(this.script_cmd(
-                            inputs,
-                            &chunks[c],
-                            with_source && n == 0,
-                        ));
+                        let source = (with_source && n == 0).then_some(&*this.source);
+                        pipe.add_command(this.script_cmd(inputs, &chunks[c], source));
                     }
                     if this.wait != DurableWait::None {
                         pipe.cmd("INCR").arg(&barrier);
@@ -397,27 +386,23 @@ impl Guard {
     ) -> Result<serde_json::Value, StoreError> {
         let report = self.source.replace("\nreturn main()\n", REPORT);
         let chunk: Vec<usize> = (0..inputs.len()).collect();
-        let mut cmd = self.script_cmd(inputs, &chunk, true);
         // The same call, with the reporting script in place of guard.lua.
-        let mut args: Vec<Vec<u8>> = cmd.args_iter().map(arg_bytes).collect();
-        args[1] = report.into_bytes();
-        cmd = redis::cmd("EVAL");
-        for a in &args[1..] {
-            cmd.arg(&a[..]);
-        }
+        let cmd = self.script_cmd(inputs, &chunk, Some(&report));
         let json: String = cmd.query_async(&mut self.conn).await?;
         serde_json::from_str(&json).map_err(|e| StoreError::Protocol(format!("parse report: {e}")))
     }
 
+    /// One call of the script for `chunk`: `EVAL source` when a source is
+    /// given (it loads the script), `EVALSHA` otherwise.
     fn script_cmd(
         &self,
         inputs: &[GuardInput<'_>],
         chunk: &[usize],
-        with_source: bool,
+        source: Option<&str>,
     ) -> redis::Cmd {
-        let mut cmd = if with_source {
+        let mut cmd = if let Some(source) = source {
             let mut c = redis::cmd("EVAL");
-            c.arg(&*self.source);
+            c.arg(source);
             c
         } else {
             let mut c = redis::cmd("EVALSHA");
@@ -468,7 +453,7 @@ impl Guard {
     fn build_pipeline(&self, inputs: &[GuardInput<'_>], chunks: &[Vec<usize>]) -> redis::Pipeline {
         let mut pipe = redis::pipe();
         for chunk in chunks {
-            pipe.add_command(self.script_cmd(inputs, chunk, false));
+            pipe.add_command(self.script_cmd(inputs, chunk, None));
         }
         if self.wait != DurableWait::None {
             // WAIT/WAITAOF only cover this connection's writes; a batch of

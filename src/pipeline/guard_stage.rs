@@ -134,7 +134,7 @@ impl GuardStage {
                 true
             }
             Ok(Some(changed)) => {
-                self.restart_for::<()>(changed).await;
+                self.restart_for(changed).await;
                 false
             }
             Err(e) => {
@@ -416,7 +416,10 @@ impl GuardStage {
             // After a failure, nothing is written before the check says
             // Redis still holds what idem recorded.
             let attempt = match self.progress.check().await {
-                Ok(Some(changed)) => return self.restart_for(changed).await,
+                Ok(Some(changed)) => {
+                    self.restart_for(changed).await;
+                    return None;
+                }
                 Ok(None) => self.guard.apply(inputs).await,
                 Err(e) => Err(e),
             };
@@ -429,7 +432,8 @@ impl GuardStage {
                 }
                 Err(e) => {
                     if let Some(changed) = StateChanged::from_refusal(&e) {
-                        return self.restart_for(changed).await;
+                        self.restart_for(changed).await;
+                        return None;
                     }
                     self.progress.suspect();
                     self.health.set_redis_ok(false);
@@ -457,9 +461,9 @@ impl GuardStage {
     }
 
     /// Logs and counts a change of Redis's state and tells the loop to
-    /// restart consumption from what Redis holds. Returns `None`: the batch
-    /// is not finished (nothing of it is committed).
-    async fn restart_for<T>(&mut self, changed: StateChanged) -> Option<T> {
+    /// restart consumption from what Redis holds. The batch at hand stays
+    /// unfinished (nothing of it is committed).
+    async fn restart_for(&mut self, changed: StateChanged) {
         if changed.cause == super::recovery::Change::RolledBack {
             self.progress.renew_epoch().await;
         }
@@ -470,7 +474,6 @@ impl GuardStage {
             "Redis lost or rolled back its state: nothing more is written; consumption restarts from the offsets Redis's state reflects"
         );
         let _ = self.events.send(StageEvent::Restart(changed));
-        None
     }
 
     /// Records the batch's progress in Redis, retrying until it answers.
@@ -481,7 +484,10 @@ impl GuardStage {
         let mut backoff = Backoff::new(&self.config);
         loop {
             let attempt = match self.progress.check().await {
-                Ok(Some(changed)) => return self.restart_for::<()>(changed).await.is_some(),
+                Ok(Some(changed)) => {
+                    self.restart_for(changed).await;
+                    return false;
+                }
                 Ok(None) => self.progress.record(&ends).await,
                 Err(e) => Err(e),
             };
@@ -489,7 +495,8 @@ impl GuardStage {
                 Ok(()) => return true,
                 Err(e) => {
                     if let Some(changed) = StateChanged::from_refusal(&e) {
-                        return self.restart_for::<()>(changed).await.is_some();
+                        self.restart_for(changed).await;
+                        return false;
                     }
                     self.progress.suspect();
                     metrics::record_retry(e.cause());

@@ -50,7 +50,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     log_effective_config(&config);
     let handle = metrics::install(&config.kafka.group_id, &config.redis.key_prefix)?;
     let health = Health::default();
-    metrics::serve(config.metrics_listen, handle, health.clone()).await?;
+    metrics::serve(config.metrics.listen, handle, health.clone()).await?;
     for topic in &config.kafka.topics {
         metrics::init_topic(topic);
     }
@@ -70,7 +70,7 @@ fn log_effective_config(config: &Config) {
         key_prefix = %config.redis.key_prefix,
         durability = ?config.redis.durability,
         dead_letter_topic = %config.dlq.topic,
-        metrics = %config.metrics_listen,
+        metrics = %config.metrics.listen,
         "effective configuration (`idem config show` lists every key and where it was set)"
     );
     for warning in config.warnings() {
@@ -215,11 +215,11 @@ async fn shut_down(
 ) {
     tracing::info!(
         in_flight = event_loop.in_flight(),
-        drain_timeout = ?config.shutdown_drain_timeout,
+        drain_timeout = ?config.shutdown.drain_timeout,
         "shutting down: finishing in-flight batches, then committing"
     );
     drop(batch_tx);
-    if tokio::time::timeout(config.shutdown_drain_timeout, &mut guard_task)
+    if tokio::time::timeout(config.shutdown.drain_timeout, &mut guard_task)
         .await
         .is_err()
     {

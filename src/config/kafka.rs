@@ -1,0 +1,265 @@
+//! `[kafka]`: the brokers, the group, the topics and the client's security,
+//! decoded as they are read; the checks that span keys run after.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use super::forms::{both_or_neither, secret_file};
+use super::{values, Config, ConfigError, Secret};
+
+/// librdkafka keys that idem fixes because they protect the delivery guarantee.
+const FIXED_LIBRDKAFKA_KEYS: [&str; 13] = [
+    "enable.auto.offset.store",
+    "enable.auto.commit",
+    "bootstrap.servers",
+    "group.id",
+    // Security settings have their own keys, so that passwords can come from files.
+    "security.protocol",
+    "sasl.mechanisms",
+    "sasl.mechanism",
+    "sasl.username",
+    "sasl.password",
+    "ssl.ca.location",
+    "ssl.certificate.location",
+    "ssl.key.location",
+    "ssl.key.password",
+];
+
+/// Kafka connection and group settings (`[kafka]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, comma separated host:port.
+    #[serde(deserialize_with = "values::brokers")]
+    pub brokers: String,
+    /// Consumer group. All idem instances of one pipeline share it.
+    #[serde(deserialize_with = "values::non_empty")]
+    pub group_id: String,
+    /// Source topics (at least one).
+    #[serde(deserialize_with = "values::topics")]
+    pub topics: Vec<String>,
+    /// Where a group without a committed offset starts: "earliest" or "latest".
+    #[serde(deserialize_with = "values::choice")]
+    pub auto_offset_reset: OffsetReset,
+    /// How often the offsets of finished events are committed. Only offsets whose
+    /// effects are already in Redis are ever committed, so this trades redelivered
+    /// work after a crash against commit traffic; it never affects correctness.
+    #[serde(deserialize_with = "values::positive_duration")]
+    pub commit_interval: Duration,
+    /// Group session timeout: how long the group waits for a silent instance.
+    #[serde(deserialize_with = "values::positive_duration")]
+    pub session_timeout: Duration,
+    /// When partitions are revoked in a rebalance, how long idem waits for their
+    /// in-flight batches before committing what is done and letting go.
+    #[serde(deserialize_with = "values::positive_duration")]
+    pub revoke_timeout: Duration,
+    /// How long a tool (topics, inspect, replay, reconcile, dlq, check) and the
+    /// start-up checks wait for the brokers to answer one request. The tools'
+    /// global --timeout sets it for one run.
+    #[serde(deserialize_with = "values::positive_duration")]
+    pub request_timeout: Duration,
+    /// Static group membership: a stable id per instance (e.g. the pod name,
+    /// IDEM__KAFKA__GROUP_INSTANCE_ID=$POD_NAME). An instance that restarts within
+    /// session_timeout gets its partitions back without a rebalance. Empty: dynamic.
+    #[serde(deserialize_with = "values::optional_trimmed")]
+    pub group_instance_id: Option<String>,
+    /// Security (docs/security.md). security_protocol: "plaintext", "ssl",
+    /// "sasl_plaintext" or "sasl_ssl". Every Kafka client idem makes uses these
+    /// settings: the consumer, the dead-letter producer and the tools.
+    #[serde(deserialize_with = "values::choice")]
+    pub security_protocol: SecurityProtocol,
+    /// SASL mechanism: "PLAIN", "SCRAM-SHA-256" or "SCRAM-SHA-512". sasl_username
+    /// is required with the sasl protocols.
+    #[serde(deserialize_with = "values::choice")]
+    pub sasl_mechanism: SaslMechanism,
+    /// Described with `sasl_mechanism` (config/default.toml has one comment for the group).
+    pub sasl_username: String,
+    /// The SASL password, inline (better: IDEM__KAFKA__SASL_PASSWORD) or from a file
+    /// (sasl_password_file, e.g. a mounted secret). Never logged.
+    #[serde(deserialize_with = "values::secret")]
+    pub sasl_password: Option<Secret>,
+    /// Described with `sasl_password` (config/default.toml has one comment for the group).
+    pub sasl_password_file: String,
+    /// CA bundle (PEM file, or a directory of them) to verify the brokers'
+    /// certificates; empty: librdkafka's default; "probe": search the system's usual places.
+    #[serde(deserialize_with = "values::ca_location")]
+    pub ssl_ca_location: String,
+    /// Mutual TLS: the client certificate and its private key (PEM), both or
+    /// neither; the key's password inline or from a file, if the key is encrypted.
+    #[serde(deserialize_with = "values::readable_file")]
+    pub ssl_certificate_location: String,
+    /// Described with `ssl_certificate_location` (config/default.toml has one comment for the group).
+    #[serde(deserialize_with = "values::readable_file")]
+    pub ssl_key_location: String,
+    /// Described with `ssl_certificate_location` (config/default.toml has one comment for the group).
+    #[serde(deserialize_with = "values::secret")]
+    pub ssl_key_password: Option<Secret>,
+    /// Described with `ssl_certificate_location` (config/default.toml has one comment for the group).
+    pub ssl_key_password_file: String,
+    /// Extra librdkafka consumer settings, passed as they are (e.g. "fetch.max.bytes",
+    /// "ssl.endpoint.identification.algorithm"). Refused here because they protect
+    /// the delivery guarantee or have a key of their own above: enable.auto.offset.store,
+    /// enable.auto.commit, bootstrap.servers, group.id, security.protocol, sasl.*,
+    /// ssl.ca.location, ssl.certificate.location, ssl.key.location, ssl.key.password.
+    #[serde(default, deserialize_with = "dotted_settings")]
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    /// The default settings pointed at `brokers`: the tests' and the test
+    /// bench's own clients (plaintext, no credentials).
+    pub fn for_brokers(brokers: &str) -> KafkaConfig {
+        KafkaConfig {
+            brokers: brokers.to_string(),
+            ..Config::defaults().kafka
+        }
+    }
+
+    /// The checks that span keys; secrets given as files are read here.
+    pub(super) fn checked(mut self) -> Result<KafkaConfig, ConfigError> {
+        if self.security_protocol.uses_sasl() && self.sasl_username.is_empty() {
+            return Err(ConfigError::invalid(
+                "kafka.sasl_username",
+                "",
+                "a user name (kafka.security_protocol is a sasl protocol)",
+            ));
+        }
+        both_or_neither(
+            (
+                "kafka.ssl_certificate_location",
+                &self.ssl_certificate_location,
+            ),
+            ("kafka.ssl_key_location", &self.ssl_key_location),
+        )?;
+        if let Some(key) = self
+            .librdkafka
+            .keys()
+            .find(|key| FIXED_LIBRDKAFKA_KEYS.contains(&key.as_str()))
+        {
+            return Err(ConfigError::invalid(
+                &format!("kafka.librdkafka.{key}"),
+                key,
+                "a librdkafka key idem does not fix (this one protects the delivery guarantee or has its own idem key)",
+            ));
+        }
+        if let Some(s) = secret_file("kafka.sasl_password_file", &self.sasl_password_file)? {
+            self.sasl_password = Some(s);
+        }
+        if let Some(s) = secret_file("kafka.ssl_key_password_file", &self.ssl_key_password_file)? {
+            self.ssl_key_password = Some(s);
+        }
+        Ok(self)
+    }
+}
+
+/// The `kafka.librdkafka` table as dotted keys (`[kafka.librdkafka.fetch]
+/// max.bytes = 1` is `fetch.max.bytes`), each value a string, number or boolean.
+fn dotted_settings<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    fn flatten_into(
+        key: &str,
+        value: serde_json::Value,
+        out: &mut BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    flatten_into(&format!("{key}.{k}"), v, out)?;
+                }
+            }
+            serde_json::Value::String(s) => {
+                out.insert(key.to_string(), s);
+            }
+            serde_json::Value::Number(_) | serde_json::Value::Bool(_) => {
+                out.insert(key.to_string(), value.to_string());
+            }
+            other => {
+                return Err(format!(
+                    "got {other} for {key:?}, expected a string, number or boolean"
+                ))
+            }
+        }
+        Ok(())
+    }
+    let table = BTreeMap::<String, serde_json::Value>::deserialize(d)?;
+    let mut out = BTreeMap::new();
+    for (key, value) in table {
+        flatten_into(&key, value, &mut out).map_err(serde::de::Error::custom)?;
+    }
+    Ok(out)
+}
+
+/// Where a group without committed offsets starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffsetReset {
+    Earliest,
+    Latest,
+}
+
+impl OffsetReset {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OffsetReset::Earliest => "earliest",
+            OffsetReset::Latest => "latest",
+        }
+    }
+}
+
+/// How idem talks to the brokers (librdkafka's `security.protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// librdkafka's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    /// Whether the connection is encrypted (librdkafka then loads the TLS files).
+    pub fn uses_tls(self) -> bool {
+        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
+    }
+
+    /// Whether the client authenticates with SASL (a user name and mechanism).
+    pub fn uses_sasl(self) -> bool {
+        matches!(
+            self,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        )
+    }
+}
+
+/// The SASL mechanism (librdkafka's `sasl.mechanisms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// librdkafka's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}

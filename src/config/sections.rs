@@ -1,0 +1,211 @@
+//! The document the layers give, one typed section per table, and the small
+//! sections that have no module of their own. Each key is declared once, as
+//! a field with its doc; its default and comment are in `config/default.toml`
+//! (a test holds the two together). `[kafka]` and `[redis]` are in their own
+//! files.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::*;
+
+/// What the layers say, decoded: one field per table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Document {
+    kafka: KafkaConfig,
+    redis: RedisConfig,
+    dedupe: DedupeConfig,
+    event: EventSection,
+    dlq: DlqConfig,
+    pipeline: PipelineConfig,
+    metrics: MetricsConfig,
+    shutdown: ShutdownConfig,
+    log: LogConfig,
+    /// `[[effects]]`: none by default (every event merges its data).
+    #[serde(default)]
+    effects: Vec<super::effects::RawRule>,
+}
+
+impl Document {
+    /// The checks that span several keys, section by section.
+    pub(super) fn checked(self) -> Result<Config, ConfigError> {
+        Ok(Config {
+            kafka: self.kafka.checked()?,
+            redis: self.redis.checked()?,
+            dedupe: self.dedupe.merged(),
+            event: self.event.into_settings(),
+            dlq: self.dlq,
+            pipeline: self.pipeline,
+            metrics: self.metrics,
+            shutdown: self.shutdown,
+            log: self.log,
+            effects: super::effects::validate(self.effects)?,
+        })
+    }
+}
+
+/// The dedupe window, global and per topic (`[dedupe]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupeConfig {
+    /// How long an event id is remembered to reject redeliveries as duplicates.
+    /// Ids are remembered for at least this long and at most twice this long.
+    /// Events older than the window are still caught by the per-entity sequence (stale).
+    #[serde(deserialize_with = "values::positive_duration")]
+    pub window: Duration,
+    /// Per-topic windows, overriding `window` for the named topics, e.g.
+    ///   payments = "72h"
+    /// A window for a topic that kafka.topics does not name is logged at WARN.
+    #[serde(default, deserialize_with = "values::positive_durations")]
+    pub topic_windows: BTreeMap<String, Duration>,
+    /// Per-topic windows as one string, for the environment (whose keys are
+    /// lower-cased and cannot hold `-` or `.`), e.g.
+    ///   IDEM__DEDUPE__WINDOWS="orders-v2=72h,payments=24h"
+    /// A topic named here wins over the same topic in [dedupe.topic_windows].
+    #[serde(default, deserialize_with = "values::window_map")]
+    windows: BTreeMap<String, Duration>,
+}
+
+impl DedupeConfig {
+    /// The window that applies to events of `topic`.
+    pub fn window_for(&self, topic: &str) -> Duration {
+        self.topic_windows
+            .get(topic)
+            .copied()
+            .unwrap_or(self.window)
+    }
+
+    /// `windows` folded into `topic_windows` (it wins for a topic in both).
+    fn merged(mut self) -> DedupeConfig {
+        let windows = std::mem::take(&mut self.windows);
+        self.topic_windows.extend(windows);
+        self
+    }
+}
+
+/// `event.duplicate_keys`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum DuplicateKeys {
+    LastWins,
+    Reject,
+}
+
+/// `event.key_mismatch`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum KeyMismatch {
+    Count,
+    DeadLetter,
+}
+
+/// `[event]`, decoded; the decoder's own settings type (`EventConfig`) sits
+/// below the config in the module order, so it knows no file forms and this
+/// section is turned into it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventSection {
+    /// Record formats: "auto" reads CloudEvents 1.0 when the record says so (header
+    /// content-type: application/cloudevents+json for structured mode, ce_* headers
+    /// for binary mode) and idem's envelope otherwise; "idem" or "cloudevents" force one.
+    /// See docs/event-contract.md for how CloudEvents attributes map to id, entity and seq.
+    #[serde(deserialize_with = "values::choice")]
+    format: EventFormat,
+    /// JSON pointers (RFC 6901) to the fields of the event envelope.
+    #[serde(deserialize_with = "values::pointer")]
+    id: String,
+    /// Described with `id` (config/default.toml has one comment for the group).
+    #[serde(deserialize_with = "values::pointer")]
+    entity: String,
+    /// Described with `id` (config/default.toml has one comment for the group).
+    #[serde(deserialize_with = "values::pointer")]
+    seq: String,
+    /// Described with `id` (config/default.toml has one comment for the group).
+    #[serde(rename = "type", deserialize_with = "values::pointer")]
+    kind: String,
+    /// Described with `id` (config/default.toml has one comment for the group).
+    #[serde(deserialize_with = "values::pointer")]
+    data: String,
+    /// Described with `id` (config/default.toml has one comment for the group).
+    #[serde(deserialize_with = "values::pointer")]
+    ts: String,
+    /// Records larger than this many bytes are rejected as invalid (and
+    /// dead-lettered: the dead-letter producer accepts records of this size plus headers).
+    #[serde(deserialize_with = "values::positive_int")]
+    max_bytes: usize,
+    /// Two equal keys in one JSON object, e.g. {"amount":1,"amount":100}:
+    /// "last_wins" keeps the last (what most JSON parsers do; the default, so that
+    /// upgrading does not turn an existing producer's records into dead letters), or
+    /// "reject" dead-letters the record with reason duplicate_key.
+    #[serde(deserialize_with = "values::choice")]
+    duplicate_keys: DuplicateKeys,
+    /// A record whose Kafka key is not its entity (or has no key) may put the
+    /// entity's events on several partitions, where their order is lost and a merge
+    /// can keep an older field (docs/guarantees.md). "count" counts them
+    /// (idem_key_mismatch_total) and logs now and then; "dead_letter" also
+    /// dead-letters them with reason key_mismatch.
+    #[serde(deserialize_with = "values::choice")]
+    key_mismatch: KeyMismatch,
+}
+
+impl EventSection {
+    fn into_settings(self) -> EventConfig {
+        EventConfig {
+            format: self.format,
+            fields: FieldMap {
+                id: self.id,
+                entity: self.entity,
+                seq: self.seq,
+                kind: self.kind,
+                data: self.data,
+                ts: self.ts,
+            },
+            max_bytes: self.max_bytes,
+            reject_duplicate_keys: matches!(self.duplicate_keys, DuplicateKeys::Reject),
+            dead_letter_key_mismatch: matches!(self.key_mismatch, KeyMismatch::DeadLetter),
+        }
+    }
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz.
+    /// Loopback by default; set "0.0.0.0:9464" to expose it.
+    #[serde(deserialize_with = "values::listen")]
+    pub listen: SocketAddr,
+}
+
+/// `[shutdown]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// On SIGTERM/SIGINT, how long in-flight batches may take to finish before the
+    /// final commit. What is not finished is not committed (and is redelivered later).
+    #[serde(deserialize_with = "values::positive_duration")]
+    pub drain_timeout: Duration,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// "text" for people, "json" for log pipelines.
+    #[serde(deserialize_with = "values::choice")]
+    pub format: LogFormat,
+    /// Default level filter (tracing EnvFilter syntax); RUST_LOG overrides it.
+    pub level: String,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
