@@ -169,6 +169,14 @@ impl IdemProcess {
     }
 
     /// Sum of `idem_events_total` for `outcome` (or all outcomes).
+    /// How many partitions the process owns now (0 when it does not answer).
+    pub async fn owned_partitions(&self) -> u64 {
+        let Some(text) = scrape(self.port).await else {
+            return 0;
+        };
+        crate::exposition::sum(&text, idem::metrics::ASSIGNED_PARTITIONS, &[]) as u64
+    }
+
     pub async fn outcome(&self, outcome: Option<Outcome>) -> u64 {
         let Some(text) = scrape(self.port).await else {
             return 0;

@@ -298,6 +298,27 @@ async fn wait_processing(p: &IdemProcess, at_least: u64, bound: Duration) -> any
     Ok(())
 }
 
+/// Until every process owns a partition: a scenario that watches one
+/// instance produces only then, or the first to join takes (and drains)
+/// every partition before the other is assigned any.
+async fn wait_owning(processes: &[&IdemProcess], bound: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let mut owned = Vec::new();
+        for p in processes {
+            owned.push(p.owned_partitions().await);
+        }
+        if owned.iter().all(|&n| n >= 1) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            start.elapsed() < bound,
+            "not every instance owned a partition within {bound:?} (owned: {owned:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn kills_for(spec: &ConformanceSpec) -> u32 {
     match spec.profile {
         Profile::Short => 3,

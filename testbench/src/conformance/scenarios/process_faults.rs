@@ -118,9 +118,12 @@ pub(super) async fn zombie(
     let sampler = case.sampler();
     let n = case.records.len();
     let extra = [("IDEM__KAFKA__LIBRDKAFKA__MAX.POLL.INTERVAL.MS", "7000")];
-    case.produce(0, n / 3).await?;
     let zombie = case.spawn(&extra)?;
     let other = case.spawn(&extra)?;
+    // Both own partitions before anything is produced: otherwise the first
+    // to join drains them all, and the zombie has nothing to be stopped in.
+    wait_owning(&[&zombie, &other], RECOVERY_BOUND).await?;
+    case.produce(0, n / 3).await?;
     wait_processing(&zombie, 1, RECOVERY_BOUND).await?;
     zombie.stop();
     case.produce(n / 3, 2 * n / 3).await?;
