@@ -11,6 +11,8 @@
 //! - [`config`]: typed settings from `config/default.toml`, a file and `IDEM__…` variables.
 //! - [`model`]: the decision rules as a pure function (the oracle of the tests).
 //! - [`offsets`]: per-partition done offsets and the contiguous commit point.
+//! - [`consumed`]: which records of a partition were decided, forever: the
+//!   decided ranges and the entities' offset marks, and the re-read rule.
 //!
 //! The edges:
 //! - [`metrics`]: Prometheus names and the `/metrics` and `/readyz` endpoints.
@@ -32,6 +34,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod consumed;
 pub mod dlq;
 pub mod effects;
 pub mod event;

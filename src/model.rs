@@ -20,16 +20,21 @@ pub enum Outcome {
     /// Seq not newer: the ordered effects were skipped, the commutative ones
     /// (counters, ledger, sets) applied (docs/effects.md).
     Late,
+    /// The record itself was decided before (a replay, a rewind, a
+    /// redelivery after a crash), whatever the window: nothing written
+    /// (`crate::consumed`).
+    Replayed,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 6] = [
+    pub const ALL: [Outcome; 7] = [
         Outcome::Applied,
         Outcome::Duplicate,
         Outcome::Stale,
         Outcome::Conflict,
         Outcome::Invalid,
         Outcome::Late,
+        Outcome::Replayed,
     ];
 
     /// The label used in metrics and reports.
@@ -41,6 +46,7 @@ impl Outcome {
             Outcome::Conflict => "conflict",
             Outcome::Invalid => "invalid",
             Outcome::Late => "late",
+            Outcome::Replayed => "replayed",
         }
     }
 }
@@ -323,7 +329,8 @@ mod tests {
                 "stale",
                 "conflict",
                 "invalid",
-                "late"
+                "late",
+                "replayed"
             ]
         );
     }

@@ -113,6 +113,7 @@ async fn check_passes_on_ready_services_and_names_what_is_missing() {
         "ok   config".to_string(),
         "ok   kafka".to_string(),
         format!("ok   topic {topic} "),
+        format!("ok   topic {topic} log"),
         format!("ok   dead-letter topic {topic}.dlq"),
         "ok   redis ".to_string(),
         "ok   redis eviction".to_string(),
@@ -124,6 +125,29 @@ async fn check_passes_on_ready_services_and_names_what_is_missing() {
     assert!(
         stdout.contains("no epoch marker"),
         "a fresh prefix: {stdout}"
+    );
+    assert!(
+        stdout.contains("records read again are recognised by their offset"),
+        "{stdout}"
+    );
+
+    // A topic whose offsets an unclean election could reuse: a warning.
+    let unclean = unique("check-unclean");
+    let mut spec = idem::tools::topics::TopicSpec::new(&unclean, 1);
+    spec.dead_letter = Some(format!("{unclean}.dlq"));
+    spec.configs
+        .insert("unclean.leader.election.enable".into(), "true".into());
+    idem::tools::topics::apply(&kafka(), &spec.with_dead_letter(), true)
+        .await
+        .unwrap();
+    let out = idem_tool(&["check"], &unclean, &[("IDEM__KAFKA__TOPICS", &unclean)]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with(&format!("warn topic {unclean} log"))
+                && l.contains("unclean.leader.election.enable=true")),
+        "{stdout}"
     );
 
     // A topic that does not exist, with no dead-letter topic either: exit 1,

@@ -362,35 +362,37 @@ async fn a_snippet_that_does_not_compile_refuses_the_start() {
     );
 }
 
-/// A replay from before the dedupe window would count the deposits again:
-/// `idem replay` refuses it on a topic with commutative effects, and with
-/// `--allow-recount` it does what it says (the balance counts twice).
+/// A replay from earliest after the window changes nothing: every record
+/// is recognised by its offset (`replayed`), through a SIGKILL mid-replay.
+/// Only records idem has no record of deciding (here its marks and ranges
+/// are removed, as for records decided before an upgrade) need
+/// `--allow-recount`, and then they count again, as it warns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replay_from_before_the_window_is_refused_unless_recounting_is_allowed() {
+async fn a_replay_after_the_window_changes_nothing_and_only_unmarked_records_recount() {
     let topic = unique("recount");
-    create_topic(&topic, 1).await;
+    let partitions = 2;
+    create_topic(&topic, partitions).await;
     let file = payments::write_config(&config_dir(&topic), &topic).unwrap();
-    let entity = format!("{topic}:acct");
-    let values = [
-        record("d1", &entity, 1, "deposit", r#"{"amount":"10.00"}"#),
-        record("d2", &entity, 2, "deposit", r#"{"amount":"2.50"}"#),
-    ];
-    let raw: Vec<RawRecord<'_>> = values
-        .iter()
-        .map(|v| (Some(entity.as_bytes()), Some(v.as_slice())))
-        .collect();
-    produce_raw(&topic, &raw).await;
+    let records = payments::generate(&PaymentsSpec {
+        events: 3_000,
+        accounts: 60,
+        duplicate_ratio: 0.2,
+        out_of_order_ratio: 0.1,
+        seed: 77,
+        prefix: topic.clone(),
+    });
+    let (model, _, points) = payments::oracle(&records, &topic, &effects_of(&file));
+    produce(&topic, &records).await;
     let produced = Instant::now();
     let config = file.to_str().unwrap();
     let opts = IdemOpts::new(&topic, &topic, &topic)
         .with("IDEM_CONFIG", config)
-        .with("IDEM__DEDUPE__WINDOW", "1s");
+        .with("IDEM__DEDUPE__WINDOW", "1s")
+        .with("IDEM__PIPELINE__BATCH_MAX_EVENTS", "100");
     let idem = Idem::spawn(&opts);
-    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+    wait_caught_up(&topic, &topic, partitions, CATCH_UP).await;
     idem.terminate().await;
-    let balance = || async { commutative(&topic, &entity).await.counters["balance"].clone() };
-    assert_eq!(balance().await, "12.50");
-    // The records are now older than the 1 s window.
+    assert_effects(&topic, &model, &points).await;
     wait_until(
         "the records are older than the window",
         CATCH_UP,
@@ -413,15 +415,47 @@ async fn a_replay_from_before_the_window_is_refused_unless_recounting_is_allowed
         args.extend_from_slice(extra);
         idem_tool(&args, &topic, &env)
     };
+    let replayed = replay(&[]);
+    let stdout = String::from_utf8_lossy(&replayed.stdout);
+    assert!(
+        replayed.status.success(),
+        "a replay onto decided records needs no flag: {}",
+        String::from_utf8_lossy(&replayed.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("{} of them were decided before", records.len())),
+        "{stdout}"
+    );
+    // SIGKILLed mid-replay, then run to the end.
+    let idem = Idem::spawn(&opts);
+    wait_until("the replay is under way", CATCH_UP, || async {
+        idem.counter("idem_events_total", &[]).await.unwrap_or(0) > 0
+    })
+    .await;
+    idem.kill();
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, partitions, CATCH_UP).await;
+    assert_effects(&topic, &model, &points).await;
+    for outcome in [
+        Outcome::Applied,
+        Outcome::Late,
+        Outcome::Duplicate,
+        Outcome::Stale,
+    ] {
+        assert_eq!(idem.outcome(&topic, outcome).await, 0, "{outcome:?}");
+    }
+    assert!(idem.outcome(&topic, Outcome::Replayed).await > 0);
+    idem.terminate().await;
+
+    // As before offset marks: nothing says these records were decided.
+    forget_offset_marks(&topic).await;
     let refused = replay(&[]);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{stderr}");
     assert!(
-        stderr.contains("--allow-recount") && stderr.contains("re-reads 2 records"),
+        stderr.contains("--allow-recount") && stderr.contains("no record of deciding"),
         "{stderr}"
     );
-    assert_eq!(committed(&topic, &topic, 1).await, vec![2], "nothing moved");
-
     let allowed = replay(&["--allow-recount"]);
     assert!(
         allowed.status.success(),
@@ -429,12 +463,56 @@ async fn a_replay_from_before_the_window_is_refused_unless_recounting_is_allowed
         String::from_utf8_lossy(&allowed.stderr)
     );
     let idem = Idem::spawn(&opts);
-    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
-    assert_eq!(
-        balance().await,
-        "25.00",
-        "what --allow-recount warned about"
+    wait_caught_up(&topic, &topic, partitions, CATCH_UP).await;
+    assert!(
+        idem.outcome(&topic, Outcome::Late).await > 0,
+        "what --allow-recount warned about: the deposits count again"
     );
-    assert_eq!(idem.outcome(&topic, Outcome::Late).await, 2);
+    let (entity, want) = model.entities.iter().next().unwrap();
+    assert_ne!(
+        commutative(&topic, entity).await.counters.get("balance"),
+        want.commutative_view().counters.get("balance")
+    );
     idem.terminate().await;
+}
+
+/// Deletes every offset mark and decided range under `prefix`.
+async fn forget_offset_marks(prefix: &str) {
+    let mut conn = redis_conn(&redis_url()).await;
+    let layout = KeyLayout::new(prefix);
+    let (pattern, _) = layout.meta_pattern();
+    let metas: Vec<String> = redis::cmd("KEYS")
+        .arg(&pattern)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for meta in metas {
+        let fields: Vec<String> = redis::cmd("HKEYS")
+            .arg(&meta)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for f in fields.iter().filter(|f| f.starts_with("o:")) {
+            let _: i64 = redis::cmd("HDEL")
+                .arg(&meta)
+                .arg(f)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+    // One key on a server, one per master on a cluster.
+    let decided: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", layout.decided_key(None)))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!decided.is_empty(), "idem recorded decided ranges");
+    for key in decided {
+        let _: i64 = redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
 }

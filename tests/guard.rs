@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use idem::effects::{Amount, Effects, Mutation, StateEffect};
 use idem::event::{Event, Op};
-use idem::guard::{Guard, GuardInput};
+use idem::guard::{Guard, GuardInput, Place};
 use idem::model::Model;
 use idem::store::progress::ProgressStore;
 use idem::store::KeyLayout;
@@ -165,6 +165,7 @@ async fn guard_script_matches_the_model_on_random_sequences() {
                 event,
                 window,
                 effects,
+                place: None,
             })
             .collect();
         let verdicts = guard.apply(&inputs).await.unwrap();
@@ -311,12 +312,22 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
             "delete",
         ),
     ];
+    // The first event carries its place in the log, the others none.
+    let place = |i: usize| {
+        (i == 0).then_some(Place {
+            mark_field: "o:0123456789ab:3",
+            offset: 17,
+            run_start: 5,
+        })
+    };
     let inputs: Vec<GuardInput<'_>> = cases
         .iter()
-        .map(|(event, effects, _)| GuardInput {
+        .enumerate()
+        .map(|(i, (event, effects, _))| GuardInput {
             event,
             window: Duration::from_secs(3600),
             effects,
+            place: place(i),
         })
         .collect();
     let parsed = guard.parsed_by_script(&inputs).await.unwrap();
@@ -347,7 +358,8 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
     };
     let expected: Vec<Value> = cases
         .iter()
-        .map(|(e, effects, op)| {
+        .enumerate()
+        .map(|(i, (e, effects, op))| {
             let written = |k: &String| effects.writes_field(k);
             // Each effect key once, in the order the mutations name them.
             let mut effect_keys: Vec<String> = Vec::new();
@@ -371,6 +383,9 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
                 "fingerprint_bytes": format!("{:016x}", e.fingerprint),
                 "keys": effect_keys,
                 "fingerprint": format!("{:016x}", e.fingerprint), "seq": e.seq.to_string(),
+                "mark_field": place(i).map_or("", |p| p.mark_field),
+                "offset": place(i).map_or(0, |p| p.offset),
+                "mark": place(i).map_or(String::new(), |p| format!("{}:{}", p.run_start, p.offset)),
                 "op": op, "type": "deposit",
                 "set": e.set.iter().filter(|(k, _)| written(k))
                     .flat_map(|(k, v)| [k.clone(), v.clone()]).collect::<Vec<_>>(),
@@ -481,6 +496,7 @@ async fn a_ledger_with_max_age_drops_entries_older_than_it() {
             event: &event,
             window: Duration::from_secs(3600),
             effects: &effects,
+            place: None,
         };
         guard.begin_batch();
         guard.apply(&[input]).await.unwrap();

@@ -484,7 +484,7 @@ async fn a_record_below_what_was_written_is_refused_and_renewal_refuses_old_writ
     let epoch = store.establish_epoch().await.unwrap();
     let tp = TopicPartition::new("t", 0);
     store
-        .record(&epoch, &[(tp.clone(), 100, None)])
+        .record(&epoch, &[(tp.clone(), 100, None)], &[])
         .await
         .unwrap();
     // Redis goes back: every server's record of t/0 drops to 50.
@@ -495,7 +495,9 @@ async fn a_record_below_what_was_written_is_refused_and_renewal_refuses_old_writ
     {
         redis_cmd(&url, &["HSET", &key, "t:0", "50"]).await;
     }
-    let refused = store.record(&epoch, &[(tp.clone(), 150, Some(100))]).await;
+    let refused = store
+        .record(&epoch, &[(tp.clone(), 150, Some(100))], &[])
+        .await;
     assert!(
         matches!(refused, Err(StoreError::RolledBack(_))),
         "{refused:?}"
@@ -505,10 +507,71 @@ async fn a_record_below_what_was_written_is_refused_and_renewal_refuses_old_writ
     }
     let renewed = store.renew_epoch(&epoch).await.unwrap();
     assert_ne!(renewed, epoch);
-    let refused = store.record(&epoch, &[(tp.clone(), 150, None)]).await;
+    let refused = store.record(&epoch, &[(tp.clone(), 150, None)], &[]).await;
     assert!(
         matches!(refused, Err(StoreError::EpochChanged { .. })),
         "{refused:?}"
     );
     assert_eq!(store.establish_epoch().await.unwrap(), renewed, "settled");
+}
+
+/// The decided ranges merge in Redis (the record script's Lua) exactly as
+/// `DecidedRanges::claim` merges them, the cap included, claim after claim;
+/// a claim is refused with the record where the epoch changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decided_ranges_merge_in_redis_as_in_the_model() {
+    use idem::consumed::{DecidedRanges, TopicId, MAX_RANGES};
+    use idem::offsets::TopicPartition;
+    use idem::store::progress::{Claim, ProgressStore};
+    use idem::store::KeyLayout;
+    use rand::{Rng, SeedableRng};
+    let prefix = unique("loss-ranges");
+    let conn = redis_conn(&redis_url()).await;
+    let mut store = ProgressStore::new(conn, KeyLayout::new(&prefix));
+    let epoch = store.establish_epoch().await.unwrap();
+    let tp = TopicPartition::new("t", 3);
+    let id = TopicId::from_bits(0x1111_2222_3333_4444, 9).unwrap();
+    let mut model = DecidedRanges::default();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(48);
+    let mut most = 0;
+    for _ in 0..400 {
+        let start = rng.random_range(0..5_000);
+        let end = start + rng.random_range(1..60);
+        let claim = Claim {
+            tp: tp.clone(),
+            topic_id: id.clone(),
+            start,
+            end,
+        };
+        store.record(&epoch, &[], &[claim]).await.unwrap();
+        model.claim(start, end);
+        let stored = store
+            .read_decided(&[(tp.clone(), id.clone())])
+            .await
+            .unwrap();
+        assert_eq!(stored[0], model, "after claiming {start}-{end}");
+        most = most.max(model.ranges().len());
+    }
+    assert_eq!(most, MAX_RANGES, "the cap was reached");
+    // Another incarnation of the topic has no ranges.
+    let other = TopicId::from_bits(0x5555_6666_7777_8888, 9).unwrap();
+    let stored = store.read_decided(&[(tp.clone(), other)]).await.unwrap();
+    assert_eq!(stored[0], DecidedRanges::default());
+    let renewed = store.renew_epoch(&epoch).await.unwrap();
+    let refused = store
+        .record(
+            &epoch,
+            &[],
+            &[Claim {
+                tp: tp.clone(),
+                topic_id: id.clone(),
+                start: 90_000,
+                end: 90_001,
+            }],
+        )
+        .await;
+    assert!(refused.is_err(), "a claim under an old epoch is refused");
+    let stored = store.read_decided(&[(tp, id)]).await.unwrap();
+    assert!(!stored[0].contains(90_000));
+    assert_ne!(renewed, epoch);
 }

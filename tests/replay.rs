@@ -29,10 +29,13 @@ fn stream(
     })
 }
 
-fn idem_cli(args: &[&str]) -> (i32, String, String) {
+/// Runs the idem binary with `args` against the test services, with the
+/// Redis keys under `prefix` (each test's own, named like its topic).
+fn idem_cli(prefix: &str, args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
         .args(args)
         .env("IDEM__KAFKA__BROKERS", brokers())
+        .env("IDEM__REDIS__KEY_PREFIX", prefix)
         .envs(redis_env(&redis_url()))
         .output()
         .unwrap();
@@ -46,15 +49,18 @@ fn idem_cli(args: &[&str]) -> (i32, String, String) {
 /// `idem replay --execute` of `topic`'s group (named like the topic) to the
 /// earliest offsets: (exit code, stdout, stderr).
 fn replay_to_earliest(topic: &str) -> (i32, String, String) {
-    idem_cli(&[
-        "replay",
-        "--topic",
+    idem_cli(
         topic,
-        "--group",
-        topic,
-        "--to-earliest",
-        "--execute",
-    ])
+        &[
+            "replay",
+            "--topic",
+            topic,
+            "--group",
+            topic,
+            "--to-earliest",
+            "--execute",
+        ],
+    )
 }
 
 async fn wait_group_empty(group: &str, topic: &str) {
@@ -87,17 +93,21 @@ async fn replay_to_earliest_applies_nothing_and_catches_up() {
     idem.terminate().await;
     wait_group_empty(&topic, &topic).await;
 
-    let (code, out, _) = idem_cli(&[
-        "replay",
-        "--topic",
+    let (code, out, _) = idem_cli(
         &topic,
-        "--group",
-        &topic,
-        "--to-earliest",
-    ]);
+        &[
+            "replay",
+            "--topic",
+            &topic,
+            "--group",
+            &topic,
+            "--to-earliest",
+        ],
+    );
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains(&format!("{} records will be read again", records.len())),
+        out.contains(&format!("{} records will be read again", records.len()))
+            && out.contains(&format!("{} of them were decided before", records.len())),
         "{out}"
     );
     assert_eq!(
@@ -113,9 +123,10 @@ async fn replay_to_earliest_applies_nothing_and_catches_up() {
     wait_caught_up(&topic, &topic, 3, CATCH_UP).await;
     assert_eq!(idem.outcome(&topic, Outcome::Applied).await, 0);
     assert_eq!(
-        idem.outcome(&topic, Outcome::Duplicate).await,
+        idem.outcome(&topic, Outcome::Replayed).await,
         records.len() as u64,
-        "Redis's progress records (written by the first run) did not move the operator's replay"
+        "every record read again is recognised by its offset, and Redis's progress records \
+         (written by the first run) did not move the operator's replay"
     );
     assert_eq!(
         idem.counter("idem_redis_rewinds_total", &[]).await,
@@ -123,7 +134,7 @@ async fn replay_to_earliest_applies_nothing_and_catches_up() {
         "a commit written by replay is taken as it is"
     );
     assert_matches_oracle(&redis_url(), &topic, &model).await;
-    let (code, out, _) = idem_cli(&["inspect", "group", &topic, "--topic", &topic]);
+    let (code, out, _) = idem_cli(&topic, &["inspect", "group", &topic, "--topic", &topic]);
     assert_eq!(code, 0);
     assert!(out.contains("total lag 0"), "{out}");
     idem.terminate().await;
@@ -147,17 +158,20 @@ async fn replay_forward_skips_what_the_operator_skipped_despite_progress_records
     let skipped = stream(&format!("{topic}-skipped"), 200, 0.0, 12);
     produce(&topic, &skipped).await;
     let end = end_offsets(&topic, 1).await[0];
-    let (code, _, err) = idem_cli(&[
-        "replay",
-        "--topic",
+    let (code, _, err) = idem_cli(
         &topic,
-        "--group",
-        &topic,
-        "--to-offset",
-        &format!("0:{end}"),
-        "--allow-skip",
-        "--execute",
-    ]);
+        &[
+            "replay",
+            "--topic",
+            &topic,
+            "--group",
+            &topic,
+            "--to-offset",
+            &format!("0:{end}"),
+            "--allow-skip",
+            "--execute",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     let last = stream(&format!("{topic}-c"), 100, 0.0, 13);
     produce(&topic, &last).await;
@@ -185,10 +199,109 @@ async fn replay_forward_skips_what_the_operator_skipped_despite_progress_records
         );
     }
     idem.terminate().await;
+    wait_group_empty(&topic, &topic).await;
+
+    // The backfill: from earliest, the skipped records are applied once,
+    // and what was decided before is not applied again.
+    let (code, out, err) = replay_to_earliest(&topic);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!(
+            "{} of them were decided before",
+            first.len() + last.len()
+        )),
+        "{out}"
+    );
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+    let applied_of = |records: &[idem::tools::sample::SampleRecord]| -> u64 {
+        oracle(records).0.entities.values().map(|e| e.applied).sum()
+    };
+    assert_eq!(
+        idem.outcome(&topic, Outcome::Applied).await,
+        applied_of(&skipped),
+        "the skipped records, once"
+    );
+    assert_eq!(
+        idem.outcome(&topic, Outcome::Replayed).await,
+        (first.len() + last.len()) as u64,
+        "the rest, recognised"
+    );
+    let all: Vec<_> = first.iter().chain(&skipped).chain(&last).cloned().collect();
+    assert_matches_oracle(&redis_url(), &topic, &oracle(&all).0).await;
+    idem.terminate().await;
+}
+
+/// A new group that starts at `latest` passes over what the topic held;
+/// a later backfill from earliest applies exactly those records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_after_starting_at_latest_applies_what_was_passed_over_once() {
+    let topic = unique("replay-latest");
+    create_topic(&topic, 1).await;
+    let before = stream(&format!("{topic}-before"), 300, 0.2, 21);
+    produce(&topic, &before).await;
+    let opts =
+        IdemOpts::new(&topic, &topic, &topic).with("IDEM__KAFKA__AUTO_OFFSET_RESET", "latest");
+    let idem = Idem::spawn(&opts);
+    // Where "latest" is becomes known once the consumer fetches: one record
+    // at a time (each its own entity) until one is applied; those before it
+    // were passed over too.
+    let mut sentinels = Vec::new();
+    loop {
+        let n = sentinels.len();
+        let record = stream(&format!("{topic}-sentinel-{n}"), 1, 0.0, 30 + n as u64);
+        produce(&topic, &record).await;
+        sentinels.extend(record);
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(2)
+            && idem.outcome(&topic, Outcome::Applied).await == 0
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if idem.outcome(&topic, Outcome::Applied).await > 0 {
+            break;
+        }
+        assert!(sentinels.len() < 60, "idem applied no new record");
+    }
+    let after = stream(&format!("{topic}-after"), 300, 0.2, 22);
+    produce(&topic, &after).await;
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+    let applied_of = |records: &[idem::tools::sample::SampleRecord]| -> u64 {
+        oracle(records).0.entities.values().map(|e| e.applied).sum()
+    };
+    assert_eq!(
+        idem.outcome(&topic, Outcome::Applied).await,
+        1 + applied_of(&after),
+        "only the last sentinel and what came after it"
+    );
+    idem.terminate().await;
+    wait_group_empty(&topic, &topic).await;
+
+    let (code, _, err) = replay_to_earliest(&topic);
+    assert_eq!(code, 0, "{err}");
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+    assert_eq!(
+        idem.outcome(&topic, Outcome::Applied).await,
+        applied_of(&before) + sentinels.len() as u64 - 1,
+        "what was passed over, once"
+    );
+    assert_eq!(
+        idem.outcome(&topic, Outcome::Replayed).await,
+        after.len() as u64 + 1
+    );
+    let all: Vec<_> = before
+        .iter()
+        .chain(&sentinels)
+        .chain(&after)
+        .cloned()
+        .collect();
+    assert_matches_oracle(&redis_url(), &topic, &oracle(&all).0).await;
+    idem.terminate().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replay_after_the_window_is_all_stale() {
+async fn replay_after_the_window_is_all_replayed() {
     let topic = unique("replay-stale");
     create_topic(&topic, 2).await;
     let records = stream(&topic, 1_000, 0.0, 2);
@@ -206,9 +319,11 @@ async fn replay_after_the_window_is_all_stale() {
     let idem = Idem::spawn(&opts);
     wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
     assert_eq!(idem.outcome(&topic, Outcome::Applied).await, 0);
+    assert_eq!(idem.outcome(&topic, Outcome::Stale).await, 0);
     assert_eq!(
-        idem.outcome(&topic, Outcome::Stale).await,
-        records.len() as u64
+        idem.outcome(&topic, Outcome::Replayed).await,
+        records.len() as u64,
+        "the ids are forgotten, the offsets are not"
     );
     assert_matches_oracle(&redis_url(), &topic, &model).await;
     idem.terminate().await;
@@ -323,4 +438,189 @@ async fn reconcile_finds_each_injected_divergence_and_repair_cleans_it() {
         "after --repair a second reconcile is clean: {json}"
     );
     assert_matches_oracle(&redis_url(), &topic, &model).await;
+}
+
+/// A topic deleted and created again under its name is another log: its
+/// offsets restart at 0, under a new topic id, and its records are applied,
+/// not taken for re-reads of the old log's offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_created_again_is_a_new_log_not_a_replay() {
+    let topic = unique("recreated");
+    create_topic(&topic, 1).await;
+    let record = |id: &str, n: u64, seq: u64| {
+        let entity = format!("{topic}:e{}", n % 20);
+        let value =
+            format!(r#"{{"id":"{id}","entity":"{entity}","seq":{seq},"data":{{"v":"{id}"}}}}"#);
+        (entity, value)
+    };
+    let first: Vec<(String, String)> = (0..300)
+        .map(|i| record(&format!("a{i}"), i, i + 1))
+        .collect();
+    let raw = |records: &[(String, String)]| -> Vec<(Vec<u8>, Vec<u8>)> {
+        records
+            .iter()
+            .map(|(e, v)| (e.clone().into_bytes(), v.clone().into_bytes()))
+            .collect()
+    };
+    let produce_all = |records: Vec<(Vec<u8>, Vec<u8>)>| {
+        let topic = topic.clone();
+        async move {
+            let refs: Vec<RawRecord<'_>> = records
+                .iter()
+                .map(|(k, v)| (Some(k.as_slice()), Some(v.as_slice())))
+                .collect();
+            produce_raw(&topic, &refs).await;
+        }
+    };
+    produce_all(raw(&first)).await;
+    let opts = IdemOpts::new(&topic, &topic, &topic);
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+    idem.terminate().await;
+    wait_group_empty(&topic, &topic).await;
+    let old_id = topic_id(&topic).await;
+
+    recreate_topic(&topic).await;
+    assert_ne!(
+        topic_id(&topic).await,
+        old_id,
+        "a new incarnation, a new id"
+    );
+    // Fewer records than before, at the old log's offsets, newer seqs.
+    let second: Vec<(String, String)> = (0..100)
+        .map(|i| record(&format!("b{i}"), i, 1_000 + i))
+        .collect();
+    produce_all(raw(&second)).await;
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+    assert_eq!(idem.outcome(&topic, Outcome::Replayed).await, 0);
+    assert_eq!(idem.outcome(&topic, Outcome::Applied).await, 100);
+    let entities: Vec<String> = (0..20).map(|n| format!("{topic}:e{n}")).collect();
+    for (name, view) in read_entities(&redis_url(), &topic, entities.iter()).await {
+        let last = second
+            .iter()
+            .rev()
+            .find(|(e, _)| *e == name)
+            .map(|(_, v)| v.clone())
+            .unwrap();
+        let want: serde_json::Value = serde_json::from_str(&last).unwrap();
+        assert_eq!(view.seq, want["seq"].as_u64(), "{name}");
+    }
+    idem.terminate().await;
+}
+
+/// The topic's id, as idem reads it.
+async fn topic_id(topic: &str) -> Option<idem::consumed::TopicId> {
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let client: rdkafka::consumer::BaseConsumer =
+            idem::kafka::base_config(&common::kafka()).create().unwrap();
+        idem::kafka::topic_ids::topic_ids(
+            rdkafka::consumer::Consumer::client(&client),
+            std::slice::from_ref(&topic),
+            Duration::from_secs(10),
+        )
+        .ok()
+        .and_then(|mut ids| ids.remove(&topic))
+    })
+    .await
+    .unwrap()
+}
+
+/// Deletes `topic` and creates it again (retrying while the broker still
+/// holds it for deletion).
+async fn recreate_topic(topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> =
+        idem::kafka::base_config(&common::kafka()).create().unwrap();
+    admin
+        .delete_topics(&[topic], &AdminOptions::new())
+        .await
+        .unwrap();
+    let topic = topic.to_string();
+    wait_until("the topic is created again", CATCH_UP, || {
+        let topic = topic.clone();
+        async move {
+            let mut spec = idem::tools::topics::TopicSpec::new(&topic, 1);
+            spec.dead_letter = Some(format!("{topic}.dlq"));
+            idem::tools::topics::apply(&common::kafka(), &spec.with_dead_letter(), true)
+                .await
+                .is_ok()
+                && topic_id_now(&topic).await
+        }
+    })
+    .await;
+}
+
+/// Whether the brokers describe `topic` (with an id) right now.
+async fn topic_id_now(topic: &str) -> bool {
+    topic_id(topic).await.is_some()
+}
+
+/// A topic that grows from 2 to 4 partitions moves entities to other
+/// partitions: marks are kept per partition, so an entity whose events now
+/// span two partitions has a mark for each, and a replay of the whole topic
+/// is recognised record by record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn added_partitions_keep_every_replay_recognised() {
+    let topic = unique("replay-grown");
+    create_topic(&topic, 2).await;
+    let records = |seqs: std::ops::Range<u64>| -> Vec<(Vec<u8>, Vec<u8>)> {
+        seqs.flat_map(|seq| {
+            let topic = topic.clone();
+            (0..20).map(move |n| {
+                let entity = format!("{topic}:e{n}");
+                let value = format!(
+                    r#"{{"id":"{entity}-{seq}","entity":"{entity}","seq":{seq},"data":{{"v":"{seq}"}}}}"#
+                );
+                (entity.into_bytes(), value.into_bytes())
+            })
+        })
+        .collect()
+    };
+    let produce_all = |records: Vec<(Vec<u8>, Vec<u8>)>| {
+        let topic = topic.clone();
+        async move {
+            let refs: Vec<RawRecord<'_>> = records
+                .iter()
+                .map(|(k, v)| (Some(k.as_slice()), Some(v.as_slice())))
+                .collect();
+            produce_raw(&topic, &refs).await;
+        }
+    };
+    let opts = IdemOpts::new(&topic, &topic, &topic);
+    produce_all(records(1..16)).await;
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
+    idem.terminate().await;
+    wait_group_empty(&topic, &topic).await;
+
+    create_topic(&topic, 4).await;
+    produce_all(records(16..31)).await;
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 4, CATCH_UP).await;
+    assert_eq!(idem.outcome(&topic, Outcome::Applied).await, 300);
+    idem.terminate().await;
+    wait_group_empty(&topic, &topic).await;
+    let mut conn = redis_conn(&redis_url()).await;
+    let layout = KeyLayout::new(&topic);
+    let mut spanning = 0;
+    for n in 0..20 {
+        let fields: Vec<String> = redis::cmd("HKEYS")
+            .arg(layout.meta_key(&format!("{topic}:e{n}")))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        spanning += usize::from(fields.iter().filter(|f| f.starts_with("o:")).count() == 2);
+    }
+    assert!(spanning > 0, "some entity moved to another partition");
+
+    let (code, _, err) = replay_to_earliest(&topic);
+    assert_eq!(code, 0, "{err}");
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 4, CATCH_UP).await;
+    assert_eq!(idem.outcome(&topic, Outcome::Applied).await, 0);
+    assert_eq!(idem.outcome(&topic, Outcome::Replayed).await, 600);
+    idem.terminate().await;
 }

@@ -1,8 +1,10 @@
 //! `idem replay`: move a group's offsets back to read a topic again.
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 use clap::Args;
+use rdkafka::consumer::Consumer as _;
 
 use crate::config::{parse_duration, Config};
 use crate::tools::replay::{self, ReplayTarget};
@@ -56,9 +58,12 @@ pub struct ReplayArgs {
     /// applied (they are skipped for good).
     #[arg(long)]
     allow_skip: bool,
-    /// Allow re-reading records older than the dedupe window on a topic
-    /// whose events have commutative effects (counters, ledgers, sets):
-    /// those records count again (docs/effects.md).
+    /// Allow re-reading records older than the dedupe window that idem has
+    /// no record of deciding (before its offset marks, or outside the ranges
+    /// it consumed) on a topic whose events have commutative effects
+    /// (counters, ledgers, sets): those records count again. Records idem
+    /// decided before need no flag: they come back `replayed`
+    /// (docs/operations.md).
     #[arg(long)]
     allow_recount: bool,
     /// Print the plan as JSON.
@@ -96,6 +101,7 @@ pub async fn run(args: ReplayArgs, config: Config) -> anyhow::Result<ExitCode> {
         }
     })
     .await??;
+    let plan = with_decided(&config, &topic, plan).await;
     if args.json {
         crate::outln!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
@@ -111,7 +117,8 @@ pub async fn run(args: ReplayArgs, config: Config) -> anyhow::Result<ExitCode> {
     });
     let recount_refusal = (plan.total_recount > 0 && !args.allow_recount).then(|| {
         format!(
-            "the plan re-reads {} records of {topic} older than the dedupe window ({}); its events have \
+            "the plan re-reads {} records of {topic} older than the dedupe window ({}) that idem has no \
+             record of deciding (before its offset marks, or outside the ranges it consumed); its events have \
              commutative effects (counters, ledgers, sets), so those would count again. \
              Add --allow-recount if that is what you want (docs/effects.md)",
             plan.total_recount,
@@ -139,6 +146,63 @@ pub async fn run(args: ReplayArgs, config: Config) -> anyhow::Result<ExitCode> {
     tokio::task::spawn_blocking(move || replay::execute(&kafka, &plan)).await??;
     eprintln!("offsets moved; the group's next run replays from there");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The plan with what Redis says was decided (or as it is, with a note,
+/// when Redis or the brokers cannot say).
+async fn with_decided(
+    config: &Config,
+    topic: &str,
+    plan: replay::ReplayPlan,
+) -> replay::ReplayPlan {
+    match decided_ranges(config, topic, &plan).await {
+        Ok(decided) => plan.with_decided(&decided),
+        Err(e) => {
+            eprintln!("note: cannot read what Redis says was decided ({e}); the plan counts every re-read record as new");
+            plan
+        }
+    }
+}
+
+/// Per partition of the plan, the ranges Redis says idem decided in the
+/// topic as it is now (its id from the brokers).
+async fn decided_ranges(
+    config: &Config,
+    topic: &str,
+    plan: &replay::ReplayPlan,
+) -> anyhow::Result<BTreeMap<i32, crate::consumed::DecidedRanges>> {
+    let kafka = config.kafka.clone();
+    let topics = vec![topic.to_string()];
+    let ids = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let client: rdkafka::consumer::BaseConsumer<crate::kafka::QuietContext> =
+            crate::kafka::base_config(&kafka).create_with_context(crate::kafka::QuietContext)?;
+        Ok(crate::kafka::topic_ids::topic_ids(
+            client.client(),
+            &topics,
+            kafka.request_timeout,
+        )?)
+    })
+    .await??;
+    let Some(id) = ids.get(topic) else {
+        return Ok(BTreeMap::new());
+    };
+    let conn = crate::store::connect(&config.redis).await?;
+    let mut store = crate::store::progress::ProgressStore::new(
+        conn,
+        crate::store::KeyLayout::new(&config.redis.key_prefix),
+    );
+    let partitions: Vec<(crate::offsets::TopicPartition, crate::consumed::TopicId)> = plan
+        .rows
+        .iter()
+        .map(|r| {
+            (
+                crate::offsets::TopicPartition::new(topic, r.partition),
+                id.clone(),
+            )
+        })
+        .collect();
+    let decided = store.read_decided(&partitions).await?;
+    Ok(plan.rows.iter().map(|r| r.partition).zip(decided).collect())
 }
 
 /// Where the chosen flag moves the group.
@@ -184,6 +248,12 @@ fn print_plan(group: &str, topic: &str, plan: &replay::ReplayPlan) {
         );
     }
     crate::outln!("{} records will be read again", plan.total_reread);
+    if plan.total_decided > 0 {
+        crate::outln!(
+            "{} of them were decided before: they come back `replayed` and change nothing",
+            plan.total_decided
+        );
+    }
     if plan.total_skipped > 0 {
         crate::outln!(
             "{} records will be SKIPPED (never applied): partitions {}",
@@ -193,7 +263,7 @@ fn print_plan(group: &str, topic: &str, plan: &replay::ReplayPlan) {
     }
     if plan.total_recount > 0 {
         crate::outln!(
-            "{} of them are older than the dedupe window: their commutative effects (counters, ledgers, sets) would COUNT AGAIN",
+            "{} of them are older than the dedupe window and outside what idem decided: their commutative effects (counters, ledgers, sets) would COUNT AGAIN",
             plan.total_recount
         );
     }

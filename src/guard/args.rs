@@ -153,9 +153,18 @@ pub fn push_event_args(
         .arg(&id_hash(&e.id).to_be_bytes()[..])
         .arg(&e.fingerprint.to_be_bytes()[..])
         .arg(format!("{:016x}", e.fingerprint))
-        .arg(e.seq)
-        .arg(state_code(e, effects))
-        .arg(set.len());
+        .arg(e.seq);
+    match input.place {
+        Some(place) => cmd.arg(place.mark_field).arg(place.offset).arg(
+            crate::consumed::Mark {
+                run_start: place.run_start,
+                offset: place.offset,
+            }
+            .encode(),
+        ),
+        None => cmd.arg("").arg(0).arg(""),
+    };
+    cmd.arg(state_code(e, effects)).arg(set.len());
     for (k, v) in set {
         cmd.arg(k).arg(v);
     }

@@ -26,6 +26,9 @@
 --          per event a fixed head, the state fields and the mutations:
 --            expire_at_ms (end of generation g+1), id, id_hash (8 bytes),
 --            fingerprint (8 bytes), fingerprint_hex, seq (decimal u64),
+--            mark_field (the entity's offset mark for the record's partition,
+--            "o:<topic id>:<partition>"; "" for none), offset (the record's),
+--            mark ("<run start>:<offset>", what this decision marks),
 --            state ("merge" | "replace" | "delete" | "keep"),
 --            nset, field1, value1, ..., nunset, field1, ...,
 --            nkeys (the event's keys after the four), type,
@@ -53,6 +56,9 @@
 --                         overflow, a custom effect failed): nothing was
 --                         written, not even the id; detail "<reason> <message>"
 --            8 duplicate  like 4, but that attempt found it late
+--            9 replayed   the record itself was decided before (its entity's
+--                         offset mark covers it: a replay, a rewind, a
+--                         redelivery after a crash); nothing written
 --          or, before any write, the error `IDEMEPOCH <marker>` when the
 --          marker is not the epoch idem knows: Redis lost (some of) its state
 --          since, and idem must find out how far it goes before it writes.
@@ -98,6 +104,7 @@ local DUPLICATE_STALE_BY_EARLIER_ATTEMPT = 5
 local LATE = 6
 local REJECTED = 7
 local DUPLICATE_LATE_BY_EARLIER_ATTEMPT = 8
+local REPLAYED = 9
 
 -- Exact decimals (counters): a value is sign (1 or -1) and magnitude digits
 -- without leading zeros, counted in units of 10^-scale. Doubles would round
@@ -333,11 +340,13 @@ end
 -- table that has its fields already costs Redis no allocation per event.
 local function read_event(k, a, e)
   e.meta, e.state, e.current, e.previous = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-  e.expire_at, e.id, e.idh, e.fp, e.fp_hex, e.seq, e.op =
-    ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
+  e.expire_at, e.id, e.idh, e.fp, e.fp_hex, e.seq =
+    ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+  e.mark_field, e.offset, e.mark = ARGV[a + 6], tonumber(ARGV[a + 7]), ARGV[a + 8]
+  e.op = ARGV[a + 9]
   -- The state fields stay in ARGV (written from there in chunks).
-  e.nset = tonumber(ARGV[a + 7])
-  e.set_from = a + 8
+  e.nset = tonumber(ARGV[a + 10])
+  e.set_from = a + 11
   e.nunset = tonumber(ARGV[e.set_from + 2 * e.nset])
   e.unset_from = e.set_from + 2 * e.nset + 1
   a = e.unset_from + e.nunset
@@ -355,6 +364,25 @@ local function read_call()
     events[#events + 1], k, a = read_event(k, a, {})
   end
   return events
+end
+
+-- Whether the entity's offset mark `mark` ("<run start>:<offset>") covers
+-- the record at `offset`: the run that decided the entity's latest record
+-- of the partition began at or before it and reached it, deciding every
+-- record of the partition in between (docs/guarantees.md).
+local function covers(mark, offset)
+  if not mark then return false end
+  local start, last = string.match(mark, '^(%d+):(%d+)$')
+  return start ~= nil and tonumber(start) <= offset and offset <= tonumber(last)
+end
+
+-- Moves the entity's offset mark to this record. Written after the
+-- effects and the id mark: a failure before it leaves the record to be
+-- decided again, never marked without its effects.
+local function mark_decided(e)
+  if e.mark_field ~= '' then
+    redis.call('HSET', e.meta, e.mark_field, e.mark)
+  end
 end
 
 -- An id seen before in the window: a duplicate (perhaps decided by an
@@ -402,7 +430,13 @@ end
 -- An id not seen in the window: applied, late, stale or rejected, with
 -- every write of it. Returns code, detail.
 local function decide_new(e, token)
-  local m = redis.call('HMGET', e.meta, 'seq', 'applied')
+  local m
+  if e.mark_field ~= '' then
+    m = redis.call('HMGET', e.meta, 'seq', 'applied', e.mark_field)
+    if covers(m[3], e.offset) then return REPLAYED, 0 end
+  else
+    m = redis.call('HMGET', e.meta, 'seq', 'applied')
+  end
   local recorded, applied = m[1], m[2]
   local newer = not recorded or is_newer(e.seq, recorded)
   local plan, why = nil, nil
@@ -410,7 +444,10 @@ local function decide_new(e, token)
     plan, why = prepare(e.mutations, newer, e.seq, e.state, { e.id, e.type })
   end
   if why then
-    -- Nothing written, not even the id: a redelivery is decided again.
+    -- Nothing written, not even the id: a redelivery at another offset is
+    -- decided again; this record's own re-read is `replayed` (its dead
+    -- letter is the way back, `idem dlq redrive`).
+    mark_decided(e)
     return REJECTED, why
   end
   local code, detail, decided = STALE, recorded, 's'
@@ -430,6 +467,22 @@ local function decide_new(e, token)
   if redis.call('HLEN', e.current) == 1 then
     redis.call('PEXPIREAT', e.current, e.expire_at)
   end
+  mark_decided(e)
+  return code, detail
+end
+
+-- An id seen in the window: a re-read of this very record is `replayed`
+-- (a retried batch's own records keep the earlier attempt's code, so its
+-- counts stay what that attempt decided); another record with the id is a
+-- duplicate or a conflict, and moves the mark.
+local function decide_seen_record(seen, e, token)
+  local code, detail = decide_seen(seen, e, token)
+  if e.mark_field == '' then return code, detail end
+  if covers(redis.call('HGET', e.meta, e.mark_field), e.offset) then
+    if code == DUPLICATE or code == CONFLICT then return REPLAYED, 0 end
+    return code, detail
+  end
+  mark_decided(e)
   return code, detail
 end
 
@@ -446,7 +499,7 @@ local function main()
     local seen = redis.call('HGET', e.current, e.idh) or redis.call('HGET', e.previous, e.idh)
     local code, detail
     if seen then
-      code, detail = decide_seen(seen, e, token)
+      code, detail = decide_seen_record(seen, e, token)
     else
       code, detail = decide_new(e, token)
     end

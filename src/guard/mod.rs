@@ -41,7 +41,8 @@ for _, e in ipairs(read_call()) do
   for i = e.unset_from, e.unset_from + e.nunset - 1 do unset[#unset + 1] = ARGV[i] end
   report[#report + 1] = { meta = e.meta, state = e.state, current = e.current, previous = e.previous,
     expire_at = e.expire_at, id = e.id, id_hash = hex(e.idh), fingerprint_bytes = hex(e.fp),
-    fingerprint = e.fp_hex, seq = e.seq, op = e.op, type = e.type, set = set, unset = unset,
+    fingerprint = e.fp_hex, seq = e.seq, mark_field = e.mark_field, offset = e.offset, mark = e.mark,
+    op = e.op, type = e.type, set = set, unset = unset,
     keys = e.keys, mutations = e.mutations, commutative = e.commutative }
 end
 return cjson.encode(report)
@@ -62,6 +63,19 @@ pub struct Verdict {
     /// dead-letter reason and message (a counter would overflow, a custom
     /// effect failed). Nothing of it was written.
     pub rejection: Option<(&'static str, String)>,
+}
+
+impl Verdict {
+    /// A verdict that says nothing beyond its outcome.
+    pub fn of(outcome: Outcome) -> Verdict {
+        Verdict {
+            outcome,
+            duplicate_age: None,
+            remembered_fingerprint: None,
+            earlier_attempt: None,
+            rejection: None,
+        }
+    }
 }
 
 /// A custom effect that does not compile (refused at start).
@@ -112,6 +126,19 @@ pub struct GuardInput<'a> {
     pub window: Duration,
     /// Its planned effects (`Effects::default()`: merge every field).
     pub effects: &'a Effects,
+    /// Where the record sits in its log, for the entity's offset mark
+    /// (`None`: its topic has no id, and the record is decided as before).
+    pub place: Option<Place<'a>>,
+}
+
+/// A record's place in its log, as the guard marks it (`crate::consumed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Place<'a> {
+    /// The mark's field in the entity's meta (`store::mark_field`).
+    pub mark_field: &'a str,
+    pub offset: i64,
+    /// The start of the run of consumption that decides it.
+    pub run_start: i64,
 }
 
 /// How long a cluster's slot map is used before it is read again.

@@ -118,6 +118,7 @@ mod tests {
                 event,
                 window: Duration::from_secs(1),
                 effects: &crate::effects::MERGE,
+                place: None,
             })
             .collect()
     }

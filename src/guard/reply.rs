@@ -28,6 +28,8 @@ pub mod code {
     pub const REJECTED: i64 = 7;
     /// Like 4, but that attempt found it late.
     pub const DUPLICATE_LATE_BY_EARLIER_ATTEMPT: i64 = 8;
+    /// The record was decided before (its entity's offset mark covers it).
+    pub const REPLAYED: i64 = 9;
 }
 
 /// The reasons `guard.lua` gives for a rejection (dead-letter reasons).
@@ -105,13 +107,7 @@ fn parse_reply(reply: &[Value], expected: usize) -> Result<Vec<Verdict>, StoreEr
 
 fn parse_verdict(code: &Value, detail: &Value) -> Result<Verdict, StoreError> {
     use code::*;
-    let plain = |outcome| Verdict {
-        outcome,
-        duplicate_age: None,
-        remembered_fingerprint: None,
-        earlier_attempt: None,
-        rejection: None,
-    };
+    let plain = Verdict::of;
     match (code, detail) {
         (Value::Int(APPLIED), _) => Ok(plain(Outcome::Applied)),
         (
@@ -133,6 +129,7 @@ fn parse_verdict(code: &Value, detail: &Value) -> Result<Verdict, StoreError> {
             ..plain(Outcome::Duplicate)
         }),
         (Value::Int(STALE), _) => Ok(plain(Outcome::Stale)),
+        (Value::Int(REPLAYED), _) => Ok(plain(Outcome::Replayed)),
         (Value::Int(LATE), _) => Ok(plain(Outcome::Late)),
         (Value::Int(REJECTED), Value::BulkString(detail)) => Ok(Verdict {
             rejection: Some(rejection(detail)),
@@ -238,17 +235,21 @@ mod tests {
             Value::BulkString(b"something new".to_vec()),
             Value::Int(code::DUPLICATE_LATE_BY_EARLIER_ATTEMPT),
             Value::Int(5),
+            Value::Int(code::REPLAYED),
+            Value::Int(0),
         ]];
-        let v = verdicts_by_chunk(&[vec![0, 1, 2, 3]], &replies, 4).unwrap();
+        let v = verdicts_by_chunk(&[vec![0, 1, 2, 3, 4]], &replies, 5).unwrap();
         assert_eq!(
             outcomes(&v),
             vec![
                 Outcome::Late,
                 Outcome::Invalid,
                 Outcome::Invalid,
-                Outcome::Duplicate
+                Outcome::Duplicate,
+                Outcome::Replayed
             ]
         );
+        assert_eq!(v[4].earlier_attempt, None);
         assert_eq!(
             v[1].rejection,
             Some(("effect_failed", "loyalty.lua:3: boom".to_string()))
@@ -272,7 +273,7 @@ mod tests {
             // a reply missing for a call
             (vec![vec![0], vec![1]], vec![ok()], 2),
             // an unknown code
-            (vec![vec![0]], vec![vec![Value::Int(9), Value::Int(0)]], 1),
+            (vec![vec![0]], vec![vec![Value::Int(10), Value::Int(0)]], 1),
             // a conflict whose fingerprint is not 8 bytes
             (
                 vec![vec![0]],
@@ -328,6 +329,7 @@ mod tests {
             declared("DUPLICATE_LATE_BY_EARLIER_ATTEMPT"),
             code::DUPLICATE_LATE_BY_EARLIER_ATTEMPT
         );
+        assert_eq!(declared("REPLAYED"), code::REPLAYED);
         for reason in REJECTION_REASONS {
             assert!(
                 super::super::SCRIPT.contains(&format!("'{reason} ")),

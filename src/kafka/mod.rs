@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub mod quiet;
+pub mod topic_ids;
 pub use quiet::QuietContext;
 
 use rdkafka::client::ClientContext;
@@ -277,7 +278,12 @@ pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
             "auto.commit.interval.ms",
             cfg.commit_interval.as_millis().to_string(),
         )
-        .set("auto.offset.reset", cfg.auto_offset_reset.as_str())
+        // A partition without a commit starts where kafka.auto_offset_reset
+        // says: idem sets it at the assignment. librdkafka's own reset (a
+        // position out of range: retention deleted what was ahead of it, or
+        // the log was replaced) goes to the earliest record, so a reset
+        // never skips records that exist (docs/guarantees.md, offset marks).
+        .set("auto.offset.reset", "earliest")
         .set(
             "session.timeout.ms",
             cfg.session_timeout.as_millis().to_string(),

@@ -29,6 +29,7 @@ use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
+use crate::config::OffsetReset;
 use crate::kafka::{self, TopicRecord};
 use crate::metrics;
 use crate::offsets::TopicPartition;
@@ -101,6 +102,9 @@ pub struct Forwarder {
     limiter: kafka::quiet::LogLimiter,
     /// Stored with every offset: the epoch of the Redis the effects are in.
     metadata: String,
+    /// `kafka.auto_offset_reset = "latest"`: a partition without a commit
+    /// starts at its end (set here, not by librdkafka's reset).
+    new_partitions_at_end: bool,
 }
 
 pub type Consumer = BaseConsumer<Forwarder>;
@@ -111,6 +115,7 @@ impl Forwarder {
         notes: mpsc::UnboundedSender<KafkaNote>,
         revoke_timeout: Duration,
         metadata: String,
+        reset: OffsetReset,
     ) -> Forwarder {
         Forwarder {
             events,
@@ -118,13 +123,16 @@ impl Forwarder {
             revoke_wait: revoke_timeout + Duration::from_secs(5),
             limiter: kafka::quiet::LogLimiter::default(),
             metadata,
+            new_partitions_at_end: reset == OffsetReset::Latest,
         }
     }
 
     /// Reads the committed offsets of `tpl`, asks the loop where each must
     /// start, and sets those offsets in `tpl` before it is assigned.
     fn assign(&self, consumer: &Consumer, tpl: &mut TopicPartitionList) {
-        let partitions = match consumer.committed_offsets(tpl.clone(), self.revoke_wait) {
+        let partitions: Vec<Committed> = match consumer
+            .committed_offsets(tpl.clone(), self.revoke_wait)
+        {
             Ok(committed) => committed
                 .elements()
                 .iter()
@@ -151,6 +159,13 @@ impl Forwarder {
                     .collect()
             }
         };
+        if self.new_partitions_at_end {
+            for c in partitions.iter().filter(|c| c.known && c.offset.is_none()) {
+                if let Err(e) = tpl.set_partition_offset(&c.tp.topic, c.tp.partition, Offset::End) {
+                    tracing::error!(error = %e, topic = %c.tp.topic, partition = c.tp.partition, "could not start the new partition at its end");
+                }
+            }
+        }
         let (answer, answered) = std::sync::mpsc::sync_channel(1);
         if self
             .events

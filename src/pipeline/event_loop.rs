@@ -224,6 +224,11 @@ impl<R: Resume> EventLoop<R> {
                     changed.detail
                 )))
             }
+            StageEvent::LogReplaced(detail) => {
+                return Some(LoopEnd::Restart(format!(
+                    "a partition's log was replaced ({detail})"
+                )))
+            }
         }
         None
     }
@@ -348,9 +353,13 @@ impl<R: Resume> EventLoop<R> {
             )));
         }
         match self.resume.resume(&self.consumer, assigned).await {
-            Ok(Resumed { floors, rewinds }) => {
+            Ok(Resumed {
+                floors,
+                rewinds,
+                logs,
+            }) => {
                 // Sent before any batch of these partitions: the stage checks them from now on.
-                let _ = self.ownership.send(Ownership::Taken(floors));
+                let _ = self.ownership.send(Ownership::Taken { floors, logs });
                 let starts = rewinds.iter().map(|r| (r.tp.clone(), r.to)).collect();
                 for r in rewinds {
                     self.rewinding.insert(r.tp, r.committed);

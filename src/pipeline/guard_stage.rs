@@ -14,21 +14,27 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::Consumer as _;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::batch::{Batch, Finished};
+use super::consumer::Consumer;
 use super::recovery::{batch_ends, ProgressRecords, StateChanged};
+use super::runs::Runs;
 use super::shutdown::Shutdown;
 use super::summary::Summary;
 use super::timing::{unix_millis, Backoff};
+use super::verdicts::{dead_letters, recount_retried, with_replayed};
 use crate::config::Config;
+use crate::consumed::LogView;
 use crate::dlq::budget::DlqBudget;
 use crate::dlq::{DeadLetter, DlqWriter};
 use crate::guard::{Guard, GuardInput, Verdict};
 use crate::metrics::{self, Health};
 use crate::model::Outcome;
 use crate::offsets::TopicPartition;
+use crate::store::progress::Claim;
 
 /// Consecutive failures after which the Redis connection is replaced.
 const RECONNECT_AFTER: u32 = 3;
@@ -45,15 +51,24 @@ pub enum StageEvent {
     /// progress check): nothing more is written, consumption restarts from
     /// what Redis holds.
     Restart(StateChanged),
+    /// A partition's log was read again from an earlier offset under
+    /// another topic id (deleted and created again, or a failover to a
+    /// mirror): consumption restarts, so every partition resumes with the
+    /// ids and records of the log as it is now.
+    LogReplaced(String),
 }
 
 /// What the loop tells the guard stage besides batches: which partitions
 /// it owns, so the progress check covers exactly those.
 #[derive(Debug)]
 pub enum Ownership {
-    /// Assigned, each with the offset Redis's record was raised to at the
-    /// assignment: the check expects at least that from then on.
-    Taken(Vec<(TopicPartition, i64)>),
+    /// Assigned: each partition with the offset Redis's record was raised
+    /// to at the assignment (the check expects at least that from then on),
+    /// and what Redis says of its log (where its topic has an id).
+    Taken {
+        floors: Vec<(TopicPartition, i64)>,
+        logs: Vec<(TopicPartition, LogView)>,
+    },
     /// Revoked or lost: no longer checked.
     Released(Vec<TopicPartition>),
 }
@@ -78,6 +93,11 @@ pub struct GuardStage {
     /// Idle progress checks that failed in a row (the connection is
     /// replaced every `RECONNECT_AFTER`).
     pub idle_failures: u32,
+    /// The runs of consumption of the owned partitions (offset marks).
+    pub runs: Runs,
+    /// Asked for the topics' ids again when a partition's log is read from
+    /// an earlier offset without a new assignment.
+    pub consumer: Arc<Consumer>,
 }
 
 impl GuardStage {
@@ -117,8 +137,14 @@ impl GuardStage {
     fn take_ownership(&mut self) {
         while let Ok(change) = self.ownership.try_recv() {
             match change {
-                Ownership::Taken(starts) => self.progress.watch(starts),
-                Ownership::Released(tps) => self.progress.release(&tps),
+                Ownership::Taken { floors, logs } => {
+                    self.progress.watch(floors);
+                    self.runs.take(logs);
+                }
+                Ownership::Released(tps) => {
+                    self.progress.release(&tps);
+                    self.runs.release(&tps);
+                }
             }
         }
     }
@@ -157,14 +183,23 @@ impl GuardStage {
     async fn apply(&mut self, batch: Batch) -> bool {
         let started = Instant::now();
         self.count_invalid(&batch);
+        let jumped = self.runs.jumped_back(&batch);
+        if !jumped.is_empty() && !self.begin_again(&jumped).await {
+            return false;
+        }
+        let placed = self.runs.place(&batch);
+        // Records in a decided range are replayed without asking Redis.
         let inputs: Vec<GuardInput<'_>> = batch
             .items
             .iter()
-            .filter_map(|it| {
+            .zip(&placed.decided)
+            .filter(|(_, decided)| !**decided)
+            .filter_map(|(it, _)| {
                 it.decoded.as_ref().ok().map(|event| GuardInput {
                     event,
                     window: batch.windows[it.partition_index],
                     effects: &it.effects,
+                    place: placed.place(it),
                 })
             })
             .collect();
@@ -174,13 +209,16 @@ impl GuardStage {
         };
         recount_retried(&inputs, &mut verdicts);
         drop(inputs);
+        let verdicts = with_replayed(&batch, &placed.decided, verdicts);
         let letters = dead_letters(&batch, &verdicts);
         if !letters.is_empty() && !self.dead_letter_with_retry(&letters).await {
             return false;
         }
-        if !self.record_batch_progress(&batch).await {
+        let claims = self.runs.claims(&batch);
+        if !self.record_batch_progress(&batch, &claims).await {
             return false;
         }
+        self.runs.claimed(&claims);
         // Count before marking done: whoever sees the commit sees the counts.
         self.record(&batch, &verdicts);
         let _ = self.events.send(StageEvent::Finished(batch.finished()));
@@ -309,89 +347,6 @@ impl GuardStage {
     }
 }
 
-/// After a retried batch: an event that an earlier, failed attempt decided
-/// (Redis ran the script, the reply was lost) comes back `duplicate`. The
-/// guard says so (the id mark carries the batch's token and its decision),
-/// and it is counted as what that attempt decided, applied or stale, for the
-/// first occurrence of its id in the batch only (a second occurrence is a
-/// real redelivery).
-///
-/// | verdict                         | first in batch | counted as          |
-/// |---------------------------------|----------------|---------------------|
-/// | duplicate, no earlier attempt   | any            | duplicate           |
-/// | duplicate, earlier attempt: X   | yes            | X (applied, stale)  |
-/// | duplicate, earlier attempt: X   | no             | duplicate           |
-/// | anything else                   | any            | itself              |
-fn recount_retried(inputs: &[GuardInput<'_>], verdicts: &mut [Verdict]) {
-    let mut seen = std::collections::HashSet::new();
-    for (input, v) in inputs.iter().zip(verdicts.iter_mut()) {
-        let first_in_batch = seen.insert((input.event.entity.as_str(), input.event.id.as_str()));
-        if let (Outcome::Duplicate, Some(decided), true) =
-            (v.outcome, v.earlier_attempt, first_in_batch)
-        {
-            *v = Verdict {
-                outcome: decided,
-                duplicate_age: None,
-                remembered_fingerprint: None,
-                earlier_attempt: None,
-                rejection: None,
-            };
-        }
-    }
-}
-
-/// The batch's invalid records and conflicts, in batch order.
-fn dead_letters<'a>(batch: &'a Batch, verdicts: &[Verdict]) -> Vec<DeadLetter<'a>> {
-    let mut letters = Vec::new();
-    let mut verdicts = verdicts.iter();
-    for it in &batch.items {
-        let (reason, message, fingerprints) = match &it.decoded {
-            Err(invalid) => (invalid.code(), invalid.to_string(), None),
-            Ok(event) => {
-                let v = verdicts.next().expect("one verdict per decoded event");
-                if let Some((reason, message)) = &v.rejection {
-                    letters.push(letter(batch, it, reason, message.clone(), None));
-                    continue;
-                }
-                if v.outcome != Outcome::Conflict {
-                    continue;
-                }
-                let remembered = v.remembered_fingerprint.unwrap_or(0);
-                (
-                    "conflict",
-                    format!(
-                        "id {:?} was seen with another payload (fingerprint {remembered:016x}, this one {:016x})",
-                        event.id, event.fingerprint
-                    ),
-                    Some((event.fingerprint, remembered)),
-                )
-            }
-        };
-        letters.push(letter(batch, it, reason, message, fingerprints));
-    }
-    letters
-}
-
-fn letter<'a>(
-    batch: &'a Batch,
-    it: &'a super::batch::Item,
-    reason: &'static str,
-    message: String,
-    fingerprints: Option<(u64, u64)>,
-) -> DeadLetter<'a> {
-    DeadLetter {
-        source: &batch.partitions[it.partition_index],
-        offset: it.offset,
-        timestamp_ms: it.timestamp_ms,
-        key: it.key.as_deref(),
-        value: it.value.as_deref(),
-        headers: &it.headers,
-        reason,
-        message,
-        fingerprints,
-    }
-}
-
 impl GuardStage {
     /// After repeated failures, a fresh connection for the guard and the
     /// progress records: it can recover where a long-lived client stays
@@ -460,6 +415,54 @@ impl GuardStage {
         }
     }
 
+    /// Partitions whose batch starts below their run: their log was read
+    /// again from an earlier offset without a new assignment (librdkafka's
+    /// reset after a truncation or a topic created again). Under the same
+    /// topic id each begins a new run; under another, the loop restarts
+    /// consumption (false). Ids that cannot be read count as changed: a
+    /// restart reads them again.
+    async fn begin_again(&mut self, jumped: &[TopicPartition]) -> bool {
+        let topics: Vec<String> = jumped.iter().map(|tp| tp.topic.clone()).collect();
+        let consumer = self.consumer.clone();
+        let timeout = self.config.kafka.request_timeout;
+        let now = tokio::task::spawn_blocking(move || {
+            crate::kafka::topic_ids::topic_ids(consumer.client(), &topics, timeout)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|ids| ids.map_err(|e| e.to_string()));
+        for tp in jumped {
+            let same = match &now {
+                Ok(ids) => ids.get(&tp.topic) == self.runs.topic_id(tp),
+                Err(_) => false,
+            };
+            if !same {
+                let detail = match &now {
+                    Ok(ids) => format!(
+                        "{}/{} went back to an earlier offset and its topic id is now {:?}",
+                        tp.topic,
+                        tp.partition,
+                        ids.get(&tp.topic).map(|id| id.as_str())
+                    ),
+                    Err(e) => format!(
+                        "{}/{} went back to an earlier offset and its topic id cannot be read ({e})",
+                        tp.topic, tp.partition
+                    ),
+                };
+                tracing::error!(detail = %detail, "a partition's log was replaced under idem (the topic was created again, or its cluster changed): consumption restarts with the log as it is now");
+                let _ = self.events.send(StageEvent::LogReplaced(detail));
+                return false;
+            }
+            tracing::warn!(
+                topic = %tp.topic,
+                partition = tp.partition,
+                "the partition is read again from an earlier offset without a new assignment (its log was truncated?); its records are decided in a new run"
+            );
+            self.runs.restart_run(tp);
+        }
+        true
+    }
+
     /// Logs and counts a change of Redis's state and tells the loop to
     /// restart consumption from what Redis holds. The batch at hand stays
     /// unfinished (nothing of it is committed).
@@ -476,10 +479,10 @@ impl GuardStage {
         let _ = self.events.send(StageEvent::Restart(changed));
     }
 
-    /// Records the batch's progress in Redis, retrying until it answers.
-    /// False if shutdown fired first or Redis's state changed (then the
-    /// batch stays unfinished).
-    async fn record_batch_progress(&mut self, batch: &Batch) -> bool {
+    /// Records the batch's progress and its runs' claims in Redis, retrying
+    /// until it answers. False if shutdown fired first or Redis's state
+    /// changed (then the batch stays unfinished).
+    async fn record_batch_progress(&mut self, batch: &Batch, claims: &[Claim]) -> bool {
         let ends = batch_ends(batch.positions());
         let mut backoff = Backoff::new(&self.config);
         loop {
@@ -488,7 +491,7 @@ impl GuardStage {
                     self.restart_for(changed).await;
                     return false;
                 }
-                Ok(None) => self.progress.record(&ends).await,
+                Ok(None) => self.progress.record(&ends, claims).await,
                 Err(e) => Err(e),
             };
             match attempt {
@@ -509,138 +512,5 @@ impl GuardStage {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::event::{Event, Op};
-
-    fn event(id: &str) -> Event {
-        Event {
-            id: id.into(),
-            entity: "e".into(),
-            seq: 1,
-            op: Op::Upsert,
-            kind: None,
-            set: Vec::new(),
-            unset: Vec::new(),
-            fingerprint: 0,
-        }
-    }
-
-    fn verdict(outcome: Outcome, earlier_attempt: Option<Outcome>) -> Verdict {
-        Verdict {
-            outcome,
-            duplicate_age: (outcome == Outcome::Duplicate).then(|| Duration::from_millis(3)),
-            remembered_fingerprint: None,
-            earlier_attempt,
-            rejection: None,
-        }
-    }
-
-    /// The truth table of `recount_retried`, row by row.
-    #[test]
-    fn retried_batches_count_what_their_lost_attempt_decided() {
-        let events = [event("a"), event("b"), event("a"), event("c"), event("d")];
-        let inputs: Vec<GuardInput<'_>> = events
-            .iter()
-            .map(|event| GuardInput {
-                event,
-                window: Duration::from_secs(60),
-                effects: &crate::effects::MERGE,
-            })
-            .collect();
-        use Outcome::*;
-        // a: applied by the lost attempt; b: a real duplicate (an earlier
-        // batch); a again: a redelivery inside the batch; c: applied now;
-        // d: found stale by the lost attempt.
-        let mut verdicts = vec![
-            verdict(Duplicate, Some(Applied)),
-            verdict(Duplicate, None),
-            verdict(Duplicate, Some(Applied)),
-            verdict(Applied, None),
-            verdict(Duplicate, Some(Stale)),
-        ];
-        recount_retried(&inputs, &mut verdicts);
-        let outcomes: Vec<Outcome> = verdicts.iter().map(|v| v.outcome).collect();
-        assert_eq!(outcomes, [Applied, Duplicate, Duplicate, Applied, Stale]);
-    }
-
-    /// Invalid records and conflicts become letters, in batch order, each
-    /// with its partition, offset, original bytes and reason; everything
-    /// else does not.
-    #[test]
-    fn dead_letters_are_the_invalid_records_and_the_conflicts() {
-        use crate::event::Invalid;
-        use crate::offsets::TopicPartition;
-        use crate::pipeline::batch::Item;
-        let item = |partition_index, offset: i64, decoded| Item {
-            partition_index,
-            offset,
-            timestamp_ms: Some(1000 + offset),
-            key: Some(format!("k{offset}").into_bytes()),
-            value: Some(format!("v{offset}").into_bytes()),
-            headers: vec![("h".into(), b"x".to_vec())],
-            decoded,
-            effects: Default::default(),
-        };
-        let mut conflicting = event("c");
-        conflicting.fingerprint = 0xab;
-        let batch = Batch {
-            partitions: vec![TopicPartition::new("t", 0), TopicPartition::new("t", 3)],
-            windows: vec![Duration::from_secs(60); 2],
-            items: vec![
-                item(0, 10, Err(Invalid::NotJson("eof".into()))),
-                item(1, 11, Ok(event("a"))),
-                item(1, 12, Ok(conflicting)),
-                item(0, 13, Ok(event("d"))),
-                item(1, 14, Err(Invalid::EmptyValue)),
-                item(0, 15, Ok(event("s"))),
-                item(1, 16, Ok(event("r"))),
-            ],
-        };
-        use Outcome::*;
-        let mut conflict = verdict(Conflict, None);
-        conflict.remembered_fingerprint = Some(0xcd);
-        let verdicts = [
-            verdict(Applied, None),
-            conflict,
-            verdict(Duplicate, None),
-            verdict(Stale, None),
-            Verdict {
-                rejection: Some(("counter_overflow", "counter b would pass 38 digits".into())),
-                ..verdict(Invalid, None)
-            },
-        ];
-        let letters = dead_letters(&batch, &verdicts);
-        let summary: Vec<(i32, i64, &str)> = letters
-            .iter()
-            .map(|l| (l.source.partition, l.offset, l.reason))
-            .collect();
-        assert_eq!(
-            summary,
-            [
-                (0, 10, "not_json"),
-                (3, 12, "conflict"),
-                (3, 14, "empty_value"),
-                (3, 16, "counter_overflow")
-            ]
-        );
-        let c = &letters[1];
-        assert_eq!(c.fingerprints, Some((0xab, 0xcd)));
-        assert!(
-            c.message.contains("00000000000000cd") && c.message.contains("00000000000000ab"),
-            "{}",
-            c.message
-        );
-        assert_eq!(
-            (c.key, c.value, c.timestamp_ms),
-            (Some(&b"k12"[..]), Some(&b"v12"[..]), Some(1012))
-        );
-        assert_eq!(c.headers, &[("h".to_string(), b"x".to_vec())][..]);
-        assert_eq!(letters[0].message, "record value is not JSON: eof");
-        assert_eq!(letters[0].fingerprints, None);
     }
 }

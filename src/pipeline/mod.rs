@@ -16,10 +16,12 @@ mod event_loop;
 mod guard_stage;
 mod owned;
 mod recovery;
+mod runs;
 mod shutdown;
 mod startup;
 mod summary;
 mod timing;
+mod verdicts;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -148,6 +150,8 @@ async fn run_consumer(
         // A stop outlives a restart of consumption: only a restart of idem lifts it.
         stopped: health.stopped_reason().is_some(),
         idle_failures: 0,
+        runs: Default::default(),
+        consumer: consumer.clone(),
     };
     let guard_task = tokio::spawn(stage.run(batch_rx));
     let mut event_loop = EventLoop::new(
@@ -190,6 +194,7 @@ fn start_consumer(config: &Config, epoch: &str) -> Result<ConsumerParts, RunErro
             note_tx,
             config.kafka.revoke_timeout,
             crate::resume::commit_metadata(epoch),
+            config.kafka.auto_offset_reset,
         ))?,
     );
     let topics: Vec<&str> = config.kafka.topics.iter().map(String::as_str).collect();

@@ -16,10 +16,11 @@ use std::time::Duration;
 use rdkafka::consumer::Consumer as _;
 
 use super::consumer::{Committed, Consumer};
+use crate::consumed::{LogView, TopicId};
 use crate::metrics;
 use crate::offsets::TopicPartition;
 use crate::resume::{decide, Start};
-use crate::store::progress::ProgressStore;
+use crate::store::progress::{Claim, ProgressStore};
 use crate::store::StoreError;
 
 /// The guard stage's side: the records it wrote and their check.
@@ -92,12 +93,18 @@ impl ProgressRecords {
     /// offsets is applied.
     /// Refused (`RolledBack`) where a record is below what this instance
     /// wrote there: then Redis went back after this instance's last check.
-    pub async fn record(&mut self, positions: &[(TopicPartition, i64)]) -> Result<(), StoreError> {
+    pub async fn record(
+        &mut self,
+        positions: &[(TopicPartition, i64)],
+        claims: &[Claim],
+    ) -> Result<(), StoreError> {
         let with_expected: Vec<(TopicPartition, i64, Option<i64>)> = positions
             .iter()
             .map(|(tp, next)| (tp.clone(), *next, self.recorded.get(tp).copied()))
             .collect();
-        self.store.record(&self.epoch, &with_expected).await?;
+        self.store
+            .record(&self.epoch, &with_expected, claims)
+            .await?;
         for (tp, next) in positions {
             // A partition released meanwhile is no longer this instance's to check.
             if let Some(e) = self.recorded.get_mut(tp) {
@@ -213,6 +220,9 @@ pub struct Resumed {
     pub floors: Vec<(TopicPartition, i64)>,
     /// The partitions that start before their committed offset.
     pub rewinds: Vec<Rewind>,
+    /// What Redis says of each assigned partition's log, where its topic
+    /// has an id (brokers before Kafka 2.8 give none: no offset marks).
+    pub logs: Vec<(TopicPartition, LogView)>,
 }
 
 /// Why an assignment's resume points could not be settled.
@@ -271,17 +281,7 @@ pub async fn resume_points(
                 committed,
                 cause,
             } => {
-                tracing::warn!(
-                    topic = %c.tp.topic,
-                    partition = c.tp.partition,
-                    from = to,
-                    committed,
-                    records = committed - to,
-                    cause = cause.as_str(),
-                    "Redis's state stops before the committed offset (it {}): reading those records again; the guard turns what Redis still holds into duplicates",
-                    cause.describe()
-                );
-                metrics::record_rewind(&c.tp.topic, cause.as_str(), committed - to);
+                note_rewind(&c.tp, to, committed, cause);
                 starts.push((c.tp.clone(), to, None));
                 rewinds.push(Rewind {
                     tp: c.tp.clone(),
@@ -307,13 +307,68 @@ pub async fn resume_points(
         }
     }
     store
-        .record(epoch, &starts)
+        .record(epoch, &starts, &[])
         .await
         .map_err(ResumeError::Unreadable)?;
+    let logs = log_views(store, consumer, &tps).await?;
     Ok(Resumed {
         floors: starts.into_iter().map(|(tp, to, _)| (tp, to)).collect(),
         rewinds,
+        logs,
     })
+}
+
+/// Says loudly that `tp` re-reads from `to`, before its commit.
+fn note_rewind(tp: &TopicPartition, to: i64, committed: i64, cause: crate::resume::Cause) {
+    tracing::warn!(
+        topic = %tp.topic,
+        partition = tp.partition,
+        from = to,
+        committed,
+        records = committed - to,
+        cause = cause.as_str(),
+        "Redis's state stops before the committed offset (it {}): reading those records again; the guard turns what Redis still holds into duplicates",
+        cause.describe()
+    );
+    metrics::record_rewind(&tp.topic, cause.as_str(), committed - to);
+}
+
+/// Each partition's topic id (asked of the brokers now, so a topic created
+/// again shows its new one) and the ranges Redis says were decided in it.
+async fn log_views(
+    store: &mut ProgressStore,
+    consumer: &Arc<Consumer>,
+    tps: &[TopicPartition],
+) -> Result<Vec<(TopicPartition, LogView)>, ResumeError> {
+    let mut topics: Vec<String> = tps.iter().map(|tp| tp.topic.clone()).collect();
+    topics.sort();
+    topics.dedup();
+    if topics.is_empty() {
+        return Ok(Vec::new());
+    }
+    let consumer = consumer.clone();
+    let ids = tokio::task::spawn_blocking(move || {
+        crate::kafka::topic_ids::topic_ids(consumer.client(), &topics, Duration::from_secs(10))
+    })
+    .await
+    .map_err(|e| StoreError::Protocol(format!("the topic-id lookup panicked: {e}")))
+    .and_then(|ids| {
+        ids.map_err(|e| StoreError::Protocol(format!("cannot read the topics' ids: {e}")))
+    })
+    .map_err(ResumeError::Unreadable)?;
+    let with_ids: Vec<(TopicPartition, TopicId)> = tps
+        .iter()
+        .filter_map(|tp| Some((tp.clone(), ids.get(&tp.topic)?.clone())))
+        .collect();
+    let decided = store
+        .read_decided(&with_ids)
+        .await
+        .map_err(ResumeError::Unreadable)?;
+    Ok(with_ids
+        .into_iter()
+        .zip(decided)
+        .map(|((tp, topic_id), decided)| (tp, LogView { topic_id, decided }))
+        .collect())
 }
 
 /// The partition's first offset now (`None` if the brokers do not answer:

@@ -31,7 +31,7 @@ impl Summary {
     }
 
     pub(crate) fn log(&mut self) {
-        let [applied, duplicate, stale, conflict, invalid, late] = self.counts;
+        let [applied, duplicate, stale, conflict, invalid, late, replayed] = self.counts;
         tracing::info!(
             applied,
             duplicate,
@@ -39,6 +39,7 @@ impl Summary {
             conflict,
             invalid,
             late,
+            replayed,
             "outcomes since start"
         );
         self.last_log = Instant::now();

@@ -7,6 +7,7 @@
 //! An entity's keys all start with `<prefix>:{<entity>}`: the braces are a
 //! Redis Cluster hash tag, so one script can read and write all of them.
 
+use crate::consumed::TopicId;
 use crate::offsets::TopicPartition;
 
 /// Names of the keys idem writes under one `redis.key_prefix`.
@@ -73,6 +74,13 @@ impl KeyLayout {
         self.own_key("progress", slot)
     }
 
+    /// The decided ranges of a server (`None`), or of the cluster master
+    /// whose lowest slot is `slot` (beside its progress records): a hash,
+    /// field [`decided_field`], value the ranges (`crate::consumed`).
+    pub fn decided_key(&self, slot: Option<u16>) -> String {
+        self.own_key("decided", slot)
+    }
+
     /// The counter a durable wait increments (standalone Redis only).
     pub fn durability_barrier_key(&self) -> String {
         self.own_key("durability-barrier", None)
@@ -103,6 +111,18 @@ pub fn progress_field(tp: &TopicPartition) -> String {
     format!("{}:{}", tp.topic, tp.partition)
 }
 
+/// The field of a partition's decided ranges: `<topic>:<partition>:<id>`,
+/// with the topic incarnation's short id (a topic created again has others).
+pub fn decided_field(tp: &TopicPartition, topic_id: &TopicId) -> String {
+    format!("{}:{}:{}", tp.topic, tp.partition, topic_id.short())
+}
+
+/// The field of an entity's offset mark for a partition, in its meta hash:
+/// `o:<id>:<partition>` (the topic incarnation's short id names the topic).
+pub fn mark_field(partition: i32, topic_id: &TopicId) -> String {
+    format!("o:{}:{partition}", topic_id.short())
+}
+
 impl EntityKeys {
     /// `<prefix>:{<entity>}`.
     pub fn base(&self) -> &str {
@@ -114,7 +134,8 @@ impl EntityKeys {
         self.with(":state")
     }
 
-    /// Hash: seq, last_id, fingerprint, applied, updated_ms, deleted.
+    /// Hash: seq, last_id, fingerprint, applied, updated_ms, deleted, and
+    /// one offset mark per partition ([`mark_field`]).
     pub fn meta(&self) -> String {
         self.with(":meta")
     }
@@ -252,6 +273,8 @@ mod tests {
             tag(l.epoch_key(Some(5))),
             l.progress_key(None),
             tag(l.progress_key(Some(5))),
+            l.decided_key(None),
+            tag(l.decided_key(Some(5))),
             l.durability_barrier_key(),
             tag(l.slot_barrier_key(5)),
             l.redriven_key("<dlq topic>"),

@@ -21,7 +21,7 @@ pub use checks::{
     check_eviction_policy, check_version, durable_wait, persistence, CheckError, DurableWait,
     Persistence,
 };
-pub use keys::{hash_slot, progress_field, EntityKeys, KeyLayout};
+pub use keys::{decided_field, hash_slot, mark_field, progress_field, EntityKeys, KeyLayout};
 
 /// An error talking to Redis.
 #[derive(Debug, thiserror::Error)]

@@ -20,18 +20,22 @@ use std::hash::{BuildHasher, Hasher};
 
 use redis::Value;
 
-use super::{progress_field, KeyLayout, NodeAddr, RedisConn, StoreError};
+use super::{decided_field, progress_field, KeyLayout, NodeAddr, RedisConn, StoreError};
+use crate::consumed::{DecidedRanges, TopicId};
 use crate::offsets::TopicPartition;
 
 /// Checks the marker, then that no record is below what the caller last
-/// wrote (ARGV triples: field, new offset, expected minimum or -1), then
-/// raises each record to its new offset (never lowers it). A refusal writes
-/// nothing.
+/// wrote (ARGV[2] triples: field, new offset, expected minimum or -1), then
+/// raises each record to its new offset (never lowers it), and adds each
+/// claim (the triples after them: field, start, end) to the decided ranges
+/// (`crate::consumed::DecidedRanges::claim`, the same merge and cap). A
+/// refusal writes nothing.
 const RECORD: &str = r#"
 local found = redis.call('GET', KEYS[1])
 if found ~= ARGV[1] then return redis.error_reply('IDEMEPOCH ' .. (found or 'missing')) end
+local last = 2 + 3 * tonumber(ARGV[2])
 local current = {}
-for i = 2, #ARGV, 3 do
+for i = 3, last, 3 do
   local cur = tonumber(redis.call('HGET', KEYS[2], ARGV[i]))
   local expected = tonumber(ARGV[i + 2])
   if expected >= 0 and (not cur or cur < expected) then
@@ -39,8 +43,29 @@ for i = 2, #ARGV, 3 do
   end
   current[i] = cur
 end
-for i = 2, #ARGV, 3 do
+for i = 3, last, 3 do
   if not current[i] or current[i] < tonumber(ARGV[i + 1]) then redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+end
+local MAX_RANGES = 32
+for i = last + 1, #ARGV, 3 do
+  local s, e = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local out = {}
+  for a, b in string.gmatch(redis.call('HGET', KEYS[3], ARGV[i]) or '', '(%d+)-(%d+)') do
+    a, b = tonumber(a), tonumber(b)
+    if b < s or e < a then out[#out + 1] = { a, b } else s, e = math.min(s, a), math.max(e, b) end
+  end
+  out[#out + 1] = { s, e }
+  table.sort(out, function(x, y) return x[1] < y[1] end)
+  while #out > MAX_RANGES do
+    local smallest = 1
+    for j = 2, #out do
+      if out[j][2] - out[j][1] < out[smallest][2] - out[smallest][1] then smallest = j end
+    end
+    table.remove(out, smallest)
+  end
+  local parts = {}
+  for j, r in ipairs(out) do parts[j] = string.format('%d-%d', r[1], r[2]) end
+  redis.call('HSET', KEYS[3], ARGV[i], table.concat(parts, ','))
 end
 return 1
 "#;
@@ -54,6 +79,16 @@ if cur == ARGV[1] or (not cur and ARGV[1] == '') then
 end
 return cur
 "#;
+
+/// That every record of a partition (of one topic incarnation) in
+/// `[start, end)` was decided: added to its decided ranges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub tp: TopicPartition,
+    pub topic_id: TopicId,
+    pub start: i64,
+    pub end: i64,
+}
 
 /// What one server (or one cluster master) says about one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -316,16 +351,62 @@ impl ProgressStore {
         Ok(out)
     }
 
+    /// Per partition (in the order given), the offsets every server says
+    /// were decided (the intersection: a record counts as decided only where
+    /// every master holds its effects). Unreadable ranges read as none.
+    pub async fn read_decided(
+        &mut self,
+        partitions: &[(TopicPartition, TopicId)],
+    ) -> Result<Vec<DecidedRanges>, StoreError> {
+        let read = self.read_decided_once(partitions).await;
+        if read.is_err() {
+            self.anchors = None;
+        }
+        read
+    }
+
+    async fn read_decided_once(
+        &mut self,
+        partitions: &[(TopicPartition, TopicId)],
+    ) -> Result<Vec<DecidedRanges>, StoreError> {
+        let mut out: Vec<Option<DecidedRanges>> = vec![None; partitions.len()];
+        if partitions.is_empty() {
+            return Ok(Vec::new());
+        }
+        for (node, anchor) in self.anchors().await? {
+            let mut hmget = redis::cmd("HMGET");
+            hmget.arg(self.layout.decided_key(anchor));
+            for (tp, id) in partitions {
+                hmget.arg(decided_field(tp, id));
+            }
+            let texts: Vec<Option<String>> =
+                redis::from_redis_value(&self.conn.query_on(&node, &hmget).await?)?;
+            for (slot, text) in out.iter_mut().zip(texts) {
+                let here = text
+                    .as_deref()
+                    .and_then(DecidedRanges::decode)
+                    .unwrap_or_default();
+                *slot = Some(match slot.take() {
+                    None => here,
+                    Some(before) => before.intersect(&here),
+                });
+            }
+        }
+        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
     /// Raises the records of `positions` to the given next offsets on every
     /// server (all concurrently), where the marker still is `epoch` and no
     /// record is below the expected minimum given with it (what the caller
-    /// last wrote; `None`: no expectation). Refused: `EpochChanged`, `RolledBack`.
+    /// last wrote; `None`: no expectation), and adds `claims` to the decided
+    /// ranges there. Refused: `EpochChanged`, `RolledBack`.
     pub async fn record(
         &mut self,
         epoch: &str,
         positions: &[(TopicPartition, i64, Option<i64>)],
+        claims: &[Claim],
     ) -> Result<(), StoreError> {
-        if positions.is_empty() {
+        if positions.is_empty() && claims.is_empty() {
             return Ok(());
         }
         let anchors = self.anchors().await?;
@@ -333,14 +414,21 @@ impl ProgressStore {
             let mut conn = self.conn.clone();
             let mut cmd = redis::cmd("EVAL");
             cmd.arg(RECORD)
-                .arg(2)
+                .arg(3)
                 .arg(self.layout.epoch_key(anchor))
                 .arg(self.layout.progress_key(anchor))
-                .arg(epoch);
+                .arg(self.layout.decided_key(anchor))
+                .arg(epoch)
+                .arg(positions.len());
             for (tp, next, expected) in positions {
                 cmd.arg(progress_field(tp))
                     .arg(*next)
                     .arg(expected.unwrap_or(-1));
+            }
+            for claim in claims {
+                cmd.arg(decided_field(&claim.tp, &claim.topic_id))
+                    .arg(claim.start)
+                    .arg(claim.end);
             }
             async move {
                 let mut pipe = redis::pipe();

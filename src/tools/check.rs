@@ -126,6 +126,9 @@ async fn kafka(config: &Config, timeout: Duration, checks: &mut Vec<Check>) -> b
                 "does not exist: create it (idem topics apply --dir topics) or fix kafka.topics",
             ),
         });
+        if partitions.contains_key(topic) {
+            checks.extend(log_identity(config, topic).await);
+        }
         let dlq = config.dlq.topic_for(topic);
         let what = format!("dead-letter topic {dlq}");
         checks.push(match crate::dlq::describe_topic(&config.kafka, &dlq).await {
@@ -139,6 +142,73 @@ async fn kafka(config: &Config, timeout: Duration, checks: &mut Vec<Check>) -> b
         });
     }
     true
+}
+
+/// What offset marks rest on for `topic`: a topic id (the log's identity)
+/// and no unclean leader election (which reuses offsets in place).
+async fn log_identity(config: &Config, topic: &str) -> Vec<Check> {
+    let what = format!("topic {topic} log");
+    let kafka = config.kafka.clone();
+    let name = topic.to_string();
+    let ids = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let client: rdkafka::consumer::BaseConsumer<crate::kafka::QuietContext> =
+            crate::kafka::base_config(&kafka).create_with_context(crate::kafka::QuietContext)?;
+        Ok(crate::kafka::topic_ids::topic_ids(
+            rdkafka::consumer::Consumer::client(&client),
+            std::slice::from_ref(&name),
+            kafka.request_timeout,
+        )?)
+    })
+    .await
+    .map_err(anyhow::Error::from)
+    .and_then(|r| r);
+    let mut checks = vec![match ids.as_ref().map(|ids| ids.get(topic)) {
+        Ok(Some(id)) => line(
+            Status::Ok,
+            what.clone(),
+            format!("topic id {}: records read again are recognised by their offset, whatever the window", id.as_str()),
+        ),
+        Ok(None) => line(
+            Status::Warn,
+            what.clone(),
+            "the brokers give no topic id (Kafka before 2.8): records read again are recognised by the dedupe window and the seq only",
+        ),
+        Err(e) => line(Status::Warn, what.clone(), format!("could not read the topic id: {e}")),
+    }];
+    match unclean_election(config, topic).await {
+        Ok(true) => checks.push(line(
+            Status::Warn,
+            what,
+            "unclean.leader.election.enable=true: an unclean election can truncate a partition and reuse its offsets for other records, which idem would take as already decided (docs/guarantees.md, offsets reused in place). Set it to false",
+        )),
+        Ok(false) => {}
+        Err(e) => checks.push(line(
+            Status::Warn,
+            what,
+            format!("could not read unclean.leader.election.enable: {e}"),
+        )),
+    }
+    checks
+}
+
+/// Whether `topic` allows unclean leader elections (its effective setting).
+async fn unclean_election(config: &Config, topic: &str) -> anyhow::Result<bool> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let admin: AdminClient<crate::kafka::QuietContext> =
+        crate::kafka::base_config(&config.kafka).create_with_context(crate::kafka::QuietContext)?;
+    let opts = AdminOptions::new().request_timeout(Some(config.kafka.request_timeout));
+    let described = admin
+        .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)
+        .await?;
+    let resource = match described.into_iter().next() {
+        Some(Ok(resource)) => resource,
+        Some(Err(code)) => anyhow::bail!("the brokers answered {code}"),
+        None => return Ok(false),
+    };
+    Ok(resource
+        .get("unclean.leader.election.enable")
+        .and_then(|e| e.value.as_deref())
+        == Some("true"))
 }
 
 /// The topics declared in `dir` against the cluster.

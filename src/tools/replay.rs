@@ -3,8 +3,10 @@
 //! Guarantee: offsets are only moved while the group has no active member
 //! (otherwise its members would overwrite them, or fight over them); the
 //! plan is shown first and applied only on request. Replaying is safe for
-//! the state: the guard turns every already-applied event into `duplicate`
-//! (inside the window) or `stale` (after it).
+//! the state: a record idem decided before comes back `replayed` (its
+//! partition's decided ranges or its entity's offset mark say so, whatever
+//! the window); one outside them is `duplicate` inside the window and
+//! `stale` after it, where only commutative effects would count again.
 
 use std::collections::BTreeMap;
 
@@ -14,6 +16,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::config::OffsetReset;
+use crate::consumed::DecidedRanges;
 use crate::tools::group::{group_status, GroupStatus, Member};
 
 /// Where to move the offsets.
@@ -36,8 +39,15 @@ pub struct PlanRow {
     /// Records that will be read again (or skipped, if negative).
     pub reread: i64,
     /// Of those, records older than the dedupe window on a topic with
-    /// commutative effects: they would count again (docs/effects.md).
+    /// commutative effects that idem did not decide before (outside its
+    /// decided ranges): they would count again (docs/effects.md).
     pub recount: i64,
+    /// Of the re-read records, those in the decided ranges: they come back
+    /// `replayed` and change nothing.
+    pub decided: i64,
+    /// The first offset inside the dedupe window, where it matters.
+    #[serde(skip)]
+    pub window_start: Option<i64>,
 }
 
 /// What `idem replay` would do.
@@ -52,6 +62,8 @@ pub struct ReplayPlan {
     /// Re-read records older than the dedupe window whose commutative
     /// effects (counters, ledgers, sets) would apply again.
     pub total_recount: i64,
+    /// Re-read records idem decided before: `replayed`, harmless.
+    pub total_decided: i64,
     #[serde(skip)]
     pub members: Vec<Member>,
 }
@@ -87,6 +99,8 @@ pub fn plan_row(
         end,
         reread: from - new,
         recount: 0,
+        decided: 0,
+        window_start: None,
     }
 }
 
@@ -101,6 +115,35 @@ pub fn plan_row(
 /// | 500 | 400  | 100          | 0 (a skip) |
 pub fn recount(new: i64, from: i64, window_start: i64) -> i64 {
     (from.min(window_start) - new).max(0)
+}
+
+impl ReplayPlan {
+    /// The plan with what Redis says was decided, per partition: re-read
+    /// records in a decided range come back `replayed` and count nothing
+    /// again, so only the rest of those older than the window recount.
+    pub fn with_decided(mut self, decided: &BTreeMap<i32, DecidedRanges>) -> ReplayPlan {
+        for row in &mut self.rows {
+            let Some(ranges) = decided.get(&row.partition) else {
+                continue;
+            };
+            let from = row.new + row.reread;
+            if from <= row.new {
+                continue;
+            }
+            row.decided = (from - row.new) - ranges.uncovered(row.new, from);
+            if let Some(window_start) = row.window_start {
+                let end = from.min(window_start);
+                row.recount = if end > row.new {
+                    ranges.uncovered(row.new, end)
+                } else {
+                    0
+                };
+            }
+        }
+        self.total_recount = self.rows.iter().map(|r| r.recount).sum();
+        self.total_decided = self.rows.iter().map(|r| r.decided).sum();
+        self
+    }
 }
 
 /// Computes the plan for `topic` (optionally only `partitions`); `reset` is
@@ -161,6 +204,7 @@ pub fn plan(
             );
             if let Some(starts) = &window_start {
                 let from = row.new + row.reread;
+                row.window_start = Some(starts[&p.partition]);
                 row.recount = recount(row.new, from, starts[&p.partition]);
             }
             Some(row)
@@ -172,6 +216,7 @@ pub fn plan(
         total_reread: rows.iter().map(|r| r.reread.max(0)).sum(),
         total_skipped: rows.iter().map(|r| (-r.reread).max(0)).sum(),
         total_recount: rows.iter().map(|r| r.recount).sum(),
+        total_decided: 0,
         rows,
         members: status.members,
     })
@@ -301,6 +346,33 @@ mod tests {
             -100,
             "a forward move is a skip"
         );
+    }
+
+    /// Re-reading 100..400 with the window starting at 300: without ranges
+    /// 200 recount; with 0-250 decided, 50 do (250..300), 150 are replayed;
+    /// a partition Redis says nothing of keeps its count.
+    #[test]
+    fn decided_ranges_take_their_records_out_of_the_recount() {
+        let mut row = plan_row(0, 100, 0, 500, Some(400), OffsetReset::Earliest);
+        row.window_start = Some(300);
+        row.recount = recount(row.new, 400, 300);
+        let mut other = row.clone();
+        other.partition = 1;
+        let plan = ReplayPlan {
+            group: "g".into(),
+            topic: "t".into(),
+            total_reread: 600,
+            total_skipped: 0,
+            total_recount: 400,
+            total_decided: 0,
+            rows: vec![row, other],
+            members: Vec::new(),
+        };
+        let decided = BTreeMap::from([(0, DecidedRanges::decode("0-250").unwrap())]);
+        let plan = plan.with_decided(&decided);
+        assert_eq!((plan.rows[0].recount, plan.rows[0].decided), (50, 150));
+        assert_eq!((plan.rows[1].recount, plan.rows[1].decided), (200, 0));
+        assert_eq!((plan.total_recount, plan.total_decided), (250, 150));
     }
 
     #[test]

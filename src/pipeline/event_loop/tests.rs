@@ -52,7 +52,11 @@ impl Resume for Table {
                 });
             }
         }
-        Ok(Resumed { floors, rewinds })
+        Ok(Resumed {
+            floors,
+            rewinds,
+            logs: Vec::new(),
+        })
     }
 }
 
@@ -99,6 +103,7 @@ fn start_with(table: Table, health: Health) -> Harness {
                 note_tx,
                 Duration::from_secs(1),
                 String::new(),
+                crate::config::OffsetReset::Earliest,
             ))
             .expect("a consumer without a broker"),
     );
@@ -247,7 +252,7 @@ async fn an_assignment_answers_the_rewinds_and_tells_the_stage_what_to_check() {
         "only the rewound partition starts elsewhere"
     );
     match h.ownership.recv().await {
-        Some(Ownership::Taken(mut floors)) => {
+        Some(Ownership::Taken { mut floors, .. }) => {
             floors.sort_by_key(|(tp, _)| tp.partition);
             assert_eq!(floors, [(tp(0), 10), (tp(1), 5)]);
         }
@@ -285,7 +290,7 @@ async fn a_revoke_waits_for_the_in_flight_batch_and_answers_its_commit_point() {
     let released = loop {
         match h.ownership.recv().await {
             Some(Ownership::Released(tps)) => break tps,
-            Some(Ownership::Taken(_)) => continue,
+            Some(Ownership::Taken { .. }) => continue,
             None => panic!("the loop dropped the ownership channel"),
         }
     };

@@ -104,6 +104,7 @@ pub async fn per_event_script_ceiling(
                 event,
                 window,
                 effects: &idem::effects::MERGE,
+                place: None,
             })
             .collect();
         guard.apply(&inputs).await?;
