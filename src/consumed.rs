@@ -139,14 +139,6 @@ impl DecidedRanges {
         }
     }
 
-    /// Merges another view of the same partition (claims are true, so
-    /// their union is).
-    pub fn merge(&mut self, other: &DecidedRanges) {
-        for &(start, end) in &other.ranges {
-            self.claim(start, end);
-        }
-    }
-
     /// The offsets both views say were decided (every cluster master must
     /// hold a record's effects for it to count as decided).
     pub fn intersect(&self, other: &DecidedRanges) -> DecidedRanges {

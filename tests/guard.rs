@@ -507,3 +507,92 @@ async fn a_ledger_with_max_age_drops_entries_older_than_it() {
         "entries older than max_age are gone"
     );
 }
+
+/// Offset marks in the script: a record decided before is `replayed`
+/// (nothing written), a copy at another offset stays a `duplicate`, and a
+/// dead-lettered record (a conflict) holds its entity's mark for the rest of
+/// the call, so a retry of the batch (its reply lost) decides it again and
+/// it is dead-lettered again instead of being called replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offset_marks_replay_decided_records_and_hold_at_a_conflict() {
+    use idem::model::Outcome::*;
+    let prefix = unique("marks");
+    let conn = redis_conn(&redis_url()).await;
+    let epoch = ProgressStore::new(conn.clone(), KeyLayout::new(&prefix))
+        .establish_epoch()
+        .await
+        .expect("epoch");
+    let mut guard = Guard::new(conn.clone(), KeyLayout::new(&prefix), 100, epoch);
+    let entity = format!("{prefix}:acct");
+    let event = |id: &str, seq: u64, fingerprint: u64| Event {
+        id: id.into(),
+        entity: entity.clone(),
+        seq,
+        op: Op::Upsert,
+        kind: None,
+        set: vec![("v".into(), id.into())],
+        unset: Vec::new(),
+        fingerprint,
+    };
+    let (first, conflicting, later, copy) = (
+        event("a", 1, 1),
+        event("a", 2, 2),
+        event("b", 3, 3),
+        event("b", 3, 3),
+    );
+    let effects = Effects::default();
+    let at = |event: &'static Event, offset: i64| GuardInput {
+        event,
+        window: Duration::from_secs(3600),
+        effects: Box::leak(Box::new(effects.clone())),
+        place: Some(Place {
+            mark_field: "o:0123456789ab:0",
+            offset,
+            run_start: 0,
+        }),
+    };
+    let leak = |e: Event| -> &'static Event { Box::leak(Box::new(e)) };
+    let (first, conflicting, later, copy) =
+        (leak(first), leak(conflicting), leak(later), leak(copy));
+    let outcomes =
+        |v: Vec<idem::guard::Verdict>| v.into_iter().map(|v| v.outcome).collect::<Vec<_>>();
+
+    guard.begin_batch();
+    assert_eq!(
+        outcomes(guard.apply(&[at(first, 10)]).await.unwrap()),
+        [Applied]
+    );
+    guard.begin_batch();
+    let batch = [at(conflicting, 11), at(later, 12)];
+    assert_eq!(
+        outcomes(guard.apply(&batch).await.unwrap()),
+        [Conflict, Applied]
+    );
+    // The same batch again (same token): the conflict is decided again.
+    let retried = guard.apply(&batch).await.unwrap();
+    assert_eq!(retried[0].outcome, Conflict);
+    assert_eq!(retried[1].earlier_attempt, Some(Applied));
+    // Later batches: the first record read again is replayed; a copy of
+    // `later` at another offset is a duplicate and moves the mark on.
+    guard.begin_batch();
+    assert_eq!(
+        outcomes(guard.apply(&[at(first, 10)]).await.unwrap()),
+        [Replayed]
+    );
+    guard.begin_batch();
+    assert_eq!(
+        outcomes(guard.apply(&[at(copy, 13)]).await.unwrap()),
+        [Duplicate]
+    );
+    guard.begin_batch();
+    assert_eq!(
+        outcomes(guard.apply(&[at(later, 12), at(copy, 13)]).await.unwrap()),
+        [Replayed, Replayed]
+    );
+    let view = &read_entities(&redis_url(), &prefix, [&entity].into_iter()).await[&entity];
+    assert_eq!(
+        (view.seq, view.applied),
+        (Some(3), 2),
+        "nothing written twice"
+    );
+}

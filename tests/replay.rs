@@ -462,17 +462,7 @@ async fn a_topic_created_again_is_a_new_log_not_a_replay() {
             .map(|(e, v)| (e.clone().into_bytes(), v.clone().into_bytes()))
             .collect()
     };
-    let produce_all = |records: Vec<(Vec<u8>, Vec<u8>)>| {
-        let topic = topic.clone();
-        async move {
-            let refs: Vec<RawRecord<'_>> = records
-                .iter()
-                .map(|(k, v)| (Some(k.as_slice()), Some(v.as_slice())))
-                .collect();
-            produce_raw(&topic, &refs).await;
-        }
-    };
-    produce_all(raw(&first)).await;
+    produce_keyed(&topic, &raw(&first)).await;
     let opts = IdemOpts::new(&topic, &topic, &topic);
     let idem = Idem::spawn(&opts);
     wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
@@ -490,7 +480,7 @@ async fn a_topic_created_again_is_a_new_log_not_a_replay() {
     let second: Vec<(String, String)> = (0..100)
         .map(|i| record(&format!("b{i}"), i, 1_000 + i))
         .collect();
-    produce_all(raw(&second)).await;
+    produce_keyed(&topic, &raw(&second)).await;
     let idem = Idem::spawn(&opts);
     wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
     assert_eq!(idem.outcome(&topic, Outcome::Replayed).await, 0);
@@ -507,6 +497,15 @@ async fn a_topic_created_again_is_a_new_log_not_a_replay() {
         assert_eq!(view.seq, want["seq"].as_u64(), "{name}");
     }
     idem.terminate().await;
+}
+
+/// Produces (key, value) records and waits for Kafka's acknowledgement.
+async fn produce_keyed(topic: &str, records: &[(Vec<u8>, Vec<u8>)]) {
+    let refs: Vec<RawRecord<'_>> = records
+        .iter()
+        .map(|(k, v)| (Some(k.as_slice()), Some(v.as_slice())))
+        .collect();
+    produce_raw(topic, &refs).await;
 }
 
 /// The topic's id, as idem reads it.
@@ -579,25 +578,15 @@ async fn added_partitions_keep_every_replay_recognised() {
         })
         .collect()
     };
-    let produce_all = |records: Vec<(Vec<u8>, Vec<u8>)>| {
-        let topic = topic.clone();
-        async move {
-            let refs: Vec<RawRecord<'_>> = records
-                .iter()
-                .map(|(k, v)| (Some(k.as_slice()), Some(v.as_slice())))
-                .collect();
-            produce_raw(&topic, &refs).await;
-        }
-    };
     let opts = IdemOpts::new(&topic, &topic, &topic);
-    produce_all(records(1..16)).await;
+    produce_keyed(&topic, &records(1..16)).await;
     let idem = Idem::spawn(&opts);
     wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
     idem.terminate().await;
     wait_group_empty(&topic, &topic).await;
 
     create_topic(&topic, 4).await;
-    produce_all(records(16..31)).await;
+    produce_keyed(&topic, &records(16..31)).await;
     let idem = Idem::spawn(&opts);
     wait_caught_up(&topic, &topic, 4, CATCH_UP).await;
     assert_eq!(idem.outcome(&topic, Outcome::Applied).await, 300);

@@ -21,6 +21,7 @@ fn ranges(text: &str) -> DecidedRanges {
 /// | 0-10             | 12-20    | 0-10,12-20             |
 /// | 0-10,12-20       | 5-15     | 0-20                   |
 /// | 5-10             | 0-3      | 0-3,5-10 (kept sorted) |
+/// | 5-10             | 0-5      | 0-10 (touching merges) |
 /// | 0-10             | 7-7      | 0-10 (empty claim)     |
 /// | 0-10             | 3-5      | 0-10 (inside)          |
 #[test]
@@ -31,6 +32,7 @@ fn claims_merge_into_sorted_disjoint_ranges() {
         ("0-10", (12, 20), "0-10,12-20"),
         ("0-10,12-20", (5, 15), "0-20"),
         ("5-10", (0, 3), "0-3,5-10"),
+        ("5-10", (0, 5), "0-10"),
         ("0-10", (7, 7), "0-10"),
         ("0-10", (3, 5), "0-10"),
     ] {
@@ -227,6 +229,8 @@ fn the_rule_never_calls_an_undecided_record_a_reread() {
 #[test]
 fn topic_ids_are_hex_and_never_zero() {
     assert_eq!(TopicId::from_bits(0, 0), None);
+    assert!(TopicId::from_bits(0, 5).is_some(), "one half zero is an id");
+    assert!(TopicId::from_bits(5, 0).is_some(), "one half zero is an id");
     let id = TopicId::from_bits(1, -1).unwrap();
     assert_eq!(id.as_str(), "0000000000000001ffffffffffffffff");
     assert_eq!(id.short(), "000000000000");
@@ -240,6 +244,7 @@ fn topic_ids_are_hex_and_never_zero() {
 /// |------------|------------|-------------|
 /// | 0-10       | 0-10       | 0-10        |
 /// | 0-10       | –          | –           |
+/// | 0-10       | 10-20      | – (touching)|
 /// | 0-10,20-30 | 5-25       | 5-10,20-25  |
 /// | 0-100      | 10-20,30-40| 10-20,30-40 |
 #[test]
@@ -247,6 +252,7 @@ fn the_intersection_is_what_every_server_says() {
     for (one, other, both) in [
         ("0-10", "0-10", "0-10"),
         ("0-10", "", ""),
+        ("0-10", "10-20", ""),
         ("0-10,20-30", "5-25", "5-10,20-25"),
         ("0-100", "10-20,30-40", "10-20,30-40"),
     ] {

@@ -376,12 +376,26 @@ local function covers(mark, offset)
   return start ~= nil and tonumber(start) <= offset and offset <= tonumber(last)
 end
 
+-- The (entity, partition) pairs of this call whose mark stops where a
+-- dead-lettered record (a conflict, a rejection) sits: its dead letter is
+-- written after the call, so until the batch is finished a re-read of it
+-- must be decided again (and dead-lettered again), not `replayed`. The
+-- next batch of the partition runs only once this one is finished.
+local held = {}
+
 -- Moves the entity's offset mark to this record. Written after the
 -- effects and the id mark: a failure before it leaves the record to be
 -- decided again, never marked without its effects.
 local function mark_decided(e)
-  if e.mark_field ~= '' then
+  if e.mark_field ~= '' and not held[e.meta .. e.mark_field] then
     redis.call('HSET', e.meta, e.mark_field, e.mark)
+  end
+end
+
+-- A dead-lettered record: the mark stays below it for the rest of the call.
+local function hold_mark(e)
+  if e.mark_field ~= '' then
+    held[e.meta .. e.mark_field] = true
   end
 end
 
@@ -444,10 +458,9 @@ local function decide_new(e, token)
     plan, why = prepare(e.mutations, newer, e.seq, e.state, { e.id, e.type })
   end
   if why then
-    -- Nothing written, not even the id: a redelivery at another offset is
-    -- decided again; this record's own re-read is `replayed` (its dead
-    -- letter is the way back, `idem dlq redrive`).
-    mark_decided(e)
+    -- Nothing written, not even the id or the mark: a redelivery is
+    -- decided again (and dead-lettered again).
+    hold_mark(e)
     return REJECTED, why
   end
   local code, detail, decided = STALE, recorded, 's'
@@ -478,8 +491,13 @@ end
 local function decide_seen_record(seen, e, token)
   local code, detail = decide_seen(seen, e, token)
   if e.mark_field == '' then return code, detail end
+  if code == CONFLICT then
+    -- Dead-lettered: decided again on every re-read within the window.
+    hold_mark(e)
+    return code, detail
+  end
   if covers(redis.call('HGET', e.meta, e.mark_field), e.offset) then
-    if code == DUPLICATE or code == CONFLICT then return REPLAYED, 0 end
+    if code == DUPLICATE then return REPLAYED, 0 end
     return code, detail
   end
   mark_decided(e)

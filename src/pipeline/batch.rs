@@ -48,12 +48,16 @@ pub struct Batch {
     /// The dedupe window of each partition's topic.
     pub windows: Vec<Duration>,
     pub items: Vec<Item>,
+    /// The loop's count of batches handed over, this one included: the
+    /// stage tells a batch fetched before an assignment from one after it.
+    pub seq: u64,
 }
 
 impl Batch {
     /// Decodes `records` in order.
     pub fn decode(records: Vec<Fetched>, config: &Config) -> Batch {
         let mut batch = Batch {
+            seq: 0,
             partitions: Vec::new(),
             windows: Vec::new(),
             items: Vec::with_capacity(records.len()),

@@ -48,6 +48,8 @@ pub struct EventLoop<R = RedisSide> {
     ownership: mpsc::UnboundedSender<Ownership>,
     /// Fetched records not yet handed over, in fetch order.
     pending: Vec<Fetched>,
+    /// Batches handed to the guard stage so far (each batch's `seq`).
+    handed: u64,
     /// When the pending records must be handed over even if few.
     linger_until: Option<Instant>,
     /// Since when a batch is ready and the guard stage has no room.
@@ -151,6 +153,7 @@ impl<R: Resume> EventLoop<R> {
             stage: stage.events,
             ownership: stage.ownership,
             pending: Vec::new(),
+            handed: 0,
             linger_until: None,
             stage_full_since: None,
             paused: None,
@@ -258,7 +261,9 @@ impl<R: Resume> EventLoop<R> {
         if self.paused.is_some() && !self.stopped {
             self.resume();
         }
-        let batch = Batch::decode(records, &self.config);
+        let mut batch = Batch::decode(records, &self.config);
+        self.handed += 1;
+        batch.seq = self.handed;
         self.owned.begin(batch.positions());
         metrics::set_in_flight_events(self.owned.in_flight());
         permit.send(batch);
@@ -359,7 +364,11 @@ impl<R: Resume> EventLoop<R> {
                 logs,
             }) => {
                 // Sent before any batch of these partitions: the stage checks them from now on.
-                let _ = self.ownership.send(Ownership::Taken { floors, logs });
+                let _ = self.ownership.send(Ownership::Taken {
+                    floors,
+                    logs,
+                    after_batch: self.handed,
+                });
                 let starts = rewinds.iter().map(|r| (r.tp.clone(), r.to)).collect();
                 for r in rewinds {
                     self.rewinding.insert(r.tp, r.committed);

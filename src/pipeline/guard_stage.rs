@@ -14,12 +14,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::Consumer as _;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::batch::{Batch, Finished};
-use super::consumer::Consumer;
 use super::recovery::{batch_ends, ProgressRecords, StateChanged};
 use super::runs::Runs;
 use super::shutdown::Shutdown;
@@ -51,10 +49,10 @@ pub enum StageEvent {
     /// progress check): nothing more is written, consumption restarts from
     /// what Redis holds.
     Restart(StateChanged),
-    /// A partition's log was read again from an earlier offset under
-    /// another topic id (deleted and created again, or a failover to a
-    /// mirror): consumption restarts, so every partition resumes with the
-    /// ids and records of the log as it is now.
+    /// A partition's log went back to an earlier offset without a new
+    /// assignment (truncated, or deleted and created again): consumption
+    /// restarts, so every partition resumes with the ids and records of the
+    /// log as it is now.
     LogReplaced(String),
 }
 
@@ -68,6 +66,9 @@ pub enum Ownership {
     Taken {
         floors: Vec<(TopicPartition, i64)>,
         logs: Vec<(TopicPartition, LogView)>,
+        /// Batches up to this `seq` were fetched before the assignment: a
+        /// partition's run begins with the first batch after it.
+        after_batch: u64,
     },
     /// Revoked or lost: no longer checked.
     Released(Vec<TopicPartition>),
@@ -95,9 +96,6 @@ pub struct GuardStage {
     pub idle_failures: u32,
     /// The runs of consumption of the owned partitions (offset marks).
     pub runs: Runs,
-    /// Asked for the topics' ids again when a partition's log is read from
-    /// an earlier offset without a new assignment.
-    pub consumer: Arc<Consumer>,
 }
 
 impl GuardStage {
@@ -137,9 +135,13 @@ impl GuardStage {
     fn take_ownership(&mut self) {
         while let Ok(change) = self.ownership.try_recv() {
             match change {
-                Ownership::Taken { floors, logs } => {
+                Ownership::Taken {
+                    floors,
+                    logs,
+                    after_batch,
+                } => {
                     self.progress.watch(floors);
-                    self.runs.take(logs);
+                    self.runs.take(logs, after_batch);
                 }
                 Ownership::Released(tps) => {
                     self.progress.release(&tps);
@@ -184,7 +186,8 @@ impl GuardStage {
         let started = Instant::now();
         self.count_invalid(&batch);
         let jumped = self.runs.jumped_back(&batch);
-        if !jumped.is_empty() && !self.begin_again(&jumped).await {
+        if !jumped.is_empty() {
+            self.log_replaced(&jumped);
             return false;
         }
         let placed = self.runs.place(&batch);
@@ -415,52 +418,21 @@ impl GuardStage {
         }
     }
 
-    /// Partitions whose batch starts below their run: their log was read
-    /// again from an earlier offset without a new assignment (librdkafka's
-    /// reset after a truncation or a topic created again). Under the same
-    /// topic id each begins a new run; under another, the loop restarts
-    /// consumption (false). Ids that cannot be read count as changed: a
-    /// restart reads them again.
-    async fn begin_again(&mut self, jumped: &[TopicPartition]) -> bool {
-        let topics: Vec<String> = jumped.iter().map(|tp| tp.topic.clone()).collect();
-        let consumer = self.consumer.clone();
-        let timeout = self.config.kafka.request_timeout;
-        let now = tokio::task::spawn_blocking(move || {
-            crate::kafka::topic_ids::topic_ids(consumer.client(), &topics, timeout)
-        })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|ids| ids.map_err(|e| e.to_string()));
-        for tp in jumped {
-            let same = match &now {
-                Ok(ids) => ids.get(&tp.topic) == self.runs.topic_id(tp),
-                Err(_) => false,
-            };
-            if !same {
-                let detail = match &now {
-                    Ok(ids) => format!(
-                        "{}/{} went back to an earlier offset and its topic id is now {:?}",
-                        tp.topic,
-                        tp.partition,
-                        ids.get(&tp.topic).map(|id| id.as_str())
-                    ),
-                    Err(e) => format!(
-                        "{}/{} went back to an earlier offset and its topic id cannot be read ({e})",
-                        tp.topic, tp.partition
-                    ),
-                };
-                tracing::error!(detail = %detail, "a partition's log was replaced under idem (the topic was created again, or its cluster changed): consumption restarts with the log as it is now");
-                let _ = self.events.send(StageEvent::LogReplaced(detail));
-                return false;
-            }
-            tracing::warn!(
-                topic = %tp.topic,
-                partition = tp.partition,
-                "the partition is read again from an earlier offset without a new assignment (its log was truncated?); its records are decided in a new run"
-            );
-            self.runs.restart_run(tp);
-        }
-        true
+    /// Partitions whose offsets go back without a new assignment: their
+    /// log was read again from an earlier offset (librdkafka's reset after
+    /// a truncation, or a topic deleted and created again). Consumption
+    /// restarts, so every partition resumes with the topic ids and records
+    /// of the log as it is now; nothing of the batch is decided.
+    fn log_replaced(&mut self, jumped: &[TopicPartition]) {
+        let detail = jumped
+            .iter()
+            .map(|tp| format!("{}/{}", tp.topic, tp.partition))
+            .collect::<Vec<_>>()
+            .join(", ");
+        tracing::error!(partitions = %detail, "a partition's log went back to an earlier offset without a new assignment (the topic was truncated or created again, or its cluster changed): consumption restarts with the log as it is now");
+        let _ = self.events.send(StageEvent::LogReplaced(format!(
+            "{detail} went back to an earlier offset"
+        )));
     }
 
     /// Logs and counts a change of Redis's state and tells the loop to

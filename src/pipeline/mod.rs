@@ -151,7 +151,6 @@ async fn run_consumer(
         stopped: health.stopped_reason().is_some(),
         idle_failures: 0,
         runs: Default::default(),
-        consumer: consumer.clone(),
     };
     let guard_task = tokio::spawn(stage.run(batch_rx));
     let mut event_loop = EventLoop::new(

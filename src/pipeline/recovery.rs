@@ -20,7 +20,7 @@ use crate::consumed::{LogView, TopicId};
 use crate::metrics;
 use crate::offsets::TopicPartition;
 use crate::resume::{decide, Start};
-use crate::store::progress::{Claim, ProgressStore};
+use crate::store::progress::{Claim, MasterRecord, ProgressStore};
 use crate::store::StoreError;
 
 /// The guard stage's side: the records it wrote and their check.
@@ -256,7 +256,11 @@ pub async fn resume_points(
     let views = store.read(&tps).await.map_err(ResumeError::Unreadable)?;
     let mut rewinds = Vec::new();
     let mut starts = Vec::new();
+    let mut held: HashMap<TopicPartition, i64> = HashMap::new();
     for (c, servers) in assigned.iter().zip(views) {
+        if let Some(h) = held_by_every_server(&servers) {
+            held.insert(c.tp.clone(), h);
+        }
         let committed = c.offset.map(|o| (o, c.metadata.as_str()));
         let mut start = decide(committed, &servers);
         if let Start::Rewind { .. } = start {
@@ -312,10 +316,35 @@ pub async fn resume_points(
         .map_err(ResumeError::Unreadable)?;
     let logs = log_views(store, consumer, &tps).await?;
     Ok(Resumed {
-        floors: starts.into_iter().map(|(tp, to, _)| (tp, to)).collect(),
+        floors: starts
+            .into_iter()
+            .map(|(tp, to, _)| {
+                let floor = held.get(&tp).map_or(to, |h| to.max(*h));
+                (tp, floor)
+            })
+            .collect(),
         rewinds,
         logs,
     })
+}
+
+/// The offset every server's record of a partition reaches (none where a
+/// server has no record): Redis must keep holding at least that, so a later
+/// restore from an older snapshot shows as a rollback even when the
+/// partition starts lower (an operator's replay).
+///
+/// | records      | held |
+/// |--------------|------|
+/// | 500, 800     | 500  |
+/// | 500, none    | none |
+/// | (no servers) | none |
+fn held_by_every_server(servers: &[MasterRecord]) -> Option<i64> {
+    servers
+        .iter()
+        .map(|s| s.next)
+        .collect::<Option<Vec<i64>>>()?
+        .into_iter()
+        .min()
 }
 
 /// Says loudly that `tp` re-reads from `to`, before its commit.
@@ -385,4 +414,32 @@ async fn low_watermark(consumer: &Arc<Consumer>, tp: &TopicPartition) -> Option<
     .await
     .ok()
     .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(next: Option<i64>) -> MasterRecord {
+        MasterRecord {
+            node: None,
+            marker: Some("E".into()),
+            next,
+            has_records: next.is_some(),
+        }
+    }
+
+    /// The table of `held_by_every_server`.
+    #[test]
+    fn what_every_server_holds_by_table() {
+        assert_eq!(
+            held_by_every_server(&[server(Some(500)), server(Some(800))]),
+            Some(500)
+        );
+        assert_eq!(
+            held_by_every_server(&[server(Some(500)), server(None)]),
+            None
+        );
+        assert_eq!(held_by_every_server(&[]), None);
+    }
 }

@@ -4,11 +4,13 @@
 //! (`crate::consumed` holds the rule and why it is sound). Pure: batches
 //! in, places and claims out.
 //!
-//! Guarantee: a run begins at the first record the stage sees of a
-//! partition after taking it, and only goes forward; a batch that starts
-//! below where the run is means the log was read from an earlier offset
-//! without a new assignment (librdkafka's reset on a log that was
-//! truncated or created again), and is reported, never placed.
+//! Guarantee: a run begins at the first record of the first batch fetched
+//! after the partition was taken, and only goes forward; a batch whose
+//! offsets go back (below the run, or within the batch) means the log was
+//! read from an earlier offset without a new assignment (librdkafka's
+//! reset on a log that was truncated or created again): it is reported,
+//! never placed. A batch fetched before the partition was taken is
+//! decided as before offset marks.
 
 use std::collections::HashMap;
 
@@ -25,6 +27,11 @@ struct PartitionRun {
     view: LogView,
     mark_field: String,
     run: Option<Run>,
+    /// Batches up to this `seq` were fetched before the partition was
+    /// taken (a revoke that timed out, then the same partition again): they
+    /// are decided as before offset marks, and neither begin the run nor
+    /// claim (their offsets may not join up with where the run starts).
+    taken_after: u64,
 }
 
 /// The runs of the partitions the stage owns.
@@ -59,7 +66,7 @@ impl Placed {
 impl Runs {
     /// Partitions taken, each with what Redis says of its log: their runs
     /// begin at the next record seen.
-    pub fn take(&mut self, logs: Vec<(TopicPartition, LogView)>) {
+    pub fn take(&mut self, logs: Vec<(TopicPartition, LogView)>, after_batch: u64) {
         for (tp, view) in logs {
             let field = mark_field(tp.partition, &view.topic_id);
             self.partitions.insert(
@@ -68,9 +75,17 @@ impl Runs {
                     view,
                     mark_field: field,
                     run: None,
+                    taken_after: after_batch,
                 },
             );
         }
+    }
+
+    /// `tp`'s run, if `batch` was fetched after the partition was taken.
+    fn current(&self, tp: &TopicPartition, batch: &Batch) -> Option<&PartitionRun> {
+        self.partitions
+            .get(tp)
+            .filter(|p| batch.seq > p.taken_after)
     }
 
     /// Partitions revoked or lost.
@@ -80,24 +95,30 @@ impl Runs {
         }
     }
 
-    /// The batch's partitions that start below where their run is.
+    /// The batch's partitions whose offsets go back: below where their run
+    /// is, or within the batch.
     pub fn jumped_back(&self, batch: &Batch) -> Vec<TopicPartition> {
-        first_offsets(batch)
-            .into_iter()
-            .filter_map(|(index, first)| {
-                let tp = &batch.partitions[index];
-                let run = self.partitions.get(tp)?.run?;
-                (first < run.next).then(|| tp.clone())
+        let mut last: Vec<Option<i64>> = batch
+            .partitions
+            .iter()
+            .map(|tp| {
+                let run = self.current(tp, batch)?.run?;
+                Some(run.next - 1)
             })
-            .collect()
-    }
-
-    /// A partition's run ends (its log was read again from an earlier
-    /// offset, under the same topic id): the next record begins another.
-    pub fn restart_run(&mut self, tp: &TopicPartition) {
-        if let Some(p) = self.partitions.get_mut(tp) {
-            p.run = None;
+            .collect();
+        let mut jumped: Vec<TopicPartition> = Vec::new();
+        for it in &batch.items {
+            let tp = &batch.partitions[it.partition_index];
+            if self.current(tp, batch).is_none() {
+                continue;
+            }
+            let before = &mut last[it.partition_index];
+            if before.is_some_and(|b| it.offset <= b) && !jumped.contains(tp) {
+                jumped.push(tp.clone());
+            }
+            *before = Some(it.offset);
         }
+        jumped
     }
 
     /// Begins the runs of the batch's partitions that have none, then
@@ -105,7 +126,7 @@ impl Runs {
     pub fn place(&mut self, batch: &Batch) -> Placed {
         for (index, first) in first_offsets(batch) {
             if let Some(p) = self.partitions.get_mut(&batch.partitions[index]) {
-                if p.run.is_none() {
+                if p.run.is_none() && batch.seq > p.taken_after {
                     p.run = Some(Run::begin(&p.view.decided, first));
                 }
             }
@@ -113,7 +134,7 @@ impl Runs {
         let by_index: Vec<Option<&PartitionRun>> = batch
             .partitions
             .iter()
-            .map(|tp| self.partitions.get(tp))
+            .map(|tp| self.current(tp, batch))
             .collect();
         Placed {
             partitions: by_index
@@ -146,6 +167,9 @@ impl Runs {
             let Some(p) = self.partitions.get_mut(tp) else {
                 continue;
             };
+            if batch.seq <= p.taken_after {
+                continue;
+            }
             let Some(run) = p.run.as_mut() else { continue };
             let (start, end) = run.advance(end);
             claims.push(Claim {
@@ -167,11 +191,6 @@ impl Runs {
                 }
             }
         }
-    }
-
-    /// The topic id a partition's runs are keyed by.
-    pub fn topic_id(&self, tp: &TopicPartition) -> Option<&crate::consumed::TopicId> {
-        self.partitions.get(tp).map(|p| &p.view.topic_id)
     }
 }
 

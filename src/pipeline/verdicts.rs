@@ -190,6 +190,7 @@ mod tests {
         let mut conflicting = event("c");
         conflicting.fingerprint = 0xab;
         let batch = Batch {
+            seq: 1,
             partitions: vec![TopicPartition::new("t", 0), TopicPartition::new("t", 3)],
             windows: vec![Duration::from_secs(60); 2],
             items: vec![
