@@ -318,10 +318,7 @@ pub async fn resume_points(
     Ok(Resumed {
         floors: starts
             .into_iter()
-            .map(|(tp, to, _)| {
-                let floor = held.get(&tp).map_or(to, |h| to.max(*h));
-                (tp, floor)
-            })
+            .map(|(tp, to, _)| (tp.clone(), held.get(&tp).map_or(to, |h| to.max(*h))))
             .collect(),
         rewinds,
         logs,
