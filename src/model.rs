@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::effects::{Amount, Effects, Mutation, Order, StateEffect};
+use crate::effects::{Amount, Effects, Mutation, Order, StateEffect, StateOrder};
 use crate::event::{id_hash, Event, Op};
 
 /// The outcome of one event. Every record gets exactly one.
@@ -24,10 +24,13 @@ pub enum Outcome {
     /// redelivery after a crash), whatever the window: nothing written
     /// (`crate::consumed`).
     Replayed,
+    /// Per-field order: some of its fields were written, others had
+    /// newer writers (docs/effects.md, "Order per field").
+    Partial,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 8] = [
         Outcome::Applied,
         Outcome::Duplicate,
         Outcome::Stale,
@@ -35,6 +38,7 @@ impl Outcome {
         Outcome::Invalid,
         Outcome::Late,
         Outcome::Replayed,
+        Outcome::Partial,
     ];
 
     /// The label used in metrics and reports.
@@ -47,6 +51,7 @@ impl Outcome {
             Outcome::Invalid => "invalid",
             Outcome::Late => "late",
             Outcome::Replayed => "replayed",
+            Outcome::Partial => "partial",
         }
     }
 }
@@ -99,6 +104,14 @@ pub struct EntityModel {
     /// Whether a custom effect ran (the model cannot run Lua: such an
     /// entity's custom fields are not predicted).
     pub ran_custom: bool,
+    /// Per-field order: data field → seq that wrote or removed it.
+    pub field_seqs: BTreeMap<String, u64>,
+    /// Per-field order: the floor (seq, whether it covers its own seq).
+    pub floor: Option<(u64, bool)>,
+    /// Per-field order: the seq that last decided existence (`deleted`).
+    pub exists_seq: Option<u64>,
+    /// Per-field order: the `seq` the per-field fields were last written at.
+    pub field_seqs_at: Option<u64>,
 }
 
 impl EntityModel {
@@ -126,6 +139,9 @@ impl EntityModel {
         );
         if !matches!(outcome, Outcome::Applied | Outcome::Stale) {
             return outcome;
+        }
+        if effects.state_order == StateOrder::PerField {
+            return self.apply_per_field(event, effects);
         }
         let newer = outcome == Outcome::Applied;
         if (newer || effects.commutes()) && !self.apply_mutations(event, effects, newer) {
@@ -162,6 +178,146 @@ impl EntityModel {
             }
         }
         Outcome::Applied
+    }
+
+    /// An id not in the window under per-field order (docs/effects.md):
+    /// each field takes the greater writer (seq, then a removal, then the
+    /// greater value in byte order); a replace or delete raises the floor
+    /// (a delete's covers its own seq), removing the fields below it and
+    /// refusing writes below it; existence is its own register, where at an
+    /// equal seq the delete wins. `applied` when every field it writes won,
+    /// `partial` when some did, `late`/`stale` when none did; a write that
+    /// changes nothing (the same value, removal or floor at the same seq: a
+    /// copy after the window) does not win.
+    fn apply_per_field(&mut self, event: &Event, effects: &Effects) -> Outcome {
+        let seq = event.seq;
+        if !self.apply_mutations(event, effects, false) {
+            return Outcome::Invalid;
+        }
+        self.remembered
+            .insert(id_hash(&event.id), event.fingerprint);
+        if let Some(recorded) = self.seq.filter(|r| self.field_seqs_at != Some(*r)) {
+            // Decided under per-entity order since: older stays stale.
+            if floor_above((recorded, true), self.floor) {
+                self.floor = Some((recorded, true));
+            }
+            if self.exists_seq.is_none_or(|e| recorded > e) {
+                self.exists_seq = Some(recorded);
+            }
+        }
+        let deletes = event.op == Op::Delete;
+        let writes_state = effects.state != StateEffect::Keep || deletes;
+        let (mut won, mut lost) = (0u32, 0u32);
+        if deletes || effects.state == StateEffect::Replace {
+            if self.raise_floor((seq, deletes)) {
+                won += 1;
+            } else {
+                lost += 1;
+            }
+        }
+        let exists = writes_state
+            && self
+                .exists_seq
+                .is_none_or(|e| seq > e || (seq == e && deletes));
+        if exists {
+            self.exists_seq = Some(seq);
+            self.deleted = deletes;
+        }
+        if !deletes && writes_state {
+            let (w, l) = self.write_fields(event, effects);
+            (won, lost) = (won + w, lost + l);
+            if w + l == 0 && effects.state == StateEffect::Merge {
+                // No data: what it decides is that the entity exists.
+                (won, lost) = if exists {
+                    (won + 1, lost)
+                } else {
+                    (won, lost + 1)
+                };
+            }
+        }
+        let newer = self.seq.is_none_or(|r| seq > r);
+        let outcome = if (won + lost == 0 && !newer) || (won == 0 && lost > 0) {
+            if effects.commutes() {
+                Outcome::Late
+            } else {
+                Outcome::Stale
+            }
+        } else if lost > 0 {
+            Outcome::Partial
+        } else {
+            Outcome::Applied
+        };
+        if newer {
+            self.seq = Some(seq);
+            self.last_id = Some(event.id.clone());
+        }
+        self.field_seqs_at = self.seq;
+        if matches!(outcome, Outcome::Applied | Outcome::Partial) {
+            self.applied += 1;
+        }
+        outcome
+    }
+
+    /// Raises the floor to `own` if that is above it, removing the fields
+    /// (and field seqs) below; whether it rose.
+    fn raise_floor(&mut self, own: (u64, bool)) -> bool {
+        if !floor_above(own, self.floor) {
+            return false;
+        }
+        self.floor = Some(own);
+        let floor = self.floor;
+        let seqs = &self.field_seqs;
+        self.state
+            .retain(|k, _| seqs.get(k).is_some_and(|at| !below_floor(floor, *at)));
+        self.field_seqs.retain(|_, at| !below_floor(floor, *at));
+        true
+    }
+
+    /// Writes the event's fields that win; how many won and lost.
+    fn write_fields(&mut self, event: &Event, effects: &Effects) -> (u32, u32) {
+        let fields: Vec<(&String, Option<&String>)> = event
+            .set
+            .iter()
+            .filter(|(k, _)| effects.writes_field(k))
+            .map(|(k, v)| (k, Some(v)))
+            .chain(
+                event
+                    .unset
+                    .iter()
+                    .filter(|k| effects.writes_field(k))
+                    .map(|k| (k, None)),
+            )
+            .collect();
+        if below_floor(self.floor, event.seq) {
+            return (0, fields.len() as u32);
+        }
+        let mut won = 0;
+        for (name, value) in &fields {
+            if self.field_wins(event.seq, name, *value) {
+                won += 1;
+                match value {
+                    Some(v) => self.state.insert((*name).clone(), (*v).clone()),
+                    None => self.state.remove(*name),
+                };
+                self.field_seqs.insert((*name).clone(), event.seq);
+            }
+        }
+        (won, fields.len() as u32 - won)
+    }
+
+    /// Whether writing `value` (None: removing) at `seq` wins over the
+    /// field's writer. A tie: the removal wins, then the greater value; the
+    /// same value again is already written.
+    fn field_wins(&self, seq: u64, name: &str, value: Option<&String>) -> bool {
+        match self.field_seqs.get(name).copied() {
+            None => true,
+            Some(at) if seq != at => seq > at,
+            Some(_) => match (value, self.state.get(name)) {
+                (None, current) => current.is_some(),
+                (Some(v), Some(current)) => v > current,
+                (Some(_), None) => false,
+            },
+        }
     }
 
     /// The counters, ledgers and sets as Redis stores them.
@@ -247,6 +403,16 @@ impl EntityModel {
     }
 }
 
+/// Whether a write at `at` falls under `floor` (seq, covering its own seq).
+fn below_floor(floor: Option<(u64, bool)>, at: u64) -> bool {
+    floor.is_some_and(|(f, strict)| at < f || (at == f && strict))
+}
+
+/// Whether floor `a` is above `b` (a delete's beats a replace's at one seq).
+fn floor_above(a: (u64, bool), b: Option<(u64, bool)>) -> bool {
+    b.is_none_or(|b| a > b)
+}
+
 /// The model of a whole keyspace: entity → what Redis holds.
 #[derive(Debug, Clone, Default)]
 pub struct Model {
@@ -330,7 +496,8 @@ mod tests {
                 "conflict",
                 "invalid",
                 "late",
-                "replayed"
+                "replayed",
+                "partial"
             ]
         );
     }
@@ -445,5 +612,216 @@ mod tests {
             assert_eq!(outcome, reused_outcome, "gap {gap}");
             assert_eq!(m.entities["e"].window_ambiguous, ambiguous, "gap {gap}");
         }
+    }
+
+    /// A random history of one entity: merges (with set and removed
+    /// fields), replaces, deletes and keeps, seqs from a small range so that
+    /// some are equal when `distinct` is false.
+    fn random_history(rng: &mut rand::rngs::StdRng, distinct: bool) -> Vec<(Event, Effects)> {
+        use rand::seq::SliceRandom;
+        use rand::Rng;
+        let n = rng.random_range(1..10);
+        let mut seqs: Vec<u64> = if distinct {
+            let mut all: Vec<u64> = (1..=12).collect();
+            all.shuffle(rng);
+            all.truncate(n);
+            all
+        } else {
+            (0..n).map(|_| rng.random_range(1..6)).collect()
+        };
+        seqs.shuffle(rng);
+        seqs.iter()
+            .enumerate()
+            .map(|(i, &seq)| {
+                let roll = rng.random_range(0..10);
+                let op = if roll == 0 { Op::Delete } else { Op::Upsert };
+                let state = match roll {
+                    1 | 2 => StateEffect::Replace,
+                    3 => StateEffect::Keep,
+                    _ => StateEffect::Merge,
+                };
+                let mut set = Vec::new();
+                let mut unset = Vec::new();
+                if op == Op::Upsert {
+                    for f in 0..4 {
+                        match rng.random_range(0..4) {
+                            0 => {
+                                set.push((format!("f{f}"), format!("v{}", rng.random_range(0..3))))
+                            }
+                            1 => unset.push(format!("f{f}")),
+                            _ => {}
+                        }
+                    }
+                }
+                let event = Event {
+                    id: format!("e{i}"),
+                    entity: "e".into(),
+                    seq,
+                    op,
+                    kind: None,
+                    set,
+                    unset,
+                    fingerprint: i as u64,
+                };
+                let effects = Effects {
+                    state,
+                    state_order: StateOrder::PerField,
+                    ..Effects::default()
+                };
+                (event, effects)
+            })
+            .collect()
+    }
+
+    fn run(history: &[(Event, Effects)]) -> EntityModel {
+        let mut m = EntityModel::default();
+        for (event, effects) in history {
+            m.apply_effects(event, effects);
+        }
+        m
+    }
+
+    /// Per-field order's promise, on 5,000 random histories: every arrival
+    /// order ends in the same state and existence; with distinct seqs that
+    /// is the state of applying the events one by one in seq order under
+    /// per-entity order (where every event is newer than the last).
+    #[test]
+    fn per_field_order_ends_in_the_in_order_state_whatever_the_arrival_order() {
+        use rand::seq::SliceRandom;
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0xF1E1D);
+        for trial in 0..5_000 {
+            let distinct = trial % 2 == 0;
+            let history = random_history(&mut rng, distinct);
+            let mut shuffled = history.clone();
+            shuffled.shuffle(&mut rng);
+            let (a, b) = (run(&history), run(&shuffled));
+            assert_eq!(
+                (&a.state, a.deleted),
+                (&b.state, b.deleted),
+                "{history:?}\nagainst\n{shuffled:?}"
+            );
+            if distinct {
+                let mut in_order = history.clone();
+                in_order.sort_by_key(|(e, _)| e.seq);
+                for (_, effects) in &mut in_order {
+                    effects.state_order = StateOrder::PerEntity;
+                }
+                let want = run(&in_order);
+                assert_eq!(
+                    (&a.state, a.deleted),
+                    (&want.state, want.deleted),
+                    "{history:?}"
+                );
+            }
+        }
+    }
+
+    /// The lost update the per-entity rule makes: a status at seq 10 after
+    /// a deposit (state kept) at 11 is stale per entity, and written per field.
+    #[test]
+    fn a_late_field_is_written_per_field_and_stale_per_entity() {
+        let deposit = ev("d", 11, Op::Upsert, &[], 1);
+        let status = ev("s", 10, Op::Upsert, &[("status", "frozen")], 2);
+        for (order, want, state) in [
+            (StateOrder::PerEntity, Outcome::Stale, None),
+            (StateOrder::PerField, Outcome::Applied, Some("frozen")),
+        ] {
+            let keep = Effects {
+                state: StateEffect::Keep,
+                state_order: order,
+                ..Effects::default()
+            };
+            let merge = Effects {
+                state_order: order,
+                ..Effects::default()
+            };
+            let mut m = EntityModel::default();
+            assert_eq!(m.apply_effects(&deposit, &keep), Outcome::Applied);
+            assert_eq!(m.apply_effects(&status, &merge), want, "{order:?}");
+            assert_eq!(m.state.get("status").map(String::as_str), state);
+            assert_eq!(m.seq, Some(11));
+        }
+    }
+
+    /// Outcomes under per-field order, and the switch from per-entity order.
+    #[test]
+    fn per_field_outcomes_by_example() {
+        let merge = Effects {
+            state_order: StateOrder::PerField,
+            ..Effects::default()
+        };
+        let replace = Effects {
+            state: StateEffect::Replace,
+            ..merge.clone()
+        };
+        let mut m = EntityModel::default();
+        m.apply_effects(&ev("a", 5, Op::Upsert, &[("x", "1")], 1), &merge);
+        // y is new, x has a newer writer: partial.
+        assert_eq!(
+            m.apply_effects(
+                &ev("b", 3, Op::Upsert, &[("x", "0"), ("y", "0")], 2),
+                &merge
+            ),
+            Outcome::Partial
+        );
+        assert_eq!(m.state.get("x").map(String::as_str), Some("1"));
+        // A replace at 7 removes both; a write at 6 comes too late.
+        assert_eq!(
+            m.apply_effects(&ev("c", 7, Op::Upsert, &[("z", "1")], 3), &replace),
+            Outcome::Applied
+        );
+        assert_eq!(
+            m.apply_effects(&ev("d", 6, Op::Upsert, &[("w", "1")], 4), &merge),
+            Outcome::Stale
+        );
+        assert_eq!(m.state.keys().collect::<Vec<_>>(), ["z"]);
+        // A delete at 5 is below the floor; one at 9 empties; an upsert
+        // without data at 10 brings the entity back.
+        assert_eq!(
+            m.apply_effects(&ev("e", 5, Op::Delete, &[], 5), &merge),
+            Outcome::Stale
+        );
+        assert_eq!(
+            m.apply_effects(&ev("f", 9, Op::Delete, &[], 6), &merge),
+            Outcome::Applied
+        );
+        assert!(m.deleted && m.state.is_empty());
+        assert_eq!(
+            m.apply_effects(&ev("g", 10, Op::Upsert, &[], 7), &merge),
+            Outcome::Applied
+        );
+        assert!(!m.deleted);
+        // An entity decided per entity up to seq 20: older stays stale.
+        let mut m = EntityModel::default();
+        m.apply(&ev("a", 20, Op::Upsert, &[("x", "1")], 1));
+        assert_eq!(
+            m.apply_effects(&ev("b", 19, Op::Upsert, &[("y", "1")], 2), &merge),
+            Outcome::Stale
+        );
+        assert_eq!(m.floor, Some((20, true)));
+        assert_eq!(
+            m.apply_effects(&ev("c", 21, Op::Upsert, &[("y", "2")], 3), &merge),
+            Outcome::Applied
+        );
+        // Copies after the window change nothing, and say so: a merge, a
+        // replace and a delete at the seq they already wrote.
+        let del = ev("d", 22, Op::Delete, &[], 4);
+        let rep = ev("r", 23, Op::Upsert, &[("y", "3")], 5);
+        assert_eq!(m.apply_effects(&del, &merge), Outcome::Applied);
+        assert_eq!(m.apply_effects(&rep, &replace), Outcome::Applied);
+        let before = m.clone();
+        m.remembered.clear();
+        for (event, effects) in [
+            (&ev("c", 21, Op::Upsert, &[("y", "2")], 3), &merge),
+            (&del, &merge),
+            (&rep, &replace),
+        ] {
+            assert_eq!(m.apply_effects(event, effects), Outcome::Stale, "{event:?}");
+        }
+        assert_eq!(
+            (&m.state, m.deleted, m.applied),
+            (&before.state, before.deleted, before.applied)
+        );
     }
 }

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use idem::effects::{Amount, Effects, Mutation, StateEffect};
+use idem::effects::{Amount, Effects, Mutation, StateEffect, StateOrder};
 use idem::event::{Event, Op};
 use idem::guard::{Guard, GuardInput, Place};
 use idem::model::Model;
@@ -34,9 +34,12 @@ fn random_amount(rng: &mut StdRng, scale: u8) -> Amount {
 
 /// Random effects: a state rule, counters, a trimmed ledger, set adds and
 /// removes on a few members; a quarter of the events have none (merge).
-fn random_effects(rng: &mut StdRng, id: &str, seq: u64) -> Effects {
+fn random_effects(rng: &mut StdRng, id: &str, seq: u64, state_order: StateOrder) -> Effects {
     if rng.random_range(0..4) == 0 {
-        return Effects::default();
+        return Effects {
+            state_order,
+            ..Effects::default()
+        };
     }
     let state = match rng.random_range(0..4) {
         0 => StateEffect::Replace,
@@ -76,13 +79,17 @@ fn random_effects(rng: &mut StdRng, id: &str, seq: u64) -> Effects {
         state,
         fields,
         mutations,
+        state_order,
     }
 }
 
 /// Random short sequences over a few entities, with redelivered copies,
-/// reordering, conflicts, deletes and field removals.
+/// reordering, conflicts, deletes and field removals; a third under
+/// per-entity order, a third per field, a third switching event by event
+/// (as a keyspace whose `state.order` changed, or a rolling change).
 fn random_sequence(rng: &mut StdRng, tag: &str) -> Vec<(Event, Effects)> {
     let entities = 1 + rng.random_range(0..3) as usize;
+    let mode = rng.random_range(0..3);
     let mut out: Vec<(Event, Effects)> = Vec::new();
     for i in 0..(2 + rng.random_range(0..12)) {
         let roll = rng.random_range(0..10);
@@ -117,7 +124,13 @@ fn random_sequence(rng: &mut StdRng, tag: &str) -> Vec<(Event, Effects)> {
             }
         }
         let (id, seq) = (format!("{tag}-{i}"), rng.random_range(0..8));
-        let effects = random_effects(rng, &id, seq);
+        let state_order = match mode {
+            0 => StateOrder::PerEntity,
+            1 => StateOrder::PerField,
+            _ if rng.random_range(0..2) == 0 => StateOrder::PerEntity,
+            _ => StateOrder::PerField,
+        };
+        let effects = random_effects(rng, &id, seq, state_order);
         let event = Event {
             id,
             entity: format!("{tag}:{e}"),
@@ -213,6 +226,12 @@ async fn guard_script_matches_the_model_on_random_sequences() {
                 want.commutative_view(),
                 "counters, ledger and sets of {name}"
             );
+            let field_seqs: std::collections::BTreeMap<String, u64> = redis::cmd("HGETALL")
+                .arg(KeyLayout::new(&prefix).entity(name).field_seqs())
+                .query_async(&mut conn.clone())
+                .await
+                .unwrap();
+            assert_eq!(field_seqs, want.field_seqs, "field seqs of {name}");
         }
     }
     eprintln!("differential: {SEQUENCES} sequences, {checked_events} events, Lua == model; outcomes {outcomes:?}");
@@ -285,6 +304,7 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
                 state: StateEffect::Merge,
                 fields: None,
                 mutations: mutations.clone(),
+                state_order: StateOrder::PerEntity,
             },
             "merge",
         ),
@@ -294,6 +314,7 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
                 state: StateEffect::Replace,
                 fields: None,
                 mutations: Vec::new(),
+                state_order: StateOrder::PerEntity,
             },
             "replace",
         ),
@@ -303,12 +324,32 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
                 state: StateEffect::Keep,
                 fields: None,
                 mutations: vec![mutations[2].clone()],
+                state_order: StateOrder::PerEntity,
             },
             "keep",
         ),
         (
             event("d", Op::Delete, &[], &[]),
             Effects::default(),
+            "delete",
+        ),
+        // Per-field order: the field seqs are the event's first effect key.
+        (
+            event("e", Op::Upsert, &[("k", "v")], &["gone"]),
+            Effects {
+                state: StateEffect::Merge,
+                fields: None,
+                mutations: mutations.clone(),
+                state_order: StateOrder::PerField,
+            },
+            "merge",
+        ),
+        (
+            event("f", Op::Delete, &[], &[]),
+            Effects {
+                state_order: StateOrder::PerField,
+                ..Effects::default()
+            },
             "delete",
         ),
     ];
@@ -361,8 +402,13 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
         .enumerate()
         .map(|(i, (e, effects, op))| {
             let written = |k: &String| effects.writes_field(k);
-            // Each effect key once, in the order the mutations name them.
+            // Each effect key once, in the order the mutations name them,
+            // after the field seqs under per-field order.
+            let per_field = effects.state_order == StateOrder::PerField;
             let mut effect_keys: Vec<String> = Vec::new();
+            if per_field {
+                effect_keys.push(keys.field_seqs());
+            }
             for m in &effects.mutations {
                 let named = match m {
                     Mutation::Count { .. } | Mutation::Custom { .. } => vec![keys.counters()],
@@ -386,7 +432,7 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
                 "mark_field": place(i).map_or("", |p| p.mark_field),
                 "offset": place(i).map_or(0, |p| p.offset),
                 "mark": place(i).map_or(String::new(), |p| format!("{}:{}", p.run_start, p.offset)),
-                "op": op, "type": "deposit",
+                "op": op, "per_field": per_field, "type": "deposit",
                 "set": e.set.iter().filter(|(k, _)| written(k))
                     .flat_map(|(k, v)| [k.clone(), v.clone()]).collect::<Vec<_>>(),
                 "unset": e.unset.iter().filter(|k| written(k)).collect::<Vec<_>>(),
@@ -465,6 +511,7 @@ async fn a_ledger_with_max_age_drops_entries_older_than_it() {
                 max_len: 0,
                 max_age_ms: 300,
             }],
+            state_order: StateOrder::PerEntity,
         };
         (event, effects)
     };

@@ -32,6 +32,10 @@ enum InspectWhat {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Also show what per-field order keeps (state.order = "per_field"): the seq
+        /// that wrote each field, removed fields, the floor and the existence seq.
+        #[arg(long)]
+        field_seqs: bool,
     },
     /// Show a consumer group: state, members and their partitions, committed
     /// vs end offsets and the lag of each partition.
@@ -95,37 +99,57 @@ pub async fn run(args: InspectArgs, config: Config) -> anyhow::Result<ExitCode> 
                 ExitCode::from(super::EXIT_NOT_FOUND)
             })
         }
-        InspectWhat::Entity { entity, json } => {
-            let mut conn = store::connect_or_explain(&config.redis).await?;
-            let layout = KeyLayout::new(&config.redis.key_prefix);
-            let view = store::read_entity(&mut conn, &layout, &entity).await?;
-            let (streams, sets) = config.effects.names();
-            let effects =
-                store::commutative::summary(&mut conn, &layout, &entity, &streams, &sets).await?;
-            if json {
-                crate::outln!(
-                    "{}",
-                    serde_json::to_string_pretty(&EntityJson {
-                        view: &view,
-                        effects: &effects
-                    })?
-                );
-            } else if !view.exists {
-                crate::outln!(
-                    "entity {entity:?}: not found under prefix {:?}",
-                    config.redis.key_prefix
-                );
-            } else {
-                print_entity(&view);
-                print_effects(&effects);
-            }
-            Ok(if view.exists {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(super::EXIT_NOT_FOUND)
-            })
-        }
+        InspectWhat::Entity {
+            entity,
+            json,
+            field_seqs,
+        } => inspect_entity(&config, &entity, json, field_seqs).await,
     }
+}
+
+/// `idem inspect entity`: the view, its effects, and with `field_seqs` what
+/// per-field order keeps.
+async fn inspect_entity(
+    config: &crate::config::Config,
+    entity: &str,
+    json: bool,
+    field_seqs: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut conn = store::connect_or_explain(&config.redis).await?;
+    let layout = KeyLayout::new(&config.redis.key_prefix);
+    let view = store::read_entity(&mut conn, &layout, entity).await?;
+    let (streams, sets) = config.effects.names();
+    let effects = store::commutative::summary(&mut conn, &layout, entity, &streams, &sets).await?;
+    let field_order = match field_seqs {
+        true => Some(store::read_field_order(&mut conn, &layout, entity).await?),
+        false => None,
+    };
+    if json {
+        crate::outln!(
+            "{}",
+            serde_json::to_string_pretty(&EntityJson {
+                view: &view,
+                effects: &effects,
+                field_order: field_order.as_ref(),
+            })?
+        );
+    } else if !view.exists {
+        crate::outln!(
+            "entity {entity:?}: not found under prefix {:?}",
+            config.redis.key_prefix
+        );
+    } else {
+        print_entity(&view);
+        if let Some(order) = &field_order {
+            print_field_order(order, &view);
+        }
+        print_effects(&effects);
+    }
+    Ok(if view.exists {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(super::EXIT_NOT_FOUND)
+    })
 }
 
 /// The group, its members and per-partition lag, as a table.
@@ -180,6 +204,33 @@ struct EntityJson<'a> {
     view: &'a store::EntityView,
     #[serde(flatten, skip_serializing_if = "store::commutative::Summary::is_empty")]
     effects: &'a store::commutative::Summary,
+    /// With --field-seqs only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field_order: Option<&'a store::FieldOrder>,
+}
+
+/// Each field's writer seq (removed fields marked), the floor, existence.
+fn print_field_order(order: &store::FieldOrder, view: &store::EntityView) {
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    crate::outln!("floor       {}", or_dash(order.floor.clone()));
+    crate::outln!(
+        "exists seq  {}",
+        or_dash(order.exists_seq.map(|s| s.to_string()))
+    );
+    if order.field_seqs_at != view.seq {
+        crate::outln!(
+            "            (decided under per-entity order since: events older than seq are stale)"
+        );
+    }
+    crate::outln!("field seqs");
+    for (k, seq) in &order.field_seqs {
+        let removed = if view.state.contains_key(k) {
+            ""
+        } else {
+            " (removed)"
+        };
+        crate::outln!("  {k} @ {seq}{removed}");
+    }
 }
 
 /// Counters, each ledger's length and newest entry, each set's size.

@@ -10,7 +10,7 @@ use super::{parse_duration, ConfigError};
 use crate::effects::decimal::MAX_SCALE;
 use crate::effects::{
     Amount, AmountSource, CounterSpec, CustomSpec, EffectsConfig, LedgerSpec, Order, Rule, SetSpec,
-    Snippet, StateEffect,
+    Snippet, StateEffect, StateOrder,
 };
 
 #[derive(Debug, Deserialize)]
@@ -89,9 +89,18 @@ fn invalid(key: String, value: impl std::fmt::Display, expected: &str) -> Config
     }
 }
 
-/// Validates every rule, then the rules together (see [`check_convergence`]).
-pub(super) fn validate(raw: Vec<RawRule>) -> Result<EffectsConfig, ConfigError> {
-    let mut out = EffectsConfig::default();
+/// Validates every rule, then the rules together (see [`check_convergence`])
+/// and with the state's order mode: an ordered custom effect reads the
+/// state, which under `per_field` is not one point in seq order, so it is
+/// refused there.
+pub(super) fn validate(
+    raw: Vec<RawRule>,
+    state_order: StateOrder,
+) -> Result<EffectsConfig, ConfigError> {
+    let mut out = EffectsConfig {
+        state_order,
+        ..EffectsConfig::default()
+    };
     let mut declared: BTreeSet<(String, String)> = BTreeSet::new();
     for (i, r) in raw.into_iter().enumerate() {
         let key = |k: &str| format!("effects[{i}].{k}");
@@ -117,6 +126,17 @@ pub(super) fn validate(raw: Vec<RawRule>) -> Result<EffectsConfig, ConfigError> 
         out.rules.push(rule);
     }
     check_convergence(&out)?;
+    if state_order == StateOrder::PerField {
+        for (i, r) in out.rules.iter().enumerate() {
+            if let Some(c) = r.custom.iter().position(|c| c.order == Order::Ordered) {
+                return Err(invalid(
+                    format!("effects[{i}].custom[{c}].order"),
+                    "ordered",
+                    "\"commutative\" under state.order = \"per_field\" (an ordered custom effect reads the state as of its seq, which per-field order does not keep; or set state.order = \"per_entity\")",
+                ));
+            }
+        }
+    }
     Ok(out)
 }
 
@@ -398,7 +418,7 @@ mod tests {
     use std::collections::HashMap;
 
     use crate::config::{Config, ConfigError};
-    use crate::effects::{AmountSource, Order, StateEffect};
+    use crate::effects::{AmountSource, Order, StateEffect, StateOrder};
 
     /// Loads `[[effects]]` text (with `SNIPPET` standing for a readable Lua file).
     fn load(text: &str) -> Result<Config, ConfigError> {
@@ -480,12 +500,47 @@ state = "keep"
             (format!("{}types = [\"a\"]\n{}", rule("counters = [{ field = \"b\", from = \"/a\", scale = 2 }]"), rule("types = [\"b\"]\ncounters = [{ field = \"b\", from = \"/a\" }]")), "effects[1].counters[0].field"),
             (rule("counters = [{ field = \"b\", by = \"1\" }, { field = \"b\", by = \"2\" }]"), "effects[0].counters[1].field"),
             (rule("set_add = [{ set = \"s\", from = \"/m\" }]\nset_remove = [{ set = \"s\", from = \"/m\" }]"), "effects[0].set_remove"),
+            // per-field order reads no state as of a seq
+            (format!("[state]\norder = \"per_field\"\n{}", rule("custom = [{ file = \"SNIPPET\", order = \"commutative\", writes = [\"p\"] }, { file = \"SNIPPET\", order = \"ordered\", writes = [\"x\"] }]")), "effects[0].custom[1].order"),
         ];
         for (text, key) in table {
             match load(&text) {
                 Err(ConfigError::Invalid { key: got, .. }) => assert_eq!(got, key, "{text}"),
                 other => panic!("{text}: expected a refusal of {key}, got {other:?}"),
             }
+        }
+    }
+
+    /// `state.order` reaches every planned event; a commutative custom
+    /// effect is accepted under per-field order.
+    #[test]
+    fn the_state_order_is_planned_into_every_event() {
+        let text = "[state]\norder = \"per_field\"\n[[effects]]\ntopic = \"t\"\ncustom = [{ file = \"SNIPPET\", order = \"commutative\", writes = [\"p\"] }]\n";
+        let e = load(text).unwrap().effects;
+        assert_eq!(e.state_order, StateOrder::PerField);
+        let event = crate::event::Event {
+            id: "a".into(),
+            entity: "e".into(),
+            seq: 1,
+            op: crate::event::Op::Upsert,
+            kind: None,
+            set: vec![],
+            unset: vec![],
+            fingerprint: 0,
+        };
+        for topic in ["t", "other"] {
+            assert_eq!(
+                e.plan_for(topic, &event).unwrap().state_order,
+                StateOrder::PerField
+            );
+        }
+        assert_eq!(load("").unwrap().effects.state_order, StateOrder::PerEntity);
+        match load("[state]\norder = \"by_field\"\n") {
+            Err(ConfigError::Refused { key, message }) => {
+                assert_eq!(key, "state.order");
+                assert!(message.contains("`per_entity` or `per_field`"), "{message}");
+            }
+            other => panic!("{other:?}"),
         }
     }
 }

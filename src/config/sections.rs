@@ -20,6 +20,7 @@ pub(super) struct Document {
     redis: RedisConfig,
     dedupe: DedupeConfig,
     event: EventSection,
+    state: StateSection,
     dlq: DlqConfig,
     pipeline: PipelineConfig,
     metrics: MetricsConfig,
@@ -43,9 +44,24 @@ impl Document {
             metrics: self.metrics,
             shutdown: self.shutdown,
             log: self.log,
-            effects: super::effects::validate(self.effects)?,
+            effects: super::effects::validate(self.effects, self.state.order)?,
         })
     }
+}
+
+/// How the state hash meets order (`[state]`), for every topic of the
+/// keyspace: an entity has one seq space whatever the topic, so one mode.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateSection {
+    /// How a late event meets the state hash, for the whole keyspace (redis.key_prefix).
+    /// "per_entity": an event not newer than its entity's seq writes no state (stale).
+    /// "per_field": each field keeps the seq that wrote it (hash <base>:field_seqs), so an
+    /// older event still writes the fields no newer event wrote; a replace or delete removes
+    /// older fields. The state then equals in-order application whatever the arrival order.
+    /// Ordered custom effects are refused in this mode. See docs/effects.md.
+    #[serde(deserialize_with = "values::choice")]
+    order: crate::effects::StateOrder,
 }
 
 /// The dedupe window, global and per topic (`[dedupe]`).

@@ -712,6 +712,7 @@ fn field_docs() -> BTreeMap<(String, String), String> {
         ("RedisConfig", "redis"),
         ("DedupeConfig", "dedupe"),
         ("EventSection", "event"),
+        ("StateSection", "state"),
         ("DlqConfig", "dlq"),
         ("PipelineConfig", "pipeline"),
         ("MetricsConfig", "metrics"),

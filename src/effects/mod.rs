@@ -38,6 +38,32 @@ pub enum StateEffect {
     Keep,
 }
 
+/// How the state hash meets order (`[state] order`, docs/effects.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateOrder {
+    /// One seq per entity: an event not newer than the entity's recorded
+    /// seq writes no state (`stale`, or `late` with commutative effects).
+    #[default]
+    PerEntity,
+    /// Each data field remembers the seq that wrote it (a sibling hash): a
+    /// field is written when the event's seq is newer than its own writer's,
+    /// and a replace or delete sets a floor below which fields are removed
+    /// and later writes refused. The state then equals in-order application
+    /// whatever the arrival order.
+    PerField,
+}
+
+impl StateOrder {
+    /// The config's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateOrder::PerEntity => "per_entity",
+            StateOrder::PerField => "per_field",
+        }
+    }
+}
+
 /// Whether an effect waits for order or commutes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Order {
@@ -116,6 +142,8 @@ pub struct Rule {
 pub struct EffectsConfig {
     pub rules: Vec<Rule>,
     pub snippets: Vec<Snippet>,
+    /// How every event's state write meets order (one mode per keyspace).
+    pub state_order: StateOrder,
 }
 
 impl EffectsConfig {
@@ -155,7 +183,9 @@ impl EffectsConfig {
 
     /// `event`'s effects on `topic` (see [`plan`]).
     pub fn plan_for(&self, topic: &str, event: &Event) -> Result<Effects, Invalid> {
-        plan(event, self.rule_for(topic, event.kind.as_deref()))
+        let mut effects = plan(event, self.rule_for(topic, event.kind.as_deref()))?;
+        effects.state_order = self.state_order;
+        Ok(effects)
     }
 }
 
@@ -204,6 +234,7 @@ pub static MERGE: Effects = Effects {
     state: StateEffect::Merge,
     fields: None,
     mutations: Vec::new(),
+    state_order: StateOrder::PerEntity,
 };
 
 /// An event's planned effects. The default is today's merge of every field.
@@ -212,6 +243,7 @@ pub struct Effects {
     pub state: StateEffect,
     pub fields: Option<Vec<String>>,
     pub mutations: Vec<Mutation>,
+    pub state_order: StateOrder,
 }
 
 impl Effects {

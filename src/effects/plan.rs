@@ -83,6 +83,7 @@ pub fn plan(event: &Event, rule: Option<&Rule>) -> Result<Effects, Invalid> {
         state: rule.state.clone(),
         fields: rule.fields.clone(),
         mutations,
+        state_order: super::StateOrder::PerEntity,
     })
 }
 

@@ -6,7 +6,7 @@
 //! parsed a call of every kind (tests/guard.rs).
 
 use super::GuardInput;
-use crate::effects::{Effects, Mutation, Order, Snippet, StateEffect};
+use crate::effects::{Effects, Mutation, Order, Snippet, StateEffect, StateOrder};
 use crate::event::{id_hash, Event, Op};
 use crate::store::EntityKeys;
 
@@ -52,6 +52,10 @@ pub struct EffectParts {
 impl EffectParts {
     pub fn new(entity: &EntityKeys, event: &Event, effects: &Effects) -> EffectParts {
         let mut parts = EffectParts::default();
+        if effects.state_order == StateOrder::PerField {
+            // Always the first: guard.lua reads it as the event's key 1.
+            parts.key(entity.field_seqs());
+        }
         if effects.mutations.is_empty() {
             return parts;
         }
@@ -124,13 +128,20 @@ impl EffectParts {
     }
 }
 
-/// The state code `guard.lua` reads: what a newer event does to the state.
+/// The state code `guard.lua` reads: what the event does to the state, and
+/// under which order (`field:` for `state.order = "per_field"`, whose
+/// event's first effect key is the field seqs hash).
 pub fn state_code(event: &Event, effects: &Effects) -> &'static str {
-    match (event.op, &effects.state) {
-        (Op::Delete, _) => "delete",
-        (Op::Upsert, StateEffect::Merge) => "merge",
-        (Op::Upsert, StateEffect::Replace) => "replace",
-        (Op::Upsert, StateEffect::Keep) => "keep",
+    let per_field = effects.state_order == StateOrder::PerField;
+    match (event.op, &effects.state, per_field) {
+        (Op::Delete, _, false) => "delete",
+        (Op::Upsert, StateEffect::Merge, false) => "merge",
+        (Op::Upsert, StateEffect::Replace, false) => "replace",
+        (Op::Upsert, StateEffect::Keep, false) => "keep",
+        (Op::Delete, _, true) => "field:delete",
+        (Op::Upsert, StateEffect::Merge, true) => "field:merge",
+        (Op::Upsert, StateEffect::Replace, true) => "field:replace",
+        (Op::Upsert, StateEffect::Keep, true) => "field:keep",
     }
 }
 

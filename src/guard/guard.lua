@@ -29,7 +29,9 @@
 --            mark_field (the entity's offset mark for the record's partition,
 --            "o:<topic id>:<partition>"; "" for none), offset (the record's),
 --            mark ("<run start>:<offset>", what this decision marks),
---            state ("merge" | "replace" | "delete" | "keep"),
+--            state ("merge" | "replace" | "delete" | "keep", each also as
+--            "field:<op>" under state.order = "per_field", whose event's
+--            first effect key is <base>:field_seqs),
 --            nset, field1, value1, ..., nunset, field1, ...,
 --            nkeys (the event's keys after the four), type,
 --            nmutations, then each mutation, its kind first (all key
@@ -59,12 +61,15 @@
 --            9 replayed   the record itself was decided before (its entity's
 --                         offset mark covers it: a replay, a rewind, a
 --                         redelivery after a crash); nothing written
+--           10 partial    per-field order: some of its fields were written,
+--                         others had newer writers; detail: recorded seq
+--           11 duplicate  like 4, but that attempt found it partial
 --          or, before any write, the error `IDEMEPOCH <marker>` when the
 --          marker is not the epoch idem knows: Redis lost (some of) its state
 --          since, and idem must find out how far it goes before it writes.
 --
 -- An id mark is fingerprint (8 bytes) .. first-seen ms (6) .. batch token (4)
--- .. "a", "s" or "l" (applied, stale, late). Marks written by earlier
+-- .. "a", "s", "l" or "p" (applied, stale, late, partial). Marks written by earlier
 -- versions have only the first 14 bytes; every version reads just the bytes
 -- it knows.
 --
@@ -105,6 +110,8 @@ local LATE = 6
 local REJECTED = 7
 local DUPLICATE_LATE_BY_EARLIER_ATTEMPT = 8
 local REPLAYED = 9
+local PARTIAL = 10
+local DUPLICATE_PARTIAL_BY_EARLIER_ATTEMPT = 11
 
 -- Exact decimals (counters): a value is sign (1 or -1) and magnitude digits
 -- without leading zeros, counted in units of 10^-scale. Doubles would round
@@ -344,6 +351,8 @@ local function read_event(k, a, e)
     ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
   e.mark_field, e.offset, e.mark = ARGV[a + 6], tonumber(ARGV[a + 7]), ARGV[a + 8]
   e.op = ARGV[a + 9]
+  e.per_field = string.sub(e.op, 1, 6) == 'field:'
+  if e.per_field then e.op = string.sub(e.op, 7) end
   -- The state fields stay in ARGV (written from there in chunks).
   e.nset = tonumber(ARGV[a + 10])
   e.set_from = a + 11
@@ -411,6 +420,7 @@ local function decide_seen(seen, e, token)
     local decided = string.sub(seen, 19, 19)
     code = decided == 'a' and DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT
       or decided == 'l' and DUPLICATE_LATE_BY_EARLIER_ATTEMPT
+      or decided == 'p' and DUPLICATE_PARTIAL_BY_EARLIER_ATTEMPT
       or DUPLICATE_STALE_BY_EARLIER_ATTEMPT
   end
   return code, now - struct.unpack('>I6', seen, 9)
@@ -441,6 +451,180 @@ local function write_newer(e, applied)
   end
 end
 
+-- Order per field (state.order = "per_field", docs/effects.md): each data
+-- field remembers the seq that wrote or removed it (<base>:field_seqs, the
+-- event's first effect key), and a replace or delete sets the entity's
+-- floor: fields written below it are removed, writes below it refused. A
+-- delete's floor also covers its own seq ("<seq>!"), a replace's does not.
+-- Every rule takes the greater of two writes, so the state is the same
+-- for every arrival order of the same events.
+
+local function parse_floor(text)
+  if not text then return nil, false end
+  local seq, strict = string.match(text, '^(%d+)(!?)$')
+  return seq, strict == '!'
+end
+
+-- Whether a write at `seq` falls under the floor.
+local function below_floor(seq, floor, strict)
+  if not floor then return false end
+  if seq == floor then return strict end
+  return is_newer(floor, seq)
+end
+
+-- Whether floor (a, strict_a) is above (b, strict_b); nil b is no floor.
+local function floor_above(a, strict_a, b, strict_b)
+  if not b then return true end
+  if a == b then return strict_a and not strict_b end
+  return is_newer(a, b)
+end
+
+-- Byte order (Lua's string `<` follows the server's locale).
+local function bytes_after(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x > y end
+  end
+  return #a > #b
+end
+
+-- Whether a write of `value` (nil: a removal) at `seq` wins over the
+-- field's writer at `written` holding `current` (nil: absent). At an equal
+-- seq the removal wins, then the greater value in byte order; the same
+-- value at the same seq is already written (a copy changes nothing).
+local function field_wins(seq, value, written, current)
+  if not written or is_newer(seq, written) then return true end
+  if seq ~= written then return false end
+  if value == nil then return current ~= nil end
+  return current ~= nil and value ~= current and bytes_after(value, current)
+end
+
+-- Removes the fields and field seqs the floor covers.
+local function drop_below_floor(e, fseq_key, floor, strict)
+  local written = hash_table(fseq_key)
+  for _, field in ipairs(redis.call('HKEYS', e.state)) do
+    local at = written[field]
+    if not at or below_floor(at, floor, strict) then redis.call('HDEL', e.state, field) end
+  end
+  for field, at in pairs(written) do
+    if below_floor(at, floor, strict) then redis.call('HDEL', fseq_key, field) end
+  end
+end
+
+-- The event's data fields as (name, value) pairs, value nil for a removal.
+local function event_fields(e)
+  local out = {}
+  for i = e.set_from, e.set_from + 2 * e.nset - 1, 2 do out[#out + 1] = { ARGV[i], ARGV[i + 1] } end
+  for i = e.unset_from, e.unset_from + e.nunset - 1 do out[#out + 1] = { ARGV[i], nil } end
+  return out
+end
+
+-- Writes the fields of `e` that win; returns how many won and lost.
+local function write_fields(e, fseq_key, floor, strict)
+  local fields = event_fields(e)
+  if #fields == 0 then return 0, 0 end
+  if below_floor(e.seq, floor, strict) then return 0, #fields end
+  local won = 0
+  for _, f in ipairs(fields) do
+    local name, value = f[1], f[2]
+    local written = redis.call('HGET', fseq_key, name)
+    local current = nil
+    if written == e.seq then current = redis.call('HGET', e.state, name) or nil end
+    if field_wins(e.seq, value, written, current) then
+      won = won + 1
+      if value == nil then
+        redis.call('HDEL', e.state, name)
+      else
+        redis.call('HSET', e.state, name, value)
+      end
+      redis.call('HSET', fseq_key, name, e.seq)
+    end
+  end
+  return won, #fields - won
+end
+
+-- An id not seen in the window, under per-field order: applied (every
+-- field it writes won), partial (some did), late or stale (none did, with
+-- or without commutative effects), or rejected. Returns code, detail.
+local function decide_per_field(e, token, recorded, applied)
+  local fseq_key = e.keys[1]
+  local m = redis.call('HMGET', e.meta, 'floor', 'exists_seq', 'field_seqs_at')
+  local floor, strict = parse_floor(m[1])
+  local exists_seq = m[2]
+  local meta = {}
+  if recorded and m[3] ~= recorded then
+    -- Decided under per-entity order since (or ever before): the state is
+    -- what that order left at `recorded`, so what is older stays stale.
+    if floor_above(recorded, true, floor, strict) then floor, strict = recorded, true end
+    if not exists_seq or is_newer(recorded, exists_seq) then exists_seq = recorded end
+    meta[#meta + 1], meta[#meta + 2] = 'floor', floor .. (strict and '!' or '')
+    meta[#meta + 1], meta[#meta + 2] = 'exists_seq', exists_seq
+  end
+  local plan, why = prepare(e.mutations, false, e.seq, e.state, { e.id, e.type })
+  if why then
+    hold_mark(e)
+    return REJECTED, why
+  end
+  local seq, op = e.seq, e.op
+  local won, lost = 0, 0
+  if op == 'replace' or op == 'delete' then
+    local own_strict = op == 'delete'
+    if floor_above(seq, own_strict, floor, strict) then
+      won = won + 1
+      floor, strict = seq, own_strict
+      meta[#meta + 1], meta[#meta + 2] = 'floor', floor .. (strict and '!' or '')
+      drop_below_floor(e, fseq_key, floor, strict)
+    else
+      lost = lost + 1
+    end
+  end
+  if op ~= 'keep' then
+    local exists = not exists_seq or is_newer(seq, exists_seq) or (seq == exists_seq and op == 'delete')
+    if exists then
+      meta[#meta + 1], meta[#meta + 2] = 'exists_seq', seq
+      meta[#meta + 1], meta[#meta + 2] = 'deleted', op == 'delete' and '1' or '0'
+    end
+    if op == 'merge' or op == 'replace' then
+      local w, l = write_fields(e, fseq_key, floor, strict)
+      won, lost = won + w, lost + l
+      if w + l == 0 and op == 'merge' then
+        -- No data: what it decides is that the entity exists.
+        if exists then won = won + 1 else lost = lost + 1 end
+      end
+    end
+  end
+  local newer = not recorded or is_newer(seq, recorded)
+  local code, detail, decided = APPLIED, 0, 'a'
+  if (won + lost == 0 and not newer) or (won == 0 and lost > 0) then
+    code, detail, decided = STALE, recorded or '0', 's'
+    if e.commutative then code, decided = LATE, 'l' end
+  elseif lost > 0 then
+    code, detail, decided = PARTIAL, recorded or '0', 'p'
+  end
+  if newer then
+    meta[#meta + 1], meta[#meta + 2] = 'seq', seq
+    meta[#meta + 1], meta[#meta + 2] = 'last_id', e.id
+    meta[#meta + 1], meta[#meta + 2] = 'fingerprint', e.fp_hex
+  end
+  if newer or #meta > 0 then
+    meta[#meta + 1], meta[#meta + 2] = 'field_seqs_at', newer and seq or recorded
+  end
+  if code == APPLIED or code == PARTIAL then
+    meta[#meta + 1], meta[#meta + 2] = 'applied', string.format('%d', (tonumber(applied) or 0) + 1)
+    meta[#meta + 1], meta[#meta + 2] = 'updated_ms', now_str
+  end
+  if #meta > 0 then redis.call('HSET', e.meta, unpack(meta)) end
+  for _, w in ipairs(plan) do
+    redis.call(unpack(w))
+  end
+  redis.call('HSET', e.current, e.idh, e.fp .. now_packed .. token .. decided)
+  if redis.call('HLEN', e.current) == 1 then
+    redis.call('PEXPIREAT', e.current, e.expire_at)
+  end
+  mark_decided(e)
+  return code, detail
+end
+
 -- An id not seen in the window: applied, late, stale or rejected, with
 -- every write of it. Returns code, detail.
 local function decide_new(e, token)
@@ -452,6 +636,7 @@ local function decide_new(e, token)
     m = redis.call('HMGET', e.meta, 'seq', 'applied')
   end
   local recorded, applied = m[1], m[2]
+  if e.per_field then return decide_per_field(e, token, recorded, applied) end
   local newer = not recorded or is_newer(e.seq, recorded)
   local plan, why = nil, nil
   if newer or e.commutative then

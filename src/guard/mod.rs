@@ -42,7 +42,7 @@ for _, e in ipairs(read_call()) do
   report[#report + 1] = { meta = e.meta, state = e.state, current = e.current, previous = e.previous,
     expire_at = e.expire_at, id = e.id, id_hash = hex(e.idh), fingerprint_bytes = hex(e.fp),
     fingerprint = e.fp_hex, seq = e.seq, mark_field = e.mark_field, offset = e.offset, mark = e.mark,
-    op = e.op, type = e.type, set = set, unset = unset,
+    op = e.op, per_field = e.per_field, type = e.type, set = set, unset = unset,
     keys = e.keys, mutations = e.mutations, commutative = e.commutative }
 end
 return cjson.encode(report)

@@ -30,6 +30,10 @@ pub mod code {
     pub const DUPLICATE_LATE_BY_EARLIER_ATTEMPT: i64 = 8;
     /// The record was decided before (its entity's offset mark covers it).
     pub const REPLAYED: i64 = 9;
+    /// Per-field order: some fields written, others had newer writers.
+    pub const PARTIAL: i64 = 10;
+    /// Like 4, but that attempt found it partial.
+    pub const DUPLICATE_PARTIAL_BY_EARLIER_ATTEMPT: i64 = 11;
 }
 
 /// The reasons `guard.lua` gives for a rejection (dead-letter reasons).
@@ -115,7 +119,8 @@ fn parse_verdict(code: &Value, detail: &Value) -> Result<Verdict, StoreError> {
                 code @ (DUPLICATE
                 | DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT
                 | DUPLICATE_STALE_BY_EARLIER_ATTEMPT
-                | DUPLICATE_LATE_BY_EARLIER_ATTEMPT),
+                | DUPLICATE_LATE_BY_EARLIER_ATTEMPT
+                | DUPLICATE_PARTIAL_BY_EARLIER_ATTEMPT),
             ),
             Value::Int(age_ms),
         ) => Ok(Verdict {
@@ -124,6 +129,7 @@ fn parse_verdict(code: &Value, detail: &Value) -> Result<Verdict, StoreError> {
                 DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT => Some(Outcome::Applied),
                 DUPLICATE_STALE_BY_EARLIER_ATTEMPT => Some(Outcome::Stale),
                 DUPLICATE_LATE_BY_EARLIER_ATTEMPT => Some(Outcome::Late),
+                DUPLICATE_PARTIAL_BY_EARLIER_ATTEMPT => Some(Outcome::Partial),
                 _ => None,
             },
             ..plain(Outcome::Duplicate)
@@ -131,6 +137,7 @@ fn parse_verdict(code: &Value, detail: &Value) -> Result<Verdict, StoreError> {
         (Value::Int(STALE), _) => Ok(plain(Outcome::Stale)),
         (Value::Int(REPLAYED), _) => Ok(plain(Outcome::Replayed)),
         (Value::Int(LATE), _) => Ok(plain(Outcome::Late)),
+        (Value::Int(PARTIAL), _) => Ok(plain(Outcome::Partial)),
         (Value::Int(REJECTED), Value::BulkString(detail)) => Ok(Verdict {
             rejection: Some(rejection(detail)),
             ..plain(Outcome::Invalid)
@@ -237,8 +244,12 @@ mod tests {
             Value::Int(5),
             Value::Int(code::REPLAYED),
             Value::Int(0),
+            Value::Int(code::PARTIAL),
+            Value::BulkString(b"12".to_vec()),
+            Value::Int(code::DUPLICATE_PARTIAL_BY_EARLIER_ATTEMPT),
+            Value::Int(5),
         ]];
-        let v = verdicts_by_chunk(&[vec![0, 1, 2, 3, 4]], &replies, 5).unwrap();
+        let v = verdicts_by_chunk(&[vec![0, 1, 2, 3, 4, 5, 6]], &replies, 7).unwrap();
         assert_eq!(
             outcomes(&v),
             vec![
@@ -246,10 +257,13 @@ mod tests {
                 Outcome::Invalid,
                 Outcome::Invalid,
                 Outcome::Duplicate,
-                Outcome::Replayed
+                Outcome::Replayed,
+                Outcome::Partial,
+                Outcome::Duplicate,
             ]
         );
         assert_eq!(v[4].earlier_attempt, None);
+        assert_eq!(v[6].earlier_attempt, Some(Outcome::Partial));
         assert_eq!(
             v[1].rejection,
             Some(("effect_failed", "loyalty.lua:3: boom".to_string()))
@@ -273,7 +287,7 @@ mod tests {
             // a reply missing for a call
             (vec![vec![0], vec![1]], vec![ok()], 2),
             // an unknown code
-            (vec![vec![0]], vec![vec![Value::Int(10), Value::Int(0)]], 1),
+            (vec![vec![0]], vec![vec![Value::Int(99), Value::Int(0)]], 1),
             // a conflict whose fingerprint is not 8 bytes
             (
                 vec![vec![0]],
@@ -330,6 +344,11 @@ mod tests {
             code::DUPLICATE_LATE_BY_EARLIER_ATTEMPT
         );
         assert_eq!(declared("REPLAYED"), code::REPLAYED);
+        assert_eq!(declared("PARTIAL"), code::PARTIAL);
+        assert_eq!(
+            declared("DUPLICATE_PARTIAL_BY_EARLIER_ATTEMPT"),
+            code::DUPLICATE_PARTIAL_BY_EARLIER_ATTEMPT
+        );
         for reason in REJECTION_REASONS {
             assert!(
                 super::super::SCRIPT.contains(&format!("'{reason} ")),

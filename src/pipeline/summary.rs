@@ -31,7 +31,7 @@ impl Summary {
     }
 
     pub(crate) fn log(&mut self) {
-        let [applied, duplicate, stale, conflict, invalid, late, replayed] = self.counts;
+        let [applied, duplicate, stale, conflict, invalid, late, replayed, partial] = self.counts;
         tracing::info!(
             applied,
             duplicate,
@@ -40,6 +40,7 @@ impl Summary {
             invalid,
             late,
             replayed,
+            partial,
             "outcomes since start"
         );
         self.last_log = Instant::now();

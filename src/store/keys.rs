@@ -165,6 +165,13 @@ impl EntityKeys {
         format!("{}:set:{set}:seq", self.base)
     }
 
+    /// Hash: data field → seq of the event that wrote (or removed) it, under
+    /// `state.order = "per_field"`; beside the state so that the state hash
+    /// holds user fields only.
+    pub fn field_seqs(&self) -> String {
+        self.with(":field_seqs")
+    }
+
     fn with(&self, suffix: &str) -> String {
         let mut key = String::with_capacity(self.base.len() + suffix.len());
         key.push_str(&self.base);
@@ -243,6 +250,7 @@ mod tests {
             e.ledger("l"),
             e.set("s"),
             e.set_seqs("s"),
+            e.field_seqs(),
         ] {
             assert_eq!(hash_slot(key.as_bytes()), hash_slot(b"a"), "{key}");
         }
@@ -269,6 +277,7 @@ mod tests {
             e.ledger("<stream>"),
             e.set("<set>"),
             e.set_seqs("<set>"),
+            e.field_seqs(),
             l.epoch_key(None),
             tag(l.epoch_key(Some(5))),
             l.progress_key(None),

@@ -458,6 +458,49 @@ pub struct EntityView {
 }
 
 /// Reads an entity's state and bookkeeping.
+/// What per-field order (`state.order = "per_field"`) keeps for an entity
+/// beside its state (docs/redis-layout.md), for `idem inspect entity
+/// --field-seqs`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FieldOrder {
+    /// Data field → seq of its writer; a field not in the state is removed
+    /// at that seq (a tombstone).
+    pub field_seqs: BTreeMap<String, u64>,
+    /// The newest replace or delete's seq (`<seq>!` for a delete).
+    pub floor: Option<String>,
+    /// The seq that last decided whether the entity exists.
+    pub exists_seq: Option<u64>,
+    /// The entity's seq when the field seqs were last written; another
+    /// `seq` means events were decided under per-entity order since.
+    pub field_seqs_at: Option<u64>,
+}
+
+/// Reads what per-field order keeps for `entity`.
+pub async fn read_field_order(
+    conn: &mut RedisConn,
+    layout: &KeyLayout,
+    entity: &str,
+) -> Result<FieldOrder, StoreError> {
+    let keys = layout.entity(entity);
+    type MetaFields = (Option<String>, Option<u64>, Option<u64>);
+    let (field_seqs, (floor, exists_seq, field_seqs_at)): (BTreeMap<String, u64>, MetaFields) =
+        redis::pipe()
+            .hgetall(keys.field_seqs())
+            .cmd("HMGET")
+            .arg(keys.meta())
+            .arg("floor")
+            .arg("exists_seq")
+            .arg("field_seqs_at")
+            .query_async(conn)
+            .await?;
+    Ok(FieldOrder {
+        field_seqs,
+        floor,
+        exists_seq,
+        field_seqs_at,
+    })
+}
+
 pub async fn read_entity(
     conn: &mut RedisConn,
     layout: &KeyLayout,

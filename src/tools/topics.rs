@@ -224,10 +224,12 @@ pub async fn apply(
     let admin = admin(kafka)?;
     let existing = partition_counts(kafka, &admin)?;
     let mut report = Vec::new();
+    let mut changed = Vec::new();
     for spec in specs {
         let Some(&actual) = existing.get(&spec.name) else {
             if execute {
                 create(kafka, &admin, spec).await?;
+                changed.push((spec.name.clone(), spec.partitions));
             }
             report.push((spec.name.clone(), TopicState::Created));
             continue;
@@ -236,6 +238,7 @@ pub async fn apply(
         if actual < spec.partitions {
             if execute {
                 add_partitions(kafka, &admin, spec).await?;
+                changed.push((spec.name.clone(), spec.partitions));
             }
             states.push(TopicState::PartitionsAdded {
                 from: actual,
@@ -253,7 +256,39 @@ pub async fn apply(
         }
         report.extend(states.into_iter().map(|st| (spec.name.clone(), st)));
     }
+    await_visible(kafka, &admin, &changed).await?;
     Ok(report)
+}
+
+/// Waits until the cluster's metadata shows every topic just created or
+/// grown with its partitions. The broker answers CreateTopics before its
+/// metadata cache knows the topic, so without the wait an `idem check` or
+/// `idem run` started right after `apply` can find it missing.
+async fn await_visible(
+    kafka: &crate::config::KafkaConfig,
+    admin: &AdminClient<QuietContext>,
+    changed: &[(String, i32)],
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + kafka.request_timeout;
+    loop {
+        let counts = partition_counts(kafka, admin)?;
+        let pending: Vec<&str> = changed
+            .iter()
+            .filter(|(name, n)| counts.get(name).is_none_or(|have| have < n))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "the brokers do not show {} yet, {:?} after creating: run `idem topics apply` again to see them",
+                pending.join(", "),
+                kafka.request_timeout
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 async fn create(

@@ -148,7 +148,7 @@ pub fn oracle(
         let planned = effects.plan_for(topic, &event).expect("plannable");
         let outcome = model.apply_effects(&event, &planned);
         *counts.entry(outcome).or_insert(0) += 1;
-        let first_time = matches!(outcome, Outcome::Applied | Outcome::Late);
+        let first_time = matches!(outcome, Outcome::Applied | Outcome::Late | Outcome::Partial);
         if first_time && event.kind.as_deref() == Some("deposit") {
             let amount = idem::effects::data_value(&event, "/amount").expect("amount");
             let whole: u64 = amount

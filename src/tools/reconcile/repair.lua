@@ -22,4 +22,8 @@ for from = 6, 5 + 2 * n, 1000 do
 end
 redis.call('HSET', meta, 'seq', seq, 'last_id', ARGV[2], 'applied', ARGV[3],
   'deleted', ARGV[4], 'updated_ms', now)
+-- Under state.order = "per_field" the field seqs no longer describe the
+-- rewritten state: without `field_seqs_at` the next event takes the state
+-- as of `seq` (events older than it are stale), as after per-entity order.
+redis.call('HDEL', meta, 'field_seqs_at')
 return 1
