@@ -7,7 +7,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::effects::{Amount, Effects, Mutation, Order, StateEffect, StateOrder};
+
+mod dense;
 use crate::event::{id_hash, Event, Op};
+pub use dense::{DenseMark, Seen};
 
 /// The outcome of one event. Every record gets exactly one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -112,6 +115,10 @@ pub struct EntityModel {
     pub exists_seq: Option<u64>,
     /// Per-field order: the `seq` the per-field fields were last written at.
     pub field_seqs_at: Option<u64>,
+    /// The fingerprint of the event that set `seq` (meta `fingerprint`).
+    pub fingerprint: Option<u64>,
+    /// Dense seqs: what the rule has decided (absent until it first applies).
+    pub dense: Option<DenseMark>,
 }
 
 impl EntityModel {
@@ -130,6 +137,38 @@ impl EntityModel {
     /// | no           | no        | no               | stale     | none (the id is remembered)    |
     /// | no           | any       | a counter would pass 38 digits | invalid | none, not even the id |
     pub fn apply_effects(&mut self, event: &Event, effects: &Effects) -> Outcome {
+        let dense = effects.dense_seqs
+            && event.seq <= DenseMark::MAX_SEQ
+            && !self.remembered.contains_key(&id_hash(&event.id));
+        if !dense {
+            return self.decide(event, effects);
+        }
+        let mut mark = self
+            .dense
+            .clone()
+            .unwrap_or_else(|| DenseMark::starting_after(self.seq));
+        let newest = self.seq.zip(self.fingerprint);
+        if let Some(seen) = mark.verdict(event.seq, event.fingerprint, newest) {
+            return match seen {
+                Seen::Copy => Outcome::Duplicate,
+                Seen::Reused => Outcome::Conflict,
+                Seen::InClosedGap => Outcome::Invalid,
+            };
+        }
+        let outcome = self.decide(event, effects);
+        let decides = matches!(
+            outcome,
+            Outcome::Applied | Outcome::Stale | Outcome::Late | Outcome::Partial
+        );
+        if decides && event.seq >= mark.base {
+            mark.decide(event.seq, event.fingerprint);
+            self.dense = Some(mark);
+        }
+        outcome
+    }
+
+    /// Decides `event` by the window and the entity's order mode.
+    fn decide(&mut self, event: &Event, effects: &Effects) -> Outcome {
         let key = id_hash(&event.id);
         let outcome = classify(
             self.remembered.get(&key).copied(),
@@ -157,6 +196,7 @@ impl EntityModel {
         }
         self.seq = Some(event.seq);
         self.last_id = Some(event.id.clone());
+        self.fingerprint = Some(event.fingerprint);
         self.applied += 1;
         match (event.op, &effects.state) {
             (Op::Delete, _) => {
@@ -250,6 +290,7 @@ impl EntityModel {
         if newer {
             self.seq = Some(seq);
             self.last_id = Some(event.id.clone());
+            self.fingerprint = Some(event.fingerprint);
         }
         self.field_seqs_at = self.seq;
         if matches!(outcome, Outcome::Applied | Outcome::Partial) {
@@ -822,6 +863,84 @@ mod tests {
         assert_eq!(
             (&m.state, m.deleted, m.applied),
             (&before.state, before.deleted, before.applied)
+        );
+    }
+
+    /// The dense-seq rule by example: copies at another id, another event
+    /// at a decided seq, a gap closed at the cap and a late original in it,
+    /// an entity decided before the rule began.
+    #[test]
+    fn dense_seqs_by_example() {
+        let dense = Effects {
+            dense_seqs: true,
+            ..Effects::default()
+        };
+        let mut m = EntityModel::default();
+        for seq in 1..=3 {
+            assert_eq!(
+                m.apply_effects(&ev(&format!("a{seq}"), seq, Op::Upsert, &[], seq), &dense),
+                Outcome::Applied
+            );
+        }
+        // The window forgot the ids: a copy is a duplicate by its seq.
+        m.remembered.clear();
+        assert_eq!(
+            m.apply_effects(&ev("a2", 2, Op::Upsert, &[], 2), &dense),
+            Outcome::Duplicate
+        );
+        assert_eq!(
+            m.apply_effects(&ev("x", 2, Op::Upsert, &[], 2), &dense),
+            Outcome::Duplicate
+        );
+        // At the newest seq idem knows the fingerprint: another event is a conflict.
+        assert_eq!(
+            m.apply_effects(&ev("y", 3, Op::Upsert, &[], 99), &dense),
+            Outcome::Conflict
+        );
+        assert_eq!(
+            m.dense.as_ref().unwrap().encode(),
+            ("1:3".to_string(), None, None)
+        );
+        // Seq 4 never comes; 5 ..= 37 wait above it, one more than the cap.
+        for seq in 5..=37 {
+            m.apply_effects(&ev(&format!("a{seq}"), seq, Op::Upsert, &[], seq), &dense);
+        }
+        let d = m.dense.clone().unwrap();
+        assert_eq!(
+            (d.mark, d.above.len(), d.closed.clone()),
+            (37, 0, vec![(4, 4)])
+        );
+        // Another event at a waiting seq is a conflict too.
+        let mut w = EntityModel::default();
+        w.apply_effects(&ev("b1", 1, Op::Upsert, &[], 1), &dense);
+        w.apply_effects(&ev("b3", 3, Op::Upsert, &[], 3), &dense);
+        assert_eq!(
+            w.apply_effects(&ev("z", 3, Op::Upsert, &[], 7), &dense),
+            Outcome::Conflict
+        );
+        assert_eq!(
+            w.dense.as_ref().unwrap().encode().1.as_deref(),
+            Some("3=0000000000000003")
+        );
+        // The late original of seq 4: refused (dead-lettered), nothing written.
+        let before = m.clone();
+        assert_eq!(
+            m.apply_effects(&ev("a4", 4, Op::Upsert, &[("v", "4")], 4), &dense),
+            Outcome::Invalid
+        );
+        assert_eq!(m, before);
+        // An entity decided before the rule: it begins one past its seq,
+        // and what is older is decided as before (stale).
+        let mut old = EntityModel::default();
+        old.apply(&ev("o10", 10, Op::Upsert, &[], 10));
+        assert_eq!(
+            old.apply_effects(&ev("o11", 11, Op::Upsert, &[], 11), &dense),
+            Outcome::Applied
+        );
+        assert_eq!(old.dense.as_ref().unwrap().encode().0, "11:11");
+        assert_eq!(
+            old.apply_effects(&ev("o5", 5, Op::Upsert, &[], 5), &dense),
+            Outcome::Stale
         );
     }
 }

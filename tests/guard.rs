@@ -80,6 +80,7 @@ fn random_effects(rng: &mut StdRng, id: &str, seq: u64, state_order: StateOrder)
         fields,
         mutations,
         state_order,
+        dense_seqs: false,
     }
 }
 
@@ -90,9 +91,24 @@ fn random_effects(rng: &mut StdRng, id: &str, seq: u64, state_order: StateOrder)
 fn random_sequence(rng: &mut StdRng, tag: &str) -> Vec<(Event, Effects)> {
     let entities = 1 + rng.random_range(0..3) as usize;
     let mode = rng.random_range(0..3);
+    // Half the sequences number each entity's seqs densely (with gaps,
+    // swaps and copies at another id), as a dense topic's would be.
+    let dense = rng.random_range(0..2) == 0;
+    let mut next_seq = vec![1u64; entities];
     let mut out: Vec<(Event, Effects)> = Vec::new();
     for i in 0..(2 + rng.random_range(0..12)) {
         let roll = rng.random_range(0..10);
+        if dense && roll == 4 && !out.is_empty() {
+            // A copy under another id (the window forgot the first), or,
+            // with another payload, a second event at a decided seq.
+            let mut c = out[rng.random_range(0..out.len() as u64) as usize].clone();
+            c.0.id = format!("{tag}-{i}-copy");
+            if rng.random_range(0..2) == 0 {
+                c.0.fingerprint ^= 0x7777;
+            }
+            out.push(c);
+            continue;
+        }
         if roll < 2 && !out.is_empty() {
             // A redelivered copy.
             let copy = out[rng.random_range(0..out.len() as u64) as usize].clone();
@@ -123,14 +139,23 @@ fn random_sequence(rng: &mut StdRng, tag: &str) -> Vec<(Event, Effects)> {
                 set.retain(|(k, _)| !unset.contains(k));
             }
         }
-        let (id, seq) = (format!("{tag}-{i}"), rng.random_range(0..8));
+        let seq = if dense {
+            // A gap now and then: a seq never produced.
+            next_seq[e as usize] += u64::from(rng.random_range(0..8) == 0);
+            next_seq[e as usize] += 1;
+            next_seq[e as usize] - 1
+        } else {
+            rng.random_range(0..8)
+        };
+        let id = format!("{tag}-{i}");
         let state_order = match mode {
             0 => StateOrder::PerEntity,
             1 => StateOrder::PerField,
             _ if rng.random_range(0..2) == 0 => StateOrder::PerEntity,
             _ => StateOrder::PerField,
         };
-        let effects = random_effects(rng, &id, seq, state_order);
+        let mut effects = random_effects(rng, &id, seq, state_order);
+        effects.dense_seqs = dense;
         let event = Event {
             id,
             entity: format!("{tag}:{e}"),
@@ -142,6 +167,13 @@ fn random_sequence(rng: &mut StdRng, tag: &str) -> Vec<(Event, Effects)> {
             fingerprint: rng.random::<u64>(),
         };
         out.push((event, effects));
+    }
+    if dense {
+        for i in 1..out.len() {
+            if rng.random_range(0..5) == 0 {
+                out.swap(i - 1, i);
+            }
+        }
     }
     out
 }
@@ -232,6 +264,20 @@ async fn guard_script_matches_the_model_on_random_sequences() {
                 .await
                 .unwrap();
             assert_eq!(field_seqs, want.field_seqs, "field seqs of {name}");
+            let dense: (Option<String>, Option<String>, Option<String>) = redis::cmd("HMGET")
+                .arg(KeyLayout::new(&prefix).entity(name).meta())
+                .arg("dense")
+                .arg("dense_above")
+                .arg("dense_closed")
+                .query_async(&mut conn.clone())
+                .await
+                .unwrap();
+            let want_dense = want.dense.as_ref().map(|d| d.encode());
+            assert_eq!(
+                (dense.0, dense.1, dense.2),
+                want_dense.map_or((None, None, None), |(m, a, c)| (Some(m), a, c)),
+                "dense seqs of {name}"
+            );
         }
     }
     eprintln!("differential: {SEQUENCES} sequences, {checked_events} events, Lua == model; outcomes {outcomes:?}");
@@ -305,6 +351,7 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
                 fields: None,
                 mutations: mutations.clone(),
                 state_order: StateOrder::PerEntity,
+                dense_seqs: false,
             },
             "merge",
         ),
@@ -315,6 +362,7 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
                 fields: None,
                 mutations: Vec::new(),
                 state_order: StateOrder::PerEntity,
+                dense_seqs: false,
             },
             "replace",
         ),
@@ -325,6 +373,7 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
                 fields: None,
                 mutations: vec![mutations[2].clone()],
                 state_order: StateOrder::PerEntity,
+                dense_seqs: false,
             },
             "keep",
         ),
@@ -341,6 +390,7 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
                 fields: None,
                 mutations: mutations.clone(),
                 state_order: StateOrder::PerField,
+                dense_seqs: true,
             },
             "merge",
         ),
@@ -432,7 +482,7 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
                 "mark_field": place(i).map_or("", |p| p.mark_field),
                 "offset": place(i).map_or(0, |p| p.offset),
                 "mark": place(i).map_or(String::new(), |p| format!("{}:{}", p.run_start, p.offset)),
-                "op": op, "per_field": per_field, "type": "deposit",
+                "op": op, "per_field": per_field, "dense": effects.dense_seqs, "type": "deposit",
                 "set": e.set.iter().filter(|(k, _)| written(k))
                     .flat_map(|(k, v)| [k.clone(), v.clone()]).collect::<Vec<_>>(),
                 "unset": e.unset.iter().filter(|k| written(k)).collect::<Vec<_>>(),
@@ -512,6 +562,7 @@ async fn a_ledger_with_max_age_drops_entries_older_than_it() {
                 max_age_ms: 300,
             }],
             state_order: StateOrder::PerEntity,
+            dense_seqs: false,
         };
         (event, effects)
     };
@@ -642,4 +693,108 @@ async fn offset_marks_replay_decided_records_and_hold_at_a_conflict() {
         (Some(3), 2),
         "nothing written twice"
     );
+}
+
+/// Dense seqs over long histories, where more than 32 seqs wait above a
+/// gap and the cap closes it: the script decides every event and keeps
+/// the mark, the waiting seqs and the closed gaps as the model does; a late
+/// original in a closed gap is refused (dead-lettered), never dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dense_seqs_close_gaps_at_the_cap_as_the_model_does() {
+    let prefix = unique("dense");
+    let conn = redis_conn(&redis_url()).await;
+    let mut rng = StdRng::seed_from_u64(0xDE45E);
+    let epoch = ProgressStore::new(conn.clone(), KeyLayout::new(&prefix))
+        .establish_epoch()
+        .await
+        .expect("epoch");
+    let mut guard = Guard::new(conn.clone(), KeyLayout::new(&prefix), 64, epoch);
+    let effects = Effects {
+        dense_seqs: true,
+        ..Effects::default()
+    };
+    let mut model = Model::default();
+    let (mut closed_gaps, mut refused) = (0, 0);
+    for history in 0..60 {
+        let entity = format!("{prefix}:e{history}");
+        let event = |id: String, seq: u64, fingerprint: u64| Event {
+            id,
+            entity: entity.clone(),
+            seq,
+            op: Op::Upsert,
+            kind: None,
+            set: vec![("v".into(), seq.to_string())],
+            unset: vec![],
+            fingerprint,
+        };
+        let mut events = Vec::new();
+        let mut skipped = Vec::new();
+        for seq in 1..(60 + rng.random_range(0..120)) {
+            if rng.random_range(0..8) == 0 {
+                skipped.push(seq);
+                continue;
+            }
+            events.push(event(format!("{history}-{seq}"), seq, seq));
+            if rng.random_range(0..10) == 0 {
+                // A copy at another id, or another event at the seq.
+                let fp = if rng.random_range(0..2) == 0 {
+                    seq
+                } else {
+                    seq ^ 0xF0
+                };
+                events.push(event(format!("{history}-{seq}-again"), seq, fp));
+            }
+        }
+        for i in 1..events.len() {
+            if rng.random_range(0..4) == 0 {
+                events.swap(i - 1, i);
+            }
+        }
+        // Some skipped seqs arrive at last: late originals.
+        for seq in skipped.iter().filter(|_| rng.random_range(0..2) == 0) {
+            events.push(event(format!("{history}-{seq}"), *seq, *seq));
+        }
+        let inputs: Vec<GuardInput<'_>> = events
+            .iter()
+            .map(|event| GuardInput {
+                event,
+                window: Duration::from_secs(3600),
+                effects: &effects,
+                place: None,
+            })
+            .collect();
+        let verdicts = guard.apply(&inputs).await.unwrap();
+        for (e, v) in events.iter().zip(&verdicts) {
+            let want = model.apply_effects(e, &effects);
+            assert_eq!(v.outcome, want, "{e:?}");
+            closed_gaps += v.dense_seqs_closed;
+            if want == idem::model::Outcome::Invalid {
+                refused += 1;
+                assert_eq!(v.rejection.as_ref().map(|r| r.0), Some("seq_gap_closed"));
+            }
+        }
+        let (mark, above, closed): (Option<String>, Option<String>, Option<String>) =
+            redis::cmd("HMGET")
+                .arg(KeyLayout::new(&prefix).entity(&entity).meta())
+                .arg("dense")
+                .arg("dense_above")
+                .arg("dense_closed")
+                .query_async(&mut conn.clone())
+                .await
+                .unwrap();
+        let want = model.entities[&entity]
+            .dense
+            .as_ref()
+            .expect("dense")
+            .clone();
+        let (m, a, c) = want.encode();
+        assert_eq!((mark, above, closed), (Some(m), a, c), "{entity}");
+        assert!(want.above.len() <= idem::model::DenseMark::MAX_ABOVE);
+        assert!(want.closed.len() <= idem::model::DenseMark::MAX_CLOSED);
+    }
+    assert!(
+        closed_gaps > 0 && refused > 0,
+        "closed {closed_gaps}, refused {refused}"
+    );
+    eprintln!("dense: {closed_gaps} seqs closed at the cap, {refused} late originals refused");
 }

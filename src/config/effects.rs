@@ -96,9 +96,11 @@ fn invalid(key: String, value: impl std::fmt::Display, expected: &str) -> Config
 pub(super) fn validate(
     raw: Vec<RawRule>,
     state_order: StateOrder,
+    dense_seq_topics: &[String],
 ) -> Result<EffectsConfig, ConfigError> {
     let mut out = EffectsConfig {
         state_order,
+        dense_seq_topics: dense_seq_topics.iter().cloned().collect(),
         ..EffectsConfig::default()
     };
     let mut declared: BTreeSet<(String, String)> = BTreeSet::new();

@@ -209,7 +209,21 @@ impl Config {
     /// Settings that are valid but probably not what was meant; `idem run`
     /// logs each at WARN.
     pub fn warnings(&self) -> Vec<String> {
-        forms::unused_window_warnings(&self.dedupe.topic_windows, &self.kafka.topics)
+        let mut warnings =
+            forms::unused_window_warnings(&self.dedupe.topic_windows, &self.kafka.topics);
+        warnings.extend(
+            self.dedupe
+                .dense_seq_topics
+                .iter()
+                .filter(|t| !self.kafka.topics.contains(t))
+                .map(|t| {
+                    format!(
+                        "dedupe.dense_seq_topics names `{t}`, which is not consumed (kafka.topics: {})",
+                        self.kafka.topics.join(",")
+                    )
+                }),
+        );
+        warnings
     }
 
     /// Each consumed topic with its dedupe window, e.g. `orders=24h,payments=72h`.

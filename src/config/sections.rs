@@ -34,6 +34,11 @@ pub(super) struct Document {
 impl Document {
     /// The checks that span several keys, section by section.
     pub(super) fn checked(self) -> Result<Config, ConfigError> {
+        let effects = super::effects::validate(
+            self.effects,
+            self.state.order,
+            &self.dedupe.dense_seq_topics,
+        )?;
         Ok(Config {
             kafka: self.kafka.checked()?,
             redis: self.redis.checked()?,
@@ -44,7 +49,7 @@ impl Document {
             metrics: self.metrics,
             shutdown: self.shutdown,
             log: self.log,
-            effects: super::effects::validate(self.effects, self.state.order)?,
+            effects,
         })
     }
 }
@@ -84,6 +89,12 @@ pub struct DedupeConfig {
     /// A topic named here wins over the same topic in [dedupe.topic_windows].
     #[serde(default, deserialize_with = "values::window_map")]
     windows: BTreeMap<String, Duration>,
+    /// Topics whose events number each entity's seqs densely (1, 2, 3, ... without
+    /// gaps: an outbox, a per-account counter), e.g. ["payments"]. For them a seq
+    /// decided once is recognised forever, so a copy at a new offset after the window
+    /// is a duplicate, and another event at a decided seq a conflict (seq_reused).
+    /// See docs/guarantees.md, "Dense seqs".
+    pub dense_seq_topics: Vec<String>,
 }
 
 impl DedupeConfig {

@@ -52,6 +52,7 @@ impl Layers {
                     .separator("__")
                     .list_separator(",")
                     .with_list_parse_key("kafka.topics")
+                    .with_list_parse_key("dedupe.dense_seq_topics")
                     .try_parsing(true)
                     .source(Some(idem_env)),
             );

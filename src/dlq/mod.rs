@@ -43,7 +43,7 @@ pub mod header {
 
 /// The closed list of reason codes: the decoder's codes, `conflict`, and
 /// the effects' (docs/effects.md).
-pub const REASONS: [&str; 23] = [
+pub const REASONS: [&str; 25] = [
     "empty_value",
     "too_large",
     "not_utf8",
@@ -67,6 +67,8 @@ pub const REASONS: [&str; 23] = [
     "effect_failed",
     "effect_invalid_output",
     "effect_rejected",
+    "seq_reused",
+    "seq_gap_closed",
 ];
 
 /// One record to dead-letter.

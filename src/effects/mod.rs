@@ -144,6 +144,8 @@ pub struct EffectsConfig {
     pub snippets: Vec<Snippet>,
     /// How every event's state write meets order (one mode per keyspace).
     pub state_order: StateOrder,
+    /// Topics whose entities' seqs are dense (`dedupe.dense_seq_topics`).
+    pub dense_seq_topics: BTreeSet<String>,
 }
 
 impl EffectsConfig {
@@ -185,6 +187,7 @@ impl EffectsConfig {
     pub fn plan_for(&self, topic: &str, event: &Event) -> Result<Effects, Invalid> {
         let mut effects = plan(event, self.rule_for(topic, event.kind.as_deref()))?;
         effects.state_order = self.state_order;
+        effects.dense_seqs = self.dense_seq_topics.contains(topic);
         Ok(effects)
     }
 }
@@ -235,6 +238,7 @@ pub static MERGE: Effects = Effects {
     fields: None,
     mutations: Vec::new(),
     state_order: StateOrder::PerEntity,
+    dense_seqs: false,
 };
 
 /// An event's planned effects. The default is today's merge of every field.
@@ -244,6 +248,9 @@ pub struct Effects {
     pub fields: Option<Vec<String>>,
     pub mutations: Vec<Mutation>,
     pub state_order: StateOrder,
+    /// Whether the event's topic numbers its entities' seqs densely: the
+    /// guard then recognises a decided seq whatever the window.
+    pub dense_seqs: bool,
 }
 
 impl Effects {

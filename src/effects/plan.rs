@@ -84,6 +84,7 @@ pub fn plan(event: &Event, rule: Option<&Rule>) -> Result<Effects, Invalid> {
         fields: rule.fields.clone(),
         mutations,
         state_order: super::StateOrder::PerEntity,
+        dense_seqs: false,
     })
 }
 

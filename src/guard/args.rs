@@ -175,7 +175,9 @@ pub fn push_event_args(
         ),
         None => cmd.arg("").arg(0).arg(""),
     };
-    cmd.arg(state_code(e, effects)).arg(set.len());
+    cmd.arg(if effects.dense_seqs { "1" } else { "" })
+        .arg(state_code(e, effects))
+        .arg(set.len());
     for (k, v) in set {
         cmd.arg(k).arg(v);
     }

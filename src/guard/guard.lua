@@ -29,6 +29,8 @@
 --            mark_field (the entity's offset mark for the record's partition,
 --            "o:<topic id>:<partition>"; "" for none), offset (the record's),
 --            mark ("<run start>:<offset>", what this decision marks),
+--            dense ("1" when the event's topic numbers its seqs densely:
+--            dedupe.dense_seq_topics; "" otherwise),
 --            state ("merge" | "replace" | "delete" | "keep", each also as
 --            "field:<op>" under state.order = "per_field", whose event's
 --            first effect key is <base>:field_seqs),
@@ -45,15 +47,16 @@
 --                                                     "ordered" | "commutative"),
 --                                                     the event's data fields
 -- Returns  per event two values: code, detail
---            0 applied    detail 0
+--            0 applied    detail: how many dense seqs the event's decision
+--                         closed (0 but at the dense cap; so for 2, 6, 10)
 --            1 duplicate  detail: ms since the id was first seen
---            2 stale      detail: the entity's recorded seq
+--            2 stale      detail as for 0
 --            3 conflict   detail: the remembered fingerprint (8 bytes)
 --            4 duplicate  first seen by an earlier attempt of this batch, which
 --                         applied it (its reply was lost); detail as for 1
 --            5 duplicate  likewise, but that attempt found it stale
 --            6 late       seq not newer: the ordered effects were skipped,
---                         the commutative ones applied; detail: recorded seq
+--                         the commutative ones applied; detail as for 0
 --            7 rejected   an effect cannot be applied (a counter would
 --                         overflow, a custom effect failed): nothing was
 --                         written, not even the id; detail "<reason> <message>"
@@ -62,8 +65,14 @@
 --                         offset mark covers it: a replay, a rewind, a
 --                         redelivery after a crash); nothing written
 --           10 partial    per-field order: some of its fields were written,
---                         others had newer writers; detail: recorded seq
+--                         others had newer writers; detail as for 0
 --           11 duplicate  like 4, but that attempt found it partial
+--           12 duplicate  dense seqs: its seq was decided before (a copy at
+--                         a new offset, whatever the window); nothing
+--                         written; detail 0
+--           13 conflict   dense seqs: another event (other fingerprint) was
+--                         decided at its seq; nothing written; detail: that
+--                         event's fingerprint (hex)
 --          or, before any write, the error `IDEMEPOCH <marker>` when the
 --          marker is not the epoch idem knows: Redis lost (some of) its state
 --          since, and idem must find out how far it goes before it writes.
@@ -112,6 +121,8 @@ local DUPLICATE_LATE_BY_EARLIER_ATTEMPT = 8
 local REPLAYED = 9
 local PARTIAL = 10
 local DUPLICATE_PARTIAL_BY_EARLIER_ATTEMPT = 11
+local DUPLICATE_BY_SEQ = 12
+local SEQ_REUSED = 13
 
 -- Exact decimals (counters): a value is sign (1 or -1) and magnitude digits
 -- without leading zeros, counted in units of 10^-scale. Doubles would round
@@ -350,12 +361,13 @@ local function read_event(k, a, e)
   e.expire_at, e.id, e.idh, e.fp, e.fp_hex, e.seq =
     ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
   e.mark_field, e.offset, e.mark = ARGV[a + 6], tonumber(ARGV[a + 7]), ARGV[a + 8]
-  e.op = ARGV[a + 9]
+  e.dense = ARGV[a + 9] == '1'
+  e.op = ARGV[a + 10]
   e.per_field = string.sub(e.op, 1, 6) == 'field:'
   if e.per_field then e.op = string.sub(e.op, 7) end
   -- The state fields stay in ARGV (written from there in chunks).
-  e.nset = tonumber(ARGV[a + 10])
-  e.set_from = a + 11
+  e.nset = tonumber(ARGV[a + 11])
+  e.set_from = a + 12
   e.nunset = tonumber(ARGV[e.set_from + 2 * e.nset])
   e.unset_from = e.set_from + 2 * e.nset + 1
   a = e.unset_from + e.nunset
@@ -449,6 +461,106 @@ local function write_newer(e, applied)
     redis.call('HSET', e.meta, 'seq', e.seq, 'last_id', e.id, 'fingerprint', e.fp_hex, 'updated_ms', now_str,
       'applied', count, 'deleted', e.op == 'delete' and '1' or '0')
   end
+end
+
+-- Dense seqs (dedupe.dense_seq_topics, docs/guarantees.md, "Dense seqs"):
+-- where an entity's seqs are 1, 2, 3, … the seq itself says whether an
+-- event was decided, whatever the window. In meta:
+--   dense         "<base>:<mark>": every seq from base to mark was decided
+--                 (or closed, below); base is where the rule began for the
+--                 entity (1, or one past its seq when it was first decided
+--                 under the rule); seqs below base follow the other rules
+--   dense_above   "<seq>=<fingerprint hex>,…": decided seqs above mark + 1,
+--                 at most MAX_DENSE_ABOVE
+--   dense_closed  "<from>-<to>,…": gaps closed at that cap, at most
+--                 MAX_DENSE_CLOSED ranges (at the cap the two oldest merge)
+-- A dead-lettered event (a rejection, a conflict) decides no seq, so its
+-- redrive applies once.
+local MAX_DENSE_ABOVE = 32
+local MAX_DENSE_CLOSED = 8
+-- Dense seqs are counted with Lua numbers (doubles): exact below 2^53.
+local MAX_DENSE_DIGITS = 15
+
+local function read_dense(meta, recorded)
+  local m = redis.call('HMGET', meta, 'dense', 'dense_above', 'dense_closed', 'fingerprint')
+  local d = { above = {}, closed = {}, fingerprint = m[4] }
+  if m[1] then
+    local base, mark = string.match(m[1], '^(%d+):(%d+)$')
+    d.base, d.mark = tonumber(base), tonumber(mark)
+  else
+    d.mark = tonumber(recorded or '0')
+    d.base = d.mark + 1
+    d.fresh = true
+  end
+  if m[2] then
+    for s, fp in string.gmatch(m[2], '(%d+)=(%x+)') do d.above[tonumber(s)] = fp end
+  end
+  if m[3] then
+    for from, to in string.gmatch(m[3], '(%d+)%-(%d+)') do
+      d.closed[#d.closed + 1] = { tonumber(from), tonumber(to) }
+    end
+  end
+  return d
+end
+
+-- The dense rule's verdict on a seq it has seen (code, detail), or nil to
+-- decide the event as usual.
+local function dense_verdict(e, d, recorded)
+  local s = tonumber(e.seq)
+  if s < d.base then return nil end
+  for _, r in ipairs(d.closed) do
+    if s >= r[1] and s <= r[2] then
+      return REJECTED, 'seq_gap_closed seq ' .. e.seq .. ' falls in ' .. r[1] .. '-' .. r[2]
+        .. ', a gap closed when ' .. MAX_DENSE_ABOVE .. ' later seqs were waiting above it: not applied'
+    end
+  end
+  local known = d.above[s]
+  if not known and e.seq == recorded then known = d.fingerprint end
+  if known and known ~= e.fp_hex then return SEQ_REUSED, known end
+  if known or s <= d.mark then return DUPLICATE_BY_SEQ, 0 end
+  return nil
+end
+
+local function format_dense(d)
+  local above, closed = {}, {}
+  local seqs = {}
+  for s in pairs(d.above) do seqs[#seqs + 1] = s end
+  table.sort(seqs)
+  for _, s in ipairs(seqs) do above[#above + 1] = string.format('%d=%s', s, d.above[s]) end
+  for _, r in ipairs(d.closed) do closed[#closed + 1] = string.format('%d-%d', r[1], r[2]) end
+  return string.format('%d:%d', d.base, d.mark), table.concat(above, ','), table.concat(closed, ','), #seqs
+end
+
+-- Moves the mark past `s`, decided; at the cap closes the gap below the
+-- lowest waiting seq. Returns how many seqs it closed.
+local function dense_decided(e, d)
+  local s = tonumber(e.seq)
+  if s == d.mark + 1 then d.mark = s else d.above[s] = e.fp_hex end
+  local closed, waiting = 0, 0
+  for _ in pairs(d.above) do waiting = waiting + 1 end
+  while true do
+    while d.above[d.mark + 1] do
+      d.above[d.mark + 1] = nil
+      d.mark, waiting = d.mark + 1, waiting - 1
+    end
+    if waiting <= MAX_DENSE_ABOVE then break end
+    local lowest
+    for seq in pairs(d.above) do
+      if not lowest or seq < lowest then lowest = seq end
+    end
+    d.closed[#d.closed + 1] = { d.mark + 1, lowest - 1 }
+    closed = closed + lowest - 1 - d.mark
+    d.mark = lowest - 1
+  end
+  while #d.closed > MAX_DENSE_CLOSED do
+    d.closed[1][2] = d.closed[2][2]
+    table.remove(d.closed, 2)
+  end
+  local mark, above, closed_ranges = format_dense(d)
+  redis.call('HSET', e.meta, 'dense', mark)
+  if above ~= '' then redis.call('HSET', e.meta, 'dense_above', above) else redis.call('HDEL', e.meta, 'dense_above') end
+  if closed_ranges ~= '' then redis.call('HSET', e.meta, 'dense_closed', closed_ranges) end
+  return closed
 end
 
 -- Order per field (state.order = "per_field", docs/effects.md): each data
@@ -596,10 +708,10 @@ local function decide_per_field(e, token, recorded, applied)
   local newer = not recorded or is_newer(seq, recorded)
   local code, detail, decided = APPLIED, 0, 'a'
   if (won + lost == 0 and not newer) or (won == 0 and lost > 0) then
-    code, detail, decided = STALE, recorded or '0', 's'
+    code, decided = STALE, 's'
     if e.commutative then code, decided = LATE, 'l' end
   elseif lost > 0 then
-    code, detail, decided = PARTIAL, recorded or '0', 'p'
+    code, decided = PARTIAL, 'p'
   end
   if newer then
     meta[#meta + 1], meta[#meta + 2] = 'seq', seq
@@ -625,18 +737,9 @@ local function decide_per_field(e, token, recorded, applied)
   return code, detail
 end
 
--- An id not seen in the window: applied, late, stale or rejected, with
--- every write of it. Returns code, detail.
-local function decide_new(e, token)
-  local m
-  if e.mark_field ~= '' then
-    m = redis.call('HMGET', e.meta, 'seq', 'applied', e.mark_field)
-    if covers(m[3], e.offset) then return REPLAYED, 0 end
-  else
-    m = redis.call('HMGET', e.meta, 'seq', 'applied')
-  end
-  local recorded, applied = m[1], m[2]
-  if e.per_field then return decide_per_field(e, token, recorded, applied) end
+-- An id not seen in the window, under per-entity order: applied, late,
+-- stale or rejected, with every write of it. Returns code, detail.
+local function decide_per_entity(e, token, recorded, applied)
   local newer = not recorded or is_newer(e.seq, recorded)
   local plan, why = nil, nil
   if newer or e.commutative then
@@ -648,12 +751,12 @@ local function decide_new(e, token)
     hold_mark(e)
     return REJECTED, why
   end
-  local code, detail, decided = STALE, recorded, 's'
+  local code, decided = STALE, 's'
   if newer then
     -- A failure must never leave the id remembered without its effect:
     -- state and meta first, then the effects, the id mark last.
     write_newer(e, applied)
-    code, detail, decided = APPLIED, 0, 'a'
+    code, decided = APPLIED, 'a'
   elseif e.commutative then
     code, decided = LATE, 'l'
   end
@@ -666,6 +769,42 @@ local function decide_new(e, token)
     redis.call('PEXPIREAT', e.current, e.expire_at)
   end
   mark_decided(e)
+  return code, 0
+end
+
+-- The outcomes that decide a seq (its event's effects are in).
+local DECIDES_SEQ = { [APPLIED] = true, [STALE] = true, [LATE] = true, [PARTIAL] = true }
+
+-- An id not seen in the window: replayed (its record was decided), a seq
+-- the dense rule has seen, or decided by the entity's order mode.
+-- Returns code, detail.
+local function decide_new(e, token)
+  local m
+  if e.mark_field ~= '' then
+    m = redis.call('HMGET', e.meta, 'seq', 'applied', e.mark_field)
+    if covers(m[3], e.offset) then return REPLAYED, 0 end
+  else
+    m = redis.call('HMGET', e.meta, 'seq', 'applied')
+  end
+  local recorded, applied = m[1], m[2]
+  local dense
+  if e.dense and #e.seq <= MAX_DENSE_DIGITS then
+    dense = read_dense(e.meta, recorded)
+    local code, detail = dense_verdict(e, dense, recorded)
+    if code then
+      if code == DUPLICATE_BY_SEQ then mark_decided(e) else hold_mark(e) end
+      return code, detail
+    end
+  end
+  local code, detail
+  if e.per_field then
+    code, detail = decide_per_field(e, token, recorded, applied)
+  else
+    code, detail = decide_per_entity(e, token, recorded, applied)
+  end
+  if dense and DECIDES_SEQ[code] and tonumber(e.seq) >= dense.base then
+    detail = dense_decided(e, dense)
+  end
   return code, detail
 end
 

@@ -42,7 +42,7 @@ for _, e in ipairs(read_call()) do
   report[#report + 1] = { meta = e.meta, state = e.state, current = e.current, previous = e.previous,
     expire_at = e.expire_at, id = e.id, id_hash = hex(e.idh), fingerprint_bytes = hex(e.fp),
     fingerprint = e.fp_hex, seq = e.seq, mark_field = e.mark_field, offset = e.offset, mark = e.mark,
-    op = e.op, per_field = e.per_field, type = e.type, set = set, unset = unset,
+    op = e.op, per_field = e.per_field, dense = e.dense, type = e.type, set = set, unset = unset,
     keys = e.keys, mutations = e.mutations, commutative = e.commutative }
 end
 return cjson.encode(report)
@@ -63,6 +63,9 @@ pub struct Verdict {
     /// dead-letter reason and message (a counter would overflow, a custom
     /// effect failed). Nothing of it was written.
     pub rejection: Option<(&'static str, String)>,
+    /// Dense seqs: how many never-decided seqs this event's decision closed
+    /// (the set above the entity's mark was at its cap).
+    pub dense_seqs_closed: u64,
 }
 
 impl Verdict {
@@ -74,6 +77,7 @@ impl Verdict {
             remembered_fingerprint: None,
             earlier_attempt: None,
             rejection: None,
+            dense_seqs_closed: 0,
         }
     }
 }

@@ -34,14 +34,20 @@ pub mod code {
     pub const PARTIAL: i64 = 10;
     /// Like 4, but that attempt found it partial.
     pub const DUPLICATE_PARTIAL_BY_EARLIER_ATTEMPT: i64 = 11;
+    /// Dense seqs: the seq was decided before (a copy at a new offset).
+    pub const DUPLICATE_BY_SEQ: i64 = 12;
+    /// Dense seqs: another event was decided at the seq. Detail: its
+    /// fingerprint in hex.
+    pub const SEQ_REUSED: i64 = 13;
 }
 
 /// The reasons `guard.lua` gives for a rejection (dead-letter reasons).
-const REJECTION_REASONS: [&str; 4] = [
+const REJECTION_REASONS: [&str; 5] = [
     "counter_overflow",
     "counter_unreadable",
     "effect_failed",
     "effect_invalid_output",
+    "seq_gap_closed",
 ];
 
 /// A rejection's detail as (reason, message); an unknown reason is
@@ -112,8 +118,19 @@ fn parse_reply(reply: &[Value], expected: usize) -> Result<Vec<Verdict>, StoreEr
 fn parse_verdict(code: &Value, detail: &Value) -> Result<Verdict, StoreError> {
     use code::*;
     let plain = Verdict::of;
+    // A decided seq's detail: the dense seqs its decision closed.
+    let decided = |outcome| {
+        let closed = match detail {
+            Value::Int(n) => (*n).max(0) as u64,
+            _ => 0,
+        };
+        Ok(Verdict {
+            dense_seqs_closed: closed,
+            ..plain(outcome)
+        })
+    };
     match (code, detail) {
-        (Value::Int(APPLIED), _) => Ok(plain(Outcome::Applied)),
+        (Value::Int(APPLIED), _) => decided(Outcome::Applied),
         (
             Value::Int(
                 code @ (DUPLICATE
@@ -134,10 +151,21 @@ fn parse_verdict(code: &Value, detail: &Value) -> Result<Verdict, StoreError> {
             },
             ..plain(Outcome::Duplicate)
         }),
-        (Value::Int(STALE), _) => Ok(plain(Outcome::Stale)),
+        (Value::Int(STALE), _) => decided(Outcome::Stale),
         (Value::Int(REPLAYED), _) => Ok(plain(Outcome::Replayed)),
-        (Value::Int(LATE), _) => Ok(plain(Outcome::Late)),
-        (Value::Int(PARTIAL), _) => Ok(plain(Outcome::Partial)),
+        (Value::Int(LATE), _) => decided(Outcome::Late),
+        (Value::Int(PARTIAL), _) => decided(Outcome::Partial),
+        (Value::Int(DUPLICATE_BY_SEQ), _) => Ok(plain(Outcome::Duplicate)),
+        (Value::Int(SEQ_REUSED), Value::BulkString(fp)) => Ok(Verdict {
+            rejection: Some((
+                "seq_reused",
+                format!(
+                    "its seq was decided for another event (fingerprint {}): a dense seq names one event",
+                    String::from_utf8_lossy(fp)
+                ),
+            )),
+            ..plain(Outcome::Conflict)
+        }),
         (Value::Int(REJECTED), Value::BulkString(detail)) => Ok(Verdict {
             rejection: Some(rejection(detail)),
             ..plain(Outcome::Invalid)
@@ -219,16 +247,7 @@ mod tests {
             "a clock step back is age 0"
         );
         assert_eq!(v[3].earlier_attempt, Some(Stale));
-        assert_eq!(
-            v[4],
-            Verdict {
-                outcome: Applied,
-                duplicate_age: None,
-                remembered_fingerprint: None,
-                earlier_attempt: None,
-                rejection: None,
-            }
-        );
+        assert_eq!(v[4], Verdict::of(Applied));
     }
 
     #[test]

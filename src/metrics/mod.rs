@@ -44,6 +44,7 @@ pub const PARTITION_BLOCKED: &str = "idem_partition_blocked";
 pub const REDIS_REWINDS_TOTAL: &str = "idem_redis_rewinds_total";
 pub const REWOUND_RECORDS_TOTAL: &str = "idem_rewound_records_total";
 pub const REDIS_STATE_CHANGES_TOTAL: &str = "idem_redis_state_changes_total";
+pub const DENSE_SEQS_CLOSED_TOTAL: &str = "idem_dense_seqs_closed_total";
 
 /// Buckets fine enough for the benchmark to read p50/p99/p99.9 from.
 pub const LATENCY_BUCKETS: [f64; 24] = [
@@ -224,6 +225,10 @@ fn describe_redis_state() {
         "Partitions resumed before their committed offset because Redis's progress records stop earlier, by cause (lost, rolled_back)."
     );
     describe_counter!(
+        DENSE_SEQS_CLOSED_TOTAL,
+        "Seqs of dense topics (dedupe.dense_seq_topics) given up without their event: more than 32 later seqs of the entity waited above the gap. A late event in a closed gap is dead-lettered (seq_gap_closed)."
+    );
+    describe_counter!(
         REWOUND_RECORDS_TOTAL,
         "Records read again because Redis's state stopped before the committed offset."
     );
@@ -236,7 +241,7 @@ fn describe_redis_state() {
 fn describe_all() {
     describe_counter!(
         EVENTS_TOTAL,
-        "Events by topic and outcome (applied, duplicate, stale, conflict, invalid)."
+        "Events by topic and outcome (applied, duplicate, stale, conflict, invalid, late, replayed, partial)."
     );
     describe_histogram!(
         DUPLICATE_AGE_SECONDS,
@@ -361,6 +366,7 @@ pub fn init_topic(topic: &str) {
         counter!(REDIS_REWINDS_TOTAL, "topic" => topic.to_string(), "cause" => cause).increment(0);
     }
     counter!(REWOUND_RECORDS_TOTAL, "topic" => topic.to_string()).increment(0);
+    counter!(DENSE_SEQS_CLOSED_TOTAL, "topic" => topic.to_string()).increment(0);
 }
 
 /// Counts one outcome.
@@ -392,6 +398,12 @@ pub fn record_round_trip(elapsed: Duration) {
 
 pub fn record_retry(cause: &'static str) {
     counter!(RETRIES_TOTAL, "cause" => cause).increment(1);
+}
+
+/// Seqs of a dense topic closed without their event (docs/guarantees.md,
+/// "Dense seqs").
+pub fn record_dense_seqs_closed(topic: &str, seqs: u64) {
+    counter!(DENSE_SEQS_CLOSED_TOTAL, "topic" => topic.to_string()).increment(seqs);
 }
 
 pub fn record_rewind(topic: &str, cause: &'static str, records: i64) {

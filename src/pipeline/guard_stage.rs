@@ -315,6 +315,17 @@ impl GuardStage {
             };
             let v = verdicts.next().expect("one verdict per decoded event");
             *counts.entry((it.partition_index, v.outcome)).or_default() += 1;
+            if v.dense_seqs_closed > 0 {
+                let tp = &batch.partitions[it.partition_index];
+                metrics::record_dense_seqs_closed(&tp.topic, v.dense_seqs_closed);
+                tracing::warn!(
+                    topic = %tp.topic,
+                    partition = tp.partition,
+                    entity = %event.entity,
+                    seqs = v.dense_seqs_closed,
+                    "dense seqs closed without their events: more than 32 later seqs waited above the gap; a late event in it will be dead-lettered (seq_gap_closed)"
+                );
+            }
             match v.outcome {
                 Outcome::Duplicate => {
                     if let Some(age) = v.duplicate_age {

@@ -28,13 +28,7 @@ pub fn recount_retried(inputs: &[GuardInput<'_>], verdicts: &mut [Verdict]) {
         if let (Outcome::Duplicate, Some(decided), true) =
             (v.outcome, v.earlier_attempt, first_in_batch)
         {
-            *v = Verdict {
-                outcome: decided,
-                duplicate_age: None,
-                remembered_fingerprint: None,
-                earlier_attempt: None,
-                rejection: None,
-            };
+            *v = Verdict::of(decided);
         }
     }
 }
@@ -132,11 +126,9 @@ mod tests {
 
     fn verdict(outcome: Outcome, earlier_attempt: Option<Outcome>) -> Verdict {
         Verdict {
-            outcome,
             duplicate_age: (outcome == Outcome::Duplicate).then(|| Duration::from_millis(3)),
-            remembered_fingerprint: None,
             earlier_attempt,
-            rejection: None,
+            ..Verdict::of(outcome)
         }
     }
 
