@@ -44,6 +44,16 @@ impl Outcome {
         Outcome::Partial,
     ];
 
+    /// Whether the event was decided by this sighting (its id is then
+    /// remembered, and on a dense topic its seq): applied, stale, late or
+    /// partial.
+    pub fn decides(self) -> bool {
+        matches!(
+            self,
+            Outcome::Applied | Outcome::Stale | Outcome::Late | Outcome::Partial
+        )
+    }
+
     /// The label used in metrics and reports.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -137,8 +147,11 @@ impl EntityModel {
     /// | no           | no        | no               | stale     | none (the id is remembered)    |
     /// | no           | any       | a counter would pass 38 digits | invalid | none, not even the id |
     pub fn apply_effects(&mut self, event: &Event, effects: &Effects) -> Outcome {
+        // The rule counts exactly below 10^15: it does not start for an
+        // entity whose seq is above that.
         let dense = effects.dense_seqs
             && event.seq <= DenseMark::MAX_SEQ
+            && (self.dense.is_some() || self.seq.unwrap_or(0) <= DenseMark::MAX_SEQ)
             && !self.remembered.contains_key(&id_hash(&event.id));
         if !dense {
             return self.decide(event, effects);
@@ -156,11 +169,7 @@ impl EntityModel {
             };
         }
         let outcome = self.decide(event, effects);
-        let decides = matches!(
-            outcome,
-            Outcome::Applied | Outcome::Stale | Outcome::Late | Outcome::Partial
-        );
-        if decides && event.seq >= mark.base {
+        if outcome.decides() && event.seq >= mark.base {
             mark.decide(event.seq, event.fingerprint);
             self.dense = Some(mark);
         }
@@ -506,7 +515,7 @@ impl Model {
             }
         }
         let outcome = entity.apply_effects(event, effects);
-        if matches!(outcome, Outcome::Applied | Outcome::Stale | Outcome::Late) {
+        if outcome.decides() {
             entity.remembered_at.insert(key, at_ms);
         }
         outcome
@@ -940,6 +949,29 @@ mod tests {
         assert_eq!(old.dense.as_ref().unwrap().encode().0, "11:11");
         assert_eq!(
             old.apply_effects(&ev("o5", 5, Op::Upsert, &[], 5), &dense),
+            Outcome::Stale
+        );
+    }
+
+    /// A `partial` event's id is remembered and forgotten with the window,
+    /// as every decided id is (the windowed model reconcile uses).
+    #[test]
+    fn a_partial_events_id_leaves_the_window_like_any_other() {
+        let merge = Effects {
+            state_order: StateOrder::PerField,
+            ..Effects::default()
+        };
+        let mut m = Model::default();
+        let newer = ev("b", 3, Op::Upsert, &[("z", "1")], 1);
+        let older = ev("a", 2, Op::Upsert, &[("z", "0"), ("y", "0")], 2);
+        assert_eq!(m.apply_at(&newer, &merge, 0, 1000, false), Outcome::Applied);
+        assert_eq!(m.apply_at(&older, &merge, 1, 1000, false), Outcome::Partial);
+        assert_eq!(
+            m.apply_at(&older, &merge, 500, 1000, false),
+            Outcome::Duplicate
+        );
+        assert_eq!(
+            m.apply_at(&older, &merge, 3000, 1000, false),
             Outcome::Stale
         );
     }

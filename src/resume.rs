@@ -159,6 +159,7 @@ mod tests {
             marker: marker.map(str::to_string),
             next,
             has_records: next.is_some(),
+            of_incarnation: true,
         }
     }
 

@@ -226,6 +226,50 @@ async fn a_restarted_idle_idem_notices_a_snapshot_restore() {
     idem.terminate().await;
 }
 
+/// A topic deleted and created again starts its offsets at 0, below the
+/// old incarnation's progress records: idem keeps a record per
+/// incarnation, so a snapshot restore on the new topic is still noticed
+/// (before, the old record stayed above every new offset and hid it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_on_a_topic_created_again_is_noticed() {
+    let topic = unique("loss-recreated");
+    create_topic(&topic, 1).await;
+    let mut redis = volatile_redis().await;
+    let old = stream(&topic, 300, 71);
+    produce(&topic, &old).await;
+    let first = IdemOpts {
+        redis_url: redis.url(),
+        ..IdemOpts::new(&topic, &topic, &topic)
+    };
+    let idem = Idem::spawn(&first);
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+    idem.terminate().await;
+
+    recreate_topic(&topic).await;
+    // The new incarnation's own entities, under a group of its own (the
+    // old group's commits belong to the deleted topic).
+    let new = stream(&format!("{topic}-new"), 200, 72);
+    let (half, rest) = new.split_at(100);
+    let group = format!("{topic}-new");
+    let opts = IdemOpts {
+        redis_url: redis.url(),
+        ..IdemOpts::new(&topic, &group, &topic)
+    }
+    .with("IDEM__REDIS__PROGRESS_CHECK_INTERVAL", "1s");
+    produce(&topic, half).await;
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&group, &topic, 1, CATCH_UP).await;
+    let halfway = save_snapshot(&mut redis, "recreated-halfway").await;
+    produce(&topic, rest).await;
+    wait_caught_up(&group, &topic, 1, CATCH_UP).await;
+
+    restore_snapshot(&mut redis, &halfway).await;
+    let (model, _) = oracle(&new);
+    wait_matches_oracle(&redis.url(), &topic, &model, CATCH_UP).await;
+    assert_stage_counted_a_rollback(&idem).await;
+    idem.terminate().await;
+}
+
 /// The guard stage's check found the rollback (an assignment's rewind
 /// counts no state change, so this tells the two apart).
 async fn assert_stage_counted_a_rollback(idem: &Idem) {
@@ -513,6 +557,45 @@ async fn a_record_below_what_was_written_is_refused_and_renewal_refuses_old_writ
         "{refused:?}"
     );
     assert_eq!(store.establish_epoch().await.unwrap(), renewed, "settled");
+
+    // With the topic's incarnation known, its own record is the one that
+    // counts: the plain one dropping is no rollback, its own is.
+    let id = idem::consumed::TopicId::from_bits(7, 9).unwrap();
+    store.learn_incarnations(&[("u".to_string(), id.clone())].into_iter().collect());
+    let tp = TopicPartition::new("u", 0);
+    store
+        .record(&renewed, &[(tp.clone(), 100, None)], &[])
+        .await
+        .unwrap();
+    let own = idem::store::progress_incarnation_field(&tp, &id);
+    for key in conn
+        .scan_keys(&format!("{prefix}:progress*"))
+        .await
+        .unwrap()
+    {
+        redis_cmd(&url, &["HSET", &key, "u:0", "50"]).await;
+    }
+    store
+        .record(&renewed, &[(tp.clone(), 120, Some(100))], &[])
+        .await
+        .expect("the plain record is not the incarnation's");
+    for key in conn
+        .scan_keys(&format!("{prefix}:progress*"))
+        .await
+        .unwrap()
+    {
+        redis_cmd(&url, &["HSET", &key, &own, "50"]).await;
+    }
+    let refused = store
+        .record(&renewed, &[(tp.clone(), 150, Some(120))], &[])
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::RolledBack(_))),
+        "{refused:?}"
+    );
+    for server in &store.read(std::slice::from_ref(&tp)).await.unwrap()[0] {
+        assert_eq!((server.next, server.of_incarnation), (Some(50), true));
+    }
 }
 
 /// The decided ranges merge in Redis (the record script's Lua) exactly as

@@ -508,55 +508,6 @@ async fn produce_keyed(topic: &str, records: &[(Vec<u8>, Vec<u8>)]) {
     produce_raw(topic, &refs).await;
 }
 
-/// The topic's id, as idem reads it.
-async fn topic_id(topic: &str) -> Option<idem::consumed::TopicId> {
-    let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || {
-        let client: rdkafka::consumer::BaseConsumer =
-            idem::kafka::base_config(&common::kafka()).create().unwrap();
-        idem::kafka::topic_ids::topic_ids(
-            rdkafka::consumer::Consumer::client(&client),
-            std::slice::from_ref(&topic),
-            Duration::from_secs(10),
-        )
-        .ok()
-        .and_then(|mut ids| ids.remove(&topic))
-    })
-    .await
-    .unwrap()
-}
-
-/// Deletes `topic` and creates it again (retrying while the broker still
-/// holds it for deletion).
-async fn recreate_topic(topic: &str) {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    use rdkafka::client::DefaultClientContext;
-    let admin: AdminClient<DefaultClientContext> =
-        idem::kafka::base_config(&common::kafka()).create().unwrap();
-    admin
-        .delete_topics(&[topic], &AdminOptions::new())
-        .await
-        .unwrap();
-    let topic = topic.to_string();
-    wait_until("the topic is created again", CATCH_UP, || {
-        let topic = topic.clone();
-        async move {
-            let mut spec = idem::tools::topics::TopicSpec::new(&topic, 1);
-            spec.dead_letter = Some(format!("{topic}.dlq"));
-            idem::tools::topics::apply(&common::kafka(), &spec.with_dead_letter(), true)
-                .await
-                .is_ok()
-                && topic_id_now(&topic).await
-        }
-    })
-    .await;
-}
-
-/// Whether the brokers describe `topic` (with an id) right now.
-async fn topic_id_now(topic: &str) -> bool {
-    topic_id(topic).await.is_some()
-}
-
 /// A topic that grows from 2 to 4 partitions moves entities to other
 /// partitions: marks are kept per partition, so an entity whose events now
 /// span two partitions has a mark for each, and a replay of the whole topic

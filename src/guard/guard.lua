@@ -481,8 +481,11 @@ local MAX_DENSE_CLOSED = 8
 -- Dense seqs are counted with Lua numbers (doubles): exact below 2^53.
 local MAX_DENSE_DIGITS = 15
 
+-- The entity's dense record, or nil where the rule cannot start (its seq
+-- is beyond what the rule counts exactly).
 local function read_dense(meta, recorded)
   local m = redis.call('HMGET', meta, 'dense', 'dense_above', 'dense_closed', 'fingerprint')
+  if not m[1] and recorded and #recorded > MAX_DENSE_DIGITS then return nil end
   local d = { above = {}, closed = {}, fingerprint = m[4] }
   if m[1] then
     local base, mark = string.match(m[1], '^(%d+):(%d+)$')
@@ -790,7 +793,8 @@ local function decide_new(e, token)
   local dense
   if e.dense and #e.seq <= MAX_DENSE_DIGITS then
     dense = read_dense(e.meta, recorded)
-    local code, detail = dense_verdict(e, dense, recorded)
+    local code, detail
+    if dense then code, detail = dense_verdict(e, dense, recorded) end
     if code then
       if code == DUPLICATE_BY_SEQ then mark_decided(e) else hold_mark(e) end
       return code, detail

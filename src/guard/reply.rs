@@ -267,8 +267,14 @@ mod tests {
             Value::BulkString(b"12".to_vec()),
             Value::Int(code::DUPLICATE_PARTIAL_BY_EARLIER_ATTEMPT),
             Value::Int(5),
+            Value::Int(code::DUPLICATE_BY_SEQ),
+            Value::Int(0),
+            Value::Int(code::SEQ_REUSED),
+            Value::BulkString(b"00000000000000ab".to_vec()),
+            Value::Int(code::APPLIED),
+            Value::Int(3),
         ]];
-        let v = verdicts_by_chunk(&[vec![0, 1, 2, 3, 4, 5, 6]], &replies, 7).unwrap();
+        let v = verdicts_by_chunk(&[(0..10).collect()], &replies, 10).unwrap();
         assert_eq!(
             outcomes(&v),
             vec![
@@ -279,8 +285,16 @@ mod tests {
                 Outcome::Replayed,
                 Outcome::Partial,
                 Outcome::Duplicate,
+                Outcome::Duplicate,
+                Outcome::Conflict,
+                Outcome::Applied,
             ]
         );
+        assert_eq!(v[7].duplicate_age, None, "a copy by its seq has no age");
+        let (reason, message) = v[8].rejection.clone().expect("dead-lettered");
+        assert_eq!(reason, "seq_reused");
+        assert!(message.contains("00000000000000ab"), "{message}");
+        assert_eq!(v[9].dense_seqs_closed, 3);
         assert_eq!(v[4].earlier_attempt, None);
         assert_eq!(v[6].earlier_attempt, Some(Outcome::Partial));
         assert_eq!(
@@ -364,6 +378,8 @@ mod tests {
         );
         assert_eq!(declared("REPLAYED"), code::REPLAYED);
         assert_eq!(declared("PARTIAL"), code::PARTIAL);
+        assert_eq!(declared("DUPLICATE_BY_SEQ"), code::DUPLICATE_BY_SEQ);
+        assert_eq!(declared("SEQ_REUSED"), code::SEQ_REUSED);
         assert_eq!(
             declared("DUPLICATE_PARTIAL_BY_EARLIER_ATTEMPT"),
             code::DUPLICATE_PARTIAL_BY_EARLIER_ATTEMPT

@@ -332,6 +332,19 @@ impl GuardStage {
                         metrics::record_duplicate_age(age);
                     }
                 }
+                Outcome::Conflict if v.rejection.is_some() => {
+                    let tp = &batch.partitions[it.partition_index];
+                    let (reason, message) = v.rejection.as_ref().expect("checked");
+                    tracing::warn!(
+                        topic = %tp.topic,
+                        partition = tp.partition,
+                        offset = it.offset,
+                        id = %event.id,
+                        seq = event.seq,
+                        reason = %reason,
+                        "conflict: {message}; not applied"
+                    );
+                }
                 Outcome::Conflict => {
                     let tp = &batch.partitions[it.partition_index];
                     tracing::warn!(

@@ -253,6 +253,7 @@ pub async fn resume_points(
     group: &str,
 ) -> Result<Resumed, ResumeError> {
     let tps: Vec<TopicPartition> = assigned.iter().map(|c| c.tp.clone()).collect();
+    let ids = learn_topic_ids(store, consumer, &tps).await?;
     let views = store.read(&tps).await.map_err(ResumeError::Unreadable)?;
     let mut rewinds = Vec::new();
     let mut starts = Vec::new();
@@ -314,7 +315,7 @@ pub async fn resume_points(
         .record(epoch, &starts, &[])
         .await
         .map_err(ResumeError::Unreadable)?;
-    let logs = log_views(store, consumer, &tps).await?;
+    let logs = log_views(store, &ids, &tps).await?;
     Ok(Resumed {
         floors: starts
             .into_iter()
@@ -328,17 +329,21 @@ pub async fn resume_points(
 /// The offset every server's record of a partition reaches (none where a
 /// server has no record): Redis must keep holding at least that, so a later
 /// restore from an older snapshot shows as a rollback even when the
-/// partition starts lower (an operator's replay).
+/// partition starts lower (an operator's replay). Only the incarnation's
+/// own records count: a plain record older versions wrote may count the
+/// offsets of a topic since deleted and created again, which the new one's
+/// records would never reach (a rollback found where there is none).
 ///
-/// | records      | held |
-/// |--------------|------|
-/// | 500, 800     | 500  |
-/// | 500, none    | none |
-/// | (no servers) | none |
+/// | records                     | held |
+/// |-----------------------------|------|
+/// | 500, 800                    | 500  |
+/// | 500, none                   | none |
+/// | 500, 800 (plain, not own)   | none |
+/// | (no servers)                | none |
 fn held_by_every_server(servers: &[MasterRecord]) -> Option<i64> {
     servers
         .iter()
-        .map(|s| s.next)
+        .map(|s| s.next.filter(|_| s.of_incarnation))
         .collect::<Option<Vec<i64>>>()?
         .into_iter()
         .min()
@@ -359,18 +364,19 @@ fn note_rewind(tp: &TopicPartition, to: i64, committed: i64, cause: crate::resum
     metrics::record_rewind(&tp.topic, cause.as_str(), committed - to);
 }
 
-/// Each partition's topic id (asked of the brokers now, so a topic created
-/// again shows its new one) and the ranges Redis says were decided in it.
-async fn log_views(
-    store: &mut ProgressStore,
+/// The partitions' topics' ids, asked of the brokers now so that a topic
+/// created again shows its new one, and told to the store: its records are
+/// read and written per incarnation from now on.
+async fn learn_topic_ids(
+    store: &ProgressStore,
     consumer: &Arc<Consumer>,
     tps: &[TopicPartition],
-) -> Result<Vec<(TopicPartition, LogView)>, ResumeError> {
+) -> Result<std::collections::BTreeMap<String, TopicId>, ResumeError> {
     let mut topics: Vec<String> = tps.iter().map(|tp| tp.topic.clone()).collect();
     topics.sort();
     topics.dedup();
     if topics.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Default::default());
     }
     let consumer = consumer.clone();
     let ids = tokio::task::spawn_blocking(move || {
@@ -382,6 +388,16 @@ async fn log_views(
         ids.map_err(|e| StoreError::Protocol(format!("cannot read the topics' ids: {e}")))
     })
     .map_err(ResumeError::Unreadable)?;
+    store.learn_incarnations(&ids);
+    Ok(ids)
+}
+
+/// Each partition's topic id and the ranges Redis says were decided in it.
+async fn log_views(
+    store: &mut ProgressStore,
+    ids: &std::collections::BTreeMap<String, TopicId>,
+    tps: &[TopicPartition],
+) -> Result<Vec<(TopicPartition, LogView)>, ResumeError> {
     let with_ids: Vec<(TopicPartition, TopicId)> = tps
         .iter()
         .filter_map(|tp| Some((tp.clone(), ids.get(&tp.topic)?.clone())))
@@ -423,6 +439,7 @@ mod tests {
             marker: Some("E".into()),
             next,
             has_records: next.is_some(),
+            of_incarnation: true,
         }
     }
 
@@ -437,6 +454,11 @@ mod tests {
             held_by_every_server(&[server(Some(500)), server(None)]),
             None
         );
+        let plain = MasterRecord {
+            of_incarnation: false,
+            ..server(Some(800))
+        };
+        assert_eq!(held_by_every_server(&[server(Some(500)), plain]), None);
         assert_eq!(held_by_every_server(&[]), None);
     }
 }

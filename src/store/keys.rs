@@ -111,6 +111,18 @@ pub fn progress_field(tp: &TopicPartition) -> String {
     format!("{}:{}", tp.topic, tp.partition)
 }
 
+/// The field of a partition's progress record in one topic incarnation:
+/// `<topic>:<partition>:<id>` (a topic created again starts without one).
+pub fn progress_incarnation_field(tp: &TopicPartition, topic_id: &TopicId) -> String {
+    format!("{}:{}:{}", tp.topic, tp.partition, topic_id.short())
+}
+
+/// The field that names the incarnation whose offsets the partition's
+/// [`progress_field`] last counted: `<topic>:<partition>:id`.
+pub fn progress_owner_field(tp: &TopicPartition) -> String {
+    format!("{}:{}:id", tp.topic, tp.partition)
+}
+
 /// The field of a partition's decided ranges: `<topic>:<partition>:<id>`,
 /// with the topic incarnation's short id (a topic created again has others).
 pub fn decided_field(tp: &TopicPartition, topic_id: &TopicId) -> String {

@@ -21,7 +21,10 @@ pub use checks::{
     check_eviction_policy, check_version, durable_wait, persistence, CheckError, DurableWait,
     Persistence,
 };
-pub use keys::{decided_field, hash_slot, mark_field, progress_field, EntityKeys, KeyLayout};
+pub use keys::{
+    decided_field, hash_slot, mark_field, progress_field, progress_incarnation_field,
+    progress_owner_field, EntityKeys, KeyLayout,
+};
 
 /// An error talking to Redis.
 #[derive(Debug, thiserror::Error)]
@@ -457,7 +460,6 @@ pub struct EntityView {
     pub state: BTreeMap<String, String>,
 }
 
-/// Reads an entity's state and bookkeeping.
 /// What per-field order (`state.order = "per_field"`) keeps for an entity
 /// beside its state (docs/redis-layout.md), for `idem inspect entity
 /// --field-seqs`.
@@ -501,6 +503,7 @@ pub async fn read_field_order(
     })
 }
 
+/// Reads an entity's state and bookkeeping.
 pub async fn read_entity(
     conn: &mut RedisConn,
     layout: &KeyLayout,

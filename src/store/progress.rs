@@ -20,31 +20,57 @@ use std::hash::{BuildHasher, Hasher};
 
 use redis::Value;
 
-use super::{decided_field, progress_field, KeyLayout, NodeAddr, RedisConn, StoreError};
+use super::{
+    decided_field, progress_field, progress_incarnation_field, progress_owner_field, KeyLayout,
+    NodeAddr, RedisConn, StoreError,
+};
 use crate::consumed::{DecidedRanges, TopicId};
 use crate::offsets::TopicPartition;
 
 /// Checks the marker, then that no record is below what the caller last
-/// wrote (ARGV[2] triples: field, new offset, expected minimum or -1), then
-/// raises each record to its new offset (never lowers it), and adds each
-/// claim (the triples after them: field, start, end) to the decided ranges
-/// (`crate::consumed::DecidedRanges::claim`, the same merge and cap). A
-/// refusal writes nothing.
+/// wrote (ARGV[2] quintuples: field, incarnation field, incarnation short
+/// id, new offset, expected minimum or -1; the incarnation's two "" where
+/// its id is unknown), then raises each record to its new offset (never
+/// lowers it), and adds each claim (the triples after them: field, start,
+/// end) to the decided ranges (`crate::consumed::DecidedRanges::claim`, the
+/// same merge and cap). A refusal writes nothing.
+///
+/// A record is read as [`ProgressStore::read`] reads it: the incarnation's
+/// own field; else the plain `<topic>:<partition>` field (versions before
+/// 0.3 write only that one), unless its owner field names another
+/// incarnation (the topic was created again since).
 const RECORD: &str = r#"
 local found = redis.call('GET', KEYS[1])
 if found ~= ARGV[1] then return redis.error_reply('IDEMEPOCH ' .. (found or 'missing')) end
-local last = 2 + 3 * tonumber(ARGV[2])
+local last = 2 + 5 * tonumber(ARGV[2])
+local function record_of(i)
+  local own = ARGV[i + 1] ~= '' and redis.call('HGET', KEYS[2], ARGV[i + 1])
+  if own then return tonumber(own) end
+  local owner = ARGV[i + 1] ~= '' and redis.call('HGET', KEYS[2], ARGV[i] .. ':id')
+  if owner and owner ~= ARGV[i + 2] then return nil end
+  return tonumber(redis.call('HGET', KEYS[2], ARGV[i]))
+end
 local current = {}
-for i = 3, last, 3 do
-  local cur = tonumber(redis.call('HGET', KEYS[2], ARGV[i]))
-  local expected = tonumber(ARGV[i + 2])
+for i = 3, last, 5 do
+  local cur = record_of(i)
+  local expected = tonumber(ARGV[i + 4])
   if expected >= 0 and (not cur or cur < expected) then
-    return redis.error_reply('IDEMROLLBACK ' .. ARGV[i] .. ' is ' .. tostring(cur) .. ', idem recorded ' .. ARGV[i + 2])
+    return redis.error_reply('IDEMROLLBACK ' .. ARGV[i] .. ' is ' .. tostring(cur) .. ', idem recorded ' .. ARGV[i + 4])
   end
   current[i] = cur
 end
-for i = 3, last, 3 do
-  if not current[i] or current[i] < tonumber(ARGV[i + 1]) then redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = 3, last, 5 do
+  local next = tonumber(ARGV[i + 3])
+  if not current[i] or current[i] < next then
+    if ARGV[i + 1] ~= '' then redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 3]) end
+  end
+  -- The plain field only rises (older versions read it); its owner says
+  -- which incarnation last raised it or found it high enough.
+  local plain = tonumber(redis.call('HGET', KEYS[2], ARGV[i]))
+  if not plain or plain < next then redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 3]) end
+  if ARGV[i + 1] ~= '' and (not plain or plain <= next) then
+    redis.call('HSET', KEYS[2], ARGV[i] .. ':id', ARGV[i + 2])
+  end
 end
 local MAX_RANGES = 32
 for i = last + 1, #ARGV, 3 do
@@ -69,6 +95,35 @@ for i = last + 1, #ARGV, 3 do
 end
 return 1
 "#;
+
+/// A partition's record as [`RECORD`] reads it, and whether it is the
+/// incarnation's own:
+///
+/// | own field | owner field        | record           |
+/// |-----------|--------------------|------------------|
+/// | present   | any                | own (its own)    |
+/// | absent    | another incarnation| none             |
+/// | absent    | this one, or absent| the plain field  |
+fn record_of(
+    plain: Option<&str>,
+    owner: Option<&str>,
+    own: Option<&str>,
+    incarnation: &Option<(String, String)>,
+) -> Result<(Option<i64>, bool), StoreError> {
+    let number = |text: &str| {
+        text.parse::<i64>()
+            .map_err(|_| StoreError::Protocol(format!("progress record {text:?}")))
+    };
+    if let Some(own) = own {
+        return Ok((Some(number(own)?), true));
+    }
+    if let (Some(owner), Some((_, id))) = (owner, incarnation) {
+        if owner != id {
+            return Ok((None, false));
+        }
+    }
+    Ok((plain.map(number).transpose()?, false))
+}
 
 /// Sets the marker to ARGV[2] if it still is ARGV[1] ('' for absent); answers the marker.
 const RENEW: &str = r#"
@@ -101,6 +156,10 @@ pub struct MasterRecord {
     pub next: Option<i64>,
     /// Whether this master holds progress records at all (of any partition).
     pub has_records: bool,
+    /// Whether `next` is the record of the topic's current incarnation
+    /// itself (written by this version since the topic's id was known),
+    /// rather than the plain record older versions write.
+    pub of_incarnation: bool,
 }
 
 /// Each server that holds data with the slot of its records.
@@ -127,6 +186,9 @@ pub struct ProgressStore {
     layout: KeyLayout,
     /// Read again when old, dropped after any failure (a failover moves them).
     anchors: Option<(Anchors, std::time::Instant)>,
+    /// Each topic's current incarnation, once the pipeline learned it (shared
+    /// by the clones: the assignment learns, the guard stage records).
+    incarnations: std::sync::Arc<std::sync::Mutex<BTreeMap<String, TopicId>>>,
 }
 
 /// A fresh epoch: 16 hex digits, random.
@@ -162,7 +224,25 @@ impl ProgressStore {
             conn,
             layout,
             anchors: None,
+            incarnations: Default::default(),
         }
+    }
+
+    /// The topics' current incarnations (from the brokers, at an
+    /// assignment): from now on their records are kept per incarnation, so
+    /// a topic created again starts a record of its own instead of being
+    /// measured against the old one's offsets.
+    pub fn learn_incarnations(&self, ids: &BTreeMap<String, TopicId>) {
+        let mut known = self.incarnations.lock().expect("not poisoned");
+        known.extend(ids.iter().map(|(t, id)| (t.clone(), id.clone())));
+    }
+
+    /// The incarnation record field and short id of `tp`, if its id is known.
+    fn incarnation(&self, tp: &TopicPartition) -> Option<(String, String)> {
+        let known = self.incarnations.lock().expect("not poisoned");
+        known
+            .get(&tp.topic)
+            .map(|id| (progress_incarnation_field(tp, id), id.short().to_string()))
     }
 
     pub fn set_connection(&mut self, conn: RedisConn) {
@@ -288,9 +368,16 @@ impl ProgressStore {
             }
         }
         for (node, anchor) in self.anchors().await? {
-            let mut hlen = redis::cmd("HLEN");
-            hlen.arg(self.layout.progress_key(anchor));
-            let n: usize = redis::from_redis_value(&self.conn.query_on(&node, &hlen).await?)?;
+            let mut hkeys = redis::cmd("HKEYS");
+            hkeys.arg(self.layout.progress_key(anchor));
+            let fields: Vec<String> =
+                redis::from_redis_value(&self.conn.query_on(&node, &hkeys).await?)?;
+            // One plain `<topic>:<partition>` field per partition (topic
+            // names hold no `:`); the incarnations' fields beside it.
+            let n = fields
+                .iter()
+                .filter(|f| f.matches(':').count() == 1)
+                .count();
             survey.records.push((node, n));
         }
         Ok(survey)
@@ -324,10 +411,15 @@ impl ProgressStore {
             let mut pipe = redis::pipe();
             pipe.cmd("GET").arg(self.layout.epoch_key(anchor));
             pipe.cmd("EXISTS").arg(self.layout.progress_key(anchor));
+            // Per partition: the plain record, its owner and the
+            // incarnation's own record (the last two "" where unknown).
             let mut hmget = redis::cmd("HMGET");
             hmget.arg(self.layout.progress_key(anchor));
-            for tp in tps {
-                hmget.arg(progress_field(tp));
+            let incarnations: Vec<Option<(String, String)>> =
+                tps.iter().map(|tp| self.incarnation(tp)).collect();
+            for (tp, inc) in tps.iter().zip(&incarnations) {
+                hmget.arg(progress_field(tp)).arg(progress_owner_field(tp));
+                hmget.arg(inc.as_ref().map_or("", |(field, _)| field.as_str()));
             }
             pipe.add_command(hmget);
             let replies = self.conn.pipeline_on(&node, &pipe).await?;
@@ -338,13 +430,19 @@ impl ProgressStore {
             };
             let marker: Option<String> = redis::from_redis_value(marker)?;
             let has_records: bool = redis::from_redis_value(exists)?;
-            let nexts: Vec<Option<i64>> = redis::from_redis_value(nexts)?;
-            for (i, next) in nexts.into_iter().enumerate().take(tps.len()) {
+            let fields: Vec<Option<String>> = redis::from_redis_value(nexts)?;
+            for (i, (inc, three)) in incarnations.iter().zip(fields.chunks(3)).enumerate() {
+                let [plain, owner, own] = three else {
+                    return Err(StoreError::Protocol(format!("progress read: {fields:?}")));
+                };
+                let (next, of_incarnation) =
+                    record_of(plain.as_deref(), owner.as_deref(), own.as_deref(), inc)?;
                 out[i].push(MasterRecord {
                     node: node.clone(),
                     marker: marker.clone(),
                     next,
                     has_records,
+                    of_incarnation,
                 });
             }
         }
@@ -421,7 +519,10 @@ impl ProgressStore {
                 .arg(epoch)
                 .arg(positions.len());
             for (tp, next, expected) in positions {
+                let (field, id) = self.incarnation(tp).unwrap_or_default();
                 cmd.arg(progress_field(tp))
+                    .arg(field)
+                    .arg(id)
                     .arg(*next)
                     .arg(expected.unwrap_or(-1));
             }
@@ -444,5 +545,50 @@ impl ProgressStore {
             result.map_err(|e| epoch_refusal(e, epoch))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table of `record_of`.
+    #[test]
+    fn records_are_read_per_incarnation_by_table() {
+        let this = Some(("t:0:aaaaaaaaaaaa".to_string(), "aaaaaaaaaaaa".to_string()));
+        let table = [
+            // (plain, owner, own, incarnation known) -> record
+            (
+                (Some("900"), Some("aaaaaaaaaaaa"), Some("40")),
+                &this,
+                (Some(40), true),
+            ),
+            ((Some("900"), None, Some("40")), &this, (Some(40), true)),
+            (
+                (Some("900"), Some("bbbbbbbbbbbb"), None),
+                &this,
+                (None, false),
+            ),
+            ((Some("900"), None, None), &this, (Some(900), false)),
+            (
+                (Some("900"), Some("aaaaaaaaaaaa"), None),
+                &this,
+                (Some(900), false),
+            ),
+            (
+                (Some("900"), Some("bbbbbbbbbbbb"), None),
+                &None,
+                (Some(900), false),
+            ),
+            ((None, None, None), &this, (None, false)),
+        ];
+        for ((plain, owner, own), inc, want) in table {
+            assert_eq!(
+                record_of(plain, owner, own, inc).unwrap(),
+                want,
+                "{plain:?} {owner:?} {own:?} {inc:?}"
+            );
+        }
+        assert!(record_of(Some("x"), None, None, &this).is_err());
     }
 }

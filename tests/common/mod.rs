@@ -421,3 +421,56 @@ pub async fn private_redis(password: Option<&str>) -> PrivateRedis {
         .await
         .expect("private redis-server (install redis-server, or run `make services`)")
 }
+
+/// The topic's id, as idem reads it.
+pub async fn topic_id(topic: &str) -> Option<idem::consumed::TopicId> {
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let client: rdkafka::consumer::BaseConsumer =
+            idem::kafka::base_config(&kafka()).create().unwrap();
+        idem::kafka::topic_ids::topic_ids(
+            rdkafka::consumer::Consumer::client(&client),
+            std::slice::from_ref(&topic),
+            Duration::from_secs(10),
+        )
+        .ok()
+        .and_then(|mut ids| ids.remove(&topic))
+    })
+    .await
+    .unwrap()
+}
+
+/// Deletes `topic` and creates it again (retrying while the broker still
+/// holds it for deletion).
+pub async fn recreate_topic(topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> =
+        idem::kafka::base_config(&kafka()).create().unwrap();
+    admin
+        .delete_topics(&[topic], &AdminOptions::new())
+        .await
+        .unwrap();
+    let topic = topic.to_string();
+    wait_until(
+        "the topic is created again",
+        Duration::from_secs(120),
+        || {
+            let topic = topic.clone();
+            async move {
+                let mut spec = idem::tools::topics::TopicSpec::new(&topic, 1);
+                spec.dead_letter = Some(format!("{topic}.dlq"));
+                idem::tools::topics::apply(&kafka(), &spec.with_dead_letter(), true)
+                    .await
+                    .is_ok()
+                    && topic_id_now(&topic).await
+            }
+        },
+    )
+    .await;
+}
+
+/// Whether the brokers describe `topic` (with an id) right now.
+async fn topic_id_now(topic: &str) -> bool {
+    topic_id(topic).await.is_some()
+}

@@ -475,6 +475,10 @@ async fn repair(
     for (k, v) in &want.state {
         inv.arg(k).arg(v);
     }
+    inv.arg(
+        want.fingerprint
+            .map_or(String::new(), |f| format!("{f:016x}")),
+    );
     let written: i64 = inv.invoke_async(conn).await?;
     Ok(written == 1)
 }

@@ -1,6 +1,7 @@
 -- idem reconcile --repair: rewrite one entity to the state computed from the log.
 -- KEYS    the entity's meta and state keys (named by store::KeyLayout)
--- ARGV    seq, last_id, applied, deleted ("0"|"1"), nfields, field1, value1, ...
+-- ARGV    seq, last_id, applied, deleted ("0"|"1"), nfields, field1, value1, ...,
+--         then the fingerprint (hex) of the event at seq ("" if unknown)
 -- Never lowers a seq: if Redis holds a newer seq than the log's, nothing is
 -- written and 0 is returned; otherwise 1.
 local meta, state = KEYS[1], KEYS[2]
@@ -22,6 +23,13 @@ for from = 6, 5 + 2 * n, 1000 do
 end
 redis.call('HSET', meta, 'seq', seq, 'last_id', ARGV[2], 'applied', ARGV[3],
   'deleted', ARGV[4], 'updated_ms', now)
+-- The dense-seq rule compares a copy at `seq` with this fingerprint.
+local fingerprint = ARGV[6 + 2 * n]
+if fingerprint and fingerprint ~= '' then
+  redis.call('HSET', meta, 'fingerprint', fingerprint)
+else
+  redis.call('HDEL', meta, 'fingerprint')
+end
 -- Under state.order = "per_field" the field seqs no longer describe the
 -- rewritten state: without `field_seqs_at` the next event takes the state
 -- as of `seq` (events older than it are stale), as after per-entity order.
