@@ -274,6 +274,22 @@ async fn never_produced_seqs_close_at_the_cap_and_a_late_original_is_dead_letter
     assert_eq!(closed, want_one.seqs_closed + want_many.seqs_closed);
     assert!(closed > 1);
 
+    // inspect shows the rule's fields and the offset mark.
+    let env = [("IDEM_CONFIG", file.to_str().unwrap())];
+    let out = idem_tool(&["inspect", "entity", &one, "--json"], &topic, &env);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["dense_seqs"]["dense"], "1:40", "{json}");
+    assert_eq!(json["dense_seqs"]["dense_closed"], "2-2", "{json}");
+    let marks = json["offset_marks"].as_object().expect("an offset mark");
+    assert_eq!(marks.len(), 1, "{json}");
+    let text = idem_tool(&["inspect", "entity", &one], &topic, &env);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("dense seqs") && text.contains("  dense = 1:40"),
+        "{text}"
+    );
+    assert!(text.contains("offset marks"), "{text}");
+
     // The late original of seq 2: dead-lettered with its reason, no deposit.
     let before = balance(&topic, &one).await;
     produce_values(

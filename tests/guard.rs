@@ -178,6 +178,21 @@ fn random_sequence(rng: &mut StdRng, tag: &str) -> Vec<(Event, Effects)> {
     out
 }
 
+/// An entity's dense-seq meta fields: `dense`, `dense_above`, `dense_closed`.
+async fn dense_fields(
+    prefix: &str,
+    entity: &str,
+) -> (Option<String>, Option<String>, Option<String>) {
+    redis::cmd("HMGET")
+        .arg(KeyLayout::new(prefix).entity(entity).meta())
+        .arg("dense")
+        .arg("dense_above")
+        .arg("dense_closed")
+        .query_async(&mut redis_conn(&redis_url()).await)
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guard_script_matches_the_model_on_random_sequences() {
     const SEQUENCES: usize = 10_000;
@@ -264,14 +279,7 @@ async fn guard_script_matches_the_model_on_random_sequences() {
                 .await
                 .unwrap();
             assert_eq!(field_seqs, want.field_seqs, "field seqs of {name}");
-            let dense: (Option<String>, Option<String>, Option<String>) = redis::cmd("HMGET")
-                .arg(KeyLayout::new(&prefix).entity(name).meta())
-                .arg("dense")
-                .arg("dense_above")
-                .arg("dense_closed")
-                .query_async(&mut conn.clone())
-                .await
-                .unwrap();
+            let dense = dense_fields(&prefix, name).await;
             let want_dense = want.dense.as_ref().map(|d| d.encode());
             assert_eq!(
                 (dense.0, dense.1, dense.2),
@@ -773,15 +781,7 @@ async fn dense_seqs_close_gaps_at_the_cap_as_the_model_does() {
                 assert_eq!(v.rejection.as_ref().map(|r| r.0), Some("seq_gap_closed"));
             }
         }
-        let (mark, above, closed): (Option<String>, Option<String>, Option<String>) =
-            redis::cmd("HMGET")
-                .arg(KeyLayout::new(&prefix).entity(&entity).meta())
-                .arg("dense")
-                .arg("dense_above")
-                .arg("dense_closed")
-                .query_async(&mut conn.clone())
-                .await
-                .unwrap();
+        let (mark, above, closed) = dense_fields(&prefix, &entity).await;
         let want = model.entities[&entity]
             .dense
             .as_ref()

@@ -276,4 +276,16 @@ fn print_entity(view: &store::EntityView) {
     for (k, v) in &view.state {
         crate::outln!("  {k} = {v}");
     }
+    if !view.offset_marks.is_empty() {
+        crate::outln!("offset marks (o:<topic id>:<partition> = <run start>:<offset> decided)");
+        for (k, v) in &view.offset_marks {
+            crate::outln!("  {k} = {v}");
+        }
+    }
+    if !view.dense_seqs.is_empty() {
+        crate::outln!("dense seqs");
+        for (k, v) in &view.dense_seqs {
+            crate::outln!("  {k} = {v}");
+        }
+    }
 }

@@ -463,6 +463,21 @@ local function write_newer(e, applied)
   end
 end
 
+-- The last writes of a decided event, after its state and meta: its
+-- effects, then its id (stale and late ids too, so that a redelivery is a
+-- duplicate), then its offset mark. A failure before the id leaves the
+-- event to be decided again, never remembered without its effects.
+local function finish_decision(e, token, plan, decided)
+  for _, w in ipairs(plan or {}) do
+    redis.call(unpack(w))
+  end
+  redis.call('HSET', e.current, e.idh, e.fp .. now_packed .. token .. decided)
+  if redis.call('HLEN', e.current) == 1 then
+    redis.call('PEXPIREAT', e.current, e.expire_at)
+  end
+  mark_decided(e)
+end
+
 -- Dense seqs (dedupe.dense_seq_topics, docs/guarantees.md, "Dense seqs"):
 -- where an entity's seqs are 1, 2, 3, … the seq itself says whether an
 -- event was decided, whatever the window. In meta:
@@ -729,14 +744,7 @@ local function decide_per_field(e, token, recorded, applied)
     meta[#meta + 1], meta[#meta + 2] = 'updated_ms', now_str
   end
   if #meta > 0 then redis.call('HSET', e.meta, unpack(meta)) end
-  for _, w in ipairs(plan) do
-    redis.call(unpack(w))
-  end
-  redis.call('HSET', e.current, e.idh, e.fp .. now_packed .. token .. decided)
-  if redis.call('HLEN', e.current) == 1 then
-    redis.call('PEXPIREAT', e.current, e.expire_at)
-  end
-  mark_decided(e)
+  finish_decision(e, token, plan, decided)
   return code, detail
 end
 
@@ -763,15 +771,7 @@ local function decide_per_entity(e, token, recorded, applied)
   elseif e.commutative then
     code, decided = LATE, 'l'
   end
-  for _, w in ipairs(plan or {}) do
-    redis.call(unpack(w))
-  end
-  -- Stale ids are remembered too, so their redelivery is a duplicate.
-  redis.call('HSET', e.current, e.idh, e.fp .. now_packed .. token .. decided)
-  if redis.call('HLEN', e.current) == 1 then
-    redis.call('PEXPIREAT', e.current, e.expire_at)
-  end
-  mark_decided(e)
+  finish_decision(e, token, plan, decided)
   return code, 0
 end
 

@@ -458,6 +458,14 @@ pub struct EntityView {
     /// When the last event was applied, in ms since the Unix epoch (Redis clock).
     pub updated_ms: Option<u64>,
     pub state: BTreeMap<String, String>,
+    /// Offset marks, `o:<topic id>:<partition>` → `<run start>:<offset>`
+    /// (docs/guarantees.md, "Replays recognised forever"); absent when none.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub offset_marks: BTreeMap<String, String>,
+    /// The dense-seq rule's fields as stored (`dense`, `dense_above`,
+    /// `dense_closed`; docs/guarantees.md, "Dense seqs"); absent when none.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub dense_seqs: BTreeMap<String, String>,
 }
 
 /// What per-field order (`state.order = "per_field"`) keeps for an entity
@@ -531,6 +539,16 @@ pub async fn read_entity(
         fingerprint: meta.get("fingerprint").cloned(),
         applied: parse_u64("applied")?.unwrap_or(0),
         updated_ms: parse_u64("updated_ms")?,
+        offset_marks: meta
+            .iter()
+            .filter(|(k, _)| k.starts_with("o:"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        dense_seqs: meta
+            .iter()
+            .filter(|(k, _)| k.starts_with("dense"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         state,
     })
 }

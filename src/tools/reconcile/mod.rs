@@ -515,6 +515,8 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            offset_marks: BTreeMap::new(),
+            dense_seqs: BTreeMap::new(),
         }
     }
 
