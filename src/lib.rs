@@ -9,10 +9,10 @@
 //! - [`effects`]: what an event does, declared per topic and event type:
 //!   merge, replace, counters, ledger, sets, custom Lua; planned purely.
 //! - [`config`]: typed settings from `config/default.toml`, a file and `IDEM__…` variables.
-//! - [`model`]: the decision rules as a pure function (the oracle of the tests).
-//! - [`offsets`]: per-partition done offsets and the contiguous commit point.
 //! - [`consumed`]: which records of a partition were decided, forever: the
 //!   decided ranges and the entities' offset marks, and the re-read rule.
+//! - [`model`]: the decision rules as a pure function (the oracle of the tests).
+//! - [`offsets`]: per-partition done offsets and the contiguous commit point.
 //!
 //! The edges:
 //! - [`metrics`]: Prometheus names and the `/metrics` and `/readyz` endpoints.

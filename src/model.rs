@@ -9,88 +9,13 @@ use std::collections::{BTreeMap, HashMap};
 use crate::effects::{Amount, Effects, Mutation, Order, StateEffect, StateOrder};
 
 mod dense;
+mod marks;
+mod outcome;
 use crate::event::{id_hash, Event, Op};
 pub use dense::{DenseMark, Seen};
-
-/// The outcome of one event. Every record gets exactly one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Outcome {
-    Applied,
-    Duplicate,
-    Stale,
-    Conflict,
-    Invalid,
-    /// Seq not newer: the ordered effects were skipped, the commutative ones
-    /// (counters, ledger, sets) applied (docs/effects.md).
-    Late,
-    /// The record itself was decided before (a replay, a rewind, a
-    /// redelivery after a crash), whatever the window: nothing written
-    /// (`crate::consumed`).
-    Replayed,
-    /// Per-field order: some of its fields were written, others had
-    /// newer writers (docs/effects.md, "Order per field").
-    Partial,
-}
-
-impl Outcome {
-    pub const ALL: [Outcome; 8] = [
-        Outcome::Applied,
-        Outcome::Duplicate,
-        Outcome::Stale,
-        Outcome::Conflict,
-        Outcome::Invalid,
-        Outcome::Late,
-        Outcome::Replayed,
-        Outcome::Partial,
-    ];
-
-    /// Whether the event was decided by this sighting (its id is then
-    /// remembered, and on a dense topic its seq): applied, stale, late or
-    /// partial.
-    pub fn decides(self) -> bool {
-        matches!(
-            self,
-            Outcome::Applied | Outcome::Stale | Outcome::Late | Outcome::Partial
-        )
-    }
-
-    /// The label used in metrics and reports.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Applied => "applied",
-            Outcome::Duplicate => "duplicate",
-            Outcome::Stale => "stale",
-            Outcome::Conflict => "conflict",
-            Outcome::Invalid => "invalid",
-            Outcome::Late => "late",
-            Outcome::Replayed => "replayed",
-            Outcome::Partial => "partial",
-        }
-    }
-}
-
-/// Classifies a decodable event.
-///
-/// | id in window?        | seq vs recorded seq   | outcome   |
-/// |----------------------|-----------------------|-----------|
-/// | yes, same fingerprint| any                   | duplicate |
-/// | yes, other fingerprint| any                  | conflict  |
-/// | no                   | no recorded seq       | applied   |
-/// | no                   | seq > recorded        | applied   |
-/// | no                   | seq ≤ recorded        | stale     |
-pub fn classify(
-    remembered_fingerprint: Option<u64>,
-    fingerprint: u64,
-    recorded_seq: Option<u64>,
-    seq: u64,
-) -> Outcome {
-    match (remembered_fingerprint, recorded_seq) {
-        (Some(seen), _) if seen == fingerprint => Outcome::Duplicate,
-        (Some(_), _) => Outcome::Conflict,
-        (None, Some(recorded)) if seq <= recorded => Outcome::Stale,
-        (None, _) => Outcome::Applied,
-    }
-}
+use marks::MarkMove;
+pub use marks::{Decision, Delivery};
+pub use outcome::{classify, Outcome};
 
 /// What Redis holds for one entity, as the model sees it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -129,6 +54,10 @@ pub struct EntityModel {
     pub fingerprint: Option<u64>,
     /// Dense seqs: what the rule has decided (absent until it first applies).
     pub dense: Option<DenseMark>,
+    /// Offset marks: mark field (one per partition) → mark ([`Model::apply_batch`]).
+    pub marks: BTreeMap<String, crate::consumed::Mark>,
+    /// id hash → (batch token, outcome) of the attempt that decided it.
+    pub decided_by: HashMap<u64, (u32, Outcome)>,
 }
 
 impl EntityModel {
@@ -526,6 +455,84 @@ impl Model {
         for e in self.entities.values_mut() {
             e.remembered.clear();
         }
+    }
+}
+
+impl Model {
+    /// Decides one attempt of a batch, as one `Guard::apply` does. `token`
+    /// stands for the batch token: the same for every attempt of a batch.
+    /// An entity's events of a batch go in one script call, so a mark held
+    /// by a dead-lettered record stays held for the rest of the attempt.
+    pub fn apply_batch(&mut self, deliveries: &[Delivery<'_>], token: u32) -> Vec<Decision> {
+        let mut held: std::collections::HashSet<(String, String)> = Default::default();
+        let mut decisions = Vec::with_capacity(deliveries.len());
+        for d in deliveries {
+            let entity = self.entities.entry(d.event.entity.clone()).or_default();
+            let (decision, movement) = entity.apply_placed(d, token);
+            if let Some((field, mark)) = d.place {
+                let slot = (d.event.entity.clone(), field.to_string());
+                match movement {
+                    MarkMove::Set if !held.contains(&slot) => {
+                        entity.marks.insert(slot.1, mark);
+                    }
+                    MarkMove::Hold => {
+                        held.insert(slot);
+                    }
+                    _ => {}
+                }
+            }
+            decisions.push(decision);
+        }
+        decisions
+    }
+}
+
+impl EntityModel {
+    /// One record of [`Model::apply_batch`]: its decision, and what it does
+    /// to its entity's mark (`guard.lua`'s `decide_new`, `decide_seen_record`).
+    fn apply_placed(&mut self, d: &Delivery<'_>, token: u32) -> (Decision, MarkMove) {
+        let key = id_hash(&d.event.id);
+        let covered = d.place.is_some_and(|(field, mark)| {
+            self.marks.get(field).is_some_and(|m| m.covers(mark.offset))
+        });
+        let plain = |outcome| Decision {
+            outcome,
+            earlier_attempt: None,
+        };
+        if self.remembered.contains_key(&key) {
+            let outcome = self.apply_effects(d.event, d.effects);
+            let earlier_attempt = self
+                .decided_by
+                .get(&key)
+                .filter(|(by, _)| *by == token && outcome == Outcome::Duplicate)
+                .map(|&(_, decided)| decided);
+            let decision = Decision {
+                outcome,
+                earlier_attempt,
+            };
+            return match (outcome, covered) {
+                (Outcome::Conflict, _) => (decision, MarkMove::Hold),
+                // A re-read of this very record: nothing moves, and a
+                // retried batch keeps what its earlier attempt decided.
+                (_, true) if earlier_attempt.is_none() => {
+                    (plain(Outcome::Replayed), MarkMove::Leave)
+                }
+                (_, true) => (decision, MarkMove::Leave),
+                _ => (decision, MarkMove::Set),
+            };
+        }
+        if covered {
+            return (plain(Outcome::Replayed), MarkMove::Leave);
+        }
+        let outcome = self.apply_effects(d.event, d.effects);
+        if outcome.decides() {
+            self.decided_by.insert(key, (token, outcome));
+        }
+        let mark = match outcome {
+            Outcome::Conflict | Outcome::Invalid => MarkMove::Hold,
+            _ => MarkMove::Set,
+        };
+        (plain(outcome), mark)
     }
 }
 

@@ -307,3 +307,90 @@ async fn never_produced_seqs_close_at_the_cap_and_a_late_original_is_dead_letter
     assert!(message.contains("2-2"), "{message}");
     idem.terminate().await;
 }
+
+/// `idem reconcile` compares what idem keeps beside the state: after a
+/// clean run on a dense topic under per-field order it finds nothing; an
+/// offset mark past the entity's last record, a dense-seq record and field
+/// seqs that the log's events do not make are each reported, and none is
+/// "repaired" into something else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_compares_offset_marks_dense_seqs_and_field_seqs() {
+    let topic = unique("bookkeeping");
+    create_topic(&topic, 1).await;
+    let file = config_file(&topic);
+    let records = payments::generate(&payments::PaymentsSpec {
+        events: 600,
+        accounts: 20,
+        duplicate_ratio: 0.1,
+        out_of_order_ratio: 0.1,
+        seed: 5,
+        prefix: topic.clone(),
+    });
+    produce(&topic, &records).await;
+    let config = file.to_str().unwrap();
+    let env = [
+        ("IDEM_CONFIG", config),
+        ("IDEM__DEDUPE__DENSE_SEQ_TOPICS", topic.as_str()),
+        ("IDEM__STATE__ORDER", "per_field"),
+    ];
+    let mut opts = IdemOpts::new(&topic, &topic, &topic);
+    for (k, v) in env {
+        opts = opts.with(k, v);
+    }
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+    idem.terminate().await;
+    let (code, json) = reconcile_report(&topic, &[], &env);
+    assert_eq!(code, Some(0), "a clean run reconciles clean: {json}");
+
+    let id = topic_id(&topic)
+        .await
+        .expect("the local broker gives topic ids");
+    let account = |a: u32| format!("{topic}:acct-{a}");
+    let layout = KeyLayout::new(&topic);
+    let mut conn = redis_conn(&redis_url()).await;
+    for cmd in [
+        redis::cmd("HSET")
+            .arg(layout.meta_key(&account(0)))
+            .arg(format!("o:{}:0", id.short()))
+            .arg("0:999999")
+            .clone(),
+        redis::cmd("HSET")
+            .arg(layout.meta_key(&account(1)))
+            .arg("dense_closed")
+            .arg("900-901")
+            .clone(),
+        redis::cmd("HSET")
+            .arg(layout.entity(&account(2)).field_seqs())
+            .arg("injected")
+            .arg(7)
+            .clone(),
+    ] {
+        let _: () = cmd.query_async(&mut conn).await.unwrap();
+    }
+    for extra in [&[][..], &["--repair"][..]] {
+        let (code, json) = reconcile_report(&topic, extra, &env);
+        assert_eq!(code, Some(1), "{json}");
+        let mut got: Vec<(String, String, bool)> = json["divergences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    d["entity"].as_str().unwrap().to_string(),
+                    d["kind"].as_str().unwrap().to_string(),
+                    d["repaired"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                (account(0), "offset_mark_ahead".to_string(), false),
+                (account(1), "dense_seqs_differ".to_string(), false),
+                (account(2), "field_seqs_differ".to_string(), false),
+            ]
+        );
+    }
+}

@@ -7,10 +7,11 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use idem::consumed::Mark;
 use idem::effects::{Amount, Effects, Mutation, StateEffect, StateOrder};
 use idem::event::{Event, Op};
 use idem::guard::{Guard, GuardInput, Place};
-use idem::model::Model;
+use idem::model::{Delivery, Model};
 use idem::store::progress::ProgressStore;
 use idem::store::KeyLayout;
 use rand::rngs::StdRng;
@@ -193,21 +194,128 @@ async fn dense_fields(
         .unwrap()
 }
 
+/// One record of a round as delivered: (sequence, event, mark field, mark).
+type Delivered = (usize, usize, String, Mark);
+
+/// How a round's logs are consumed, as batches in delivery order. Each
+/// sequence's events are the log of one partition (sometimes two, so that
+/// an entity's events span partitions), at offsets with gaps (transaction
+/// markers, compaction). Each partition is read by runs: the first from
+/// offset 0 or, now and then, after a forward skip (`latest`,
+/// `--allow-skip`), then perhaps a replay from earliest or a rewind to a
+/// random offset, each a new run of consumption. A batch holds the next
+/// few records of every partition.
+fn schedule(rng: &mut StdRng, sequences: &[Vec<(Event, Effects)>]) -> Vec<Vec<Delivered>> {
+    let mut partitions: Vec<Vec<Delivered>> = Vec::new();
+    for (s, sequence) in sequences.iter().enumerate() {
+        let count = 1 + usize::from(rng.random_range(0..4) == 0);
+        let mut logs: Vec<Vec<(usize, i64)>> = vec![Vec::new(); count];
+        for i in 0..sequence.len() {
+            let log = &mut logs[rng.random_range(0..count as u64) as usize];
+            let next = log.last().map_or(0, |&(_, o)| o + 1);
+            let gap = if rng.random_range(0..5) == 0 {
+                rng.random_range(1..4)
+            } else {
+                0
+            };
+            log.push((i, next + gap));
+        }
+        for (p, log) in logs.iter().enumerate() {
+            let field = format!("o:000000000000:{s}.{p}");
+            let mut reads = Vec::new();
+            let mut from = if rng.random_range(0..4) == 0 {
+                rng.random_range(0..=log.len() as u64) as usize
+            } else {
+                0
+            };
+            loop {
+                let run_start = if from == 0 { 0 } else { log[from - 1].1 + 1 };
+                for &(i, offset) in &log[from..] {
+                    reads.push((s, i, field.clone(), Mark { run_start, offset }));
+                }
+                if log.is_empty() || rng.random_range(0..3) != 0 {
+                    break;
+                }
+                // A replay from earliest or a rewind: a new run.
+                from = if rng.random_range(0..2) == 0 {
+                    0
+                } else {
+                    rng.random_range(0..log.len() as u64) as usize
+                };
+            }
+            partitions.push(reads);
+        }
+    }
+    let mut batches: Vec<Vec<Delivered>> = Vec::new();
+    for reads in partitions {
+        let mut at = 0;
+        let mut b = 0;
+        while at < reads.len() {
+            let n = (1 + rng.random_range(0..6) as usize).min(reads.len() - at);
+            if batches.len() <= b {
+                batches.push(Vec::new());
+            }
+            batches[b].extend(reads[at..at + n].iter().cloned());
+            at += n;
+            b += 1;
+        }
+    }
+    batches
+}
+
+/// Forgets every id of `entity`, as the window does when it has passed.
+async fn expire_ids(
+    conn: &mut idem::store::RedisConn,
+    prefix: &str,
+    entity: &str,
+    model: &mut Model,
+) {
+    let keys = KeyLayout::new(prefix).entity(entity);
+    let generation = |offset: i64| keys.ids((now_ms() / 3_600_000 + offset) as u64);
+    let _: () = redis::cmd("DEL")
+        .arg(generation(-1))
+        .arg(generation(0))
+        .arg(generation(1))
+        .query_async(conn)
+        .await
+        .unwrap();
+    if let Some(e) = model.entities.get_mut(entity) {
+        e.remembered.clear();
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// The script and the model decide the same, record by record, and leave
+/// the same state, counters, ledgers, sets, field seqs, dense marks and
+/// offset marks: random sequences (reorderings, copies, conflicts, gaps in
+/// dense seqs, every order mode) read by runs with forward skips, replays
+/// and rewinds, batches retried after a lost reply (whole or in part), and
+/// ids forgotten as if the window had passed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guard_script_matches_the_model_on_random_sequences() {
-    const SEQUENCES: usize = 10_000;
+    // The cluster pass checks the same script through slot routing: a fifth
+    // of the sequences is enough there.
+    let cluster = redis_mode(&redis_url()) == idem::config::RedisMode::Cluster;
+    let sequences_total: usize = if cluster { 2_000 } else { 10_000 };
     let prefix = unique("diff");
-    let conn = redis_conn(&redis_url()).await;
+    let mut conn = redis_conn(&redis_url()).await;
     let mut rng = StdRng::seed_from_u64(0xD1FF);
-    let mut checked_events = 0;
+    let (mut checked_events, mut retries) = (0, 0);
     let mut outcomes = std::collections::BTreeMap::new();
     let window = Duration::from_secs(3600);
     let epoch = ProgressStore::new(conn.clone(), KeyLayout::new(&prefix))
         .establish_epoch()
         .await
         .expect("epoch");
-    for round in 0..(SEQUENCES / 100) {
-        // 100 sequences per round trip; each sequence has its own entities.
+    let mut token = 0u32;
+    for round in 0..(sequences_total / 100) {
+        // 100 sequences per round; each sequence has its own entities.
         let events_per_script = 1 + rng.random_range(0..40) as usize;
         let mut guard = Guard::new(
             conn.clone(),
@@ -218,77 +326,150 @@ async fn guard_script_matches_the_model_on_random_sequences() {
         let sequences: Vec<Vec<(Event, Effects)>> = (0..100)
             .map(|s| random_sequence(&mut rng, &format!("r{round}s{s}")))
             .collect();
-        let all: Vec<&(Event, Effects)> = sequences.iter().flatten().collect();
-        let inputs: Vec<GuardInput<'_>> = all
-            .iter()
-            .map(|(event, effects)| GuardInput {
-                event,
-                window,
-                effects,
-                place: None,
-            })
-            .collect();
-        let verdicts = guard.apply(&inputs).await.unwrap();
         let mut model = Model::default();
-        for ((event, effects), verdict) in all.iter().zip(&verdicts) {
-            let want = model.apply_effects(event, effects);
-            assert_eq!(
-                verdict.outcome, want,
-                "outcome of {event:?} with {effects:?}"
-            );
-            *outcomes.entry(want.as_str()).or_insert(0u64) += 1;
+        for batch in schedule(&mut rng, &sequences) {
+            guard.begin_batch();
+            token += 1;
+            let mut attempts = vec![batch.clone()];
+            if rng.random_range(0..6) == 0 {
+                // An earlier attempt whose reply was lost: some calls (whole
+                // entities) or all of it went through.
+                let entity = |d: &Delivered| sequences[d.0][d.1].0.entity.clone();
+                let through: std::collections::BTreeSet<String> = batch
+                    .iter()
+                    .map(entity)
+                    .filter(|_| rng.random_range(0..2) == 0)
+                    .collect();
+                let part: Vec<Delivered> = batch
+                    .iter()
+                    .filter(|d| through.contains(&entity(d)))
+                    .cloned()
+                    .collect();
+                attempts.insert(0, part);
+                retries += 1;
+            }
+            for attempt in attempts {
+                let records: Vec<&(Event, Effects)> = attempt
+                    .iter()
+                    .map(|(s, i, _, _)| &sequences[*s][*i])
+                    .collect();
+                let inputs: Vec<GuardInput<'_>> = records
+                    .iter()
+                    .zip(&attempt)
+                    .map(|((event, effects), (_, _, field, mark))| GuardInput {
+                        event,
+                        window,
+                        effects,
+                        place: Some(Place {
+                            mark_field: field,
+                            offset: mark.offset,
+                            run_start: mark.run_start,
+                        }),
+                    })
+                    .collect();
+                let deliveries: Vec<Delivery<'_>> = records
+                    .iter()
+                    .zip(&attempt)
+                    .map(|((event, effects), (_, _, field, mark))| Delivery {
+                        event,
+                        effects,
+                        place: Some((field.as_str(), *mark)),
+                    })
+                    .collect();
+                let verdicts = guard.apply(&inputs).await.unwrap();
+                let want = model.apply_batch(&deliveries, token);
+                for ((verdict, want), (event, effects)) in verdicts.iter().zip(&want).zip(&records)
+                {
+                    assert_eq!(
+                        (verdict.outcome, verdict.earlier_attempt),
+                        (want.outcome, want.earlier_attempt),
+                        "outcome of {event:?} with {effects:?}"
+                    );
+                    *outcomes.entry(want.outcome.as_str()).or_insert(0u64) += 1;
+                }
+                checked_events += records.len();
+            }
+            if rng.random_range(0..8) == 0 {
+                let s = rng.random_range(0..sequences.len() as u64) as usize;
+                for entity in sequences[s]
+                    .iter()
+                    .map(|(e, _)| &e.entity)
+                    .collect::<std::collections::BTreeSet<_>>()
+                {
+                    expire_ids(&mut conn, &prefix, entity, &mut model).await;
+                }
+            }
         }
-        checked_events += all.len();
-        let views = read_entities(&redis_url(), &prefix, model.entities.keys()).await;
-        for (name, want) in &model.entities {
-            let got = &views[name];
-            assert_eq!(
-                (
-                    got.seq,
-                    got.deleted,
-                    got.applied,
-                    &got.state,
-                    got.last_id.as_ref()
-                ),
-                (
-                    want.seq,
-                    want.deleted,
-                    want.applied,
-                    &want.state,
-                    want.last_id.as_ref()
-                ),
-                "state of {name}"
-            );
-            let commutative = idem::store::commutative::read(
-                &mut conn.clone(),
-                &KeyLayout::new(&prefix),
-                name,
-                &["l".to_string()],
-                &["s".to_string()],
-            )
+        assert_entities_match(&mut conn, &prefix, &model).await;
+    }
+    eprintln!("differential: {sequences_total} sequences, {checked_events} records delivered ({retries} batches retried), Lua == model; outcomes {outcomes:?}");
+}
+
+/// Every entity of `model` as Redis holds it under `prefix`.
+async fn assert_entities_match(conn: &mut idem::store::RedisConn, prefix: &str, model: &Model) {
+    let views = read_entities(&redis_url(), prefix, model.entities.keys()).await;
+    for (name, want) in &model.entities {
+        let got = &views[name];
+        assert_eq!(
+            (
+                got.seq,
+                got.deleted,
+                got.applied,
+                &got.state,
+                got.last_id.as_ref()
+            ),
+            (
+                want.seq,
+                want.deleted,
+                want.applied,
+                &want.state,
+                want.last_id.as_ref()
+            ),
+            "state of {name}"
+        );
+        let commutative = idem::store::commutative::read(
+            conn,
+            &KeyLayout::new(prefix),
+            name,
+            &["l".to_string()],
+            &["s".to_string()],
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            commutative,
+            want.commutative_view(),
+            "counters, ledger and sets of {name}"
+        );
+        let field_seqs: std::collections::BTreeMap<String, u64> = redis::cmd("HGETALL")
+            .arg(KeyLayout::new(prefix).entity(name).field_seqs())
+            .query_async(conn)
             .await
             .unwrap();
-            assert_eq!(
-                commutative,
-                want.commutative_view(),
-                "counters, ledger and sets of {name}"
-            );
-            let field_seqs: std::collections::BTreeMap<String, u64> = redis::cmd("HGETALL")
-                .arg(KeyLayout::new(&prefix).entity(name).field_seqs())
-                .query_async(&mut conn.clone())
-                .await
-                .unwrap();
-            assert_eq!(field_seqs, want.field_seqs, "field seqs of {name}");
-            let dense = dense_fields(&prefix, name).await;
-            let want_dense = want.dense.as_ref().map(|d| d.encode());
-            assert_eq!(
-                (dense.0, dense.1, dense.2),
-                want_dense.map_or((None, None, None), |(m, a, c)| (Some(m), a, c)),
-                "dense seqs of {name}"
-            );
-        }
+        assert_eq!(field_seqs, want.field_seqs, "field seqs of {name}");
+        let dense = dense_fields(prefix, name).await;
+        let want_dense = want.dense.as_ref().map(|d| d.encode());
+        assert_eq!(
+            (dense.0, dense.1, dense.2),
+            want_dense.map_or((None, None, None), |(m, a, c)| (Some(m), a, c)),
+            "dense seqs of {name}"
+        );
+        let meta: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
+            .arg(KeyLayout::new(prefix).entity(name).meta())
+            .query_async(conn)
+            .await
+            .unwrap();
+        let marks: std::collections::BTreeMap<String, String> = meta
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("o:"))
+            .collect();
+        let want_marks: std::collections::BTreeMap<String, String> = want
+            .marks
+            .iter()
+            .map(|(k, m)| (k.clone(), m.encode()))
+            .collect();
+        assert_eq!(marks, want_marks, "offset marks of {name}");
     }
-    eprintln!("differential: {SEQUENCES} sequences, {checked_events} events, Lua == model; outcomes {outcomes:?}");
 }
 
 /// What the script parses, for one call with every mutation kind and

@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 use clap::Args;
-use rdkafka::consumer::Consumer as _;
 
 use crate::config::{parse_duration, Config};
 use crate::tools::replay::{self, ReplayTarget};
@@ -171,19 +170,7 @@ async fn decided_ranges(
     topic: &str,
     plan: &replay::ReplayPlan,
 ) -> anyhow::Result<BTreeMap<i32, crate::consumed::DecidedRanges>> {
-    let kafka = config.kafka.clone();
-    let topics = vec![topic.to_string()];
-    let ids = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let client: rdkafka::consumer::BaseConsumer<crate::kafka::QuietContext> =
-            crate::kafka::base_config(&kafka).create_with_context(crate::kafka::QuietContext)?;
-        Ok(crate::kafka::topic_ids::topic_ids(
-            client.client(),
-            &topics,
-            kafka.request_timeout,
-        )?)
-    })
-    .await??;
-    let Some(id) = ids.get(topic) else {
+    let Some(id) = crate::kafka::topic_ids::topic_id_of(&config.kafka, topic).await? else {
         return Ok(BTreeMap::new());
     };
     let conn = crate::store::connect(&config.redis).await?;

@@ -589,6 +589,10 @@ end
 -- Every rule takes the greater of two writes, so the state is the same
 -- for every arrival order of the same events.
 
+local function format_floor(seq, strict)
+  return seq .. (strict and '!' or '')
+end
+
 local function parse_floor(text)
   if not text then return nil, false end
   local seq, strict = string.match(text, '^(%d+)(!?)$')
@@ -687,7 +691,7 @@ local function decide_per_field(e, token, recorded, applied)
     -- what that order left at `recorded`, so what is older stays stale.
     if floor_above(recorded, true, floor, strict) then floor, strict = recorded, true end
     if not exists_seq or is_newer(recorded, exists_seq) then exists_seq = recorded end
-    meta[#meta + 1], meta[#meta + 2] = 'floor', floor .. (strict and '!' or '')
+    meta[#meta + 1], meta[#meta + 2] = 'floor', format_floor(floor, strict)
     meta[#meta + 1], meta[#meta + 2] = 'exists_seq', exists_seq
   end
   local plan, why = prepare(e.mutations, false, e.seq, e.state, { e.id, e.type })
@@ -702,7 +706,7 @@ local function decide_per_field(e, token, recorded, applied)
     if floor_above(seq, own_strict, floor, strict) then
       won = won + 1
       floor, strict = seq, own_strict
-      meta[#meta + 1], meta[#meta + 2] = 'floor', floor .. (strict and '!' or '')
+      meta[#meta + 1], meta[#meta + 2] = 'floor', format_floor(floor, strict)
       drop_below_floor(e, fseq_key, floor, strict)
     else
       lost = lost + 1

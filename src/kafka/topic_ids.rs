@@ -29,6 +29,26 @@ pub enum TopicIdError {
     Topic { topic: String, message: String },
 }
 
+/// The id of `topic` as the brokers give it now (`None`: a broker without
+/// topic ids), through a client of its own: for the tools, off the pipeline.
+pub async fn topic_id_of(
+    kafka: &crate::config::KafkaConfig,
+    topic: &str,
+) -> anyhow::Result<Option<TopicId>> {
+    let (kafka, topics) = (kafka.clone(), vec![topic.to_string()]);
+    let mut ids = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let client: rdkafka::consumer::BaseConsumer<super::QuietContext> =
+            super::base_config(&kafka).create_with_context(super::QuietContext)?;
+        Ok(topic_ids(
+            rdkafka::consumer::Consumer::client(&client),
+            &topics,
+            kafka.request_timeout,
+        )?)
+    })
+    .await??;
+    Ok(ids.remove(topic))
+}
+
 /// The ids of `topics`, by name; a topic without an id (an old broker) is
 /// left out. Blocking: call it off the async runtime.
 pub fn topic_ids<C: ClientContext>(

@@ -80,8 +80,8 @@ impl DenseMark {
         }
     }
 
-    /// Records `seq` as decided; how many seqs the cap closed.
-    pub fn decide(&mut self, seq: u64, fingerprint: u64) -> u64 {
+    /// Records `seq` as decided (what the cap closes adds to `seqs_closed`).
+    pub fn decide(&mut self, seq: u64, fingerprint: u64) {
         if seq == self.mark + 1 {
             self.mark = seq;
         } else {
@@ -105,7 +105,6 @@ impl DenseMark {
             self.closed[0].1 = to;
         }
         self.seqs_closed += closed;
-        closed
     }
 
     /// The meta fields as `guard.lua` writes them: `dense`, `dense_above`

@@ -148,21 +148,8 @@ async fn kafka(config: &Config, timeout: Duration, checks: &mut Vec<Check>) -> b
 /// and no unclean leader election (which reuses offsets in place).
 async fn log_identity(config: &Config, topic: &str) -> Vec<Check> {
     let what = format!("topic {topic} log");
-    let kafka = config.kafka.clone();
-    let name = topic.to_string();
-    let ids = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let client: rdkafka::consumer::BaseConsumer<crate::kafka::QuietContext> =
-            crate::kafka::base_config(&kafka).create_with_context(crate::kafka::QuietContext)?;
-        Ok(crate::kafka::topic_ids::topic_ids(
-            rdkafka::consumer::Consumer::client(&client),
-            std::slice::from_ref(&name),
-            kafka.request_timeout,
-        )?)
-    })
-    .await
-    .map_err(anyhow::Error::from)
-    .and_then(|r| r);
-    let mut checks = vec![match ids.as_ref().map(|ids| ids.get(topic)) {
+    let id = crate::kafka::topic_ids::topic_id_of(&config.kafka, topic).await;
+    let mut checks = vec![match id.as_ref().map(Option::as_ref) {
         Ok(Some(id)) => line(
             Status::Ok,
             what.clone(),

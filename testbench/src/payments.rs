@@ -140,13 +140,10 @@ pub fn oracle(
     topic: &str,
     effects: &EffectsConfig,
 ) -> (Model, BTreeMap<Outcome, u64>, BTreeMap<String, u64>) {
-    let mut model = Model::default();
+    let (model, decided) = decide_all(records, topic, effects);
     let mut counts = BTreeMap::new();
     let mut points: BTreeMap<String, u64> = BTreeMap::new();
-    for r in records {
-        let event = decode(Some(&r.value), &FieldMap::default(), 1 << 20).expect("valid");
-        let planned = effects.plan_for(topic, &event).expect("plannable");
-        let outcome = model.apply_effects(&event, &planned);
+    for (event, outcome) in decided {
         *counts.entry(outcome).or_insert(0) += 1;
         let first_time = matches!(outcome, Outcome::Applied | Outcome::Late | Outcome::Partial);
         if first_time && event.kind.as_deref() == Some("deposit") {
@@ -161,4 +158,32 @@ pub fn oracle(
         }
     }
     (model, counts, points)
+}
+
+/// For each record in production order: does the oracle apply it?
+pub fn oracle_applies(records: &[SampleRecord], topic: &str, effects: &EffectsConfig) -> Vec<bool> {
+    let (_, decided) = decide_all(records, topic, effects);
+    decided
+        .iter()
+        .map(|(_, o)| *o == Outcome::Applied)
+        .collect()
+}
+
+/// The model after `records`, and each record's event and outcome.
+fn decide_all(
+    records: &[SampleRecord],
+    topic: &str,
+    effects: &EffectsConfig,
+) -> (Model, Vec<(idem::event::Event, Outcome)>) {
+    let mut model = Model::default();
+    let decided = records
+        .iter()
+        .map(|r| {
+            let event = decode(Some(&r.value), &FieldMap::default(), 1 << 20).expect("valid");
+            let planned = effects.plan_for(topic, &event).expect("plannable");
+            let outcome = model.apply_effects(&event, &planned);
+            (event, outcome)
+        })
+        .collect();
+    (model, decided)
 }

@@ -29,8 +29,10 @@ use crate::model::{EntityModel, Model};
 use crate::store::{self, EntityView, KeyLayout, StoreError};
 use crate::tools::topic_reader::read_topic;
 
+mod bookkeeping;
 mod effects;
 
+use bookkeeping::BookkeepingCheck;
 use effects::EffectsCheck;
 
 const REPAIR: &str = include_str!("repair.lua");
@@ -60,6 +62,17 @@ pub enum DivergenceKind {
     /// the log's events make them (docs/effects.md). Not repaired: rebuild
     /// beside the live view (docs/operations.md).
     EffectsDiffer,
+    /// An offset mark of the topic lies past the entity's last record in
+    /// its partition: the log lost records idem decided (an unclean leader
+    /// election), and records at those offsets since would be taken as
+    /// re-reads. Not repaired (docs/guarantees.md, offsets reused in place).
+    OffsetMarkAhead,
+    /// State and seq agree, but the dense-seq record (mark, seqs waiting
+    /// above it, closed gaps) is not what the log's seqs make it. Not repaired.
+    DenseSeqsDiffer,
+    /// State and seq agree, but per-field order's field seqs are not what
+    /// the log's events make them. Not repaired.
+    FieldSeqsDiffer,
 }
 
 impl DivergenceKind {
@@ -203,15 +216,28 @@ pub async fn reconcile(
         None
     };
 
+    let topic_id = match crate::kafka::topic_ids::topic_id_of(&config.kafka, &opts.topic).await {
+        Ok(id) => id,
+        Err(e) => {
+            progress(format!(
+                "could not read the topic's id ({e}): offset marks not compared"
+            ));
+            None
+        }
+    };
     let mut conn = store::connect_or_explain(&config.redis).await?;
     let layout = KeyLayout::new(&config.redis.key_prefix);
+    let checks = Checks {
+        effects: EffectsCheck::of(config, &opts.topic),
+        bookkeeping: BookkeepingCheck::of(&config.effects, &opts.topic, topic_id.as_ref()),
+    };
     let mut divergences = compare_with_redis(
         &mut conn,
         &layout,
         &log,
         seq_ordered.as_ref(),
         opts,
-        EffectsCheck::of(config, &opts.topic).as_ref(),
+        &checks,
         &*progress,
     )
     .await?;
@@ -245,6 +271,8 @@ struct LogModels {
     /// The same id taken as still remembered (see `Model::apply_at`).
     kept: Model,
     spanning: BTreeSet<String>,
+    /// Entity → partition → offset of its last record there.
+    last_offsets: HashMap<String, BTreeMap<i32, i64>>,
     read: u64,
     invalid: u64,
 }
@@ -266,6 +294,7 @@ async fn read_log(
         let (mut model, mut kept) = (Model::default(), Model::default());
         let mut first_partition: HashMap<String, i32> = HashMap::new();
         let mut spanning: BTreeSet<String> = BTreeSet::new();
+        let mut last_offsets: HashMap<String, BTreeMap<i32, i64>> = HashMap::new();
         let mut invalid = 0u64;
         let read = read_topic(
             &kafka,
@@ -288,6 +317,10 @@ async fn read_log(
                     if p != r.partition {
                         spanning.insert(e.entity.clone());
                     }
+                    last_offsets
+                        .entry(e.entity.clone())
+                        .or_default()
+                        .insert(r.partition, r.offset);
                     let at = r.timestamp_ms.unwrap_or(0);
                     model.apply_at(&e, &planned, at, window_ms, false);
                     kept.apply_at(&e, &planned, at, window_ms, true);
@@ -300,11 +333,18 @@ async fn read_log(
             model,
             kept,
             spanning,
+            last_offsets,
             read,
             invalid,
         })
     })
     .await?
+}
+
+/// What is compared beyond the state and the seq.
+struct Checks {
+    effects: Option<EffectsCheck>,
+    bookkeeping: BookkeepingCheck,
 }
 
 /// Each entity of the log against what Redis holds: the divergences found,
@@ -315,7 +355,7 @@ async fn compare_with_redis(
     log: &LogModels,
     seq_ordered: Option<&Model>,
     opts: &ReconcileOptions,
-    effects: Option<&EffectsCheck>,
+    checks: &Checks,
     progress: &(dyn Fn(String) + Send + Sync),
 ) -> anyhow::Result<Vec<Divergence>> {
     let mut divergences = Vec::new();
@@ -326,31 +366,35 @@ async fn compare_with_redis(
             .filter(|_| is_spanning)
             .and_then(|m| m.entities.get(entity));
         let want = reordered.unwrap_or(want);
-        let found = judge(
-            is_spanning && reordered.is_none(),
-            want,
-            log.kept
-                .entities
-                .get(entity)
-                .filter(|_| want.window_ambiguous),
-            &view,
-        );
-        let found = match (found, effects) {
-            (None, Some(check)) => {
-                let kept = log
-                    .kept
-                    .entities
-                    .get(entity)
-                    .filter(|_| want.window_ambiguous);
-                check.judge(conn, layout, entity, want, kept).await?
-            }
+        let kept = log
+            .kept
+            .entities
+            .get(entity)
+            .filter(|_| want.window_ambiguous);
+        let found = judge(is_spanning && reordered.is_none(), want, kept, &view);
+        let found = match (found, &checks.effects) {
+            (None, Some(check)) => check.judge(conn, layout, entity, want, kept).await?,
             (found, _) => found,
+        };
+        let found = match found {
+            None => {
+                let last = log.last_offsets.get(entity);
+                checks
+                    .bookkeeping
+                    .judge(conn, layout, &view, want, kept, last)
+                    .await?
+            }
+            found => found,
         };
         if let Some(kind) = found {
             let mut repaired = false;
             let repairable = !matches!(
                 kind,
-                DivergenceKind::SeqAhead | DivergenceKind::EffectsDiffer
+                DivergenceKind::SeqAhead
+                    | DivergenceKind::EffectsDiffer
+                    | DivergenceKind::OffsetMarkAhead
+                    | DivergenceKind::DenseSeqsDiffer
+                    | DivergenceKind::FieldSeqsDiffer
             );
             if opts.repair && kind.is_divergence() && repairable {
                 repaired = repair(conn, layout, entity, want).await?;

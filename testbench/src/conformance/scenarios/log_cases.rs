@@ -40,37 +40,7 @@ pub(super) async fn replay_earliest(
     let p = case.spawn(&[])?;
     case.catch_up().await?;
     p.terminate().await;
-    let (brokers, group, topic) = (
-        case.env.brokers.clone(),
-        case.topic.clone(),
-        case.topic.clone(),
-    );
-    tokio::task::spawn_blocking(move || {
-        let start = Instant::now();
-        loop {
-            let plan = idem::tools::replay::plan(
-                &idem::config::KafkaConfig::for_brokers(&brokers),
-                &group,
-                &topic,
-                None,
-                &idem::tools::replay::ReplayTarget::Earliest,
-                idem::config::OffsetReset::Earliest,
-                None,
-            )?;
-            if plan.members.is_empty() {
-                return idem::tools::replay::execute(
-                    &idem::config::KafkaConfig::for_brokers(&brokers),
-                    &plan,
-                );
-            }
-            anyhow::ensure!(
-                start.elapsed() < Duration::from_secs(60),
-                "the group never emptied"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    })
-    .await??;
+    replay_to_earliest(&case).await?;
     let p = case.spawn(&[])?;
     case.catch_up().await?;
     let applied = p.outcome(Some(Outcome::Applied)).await;
@@ -90,6 +60,143 @@ pub(super) async fn replay_earliest(
         r.verdict = "fail".into();
     }
     Ok((r, k))
+}
+
+/// `idem replay --to-earliest --execute` on the case's group, once it is empty.
+async fn replay_to_earliest(case: &Case) -> anyhow::Result<()> {
+    let (brokers, topic) = (case.env.brokers.clone(), case.topic.clone());
+    tokio::task::spawn_blocking(move || {
+        let start = Instant::now();
+        let kafka = idem::config::KafkaConfig::for_brokers(&brokers);
+        loop {
+            let plan = idem::tools::replay::plan(
+                &kafka,
+                &topic,
+                &topic,
+                None,
+                &idem::tools::replay::ReplayTarget::Earliest,
+                idem::config::OffsetReset::Earliest,
+                None,
+            )?;
+            if plan.members.is_empty() {
+                return idem::tools::replay::execute(&kafka, &plan);
+            }
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(60),
+                "the group never emptied"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+    .await?
+}
+
+/// Counters, a ledger and a custom effect replayed from earliest once the
+/// dedupe window has passed, SIGKILLed mid-replay: the offset marks
+/// recognise every record (`replayed`), so no balance moves, no ledger
+/// entry is added and no status changes (docs/guarantees.md, "Replays").
+pub(super) async fn replay_after_window_counters(
+    spec: ConformanceSpec,
+    seed: u64,
+) -> anyhow::Result<(ScenarioResult, u32)> {
+    use crate::payments::{self, PaymentsSpec};
+    let mut case = Case::new(&spec, "replay-after-window-counters", seed, 1, 3).await?;
+    let file = payments::write_config(&case.env.work_dir.join(&case.topic), &case.topic)?;
+    let effects = idem::config::Config::load(Some(&file), &Default::default())?.effects;
+    case.records = payments::generate(&PaymentsSpec {
+        events: 4_000,
+        accounts: 100,
+        duplicate_ratio: 0.2,
+        out_of_order_ratio: 0.1,
+        seed,
+        prefix: case.topic.clone(),
+    });
+    let (model, _, points) = payments::oracle(&case.records, &case.topic, &effects);
+    case.model = model;
+    case.applied = payments::oracle_applies(&case.records, &case.topic, &effects);
+    case.produce(0, case.records.len()).await?;
+    let config = file.to_string_lossy().into_owned();
+    let extra = [
+        ("IDEM_CONFIG", config.as_str()),
+        ("IDEM__DEDUPE__WINDOW", "2s"),
+    ];
+    let p = case.spawn(&extra)?;
+    case.catch_up().await?;
+    p.terminate().await;
+    // Redis remembers an id for at most two windows: past them, only the
+    // offset marks know these records.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    replay_to_earliest(&case).await?;
+    let p = case.spawn(&extra)?;
+    wait_processing(&p, 1, RECOVERY_BOUND).await?;
+    p.kill();
+    case.kills += 1;
+    let p = case.spawn(&extra)?;
+    case.catch_up().await?;
+    let mut counted_again = 0;
+    for outcome in [Outcome::Applied, Outcome::Late, Outcome::Partial] {
+        counted_again += p.outcome(Some(outcome)).await;
+    }
+    let replayed = p.outcome(Some(Outcome::Replayed)).await;
+    p.terminate().await;
+    let violations = case.check_commits().await?;
+    let (lost, doubled, wrong) = effects_against_oracle(&case, &points).await?;
+    case.faults.push(format!(
+        "replay from earliest after a 2 s window, SIGKILL mid-replay ({} records)",
+        case.records.len()
+    ));
+    let notes = format!(
+        "{replayed} replayed and {counted_again} applied or counted after the kill; accounts off the oracle: {wrong:?}"
+    );
+    let (mut r, k) = case.finish(None, violations, notes, false).await?;
+    r.lost += lost;
+    r.doubled += doubled;
+    if counted_again != 0 || lost + doubled != 0 {
+        r.verdict = "fail".into();
+    }
+    Ok((r, k))
+}
+
+/// Balances, ledgers and points against the payments oracle: (accounts
+/// below it, accounts above it, a few examples).
+async fn effects_against_oracle(
+    case: &Case,
+    points: &std::collections::BTreeMap<String, u64>,
+) -> anyhow::Result<(u64, u64, Vec<String>)> {
+    let mut conn = case.redis.connect().await?;
+    let layout = idem::store::KeyLayout::new(&case.topic);
+    let (mut lost, mut doubled, mut examples) = (0, 0, Vec::new());
+    for (entity, want) in &case.model.entities {
+        let got = idem::store::commutative::read(
+            &mut conn,
+            &layout,
+            entity,
+            &["ledger".to_string()],
+            &[],
+        )
+        .await?;
+        let mut want_view = want.commutative_view();
+        if let Some(p) = points.get(entity) {
+            want_view.counters.insert("points".into(), p.to_string());
+        }
+        if got == want_view {
+            continue;
+        }
+        let entries =
+            |v: &idem::effects::CommutativeView| v.ledgers.values().map(Vec::len).sum::<usize>();
+        if entries(&got) > entries(&want_view) {
+            doubled += 1;
+        } else {
+            lost += 1;
+        }
+        if examples.len() < 3 {
+            examples.push(format!(
+                "{entity}: redis {:?}, oracle {:?}",
+                got.counters, want_view.counters
+            ));
+        }
+    }
+    Ok((lost, doubled, examples))
 }
 
 pub(super) async fn poison(

@@ -31,7 +31,7 @@ pub struct Scenario {
 /// The scenarios of `profile`, in running order.
 pub fn all(profile: Profile) -> Vec<Scenario> {
     // (name, only in the full profile, run)
-    let table: [(&'static str, bool, Run); 21] = [
+    let table: [(&'static str, bool, Run); 22] = [
         ("sigkill-random", false, |s, seed| {
             Box::pin(sigkill_random(s, seed))
         }),
@@ -54,6 +54,9 @@ pub fn all(profile: Profile) -> Vec<Scenario> {
             Box::pin(replay_earliest(s, seed))
         }),
         ("poison-record", false, |s, seed| Box::pin(poison(s, seed))),
+        ("replay-after-window-counters", true, |s, seed| {
+            Box::pin(replay_after_window_counters(s, seed))
+        }),
         ("rebalance-storm", true, |s, seed| Box::pin(storm(s, seed))),
         ("zombie", true, |s, seed| Box::pin(zombie(s, seed))),
         ("redis-killed-ack-everysec", true, |s, seed| {

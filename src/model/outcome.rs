@@ -1,0 +1,81 @@
+//! The outcome of one event, and how the window and the seq classify it.
+
+/// The outcome of one event. Every record gets exactly one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Outcome {
+    Applied,
+    Duplicate,
+    Stale,
+    Conflict,
+    Invalid,
+    /// Seq not newer: the ordered effects were skipped, the commutative ones
+    /// (counters, ledger, sets) applied (docs/effects.md).
+    Late,
+    /// The record itself was decided before (a replay, a rewind, a
+    /// redelivery after a crash), whatever the window: nothing written
+    /// (`crate::consumed`).
+    Replayed,
+    /// Per-field order: some of its fields were written, others had
+    /// newer writers (docs/effects.md, "Order per field").
+    Partial,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Applied,
+        Outcome::Duplicate,
+        Outcome::Stale,
+        Outcome::Conflict,
+        Outcome::Invalid,
+        Outcome::Late,
+        Outcome::Replayed,
+        Outcome::Partial,
+    ];
+
+    /// Whether the event was decided by this sighting (its id is then
+    /// remembered, and on a dense topic its seq): applied, stale, late or
+    /// partial.
+    pub fn decides(self) -> bool {
+        matches!(
+            self,
+            Outcome::Applied | Outcome::Stale | Outcome::Late | Outcome::Partial
+        )
+    }
+
+    /// The label used in metrics and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Stale => "stale",
+            Outcome::Conflict => "conflict",
+            Outcome::Invalid => "invalid",
+            Outcome::Late => "late",
+            Outcome::Replayed => "replayed",
+            Outcome::Partial => "partial",
+        }
+    }
+}
+
+/// Classifies a decodable event.
+///
+/// | id in window?        | seq vs recorded seq   | outcome   |
+/// |----------------------|-----------------------|-----------|
+/// | yes, same fingerprint| any                   | duplicate |
+/// | yes, other fingerprint| any                  | conflict  |
+/// | no                   | no recorded seq       | applied   |
+/// | no                   | seq > recorded        | applied   |
+/// | no                   | seq ≤ recorded        | stale     |
+pub fn classify(
+    remembered_fingerprint: Option<u64>,
+    fingerprint: u64,
+    recorded_seq: Option<u64>,
+    seq: u64,
+) -> Outcome {
+    match (remembered_fingerprint, recorded_seq) {
+        (Some(seen), _) if seen == fingerprint => Outcome::Duplicate,
+        (Some(_), _) => Outcome::Conflict,
+        (None, Some(recorded)) if seq <= recorded => Outcome::Stale,
+        (None, _) => Outcome::Applied,
+    }
+}

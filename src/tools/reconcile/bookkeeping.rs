@@ -1,0 +1,110 @@
+//! Reconcile's check of what idem keeps beside the state to decide order
+//! and re-reads (docs/guarantees.md): the dense-seq record, the per-field
+//! seqs and the offset marks of the topic's incarnation.
+//!
+//! The dense-seq record and the field seqs follow from the log's events in
+//! each partition's order, as the state does. An offset mark does not (its
+//! run start depends on where consumption started), but it can never lie
+//! past the entity's last record in its partition: one that does says the
+//! log lost records that idem decided (an unclean leader election, a
+//! truncation), and the records written at those offsets since would be
+//! taken as re-reads.
+
+use std::collections::BTreeMap;
+
+use super::DivergenceKind;
+use crate::consumed::{Mark, TopicId};
+use crate::effects::{EffectsConfig, StateOrder};
+use crate::model::EntityModel;
+use crate::store::{self, EntityView, KeyLayout, StoreError};
+
+/// What of the bookkeeping reconcile compares for one topic.
+pub(super) struct BookkeepingCheck {
+    dense: bool,
+    per_field: bool,
+    /// `o:<topic id>:`, the mark fields of the topic as it is now (`None`:
+    /// the brokers give no id, and idem keeps no marks).
+    mark_prefix: Option<String>,
+}
+
+impl BookkeepingCheck {
+    pub(super) fn of(effects: &EffectsConfig, topic: &str, id: Option<&TopicId>) -> Self {
+        BookkeepingCheck {
+            dense: effects.dense_seq_topics.contains(topic),
+            per_field: effects.state_order == StateOrder::PerField,
+            mark_prefix: id.map(|id| format!("o:{}:", id.short())),
+        }
+    }
+
+    /// The first kind of bookkeeping that differs from the log's, if any
+    /// (`WindowAmbiguous` where it is what `kept` says instead).
+    /// `last_offsets`: partition → offset of the entity's last record there.
+    pub(super) async fn judge(
+        &self,
+        conn: &mut store::RedisConn,
+        layout: &KeyLayout,
+        view: &EntityView,
+        want: &EntityModel,
+        kept: Option<&EntityModel>,
+        last_offsets: Option<&BTreeMap<i32, i64>>,
+    ) -> Result<Option<DivergenceKind>, StoreError> {
+        if self.mark_ahead(view, last_offsets) {
+            return Ok(Some(DivergenceKind::OffsetMarkAhead));
+        }
+        let either = |same: &dyn Fn(&EntityModel) -> bool, kind| {
+            if same(want) {
+                None
+            } else if kept.is_some_and(same) {
+                Some(DivergenceKind::WindowAmbiguous)
+            } else {
+                Some(kind)
+            }
+        };
+        if self.dense {
+            let same = |m: &EntityModel| dense_fields(m) == view.dense_seqs;
+            if let Some(kind) = either(&same, DivergenceKind::DenseSeqsDiffer) {
+                return Ok(Some(kind));
+            }
+        }
+        if self.per_field {
+            let order = store::read_field_order(conn, layout, &view.entity).await?;
+            let same = |m: &EntityModel| m.field_seqs == order.field_seqs;
+            return Ok(either(&same, DivergenceKind::FieldSeqsDiffer));
+        }
+        Ok(None)
+    }
+
+    /// Whether a mark of this incarnation lies past the entity's last
+    /// record in its partition.
+    fn mark_ahead(&self, view: &EntityView, last_offsets: Option<&BTreeMap<i32, i64>>) -> bool {
+        let Some(prefix) = &self.mark_prefix else {
+            return false;
+        };
+        view.offset_marks.iter().any(|(field, text)| {
+            let partition = field
+                .strip_prefix(prefix.as_str())
+                .and_then(|p| p.parse::<i32>().ok());
+            match (partition, Mark::decode(text)) {
+                (Some(p), Some(mark)) => last_offsets
+                    .and_then(|l| l.get(&p))
+                    .is_none_or(|&last| mark.offset > last),
+                _ => false,
+            }
+        })
+    }
+}
+
+/// The dense-seq fields as the guard stores them for `model`.
+fn dense_fields(model: &EntityModel) -> BTreeMap<String, String> {
+    let mut fields = BTreeMap::new();
+    if let Some((mark, above, closed)) = model.dense.as_ref().map(|d| d.encode()) {
+        fields.insert("dense".to_string(), mark);
+        if let Some(above) = above {
+            fields.insert("dense_above".to_string(), above);
+        }
+        if let Some(closed) = closed {
+            fields.insert("dense_closed".to_string(), closed);
+        }
+    }
+    fields
+}
