@@ -32,6 +32,39 @@ fn a_broker_address_with_a_scheme_is_refused_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("host:port"));
 }
 
+/// An `[[effects]]` rule on a topic idem does not consume (a typo) would
+/// merge deposits into the state instead of counting them: `idem check`
+/// fails naming the rule and the nearest consumed topic, and `idem run`
+/// refuses to start with the same words.
+#[test]
+fn an_effects_rule_on_a_topic_not_consumed_fails_check_and_refuses_run() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("typo"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("effects.toml");
+    std::fs::write(
+        &file,
+        "[[effects]]\ntopic = \"nc-ordres\"\ntypes = [\"deposit\"]\ncounters = [{ field = \"balance\", from = \"/amount\" }]\n",
+    )
+    .unwrap();
+    let config = file.to_str().unwrap();
+    let env = [
+        ("IDEM_CONFIG", config),
+        ("IDEM__KAFKA__TOPICS", "nc-orders"),
+    ];
+    let check = idem_tool(&["check", "--timeout", "2s"], "cli-typo", &env);
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("FAIL config") && !stdout.contains("ok   config valid"),
+        "{stdout}"
+    );
+    let want = "effects[0].topic = `nc-ordres` names a topic idem does not consume (kafka.topics: nc-orders); did you mean `nc-orders`?";
+    assert!(stdout.contains(want), "{stdout}");
+    let run = idem_tool(&["run"], "cli-typo", &env);
+    assert_eq!(run.status.code(), Some(2), "{run:?}");
+    assert_one_plain_error(&run, want);
+}
+
 #[test]
 fn a_failure_after_start_is_printed_once_without_colour() {
     // Take a port, then ask idem to serve its metrics on it.

@@ -86,6 +86,36 @@ pub(super) fn unused_window_warnings(
         .collect()
 }
 
+/// The candidate nearest to `name` by edit distance, if near enough to be
+/// a typo of it (at most a third of its length, at least 2 edits allowed).
+pub(super) fn nearest<'a>(name: &str, candidates: &'a [String]) -> Option<&'a str> {
+    let limit = (name.chars().count() / 3).max(2);
+    candidates
+        .iter()
+        .map(|c| (edit_distance(name, c), c.as_str()))
+        .filter(|(d, _)| *d <= limit)
+        .min()
+        .map(|(_, c)| c)
+}
+
+/// Levenshtein distance over chars.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
 /// A duration in the largest unit up to hours that divides it evenly
 /// (`24h`, `72h`, `90s`, `250ms`; windows are usually written in hours), so
 /// it reads back as itself.

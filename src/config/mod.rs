@@ -207,23 +207,46 @@ impl Config {
     }
 
     /// Settings that are valid but probably not what was meant; `idem run`
-    /// logs each at WARN.
+    /// logs each at WARN. A window for a topic not consumed changes what no
+    /// event does (and the same file may serve `replay --topic` on another
+    /// topic), so it only warns; see [`Config::refusals`].
     pub fn warnings(&self) -> Vec<String> {
-        let mut warnings =
-            forms::unused_window_warnings(&self.dedupe.topic_windows, &self.kafka.topics);
-        warnings.extend(
+        forms::unused_window_warnings(&self.dedupe.topic_windows, &self.kafka.topics)
+    }
+
+    /// Settings naming a topic that idem does not consume where that would
+    /// change what an event does (an `[[effects]]` rule, a dense-seq topic):
+    /// a typo there silently merges deposits into the state instead of
+    /// counting them, so `idem run` refuses to start and `idem check` fails.
+    /// Each names its key, the consumed topics and the nearest one.
+    pub fn refusals(&self) -> Vec<String> {
+        let topics = &self.kafka.topics;
+        let refuse = |key: String, topic: &str| {
+            let hint = forms::nearest(topic, topics)
+                .map(|t| format!("; did you mean `{t}`?"))
+                .unwrap_or_default();
+            format!(
+                "{key} = `{topic}` names a topic idem does not consume (kafka.topics: {}){hint} \
+                 Its events would be processed without it: fix the name or add the topic to kafka.topics",
+                topics.join(",")
+            )
+        };
+        let mut refusals: Vec<String> = self
+            .effects
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !topics.contains(&r.topic))
+            .map(|(i, r)| refuse(format!("effects[{i}].topic"), &r.topic))
+            .collect();
+        refusals.extend(
             self.dedupe
                 .dense_seq_topics
                 .iter()
-                .filter(|t| !self.kafka.topics.contains(t))
-                .map(|t| {
-                    format!(
-                        "dedupe.dense_seq_topics names `{t}`, which is not consumed (kafka.topics: {})",
-                        self.kafka.topics.join(",")
-                    )
-                }),
+                .filter(|t| !topics.contains(t))
+                .map(|t| refuse("dedupe.dense_seq_topics".into(), t)),
         );
-        warnings
+        refusals
     }
 
     /// Each consumed topic with its dedupe window, e.g. `orders=24h,payments=72h`.

@@ -785,3 +785,52 @@ fn every_key_is_documented_where_it_is_declared_as_in_default_toml() {
         );
     }
 }
+
+#[test]
+fn settings_that_change_what_events_do_refuse_an_unconsumed_topic() {
+    let dir = std::env::temp_dir().join(format!("idem-refusals-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("effects.toml");
+    std::fs::write(
+        &file,
+        r#"
+[kafka]
+topics = ["nc-orders"]
+[dedupe]
+dense_seq_topics = ["payments"]
+[[effects]]
+topic = "nc-ordres"
+types = ["deposit"]
+counters = [{ field = "balance", from = "/amount" }]
+"#,
+    )
+    .unwrap();
+    let c = Config::load(Some(&file), &HashMap::new()).unwrap();
+    let refusals = c.refusals();
+    assert_eq!(refusals.len(), 2, "{refusals:?}");
+    assert!(
+        refusals[0]
+            .starts_with("effects[0].topic = `nc-ordres` names a topic idem does not consume")
+            && refusals[0].contains("kafka.topics: nc-orders")
+            && refusals[0].contains("did you mean `nc-orders`?"),
+        "{}",
+        refusals[0]
+    );
+    assert!(
+        refusals[1].starts_with("dedupe.dense_seq_topics = `payments`")
+            && !refusals[1].contains("did you mean"),
+        "{}",
+        refusals[1]
+    );
+    assert!(Config::defaults().refusals().is_empty());
+}
+
+#[test]
+fn the_nearest_topic_is_a_typo_away_or_none() {
+    let topics: Vec<String> = ["nc-orders", "payments", "ux"].map(String::from).to_vec();
+    assert_eq!(forms::nearest("nc-ordres", &topics), Some("nc-orders"));
+    assert_eq!(forms::nearest("payment", &topics), Some("payments"));
+    assert_eq!(forms::nearest("PAYMENTS", &topics), None);
+    assert_eq!(forms::nearest("ledger", &topics), None);
+    assert_eq!(forms::nearest("ub", &topics), Some("ux"));
+}

@@ -17,6 +17,10 @@ use crate::store::{self, progress::ProgressStore, KeyLayout, StoreError};
 /// (Redis or Kafka unreachable, timeouts) are retried inside the pipeline.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// A setting that would change what events do names a topic idem
+    /// does not consume (`Config::refusals`).
+    #[error("{0}")]
+    Config(String),
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
     #[error(transparent)]

@@ -49,16 +49,31 @@ fn line(status: Status, what: impl Into<String>, detail: impl Into<String>) -> C
 /// Runs every check; Kafka's wait for an answer is bounded by `timeout`.
 /// `topics_dir`: also compare the declared topics (partitions, settings).
 pub async fn run(config: &Config, timeout: Duration, topics_dir: Option<&Path>) -> Vec<Check> {
+    let refusals = config.refusals();
     let mut checks = vec![line(
-        Status::Ok,
+        if refusals.is_empty() {
+            Status::Ok
+        } else {
+            Status::Fail
+        },
         "config",
         format!(
-            "valid: group {}, topics {}, windows {}",
+            "{}: group {}, topics {}, windows {}",
+            if refusals.is_empty() {
+                "valid"
+            } else {
+                "refused by idem run"
+            },
             config.kafka.group_id,
             config.kafka.topics.join(","),
             config.effective_windows()
         ),
     )];
+    checks.extend(
+        refusals
+            .into_iter()
+            .map(|r| line(Status::Fail, "config", r)),
+    );
     checks.extend(
         config
             .warnings()

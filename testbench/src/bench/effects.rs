@@ -7,7 +7,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::io::{producer, progress, scan_keys, scrape_total, send, standalone_redis, stop};
+use super::io::{
+    producer, progress, redis_time, scan_keys, scrape_total, send, standalone_redis, stop,
+};
 use super::report::EffectsRow;
 use super::BenchSpec;
 use crate::payments::{self, PaymentsSpec};
@@ -150,7 +152,7 @@ async fn run_variant(
         ..EffectsRow::default()
     };
     if let Some(r) = redis.as_mut() {
-        row.redis_us_per_record = script_usec(r).await? / total as f64;
+        row.redis_us_per_record = redis_time(r).await?.1 / total as f64;
         row.redis_bytes_per_entity =
             key_bytes(r, prefix, key_suffixes).await? as f64 / spec.entities.max(1) as f64;
     }
@@ -202,18 +204,4 @@ async fn key_bytes(
         }
     }
     Ok(bytes)
-}
-
-/// Microseconds Redis spent in scripts since the last RESETSTAT.
-async fn script_usec(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<f64> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await?;
-    Ok(info
-        .lines()
-        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
-        .filter_map(|l| l.split(',').find_map(|f| f.strip_prefix("usec=")))
-        .filter_map(|v| v.parse::<f64>().ok())
-        .sum())
 }

@@ -83,3 +83,29 @@ pub(super) async fn scan_keys(
         cursor = next;
     }
 }
+
+/// Redis's CPU (`INFO cpu`: user + sys) and its time in scripts (`INFO
+/// commandstats`: `eval` and `evalsha`), both in µs since it started.
+pub(super) async fn redis_time(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> anyhow::Result<(f64, f64)> {
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .arg("commandstats")
+        .query_async(conn)
+        .await?;
+    let seconds = |key: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let cpu = (seconds("used_cpu_user:") + seconds("used_cpu_sys:")) * 1e6;
+    let scripts = info
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| l.split(',').find_map(|f| f.strip_prefix("usec=")))
+        .filter_map(|v| v.parse::<f64>().ok())
+        .sum();
+    Ok((cpu, scripts))
+}

@@ -12,11 +12,13 @@
 //! record and bytes per entity, docs/effects.md).
 
 mod baselines;
+mod compare;
 mod effects;
 mod io;
 mod report;
 mod runner;
 
+pub use compare::{CompareRow, Variant};
 pub use report::BenchReport;
 pub use runner::run;
 
@@ -49,6 +51,11 @@ pub struct BenchSpec {
     pub throughput_only: bool,
     /// The idem binary to run (normally this very executable).
     pub idem_exe: PathBuf,
+    /// Other builds (or settings) to run on the same backlog, alternated
+    /// with this one (`--compare-idem`); then only that phase runs.
+    pub compare: Vec<Variant>,
+    /// Rounds of the comparison: each build runs once per round.
+    pub compare_rounds: usize,
     pub out_dir: PathBuf,
     pub seed: u64,
 }

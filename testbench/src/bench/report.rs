@@ -27,6 +27,10 @@ pub struct BenchReport {
     /// idem, end to end from a Kafka backlog until every record had its outcome.
     pub idem_records_per_second: f64,
     pub idem_cpu_seconds_per_million: f64,
+    /// Redis's CPU per record over the backlog (standalone only), µs.
+    pub redis_cpu_us_per_record: Option<f64>,
+    /// Of it, the guard script's time per record, µs.
+    pub script_us_per_record: Option<f64>,
     pub idem_peak_rss_bytes: u64,
     pub outcomes: Vec<(String, u64)>,
     /// Remembered ids (applied + stale outcomes).
@@ -51,6 +55,8 @@ pub struct BenchReport {
     pub ratio_vs_ceiling: f64,
     /// The effects phase, one row per variant (the first declares none).
     pub effects: Vec<EffectsRow>,
+    /// `--compare-idem`: this build, then each other one, run by run.
+    pub comparison: Vec<super::CompareRow>,
 }
 
 impl BenchReport {
@@ -60,6 +66,10 @@ impl BenchReport {
             "Machine: {}  \nCommand: `{}`  \nBacklog: {} records ({} events over {} entities, {} partitions)\n\n",
             self.machine, self.command, self.records, self.events, self.entities, self.partitions
         );
+        if !self.comparison.is_empty() {
+            s.push_str(&super::compare::to_markdown(&self.comparison));
+            return s;
+        }
         s.push_str("| measure | value | target |\n|---|---|---|\n");
         for (measure, value, target) in self.rows() {
             s.push_str(&format!("| {measure} | {value} | {target} |\n"));

@@ -9,7 +9,7 @@ use rdkafka::producer::{FutureProducer, Producer};
 
 use super::baselines;
 use super::io::{
-    producer, progress, scan_keys, scrape, scrape_total, send, standalone_redis, stop,
+    producer, progress, redis_time, scan_keys, scrape, scrape_total, send, standalone_redis, stop,
 };
 use super::report::{quantile_upper_bound, BenchReport};
 use super::BenchSpec;
@@ -45,23 +45,31 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
         ..BenchReport::default()
     };
     let records = produce_backlog(spec, &names, &mut report).await?;
+    if !spec.compare.is_empty() {
+        let backlog = Backlog {
+            topic: names.topic.clone(),
+            records: records.len() as u64,
+        };
+        report.comparison = super::compare::run(spec, &backlog).await?;
+        return write_json(spec, report);
+    }
 
     // Made now so that its start-up is not counted as latency.
-    let live_producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &spec.brokers)
-        .set("linger.ms", "1")
-        .set("acks", "all")
-        .create()?;
-    live_producer
-        .client()
-        .fetch_metadata(Some(&names.topic), Duration::from_secs(10))?;
+    let live_producer = live_producer(spec, &names.topic)?;
     let mut redis = standalone_redis(spec).await?;
     let used_before = match redis.as_mut() {
         Some(r) => used_memory(r).await?,
         None => 0,
     };
 
-    let mut idems = measure_throughput(spec, &names, records.len() as u64, &mut report).await?;
+    let mut idems = measure_throughput(
+        spec,
+        &names,
+        records.len() as u64,
+        redis.as_mut(),
+        &mut report,
+    )
+    .await?;
     if let Some(r) = redis.as_mut() {
         measure_memory(r, used_before, &names.prefix, &mut report).await?;
     }
@@ -72,11 +80,7 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
             .max()
             .unwrap_or(0);
         idems.into_iter().for_each(|(c, _)| stop(c));
-        std::fs::write(
-            spec.out_dir.join("bench.json"),
-            serde_json::to_string_pretty(&report)?,
-        )?;
-        return Ok(report);
+        return write_json(spec, report);
     }
     let (idem, metrics_port) = idems.remove(0);
     idems.into_iter().for_each(|(c, _)| stop(c));
@@ -95,14 +99,32 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
 
     report.ratio_vs_naive = report.idem_records_per_second / report.naive_records_per_second;
     report.ratio_vs_ceiling = report.idem_records_per_second / report.ceiling_records_per_second;
+    if let Some(r) = redis.as_mut() {
+        cleanup(r, &names.prefix).await;
+    }
+    std::fs::write(spec.out_dir.join("bench.md"), report.to_markdown())?;
+    write_json(spec, report)
+}
+
+/// The latency phase's producer, connected and with the topic's metadata.
+fn live_producer(spec: &BenchSpec, topic: &str) -> anyhow::Result<FutureProducer> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &spec.brokers)
+        .set("linger.ms", "1")
+        .set("acks", "all")
+        .create()?;
+    producer
+        .client()
+        .fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    Ok(producer)
+}
+
+/// Writes `bench.json` (the phases that ran) and returns the report.
+fn write_json(spec: &BenchSpec, report: BenchReport) -> anyhow::Result<BenchReport> {
     std::fs::write(
         spec.out_dir.join("bench.json"),
         serde_json::to_string_pretty(&report)?,
     )?;
-    std::fs::write(spec.out_dir.join("bench.md"), report.to_markdown())?;
-    if let Some(r) = redis.as_mut() {
-        cleanup(r, &names.prefix).await;
-    }
     Ok(report)
 }
 
@@ -148,16 +170,81 @@ async fn produce_backlog(
     Ok(records)
 }
 
-/// Runs `spec.instances` idem processes on the backlog and measures records
-/// per second and CPU from the first counted outcome to the last; returns
-/// the processes (still running) with their metrics ports.
+/// Runs `spec.instances` idem on the backlog (this build, no extra settings)
+/// and fills the report's throughput, CPU and outcomes.
 async fn measure_throughput(
     spec: &BenchSpec,
     names: &Names,
     total: u64,
+    redis: Option<&mut redis::aio::MultiplexedConnection>,
     report: &mut BenchReport,
 ) -> anyhow::Result<Vec<(Child, u16)>> {
-    let topic = &names.topic;
+    let backlog = Backlog {
+        topic: names.topic.clone(),
+        records: total,
+    };
+    let measured =
+        run_on_backlog(spec, &backlog, &spec.idem_exe, &[], &names.prefix, redis).await?;
+    report.idem_records_per_second = measured.records_per_second;
+    report.idem_cpu_seconds_per_million = measured.idem_cpu_seconds_per_million;
+    report.redis_cpu_us_per_record = measured.redis_cpu_us_per_record;
+    report.script_us_per_record = measured.script_us_per_record;
+    for o in Outcome::ALL {
+        let n = exposition::sum(
+            &measured.metrics,
+            EVENTS_TOTAL,
+            &[("topic", names.topic.as_str()), ("outcome", o.as_str())],
+        );
+        report.outcomes.push((o.as_str().to_string(), n as u64));
+    }
+    let outcome = |name: &str| {
+        report
+            .outcomes
+            .iter()
+            .find(|(o, _)| o == name)
+            .map_or(0, |(_, n)| *n)
+    };
+    report.remembered_ids = outcome("applied") + outcome("stale");
+    Ok(measured.idems)
+}
+
+/// The backlog every run consumes.
+pub(super) struct Backlog {
+    pub topic: String,
+    pub records: u64,
+}
+
+/// One run on the backlog, its instances still running.
+pub(super) struct Measured {
+    pub records_per_second: f64,
+    pub idem_cpu_seconds_per_million: f64,
+    /// Redis's CPU (`INFO cpu`) per record, µs; `None` on a cluster.
+    pub redis_cpu_us_per_record: Option<f64>,
+    /// Redis's time in scripts (`INFO commandstats`) per record, µs.
+    pub script_us_per_record: Option<f64>,
+    /// Every instance's metrics at the end.
+    pub metrics: String,
+    pub idems: Vec<(Child, u16)>,
+}
+
+impl Measured {
+    pub fn stop(self) {
+        self.idems.into_iter().for_each(|(c, _)| stop(c));
+    }
+}
+
+/// `spec.instances` of `exe` (with `env`) as group `name` under key prefix
+/// `name`, timed from the first outcome until every record of the backlog
+/// has one (so the group join is not measured).
+pub(super) async fn run_on_backlog(
+    spec: &BenchSpec,
+    backlog: &Backlog,
+    exe: &Path,
+    env: &[(String, String)],
+    name: &str,
+    mut redis: Option<&mut redis::aio::MultiplexedConnection>,
+) -> anyhow::Result<Measured> {
+    let (topic, total) = (&backlog.topic, backlog.records);
     progress(&format!(
         "running {} idem instance(s) on the backlog",
         spec.instances
@@ -165,16 +252,19 @@ async fn measure_throughput(
     let mut idems: Vec<(Child, u16)> = Vec::new();
     for _ in 0..spec.instances.max(1) {
         let port = crate::process::free_port();
-        idems.push((spawn_idem(spec, topic, &names.prefix, port)?, port));
+        idems.push((spawn_idem(spec, exe, env, topic, name, port)?, port));
     }
     let ports: Vec<u16> = idems.iter().map(|(_, p)| *p).collect();
-    // The clock starts when the first outcome is counted, so the group join is not measured.
     let (t0, cpu0) = loop {
         ensure_all_running(&mut idems, &spec.out_dir)?;
         if scrape_total_all(&ports, topic).await > 0 {
             break (Instant::now(), cpu_seconds_all(&idems));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let redis0 = match redis.as_deref_mut() {
+        Some(r) => Some(redis_time(r).await?),
+        None => None,
     };
     let mut last_report = Instant::now();
     loop {
@@ -191,33 +281,36 @@ async fn measure_throughput(
     }
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds_all(&idems) - cpu0;
-    report.idem_records_per_second = total as f64 / elapsed;
-    report.idem_cpu_seconds_per_million = cpu / total as f64 * 1e6;
-    let mut text = String::new();
-    for p in &ports {
-        text.push_str(&scrape(*p).await.unwrap_or_default());
-    }
-    for o in Outcome::ALL {
-        let n = exposition::sum(
-            &text,
-            EVENTS_TOTAL,
-            &[("topic", topic), ("outcome", o.as_str())],
-        );
-        report.outcomes.push((o.as_str().to_string(), n as u64));
-    }
-    let outcome = |name: &str| {
-        report
-            .outcomes
-            .iter()
-            .find(|(o, _)| o == name)
-            .map_or(0, |(_, n)| *n)
+    let per_record = |us: f64| us / total as f64;
+    let (redis_cpu, script) = match (redis, redis0) {
+        (Some(r), Some((cpu0, script0))) => {
+            let (cpu1, script1) = redis_time(r).await?;
+            (
+                Some(per_record(cpu1 - cpu0)),
+                Some(per_record(script1 - script0)),
+            )
+        }
+        _ => (None, None),
     };
-    report.remembered_ids = outcome("applied") + outcome("stale");
+    let mut metrics = String::new();
+    for p in &ports {
+        metrics.push_str(&scrape(*p).await.unwrap_or_default());
+    }
+    let measured = Measured {
+        records_per_second: total as f64 / elapsed,
+        idem_cpu_seconds_per_million: cpu / total as f64 * 1e6,
+        redis_cpu_us_per_record: redis_cpu,
+        script_us_per_record: script,
+        metrics,
+        idems,
+    };
     progress(&format!(
-        "idem: {:.0} records/s, {:.2} CPU s per million",
-        report.idem_records_per_second, report.idem_cpu_seconds_per_million
+        "idem: {:.0} records/s, {:.2} CPU s per million, Redis {} µs per record",
+        measured.records_per_second,
+        measured.idem_cpu_seconds_per_million,
+        redis_cpu.map_or("?".into(), |us| format!("{us:.2}"))
     ));
-    Ok(idems)
+    Ok(measured)
 }
 
 /// Redis bytes per remembered id: in all and in the dedupe hashes alone.
@@ -363,19 +456,27 @@ async fn run_baselines(
     Ok(())
 }
 
-fn spawn_idem(spec: &BenchSpec, topic: &str, prefix: &str, port: u16) -> anyhow::Result<Child> {
+fn spawn_idem(
+    spec: &BenchSpec,
+    exe: &Path,
+    env: &[(String, String)],
+    topic: &str,
+    name: &str,
+    port: u16,
+) -> anyhow::Result<Child> {
     let redis_mode = if spec.redis_url.contains(',') {
         idem::config::RedisMode::Cluster
     } else {
         idem::config::RedisMode::Standalone
     };
-    Ok(
-        IdemCommand::new(&spec.idem_exe, &spec.brokers, topic, topic)
-            .redis(&spec.redis_url, redis_mode, prefix)
-            .metrics_port(port)
-            .env("RUST_LOG", "warn")
-            .spawn(&spec.out_dir.join("idem.log"))?,
-    )
+    let mut cmd = IdemCommand::new(exe, &spec.brokers, topic, name)
+        .redis(&spec.redis_url, redis_mode, name)
+        .metrics_port(port)
+        .env("RUST_LOG", "warn");
+    for (k, v) in env {
+        cmd = cmd.env(k, v);
+    }
+    Ok(cmd.spawn(&spec.out_dir.join("idem.log"))?)
 }
 
 fn ensure_all_running(children: &mut [(Child, u16)], out_dir: &Path) -> anyhow::Result<()> {
@@ -439,7 +540,7 @@ async fn id_hash_bytes(
 }
 
 /// Deletes what the bench wrote, so repeated runs do not fill Redis.
-async fn cleanup(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) {
+pub(super) async fn cleanup(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) {
     for pattern in [format!("{prefix}:*"), format!("{prefix}-*")] {
         if let Ok(keys) = scan_keys(conn, &pattern).await {
             for chunk in keys.chunks(1000) {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use idem::config::Config;
-use idem_testbench::bench::{self, BenchSpec};
+use idem_testbench::bench::{self, BenchSpec, Variant};
 
 /// Measure idem end to end against two baselines run on the same records.
 ///
@@ -20,6 +20,11 @@ use idem_testbench::bench::{self, BenchSpec};
 ///   idem-testbench bench --events 1000000 --entities 10000 --out bench-out
 /// A smoke run:
 ///   idem-testbench bench --events 2000 --naive-records 200 --latency-seconds 1
+/// This build against an older one and against itself with per-field order,
+/// alternated over three rounds on one backlog (prints the ratios):
+///   idem-testbench bench --events 200000 --rounds 3 \
+///     --compare-idem 'before=/tmp/idem-old' \
+///     --compare-idem 'per-field=target/release/idem IDEM__STATE__ORDER=per_field'
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct BenchArgs {
@@ -60,6 +65,15 @@ pub struct BenchArgs {
     /// With redis.mode = cluster only this part runs.
     #[arg(long)]
     throughput_only: bool,
+    /// Another build to run on the same backlog, alternated with this one:
+    /// `NAME=PATH [KEY=VALUE ...]` (the variables it alone gets; `{topic}`
+    /// stands for the benchmark topic). Repeat for more; then only the
+    /// backlog phase runs, once per build per round.
+    #[arg(long = "compare-idem", value_name = "NAME=PATH [KEY=VALUE ...]", value_parser = Variant::parse)]
+    compare_idem: Vec<Variant>,
+    /// Rounds of --compare-idem (the order rotates every round).
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
     /// Seed of the generator.
     #[arg(long, default_value_t = 7)]
     seed: u64,
@@ -87,6 +101,8 @@ pub async fn run(args: BenchArgs, config: Config, idem_exe: PathBuf) -> anyhow::
         throughput_only: args.throughput_only
             || config.redis.mode == idem::config::RedisMode::Cluster,
         idem_exe,
+        compare: args.compare_idem,
+        compare_rounds: args.rounds,
         out_dir: args.out.clone(),
         seed: args.seed,
     };
