@@ -58,7 +58,7 @@ fn an_effects_rule_on_a_topic_not_consumed_fails_check_and_refuses_run() {
         stdout.contains("FAIL config") && !stdout.contains("ok   config valid"),
         "{stdout}"
     );
-    let want = "effects[0].topic = `nc-ordres` names a topic idem does not consume (kafka.topics: nc-orders); did you mean `nc-orders`?";
+    let want = "effects[0].topic = `nc-ordres` names a topic idem does not consume (kafka.topics: nc-orders): did you mean `nc-orders`?";
     assert!(stdout.contains(want), "{stdout}");
     let run = idem_tool(&["run"], "cli-typo", &env);
     assert_eq!(run.status.code(), Some(2), "{run:?}");
@@ -230,6 +230,44 @@ fn check_names_unreachable_brokers_within_its_timeout() {
         started.elapsed() < std::time::Duration::from_secs(12),
         "{:?}",
         started.elapsed()
+    );
+}
+
+/// A listener that answers but is not a broker's (the KRaft controller of
+/// `make services`): librdkafka refuses every request at once, and `idem
+/// check` used to ask again at once until its timeout, burning a core
+/// (3.6 s of CPU in 5 s). It now says what the address is, early, at a
+/// small cost (CPU measured by bash's `time` for the child alone).
+#[test]
+fn check_against_a_controller_port_says_what_it_is_without_spinning() {
+    let port = std::env::var("IDEM_KAFKA_CONTROLLER_PORT").unwrap_or_else(|_| "9093".into());
+    let address = format!("127.0.0.1:{port}");
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(r#"TIMEFORMAT='%U %S'; time "$0" check --timeout 5s"#)
+        .arg(env!("CARGO_BIN_EXE_idem"))
+        .env("IDEM__KAFKA__BROKERS", &address)
+        .envs(redis_env(&redis_url()))
+        .output()
+        .expect("bash runs idem check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("FAIL kafka")
+            && stdout.contains("is not a Kafka broker listener (a KRaft controller port?)"),
+        "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let cpu: f64 = stderr
+        .lines()
+        .last()
+        .expect("bash's time line")
+        .split_whitespace()
+        .map(|s| s.parse::<f64>().expect("seconds"))
+        .sum();
+    assert!(
+        cpu < 1.5,
+        "user + sys {cpu} s of CPU for a 5 s timeout: {stderr}"
     );
 }
 

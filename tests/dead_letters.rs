@@ -165,6 +165,34 @@ async fn every_bad_record_lands_in_the_dead_letter_topic_unchanged() {
         .header("idem.remembered.fingerprint")
         .is_some());
     idem.terminate().await;
+
+    // A replay from earliest reads every record again: each one, bad ones
+    // included, is `replayed`, and none is dead-lettered a second time.
+    let replay = idem_tool(
+        &["replay", "--topic", &topic, "--to-earliest", "--execute"],
+        &topic,
+        &[("IDEM__KAFKA__GROUP_ID", topic.as_str())],
+    );
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    let idem =
+        Idem::spawn(&IdemOpts::new(&topic, &topic, &topic).with("IDEM__EVENT__MAX_BYTES", "2048"));
+    wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
+    assert_eq!(
+        idem.outcome(&topic, Outcome::Replayed).await,
+        raw.len() as u64
+    );
+    assert_eq!(idem.outcome(&topic, Outcome::Invalid).await, 0);
+    assert_eq!(idem.outcome(&topic, Outcome::Conflict).await, 0);
+    assert_eq!(
+        dead_letters(&topic).await.len(),
+        expected.len(),
+        "a replay adds no dead letter"
+    );
+    idem.terminate().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -426,6 +426,7 @@ async fn a_cluster_failover_under_ack_rewinds_what_the_replica_missed() {
     cluster.signal(replica, "-STOP");
     produce(&topic, b).await;
     wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
+    let written = repl_offset(master);
     cluster.kill(master);
     cluster.signal(replica, "-CONT");
     let takeover = std::process::Command::new("redis-cli")
@@ -443,6 +444,8 @@ async fn a_cluster_failover_under_ack_rewinds_what_the_replica_missed() {
         PrivateCluster::role(replica).0 == "master"
     })
     .await;
+    // What the promoted replica holds of the old master's stream.
+    let received = repl_offset(replica);
     cluster.restart(master).expect("old master rejoins");
     produce(&topic, c).await;
     wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
@@ -452,11 +455,31 @@ async fn a_cluster_failover_under_ack_rewinds_what_the_replica_missed() {
         .counter("idem_redis_rewinds_total", &[("cause", "rolled_back")])
         .await
         .unwrap();
-    assert!(
-        rewinds >= 1,
-        "the affected partitions were rewound: {rewinds}"
-    );
+    // The kernel's socket buffers sometimes carry every write to the
+    // paused replica: then nothing was lost, and nothing is rewound.
+    if received < written {
+        assert!(
+            rewinds >= 1,
+            "the promoted replica lacked {} bytes of writes: the affected partitions were rewound: {rewinds}",
+            written - received
+        );
+    } else {
+        eprintln!("the replica received every write before the master died: no loss to rewind");
+    }
     idem.terminate().await;
+}
+
+/// A server's replication offset (`INFO replication`, `master_repl_offset`).
+fn repl_offset(port: u16) -> u64 {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "INFO", "replication"])
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("master_repl_offset:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("master_repl_offset")
 }
 
 /// Redis lost its state and retention already deleted records whose effects

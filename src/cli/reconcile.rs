@@ -13,15 +13,21 @@ use crate::tools::reconcile::{self, ReconcileOptions};
 /// Reads a topic from its start with a throwaway consumer (never the live
 /// group), computes every entity's expected state with the guard's rules, and
 /// compares with Redis. Reports divergences by kind (missing_entity,
-/// seq_behind, seq_ahead, state_differs, entity_not_in_log), writes a JSON
+/// seq_behind, seq_ahead, state_differs, entity_not_in_log; with effects
+/// declared effects_differ; offset_mark_ahead, a mark past its entity's
+/// last record; each explained in docs/operations.md), writes a JSON
 /// report, and exits 1 when it found any: usable from cron and CI.
 ///
 /// --repair rewrites the missing, behind and differing entities, never
-/// lowering a seq (seq_ahead is reported, not touched); add --delete-extra to
+/// lowering a seq (seq_ahead, effects_differ and offset_mark_ahead are
+/// reported, not touched); add --delete-extra to
 /// also delete entities the log does not mention (off by default: retention
 /// may have removed their events).
 ///
-/// Two kinds are reported but are not divergences (exit 0): spans_partitions,
+/// Four kinds are reported but are not divergences (exit 0): dense_seqs_differ
+/// and field_seqs_differ (the bookkeeping of dense seqs and per-field order
+/// differs from the log's, as after declaring a topic dense late or
+/// switching the order mode); spans_partitions,
 /// an entity whose events are in several partitions, so idem may have applied
 /// them in any interleaving (--repair-spanning rewrites them toward their
 /// events in seq order); and window_ambiguous, a difference that depends on

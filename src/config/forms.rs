@@ -87,9 +87,11 @@ pub(super) fn unused_window_warnings(
 }
 
 /// The candidate nearest to `name` by edit distance, if near enough to be
-/// a typo of it (at most a third of its length, at least 2 edits allowed).
+/// a typo of it (a third of its length, at least 2 edits; 1 for a name of
+/// three characters or fewer).
 pub(super) fn nearest<'a>(name: &str, candidates: &'a [String]) -> Option<&'a str> {
-    let limit = (name.chars().count() / 3).max(2);
+    let length = name.chars().count();
+    let limit = if length <= 3 { 1 } else { (length / 3).max(2) };
     candidates
         .iter()
         .map(|c| (edit_distance(name, c), c.as_str()))

@@ -223,11 +223,11 @@ impl Config {
         let topics = &self.kafka.topics;
         let refuse = |key: String, topic: &str| {
             let hint = forms::nearest(topic, topics)
-                .map(|t| format!("; did you mean `{t}`?"))
+                .map(|t| format!("did you mean `{t}`? "))
                 .unwrap_or_default();
             format!(
-                "{key} = `{topic}` names a topic idem does not consume (kafka.topics: {}){hint} \
-                 Its events would be processed without it: fix the name or add the topic to kafka.topics",
+                "{key} = `{topic}` names a topic idem does not consume (kafka.topics: {}): {hint}\
+                 its events would be processed without it. Fix the name or add the topic to kafka.topics",
                 topics.join(",")
             )
         };

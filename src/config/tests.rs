@@ -811,13 +811,14 @@ counters = [{ field = "balance", from = "/amount" }]
     assert!(
         refusals[0]
             .starts_with("effects[0].topic = `nc-ordres` names a topic idem does not consume")
-            && refusals[0].contains("kafka.topics: nc-orders")
-            && refusals[0].contains("did you mean `nc-orders`?"),
+            && refusals[0]
+                .contains("(kafka.topics: nc-orders): did you mean `nc-orders`? its events"),
         "{}",
         refusals[0]
     );
     assert!(
         refusals[1].starts_with("dedupe.dense_seq_topics = `payments`")
+            && refusals[1].contains("(kafka.topics: nc-orders): its events")
             && !refusals[1].contains("did you mean"),
         "{}",
         refusals[1]

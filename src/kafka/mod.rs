@@ -114,8 +114,14 @@ pub enum PreflightError {
 /// Unreachable brokers are not an error here (librdkafka keeps retrying).
 pub fn preflight(cfg: &KafkaConfig, timeout: Duration) -> Result<(), PreflightError> {
     let topic = cfg.topics.first().map(String::as_str);
-    if let Reach::NotYet(e) = probe(cfg, topic, timeout)? {
-        tracing::warn!(brokers = %cfg.brokers, error = %e, "Kafka is not reachable yet; starting anyway, librdkafka keeps retrying");
+    match probe(cfg, topic, timeout)? {
+        Reach::NotYet(e) => {
+            tracing::warn!(brokers = %cfg.brokers, error = %e, "Kafka is not reachable yet; starting anyway, librdkafka keeps retrying");
+        }
+        Reach::NotABroker(e) => {
+            tracing::warn!(brokers = %cfg.brokers, error = %e, "{NOT_A_BROKER}; starting anyway, librdkafka keeps retrying");
+        }
+        Reach::Answered { .. } => {}
     }
     Ok(())
 }
@@ -131,7 +137,19 @@ pub enum Reach {
     },
     /// None answered before the deadline; librdkafka's last error.
     NotYet(String),
+    /// The address answers, but not as a broker: librdkafka's error (a
+    /// listener without the broker's APIs, such as a KRaft controller's).
+    NotABroker(String),
 }
+
+/// What [`Reach::NotABroker`] means, for the operator.
+pub const NOT_A_BROKER: &str =
+    "this address answers but is not a Kafka broker listener (a KRaft controller port?): \
+     point kafka.brokers at a listener of the brokers' `listeners`/`advertised.listeners`";
+
+/// Answers of the same kind after which the probe stops waiting: a
+/// listener that is not a broker's refuses at once, every time.
+const NOT_A_BROKER_ANSWERS: u32 = 3;
 
 /// Asks the brokers for metadata (of `topic`, or of every topic) until they
 /// answer or `timeout` passes, with the consumer's settings; refused
@@ -157,8 +175,13 @@ pub fn probe(
             other => PreflightError::Client(other.to_string()),
         })?;
     let deadline = std::time::Instant::now() + timeout;
+    // librdkafka fails some requests at once (a listener that is not a
+    // broker's): asking again at once would spin, so the pause doubles.
+    let mut pause = Duration::from_millis(50);
+    let mut refusals_as_not_a_broker = 0;
     loop {
-        let fetched = consumer.fetch_metadata(topic, timeout.min(Duration::from_secs(1)));
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let fetched = consumer.fetch_metadata(topic, left.min(Duration::from_secs(1)));
         // Error events reach the context only through polling.
         while consumer.poll(Duration::ZERO).is_some() {}
         if let Some((code, reason)) = refused.lock().unwrap().take() {
@@ -176,10 +199,23 @@ pub fn probe(
                         .collect(),
                 })
             }
-            Err(e) if std::time::Instant::now() >= deadline => {
-                return Ok(Reach::NotYet(e.to_string()))
+            Err(e) => {
+                // In a row: a bootstrap list may mix brokers and a controller.
+                if e.rdkafka_error_code() == Some(RDKafkaErrorCode::UnsupportedFeature) {
+                    refusals_as_not_a_broker += 1;
+                    if refusals_as_not_a_broker >= NOT_A_BROKER_ANSWERS {
+                        return Ok(Reach::NotABroker(e.to_string()));
+                    }
+                } else {
+                    refusals_as_not_a_broker = 0;
+                }
+                let now = std::time::Instant::now();
+                if now >= deadline {
+                    return Ok(Reach::NotYet(e.to_string()));
+                }
+                std::thread::sleep(pause.min(deadline - now));
+                pause = (pause * 2).min(Duration::from_secs(1));
             }
-            Err(_) => {}
         }
     }
 }

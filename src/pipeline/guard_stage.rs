@@ -184,13 +184,13 @@ impl GuardStage {
 
     async fn apply(&mut self, batch: Batch) -> bool {
         let started = Instant::now();
-        self.count_invalid(&batch);
         let jumped = self.runs.jumped_back(&batch);
         if !jumped.is_empty() {
             self.log_replaced(&jumped);
             return false;
         }
         let placed = self.runs.place(&batch);
+        self.count_invalid(&batch, &placed.decided);
         // Records in a decided range are replayed without asking Redis.
         let inputs: Vec<GuardInput<'_>> = batch
             .items
@@ -213,7 +213,7 @@ impl GuardStage {
         recount_retried(&inputs, &mut verdicts);
         drop(inputs);
         let verdicts = with_replayed(&batch, &placed.decided, verdicts);
-        let letters = dead_letters(&batch, &verdicts);
+        let letters = dead_letters(&batch, &verdicts, &placed.decided);
         if !letters.is_empty() && !self.dead_letter_with_retry(&letters).await {
             return false;
         }
@@ -287,21 +287,30 @@ impl GuardStage {
         }
     }
 
-    fn count_invalid(&mut self, batch: &Batch) {
-        for it in &batch.items {
-            if let Err(invalid) = &it.decoded {
-                let tp = &batch.partitions[it.partition_index];
-                tracing::warn!(
-                    topic = %tp.topic,
-                    partition = tp.partition,
-                    offset = it.offset,
-                    reason = invalid.code(),
-                    error = %invalid,
-                    "invalid record skipped"
-                );
-                metrics::record_outcome(&tp.topic, Outcome::Invalid, 1);
-                self.summary.add(Outcome::Invalid, 1);
+    /// Invalid records are counted (and logged) here, once per batch; one
+    /// in a decided range was dead-lettered when first decided, and is the
+    /// re-read it is (`replayed`).
+    fn count_invalid(&mut self, batch: &Batch, decided: &[bool]) {
+        for (it, decided) in batch.items.iter().zip(decided) {
+            let Err(invalid) = &it.decoded else {
+                continue;
+            };
+            let tp = &batch.partitions[it.partition_index];
+            if *decided {
+                metrics::record_outcome(&tp.topic, Outcome::Replayed, 1);
+                self.summary.add(Outcome::Replayed, 1);
+                continue;
             }
+            tracing::warn!(
+                topic = %tp.topic,
+                partition = tp.partition,
+                offset = it.offset,
+                reason = invalid.code(),
+                error = %invalid,
+                "invalid record dead-lettered (not applied; `idem dlq inspect` shows it)"
+            );
+            metrics::record_outcome(&tp.topic, Outcome::Invalid, 1);
+            self.summary.add(Outcome::Invalid, 1);
         }
     }
 

@@ -49,8 +49,9 @@ use timing::Backoff;
 /// Runs idem until `shutdown` fires: serves metrics, consumes the configured
 /// topics and applies them to Redis. Returns after the final commit.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
-    if let Some(refusal) = config.refusals().into_iter().next() {
-        return Err(RunError::Config(refusal));
+    let refusals = config.refusals();
+    if !refusals.is_empty() {
+        return Err(RunError::Config(refusals.join("\n")));
     }
     log_effective_config(&config);
     let handle = metrics::install(&config.kafka.group_id, &config.redis.key_prefix)?;

@@ -52,12 +52,19 @@ pub fn with_replayed(batch: &Batch, decided: &[bool], guarded: Vec<Verdict>) -> 
         .collect()
 }
 
-/// The batch's invalid records and conflicts, in batch order.
-pub fn dead_letters<'a>(batch: &'a Batch, verdicts: &[Verdict]) -> Vec<DeadLetter<'a>> {
+/// The batch's invalid records and conflicts, in batch order. An invalid
+/// record in a decided range (`decided`, one per item) was dead-lettered
+/// when it was first decided: a replay does not dead-letter it again.
+pub fn dead_letters<'a>(
+    batch: &'a Batch,
+    verdicts: &[Verdict],
+    decided: &[bool],
+) -> Vec<DeadLetter<'a>> {
     let mut letters = Vec::new();
     let mut verdicts = verdicts.iter();
-    for it in &batch.items {
+    for (it, decided) in batch.items.iter().zip(decided) {
         let (reason, message, fingerprints) = match &it.decoded {
+            Err(_) if *decided => continue,
             Err(invalid) => (invalid.code(), invalid.to_string(), None),
             Ok(event) => {
                 let v = verdicts.next().expect("one verdict per decoded event");
@@ -208,7 +215,7 @@ mod tests {
                 ..verdict(Invalid, None)
             },
         ];
-        let letters = dead_letters(&batch, &verdicts);
+        let letters = dead_letters(&batch, &verdicts, &[false; 7]);
         let summary: Vec<(i32, i64, &str)> = letters
             .iter()
             .map(|l| (l.source.partition, l.offset, l.reason))

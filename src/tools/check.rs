@@ -115,6 +115,18 @@ async fn kafka(config: &Config, timeout: Duration, checks: &mut Vec<Check>) -> b
             ));
             return false;
         }
+        Ok(Ok(Reach::NotABroker(e))) => {
+            checks.push(line(
+                Status::Fail,
+                "kafka",
+                format!(
+                    "{}: {}, {e}",
+                    config.kafka.brokers,
+                    crate::kafka::NOT_A_BROKER
+                ),
+            ));
+            return false;
+        }
         Ok(Err(e)) => {
             checks.push(line(Status::Fail, "kafka", e.to_string()));
             return false;

@@ -5,12 +5,14 @@
 //! The dense-seq record and the field seqs follow from the log's events in
 //! each partition's order, as the state does. An offset mark does not (its
 //! run start depends on where consumption started), but it can never lie
-//! past the entity's last record in its partition: one that does says the
-//! log lost records that idem decided (an unclean leader election, a
-//! truncation), and the records written at those offsets since would be
-//! taken as re-reads.
+//! past the entity's last record in its partition: one that does, at an
+//! offset this read of the log covers, says the log lost records that idem
+//! decided (an unclean leader election, a truncation), and the records
+//! written at those offsets since would be taken as re-reads. A mark past
+//! what was read (idem decided more since the read began) or below it
+//! (retention removed the record) says nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::DivergenceKind;
 use crate::consumed::{Mark, TopicId};
@@ -25,14 +27,22 @@ pub(super) struct BookkeepingCheck {
     /// `o:<topic id>:`, the mark fields of the topic as it is now (`None`:
     /// the brokers give no id, and idem keeps no marks).
     mark_prefix: Option<String>,
+    /// Partition → offsets of the first and the last record read.
+    spans: HashMap<i32, (i64, i64)>,
 }
 
 impl BookkeepingCheck {
-    pub(super) fn of(effects: &EffectsConfig, topic: &str, id: Option<&TopicId>) -> Self {
+    pub(super) fn of(
+        effects: &EffectsConfig,
+        topic: &str,
+        id: Option<&TopicId>,
+        spans: HashMap<i32, (i64, i64)>,
+    ) -> Self {
         BookkeepingCheck {
             dense: effects.dense_seq_topics.contains(topic),
             per_field: effects.state_order == StateOrder::PerField,
             mark_prefix: id.map(|id| format!("o:{}:", id.short())),
+            spans,
         }
     }
 
@@ -84,12 +94,16 @@ impl BookkeepingCheck {
             let partition = field
                 .strip_prefix(prefix.as_str())
                 .and_then(|p| p.parse::<i32>().ok());
-            match (partition, Mark::decode(text)) {
-                (Some(p), Some(mark)) => last_offsets
+            let (Some(p), Some(mark)) = (partition, Mark::decode(text)) else {
+                return false;
+            };
+            let read = self.spans.get(&p);
+            let within =
+                read.is_some_and(|&(first, last)| first <= mark.offset && mark.offset <= last);
+            within
+                && last_offsets
                     .and_then(|l| l.get(&p))
-                    .is_none_or(|&last| mark.offset > last),
-                _ => false,
-            }
+                    .is_none_or(|&own| mark.offset > own)
         })
     }
 }

@@ -68,10 +68,13 @@ pub enum DivergenceKind {
     /// re-reads. Not repaired (docs/guarantees.md, offsets reused in place).
     OffsetMarkAhead,
     /// State and seq agree, but the dense-seq record (mark, seqs waiting
-    /// above it, closed gaps) is not what the log's seqs make it. Not repaired.
+    /// above it, closed gaps) is not what the log's seqs make it.
+    /// Informational (expected where the topic was declared dense late, or
+    /// retention removed early seqs); not repaired.
     DenseSeqsDiffer,
     /// State and seq agree, but per-field order's field seqs are not what
-    /// the log's events make them. Not repaired.
+    /// the log's events make them. Informational (expected where the mode
+    /// was switched); not repaired.
     FieldSeqsDiffer,
 }
 
@@ -81,7 +84,10 @@ impl DivergenceKind {
     pub fn is_divergence(self) -> bool {
         !matches!(
             self,
-            DivergenceKind::SpansPartitions | DivergenceKind::WindowAmbiguous
+            DivergenceKind::SpansPartitions
+                | DivergenceKind::WindowAmbiguous
+                | DivergenceKind::DenseSeqsDiffer
+                | DivergenceKind::FieldSeqsDiffer
         )
     }
 }
@@ -229,7 +235,12 @@ pub async fn reconcile(
     let layout = KeyLayout::new(&config.redis.key_prefix);
     let checks = Checks {
         effects: EffectsCheck::of(config, &opts.topic),
-        bookkeeping: BookkeepingCheck::of(&config.effects, &opts.topic, topic_id.as_ref()),
+        bookkeeping: BookkeepingCheck::of(
+            &config.effects,
+            &opts.topic,
+            topic_id.as_ref(),
+            log.spans.clone(),
+        ),
     };
     let mut divergences = compare_with_redis(
         &mut conn,
@@ -273,6 +284,8 @@ struct LogModels {
     spanning: BTreeSet<String>,
     /// Entity → partition → offset of its last record there.
     last_offsets: HashMap<String, BTreeMap<i32, i64>>,
+    /// Partition → offsets of the first and the last record read.
+    spans: HashMap<i32, (i64, i64)>,
     read: u64,
     invalid: u64,
 }
@@ -295,37 +308,43 @@ async fn read_log(
         let mut first_partition: HashMap<String, i32> = HashMap::new();
         let mut spanning: BTreeSet<String> = BTreeSet::new();
         let mut last_offsets: HashMap<String, BTreeMap<i32, i64>> = HashMap::new();
+        let mut spans: HashMap<i32, (i64, i64)> = HashMap::new();
         let mut invalid = 0u64;
         let read = read_topic(
             &kafka,
             &topic,
-            |r| match decode_keyed(
-                r.key.as_deref(),
-                r.value.as_deref(),
-                &r.header_refs(),
-                &event_cfg,
-            )
-            .0
-            .and_then(|e| {
-                let planned = effects.plan_for(&topic, &e)?;
-                Ok((e, planned))
-            }) {
-                Ok((e, planned)) => {
-                    let p = *first_partition
-                        .entry(e.entity.clone())
-                        .or_insert(r.partition);
-                    if p != r.partition {
-                        spanning.insert(e.entity.clone());
+            |r| {
+                let span = spans.entry(r.partition).or_insert((r.offset, r.offset));
+                *span = (span.0.min(r.offset), span.1.max(r.offset));
+                let decoded = decode_keyed(
+                    r.key.as_deref(),
+                    r.value.as_deref(),
+                    &r.header_refs(),
+                    &event_cfg,
+                )
+                .0
+                .and_then(|e| {
+                    let planned = effects.plan_for(&topic, &e)?;
+                    Ok((e, planned))
+                });
+                match decoded {
+                    Ok((e, planned)) => {
+                        let p = *first_partition
+                            .entry(e.entity.clone())
+                            .or_insert(r.partition);
+                        if p != r.partition {
+                            spanning.insert(e.entity.clone());
+                        }
+                        last_offsets
+                            .entry(e.entity.clone())
+                            .or_default()
+                            .insert(r.partition, r.offset);
+                        let at = r.timestamp_ms.unwrap_or(0);
+                        model.apply_at(&e, &planned, at, window_ms, false);
+                        kept.apply_at(&e, &planned, at, window_ms, true);
                     }
-                    last_offsets
-                        .entry(e.entity.clone())
-                        .or_default()
-                        .insert(r.partition, r.offset);
-                    let at = r.timestamp_ms.unwrap_or(0);
-                    model.apply_at(&e, &planned, at, window_ms, false);
-                    kept.apply_at(&e, &planned, at, window_ms, true);
+                    Err(_) => invalid += 1,
                 }
-                Err(_) => invalid += 1,
             },
             progress,
         )?;
@@ -334,6 +353,7 @@ async fn read_log(
             kept,
             spanning,
             last_offsets,
+            spans,
             read,
             invalid,
         })

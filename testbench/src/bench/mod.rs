@@ -11,6 +11,7 @@
 //! with each kind of effect, then all together (records/s, Redis µs per
 //! record and bytes per entity, docs/effects.md).
 
+mod backlog;
 mod baselines;
 mod compare;
 mod effects;

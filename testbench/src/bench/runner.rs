@@ -1,20 +1,20 @@
 //! Runs the benchmark's phases and writes the report.
 
-use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, Producer};
 
+use super::backlog::{ensure_running, run_on_backlog, Backlog};
 use super::baselines;
 use super::io::{
-    producer, progress, redis_time, scan_keys, scrape, scrape_total, send, standalone_redis, stop,
+    producer, progress, scan_keys, scrape, scrape_total, send, standalone_redis, stop,
 };
 use super::report::{quantile_upper_bound, BenchReport};
 use super::BenchSpec;
 use crate::exposition;
-use crate::process::{peak_rss_bytes, IdemCommand};
+use crate::process::peak_rss_bytes;
 use idem::metrics::{EVENTS_TOTAL, EVENT_LATENCY_SECONDS};
 use idem::model::Outcome;
 use idem::tools::sample::{generate, SampleSpec};
@@ -51,6 +51,7 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
             records: records.len() as u64,
         };
         report.comparison = super::compare::run(spec, &backlog).await?;
+        std::fs::write(spec.out_dir.join("bench.md"), report.to_markdown())?;
         return write_json(spec, report);
     }
 
@@ -208,111 +209,6 @@ async fn measure_throughput(
     Ok(measured.idems)
 }
 
-/// The backlog every run consumes.
-pub(super) struct Backlog {
-    pub topic: String,
-    pub records: u64,
-}
-
-/// One run on the backlog, its instances still running.
-pub(super) struct Measured {
-    pub records_per_second: f64,
-    pub idem_cpu_seconds_per_million: f64,
-    /// Redis's CPU (`INFO cpu`) per record, µs; `None` on a cluster.
-    pub redis_cpu_us_per_record: Option<f64>,
-    /// Redis's time in scripts (`INFO commandstats`) per record, µs.
-    pub script_us_per_record: Option<f64>,
-    /// Every instance's metrics at the end.
-    pub metrics: String,
-    pub idems: Vec<(Child, u16)>,
-}
-
-impl Measured {
-    pub fn stop(self) {
-        self.idems.into_iter().for_each(|(c, _)| stop(c));
-    }
-}
-
-/// `spec.instances` of `exe` (with `env`) as group `name` under key prefix
-/// `name`, timed from the first outcome until every record of the backlog
-/// has one (so the group join is not measured).
-pub(super) async fn run_on_backlog(
-    spec: &BenchSpec,
-    backlog: &Backlog,
-    exe: &Path,
-    env: &[(String, String)],
-    name: &str,
-    mut redis: Option<&mut redis::aio::MultiplexedConnection>,
-) -> anyhow::Result<Measured> {
-    let (topic, total) = (&backlog.topic, backlog.records);
-    progress(&format!(
-        "running {} idem instance(s) on the backlog",
-        spec.instances
-    ));
-    let mut idems: Vec<(Child, u16)> = Vec::new();
-    for _ in 0..spec.instances.max(1) {
-        let port = crate::process::free_port();
-        idems.push((spawn_idem(spec, exe, env, topic, name, port)?, port));
-    }
-    let ports: Vec<u16> = idems.iter().map(|(_, p)| *p).collect();
-    let (t0, cpu0) = loop {
-        ensure_all_running(&mut idems, &spec.out_dir)?;
-        if scrape_total_all(&ports, topic).await > 0 {
-            break (Instant::now(), cpu_seconds_all(&idems));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    let redis0 = match redis.as_deref_mut() {
-        Some(r) => Some(redis_time(r).await?),
-        None => None,
-    };
-    let mut last_report = Instant::now();
-    loop {
-        ensure_all_running(&mut idems, &spec.out_dir)?;
-        let done = scrape_total_all(&ports, topic).await;
-        if done >= total {
-            break;
-        }
-        if last_report.elapsed() > Duration::from_secs(2) {
-            progress(&format!("  {done}/{total} records have their outcome"));
-            last_report = Instant::now();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let elapsed = t0.elapsed().as_secs_f64();
-    let cpu = cpu_seconds_all(&idems) - cpu0;
-    let per_record = |us: f64| us / total as f64;
-    let (redis_cpu, script) = match (redis, redis0) {
-        (Some(r), Some((cpu0, script0))) => {
-            let (cpu1, script1) = redis_time(r).await?;
-            (
-                Some(per_record(cpu1 - cpu0)),
-                Some(per_record(script1 - script0)),
-            )
-        }
-        _ => (None, None),
-    };
-    let mut metrics = String::new();
-    for p in &ports {
-        metrics.push_str(&scrape(*p).await.unwrap_or_default());
-    }
-    let measured = Measured {
-        records_per_second: total as f64 / elapsed,
-        idem_cpu_seconds_per_million: cpu / total as f64 * 1e6,
-        redis_cpu_us_per_record: redis_cpu,
-        script_us_per_record: script,
-        metrics,
-        idems,
-    };
-    progress(&format!(
-        "idem: {:.0} records/s, {:.2} CPU s per million, Redis {} µs per record",
-        measured.records_per_second,
-        measured.idem_cpu_seconds_per_million,
-        redis_cpu.map_or("?".into(), |us| format!("{us:.2}"))
-    ));
-    Ok(measured)
-}
-
 /// Redis bytes per remembered id: in all and in the dedupe hashes alone.
 async fn measure_memory(
     redis: &mut redis::aio::MultiplexedConnection,
@@ -456,58 +352,6 @@ async fn run_baselines(
     Ok(())
 }
 
-fn spawn_idem(
-    spec: &BenchSpec,
-    exe: &Path,
-    env: &[(String, String)],
-    topic: &str,
-    name: &str,
-    port: u16,
-) -> anyhow::Result<Child> {
-    let redis_mode = if spec.redis_url.contains(',') {
-        idem::config::RedisMode::Cluster
-    } else {
-        idem::config::RedisMode::Standalone
-    };
-    let mut cmd = IdemCommand::new(exe, &spec.brokers, topic, name)
-        .redis(&spec.redis_url, redis_mode, name)
-        .metrics_port(port)
-        .env("RUST_LOG", "warn");
-    for (k, v) in env {
-        cmd = cmd.env(k, v);
-    }
-    Ok(cmd.spawn(&spec.out_dir.join("idem.log"))?)
-}
-
-fn ensure_all_running(children: &mut [(Child, u16)], out_dir: &Path) -> anyhow::Result<()> {
-    for (c, _) in children {
-        ensure_running(c, out_dir)?;
-    }
-    Ok(())
-}
-
-async fn scrape_total_all(ports: &[u16], topic: &str) -> u64 {
-    let mut sum = 0;
-    for p in ports {
-        sum += scrape_total(*p, topic).await.unwrap_or(0);
-    }
-    sum
-}
-
-fn cpu_seconds_all(children: &[(Child, u16)]) -> f64 {
-    children.iter().map(|(c, _)| cpu_seconds(c.id())).sum()
-}
-
-fn ensure_running(child: &mut Child, out_dir: &Path) -> anyhow::Result<()> {
-    if let Some(status) = child.try_wait()? {
-        anyhow::bail!(
-            "idem exited with {status}; see {}",
-            out_dir.join("idem.log").display()
-        );
-    }
-    Ok(())
-}
-
 /// (le, cumulative count) pairs of the latency histogram.
 fn latency_buckets(text: &str) -> Vec<(f64, f64)> {
     exposition::buckets(text, EVENT_LATENCY_SECONDS)
@@ -548,31 +392,6 @@ pub(super) async fn cleanup(conn: &mut redis::aio::MultiplexedConnection, prefix
             }
         }
     }
-}
-
-fn proc_stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which may contain spaces, in parentheses.
-    let after = stat.rsplit_once(')')?.1;
-    Some(after.split_whitespace().map(str::to_string).collect())
-}
-
-fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// User + system CPU seconds of a process so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    // utime and stime are fields 14 and 15 of /proc/PID/stat; 12 and 13 after the name.
-    proc_stat_fields(pid)
-        .and_then(|f| Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?))
-        .map_or(0.0, |ticks| ticks / clock_ticks_per_second())
 }
 
 fn machine_description() -> String {

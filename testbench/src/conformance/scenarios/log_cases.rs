@@ -124,8 +124,10 @@ pub(super) async fn replay_after_window_counters(
     case.catch_up().await?;
     p.terminate().await;
     // Redis remembers an id for at most two windows: past them, only the
-    // offset marks know these records.
+    // decided ranges and the offset marks know these records. Without the
+    // ranges (as after a lost claim), the marks alone must.
     tokio::time::sleep(Duration::from_secs(4)).await;
+    let forgotten = forget_decided_ranges(&case).await?;
     replay_to_earliest(&case).await?;
     let p = case.spawn(&extra)?;
     wait_processing(&p, 1, RECOVERY_BOUND).await?;
@@ -142,7 +144,12 @@ pub(super) async fn replay_after_window_counters(
     let violations = case.check_commits().await?;
     let (lost, doubled, wrong) = effects_against_oracle(&case, &points).await?;
     case.faults.push(format!(
-        "replay from earliest after a 2 s window, SIGKILL mid-replay ({} records)",
+        "replay from earliest after a 2 s window{}, SIGKILL mid-replay ({} records)",
+        if forgotten {
+            " with the decided ranges deleted"
+        } else {
+            ""
+        },
         case.records.len()
     ));
     let notes = format!(
@@ -155,6 +162,19 @@ pub(super) async fn replay_after_window_counters(
         r.verdict = "fail".into();
     }
     Ok((r, k))
+}
+
+/// Deletes the case's decided ranges (standalone Redis: one hash), so that
+/// only the offset marks recognise a replay. Whether it did.
+async fn forget_decided_ranges(case: &Case) -> anyhow::Result<bool> {
+    if case.redis.is_cluster() {
+        return Ok(false);
+    }
+    let mut conn = case.redis.connect().await?;
+    let key = idem::store::KeyLayout::new(&case.topic).decided_key(None);
+    let deleted: i64 = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
+    anyhow::ensure!(deleted == 1, "no decided ranges at {key}");
+    Ok(true)
 }
 
 /// Balances, ledgers and points against the payments oracle: (accounts
