@@ -53,7 +53,7 @@ test-cluster: services
 
 ## Only the tests that need no services.
 test-unit:
-	$(CARGO) test --workspace --lib
+	$(CARGO) test --workspace --lib -- --skip with_redis
 
 lint:
 	$(CARGO) fmt --all --check
@@ -72,7 +72,7 @@ mutants:
 	command -v cargo-mutants >/dev/null || $(CARGO) install --locked cargo-mutants
 	$(CARGO) mutants --package idem --test-workspace=false --cargo-test-arg=--lib \
 	  --profile mutants --gitignore=true --jobs 2 --timeout 60 \
-	  $(addprefix --file ,$(MUTANTS_FILES)) $(MUTANTS_ARGS); \
+	  $(addprefix --file ,$(MUTANTS_FILES)) $(MUTANTS_ARGS) -- -- --skip with_redis; \
 	  python3 scripts/mutants-summary.py mutants.out
 
 clean-cache:

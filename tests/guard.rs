@@ -268,24 +268,22 @@ async fn expire_ids(
     model: &mut Model,
 ) {
     let keys = KeyLayout::new(prefix).entity(entity);
-    let generation = |offset: i64| keys.ids((now_ms() / 3_600_000 + offset) as u64);
+    // The guard's own generations (window 1 h, as `differential` runs), and
+    // the next one: the clock may pass into it while the test runs.
+    let ids = idem::guard::id_generations(
+        idem::pipeline::unix_millis() as u64,
+        Duration::from_secs(3600),
+    );
     let _: () = redis::cmd("DEL")
-        .arg(generation(-1))
-        .arg(generation(0))
-        .arg(generation(1))
+        .arg(keys.ids(ids.previous))
+        .arg(keys.ids(ids.current))
+        .arg(keys.ids(ids.current + 1))
         .query_async(conn)
         .await
         .unwrap();
     if let Some(e) = model.entities.get_mut(entity) {
         e.remembered.clear();
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 /// The script and the model decide the same, record by record, and leave

@@ -75,30 +75,61 @@ pub enum Ownership {
 }
 
 pub struct GuardStage {
-    pub config: Arc<Config>,
-    pub guard: Guard,
-    pub health: Health,
-    pub shutdown: Shutdown,
-    pub summary: Summary,
-    pub dlq: DlqWriter,
-    pub budget: DlqBudget,
+    config: Arc<Config>,
+    guard: Guard,
+    health: Health,
+    shutdown: Shutdown,
+    summary: Summary,
+    dlq: DlqWriter,
+    budget: DlqBudget,
     /// Where the stage reports to the loop.
-    pub events: mpsc::UnboundedSender<StageEvent>,
+    events: mpsc::UnboundedSender<StageEvent>,
     /// The partitions the loop owns, as it takes and releases them.
-    pub ownership: mpsc::UnboundedReceiver<Ownership>,
+    ownership: mpsc::UnboundedReceiver<Ownership>,
     /// Redis's progress records: written after each batch, checked before
     /// each batch and on a timer while idle.
-    pub progress: ProgressRecords,
+    progress: ProgressRecords,
     /// Consumption was stopped (dead-letter budget): said once.
-    pub stopped: bool,
+    stopped: bool,
     /// Idle progress checks that failed in a row (the connection is
     /// replaced every `RECONNECT_AFTER`).
-    pub idle_failures: u32,
+    idle_failures: u32,
     /// The runs of consumption of the owned partitions (offset marks).
-    pub runs: Runs,
+    runs: Runs,
 }
 
 impl GuardStage {
+    /// A stage for `guard` and Redis's progress records, reporting on
+    /// `events` and told of the loop's partitions on `ownership`. Redis is
+    /// reached only through `guard` and `progress`: a test gives them a
+    /// connection through a fault-injecting proxy.
+    pub fn new(
+        config: &Arc<Config>,
+        guard: Guard,
+        progress: ProgressRecords,
+        health: &Health,
+        shutdown: &Shutdown,
+        events: mpsc::UnboundedSender<StageEvent>,
+        ownership: mpsc::UnboundedReceiver<Ownership>,
+    ) -> Result<GuardStage, rdkafka::error::KafkaError> {
+        Ok(GuardStage {
+            config: config.clone(),
+            guard,
+            health: health.clone(),
+            shutdown: shutdown.clone(),
+            summary: Summary::new(),
+            dlq: DlqWriter::new(config)?,
+            budget: DlqBudget::new(config.dlq.ratio_window, config.dlq.max_ratio),
+            events,
+            ownership,
+            progress,
+            // A stop outlives a restart of consumption: only a restart of idem lifts it.
+            stopped: health.stopped_reason().is_some(),
+            idle_failures: 0,
+            runs: Default::default(),
+        })
+    }
+
     /// Applies batches until the channel closes, shutdown fires while Redis
     /// fails, or Redis's state changed. With no batch for
     /// `redis.progress_check_interval`, checks Redis's progress records:
@@ -519,3 +550,6 @@ impl GuardStage {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -42,7 +42,6 @@ use recovery::ProgressRecords;
 pub use shutdown::{Shutdown, ShutdownTrigger};
 use startup::start_guard;
 pub use startup::RunError;
-use summary::Summary;
 pub use timing::unix_millis;
 use timing::Backoff;
 
@@ -140,22 +139,10 @@ async fn run_consumer(
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
     let (stage_tx, stage_events) = mpsc::unbounded_channel();
     let (ownership_tx, ownership) = mpsc::unbounded_channel();
-    let stage = GuardStage {
-        config: config.clone(),
-        guard,
-        health: health.clone(),
-        shutdown: shutdown.clone(),
-        summary: Summary::new(),
-        dlq: crate::dlq::DlqWriter::new(config)?,
-        budget: crate::dlq::budget::DlqBudget::new(config.dlq.ratio_window, config.dlq.max_ratio),
-        events: stage_tx,
-        ownership,
-        progress: ProgressRecords::new(redis.store.clone(), redis.epoch.clone()),
-        // A stop outlives a restart of consumption: only a restart of idem lifts it.
-        stopped: health.stopped_reason().is_some(),
-        idle_failures: 0,
-        runs: Default::default(),
-    };
+    let progress = ProgressRecords::new(redis.store.clone(), redis.epoch.clone());
+    let stage = GuardStage::new(
+        config, guard, progress, health, shutdown, stage_tx, ownership,
+    )?;
     let guard_task = tokio::spawn(stage.run(batch_rx));
     let mut event_loop = EventLoop::new(
         config.clone(),

@@ -11,8 +11,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::backlog::{run_on_backlog, Backlog};
-use super::io::{progress, standalone_redis};
-use super::runner::cleanup;
+use super::io::{cleanup, progress, standalone_redis};
 use super::BenchSpec;
 
 /// One build to measure beside this one: a name, a binary and the

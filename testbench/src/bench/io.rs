@@ -1,6 +1,6 @@
 //! What the bench's phases share: progress lines, a producer, idem's
-//! metrics, Redis keys, and stopping a process. Used by runner.rs and
-//! effects.rs; imports neither.
+//! metrics, Redis keys (and their cleanup), and stopping a process. Used by
+//! runner.rs, compare.rs and effects.rs; imports none of them.
 
 use std::process::{Child, Command};
 use std::time::Duration;
@@ -108,4 +108,15 @@ pub(super) async fn redis_time(
         .filter_map(|v| v.parse::<f64>().ok())
         .sum();
     Ok((cpu, scripts))
+}
+
+/// Deletes what the bench wrote, so repeated runs do not fill Redis.
+pub(super) async fn cleanup(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) {
+    for pattern in [format!("{prefix}:*"), format!("{prefix}-*")] {
+        if let Ok(keys) = scan_keys(conn, &pattern).await {
+            for chunk in keys.chunks(1000) {
+                let _: Result<i64, _> = redis::cmd("UNLINK").arg(chunk).query_async(conn).await;
+            }
+        }
+    }
 }

@@ -9,7 +9,7 @@ use rdkafka::producer::{FutureProducer, Producer};
 use super::backlog::{ensure_running, run_on_backlog, Backlog};
 use super::baselines;
 use super::io::{
-    producer, progress, scan_keys, scrape, scrape_total, send, standalone_redis, stop,
+    cleanup, producer, progress, scan_keys, scrape, scrape_total, send, standalone_redis, stop,
 };
 use super::report::{quantile_upper_bound, BenchReport};
 use super::BenchSpec;
@@ -381,17 +381,6 @@ async fn id_hash_bytes(
         total += sizes.into_iter().flatten().sum::<u64>();
     }
     Ok(total)
-}
-
-/// Deletes what the bench wrote, so repeated runs do not fill Redis.
-pub(super) async fn cleanup(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) {
-    for pattern in [format!("{prefix}:*"), format!("{prefix}-*")] {
-        if let Ok(keys) = scan_keys(conn, &pattern).await {
-            for chunk in keys.chunks(1000) {
-                let _: Result<i64, _> = redis::cmd("UNLINK").arg(chunk).query_async(conn).await;
-            }
-        }
-    }
 }
 
 fn machine_description() -> String {

@@ -1,0 +1,226 @@
+//! The stage driven by hand against a real Redis, reached through a proxy
+//! that cuts the connection under the first guard call: the fault of a
+//! Redis that drops a client mid-call, which a real server does not produce
+//! on demand. These tests need Redis (`make services`); `make test-unit`
+//! skips them by the `with_redis` in their names.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::consumed::{DecidedRanges, TopicId};
+use crate::kafka::TopicRecord;
+use crate::pipeline::consumer::Fetched;
+use crate::pipeline::startup::start_guard;
+use crate::store::KeyLayout;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Which batch each guard call carried, and whether the proxy let it through.
+type CallLog = Arc<Mutex<Vec<(&'static str, bool)>>>;
+
+/// A proxy to `upstream` that notes each guard call (EVALSHA) by the batch
+/// its ids belong to (`first-…` or `second-…`) and cuts the connection,
+/// without forwarding, under the first call of the first batch.
+async fn cutting_proxy(upstream: String) -> (u16, CallLog) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let calls: CallLog = Arc::default();
+    let log = calls.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(forward(client, upstream.clone(), log.clone()));
+        }
+    });
+    (port, calls)
+}
+
+async fn forward(mut client: tokio::net::TcpStream, upstream: String, calls: CallLog) {
+    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+        return;
+    };
+    let (mut up, mut down) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+    loop {
+        tokio::select! {
+            n = client.read(&mut up) => {
+                let Ok(n @ 1..) = n else { return };
+                let chunk = &up[..n];
+                let has = |needle: &[u8]| chunk.windows(needle.len()).any(|w| w == needle);
+                if has(b"EVALSHA") {
+                    let batch = if has(b"first-") { "first" } else if has(b"second-") { "second" } else { "" };
+                    if !batch.is_empty() {
+                        let mut calls = calls.lock().unwrap();
+                        let cut = batch == "first" && calls.is_empty();
+                        calls.push((batch, !cut));
+                        if cut {
+                            return; // both ends dropped: Redis never saw the call
+                        }
+                    }
+                }
+                if server.write_all(chunk).await.is_err() {
+                    return;
+                }
+            }
+            n = server.read(&mut down) => {
+                let Ok(n @ 1..) = n else { return };
+                if client.write_all(&down[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn batch(config: &Config, seq: u64, records: &[(i64, &str, &str, u64, &str)]) -> Batch {
+    let fetched = records
+        .iter()
+        .map(|(offset, id, entity, event_seq, data)| Fetched {
+            tp: TopicPartition::new("stage-order", 0),
+            record: TopicRecord {
+                partition: 0,
+                offset: *offset,
+                timestamp_ms: None,
+                key: Some(entity.as_bytes().to_vec()),
+                value: Some(
+                    format!(
+                        r#"{{"id":"{id}","entity":"{entity}","seq":{event_seq},"data":{data}}}"#
+                    )
+                    .into_bytes(),
+                ),
+                headers: Vec::new(),
+            },
+        })
+        .collect();
+    let mut batch = Batch::decode(fetched, config);
+    batch.seq = seq;
+    batch
+}
+
+fn redis_address() -> String {
+    let url = std::env::var("IDEM_REDIS_URL").unwrap_or("redis://127.0.0.1:6379".into());
+    let first = url.split(',').next().unwrap_or_default();
+    first
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// Ordering is load-bearing: a batch whose first guard call fails holds
+/// back the next batch of its partition until its retry has landed, and
+/// then both are in Redis, every effect of each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_a_failed_batch_holds_back_the_next_until_its_retry_lands() {
+    let (port, calls) = cutting_proxy(redis_address()).await;
+    let prefix = format!("stage-{}", unix_millis());
+    let mut config = Config::defaults();
+    config.redis.url = format!("redis://127.0.0.1:{port}");
+    config.redis.key_prefix = prefix.clone();
+    config.pipeline.retry_initial_backoff = Duration::from_millis(20);
+    let config = Arc::new(config);
+    let (_trigger, mut shutdown) = crate::pipeline::shutdown::Shutdown::new();
+    let (guard, redis) = start_guard(&config, &mut shutdown)
+        .await
+        .expect("Redis answers through the proxy")
+        .expect("no shutdown");
+    let tp = TopicPartition::new("stage-order", 0);
+    // As the assignment does: the partition's progress record starts at 0.
+    let mut store = redis.store;
+    store
+        .record(&redis.epoch, &[(tp.clone(), 0, None)], &[])
+        .await
+        .unwrap();
+    let progress = ProgressRecords::new(store, redis.epoch);
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (ownership_tx, ownership) = mpsc::unbounded_channel();
+    let health = Health::default();
+    let stage = GuardStage::new(
+        &config, guard, progress, &health, &shutdown, events_tx, ownership,
+    )
+    .expect("a dead-letter producer (it never sends here)");
+
+    let view = LogView {
+        topic_id: TopicId::from_bits(0x5747, 0x0e).unwrap(),
+        decided: DecidedRanges::default(),
+    };
+    ownership_tx
+        .send(Ownership::Taken {
+            floors: vec![(tp.clone(), 0)],
+            logs: vec![(tp.clone(), view)],
+            after_batch: 0,
+        })
+        .unwrap();
+    let first = batch(
+        &config,
+        1,
+        &[
+            (0, "first-1", "acct", 1, r#"{"a":"1"}"#),
+            (1, "first-2", "acct", 2, r#"{"b":"2"}"#),
+        ],
+    );
+    // The later batch advances the same entity: were it applied before the
+    // first batch's retry, the retry's events would be stale and lost.
+    let second = batch(
+        &config,
+        2,
+        &[
+            (2, "second-3", "acct", 3, r#"{"c":"3"}"#),
+            (3, "second-1", "other", 1, r#"{"d":"4"}"#),
+        ],
+    );
+    let (batch_tx, batch_rx) = mpsc::channel(2);
+    batch_tx.send(first).await.unwrap();
+    batch_tx.send(second).await.unwrap();
+    let stage = tokio::spawn(stage.run(batch_rx));
+
+    let mut finished = Vec::new();
+    while finished.len() < 2 {
+        match tokio::time::timeout(WAIT, events.recv()).await {
+            Ok(Some(StageEvent::Finished(f))) => {
+                finished.push(f.positions().map(|(_, o)| o).collect::<Vec<_>>())
+            }
+            other => panic!("expected two finished batches, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        finished,
+        vec![vec![0, 1], vec![2, 3]],
+        "in order, each whole"
+    );
+    assert_eq!(
+        *calls.lock().unwrap(),
+        vec![("first", false), ("first", true), ("second", true)],
+        "the later batch's call went out only after the retry of the earlier one"
+    );
+    drop(batch_tx);
+    tokio::time::timeout(WAIT, stage).await.unwrap().unwrap();
+
+    let mut direct = config.redis.clone();
+    direct.url = format!("redis://{}", redis_address());
+    let mut conn = crate::store::connect(&direct).await.unwrap();
+    let layout = KeyLayout::new(&prefix);
+    let acct = crate::store::read_entity(&mut conn, &layout, "acct")
+        .await
+        .unwrap();
+    let field = |k: &str| acct.state.get(k).map(String::as_str);
+    assert_eq!((acct.seq, acct.applied), (Some(3), 3), "{acct:?}");
+    assert_eq!(
+        (field("a"), field("b"), field("c")),
+        (Some("1"), Some("2"), Some("3"))
+    );
+    assert_eq!(
+        acct.offset_marks.values().collect::<Vec<_>>().len(),
+        1,
+        "one mark, for the one partition: {acct:?}"
+    );
+    assert!(
+        acct.offset_marks.values().all(|m| m.ends_with(":2")),
+        "{acct:?}"
+    );
+    let other = crate::store::read_entity(&mut conn, &layout, "other")
+        .await
+        .unwrap();
+    assert_eq!(other.state.get("d").map(String::as_str), Some("4"));
+}
