@@ -354,7 +354,7 @@ async fn redrive_after_a_fix_applies_each_intent_once() {
     let dry = redrive(false);
     assert!(
         dry.contains(&format!("would re-publish {rejected} to {topic}"))
-            && dry.contains("1 still invalid for the current decoder (bad_timestamp)"),
+            && dry.contains("1 would be rejected again (bad_timestamp)"),
         "{dry}"
     );
     assert_eq!(
@@ -444,4 +444,173 @@ async fn poison_flood_stops_consumption_and_says_why() {
         "stopped after the budget, not at the end: {dead} dead letters"
     );
     idem.terminate().await;
+}
+
+/// Copies every record of `topic`'s dead-letter topic once more into it,
+/// headers included: what a replay used to leave there (the same source
+/// record dead-lettered twice).
+async fn duplicate_dead_letters(topic: &str) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let dlq = format!("{topic}.dlq");
+    let records = dead_letters(topic).await;
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    for r in &records {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let mut copy: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&dlq).headers(headers);
+        if let Some(k) = r.key.as_deref() {
+            copy = copy.key(k);
+        }
+        if let Some(v) = r.value.as_deref() {
+            copy = copy.payload(v);
+        }
+        producer.send(copy, Duration::from_secs(10)).await.unwrap();
+    }
+}
+
+/// Runs `idem dlq <args> --topic <dlq> --json` with `env`: its JSON report.
+fn dlq_json(args: &[&str], dlq: &str, prefix: &str, env: &[(&str, &str)]) -> serde_json::Value {
+    let mut all = vec!["dlq"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--topic", dlq, "--json"]);
+    let out = idem_tool(&all, prefix, env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A redrive's dry run promises only what would be applied: a dead letter
+/// whose effects the current config cannot plan, and one whose id is now
+/// remembered with another payload, are reported with the reason they
+/// would get, not published. `dlq inspect` counts source records, and a
+/// redrive publishes each source record once, whatever copies the
+/// dead-letter topic holds, also across runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redrive_publishes_only_what_would_be_applied_once_per_source() {
+    let topic = unique("redrive-fates");
+    let dlq = format!("{topic}.dlq");
+    create_topic(&topic, 1).await;
+    let file = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{topic}.toml"));
+    std::fs::write(
+        &file,
+        format!("[[effects]]\ntopic = \"{topic}\"\ntypes = [\"deposit\"]\ncounters = [{{ field = \"balance\", from = \"/amount\" }}]\n"),
+    )
+    .unwrap();
+    let config = file.to_str().unwrap();
+    let blob = "z".repeat(400);
+    let deposit = |id: &str, entity: &str, amount: &str, blob: &str| {
+        format!(
+            r#"{{"id":"{id}","entity":"{entity}","seq":1,"type":"deposit","data":{{"amount":{amount},"blob":"{blob}"}}}}"#
+        )
+    };
+    let (cured, nan, reused) = (
+        format!("{topic}:cured"),
+        format!("{topic}:nan"),
+        format!("{topic}:reused"),
+    );
+    // Too large for the buggy max_bytes, all three; the id of the third is
+    // then applied with another (smaller) payload.
+    let values = [
+        (cured.clone(), deposit("cured", &cured, "5", &blob)),
+        (nan.clone(), deposit("nan", &nan, r#""abc""#, &blob)),
+        (reused.clone(), deposit("reused", &reused, "1", &blob)),
+        (reused.clone(), deposit("reused", &reused, "2", "")),
+    ];
+    let raw: Vec<RawRecord<'_>> = values
+        .iter()
+        .map(|(k, v)| (Some(k.as_bytes()), Some(v.as_bytes())))
+        .collect();
+    produce_raw(&topic, &raw).await;
+    let buggy = IdemOpts::new(&topic, &topic, &topic)
+        .with("IDEM_CONFIG", config)
+        .with("IDEM__EVENT__MAX_BYTES", "300");
+    let idem = Idem::spawn(&buggy);
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+    assert_eq!(idem.outcome(&topic, Outcome::Invalid).await, 3);
+    idem.terminate().await;
+    duplicate_dead_letters(&topic).await;
+
+    let env = [("IDEM_CONFIG", config)];
+    let inspected = dlq_json(&["inspect"], &dlq, &topic, &env);
+    assert_eq!(
+        (
+            &inspected["records"],
+            &inspected["sources"],
+            &inspected["by_reason"]["too_large"]
+        ),
+        (&6.into(), &3.into(), &3.into()),
+        "{inspected}"
+    );
+
+    let dry = dlq_json(&["redrive"], &dlq, &topic, &env);
+    assert_eq!(dry["by_topic"], serde_json::json!({ &topic: 1 }), "{dry}");
+    assert_eq!(
+        dry["still_invalid"],
+        serde_json::json!({ "amount_not_numeric": 1, "conflict": 1 }),
+        "{dry}"
+    );
+    assert_eq!(dry["copies"], 3, "{dry}");
+
+    let first = dlq_json(&["redrive", "--execute"], &dlq, &topic, &env);
+    assert_eq!(
+        first["by_topic"],
+        serde_json::json!({ &topic: 1 }),
+        "{first}"
+    );
+    let again = dlq_json(&["redrive", "--execute"], &dlq, &topic, &env);
+    assert_eq!(
+        (
+            &again["by_topic"],
+            &again["already_redriven"],
+            &again["copies"]
+        ),
+        (&serde_json::json!({}), &2.into(), &2.into()),
+        "both copies of the published record are known to be re-published: {again}"
+    );
+    let fixed = IdemOpts::new(&topic, &topic, &topic).with("IDEM_CONFIG", config);
+    let idem = Idem::spawn(&fixed);
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+    idem.terminate().await;
+    let mut conn = redis_conn(&redis_url()).await;
+    let balance: Option<String> = redis::cmd("HGET")
+        .arg(
+            idem::store::KeyLayout::new(&topic)
+                .entity(&cured)
+                .counters(),
+        )
+        .arg("balance")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        balance.as_deref(),
+        Some("5"),
+        "the cured deposit counted once"
+    );
+
+    // Forgetting what was re-published: the id is now remembered with this
+    // payload, so the dry run says it is applied already.
+    let _: () = redis::cmd("DEL")
+        .arg(idem::store::KeyLayout::new(&topic).redriven_key(&dlq))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let forgotten = dlq_json(&["redrive"], &dlq, &topic, &env);
+    assert_eq!(
+        (&forgotten["by_topic"], &forgotten["already_applied"]),
+        (&serde_json::json!({}), &1.into()),
+        "{forgotten}"
+    );
 }

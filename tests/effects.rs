@@ -383,6 +383,11 @@ async fn a_replay_after_the_window_changes_nothing_and_only_unmarked_records_rec
     });
     let (model, _, points) = payments::oracle(&records, &topic, &effects_of(&file));
     produce(&topic, &records).await;
+    // Malformed records among them: dead-lettered, never counted again.
+    let malformed: Vec<RawRecord<'_>> = (0..5)
+        .map(|_| (Some(&b"acct-x"[..]), Some(&b"not json"[..])))
+        .collect();
+    produce_raw(&topic, &malformed).await;
     let produced = Instant::now();
     let config = file.to_str().unwrap();
     let opts = IdemOpts::new(&topic, &topic, &topic)
@@ -423,7 +428,10 @@ async fn a_replay_after_the_window_changes_nothing_and_only_unmarked_records_rec
         String::from_utf8_lossy(&replayed.stderr)
     );
     assert!(
-        stdout.contains(&format!("{} of them were decided before", records.len())),
+        stdout.contains(&format!(
+            "{} of them were decided before",
+            records.len() + malformed.len()
+        )),
         "{stdout}"
     );
     // SIGKILLed mid-replay, then run to the end.
@@ -449,6 +457,33 @@ async fn a_replay_after_the_window_changes_nothing_and_only_unmarked_records_rec
 
     // As before offset marks: nothing says these records were decided.
     forget_offset_marks(&topic).await;
+    // The plan counts what would count again: each deposit and withdrawal
+    // id once, not the status updates, the copies or the malformed records.
+    let commutative_ids: std::collections::HashSet<(String, String)> = records
+        .iter()
+        .filter_map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.value).ok()?;
+            ["deposit", "withdrawal"]
+                .contains(&v["type"].as_str()?)
+                .then(|| (v["entity"].to_string(), v["id"].to_string()))
+        })
+        .collect();
+    let dry = idem_tool(
+        &["replay", "--topic", &topic, "--to-earliest", "--json"],
+        &topic,
+        &env,
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&dry.stdout).unwrap();
+    assert_eq!(
+        plan["total_recount"],
+        commutative_ids.len(),
+        "{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    assert!(
+        commutative_ids.len() < records.len(),
+        "the stream has merges and copies"
+    );
     let refused = replay(&[]);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{stderr}");

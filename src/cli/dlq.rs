@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 
 use crate::config::Config;
 use crate::dlq::REASONS;
-use crate::tools::dead_letters as tools;
+use crate::tools::{dead_letters, redrive};
 
 /// Inspect the dead-letter topic, and re-publish its records once the cause is fixed.
 #[derive(Debug, Args)]
@@ -21,7 +21,8 @@ pub struct DlqArgs {
 #[derive(Debug, Subcommand)]
 #[command(verbatim_doc_comment)]
 enum DlqAction {
-    /// Count dead letters by reason and show a few examples of each.
+    /// Count dead letters by reason (each source record once, whatever
+    /// copies the topic holds) and show a few examples of each.
     ///
     /// Example: idem dlq inspect --topic orders.dlq --examples 5
     Inspect {
@@ -36,12 +37,16 @@ enum DlqAction {
     /// key, value and headers, so the guard decides again: intents already
     /// applied come back as duplicates, the others are applied once.
     ///
-    /// A dry run by default: it re-checks every dead letter with the current
-    /// decoder and says what --execute would publish. Records still invalid
-    /// are never re-published (they would come straight back), nor are
-    /// references (too large for the dead-letter topic). --execute remembers
-    /// what it published (a Redis set, <key_prefix>:redriven:{<dlq topic>}),
-    /// so running it twice publishes each dead letter at most once.
+    /// A dry run by default: it re-checks every dead letter against the
+    /// current config (the decoder, the effect planning: amounts, scales,
+    /// pointers) and Redis's dedupe window (an id still remembered with
+    /// another payload stays a conflict), and says what --execute would
+    /// publish. What would be rejected again is never re-published (it
+    /// would come straight back), nor are references (too large for the
+    /// dead-letter topic). Each source record is published once, whatever
+    /// copies the topic holds. --execute remembers what it published (a
+    /// Redis set, <key_prefix>:redriven:{<dlq topic>}), so running it twice
+    /// publishes each source record at most once.
     ///
     /// Examples:
     ///   idem dlq redrive --reason too_large
@@ -71,7 +76,8 @@ pub async fn run(args: DlqArgs, config: Config) -> anyhow::Result<ExitCode> {
         DlqAction::Inspect { examples, json } => {
             let t = topic.clone();
             let report =
-                tokio::task::spawn_blocking(move || tools::inspect(&kafka, &t, examples)).await??;
+                tokio::task::spawn_blocking(move || dead_letters::inspect(&kafka, &t, examples))
+                    .await??;
             if json {
                 crate::outln!("{}", serde_json::to_string_pretty(&report)?);
                 return Ok(ExitCode::SUCCESS);
@@ -85,7 +91,7 @@ pub async fn run(args: DlqArgs, config: Config) -> anyhow::Result<ExitCode> {
             dry_run: _,
             json,
         } => {
-            let report = tools::redrive(&config, &topic, reason.as_deref(), execute, |n| {
+            let report = redrive::redrive(&config, &topic, reason.as_deref(), execute, |n| {
                 eprintln!("redrive: {n} records so far");
             })
             .await?;
@@ -104,8 +110,16 @@ pub async fn run(args: DlqArgs, config: Config) -> anyhow::Result<ExitCode> {
 }
 
 /// What the dead-letter topic holds: counts by reason, then the examples.
-fn print_inspection(topic: &str, report: &tools::Inspection) {
-    crate::outln!("{topic}: {} dead letters", report.records);
+fn print_inspection(topic: &str, report: &dead_letters::Inspection) {
+    crate::outln!(
+        "{topic}: {} dead letters of {} source records (counted below once each)",
+        report.records,
+        report.sources
+    );
+    let copies = report.records - report.sources;
+    if copies > 0 {
+        crate::outln!("  {copies} are further copies of a source record (dead-lettered again when re-read outside idem's decided ranges: docs/operations.md); a redrive publishes each source record once");
+    }
     for (reason, n) in &report.by_reason {
         crate::outln!("  {reason:<18} {n}");
     }
@@ -122,7 +136,7 @@ fn print_inspection(topic: &str, report: &tools::Inspection) {
 }
 
 /// What a redrive did (or would do); failure if some copies were not delivered.
-fn print_redrive(topic: &str, report: &tools::Redrive, execute: bool) -> ExitCode {
+fn print_redrive(topic: &str, report: &redrive::Redrive, execute: bool) -> ExitCode {
     let verb = if execute {
         "re-published"
     } else {
@@ -145,8 +159,20 @@ fn print_redrive(topic: &str, report: &tools::Redrive, execute: bool) -> ExitCod
             report.already_redriven
         );
     }
+    if report.copies > 0 {
+        crate::outln!(
+            "  {} further copies of a source record met above (each source record is published once)",
+            report.copies
+        );
+    }
     for (code, n) in &report.still_invalid {
-        crate::outln!("  {n} still invalid for the current decoder ({code}): not re-published; fix the producer or the config first");
+        crate::outln!("  {n} would be rejected again ({code}): not re-published; fix the producer or the config first");
+    }
+    if report.already_applied > 0 {
+        crate::outln!(
+            "  {} already applied (the dedupe window remembers their id with this payload): not re-published",
+            report.already_applied
+        );
     }
     if report.references > 0 {
         crate::outln!(

@@ -116,9 +116,9 @@ pub async fn run(args: ReplayArgs, config: Config) -> anyhow::Result<ExitCode> {
     });
     let recount_refusal = (plan.total_recount > 0 && !args.allow_recount).then(|| {
         format!(
-            "the plan re-reads {} records of {topic} older than the dedupe window ({}) that idem has no \
-             record of deciding (before its offset marks, or outside the ranges it consumed); its events have \
-             commutative effects (counters, ledgers, sets), so those would count again. \
+            "the plan re-reads {} events of {topic} older than the dedupe window ({}) that idem has no \
+             record of deciding (before its offset marks, or outside the ranges it consumed) and whose \
+             commutative effects (counters, ledgers, sets) would count again. \
              Add --allow-recount if that is what you want (docs/effects.md)",
             plan.total_recount,
             crate::config::format_duration(window)
@@ -154,10 +154,33 @@ async fn with_decided(
     topic: &str,
     plan: replay::ReplayPlan,
 ) -> replay::ReplayPlan {
-    match decided_ranges(config, topic, &plan).await {
-        Ok(decided) => plan.with_decided(&decided),
+    let decided = match decided_ranges(config, topic, &plan).await {
+        Ok(decided) => decided,
         Err(e) => {
             eprintln!("note: cannot read what Redis says was decided ({e}); the plan counts every re-read record as new");
+            return plan;
+        }
+    };
+    let plan = plan.with_decided(&decided);
+    if plan.total_recount == 0 {
+        return plan;
+    }
+    // Which of those records would count again: read them.
+    eprintln!(
+        "reading the {} re-read records older than the dedupe window to count those whose effects would count again",
+        plan.total_recount
+    );
+    let (narrowed, config) = (plan.clone(), config.clone());
+    let counted =
+        tokio::task::spawn_blocking(move || replay::recounted_events(&narrowed, &config, &decided))
+            .await;
+    match counted
+        .map_err(anyhow::Error::from)
+        .and_then(|counted| counted)
+    {
+        Ok(counts) => plan.with_recounts(&counts),
+        Err(e) => {
+            eprintln!("note: cannot read those records ({e}); the plan counts each of them as counting again");
             plan
         }
     }
@@ -250,7 +273,7 @@ fn print_plan(group: &str, topic: &str, plan: &replay::ReplayPlan) {
     }
     if plan.total_recount > 0 {
         crate::outln!(
-            "{} of them are older than the dedupe window and outside what idem decided: their commutative effects (counters, ledgers, sets) would COUNT AGAIN",
+            "{} of them are events older than the dedupe window, outside what idem decided, whose commutative effects (counters, ledgers, sets) would COUNT AGAIN (each id once; invalid records and plain merges count nothing)",
             plan.total_recount
         );
     }

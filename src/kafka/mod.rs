@@ -268,6 +268,15 @@ impl RefusalContext {
 
 impl ClientContext for RefusalContext {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        // Under load the handshake's error event can come too late for the
+        // probe (librdkafka raises a repeated error once); its log line
+        // comes at every failure.
+        if let Some(code) = refusal_in_log(message) {
+            self.refused
+                .lock()
+                .unwrap()
+                .get_or_insert_with(|| (code, message.to_string()));
+        }
         self.limiter.log(level, fac, message);
     }
 
@@ -284,6 +293,19 @@ impl ClientContext for RefusalContext {
 }
 
 impl ConsumerContext for RefusalContext {}
+
+/// A refusal named by one of librdkafka's log lines: a failed TLS
+/// handshake or SASL authentication (what [`is_refusal`] takes from error
+/// events).
+fn refusal_in_log(message: &str) -> Option<RDKafkaErrorCode> {
+    if message.contains("SASL authentication error") {
+        Some(RDKafkaErrorCode::Authentication)
+    } else if message.contains("SSL handshake failed") {
+        Some(RDKafkaErrorCode::SSL)
+    } else {
+        None
+    }
+}
 
 /// An error that retrying will not fix: the brokers refuse the credentials
 /// or the TLS handshake. A broker that rejects the client certificate

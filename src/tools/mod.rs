@@ -6,7 +6,8 @@
 //! - [`group`]: a group's members and lag (`idem inspect group`).
 //! - [`replay`]: moving a group's committed offsets (`idem replay`).
 //! - [`reconcile`]: Redis's state against a topic's history (`idem reconcile`).
-//! - [`dead_letters`]: looking at and redriving dead letters (`idem dlq`).
+//! - [`dead_letters`]: looking at dead letters (`idem dlq inspect`).
+//! - [`redrive`]: re-publishing them once each (`idem dlq redrive`).
 //! - [`topic_reader`]: reading a partition range, shared by the tools above.
 //! - [`sample`]: a deterministic test-data generator (`idem sample`).
 
@@ -14,6 +15,7 @@ pub mod check;
 pub mod dead_letters;
 pub mod group;
 pub mod reconcile;
+pub mod redrive;
 pub mod replay;
 pub mod sample;
 pub mod topic_reader;

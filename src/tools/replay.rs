@@ -8,16 +8,17 @@
 //! the window); one outside them is `duplicate` inside the window and
 //! `stale` after it, where only commutative effects would count again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use crate::kafka::QuietContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
-use crate::config::OffsetReset;
+use crate::config::{Config, OffsetReset};
 use crate::consumed::DecidedRanges;
 use crate::tools::group::{group_status, GroupStatus, Member};
+use crate::tools::topic_reader::{read_ranges, TopicRecord};
 
 /// Where to move the offsets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,9 +39,10 @@ pub struct PlanRow {
     pub end: i64,
     /// Records that will be read again (or skipped, if negative).
     pub reread: i64,
-    /// Of those, records older than the dedupe window on a topic with
+    /// Of those, events older than the dedupe window on a topic with
     /// commutative effects that idem did not decide before (outside its
-    /// decided ranges): they would count again (docs/effects.md).
+    /// decided ranges) and whose own effects commute, each id once: they
+    /// would count again (docs/effects.md).
     pub recount: i64,
     /// Of the re-read records, those in the decided ranges: they come back
     /// `replayed` and change nothing.
@@ -59,8 +61,9 @@ pub struct ReplayPlan {
     pub total_reread: i64,
     /// Records a forward move skips (never applied).
     pub total_skipped: i64,
-    /// Re-read records older than the dedupe window whose commutative
-    /// effects (counters, ledgers, sets) would apply again.
+    /// Re-read events older than the dedupe window, outside the decided
+    /// ranges, whose commutative effects (counters, ledgers, sets) would
+    /// apply again; each id once, invalid records and merges not counted.
     pub total_recount: i64,
     /// Re-read records idem decided before: `replayed`, harmless.
     pub total_decided: i64,
@@ -142,6 +145,79 @@ impl ReplayPlan {
         }
         self.total_recount = self.rows.iter().map(|r| r.recount).sum();
         self.total_decided = self.rows.iter().map(|r| r.decided).sum();
+        self
+    }
+}
+
+/// Of each row's re-read records that [`ReplayPlan::with_decided`] counts
+/// as recounting (older than the window, outside the decided ranges), the
+/// ones that would count again: events whose effects under `config` commute
+/// (counters, ledgers, sets, commutative custom effects), each id of an
+/// entity once (a later copy is a duplicate of the first within the replay).
+/// Invalid records and plain merges count nothing again. Reads those
+/// offsets of the log. Blocking.
+pub fn recounted_events(
+    plan: &ReplayPlan,
+    config: &Config,
+    decided: &BTreeMap<i32, DecidedRanges>,
+) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let ranges: BTreeMap<i32, (i64, i64)> = plan
+        .rows
+        .iter()
+        .filter(|r| r.recount > 0)
+        .filter_map(|r| {
+            Some((
+                r.partition,
+                (r.new, (r.new + r.reread).min(r.window_start?)),
+            ))
+        })
+        .collect();
+    let none = DecidedRanges::default();
+    let mut counts: BTreeMap<i32, i64> = ranges.keys().map(|p| (*p, 0)).collect();
+    let mut ids: HashSet<(String, String)> = HashSet::new();
+    read_ranges(&config.kafka, &plan.topic, &ranges, |r| {
+        let decided = decided.get(&r.partition).unwrap_or(&none);
+        if !decided.contains(r.offset) && counts_again(&r, &plan.topic, config, &mut ids) {
+            *counts.entry(r.partition).or_default() += 1;
+        }
+    })?;
+    Ok(counts)
+}
+
+/// Whether `r`, decided again, would apply commutative effects: it decodes,
+/// its effects commute, and its id is new to this replay.
+fn counts_again(
+    r: &TopicRecord,
+    topic: &str,
+    config: &Config,
+    ids: &mut HashSet<(String, String)>,
+) -> bool {
+    let headers = r.header_refs();
+    let (decoded, _) = crate::event::decode_keyed(
+        r.key.as_deref(),
+        r.value.as_deref(),
+        &headers,
+        &config.event,
+    );
+    let Ok(event) = decoded else {
+        return false;
+    };
+    match config.effects.plan_for(topic, &event) {
+        Ok(effects) if effects.commutes() => ids.insert((event.entity, event.id)),
+        _ => false,
+    }
+}
+
+impl ReplayPlan {
+    /// The plan with each row's recount narrowed to `counts` (rows absent
+    /// there keep theirs).
+    pub fn with_recounts(mut self, counts: &BTreeMap<i32, i64>) -> ReplayPlan {
+        for row in &mut self.rows {
+            if let Some(n) = counts.get(&row.partition) {
+                row.recount = *n;
+            }
+        }
+        self.total_recount = self.rows.iter().map(|r| r.recount).sum();
         self
     }
 }

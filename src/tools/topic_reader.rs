@@ -17,14 +17,10 @@ pub use crate::kafka::TopicRecord;
 pub fn read_topic(
     kafka: &crate::config::KafkaConfig,
     topic: &str,
-    mut each: impl FnMut(TopicRecord),
+    each: impl FnMut(TopicRecord),
     progress: impl Fn(u64),
 ) -> anyhow::Result<u64> {
-    let consumer: BaseConsumer<QuietContext> = crate::kafka::base_config(kafka)
-        .set("group.id", "idem-topic-reader")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create_with_context(QuietContext)?;
+    let consumer = reader(kafka)?;
     let timeout = kafka.request_timeout;
     let md = consumer
         .fetch_metadata(Some(topic), timeout)
@@ -32,13 +28,49 @@ pub fn read_topic(
     let Some(t) = md.topics().first().filter(|t| t.error().is_none()) else {
         anyhow::bail!("topic {topic} does not exist");
     };
-    let mut ends = BTreeMap::new();
-    let mut tpl = TopicPartitionList::new();
+    let mut ranges = BTreeMap::new();
     for p in t.partitions() {
         let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
-        if high > low {
-            ends.insert(p.id(), high);
-            tpl.add_partition_offset(topic, p.id(), Offset::Offset(low))?;
+        ranges.insert(p.id(), (low, high));
+    }
+    read_assigned(&consumer, kafka, topic, &ranges, each, progress)
+}
+
+/// Calls `each` for the records of `topic` in `ranges` (per partition,
+/// offsets `[start, end)`), in offset order within each partition.
+/// Blocking, like [`read_topic`].
+pub fn read_ranges(
+    kafka: &crate::config::KafkaConfig,
+    topic: &str,
+    ranges: &BTreeMap<i32, (i64, i64)>,
+    each: impl FnMut(TopicRecord),
+) -> anyhow::Result<u64> {
+    read_assigned(&reader(kafka)?, kafka, topic, ranges, each, |_| {})
+}
+
+fn reader(kafka: &crate::config::KafkaConfig) -> anyhow::Result<BaseConsumer<QuietContext>> {
+    Ok(crate::kafka::base_config(kafka)
+        .set("group.id", "idem-topic-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create_with_context(QuietContext)?)
+}
+
+fn read_assigned(
+    consumer: &BaseConsumer<QuietContext>,
+    kafka: &crate::config::KafkaConfig,
+    topic: &str,
+    ranges: &BTreeMap<i32, (i64, i64)>,
+    mut each: impl FnMut(TopicRecord),
+    progress: impl Fn(u64),
+) -> anyhow::Result<u64> {
+    let timeout = kafka.request_timeout;
+    let mut ends = BTreeMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for (&partition, &(start, end)) in ranges {
+        if end > start {
+            ends.insert(partition, end);
+            tpl.add_partition_offset(topic, partition, Offset::Offset(start))?;
         }
     }
     consumer.assign(&tpl)?;
@@ -52,12 +84,17 @@ pub fn read_topic(
         };
         let m = m?;
         let (partition, offset) = (m.partition(), m.offset());
-        each(TopicRecord::from_message(&m));
-        read += 1;
-        if read % 100_000 == 0 {
-            progress(read);
+        let Some(&end) = ends.get(&partition) else {
+            continue; // past its range: fetched ahead
+        };
+        if offset < end {
+            each(TopicRecord::from_message(&m));
+            read += 1;
+            if read % 100_000 == 0 {
+                progress(read);
+            }
         }
-        if ends.get(&partition).is_some_and(|end| offset + 1 >= *end) {
+        if offset + 1 >= end {
             ends.remove(&partition);
         }
     }
