@@ -156,6 +156,13 @@ async fn check_passes_on_ready_services_and_names_what_is_missing() {
         assert!(stdout.contains(&expected), "no `{expected}` in:\n{stdout}");
     }
     assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("ok   redis eviction")
+                && l.contains("maxmemory-policy noeviction")),
+        "the eviction line names the policy: {stdout}"
+    );
+    assert!(
         stdout.contains("no epoch marker"),
         "a fresh prefix: {stdout}"
     );

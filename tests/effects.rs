@@ -396,6 +396,24 @@ async fn a_replay_after_the_window_changes_nothing_and_only_unmarked_records_rec
         .with("IDEM__PIPELINE__BATCH_MAX_EVENTS", "100");
     let idem = Idem::spawn(&opts);
     wait_caught_up(&topic, &topic, partitions, CATCH_UP).await;
+    // The start-up line shows resolved values, spelt as in the config,
+    // and the effects declared.
+    let logged = std::fs::read_to_string(&idem.log).unwrap();
+    for expected in [
+        format!("dead_letter_topics={topic}={topic}.dlq"),
+        "durability=ack".to_string(),
+        format!(
+            "{topic}/deposit: merge amount, counter balance, ledger ledger, custom loyalty.lua"
+        ),
+        format!("{topic}/withdrawal: keep, counter balance, ledger ledger"),
+        format!("{topic}/status: merge status"),
+    ] {
+        assert!(
+            logged.contains(&expected),
+            "no `{expected}` in the log:
+{logged}"
+        );
+    }
     idem.terminate().await;
     assert_effects(&topic, &model, &points).await;
     wait_until(

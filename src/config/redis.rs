@@ -124,6 +124,27 @@ pub enum RedisMode {
     Cluster,
 }
 
+/// As written in the config: `standalone`, `cluster`.
+impl std::fmt::Display for RedisMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RedisMode::Standalone => "standalone",
+            RedisMode::Cluster => "cluster",
+        })
+    }
+}
+
+/// As written in the config: `ack`, `fsync`, `replicas:N`.
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Durability::Ack => f.write_str("ack"),
+            Durability::Fsync => f.write_str("fsync"),
+            Durability::Replicas(n) => write!(f, "replicas:{n}"),
+        }
+    }
+}
+
 /// When an effect counts as durable, so that its offset may be committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {

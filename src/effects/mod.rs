@@ -38,6 +38,17 @@ pub enum StateEffect {
     Keep,
 }
 
+impl StateEffect {
+    /// As written in the config (`state = "merge"`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StateEffect::Merge => "merge",
+            StateEffect::Replace => "replace",
+            StateEffect::Keep => "keep",
+        }
+    }
+}
+
 /// How the state hash meets order (`[state] order`, docs/effects.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -155,6 +166,37 @@ impl EffectsConfig {
         let of_topic = || self.rules.iter().filter(move |r| r.topic == topic);
         kind.and_then(|k| of_topic().find(|r| r.types.iter().any(|t| t == k)))
             .or_else(|| of_topic().find(|r| r.types.is_empty()))
+    }
+
+    /// Each rule in a line, as the start-up log shows them, e.g.
+    /// `orders/deposit: merge amount, counter balance, ledger ledger`.
+    pub fn describe(&self) -> Vec<String> {
+        self.rules
+            .iter()
+            .map(|r| {
+                let types = if r.types.is_empty() {
+                    "*".to_string()
+                } else {
+                    r.types.join("|")
+                };
+                let mut parts = vec![match (&r.state, &r.fields) {
+                    (StateEffect::Keep, _) => "keep".to_string(),
+                    (state, Some(fields)) => format!("{} {}", state.as_str(), fields.join(" ")),
+                    (state, None) => state.as_str().to_string(),
+                }];
+                parts.extend(r.counters.iter().map(|c| format!("counter {}", c.field)));
+                parts.extend(r.ledger.iter().map(|l| format!("ledger {}", l.stream)));
+                parts.extend(r.sets.iter().map(|s| format!("set {}", s.set)));
+                parts.extend(r.custom.iter().map(|c| {
+                    let file = self
+                        .snippets
+                        .get(c.snippet)
+                        .map_or("?", |s| s.file.as_str());
+                    format!("custom {}", file.rsplit('/').next().unwrap_or(file))
+                }));
+                format!("{}/{types}: {}", r.topic, parts.join(", "))
+            })
+            .collect()
     }
 
     /// Whether some event of `topic` has an effect that applies to a late

@@ -71,10 +71,20 @@ fn log_effective_config(config: &Config) {
         topics = %config.kafka.topics.join(","),
         windows = %config.effective_windows(),
         redis = %crate::config::redact_url(&config.redis.url),
-        redis_mode = ?config.redis.mode,
+        redis_mode = %config.redis.mode,
         key_prefix = %config.redis.key_prefix,
-        durability = ?config.redis.durability,
-        dead_letter_topic = %config.dlq.topic,
+        durability = %config.redis.durability,
+        dead_letter_topics = %config
+            .kafka
+            .topics
+            .iter()
+            .map(|t| format!("{t}={}", config.dlq.topic_for(t)))
+            .collect::<Vec<_>>()
+            .join(","),
+        effects = %match config.effects.describe() {
+            rules if rules.is_empty() => "none (every event merges its data)".to_string(),
+            rules => rules.join("; "),
+        },
         metrics = %config.metrics.listen,
         "effective configuration (`idem config show` lists every key and where it was set)"
     );

@@ -65,11 +65,14 @@ fn node_name(node: &Option<(String, u16)>) -> String {
 pub async fn check_eviction_policy(
     conn: &mut RedisConn,
     allow_eviction: bool,
-) -> Result<(), CheckError> {
+) -> Result<Vec<String>, CheckError> {
     let masters = conn.masters().await.map_err(CheckError::Masters)?;
+    let mut policies = Vec::new();
     for node in &masters {
         let name = node_name(node);
-        match config_get(conn, node, "maxmemory-policy").await {
+        let policy = config_get(conn, node, "maxmemory-policy").await;
+        policies.push(policy.as_deref().unwrap_or("unreadable").to_string());
+        match policy {
             Ok(p) if p == "noeviction" => {}
             Ok(p) if allow_eviction => tracing::warn!(
                 node = %name,
@@ -84,7 +87,9 @@ pub async fn check_eviction_policy(
             ),
         }
     }
-    Ok(())
+    policies.sort();
+    policies.dedup();
+    Ok(policies)
 }
 
 /// Refuses a server (any master of a cluster) older than Redis 7.0. A

@@ -273,10 +273,18 @@ async fn redis(config: &Config, checks: &mut Vec<Check>) {
     ));
     checks.push(
         match store::check_eviction_policy(&mut conn, config.redis.allow_eviction).await {
-            Ok(()) => line(
+            Ok(policies) if policies.iter().all(|p| p == "noeviction") => line(
                 Status::Ok,
                 "redis eviction",
-                "maxmemory-policy keeps idem's keys (or redis.allow_eviction accepts the loss)",
+                "maxmemory-policy noeviction: idem's keys are never evicted",
+            ),
+            Ok(policies) => line(
+                Status::Ok,
+                "redis eviction",
+                format!(
+                    "maxmemory-policy {}: Redis may evict idem's keys, accepted by redis.allow_eviction = true (evicted ids and state are lost)",
+                    policies.join(", ")
+                ),
             ),
             Err(e) => line(Status::Fail, "redis eviction", e.to_string()),
         },
