@@ -104,8 +104,8 @@ async fn every_bad_record_lands_in_the_dead_letter_topic_unchanged() {
     expected.push(("tombstone".into(), Vec::new(), "empty_value"));
     let positions = produce_raw(&topic, &raw).await;
 
-    let idem =
-        Idem::spawn(&IdemOpts::new(&topic, &topic, &topic).with("IDEM__EVENT__MAX_BYTES", "2048"));
+    let opts = IdemOpts::new(&topic, &topic, &topic).with("IDEM__EVENT__MAX_BYTES", "2048");
+    let idem = Idem::spawn(&opts);
     wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
     assert_eq!(
         idem.outcome(&topic, Outcome::Applied).await,
@@ -178,8 +178,7 @@ async fn every_bad_record_lands_in_the_dead_letter_topic_unchanged() {
         "{}",
         String::from_utf8_lossy(&replay.stderr)
     );
-    let idem =
-        Idem::spawn(&IdemOpts::new(&topic, &topic, &topic).with("IDEM__EVENT__MAX_BYTES", "2048"));
+    let idem = Idem::spawn(&opts);
     wait_caught_up(&topic, &topic, 2, CATCH_UP).await;
     assert_eq!(
         idem.outcome(&topic, Outcome::Replayed).await,

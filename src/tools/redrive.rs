@@ -122,6 +122,7 @@ pub async fn redrive(
         execute,
         runtime: tokio::runtime::Handle::current(),
         conn: conn.clone(),
+        layout: KeyLayout::new(&config.redis.key_prefix),
     };
     let (out, acknowledged, error) =
         tokio::task::spawn_blocking(move || run.blocking(progress)).await??;
@@ -154,6 +155,8 @@ struct Run {
     execute: bool,
     runtime: tokio::runtime::Handle,
     conn: RedisConn,
+    /// Where the dedupe window's ids are.
+    layout: KeyLayout,
 }
 
 /// What becomes of one dead letter.
@@ -264,7 +267,7 @@ impl Run {
         let window = self.config.dedupe.window_for(&target);
         let remembered = self.runtime.block_on(remembered_fingerprint(
             &mut self.conn,
-            &KeyLayout::new(&self.config.redis.key_prefix),
+            &self.layout,
             &event,
             window,
         ));
