@@ -99,6 +99,8 @@ fn config_show_names_the_layer_of_every_key_and_redacts_secrets() {
             "config",
             "show",
             "--json",
+            "--timeout",
+            "3s",
         ],
         "cli-show",
         &[
@@ -128,6 +130,7 @@ fn config_show_names_the_layer_of_every_key_and_redacts_secrets() {
         ("dedupe.windows", "orders-v2=72h", "env"),
         ("redis.url", "redis://user:***@127.0.0.1:6379", "env"),
         ("dedupe.window", "24h", "default"),
+        ("kafka.request_timeout", "3s", "flag"),
     ];
     for (key, value, layer) in expect {
         assert_eq!(row(key)["value"], value, "{key}");
@@ -475,4 +478,68 @@ async fn topics_and_redrive_plans_come_as_json() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["read"], 0, "{report}");
+}
+
+/// The README's `idem inspect group orders-view` with no topics configured:
+/// the group's topics come from its committed offsets (the default topic
+/// `events` does not exist here), and a dead-letter tool with no topic to
+/// go on names the flag and the key that give one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_configured_topics_inspect_group_finds_them_and_dlq_names_the_flag() {
+    let topic = unique("group-topics");
+    create_topic(&topic, 2).await;
+    let records = idem::tools::sample::generate(&idem::tools::sample::SampleSpec {
+        events: 40,
+        entities: 4,
+        duplicate_ratio: 0.0,
+        out_of_order_ratio: 0.0,
+        delete_ratio: 0.0,
+        data_bytes: 8,
+        seed: 3,
+        prefix: topic.clone(),
+    });
+    produce(&topic, &records).await;
+    let idem = Idem::spawn(&IdemOpts::new(&topic, &topic, &topic));
+    wait_caught_up(&topic, &topic, 2, std::time::Duration::from_secs(60)).await;
+    idem.terminate().await;
+
+    let out = idem_tool(&["inspect", "group", &topic, "--json"], &topic, &[]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = status["partitions"].as_array().unwrap();
+    assert_eq!(
+        rows.len(),
+        2,
+        "both partitions of the group's topic: {status}"
+    );
+    assert!(
+        rows.iter().all(|r| r["topic"] == topic.as_str()),
+        "{status}"
+    );
+    assert_eq!(status["total_lag"], 0, "{status}");
+
+    let out = idem_tool(&["dlq", "inspect"], &topic, &[]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("events.dlq does not exist")
+            && stderr.contains("--topic")
+            && stderr.contains("kafka.topics"),
+        "names the topic it chose, the flag and the key: {stderr}"
+    );
+}
+
+/// An empty --dir is almost always the wrong folder: said, not "nothing changed".
+#[test]
+fn topics_apply_on_a_folder_without_toml_files_says_so() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("no-topics"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = idem_tool(
+        &["topics", "apply", "--dir", dir.to_str().unwrap()],
+        "no-topics",
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no *.toml topic files in"), "{stderr}");
 }

@@ -129,17 +129,84 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     names
 }
 
-/// The metrics table of docs/metrics.md: name → (type, exported).
-fn documented_metrics() -> BTreeMap<String, (String, String)> {
+/// One row of the metrics table of docs/metrics.md.
+struct Documented {
+    kind: String,
+    /// Each closed label with its values (labels listed without values are open).
+    values: BTreeMap<String, BTreeSet<String>>,
+    exported: String,
+    meaning: String,
+}
+
+/// The metrics table of docs/metrics.md, by name.
+fn documented_metrics() -> BTreeMap<String, Documented> {
     let doc = std::fs::read_to_string(format!("{ROOT}/docs/metrics.md")).unwrap();
     doc.lines()
         .filter(|l| l.starts_with("| `idem_"))
         .map(|l| {
             let cells: Vec<&str> = l.trim_matches('|').split('|').map(str::trim).collect();
             let name = cells[0].trim_matches('`').to_string();
-            (name, (cells[1].to_string(), cells[3].to_string()))
+            let values = cells[2]
+                .split(';')
+                .filter_map(|label| label.split_once(':'))
+                .map(|(label, values)| {
+                    let values = values.split(',').map(|v| v.trim().to_string()).collect();
+                    (label.trim().to_string(), values)
+                })
+                .collect();
+            let row = Documented {
+                kind: cells[1].to_string(),
+                values,
+                exported: cells[3].to_string(),
+                meaning: cells[4].to_string(),
+            };
+            (name, row)
         })
         .collect()
+}
+
+/// `# HELP` lines of an exposition: name → text.
+fn exposed_help(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# HELP "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(name, help)| (name.to_string(), help.to_string()))
+        .collect()
+}
+
+/// Every value each label of `name` takes in an exposition.
+fn exposed_values(text: &str, name: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let mut values: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for sample in idem_testbench::exposition::parse(text) {
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| sample.name.strip_suffix(s))
+            .unwrap_or(&sample.name);
+        if base == name {
+            for (k, v) in sample.labels {
+                values.entry(k).or_default().insert(v);
+            }
+        }
+    }
+    values
+}
+
+/// Every closed label's values of `documented` against `text`: each
+/// exposed value is listed, and with `all_listed` each listed value is exposed.
+fn assert_label_values(documented: &BTreeMap<String, Documented>, text: &str, all_listed: bool) {
+    for (name, row) in documented {
+        let exposed = exposed_values(text, name);
+        for (label, listed) in &row.values {
+            let seen = exposed.get(label).cloned().unwrap_or_default();
+            assert!(
+                seen.is_subset(listed),
+                "{name}{{{label}}}: exposed {seen:?}, docs/metrics.md lists {listed:?}"
+            );
+            if all_listed {
+                assert_eq!(&seen, listed, "{name}{{{label}}} from start");
+            }
+        }
+    }
 }
 
 /// `# TYPE` lines of an exposition: name → type.
@@ -199,12 +266,16 @@ async fn exposition_matches_docs_dashboard_and_alerts() {
         http_get(idem.metrics_port, "/readyz").await.as_deref() == Some("ready\n")
     })
     .await;
-    let at_start = exposed_types(&idem.metrics().await.unwrap());
-    for (name, (kind, exported)) in &documented {
-        if exported.starts_with("from start") {
-            assert_eq!(at_start.get(name), Some(kind), "{name} at start");
-        }
+    let start_text = idem.metrics().await.unwrap();
+    let at_start = exposed_types(&start_text);
+    let from_start: BTreeMap<String, Documented> = documented_metrics()
+        .into_iter()
+        .filter(|(_, row)| row.exported.starts_with("from start"))
+        .collect();
+    for (name, row) in &from_start {
+        assert_eq!(at_start.get(name), Some(&row.kind), "{name} at start");
     }
+    assert_label_values(&from_start, &start_text, true);
 
     // Some traffic of every kind, so every histogram and labelled series exists.
     let (values, _) = scenario(&topic);
@@ -227,15 +298,21 @@ async fn exposition_matches_docs_dashboard_and_alerts() {
     let types = exposed_types(&text);
     let documented_types: BTreeMap<String, String> = documented
         .iter()
-        .map(|(name, (kind, _))| (name.clone(), kind.clone()))
+        .map(|(name, row)| (name.clone(), row.kind.clone()))
         .collect();
     assert_eq!(types, documented_types, "exposed vs documented types");
-    for name in types.keys() {
+    let help = exposed_help(&text);
+    for (name, row) in &documented {
+        let help = help
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} has no HELP text"));
         assert!(
-            text.contains(&format!("# HELP {name} ")),
-            "{name} has no HELP text"
+            row.meaning.starts_with(help.as_str()),
+            "docs/metrics.md's {name} should start with its HELP text {help:?}: {:?}",
+            row.meaning
         );
     }
+    assert_label_values(&documented, &text, false);
     for sample in idem_testbench::exposition::parse(&text) {
         assert_eq!(sample.label("group"), Some(topic.as_str()), "{sample:?}");
         assert_eq!(
@@ -509,4 +586,53 @@ fn every_alert_has_a_runbook_section() {
             "docs/runbook.md has no `## {alert}`"
         );
     }
+}
+
+/// `/readyz` names what is wrong, each cause with its own instance: the
+/// brokers unreachable, a consumed topic missing (until it is created),
+/// Redis unreachable. Before, all three said "waiting to join the consumer
+/// group, or for Redis".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_the_cause_it_knows() {
+    async fn readyz_says(idem: &Idem, what: &str, needle: &str) {
+        wait_until(what, CATCH_UP, || async {
+            http_get(idem.metrics_port, "/readyz")
+                .await
+                .is_some_and(|body| body.starts_with("not ready: ") && body.contains(needle))
+        })
+        .await;
+    }
+    let closed = format!("127.0.0.1:{}", free_port());
+
+    let topic = unique("ready-kafka");
+    let no_kafka =
+        Idem::spawn(&IdemOpts::new(&topic, &topic, &topic).with("IDEM__KAFKA__BROKERS", &closed));
+    let missing = unique("ready-topic");
+    let no_topic = Idem::spawn(&IdemOpts::new(&missing, &missing, &missing));
+    let topic = unique("ready-redis");
+    create_topic(&topic, 1).await;
+    let no_redis = Idem::spawn(
+        &IdemOpts::new(&topic, &topic, &topic)
+            .with("IDEM__REDIS__URL", &format!("redis://{closed}"))
+            .with("IDEM__REDIS__MODE", "standalone"),
+    );
+
+    readyz_says(&no_kafka, "brokers unreachable", "Kafka unreachable").await;
+    readyz_says(
+        &no_topic,
+        "topic missing",
+        &format!("topic {missing} does not exist"),
+    )
+    .await;
+    readyz_says(&no_redis, "Redis unreachable", "does not answer").await;
+    no_kafka.kill();
+    no_redis.kill();
+
+    // Created, the topic is consumed and the instance becomes ready.
+    create_topic(&missing, 1).await;
+    wait_until("ready once the topic exists", CATCH_UP, || async {
+        http_get(no_topic.metrics_port, "/readyz").await.as_deref() == Some("ready\n")
+    })
+    .await;
+    no_topic.terminate().await;
 }

@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::outln;
 use crate::tools::check::{self, Status};
 
-/// Check everything `idem run` needs, without consuming or writing anything.
+/// Check everything `idem run` needs, without consuming or writing anything
 ///
 /// One line per check: the configuration (and its warnings), the brokers
 /// (waiting up to --timeout, i.e. kafka.request_timeout, for an answer),
@@ -28,7 +28,7 @@ pub struct CheckArgs {
     /// Also compare the topics declared in this directory with the cluster.
     #[arg(long, value_name = "DIR")]
     topics: Option<PathBuf>,
-    /// One JSON object per check instead of text.
+    /// Print one JSON document instead of text: an array, one object per check.
     #[arg(long)]
     json: bool,
 }

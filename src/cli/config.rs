@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
-use crate::config::{effective, Config};
+use crate::config::{effective, Config, Layer};
 use crate::outln;
 
 /// Inspect the configuration idem would run with.
@@ -18,14 +18,17 @@ pub struct ConfigArgs {
 
 #[derive(Debug, Subcommand)]
 enum ConfigAction {
-    /// Every effective key, its value (secrets redacted) and the layer that
-    /// set it: `default` (config/default.toml), `file` (--config) or `env`
-    /// (an IDEM__… variable).
+    /// Every effective key, its value and the layer that set it
+    ///
+    /// The layers: `default` (config/default.toml), `file` (--config), `env`
+    /// (an IDEM__… variable) and `flag` (--timeout, which sets
+    /// kafka.request_timeout for one run). Secrets are redacted.
     ///
     /// Example: IDEM__KAFKA__GROUP_ID=orders idem config show | grep group_id
     #[command(verbatim_doc_comment)]
     Show {
-        /// One JSON object per key instead of text.
+        /// Print one JSON document instead of text: an array, one object per key
+        /// (key, value, layer).
         #[arg(long)]
         json: bool,
     },
@@ -33,12 +36,23 @@ enum ConfigAction {
 
 pub async fn run(
     args: ConfigArgs,
-    _config: Config,
+    config: Config,
     file: Option<PathBuf>,
+    timeout: Option<std::time::Duration>,
 ) -> anyhow::Result<ExitCode> {
     let ConfigAction::Show { json } = args.action;
     let env: HashMap<String, String> = std::env::vars().collect();
-    let settings = effective(file.as_deref(), &env)?;
+    let mut settings = effective(file.as_deref(), &env)?;
+    if timeout.is_some() {
+        // The global --timeout is the last layer for the tools' request timeout.
+        for s in settings
+            .iter_mut()
+            .filter(|s| s.key == "kafka.request_timeout")
+        {
+            s.value = crate::config::format_duration(config.kafka.request_timeout);
+            s.layer = Layer::Flag;
+        }
+    }
     if json {
         let rows: Vec<serde_json::Value> = settings
             .iter()

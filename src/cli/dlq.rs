@@ -6,14 +6,22 @@ use clap::{Args, Subcommand};
 
 use crate::config::Config;
 use crate::dlq::REASONS;
+use crate::tools::topic_reader::MissingTopic;
 use crate::tools::{dead_letters, redrive};
 
-/// Inspect the dead-letter topic, and re-publish its records once the cause is fixed.
+/// Inspect the dead-letter topic, and re-publish its records once the cause is fixed
+///
+/// Examples:
+///   idem dlq inspect
+///   idem dlq inspect --topic orders.dlq --json
+///   idem dlq redrive --reason too_large --execute
 #[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
 pub struct DlqArgs {
     #[command(subcommand)]
     action: DlqAction,
-    /// Dead-letter topic (default: dlq.topic for the first of kafka.topics).
+    /// Dead-letter topic (default: the dead-letter topic of the first of
+    /// kafka.topics, by dlq.topic).
     #[arg(long, global = true)]
     topic: Option<String>,
 }
@@ -21,21 +29,27 @@ pub struct DlqArgs {
 #[derive(Debug, Subcommand)]
 #[command(verbatim_doc_comment)]
 enum DlqAction {
-    /// Count dead letters by reason (each source record once, whatever
-    /// copies the topic holds) and show a few examples of each.
+    /// Count dead letters by reason and show a few examples of each
     ///
-    /// Example: idem dlq inspect --topic orders.dlq --examples 5
+    /// Each source record (topic, partition, offset) counts once, whatever
+    /// copies the dead-letter topic holds.
+    ///
+    /// Example:
+    ///   idem dlq inspect --topic orders.dlq --examples 5
+    #[command(verbatim_doc_comment)]
     Inspect {
         /// Examples shown per reason.
         #[arg(long, default_value_t = 3)]
         examples: usize,
-        /// Print JSON instead of text.
+        /// Print one JSON document instead of text: an object (counts by reason, examples).
         #[arg(long)]
         json: bool,
     },
-    /// Re-publish dead letters to their original topic with their original
-    /// key, value and headers, so the guard decides again: intents already
-    /// applied come back as duplicates, the others are applied once.
+    /// Re-publish dead letters to their original topics (a dry run unless --execute)
+    ///
+    /// Each goes back with its original key, value and headers, so the guard
+    /// decides again: intents already applied come back as duplicates, the
+    /// others are applied once.
     ///
     /// A dry run by default: it re-checks every dead letter against the
     /// current config (the decoder, the effect planning: amounts, scales,
@@ -51,6 +65,7 @@ enum DlqAction {
     /// Examples:
     ///   idem dlq redrive --reason too_large
     ///   idem dlq redrive --reason too_large --execute
+    #[command(verbatim_doc_comment)]
     Redrive {
         /// Only records with this reason code (see docs/event-contract.md).
         #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(REASONS))]
@@ -61,18 +76,36 @@ enum DlqAction {
         /// The default now; accepted so that older scripts keep working.
         #[arg(long, hide = true, conflicts_with = "execute")]
         dry_run: bool,
-        /// Print the report (or the plan) as JSON instead of text.
+        /// Print one JSON document instead of text: an object, the report (or the plan).
         #[arg(long)]
         json: bool,
     },
 }
 
 pub async fn run(args: DlqArgs, config: Config) -> anyhow::Result<ExitCode> {
+    let chosen = args.topic.is_none();
     let topic = args
         .topic
         .unwrap_or_else(|| config.dlq.topic_for(&config.kafka.topics[0]));
+    act(args.action, &config, &topic)
+        .await
+        .map_err(|e| match e.downcast_ref::<MissingTopic>() {
+            Some(missing) if chosen && missing.0 == topic => anyhow::anyhow!(
+                "topic {topic} does not exist. It is the dead-letter topic of `{source}` \
+                 (the first of kafka.topics) by dlq.topic = {template:?}: name the dead-letter \
+                 topic with --topic, or the source topics with kafka.topics \
+                 (IDEM__KAFKA__TOPICS=orders)",
+                source = config.kafka.topics[0],
+                template = config.dlq.topic,
+            ),
+            _ => e,
+        })
+}
+
+async fn act(action: DlqAction, config: &Config, topic: &str) -> anyhow::Result<ExitCode> {
+    let topic = topic.to_string();
     let kafka = config.kafka.clone();
-    match args.action {
+    match action {
         DlqAction::Inspect { examples, json } => {
             let t = topic.clone();
             let report =
@@ -91,7 +124,7 @@ pub async fn run(args: DlqArgs, config: Config) -> anyhow::Result<ExitCode> {
             dry_run: _,
             json,
         } => {
-            let report = redrive::redrive(&config, &topic, reason.as_deref(), execute, |n| {
+            let report = redrive::redrive(config, &topic, reason.as_deref(), execute, |n| {
                 eprintln!("redrive: {n} records so far");
             })
             .await?;

@@ -7,8 +7,13 @@ use clap::{Args, Subcommand};
 use crate::config::Config;
 use crate::store::{self, KeyLayout};
 
-/// Look at what idem stored in Redis.
+/// Look at what idem stored in Redis (entity) and at a consumer group in Kafka (group)
+///
+/// Examples:
+///   idem inspect entity orders:42 --json
+///   idem inspect group orders-view
 #[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
 pub struct InspectArgs {
     #[command(subcommand)]
     what: InspectWhat,
@@ -17,19 +22,22 @@ pub struct InspectArgs {
 #[derive(Debug, Subcommand)]
 #[command(verbatim_doc_comment)]
 enum InspectWhat {
-    /// Show one entity: its state, seq, last event id, applied-events count and
-    /// update time; with declared effects also its counters, each ledger's
-    /// length and newest entry, and each set's size.
+    /// Show one entity as Redis holds it
+    ///
+    /// Its state, seq, last event id, applied-events count and update time;
+    /// with declared effects also its counters, each ledger's length and
+    /// newest entry, and each set's size.
     ///
     /// Example:
     ///   idem inspect entity orders:42 --json
     ///
     /// The --json form is stable (see docs/redis-layout.md). Exits 3 when the
     /// entity is unknown.
+    #[command(verbatim_doc_comment)]
     Entity {
         /// The entity, exactly as in the events' `entity` field.
         entity: String,
-        /// Print JSON instead of text.
+        /// Print one JSON document instead of text: an object (docs/redis-layout.md).
         #[arg(long)]
         json: bool,
         /// Also show what per-field order keeps (state.order = "per_field"): the seq
@@ -37,21 +45,26 @@ enum InspectWhat {
         #[arg(long)]
         field_seqs: bool,
     },
-    /// Show a consumer group: state, members and their partitions, committed
-    /// vs end offsets and the lag of each partition.
+    /// Show a consumer group as Kafka holds it
+    ///
+    /// Its state, members and their partitions, committed vs end offsets
+    /// and the lag of each partition.
     ///
     /// Example:
+    ///   idem inspect group orders-view
     ///   idem inspect group orders-view --topic orders
     ///
-    /// Defaults to the configured group and topics. Exits 3 when the group
-    /// does not exist (no members, nothing committed).
+    /// The group defaults to kafka.group_id; its topics are found in Kafka:
+    /// those it has committed offsets on and those its members are assigned.
+    /// Exits 3 when the group does not exist (no members, nothing committed).
+    #[command(verbatim_doc_comment)]
     Group {
         /// The group (default: kafka.group_id).
         group: Option<String>,
-        /// Topics to report (default: kafka.topics); repeat for several.
+        /// Only these topics (default: the group's own, found in Kafka); repeat for several.
         #[arg(long = "topic")]
         topics: Vec<String>,
-        /// Print JSON instead of text.
+        /// Print one JSON document instead of text: an object.
         #[arg(long)]
         json: bool,
     },
@@ -65,11 +78,6 @@ pub async fn run(args: InspectArgs, config: Config) -> anyhow::Result<ExitCode> 
             json,
         } => {
             let group = group.unwrap_or_else(|| config.kafka.group_id.clone());
-            let topics = if topics.is_empty() {
-                config.kafka.topics.clone()
-            } else {
-                topics
-            };
             let kafka = config.kafka.clone();
             let status = tokio::task::spawn_blocking(move || {
                 crate::tools::group::group_status(&kafka, &group, &topics)
@@ -78,17 +86,16 @@ pub async fn run(args: InspectArgs, config: Config) -> anyhow::Result<ExitCode> 
             if json {
                 crate::outln!("{}", serde_json::to_string_pretty(&status)?);
             } else if !status.exists() {
+                let on: std::collections::BTreeSet<_> =
+                    status.partitions.iter().map(|p| p.topic.as_str()).collect();
+                let on = if on.is_empty() {
+                    "any topic".to_string()
+                } else {
+                    on.into_iter().collect::<Vec<_>>().join(",")
+                };
                 crate::outln!(
-                    "group {}: no such group (no members, no committed offsets on {})",
-                    status.group,
-                    status
-                        .partitions
-                        .iter()
-                        .map(|p| p.topic.as_str())
-                        .collect::<std::collections::BTreeSet<_>>()
-                        .into_iter()
-                        .collect::<Vec<_>>()
-                        .join(",")
+                    "group {}: no such group (no members, no committed offsets on {on})",
+                    status.group
                 );
             } else {
                 print_group(&status);

@@ -33,6 +33,10 @@ pub mod topics;
 /// report (reconcile divergences, topic drift, a failed check); 2 could not
 /// do its work (bad configuration, unreachable service, refused operation);
 /// 3 the entity or group looked up does not exist.
+///
+/// --json, wherever a command offers it, prints one JSON document on stdout
+/// (an object, or an array of objects, as the command's help says) and
+/// nothing else there; progress and diagnostics go to stderr.
 #[derive(Debug, Parser)]
 #[command(name = "idem", version, propagate_version = true)]
 pub struct Cli {
@@ -76,7 +80,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Dlq(args) => dlq::run(args, config).await,
             Command::Replay(args) => replay::run(args, config).await,
             Command::Reconcile(args) => reconcile::run(args, config).await,
-            Command::Config(args) => config::run(args, config, file).await,
+            Command::Config(args) => config::run(args, config, file, timeout).await,
             Command::Check(args) => check::run(args, config).await,
         }
     })

@@ -8,7 +8,7 @@ use clap::Args;
 use crate::config::Config;
 use crate::tools::reconcile::{self, ReconcileOptions};
 
-/// Compare Redis with the log and report (or repair) divergences.
+/// Compare Redis with the log and report (or repair) divergences
 ///
 /// Reads a topic from its start with a throwaway consumer (never the live
 /// group), computes every entity's expected state with the guard's rules, and

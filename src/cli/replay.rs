@@ -8,7 +8,7 @@ use clap::Args;
 use crate::config::{parse_duration, Config};
 use crate::tools::replay::{self, ReplayTarget};
 
-/// Move a consumer group's offsets back to read a topic again (dry run by default).
+/// Move a consumer group's offsets back to read a topic again (dry run by default)
 ///
 /// Prints, per partition, the current and new offset and how many records
 /// will be read again; --execute applies it. Refuses while the group has
@@ -65,7 +65,7 @@ pub struct ReplayArgs {
     /// (docs/operations.md).
     #[arg(long)]
     allow_recount: bool,
-    /// Print the plan as JSON.
+    /// Print one JSON document instead of text: an object, the plan.
     #[arg(long)]
     json: bool,
 }

@@ -7,7 +7,7 @@ use clap::Args;
 use crate::config::Config;
 use crate::pipeline::{self, Shutdown};
 
-/// Consume the configured topics and apply every event to Redis exactly once.
+/// Consume the configured topics and apply every event to Redis exactly once
 ///
 /// Runs as a member of the consumer group kafka.group_id.
 ///

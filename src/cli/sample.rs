@@ -9,7 +9,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use crate::config::Config;
 use crate::tools::sample::{generate, SampleSpec};
 
-/// Produce a generated event stream to try idem out.
+/// Produce a generated event stream to try idem out
 ///
 /// Events are keyed by entity, with redelivered duplicates and out-of-order
 /// arrivals at the rates given.

@@ -8,15 +8,21 @@ use clap::{Args, Subcommand};
 use crate::config::Config;
 use crate::tools::topics::{self, TopicState};
 
-/// Create and check the topics declared in TOML files (see topics/).
+/// Create and check the topics declared in TOML files (see topics/)
+///
+/// Examples:
+///   idem topics apply --dir topics --dry-run
+///   idem topics apply --dir topics
+///   idem topics check --dir topics --json
 #[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
 pub struct TopicsArgs {
     #[command(subcommand)]
     action: TopicsAction,
     /// Folder of *.toml topic definitions.
     #[arg(long, global = true, default_value = "topics")]
     dir: PathBuf,
-    /// One JSON object per topic and change instead of text.
+    /// Print one JSON document instead of text: an array, one object per topic.
     #[arg(long, global = true)]
     json: bool,
 }
@@ -24,8 +30,10 @@ pub struct TopicsArgs {
 #[derive(Debug, Subcommand)]
 #[command(verbatim_doc_comment)]
 enum TopicsAction {
-    /// Show the plan, then create missing topics (and their dead-letter
-    /// topics), add missing partitions and set declared settings that differ.
+    /// Create what is missing and change what differs, after showing the plan
+    ///
+    /// Creates missing topics (and their dead-letter topics), adds missing
+    /// partitions and sets declared settings that differ.
     ///
     /// Never deletes a topic; cannot shrink one (Kafka cannot remove
     /// partitions: the plan says so and the exit status is 1). A settings
@@ -33,15 +41,19 @@ enum TopicsAction {
     ///
     /// Plan lines: `+` create, `~` change, `!` cannot change, `=` up to date.
     ///
-    /// Example: idem topics apply --dir topics --dry-run
+    /// Example:
+    ///   idem topics apply --dir topics --dry-run
+    #[command(verbatim_doc_comment)]
     Apply {
         /// Only show the plan; change nothing.
         #[arg(long)]
         dry_run: bool,
     },
-    /// Report drift between the declarations and the cluster; exits 1 on drift.
+    /// Report drift between the declarations and the cluster (exit 1 on drift)
     ///
-    /// Example: idem topics check --dir topics
+    /// Example:
+    ///   idem topics check --dir topics
+    #[command(verbatim_doc_comment)]
     Check,
 }
 

@@ -113,6 +113,8 @@ pub enum Layer {
     Default,
     File,
     Env,
+    /// A command-line flag (`--timeout`).
+    Flag,
 }
 
 impl Layer {
@@ -121,6 +123,7 @@ impl Layer {
             Layer::Default => "default",
             Layer::File => "file",
             Layer::Env => "env",
+            Layer::Flag => "flag",
         }
     }
 }

@@ -111,10 +111,11 @@ pub enum PreflightError {
 /// Checks, before joining the group, that the brokers accept idem's
 /// credentials and TLS settings: a refused login or a failed handshake is
 /// a configuration error, reported with what to fix, not retried forever.
-/// Unreachable brokers are not an error here (librdkafka keeps retrying).
-pub fn preflight(cfg: &KafkaConfig, timeout: Duration) -> Result<(), PreflightError> {
-    let topic = cfg.topics.first().map(String::as_str);
-    match probe(cfg, topic, timeout)? {
+/// Unreachable brokers are not an error here (librdkafka keeps retrying):
+/// what the brokers said is returned, for `/readyz`.
+pub fn preflight(cfg: &KafkaConfig, timeout: Duration) -> Result<Reach, PreflightError> {
+    let reach = probe(cfg, None, timeout)?;
+    match &reach {
         Reach::NotYet(e) => {
             tracing::warn!(brokers = %cfg.brokers, error = %e, "Kafka is not reachable yet; starting anyway, librdkafka keeps retrying");
         }
@@ -123,7 +124,37 @@ pub fn preflight(cfg: &KafkaConfig, timeout: Duration) -> Result<(), PreflightEr
         }
         Reach::Answered { .. } => {}
     }
-    Ok(())
+    Ok(reach)
+}
+
+/// What `/readyz` says while the brokers have not answered as brokers.
+pub fn unreachable_reason(cfg: &KafkaConfig, reach: &Reach) -> Option<String> {
+    match reach {
+        Reach::NotYet(e) => Some(format!(
+            "Kafka unreachable: no broker of kafka.brokers ({}) answered ({e}); retrying",
+            cfg.brokers
+        )),
+        Reach::NotABroker(_) => Some(format!(
+            "Kafka unreachable at {}: {NOT_A_BROKER}",
+            cfg.brokers
+        )),
+        Reach::Answered { .. } => None,
+    }
+}
+
+/// The consumed `topics` the brokers' answer does not hold (`None`: they
+/// did not answer, so nobody knows).
+pub fn missing_topics(topics: &[String], reach: &Reach) -> Option<Vec<String>> {
+    match reach {
+        Reach::Answered { partitions, .. } => Some(
+            topics
+                .iter()
+                .filter(|t| !partitions.contains_key(*t))
+                .cloned()
+                .collect(),
+        ),
+        _ => None,
+    }
 }
 
 /// What the brokers said to a metadata request.

@@ -4,10 +4,7 @@
 //! Guarantee: no label carries an entity or an event id, so cardinality is
 //! bounded by topics × partitions × outcomes.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::{
@@ -18,9 +15,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::model::Outcome;
-use crate::offsets::TopicPartition;
 
 mod exposition;
+mod health;
+
+pub use health::Health;
 
 pub const EVENTS_TOTAL: &str = "idem_events_total";
 pub const DUPLICATE_AGE_SECONDS: &str = "idem_duplicate_age_seconds";
@@ -51,99 +50,6 @@ pub const LATENCY_BUCKETS: [f64; 24] = [
     0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.008, 0.010, 0.012, 0.015, 0.020, 0.025, 0.030,
     0.040, 0.050, 0.075, 0.100, 0.150, 0.200, 0.300, 0.500, 1.0, 2.5, 10.0,
 ];
-
-/// Readiness as seen by `/readyz`: joined the group (with or without
-/// partitions: an idle standby is ready), Redis answers, consumption was not
-/// stopped (dead-letter budget) and no partition is blocked
-/// (`pipeline.stall_timeout`). Also which partitions this instance owns,
-/// so `/metrics` exports per-partition series of those only.
-#[derive(Debug, Default, Clone)]
-pub struct Health {
-    joined: Arc<AtomicBool>,
-    owned: Arc<std::sync::RwLock<HashSet<TopicPartition>>>,
-    redis_ok: Arc<AtomicBool>,
-    stopped: Arc<std::sync::Mutex<Option<String>>>,
-    blocked: Arc<std::sync::Mutex<Option<String>>>,
-    /// What the guard stage is retrying right now (`redis`, `dead_letter`).
-    waiting_on: Arc<std::sync::Mutex<Option<&'static str>>>,
-    /// Partitions re-read because Redis lost state, until they are back
-    /// where Kafka's commit was.
-    rewinding: Arc<std::sync::Mutex<Option<String>>>,
-}
-
-impl Health {
-    /// Stops consumption for good (until restart), with the reason `/readyz` shows.
-    pub fn stop_consuming(&self, reason: String) {
-        *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
-    }
-
-    /// Why consumption was stopped, if it was.
-    pub fn stopped_reason(&self) -> Option<String> {
-        self.stopped
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Sets (or clears, with `None`) why partitions are blocked.
-    pub fn set_blocked(&self, reason: Option<String>) {
-        *self.blocked.lock().unwrap_or_else(|e| e.into_inner()) = reason;
-    }
-
-    /// Notes what the pipeline is retrying (`None`: nothing).
-    pub fn set_waiting_on(&self, cause: Option<&'static str>) {
-        *self.waiting_on.lock().unwrap_or_else(|e| e.into_inner()) = cause;
-    }
-
-    /// What the pipeline is retrying, if anything.
-    pub fn waiting_on(&self) -> Option<&'static str> {
-        *self.waiting_on.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Sets (or clears) what is being re-read after a Redis state loss.
-    pub fn set_rewinding(&self, what: Option<String>) {
-        *self.rewinding.lock().unwrap_or_else(|e| e.into_inner()) = what;
-    }
-
-    /// Why `/readyz` says not ready, if a reason is known.
-    pub fn not_ready_reason(&self) -> Option<String> {
-        let lock = |m: &std::sync::Mutex<Option<String>>| {
-            m.lock().unwrap_or_else(|e| e.into_inner()).clone()
-        };
-        self.stopped_reason()
-            .or_else(|| lock(&self.blocked))
-            .or_else(|| lock(&self.rewinding))
-    }
-
-    /// The instance is a member of the group (an assignment arrived, even
-    /// an empty one, or the client reports the group up). Stays set: a
-    /// rebalance does not make a running instance unready.
-    pub fn set_joined(&self) {
-        self.joined.store(true, Ordering::Relaxed);
-    }
-
-    /// The partitions this instance owns now.
-    pub fn set_owned<'a>(&self, tps: impl Iterator<Item = &'a TopicPartition>) {
-        let owned = tps.cloned().collect();
-        *self.owned.write().unwrap_or_else(|e| e.into_inner()) = owned;
-    }
-
-    /// The exposition without the per-partition series of partitions this
-    /// instance no longer owns.
-    fn exposition(&self, handle: &PrometheusHandle) -> String {
-        let owned = self.owned.read().unwrap_or_else(|e| e.into_inner());
-        exposition::keep_owned(&handle.render(), &owned)
-    }
-
-    pub fn set_redis_ok(&self, yes: bool) {
-        self.redis_ok.store(yes, Ordering::Relaxed);
-    }
-    pub fn is_ready(&self) -> bool {
-        self.joined.load(Ordering::Relaxed)
-            && self.redis_ok.load(Ordering::Relaxed)
-            && self.not_ready_reason().is_none()
-    }
-}
 
 /// The metrics endpoint could not start.
 #[derive(Debug, thiserror::Error)]
@@ -246,7 +152,7 @@ fn describe_all() {
     describe_histogram!(
         DUPLICATE_AGE_SECONDS,
         Unit::Seconds,
-        "How long after its first sighting a duplicate arrived."
+        "How long after its first sighting a duplicate arrived (0 when it came in the batch of its original)."
     );
     describe_histogram!(
         BATCH_DURATION_SECONDS,
@@ -261,12 +167,12 @@ fn describe_all() {
     );
     describe_counter!(
         RETRIES_TOTAL,
-        "Retried operations by cause; nothing is committed past a failed one."
+        "Retried operations by cause (see docs/metrics.md); nothing is committed past a failed one."
     );
     describe_redis_state();
     describe_counter!(
         REBALANCES_TOTAL,
-        "Consumer group rebalances by kind (assign, revoke, lost)."
+        "Consumer group rebalances by kind (assign, revoke, lost, error)."
     );
     describe_gauge!(ASSIGNED_PARTITIONS, "Partitions assigned to this instance.");
     describe_gauge!(
@@ -313,7 +219,7 @@ fn describe_all() {
     );
     describe_gauge!(
         PARTITION_BLOCKED,
-        "1 while a partition has records in flight and no progress for pipeline.stall_timeout, by cause."
+        "1 while a partition has records in flight and no progress for pipeline.stall_timeout, by cause (redis, dead_letter, slow)."
     );
 }
 
@@ -324,17 +230,10 @@ fn initial_series() {
     set_in_flight_events(0);
     set_uncommitted_events(0);
     set_assigned_partitions(0);
-    for cause in [
-        "timeout",
-        "connection",
-        "server",
-        "dead_letter",
-        "redis_connect",
-        "kafka_refused",
-    ] {
+    for cause in RETRY_CAUSES {
         counter!(RETRIES_TOTAL, "cause" => cause).increment(0);
     }
-    for kind in ["assign", "revoke", "lost"] {
+    for kind in REBALANCE_KINDS {
         counter!(REBALANCES_TOTAL, "kind" => kind).increment(0);
     }
     for cause in ["epoch", "rolled_back"] {
@@ -345,6 +244,24 @@ fn initial_series() {
         let _ = histogram!(name);
     }
 }
+
+/// Every cause of `idem_retries_total`: Redis's errors
+/// ([`crate::store::StoreError::cause`]) and idem's own retried steps.
+pub const RETRY_CAUSES: [&str; 10] = [
+    "timeout",
+    "connection",
+    "server",
+    "noscript",
+    "cluster",
+    "protocol",
+    "not_durable",
+    "dead_letter",
+    "redis_connect",
+    "kafka_refused",
+];
+
+/// Every kind of `idem_rebalances_total`.
+pub const REBALANCE_KINDS: [&str; 4] = ["assign", "revoke", "lost", "error"];
 
 /// Every histogram idem exports.
 pub const HISTOGRAMS: [&str; 6] = [
@@ -416,6 +333,7 @@ pub fn record_redis_state_change(cause: &'static str) {
 }
 
 pub fn record_rebalance(kind: &'static str) {
+    debug_assert!(REBALANCE_KINDS.contains(&kind), "{kind} in REBALANCE_KINDS");
     counter!(REBALANCES_TOTAL, "kind" => kind).increment(1);
 }
 
@@ -529,11 +447,10 @@ pub async fn serve(
                     "/readyz" => (
                         "503 Service Unavailable",
                         "text/plain",
-                        match health.not_ready_reason() {
-                            Some(reason) => format!("not ready: {reason}\n"),
-                            None => "not ready: waiting to join the consumer group, or for Redis\n"
-                                .to_string(),
-                        },
+                        format!(
+                            "not ready: {}\n",
+                            health.not_ready_reason().unwrap_or_default()
+                        ),
                     ),
                     _ => (
                         "404 Not Found",

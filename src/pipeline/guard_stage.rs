@@ -189,7 +189,7 @@ impl GuardStage {
         match self.progress.check().await {
             Ok(None) => {
                 self.idle_failures = 0;
-                self.health.set_redis_ok(true);
+                self.health.set_redis_ok();
                 true
             }
             Ok(Some(changed)) => {
@@ -198,7 +198,8 @@ impl GuardStage {
             }
             Err(e) => {
                 self.progress.suspect();
-                self.health.set_redis_ok(false);
+                self.health
+                    .set_redis_failing(&self.config.redis.url, &e, e.is_auth_refusal());
                 self.idle_failures += 1;
                 tracing::warn!(
                     error = %e,
@@ -448,7 +449,7 @@ impl GuardStage {
             match attempt {
                 Ok(verdicts) => {
                     metrics::record_round_trip(started.elapsed());
-                    self.health.set_redis_ok(true);
+                    self.health.set_redis_ok();
                     self.health.set_waiting_on(None);
                     return Some(verdicts);
                 }
@@ -458,7 +459,8 @@ impl GuardStage {
                         return None;
                     }
                     self.progress.suspect();
-                    self.health.set_redis_ok(false);
+                    self.health
+                        .set_redis_failing(&self.config.redis.url, &e, e.is_auth_refusal());
                     self.health.set_waiting_on(Some("redis"));
                     metrics::record_retry(e.cause());
                     failures += 1;

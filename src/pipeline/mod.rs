@@ -103,8 +103,11 @@ async fn run_pipeline(
     mut shutdown: Shutdown,
 ) -> Result<(), RunError> {
     let kafka_config = config.kafka.clone();
-    tokio::task::spawn_blocking(move || kafka::preflight(&kafka_config, PREFLIGHT_TIMEOUT))
-        .await??;
+    let reach =
+        tokio::task::spawn_blocking(move || kafka::preflight(&kafka_config, PREFLIGHT_TIMEOUT))
+            .await??;
+    health.set_kafka_unreachable(kafka::unreachable_reason(&config.kafka, &reach));
+    tokio::spawn(watch_missing_topics(config.clone(), health.clone(), reach));
     // In the background: with the brokers down it waits for its timeout,
     // and consumption need not wait for a warning.
     tokio::spawn({
@@ -113,10 +116,10 @@ async fn run_pipeline(
     });
     let mut backoff = Backoff::new(&config);
     loop {
-        let Some((guard, redis)) = start_guard(&config, &mut shutdown).await? else {
+        let Some((guard, redis)) = start_guard(&config, &health, &mut shutdown).await? else {
             return Ok(());
         };
-        health.set_redis_ok(true);
+        health.set_redis_ok();
         match run_consumer(&config, &health, &mut shutdown, guard, redis).await? {
             LoopEnd::Shutdown => return Ok(()),
             LoopEnd::Unrecoverable(e) => return Err(e.into()),
@@ -129,6 +132,35 @@ async fn run_pipeline(
                 }
             }
         }
+    }
+}
+
+/// Names on `/readyz` the consumed topics the brokers do not know, asking
+/// again every few seconds until each exists (librdkafka picks a new topic
+/// up on its own); from what the start-up probe saw.
+async fn watch_missing_topics(config: Arc<Config>, health: Health, mut reach: kafka::Reach) {
+    loop {
+        let missing = kafka::missing_topics(&config.kafka.topics, &reach);
+        if missing.as_ref().is_some_and(Vec::is_empty) {
+            health.set_topics_missing(None);
+            return;
+        }
+        if let Some(missing) = missing {
+            health.set_topics_missing(Some(format!(
+                "topic {} does not exist (kafka.topics): create it, e.g. idem topics apply --dir topics",
+                missing.join(", ")
+            )));
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let kafka_config = config.kafka.clone();
+        reach = match tokio::task::spawn_blocking(move || {
+            kafka::probe(&kafka_config, None, Duration::from_secs(5))
+        })
+        .await
+        {
+            Ok(Ok(reach)) => reach,
+            _ => kafka::Reach::NotYet("the probe did not finish".into()),
+        };
     }
 }
 

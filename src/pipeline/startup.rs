@@ -49,9 +49,10 @@ pub enum RunError {
 /// marker and loads the guard script. `None` if shutdown fired first.
 pub async fn start_guard(
     config: &Config,
+    health: &crate::metrics::Health,
     shutdown: &mut Shutdown,
 ) -> Result<Option<(Guard, RedisSide)>, RunError> {
-    let Some(mut conn) = connect_redis(config, shutdown).await? else {
+    let Some(mut conn) = connect_redis(config, health, shutdown).await? else {
         return Ok(None);
     };
     store::check_version(&mut conn).await?;
@@ -138,6 +139,7 @@ async fn establish_epoch(
 /// cannot fix them.
 async fn connect_redis(
     config: &Config,
+    health: &crate::metrics::Health,
     shutdown: &mut Shutdown,
 ) -> Result<Option<crate::store::RedisConn>, RunError> {
     let mut backoff = Backoff::new(config);
@@ -148,6 +150,7 @@ async fn connect_redis(
                 return Err(store::explain_connect_error(&config.redis, e).into())
             }
             Err(e) => {
+                health.set_redis_failing(&config.redis.url, &e, false);
                 let wait = backoff.next();
                 metrics::record_retry("redis_connect");
                 tracing::warn!(

@@ -55,7 +55,9 @@ impl GroupStatus {
     }
 }
 
-/// Reads the group's state for `topics` (blocking: call from `spawn_blocking`).
+/// Reads the group's state for `topics`, or with none given for the topics
+/// the group has committed offsets on or its members are assigned
+/// (blocking: call from `spawn_blocking`).
 pub fn group_status(
     kafka: &crate::config::KafkaConfig,
     group: &str,
@@ -85,8 +87,13 @@ pub fn group_status(
         None => ("Unknown".to_string(), Vec::new()),
     };
 
+    let topics = if topics.is_empty() {
+        group_topics(&consumer, &members, timeout)?
+    } else {
+        topics.to_vec()
+    };
     let mut tpl = TopicPartitionList::new();
-    for topic in topics {
+    for topic in &topics {
         let md = consumer.fetch_metadata(Some(topic), timeout)?;
         let Some(t) = md.topics().first().filter(|t| t.error().is_none()) else {
             anyhow::bail!("topic {topic} does not exist");
@@ -124,6 +131,39 @@ pub fn group_status(
         partitions,
         total_lag,
     })
+}
+
+/// The topics `members` are assigned and those the group has an offset
+/// committed on: one OffsetFetch over every partition of every topic
+/// (Kafka's internal `__` topics left out), as rust-rdkafka has no
+/// ListConsumerGroupOffsets.
+fn group_topics(
+    consumer: &BaseConsumer<QuietContext>,
+    members: &[Member],
+    timeout: std::time::Duration,
+) -> anyhow::Result<Vec<String>> {
+    let mut found: std::collections::BTreeSet<String> = members
+        .iter()
+        .flat_map(|m| m.assignment.iter().map(|a| a.topic.clone()))
+        .collect();
+    let md = consumer.fetch_metadata(None, timeout)?;
+    let mut every = TopicPartitionList::new();
+    for t in md.topics().iter().filter(|t| !t.name().starts_with("__")) {
+        for p in t.partitions() {
+            every.add_partition(t.name(), p.id());
+        }
+    }
+    if every.count() > 0 {
+        let committed = consumer.committed_offsets(every, timeout)?;
+        found.extend(
+            committed
+                .elements()
+                .iter()
+                .filter(|e| matches!(e.offset(), Offset::Offset(_)))
+                .map(|e| e.topic().to_string()),
+        );
+    }
+    Ok(found.into_iter().collect())
 }
 
 /// Decodes Kafka's ConsumerProtocolAssignment: version (i16), then

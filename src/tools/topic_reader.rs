@@ -11,6 +11,12 @@ use rdkafka::{Offset, TopicPartitionList};
 
 pub use crate::kafka::TopicRecord;
 
+/// The topic to read does not exist; a tool that chose the name itself
+/// says which flag or key would name another.
+#[derive(Debug, thiserror::Error)]
+#[error("topic {0} does not exist")]
+pub struct MissingTopic(pub String);
+
 /// Calls `each` for every record of `topic` from its start to its end at the
 /// time of the call, in partition order within each partition. Blocking: run
 /// it off the async runtime. `progress` is called every 100,000 records.
@@ -26,7 +32,7 @@ pub fn read_topic(
         .fetch_metadata(Some(topic), timeout)
         .map_err(|e| super::unanswered(kafka, &format!("reading topic {topic}"), e))?;
     let Some(t) = md.topics().first().filter(|t| t.error().is_none()) else {
-        anyhow::bail!("topic {topic} does not exist");
+        return Err(MissingTopic(topic.to_string()).into());
     };
     let mut ranges = BTreeMap::new();
     for p in t.partitions() {

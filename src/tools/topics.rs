@@ -129,7 +129,9 @@ impl TopicSpec {
     }
 }
 
-/// Reads every `*.toml` in `dir`, dead-letter topics included.
+/// Reads every `*.toml` in `dir`, dead-letter topics included. A folder
+/// without any is refused: it is almost always the wrong folder, and
+/// "nothing to change" would hide that.
 pub fn load_dir(dir: &Path) -> anyhow::Result<Vec<TopicSpec>> {
     let mut specs = Vec::new();
     let mut files: Vec<_> = std::fs::read_dir(dir)
@@ -138,6 +140,13 @@ pub fn load_dir(dir: &Path) -> anyhow::Result<Vec<TopicSpec>> {
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
         .collect();
     files.sort();
+    if files.is_empty() {
+        anyhow::bail!(
+            "no *.toml topic files in {}: give the folder of your topic declarations \
+             (--dir for idem topics, --topics for idem check; topics/demo.toml shows the form)",
+            dir.display()
+        );
+    }
     for path in files {
         let text = std::fs::read_to_string(&path)?;
         let file: TopicsFile =

@@ -121,7 +121,8 @@ async fn with_redis_a_failed_batch_holds_back_the_next_until_its_retry_lands() {
     config.pipeline.retry_initial_backoff = Duration::from_millis(20);
     let config = Arc::new(config);
     let (_trigger, mut shutdown) = crate::pipeline::shutdown::Shutdown::new();
-    let (guard, redis) = start_guard(&config, &mut shutdown)
+    let health = Health::default();
+    let (guard, redis) = start_guard(&config, &health, &mut shutdown)
         .await
         .expect("Redis answers through the proxy")
         .expect("no shutdown");
@@ -135,7 +136,6 @@ async fn with_redis_a_failed_batch_holds_back_the_next_until_its_retry_lands() {
     let progress = ProgressRecords::new(store, redis.epoch);
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let (ownership_tx, ownership) = mpsc::unbounded_channel();
-    let health = Health::default();
     let stage = GuardStage::new(
         &config, guard, progress, &health, &shutdown, events_tx, ownership,
     )
