@@ -424,6 +424,47 @@ async fn reconcile_finds_each_injected_divergence_and_repair_cleans_it() {
     want.sort();
     got.sort();
     assert_eq!(got, want);
+    let entry = |json: &serde_json::Value, entity: &str| {
+        json["divergences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["entity"] == entity)
+            .unwrap()
+            .clone()
+    };
+    // Field by field: what the log makes it, what Redis holds.
+    let expected_f0 = model.entities[&corrupted].state.get("f0").cloned();
+    assert_eq!(
+        entry(&json, &corrupted)["fields"],
+        serde_json::json!([{"field": "f0", "expected": expected_f0, "found": "corrupted"}])
+    );
+    assert_eq!(
+        entry(&json, &corrupted)["not_repaired"],
+        "not asked: run with --repair"
+    );
+
+    // Without --delete-extra, the entity not in the log stays, and says why.
+    let (code, json) = run(&["--repair"]);
+    assert_eq!(code, Some(1));
+    for entity in [&missing, &corrupted, &lowered] {
+        let d = entry(&json, entity);
+        assert_eq!(d["repaired"], true, "{d}");
+        assert!(d["not_repaired"].is_null(), "{d}");
+    }
+    let d = entry(&json, extra);
+    assert_eq!(d["repaired"], false, "{d}");
+    assert!(
+        d["not_repaired"]
+            .as_str()
+            .unwrap()
+            .contains("--delete-extra"),
+        "{d}"
+    );
+    assert_eq!(
+        d["fields"],
+        serde_json::json!([{"field": "x", "expected": null, "found": "1"}])
+    );
 
     let (code, _) = run(&["--repair", "--delete-extra"]);
     assert_eq!(

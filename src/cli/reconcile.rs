@@ -22,7 +22,8 @@ use crate::tools::reconcile::{self, ReconcileOptions};
 /// lowering a seq (seq_ahead, effects_differ and offset_mark_ahead are
 /// reported, not touched); add --delete-extra to
 /// also delete entities the log does not mention (off by default: retention
-/// may have removed their events).
+/// may have removed their events). The report gives each divergence's
+/// fields (field, expected, found) and, where it was not repaired, why.
 ///
 /// Four kinds are reported but are not divergences (exit 0): dense_seqs_differ
 /// and field_seqs_differ (the bookkeeping of dense seqs and per-field order
@@ -115,9 +116,67 @@ pub async fn run(args: ReconcileArgs, config: Config) -> anyhow::Result<ExitCode
             report.divergence_count()
         ));
     }
+    for line in divergence_lines(&report, SHOWN) {
+        summary(line);
+    }
     Ok(if report.divergence_count() == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(super::EXIT_FOUND)
     })
+}
+
+/// Diverged entities printed with their fields (the report has them all).
+const SHOWN: usize = 10;
+
+/// The first `shown` divergences, each with its fields (field: expected ->
+/// found) and why it was not repaired; then the reasons, counted.
+fn divergence_lines(report: &reconcile::ReconcileReport, shown: usize) -> Vec<String> {
+    let text = |v: &Option<String>| {
+        v.as_deref()
+            .map_or("(absent)".to_string(), |v| format!("{v:?}"))
+    };
+    let diverged: Vec<_> = report
+        .divergences
+        .iter()
+        .filter(|d| d.kind.is_divergence())
+        .collect();
+    let mut lines = Vec::new();
+    for d in diverged.iter().take(shown) {
+        let kind = serde_json::to_value(d.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let status = match (d.repaired, d.not_repaired) {
+            (true, _) => "repaired".to_string(),
+            (false, Some(why)) => format!("not repaired: {why}"),
+            (false, None) => String::new(),
+        };
+        lines.push(format!(
+            "  {} {kind} (seq redis {:?}, log {:?}) {status}",
+            d.entity, d.redis_seq, d.log_seq
+        ));
+        for f in &d.fields {
+            lines.push(format!(
+                "      {}: expected {}, found {}",
+                f.field,
+                text(&f.expected),
+                text(&f.found)
+            ));
+        }
+    }
+    if diverged.len() > shown {
+        lines.push(format!(
+            "  … and {} more in the report",
+            diverged.len() - shown
+        ));
+    }
+    let mut reasons: std::collections::BTreeMap<&str, usize> = Default::default();
+    for why in diverged.iter().filter_map(|d| d.not_repaired) {
+        *reasons.entry(why).or_default() += 1;
+    }
+    for (why, n) in reasons {
+        lines.push(format!("  {n} not repaired: {why}"));
+    }
+    lines
 }

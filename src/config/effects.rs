@@ -506,7 +506,7 @@ state = "keep"
             (format!("[state]\norder = \"per_field\"\n{}", rule("custom = [{ file = \"SNIPPET\", order = \"commutative\", writes = [\"p\"] }, { file = \"SNIPPET\", order = \"ordered\", writes = [\"x\"] }]")), "effects[0].custom[1].order"),
         ];
         for (text, key) in table {
-            match load(&text) {
+            match load(&text).map_err(|e| e.first().clone()) {
                 Err(ConfigError::Invalid { key: got, .. }) => assert_eq!(got, key, "{text}"),
                 other => panic!("{text}: expected a refusal of {key}, got {other:?}"),
             }
@@ -537,7 +537,7 @@ state = "keep"
             );
         }
         assert_eq!(load("").unwrap().effects.state_order, StateOrder::PerEntity);
-        match load("[state]\norder = \"by_field\"\n") {
+        match load("[state]\norder = \"by_field\"\n").map_err(|e| e.first().clone()) {
             Err(ConfigError::Refused { key, message }) => {
                 assert_eq!(key, "state.order");
                 assert!(message.contains("`per_entity` or `per_field`"), "{message}");

@@ -23,6 +23,7 @@ pub use crate::event::settings::{EventConfig, EventFormat, FieldMap};
 mod effects;
 mod forms;
 mod kafka;
+mod mistakes;
 mod redis;
 mod sections;
 mod show;
@@ -32,6 +33,7 @@ mod values;
 
 pub use forms::format_duration;
 pub use kafka::{KafkaConfig, OffsetReset, SaslMechanism, SecurityProtocol};
+pub use mistakes::Mistake;
 pub use redis::{Durability, RedisConfig, RedisMode};
 pub use sections::{DedupeConfig, LogConfig, LogFormat, MetricsConfig, ShutdownConfig};
 use show::Layers;
@@ -53,9 +55,36 @@ pub enum ConfigError {
     /// layers read it from.
     #[error("config key `{key}`: {message}")]
     Refused { key: String, message: String },
-    /// The layers could not be read or merged (unknown key, wrong type, unreadable file).
+    /// A key idem does not read, with the nearest one it does.
+    #[error("config key `{key}` is not one idem knows{}", unknown_hint(.hint))]
+    Unknown { key: String, hint: Option<String> },
+    /// The layers could not be read or merged (an unreadable file, bad TOML).
     #[error("config: {0}")]
     Load(String),
+    /// Every mistake the layers hold, each with where it was set.
+    #[error("{}", describe_mistakes(.0))]
+    Mistakes(Vec<Mistake>),
+}
+
+fn unknown_hint(hint: &Option<String>) -> String {
+    match hint {
+        Some(h) => format!(": did you mean `{h}`?"),
+        None => " (config/default.toml lists every key)".to_string(),
+    }
+}
+
+fn describe_mistakes(mistakes: &[Mistake]) -> String {
+    match mistakes {
+        [one] => one.to_string(),
+        many => {
+            let lines: Vec<String> = many.iter().map(|m| format!("  {m}")).collect();
+            format!(
+                "{} mistakes in the configuration:\n{}",
+                many.len(),
+                lines.join("\n")
+            )
+        }
+    }
 }
 
 impl ConfigError {
@@ -70,9 +99,28 @@ impl ConfigError {
     /// The key this error is about, when it names one.
     pub fn key(&self) -> Option<&str> {
         match self {
-            ConfigError::Invalid { key, .. } | ConfigError::Refused { key, .. } => Some(key),
+            ConfigError::Invalid { key, .. }
+            | ConfigError::Refused { key, .. }
+            | ConfigError::Unknown { key, .. } => Some(key),
+            ConfigError::Mistakes(m) => m.first().and_then(|m| m.error.key()),
             ConfigError::Load(_) => None,
         }
+    }
+
+    /// The (first) mistake itself, without where it was set.
+    pub fn first(&self) -> &ConfigError {
+        match self {
+            ConfigError::Mistakes(m) if !m.is_empty() => m[0].error.first(),
+            other => other,
+        }
+    }
+
+    /// The mistakes as one error: a lone one without a place as itself.
+    fn from_mistakes(mut mistakes: Vec<Mistake>) -> Self {
+        if mistakes.len() == 1 && mistakes[0].place.is_none() {
+            return mistakes.remove(0).error;
+        }
+        ConfigError::Mistakes(mistakes)
     }
 
     /// The `config` crate's error as idem's: a refused value keeps the key
@@ -197,13 +245,30 @@ pub struct Config {
 impl Config {
     /// Loads the layers: built-in defaults, then `file` if given, then the
     /// `IDEM__…` entries of `env` (passed in so tests need not touch the process env).
+    /// Every mistake is reported at once, each with where it was set.
     pub fn load(file: Option<&Path>, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
-        let document: sections::Document = Layers::ALL
+        let merged = Layers::ALL
             .builder(file, env)?
             .build()
-            .and_then(|c| c.try_deserialize())
             .map_err(ConfigError::from_layers)?;
-        document.checked()
+        let defaults = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .build()
+            .map_err(ConfigError::from_layers)?;
+        let sources = mistakes::Sources {
+            file,
+            env,
+            defaults: &defaults.cache,
+        };
+        let (document, root) =
+            mistakes::decode(merged.cache, &sources).map_err(ConfigError::from_mistakes)?;
+        document.checked().map_err(|error| {
+            let text = file.and_then(|p| std::fs::read_to_string(p).ok());
+            let place = error
+                .key()
+                .and_then(|k| mistakes::place_of(&root, k, &sources, text.as_deref()));
+            ConfigError::from_mistakes(vec![Mistake { error, place }])
+        })
     }
 
     /// Settings that are valid but probably not what was meant; `idem run`

@@ -342,7 +342,7 @@ fn choices_decode_by_name() {
     let err = Config::load(None, &env(&[("IDEM__LOG__FORMAT", "xml")])).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "config key `log.format`: got \"xml\", expected `text` or `json`"
+        "config key `log.format`: got \"xml\", expected `text` or `json` (set in IDEM__LOG__FORMAT)"
     );
     let err = Config::load(None, &env(&[("IDEM__EVENT__KEY_MISMATCH", "ignore")])).unwrap_err();
     assert_eq!(err.key(), Some("event.key_mismatch"));
@@ -834,4 +834,62 @@ fn the_nearest_topic_is_a_typo_away_or_none() {
     assert_eq!(forms::nearest("PAYMENTS", &topics), None);
     assert_eq!(forms::nearest("ledger", &topics), None);
     assert_eq!(forms::nearest("ub", &topics), Some("ux"));
+}
+
+/// Every mistake of the layers at once, each where it was set (the file's
+/// line, the environment variable), an unknown key with the nearest known
+/// one, and today's message for a bad value. Before, serde's first error
+/// only: ``unknown field `topic`, expected one of … for key `kafka` ``.
+#[test]
+fn every_config_mistake_is_reported_at_once_with_its_place_and_the_nearest_key() {
+    let dir = std::env::temp_dir().join(format!("idem-mistakes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("idem.toml");
+    std::fs::write(
+        &file,
+        "[kafka]\ngroup_id = \"orders\"\ntopic = [\"orders\"]\n\n[redis]\nmode = \"clustered\"\n\n[[effects]]\ntopic = \"orders\"\ntypes = [\"deposit\"]\ncountrs = []\n",
+    )
+    .unwrap();
+    let env = HashMap::from([
+        ("IDEM__DEDUPE__WINDOW".to_string(), "forever".to_string()),
+        ("IDEM__PIPELINE__BATCHSIZE".to_string(), "10".to_string()),
+    ]);
+    let err = Config::load(Some(&file), &env).unwrap_err();
+    let ConfigError::Mistakes(mistakes) = &err else {
+        panic!("several mistakes expected: {err}");
+    };
+    let path = file.display().to_string();
+    let found: Vec<(Option<&str>, Option<&str>)> = mistakes
+        .iter()
+        .map(|m| (m.error.key(), m.place.as_deref()))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            (Some("dedupe.window"), Some("IDEM__DEDUPE__WINDOW")),
+            (Some("effects[0].countrs"), Some(&*format!("{path}:11"))),
+            (Some("kafka.topic"), Some(&*format!("{path}:3"))),
+            (
+                Some("pipeline.batchsize"),
+                Some("IDEM__PIPELINE__BATCHSIZE")
+            ),
+            (Some("redis.mode"), Some(&*format!("{path}:6"))),
+        ],
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.starts_with("5 mistakes in the configuration:"),
+        "{text}"
+    );
+    assert!(text.contains("did you mean `kafka.topics`?"), "{text}");
+    assert!(
+        text.contains("did you mean `effects[0].counters`?"),
+        "{text}"
+    );
+    assert!(
+        text.contains("config key `redis.mode`: got \"clustered\", expected"),
+        "a bad value keeps its message: {text}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }

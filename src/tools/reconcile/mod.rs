@@ -31,9 +31,12 @@ use crate::tools::topic_reader::read_topic;
 
 mod bookkeeping;
 mod effects;
+mod report;
 
 use bookkeeping::BookkeepingCheck;
 use effects::EffectsCheck;
+use report::{field_differences, not_repaired_reason};
+pub use report::{FieldDifference, RepairAsked};
 
 const REPAIR: &str = include_str!("repair.lua");
 
@@ -99,8 +102,12 @@ pub struct Divergence {
     pub kind: DivergenceKind,
     pub redis_seq: Option<u64>,
     pub log_seq: Option<u64>,
+    /// Each state field Redis holds otherwise than the log makes it.
+    pub fields: Vec<FieldDifference>,
     /// Whether --repair rewrote it.
     pub repaired: bool,
+    /// Why not, for a divergence that was not repaired.
+    pub not_repaired: Option<&'static str>,
 }
 
 /// The JSON report.
@@ -192,6 +199,15 @@ pub struct ReconcileOptions {
     /// With `repair`: also rewrite entities whose events span partitions,
     /// toward their events applied in seq order.
     pub repair_spanning: bool,
+}
+
+impl ReconcileOptions {
+    fn asked(&self) -> RepairAsked {
+        RepairAsked {
+            repair: self.repair,
+            delete_extra: self.delete_extra,
+        }
+    }
 }
 
 /// Runs a reconcile; `progress` gets human-readable progress lines.
@@ -424,7 +440,9 @@ async fn compare_with_redis(
                 kind,
                 redis_seq: view.seq,
                 log_seq: want.seq,
+                fields: field_differences(&want.state, want.deleted, &view.state, view.deleted),
                 repaired,
+                not_repaired: not_repaired_reason(kind, opts.asked(), repaired),
             });
         }
         if (i + 1) % 10_000 == 0 {
@@ -460,12 +478,15 @@ async fn not_in_log(
                     .await?;
                 repaired = true;
             }
+            let kind = DivergenceKind::EntityNotInLog;
             divergences.push(Divergence {
                 entity,
-                kind: DivergenceKind::EntityNotInLog,
+                kind,
                 redis_seq: view.seq,
                 log_seq: None,
+                fields: field_differences(&BTreeMap::new(), false, &view.state, view.deleted),
                 repaired,
+                not_repaired: not_repaired_reason(kind, opts.asked(), repaired),
             });
         }
     }
