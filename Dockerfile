@@ -8,6 +8,16 @@ COPY config ./config
 # The workspace names the test bench; only the idem binary is built and shipped.
 COPY testbench ./testbench
 RUN cargo build --release --locked -p idem --bin idem
+# The release profile keeps line tables for profiles (debug = 1): ship the
+# binary without them and keep them apart, linked by a .gnu_debuglink, so
+# `perf` and gdb find them when the file is beside the binary or in
+# /usr/lib/debug (docs/performance.md, "Symbols for a profile").
+RUN objcopy --only-keep-debug target/release/idem target/release/idem.debug \
+ && objcopy --strip-debug --add-gnu-debuglink=target/release/idem.debug target/release/idem
+
+# The debug info alone: docker build --target symbols --output type=local,dest=symbols .
+FROM scratch AS symbols
+COPY --from=build /src/target/release/idem.debug /idem.debug
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libssl3 && rm -rf /var/lib/apt/lists/*

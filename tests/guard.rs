@@ -464,6 +464,21 @@ async fn assert_entities_match(conn: &mut idem::store::RedisConn, prefix: &str, 
             .map(|(k, m)| (k.clone(), m.encode()))
             .collect();
         assert_eq!(marks, want_marks, "offset marks of {name}");
+        // Every ids hash expires, whatever deleted or expired one before.
+        let keys = KeyLayout::new(prefix).entity(name);
+        let ids = idem::guard::id_generations(
+            idem::pipeline::unix_millis() as u64,
+            Duration::from_secs(3600),
+        );
+        for key in [keys.ids(ids.previous), keys.ids(ids.current)] {
+            let at: i64 = redis::cmd("PEXPIRETIME")
+                .arg(&key)
+                .query_async(conn)
+                .await
+                .unwrap();
+            // -2: no such key; -1: a key without an expiry.
+            assert!(at != -1, "{key} has no expiry");
+        }
     }
 }
 

@@ -361,6 +361,7 @@ local function read_event(k, a, e)
   e.expire_at, e.id, e.idh, e.fp, e.fp_hex, e.seq =
     ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
   e.mark_field, e.offset, e.mark = ARGV[a + 6], tonumber(ARGV[a + 7]), ARGV[a + 8]
+  e.marked = false
   e.dense = ARGV[a + 9] == '1'
   e.op = ARGV[a + 10]
   e.per_field = string.sub(e.op, 1, 6) == 'field:'
@@ -408,7 +409,7 @@ local held = {}
 -- effects and the id mark: a failure before it leaves the record to be
 -- decided again, never marked without its effects.
 local function mark_decided(e)
-  if e.mark_field ~= '' and not held[e.meta .. e.mark_field] then
+  if e.mark_field ~= '' and not e.marked and not held[e.meta .. e.mark_field] then
     redis.call('HSET', e.meta, e.mark_field, e.mark)
   end
 end
@@ -440,8 +441,16 @@ end
 
 -- A newer event's state and bookkeeping (`applied`: the count before it).
 -- Writes in the order state, meta; the effects and the id mark follow.
-local function write_newer(e, applied)
+-- For an event without effects (`no_effects`) the meta write also moves
+-- the offset mark: the state is written by then, so the mark never covers
+-- a record without its effects, and the call saves a write.
+local function write_newer(e, applied, no_effects)
   local count = string.format('%d', (tonumber(applied) or 0) + 1)
+  local mark_field, mark = nil, nil
+  if no_effects and e.mark_field ~= '' and not held[e.meta .. e.mark_field] then
+    mark_field, mark = e.mark_field, e.mark
+    e.marked = true
+  end
   if e.op == 'delete' or e.op == 'replace' then
     redis.call('DEL', e.state)
   end
@@ -455,11 +464,22 @@ local function write_newer(e, applied)
   end
   if e.op == 'keep' then
     -- "keep" changes no state: a tombstone stays one.
-    redis.call('HSET', e.meta, 'seq', e.seq, 'last_id', e.id, 'fingerprint', e.fp_hex, 'updated_ms', now_str,
-      'applied', count)
+    if mark then
+      redis.call('HSET', e.meta, 'seq', e.seq, 'last_id', e.id, 'fingerprint', e.fp_hex, 'updated_ms', now_str,
+        'applied', count, mark_field, mark)
+    else
+      redis.call('HSET', e.meta, 'seq', e.seq, 'last_id', e.id, 'fingerprint', e.fp_hex, 'updated_ms', now_str,
+        'applied', count)
+    end
   else
-    redis.call('HSET', e.meta, 'seq', e.seq, 'last_id', e.id, 'fingerprint', e.fp_hex, 'updated_ms', now_str,
-      'applied', count, 'deleted', e.op == 'delete' and '1' or '0')
+    local deleted = e.op == 'delete' and '1' or '0'
+    if mark then
+      redis.call('HSET', e.meta, 'seq', e.seq, 'last_id', e.id, 'fingerprint', e.fp_hex, 'updated_ms', now_str,
+        'applied', count, 'deleted', deleted, mark_field, mark)
+    else
+      redis.call('HSET', e.meta, 'seq', e.seq, 'last_id', e.id, 'fingerprint', e.fp_hex, 'updated_ms', now_str,
+        'applied', count, 'deleted', deleted)
+    end
   end
 end
 
@@ -770,7 +790,7 @@ local function decide_per_entity(e, token, recorded, applied)
   if newer then
     -- A failure must never leave the id remembered without its effect:
     -- state and meta first, then the effects, the id mark last.
-    write_newer(e, applied)
+    write_newer(e, applied, plan == nil or #plan == 0)
     code, decided = APPLIED, 'a'
   elseif e.commutative then
     code, decided = LATE, 'l'
