@@ -102,7 +102,7 @@ async fn run_until_caught_up(words: &[&str], dir: &Path, env: &[(String, String)
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("start idem run");
-    let partitions = end_offsets_partitions(&topic).await;
+    let partitions = partition_count(&topic).await;
     wait_caught_up(&group, &topic, partitions, Duration::from_secs(120)).await;
     assert!(signal(child.id(), "-TERM"));
     let status = tokio::task::spawn_blocking(move || child.wait())
@@ -117,7 +117,7 @@ async fn run_until_caught_up(words: &[&str], dir: &Path, env: &[(String, String)
 }
 
 /// The partition count of `topic` as the brokers report it.
-async fn end_offsets_partitions(topic: &str) -> i32 {
+async fn partition_count(topic: &str) -> i32 {
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
         use rdkafka::consumer::{BaseConsumer, Consumer};

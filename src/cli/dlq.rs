@@ -103,11 +103,10 @@ pub async fn run(args: DlqArgs, config: Config) -> anyhow::Result<ExitCode> {
 }
 
 async fn act(action: DlqAction, config: &Config, topic: &str) -> anyhow::Result<ExitCode> {
-    let topic = topic.to_string();
     let kafka = config.kafka.clone();
     match action {
         DlqAction::Inspect { examples, json } => {
-            let t = topic.clone();
+            let t = topic.to_string();
             let report =
                 tokio::task::spawn_blocking(move || dead_letters::inspect(&kafka, &t, examples))
                     .await??;
@@ -115,7 +114,7 @@ async fn act(action: DlqAction, config: &Config, topic: &str) -> anyhow::Result<
                 crate::outln!("{}", serde_json::to_string_pretty(&report)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            print_inspection(&topic, &report);
+            print_inspection(topic, &report);
             Ok(ExitCode::SUCCESS)
         }
         DlqAction::Redrive {
@@ -124,7 +123,7 @@ async fn act(action: DlqAction, config: &Config, topic: &str) -> anyhow::Result<
             dry_run: _,
             json,
         } => {
-            let report = redrive::redrive(config, &topic, reason.as_deref(), execute, |n| {
+            let report = redrive::redrive(config, topic, reason.as_deref(), execute, |n| {
                 eprintln!("redrive: {n} records so far");
             })
             .await?;
@@ -137,7 +136,7 @@ async fn act(action: DlqAction, config: &Config, topic: &str) -> anyhow::Result<
                     ExitCode::SUCCESS
                 });
             }
-            Ok(print_redrive(&topic, &report, execute))
+            Ok(print_redrive(topic, &report, execute))
         }
     }
 }

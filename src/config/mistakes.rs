@@ -41,6 +41,8 @@ const MAX_MISTAKES: usize = 32;
 /// Where the layers came from, to say where a value was set.
 pub(super) struct Sources<'a> {
     pub file: Option<&'a Path>,
+    /// The file's text, to find the line of a key.
+    pub text: Option<&'a str>,
     pub env: &'a HashMap<String, String>,
     /// The built-in defaults, to put a refused value back to.
     pub defaults: &'a config::Value,
@@ -51,7 +53,6 @@ pub(super) fn decode(
     mut root: config::Value,
     sources: &Sources<'_>,
 ) -> Result<(Document, config::Value), Vec<Mistake>> {
-    let text = sources.file.and_then(|p| std::fs::read_to_string(p).ok());
     let mut mistakes: Vec<Mistake> = Vec::new();
     loop {
         let error = match Document::deserialize(root.clone()) {
@@ -64,7 +65,7 @@ pub(super) fn decode(
             Some((field, known)) => {
                 let key = join(parent.as_deref(), &field);
                 let hint = forms::nearest(&field, &known).map(|n| join(parent.as_deref(), n));
-                let place = place_of(&root, &key, sources, text.as_deref());
+                let place = place_of(&root, &key, sources);
                 let removed = remove(&mut root, &key).is_some();
                 let error = ConfigError::Unknown {
                     key: key.clone(),
@@ -80,7 +81,7 @@ pub(super) fn decode(
                     });
                     return Err(sorted(mistakes));
                 };
-                let place = place_of(&root, &key, sources, text.as_deref());
+                let place = place_of(&root, &key, sources);
                 let set_aside = match lookup(sources.defaults, &key) {
                     Some(default) => replace(&mut root, &key, default.clone()),
                     None => remove(&mut root, &key).is_some(),
@@ -103,12 +104,7 @@ pub(super) fn decode(
 }
 
 /// Where the value at `key` of `root` was set, when a person set it.
-pub(super) fn place_of(
-    root: &config::Value,
-    key: &str,
-    sources: &Sources<'_>,
-    text: Option<&str>,
-) -> Option<String> {
+pub(super) fn place_of(root: &config::Value, key: &str, sources: &Sources<'_>) -> Option<String> {
     let origin = lookup(root, key)?.origin()?;
     if origin == "the environment" {
         let wanted = format!("IDEM__{}", key.replace('.', "__")).to_uppercase();
@@ -125,7 +121,7 @@ pub(super) fn place_of(
     let file = sources
         .file
         .map_or_else(|| origin.to_string(), |p| p.display().to_string());
-    match text.and_then(|t| line_of(t, key)) {
+    match sources.text.and_then(|t| line_of(t, key)) {
         Some(line) => Some(format!("{file}:{line}")),
         None => Some(file),
     }

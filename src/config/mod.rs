@@ -251,22 +251,23 @@ impl Config {
             .builder(file, env)?
             .build()
             .map_err(ConfigError::from_layers)?;
-        let defaults = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+        let defaults = Layers::DEFAULTS
+            .builder(None, env)?
             .build()
             .map_err(ConfigError::from_layers)?;
+        let text = file.and_then(|p| std::fs::read_to_string(p).ok());
         let sources = mistakes::Sources {
             file,
+            text: text.as_deref(),
             env,
             defaults: &defaults.cache,
         };
         let (document, root) =
             mistakes::decode(merged.cache, &sources).map_err(ConfigError::from_mistakes)?;
         document.checked().map_err(|error| {
-            let text = file.and_then(|p| std::fs::read_to_string(p).ok());
             let place = error
                 .key()
-                .and_then(|k| mistakes::place_of(&root, k, &sources, text.as_deref()));
+                .and_then(|k| mistakes::place_of(&root, k, &sources));
             ConfigError::from_mistakes(vec![Mistake { error, place }])
         })
     }

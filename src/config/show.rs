@@ -19,6 +19,12 @@ impl Layers {
         file: true,
         env: true,
     };
+    /// The built-in defaults alone.
+    pub(super) const DEFAULTS: Layers = Layers {
+        defaults: true,
+        file: false,
+        env: false,
+    };
 
     /// The config crate's builder over the chosen layers, later ones winning.
     pub(super) fn builder(
