@@ -79,10 +79,12 @@ clean-cache:
 	scripts/services.sh down
 	rm -rf .cache
 
-## The benchmark of docs/performance.md (release build; about 4 minutes).
+## The benchmark of docs/performance.md (release build; about 4 minutes), then its
+## backlog phase again on a Zipf-skewed stream (s = 1.1: hot entities, a hot partition).
 bench: services
 	$(CARGO) build --release --workspace
 	target/release/idem-testbench bench --out bench-out
+	target/release/idem-testbench bench --zipf 1.1 --throughput-only --out bench-out/zipf
 
 ## The full conformance suite of docs/conformance.md (kills and restarts the local broker).
 conformance: services

@@ -497,6 +497,7 @@ async fn without_configured_topics_inspect_group_finds_them_and_dlq_names_the_fl
         data_bytes: 8,
         seed: 3,
         prefix: topic.clone(),
+        zipf: None,
     });
     produce(&topic, &records).await;
     let idem = Idem::spawn(&IdemOpts::new(&topic, &topic, &topic));

@@ -24,6 +24,7 @@ fn stream(prefix: &str, events: usize, seed: u64) -> Vec<idem::tools::sample::Sa
         data_bytes: 16,
         seed,
         prefix: prefix.to_string(),
+        zipf: None,
     })
 }
 

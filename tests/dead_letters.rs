@@ -21,6 +21,7 @@ fn good(prefix: &str, events: usize, seed: u64) -> Vec<idem::tools::sample::Samp
         data_bytes: 16,
         seed,
         prefix: prefix.to_string(),
+        zipf: None,
     })
 }
 
@@ -294,6 +295,7 @@ async fn redrive_after_a_fix_applies_each_intent_once() {
         data_bytes: 16,
         seed: 8,
         prefix: topic.clone(),
+        zipf: None,
     });
     let mut records = records;
     for (i, r) in records.iter_mut().enumerate() {

@@ -29,6 +29,7 @@ fn spec(
         data_bytes: 16,
         seed,
         prefix: prefix.to_string(),
+        zipf: None,
     }
 }
 

@@ -24,6 +24,7 @@ fn unique_stream(prefix: &str, events: usize, entities: usize, seed: u64) -> Vec
         data_bytes: 16,
         seed,
         prefix: prefix.to_string(),
+        zipf: None,
     })
 }
 

@@ -27,6 +27,7 @@ fn stream(prefix: &str, events: usize, seed: u64) -> Vec<SampleRecord> {
         data_bytes: 8,
         seed,
         prefix: prefix.to_string(),
+        zipf: None,
     })
 }
 
@@ -336,6 +337,7 @@ async fn an_upgrade_bootstraps_progress_records_without_a_rewind() {
         data_bytes: 8,
         seed: 63,
         prefix: topic.clone(),
+        zipf: None,
     };
     let before = generate(&spec);
     produce(&topic, &before).await;
@@ -410,6 +412,7 @@ async fn a_cluster_failover_under_ack_rewinds_what_the_replica_missed() {
         data_bytes: 4_000,
         seed: 66,
         prefix: format!("{topic}-b"),
+        zipf: None,
     });
     let c = stream(&topic, 500, 67);
     let all: Vec<SampleRecord> = a.iter().chain(&b).chain(&c).cloned().collect();

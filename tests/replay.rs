@@ -26,6 +26,7 @@ fn stream(
         data_bytes: 16,
         seed,
         prefix: prefix.to_string(),
+        zipf: None,
     })
 }
 

@@ -43,6 +43,11 @@ pub struct SampleArgs {
     /// Prefix of ids and entity names.
     #[arg(long, default_value = "demo")]
     prefix: String,
+    /// Skew the entities' popularity: the k-th most popular gets events in
+    /// proportion to 1/k^S (Zipf; 1.1 makes the hottest of 10,000 take 15%).
+    /// Without it every entity is equally likely.
+    #[arg(long, value_name = "S")]
+    zipf: Option<f64>,
 }
 
 pub async fn run(args: SampleArgs, config: Config) -> anyhow::Result<ExitCode> {
@@ -55,6 +60,7 @@ pub async fn run(args: SampleArgs, config: Config) -> anyhow::Result<ExitCode> {
         data_bytes: 16,
         seed: args.seed,
         prefix: args.prefix,
+        zipf: args.zipf,
     };
     let records = generate(&spec);
     let producer: FutureProducer = crate::kafka::base_config(&config.kafka)

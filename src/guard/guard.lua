@@ -307,6 +307,10 @@ local function prepare(mutations, newer, seq, state_key, event_head)
   return plan
 end
 
+-- The mutations and effect keys of an event that has none (most): one
+-- table for all, never written to, so no event allocates one.
+local NONE = {}
+
 -- One reader per mutation kind: each takes ARGV from `a` (just after the
 -- kind) and the event's effect keys, and returns the mutation and the
 -- position after it.
@@ -338,6 +342,7 @@ READ_MUTATION.set_remove = READ_MUTATION.set_add
 local function read_mutations(a, keys)
   local n = tonumber(ARGV[a])
   a = a + 1
+  if n == 0 then return NONE, a, false end
   local mutations, commutative = {}, false
   for _ = 1, n do
     local kind = ARGV[a]
@@ -352,6 +357,13 @@ local function read_mutations(a, keys)
   return mutations, a, commutative
 end
 
+-- The state ops under state.order = "per_field" ("field:<op>"), by name:
+-- a lookup, not a substring per event.
+local PER_FIELD_OPS = {
+  ['field:merge'] = 'merge', ['field:replace'] = 'replace',
+  ['field:delete'] = 'delete', ['field:keep'] = 'keep',
+}
+
 -- Reads one event of the call into `e`: its keys from KEYS at `k`, its
 -- arguments from ARGV at `a`. Returns it and the positions of the next
 -- event. The main loop passes the same table for every event: filling a
@@ -363,9 +375,10 @@ local function read_event(k, a, e)
   e.mark_field, e.offset, e.mark = ARGV[a + 6], tonumber(ARGV[a + 7]), ARGV[a + 8]
   e.marked = false
   e.dense = ARGV[a + 9] == '1'
-  e.op = ARGV[a + 10]
-  e.per_field = string.sub(e.op, 1, 6) == 'field:'
-  if e.per_field then e.op = string.sub(e.op, 7) end
+  local op = ARGV[a + 10]
+  local per_field_op = PER_FIELD_OPS[op]
+  e.per_field = per_field_op ~= nil
+  e.op = per_field_op or op
   -- The state fields stay in ARGV (written from there in chunks).
   e.nset = tonumber(ARGV[a + 11])
   e.set_from = a + 12
@@ -374,7 +387,7 @@ local function read_event(k, a, e)
   a = e.unset_from + e.nunset
   local nkeys = tonumber(ARGV[a])
   e.type = ARGV[a + 1]
-  e.keys = { unpack(KEYS, k + 4, k + 3 + nkeys) }
+  e.keys = nkeys == 0 and NONE or { unpack(KEYS, k + 4, k + 3 + nkeys) }
   e.mutations, a, e.commutative = read_mutations(a + 2, e.keys)
   return e, k + 4 + nkeys, a
 end
@@ -387,6 +400,52 @@ local function read_call()
   end
   return events
 end
+
+-- What this call knows of each entity's meta: seq, applied and the offset
+-- marks by field (false: none), read once and kept in step with the call's
+-- own writes, so an entity with several events in one call reads its meta
+-- once. Per-entity order's writes keep an entry; per-field order's drop it.
+local known_meta = {}
+
+local function remember_mark(meta, field, mark)
+  local known = known_meta[meta]
+  if known then known.marks[field] = mark end
+end
+
+-- The entity's offset mark for the record's partition (false: none).
+local function offset_mark(e)
+  local known = known_meta[e.meta]
+  local mark = known and known.marks[e.mark_field]
+  if mark == nil then
+    mark = redis.call('HGET', e.meta, e.mark_field)
+    remember_mark(e.meta, e.mark_field, mark)
+  end
+  return mark
+end
+
+-- The entity's seq, applied count and offset mark for the record's
+-- partition (each false where there is none).
+local function read_meta(e)
+  local known = known_meta[e.meta]
+  if known and (e.mark_field == '' or known.marks[e.mark_field] ~= nil) then
+    return known.seq, known.applied, known.marks[e.mark_field] or false
+  end
+  local m
+  if e.mark_field ~= '' then
+    m = redis.call('HMGET', e.meta, 'seq', 'applied', e.mark_field)
+  else
+    m = redis.call('HMGET', e.meta, 'seq', 'applied')
+  end
+  known = { seq = m[1], applied = m[2], marks = {} }
+  if e.mark_field ~= '' then known.marks[e.mark_field] = m[3] end
+  known_meta[e.meta] = known
+  return m[1], m[2], m[3] or false
+end
+
+-- Id hashes this call wrote an id to: their expiry is set (when their
+-- first id went in, by this call or an earlier one), so asking their
+-- length once per call is enough.
+local expiring = {}
 
 -- Whether the entity's offset mark `mark` ("<run start>:<offset>") covers
 -- the record at `offset`: the run that decided the entity's latest record
@@ -404,13 +463,21 @@ end
 -- must be decided again (and dead-lettered again), not `replayed`. The
 -- next batch of the partition runs only once this one is finished.
 local held = {}
+-- Whether `held` has any pair: most calls hold none, and then no event
+-- builds the pair's name to look it up.
+local any_held = false
+
+local function is_held(e)
+  return any_held and held[e.meta .. e.mark_field]
+end
 
 -- Moves the entity's offset mark to this record. Written after the
 -- effects and the id mark: a failure before it leaves the record to be
 -- decided again, never marked without its effects.
 local function mark_decided(e)
-  if e.mark_field ~= '' and not e.marked and not held[e.meta .. e.mark_field] then
+  if e.mark_field ~= '' and not e.marked and not is_held(e) then
     redis.call('HSET', e.meta, e.mark_field, e.mark)
+    remember_mark(e.meta, e.mark_field, e.mark)
   end
 end
 
@@ -418,6 +485,7 @@ end
 local function hold_mark(e)
   if e.mark_field ~= '' then
     held[e.meta .. e.mark_field] = true
+    any_held = true
   end
 end
 
@@ -447,9 +515,14 @@ end
 local function write_newer(e, applied, no_effects)
   local count = string.format('%d', (tonumber(applied) or 0) + 1)
   local mark_field, mark = nil, nil
-  if no_effects and e.mark_field ~= '' and not held[e.meta .. e.mark_field] then
+  if no_effects and e.mark_field ~= '' and not is_held(e) then
     mark_field, mark = e.mark_field, e.mark
     e.marked = true
+  end
+  local known = known_meta[e.meta]
+  if known then
+    known.seq, known.applied = e.seq, count
+    if mark then known.marks[mark_field] = mark end
   end
   if e.op == 'delete' or e.op == 'replace' then
     redis.call('DEL', e.state)
@@ -488,12 +561,17 @@ end
 -- duplicate), then its offset mark. A failure before the id leaves the
 -- event to be decided again, never remembered without its effects.
 local function finish_decision(e, token, plan, decided)
-  for _, w in ipairs(plan or {}) do
-    redis.call(unpack(w))
+  if plan then
+    for _, w in ipairs(plan) do
+      redis.call(unpack(w))
+    end
   end
   redis.call('HSET', e.current, e.idh, e.fp .. now_packed .. token .. decided)
-  if redis.call('HLEN', e.current) == 1 then
-    redis.call('PEXPIREAT', e.current, e.expire_at)
+  if not expiring[e.current] then
+    if redis.call('HLEN', e.current) == 1 then
+      redis.call('PEXPIREAT', e.current, e.expire_at)
+    end
+    expiring[e.current] = true
   end
   mark_decided(e)
 end
@@ -777,7 +855,7 @@ end
 local function decide_per_entity(e, token, recorded, applied)
   local newer = not recorded or is_newer(e.seq, recorded)
   local plan, why = nil, nil
-  if newer or e.commutative then
+  if (newer or e.commutative) and #e.mutations > 0 then
     plan, why = prepare(e.mutations, newer, e.seq, e.state, { e.id, e.type })
   end
   if why then
@@ -806,14 +884,8 @@ local DECIDES_SEQ = { [APPLIED] = true, [STALE] = true, [LATE] = true, [PARTIAL]
 -- the dense rule has seen, or decided by the entity's order mode.
 -- Returns code, detail.
 local function decide_new(e, token)
-  local m
-  if e.mark_field ~= '' then
-    m = redis.call('HMGET', e.meta, 'seq', 'applied', e.mark_field)
-    if covers(m[3], e.offset) then return REPLAYED, 0 end
-  else
-    m = redis.call('HMGET', e.meta, 'seq', 'applied')
-  end
-  local recorded, applied = m[1], m[2]
+  local recorded, applied, mark = read_meta(e)
+  if covers(mark, e.offset) then return REPLAYED, 0 end
   local dense
   if e.dense and #e.seq <= MAX_DENSE_DIGITS then
     dense = read_dense(e.meta, recorded)
@@ -827,6 +899,7 @@ local function decide_new(e, token)
   local code, detail
   if e.per_field then
     code, detail = decide_per_field(e, token, recorded, applied)
+    known_meta[e.meta] = nil
   else
     code, detail = decide_per_entity(e, token, recorded, applied)
   end
@@ -848,7 +921,7 @@ local function decide_seen_record(seen, e, token)
     hold_mark(e)
     return code, detail
   end
-  if covers(redis.call('HGET', e.meta, e.mark_field), e.offset) then
+  if covers(offset_mark(e), e.offset) then
     if code == DUPLICATE then return REPLAYED, 0 end
     return code, detail
   end

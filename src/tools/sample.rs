@@ -48,6 +48,9 @@ pub struct SampleSpec {
     pub seed: u64,
     /// Prefix of ids and entities, so runs never collide.
     pub prefix: String,
+    /// Skew of entity popularity: the k-th most popular entity is picked
+    /// with probability proportional to 1/k^s (Zipf). `None`: uniform.
+    pub zipf: Option<f64>,
 }
 
 impl Default for SampleSpec {
@@ -61,6 +64,7 @@ impl Default for SampleSpec {
             data_bytes: 16,
             seed: 1,
             prefix: "sample".into(),
+            zipf: None,
         }
     }
 }
@@ -130,10 +134,47 @@ impl Shuffler {
     }
 }
 
+/// How the entity of each event is picked.
+enum EntityPicker {
+    Uniform(u64),
+    /// Cumulative probabilities of entity 0 (the most popular), 1, ...
+    Zipf(Vec<f64>),
+}
+
+impl EntityPicker {
+    fn new(entities: usize, zipf: Option<f64>) -> EntityPicker {
+        let Some(s) = zipf else {
+            return EntityPicker::Uniform(entities as u64);
+        };
+        let weights: Vec<f64> = (1..=entities).map(|k| (k as f64).powf(-s)).collect();
+        let total: f64 = weights.iter().sum();
+        let mut acc = 0.0;
+        let cdf = weights
+            .iter()
+            .map(|w| {
+                acc += w / total;
+                acc
+            })
+            .collect();
+        EntityPicker::Zipf(cdf)
+    }
+
+    fn pick(&self, rng: &mut Rng) -> usize {
+        match self {
+            EntityPicker::Uniform(n) => rng.below(*n) as usize,
+            EntityPicker::Zipf(cdf) => {
+                let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                cdf.partition_point(|&c| c < u).min(cdf.len() - 1)
+            }
+        }
+    }
+}
+
 /// Generates the records in the order they are to be produced.
 pub fn generate(spec: &SampleSpec) -> Vec<SampleRecord> {
     let mut rng = Rng::new(spec.seed);
     let entities = spec.entities.max(1);
+    let picker = EntityPicker::new(entities, spec.zipf);
     let mut next_seq = vec![1u64; entities];
     let mut shuffler = Shuffler::new(
         entities,
@@ -143,7 +184,7 @@ pub fn generate(spec: &SampleSpec) -> Vec<SampleRecord> {
     );
     let pad = "x".repeat(spec.data_bytes);
     for i in 0..spec.events {
-        let e = rng.below(entities as u64) as usize;
+        let e = picker.pick(&mut rng);
         let seq = next_seq[e];
         next_seq[e] += 1;
         let entity = format!("{}:{e}", spec.prefix);
@@ -199,5 +240,28 @@ mod tests {
         assert!((0.25..0.36).contains(&dup), "duplicate share {dup}");
         assert!(counts[&Outcome::Stale] > 500, "{counts:?}");
         assert_eq!(counts[&Outcome::Applied] + counts[&Outcome::Stale], 20_000);
+    }
+
+    #[test]
+    fn zipf_makes_the_first_entities_the_hot_ones() {
+        let spec = SampleSpec {
+            events: 50_000,
+            entities: 10_000,
+            duplicate_ratio: 0.0,
+            out_of_order_ratio: 0.0,
+            zipf: Some(1.1),
+            ..SampleSpec::default()
+        };
+        let records = generate(&spec);
+        let hits = |key: &str| records.iter().filter(|r| r.key == key).count() as f64;
+        let share = hits("sample:0") / records.len() as f64;
+        // 1 / H(10000, 1.1) = 0.151: the hottest entity takes about 15%.
+        assert!((0.14..0.165).contains(&share), "hottest share {share}");
+        // 1/k^1.1: the tenth is 10^1.1 = 12.6 times rarer than the first.
+        let ratio = hits("sample:0") / hits("sample:9");
+        assert!((10.0..16.0).contains(&ratio), "first / tenth {ratio}");
+        let uniform = generate(&SampleSpec { zipf: None, ..spec });
+        let top = uniform.iter().filter(|r| r.key == "sample:0").count();
+        assert!(top < 30, "uniform: entity 0 has {top} of 50,000");
     }
 }

@@ -33,6 +33,8 @@ pub struct BenchSpec {
     /// Distinct events in the backlog.
     pub events: usize,
     pub entities: usize,
+    /// Zipf exponent of the entities' popularity (None: uniform).
+    pub zipf: Option<f64>,
     pub duplicate_ratio: f64,
     pub out_of_order_ratio: f64,
     /// Padding in each event's data, bytes.

@@ -23,6 +23,10 @@ pub struct BenchReport {
     pub events: usize,
     pub entities: usize,
     pub partitions: i32,
+    /// Zipf exponent of the entities' popularity, if skewed.
+    pub zipf: Option<f64>,
+    /// The fullest partition's records ÷ the mean.
+    pub hottest_partition_share: f64,
     pub produce_records_per_second: f64,
     /// idem, end to end from a Kafka backlog until every record had its outcome.
     pub idem_records_per_second: f64,
@@ -62,9 +66,18 @@ pub struct BenchReport {
 impl BenchReport {
     /// A Markdown table with the targets of the performance issue beside each figure.
     pub fn to_markdown(&self) -> String {
+        let skew = self
+            .zipf
+            .map_or("uniform".to_string(), |s| format!("Zipf s = {s}"));
         let mut s = format!(
-            "Machine: {}  \nCommand: `{}`  \nBacklog: {} records ({} events over {} entities, {} partitions)\n\n",
-            self.machine, self.command, self.records, self.events, self.entities, self.partitions
+            "Machine: {}  \nCommand: `{}`  \nBacklog: {} records ({} events over {} entities, {skew}, {} partitions; the fullest partition holds {:.2}× the mean)\n\n",
+            self.machine,
+            self.command,
+            self.records,
+            self.events,
+            self.entities,
+            self.partitions,
+            self.hottest_partition_share
         );
         if !self.comparison.is_empty() {
             s.push_str(&super::compare::to_markdown(&self.comparison));

@@ -41,6 +41,7 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
         command,
         events: spec.events,
         entities: spec.entities,
+        zipf: spec.zipf,
         partitions: spec.partitions,
         ..BenchReport::default()
     };
@@ -149,6 +150,7 @@ async fn produce_backlog(
         data_bytes: spec.data_bytes,
         seed: spec.seed,
         prefix: names.prefix.clone(),
+        zipf: spec.zipf,
     });
     report.records = records.len();
     topics::apply(
@@ -168,7 +170,27 @@ async fn produce_backlog(
     }
     backlog_producer.flush(Duration::from_secs(120))?;
     report.produce_records_per_second = records.len() as f64 / started.elapsed().as_secs_f64();
+    report.hottest_partition_share = hottest_partition_share(&backlog_producer, topic, spec)?;
     Ok(records)
+}
+
+/// The fullest partition's records ÷ the mean: with key = entity, a hot
+/// entity makes a hot partition, and one partition is one consumer's.
+fn hottest_partition_share(
+    producer: &FutureProducer,
+    topic: &str,
+    spec: &BenchSpec,
+) -> anyhow::Result<f64> {
+    let mut sizes = Vec::new();
+    for partition in 0..spec.partitions {
+        let (low, high) =
+            producer
+                .client()
+                .fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+        sizes.push((high - low) as f64);
+    }
+    let mean = sizes.iter().sum::<f64>() / sizes.len().max(1) as f64;
+    Ok(sizes.iter().copied().fold(0.0, f64::max) / mean.max(1.0))
 }
 
 /// Runs `spec.instances` idem on the backlog (this build, no extra settings)
@@ -252,6 +274,7 @@ async fn measure_latency(
         data_bytes: spec.data_bytes,
         seed: spec.seed + 1,
         prefix: format!("{}-live", names.prefix),
+        zipf: spec.zipf,
     });
     send_at_rate(&live_producer, &names.topic, &live, rate).await?;
     let want = backlog + live.len() as u64;

@@ -34,6 +34,12 @@ pub struct BenchArgs {
     /// Entities the events are spread over.
     #[arg(long, default_value_t = 10_000)]
     entities: usize,
+    /// Skew the entities' popularity: the k-th most popular gets events in
+    /// proportion to 1/k^S (Zipf). `make bench` runs once uniform and once
+    /// with 1.1 (the hottest of 10,000 entities takes 15% of the events,
+    /// and its partition more than its share).
+    #[arg(long, value_name = "S")]
+    zipf: Option<f64>,
     /// Fraction of produced records that are redelivered copies.
     #[arg(long, default_value_t = 0.2)]
     duplicates: f64,
@@ -89,6 +95,7 @@ pub async fn run(args: BenchArgs, config: Config, idem_exe: PathBuf) -> anyhow::
         redis_url: config.redis.url.clone(),
         events: args.events,
         entities: args.entities,
+        zipf: args.zipf,
         duplicate_ratio: args.duplicates,
         out_of_order_ratio: args.out_of_order,
         data_bytes: args.data_bytes,

@@ -139,6 +139,7 @@ impl Case {
             data_bytes: 16,
             seed,
             prefix: topic.clone(),
+            zipf: None,
         });
         let model = harness::oracle(&records);
         let applied = harness::oracle_applies(&records);
