@@ -13,8 +13,11 @@
 //! keeps its `Value` for the envelope and the fingerprint, and reads the data
 //! fields a second time as `RawValue`s, only when they hold a number.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt;
 
+use serde::de;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
@@ -62,19 +65,21 @@ pub fn data_fields(text: &str, pointer: &str) -> Result<Option<DataFields>, Inva
 
 /// The raw value at a JSON pointer (RFC 6901), or `None` if absent.
 fn raw_at<'a>(text: &'a str, pointer: &str) -> Result<Option<&'a RawValue>, Invalid> {
-    let mut here: &RawValue = parse(text)?;
     if pointer.is_empty() {
-        return Ok(Some(here));
+        return parse(text).map(Some);
     }
+    let mut here = text;
+    let mut found = None;
     for token in pointer.split('/').skip(1) {
-        let token = token.replace("~1", "/").replace("~0", "~");
-        let next = match here.get().as_bytes().first() {
-            Some(b'{') => {
-                let mut map: BTreeMap<String, &RawValue> = parse(here.get())?;
-                map.remove(&token)
-            }
+        let token: Cow<'_, str> = if token.contains('~') {
+            Cow::Owned(token.replace("~1", "/").replace("~0", "~"))
+        } else {
+            Cow::Borrowed(token)
+        };
+        let next = match here.trim_start().as_bytes().first() {
+            Some(b'{') => value_of_key(here, &token)?,
             Some(b'[') => {
-                let list: Vec<&RawValue> = parse(here.get())?;
+                let list: Vec<&RawValue> = parse(here)?;
                 token
                     .parse::<usize>()
                     .ok()
@@ -83,11 +88,68 @@ fn raw_at<'a>(text: &'a str, pointer: &str) -> Result<Option<&'a RawValue>, Inva
             _ => None,
         };
         match next {
-            Some(v) => here = v,
+            Some(v) => {
+                here = v.get();
+                found = Some(v);
+            }
             None => return Ok(None),
         }
     }
-    Ok(Some(here))
+    Ok(found)
+}
+
+/// The value of `key` in the JSON object `text` (the last, if repeated),
+/// the other members skipped: no map is built, no key copied.
+fn value_of_key<'a>(text: &'a str, key: &str) -> Result<Option<&'a RawValue>, Invalid> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let found = de::Deserializer::deserialize_map(&mut de, ValueOfKey(key))
+        .and_then(|found| de.end().map(|()| found))
+        .map_err(|e| Invalid::NotJson(e.to_string()))?;
+    Ok(found)
+}
+
+struct ValueOfKey<'k>(&'k str);
+
+impl<'de> de::Visitor<'de> for ValueOfKey<'_> {
+    type Value = Option<&'de RawValue>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(Key(key)) = map.next_key()? {
+            if key == self.0 {
+                found = Some(map.next_value()?);
+            } else {
+                map.next_value::<de::IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// An object key, borrowed from the text unless it has escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> de::Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(s)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(s.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
 }
 
 /// Compact JSON with object keys sorted, numbers and literals as written.
@@ -194,5 +256,18 @@ mod tests {
         let value: Value = serde_json::from_str(text).unwrap();
         let map = value["data"].as_object().unwrap().clone();
         assert_eq!(fields(text), super::super::split_data(map));
+    }
+
+    /// A repeated key means its last value (as the envelope's parser reads
+    /// it); a key written with escapes is the key it spells.
+    #[test]
+    fn the_last_of_a_repeated_key_counts_and_escaped_keys_match() {
+        let text = r#" {"data":{"x":1},"pad":[{"data":2}],"data":{"y":2.50}}"#;
+        assert_eq!(fields(text).0, vec![("y".to_string(), "2.50".to_string())]);
+        let escaped = r#"{"d\u0061ta":{"z":0.10}}"#;
+        assert_eq!(
+            fields(escaped).0,
+            vec![("z".to_string(), "0.10".to_string())]
+        );
     }
 }

@@ -55,6 +55,22 @@ fn bench_runs_every_phase_and_writes_its_report() {
             report[key]
         );
     }
+    let guard_alone = &report["guard_alone"];
+    assert_eq!(
+        guard_alone["records"].as_u64(),
+        report["ceiling_records"].as_u64()
+    );
+    for key in [
+        "records_per_second",
+        "redis_cpu_us_per_record",
+        "script_us_per_record",
+    ] {
+        assert!(
+            guard_alone[key].as_f64().unwrap() > 0.0,
+            "guard_alone.{key} = {}",
+            guard_alone[key]
+        );
+    }
     let effects = report["effects"].as_array().unwrap();
     assert_eq!(effects.len(), 7, "one row per effects variant: {effects:?}");
     for row in effects {

@@ -7,6 +7,10 @@
 //! (b) The per-event script ceiling: idem's own guard script, one script call
 //!     per event, pipelined 1,000 calls per round trip, straight into Redis
 //!     with no Kafka at all.
+//! (c) The guard alone: idem's own `Guard` on batches of the backlog as
+//!     idem forms them (batch_max_events records, events_per_script events per call, offset
+//!     marks on), no Kafka: Redis's CPU and the script's time per record
+//!     without the broker, the producer or idem competing for the cores.
 
 use std::time::{Duration, Instant};
 
@@ -15,7 +19,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 
 use idem::event::{decode, Event, FieldMap};
-use idem::guard::{Guard, GuardInput};
+use idem::guard::{Guard, GuardInput, Place};
 use idem::store::KeyLayout;
 
 /// Runs the naive consumer over the first `records` records of `topic`; returns records/s.
@@ -73,6 +77,94 @@ pub async fn naive_consumer(
     }
     let elapsed = started.map_or(Duration::ZERO, |s| s.elapsed());
     Ok(records as f64 / elapsed.as_secs_f64().max(1e-9))
+}
+
+/// Redis's work per record with the guard alone (baseline (c)).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct GuardAlone {
+    pub records: usize,
+    pub records_per_second: f64,
+    /// `INFO cpu` (user + sys) per record, µs.
+    pub redis_cpu_us_per_record: f64,
+    /// `INFO commandstats` time in scripts per record, µs.
+    pub script_us_per_record: f64,
+}
+
+/// Runs idem's guard on `values` in batches as idem forms them, each
+/// record marked with its place in one of `partitions` partitions.
+pub async fn guard_alone(
+    redis_url: &str,
+    prefix: &str,
+    values: &[Vec<u8>],
+    partitions: i32,
+) -> anyhow::Result<GuardAlone> {
+    let fields = FieldMap::default();
+    let events: Vec<Event> = values
+        .iter()
+        .filter_map(|v| decode(Some(v), &fields, 1 << 20).ok())
+        .collect();
+    let topic_id = idem::consumed::TopicId::from_bits(0x1de3, 7).expect("a nonzero id");
+    let marks: Vec<String> = (0..partitions.max(1))
+        .map(|p| idem::store::mark_field(p, &topic_id))
+        .collect();
+    let mut next_offset = vec![0i64; marks.len()];
+    let places: Vec<(usize, i64)> = events
+        .iter()
+        .map(|e| {
+            let p = (idem::event::id_hash(&e.entity) % marks.len() as u64) as usize;
+            next_offset[p] += 1;
+            (p, next_offset[p])
+        })
+        .collect();
+    let mut cfg = idem::config::RedisConfig::for_url(redis_url, Default::default());
+    cfg.key_prefix = prefix.to_string();
+    cfg.response_timeout = Duration::from_secs(30);
+    let conn = idem::store::connect(&cfg).await?;
+    let mut info = redis::Client::open(redis_url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    let epoch = idem::store::progress::ProgressStore::new(conn.clone(), KeyLayout::new(prefix))
+        .establish_epoch()
+        .await?;
+    let pipeline = idem::config::Config::defaults().pipeline;
+    let per_batch = pipeline.batch_max_events.get();
+    let mut guard = Guard::new(
+        conn,
+        KeyLayout::new(prefix),
+        pipeline.events_per_script.get(),
+        epoch,
+    );
+    guard.load_script().await?;
+    let window = Duration::from_secs(86_400);
+    let (cpu0, script0) = super::io::redis_time(&mut info).await?;
+    let started = Instant::now();
+    for (chunk, at) in events.chunks(per_batch).zip(places.chunks(per_batch)) {
+        guard.begin_batch();
+        let inputs: Vec<GuardInput<'_>> = chunk
+            .iter()
+            .zip(at)
+            .map(|(event, &(p, offset))| GuardInput {
+                event,
+                window,
+                effects: &idem::effects::MERGE,
+                place: Some(Place {
+                    mark_field: &marks[p],
+                    offset,
+                    run_start: 0,
+                }),
+            })
+            .collect();
+        guard.apply(&inputs).await?;
+    }
+    let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+    let (cpu1, script1) = super::io::redis_time(&mut info).await?;
+    let n = events.len().max(1) as f64;
+    Ok(GuardAlone {
+        records: events.len(),
+        records_per_second: events.len() as f64 / elapsed,
+        redis_cpu_us_per_record: (cpu1 - cpu0) / n,
+        script_us_per_record: (script1 - script0) / n,
+    })
 }
 
 /// Runs the guard with one event per script call over `values`; returns events/s.

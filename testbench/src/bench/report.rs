@@ -55,6 +55,8 @@ pub struct BenchReport {
     pub naive_records_per_second: f64,
     pub ceiling_records: usize,
     pub ceiling_records_per_second: f64,
+    /// (c) the guard alone on the same records.
+    pub guard_alone: super::baselines::GuardAlone,
     pub ratio_vs_naive: f64,
     pub ratio_vs_ceiling: f64,
     /// The effects phase, one row per variant (the first declares none).
@@ -126,6 +128,11 @@ impl BenchReport {
 
     /// The table's rows: (measure, value, target).
     fn rows(&self) -> Vec<(String, String, &'static str)> {
+        [self.throughput_rows(), self.cost_rows()].concat()
+    }
+
+    /// Throughput and the baselines: (measure, value, target).
+    fn throughput_rows(&self) -> Vec<(String, String, &'static str)> {
         let per_second =
             |rate: f64, records: usize| format!("{rate:.0} records/s ({records} records)");
         vec![
@@ -146,6 +153,24 @@ impl BenchReport {
                 "",
             ),
             (
+                "(c) the guard alone (idem's batches, offset marks, no Kafka)".into(),
+                per_second(
+                    self.guard_alone.records_per_second,
+                    self.guard_alone.records,
+                ),
+                "",
+            ),
+            (
+                "(c): Redis CPU per record (INFO cpu)".into(),
+                format!("{:.2} µs", self.guard_alone.redis_cpu_us_per_record),
+                "≤ 5 µs",
+            ),
+            (
+                "(c): guard script time per record (INFO commandstats)".into(),
+                format!("{:.2} µs", self.guard_alone.script_us_per_record),
+                "",
+            ),
+            (
                 "idem ÷ (a)".into(),
                 format!("{:.1}×", self.ratio_vs_naive),
                 "≥ 20×",
@@ -155,6 +180,12 @@ impl BenchReport {
                 format!("{:.2}×", self.ratio_vs_ceiling),
                 "≥ 1.0×",
             ),
+        ]
+    }
+
+    /// Memory, latency and idem's own costs: (measure, value, target).
+    fn cost_rows(&self) -> Vec<(String, String, &'static str)> {
+        vec![
             (
                 "Redis bytes per remembered id (id hashes only)".into(),
                 format!("{:.1}", self.redis_bytes_per_id_dedupe),

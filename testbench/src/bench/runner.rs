@@ -372,6 +372,21 @@ async fn run_baselines(
         "  {:.0} records/s",
         report.ceiling_records_per_second
     ));
+    progress(&format!(
+        "baseline (c): the guard alone on {} records",
+        report.ceiling_records
+    ));
+    report.guard_alone = baselines::guard_alone(
+        &spec.redis_url,
+        &format!("{}-guard", names.prefix),
+        &values,
+        spec.partitions,
+    )
+    .await?;
+    progress(&format!(
+        "  {:.0} records/s, Redis {:.2} µs per record",
+        report.guard_alone.records_per_second, report.guard_alone.redis_cpu_us_per_record
+    ));
     Ok(())
 }
 
