@@ -171,14 +171,27 @@ async fn rebalance_storm_keeps_every_invariant() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_over_without_redelivery() {
-    let topic = unique("handover");
+    sigterm_hand_over("classic").await;
+}
+
+/// The same hand-over with Kafka 4's consumer group protocol (KIP-848):
+/// the broker assigns, and the revoke still drains and commits first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_over_without_redelivery_under_the_consumer_protocol() {
+    sigterm_hand_over("consumer").await;
+}
+
+/// Three members share a stream; one leaves with SIGTERM while records
+/// keep coming: nobody redelivers what it applied.
+async fn sigterm_hand_over(protocol: &str) {
+    let topic = unique(&format!("handover-{protocol}"));
     let partitions = 6;
     create_topic(&topic, partitions).await;
     let records = unique_stream(&topic, 12_000, 300, 88);
     let (model, _) = oracle(&records);
     let (first, rest) = records.split_at(4_000);
     produce(&topic, first).await;
-    let opts = IdemOpts::new(&topic, &topic, &topic);
+    let opts = IdemOpts::new(&topic, &topic, &topic).with("IDEM__KAFKA__GROUP_PROTOCOL", protocol);
     let mut members: Vec<Idem> = (0..3).map(|_| Idem::spawn(&opts)).collect();
     wait_caught_up(&topic, &topic, partitions, CATCH_UP).await;
     wait_until("all three members hold partitions", CATCH_UP, || async {

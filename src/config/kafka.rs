@@ -27,6 +27,23 @@ const FIXED_LIBRDKAFKA_KEYS: [&str; 13] = [
     "ssl.key.password",
 ];
 
+/// librdkafka keys that the consumer protocol (KIP-848) moves to the broker
+/// or renames, each with what to use instead.
+const MOVED_BY_CONSUMER_PROTOCOL: [(&str, &str); 3] = [
+    (
+        "session.timeout.ms",
+        "the broker's group.consumer.session.timeout.ms sets it",
+    ),
+    (
+        "heartbeat.interval.ms",
+        "the broker's group.consumer.heartbeat.interval.ms sets it",
+    ),
+    (
+        "partition.assignment.strategy",
+        "the broker assigns (group.consumer.assignors); name one of its assignors with kafka.librdkafka.\"group.remote.assignor\"",
+    ),
+];
+
 /// Kafka connection and group settings (`[kafka]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -65,6 +82,12 @@ pub struct KafkaConfig {
     /// session_timeout gets its partitions back without a rebalance. Empty: dynamic.
     #[serde(deserialize_with = "values::optional_trimmed")]
     pub group_instance_id: Option<String>,
+    /// The consumer group protocol. "classic": every Kafka version; the members
+    /// agree on the assignment, and session_timeout is idem's. "consumer" (KIP-848,
+    /// Kafka 4.0 and later): the broker assigns partitions and decides the session
+    /// and heartbeat timing (its group.consumer.* settings). See docs/configuration.md.
+    #[serde(deserialize_with = "values::choice")]
+    pub group_protocol: GroupProtocol,
     /// Security (docs/security.md). security_protocol: "plaintext", "ssl",
     /// "sasl_plaintext" or "sasl_ssl". Every Kafka client idem makes uses these
     /// settings: the consumer, the dead-letter producer and the tools.
@@ -144,6 +167,7 @@ impl KafkaConfig {
                 "a librdkafka key idem does not fix (this one protects the delivery guarantee or has its own idem key)",
             ));
         }
+        self.check_group_protocol()?;
         if let Some(s) = secret_file("kafka.sasl_password_file", &self.sasl_password_file)? {
             self.sasl_password = Some(s);
         }
@@ -151,6 +175,52 @@ impl KafkaConfig {
             self.ssl_key_password = Some(s);
         }
         Ok(self)
+    }
+}
+
+impl KafkaConfig {
+    /// The protocol has a key of its own, and under the consumer protocol
+    /// the keys it moves to the broker are refused, each naming the setting
+    /// that replaces it (librdkafka would refuse them too, less clearly).
+    fn check_group_protocol(&self) -> Result<(), ConfigError> {
+        if let Some(value) = self.librdkafka.get("group.protocol") {
+            return Err(ConfigError::invalid(
+                "kafka.librdkafka.group.protocol",
+                value,
+                "no value here: the protocol has its own key, kafka.group_protocol (\"classic\" or \"consumer\")",
+            ));
+        }
+        if self.group_protocol == GroupProtocol::Consumer {
+            for (key, instead) in MOVED_BY_CONSUMER_PROTOCOL {
+                if let Some(value) = self.librdkafka.get(key) {
+                    return Err(ConfigError::invalid(
+                        &format!("kafka.librdkafka.{key}"),
+                        value,
+                        &format!("no value under kafka.group_protocol = \"consumer\": {instead}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Warnings for idem keys that the consumer protocol leaves unused, when
+    /// the user set them (`explicit`: the keys a file or the environment set).
+    pub(super) fn group_protocol_warnings(
+        &self,
+        explicit: &std::collections::BTreeSet<String>,
+    ) -> Vec<String> {
+        if self.group_protocol != GroupProtocol::Consumer
+            || !explicit.contains("kafka.session_timeout")
+        {
+            return Vec::new();
+        }
+        vec![format!(
+            "kafka.session_timeout = {:?} is not used under kafka.group_protocol = \"consumer\": \
+             the broker's group.consumer.session.timeout.ms (45 s unless the broker says otherwise) decides \
+             how long the group waits for a silent instance. Remove the key, or set the broker's",
+            super::forms::format_duration(self.session_timeout)
+        )]
     }
 }
 
@@ -188,6 +258,24 @@ fn dotted_settings<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, S
         flatten_into(&key, value, &mut out).map_err(serde::de::Error::custom)?;
     }
     Ok(out)
+}
+
+/// The consumer group protocol (`kafka.group_protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupProtocol {
+    Classic,
+    Consumer,
+}
+
+impl GroupProtocol {
+    /// librdkafka's `group.protocol` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupProtocol::Classic => "classic",
+            GroupProtocol::Consumer => "consumer",
+        }
+    }
 }
 
 /// Where a group without committed offsets starts.

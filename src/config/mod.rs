@@ -32,7 +32,7 @@ mod tests;
 mod values;
 
 pub use forms::format_duration;
-pub use kafka::{KafkaConfig, OffsetReset, SaslMechanism, SecurityProtocol};
+pub use kafka::{GroupProtocol, KafkaConfig, OffsetReset, SaslMechanism, SecurityProtocol};
 pub use mistakes::Mistake;
 pub use redis::{Durability, RedisConfig, RedisMode};
 pub use sections::{DedupeConfig, LogConfig, LogFormat, MetricsConfig, ShutdownConfig};
@@ -240,6 +240,8 @@ pub struct Config {
     pub log: LogConfig,
     /// What events do, per topic and type (docs/effects.md).
     pub effects: crate::effects::EffectsConfig,
+    /// The keys a file or the environment set (the rest are defaults).
+    pub explicit: std::collections::BTreeSet<String>,
 }
 
 impl Config {
@@ -264,12 +266,14 @@ impl Config {
         };
         let (document, root) =
             mistakes::decode(merged.cache, &sources).map_err(ConfigError::from_mistakes)?;
-        document.checked().map_err(|error| {
+        let mut config = document.checked().map_err(|error| {
             let place = error
                 .key()
                 .and_then(|k| mistakes::place_of(&root, k, &sources));
             ConfigError::from_mistakes(vec![Mistake { error, place }])
-        })
+        })?;
+        config.explicit = Layers::USER.flat(file, env)?.into_keys().collect();
+        Ok(config)
     }
 
     /// Settings that are valid but probably not what was meant; `idem run`
@@ -277,7 +281,10 @@ impl Config {
     /// event does (and the same file may serve `replay --topic` on another
     /// topic), so it only warns; see [`Config::refusals`].
     pub fn warnings(&self) -> Vec<String> {
-        forms::unused_window_warnings(&self.dedupe.topic_windows, &self.kafka.topics)
+        let mut warnings =
+            forms::unused_window_warnings(&self.dedupe.topic_windows, &self.kafka.topics);
+        warnings.extend(self.kafka.group_protocol_warnings(&self.explicit));
+        warnings
     }
 
     /// Settings naming a topic that idem does not consume where that would

@@ -50,6 +50,7 @@ impl Document {
             shutdown: self.shutdown,
             log: self.log,
             effects,
+            explicit: Default::default(),
         })
     }
 }

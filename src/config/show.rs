@@ -19,6 +19,12 @@ impl Layers {
         file: true,
         env: true,
     };
+    /// What the user set: the file and the environment, no defaults.
+    pub(super) const USER: Layers = Layers {
+        defaults: false,
+        file: true,
+        env: true,
+    };
     /// The built-in defaults alone.
     pub(super) const DEFAULTS: Layers = Layers {
         defaults: true,
@@ -67,7 +73,7 @@ impl Layers {
     }
 
     /// Every leaf key these layers set, dotted, with its value as text.
-    fn flat(
+    pub(super) fn flat(
         &self,
         file: Option<&Path>,
         env: &HashMap<String, String>,

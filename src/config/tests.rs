@@ -893,3 +893,66 @@ fn every_config_mistake_is_reported_at_once_with_its_place_and_the_nearest_key()
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The group protocol has its own key: its passthrough is refused under
+/// either protocol; under `consumer` the librdkafka keys it moves to the
+/// broker are refused, each naming what replaces it, and idem's own
+/// session timeout warns, but only when a file or the environment set it.
+#[test]
+fn group_protocol_keys_are_refused_or_warned_by_name() {
+    for protocol in ["classic", "consumer"] {
+        let err = Config::load(
+            None,
+            &env(&[
+                ("IDEM__KAFKA__GROUP_PROTOCOL", protocol),
+                ("IDEM__KAFKA__LIBRDKAFKA__GROUP.PROTOCOL", "consumer"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(err.key(), Some("kafka.librdkafka.group.protocol"));
+        assert!(err.to_string().contains("kafka.group_protocol"), "{err}");
+    }
+    let moved = [
+        ("SESSION.TIMEOUT.MS", "group.consumer.session.timeout.ms"),
+        (
+            "HEARTBEAT.INTERVAL.MS",
+            "group.consumer.heartbeat.interval.ms",
+        ),
+        ("PARTITION.ASSIGNMENT.STRATEGY", "group.remote.assignor"),
+    ];
+    for (key, instead) in moved {
+        let var = format!("IDEM__KAFKA__LIBRDKAFKA__{key}");
+        let err = Config::load(
+            None,
+            &env(&[("IDEM__KAFKA__GROUP_PROTOCOL", "consumer"), (&var, "3000")]),
+        )
+        .unwrap_err();
+        let named = format!("kafka.librdkafka.{}", key.to_lowercase());
+        assert_eq!(err.key(), Some(named.as_str()), "{err}");
+        assert!(err.to_string().contains(instead), "{err}");
+        // Under the classic protocol they are librdkafka's own.
+        Config::load(None, &env(&[(&var, "3000")])).unwrap();
+    }
+    let consumer = |extra: &[(&str, &str)]| {
+        let mut pairs = vec![("IDEM__KAFKA__GROUP_PROTOCOL", "consumer")];
+        pairs.extend_from_slice(extra);
+        Config::load(None, &env(&pairs)).unwrap().warnings()
+    };
+    assert_eq!(
+        consumer(&[]),
+        Vec::<String>::new(),
+        "the default is no choice"
+    );
+    let warned = consumer(&[("IDEM__KAFKA__SESSION_TIMEOUT", "6s")]);
+    assert!(
+        warned.len() == 1
+            && warned[0].contains("kafka.session_timeout")
+            && warned[0].contains("group.consumer.session.timeout.ms"),
+        "{warned:?}"
+    );
+    let classic = Config::load(None, &env(&[("IDEM__KAFKA__SESSION_TIMEOUT", "6s")])).unwrap();
+    assert!(classic.warnings().is_empty(), "{:?}", classic.warnings());
+    let err = Config::load(None, &env(&[("IDEM__KAFKA__GROUP_PROTOCOL", "kip848")])).unwrap_err();
+    assert_eq!(err.key(), Some("kafka.group_protocol"));
+    assert!(err.to_string().contains("consumer"), "{err}");
+}

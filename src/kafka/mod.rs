@@ -24,7 +24,7 @@ use std::sync::Arc;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::config::KafkaConfig;
+use crate::config::{GroupProtocol, KafkaConfig};
 use crate::metrics;
 use crate::offsets::TopicPartition;
 
@@ -373,12 +373,18 @@ pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
         // the log was replaced) goes to the earliest record, so a reset
         // never skips records that exist (docs/guarantees.md, offset marks).
         .set("auto.offset.reset", "earliest")
-        .set(
-            "session.timeout.ms",
-            cfg.session_timeout.as_millis().to_string(),
-        )
+        .set("group.protocol", cfg.group_protocol.as_str())
         // End-of-partition events are noise for a long-running consumer.
         .set("enable.partition.eof", "false");
+    let classic = cfg.group_protocol == GroupProtocol::Classic;
+    if classic {
+        // Under the consumer protocol the broker sets the session (librdkafka
+        // refuses the key there).
+        c.set(
+            "session.timeout.ms",
+            cfg.session_timeout.as_millis().to_string(),
+        );
+    }
     if let Some(id) = &cfg.group_instance_id {
         // Static membership: a restart within the session timeout keeps the assignment.
         c.set("group.instance.id", id);
@@ -397,8 +403,9 @@ pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
         // would show up as 1 s latency spikes and idle gaps; fetch again soon.
         c.set("fetch.queue.backoff.ms", "10");
     }
-    if !cfg.librdkafka.contains_key("partition.assignment.strategy") {
-        // Cooperative rebalancing moves only the partitions that must move.
+    if classic && !cfg.librdkafka.contains_key("partition.assignment.strategy") {
+        // Cooperative rebalancing moves only the partitions that must move
+        // (the consumer protocol is incremental by design, its assignor the broker's).
         c.set("partition.assignment.strategy", "cooperative-sticky");
     }
     c
@@ -523,5 +530,29 @@ mod tests {
         assert_eq!(c.get("fetch.max.bytes"), Some("1000"));
         let plain = base_config(&Config::defaults().kafka);
         assert_eq!(plain.get("sasl.password"), None);
+    }
+
+    /// Under the consumer protocol the broker owns the session and the
+    /// assignor: idem sends neither (librdkafka refuses `session.timeout.ms`
+    /// there, which stopped idem from starting), and says which protocol
+    /// it speaks.
+    #[test]
+    fn the_consumer_protocol_leaves_session_and_assignor_to_the_broker() {
+        let mut cfg = Config::defaults().kafka;
+        let classic = consumer_config(&cfg);
+        assert_eq!(classic.get("group.protocol"), Some("classic"));
+        assert_eq!(classic.get("session.timeout.ms"), Some("10000"));
+        assert_eq!(
+            classic.get("partition.assignment.strategy"),
+            Some("cooperative-sticky")
+        );
+        cfg.group_protocol = GroupProtocol::Consumer;
+        let consumer = consumer_config(&cfg);
+        assert_eq!(consumer.get("group.protocol"), Some("consumer"));
+        assert_eq!(consumer.get("session.timeout.ms"), None);
+        assert_eq!(consumer.get("partition.assignment.strategy"), None);
+        if let Err(e) = consumer.create::<BaseConsumer>() {
+            panic!("librdkafka refuses idem's consumer-protocol settings: {e}");
+        }
     }
 }

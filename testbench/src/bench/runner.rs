@@ -76,13 +76,7 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
         measure_memory(r, used_before, &names.prefix, &mut report).await?;
     }
     if spec.throughput_only {
-        report.idem_peak_rss_bytes = idems
-            .iter()
-            .map(|(c, _)| peak_rss_bytes(c.id()))
-            .max()
-            .unwrap_or(0);
-        idems.into_iter().for_each(|(c, _)| stop(c));
-        return write_json(spec, report);
+        return finish_throughput_only(spec, report, idems);
     }
     let (idem, metrics_port) = idems.remove(0);
     idems.into_iter().for_each(|(c, _)| stop(c));
@@ -104,6 +98,23 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
     if let Some(r) = redis.as_mut() {
         cleanup(r, &names.prefix).await;
     }
+    std::fs::write(spec.out_dir.join("bench.md"), report.to_markdown())?;
+    write_json(spec, report)
+}
+
+/// `--throughput-only`: the backlog phase's peak memory, then the reports.
+fn finish_throughput_only(
+    spec: &BenchSpec,
+    mut report: BenchReport,
+    idems: Vec<(Child, u16)>,
+) -> anyhow::Result<BenchReport> {
+    report.idem_peak_rss_bytes = idems
+        .iter()
+        .map(|(c, _)| peak_rss_bytes(c.id()))
+        .max()
+        .unwrap_or(0);
+    idems.into_iter().for_each(|(c, _)| stop(c));
+    report.throughput_only = true;
     std::fs::write(spec.out_dir.join("bench.md"), report.to_markdown())?;
     write_json(spec, report)
 }
