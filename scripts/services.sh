@@ -155,6 +155,15 @@ transaction.state.log.min.isr=1
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
+# Kafka 4's consumer group protocol (KIP-848) takes the session timeout and
+# the heartbeat from the broker: 45 s (also the minimum) and 5 s by default.
+# Here both protocols run at the tests' classic settings, a 6 s session
+# (idem's kafka.session_timeout in tests) and librdkafka's 3 s heartbeat, so
+# that a test or a measurement compares the protocols, not their timeouts.
+group.consumer.min.session.timeout.ms=6000
+group.consumer.session.timeout.ms=6000
+group.consumer.min.heartbeat.interval.ms=1000
+group.consumer.heartbeat.interval.ms=3000
 delete.topic.enable=true
 log.retention.hours=24
 log.segment.bytes=67108864

@@ -350,10 +350,23 @@ fn exported_partitions(text: &str) -> BTreeSet<(String, String)> {
 /// a revoked partition's series), and the standby is ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_partitions_leave_the_exposition_and_a_standby_is_ready() {
-    let topic = unique("owned-series");
+    revoked_partitions_and_a_standby("classic").await;
+}
+
+/// The same with Kafka 4's consumer group protocol: the broker's assignor
+/// moves the partitions, the exposition and readiness follow alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_partitions_leave_the_exposition_and_a_standby_is_ready_under_the_consumer_protocol(
+) {
+    revoked_partitions_and_a_standby("consumer").await;
+}
+
+async fn revoked_partitions_and_a_standby(protocol: &str) {
+    let topic = unique(&format!("owned-series-{protocol}"));
     create_topic(&topic, 2).await;
     let opts = IdemOpts::new(&topic, &topic, &topic)
-        .with("IDEM__KAFKA__LIBRDKAFKA__STATISTICS.INTERVAL.MS", "500");
+        .with("IDEM__KAFKA__LIBRDKAFKA__STATISTICS.INTERVAL.MS", "500")
+        .with("IDEM__KAFKA__GROUP_PROTOCOL", protocol);
     let first = Idem::spawn(&opts);
     let produce_round = |round: u32| {
         let topic = topic.clone();

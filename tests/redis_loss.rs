@@ -70,12 +70,47 @@ async fn snapshot(url: &str) {
 /// remembered ids are gone). Every entity still ends equal to the oracle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_restart_mid_stream_rewinds_to_what_redis_holds() {
+    let (idem, _redis) = empty_restart_mid_stream(&[]).await;
+    idem.terminate().await;
+}
+
+/// The same under Kafka 4's consumer protocol with static membership: the
+/// in-process restart makes a new consumer with the same group.instance.id
+/// while the old one leaves; it joins and serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_restart_under_a_static_member_of_the_consumer_protocol_serves_again() {
+    let (idem, _redis) = empty_restart_mid_stream(&[
+        ("IDEM__KAFKA__GROUP_PROTOCOL", "consumer"),
+        ("IDEM__KAFKA__GROUP_INSTANCE_ID", "pod-0"),
+    ])
+    .await;
+    let restarts = idem
+        .counter("idem_redis_state_changes_total", &[("cause", "epoch")])
+        .await
+        .unwrap();
+    assert!(
+        restarts >= 1,
+        "consumption restarted in process: {restarts}"
+    );
+    wait_until("idem is ready again", CATCH_UP, || async {
+        http_get(idem.metrics_port, "/readyz").await.as_deref() == Some("ready\n")
+    })
+    .await;
+    idem.terminate().await;
+}
+
+/// Redis restarts empty under a running idem (with `env` set); returns the
+/// idem and its Redis once every entity matched the oracle, for more checks.
+async fn empty_restart_mid_stream(env: &[(&str, &str)]) -> (Idem, PrivateRedis) {
     let topic = unique("loss-empty");
     create_topic(&topic, 2).await;
     let mut redis = volatile_redis().await;
     let all = stream(&topic, 1_200, 61);
     let (first, second) = all.split_at(600);
     let mut opts = IdemOpts::new(&topic, &topic, &topic);
+    for (k, v) in env {
+        opts = opts.with(k, v);
+    }
     opts.redis_url = redis.url();
     produce(&topic, first).await;
     let idem = Idem::spawn(&opts);
@@ -103,7 +138,7 @@ async fn an_empty_restart_mid_stream_rewinds_to_what_redis_holds() {
         log.contains("Redis's state stops before the committed offset"),
         "the log names the rewind"
     );
-    idem.terminate().await;
+    (idem, redis)
 }
 
 /// An operator restores an older snapshot: the events between the snapshot

@@ -447,6 +447,26 @@ pub fn commit_stored<C: ConsumerContext>(consumer: &impl Consumer<C>) {
     }
 }
 
+/// The consumer's group generation (classic) or member epoch (consumer
+/// protocol); above 0 once the coordinator has taken it into the group.
+/// Under the consumer protocol a member the broker assigns nothing gets no
+/// rebalance callback and its statistics stay in join state "init": this is
+/// how idem knows such a standby has joined.
+pub fn group_generation<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> i32 {
+    use rdkafka::bindings as rd;
+    // SAFETY: the client pointer lives as long as `consumer`; librdkafka
+    // returns a metadata copy (NULL without a group), read and destroyed here.
+    unsafe {
+        let metadata = rd::rd_kafka_consumer_group_metadata(consumer.client().native_ptr());
+        if metadata.is_null() {
+            return -1;
+        }
+        let generation = rd::rd_kafka_consumer_group_metadata_generation_id(metadata);
+        rd::rd_kafka_consumer_group_metadata_destroy(metadata);
+        generation
+    }
+}
+
 /// A record as fetched, owned (key, value and headers copied out of
 /// librdkafka's buffer): what the consumer thread hands the loop and what
 /// the tools read back.

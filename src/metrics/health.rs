@@ -33,6 +33,8 @@ pub struct Health {
     kafka_unreachable: Arc<std::sync::Mutex<Option<String>>>,
     /// Consumed topics the brokers do not know, until they exist.
     topics_missing: Arc<std::sync::Mutex<Option<String>>>,
+    /// Why the last consumer failed fatally; cleared by the next join.
+    kafka_failed: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Health {
@@ -85,8 +87,17 @@ impl Health {
             .unwrap_or_else(|e| e.into_inner()) = what;
     }
 
+    /// Sets why the Kafka consumer failed fatally: the instance is out of
+    /// the group until a new consumer joins (which clears it).
+    pub fn set_kafka_failed(&self, why: Option<String>) {
+        if why.is_some() {
+            self.joined.store(false, Ordering::Relaxed);
+        }
+        *self.kafka_failed.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
     /// Why `/readyz` says not ready, the most specific cause known first:
-    /// stopped, a blocked partition, re-reading after a state loss, Redis,
+    /// stopped, a fatally failed consumer, a blocked partition, re-reading after a state loss, Redis,
     /// a missing topic, the brokers unreachable, the group not joined yet.
     pub fn not_ready_reason(&self) -> Option<String> {
         let lock = |m: &std::sync::Mutex<Option<String>>| {
@@ -99,6 +110,7 @@ impl Health {
         };
         let joined = self.joined.load(Ordering::Relaxed);
         self.stopped_reason()
+            .or_else(|| lock(&self.kafka_failed))
             .or_else(|| lock(&self.blocked))
             .or_else(|| lock(&self.rewinding))
             .or_else(redis)
@@ -113,6 +125,7 @@ impl Health {
     pub fn set_joined(&self) {
         self.joined.store(true, Ordering::Relaxed);
         self.set_kafka_unreachable(None);
+        self.set_kafka_failed(None);
     }
 
     /// The partitions this instance owns now.

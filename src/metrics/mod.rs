@@ -28,6 +28,7 @@ pub const BATCH_EVENTS: &str = "idem_batch_events";
 pub const REDIS_ROUND_TRIP_SECONDS: &str = "idem_redis_round_trip_seconds";
 pub const RETRIES_TOTAL: &str = "idem_retries_total";
 pub const REBALANCES_TOTAL: &str = "idem_rebalances_total";
+pub const KAFKA_FATAL_ERRORS_TOTAL: &str = "idem_kafka_fatal_errors_total";
 pub const ASSIGNED_PARTITIONS: &str = "idem_assigned_partitions";
 pub const COMMITTED_OFFSET: &str = "idem_committed_offset";
 pub const BUILD_INFO: &str = "idem_build_info";
@@ -144,6 +145,19 @@ fn describe_redis_state() {
     );
 }
 
+/// The metrics of group membership.
+fn describe_group() {
+    describe_counter!(
+        REBALANCES_TOTAL,
+        "Consumer group rebalances by kind (assign, revoke, lost, error)."
+    );
+    describe_counter!(
+        KAFKA_FATAL_ERRORS_TOTAL,
+        "Fatal errors of the Kafka consumer, by code (unreleased_instance_id, fenced_instance_id, other); each replaces the consumer after a backoff."
+    );
+    describe_gauge!(ASSIGNED_PARTITIONS, "Partitions assigned to this instance.");
+}
+
 fn describe_all() {
     describe_counter!(
         EVENTS_TOTAL,
@@ -170,11 +184,7 @@ fn describe_all() {
         "Retried operations by cause (see docs/metrics.md); nothing is committed past a failed one."
     );
     describe_redis_state();
-    describe_counter!(
-        REBALANCES_TOTAL,
-        "Consumer group rebalances by kind (assign, revoke, lost, error)."
-    );
-    describe_gauge!(ASSIGNED_PARTITIONS, "Partitions assigned to this instance.");
+    describe_group();
     describe_gauge!(
         COMMITTED_OFFSET,
         "Next offset stored for commit, per partition."
@@ -236,6 +246,9 @@ fn initial_series() {
     for kind in REBALANCE_KINDS {
         counter!(REBALANCES_TOTAL, "kind" => kind).increment(0);
     }
+    for code in KAFKA_FATAL_CODES {
+        counter!(KAFKA_FATAL_ERRORS_TOTAL, "code" => code).increment(0);
+    }
     for cause in ["epoch", "rolled_back"] {
         counter!(REDIS_STATE_CHANGES_TOTAL, "cause" => cause).increment(0);
     }
@@ -262,6 +275,10 @@ pub const RETRY_CAUSES: [&str; 10] = [
 
 /// Every kind of `idem_rebalances_total`.
 pub const REBALANCE_KINDS: [&str; 4] = ["assign", "revoke", "lost", "error"];
+
+/// Every code of `idem_kafka_fatal_errors_total`: the two that name a
+/// static membership conflict, and the rest as one.
+pub const KAFKA_FATAL_CODES: [&str; 3] = ["unreleased_instance_id", "fenced_instance_id", "other"];
 
 /// Every histogram idem exports.
 pub const HISTOGRAMS: [&str; 6] = [
@@ -335,6 +352,18 @@ pub fn record_redis_state_change(cause: &'static str) {
 pub fn record_rebalance(kind: &'static str) {
     debug_assert!(REBALANCE_KINDS.contains(&kind), "{kind} in REBALANCE_KINDS");
     counter!(REBALANCES_TOTAL, "kind" => kind).increment(1);
+}
+
+/// Counts a fatal consumer error; returns the code label it counted under.
+pub fn record_kafka_fatal(code: rdkafka::types::RDKafkaErrorCode) -> &'static str {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    let label = match code {
+        Code::UnreleasedInstanceId => "unreleased_instance_id",
+        Code::FencedInstanceId => "fenced_instance_id",
+        _ => "other",
+    };
+    counter!(KAFKA_FATAL_ERRORS_TOTAL, "code" => label).increment(1);
+    label
 }
 
 pub fn set_assigned_partitions(n: usize) {

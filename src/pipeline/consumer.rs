@@ -78,6 +78,17 @@ pub enum KafkaEvent {
     },
     /// The assignment was lost (session timeout, fenced): commit nothing.
     Lost(Vec<TopicPartition>),
+    /// librdkafka's client failed for good (e.g. `UNRELEASED_INSTANCE_ID`:
+    /// another member still holds this `group.instance.id`). It serves
+    /// nothing more; only a new consumer can.
+    Fatal(FatalError),
+}
+
+/// A fatal error of the consumer, as `rd_kafka_fatal_error` reports it.
+#[derive(Debug, Clone)]
+pub struct FatalError {
+    pub code: RDKafkaErrorCode,
+    pub reason: String,
 }
 
 /// Facts for metrics only, which need no order with the records.
@@ -353,9 +364,16 @@ impl PollThread {
                     let event = match consumer.poll(POLL_TIMEOUT) {
                         None => continue,
                         Some(Ok(m)) => KafkaEvent::Record(Fetched::from_message(&m)),
-                        Some(Err(e)) => KafkaEvent::Error(e),
+                        // A fatal error raises an error event; the client
+                        // names the underlying one.
+                        Some(Err(e)) => match consumer.client().fatal_error() {
+                            Some((code, reason)) => KafkaEvent::Fatal(FatalError { code, reason }),
+                            None => KafkaEvent::Error(e),
+                        },
                     };
-                    if events.blocking_send(event).is_err() {
+                    let fatal = matches!(event, KafkaEvent::Fatal(_));
+                    // After a fatal error the client delivers nothing more.
+                    if events.blocking_send(event).is_err() || fatal {
                         break;
                     }
                 }

@@ -14,13 +14,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::Consumer as _;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::TopicPartitionList;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::batch::{Batch, Finished};
 use super::blocked::BlockedWatch;
-use super::consumer::{Committed, Consumer, Fetched, KafkaEvent, KafkaNote};
+use super::consumer::{Committed, Consumer, FatalError, Fetched, KafkaEvent, KafkaNote};
 use super::guard_stage::{Ownership, StageEvent};
 use super::owned::OwnedPartitions;
 use super::recovery::{resume_points, ResumeError, Resumed, Unrecoverable};
@@ -315,6 +316,7 @@ impl<R: Resume> EventLoop<R> {
                 }
             }
             KafkaEvent::Error(e) => self.quiet.consumer_error(&e),
+            KafkaEvent::Fatal(fatal) => return Some(self.on_fatal(fatal)),
             KafkaEvent::Assigned { partitions, answer } => {
                 let (starts, end) = match self.on_assigned(&partitions).await {
                     Ok(starts) => (starts, None),
@@ -340,6 +342,32 @@ impl<R: Resume> EventLoop<R> {
             }
         }
         None
+    }
+
+    /// The consumer is dead: nothing it holds can be committed any more
+    /// (the effects are in Redis; a redelivery is a duplicate). A new
+    /// consumer takes over after the restart's backoff; until it joins,
+    /// `/readyz` names the error.
+    fn on_fatal(&mut self, fatal: FatalError) -> LoopEnd {
+        let code = metrics::record_kafka_fatal(fatal.code);
+        let owned: Vec<TopicPartition> = self.owned.assigned().cloned().collect();
+        self.drop_partitions(&owned);
+        let hint = match fatal.code {
+            RDKafkaErrorCode::UnreleasedInstanceId | RDKafkaErrorCode::FencedInstanceId => {
+                format!(
+                    "; another member holds group.instance.id {:?} until it leaves or its session expires",
+                    self.config.kafka.group_instance_id.as_deref().unwrap_or("")
+                )
+            }
+            _ => String::new(),
+        };
+        let why = format!(
+            "the Kafka consumer failed fatally ({code}: {}){hint}",
+            fatal.reason
+        );
+        self.health
+            .set_kafka_failed(Some(format!("{why}; restarting the consumer")));
+        LoopEnd::Restart(why)
     }
 
     /// Takes newly assigned partitions and returns where those must start
@@ -464,7 +492,7 @@ impl<R: Resume> EventLoop<R> {
                 }
             }
             KafkaNote::Stats { joined, rows } => {
-                if joined {
+                if joined || kafka::group_generation(&self.consumer) > 0 {
                     self.health.set_joined();
                 }
                 let mut uncommitted = 0i64;

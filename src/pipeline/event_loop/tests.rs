@@ -437,3 +437,36 @@ async fn a_stop_outlives_a_restart_of_consumption() {
     let (_, event_loop) = h.ended().await;
     assert_eq!(event_loop.in_flight(), 0);
 }
+
+#[tokio::test]
+async fn a_fatal_consumer_error_ends_the_loop_and_readyz_names_it_until_a_join() {
+    let h = start(table());
+    h.health.set_redis_ok();
+    h.assign(&[(0, Some(10))]).await;
+    assert!(h.health.is_ready(), "joined with a partition");
+    h.send(KafkaEvent::Fatal(FatalError {
+        code: RDKafkaErrorCode::UnreleasedInstanceId,
+        reason: "instance id pod-0 is in use".into(),
+    }))
+    .await;
+    let health = h.health.clone();
+    let (end, event_loop) = h.ended().await;
+    let LoopEnd::Restart(why) = end else {
+        panic!("a fatal error restarts the consumer, got {end:?}");
+    };
+    assert!(
+        why.contains("unreleased_instance_id: instance id pod-0 is in use"),
+        "{why}"
+    );
+    let reason = health
+        .not_ready_reason()
+        .expect("not ready after a fatal error");
+    assert!(
+        reason.contains("restarting the consumer") && reason.contains("group.instance.id"),
+        "{reason}"
+    );
+    // The dead consumer's partitions are dropped: nothing more of them is committed.
+    assert_eq!(event_loop.owned.assigned_count(), 0);
+    health.set_joined();
+    assert!(health.is_ready(), "the next consumer's join clears it");
+}
