@@ -148,6 +148,7 @@ async fn check_passes_on_ready_services_and_names_what_is_missing() {
     for expected in [
         "ok   config".to_string(),
         "ok   kafka".to_string(),
+        "ok   kafka group protocol".to_string(),
         format!("ok   topic {topic} "),
         format!("ok   topic {topic} log"),
         format!("ok   dead-letter topic {topic}.dlq"),
@@ -171,6 +172,29 @@ async fn check_passes_on_ready_services_and_names_what_is_missing() {
     );
     assert!(
         stdout.contains("records read again are recognised by their offset"),
+        "{stdout}"
+    );
+
+    assert!(
+        stdout.lines().any(|l| l.starts_with("ok   kafka group protocol")
+            && l.ends_with("classic; the brokers also serve consumer (KIP-848: kafka.group_protocol = \"consumer\", docs/configuration.md)")),
+        "{stdout}"
+    );
+    // The consumer protocol: the brokers of `make services` (Kafka 4) serve it.
+    let out = idem_tool(
+        &["check"],
+        &topic,
+        &[
+            ("IDEM__KAFKA__TOPICS", &topic),
+            ("IDEM__KAFKA__GROUP_PROTOCOL", "consumer"),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("ok   kafka group protocol")
+                && l.contains("every broker lists it in group.coordinator.rebalance.protocols")),
         "{stdout}"
     );
 

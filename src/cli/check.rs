@@ -12,7 +12,8 @@ use crate::tools::check::{self, Status};
 /// Check everything `idem run` needs, without consuming or writing anything
 ///
 /// One line per check: the configuration (and its warnings), the brokers
-/// (waiting up to --timeout, i.e. kafka.request_timeout, for an answer),
+/// (waiting up to --timeout, i.e. kafka.request_timeout, for an answer, and
+/// whether they serve kafka.group_protocol),
 /// each source topic and its dead-letter topic, the declared topics
 /// (--topics DIR: partitions and settings), and Redis: reachable, eviction
 /// policy, durability level, persistence.

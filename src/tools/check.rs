@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Config, GroupProtocol};
 use crate::dlq::TopicState as DlqTopic;
 use crate::kafka::Reach;
 use crate::store;
@@ -105,6 +105,7 @@ async fn kafka(config: &Config, timeout: Duration, checks: &mut Vec<Check>) -> b
                 "kafka",
                 format!("{brokers} broker(s) answered at {}", config.kafka.brokers),
             ));
+            checks.push(group_protocol(config).await);
             partitions
         }
         Ok(Ok(Reach::NotYet(e))) => {
@@ -169,6 +170,102 @@ async fn kafka(config: &Config, timeout: Duration, checks: &mut Vec<Check>) -> b
         });
     }
     true
+}
+
+/// What the brokers' `group.coordinator.rebalance.protocols` says, per
+/// broker id: `None` where a broker does not have the setting (before
+/// Kafka 3.7: classic only).
+type ProtocolAnswers = Vec<(i32, Option<String>)>;
+
+/// Reads every broker's `group.coordinator.rebalance.protocols`
+/// (librdkafka exposes neither ApiVersions nor DescribeFeatures).
+async fn rebalance_protocols(config: &Config) -> anyhow::Result<ProtocolAnswers> {
+    use crate::kafka::QuietContext;
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let timeout = config.kafka.request_timeout;
+    let cfg = config.kafka.clone();
+    // A metadata request blocks: off the runtime.
+    let ids = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<i32>> {
+        let client: BaseConsumer<QuietContext> =
+            crate::kafka::base_config(&cfg).create_with_context(QuietContext)?;
+        let metadata = client.fetch_metadata(None, timeout)?;
+        Ok(metadata.brokers().iter().map(|b| b.id()).collect())
+    })
+    .await??;
+    let admin: AdminClient<QuietContext> =
+        crate::kafka::base_config(&config.kafka).create_with_context(QuietContext)?;
+    let opts = AdminOptions::new().request_timeout(Some(timeout));
+    let mut answers = Vec::with_capacity(ids.len());
+    // One broker per request: librdkafka refuses several BROKER resources in one.
+    for id in ids {
+        let described = admin
+            .describe_configs([&ResourceSpecifier::Broker(id)], &opts)
+            .await?;
+        let value = match described.into_iter().next() {
+            Some(Ok(r)) => r
+                .get("group.coordinator.rebalance.protocols")
+                .and_then(|e| e.value.clone()),
+            Some(Err(code)) => anyhow::bail!("broker {id} answered {code}"),
+            None => None,
+        };
+        answers.push((id, value));
+    }
+    Ok(answers)
+}
+
+/// Whether the brokers serve `kafka.group_protocol`, as far as they say.
+async fn group_protocol(config: &Config) -> Check {
+    match rebalance_protocols(config).await {
+        Ok(answers) => group_protocol_check(config.kafka.group_protocol, &answers),
+        Err(e) => line(
+            Status::Warn,
+            "kafka group protocol",
+            format!("could not read the brokers' group.coordinator.rebalance.protocols: {e}"),
+        ),
+    }
+}
+
+/// The group protocol line: whether every broker serves `configured`.
+fn group_protocol_check(configured: GroupProtocol, answers: &ProtocolAnswers) -> Check {
+    let what = "kafka group protocol";
+    let serves_consumer = |value: &Option<String>| {
+        value
+            .as_deref()
+            .is_some_and(|v| v.split(',').any(|p| p.trim() == "consumer"))
+    };
+    let without: Vec<String> = answers
+        .iter()
+        .filter(|(_, value)| !serves_consumer(value))
+        .map(|(id, value)| match value {
+            Some(v) => format!("broker {id} ({v})"),
+            None => format!("broker {id} (no such setting: before Kafka 3.7)"),
+        })
+        .collect();
+    match configured {
+        GroupProtocol::Consumer if answers.is_empty() => {
+            line(Status::Warn, what, "no broker listed: cannot tell whether they serve the consumer protocol")
+        }
+        GroupProtocol::Consumer if without.is_empty() => line(
+            Status::Ok,
+            what,
+            "consumer (KIP-848): every broker lists it in group.coordinator.rebalance.protocols",
+        ),
+        GroupProtocol::Consumer => line(
+            Status::Fail,
+            what,
+            format!(
+                "kafka.group_protocol = \"consumer\" but {} do(es) not serve it (group.coordinator.rebalance.protocols): set kafka.group_protocol = \"classic\", or enable it on Kafka 4 brokers",
+                without.join(", ")
+            ),
+        ),
+        GroupProtocol::Classic if !answers.is_empty() && without.is_empty() => line(
+            Status::Ok,
+            what,
+            "classic; the brokers also serve consumer (KIP-848: kafka.group_protocol = \"consumer\", docs/configuration.md)",
+        ),
+        GroupProtocol::Classic => line(Status::Ok, what, "classic"),
+    }
 }
 
 /// What offset marks rest on for `topic`: a topic id (the log's identity)
@@ -420,6 +517,54 @@ mod tests {
             status(&survey(&[], 1, 2)),
             Status::Warn,
             "records, no marker"
+        );
+    }
+
+    /// The group protocol line against what the brokers answer.
+    #[test]
+    fn group_protocol_lines_by_table() {
+        let answers = |values: &[Option<&str>]| -> ProtocolAnswers {
+            values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (i as i32 + 1, v.map(str::to_string)))
+                .collect()
+        };
+        let both = answers(&[Some("classic,consumer"), Some("classic, consumer")]);
+        let one_old = answers(&[Some("classic,consumer"), None]);
+        let classic_only = answers(&[Some("classic")]);
+        let check = group_protocol_check;
+        assert_eq!(check(GroupProtocol::Consumer, &both).status, Status::Ok);
+        let refused = check(GroupProtocol::Consumer, &one_old);
+        assert_eq!(refused.status, Status::Fail);
+        assert!(
+            refused.detail.contains("broker 2 (no such setting")
+                && !refused.detail.contains("broker 1"),
+            "{}",
+            refused.detail
+        );
+        let refused = check(GroupProtocol::Consumer, &classic_only);
+        assert_eq!(refused.status, Status::Fail);
+        assert!(
+            refused.detail.contains("broker 1 (classic)"),
+            "{}",
+            refused.detail
+        );
+        assert_eq!(
+            check(GroupProtocol::Consumer, &answers(&[])).status,
+            Status::Warn
+        );
+        let classic = check(GroupProtocol::Classic, &both);
+        assert_eq!(classic.status, Status::Ok);
+        assert!(
+            classic.detail.contains("also serve consumer"),
+            "{}",
+            classic.detail
+        );
+        let classic = check(GroupProtocol::Classic, &classic_only);
+        assert_eq!(
+            (classic.status, classic.detail.as_str()),
+            (Status::Ok, "classic")
         );
     }
 }
