@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build services services-demo services-down demo test test-cluster check-deploy test-unit lint bench conformance mutants clean-cache
+.PHONY: all build services services-demo services-down demo test test-cluster check-deploy test-unit lint bench bench-handover conformance mutants clean-cache
 
 all: build
 
@@ -88,9 +88,18 @@ bench: services
 	target/release/idem-testbench bench --out bench-out
 	target/release/idem-testbench bench --zipf 1.1 --throughput-only --out bench-out/zipf
 
-## The full conformance suite of docs/conformance.md (kills and restarts the local broker).
+## How long partitions go without an owner when the group changes, under each
+## group protocol (docs/performance.md, "Hand-over under each group protocol"; ~25 minutes).
+bench-handover: services
+	$(CARGO) build --release --workspace
+	target/release/idem-testbench handover --out bench-out/handover
+
+## The full conformance suite of docs/conformance.md (kills and restarts the local broker);
+## `make conformance GROUP_PROTOCOL=consumer` runs it under KIP-848's protocol.
+GROUP_PROTOCOL ?= classic
 conformance: services
 	$(CARGO) build --release --workspace
-	target/release/idem-testbench conformance --profile full --out conformance-out \
+	target/release/idem-testbench conformance --profile full --group-protocol $(GROUP_PROTOCOL) \
+	  --out conformance-out/$(GROUP_PROTOCOL) \
 	  --kafka-kill-cmd 'scripts/services.sh kill-kafka' --kafka-start-cmd 'scripts/services.sh up' \
 	  --kafka-pause-cmd 'scripts/services.sh pause-kafka' --kafka-resume-cmd 'scripts/services.sh resume-kafka'

@@ -9,24 +9,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use idem::event::{decode, FieldMap};
 use idem::model::Outcome;
-use idem::tools::sample::{generate, Rng, SampleRecord, SampleSpec};
+use idem::tools::sample::{Rng, SampleRecord};
 
 const CATCH_UP: Duration = Duration::from_secs(180);
-
-fn unique_stream(prefix: &str, events: usize, entities: usize, seed: u64) -> Vec<SampleRecord> {
-    // No redelivered copies and no reordering: every duplicate outcome is a redelivery by Kafka.
-    generate(&SampleSpec {
-        events,
-        entities,
-        duplicate_ratio: 0.0,
-        out_of_order_ratio: 0.0,
-        delete_ratio: 0.0,
-        data_bytes: 16,
-        seed,
-        prefix: prefix.to_string(),
-        zipf: None,
-    })
-}
 
 /// Where each produced record landed, and the (entity, seq) it carries.
 type Positions = HashMap<(i32, i64), (String, u64)>;
@@ -255,78 +240,6 @@ async fn sigterm_hand_over(protocol: &str) {
     for m in members {
         m.terminate().await;
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_static_member_killed_and_restarted_at_once_serves_again() {
-    static_member_restarted_at_once("classic").await;
-}
-
-/// Under the consumer protocol the broker keeps the killed member's
-/// `group.instance.id` until its session expires and fences the newcomer
-/// with UNRELEASED_INSTANCE_ID, fatal in librdkafka: idem replaces its
-/// consumer with a backoff until the id is released.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_static_member_killed_and_restarted_at_once_serves_again_under_the_consumer_protocol() {
-    static_member_restarted_at_once("consumer").await;
-}
-
-/// A pod SIGKILLed mid-stream and started again at once under its name:
-/// every record ends applied exactly once, and the new process owns every
-/// partition and is ready.
-async fn static_member_restarted_at_once(protocol: &str) {
-    let topic = unique(&format!("static-{protocol}"));
-    let partitions = 4;
-    create_topic(&topic, partitions).await;
-    let records = unique_stream(&topic, 6_000, 200, 66);
-    let (model, _) = oracle(&records);
-    let (first, rest) = records.split_at(3_000);
-    produce(&topic, first).await;
-    let opts = IdemOpts::new(&topic, &topic, &topic)
-        .with("IDEM__KAFKA__GROUP_PROTOCOL", protocol)
-        .with("IDEM__KAFKA__GROUP_INSTANCE_ID", "pod-0")
-        .with("IDEM__PIPELINE__BATCH_MAX_EVENTS", "200");
-    let killed = Idem::spawn(&opts);
-    wait_until("the first process applies events", CATCH_UP, || async {
-        killed.outcome(&topic, Outcome::Applied).await > 0
-    })
-    .await;
-    killed.kill();
-    let restarted = Idem::spawn(&opts);
-    produce(&topic, rest).await;
-    wait_caught_up(&topic, &topic, partitions, CATCH_UP).await;
-    assert_matches_oracle(&redis_url(), &topic, &model).await;
-    wait_until(
-        "the restarted process owns every partition and is ready",
-        CATCH_UP,
-        || async {
-            restarted.counter("idem_assigned_partitions", &[]).await == Some(partitions as u64)
-                && http_get(restarted.metrics_port, "/readyz").await.as_deref() == Some("ready\n")
-        },
-    )
-    .await;
-    let fenced = restarted
-        .counter(
-            "idem_kafka_fatal_errors_total",
-            &[("code", "unreleased_instance_id")],
-        )
-        .await
-        .unwrap();
-    if protocol == "consumer" {
-        assert!(
-            fenced >= 1,
-            "the newcomer was not fenced: the test proved nothing"
-        );
-        let log = std::fs::read_to_string(&restarted.log).unwrap();
-        assert!(
-            log.contains("another member holds group.instance.id \"pod-0\""),
-            "the log names the held instance id"
-        );
-    } else {
-        assert_eq!(fenced, 0, "classic fences the old member, not the new one");
-    }
-    eprintln!("static membership ({protocol}): the restarted process was fenced {fenced} time(s) before it joined");
-    restarted.terminate().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

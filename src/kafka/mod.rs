@@ -160,10 +160,10 @@ pub fn missing_topics(topics: &[String], reach: &Reach) -> Option<Vec<String>> {
 /// What the brokers said to a metadata request.
 #[derive(Debug)]
 pub enum Reach {
-    /// They answered: how many brokers the cluster has, and the partition
+    /// They answered: the ids of the cluster's brokers, and the partition
     /// count of each topic asked about (every topic, when none was named).
     Answered {
-        brokers: usize,
+        brokers: Vec<i32>,
         partitions: BTreeMap<String, usize>,
     },
     /// None answered before the deadline; librdkafka's last error.
@@ -221,7 +221,7 @@ pub fn probe(
         match fetched {
             Ok(md) => {
                 return Ok(Reach::Answered {
-                    brokers: md.brokers().len(),
+                    brokers: md.brokers().iter().map(|b| b.id()).collect(),
                     partitions: md
                         .topics()
                         .iter()

@@ -89,58 +89,52 @@ pub async fn run(config: &Config, timeout: Duration, topics_dir: Option<&Path>) 
     checks
 }
 
+/// The line for brokers that did not answer as brokers (or a probe that failed).
+fn unanswered(
+    config: &Config,
+    timeout: Duration,
+    probed: Result<Result<Reach, crate::kafka::PreflightError>, tokio::task::JoinError>,
+) -> Check {
+    let why = match probed {
+        Ok(Ok(Reach::NotYet(e))) => format!("no broker at {} answered within {timeout:?}: {e}. Is kafka.brokers right and the broker up? (--timeout waits longer)", config.kafka.brokers),
+        Ok(Ok(Reach::NotABroker(e))) => format!(
+            "{}: {}, {e}",
+            config.kafka.brokers,
+            crate::kafka::NOT_A_BROKER
+        ),
+        Ok(Ok(Reach::Answered { .. })) => unreachable!("an answer is not a failure"),
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => format!("the check did not finish: {e}"),
+    };
+    line(Status::Fail, "kafka", why)
+}
+
 /// The brokers, the source topics and their dead-letter topics; false
 /// when the brokers did not answer (the rest cannot be checked).
 async fn kafka(config: &Config, timeout: Duration, checks: &mut Vec<Check>) -> bool {
     let cfg = config.kafka.clone();
     let probed =
         tokio::task::spawn_blocking(move || crate::kafka::probe(&cfg, None, timeout)).await;
-    let partitions = match probed {
+    let (brokers, partitions) = match probed {
         Ok(Ok(Reach::Answered {
             brokers,
             partitions,
-        })) => {
-            checks.push(line(
-                Status::Ok,
-                "kafka",
-                format!("{brokers} broker(s) answered at {}", config.kafka.brokers),
-            ));
-            checks.push(group_protocol(config).await);
-            partitions
-        }
-        Ok(Ok(Reach::NotYet(e))) => {
-            checks.push(line(
-                Status::Fail,
-                "kafka",
-                format!("no broker at {} answered within {timeout:?}: {e}. Is kafka.brokers right and the broker up? (--timeout waits longer)", config.kafka.brokers),
-            ));
-            return false;
-        }
-        Ok(Ok(Reach::NotABroker(e))) => {
-            checks.push(line(
-                Status::Fail,
-                "kafka",
-                format!(
-                    "{}: {}, {e}",
-                    config.kafka.brokers,
-                    crate::kafka::NOT_A_BROKER
-                ),
-            ));
-            return false;
-        }
-        Ok(Err(e)) => {
-            checks.push(line(Status::Fail, "kafka", e.to_string()));
-            return false;
-        }
-        Err(e) => {
-            checks.push(line(
-                Status::Fail,
-                "kafka",
-                format!("the check did not finish: {e}"),
-            ));
+        })) => (brokers, partitions),
+        other => {
+            checks.push(unanswered(config, timeout, other));
             return false;
         }
     };
+    checks.push(line(
+        Status::Ok,
+        "kafka",
+        format!(
+            "{} broker(s) answered at {}",
+            brokers.len(),
+            config.kafka.brokers
+        ),
+    ));
+    checks.push(group_protocol(config, &brokers).await);
     for topic in &config.kafka.topics {
         checks.push(match partitions.get(topic) {
             Some(n) => line(
@@ -177,28 +171,18 @@ async fn kafka(config: &Config, timeout: Duration, checks: &mut Vec<Check>) -> b
 /// Kafka 3.7: classic only).
 type ProtocolAnswers = Vec<(i32, Option<String>)>;
 
-/// Reads every broker's `group.coordinator.rebalance.protocols`
+/// Reads `group.coordinator.rebalance.protocols` of each broker of `ids`
 /// (librdkafka exposes neither ApiVersions nor DescribeFeatures).
-async fn rebalance_protocols(config: &Config) -> anyhow::Result<ProtocolAnswers> {
+async fn rebalance_protocols(config: &Config, ids: &[i32]) -> anyhow::Result<ProtocolAnswers> {
     use crate::kafka::QuietContext;
     use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
-    use rdkafka::consumer::{BaseConsumer, Consumer as _};
     let timeout = config.kafka.request_timeout;
-    let cfg = config.kafka.clone();
-    // A metadata request blocks: off the runtime.
-    let ids = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<i32>> {
-        let client: BaseConsumer<QuietContext> =
-            crate::kafka::base_config(&cfg).create_with_context(QuietContext)?;
-        let metadata = client.fetch_metadata(None, timeout)?;
-        Ok(metadata.brokers().iter().map(|b| b.id()).collect())
-    })
-    .await??;
     let admin: AdminClient<QuietContext> =
         crate::kafka::base_config(&config.kafka).create_with_context(QuietContext)?;
     let opts = AdminOptions::new().request_timeout(Some(timeout));
     let mut answers = Vec::with_capacity(ids.len());
     // One broker per request: librdkafka refuses several BROKER resources in one.
-    for id in ids {
+    for &id in ids {
         let described = admin
             .describe_configs([&ResourceSpecifier::Broker(id)], &opts)
             .await?;
@@ -215,8 +199,8 @@ async fn rebalance_protocols(config: &Config) -> anyhow::Result<ProtocolAnswers>
 }
 
 /// Whether the brokers serve `kafka.group_protocol`, as far as they say.
-async fn group_protocol(config: &Config) -> Check {
-    match rebalance_protocols(config).await {
+async fn group_protocol(config: &Config, brokers: &[i32]) -> Check {
+    match rebalance_protocols(config, brokers).await {
         Ok(answers) => group_protocol_check(config.kafka.group_protocol, &answers),
         Err(e) => line(
             Status::Warn,

@@ -11,10 +11,12 @@
 //! - [`exposition`]: reading `/metrics` (sums by label, histogram buckets).
 //! - [`conformance`]: the fault-injection suite (`idem-testbench conformance`).
 //! - [`bench`]: the benchmark (`idem-testbench bench`).
+//! - [`handover`]: partitions without an owner per group protocol (`idem-testbench handover`).
 
 pub mod bench;
 pub mod conformance;
 pub mod exposition;
+pub mod handover;
 pub mod oracle;
 pub mod payments;
 pub mod process;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use idem::model::{Model, Outcome};
 use idem::store::{self, EntityView, KeyLayout};
-use idem::tools::sample::SampleRecord;
+use idem::tools::sample::{generate, SampleRecord, SampleSpec};
 use idem::tools::topics::{self, TopicSpec};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -270,6 +270,7 @@ fn harness_env() -> idem_testbench::conformance::Env {
         ),
         idem_exe: PathBuf::from(env!("CARGO_BIN_EXE_idem")),
         work_dir: PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
+        group_protocol: idem::config::GroupProtocol::Classic,
     }
 }
 
@@ -473,4 +474,20 @@ pub async fn recreate_topic(topic: &str) {
 /// Whether the brokers describe `topic` (with an id) right now.
 async fn topic_id_now(topic: &str) -> bool {
     topic_id(topic).await.is_some()
+}
+
+/// A stream with no redelivered copies, no reordering and no deletes.
+pub fn unique_stream(prefix: &str, events: usize, entities: usize, seed: u64) -> Vec<SampleRecord> {
+    // No redelivered copies and no reordering: every duplicate outcome is a redelivery by Kafka.
+    generate(&SampleSpec {
+        events,
+        entities,
+        duplicate_ratio: 0.0,
+        out_of_order_ratio: 0.0,
+        delete_ratio: 0.0,
+        data_bytes: 16,
+        seed,
+        prefix: prefix.to_string(),
+        zipf: None,
+    })
 }

@@ -98,11 +98,7 @@ pub async fn guard_alone(
     values: &[Vec<u8>],
     partitions: i32,
 ) -> anyhow::Result<GuardAlone> {
-    let fields = FieldMap::default();
-    let events: Vec<Event> = values
-        .iter()
-        .filter_map(|v| decode(Some(v), &fields, 1 << 20).ok())
-        .collect();
+    let events = decode_all(values);
     let topic_id = idem::consumed::TopicId::from_bits(0x1de3, 7).expect("a nonzero id");
     let marks: Vec<String> = (0..partitions.max(1))
         .map(|p| idem::store::mark_field(p, &topic_id))
@@ -116,25 +112,12 @@ pub async fn guard_alone(
             (p, next_offset[p])
         })
         .collect();
-    let mut cfg = idem::config::RedisConfig::for_url(redis_url, Default::default());
-    cfg.key_prefix = prefix.to_string();
-    cfg.response_timeout = Duration::from_secs(30);
-    let conn = idem::store::connect(&cfg).await?;
     let mut info = redis::Client::open(redis_url)?
         .get_multiplexed_async_connection()
         .await?;
-    let epoch = idem::store::progress::ProgressStore::new(conn.clone(), KeyLayout::new(prefix))
-        .establish_epoch()
-        .await?;
     let pipeline = idem::config::Config::defaults().pipeline;
     let per_batch = pipeline.batch_max_events.get();
-    let mut guard = Guard::new(
-        conn,
-        KeyLayout::new(prefix),
-        pipeline.events_per_script.get(),
-        epoch,
-    );
-    guard.load_script().await?;
+    let mut guard = loaded_guard(redis_url, prefix, pipeline.events_per_script.get()).await?;
     let window = Duration::from_secs(86_400);
     let (cpu0, script0) = super::io::redis_time(&mut info).await?;
     let started = Instant::now();
@@ -167,17 +150,22 @@ pub async fn guard_alone(
     })
 }
 
-/// Runs the guard with one event per script call over `values`; returns events/s.
-pub async fn per_event_script_ceiling(
-    redis_url: &str,
-    prefix: &str,
-    values: &[Vec<u8>],
-) -> anyhow::Result<f64> {
+/// The records that decode, as idem's decoder reads them.
+fn decode_all(values: &[Vec<u8>]) -> Vec<Event> {
     let fields = FieldMap::default();
-    let events: Vec<Event> = values
+    values
         .iter()
         .filter_map(|v| decode(Some(v), &fields, 1 << 20).ok())
-        .collect();
+        .collect()
+}
+
+/// idem's guard on `redis_url` under `prefix`, its epoch established and
+/// its script loaded, calling the script with `events_per_script` events.
+async fn loaded_guard(
+    redis_url: &str,
+    prefix: &str,
+    events_per_script: usize,
+) -> anyhow::Result<Guard> {
     let mut cfg = idem::config::RedisConfig::for_url(redis_url, Default::default());
     cfg.key_prefix = prefix.to_string();
     cfg.response_timeout = Duration::from_secs(30);
@@ -185,8 +173,19 @@ pub async fn per_event_script_ceiling(
     let epoch = idem::store::progress::ProgressStore::new(conn.clone(), KeyLayout::new(prefix))
         .establish_epoch()
         .await?;
-    let mut guard = Guard::new(conn, KeyLayout::new(prefix), 1, epoch);
+    let mut guard = Guard::new(conn, KeyLayout::new(prefix), events_per_script, epoch);
     guard.load_script().await?;
+    Ok(guard)
+}
+
+/// Runs the guard with one event per script call over `values`; returns events/s.
+pub async fn per_event_script_ceiling(
+    redis_url: &str,
+    prefix: &str,
+    values: &[Vec<u8>],
+) -> anyhow::Result<f64> {
+    let events = decode_all(values);
+    let mut guard = loaded_guard(redis_url, prefix, 1).await?;
     let window = Duration::from_secs(86_400);
     let started = Instant::now();
     for chunk in events.chunks(1000) {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
 
-use idem::config::Config;
+use idem::config::{Config, GroupProtocol};
 use idem_testbench::conformance::{self, ConformanceSpec, Env, Profile};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -32,6 +32,7 @@ enum ProfileArg {
 ///
 /// Examples:
 ///   idem-testbench conformance --profile short
+///   idem-testbench conformance --profile full --group-protocol consumer
 ///   IDEM__KAFKA__BROKERS=kafka:9092 IDEM__REDIS__URL=redis://redis:6379 idem-testbench conformance --profile full
 ///   idem-testbench conformance --profile full --kafka-kill-cmd 'scripts/services.sh kill-kafka' --kafka-start-cmd 'scripts/services.sh up'
 ///     --kafka-pause-cmd 'scripts/services.sh pause-kafka' --kafka-resume-cmd 'scripts/services.sh resume-kafka'
@@ -61,6 +62,18 @@ pub struct ConformanceArgs {
     /// Shell command that SIGCONTs it.
     #[arg(long)]
     kafka_resume_cmd: Option<String>,
+    /// The consumer group protocol of every idem the suite starts (the
+    /// brokers must serve it; `idem check` says whether they do).
+    #[arg(long, value_enum, default_value = "classic")]
+    group_protocol: ProtocolArg,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ProtocolArg {
+    /// Kafka's classic group protocol (what idem defaults to).
+    Classic,
+    /// KIP-848's consumer protocol (Kafka 4 brokers).
+    Consumer,
 }
 
 pub async fn run(
@@ -77,6 +90,10 @@ pub async fn run(
             ),
             idem_exe,
             work_dir: args.out.join("work"),
+            group_protocol: match args.group_protocol {
+                ProtocolArg::Classic => GroupProtocol::Classic,
+                ProtocolArg::Consumer => GroupProtocol::Consumer,
+            },
         },
         profile: match args.profile {
             ProfileArg::Short => Profile::Short,

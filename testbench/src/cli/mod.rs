@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 pub mod bench;
 pub mod conformance;
+pub mod handover;
 
 /// idem's test bench: fault injection against an oracle, and the benchmark.
 ///
@@ -30,6 +31,7 @@ pub struct Cli {
 pub enum Command {
     Bench(bench::BenchArgs),
     Conformance(conformance::ConformanceArgs),
+    Handover(handover::HandoverArgs),
 }
 
 pub fn main(cli: Cli) -> ExitCode {
@@ -44,6 +46,7 @@ pub fn main(cli: Cli) -> ExitCode {
         match cli.command {
             Command::Bench(args) => bench::run(args, config, idem_exe).await,
             Command::Conformance(args) => conformance::run(args, config, idem_exe).await,
+            Command::Handover(args) => handover::run(args, config, idem_exe).await,
         }
     })
 }

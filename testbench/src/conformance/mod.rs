@@ -89,6 +89,8 @@ impl ScenarioResult {
 #[derive(Debug, Clone, Serialize)]
 pub struct ConformanceReport {
     pub profile: String,
+    /// `classic` or `consumer` (KIP-848): the protocol every idem spoke.
+    pub group_protocol: String,
     pub seed: u64,
     pub sigkills: u32,
     pub results: Vec<ScenarioResult>,
@@ -101,8 +103,8 @@ impl ConformanceReport {
 
     pub fn to_markdown(&self) -> String {
         let mut s = format!(
-            "Profile: {}, seed {}, {} SIGKILLs of idem in this run.\n\n| scenario | records | faults injected | lost | doubled | seq ↓ | commit violations | max recovery | verdict |\n|---|---|---|---|---|---|---|---|---|\n",
-            self.profile, self.seed, self.sigkills
+            "Profile: {}, group protocol {}, seed {}, {} SIGKILLs of idem in this run.\n\n| scenario | records | faults injected | lost | doubled | seq ↓ | commit violations | max recovery | verdict |\n|---|---|---|---|---|---|---|---|---|\n",
+            self.profile, self.group_protocol, self.seed, self.sigkills
         );
         for r in &self.results {
             s.push_str(&format!(
@@ -183,6 +185,7 @@ pub async fn run(spec: &ConformanceSpec) -> anyhow::Result<ConformanceReport> {
     }
     let report = ConformanceReport {
         profile: format!("{:?}", spec.profile).to_lowercase(),
+        group_protocol: spec.env.group_protocol.as_str().to_string(),
         seed: spec.seed,
         sigkills,
         results,

@@ -12,7 +12,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::process::IdemCommand;
-use idem::config::{RedisConfig, RedisMode};
+use idem::config::{GroupProtocol, RedisConfig, RedisMode};
 use idem::event::{decode, FieldMap};
 use idem::model::{Model, Outcome};
 use idem::store::{self, EntityView, KeyLayout};
@@ -34,6 +34,8 @@ pub struct Env {
     pub redis: RedisTarget,
     pub idem_exe: PathBuf,
     pub work_dir: PathBuf,
+    /// The consumer group protocol every idem of the run speaks.
+    pub group_protocol: GroupProtocol,
 }
 
 /// A Redis the suite talks to: the shared one (standalone or a cluster) or
@@ -90,7 +92,8 @@ impl IdemProcess {
             .fast_recovery()
             .redis(&redis.url, redis.mode, prefix)
             .metrics_port(port)
-            .env("IDEM__PIPELINE__BATCH_MAX_EVENTS", "500");
+            .env("IDEM__PIPELINE__BATCH_MAX_EVENTS", "500")
+            .env("IDEM__KAFKA__GROUP_PROTOCOL", env.group_protocol.as_str());
         for (k, v) in extra {
             cmd = cmd.env(k, v);
         }
