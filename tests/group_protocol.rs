@@ -9,7 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use idem::model::Outcome;
+use idem::model::{Model, Outcome};
+use idem::tools::sample::SampleRecord;
 
 const CATCH_UP: Duration = Duration::from_secs(180);
 
@@ -31,13 +32,16 @@ async fn a_static_member_killed_and_restarted_at_once_serves_again_under_the_con
 /// every record ends applied exactly once, and the new process owns every
 /// partition and is ready.
 async fn static_member_restarted_at_once(protocol: &str) {
-    let topic = unique(&format!("static-{protocol}"));
     let partitions = 4;
-    create_topic(&topic, partitions).await;
-    let records = unique_stream(&topic, 6_000, 200, 66);
-    let (model, _) = oracle(&records);
-    let (first, rest) = records.split_at(3_000);
-    produce(&topic, first).await;
+    let (topic, model, rest) = first_produced(
+        &format!("static-{protocol}"),
+        partitions,
+        6_000,
+        200,
+        66,
+        3_000,
+    )
+    .await;
     let opts = IdemOpts::new(&topic, &topic, &topic)
         .with("IDEM__KAFKA__GROUP_PROTOCOL", protocol)
         .with("IDEM__KAFKA__GROUP_INSTANCE_ID", "pod-0")
@@ -49,7 +53,7 @@ async fn static_member_restarted_at_once(protocol: &str) {
     .await;
     killed.kill();
     let restarted = Idem::spawn(&opts);
-    produce(&topic, rest).await;
+    produce(&topic, &rest).await;
     wait_caught_up(&topic, &topic, partitions, CATCH_UP).await;
     assert_matches_oracle(&redis_url(), &topic, &model).await;
     wait_until(
@@ -96,13 +100,16 @@ async fn static_member_restarted_at_once(protocol: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_classic_group_moves_to_the_consumer_protocol_rolling_if_the_broker_converts_or_stopped()
 {
-    let topic = unique("switch-classic-consumer");
     let partitions = 6;
-    create_topic(&topic, partitions).await;
-    let records = unique_stream(&topic, 12_000, 300, 98);
-    let (model, _) = oracle(&records);
-    let (first, rest) = records.split_at(3_000);
-    produce(&topic, first).await;
+    let (topic, model, rest) = first_produced(
+        "switch-classic-consumer",
+        partitions,
+        12_000,
+        300,
+        98,
+        3_000,
+    )
+    .await;
     let opts = |protocol: &str| {
         IdemOpts::new(&topic, &topic, &topic).with("IDEM__KAFKA__GROUP_PROTOCOL", protocol)
     };
@@ -110,7 +117,7 @@ async fn a_classic_group_moves_to_the_consumer_protocol_rolling_if_the_broker_co
     wait_caught_up(&topic, &topic, partitions, CATCH_UP).await;
     wait_all_hold_partitions(&members, "before the switch").await;
     let producing = {
-        let (topic, rest) = (topic.clone(), rest.to_vec());
+        let (topic, rest) = (topic.clone(), rest.clone());
         tokio::spawn(async move {
             for slice in rest.chunks(300) {
                 produce(&topic, slice).await;
@@ -143,6 +150,16 @@ async fn a_classic_group_moves_to_the_consumer_protocol_rolling_if_the_broker_co
             Some("ready\n"),
             "a newcomer the broker refused said it was ready"
         );
+        wait_until(
+            "the refused newcomer says why it waits",
+            CATCH_UP,
+            || async {
+                std::fs::read_to_string(&newcomer.log).is_ok_and(|log| {
+                    log.contains("the consumer group has not admitted this instance yet")
+                })
+            },
+        )
+        .await;
     }
     members.push(newcomer);
 
@@ -206,13 +223,16 @@ async fn a_running_consumer_protocol_group_moves_back_to_classic_one_instance_at
 /// coming. At every step the mixed group shares the partitions among all
 /// three; no hand-over redelivers, and every record ends applied once.
 async fn rolling_switch(from: &str, to: &str) {
-    let topic = unique(&format!("switch-{from}-{to}"));
     let partitions = 6;
-    create_topic(&topic, partitions).await;
-    let records = unique_stream(&topic, 12_000, 300, 99);
-    let (model, _) = oracle(&records);
-    let (first, rest) = records.split_at(3_000);
-    produce(&topic, first).await;
+    let (topic, model, rest) = first_produced(
+        &format!("switch-{from}-{to}"),
+        partitions,
+        12_000,
+        300,
+        99,
+        3_000,
+    )
+    .await;
     let opts = |protocol: &str| {
         IdemOpts::new(&topic, &topic, &topic).with("IDEM__KAFKA__GROUP_PROTOCOL", protocol)
     };
@@ -221,7 +241,7 @@ async fn rolling_switch(from: &str, to: &str) {
     wait_all_hold_partitions(&members, "before the switch").await;
 
     let producing = {
-        let (topic, rest) = (topic.clone(), rest.to_vec());
+        let (topic, rest) = (topic.clone(), rest.clone());
         tokio::spawn(async move {
             for slice in rest.chunks(300) {
                 produce(&topic, slice).await;
@@ -298,13 +318,17 @@ async fn a_redis_stall_longer_than_max_poll_interval_keeps_the_partitions_under_
 /// Redis is back, applies every record once.
 async fn redis_stall_past_max_poll_interval(protocol: &str) {
     const MAX_POLL_INTERVAL: Duration = Duration::from_secs(7);
-    let topic = unique(&format!("stall-{protocol}"));
     let partitions = 2;
-    create_topic(&topic, partitions).await;
     let redis = private_redis(None).await;
-    let records = unique_stream(&topic, 4_000, 100, 55);
-    let (model, _) = oracle(&records);
-    let (first, rest) = records.split_at(2_000);
+    let (topic, model, rest) = first_produced(
+        &format!("stall-{protocol}"),
+        partitions,
+        4_000,
+        100,
+        55,
+        2_000,
+    )
+    .await;
     let mut opts = IdemOpts::new(&topic, &topic, &topic)
         .with("IDEM__KAFKA__GROUP_PROTOCOL", protocol)
         .with(
@@ -313,13 +337,12 @@ async fn redis_stall_past_max_poll_interval(protocol: &str) {
         )
         .with("IDEM__PIPELINE__BATCH_MAX_EVENTS", "100");
     opts.redis_url = redis.url();
-    produce(&topic, first).await;
     let idem = Idem::spawn(&opts);
     wait_caught_up(&topic, &topic, partitions, CATCH_UP).await;
     let rebalances = idem.counter("idem_rebalances_total", &[]).await.unwrap();
 
     redis.pause();
-    produce(&topic, rest).await;
+    produce(&topic, &rest).await;
     // The fault itself lasts twice the poll interval; nothing to await.
     tokio::time::sleep(2 * MAX_POLL_INTERVAL).await;
     redis.resume();
@@ -373,16 +396,19 @@ async fn a_member_stopped_past_its_session_and_poll_interval_rejoins_under_the_c
 /// `max.poll.interval.ms` (7 s), then SIGCONTed: it loses its partitions,
 /// joins again, owns them all, is ready, and every record ends applied once.
 async fn stopped_past_poll_interval(protocol: &str) {
-    let topic = unique(&format!("frozen-{protocol}"));
     let partitions = 2;
-    create_topic(&topic, partitions).await;
-    let records = unique_stream(&topic, 3_000, 100, 44);
-    let (model, _) = oracle(&records);
-    let (first, rest) = records.split_at(1_500);
+    let (topic, model, rest) = first_produced(
+        &format!("frozen-{protocol}"),
+        partitions,
+        3_000,
+        100,
+        44,
+        1_500,
+    )
+    .await;
     let opts = IdemOpts::new(&topic, &topic, &topic)
         .with("IDEM__KAFKA__GROUP_PROTOCOL", protocol)
         .with("IDEM__KAFKA__LIBRDKAFKA__MAX.POLL.INTERVAL.MS", "7000");
-    produce(&topic, first).await;
     let idem = Idem::spawn(&opts);
     wait_caught_up(&topic, &topic, partitions, CATCH_UP).await;
     idem.stop_process();
@@ -408,7 +434,7 @@ async fn stopped_past_poll_interval(protocol: &str) {
         },
     )
     .await;
-    produce(&topic, rest).await;
+    produce(&topic, &rest).await;
     wait_caught_up(&topic, &topic, partitions, CATCH_UP).await;
     assert_matches_oracle(&redis_url(), &topic, &model).await;
     wait_until("it owns every partition and is ready", CATCH_UP, || async {
@@ -422,4 +448,23 @@ async fn stopped_past_poll_interval(protocol: &str) {
         .unwrap();
     eprintln!("stopped past the poll interval ({protocol}): {fatal} fatal client error(s) before it served again");
     idem.terminate().await;
+}
+
+/// A fresh topic (named after `name`) of `partitions`, a stream of `events`
+/// distinct events over `entities` and its oracle, the first `first` of them
+/// produced; returns the topic, the oracle and the records still to produce.
+async fn first_produced(
+    name: &str,
+    partitions: i32,
+    events: usize,
+    entities: usize,
+    seed: u64,
+    first: usize,
+) -> (String, Model, Vec<SampleRecord>) {
+    let topic = unique(name);
+    create_topic(&topic, partitions).await;
+    let records = unique_stream(&topic, events, entities, seed);
+    let (model, _) = oracle(&records);
+    produce(&topic, &records[..first]).await;
+    (topic, model, records[first..].to_vec())
 }

@@ -157,6 +157,25 @@ pub fn missing_topics(topics: &[String], reach: &Reach) -> Option<Vec<String>> {
     }
 }
 
+/// How long a consumer may wait to be admitted to its group before idem
+/// warns: a join takes seconds, a broker's refusal lasts.
+pub const NOT_ADMITTED_AFTER: Duration = Duration::from_secs(20);
+
+/// The warning for a consumer the group has not admitted after
+/// [`NOT_ADMITTED_AFTER`]: librdkafka retries such refusals without a word.
+pub fn warn_not_admitted(cfg: &KafkaConfig) {
+    tracing::warn!(
+        group = %cfg.group_id,
+        protocol = cfg.group_protocol.as_str(),
+        waited_s = NOT_ADMITTED_AFTER.as_secs(),
+        "the consumer group has not admitted this instance yet (/readyz: waiting to join). \
+         If the group runs under the other kafka.group_protocol, the broker may refuse to convert it \
+         (Kafka 4.1 logs \"Cannot upgrade classic group\" when its members use cooperative-sticky): \
+         stop the group, then start every instance with the same protocol \
+         (docs/configuration.md, \"Moving a running group\"); otherwise see the group coordinator's log"
+    );
+}
+
 /// What the brokers said to a metadata request.
 #[derive(Debug)]
 pub enum Reach {

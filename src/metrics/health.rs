@@ -37,6 +37,9 @@ pub struct Health {
     kafka_failed: Arc<std::sync::Mutex<Option<String>>>,
 }
 
+/// `/readyz`'s reason while nothing but the group's admission is missing.
+pub const WAITING_TO_JOIN: &str = "waiting to join the consumer group";
+
 impl Health {
     /// Stops consumption for good (until restart), with the reason `/readyz` shows.
     pub fn stop_consuming(&self, reason: String) {
@@ -116,7 +119,7 @@ impl Health {
             .or_else(redis)
             .or_else(|| lock(&self.topics_missing))
             .or_else(|| (!joined).then(|| lock(&self.kafka_unreachable)).flatten())
-            .or_else(|| (!joined).then(|| "waiting to join the consumer group".to_string()))
+            .or_else(|| (!joined).then(|| WAITING_TO_JOIN.to_string()))
     }
 
     /// The instance is a member of the group (an assignment arrived, even

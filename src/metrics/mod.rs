@@ -19,7 +19,7 @@ use crate::model::Outcome;
 mod exposition;
 mod health;
 
-pub use health::Health;
+pub use health::{Health, WAITING_TO_JOIN};
 
 pub const EVENTS_TOTAL: &str = "idem_events_total";
 pub const DUPLICATE_AGE_SECONDS: &str = "idem_duplicate_age_seconds";

@@ -62,6 +62,8 @@ pub struct EventLoop<R = RedisSide> {
     stopped: bool,
     /// Holds back repeated consumer errors (one per poll with the brokers down).
     quiet: crate::kafka::quiet::LogLimiter,
+    /// When to warn that the group has not admitted this consumer yet (once).
+    join_warning_at: Option<Instant>,
     /// Where assigned partitions resume: Redis's progress records.
     resume: R,
     /// The commit metadata naming the epoch of the Redis this run writes to.
@@ -162,6 +164,7 @@ impl<R: Resume> EventLoop<R> {
             // A stop outlives a restart of consumption: only a restart of idem lifts it.
             stopped,
             quiet: Default::default(),
+            join_warning_at: Some(Instant::now() + crate::kafka::NOT_ADMITTED_AFTER),
         }
     }
 
@@ -513,6 +516,12 @@ impl<R: Resume> EventLoop<R> {
     }
 
     fn on_tick(&mut self) {
+        if self.join_warning_at.is_some_and(|t| t <= Instant::now()) {
+            self.join_warning_at = None;
+            if self.health.not_ready_reason().as_deref() == Some(crate::metrics::WAITING_TO_JOIN) {
+                crate::kafka::warn_not_admitted(&self.config.kafka);
+            }
+        }
         self.blocked.check(
             &self.owned,
             &self.health,
