@@ -195,20 +195,7 @@ async fn sigterm_hand_over(protocol: &str) {
     let opts = IdemOpts::new(&topic, &topic, &topic).with("IDEM__KAFKA__GROUP_PROTOCOL", protocol);
     let mut members: Vec<Idem> = (0..3).map(|_| Idem::spawn(&opts)).collect();
     wait_caught_up(&topic, &topic, partitions, CATCH_UP).await;
-    wait_until("all three members hold partitions", CATCH_UP, || async {
-        let mut holding = 0;
-        for m in &members {
-            if m.counter("idem_assigned_partitions", &[])
-                .await
-                .unwrap_or(0)
-                > 0
-            {
-                holding += 1;
-            }
-        }
-        holding == 3
-    })
-    .await;
+    wait_all_hold_partitions(&members, "before the hand-over").await;
 
     // Keep producing while one member leaves with SIGTERM.
     let producing = {

@@ -276,27 +276,6 @@ async fn rolling_switch(from: &str, to: &str) {
     }
 }
 
-async fn wait_all_hold_partitions(members: &[Idem], when: &str) {
-    wait_until(
-        &format!("every member holds partitions {when}"),
-        CATCH_UP,
-        || async {
-            let mut holding = 0;
-            for m in members {
-                if m.counter("idem_assigned_partitions", &[])
-                    .await
-                    .unwrap_or(0)
-                    > 0
-                {
-                    holding += 1;
-                }
-            }
-            holding == members.len()
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_stall_longer_than_max_poll_interval_keeps_the_partitions() {
     redis_stall_past_max_poll_interval("classic").await;

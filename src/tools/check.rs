@@ -1,6 +1,7 @@
 //! `idem check`: everything `idem run` needs, checked once, one line per
 //! check, before anything is consumed. Nothing is written anywhere.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -89,24 +90,27 @@ pub async fn run(config: &Config, timeout: Duration, topics_dir: Option<&Path>) 
     checks
 }
 
-/// The line for brokers that did not answer as brokers (or a probe that failed).
-fn unanswered(
+/// Why the brokers did not answer as brokers (or the probe failed), for
+/// the `kafka` line; the answer itself where they did.
+fn answer(
     config: &Config,
     timeout: Duration,
     probed: Result<Result<Reach, crate::kafka::PreflightError>, tokio::task::JoinError>,
-) -> Check {
-    let why = match probed {
-        Ok(Ok(Reach::NotYet(e))) => format!("no broker at {} answered within {timeout:?}: {e}. Is kafka.brokers right and the broker up? (--timeout waits longer)", config.kafka.brokers),
-        Ok(Ok(Reach::NotABroker(e))) => format!(
+) -> Result<(Vec<i32>, BTreeMap<String, usize>), String> {
+    match probed {
+        Ok(Ok(Reach::Answered {
+            brokers,
+            partitions,
+        })) => Ok((brokers, partitions)),
+        Ok(Ok(Reach::NotYet(e))) => Err(format!("no broker at {} answered within {timeout:?}: {e}. Is kafka.brokers right and the broker up? (--timeout waits longer)", config.kafka.brokers)),
+        Ok(Ok(Reach::NotABroker(e))) => Err(format!(
             "{}: {}, {e}",
             config.kafka.brokers,
             crate::kafka::NOT_A_BROKER
-        ),
-        Ok(Ok(Reach::Answered { .. })) => unreachable!("an answer is not a failure"),
-        Ok(Err(e)) => e.to_string(),
-        Err(e) => format!("the check did not finish: {e}"),
-    };
-    line(Status::Fail, "kafka", why)
+        )),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(format!("the check did not finish: {e}")),
+    }
 }
 
 /// The brokers, the source topics and their dead-letter topics; false
@@ -115,13 +119,10 @@ async fn kafka(config: &Config, timeout: Duration, checks: &mut Vec<Check>) -> b
     let cfg = config.kafka.clone();
     let probed =
         tokio::task::spawn_blocking(move || crate::kafka::probe(&cfg, None, timeout)).await;
-    let (brokers, partitions) = match probed {
-        Ok(Ok(Reach::Answered {
-            brokers,
-            partitions,
-        })) => (brokers, partitions),
-        other => {
-            checks.push(unanswered(config, timeout, other));
+    let (brokers, partitions) = match answer(config, timeout, probed) {
+        Ok(answered) => answered,
+        Err(why) => {
+            checks.push(line(Status::Fail, "kafka", why));
             return false;
         }
     };

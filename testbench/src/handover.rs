@@ -17,8 +17,9 @@ use serde::Serialize;
 
 use crate::conformance::harness::{self, Env, IdemProcess};
 use crate::process::signal;
+use crate::services::unique_stream;
 use idem::config::GroupProtocol;
-use idem::tools::sample::{generate, Rng, SampleRecord, SampleSpec};
+use idem::tools::sample::Rng;
 
 /// Options of a run.
 #[derive(Debug, Clone)]
@@ -237,20 +238,6 @@ pub async fn run(spec: &HandoverSpec) -> anyhow::Result<HandoverReport> {
     Ok(report)
 }
 
-fn stream(topic: &str, events: usize, seed: u64) -> Vec<SampleRecord> {
-    generate(&SampleSpec {
-        events,
-        entities: 1_000,
-        duplicate_ratio: 0.0,
-        out_of_order_ratio: 0.0,
-        delete_ratio: 0.0,
-        data_bytes: 16,
-        seed,
-        prefix: topic.to_string(),
-        zipf: None,
-    })
-}
-
 async fn fresh_topic(env: &Env, what: &str, partitions: i32) -> anyhow::Result<String> {
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -267,7 +254,7 @@ fn spawn(env: &Env, topic: &str) -> anyhow::Result<IdemProcess> {
 /// Join, SIGTERM and SIGKILL on a group of three, records trickling in.
 async fn changes(env: &Env, partitions: i32, round: u32) -> anyhow::Result<Vec<Gap>> {
     let topic = fresh_topic(env, "gaps", partitions).await?;
-    let records = stream(&topic, 60_000, 7 + u64::from(round));
+    let records = unique_stream(&topic, 60_000, 1_000, 7 + u64::from(round));
     let trickle = {
         let (env, topic) = (env.clone(), topic.clone());
         tokio::spawn(async move {
@@ -370,7 +357,7 @@ async fn storm(env: &Env, spec: &HandoverSpec, round: u32) -> anyhow::Result<Sto
             spec.partitions,
         )
         .await?;
-        let records = stream(&topic, spec.storm_records, 100 + u64::from(round));
+        let records = unique_stream(&topic, spec.storm_records, 1_000, 100 + u64::from(round));
         harness::produce(env, &topic, &records).await?;
         let end = harness::end_offsets(env, &topic, spec.partitions).await?;
         let started = Instant::now();

@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use idem::config::{KafkaConfig, RedisMode};
+use idem::tools::sample::{generate, SampleRecord, SampleSpec};
 
 pub fn brokers() -> String {
     std::env::var("IDEM_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
@@ -54,4 +55,21 @@ pub fn unique(name: &str) -> String {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// A stream with no redelivered copies, no reordering and no deletes: every
+/// duplicate outcome is a redelivery by Kafka. Ids and entities start with
+/// `prefix`.
+pub fn unique_stream(prefix: &str, events: usize, entities: usize, seed: u64) -> Vec<SampleRecord> {
+    generate(&SampleSpec {
+        events,
+        entities,
+        duplicate_ratio: 0.0,
+        out_of_order_ratio: 0.0,
+        delete_ratio: 0.0,
+        data_bytes: 16,
+        seed,
+        prefix: prefix.to_string(),
+        zipf: None,
+    })
 }

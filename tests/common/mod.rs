@@ -18,7 +18,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 pub use idem_testbench::conformance::harness::IdemProcess;
 pub use idem_testbench::oracle::oracle;
 pub use idem_testbench::process::{free_port, rss_bytes, signal, IdemCommand};
-pub use idem_testbench::services::{brokers, kafka, redis_env, redis_mode, redis_url, unique};
+pub use idem_testbench::services::{
+    brokers, kafka, redis_env, redis_mode, redis_url, unique, unique_stream,
+};
 
 /// Creates `name` and its dead-letter topic `name.dlq`.
 pub async fn create_topic(name: &str, partitions: i32) {
@@ -260,6 +262,29 @@ where
     }
 }
 
+/// Waits until every member holds at least one partition (its
+/// `idem_assigned_partitions` gauge above zero); `when` names the moment.
+pub async fn wait_all_hold_partitions(members: &[Idem], when: &str) {
+    wait_until(
+        &format!("every member holds partitions {when}"),
+        Duration::from_secs(180),
+        || async {
+            let mut holding = 0;
+            for m in members {
+                if m.counter("idem_assigned_partitions", &[])
+                    .await
+                    .unwrap_or(0)
+                    > 0
+                {
+                    holding += 1;
+                }
+            }
+            holding == members.len()
+        },
+    )
+    .await;
+}
+
 /// The conformance harness's view of the local services, for its Kafka helpers.
 fn harness_env() -> idem_testbench::conformance::Env {
     idem_testbench::conformance::Env {
@@ -474,20 +499,4 @@ pub async fn recreate_topic(topic: &str) {
 /// Whether the brokers describe `topic` (with an id) right now.
 async fn topic_id_now(topic: &str) -> bool {
     topic_id(topic).await.is_some()
-}
-
-/// A stream with no redelivered copies, no reordering and no deletes.
-pub fn unique_stream(prefix: &str, events: usize, entities: usize, seed: u64) -> Vec<SampleRecord> {
-    // No redelivered copies and no reordering: every duplicate outcome is a redelivery by Kafka.
-    generate(&SampleSpec {
-        events,
-        entities,
-        duplicate_ratio: 0.0,
-        out_of_order_ratio: 0.0,
-        delete_ratio: 0.0,
-        data_bytes: 16,
-        seed,
-        prefix: prefix.to_string(),
-        zipf: None,
-    })
 }

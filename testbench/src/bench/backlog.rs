@@ -4,27 +4,28 @@
 //! `--compare-idem`).
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
+use super::cpu::{self, cpu_seconds, Busy};
 use super::io::{progress, redis_time, scrape, scrape_total, stop};
 use super::BenchSpec;
 use crate::process::IdemCommand;
 
 /// Waits until every record of the backlog has an outcome: when the first
 /// one was counted (the clock starts there, so the group join is not
-/// measured) and the instances' CPU seconds then.
+/// measured), the instances' CPU seconds then and the machine's reading.
 async fn wait_for_outcomes(
     spec: &BenchSpec,
     idems: &mut [(Child, u16)],
     ports: &[u16],
     topic: &str,
     total: u64,
-) -> anyhow::Result<(Instant, f64)> {
-    let (t0, cpu0) = loop {
+) -> anyhow::Result<(Instant, f64, cpu::Start)> {
+    let (t0, cpu0, machine0) = loop {
         ensure_all_running(idems, &spec.out_dir)?;
         if scrape_total_all(ports, topic).await > 0 {
-            break (Instant::now(), cpu_seconds_all(idems));
+            break (Instant::now(), cpu_seconds_all(idems), cpu::start());
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
@@ -33,7 +34,7 @@ async fn wait_for_outcomes(
         ensure_all_running(idems, &spec.out_dir)?;
         let done = scrape_total_all(ports, topic).await;
         if done >= total {
-            return Ok((t0, cpu0));
+            return Ok((t0, cpu0, machine0));
         }
         if last_report.elapsed() > Duration::from_secs(2) {
             progress(&format!("  {done}/{total} records have their outcome"));
@@ -57,6 +58,8 @@ pub(super) struct Measured {
     pub redis_cpu_us_per_record: Option<f64>,
     /// Redis's time in scripts (`INFO commandstats`) per record, µs.
     pub script_us_per_record: Option<f64>,
+    /// Where the machine's cores went while the backlog was consumed.
+    pub busy: Busy,
     /// Every instance's metrics at the end.
     pub metrics: String,
     pub idems: Vec<(Child, u16)>,
@@ -101,7 +104,8 @@ pub(super) async fn run_on_backlog(
         }
     }
     let ports: Vec<u16> = idems.iter().map(|(_, p)| *p).collect();
-    let (t0, cpu0) = match wait_for_outcomes(spec, &mut idems, &ports, topic, total).await {
+    let (t0, cpu0, machine0) = match wait_for_outcomes(spec, &mut idems, &ports, topic, total).await
+    {
         Ok(started) => started,
         Err(e) => {
             // Another build's instances must not outlive a failed run.
@@ -122,6 +126,7 @@ pub(super) async fn run_on_backlog(
         }
         _ => (None, None),
     };
+    let busy = machine0.busy(elapsed, cpu, redis_cpu.map(|us| us * total as f64 / 1e6));
     let mut metrics = String::new();
     for p in &ports {
         metrics.push_str(&scrape(*p).await.unwrap_or_default());
@@ -131,14 +136,16 @@ pub(super) async fn run_on_backlog(
         idem_cpu_seconds_per_million: cpu / total as f64 * 1e6,
         redis_cpu_us_per_record: redis_cpu,
         script_us_per_record: script,
+        busy,
         metrics,
         idems,
     };
     progress(&format!(
-        "idem: {:.0} records/s, {:.2} CPU s per million, Redis {} µs per record",
+        "idem: {:.0} records/s, {:.2} CPU s per million, Redis {} µs per record; cores busy: {}",
         measured.records_per_second,
         measured.idem_cpu_seconds_per_million,
-        redis_cpu.map_or("?".into(), |us| format!("{us:.2}"))
+        redis_cpu.map_or("?".into(), |us| format!("{us:.2}")),
+        measured.busy.summary()
     ));
     Ok(measured)
 }
@@ -193,29 +200,4 @@ pub(super) fn ensure_running(child: &mut Child, out_dir: &Path) -> anyhow::Resul
         );
     }
     Ok(())
-}
-
-fn proc_stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which may contain spaces, in parentheses.
-    let after = stat.rsplit_once(')')?.1;
-    Some(after.split_whitespace().map(str::to_string).collect())
-}
-
-fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// User + system CPU seconds of a process so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    // utime and stime are fields 14 and 15 of /proc/PID/stat; 12 and 13 after the name.
-    proc_stat_fields(pid)
-        .and_then(|f| Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?))
-        .map_or(0.0, |ticks| ticks / clock_ticks_per_second())
 }

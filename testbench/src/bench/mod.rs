@@ -14,12 +14,14 @@
 mod backlog;
 mod baselines;
 mod compare;
+mod cpu;
 mod effects;
 mod io;
 mod report;
 mod runner;
 
 pub use compare::{CompareRow, Variant};
+pub use cpu::Busy;
 pub use report::BenchReport;
 pub use runner::run;
 

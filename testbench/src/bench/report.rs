@@ -37,6 +37,8 @@ pub struct BenchReport {
     pub redis_cpu_us_per_record: Option<f64>,
     /// Of it, the guard script's time per record, µs.
     pub script_us_per_record: Option<f64>,
+    /// Where the machine's cores went over the backlog.
+    pub busy: super::Busy,
     pub idem_peak_rss_bytes: u64,
     pub outcomes: Vec<(String, u64)>,
     /// Remembered ids (applied + stale outcomes).
@@ -150,6 +152,11 @@ impl BenchReport {
                 "idem CPU per million records".into(),
                 format!("{:.2} s", self.idem_cpu_seconds_per_million),
                 "",
+            ),
+            (
+                "cores busy over the backlog".into(),
+                self.busy.summary(),
+                "Redis ≥ 0.90",
             ),
         ]
     }

@@ -223,6 +223,7 @@ async fn measure_throughput(
     report.idem_cpu_seconds_per_million = measured.idem_cpu_seconds_per_million;
     report.redis_cpu_us_per_record = measured.redis_cpu_us_per_record;
     report.script_us_per_record = measured.script_us_per_record;
+    report.busy = measured.busy.clone();
     for o in Outcome::ALL {
         let n = exposition::sum(
             &measured.metrics,
