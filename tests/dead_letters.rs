@@ -11,18 +11,9 @@ use idem::tools::sample::{generate, SampleSpec};
 
 const CATCH_UP: Duration = Duration::from_secs(120);
 
+/// Well-formed records only, over 20 entities.
 fn good(prefix: &str, events: usize, seed: u64) -> Vec<idem::tools::sample::SampleRecord> {
-    generate(&SampleSpec {
-        events,
-        entities: 20,
-        duplicate_ratio: 0.0,
-        out_of_order_ratio: 0.0,
-        delete_ratio: 0.0,
-        data_bytes: 16,
-        seed,
-        prefix: prefix.to_string(),
-        zipf: None,
-    })
+    unique_stream(prefix, events, 20, seed)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
