@@ -115,18 +115,18 @@ pub(super) async fn run_on_backlog(
     };
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds_all(&idems) - cpu0;
-    let per_record = |us: f64| us / total as f64;
-    let (redis_cpu, script) = match (redis, redis0) {
+    // Redis's CPU and script time over the run, µs.
+    let redis_spent = match (redis, redis0) {
         (Some(r), Some((cpu0, script0))) => {
             let (cpu1, script1) = redis_time(r).await?;
-            (
-                Some(per_record(cpu1 - cpu0)),
-                Some(per_record(script1 - script0)),
-            )
+            Some((cpu1 - cpu0, script1 - script0))
         }
-        _ => (None, None),
+        _ => None,
     };
-    let busy = machine0.busy(elapsed, cpu, redis_cpu.map(|us| us * total as f64 / 1e6));
+    let per_record = |us: f64| us / total as f64;
+    let redis_cpu = redis_spent.map(|(cpu, _)| per_record(cpu));
+    let script = redis_spent.map(|(_, script)| per_record(script));
+    let busy = machine0.busy(elapsed, cpu, redis_spent.map(|(cpu, _)| cpu / 1e6));
     let mut metrics = String::new();
     for p in &ports {
         metrics.push_str(&scrape(*p).await.unwrap_or_default());
