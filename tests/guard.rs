@@ -989,3 +989,100 @@ async fn dense_seqs_close_gaps_at_the_cap_as_the_model_does() {
     );
     eprintln!("dense: {closed_gaps} seqs closed at the cap, {refused} late originals refused");
 }
+
+/// A batch's calls go out in several pipelines, each as soon as it is
+/// built: a script cache flushed under them is loaded again and the batch
+/// resent, with the outcomes of the calls that had run kept (they come back
+/// as this batch's own duplicates); the durable wait is sent after all of
+/// them and its answer is checked. A private Redis: the test flushes its
+/// scripts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_sent_as_built_survive_a_flushed_script_cache_and_end_with_the_durable_wait() {
+    use idem::model::Outcome::*;
+    use idem::store::DurableWait;
+    let redis = private_redis(None).await;
+    let prefix = unique("sent");
+    let mut conn = redis_conn(&redis.url()).await;
+    let epoch = ProgressStore::new(conn.clone(), KeyLayout::new(&prefix))
+        .establish_epoch()
+        .await
+        .expect("epoch");
+    // One event per call: 24 calls, so several pipelines per batch.
+    let guard_conn = conn.clone();
+    let guard_waiting_for = |replicas: u32| {
+        Guard::new(
+            guard_conn.clone(),
+            KeyLayout::new(&prefix),
+            1,
+            epoch.clone(),
+        )
+        .with_durable_wait(DurableWait::Replicas(replicas), Duration::from_millis(100))
+    };
+    let mut guard = guard_waiting_for(0);
+    let events: Vec<Event> = (0..24)
+        .map(|i| Event {
+            id: format!("e{i}"),
+            entity: format!("{prefix}:n{i}"),
+            seq: 1,
+            op: Op::Upsert,
+            kind: None,
+            set: vec![("v".into(), i.to_string())],
+            unset: Vec::new(),
+            fingerprint: i,
+        })
+        .collect();
+    let effects = Effects::default();
+    let inputs: Vec<GuardInput<'_>> = events
+        .iter()
+        .map(|event| GuardInput {
+            event,
+            window: Duration::from_secs(3600),
+            effects: &effects,
+            place: None,
+        })
+        .collect();
+    let flush = |conn: &mut idem::store::RedisConn| {
+        let mut conn = conn.clone();
+        async move {
+            let _: () = redis::cmd("SCRIPT")
+                .arg("FLUSH")
+                .query_async(&mut conn)
+                .await
+                .expect("SCRIPT FLUSH");
+        }
+    };
+
+    guard.begin_batch();
+    // An attempt of the batch in which only the first ten calls ran.
+    flush(&mut conn).await;
+    let first = guard.apply(&inputs[..10]).await.expect("first attempt");
+    assert!(first.iter().all(|v| v.outcome == Applied), "{first:?}");
+    // The cache is empty again: every pipeline answers NOSCRIPT, the script
+    // is loaded and the whole batch sent again.
+    flush(&mut conn).await;
+    let verdicts = guard.apply(&inputs).await.expect("the batch, resent");
+    let seen: Vec<_> = verdicts
+        .iter()
+        .map(|v| (v.outcome, v.earlier_attempt))
+        .collect();
+    let mut want = vec![(Duplicate, Some(Applied)); 10];
+    want.resize(24, (Applied, None));
+    assert_eq!(seen, want);
+    let entities: Vec<String> = events.iter().map(|e| e.entity.clone()).collect();
+    let views = read_entities(&redis.url(), &prefix, entities.iter()).await;
+    assert!(
+        entities
+            .iter()
+            .all(|e| views[e].seq == Some(1) && views[e].applied == 1),
+        "every entity applied once: {views:?}"
+    );
+
+    // The server has no replica: a wait for one is refused, the batch is not durable.
+    let mut guard = guard_waiting_for(1);
+    guard.begin_batch();
+    let refused = guard.apply(&inputs[..1]).await;
+    assert!(
+        refused.is_err(),
+        "the durable wait was not checked: {refused:?}"
+    );
+}

@@ -6,6 +6,7 @@
 //! effect is not, or the reverse. Calling `apply` again with the same events
 //! (a retry after a lost reply) changes nothing: they come back `duplicate`.
 
+use std::future::Future as _;
 use std::time::Duration;
 
 use redis::Value;
@@ -145,6 +146,9 @@ pub struct Place<'a> {
     pub run_start: i64,
 }
 
+/// Script calls per pipeline sent while the batch's later calls are built.
+const CALLS_PER_SEND: usize = 4;
+
 /// How long a cluster's slot map is used before it is read again.
 const SLOT_MAP_MAX_AGE: Duration = Duration::from_secs(5);
 
@@ -245,7 +249,7 @@ impl Guard {
     }
 
     /// Guards `inputs` in order, returning one verdict each. Events are sent
-    /// `events_per_script` per script call, all calls in one pipeline.
+    /// `events_per_script` per script call, sent as they are built (`send_as_built`).
     /// An error means any subset may have been applied; calling again is
     /// safe. `EpochChanged`: the calls that met a changed marker wrote nothing.
     pub async fn apply(&mut self, inputs: &[GuardInput<'_>]) -> Result<Vec<Verdict>, StoreError> {
@@ -266,21 +270,82 @@ impl Guard {
             return self.apply_cluster(inputs).await;
         }
         let chunks = chunk_by_entity(inputs, self.events_per_script);
-        let pipe = self.build_pipeline(inputs, &chunks);
-        let mut replies: Vec<Value> = match pipe.query_async(&mut self.conn).await {
-            Ok(r) => r,
+        let replies = match self.send_as_built(inputs, &chunks).await {
             Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                // Redis restarted or was flushed: load once and resend.
+                // Redis restarted or was flushed: load once and resend all
+                // (calls that ran come back as this batch's duplicates).
                 self.load_script().await?;
+                let mut pipe = redis::pipe();
+                for chunk in &chunks {
+                    pipe.add_command(self.script_cmd(inputs, chunk, None));
+                }
                 pipe.query_async(&mut self.conn).await?
             }
-            Err(e) => return Err(e.into()),
+            other => other?,
         };
         if self.wait != DurableWait::None {
-            let reply = replies.pop().unwrap_or(Value::Nil);
-            check_durable(self.wait, &reply)?;
+            check_durable(self.wait, &self.durable_wait().await?)?;
         }
         verdicts_by_chunk(&chunks, &script_items(replies)?, inputs.len())
+    }
+
+    /// Sends the calls of `chunks` in pipelines of `CALLS_PER_SEND`, each on
+    /// its way before the next is built, so Redis runs the first calls
+    /// while idem builds the rest. Their order does not matter: an entity's
+    /// events are all in one call (`chunk_by_entity`). The replies, in
+    /// chunk order; the first error if any call failed.
+    async fn send_as_built(
+        &self,
+        inputs: &[GuardInput<'_>],
+        chunks: &[Vec<usize>],
+    ) -> Result<Vec<Value>, redis::RedisError> {
+        let mut sent = Vec::with_capacity(chunks.len().div_ceil(CALLS_PER_SEND));
+        for group in chunks.chunks(CALLS_PER_SEND) {
+            let mut pipe = redis::pipe();
+            for chunk in group {
+                pipe.add_command(self.script_cmd(inputs, chunk, None));
+            }
+            let mut conn = self.conn.clone();
+            let reply = Box::pin(async move { pipe.query_async::<Vec<Value>>(&mut conn).await });
+            let mut reply = futures_util::future::maybe_done(reply);
+            // Polled once: the connection has the pipeline before the next is built.
+            std::future::poll_fn(|cx| {
+                let _ = std::pin::Pin::new(&mut reply).poll(cx);
+                std::task::Poll::Ready(())
+            })
+            .await;
+            sent.push(reply);
+            // The connection's writer may wait on this thread's queue behind
+            // this task (tokio runs a task woken here next, here): let it write.
+            tokio::task::yield_now().await;
+        }
+        let mut replies = Vec::with_capacity(chunks.len());
+        let mut failed = None;
+        for mut reply in sent {
+            (&mut reply).await;
+            match std::pin::Pin::new(&mut reply).take_output() {
+                Some(Ok(r)) => replies.extend(r),
+                // NOSCRIPT first: it is the one error a resend mends.
+                Some(Err(e)) if failed.is_none() || e.kind() == redis::ErrorKind::NoScriptError => {
+                    failed = Some(e)
+                }
+                _ => {}
+            }
+        }
+        failed.map_or(Ok(replies), Err)
+    }
+
+    /// After the batch's calls all answered: a barrier write and WAIT or
+    /// WAITAOF. The barrier makes the wait cover every write before it, on
+    /// any connection (a batch of duplicates writes nothing itself).
+    async fn durable_wait(&mut self) -> Result<Value, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("INCR")
+            .arg(self.layout.durability_barrier_key())
+            .ignore();
+        pipe.add_command(self.wait_cmd());
+        let mut replies: Vec<Value> = pipe.query_async(&mut self.conn).await?;
+        Ok(replies.pop().unwrap_or(Value::Nil))
     }
 
     /// Redis Cluster: one call per hash slot (a script may only touch one
@@ -479,24 +544,5 @@ impl Guard {
             push_event_args(&mut cmd, &inputs[i], ids.expire_at_ms, part);
         }
         cmd
-    }
-
-    fn build_pipeline(&self, inputs: &[GuardInput<'_>], chunks: &[Vec<usize>]) -> redis::Pipeline {
-        let mut pipe = redis::pipe();
-        for chunk in chunks {
-            pipe.add_command(self.script_cmd(inputs, chunk, None));
-        }
-        if self.wait != DurableWait::None {
-            // WAIT/WAITAOF only cover this connection's writes; a batch of
-            // duplicates writes nothing, so write something to make the wait
-            // cover everything sent on this connection before it.
-            pipe.cmd("INCR")
-                .arg(self.layout.durability_barrier_key())
-                .ignore();
-        }
-        if self.wait != DurableWait::None {
-            pipe.add_command(self.wait_cmd());
-        }
-        pipe
     }
 }
