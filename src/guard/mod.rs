@@ -6,7 +6,6 @@
 //! effect is not, or the reverse. Calling `apply` again with the same events
 //! (a retry after a lost reply) changes nothing: they come back `duplicate`.
 
-use std::future::Future as _;
 use std::time::Duration;
 
 use redis::Value;
@@ -22,10 +21,12 @@ use crate::store::{
 mod args;
 mod plan;
 mod reply;
+mod send;
 
 use args::{push_event_args, EffectParts};
 pub use plan::{chunk_by_entity, chunk_by_slot, id_generations, IdGenerations};
 use reply::{check_durable, script_items, verdicts_by_chunk};
+use send::{durable_wait, is_noscript, send_as_built};
 
 const SCRIPT: &str = include_str!("guard.lua");
 
@@ -145,9 +146,6 @@ pub struct Place<'a> {
     /// The start of the run of consumption that decides it.
     pub run_start: i64,
 }
-
-/// Script calls per pipeline sent while the batch's later calls are built.
-const CALLS_PER_SEND: usize = 4;
 
 /// How long a cluster's slot map is used before it is read again.
 const SLOT_MAP_MAX_AGE: Duration = Duration::from_secs(5);
@@ -270,8 +268,9 @@ impl Guard {
             return self.apply_cluster(inputs).await;
         }
         let chunks = chunk_by_entity(inputs, self.events_per_script);
-        let replies = match self.send_as_built(inputs, &chunks).await {
-            Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+        let calls = chunks.iter().map(|c| self.script_cmd(inputs, c, None));
+        let replies = match send_as_built(&self.conn, &None, Box::new(calls)).await {
+            Err(e) if is_noscript(&e) => {
                 // Redis restarted or was flushed: load once and resend all
                 // (calls that ran come back as this batch's duplicates).
                 self.load_script().await?;
@@ -279,73 +278,16 @@ impl Guard {
                 for chunk in &chunks {
                     pipe.add_command(self.script_cmd(inputs, chunk, None));
                 }
-                pipe.query_async(&mut self.conn).await?
+                self.conn.pipeline_on(&None, &pipe).await?
             }
             other => other?,
         };
         if self.wait != DurableWait::None {
-            check_durable(self.wait, &self.durable_wait().await?)?;
+            let (barrier, wait) = (self.layout.durability_barrier_key(), self.wait_cmd());
+            let reply = durable_wait(&mut self.conn, &None, &barrier, wait).await?;
+            check_durable(self.wait, &reply)?;
         }
         verdicts_by_chunk(&chunks, &script_items(replies)?, inputs.len())
-    }
-
-    /// Sends the calls of `chunks` in pipelines of `CALLS_PER_SEND`, each on
-    /// its way before the next is built, so Redis runs the first calls
-    /// while idem builds the rest. Their order does not matter: an entity's
-    /// events are all in one call (`chunk_by_entity`). The replies, in
-    /// chunk order; the first error if any call failed.
-    async fn send_as_built(
-        &self,
-        inputs: &[GuardInput<'_>],
-        chunks: &[Vec<usize>],
-    ) -> Result<Vec<Value>, redis::RedisError> {
-        let mut sent = Vec::with_capacity(chunks.len().div_ceil(CALLS_PER_SEND));
-        for group in chunks.chunks(CALLS_PER_SEND) {
-            let mut pipe = redis::pipe();
-            for chunk in group {
-                pipe.add_command(self.script_cmd(inputs, chunk, None));
-            }
-            let mut conn = self.conn.clone();
-            let reply = Box::pin(async move { pipe.query_async::<Vec<Value>>(&mut conn).await });
-            let mut reply = futures_util::future::maybe_done(reply);
-            // Polled once: the connection has the pipeline before the next is built.
-            std::future::poll_fn(|cx| {
-                let _ = std::pin::Pin::new(&mut reply).poll(cx);
-                std::task::Poll::Ready(())
-            })
-            .await;
-            sent.push(reply);
-            // The connection's writer may wait on this thread's queue behind
-            // this task (tokio runs a task woken here next, here): let it write.
-            tokio::task::yield_now().await;
-        }
-        let mut replies = Vec::with_capacity(chunks.len());
-        let mut failed = None;
-        for mut reply in sent {
-            (&mut reply).await;
-            match std::pin::Pin::new(&mut reply).take_output() {
-                Some(Ok(r)) => replies.extend(r),
-                // NOSCRIPT first: it is the one error a resend mends.
-                Some(Err(e)) if failed.is_none() || e.kind() == redis::ErrorKind::NoScriptError => {
-                    failed = Some(e)
-                }
-                _ => {}
-            }
-        }
-        failed.map_or(Ok(replies), Err)
-    }
-
-    /// After the batch's calls all answered: a barrier write and WAIT or
-    /// WAITAOF. The barrier makes the wait cover every write before it, on
-    /// any connection (a batch of duplicates writes nothing itself).
-    async fn durable_wait(&mut self) -> Result<Value, StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("INCR")
-            .arg(self.layout.durability_barrier_key())
-            .ignore();
-        pipe.add_command(self.wait_cmd());
-        let mut replies: Vec<Value> = pipe.query_async(&mut self.conn).await?;
-        Ok(replies.pop().unwrap_or(Value::Nil))
     }
 
     /// Redis Cluster: one call per hash slot (a script may only touch one
@@ -369,10 +311,10 @@ impl Guard {
 
     /// Redis Cluster: the slots' calls (a script may touch one slot only)
     /// grouped by the master that owns them, and for each master its calls
-    /// in one pipeline sent to it by address, all masters concurrently: one
-    /// round trip per master per batch. With a durable wait the pipeline
-    /// ends with a barrier write and WAIT / WAITAOF: one wait per master per
-    /// batch, always on the connection that ran the scripts. A retry
+    /// sent to it by address as they are built (`send`), all masters
+    /// concurrently. With a durable wait, once a master's calls answered, a
+    /// barrier write and WAIT / WAITAOF on that master: one wait per master
+    /// per batch, always on the connection that ran the scripts. A retry
     /// resends the scripts too, so a WAIT reply never stands for writes that
     /// went elsewhere (a failover makes the scripts fail on the old address,
     /// or run again on the new master). A slot that moved answers MOVED: the
@@ -416,30 +358,26 @@ impl Guard {
             let mut conn = this.conn.clone();
             let barrier = this.layout.slot_barrier_key(slot_of(&chunks[mine[0]]));
             async move {
-                let pipeline = |with_source: bool| {
-                    let mut pipe = redis::pipe();
-                    for (n, &c) in mine.iter().enumerate() {
-                        // One EVAL loads the script for the EVALSHAs after it.
-                        let source = (with_source && n == 0).then_some(&*this.source);
-                        pipe.add_command(this.script_cmd(inputs, &chunks[c], source));
-                    }
-                    if this.wait != DurableWait::None {
-                        pipe.cmd("INCR").arg(&barrier);
-                        pipe.add_command(this.wait_cmd());
-                    }
-                    pipe
-                };
                 let node = Some(node);
-                let mut replies = match conn.pipeline_on(&node, &pipeline(false)).await {
-                    // This node has not seen the script yet: EVAL loads it.
-                    Err(StoreError::Redis(e)) if e.kind() == redis::ErrorKind::NoScriptError => {
-                        conn.pipeline_on(&node, &pipeline(true)).await?
+                let calls = mine
+                    .iter()
+                    .map(|&c| this.script_cmd(inputs, &chunks[c], None));
+                let replies = match send_as_built(&conn, &node, Box::new(calls)).await {
+                    // This node has not seen the script yet: one EVAL loads
+                    // it for the EVALSHAs after it.
+                    Err(e) if is_noscript(&e) => {
+                        let mut pipe = redis::pipe();
+                        for (n, &c) in mine.iter().enumerate() {
+                            let source = (n == 0).then_some(&*this.source);
+                            pipe.add_command(this.script_cmd(inputs, &chunks[c], source));
+                        }
+                        conn.pipeline_on(&node, &pipe).await?
                     }
                     other => other?,
                 };
                 if this.wait != DurableWait::None {
-                    check_durable(this.wait, &replies.pop().unwrap_or(Value::Nil))?;
-                    replies.pop(); // the barrier's count
+                    let reply = durable_wait(&mut conn, &node, &barrier, this.wait_cmd()).await?;
+                    check_durable(this.wait, &reply)?;
                 }
                 let scripts = script_items(replies)?;
                 Ok::<_, StoreError>(mine.into_iter().zip(scripts).collect::<Vec<_>>())
