@@ -269,7 +269,7 @@ impl Guard {
         }
         let chunks = chunk_by_entity(inputs, self.events_per_script);
         let calls = chunks.iter().map(|c| self.script_cmd(inputs, c, None));
-        let replies = match send_as_built(&self.conn, &None, Box::new(calls)).await {
+        let replies = match send_as_built(&self.conn, Box::new(calls)).await {
             Err(e) if is_noscript(&e) => {
                 // Redis restarted or was flushed: load once and resend all
                 // (calls that ran come back as this batch's duplicates).
@@ -284,7 +284,7 @@ impl Guard {
         };
         if self.wait != DurableWait::None {
             let (barrier, wait) = (self.layout.durability_barrier_key(), self.wait_cmd());
-            let reply = durable_wait(&mut self.conn, &None, &barrier, wait).await?;
+            let reply = durable_wait(&mut self.conn, &barrier, wait).await?;
             check_durable(self.wait, &reply)?;
         }
         verdicts_by_chunk(&chunks, &script_items(replies)?, inputs.len())
@@ -311,10 +311,10 @@ impl Guard {
 
     /// Redis Cluster: the slots' calls (a script may touch one slot only)
     /// grouped by the master that owns them, and for each master its calls
-    /// sent to it by address as they are built (`send`), all masters
-    /// concurrently. With a durable wait, once a master's calls answered, a
-    /// barrier write and WAIT / WAITAOF on that master: one wait per master
-    /// per batch, always on the connection that ran the scripts. A retry
+    /// in one pipeline sent to it by address, all masters concurrently: one
+    /// round trip per master per batch. With a durable wait the pipeline
+    /// ends with a barrier write and WAIT / WAITAOF: one wait per master per
+    /// batch, always on the connection that ran the scripts. A retry
     /// resends the scripts too, so a WAIT reply never stands for writes that
     /// went elsewhere (a failover makes the scripts fail on the old address,
     /// or run again on the new master). A slot that moved answers MOVED: the
@@ -358,26 +358,30 @@ impl Guard {
             let mut conn = this.conn.clone();
             let barrier = this.layout.slot_barrier_key(slot_of(&chunks[mine[0]]));
             async move {
+                let pipeline = |with_source: bool| {
+                    let mut pipe = redis::pipe();
+                    for (n, &c) in mine.iter().enumerate() {
+                        // One EVAL loads the script for the EVALSHAs after it.
+                        let source = (with_source && n == 0).then_some(&*this.source);
+                        pipe.add_command(this.script_cmd(inputs, &chunks[c], source));
+                    }
+                    if this.wait != DurableWait::None {
+                        pipe.cmd("INCR").arg(&barrier);
+                        pipe.add_command(this.wait_cmd());
+                    }
+                    pipe
+                };
                 let node = Some(node);
-                let calls = mine
-                    .iter()
-                    .map(|&c| this.script_cmd(inputs, &chunks[c], None));
-                let replies = match send_as_built(&conn, &node, Box::new(calls)).await {
-                    // This node has not seen the script yet: one EVAL loads
-                    // it for the EVALSHAs after it.
-                    Err(e) if is_noscript(&e) => {
-                        let mut pipe = redis::pipe();
-                        for (n, &c) in mine.iter().enumerate() {
-                            let source = (n == 0).then_some(&*this.source);
-                            pipe.add_command(this.script_cmd(inputs, &chunks[c], source));
-                        }
-                        conn.pipeline_on(&node, &pipe).await?
+                let mut replies = match conn.pipeline_on(&node, &pipeline(false)).await {
+                    // This node has not seen the script yet: EVAL loads it.
+                    Err(StoreError::Redis(e)) if e.kind() == redis::ErrorKind::NoScriptError => {
+                        conn.pipeline_on(&node, &pipeline(true)).await?
                     }
                     other => other?,
                 };
                 if this.wait != DurableWait::None {
-                    let reply = durable_wait(&mut conn, &node, &barrier, this.wait_cmd()).await?;
-                    check_durable(this.wait, &reply)?;
+                    check_durable(this.wait, &replies.pop().unwrap_or(Value::Nil))?;
+                    replies.pop(); // the barrier's count
                 }
                 let scripts = script_items(replies)?;
                 Ok::<_, StoreError>(mine.into_iter().zip(scripts).collect::<Vec<_>>())

@@ -1,10 +1,14 @@
-//! How a batch's script calls reach Redis: a few calls per pipeline, each
-//! pipeline on its way before the next is built, so Redis runs the first
-//! calls while idem builds the rest.
+//! How a batch's script calls reach a standalone Redis: a few calls per
+//! pipeline, each pipeline on its way before the next is built, so Redis
+//! runs the first calls while idem builds the rest.
 //!
 //! Their order does not matter: an entity's events are all in one call
-//! (`chunk_by_entity`, `chunk_by_slot`), and a call's effects depend only
-//! on its entity's keys. A durable wait is sent after all of them answered.
+//! (`chunk_by_entity`), and a call's effects depend only on its entity's
+//! keys. A durable wait is sent after all of them answered.
+//!
+//! A cluster keeps one pipeline per master: there the masters' pipelines
+//! already overlap, and the smaller pipelines cost more idem CPU than they
+//! saved (0.89× the records/s, docs/performance.md).
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -12,18 +16,16 @@ use std::task::Poll;
 
 use redis::{Pipeline, Value};
 
-use crate::store::{NodeAddr, RedisConn, StoreError};
+use crate::store::{RedisConn, StoreError};
 
 /// Script calls per pipeline.
 pub const CALLS_PER_SEND: usize = 4;
 
-/// Sends `calls`, built as they are taken, to `node` (`None`: the one
-/// server) in pipelines of [`CALLS_PER_SEND`]. The replies in call order,
-/// or the first error, a NOSCRIPT one before any other: it is the one a
-/// resend of every call mends.
+/// Sends `calls`, built as they are taken, in pipelines of
+/// [`CALLS_PER_SEND`]. The replies in call order, or the first error, a
+/// NOSCRIPT one before any other: it is the one a resend of every call mends.
 pub async fn send_as_built(
     conn: &RedisConn,
-    node: &Option<NodeAddr>,
     calls: Box<dyn Iterator<Item = redis::Cmd> + Send + '_>,
 ) -> Result<Vec<Value>, StoreError> {
     // (Boxed: with a generic iterator of closures over borrowed inputs,
@@ -35,8 +37,8 @@ pub async fn send_as_built(
         for call in calls.by_ref().take(CALLS_PER_SEND) {
             pipe.add_command(call);
         }
-        let (mut conn, node) = (conn.clone(), node.clone());
-        let reply = Box::pin(async move { conn.pipeline_on(&node, &pipe).await });
+        let mut conn = conn.clone();
+        let reply = Box::pin(async move { conn.pipeline_on(&None, &pipe).await });
         let mut reply = futures_util::future::maybe_done(reply);
         // Polled once: the connection has the pipeline before the next is built.
         std::future::poll_fn(|cx| {
@@ -68,18 +70,17 @@ pub fn is_noscript(e: &StoreError) -> bool {
     matches!(e, StoreError::Redis(e) if e.kind() == redis::ErrorKind::NoScriptError)
 }
 
-/// After a batch's calls on `node` all answered: a barrier write and the
+/// After a batch's calls all answered: a barrier write and the
 /// wait. The barrier makes the wait cover every write before it, on any
 /// connection (a batch of duplicates writes nothing itself). The wait's reply.
 pub async fn durable_wait(
     conn: &mut RedisConn,
-    node: &Option<NodeAddr>,
     barrier: &str,
     wait: redis::Cmd,
 ) -> Result<Value, StoreError> {
     let mut pipe: Pipeline = redis::pipe();
     pipe.cmd("INCR").arg(barrier).ignore();
     pipe.add_command(wait);
-    let mut replies = conn.pipeline_on(node, &pipe).await?;
+    let mut replies = conn.pipeline_on(&None, &pipe).await?;
     Ok(replies.pop().unwrap_or(Value::Nil))
 }
