@@ -22,23 +22,38 @@ const WAIT: Duration = Duration::from_secs(20);
 /// Which batch each guard call carried, and whether the proxy let it through.
 type CallLog = Arc<Mutex<Vec<(&'static str, bool)>>>;
 
+/// What the proxy does to the first guard call of the first batch.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// Cuts the connection without forwarding it: Redis never sees it.
+    Cut,
+    /// Answers it with Redis's out-of-memory refusal, as a Redis at its
+    /// `maxmemory` does, without forwarding it; the connection stays.
+    OutOfMemory,
+}
+
 /// A proxy to `upstream` that notes each guard call (EVALSHA) by the batch
-/// its ids belong to (`first-…` or `second-…`) and cuts the connection,
-/// without forwarding, under the first call of the first batch.
-async fn cutting_proxy(upstream: String) -> (u16, CallLog) {
+/// its ids belong to (`first-…` or `second-…`) and does `fault` to the
+/// first call of the first batch (whose pipeline is that one call).
+async fn faulty_proxy(upstream: String, fault: Fault) -> (u16, CallLog) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let calls: CallLog = Arc::default();
     let log = calls.clone();
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
-            tokio::spawn(forward(client, upstream.clone(), log.clone()));
+            tokio::spawn(forward(client, upstream.clone(), log.clone(), fault));
         }
     });
     (port, calls)
 }
 
-async fn forward(mut client: tokio::net::TcpStream, upstream: String, calls: CallLog) {
+async fn forward(
+    mut client: tokio::net::TcpStream,
+    upstream: String,
+    calls: CallLog,
+    fault: Fault,
+) {
     let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
         return;
     };
@@ -52,11 +67,22 @@ async fn forward(mut client: tokio::net::TcpStream, upstream: String, calls: Cal
                 if has(b"EVALSHA") {
                     let batch = if has(b"first-") { "first" } else if has(b"second-") { "second" } else { "" };
                     if !batch.is_empty() {
-                        let mut calls = calls.lock().unwrap();
-                        let cut = batch == "first" && calls.is_empty();
-                        calls.push((batch, !cut));
-                        if cut {
-                            return; // both ends dropped: Redis never saw the call
+                        let fail = {
+                            let mut calls = calls.lock().unwrap();
+                            let fail = batch == "first" && calls.is_empty();
+                            calls.push((batch, !fail));
+                            fail
+                        };
+                        match fault {
+                            Fault::Cut if fail => return, // both ends dropped: Redis never saw the call
+                            Fault::OutOfMemory if fail => {
+                                let oom = b"-OOM command not allowed when used memory > 'maxmemory'.\r\n";
+                                if client.write_all(oom).await.is_err() {
+                                    return;
+                                }
+                                continue;
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -113,8 +139,22 @@ fn redis_address() -> String {
 /// then both are in Redis, every effect of each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_a_failed_batch_holds_back_the_next_until_its_retry_lands() {
-    let (port, calls) = cutting_proxy(redis_address()).await;
-    let prefix = format!("stage-{}", unix_millis());
+    a_failed_batch_holds_back_the_next(Fault::Cut).await;
+}
+
+/// The binding rule of the offset marks (at most one unresolved Redis call
+/// per partition): Redis refuses batch N out of memory while batch N+1
+/// could succeed. N+1 is not sent before N's retry landed; had it been, N's
+/// retry would find its records below N+1's mark and call them replayed,
+/// and N's effects would be lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_a_batch_refused_out_of_memory_holds_back_the_next_until_its_retry_lands() {
+    a_failed_batch_holds_back_the_next(Fault::OutOfMemory).await;
+}
+
+async fn a_failed_batch_holds_back_the_next(fault: Fault) {
+    let (port, calls) = faulty_proxy(redis_address(), fault).await;
+    let prefix = format!("stage-{fault:?}-{}", unix_millis());
     let mut config = Config::defaults();
     config.redis.url = format!("redis://127.0.0.1:{port}");
     config.redis.key_prefix = prefix.clone();

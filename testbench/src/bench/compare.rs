@@ -62,6 +62,8 @@ pub struct CompareRow {
     pub redis_cpu_us_per_record: Vec<f64>,
     /// Time Redis spent in the guard script (`INFO commandstats`) per record, µs.
     pub script_us_per_record: Vec<f64>,
+    /// Redis's cores busy over the backlog (standalone only; target 4).
+    pub redis_cores_busy: Vec<f64>,
 }
 
 /// This build first, then each variant, for `spec.compare_rounds` rounds.
@@ -108,6 +110,7 @@ pub async fn run(spec: &BenchSpec, backlog: &Backlog) -> anyhow::Result<Vec<Comp
                 .extend(measured.redis_cpu_us_per_record);
             row.script_us_per_record
                 .extend(measured.script_us_per_record);
+            row.redis_cores_busy.extend(measured.busy.redis_cores_busy);
             measured.stop();
             if let Some(r) = redis.as_mut() {
                 cleanup(r, &name).await;
@@ -128,7 +131,7 @@ fn mean(v: &[f64]) -> f64 {
 /// The comparison as Markdown: every run, the mean and its ratio to this build's.
 pub fn to_markdown(rows: &[CompareRow]) -> String {
     let mut s = String::from(
-        "| build | records/s (runs) | ÷ this build | idem CPU s per million | ÷ | Redis CPU µs per record | ÷ | guard script µs per record | ÷ |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| build | records/s (runs) | ÷ this build | idem CPU s per million | ÷ | Redis CPU µs per record | ÷ | guard script µs per record | ÷ | Redis cores busy | ÷ |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let Some(base) = rows.first() else {
         return s;
@@ -139,7 +142,11 @@ pub fn to_markdown(rows: &[CompareRow]) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let ratio = |v: &[f64], b: &[f64]| format!("{:.2}", mean(v) / mean(b));
+    // "—" where a figure is not known (Redis's, on a cluster).
+    let ratio = |v: &[f64], b: &[f64]| match mean(v) / mean(b) {
+        r if r.is_nan() => "—".to_string(),
+        r => format!("{r:.2}"),
+    };
     for r in rows {
         let label = if r.env.is_empty() {
             r.name.clone()
@@ -147,7 +154,7 @@ pub fn to_markdown(rows: &[CompareRow]) -> String {
             format!("{} ({})", r.name, r.env.join(" "))
         };
         s.push_str(&format!(
-            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             runs(&r.records_per_second, 0),
             ratio(&r.records_per_second, &base.records_per_second),
             runs(&r.idem_cpu_seconds_per_million, 2),
@@ -159,6 +166,8 @@ pub fn to_markdown(rows: &[CompareRow]) -> String {
             ratio(&r.redis_cpu_us_per_record, &base.redis_cpu_us_per_record),
             runs(&r.script_us_per_record, 2),
             ratio(&r.script_us_per_record, &base.script_us_per_record),
+            runs(&r.redis_cores_busy, 2),
+            ratio(&r.redis_cores_busy, &base.redis_cores_busy),
         ));
     }
     s
@@ -201,5 +210,7 @@ mod tests {
         ]);
         assert!(md.contains("| this build | 100, 300 | 1.00 |"), "{md}");
         assert!(md.contains("| old | 100 | 0.50 |"), "{md}");
+        // Redis's cores busy is not known for either (a cluster): no ratio.
+        assert!(md.ends_with("| 1.00 |  | — |\n"), "{md}");
     }
 }
