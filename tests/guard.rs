@@ -993,11 +993,11 @@ async fn dense_seqs_close_gaps_at_the_cap_as_the_model_does() {
 /// A batch's calls go out in several pipelines, each as soon as it is
 /// built: a script cache flushed under them is loaded again and the batch
 /// resent, with the outcomes of the calls that had run kept (they come back
-/// as this batch's own duplicates); the durable wait is sent after all of
-/// them and its answer is checked. A private Redis: the test flushes its
-/// scripts.
+/// as this batch's own duplicates). With a durable wait, the calls and the
+/// wait share one pipeline and the wait's answer is checked. A private
+/// Redis: the test flushes its scripts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn calls_sent_as_built_survive_a_flushed_script_cache_and_end_with_the_durable_wait() {
+async fn calls_sent_as_built_survive_a_flushed_script_cache_and_a_durable_wait_is_checked() {
     use idem::model::Outcome::*;
     use idem::store::DurableWait;
     let redis = private_redis(None).await;
@@ -1009,16 +1009,18 @@ async fn calls_sent_as_built_survive_a_flushed_script_cache_and_end_with_the_dur
         .expect("epoch");
     // One event per call: 24 calls, so several pipelines per batch.
     let guard_conn = conn.clone();
-    let guard_waiting_for = |replicas: u32| {
+    let new_guard = || {
         Guard::new(
             guard_conn.clone(),
             KeyLayout::new(&prefix),
             1,
             epoch.clone(),
         )
-        .with_durable_wait(DurableWait::Replicas(replicas), Duration::from_millis(100))
     };
-    let mut guard = guard_waiting_for(0);
+    let guard_waiting_for = |replicas: u32| {
+        new_guard().with_durable_wait(DurableWait::Replicas(replicas), Duration::from_millis(100))
+    };
+    let mut guard = new_guard();
     let events: Vec<Event> = (0..24)
         .map(|i| Event {
             id: format!("e{i}"),
@@ -1077,12 +1079,37 @@ async fn calls_sent_as_built_survive_a_flushed_script_cache_and_end_with_the_dur
         "every entity applied once: {views:?}"
     );
 
+    // A wait for no replica is met: the batch is applied (the barrier's
+    // reply is not taken for a call's).
+    let more: Vec<Event> = events
+        .iter()
+        .map(|e| Event {
+            id: format!("{}-again", e.id),
+            seq: 2,
+            ..e.clone()
+        })
+        .collect();
+    let again = |range: std::ops::Range<usize>| -> Vec<GuardInput<'_>> {
+        more[range]
+            .iter()
+            .map(|event| GuardInput {
+                event,
+                window: Duration::from_secs(3600),
+                effects: &effects,
+                place: None,
+            })
+            .collect()
+    };
+    let mut guard = guard_waiting_for(0);
+    guard.begin_batch();
+    let waited = guard.apply(&again(0..6)).await.expect("WAIT 0 is met");
+    assert!(waited.iter().all(|v| v.outcome == Applied), "{waited:?}");
     // The server has no replica: a wait for one is refused, the batch is not durable.
     let mut guard = guard_waiting_for(1);
     guard.begin_batch();
-    let refused = guard.apply(&inputs[..1]).await;
+    let refused = guard.apply(&again(6..7)).await;
     assert!(
-        refused.is_err(),
+        matches!(refused, Err(idem::store::StoreError::NotDurable(_))),
         "the durable wait was not checked: {refused:?}"
     );
 }

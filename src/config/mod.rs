@@ -214,7 +214,8 @@ pub struct PipelineConfig {
     /// bigger calls amortise per-call cost, smaller ones keep latency of other clients low).
     #[serde(deserialize_with = "values::positive_count")]
     pub events_per_script: NonZeroUsize,
-    /// Backoff of retried Redis calls: starts here, doubles, capped at retry_max_backoff.
+    /// Backoff of retried Redis calls and of restarts of consumption: starts here, doubles,
+    /// capped at retry_max_backoff (a restart after a run of a minute or more starts over).
     #[serde(deserialize_with = "values::positive_duration")]
     pub retry_initial_backoff: Duration,
     /// Described with `retry_initial_backoff` (config/default.toml has one comment for the group).

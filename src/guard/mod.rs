@@ -26,7 +26,7 @@ mod send;
 use args::{push_event_args, EffectParts};
 pub use plan::{chunk_by_entity, chunk_by_slot, id_generations, IdGenerations};
 use reply::{check_durable, script_items, verdicts_by_chunk};
-use send::{durable_wait, is_noscript, send_as_built};
+use send::{is_noscript, send_as_built};
 
 const SCRIPT: &str = include_str!("guard.lua");
 
@@ -247,7 +247,9 @@ impl Guard {
     }
 
     /// Guards `inputs` in order, returning one verdict each. Events are sent
-    /// `events_per_script` per script call, sent as they are built (`send_as_built`).
+    /// `events_per_script` per script call: on one server sent as they are
+    /// built (`send_as_built`; with a durable wait, in one pipeline with
+    /// it), on a cluster in one pipeline per master.
     /// An error means any subset may have been applied; calling again is
     /// safe. `EpochChanged`: the calls that met a changed marker wrote nothing.
     pub async fn apply(&mut self, inputs: &[GuardInput<'_>]) -> Result<Vec<Verdict>, StoreError> {
@@ -268,26 +270,49 @@ impl Guard {
             return self.apply_cluster(inputs).await;
         }
         let chunks = chunk_by_entity(inputs, self.events_per_script);
-        let calls = chunks.iter().map(|c| self.script_cmd(inputs, c, None));
-        let replies = match send_as_built(&self.conn, Box::new(calls)).await {
+        // With a durable wait the calls and the wait go in one pipeline: one
+        // pass on one connection, so the wait's answer stands for the calls
+        // (sent apart, a reconnect in between could take the wait to another
+        // server, e.g. a new master behind the same address).
+        let sent = if self.wait == DurableWait::None {
+            let calls = chunks.iter().map(|c| self.script_cmd(inputs, c, None));
+            send_as_built(&self.conn, Box::new(calls)).await
+        } else {
+            self.conn
+                .pipeline_on(&None, &self.with_wait(inputs, &chunks))
+                .await
+        };
+        let mut replies = match sent {
             Err(e) if is_noscript(&e) => {
                 // Redis restarted or was flushed: load once and resend all
                 // (calls that ran come back as this batch's duplicates).
                 self.load_script().await?;
-                let mut pipe = redis::pipe();
-                for chunk in &chunks {
-                    pipe.add_command(self.script_cmd(inputs, chunk, None));
-                }
-                self.conn.pipeline_on(&None, &pipe).await?
+                self.conn
+                    .pipeline_on(&None, &self.with_wait(inputs, &chunks))
+                    .await?
             }
             other => other?,
         };
         if self.wait != DurableWait::None {
-            let (barrier, wait) = (self.layout.durability_barrier_key(), self.wait_cmd());
-            let reply = durable_wait(&mut self.conn, &barrier, wait).await?;
-            check_durable(self.wait, &reply)?;
+            check_durable(self.wait, &replies.pop().unwrap_or(Value::Nil))?;
+            replies.pop(); // the barrier's count
         }
         verdicts_by_chunk(&chunks, &script_items(replies)?, inputs.len())
+    }
+
+    /// Every call of `chunks` in one pipeline, ended by the durable wait if
+    /// one is configured: a barrier write, then `WAIT`/`WAITAOF`. The
+    /// barrier makes the wait cover the batch even when it wrote nothing else.
+    fn with_wait(&self, inputs: &[GuardInput<'_>], chunks: &[Vec<usize>]) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        for chunk in chunks {
+            pipe.add_command(self.script_cmd(inputs, chunk, None));
+        }
+        if self.wait != DurableWait::None {
+            pipe.cmd("INCR").arg(self.layout.durability_barrier_key());
+            pipe.add_command(self.wait_cmd());
+        }
+        pipe
     }
 
     /// Redis Cluster: one call per hash slot (a script may only touch one
@@ -374,9 +399,7 @@ impl Guard {
                 let node = Some(node);
                 let mut replies = match conn.pipeline_on(&node, &pipeline(false)).await {
                     // This node has not seen the script yet: EVAL loads it.
-                    Err(StoreError::Redis(e)) if e.kind() == redis::ErrorKind::NoScriptError => {
-                        conn.pipeline_on(&node, &pipeline(true)).await?
-                    }
+                    Err(e) if is_noscript(&e) => conn.pipeline_on(&node, &pipeline(true)).await?,
                     other => other?,
                 };
                 if this.wait != DurableWait::None {

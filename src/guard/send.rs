@@ -1,20 +1,23 @@
-//! How a batch's script calls reach a standalone Redis: a few calls per
-//! pipeline, each pipeline on its way before the next is built, so Redis
-//! runs the first calls while idem builds the rest.
+//! How a batch's script calls reach a standalone Redis without a durable
+//! wait: a few calls per pipeline, each pipeline handed to the connection
+//! before the next is built, so Redis runs the first calls while idem
+//! builds the rest.
 //!
 //! Their order does not matter: an entity's events are all in one call
-//! (`chunk_by_entity`), and a call's effects depend only on its entity's
-//! keys. A durable wait is sent after all of them answered.
+//! (`chunk_by_entity`), and a call writes only its entities' keys. Every
+//! pipeline is answered before the batch is: nothing of the next batch, and
+//! no progress record, goes out while one is unresolved.
 //!
-//! A cluster keeps one pipeline per master: there the masters' pipelines
-//! already overlap, and the smaller pipelines cost more idem CPU than they
-//! saved (0.89× the records/s, docs/performance.md).
+//! A durable wait keeps the calls and the wait in one pipeline (one pass on
+//! one connection), and a cluster one pipeline per master: there the
+//! masters' pipelines already overlap, and smaller ones cost idem more than
+//! they saved (0.89× the records/s, docs/performance.md).
 
 use std::future::Future as _;
 use std::pin::Pin;
 use std::task::Poll;
 
-use redis::{Pipeline, Value};
+use redis::Value;
 
 use crate::store::{RedisConn, StoreError};
 
@@ -22,8 +25,7 @@ use crate::store::{RedisConn, StoreError};
 pub const CALLS_PER_SEND: usize = 4;
 
 /// Sends `calls`, built as they are taken, in pipelines of
-/// [`CALLS_PER_SEND`]. The replies in call order, or the first error, a
-/// NOSCRIPT one before any other: it is the one a resend of every call mends.
+/// [`CALLS_PER_SEND`]; the replies as [`merged`] gives them.
 pub async fn send_as_built(
     conn: &RedisConn,
     calls: Box<dyn Iterator<Item = redis::Cmd> + Send + '_>,
@@ -40,25 +42,47 @@ pub async fn send_as_built(
         let mut conn = conn.clone();
         let reply = Box::pin(async move { conn.pipeline_on(&None, &pipe).await });
         let mut reply = futures_util::future::maybe_done(reply);
-        // Polled once: the connection has the pipeline before the next is built.
+        // Polled once: normally this puts the pipeline in the connection's
+        // queue. If not (a reconnect under way, a full queue), it goes out
+        // when awaited below, which is as correct, only later.
         std::future::poll_fn(|cx| {
             let _ = Pin::new(&mut reply).poll(cx);
             Poll::Ready(())
         })
         .await;
         sent.push(reply);
-        // The connection's writer was woken on this thread, and tokio runs
-        // it here only after this task: let it write now.
-        tokio::task::yield_now().await;
+        if calls.peek().is_some() {
+            // The connection's writer was woken on this thread, and tokio
+            // runs it only once this task yields: let it write before the
+            // next pipeline is built.
+            tokio::task::yield_now().await;
+        }
     }
-    let mut replies = Vec::new();
-    let mut failed: Option<StoreError> = None;
+    let mut answers = Vec::with_capacity(sent.len());
     for mut reply in sent {
         (&mut reply).await;
-        match Pin::new(&mut reply).take_output() {
-            Some(Ok(r)) => replies.extend(r),
-            Some(Err(e)) if failed.is_none() || is_noscript(&e) => failed = Some(e),
-            _ => {}
+        answers.extend(Pin::new(&mut reply).take_output());
+    }
+    merged(answers)
+}
+
+/// The pipelines' answers, in order, as one: every reply in call order, or
+/// the first error, a NOSCRIPT one before any other (it is the one error a
+/// resend of every call mends).
+fn merged(answers: Vec<Result<Vec<Value>, StoreError>>) -> Result<Vec<Value>, StoreError> {
+    let mut replies = Vec::new();
+    let mut failed: Option<StoreError> = None;
+    for answer in answers {
+        match answer {
+            Ok(r) => replies.extend(r),
+            Err(e)
+                if failed
+                    .as_ref()
+                    .is_none_or(|f| !is_noscript(f) && is_noscript(&e)) =>
+            {
+                failed = Some(e)
+            }
+            Err(_) => {}
         }
     }
     failed.map_or(Ok(replies), Err)
@@ -70,17 +94,53 @@ pub fn is_noscript(e: &StoreError) -> bool {
     matches!(e, StoreError::Redis(e) if e.kind() == redis::ErrorKind::NoScriptError)
 }
 
-/// After a batch's calls all answered: a barrier write and the
-/// wait. The barrier makes the wait cover every write before it, on any
-/// connection (a batch of duplicates writes nothing itself). The wait's reply.
-pub async fn durable_wait(
-    conn: &mut RedisConn,
-    barrier: &str,
-    wait: redis::Cmd,
-) -> Result<Value, StoreError> {
-    let mut pipe: Pipeline = redis::pipe();
-    pipe.cmd("INCR").arg(barrier).ignore();
-    pipe.add_command(wait);
-    let mut replies = conn.pipeline_on(&None, &pipe).await?;
-    Ok(replies.pop().unwrap_or(Value::Nil))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(code: &'static str) -> StoreError {
+        let kind = match code {
+            "NOSCRIPT" => redis::ErrorKind::NoScriptError,
+            _ => redis::ErrorKind::ResponseError,
+        };
+        StoreError::Redis(redis::RedisError::from((kind, code)))
+    }
+
+    fn outcome(answers: Vec<Result<Vec<Value>, StoreError>>) -> String {
+        match merged(answers) {
+            Ok(replies) => format!("{replies:?}"),
+            Err(e) if is_noscript(&e) => "NOSCRIPT".into(),
+            Err(e) => format!("{e}"),
+        }
+    }
+
+    /// | answers             | merged          |
+    /// |---------------------|-----------------|
+    /// | [1, 2], [3]         | [1, 2, 3]       |
+    /// | ok, NOSCRIPT        | NOSCRIPT        |
+    /// | OOM, NOSCRIPT       | NOSCRIPT        |
+    /// | NOSCRIPT, OOM       | NOSCRIPT        |
+    /// | OOM, BUSY           | OOM (the first) |
+    #[test]
+    fn the_first_error_wins_unless_a_later_one_is_noscript() {
+        let ok = |v: &[i64]| Ok(v.iter().map(|&i| Value::Int(i)).collect());
+        assert_eq!(
+            outcome(vec![ok(&[1, 2]), ok(&[3])]),
+            "[int(1), int(2), int(3)]"
+        );
+        assert_eq!(
+            outcome(vec![ok(&[1]), Err(refusal("NOSCRIPT"))]),
+            "NOSCRIPT"
+        );
+        assert_eq!(
+            outcome(vec![Err(refusal("OOM")), Err(refusal("NOSCRIPT"))]),
+            "NOSCRIPT"
+        );
+        assert_eq!(
+            outcome(vec![Err(refusal("NOSCRIPT")), Err(refusal("OOM"))]),
+            "NOSCRIPT"
+        );
+        let first = outcome(vec![Err(refusal("OOM")), Err(refusal("BUSY"))]);
+        assert!(first.contains("OOM"), "{first}");
+    }
 }

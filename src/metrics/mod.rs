@@ -177,7 +177,7 @@ fn describe_all() {
     describe_histogram!(
         REDIS_ROUND_TRIP_SECONDS,
         Unit::Seconds,
-        "One pipelined guard round trip to Redis."
+        "One guard attempt of a batch: the progress check and every call of the batch (with the durable wait, if any)."
     );
     describe_counter!(
         RETRIES_TOTAL,

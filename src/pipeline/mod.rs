@@ -120,10 +120,12 @@ async fn run_pipeline(
             return Ok(());
         };
         health.set_redis_ok();
+        let started = std::time::Instant::now();
         match run_consumer(&config, &health, &mut shutdown, guard, redis).await? {
             LoopEnd::Shutdown => return Ok(()),
             LoopEnd::Unrecoverable(e) => return Err(e.into()),
             LoopEnd::Restart(why) => {
+                backoff.after_run(started.elapsed());
                 let wait = backoff.next();
                 tracing::warn!(reason = %why, restart_in = ?wait, "consumption restarts: Redis's progress is read again and every partition resumes from what Redis holds");
                 tokio::select! {

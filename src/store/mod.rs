@@ -152,8 +152,9 @@ impl RedisConn {
 
     /// Sends `pipe` to `node` (on a standalone server: to it) and returns
     /// every reply; a server error in any reply is the error of the whole.
-    /// redis-rs resends the whole pipeline on a reconnect, and to the named
-    /// node on MOVED/ASK: a success is always one pass on one connection.
+    /// A pipeline that fails is not resent in part (idem retries the whole
+    /// batch; on a cluster redis-rs may resend the whole pipeline, to the
+    /// named node on MOVED/ASK): a success is one pass on one connection.
     pub async fn pipeline_on(
         &mut self,
         node: &Option<NodeAddr>,

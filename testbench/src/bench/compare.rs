@@ -62,7 +62,7 @@ pub struct CompareRow {
     pub redis_cpu_us_per_record: Vec<f64>,
     /// Time Redis spent in the guard script (`INFO commandstats`) per record, µs.
     pub script_us_per_record: Vec<f64>,
-    /// Redis's cores busy over the backlog (standalone only; target 4).
+    /// Redis's cores busy over the backlog (standalone only; issue #27, target 4).
     pub redis_cores_busy: Vec<f64>,
 }
 
