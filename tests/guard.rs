@@ -953,15 +953,7 @@ async fn dense_seqs_close_gaps_at_the_cap_as_the_model_does() {
         for seq in skipped.iter().filter(|_| rng.random_range(0..2) == 0) {
             events.push(event(format!("{history}-{seq}"), *seq, *seq));
         }
-        let inputs: Vec<GuardInput<'_>> = events
-            .iter()
-            .map(|event| GuardInput {
-                event,
-                window: Duration::from_secs(3600),
-                effects: &effects,
-                place: None,
-            })
-            .collect();
+        let inputs = unplaced(&events, &effects);
         let verdicts = guard.apply(&inputs).await.unwrap();
         for (e, v) in events.iter().zip(&verdicts) {
             let want = model.apply_effects(e, &effects);
@@ -988,6 +980,19 @@ async fn dense_seqs_close_gaps_at_the_cap_as_the_model_does() {
         "closed {closed_gaps}, refused {refused}"
     );
     eprintln!("dense: {closed_gaps} seqs closed at the cap, {refused} late originals refused");
+}
+
+/// `events` to guard in a one-hour window, with no place in a log (no offset marks).
+fn unplaced<'a>(events: &'a [Event], effects: &'a Effects) -> Vec<GuardInput<'a>> {
+    events
+        .iter()
+        .map(|event| GuardInput {
+            event,
+            window: Duration::from_secs(3600),
+            effects,
+            place: None,
+        })
+        .collect()
 }
 
 /// A batch's calls go out in several pipelines, each as soon as it is
@@ -1034,15 +1039,7 @@ async fn calls_sent_as_built_survive_a_flushed_script_cache_and_a_durable_wait_i
         })
         .collect();
     let effects = Effects::default();
-    let inputs: Vec<GuardInput<'_>> = events
-        .iter()
-        .map(|event| GuardInput {
-            event,
-            window: Duration::from_secs(3600),
-            effects: &effects,
-            place: None,
-        })
-        .collect();
+    let inputs = unplaced(&events, &effects);
     let flush = |conn: &mut idem::store::RedisConn| {
         let mut conn = conn.clone();
         async move {
@@ -1089,17 +1086,7 @@ async fn calls_sent_as_built_survive_a_flushed_script_cache_and_a_durable_wait_i
             ..e.clone()
         })
         .collect();
-    let again = |range: std::ops::Range<usize>| -> Vec<GuardInput<'_>> {
-        more[range]
-            .iter()
-            .map(|event| GuardInput {
-                event,
-                window: Duration::from_secs(3600),
-                effects: &effects,
-                place: None,
-            })
-            .collect()
-    };
+    let again = |range: std::ops::Range<usize>| unplaced(&more[range], &effects);
     let mut guard = guard_waiting_for(0);
     guard.begin_batch();
     let waited = guard.apply(&again(0..6)).await.expect("WAIT 0 is met");

@@ -394,6 +394,10 @@ impl<R: Resume> EventLoop<R> {
                 rewinds,
                 logs,
             }) => {
+                // Ready, and counted as owned, only now that every start is
+                // decided: an instance reading Redis's records serves nothing yet.
+                self.health.set_joined();
+                self.note_assignment();
                 // Sent before any batch of these partitions: the stage checks them from now on.
                 let _ = self.ownership.send(Ownership::Taken {
                     floors,
@@ -418,14 +422,11 @@ impl<R: Resume> EventLoop<R> {
 
     fn take_partitions(&mut self, tps: &[TopicPartition]) {
         metrics::record_rebalance("assign");
-        // Any assignment, even an empty one (a standby), means the group has us.
-        self.health.set_joined();
         self.owned.assign(tps);
         for tp in tps {
             metrics::init_partition(&tp.topic, tp.partition);
         }
         tracing::info!(partitions = tps.len(), "partitions assigned");
-        self.note_assignment();
         if self.paused.is_some() || self.stopped {
             // A partition assigned during the pause (or after consumption
             // was stopped) would fetch: pause it too.

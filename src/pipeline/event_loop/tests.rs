@@ -416,6 +416,30 @@ async fn an_unreadable_commit_or_a_lost_log_ends_the_loop_without_starts() {
     assert!(matches!(h.ended().await.0, LoopEnd::Unrecoverable(_)));
 }
 
+/// `/readyz` and `idem_assigned_partitions` speak of an assignment only
+/// once every start of it is decided: while Redis's records are read the
+/// instance serves nothing (a test that restored a snapshot after "ready"
+/// raced the reading).
+#[tokio::test]
+async fn an_assignment_is_ready_only_once_its_starts_are_decided() {
+    let mut table = table();
+    table.unrecoverable = true;
+    let h = start(table);
+    h.health.set_redis_ok();
+    assert_eq!(h.assign(&[(0, Some(5))]).await, []);
+    assert!(
+        !h.health.is_ready(),
+        "ready though no start was decided: {:?}",
+        h.health.not_ready_reason()
+    );
+    assert!(matches!(h.ended().await.0, LoopEnd::Unrecoverable(_)));
+
+    let h = start(self::table());
+    h.health.set_redis_ok();
+    h.assign(&[(0, Some(5))]).await;
+    assert!(h.health.is_ready(), "{:?}", h.health.not_ready_reason());
+}
+
 #[tokio::test]
 async fn a_stop_outlives_a_restart_of_consumption() {
     let health = Health::default();
