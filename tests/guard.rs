@@ -1007,7 +1007,7 @@ async fn calls_sent_as_built_survive_a_flushed_script_cache_and_a_durable_wait_i
     use idem::store::DurableWait;
     let redis = private_redis(None).await;
     let prefix = unique("sent");
-    let mut conn = redis_conn(&redis.url()).await;
+    let conn = redis_conn(&redis.url()).await;
     let epoch = ProgressStore::new(conn.clone(), KeyLayout::new(&prefix))
         .establish_epoch()
         .await
@@ -1040,7 +1040,7 @@ async fn calls_sent_as_built_survive_a_flushed_script_cache_and_a_durable_wait_i
         .collect();
     let effects = Effects::default();
     let inputs = unplaced(&events, &effects);
-    let flush = |conn: &mut idem::store::RedisConn| {
+    let flush = || {
         let mut conn = conn.clone();
         async move {
             let _: () = redis::cmd("SCRIPT")
@@ -1053,12 +1053,12 @@ async fn calls_sent_as_built_survive_a_flushed_script_cache_and_a_durable_wait_i
 
     guard.begin_batch();
     // An attempt of the batch in which only the first ten calls ran.
-    flush(&mut conn).await;
+    flush().await;
     let first = guard.apply(&inputs[..10]).await.expect("first attempt");
     assert!(first.iter().all(|v| v.outcome == Applied), "{first:?}");
     // The cache is empty again: every pipeline answers NOSCRIPT, the script
     // is loaded and the whole batch sent again.
-    flush(&mut conn).await;
+    flush().await;
     let verdicts = guard.apply(&inputs).await.expect("the batch, resent");
     let seen: Vec<_> = verdicts
         .iter()

@@ -279,7 +279,7 @@ impl Guard {
             send_as_built(&self.conn, Box::new(calls)).await
         } else {
             self.conn
-                .pipeline_on(&None, &self.with_wait(inputs, &chunks))
+                .pipeline_on(&None, &self.build_pipeline(inputs, &chunks))
                 .await
         };
         let mut replies = match sent {
@@ -288,7 +288,7 @@ impl Guard {
                 // (calls that ran come back as this batch's duplicates).
                 self.load_script().await?;
                 self.conn
-                    .pipeline_on(&None, &self.with_wait(inputs, &chunks))
+                    .pipeline_on(&None, &self.build_pipeline(inputs, &chunks))
                     .await?
             }
             other => other?,
@@ -303,7 +303,7 @@ impl Guard {
     /// Every call of `chunks` in one pipeline, ended by the durable wait if
     /// one is configured: a barrier write, then `WAIT`/`WAITAOF`. The
     /// barrier makes the wait cover the batch even when it wrote nothing else.
-    fn with_wait(&self, inputs: &[GuardInput<'_>], chunks: &[Vec<usize>]) -> redis::Pipeline {
+    fn build_pipeline(&self, inputs: &[GuardInput<'_>], chunks: &[Vec<usize>]) -> redis::Pipeline {
         let mut pipe = redis::pipe();
         for chunk in chunks {
             pipe.add_command(self.script_cmd(inputs, chunk, None));

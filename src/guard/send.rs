@@ -22,7 +22,7 @@ use redis::Value;
 use crate::store::{RedisConn, StoreError};
 
 /// Script calls per pipeline.
-pub const CALLS_PER_SEND: usize = 4;
+const CALLS_PER_SEND: usize = 4;
 
 /// Sends `calls`, built as they are taken, in pipelines of
 /// [`CALLS_PER_SEND`]; the replies as [`merged`] gives them.

@@ -395,7 +395,9 @@ impl<R: Resume> EventLoop<R> {
                 logs,
             }) => {
                 // Ready, and counted as owned, only now that every start is
-                // decided: an instance reading Redis's records serves nothing yet.
+                // decided: an instance reading Redis's records serves nothing
+                // yet. Any assignment, even an empty one (a standby), means
+                // the group has us.
                 self.health.set_joined();
                 self.note_assignment();
                 // Sent before any batch of these partitions: the stage checks them from now on.
