@@ -4,12 +4,12 @@
 //!
 //! Phases: produce a generated backlog into a fresh topic; run the real
 //! `idem` binary on it until every record has an outcome (throughput, CPU,
-//! peak memory, Redis memory per remembered id); a fixed-rate load at half
-//! that throughput (end-to-end latency); then the naive consumer (a) and the
-//! per-event script ceiling (b) on the same records; last, the effects
-//! phase: one payments stream through idem with no effects declared, then
-//! with each kind of effect, then all together (records/s, Redis µs per
-//! record and bytes per entity, docs/effects.md).
+//! peak memory, Redis memory per remembered id); fixed-rate loads at 25%,
+//! 50% and 75% of that throughput (end-to-end latency, latency.rs); then
+//! the naive consumer (a) and the per-event script ceiling (b) on the same
+//! records; last, the effects phase: one payments stream through idem with
+//! no effects declared, then with each kind of effect, then all together
+//! (records/s, Redis µs per record and bytes per entity, docs/effects.md).
 
 mod backlog;
 mod baselines;
@@ -17,6 +17,7 @@ mod compare;
 mod cpu;
 mod effects;
 mod io;
+mod latency;
 mod report;
 mod runner;
 
@@ -46,9 +47,9 @@ pub struct BenchSpec {
     pub naive_records: usize,
     /// Records the per-event script ceiling processes.
     pub ceiling_records: usize,
-    /// How long the fixed-rate latency load runs.
+    /// How long each fixed-rate latency load runs.
     pub latency_seconds: u64,
-    /// Rate of the latency load; None: half the measured throughput.
+    /// Rate of a single latency load; None: 25%, 50% and 75% of the measured throughput.
     pub latency_rate: Option<f64>,
     /// idem instances in the group during the backlog phase.
     pub instances: usize,

@@ -55,6 +55,9 @@ pub struct BenchReport {
     pub latency_p999_ms: f64,
     /// The latency histogram of the fixed-rate phase: (upper bound s, cumulative count).
     pub latency_histogram: Vec<(f64, u64)>,
+    /// Every fixed-rate level (25%, 50%, 75% of the maximum); the single
+    /// figures above are the 50% level's (or the one `--latency-rate` ran).
+    pub latency_levels: Vec<super::latency::LatencyLevel>,
     pub naive_records: usize,
     pub naive_records_per_second: f64,
     pub ceiling_records: usize,
@@ -70,6 +73,56 @@ pub struct BenchReport {
 }
 
 impl BenchReport {
+    /// Takes the latency phase's levels; the single latency figures are
+    /// those of the level at half the maximum, or of the only level.
+    pub fn set_latency(&mut self, levels: Vec<super::latency::LatencyLevel>) {
+        let main = levels
+            .iter()
+            .find(|l| l.share_of_maximum == Some(0.5))
+            .or(levels.first());
+        if let Some(l) = main {
+            self.latency_rate_per_second = l.rate_per_second;
+            self.latency_records = l.records;
+            self.latency_p50_ms = l.p50_ms;
+            self.latency_p99_ms = l.p99_ms;
+            self.latency_p999_ms = l.p999_ms;
+            self.latency_histogram = l.histogram.clone();
+        }
+        self.latency_levels = levels;
+    }
+
+    /// The latency levels as a table, with what each party used beside them.
+    fn latency_markdown(&self) -> String {
+        if self.latency_levels.is_empty() {
+            return String::new();
+        }
+        let cores = |v: Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.2}"));
+        let mut s = String::from(
+            "\nLatency at fixed rates (end to end, from the record's timestamp to its decision; cores busy over each level):\n\n\
+             | share of the maximum | records/s | p50 | p99 | p99.9 | load generator | idem | Redis | broker | machine |\n\
+             |---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for l in &self.latency_levels {
+            let share = l
+                .share_of_maximum
+                .map_or("(asked)".to_string(), |v| format!("{:.0}%", v * 100.0));
+            s.push_str(&format!(
+                "| {share} | {:.0} | ≤ {:.0} ms | ≤ {:.0} ms | ≤ {:.0} ms | {:.2} | {:.2} | {} | {} | {} of {} |\n",
+                l.rate_per_second,
+                l.p50_ms,
+                l.p99_ms,
+                l.p999_ms,
+                l.generator_cores_busy,
+                l.busy.idem_cores_busy,
+                cores(l.busy.redis_cores_busy),
+                cores(l.busy.broker_cores_busy),
+                cores(l.busy.machine_cores_busy),
+                l.busy.cores
+            ));
+        }
+        s
+    }
+
     /// A Markdown table with the targets of the performance issue beside each figure.
     pub fn to_markdown(&self) -> String {
         let skew = self
@@ -107,6 +160,7 @@ impl BenchReport {
             "\nOutcomes of the backlog run: {}\n",
             outcomes.join(", ")
         ));
+        s.push_str(&self.latency_markdown());
         s.push_str(&self.effects_markdown());
         s
     }

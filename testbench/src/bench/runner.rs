@@ -6,16 +6,14 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, Producer};
 
-use super::backlog::{ensure_running, run_on_backlog, Backlog};
-use super::baselines;
-use super::io::{
-    cleanup, producer, progress, scan_keys, scrape, scrape_total, send, standalone_redis, stop,
-};
-use super::report::{quantile_upper_bound, BenchReport};
+use super::backlog::{run_on_backlog, Backlog};
+use super::io::{cleanup, producer, progress, scan_keys, send, standalone_redis, stop};
+use super::report::BenchReport;
 use super::BenchSpec;
+use super::{baselines, latency};
 use crate::exposition;
 use crate::process::peak_rss_bytes;
-use idem::metrics::{EVENTS_TOTAL, EVENT_LATENCY_SECONDS};
+use idem::metrics::EVENTS_TOTAL;
 use idem::model::Outcome;
 use idem::tools::sample::{generate, SampleSpec};
 use idem::tools::topics::{self, TopicSpec};
@@ -80,16 +78,22 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
     }
     let (idem, metrics_port) = idems.remove(0);
     idems.into_iter().for_each(|(c, _)| stop(c));
-    let backlog = records.len() as u64;
-    measure_latency(
+    let target = latency::Target {
+        topic: &names.topic,
+        decided_before: records.len() as u64,
+        prefix: &names.prefix,
+    };
+    let (levels, peak_rss) = latency::measure(
         spec,
-        &names,
+        target,
         (idem, metrics_port),
         live_producer,
-        backlog,
-        &mut report,
+        redis.as_mut(),
+        report.idem_records_per_second,
     )
     .await?;
+    report.set_latency(levels);
+    report.idem_peak_rss_bytes = peak_rss;
     run_baselines(spec, &names, &records, &mut report).await?;
     report.effects = super::effects::measure(spec, &names.prefix).await?;
 
@@ -257,90 +261,6 @@ async fn measure_memory(
     Ok(())
 }
 
-/// Fixed-rate load at half the measured maximum (or `spec.latency_rate`)
-/// while one idem keeps running: the end-to-end latency histogram's
-/// difference over the load gives the quantiles.
-async fn measure_latency(
-    spec: &BenchSpec,
-    names: &Names,
-    (mut idem, metrics_port): (Child, u16),
-    live_producer: FutureProducer,
-    backlog: u64,
-    report: &mut BenchReport,
-) -> anyhow::Result<()> {
-    let rate = spec
-        .latency_rate
-        .unwrap_or((report.idem_records_per_second / 2.0).max(100.0));
-    report.latency_rate_per_second = rate;
-    progress(&format!(
-        "latency: {rate:.0} records/s for {}s",
-        spec.latency_seconds
-    ));
-    let before = latency_buckets(&scrape(metrics_port).await.unwrap_or_default());
-    let live = generate(&SampleSpec {
-        events: (rate * spec.latency_seconds as f64) as usize,
-        entities: spec.entities,
-        duplicate_ratio: spec.duplicate_ratio,
-        out_of_order_ratio: spec.out_of_order_ratio,
-        delete_ratio: 0.0,
-        data_bytes: spec.data_bytes,
-        seed: spec.seed + 1,
-        prefix: format!("{}-live", names.prefix),
-        zipf: spec.zipf,
-    });
-    send_at_rate(&live_producer, &names.topic, &live, rate).await?;
-    let want = backlog + live.len() as u64;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while scrape_total(metrics_port, &names.topic).await.unwrap_or(0) < want {
-        ensure_running(&mut idem, &spec.out_dir)?;
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "idem did not finish the latency load in 120s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let after = latency_buckets(&scrape(metrics_port).await.unwrap_or_default());
-    let diff: Vec<(f64, f64)> = after
-        .iter()
-        .zip(before.iter().chain(std::iter::repeat(&(0.0, 0.0))))
-        .map(|((le, a), (_, b))| (*le, a - b))
-        .collect();
-    report.latency_records = diff.last().map_or(0, |(_, n)| *n as u64);
-    report.latency_histogram = diff.iter().map(|(le, n)| (*le, *n as u64)).collect();
-    report.latency_p50_ms = quantile_upper_bound(&diff, 0.5) * 1000.0;
-    report.latency_p99_ms = quantile_upper_bound(&diff, 0.99) * 1000.0;
-    report.latency_p999_ms = quantile_upper_bound(&diff, 0.999) * 1000.0;
-    report.idem_peak_rss_bytes = peak_rss_bytes(idem.id());
-    stop(idem);
-    Ok(())
-}
-
-/// Produces `records` at `rate` per second, in 5 ms ticks.
-async fn send_at_rate(
-    producer: &FutureProducer,
-    topic: &str,
-    records: &[idem::tools::sample::SampleRecord],
-    rate: f64,
-) -> anyhow::Result<()> {
-    let tick = Duration::from_millis(5);
-    let per_tick = rate * tick.as_secs_f64();
-    let start = Instant::now();
-    let mut sent = 0usize;
-    let mut interval = tokio::time::interval(tick);
-    while sent < records.len() {
-        interval.tick().await;
-        let due = ((start.elapsed().as_secs_f64() / tick.as_secs_f64()) * per_tick) as usize;
-        while sent < due.min(records.len()) {
-            let r = &records[sent];
-            send(producer, topic, r.key.as_bytes(), &r.value);
-            sent += 1;
-        }
-        producer.poll(Duration::ZERO);
-    }
-    producer.flush(Duration::from_secs(30))?;
-    Ok(())
-}
-
 /// The two baselines of the same run: (a) a naive consumer, (b) one
 /// script call per event without Kafka.
 async fn run_baselines(
@@ -400,11 +320,6 @@ async fn run_baselines(
         report.guard_alone.records_per_second, report.guard_alone.redis_cpu_us_per_record
     ));
     Ok(())
-}
-
-/// (le, cumulative count) pairs of the latency histogram.
-fn latency_buckets(text: &str) -> Vec<(f64, f64)> {
-    exposition::buckets(text, EVENT_LATENCY_SECONDS)
 }
 
 async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {

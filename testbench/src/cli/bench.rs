@@ -58,10 +58,10 @@ pub struct BenchArgs {
     /// Records the per-event script ceiling (b) processes (default: all).
     #[arg(long)]
     ceiling_records: Option<usize>,
-    /// Duration of the fixed-rate latency load, at half the measured throughput.
+    /// Duration of each fixed-rate latency load (at 25%, 50% and 75% of the measured throughput).
     #[arg(long, default_value_t = 10)]
     latency_seconds: u64,
-    /// Rate of the latency load, records/s (default: half the measured throughput).
+    /// Rate of a single latency load, records/s, in place of the three levels.
     #[arg(long)]
     latency_rate: Option<f64>,
     /// idem instances (one consumer group) on the backlog.
