@@ -246,12 +246,9 @@ impl BenchReport {
     fn throughput_rows(&self) -> Vec<(String, String, &'static str)> {
         let per_second =
             |rate: f64, records: usize| format!("{rate:.0} records/s ({records} records)");
-        vec![
-            (
-                "idem end to end (Kafka backlog → Redis)".into(),
-                format!("{:.0} records/s", self.idem_records_per_second),
-                "",
-            ),
+        // The backlog's own rows (Redis bytes per id follow in cost_rows).
+        let mut rows: Vec<_> = self.backlog_rows().into_iter().take(3).collect();
+        rows.extend(vec![
             (
                 "(a) naive consumer (3 round trips + sync commit per record)".into(),
                 per_second(self.naive_records_per_second, self.naive_records),
@@ -291,7 +288,8 @@ impl BenchReport {
                 format!("{:.2}×", self.ratio_vs_ceiling),
                 "≥ 1.0×",
             ),
-        ]
+        ]);
+        rows
     }
 
     /// Memory, latency and idem's own costs: (measure, value, target).
