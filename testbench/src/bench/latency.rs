@@ -60,16 +60,15 @@ pub fn rates(maximum: f64, asked: Option<f64>) -> Vec<(Option<f64>, f64)> {
     }
 }
 
-/// Where the loads go and what has been decided before them.
+/// Where the loads go.
 pub(super) struct Target<'a> {
     pub topic: &'a str,
-    /// Records of `topic` decided before the first level (the backlog).
-    pub decided_before: u64,
     /// Key prefix of the generated events (each level adds its own suffix).
     pub prefix: &'a str,
 }
 
-/// Runs every level in turn on the running `idem`, then stops it.
+/// Runs every level in turn on the running `idem`, then stops it (also
+/// when a level fails): the levels and idem's peak resident memory.
 pub(super) async fn measure(
     spec: &BenchSpec,
     target: Target<'_>,
@@ -79,64 +78,113 @@ pub(super) async fn measure(
     maximum: f64,
 ) -> anyhow::Result<(Vec<LatencyLevel>, u64)> {
     let mut levels = Vec::new();
-    let mut decided = target.decided_before;
+    let mut failed = None;
     for (i, (share, rate)) in rates(maximum, spec.latency_rate).into_iter().enumerate() {
-        super::io::progress(&format!(
-            "latency: {rate:.0} records/s for {}s",
-            spec.latency_seconds
-        ));
-        let live = generate(&SampleSpec {
-            events: (rate * spec.latency_seconds as f64) as usize,
-            entities: spec.entities,
-            duplicate_ratio: spec.duplicate_ratio,
-            out_of_order_ratio: spec.out_of_order_ratio,
-            delete_ratio: 0.0,
-            data_bytes: spec.data_bytes,
-            seed: spec.seed + 1 + i as u64,
-            prefix: format!("{}-live{i}", target.prefix),
-            zipf: spec.zipf,
-        });
-        let before = buckets(&scrape(metrics_port).await.unwrap_or_default());
-        let redis0 = match redis.as_deref_mut() {
-            Some(r) => Some(redis_time(r).await?.0),
-            None => None,
+        let load = Load {
+            share,
+            rate,
+            index: i,
+            metrics_port,
         };
-        let (t0, machine0) = (Instant::now(), cpu::start());
-        let (generator0, idem0) = (cpu_seconds(std::process::id()), cpu_seconds(idem.id()));
-        send_at_rate(&producer, target.topic, &live, rate).await?;
-        decided += live.len() as u64;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while scrape_total(metrics_port, target.topic).await.unwrap_or(0) < decided {
-            ensure_running(&mut idem, &spec.out_dir)?;
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "idem did not finish the latency load at {rate:.0} records/s in 120s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        match run_level(
+            spec,
+            &target,
+            &load,
+            &mut idem,
+            &producer,
+            redis.as_deref_mut(),
+        )
+        .await
+        {
+            Ok(level) => levels.push(level),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
         }
-        let seconds = t0.elapsed().as_secs_f64();
-        let redis_cpu = match (redis.as_deref_mut(), redis0) {
-            // `redis_time` counts µs.
-            (Some(r), Some(cpu0)) => Some((redis_time(r).await?.0 - cpu0) / 1e6),
-            _ => None,
-        };
-        let busy = machine0.busy(seconds, cpu_seconds(idem.id()) - idem0, redis_cpu);
-        let generator = (cpu_seconds(std::process::id()) - generator0) / seconds.max(1e-9);
-        let after = buckets(&scrape(metrics_port).await.unwrap_or_default());
-        let level = level_of(share, rate, &before, &after, generator, busy);
-        super::io::progress(&format!(
-            "  p50 ≤ {:.0} ms, p99 ≤ {:.0} ms, p99.9 ≤ {:.0} ms; load generator {:.2} cores; {}",
-            level.p50_ms,
-            level.p99_ms,
-            level.p999_ms,
-            level.generator_cores_busy,
-            level.busy.summary()
-        ));
-        levels.push(level);
     }
     let peak_rss = crate::process::peak_rss_bytes(idem.id());
     super::io::stop(idem);
-    Ok((levels, peak_rss))
+    match failed {
+        Some(e) => Err(e),
+        None => Ok((levels, peak_rss)),
+    }
+}
+
+/// One level's rate and where to read idem's metrics.
+struct Load {
+    share: Option<f64>,
+    rate: f64,
+    index: usize,
+    metrics_port: u16,
+}
+
+/// Sends one level's records at its rate and waits until idem decided
+/// them all (counted from idem's own total before the level, so whatever
+/// it decided before is not waited for twice).
+async fn run_level(
+    spec: &BenchSpec,
+    target: &Target<'_>,
+    load: &Load,
+    idem: &mut Child,
+    producer: &FutureProducer,
+    mut redis: Option<&mut redis::aio::MultiplexedConnection>,
+) -> anyhow::Result<LatencyLevel> {
+    let (rate, port) = (load.rate, load.metrics_port);
+    super::io::progress(&format!(
+        "latency: {rate:.0} records/s for {}s",
+        spec.latency_seconds
+    ));
+    let live = generate(&SampleSpec {
+        events: (rate * spec.latency_seconds as f64) as usize,
+        entities: spec.entities,
+        duplicate_ratio: spec.duplicate_ratio,
+        out_of_order_ratio: spec.out_of_order_ratio,
+        delete_ratio: 0.0,
+        data_bytes: spec.data_bytes,
+        seed: spec.seed + 1 + load.index as u64,
+        prefix: format!("{}-live{}", target.prefix, load.index),
+        zipf: spec.zipf,
+    });
+    let before = buckets(&scrape(port).await.unwrap_or_default());
+    let want = scrape_total(port, target.topic).await.unwrap_or(0) + live.len() as u64;
+    let redis0 = match redis.as_deref_mut() {
+        Some(r) => Some(redis_time(r).await?.0),
+        None => None,
+    };
+    let (t0, machine0) = (Instant::now(), cpu::start());
+    let (generator0, idem0) = (cpu_seconds(std::process::id()), cpu_seconds(idem.id()));
+    send_at_rate(producer, target.topic, &live, rate).await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while scrape_total(port, target.topic).await.unwrap_or(0) < want {
+        ensure_running(idem, &spec.out_dir)?;
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "idem did not finish the latency load at {rate:.0} records/s in 120s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every end reading first, then Redis's (a round trip).
+    let seconds = t0.elapsed().as_secs_f64();
+    let idem_cpu = cpu_seconds(idem.id()) - idem0;
+    let generator = (cpu_seconds(std::process::id()) - generator0) / seconds.max(1e-9);
+    let redis_cpu = match (redis, redis0) {
+        // `redis_time` counts µs.
+        (Some(r), Some(cpu0)) => Some((redis_time(r).await?.0 - cpu0) / 1e6),
+        _ => None,
+    };
+    let busy = machine0.busy(seconds, idem_cpu, redis_cpu);
+    let after = buckets(&scrape(port).await.unwrap_or_default());
+    let level = level_of(load.share, rate, &before, &after, generator, busy);
+    super::io::progress(&format!(
+        "  p50 ≤ {:.0} ms, p99 ≤ {:.0} ms, p99.9 ≤ {:.0} ms; load generator {:.2} cores; {}",
+        level.p50_ms,
+        level.p99_ms,
+        level.p999_ms,
+        level.generator_cores_busy,
+        level.busy.summary()
+    ));
+    Ok(level)
 }
 
 /// A level's figures from the histograms before and after it.

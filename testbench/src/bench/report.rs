@@ -217,6 +217,17 @@ impl BenchReport {
 
     /// What the backlog phase alone measures (`--throughput-only`).
     fn backlog_rows(&self) -> Vec<(String, String, &'static str)> {
+        let mut rows = self.backlog_rate_rows();
+        rows.push((
+            "Redis bytes per remembered id (id hashes only)".into(),
+            format!("{:.1}", self.redis_bytes_per_id_dedupe),
+            "",
+        ));
+        rows
+    }
+
+    /// The backlog's rate and Redis's work per record.
+    fn backlog_rate_rows(&self) -> Vec<(String, String, &'static str)> {
         let us = |v: Option<f64>| v.map_or("n/a (cluster)".to_string(), |v| format!("{v:.2} µs"));
         vec![
             (
@@ -234,11 +245,6 @@ impl BenchReport {
                 us(self.script_us_per_record),
                 "",
             ),
-            (
-                "Redis bytes per remembered id (id hashes only)".into(),
-                format!("{:.1}", self.redis_bytes_per_id_dedupe),
-                "",
-            ),
         ]
     }
 
@@ -246,9 +252,9 @@ impl BenchReport {
     fn throughput_rows(&self) -> Vec<(String, String, &'static str)> {
         let per_second =
             |rate: f64, records: usize| format!("{rate:.0} records/s ({records} records)");
-        // The backlog's own rows (Redis bytes per id follow in cost_rows).
-        let mut rows: Vec<_> = self.backlog_rows().into_iter().take(3).collect();
-        rows.extend(vec![
+        // Redis bytes per id follow in cost_rows.
+        let mut rows = self.backlog_rate_rows();
+        rows.extend([
             (
                 "(a) naive consumer (3 round trips + sync commit per record)".into(),
                 per_second(self.naive_records_per_second, self.naive_records),
@@ -352,6 +358,40 @@ pub fn quantile_upper_bound(buckets: &[(f64, f64)], q: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_single_latency_figures_are_the_half_rate_level_or_the_only_one() {
+        let level =
+            |share: Option<f64>, rate: f64, p99_ms: f64| super::super::latency::LatencyLevel {
+                share_of_maximum: share,
+                rate_per_second: rate,
+                p99_ms,
+                ..Default::default()
+            };
+        let mut report = BenchReport::default();
+        report.set_latency(vec![
+            level(Some(0.25), 10.0, 30.0),
+            level(Some(0.5), 20.0, 50.0),
+            level(Some(0.75), 30.0, 500.0),
+        ]);
+        assert_eq!(
+            (report.latency_rate_per_second, report.latency_p99_ms),
+            (20.0, 50.0)
+        );
+        let table = report.latency_markdown();
+        assert_eq!(
+            table.matches("\n| ").count(),
+            4,
+            "a header and three levels: {table}"
+        );
+        assert!(table.contains("| 75% | 30 |"), "{table}");
+        report.set_latency(vec![level(None, 5.0, 20.0)]);
+        assert_eq!(
+            (report.latency_rate_per_second, report.latency_p99_ms),
+            (5.0, 20.0)
+        );
+        assert!(report.latency_markdown().contains("| (asked) | 5 |"));
+    }
 
     #[test]
     fn quantiles_by_table() {

@@ -80,7 +80,6 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
     idems.into_iter().for_each(|(c, _)| stop(c));
     let target = latency::Target {
         topic: &names.topic,
-        decided_before: records.len() as u64,
         prefix: &names.prefix,
     };
     let (levels, peak_rss) = latency::measure(
