@@ -77,38 +77,31 @@ pub(super) async fn measure(
     mut redis: Option<&mut redis::aio::MultiplexedConnection>,
     maximum: f64,
 ) -> anyhow::Result<(Vec<LatencyLevel>, u64)> {
-    let mut levels = Vec::new();
-    let mut failed = None;
-    for (i, (share, rate)) in rates(maximum, spec.latency_rate).into_iter().enumerate() {
-        let load = Load {
-            share,
-            rate,
-            index: i,
-            metrics_port,
-        };
-        match run_level(
-            spec,
-            &target,
-            &load,
-            &mut idem,
-            &producer,
-            redis.as_deref_mut(),
-        )
-        .await
-        {
-            Ok(level) => levels.push(level),
-            Err(e) => {
-                failed = Some(e);
-                break;
-            }
+    let levels = async {
+        let mut levels = Vec::new();
+        for (index, (share, rate)) in rates(maximum, spec.latency_rate).into_iter().enumerate() {
+            let load = Load {
+                share,
+                rate,
+                index,
+                metrics_port,
+            };
+            let level = run_level(
+                spec,
+                &target,
+                &load,
+                &mut idem,
+                &producer,
+                redis.as_deref_mut(),
+            );
+            levels.push(level.await?);
         }
+        anyhow::Ok(levels)
     }
+    .await;
     let peak_rss = crate::process::peak_rss_bytes(idem.id());
     super::io::stop(idem);
-    match failed {
-        Some(e) => Err(e),
-        None => Ok((levels, peak_rss)),
-    }
+    Ok((levels?, peak_rss))
 }
 
 /// One level's rate and where to read idem's metrics.
