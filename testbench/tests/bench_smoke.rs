@@ -80,6 +80,19 @@ fn bench_runs_every_phase_and_writes_its_report() {
     // CPU is counted in 10 ms ticks: a tiny backlog may take less than one.
     assert!(report["idem_cpu_seconds_per_million"].as_f64().unwrap() >= 0.0);
     assert!(report["latency_records"].as_u64().unwrap() > 0);
+    let levels = report["latency_levels"].as_array().unwrap();
+    let shares: Vec<_> = levels
+        .iter()
+        .map(|l| l["share_of_maximum"].as_f64())
+        .collect();
+    assert_eq!(shares, [Some(0.25), Some(0.5), Some(0.75)], "{levels:?}");
+    for level in levels {
+        assert!(level["records"].as_u64().unwrap() > 0, "{level}");
+        assert!(
+            level["generator_cores_busy"].as_f64().unwrap() >= 0.0,
+            "{level}"
+        );
+    }
     assert!(report["idem_peak_rss_bytes"].as_u64().unwrap() > 1_000_000);
     let md = std::fs::read_to_string(out.join("bench.md")).unwrap();
     assert!(md.contains("idem ÷ (a)"));
