@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::*;
@@ -11,11 +12,12 @@ use idem::consumed::Mark;
 use idem::effects::{Amount, Effects, Mutation, StateEffect, StateOrder};
 use idem::event::{Event, Op};
 use idem::guard::{Guard, GuardInput, Place};
-use idem::model::{Delivery, Model};
+use idem::model::{Delivery, Model, Outcome};
 use idem::store::progress::ProgressStore;
 use idem::store::KeyLayout;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use serde_json::Value;
 
 /// A random amount: mostly small with 0 or 2 decimals, sometimes 30 or 37
 /// digits (so sums pass 38 digits and are rejected).
@@ -82,6 +84,7 @@ fn random_effects(rng: &mut StdRng, id: &str, seq: u64, state_order: StateOrder)
         mutations,
         state_order,
         dense_seqs: false,
+        changelog: None,
     }
 }
 
@@ -174,6 +177,12 @@ fn random_sequence(rng: &mut StdRng, tag: &str) -> Vec<(Event, Effects)> {
             if rng.random_range(0..5) == 0 {
                 out.swap(i - 1, i);
             }
+        }
+    }
+    // Half the sequences are of a changelog topic: their changes go to the outbox.
+    if rng.random_range(0..2) == 0 {
+        for (_, effects) in &mut out {
+            effects.changelog = Some("src".into());
         }
     }
     out
@@ -309,6 +318,7 @@ async fn guard_script_matches_the_model_on_random_sequences() {
         .await
         .expect("epoch");
     let mut token = 0u32;
+    let mut changes_total = 0;
     for round in 0..(sequences_total / 100) {
         // 100 sequences per round; each sequence has its own entities.
         let events_per_script = 1 + rng.random_range(0..40) as usize;
@@ -322,6 +332,8 @@ async fn guard_script_matches_the_model_on_random_sequences() {
             .map(|s| random_sequence(&mut rng, &format!("r{round}s{s}")))
             .collect();
         let mut model = Model::default();
+        // Per entity, the ids of the events whose decision made a change.
+        let mut changes: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for batch in schedule(&mut rng, &sequences) {
             guard.begin_batch();
             token += 1;
@@ -379,6 +391,18 @@ async fn guard_script_matches_the_model_on_random_sequences() {
                         "outcome of {event:?} with {effects:?}"
                     );
                     *outcomes.entry(want.outcome.as_str()).or_insert(0u64) += 1;
+                    if effects.changelog.is_some()
+                        && want.earlier_attempt.is_none()
+                        && matches!(
+                            want.outcome,
+                            Outcome::Applied | Outcome::Late | Outcome::Partial
+                        )
+                    {
+                        changes
+                            .entry(event.entity.clone())
+                            .or_default()
+                            .push(event.id.clone());
+                    }
                 }
                 checked_events += records.len();
             }
@@ -396,8 +420,157 @@ async fn guard_script_matches_the_model_on_random_sequences() {
             }
         }
         assert_entities_match(&mut conn, &prefix, &model).await;
+        let changelog: BTreeSet<&String> = sequences
+            .iter()
+            .flatten()
+            .filter(|(_, effects)| effects.changelog.is_some())
+            .map(|(e, _)| &e.entity)
+            .collect();
+        changes_total +=
+            assert_changes_rebuild_the_view(&mut conn, &prefix, &model, &changelog, &changes).await;
     }
+    eprintln!("differential: {changes_total} changes in the outbox rebuild their views;");
     eprintln!("differential: {sequences_total} sequences, {checked_events} records delivered ({retries} batches retried), Lua == model; outcomes {outcomes:?}");
+}
+
+/// The changes in the outbox under `prefix` (read, then deleted for the
+/// next round), per entity in the order written: what the relay publishes.
+async fn take_outbox(
+    conn: &mut idem::store::RedisConn,
+    prefix: &str,
+    entities: impl Iterator<Item = &String>,
+) -> BTreeMap<String, Vec<Value>> {
+    let layout = KeyLayout::new(prefix);
+    let cluster = redis_mode(&redis_url()) == idem::config::RedisMode::Cluster;
+    let keys: BTreeSet<String> = entities
+        .map(|e| {
+            let slot = cluster.then(|| idem::store::hash_slot(layout.entity_base(e).as_bytes()));
+            layout.outbox_key(slot)
+        })
+        .collect();
+    let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for key in keys {
+        let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg("-")
+            .arg("+")
+            .query_async(conn)
+            .await
+            .unwrap();
+        for (_, fields) in entries {
+            let fields: BTreeMap<&str, &str> = fields
+                .chunks(2)
+                .map(|kv| (kv[0].as_str(), kv[1].as_str()))
+                .collect();
+            let record: Value = serde_json::from_str(fields["r"]).expect("a record is JSON");
+            assert_eq!(record["entity"], fields["e"], "{fields:?}");
+            assert_eq!(record["seq"].to_string(), fields["v"], "{fields:?}");
+            assert_eq!(fields["t"], "src");
+            out.entry(fields["e"].to_string()).or_default().push(record);
+        }
+        let _: () = redis::cmd("DEL").arg(&key).query_async(conn).await.unwrap();
+    }
+    out
+}
+
+/// Each entity of a changelog topic has one change per event that changed
+/// it (applied, late or partial: `changes`), numbered 1, 2, 3, … in the
+/// outbox's order; its last state, and its counters, sets and ledger
+/// folded from its changes, are what Redis holds. Entities of other topics
+/// have none. Returns how many changes there were.
+async fn assert_changes_rebuild_the_view(
+    conn: &mut idem::store::RedisConn,
+    prefix: &str,
+    model: &Model,
+    changelog: &BTreeSet<&String>,
+    changes: &BTreeMap<String, Vec<String>>,
+) -> usize {
+    let outbox = take_outbox(conn, prefix, model.entities.keys()).await;
+    let views = read_entities(&redis_url(), prefix, model.entities.keys()).await;
+    let mut total = 0;
+    for (name, want) in &model.entities {
+        let records = outbox.get(name).map_or(&[][..], Vec::as_slice);
+        total += records.len();
+        if !changelog.contains(name) {
+            assert!(
+                records.is_empty(),
+                "{name} is not of a changelog topic: {records:?}"
+            );
+            continue;
+        }
+        let mut ids: Vec<&str> = records
+            .iter()
+            .map(|r| r["change"]["event"]["id"].as_str().unwrap())
+            .collect();
+        let mut want_ids: Vec<&str> = changes
+            .get(name)
+            .map_or(Vec::new(), |v| v.iter().map(String::as_str).collect());
+        ids.sort_unstable();
+        want_ids.sort_unstable();
+        assert_eq!(
+            ids, want_ids,
+            "the events whose changes {name}'s outbox holds"
+        );
+        for (i, r) in records.iter().enumerate() {
+            assert_eq!(
+                (r["seq"].as_u64(), r["id"].as_str()),
+                (
+                    Some(i as u64 + 1),
+                    Some(format!("{name}#{}", i + 1).as_str())
+                ),
+                "{r}"
+            );
+        }
+        let Some(last) = records.last() else { continue };
+        let state: BTreeMap<String, String> = serde_json::from_value(last["data"].clone()).unwrap();
+        assert_eq!(
+            state, views[name].state,
+            "{name}'s last change holds its state"
+        );
+        let mut rebuilt = idem::effects::CommutativeView::default();
+        let mut ledger: Vec<BTreeMap<String, String>> = Vec::new();
+        for r in records {
+            for (field, value) in r["change"]["counters"].as_object().into_iter().flatten() {
+                match value.as_str() {
+                    Some(v) => rebuilt.counters.insert(field.clone(), v.to_string()),
+                    None => rebuilt.counters.remove(field),
+                };
+            }
+            for (set, members) in r["change"]["sets"].as_object().into_iter().flatten() {
+                let held = rebuilt.sets.entry(set.clone()).or_default();
+                for (member, added) in members.as_object().unwrap() {
+                    if added.as_bool().unwrap() {
+                        held.insert(member.clone());
+                    } else {
+                        held.remove(member);
+                    }
+                }
+            }
+            if let Some(entry) = r["change"]["ledger"].get("l") {
+                ledger.push(serde_json::from_value(entry.clone()).unwrap());
+            }
+        }
+        rebuilt.sets.retain(|_, members| !members.is_empty());
+        let view = want.commutative_view();
+        assert_eq!(
+            (&rebuilt.counters, &rebuilt.sets),
+            (&view.counters, &view.sets),
+            "{name}'s counters and sets from its changes"
+        );
+        let kept: Vec<BTreeMap<String, String>> = view
+            .ledgers
+            .get("l")
+            .into_iter()
+            .flatten()
+            .map(|entry| entry.iter().cloned().collect())
+            .collect();
+        assert_eq!(
+            &ledger[ledger.len() - kept.len()..],
+            &kept[..],
+            "{name}'s ledger entries are its changes' last ones"
+        );
+    }
+    total
 }
 
 /// Every entity of `model` as Redis holds it under `prefix`.
@@ -488,7 +661,7 @@ async fn assert_entities_match(conn: &mut idem::store::RedisConn, prefix: &str, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
     use idem::effects::Order;
-    use serde_json::{json, Value};
+    use serde_json::json;
     let prefix = unique("parse");
     let conn = redis_conn(&redis_url()).await;
     let layout = KeyLayout::new(&prefix);
@@ -551,6 +724,7 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
                 mutations: mutations.clone(),
                 state_order: StateOrder::PerEntity,
                 dense_seqs: false,
+                changelog: None,
             },
             "merge",
         ),
@@ -562,6 +736,7 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
                 mutations: Vec::new(),
                 state_order: StateOrder::PerEntity,
                 dense_seqs: false,
+                changelog: Some("orders".into()),
             },
             "replace",
         ),
@@ -573,6 +748,7 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
                 mutations: vec![mutations[2].clone()],
                 state_order: StateOrder::PerEntity,
                 dense_seqs: false,
+                changelog: None,
             },
             "keep",
         ),
@@ -590,6 +766,7 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
                 mutations: mutations.clone(),
                 state_order: StateOrder::PerField,
                 dense_seqs: true,
+                changelog: None,
             },
             "merge",
         ),
@@ -687,6 +864,7 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
                 "unset": e.unset.iter().filter(|k| written(k)).collect::<Vec<_>>(),
                 "mutations": effects.mutations.iter().map(|m| meaning(m, &e.set)).collect::<Vec<_>>(),
                 "commutative": effects.mutations.iter().any(Mutation::commutes),
+                "changelog": effects.changelog.as_deref().unwrap_or(""),
             })
         })
         .collect();
@@ -762,6 +940,7 @@ async fn a_ledger_with_max_age_drops_entries_older_than_it() {
             }],
             state_order: StateOrder::PerEntity,
             dense_seqs: false,
+            changelog: None,
         };
         (event, effects)
     };

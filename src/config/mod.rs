@@ -35,7 +35,9 @@ pub use forms::format_duration;
 pub use kafka::{GroupProtocol, KafkaConfig, OffsetReset, SaslMechanism, SecurityProtocol};
 pub use mistakes::Mistake;
 pub use redis::{Durability, RedisConfig, RedisMode};
-pub use sections::{DedupeConfig, LogConfig, LogFormat, MetricsConfig, ShutdownConfig};
+pub use sections::{
+    ChangelogConfig, DedupeConfig, LogConfig, LogFormat, MetricsConfig, ShutdownConfig,
+};
 use show::Layers;
 pub use show::{effective, Layer, Setting};
 
@@ -239,6 +241,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
+    pub changelog: ChangelogConfig,
     /// What events do, per topic and type (docs/effects.md).
     pub effects: crate::effects::EffectsConfig,
     /// The keys a file or the environment set (the rest are defaults).
@@ -320,6 +323,24 @@ impl Config {
                 .filter(|t| !topics.contains(t))
                 .map(|t| refuse("dedupe.dense_seq_topics".into(), t)),
         );
+        refusals.extend(
+            self.changelog
+                .topics
+                .iter()
+                .filter(|t| !topics.contains(t))
+                .map(|t| refuse("changelog.topics".into(), t)),
+        );
+        refusals.extend(self.changelog.topics.iter().filter_map(|t| {
+            let out = self.changelog.topic_for(t);
+            (topics.contains(&out) || out == self.dlq.topic_for(t)).then(|| {
+                format!(
+                    "changelog.topic = `{}` makes `{out}` the changelog of `{t}`, but `{out}` is \
+                     consumed or is a dead-letter topic: idem would read its own changes back. \
+                     Use another name, e.g. \"{{topic}}.changes\"",
+                    self.changelog.topic
+                )
+            })
+        }));
         refusals
     }
 

@@ -26,6 +26,7 @@ pub(super) struct Document {
     metrics: MetricsConfig,
     shutdown: ShutdownConfig,
     log: LogConfig,
+    changelog: ChangelogConfig,
     /// `[[effects]]`: none by default (every event merges its data).
     #[serde(default)]
     effects: Vec<super::effects::RawRule>,
@@ -38,7 +39,8 @@ impl Document {
             self.effects,
             self.state.order,
             &self.dedupe.dense_seq_topics,
-        )?;
+        )?
+        .with_changelog(&self.changelog.topics);
         Ok(Config {
             kafka: self.kafka.checked()?,
             redis: self.redis.checked()?,
@@ -49,6 +51,7 @@ impl Document {
             metrics: self.metrics,
             shutdown: self.shutdown,
             log: self.log,
+            changelog: self.changelog,
             effects,
             explicit: Default::default(),
         })
@@ -196,6 +199,30 @@ impl EventSection {
             reject_duplicate_keys: matches!(self.duplicate_keys, DuplicateKeys::Reject),
             dead_letter_key_mismatch: matches!(self.key_mismatch, KeyMismatch::DeadLetter),
         }
+    }
+}
+
+/// `[changelog]`: each applied change published to Kafka through an
+/// outbox in Redis (docs/changelog.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangelogConfig {
+    /// Source topics whose applied changes are published, e.g. ["orders"]; empty: none.
+    /// The guard script writes each change (applied, late or partial; never a duplicate,
+    /// a stale event or a conflict) to an outbox in Redis in the same step as the change,
+    /// and the relay publishes it to the topic's changelog. Turn it on only once every
+    /// instance of the group runs a version that knows it (docs/upgrading.md).
+    pub topics: Vec<String>,
+    /// The changelog topic of each; "{topic}" is replaced by the source topic.
+    /// Declare it in topics/ (changelog = ...).
+    #[serde(deserialize_with = "values::changelog_topic")]
+    pub topic: String,
+}
+
+impl ChangelogConfig {
+    /// The changelog topic of `source`.
+    pub fn topic_for(&self, source: &str) -> String {
+        self.topic.replace("{topic}", source)
     }
 }
 

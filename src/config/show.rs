@@ -65,6 +65,7 @@ impl Layers {
                     .list_separator(",")
                     .with_list_parse_key("kafka.topics")
                     .with_list_parse_key("dedupe.dense_seq_topics")
+                    .with_list_parse_key("changelog.topics")
                     .try_parsing(true)
                     .source(Some(idem_env)),
             );

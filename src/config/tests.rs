@@ -718,6 +718,7 @@ fn field_docs() -> BTreeMap<(String, String), String> {
         ("MetricsConfig", "metrics"),
         ("ShutdownConfig", "shutdown"),
         ("LogConfig", "log"),
+        ("ChangelogConfig", "changelog"),
     ];
     let mut out = BTreeMap::new();
     for source in [
@@ -824,6 +825,56 @@ counters = [{ field = "balance", from = "/amount" }]
         refusals[1]
     );
     assert!(Config::defaults().refusals().is_empty());
+}
+
+#[test]
+fn a_changelog_names_consumed_topics_and_never_one_idem_reads() {
+    let load = |vars: &[(&str, &str)]| Config::load(None, &env(vars)).unwrap();
+    let c = load(&[
+        ("IDEM__KAFKA__TOPICS", "orders,payments"),
+        ("IDEM__CHANGELOG__TOPICS", "orders"),
+    ]);
+    assert!(c.refusals().is_empty(), "{:?}", c.refusals());
+    assert_eq!(c.changelog.topic_for("orders"), "orders.changes");
+    assert_eq!(
+        c.effects
+            .plan_for(
+                "orders",
+                &crate::event::Event {
+                    id: "i".into(),
+                    entity: "e".into(),
+                    seq: 1,
+                    op: crate::event::Op::Upsert,
+                    kind: None,
+                    set: vec![],
+                    unset: vec![],
+                    fingerprint: 0,
+                }
+            )
+            .unwrap()
+            .changelog
+            .as_deref(),
+        Some("orders")
+    );
+    let refusals = load(&[
+        ("IDEM__KAFKA__TOPICS", "orders,orders.changes"),
+        ("IDEM__CHANGELOG__TOPICS", "ordres,orders"),
+    ])
+    .refusals();
+    assert_eq!(refusals.len(), 2, "{refusals:?}");
+    assert!(
+        refusals[0].starts_with("changelog.topics = `ordres` names a topic idem does not consume"),
+        "{}",
+        refusals[0]
+    );
+    assert!(
+        refusals[1].contains("makes `orders.changes` the changelog of `orders`"),
+        "{}",
+        refusals[1]
+    );
+    let bad = Config::load(None, &env(&[("IDEM__CHANGELOG__TOPIC", "a b")])).unwrap_err();
+    assert_eq!(bad.key(), Some("changelog.topic"), "{bad}");
+    assert!(bad.to_string().contains("{topic}.changes"), "{bad}");
 }
 
 #[test]

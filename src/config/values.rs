@@ -171,13 +171,25 @@ pub fn topics<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> 
 
 /// A dead-letter topic name, optionally with `{topic}` for the source topic.
 pub fn dlq_topic<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    topic_template(d, "{topic}.dlq")
+}
+
+/// A changelog topic: as [`dlq_topic`].
+pub fn changelog_topic<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    topic_template(d, "{topic}.changes")
+}
+
+/// A topic name, optionally with `{topic}` for the source topic.
+fn topic_template<'de, D: Deserializer<'de>>(d: D, example: &str) -> Result<String, D::Error> {
     let text = String::deserialize(d)?;
     if !text.contains("{topic}") && !is_valid_topic_name(&text)
         || !is_valid_topic_name(&text.replace("{topic}", "x"))
     {
         return Err(refuse(
             &text,
-            "a topic name, optionally with {topic} for the source topic, e.g. \"{topic}.dlq\"",
+            &format!(
+                "a topic name, optionally with {{topic}} for the source topic, e.g. \"{example}\""
+            ),
         ));
     }
     Ok(text)

@@ -19,6 +19,7 @@ pub mod decimal;
 mod plan;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::event::{Event, Invalid};
@@ -157,9 +158,21 @@ pub struct EffectsConfig {
     pub state_order: StateOrder,
     /// Topics whose entities' seqs are dense (`dedupe.dense_seq_topics`).
     pub dense_seq_topics: BTreeSet<String>,
+    /// Topics whose changes go to the outbox (`changelog.topics`), each
+    /// with its name as the guard writes it into the change.
+    pub changelog_topics: BTreeMap<String, Arc<str>>,
 }
 
 impl EffectsConfig {
+    /// With the changes of `topics` written to the outbox.
+    pub fn with_changelog(mut self, topics: &[String]) -> Self {
+        self.changelog_topics = topics
+            .iter()
+            .map(|t| (t.clone(), Arc::from(t.as_str())))
+            .collect();
+        self
+    }
+
     /// The rule for an event of `kind` on `topic`: the one naming its type,
     /// else the topic's catch-all, else none (merge, as without effects).
     pub fn rule_for(&self, topic: &str, kind: Option<&str>) -> Option<&Rule> {
@@ -230,6 +243,7 @@ impl EffectsConfig {
         let mut effects = plan(event, self.rule_for(topic, event.kind.as_deref()))?;
         effects.state_order = self.state_order;
         effects.dense_seqs = self.dense_seq_topics.contains(topic);
+        effects.changelog = self.changelog_topics.get(topic).cloned();
         Ok(effects)
     }
 }
@@ -281,6 +295,7 @@ pub static MERGE: Effects = Effects {
     mutations: Vec::new(),
     state_order: StateOrder::PerEntity,
     dense_seqs: false,
+    changelog: None,
 };
 
 /// An event's planned effects. The default is today's merge of every field.
@@ -293,6 +308,9 @@ pub struct Effects {
     /// Whether the event's topic numbers its entities' seqs densely: the
     /// guard then recognises a decided seq whatever the window.
     pub dense_seqs: bool,
+    /// The event's topic when its changes go to the outbox
+    /// (`changelog.topics`): the guard writes each change it makes there.
+    pub changelog: Option<Arc<str>>,
 }
 
 impl Effects {

@@ -85,6 +85,7 @@ pub fn plan(event: &Event, rule: Option<&Rule>) -> Result<Effects, Invalid> {
         mutations,
         state_order: super::StateOrder::PerEntity,
         dense_seqs: false,
+        changelog: None,
     })
 }
 

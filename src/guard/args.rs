@@ -191,6 +191,7 @@ pub fn push_event_args(
     for a in &parts.args {
         cmd.arg(a);
     }
+    cmd.arg(effects.changelog.as_deref().unwrap_or(""));
 }
 
 /// The line in `guard.lua` where custom effects go.

@@ -10,7 +10,8 @@
 -- a slot (standalone Redis has no such limit).
 --
 -- KEYS     first the epoch marker (standalone: the one; cluster: the one of
---          the call's slot), then per event four keys and its effects' keys,
+--          the call's slot), then the outbox (likewise one per slot;
+--          written only for events of a changelog topic), then per event four keys and its effects' keys,
 --          all with the entity's hash tag (so one slot), and all declared, so
 --          that Redis Cluster runs the call only where every key is (during
 --          a slot migration it answers TRYAGAIN instead):
@@ -46,6 +47,8 @@
 --              "custom" snippet key order n f1 v1 ... custom effect (order
 --                                                     "ordered" | "commutative"),
 --                                                     the event's data fields
+--            and last the changelog: the event's topic when its changes go to
+--            the outbox (changelog.topics), "" otherwise
 -- Returns  per event two values: code, detail
 --            0 applied    detail: how many dense seqs the event's decision
 --                         closed (0 but at the dense cap; so for 2, 6, 10)
@@ -389,12 +392,13 @@ local function read_event(k, a, e)
   e.type = ARGV[a + 1]
   e.keys = nkeys == 0 and NONE or { unpack(KEYS, k + 4, k + 3 + nkeys) }
   e.mutations, a, e.commutative = read_mutations(a + 2, e.keys)
-  return e, k + 4 + nkeys, a
+  e.changelog = ARGV[a]
+  return e, k + 4 + nkeys, a + 1
 end
 
 -- Every event of the call, in order, each in a table of its own.
 local function read_call()
-  local events, k, a = {}, 2, 3
+  local events, k, a = {}, 3, 3
   while a <= #ARGV do
     events[#events + 1], k, a = read_event(k, a, {})
   end
@@ -556,8 +560,54 @@ local function write_newer(e, applied, no_effects)
   end
 end
 
+-- The change an event made, appended to the call's outbox (KEYS[2]) for
+-- the relay to publish (docs/changelog.md): a record that is an idem event
+-- of its own (id "<entity>#<version>", seq the version, dense), carrying
+-- the state after it, the counters its effects wrote (absolute), the set
+-- members they added (true) or removed (false), the ledger entries they
+-- appended, and the event. Its version is the entity's `cv`, one more per
+-- change: late and per-field events apply out of seq order, so the seq
+-- cannot number the changes.
+local CHANGE_KIND = { a = 'applied', l = 'late', p = 'partial' }
+
+local function change_effects(plan, base, change)
+  local counters_key = base .. ':counters'
+  for _, w in ipairs(plan) do
+    local cmd, key = w[1], w[2]
+    if key == counters_key and (cmd == 'HSET' or cmd == 'HDEL') then
+      change.counters = change.counters or {}
+      change.counters[w[3]] = cmd == 'HSET' and w[4] or cjson.null
+    elseif cmd == 'SADD' or cmd == 'SREM' then
+      change.sets = change.sets or {}
+      local name = string.sub(key, #base + 6)
+      change.sets[name] = change.sets[name] or {}
+      change.sets[name][w[3]] = cmd == 'SADD'
+    elseif cmd == 'XADD' then
+      local entry = {}
+      for i = (w[3] == 'MAXLEN') and 7 or 4, #w, 2 do entry[w[i]] = w[i + 1] end
+      change.ledger = change.ledger or {}
+      change.ledger[string.sub(key, #base + 9)] = entry
+    end
+  end
+end
+
+local function write_change(e, plan, decided)
+  local base = string.sub(e.meta, 1, #e.meta - 5)
+  local entity = string.sub(base, string.find(base, '{', 1, true) + 1, -2)
+  local version = redis.call('HINCRBY', e.meta, 'cv', 1)
+  local state = hash_table(e.state)
+  local change = { kind = CHANGE_KIND[decided],
+    event = { id = e.id, seq = e.seq, type = e.type ~= '' and e.type or nil } }
+  if plan then change_effects(plan, base, change) end
+  local deleted = e.op == 'delete' and next(state) == nil
+  local record = cjson.encode({ id = entity .. '#' .. version, entity = entity, seq = version,
+    type = deleted and 'delete' or 'idem.change', data = state, change = change })
+  redis.call('XADD', KEYS[2], '*', 'e', entity, 'v', version, 'r', record, 't', e.changelog,
+    'p', string.match(e.mark_field, ':(%d+)$') or '', 'o', e.offset, 'at', now_str)
+end
+
 -- The last writes of a decided event, after its state and meta: its
--- effects, then its id (stale and late ids too, so that a redelivery is a
+-- effects, its change (for a changelog topic), then its id (stale and late ids too, so that a redelivery is a
 -- duplicate), then its offset mark. A failure before the id leaves the
 -- event to be decided again, never remembered without its effects.
 local function finish_decision(e, token, plan, decided)
@@ -566,6 +616,7 @@ local function finish_decision(e, token, plan, decided)
       redis.call(unpack(w))
     end
   end
+  if e.changelog ~= '' and decided ~= 's' then write_change(e, plan, decided) end
   redis.call('HSET', e.current, e.idh, e.fp .. now_packed .. token .. decided)
   if not expiring[e.current] then
     if redis.call('HLEN', e.current) == 1 then
@@ -936,7 +987,7 @@ local function main()
   end
   local token = ARGV[1]
   local out = {}
-  local e, k, a = {}, 2, 3
+  local e, k, a = {}, 3, 3
   while a <= #ARGV do
     e, k, a = read_event(k, a, e)
     local seen = redis.call('HGET', e.current, e.idh) or redis.call('HGET', e.previous, e.idh)

@@ -45,7 +45,8 @@ for _, e in ipairs(read_call()) do
     expire_at = e.expire_at, id = e.id, id_hash = hex(e.idh), fingerprint_bytes = hex(e.fp),
     fingerprint = e.fp_hex, seq = e.seq, mark_field = e.mark_field, offset = e.offset, mark = e.mark,
     op = e.op, per_field = e.per_field, dense = e.dense, type = e.type, set = set, unset = unset,
-    keys = e.keys, mutations = e.mutations, commutative = e.commutative }
+    keys = e.keys, mutations = e.mutations, commutative = e.commutative,
+    changelog = e.changelog }
 end
 return cjson.encode(report)
 "#;
@@ -486,15 +487,16 @@ impl Guard {
             .zip(&entities)
             .map(|(&i, keys)| EffectParts::new(keys, inputs[i].event, inputs[i].effects))
             .collect();
-        let keys = 1 + 4 * chunk.len() + parts.iter().map(|p| p.keys.len()).sum::<usize>();
+        let keys = 2 + 4 * chunk.len() + parts.iter().map(|p| p.keys.len()).sum::<usize>();
         cmd.arg(keys);
-        // The keys come first (the marker of the call's slot, then the
-        // events'), the args after.
+        // The keys come first (the marker and the outbox of the call's
+        // slot, then the events'), the args after.
         let slot = self
             .conn
             .is_cluster()
             .then(|| hash_slot(entities[0].base().as_bytes()));
-        cmd.arg(self.layout.epoch_key(slot));
+        cmd.arg(self.layout.epoch_key(slot))
+            .arg(self.layout.outbox_key(slot));
         for ((keys, ids), part) in entities.iter().zip(&generations).zip(&parts) {
             cmd.arg(keys.meta())
                 .arg(keys.state())

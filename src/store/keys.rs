@@ -81,6 +81,13 @@ impl KeyLayout {
         self.own_key("decided", slot)
     }
 
+    /// The outbox of a server (`None`), or of cluster slot `slot`: a
+    /// stream of the changes the guard wrote there (docs/changelog.md),
+    /// in the slot of the entities whose changes it holds.
+    pub fn outbox_key(&self, slot: Option<u16>) -> String {
+        self.own_key("outbox", slot)
+    }
+
     /// The counter a durable wait increments (standalone Redis only).
     pub fn durability_barrier_key(&self) -> String {
         self.own_key("durability-barrier", None)
@@ -272,6 +279,7 @@ mod tests {
         for slot in [0, 5, 16383] {
             assert_eq!(hash_slot(l.epoch_key(Some(slot)).as_bytes()), slot);
             assert_eq!(hash_slot(l.slot_barrier_key(slot).as_bytes()), slot);
+            assert_eq!(hash_slot(l.outbox_key(Some(slot)).as_bytes()), slot);
         }
     }
 
@@ -298,6 +306,8 @@ mod tests {
             tag(l.decided_key(Some(5))),
             l.durability_barrier_key(),
             tag(l.slot_barrier_key(5)),
+            l.outbox_key(None),
+            tag(l.outbox_key(Some(5))),
             l.redriven_key("<dlq topic>"),
         ]
     }
