@@ -24,6 +24,8 @@
 //!   Redis's own progress records say its state stops (lost, rolled back).
 //! - [`guard`]: the decision rules as one atomic Redis script, many events per round trip.
 //! - [`dlq`]: the dead-letter topic (invalid records, conflicts) and its budget.
+//! - [`relay`]: publishes the changes the guard wrote to the outboxes to
+//!   the changelog topics (`changelog.topics`), under a lease.
 //! - [`pipeline`]: the Kafka loop: fetch, decode, guard, mark done, commit;
 //!   rebalances and the guard stage's reports arrive in it as messages.
 //!
@@ -44,6 +46,7 @@ pub mod metrics;
 pub mod model;
 pub mod offsets;
 pub mod pipeline;
+pub mod relay;
 pub mod resume;
 pub mod store;
 pub mod tools;

@@ -204,7 +204,7 @@ async fn check_passes_on_ready_services_and_names_what_is_missing() {
     spec.dead_letter = Some(format!("{unclean}.dlq"));
     spec.configs
         .insert("unclean.leader.election.enable".into(), "true".into());
-    idem::tools::topics::apply(&kafka(), &spec.with_dead_letter(), true)
+    idem::tools::topics::apply(&kafka(), &spec.with_companions(), true)
         .await
         .unwrap();
     let out = idem_tool(&["check"], &unclean, &[("IDEM__KAFKA__TOPICS", &unclean)]);

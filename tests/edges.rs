@@ -102,7 +102,7 @@ async fn invalid_records_of_any_readable_size_are_dead_lettered() {
         .insert("max.message.bytes".into(), "3000000".into());
     // The dead-letter topic keeps Kafka's default limit (1,048,588 bytes).
     spec.dead_letter = Some(format!("{topic}.dlq"));
-    let mut specs = spec.with_dead_letter();
+    let mut specs = spec.with_companions();
     specs[1].configs.clear();
     topics::apply(&kafka(), &specs, true).await.unwrap();
 

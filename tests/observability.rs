@@ -258,9 +258,12 @@ async fn exposition_matches_docs_dashboard_and_alerts() {
     // Before the first event: the series documented "from start".
     let topic = unique("exposition");
     create_topic(&topic, 1).await;
+    create_topic_without_dlq(&format!("{topic}.changes"), 1).await;
+    // With the changelog on, so that the relay's series exist too.
     let idem = Idem::spawn(
         &IdemOpts::new(&topic, &topic, &topic)
-            .with("IDEM__KAFKA__LIBRDKAFKA__STATISTICS.INTERVAL.MS", "500"),
+            .with("IDEM__KAFKA__LIBRDKAFKA__STATISTICS.INTERVAL.MS", "500")
+            .with("IDEM__CHANGELOG__TOPICS", &topic),
     );
     wait_until("idem is ready", CATCH_UP, || async {
         http_get(idem.metrics_port, "/readyz").await.as_deref() == Some("ready\n")

@@ -13,6 +13,7 @@ pub mod config;
 pub mod dlq;
 pub mod inspect;
 pub mod reconcile;
+pub mod relay;
 pub mod replay;
 pub mod run;
 pub mod sample;
@@ -60,6 +61,7 @@ pub enum Command {
     Dlq(dlq::DlqArgs),
     Replay(replay::ReplayArgs),
     Reconcile(reconcile::ReconcileArgs),
+    Relay(relay::RelayArgs),
     Config(config::ConfigArgs),
     Check(check::CheckArgs),
 }
@@ -80,6 +82,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Dlq(args) => dlq::run(args, config).await,
             Command::Replay(args) => replay::run(args, config).await,
             Command::Reconcile(args) => reconcile::run(args, config).await,
+            Command::Relay(args) => relay::run(args, config).await,
             Command::Config(args) => config::run(args, config, file, timeout).await,
             Command::Check(args) => check::run(args, config).await,
         }

@@ -45,6 +45,11 @@ pub const REDIS_REWINDS_TOTAL: &str = "idem_redis_rewinds_total";
 pub const REWOUND_RECORDS_TOTAL: &str = "idem_rewound_records_total";
 pub const REDIS_STATE_CHANGES_TOTAL: &str = "idem_redis_state_changes_total";
 pub const DENSE_SEQS_CLOSED_TOTAL: &str = "idem_dense_seqs_closed_total";
+pub const CHANGES_PUBLISHED_TOTAL: &str = "idem_changes_published_total";
+pub const CHANGELOG_REFERENCES_TOTAL: &str = "idem_changelog_references_total";
+pub const CHANGELOG_ERRORS_TOTAL: &str = "idem_changelog_publish_errors_total";
+pub const CHANGELOG_LAG_SECONDS: &str = "idem_changelog_lag_seconds";
+pub const RELAY_LEASE_HELD: &str = "idem_relay_lease_held";
 
 /// Buckets fine enough for the benchmark to read p50/p99/p99.9 from.
 pub const LATENCY_BUCKETS: [f64; 24] = [
@@ -145,6 +150,65 @@ fn describe_redis_state() {
     );
 }
 
+/// The metrics of the changelog relay (docs/changelog.md).
+fn describe_changelog() {
+    describe_counter!(
+        CHANGES_PUBLISHED_TOTAL,
+        "Changes the relay published and the broker acknowledged, by changelog topic (copies after a hand-over included)."
+    );
+    describe_counter!(
+        CHANGELOG_REFERENCES_TOTAL,
+        "Changes too large for the changelog topic, published as a reference (same id and version, no state), by changelog topic."
+    );
+    describe_counter!(
+        CHANGELOG_ERRORS_TOTAL,
+        "Relay rounds that failed, by kind (redis, unknown_topic, kafka, protocol); the entries stay in the outbox and are published again."
+    );
+    describe_gauge!(
+        CHANGELOG_LAG_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest change the relay read in its last round (0 when the outboxes are empty): how far the changelog is behind."
+    );
+    describe_gauge!(
+        RELAY_LEASE_HELD,
+        "1 while this instance's relay holds the lease and publishes the changelog."
+    );
+}
+
+/// Counts changes published to `topic`.
+pub fn record_changes_published(topic: &str, n: u64) {
+    counter!(CHANGES_PUBLISHED_TOTAL, "topic" => topic.to_string()).increment(n);
+}
+
+pub fn record_changelog_reference(topic: &str) {
+    counter!(CHANGELOG_REFERENCES_TOTAL, "topic" => topic.to_string()).increment(1);
+}
+
+pub fn record_changelog_error(kind: &'static str) {
+    counter!(CHANGELOG_ERRORS_TOTAL, "kind" => kind).increment(1);
+}
+
+pub fn set_changelog_lag(seconds: f64) {
+    gauge!(CHANGELOG_LAG_SECONDS).set(seconds);
+}
+
+pub fn set_relay_lease(held: bool) {
+    gauge!(RELAY_LEASE_HELD).set(if held { 1.0 } else { 0.0 });
+}
+
+/// The changelog's series from the start of a relay, zeros.
+pub fn init_changelog(topics: &[String]) {
+    for t in topics {
+        record_changes_published(t, 0);
+        counter!(CHANGELOG_REFERENCES_TOTAL, "topic" => t.to_string()).increment(0);
+    }
+    for kind in ["redis", "unknown_topic", "kafka", "protocol"] {
+        counter!(CHANGELOG_ERRORS_TOTAL, "kind" => kind).increment(0);
+    }
+    set_changelog_lag(0.0);
+    set_relay_lease(false);
+}
+
 /// The metrics of group membership.
 fn describe_group() {
     describe_counter!(
@@ -185,6 +249,7 @@ fn describe_all() {
     );
     describe_redis_state();
     describe_group();
+    describe_changelog();
     describe_gauge!(
         COMMITTED_OFFSET,
         "Next offset stored for commit, per partition."

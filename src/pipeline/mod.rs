@@ -59,7 +59,19 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     for topic in &config.kafka.topics {
         metrics::init_topic(topic);
     }
-    run_pipeline(Arc::new(config), health, shutdown).await
+    let config = Arc::new(config);
+    let relay = (!config.changelog.topics.is_empty()).then(|| {
+        let mut stop = shutdown.clone();
+        tokio::spawn(crate::relay::run(config.clone(), async move {
+            stop.wait().await
+        }))
+    });
+    let result = run_pipeline(config, health, shutdown).await;
+    if let Some(relay) = relay {
+        // It stops with the same signal; a clean stop hands its lease over.
+        let _ = tokio::time::timeout(Duration::from_secs(5), relay).await;
+    }
+    result
 }
 
 /// The settings an operator checks first, secrets redacted, and the

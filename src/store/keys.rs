@@ -88,6 +88,24 @@ impl KeyLayout {
         self.own_key("outbox", slot)
     }
 
+    /// Cluster: the slots whose outboxes may hold entries (a set, in slot
+    /// 0's tag). The guard adds a slot after writing there; the relay
+    /// removes one it found empty.
+    pub fn outbox_dirty_key(&self) -> String {
+        self.own_key("outbox-dirty", Some(0))
+    }
+
+    /// The list a guard pushes to after writing changes (at most one
+    /// element), on which an idle relay blocks: the wake-up on write.
+    pub fn outbox_bell_key(&self, cluster: bool) -> String {
+        self.own_key("outbox-bell", cluster.then_some(0))
+    }
+
+    /// The relay's lease (docs/changelog.md): the holder's name, expiring.
+    pub fn relay_lease_key(&self, cluster: bool) -> String {
+        self.own_key("relay-lease", cluster.then_some(0))
+    }
+
     /// The counter a durable wait increments (standalone Redis only).
     pub fn durability_barrier_key(&self) -> String {
         self.own_key("durability-barrier", None)
@@ -220,6 +238,9 @@ fn slot_tag(slot: u16) -> &'static str {
     &tags[usize::from(slot % 16384)]
 }
 
+/// How many hash slots a Redis Cluster has.
+pub const SLOTS: u16 = 16384;
+
 /// The Redis Cluster slot of `key`: CRC16 (XMODEM) of its hash tag, mod 16384.
 pub fn hash_slot(key: &[u8]) -> u16 {
     let tagged = key
@@ -308,6 +329,14 @@ mod tests {
             tag(l.slot_barrier_key(5)),
             l.outbox_key(None),
             tag(l.outbox_key(Some(5))),
+            l.outbox_dirty_key()
+                .replace(&format!("{{{}}}", slot_tag(0)), "{<tag>}"),
+            l.outbox_bell_key(false),
+            l.outbox_bell_key(true)
+                .replace(&format!("{{{}}}", slot_tag(0)), "{<tag>}"),
+            l.relay_lease_key(false),
+            l.relay_lease_key(true)
+                .replace(&format!("{{{}}}", slot_tag(0)), "{<tag>}"),
             l.redriven_key("<dlq topic>"),
         ]
     }

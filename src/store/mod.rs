@@ -23,7 +23,7 @@ pub use checks::{
 };
 pub use keys::{
     decided_field, hash_slot, mark_field, progress_field, progress_incarnation_field,
-    progress_owner_field, EntityKeys, KeyLayout,
+    progress_owner_field, EntityKeys, KeyLayout, SLOTS,
 };
 
 /// An error talking to Redis.

@@ -37,6 +37,10 @@ pub struct TopicSpec {
     /// source partition.
     #[serde(default)]
     pub dead_letter: Option<String>,
+    /// The matching changelog topic (`changelog.topic`, docs/changelog.md),
+    /// created beside it with as many partitions and the same retention.
+    #[serde(default)]
+    pub changelog: Option<String>,
     /// Other topic configs, passed as they are.
     #[serde(default)]
     pub configs: BTreeMap<String, String>,
@@ -63,6 +67,7 @@ impl TopicSpec {
             retention: None,
             cleanup_policy: None,
             dead_letter: None,
+            changelog: None,
             configs: BTreeMap::new(),
         }
     }
@@ -87,11 +92,12 @@ impl TopicSpec {
         Ok(out)
     }
 
-    /// The spec and, if declared, its dead-letter topic's spec. The
+    /// The spec and, if declared, its dead-letter and changelog topics'
+    /// specs. The
     /// dead-letter topic takes records as large as its source topic's (or
     /// the default `event.max_bytes`) plus room for idem's headers, so that
     /// invalid records are kept whole (docs/event-contract.md).
-    pub fn with_dead_letter(&self) -> Vec<TopicSpec> {
+    pub fn with_companions(&self) -> Vec<TopicSpec> {
         let mut v = vec![self.clone()];
         if let Some(dlq) = &self.dead_letter {
             let mut d = TopicSpec::new(dlq.clone(), self.partitions);
@@ -108,6 +114,12 @@ impl TopicSpec {
                 crate::dlq::producer_max_bytes(source_limit).to_string(),
             );
             v.push(d);
+        }
+        if let Some(changelog) = &self.changelog {
+            let mut c = TopicSpec::new(changelog.clone(), self.partitions);
+            c.replication_factor = self.replication_factor;
+            c.retention = self.retention.clone();
+            v.push(c);
         }
         v
     }
@@ -154,7 +166,7 @@ pub fn load_dir(dir: &Path) -> anyhow::Result<Vec<TopicSpec>> {
         for spec in file.topic {
             spec.validate()
                 .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            specs.extend(spec.with_dead_letter());
+            specs.extend(spec.with_companions());
         }
     }
     Ok(specs)
@@ -456,7 +468,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn topics_file_parses_with_dead_letter() {
+    fn topics_file_parses_with_companions() {
         let file = toml_from_str(
             r#"
             [[topic]]
@@ -465,14 +477,23 @@ mod tests {
             retention = "7d"
             cleanup_policy = "delete"
             dead_letter = "orders.dlq"
+            changelog = "orders.changes"
             [topic.configs]
             "max.message.bytes" = "2097152"
             "#,
         )
         .unwrap();
-        let specs = file.topic[0].with_dead_letter();
-        assert_eq!(specs.len(), 2);
+        let specs = file.topic[0].with_companions();
+        assert_eq!(specs.len(), 3);
         assert_eq!(specs[1].name, "orders.dlq");
+        assert_eq!(
+            (specs[2].name.as_str(), specs[2].partitions),
+            ("orders.changes", 12)
+        );
+        assert_eq!(
+            specs[2].kafka_configs().unwrap()["retention.ms"],
+            "604800000"
+        );
         let configs = specs[0].kafka_configs().unwrap();
         assert_eq!(configs["retention.ms"], "604800000");
         assert_eq!(configs["cleanup.policy"], "delete");

@@ -26,7 +26,7 @@ pub use idem_testbench::services::{
 pub async fn create_topic(name: &str, partitions: i32) {
     let mut spec = TopicSpec::new(name, partitions);
     spec.dead_letter = Some(format!("{name}.dlq"));
-    topics::apply(&kafka(), &spec.with_dead_letter(), true)
+    topics::apply(&kafka(), &spec.with_companions(), true)
         .await
         .expect("create topic");
 }
@@ -486,7 +486,7 @@ pub async fn recreate_topic(topic: &str) {
             async move {
                 let mut spec = idem::tools::topics::TopicSpec::new(&topic, 1);
                 spec.dead_letter = Some(format!("{topic}.dlq"));
-                idem::tools::topics::apply(&kafka(), &spec.with_dead_letter(), true)
+                idem::tools::topics::apply(&kafka(), &spec.with_companions(), true)
                     .await
                     .is_ok()
                     && topic_id_now(&topic).await

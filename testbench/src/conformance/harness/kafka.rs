@@ -9,7 +9,7 @@ pub async fn create_topic(env: &Env, topic: &str, partitions: i32) -> anyhow::Re
     spec.dead_letter = Some(format!("{topic}.dlq"));
     topics::apply(
         &idem::config::KafkaConfig::for_brokers(&env.brokers),
-        &spec.with_dead_letter(),
+        &spec.with_companions(),
         true,
     )
     .await?;

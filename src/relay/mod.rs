@@ -1,0 +1,356 @@
+//! The relay: publishes the changes the guard script wrote to the outboxes
+//! (`changelog.topics`, docs/changelog.md) to their changelog topics, and
+//! deletes each entry only once the broker acknowledged it.
+//!
+//! Guarantee: every change reaches its changelog topic at least once, with
+//! the same id on every copy (`<entity>#<version>`), and per entity its
+//! first copies come in version order. Copies come from a relay that
+//! stopped (a crash, a lost lease, a failed delete) after the broker's
+//! acknowledgement and before the delete: at most one round
+//! ([`ROUND_ENTRIES`]) per hand-over.
+//!
+//! Layout: `entry` reads an outbox entry and makes its Kafka record (pure),
+//! `lease` keeps one publisher at a time, `outboxes` finds the outboxes
+//! with entries without polling them (the dirty set and the bell), and
+//! this file is the loop: renew, read, publish, delete.
+
+mod entry;
+mod error;
+mod lease;
+mod outboxes;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::config::Config;
+use crate::kafka::QuietContext;
+use crate::metrics;
+use crate::store::{KeyLayout, RedisConn};
+pub use entry::{parse_entries, Entry, Form, REFERENCE_TYPE};
+pub use error::RelayError;
+pub use lease::{holder_name, Lease};
+pub use outboxes::Outboxes;
+
+/// At most this many entries are read and published per round: the bound
+/// on the copies a hand-over can publish twice, and on the relay's memory.
+pub const ROUND_ENTRIES: usize = 2000;
+/// How long a lease lasts without renewal.
+pub const LEASE_TTL: Duration = Duration::from_secs(10);
+/// The largest record the relay's producer sends (Kafka's default topic
+/// limit, `max.message.bytes`, is 1 MiB); a larger change goes out as a
+/// reference ([`Entry::reference`]).
+pub const MAX_RECORD_BYTES: usize = 1_000_000;
+/// Headroom below [`MAX_RECORD_BYTES`] for the key, the headers and the
+/// batch framing.
+const RECORD_HEADROOM: usize = 16_384;
+
+/// What one round did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Round {
+    /// Published (and deleted) this many entries.
+    Published(usize),
+    /// Every outbox it knows of is empty.
+    Idle,
+    /// Another relay holds the lease.
+    NotHolder,
+}
+
+/// One relay: its own Redis connection (it blocks on the bell), its
+/// idempotent producer and its lease.
+pub struct Relay {
+    conn: RedisConn,
+    producer: FutureProducer<QuietContext>,
+    outboxes: Outboxes,
+    lease: Lease,
+    config: Arc<Config>,
+    /// Entries the broker refused as too large: sent as references next.
+    too_large: std::collections::HashSet<String>,
+}
+
+impl Relay {
+    pub async fn connect(config: Arc<Config>) -> Result<Relay, RelayError> {
+        let conn = crate::store::connect(&config.redis).await?;
+        let layout = KeyLayout::new(&config.redis.key_prefix);
+        let lease = Lease::new(
+            outboxes::lease_key(&layout, conn.is_cluster()),
+            holder_name(),
+            LEASE_TTL,
+        );
+        let producer = crate::kafka::base_config(&config.kafka)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "30000")
+            .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
+            .create_with_context(QuietContext)?;
+        Ok(Relay {
+            outboxes: Outboxes::new(layout, conn.is_cluster()),
+            conn,
+            producer,
+            lease,
+            config,
+            too_large: Default::default(),
+        })
+    }
+
+    pub fn holder(&self) -> &str {
+        self.lease.holder()
+    }
+
+    /// One round: renew the lease when due; read up to [`ROUND_ENTRIES`]
+    /// entries, shared fairly among the outboxes that have some; publish
+    /// them; delete what the broker acknowledged.
+    pub async fn round(&mut self) -> Result<Round, RelayError> {
+        if self.lease.due(Instant::now()) {
+            let held = self.lease.renew(&mut self.conn).await;
+            metrics::set_relay_lease(matches!(held, Ok(true)));
+            held?;
+        }
+        if !self.lease.held(Instant::now()) {
+            // The holder measures the lag; a dashboard takes the max.
+            metrics::set_changelog_lag(0.0);
+            return Ok(Round::NotHolder);
+        }
+        let batches = self.outboxes.read(&mut self.conn, ROUND_ENTRIES).await?;
+        let oldest = batches
+            .iter()
+            .filter_map(|b| b.entries.first())
+            .filter_map(|e| entry::written_ms(&e.stream_id))
+            .min();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        metrics::set_changelog_lag(
+            oldest.map_or(0.0, |ms| now_ms.saturating_sub(ms) as f64 / 1000.0),
+        );
+        if batches.iter().all(|b| b.entries.is_empty()) {
+            self.outboxes.forget_empty(&mut self.conn, &batches).await?;
+            return Ok(Round::Idle);
+        }
+        // A holder that slept past its lease (a pause, a slow Redis) reads
+        // on, but publishes nothing.
+        if !self.lease.held(Instant::now()) {
+            return Ok(Round::NotHolder);
+        }
+        let (acked, error) = self.publish(&batches).await;
+        let published = self
+            .outboxes
+            .delete(&mut self.conn, &batches, &acked)
+            .await?;
+        let mut by_topic: std::collections::BTreeMap<&str, u64> = Default::default();
+        for (b, &n) in batches.iter().zip(&acked) {
+            for e in &b.entries[..n] {
+                *by_topic.entry(&e.topic).or_default() += 1;
+            }
+        }
+        for (source, n) in by_topic {
+            metrics::record_changes_published(&self.config.changelog.topic_for(source), n);
+        }
+        self.outboxes.forget_empty(&mut self.conn, &batches).await?;
+        match error {
+            Some(e) => Err(e),
+            None => Ok(Round::Published(published)),
+        }
+    }
+
+    /// Sends every entry of `batches`, each outbox's in order, and waits for
+    /// the broker. Returns how many of each outbox's first entries were
+    /// acknowledged (its acknowledged prefix), and the first error.
+    async fn publish(&mut self, batches: &[outboxes::Batch]) -> (Vec<usize>, Option<RelayError>) {
+        let mut sent: Vec<Vec<DeliveryFuture>> = Vec::with_capacity(batches.len());
+        let mut first_error = None;
+        for batch in batches {
+            let mut deliveries = Vec::with_capacity(batch.entries.len());
+            for e in &batch.entries {
+                match self.enqueue(e).await {
+                    Ok(d) => deliveries.push(d),
+                    Err(err) => {
+                        // The rest of this outbox waits: its order holds.
+                        first_error.get_or_insert(err);
+                        break;
+                    }
+                }
+            }
+            sent.push(deliveries);
+        }
+        let mut acked = Vec::with_capacity(sent.len());
+        for (batch, deliveries) in batches.iter().zip(sent) {
+            let mut prefix = 0;
+            let mut broken = false;
+            for (e, d) in batch.entries.iter().zip(deliveries) {
+                let result = match d.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((err, _))) => Err(err),
+                    Err(_) => Err(rdkafka::error::KafkaError::Canceled),
+                };
+                match result {
+                    Ok(()) if !broken => prefix += 1,
+                    Ok(()) => {}
+                    Err(err) => {
+                        if !broken {
+                            if err.rdkafka_error_code()
+                                == Some(RDKafkaErrorCode::MessageSizeTooLarge)
+                            {
+                                self.too_large.insert(e.stream_id.clone());
+                            }
+                            first_error.get_or_insert(self.classify(e, &err));
+                        }
+                        broken = true;
+                    }
+                }
+            }
+            acked.push(prefix);
+        }
+        (acked, first_error)
+    }
+
+    /// Enqueues one entry's record (or its reference, when too large),
+    /// waiting while the producer's queue is full.
+    async fn enqueue(&mut self, e: &Entry) -> Result<DeliveryFuture, RelayError> {
+        let topic = self.config.changelog.topic_for(&e.topic);
+        let limit = MAX_RECORD_BYTES - RECORD_HEADROOM;
+        let mut as_reference = e.record.len() > limit || self.too_large.contains(&e.stream_id);
+        loop {
+            let reference;
+            let (payload, form) = if as_reference {
+                reference = e.reference(limit);
+                (&reference[..], Form::Reference)
+            } else {
+                (&e.record[..], Form::Change)
+            };
+            let headers = e.headers(&self.config.kafka.group_id, form);
+            let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+            for (k, v) in &headers {
+                owned = owned.insert(Header {
+                    key: k,
+                    value: Some(v.as_bytes()),
+                });
+            }
+            let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&topic)
+                .key(e.entity.as_str())
+                .payload(payload)
+                .headers(owned);
+            match self.producer.send_result(record) {
+                Ok(delivery) => {
+                    if as_reference {
+                        self.note_reference(e, &topic);
+                    }
+                    return Ok(delivery);
+                }
+                Err((err, _)) if err.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err((err, _))
+                    if !as_reference
+                        && err.rdkafka_error_code()
+                            == Some(RDKafkaErrorCode::MessageSizeTooLarge) =>
+                {
+                    as_reference = true;
+                }
+                Err((err, _)) => return Err(self.classify(e, &err)),
+            }
+        }
+    }
+
+    fn note_reference(&mut self, e: &Entry, topic: &str) {
+        self.too_large.remove(&e.stream_id);
+        metrics::record_changelog_reference(topic);
+        tracing::warn!(
+            entity = %e.entity,
+            version = e.version,
+            record_bytes = e.record.len(),
+            topic,
+            "change too large for the changelog topic: published as a reference (same id and version, no state; the entity's next change carries its whole state). Raise the topic's max.message.bytes to keep whole changes"
+        );
+    }
+
+    fn classify(&self, e: &Entry, err: &rdkafka::error::KafkaError) -> RelayError {
+        match err.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+                RelayError::UnknownTopic {
+                    topic: self.config.changelog.topic_for(&e.topic),
+                }
+            }
+            _ => RelayError::Kafka(err.to_string()),
+        }
+    }
+
+    /// Waits until a guard rings the bell (new entries), or a short while.
+    pub async fn wait_for_work(&mut self) {
+        let wait = (self.config.redis.response_timeout / 2).min(Duration::from_secs(2));
+        if self.outboxes.wait_bell(&mut self.conn, wait).await.is_err() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Hands the lease over at once (a clean stop).
+    pub async fn release(&mut self) {
+        self.lease.release(&mut self.conn).await;
+        metrics::set_relay_lease(false);
+    }
+}
+
+/// Runs a relay until `stop` resolves: rounds while there is work, the
+/// bell when there is none, a backoff after an error (each logged with
+/// what to do, and counted).
+pub async fn run(config: Arc<Config>, stop: impl Future<Output = ()>) {
+    tokio::pin!(stop);
+    let mut backoff = Duration::from_millis(250);
+    let mut relay = loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            made = Relay::connect(config.clone()) => match made {
+                Ok(r) => break r,
+                Err(e) => {
+                    metrics::record_changelog_error(e.kind());
+                    tracing::warn!(error = %e, retry_in = ?backoff, "the changelog relay cannot start");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    };
+    tracing::info!(holder = %relay.holder(), topics = ?config.changelog.topics, "changelog relay started");
+    let changelogs: Vec<String> = config
+        .changelog
+        .topics
+        .iter()
+        .map(|t| config.changelog.topic_for(t))
+        .collect();
+    metrics::init_changelog(&changelogs);
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let round = tokio::select! {
+            _ = &mut stop => break,
+            r = relay.round() => r,
+        };
+        match round {
+            Ok(Round::Published(n)) => {
+                backoff = Duration::from_millis(250);
+                tracing::debug!(published = n, "changelog round");
+            }
+            Ok(Round::Idle | Round::NotHolder) => {
+                tokio::select! {
+                    _ = &mut stop => break,
+                    _ = relay.wait_for_work() => {}
+                }
+            }
+            Err(e) => {
+                metrics::record_changelog_error(e.kind());
+                tracing::warn!(error = %e, retry_in = ?backoff, "changelog round failed; the entries not acknowledged stay in the outbox and are published again");
+                tokio::select! {
+                    _ = &mut stop => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    relay.release().await;
+    tracing::info!("changelog relay stopped");
+}
