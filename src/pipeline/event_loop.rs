@@ -13,7 +13,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::Consumer as _;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::TopicPartitionList;
 use tokio::sync::mpsc;
@@ -174,6 +173,14 @@ impl<R: Resume> EventLoop<R> {
         let max = self.config.pipeline.batch_max_events.get();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
+            // Fetching pauses while records wait for a full guard stage, and
+            // resumes when they are handed over. Records of partitions lost
+            // or revoked meanwhile are dropped: with none left to hand over,
+            // resume here, or nothing ever would.
+            if self.paused.is_some() && !self.stopped && self.pending.is_empty() {
+                self.stage_full_since = None;
+                self.resume();
+            }
             let stopped = self.stopped;
             let ready = !stopped
                 && !self.pending.is_empty()
@@ -431,8 +438,17 @@ impl<R: Resume> EventLoop<R> {
         tracing::info!(partitions = tps.len(), "partitions assigned");
         if self.paused.is_some() || self.stopped {
             // A partition assigned during the pause (or after consumption
-            // was stopped) would fetch: pause it too.
-            self.pause();
+            // was stopped) would fetch: pause it too. The consumer thread
+            // assigns it only once the loop answered, so the assignment does
+            // not hold it yet: count it as paused now (a resume then resumes
+            // it too) and pause it at the next tick, once assigned.
+            let paused = self.paused.get_or_insert_with(TopicPartitionList::new);
+            for tp in tps {
+                if paused.find_partition(&tp.topic, tp.partition).is_none() {
+                    paused.add_partition(&tp.topic, tp.partition);
+                }
+            }
+            metrics::set_paused(true);
         }
     }
 
@@ -530,42 +546,7 @@ impl<R: Resume> EventLoop<R> {
             &self.health,
             self.config.pipeline.stall_timeout,
         );
-    }
-
-    /// Pauses fetching for every assigned partition.
-    fn pause(&mut self) {
-        let assignment = match self.consumer.assignment() {
-            Ok(a) => a,
-            Err(e) => {
-                return tracing::warn!(error = %e, "could not read the assignment to pause it")
-            }
-        };
-        match self.consumer.pause(&assignment) {
-            Ok(()) => {
-                metrics::set_paused(true);
-                tracing::debug!(partitions = assignment.count(), "fetching paused");
-                self.paused = Some(assignment);
-            }
-            Err(e) => tracing::warn!(error = %e, "could not pause fetching"),
-        }
-    }
-
-    fn resume(&mut self) {
-        let Some(paused) = self.paused.take() else {
-            return;
-        };
-        // Partitions revoked meanwhile cannot be resumed; the rest can.
-        let owned = self.consumer.assignment().unwrap_or_default();
-        let mut resume = TopicPartitionList::new();
-        for e in paused.elements() {
-            if owned.find_partition(e.topic(), e.partition()).is_some() {
-                resume.add_partition(e.topic(), e.partition());
-            }
-        }
-        if let Err(e) = self.consumer.resume(&resume) {
-            tracing::warn!(error = %e, "could not resume fetching");
-        }
-        metrics::set_paused(false);
+        self.keep_paused();
     }
 
     /// Events fetched and not yet done.
@@ -590,5 +571,6 @@ impl<R: Resume> EventLoop<R> {
     }
 }
 
+mod pausing;
 #[cfg(test)]
 mod tests;

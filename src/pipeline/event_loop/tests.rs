@@ -494,3 +494,76 @@ async fn a_fatal_consumer_error_ends_the_loop_and_readyz_names_it_until_a_join()
     health.set_joined();
     assert!(health.is_ready(), "the next consumer's join clears it");
 }
+
+/// Fetching is paused (here: consumption stopped; the same holds for a
+/// guard stage behind), then the partitions are lost and assigned again.
+/// The consumer thread assigns them only after the loop answered, so the
+/// loop must count them among the paused partitions, or a resume never
+/// resumes them. (Found from outside: a member paused past its session
+/// while a guard call failed got its partitions back and never fetched
+/// again; the pause had read the still empty assignment and replaced the
+/// paused partitions with none.)
+#[tokio::test]
+async fn partitions_assigned_again_while_paused_stay_among_the_paused() {
+    let h = start(table());
+    h.assign(&[(0, None), (1, None)]).await;
+    h.stage
+        .send(StageEvent::StopConsuming("dead-letter ratio 0.9".into()))
+        .unwrap();
+    h.send(KafkaEvent::Lost(vec![tp(0), tp(1)])).await;
+    // As the consumer thread does: unassign the lost, ask, then assign.
+    h.consumer.unassign().unwrap();
+    let committed = [0, 1]
+        .map(|p| Committed {
+            tp: tp(p),
+            offset: None,
+            metadata: crate::resume::commit_metadata("E"),
+            known: true,
+        })
+        .to_vec();
+    h.assign_committed(committed).await;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition("t", 0);
+    tpl.add_partition("t", 1);
+    h.consumer.assign(&tpl).unwrap();
+    h.shutdown.trigger();
+    let (_, event_loop) = h.ended().await;
+    let paused: Vec<i32> = event_loop
+        .paused
+        .as_ref()
+        .map(|p| p.elements().iter().map(|e| e.partition()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        paused,
+        [0, 1],
+        "the partitions assigned again are paused too"
+    );
+}
+
+/// Records wait for a full guard stage until fetching pauses; then their
+/// partition is lost, so they are dropped. With nothing left to hand over,
+/// the loop must resume fetching (a resume came only with a hand-over, so
+/// the reassigned partition never fetched again: found from outside, a
+/// member paused past its session while a guard call failed).
+#[tokio::test]
+async fn a_pause_ends_when_the_records_it_held_back_are_dropped() {
+    let h = start(table());
+    h.assign(&[(0, None)]).await;
+    h.records(0, 0..2).await;
+    // The first batch fills the stage's channel (nobody takes it); the next
+    // records wait, and after PAUSE_AFTER fetching pauses. The pause has no
+    // signal outside the loop: wait past it.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    h.records(0, 2..4).await;
+    tokio::time::sleep(PAUSE_AFTER + Duration::from_millis(500)).await;
+    h.send(KafkaEvent::Lost(vec![tp(0)])).await;
+    h.consumer.unassign().unwrap();
+    h.assign(&[(0, Some(2))]).await;
+    h.shutdown.trigger();
+    let (_, event_loop) = h.ended().await;
+    assert!(
+        event_loop.paused.is_none(),
+        "still paused: {:?}",
+        event_loop.paused
+    );
+}
