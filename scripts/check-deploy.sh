@@ -49,4 +49,6 @@ env -i PATH="$PATH" IDEM__REDIS__PASSWORD_FILE="$work/redis-password" \
   "$IDEM" --config "$work/idem.toml" config show >/dev/null
 say "config/example.toml, loaded by $IDEM"
 env -i PATH="$PATH" "$IDEM" --config config/example.toml config show >/dev/null
+say "config/changelog-consumer.toml, loaded and checked by $IDEM"
+env -i PATH="$PATH" "$IDEM" --config config/changelog-consumer.toml config show >/dev/null
 say "ok"

@@ -258,3 +258,239 @@ async fn changes_are_published_in_version_order_with_their_ids() {
     );
     idem.terminate().await;
 }
+
+/// `idem replay` of `topic`'s group (named like the topic) to the earliest
+/// offsets, once the group is empty.
+async fn replay_from_the_start(topic: &str) {
+    let (g, t) = (topic.to_string(), topic.to_string());
+    wait_until("the group has no members", CATCH_UP, || {
+        let (g, t) = (g.clone(), t.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                idem::tools::group::group_status(&kafka(), &g, &[t]).unwrap()
+            })
+            .await
+            .unwrap()
+            .members
+            .is_empty()
+        }
+    })
+    .await;
+    let out = idem_tool(
+        &[
+            "replay",
+            "--topic",
+            topic,
+            "--group",
+            topic,
+            "--to-earliest",
+            "--execute",
+        ],
+        topic,
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Replaying the source topic from offset 0, after the dedupe window has
+/// forgotten every id, adds no change: every record is `replayed` (the
+/// entities' offset marks), so the changelog and the outbox stay as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_the_source_after_the_window_adds_no_change() {
+    let topic = unique("chg-replay");
+    create_with_changelog(&topic, 3).await;
+    let records = stream(&topic, 600, 31);
+    let (model, applied) = applied_events(&records);
+    let changes: usize = applied.values().map(Vec::len).sum();
+    produce(&topic, &records).await;
+    let opts = IdemOpts::new(&topic, &topic, &topic)
+        .with("IDEM__CHANGELOG__TOPICS", &topic)
+        .with("IDEM__DEDUPE__WINDOW", "1s");
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 3, CATCH_UP).await;
+    let before = wait_published(&topic, changes).await;
+    assert_changes_are_the_applied_events(&before, &applied);
+    idem.terminate().await;
+    wait_ids_expired(&topic).await;
+    replay_from_the_start(&topic).await;
+
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 3, CATCH_UP).await;
+    assert_eq!(
+        idem.outcome(&topic, Outcome::Replayed).await,
+        records.len() as u64
+    );
+    assert_eq!(outbox_depth(&topic, model.entities.keys()).await, 0);
+    idem.terminate().await;
+    assert_eq!(
+        published(&topic).await.len(),
+        before.len(),
+        "no change added"
+    );
+}
+
+/// `idem relay` for `topic`'s key prefix, its metrics on `port`.
+fn spawn_relay(topic: &str, port: u16) -> IdemProcess {
+    let log = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{}.log", unique(&format!("{topic}-relay"))));
+    let cmd = IdemCommand::new(
+        std::path::Path::new(env!("CARGO_BIN_EXE_idem")),
+        &brokers(),
+        topic,
+        topic,
+    )
+    .clean_env()
+    .fast_recovery()
+    .redis(&redis_url(), redis_mode(&redis_url()), topic)
+    .metrics_port(port)
+    .env("IDEM__CHANGELOG__TOPICS", topic)
+    .subcommand("relay");
+    IdemProcess::start(&cmd, &log, port).expect("spawn idem relay")
+}
+
+async fn lease_held(metrics: Option<String>) -> bool {
+    metrics.is_some_and(|m| sum_metric(&m, "idem_relay_lease_held", &[]) == 1)
+}
+
+/// Two relays on one outbox (`idem run`'s and an `idem relay`): the holder
+/// is paused (SIGSTOP) past its lease, the other takes over and publishes,
+/// then the first wakes up. Nothing is lost, and the copies are at most
+/// one round's (`relay::ROUND_ENTRIES`) per hand-over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_lose_nothing_and_copy_at_most_a_round() {
+    let topic = unique("chg-relays");
+    create_with_changelog(&topic, 3).await;
+    let records = stream(&topic, 4_000, 37);
+    let (_, applied) = applied_events(&records);
+    let changes: usize = applied.values().map(Vec::len).sum();
+    let idem =
+        Idem::spawn(&IdemOpts::new(&topic, &topic, &topic).with("IDEM__CHANGELOG__TOPICS", &topic));
+    wait_until("idem's relay holds the lease", CATCH_UP, || async {
+        lease_held(idem.metrics().await).await
+    })
+    .await;
+    let relay_port = free_port();
+    let relay = spawn_relay(&topic, relay_port);
+    wait_until("the second relay serves metrics", CATCH_UP, || async {
+        relay.metrics().await.is_some()
+    })
+    .await;
+    assert!(
+        !lease_held(relay.metrics().await).await,
+        "one holder at a time"
+    );
+    produce(&topic, &records).await;
+    wait_until("some changes are published", CATCH_UP, || async {
+        idem.counter("idem_changes_published_total", &[])
+            .await
+            .unwrap_or(0)
+            > 0
+    })
+    .await;
+    idem.stop_process();
+    wait_until(
+        "the second relay takes the lease over",
+        CATCH_UP,
+        || async { lease_held(relay.metrics().await).await },
+    )
+    .await;
+    idem.continue_process();
+    wait_caught_up(&topic, &topic, 3, CATCH_UP).await;
+    let published = wait_published(&topic, changes).await;
+    assert_changes_are_the_applied_events(&published, &applied);
+    let copies = published.len() - changes;
+    assert!(copies <= idem::relay::ROUND_ENTRIES, "{copies} copies");
+    eprintln!("two relays: {changes} changes, {copies} copies after the hand-over");
+    assert!(relay.terminate().await, "the relay stops cleanly");
+    idem.terminate().await;
+}
+
+/// End to end: 30% redeliveries, 10% reordering, idem SIGKILLed three times
+/// while it consumes and its relay publishes. The changelog's distinct
+/// change ids are exactly the model's applied events, first copies in
+/// version order. Then a second idem, with the shipped
+/// config/changelog-consumer.toml, materialises the changelog under another
+/// prefix: entity for entity the same state, the same deletes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_idem_publishes_every_change_and_a_chained_idem_rebuilds_the_view() {
+    let topic = unique("chg-e2e");
+    create_with_changelog(&topic, 3).await;
+    let records = stream(&topic, 6_000, 41);
+    let (model, applied) = applied_events(&records);
+    let changes: usize = applied.values().map(Vec::len).sum();
+    // Small batches, so a kill finds work in flight; a quarter of the
+    // stream arrives before each life, so each has new work to be killed in.
+    let opts = IdemOpts::new(&topic, &topic, &topic)
+        .with("IDEM__CHANGELOG__TOPICS", &topic)
+        .with("IDEM__PIPELINE__BATCH_MAX_EVENTS", "50");
+    let quarter = records.len().div_ceil(4);
+    for (life, part) in records.chunks(quarter).enumerate() {
+        produce(&topic, part).await;
+        if life == 3 {
+            break;
+        }
+        let idem = Idem::spawn(&opts);
+        wait_until("idem applies and publishes", CATCH_UP, || async {
+            idem.counter("idem_changes_published_total", &[])
+                .await
+                .unwrap_or(0)
+                > 0
+                && idem.outcome(&topic, Outcome::Applied).await > 0
+        })
+        .await;
+        let in_changelog = published(&topic).await.len();
+        idem.kill();
+        eprintln!("kill {}: {in_changelog} records in the changelog", life + 1);
+    }
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 3, CATCH_UP).await;
+    let published = wait_published(&topic, changes).await;
+    assert_changes_are_the_applied_events(&published, &applied);
+    assert_last_states_are_redis(&topic, &model, &published).await;
+    eprintln!(
+        "end to end: {changes} changes, {} copies on the wire after 3 kills",
+        published.len() - changes
+    );
+    idem.terminate().await;
+
+    // The chained idem, with the shipped config for this changelog.
+    let changelog = format!("{topic}.changes");
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/changelog-consumer.toml"
+    ))
+    .unwrap();
+    let file = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{}.toml", unique("chained")));
+    std::fs::write(&file, shipped.replace("orders.changes", &changelog)).unwrap();
+    let copy = format!("{topic}-copy");
+    let chained = Idem::spawn(
+        &IdemOpts::new(&changelog, &copy, &copy).with("IDEM_CONFIG", file.to_str().unwrap()),
+    );
+    wait_caught_up(&copy, &changelog, 3, CATCH_UP).await;
+    assert_eq!(
+        chained.outcome(&changelog, Outcome::Applied).await,
+        changes as u64,
+        "every change applied once; the copies are duplicates"
+    );
+    let source = read_entities(&redis_url(), &topic, model.entities.keys()).await;
+    let view = read_entities(&redis_url(), &copy, model.entities.keys()).await;
+    for (entity, want) in &source {
+        let got = &view[entity];
+        assert_eq!(
+            (&got.state, got.deleted),
+            (&want.state, want.deleted),
+            "{entity}"
+        );
+        assert_eq!(
+            got.seq,
+            Some(applied[entity].len() as u64),
+            "{entity}: its last version"
+        );
+    }
+    chained.terminate().await;
+}

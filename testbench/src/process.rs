@@ -62,6 +62,8 @@ pub struct IdemCommand {
     exe: PathBuf,
     env: Vec<(String, String)>,
     clear_env: bool,
+    /// `run`, or another long-running command (`relay`).
+    subcommand: &'static str,
 }
 
 impl IdemCommand {
@@ -70,6 +72,7 @@ impl IdemCommand {
             exe: exe.to_path_buf(),
             env: Vec::new(),
             clear_env: false,
+            subcommand: "run",
         }
         .env("IDEM__KAFKA__BROKERS", brokers)
         .env("IDEM__KAFKA__TOPICS", topics)
@@ -115,6 +118,12 @@ impl IdemCommand {
         self
     }
 
+    /// Runs `idem <subcommand>` instead of `idem run` (e.g. `relay`).
+    pub fn subcommand(mut self, subcommand: &'static str) -> IdemCommand {
+        self.subcommand = subcommand;
+        self
+    }
+
     /// Starts `idem run`, its log (stderr) appended to `log`.
     pub fn spawn(&self, log: &Path) -> std::io::Result<Child> {
         let log = std::fs::OpenOptions::new()
@@ -122,7 +131,7 @@ impl IdemCommand {
             .append(true)
             .open(log)?;
         let mut cmd = Command::new(&self.exe);
-        cmd.arg("run");
+        cmd.arg(self.subcommand);
         if self.clear_env {
             cmd.env_clear()
                 .env("PATH", std::env::var("PATH").unwrap_or_default());
