@@ -192,8 +192,9 @@ async fn assert_last_states_are_redis(prefix: &str, model: &Model, published: &[
     }
 }
 
-/// How many entries wait in the outboxes of `prefix`'s entities.
-async fn outbox_depth(prefix: &str, entities: impl Iterator<Item = &String>) -> u64 {
+/// How many entries wait in each outbox of `prefix`'s entities (one
+/// outbox standalone, one per slot on a cluster).
+async fn outbox_depths(prefix: &str, entities: impl Iterator<Item = &String>) -> Vec<u64> {
     let layout = KeyLayout::new(prefix);
     let cluster = redis_mode(&redis_url()) == idem::config::RedisMode::Cluster;
     let keys: std::collections::BTreeSet<String> = entities
@@ -204,15 +205,22 @@ async fn outbox_depth(prefix: &str, entities: impl Iterator<Item = &String>) -> 
         })
         .collect();
     let mut conn = redis_conn(&redis_url()).await;
-    let mut depth = 0;
+    let mut depths = Vec::new();
     for k in keys {
-        depth += redis::cmd("XLEN")
-            .arg(k)
-            .query_async::<u64>(&mut conn)
-            .await
-            .unwrap();
+        depths.push(
+            redis::cmd("XLEN")
+                .arg(k)
+                .query_async::<u64>(&mut conn)
+                .await
+                .unwrap(),
+        );
     }
-    depth
+    depths
+}
+
+/// How many entries wait in the outboxes of `prefix`'s entities.
+async fn outbox_depth(prefix: &str, entities: impl Iterator<Item = &String>) -> u64 {
+    outbox_depths(prefix, entities).await.iter().sum()
 }
 
 /// A stream with 30% redeliveries and 10% reordering through one idem with
@@ -493,4 +501,89 @@ async fn a_killed_idem_publishes_every_change_and_a_chained_idem_rebuilds_the_vi
         );
     }
     chained.terminate().await;
+}
+
+/// The relay cannot publish for 20 s: the changelog topic is missing (the
+/// suite shares one broker, so the topic is made unavailable, not the
+/// broker), then created. Meanwhile each outbox grows to
+/// `changelog.max_outbox` and no further than one batch's changes past it
+/// (two batches: the depth is measured after a batch, asynchronously),
+/// consumption pauses with records left, `/readyz` names the bound and
+/// the errors are counted; once the topic exists every change is
+/// published, in version order, and the outbox drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_changelog_topic_pauses_consumption_at_the_bound_and_loses_nothing() {
+    const BOUND: u64 = 100;
+    const BATCH: u64 = 20;
+    let topic = unique("chg-outage");
+    create_topic(&topic, 3).await; // the source and its dead letters; no changelog yet
+                                   // Few entities, so on a cluster too an outbox (one per slot) reaches the bound.
+    let records = generate(&SampleSpec {
+        events: 2_000,
+        entities: 4,
+        duplicate_ratio: 0.3,
+        out_of_order_ratio: 0.1,
+        delete_ratio: 0.02,
+        data_bytes: 8,
+        seed: 43,
+        prefix: topic.clone(),
+        zipf: None,
+    });
+    let (model, applied) = applied_events(&records);
+    let changes: usize = applied.values().map(Vec::len).sum();
+    produce(&topic, &records).await;
+    let idem = Idem::spawn(
+        &IdemOpts::new(&topic, &topic, &topic)
+            .with("IDEM__CHANGELOG__TOPICS", &topic)
+            .with("IDEM__CHANGELOG__MAX_OUTBOX", &BOUND.to_string())
+            .with("IDEM__PIPELINE__BATCH_MAX_EVENTS", &BATCH.to_string()),
+    );
+    wait_until("/readyz names the outbox bound", CATCH_UP, || async {
+        http_get(idem.metrics_port, "/readyz")
+            .await
+            .is_some_and(|r| r.contains("changelog.max_outbox = 100"))
+    })
+    .await;
+    let outage = std::time::Instant::now();
+    let mut deepest = 0;
+    while outage.elapsed() < Duration::from_secs(20) {
+        let depths = outbox_depths(&topic, model.entities.keys()).await;
+        deepest = deepest.max(depths.iter().copied().max().unwrap_or(0));
+        assert!(deepest <= BOUND + 2 * BATCH, "an outbox holds {deepest}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(deepest >= BOUND, "the outbox reached the bound: {deepest}");
+    let left: i64 = end_offsets(&topic, 3)
+        .await
+        .iter()
+        .zip(committed(&topic, &topic, 3).await)
+        .map(|(end, done)| end - done.max(0))
+        .sum();
+    assert!(left > 0, "consumption paused with records left");
+    let errors = idem
+        .counter(
+            "idem_changelog_publish_errors_total",
+            &[("kind", "unknown_topic")],
+        )
+        .await
+        .unwrap_or(0);
+    assert!(errors > 0, "the failed rounds are counted");
+    eprintln!("outage: outboxes at most {deepest} (bound {BOUND}), {left} records left, {errors} failed rounds");
+
+    let spec = TopicSpec::new(format!("{topic}.changes"), 3);
+    idem::tools::topics::apply(&kafka(), &[spec], true)
+        .await
+        .expect("create the changelog topic");
+    wait_caught_up(&topic, &topic, 3, CATCH_UP).await;
+    let published = wait_published(&topic, changes).await;
+    assert_changes_are_the_applied_events(&published, &applied);
+    wait_until("the outbox is drained", CATCH_UP, || async {
+        outbox_depth(&topic, model.entities.keys()).await == 0
+    })
+    .await;
+    wait_until("/readyz is ready again", CATCH_UP, || async {
+        http_get(idem.metrics_port, "/readyz").await.as_deref() == Some("ready\n")
+    })
+    .await;
+    idem.terminate().await;
 }

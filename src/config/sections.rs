@@ -217,6 +217,12 @@ pub struct ChangelogConfig {
     /// Declare it in topics/ (changelog = ...).
     #[serde(deserialize_with = "values::changelog_topic")]
     pub topic: String,
+    /// The most entries an outbox holds before consumption waits for the relay (the
+    /// changelog topic is missing, the brokers refuse): one outbox on a standalone
+    /// Redis, one per slot on a cluster. /readyz says so meanwhile; a batch may pass
+    /// it by its own changes. Redis memory, not the log, is what this bounds.
+    #[serde(deserialize_with = "values::positive_int")]
+    pub max_outbox: usize,
 }
 
 impl ChangelogConfig {

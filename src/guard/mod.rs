@@ -19,6 +19,7 @@ use crate::store::{
 };
 
 mod args;
+mod outbox;
 mod plan;
 mod reply;
 mod send;
@@ -171,6 +172,8 @@ pub struct Guard {
     /// The epoch marker's value idem knows: every call is refused, before
     /// any write, where the marker differs (Redis lost its state since).
     epoch: String,
+    /// The deepest outbox the last rings measured: its slot and length.
+    deepest_outbox: std::sync::Arc<std::sync::Mutex<(Option<u16>, u64)>>,
 }
 
 impl Guard {
@@ -193,6 +196,7 @@ impl Guard {
             batch_token: [0; 4],
             batches: 0,
             epoch,
+            deepest_outbox: Default::default(),
         }
         .with_new_token()
     }
@@ -261,44 +265,6 @@ impl Guard {
             .map_err(|e| epoch_refusal(e, &epoch))?;
         self.ring_outboxes(inputs);
         Ok(verdicts)
-    }
-
-    /// Tells the relay that outboxes may have new entries (src/relay/outboxes.rs):
-    /// on a cluster the slots join the dirty set, then the bell rings. Sent
-    /// after the calls, apart, and not awaited: a lost ring only leaves the
-    /// entries to the relay's sweep.
-    fn ring_outboxes(&self, inputs: &[GuardInput<'_>]) {
-        let cluster = self.conn.is_cluster();
-        let slots: std::collections::BTreeSet<u16> = inputs
-            .iter()
-            .filter(|i| i.effects.changelog.is_some())
-            .map(|i| {
-                if cluster {
-                    hash_slot(self.layout.entity_base(&i.event.entity).as_bytes())
-                } else {
-                    0
-                }
-            })
-            .collect();
-        if slots.is_empty() {
-            return;
-        }
-        let bell = self.layout.outbox_bell_key(cluster);
-        let mut pipe = redis::pipe();
-        if cluster {
-            pipe.cmd("SADD")
-                .arg(self.layout.outbox_dirty_key())
-                .arg(slots.into_iter().collect::<Vec<_>>())
-                .ignore();
-        }
-        pipe.cmd("LPUSH").arg(&bell).arg(1).ignore();
-        pipe.cmd("LTRIM").arg(&bell).arg(0).arg(0).ignore();
-        let mut conn = self.conn.clone();
-        tokio::spawn(async move {
-            if let Err(e) = conn.pipeline_on(&None, &pipe).await {
-                tracing::debug!(error = %e, "could not ring the outbox bell; the relay's sweep finds the entries");
-            }
-        });
     }
 
     async fn apply_unchecked(

@@ -35,6 +35,9 @@ pub struct Health {
     topics_missing: Arc<std::sync::Mutex<Option<String>>>,
     /// Why the last consumer failed fatally; cleared by the next join.
     kafka_failed: Arc<std::sync::Mutex<Option<String>>>,
+    /// Why the guard stage waits for the changelog's relay (an outbox at
+    /// changelog.max_outbox).
+    changelog_full: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// `/readyz`'s reason while nothing but the group's admission is missing.
@@ -57,6 +60,14 @@ impl Health {
     /// Sets (or clears, with `None`) why partitions are blocked.
     pub fn set_blocked(&self, reason: Option<String>) {
         *self.blocked.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+    }
+
+    /// Sets (or clears) why consumption waits for the changelog's relay.
+    pub fn set_changelog_full(&self, reason: Option<String>) {
+        *self
+            .changelog_full
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = reason;
     }
 
     /// Notes what the pipeline is retrying (`None`: nothing).
@@ -114,6 +125,7 @@ impl Health {
         let joined = self.joined.load(Ordering::Relaxed);
         self.stopped_reason()
             .or_else(|| lock(&self.kafka_failed))
+            .or_else(|| lock(&self.changelog_full))
             .or_else(|| lock(&self.blocked))
             .or_else(|| lock(&self.rewinding))
             .or_else(redis)

@@ -238,6 +238,9 @@ impl GuardStage {
                 })
             })
             .collect();
+        if !self.wait_for_the_relay().await {
+            return false;
+        }
         self.guard.begin_batch();
         let Some(mut verdicts) = self.guard_with_retry(&inputs).await else {
             return false;
@@ -428,6 +431,43 @@ impl GuardStage {
             }
             Err(e) => tracing::warn!(error = %e, "redis reconnect failed"),
         }
+    }
+
+    /// With the changelog on: while the deepest outbox the last batch wrote
+    /// to holds `changelog.max_outbox` entries or more (the relay cannot
+    /// publish), waits before the next batch, so Redis does not grow
+    /// without limit; the loop pauses fetching meanwhile. False if shutdown
+    /// fired first.
+    async fn wait_for_the_relay(&mut self) -> bool {
+        let max = self.config.changelog.max_outbox as u64;
+        let (slot, mut depth) = self.guard.deepest_outbox();
+        if self.config.changelog.topics.is_empty() || depth < max {
+            return true;
+        }
+        let where_ = slot.map_or("the outbox".to_string(), |s| {
+            format!("the outbox of slot {s}")
+        });
+        let reason = format!(
+            "{where_} holds {depth} changes, changelog.max_outbox = {max}: consumption waits for the relay to publish them (is the changelog topic there? see idem_changelog_publish_errors_total, docs/changelog.md)"
+        );
+        tracing::warn!("{reason}");
+        self.health.set_changelog_full(Some(reason));
+        while depth >= max {
+            tokio::select! {
+                _ = self.shutdown.wait() => return false,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            match self.guard.measure_outbox(slot).await {
+                Ok(d) => depth = d,
+                Err(e) => tracing::warn!(error = %e, "cannot measure the outbox; waiting on"),
+            }
+        }
+        self.health.set_changelog_full(None);
+        tracing::info!(
+            depth,
+            "the outbox is below changelog.max_outbox again: consumption goes on"
+        );
+        true
     }
 
     /// Runs the guard until Redis answers; `None` if shutdown fired first.

@@ -12,6 +12,10 @@ pub enum RelayError {
         "the changelog topic {topic} does not exist: create it (topics/, `idem topics apply`)"
     )]
     UnknownTopic { topic: String },
+    /// Refined by asking the broker whether `topic` exists (the relay's
+    /// `explain`): a missing topic makes records time out, not fail.
+    #[error("Kafka did not acknowledge the changes to {topic} in time: {error}")]
+    TimedOut { topic: String, error: String },
     #[error("Kafka did not acknowledge the changes: {0}")]
     Kafka(String),
     #[error("an outbox holds an entry idem did not write: {0}")]
@@ -26,7 +30,7 @@ impl RelayError {
         match self {
             RelayError::Redis(_) => "redis",
             RelayError::UnknownTopic { .. } => "unknown_topic",
-            RelayError::Kafka(_) | RelayError::Producer(_) => "kafka",
+            RelayError::Kafka(_) | RelayError::TimedOut { .. } | RelayError::Producer(_) => "kafka",
             RelayError::Protocol(_) => "protocol",
         }
     }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::Config;
@@ -45,6 +45,13 @@ pub const LEASE_TTL: Duration = Duration::from_secs(10);
 /// limit, `max.message.bytes`, is 1 MiB); a larger change goes out as a
 /// reference ([`Entry::reference`]).
 pub const MAX_RECORD_BYTES: usize = 1_000_000;
+/// How long the broker has to acknowledge a record before the round fails
+/// and its entries are sent again: below [`LEASE_TTL`], so a round stuck on
+/// a missing topic or a down broker ends before the lease could lapse.
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(8);
+/// The longest wait between two tries after an error: short enough that the
+/// outbox drains within seconds of the topic or the brokers coming back.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Headroom below [`MAX_RECORD_BYTES`] for the key, the headers and the
 /// batch framing.
 const RECORD_HEADROOM: usize = 16_384;
@@ -85,7 +92,12 @@ impl Relay {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
-            .set("message.timeout.ms", "30000")
+            // A round waits at most this for the broker, so it ends (and the
+            // lease is renewed) well before the lease could lapse.
+            .set(
+                "message.timeout.ms",
+                MESSAGE_TIMEOUT.as_millis().to_string(),
+            )
             .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
             .create_with_context(QuietContext)?;
         Ok(Relay {
@@ -153,7 +165,7 @@ impl Relay {
         }
         self.outboxes.forget_empty(&mut self.conn, &batches).await?;
         match error {
-            Some(e) => Err(e),
+            Some(e) => Err(self.explain(e).await),
             None => Ok(Round::Published(published)),
         }
     }
@@ -276,7 +288,42 @@ impl Relay {
                     topic: self.config.changelog.topic_for(&e.topic),
                 }
             }
+            Some(RDKafkaErrorCode::MessageTimedOut) => RelayError::TimedOut {
+                topic: self.config.changelog.topic_for(&e.topic),
+                error: err.to_string(),
+            },
             _ => RelayError::Kafka(err.to_string()),
+        }
+    }
+
+    /// A record times out, rather than fail, when its topic does not exist
+    /// (the broker does not create it): asks the broker which it is, so the
+    /// error names the fix.
+    async fn explain(&self, error: RelayError) -> RelayError {
+        let RelayError::TimedOut { topic, error } = error else {
+            return error;
+        };
+        let client = self.producer.clone();
+        let asked = topic.clone();
+        let missing = tokio::task::spawn_blocking(move || {
+            client
+                .client()
+                .fetch_metadata(Some(&asked), Duration::from_secs(5))
+                .ok()
+                .and_then(|m| {
+                    m.topics().first().map(|t| {
+                        t.error().is_some_and(|e| {
+                            RDKafkaErrorCode::from(e) == RDKafkaErrorCode::UnknownTopicOrPartition
+                        })
+                    })
+                })
+        })
+        .await
+        .ok()
+        .flatten();
+        match missing {
+            Some(true) => RelayError::UnknownTopic { topic },
+            _ => RelayError::Kafka(error),
         }
     }
 
@@ -309,8 +356,11 @@ pub async fn run(config: Arc<Config>, stop: impl Future<Output = ()>) {
                 Err(e) => {
                     metrics::record_changelog_error(e.kind());
                     tracing::warn!(error = %e, retry_in = ?backoff, "the changelog relay cannot start");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    tokio::select! {
+                        _ = &mut stop => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
@@ -347,7 +397,7 @@ pub async fn run(config: Arc<Config>, stop: impl Future<Output = ()>) {
                     _ = &mut stop => break,
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
