@@ -77,6 +77,23 @@ fn bench_runs_every_phase_and_writes_its_report() {
         assert!(row["records_per_second"].as_f64().unwrap() > 0.0, "{row}");
         assert!(row["redis_us_per_record"].as_f64().unwrap() > 0.0, "{row}");
     }
+    let changelog = report["changelog"].as_array().unwrap();
+    assert_eq!(
+        changelog.len(),
+        4,
+        "off, on, held, off again: {changelog:?}"
+    );
+    assert!(
+        changelog[1]["to_changelog_records_per_second"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert!(
+        changelog[2]["outbox_bytes_per_entry"].as_f64().unwrap() > 0.0,
+        "the held outbox keeps its entries: {}",
+        changelog[2]
+    );
     // CPU is counted in 10 ms ticks: a tiny backlog may take less than one.
     assert!(report["idem_cpu_seconds_per_million"].as_f64().unwrap() >= 0.0);
     assert!(report["latency_records"].as_u64().unwrap() > 0);

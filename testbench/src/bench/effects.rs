@@ -92,37 +92,72 @@ pub async fn measure(spec: &BenchSpec, run_prefix: &str) -> anyhow::Result<Vec<E
             }
             None => None,
         };
-        rows.push(run_variant(spec, name, &topic, &records, config.as_deref(), suffixes).await?);
+        let setup = Setup {
+            config: config.as_deref(),
+            ..Setup::default()
+        };
+        rows.push(run_variant(spec, name, &topic, &records, &setup, suffixes).await?);
     }
     Ok(rows)
 }
 
-async fn run_variant(
+/// How a variant's idem runs besides its topic.
+#[derive(Default)]
+pub(super) struct Setup<'a> {
+    /// Its config file (`IDEM_CONFIG`).
+    pub config: Option<&'a std::path::Path>,
+    /// More environment (`IDEM__…` settings).
+    pub env: Vec<(&'static str, String)>,
+    /// The changelog is on: wait until the outbox is drained too, and
+    /// measure it (`to_changelog_records_per_second`, or, when the relay
+    /// cannot publish, `outbox_bytes_per_entry`).
+    pub changelog: bool,
+    /// Create the changelog topic `<topic>.changes` (false: the relay
+    /// cannot publish and the outbox keeps every change).
+    pub changelog_topic: bool,
+}
+
+pub(super) async fn run_variant(
     spec: &BenchSpec,
     name: &str,
     prefix: &str,
     records: &[SampleRecord],
-    config: Option<&std::path::Path>,
+    setup: &Setup<'_>,
     key_suffixes: &[&str],
 ) -> anyhow::Result<EffectsRow> {
     let topic = prefix;
     progress(&format!(
-        "effects ({name}): producing {} records to {topic}",
+        "{name}: producing {} records to {topic}",
         records.len()
     ));
     produce_to(spec, topic, records).await?;
+    if setup.changelog_topic {
+        topics::apply(
+            &idem::config::KafkaConfig::for_brokers(&spec.brokers),
+            &[TopicSpec::new(format!("{topic}.changes"), spec.partitions)],
+            true,
+        )
+        .await?;
+    }
     let mut redis = standalone_redis(spec).await?;
+    // Redis's CPU counters are not reset: the run's is the difference.
+    let mut cpu_before = 0.0;
     if let Some(r) = redis.as_mut() {
         let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(r).await?;
+        cpu_before = redis_time(r).await?.0;
     }
     let port = crate::process::free_port();
     let mut cmd = IdemCommand::new(&spec.idem_exe, &spec.brokers, topic, topic)
         .redis(&spec.redis_url, redis_mode(spec), prefix)
         .metrics_port(port)
         .env("RUST_LOG", "warn");
-    if let Some(c) = config {
+    if let Some(c) = setup.config {
         cmd = cmd.env("IDEM_CONFIG", &c.display().to_string());
     }
+    for (k, v) in &setup.env {
+        cmd = cmd.env(k, v);
+    }
+    let outbox = idem::store::KeyLayout::new(prefix).outbox_key(None);
     let mut child = cmd.spawn(&spec.out_dir.join(format!("idem-{prefix}.log")))?;
     let total = records.len() as u64;
     let mut started = None;
@@ -143,16 +178,42 @@ async fn run_variant(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (t0, first) = started.expect("outcomes counted");
-    let rate = (total - first).max(1) as f64 / t0.elapsed().as_secs_f64().max(1e-6);
-    stop(child);
+    let rate = |t: Duration| (total - first).max(1) as f64 / t.as_secs_f64().max(1e-6);
     let mut row = EffectsRow {
         name: name.to_string(),
         records: records.len(),
-        records_per_second: rate,
+        records_per_second: rate(t0.elapsed()),
         ..EffectsRow::default()
     };
+    if let (Some(r), true) = (redis.as_mut(), setup.changelog) {
+        if setup.changelog_topic {
+            // Standalone (the bench measures Redis only there): one outbox.
+            while redis::cmd("XLEN")
+                .arg(&outbox)
+                .query_async::<u64>(r)
+                .await?
+                > 0
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            row.to_changelog_records_per_second = Some(rate(t0.elapsed()));
+        } else {
+            let entries: u64 = redis::cmd("XLEN").arg(&outbox).query_async(r).await?;
+            let bytes: Option<u64> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(&outbox)
+                .arg("SAMPLES")
+                .arg(0)
+                .query_async(r)
+                .await?;
+            row.outbox_bytes_per_entry = Some(bytes.unwrap_or(0) as f64 / entries.max(1) as f64);
+        }
+    }
+    stop(child);
     if let Some(r) = redis.as_mut() {
-        row.redis_us_per_record = redis_time(r).await?.1 / total as f64;
+        let (cpu, scripts) = redis_time(r).await?;
+        row.redis_us_per_record = scripts / total as f64;
+        row.redis_cpu_us_per_record = (cpu - cpu_before) / total as f64;
         row.redis_bytes_per_entity =
             key_bytes(r, prefix, key_suffixes).await? as f64 / spec.entities.max(1) as f64;
     }
@@ -171,7 +232,11 @@ fn redis_mode(spec: &BenchSpec) -> idem::config::RedisMode {
     }
 }
 
-async fn produce_to(spec: &BenchSpec, topic: &str, records: &[SampleRecord]) -> anyhow::Result<()> {
+pub(super) async fn produce_to(
+    spec: &BenchSpec,
+    topic: &str,
+    records: &[SampleRecord],
+) -> anyhow::Result<()> {
     topics::apply(
         &idem::config::KafkaConfig::for_brokers(&spec.brokers),
         &[TopicSpec::new(topic, spec.partitions)],

@@ -9,10 +9,13 @@
 //! the naive consumer (a) and the per-event script ceiling (b) on the same
 //! records; last, the effects phase: one payments stream through idem with
 //! no effects declared, then with each kind of effect, then all together
-//! (records/s, Redis µs per record and bytes per entity, docs/effects.md).
+//! (records/s, Redis µs per record and bytes per entity, docs/effects.md);
+//! and the changelog phase: the same stream with the changelog off, on,
+//! on with the relay unable to publish, and off again (docs/changelog.md).
 
 mod backlog;
 mod baselines;
+mod changelog;
 mod compare;
 mod cpu;
 mod effects;

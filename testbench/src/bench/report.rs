@@ -12,6 +12,17 @@ pub struct EffectsRow {
     pub redis_us_per_record: f64,
     /// `MEMORY USAGE` of the entity's keys of this variant ÷ entities.
     pub redis_bytes_per_entity: f64,
+    /// Redis's whole CPU (`used_cpu_user` + `used_cpu_sys`, the relay's
+    /// reads and deletes included) per record.
+    pub redis_cpu_us_per_record: f64,
+    /// Changelog on: records per second until every change was published
+    /// and the outbox drained.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_changelog_records_per_second: Option<f64>,
+    /// Changelog on, relay unable to publish: the outbox's `MEMORY USAGE`
+    /// ÷ its entries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbox_bytes_per_entry: Option<f64>,
 }
 
 /// Everything one bench run measured.
@@ -68,6 +79,8 @@ pub struct BenchReport {
     pub ratio_vs_ceiling: f64,
     /// The effects phase, one row per variant (the first declares none).
     pub effects: Vec<EffectsRow>,
+    /// The changelog phase: off, on, on with the relay held, off again.
+    pub changelog: Vec<EffectsRow>,
     /// `--compare-idem`: this build, then each other one, run by run.
     pub comparison: Vec<super::CompareRow>,
 }
@@ -162,6 +175,34 @@ impl BenchReport {
         ));
         s.push_str(&self.latency_markdown());
         s.push_str(&self.effects_markdown());
+        s.push_str(&self.changelog_markdown());
+        s
+    }
+
+    /// The changelog phase: each row against the first (changelog off).
+    fn changelog_markdown(&self) -> String {
+        let Some(base) = self.changelog.first() else {
+            return String::new();
+        };
+        let mut s = format!(
+            "\nChangelog ({} records of one stream per row, each through idem on its own topic):\n\n\
+             | changelog | records/s (outcomes) | ÷ off | records/s until published | guard µs per record | + µs vs off | Redis CPU µs per record | outbox bytes per entry |\n|---|---|---|---|---|---|---|---|\n",
+            base.records
+        );
+        let or_dash = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.0}"));
+        for r in &self.changelog {
+            s.push_str(&format!(
+                "| {} | {:.0} | {:.2} | {} | {:.1} | {:+.1} | {:.1} | {} |\n",
+                r.name,
+                r.records_per_second,
+                r.records_per_second / base.records_per_second.max(1e-9),
+                or_dash(r.to_changelog_records_per_second),
+                r.redis_us_per_record,
+                r.redis_us_per_record - base.redis_us_per_record,
+                r.redis_cpu_us_per_record,
+                or_dash(r.outbox_bytes_per_entry),
+            ));
+        }
         s
     }
 

@@ -95,6 +95,7 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
     report.idem_peak_rss_bytes = peak_rss;
     run_baselines(spec, &names, &records, &mut report).await?;
     report.effects = super::effects::measure(spec, &names.prefix).await?;
+    report.changelog = super::changelog::measure(spec, &names.prefix).await?;
 
     report.ratio_vs_naive = report.idem_records_per_second / report.naive_records_per_second;
     report.ratio_vs_ceiling = report.idem_records_per_second / report.ceiling_records_per_second;
