@@ -569,6 +569,40 @@ async fn a_missing_changelog_topic_pauses_consumption_at_the_bound_and_loses_not
         .unwrap_or(0);
     assert!(errors > 0, "the failed rounds are counted");
     eprintln!("outage: outboxes at most {deepest} (bound {BOUND}), {left} records left, {errors} failed rounds");
+    // The operator's view of it: `idem inspect outbox`.
+    let out = idem_tool(&["inspect", "outbox", "--json"], &topic, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inspected: Value = serde_json::from_slice(&out.stdout).expect("--json is JSON");
+    let depths = outbox_depths(&topic, model.entities.keys()).await;
+    assert_eq!(
+        inspected["entries"].as_u64(),
+        Some(depths.iter().sum::<u64>()),
+        "{inspected}"
+    );
+    let deepest_inspected = &inspected["outboxes"][0];
+    assert_eq!(
+        deepest_inspected["depth"].as_u64(),
+        depths.iter().max().copied()
+    );
+    let oldest = deepest_inspected["oldest"]["id"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        applied.keys().any(|e| oldest.starts_with(&format!("{e}#"))),
+        "the oldest change is named by its id: {oldest}"
+    );
+    assert!(
+        deepest_inspected["oldest"]["age_seconds"].as_f64().unwrap() >= 1.0,
+        "{inspected}"
+    );
+    assert!(
+        inspected["lease"]["holder"].as_str().is_some(),
+        "idem's relay holds the lease: {inspected}"
+    );
 
     let spec = TopicSpec::new(format!("{topic}.changes"), 3);
     idem::tools::topics::apply(&kafka(), &[spec], true)

@@ -7,11 +7,12 @@ use clap::{Args, Subcommand};
 use crate::config::Config;
 use crate::store::{self, KeyLayout};
 
-/// Look at what idem stored in Redis (entity) and at a consumer group in Kafka (group)
+/// Look at what idem stored in Redis (entity, outbox) and at a consumer group in Kafka (group)
 ///
 /// Examples:
 ///   idem inspect entity orders:42 --json
 ///   idem inspect group orders-view
+///   idem inspect outbox
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct InspectArgs {
@@ -68,6 +69,20 @@ enum InspectWhat {
         #[arg(long)]
         json: bool,
     },
+    /// Show the changelog's outboxes (docs/changelog.md)
+    ///
+    /// Each outbox that holds changes not yet published: its depth, its
+    /// oldest change and that change's age; and which relay holds the lease.
+    /// On a Redis Cluster every slot's outbox is measured (16,384 XLENs).
+    ///
+    /// Example:
+    ///   idem inspect outbox --json
+    #[command(verbatim_doc_comment)]
+    Outbox {
+        /// Print one JSON document instead of text: an object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub async fn run(args: InspectArgs, config: Config) -> anyhow::Result<ExitCode> {
@@ -111,6 +126,15 @@ pub async fn run(args: InspectArgs, config: Config) -> anyhow::Result<ExitCode> 
             json,
             field_seqs,
         } => inspect_entity(&config, &entity, json, field_seqs).await,
+        InspectWhat::Outbox { json } => {
+            let status = crate::tools::outbox::outbox_status(&config).await?;
+            if json {
+                crate::outln!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                crate::outln!("{}", status.to_string().trim_end());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

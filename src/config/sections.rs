@@ -230,6 +230,26 @@ impl ChangelogConfig {
     pub fn topic_for(&self, source: &str) -> String {
         self.topic.replace("{topic}", source)
     }
+
+    /// With the changelog on: where it goes, and the rule of a rolling
+    /// upgrade (docs/upgrading.md), which `idem run` logs and `idem check`
+    /// prints, since nothing detects an older member.
+    pub fn describe(&self, group: &str) -> Option<String> {
+        if self.topics.is_empty() {
+            return None;
+        }
+        let to: Vec<String> = self
+            .topics
+            .iter()
+            .map(|t| format!("{t} -> {}", self.topic_for(t)))
+            .collect();
+        Some(format!(
+            "changelog on ({}): every instance of group {group} must run a build with the changelog \
+             (one that has `idem relay`); an older one applies changes without writing them, and no \
+             consumer could see the hole (docs/upgrading.md)",
+            to.join(", ")
+        ))
+    }
 }
 
 /// `[metrics]`.

@@ -836,6 +836,13 @@ fn a_changelog_names_consumed_topics_and_never_one_idem_reads() {
     ]);
     assert!(c.refusals().is_empty(), "{:?}", c.refusals());
     assert_eq!(c.changelog.topic_for("orders"), "orders.changes");
+    // The rolling-upgrade rule, which `idem run` logs and `idem check` prints.
+    let said = c.changelog.describe("orders-view").unwrap();
+    assert!(
+        said.starts_with("changelog on (orders -> orders.changes): every instance of group orders-view must run a build with the changelog (one"),
+        "{said}"
+    );
+    assert_eq!(Config::defaults().changelog.describe("g"), None);
     assert_eq!(
         c.effects
             .plan_for(

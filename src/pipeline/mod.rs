@@ -103,6 +103,9 @@ fn log_effective_config(config: &Config) {
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
+    if let Some(changelog) = config.changelog.describe(&config.kafka.group_id) {
+        tracing::info!("{changelog}");
+    }
 }
 
 /// How long start-up waits for the brokers to answer before it goes on

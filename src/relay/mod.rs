@@ -34,7 +34,7 @@ use crate::store::{KeyLayout, RedisConn};
 pub use entry::{parse_entries, Entry, Form, REFERENCE_TYPE};
 pub use error::RelayError;
 pub use lease::{holder_name, Lease};
-pub use outboxes::Outboxes;
+pub use outboxes::{lease_key, nonempty_outboxes, Outboxes};
 
 /// At most this many entries are read and published per round: the bound
 /// on the copies a hand-over can publish twice, and on the relay's memory.

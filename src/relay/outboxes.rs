@@ -124,24 +124,11 @@ impl Outboxes {
 
     /// Adds every slot whose outbox has entries to the dirty set.
     async fn sweep(&mut self, conn: &mut RedisConn) -> Result<(), RelayError> {
-        let mut found = Vec::new();
-        let slots: Vec<u16> = (0..crate::store::SLOTS).collect();
-        for chunk in slots.chunks(SWEEP_CONCURRENCY) {
-            let lengths = chunk.iter().map(|&slot| {
-                let mut conn = conn.clone();
-                let key = self.layout.outbox_key(Some(slot));
-                async move {
-                    let n: Result<u64, _> =
-                        redis::cmd("XLEN").arg(key).query_async(&mut conn).await;
-                    (slot, n)
-                }
-            });
-            for (slot, n) in join_all(lengths).await {
-                if n.map_err(crate::store::StoreError::from)? > 0 {
-                    found.push(slot);
-                }
-            }
-        }
+        let found: Vec<u16> = nonempty_outboxes(conn, &self.layout, true)
+            .await?
+            .into_iter()
+            .filter_map(|(slot, _)| slot)
+            .collect();
         if !found.is_empty() {
             let _: () = redis::cmd("SADD")
                 .arg(self.layout.outbox_dirty_key())
@@ -251,4 +238,36 @@ impl Outboxes {
             .map_err(crate::store::StoreError::from)?;
         Ok(())
     }
+}
+
+/// Every outbox that holds entries, and how many: on a cluster the length
+/// of each of the 16,384 slots' outboxes ([`SWEEP_CONCURRENCY`] at once),
+/// standalone the one outbox (`None`).
+pub async fn nonempty_outboxes(
+    conn: &mut RedisConn,
+    layout: &KeyLayout,
+    cluster: bool,
+) -> Result<Vec<(Option<u16>, u64)>, crate::store::StoreError> {
+    let slots: Vec<Option<u16>> = match cluster {
+        true => (0..crate::store::SLOTS).map(Some).collect(),
+        false => vec![None],
+    };
+    let mut found = Vec::new();
+    for chunk in slots.chunks(SWEEP_CONCURRENCY) {
+        let lengths = chunk.iter().map(|&slot| {
+            let mut conn = conn.clone();
+            let key = layout.outbox_key(slot);
+            async move {
+                let n: Result<u64, _> = redis::cmd("XLEN").arg(key).query_async(&mut conn).await;
+                (slot, n)
+            }
+        });
+        for (slot, n) in join_all(lengths).await {
+            let n = n?;
+            if n > 0 {
+                found.push((slot, n));
+            }
+        }
+    }
+    Ok(found)
 }

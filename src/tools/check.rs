@@ -81,6 +81,9 @@ pub async fn run(config: &Config, timeout: Duration, topics_dir: Option<&Path>) 
             .into_iter()
             .map(|w| line(Status::Warn, "config", w)),
     );
+    if let Some(changelog) = config.changelog.describe(&config.kafka.group_id) {
+        checks.push(line(Status::Ok, "changelog", changelog));
+    }
     if kafka(config, timeout, &mut checks).await {
         if let Some(dir) = topics_dir {
             declared_topics(config, dir, &mut checks).await;

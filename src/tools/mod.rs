@@ -8,12 +8,14 @@
 //! - [`reconcile`]: Redis's state against a topic's history (`idem reconcile`).
 //! - [`dead_letters`]: looking at dead letters (`idem dlq inspect`).
 //! - [`redrive`]: re-publishing them once each (`idem dlq redrive`).
+//! - [`outbox`]: the changelog's outboxes and lease (`idem inspect outbox`).
 //! - [`topic_reader`]: reading a partition range, shared by the tools above.
 //! - [`sample`]: a deterministic test-data generator (`idem sample`).
 
 pub mod check;
 pub mod dead_letters;
 pub mod group;
+pub mod outbox;
 pub mod reconcile;
 pub mod redrive;
 pub mod replay;
