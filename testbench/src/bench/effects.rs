@@ -160,24 +160,7 @@ pub(super) async fn run_variant(
     let outbox = idem::store::KeyLayout::new(prefix).outbox_key(None);
     let mut child = cmd.spawn(&spec.out_dir.join(format!("idem-{prefix}.log")))?;
     let total = records.len() as u64;
-    let mut started = None;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            anyhow::bail!(
-                "idem ({name}) exited with {status}; see {}",
-                spec.out_dir.display()
-            );
-        }
-        let done = scrape_total(port, topic).await.unwrap_or(0);
-        if done > 0 && started.is_none() {
-            started = Some((Instant::now(), done));
-        }
-        if done >= total {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let (t0, first) = started.expect("outcomes counted");
+    let (t0, first) = wait_outcomes(spec, name, &mut child, port, topic, total).await?;
     let rate = |t: Duration| (total - first).max(1) as f64 / t.as_secs_f64().max(1e-6);
     let mut row = EffectsRow {
         name: name.to_string(),
@@ -186,28 +169,10 @@ pub(super) async fn run_variant(
         ..EffectsRow::default()
     };
     if let (Some(r), true) = (redis.as_mut(), setup.changelog) {
-        if setup.changelog_topic {
-            // Standalone (the bench measures Redis only there): one outbox.
-            while redis::cmd("XLEN")
-                .arg(&outbox)
-                .query_async::<u64>(r)
-                .await?
-                > 0
-            {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            row.to_changelog_records_per_second = Some(rate(t0.elapsed()));
-        } else {
-            let entries: u64 = redis::cmd("XLEN").arg(&outbox).query_async(r).await?;
-            let bytes: Option<u64> = redis::cmd("MEMORY")
-                .arg("USAGE")
-                .arg(&outbox)
-                .arg("SAMPLES")
-                .arg(0)
-                .query_async(r)
-                .await?;
-            row.outbox_bytes_per_entry = Some(bytes.unwrap_or(0) as f64 / entries.max(1) as f64);
-        }
+        measure_outbox(r, &outbox, setup.changelog_topic, &mut row, || {
+            rate(t0.elapsed())
+        })
+        .await?;
     }
     stop(child);
     if let Some(r) = redis.as_mut() {
@@ -222,6 +187,64 @@ pub(super) async fn run_variant(
         row.records_per_second, row.redis_us_per_record, row.redis_bytes_per_entity
     ));
     Ok(row)
+}
+
+/// Waits until every record of `topic` has its outcome; returns when the
+/// first was counted, and how many were by then.
+async fn wait_outcomes(
+    spec: &BenchSpec,
+    name: &str,
+    child: &mut std::process::Child,
+    port: u16,
+    topic: &str,
+    total: u64,
+) -> anyhow::Result<(Instant, u64)> {
+    let mut started = None;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!(
+                "idem ({name}) exited with {status}; see {}",
+                spec.out_dir.display()
+            );
+        }
+        let done = scrape_total(port, topic).await.unwrap_or(0);
+        if done > 0 && started.is_none() {
+            started = Some((Instant::now(), done));
+        }
+        if done >= total {
+            return started.ok_or_else(|| anyhow::anyhow!("no outcome counted"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// With the changelog on (standalone Redis, one outbox): with the relay
+/// publishing, waits until the outbox is drained and notes the rate so
+/// far; with it held, the outbox's bytes per entry.
+async fn measure_outbox(
+    r: &mut redis::aio::MultiplexedConnection,
+    outbox: &str,
+    relay_publishes: bool,
+    row: &mut EffectsRow,
+    rate_now: impl Fn() -> f64,
+) -> anyhow::Result<()> {
+    if relay_publishes {
+        while redis::cmd("XLEN").arg(outbox).query_async::<u64>(r).await? > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        row.to_changelog_records_per_second = Some(rate_now());
+    } else {
+        let entries: u64 = redis::cmd("XLEN").arg(outbox).query_async(r).await?;
+        let bytes: Option<u64> = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(outbox)
+            .arg("SAMPLES")
+            .arg(0)
+            .query_async(r)
+            .await?;
+        row.outbox_bytes_per_entry = Some(bytes.unwrap_or(0) as f64 / entries.max(1) as f64);
+    }
+    Ok(())
 }
 
 fn redis_mode(spec: &BenchSpec) -> idem::config::RedisMode {
