@@ -729,3 +729,115 @@ async fn a_chained_view_stays_equal_across_a_snapshot_restore_of_the_source() {
     }
     chained.terminate().await;
 }
+
+/// Bootstrapping a consumer: a third of the stream applied with the
+/// changelog off, a third with it on, then `idem changelog snapshot
+/// --execute` while idem runs, then the last third. The snapshot writes one
+/// change (`kind = "snapshot"`) per entity under its next version; per
+/// entity the changelog's versions are dense and in order; a chained idem
+/// that reads the changelog from the start, with the shipped config, ends
+/// with the source's view entity for entity (state, deleted), every
+/// version applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_bootstraps_a_chained_view_of_what_was_applied_before_the_changelog() {
+    let topic = unique("chg-snapshot");
+    create_with_changelog(&topic, 3).await;
+    let records = stream(&topic, 3_000, 53);
+    let (before, rest) = records.split_at(1_000);
+    let (during, after) = rest.split_at(1_000);
+    produce(&topic, before).await;
+    let off = Idem::spawn(&IdemOpts::new(&topic, &topic, &topic));
+    wait_caught_up(&topic, &topic, 3, CATCH_UP).await;
+    off.terminate().await;
+
+    let on = IdemOpts::new(&topic, &topic, &topic).with("IDEM__CHANGELOG__TOPICS", &topic);
+    let idem = Idem::spawn(&on);
+    produce(&topic, during).await;
+    wait_caught_up(&topic, &topic, 3, CATCH_UP).await;
+    let out = idem_tool(
+        &["changelog", "snapshot", "--topic", &topic, "--execute"],
+        &topic,
+        &[("IDEM__CHANGELOG__TOPICS", &topic)],
+    );
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let entities: std::collections::BTreeSet<String> = records[..2_000]
+        .iter()
+        .map(|r| {
+            decode(Some(&r.value), &FieldMap::default(), 1 << 20)
+                .unwrap()
+                .entity
+        })
+        .collect();
+    assert!(
+        said.starts_with(&format!("wrote {} snapshot changes", entities.len())),
+        "{said}"
+    );
+    produce(&topic, after).await;
+    wait_caught_up(&topic, &topic, 3, CATCH_UP).await;
+
+    // Every change made with the changelog on, plus one per entity.
+    let mut model = Model::default();
+    let mut with_changelog = 0;
+    for (i, r) in records.iter().enumerate() {
+        let e = decode(Some(&r.value), &FieldMap::default(), 1 << 20).unwrap();
+        if model.apply(&e) == Outcome::Applied && i >= 1_000 {
+            with_changelog += 1;
+        }
+    }
+    let changes = with_changelog + entities.len();
+    let published = wait_published(&topic, changes).await;
+    let snapshots = published
+        .iter()
+        .filter(|p| p.record["change"]["kind"] == "snapshot")
+        .count();
+    assert_eq!(snapshots, entities.len(), "one snapshot change per entity");
+    let mut last: BTreeMap<&str, u64> = BTreeMap::new();
+    for p in &published {
+        let seen = last.entry(&p.key).or_insert(0);
+        if p.version() > *seen {
+            assert!(
+                p.version() == *seen + 1,
+                "{}: version {} after {seen}",
+                p.key,
+                p.version()
+            );
+            *seen = p.version();
+        }
+    }
+    idem.terminate().await;
+
+    let changelog = format!("{topic}.changes");
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/changelog-consumer.toml"
+    ))
+    .unwrap();
+    let file = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{}.toml", unique("chained-snapshot")));
+    std::fs::write(&file, shipped.replace("orders.changes", &changelog)).unwrap();
+    let copy = format!("{topic}-copy");
+    let chained = Idem::spawn(
+        &IdemOpts::new(&changelog, &copy, &copy).with("IDEM_CONFIG", file.to_str().unwrap()),
+    );
+    wait_caught_up(&copy, &changelog, 3, CATCH_UP).await;
+    assert_eq!(
+        chained.outcome(&changelog, Outcome::Applied).await,
+        changes as u64
+    );
+    let source = read_entities(&redis_url(), &topic, model.entities.keys()).await;
+    let view = read_entities(&redis_url(), &copy, model.entities.keys()).await;
+    for (entity, want) in &source {
+        let got = &view[entity];
+        assert_eq!(
+            (&got.state, got.deleted),
+            (&want.state, want.deleted),
+            "{entity}"
+        );
+    }
+    chained.terminate().await;
+}

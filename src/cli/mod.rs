@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, LogFormat};
 
+pub mod changelog;
 pub mod check;
 pub mod config;
 pub mod dlq;
@@ -62,6 +63,7 @@ pub enum Command {
     Replay(replay::ReplayArgs),
     Reconcile(reconcile::ReconcileArgs),
     Relay(relay::RelayArgs),
+    Changelog(changelog::ChangelogArgs),
     Config(config::ConfigArgs),
     Check(check::CheckArgs),
 }
@@ -83,6 +85,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Replay(args) => replay::run(args, config).await,
             Command::Reconcile(args) => reconcile::run(args, config).await,
             Command::Relay(args) => relay::run(args, config).await,
+            Command::Changelog(args) => changelog::run(args, config).await,
             Command::Config(args) => config::run(args, config, file, timeout).await,
             Command::Check(args) => check::run(args, config).await,
         }

@@ -26,16 +26,8 @@ impl Guard {
         if slots.is_empty() {
             return;
         }
-        let bell = self.layout.outbox_bell_key(cluster);
-        let mut pipe = redis::pipe();
-        if cluster {
-            pipe.cmd("SADD")
-                .arg(self.layout.outbox_dirty_key())
-                .arg(slots.iter().copied().collect::<Vec<_>>())
-                .ignore();
-        }
-        pipe.cmd("LPUSH").arg(&bell).arg(1).ignore();
-        pipe.cmd("LTRIM").arg(&bell).arg(0).arg(0).ignore();
+        let dirty: Vec<u16> = slots.iter().copied().collect();
+        let pipe = crate::store::outbox::ring(&self.layout, cluster, &dirty);
         let mut conn = self.conn.clone();
         let outboxes: Vec<(Option<u16>, String)> = slots
             .iter()

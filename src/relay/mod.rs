@@ -18,6 +18,7 @@ mod entry;
 mod error;
 mod lease;
 mod outboxes;
+mod snapshot;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -35,6 +36,7 @@ pub use entry::{parse_entries, Entry, Form, REFERENCE_TYPE};
 pub use error::RelayError;
 pub use lease::{holder_name, Lease};
 pub use outboxes::{lease_key, nonempty_outboxes, Outboxes};
+pub use snapshot::{snapshot, SnapshotReport};
 
 /// At most this many entries are read and published per round: the bound
 /// on the copies a hand-over can publish twice, and on the relay's memory.

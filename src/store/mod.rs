@@ -16,6 +16,7 @@ use crate::config::{redact_url, RedisConfig};
 mod checks;
 pub mod commutative;
 mod keys;
+pub mod outbox;
 pub mod progress;
 pub use checks::{
     check_eviction_policy, check_version, durable_wait, persistence, CheckError, DurableWait,
@@ -188,6 +189,17 @@ impl RedisConn {
     /// Every key matching `pattern`, by SCAN (never KEYS): on the one
     /// server, or on each master of a cluster in turn (a SCAN cursor
     /// belongs to one node).
+    /// Every entity that has a meta hash under `layout`'s prefix (SCAN).
+    pub async fn entities(&mut self, layout: &KeyLayout) -> Result<Vec<String>, StoreError> {
+        let (pattern, prefix_len) = layout.meta_pattern();
+        let keys = self.scan_keys(&pattern).await?;
+        Ok(keys
+            .iter()
+            .filter_map(|k| k.get(prefix_len..k.len() - "}:meta".len()))
+            .map(str::to_string)
+            .collect())
+    }
+
     pub async fn scan_keys(&mut self, pattern: &str) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();
         for node in self.masters().await? {

@@ -465,7 +465,7 @@ async fn not_in_log(
     opts: &ReconcileOptions,
 ) -> anyhow::Result<Vec<Divergence>> {
     let mut divergences = Vec::new();
-    for entity in entities_in_redis(conn, layout).await? {
+    for entity in conn.entities(layout).await? {
         if !in_log.contains(&entity) {
             let view = store::read_entity(conn, layout, &entity).await?;
             let mut repaired = false;
@@ -566,20 +566,6 @@ async fn repair(
     );
     let written: i64 = inv.invoke_async(conn).await?;
     Ok(written == 1)
-}
-
-/// Entities that have a meta hash under the prefix.
-async fn entities_in_redis(
-    conn: &mut crate::store::RedisConn,
-    layout: &KeyLayout,
-) -> Result<Vec<String>, StoreError> {
-    let (pattern, prefix_len) = layout.meta_pattern();
-    let keys = conn.scan_keys(&pattern).await?;
-    Ok(keys
-        .iter()
-        .filter_map(|k| k.get(prefix_len..k.len() - "}:meta".len()))
-        .map(str::to_string)
-        .collect())
 }
 
 #[cfg(test)]
