@@ -568,6 +568,15 @@ async fn a_missing_changelog_topic_pauses_consumption_at_the_bound_and_loses_not
         .await
         .unwrap_or(0);
     assert!(errors > 0, "the failed rounds are counted");
+    let waiting = sum_metric(
+        &idem.metrics().await.unwrap_or_default(),
+        "idem_changelog_outbox_entries",
+        &[],
+    );
+    assert!(
+        waiting >= BOUND,
+        "the gauge shows the waiting changes: {waiting}"
+    );
     eprintln!("outage: outboxes at most {deepest} (bound {BOUND}), {left} records left, {errors} failed rounds");
     // The operator's view of it: `idem inspect outbox`.
     let out = idem_tool(&["inspect", "outbox", "--json"], &topic, &[]);

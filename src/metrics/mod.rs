@@ -50,6 +50,7 @@ pub const CHANGELOG_REFERENCES_TOTAL: &str = "idem_changelog_references_total";
 pub const CHANGELOG_ERRORS_TOTAL: &str = "idem_changelog_publish_errors_total";
 pub const CHANGELOG_LAG_SECONDS: &str = "idem_changelog_lag_seconds";
 pub const RELAY_LEASE_HELD: &str = "idem_relay_lease_held";
+pub const CHANGELOG_OUTBOX_ENTRIES: &str = "idem_changelog_outbox_entries";
 
 /// Buckets fine enough for the benchmark to read p50/p99/p99.9 from.
 pub const LATENCY_BUCKETS: [f64; 24] = [
@@ -170,6 +171,10 @@ fn describe_changelog() {
         "Age of the oldest change the relay read in its last round (0 when the outboxes are empty): how far the changelog is behind."
     );
     describe_gauge!(
+        CHANGELOG_OUTBOX_ENTRIES,
+        "Changes waiting in the outboxes the relay read in its last round, after it deleted what it published (0 when they are empty). Only the lease holder measures it; the others show 0."
+    );
+    describe_gauge!(
         RELAY_LEASE_HELD,
         "1 while this instance's relay holds the lease and publishes the changelog."
     );
@@ -192,6 +197,10 @@ pub fn set_changelog_lag(seconds: f64) {
     gauge!(CHANGELOG_LAG_SECONDS).set(seconds);
 }
 
+pub fn set_changelog_outbox_entries(entries: u64) {
+    gauge!(CHANGELOG_OUTBOX_ENTRIES).set(entries as f64);
+}
+
 pub fn set_relay_lease(held: bool) {
     gauge!(RELAY_LEASE_HELD).set(if held { 1.0 } else { 0.0 });
 }
@@ -206,6 +215,7 @@ pub fn init_changelog(topics: &[String]) {
         counter!(CHANGELOG_ERRORS_TOTAL, "kind" => kind).increment(0);
     }
     set_changelog_lag(0.0);
+    set_changelog_outbox_entries(0);
     set_relay_lease(false);
 }
 

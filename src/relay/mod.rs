@@ -128,6 +128,7 @@ impl Relay {
         if !self.lease.held(Instant::now()) {
             // The holder measures the lag; a dashboard takes the max.
             metrics::set_changelog_lag(0.0);
+            metrics::set_changelog_outbox_entries(0);
             return Ok(Round::NotHolder);
         }
         let batches = self.outboxes.read(&mut self.conn, ROUND_ENTRIES).await?;
@@ -143,6 +144,7 @@ impl Relay {
             oldest.map_or(0.0, |ms| now_ms.saturating_sub(ms) as f64 / 1000.0),
         );
         if batches.iter().all(|b| b.entries.is_empty()) {
+            metrics::set_changelog_outbox_entries(0);
             self.outboxes.forget_empty(&mut self.conn, &batches).await?;
             return Ok(Round::Idle);
         }
@@ -166,6 +168,7 @@ impl Relay {
             metrics::record_changes_published(&self.config.changelog.topic_for(source), n);
         }
         self.outboxes.forget_empty(&mut self.conn, &batches).await?;
+        metrics::set_changelog_outbox_entries(self.outboxes.depth(&mut self.conn, &batches).await?);
         match error {
             Some(e) => Err(self.explain(e).await),
             None => Ok(Round::Published(published)),

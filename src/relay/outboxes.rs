@@ -145,6 +145,25 @@ impl Outboxes {
         Ok(())
     }
 
+    /// How many entries the outboxes of `batches` hold now.
+    pub async fn depth(&self, conn: &mut RedisConn, batches: &[Batch]) -> Result<u64, RelayError> {
+        let lengths = batches.iter().map(|b| {
+            let mut conn = conn.clone();
+            let key = b.key.clone();
+            async move {
+                redis::cmd("XLEN")
+                    .arg(key)
+                    .query_async::<u64>(&mut conn)
+                    .await
+            }
+        });
+        let mut depth = 0;
+        for n in join_all(lengths).await {
+            depth += n.map_err(crate::store::StoreError::from)?;
+        }
+        Ok(depth)
+    }
+
     /// Deletes each outbox's first `acked[i]` entries; returns how many.
     pub async fn delete(
         &mut self,
