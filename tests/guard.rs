@@ -450,23 +450,20 @@ async fn take_outbox(
         .collect();
     let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for key in keys {
-        let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+        let reply: redis::Value = redis::cmd("XRANGE")
             .arg(&key)
             .arg("-")
             .arg("+")
             .query_async(conn)
             .await
             .unwrap();
-        for (_, fields) in entries {
-            let fields: BTreeMap<&str, &str> = fields
-                .chunks(2)
-                .map(|kv| (kv[0].as_str(), kv[1].as_str()))
-                .collect();
-            let record: Value = serde_json::from_str(fields["r"]).expect("a record is JSON");
-            assert_eq!(record["entity"], fields["e"], "{fields:?}");
-            assert_eq!(record["seq"].to_string(), fields["v"], "{fields:?}");
-            assert_eq!(fields["t"], "src");
-            out.entry(fields["e"].to_string()).or_default().push(record);
+        // Read as the relay reads them: the record it publishes.
+        for entry in idem::relay::parse_entries(reply).expect("entries the script wrote") {
+            let record: Value = serde_json::from_slice(&entry.record).expect("a record is JSON");
+            assert_eq!(record["entity"].as_str(), Some(entry.entity.as_str()));
+            assert_eq!(record["seq"].as_u64(), Some(entry.version));
+            assert_eq!(entry.topic, "src");
+            out.entry(entry.entity.clone()).or_default().push(record);
         }
         let _: () = redis::cmd("DEL").arg(&key).query_async(conn).await.unwrap();
     }

@@ -561,32 +561,40 @@ local function write_newer(e, applied, no_effects)
 end
 
 -- The change an event made, appended to the call's outbox (KEYS[2]) for
--- the relay to publish (docs/changelog.md): a record that is an idem event
--- of its own (id "<entity>#<version>", seq the version, dense), carrying
--- the state after it, the counters its effects wrote (absolute), the set
--- members they added (true) or removed (false), the ledger entries they
--- appended, and the event. Its version is the entity's `cv`, one more per
--- change: late and per-field events apply out of seq order, so the seq
--- cannot number the changes.
+-- the relay to publish (docs/changelog.md). Its version is the entity's
+-- `cv`, one more per change: late and per-field events apply out of seq
+-- order, so the seq cannot number the changes. The entry holds the parts
+-- of the record as fields, and the relay writes the JSON (src/relay/entry.rs):
+-- encoding it here cost Redis, the one busy core, twice what storing the
+-- parts does.
+--   e v t p o at    entity, version, source topic, partition, offset, time
+--   k ty            kind (applied, late, partial), type (idem.change, delete)
+--   ei es [et]      the event's id, seq and type
+--   n               how many state pairs follow; then the state after, pairs
+--                   (or n = 0 and `dj` the state as JSON, when too many to pass)
+--   then one pair per effect: c<counter> value, C<counter> '' (removed),
+--   s+<set> member, s-<set> member, l<stream>\0<field> value (the entry)
 local CHANGE_KIND = { a = 'applied', l = 'late', p = 'partial' }
+-- Lua passes at most ~8000 values to a call: a state larger than this is
+-- sent as one JSON field instead of pairs.
+local MAX_STATE_PAIRS = 3000
 
-local function change_effects(plan, base, change)
+local function push_change_effects(plan, base, args)
   local counters_key = base .. ':counters'
   for _, w in ipairs(plan) do
     local cmd, key = w[1], w[2]
-    if key == counters_key and (cmd == 'HSET' or cmd == 'HDEL') then
-      change.counters = change.counters or {}
-      change.counters[w[3]] = cmd == 'HSET' and w[4] or cjson.null
+    if key == counters_key and cmd == 'HSET' then
+      args[#args + 1], args[#args + 2] = 'c' .. w[3], w[4]
+    elseif key == counters_key and cmd == 'HDEL' then
+      args[#args + 1], args[#args + 2] = 'C' .. w[3], ''
     elseif cmd == 'SADD' or cmd == 'SREM' then
-      change.sets = change.sets or {}
-      local name = string.sub(key, #base + 6)
-      change.sets[name] = change.sets[name] or {}
-      change.sets[name][w[3]] = cmd == 'SADD'
+      args[#args + 1] = (cmd == 'SADD' and 's+' or 's-') .. string.sub(key, #base + 6)
+      args[#args + 1] = w[3]
     elseif cmd == 'XADD' then
-      local entry = {}
-      for i = (w[3] == 'MAXLEN') and 7 or 4, #w, 2 do entry[w[i]] = w[i + 1] end
-      change.ledger = change.ledger or {}
-      change.ledger[string.sub(key, #base + 9)] = entry
+      local stream = string.sub(key, #base + 9)
+      for i = (w[3] == 'MAXLEN') and 7 or 4, #w, 2 do
+        args[#args + 1], args[#args + 2] = 'l' .. stream .. '\0' .. w[i], w[i + 1]
+      end
     end
   end
 end
@@ -595,15 +603,21 @@ local function write_change(e, plan, decided)
   local base = string.sub(e.meta, 1, #e.meta - 5)
   local entity = string.sub(base, string.find(base, '{', 1, true) + 1, -2)
   local version = redis.call('HINCRBY', e.meta, 'cv', 1)
-  local state = hash_table(e.state)
-  local change = { kind = CHANGE_KIND[decided],
-    event = { id = e.id, seq = e.seq, type = e.type ~= '' and e.type or nil } }
-  if plan then change_effects(plan, base, change) end
-  local deleted = e.op == 'delete' and next(state) == nil
-  local record = cjson.encode({ id = entity .. '#' .. version, entity = entity, seq = version,
-    type = deleted and 'delete' or 'idem.change', data = state, change = change })
-  redis.call('XADD', KEYS[2], '*', 'e', entity, 'v', version, 'r', record, 't', e.changelog,
-    'p', string.match(e.mark_field, ':(%d+)$') or '', 'o', e.offset, 'at', now_str)
+  local state = redis.call('HGETALL', e.state)
+  local args = { 'XADD', KEYS[2], '*', 'e', entity, 'v', version, 't', e.changelog,
+    'p', string.match(e.mark_field, ':(%d+)$') or '', 'o', e.offset, 'at', now_str,
+    'k', CHANGE_KIND[decided], 'ty', (e.op == 'delete' and #state == 0) and 'delete' or 'idem.change',
+    'ei', e.id, 'es', e.seq }
+  if e.type ~= '' then args[#args + 1], args[#args + 2] = 'et', e.type end
+  if #state > 2 * MAX_STATE_PAIRS then
+    args[#args + 1], args[#args + 2] = 'dj', cjson.encode(hash_table(e.state))
+    args[#args + 1], args[#args + 2] = 'n', 0
+  else
+    args[#args + 1], args[#args + 2] = 'n', #state / 2
+    for i = 1, #state do args[#args + 1] = state[i] end
+  end
+  if plan then push_change_effects(plan, base, args) end
+  redis.call(unpack(args))
 end
 
 -- The last writes of a decided event, after its state and meta: its

@@ -3,6 +3,7 @@
 //! fields in, key, value and headers out.
 
 use redis::Value;
+use serde_json::{Map, Value as JsonValue};
 
 /// A change waiting in an outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,31 +102,135 @@ pub fn parse_entries(reply: Value) -> Result<Vec<Entry>, String> {
 }
 
 fn parse_entry(stream_id: String, fields: Vec<Vec<u8>>) -> Result<Entry, String> {
-    let get = |name: &[u8]| -> Option<Vec<u8>> {
-        let at = fields.chunks(2).position(|kv| kv[0] == name)?;
-        fields.get(2 * at + 1).cloned()
-    };
-    let text = |v: Option<Vec<u8>>| v.and_then(|b| String::from_utf8(b).ok());
     let missing = |what: &str| format!("outbox entry {stream_id} has no valid `{what}`");
-    let entity = text(get(b"e")).ok_or_else(|| missing("e"))?;
-    let version = text(get(b"v"))
+    let mut pairs = fields.chunks_exact(2).map(|kv| (&kv[0][..], &kv[1][..]));
+    // The fixed fields, up to `n` (write_change in guard.lua).
+    let mut fixed: Vec<(&[u8], &[u8])> = Vec::new();
+    let mut state_pairs = None;
+    for (k, v) in pairs.by_ref() {
+        if k == b"n" {
+            state_pairs = std::str::from_utf8(v)
+                .ok()
+                .and_then(|n| n.parse::<usize>().ok());
+            break;
+        }
+        fixed.push((k, v));
+    }
+    let get = |name: &[u8]| fixed.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+    let text = |name: &[u8]| get(name).and_then(|v| std::str::from_utf8(v).ok());
+    let entity = text(b"e").ok_or_else(|| missing("e"))?.to_string();
+    let version: u64 = text(b"v")
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| missing("v"))?;
-    let record = get(b"r").ok_or_else(|| missing("r"))?;
-    let topic = text(get(b"t")).ok_or_else(|| missing("t"))?;
-    let partition = text(get(b"p")).and_then(|p| p.parse().ok());
-    let offset = text(get(b"o")).and_then(|o| o.parse().ok()).unwrap_or(-1);
-    let applied_ms = text(get(b"at")).and_then(|a| a.parse().ok()).unwrap_or(0);
+    let topic = text(b"t").ok_or_else(|| missing("t"))?.to_string();
+    let state_pairs = state_pairs.ok_or_else(|| missing("n"))?;
+    let mut data: Map<String, JsonValue> = match get(b"dj") {
+        Some(json) => serde_json::from_slice(json).map_err(|_| missing("dj"))?,
+        None => Map::new(),
+    };
+    for (k, v) in pairs.by_ref().take(state_pairs) {
+        data.insert(lossy(k), JsonValue::String(lossy(v)));
+    }
+    let mut change = Map::new();
+    change.insert(
+        "kind".into(),
+        text(b"k").ok_or_else(|| missing("k"))?.into(),
+    );
+    if let Some(id) = text(b"ei") {
+        let seq = text(b"es").ok_or_else(|| missing("es"))?;
+        let mut event = Map::new();
+        event.insert("id".into(), id.into());
+        event.insert(
+            "seq".into(),
+            seq.parse::<u64>()
+                .map_or_else(|_| seq.into(), JsonValue::from),
+        );
+        if let Some(t) = text(b"et") {
+            event.insert("type".into(), t.into());
+        }
+        change.insert("event".into(), event.into());
+    }
+    for (k, v) in pairs {
+        add_effect(&mut change, k, v);
+    }
+    let record = serde_json::json!({
+        "id": format!("{entity}#{version}"),
+        "entity": entity,
+        "seq": version,
+        "type": text(b"ty").ok_or_else(|| missing("ty"))?,
+        "data": data,
+        "change": change,
+    });
     Ok(Entry {
-        stream_id,
-        entity,
+        stream_id: stream_id.clone(),
         version,
-        record,
+        record: record.to_string().into_bytes(),
         topic,
-        partition,
-        offset,
-        applied_ms,
+        partition: text(b"p").and_then(|p| p.parse().ok()),
+        offset: text(b"o").and_then(|o| o.parse().ok()).unwrap_or(-1),
+        applied_ms: text(b"at").and_then(|a| a.parse().ok()).unwrap_or(0),
+        entity,
     })
+}
+
+/// One effect pair of an entry into the record's `change`: `c<counter>`
+/// its value after, `C<counter>` removed (null), `s+<set>` / `s-<set>` a
+/// member added (true) or removed (false), `l<stream>\0<field>` a field of
+/// the ledger entry appended.
+fn add_effect(change: &mut Map<String, JsonValue>, k: &[u8], v: &[u8]) {
+    match k {
+        [b'c', name @ ..] => insert(change, "counters", lossy(name), lossy(v).into()),
+        [b'C', name @ ..] => insert(change, "counters", lossy(name), JsonValue::Null),
+        [b's', b'+', set @ ..] => insert_in(change, "sets", lossy(set), lossy(v), true.into()),
+        [b's', b'-', set @ ..] => insert_in(change, "sets", lossy(set), lossy(v), false.into()),
+        [b'l', rest @ ..] => {
+            let at = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+            let (stream, field) = (&rest[..at], rest.get(at + 1..).unwrap_or_default());
+            insert_in(
+                change,
+                "ledger",
+                lossy(stream),
+                lossy(field),
+                lossy(v).into(),
+            );
+        }
+        _ => {}
+    }
+}
+
+/// `change[kind][name] = value`.
+fn insert(change: &mut Map<String, JsonValue>, kind: &str, name: String, value: JsonValue) {
+    if let JsonValue::Object(of_kind) = change
+        .entry(kind)
+        .or_insert_with(|| JsonValue::Object(Map::new()))
+    {
+        of_kind.insert(name, value);
+    }
+}
+
+/// `change[kind][name][key] = value`.
+fn insert_in(
+    change: &mut Map<String, JsonValue>,
+    kind: &str,
+    name: String,
+    key: String,
+    value: JsonValue,
+) {
+    if let JsonValue::Object(of_kind) = change
+        .entry(kind)
+        .or_insert_with(|| JsonValue::Object(Map::new()))
+    {
+        if let JsonValue::Object(inner) = of_kind
+            .entry(name)
+            .or_insert_with(|| JsonValue::Object(Map::new()))
+        {
+            inner.insert(key, value);
+        }
+    }
+}
+
+fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// The stream id's milliseconds (`<ms>-<n>`): when the entry was written.
@@ -165,35 +270,81 @@ mod tests {
         let fields = [
             ("e", "orders:1"),
             ("v", "7"),
-            ("r", "{}"),
             ("t", "orders"),
             ("p", "2"),
             ("o", "41"),
             ("at", "1700000000123"),
+            ("k", "late"),
+            ("ty", "idem.change"),
+            ("ei", "evt-9"),
+            ("es", "12"),
+            ("et", "deposit"),
+            ("n", "2"),
+            // The state pairs: names that look like the fixed fields' are data.
+            ("status", "paid"),
+            ("e", "x"),
+            ("cbalance", "4210"),
+            ("Cold", ""),
+            ("s+tags", "gift"),
+            ("s-tags", "rush"),
+            ("lmoves\0amount", "42.10"),
+            ("lmoves\0seq", "12"),
         ];
         let entries = parse_entries(reply(&[("1700000000123-0", &fields)])).unwrap();
+        let record: serde_json::Value = serde_json::from_slice(&entries[0].record).unwrap();
         assert_eq!(
-            entries,
-            [Entry {
+            record,
+            serde_json::json!({
+                "id": "orders:1#7", "entity": "orders:1", "seq": 7, "type": "idem.change",
+                "data": { "status": "paid", "e": "x" },
+                "change": {
+                    "kind": "late",
+                    "event": { "id": "evt-9", "seq": 12, "type": "deposit" },
+                    "counters": { "balance": "4210", "old": null },
+                    "sets": { "tags": { "gift": true, "rush": false } },
+                    "ledger": { "moves": { "amount": "42.10", "seq": "12" } },
+                }
+            })
+        );
+        assert_eq!(
+            entries[0],
+            Entry {
                 stream_id: "1700000000123-0".into(),
                 entity: "orders:1".into(),
                 version: 7,
-                record: b"{}".to_vec(),
+                record: entries[0].record.clone(),
                 topic: "orders".into(),
                 partition: Some(2),
                 offset: 41,
                 applied_ms: 1_700_000_000_123,
-            }]
+            }
         );
         assert_eq!(entries[0].change_id(), "orders:1#7");
         assert_eq!(written_ms("1700000000123-0"), Some(1_700_000_000_123));
         let err = parse_entries(reply(&[("5-0", &fields[..1])])).unwrap_err();
         assert_eq!(err, "outbox entry 5-0 has no valid `v`");
-        // A change of a record without a place in a log (no partition).
-        let unplaced = [fields[0], fields[1], fields[2], fields[3], ("p", "")];
+        // A snapshot: no event, no partition; a large state as one JSON field.
+        let snapshot = [
+            fields[0],
+            fields[1],
+            fields[2],
+            ("p", ""),
+            ("o", "-1"),
+            ("k", "snapshot"),
+            ("ty", "delete"),
+            ("dj", r#"{"a":"1"}"#),
+            ("n", "0"),
+        ];
+        let entry = &parse_entries(reply(&[("6-0", &snapshot)])).unwrap()[0];
+        assert_eq!(entry.partition, None);
+        let record: serde_json::Value = serde_json::from_slice(&entry.record).unwrap();
+        assert_eq!(record["type"], "delete");
+        assert_eq!(record["data"], serde_json::json!({ "a": "1" }));
+        assert_eq!(record["change"], serde_json::json!({ "kind": "snapshot" }));
+        let no_count = &snapshot[..snapshot.len() - 1];
         assert_eq!(
-            parse_entries(reply(&[("6-0", &unplaced)])).unwrap()[0].partition,
-            None
+            parse_entries(reply(&[("7-0", no_count)])).unwrap_err(),
+            "outbox entry 7-0 has no valid `n`"
         );
     }
 
