@@ -583,6 +583,7 @@ mod tests {
 
     fn ev(id: &str, seq: u64, op: Op, set: &[(&str, &str)], fp: u64) -> Event {
         Event {
+            ts: None,
             id: id.into(),
             entity: "e".into(),
             seq,
@@ -711,6 +712,7 @@ mod tests {
                     }
                 }
                 let event = Event {
+                    ts: None,
                     id: format!("e{i}"),
                     entity: "e".into(),
                     seq,

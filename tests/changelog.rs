@@ -243,6 +243,12 @@ async fn changes_are_published_in_version_order_with_their_ids() {
     let published = wait_published(&topic, changes).await;
     assert_changes_are_the_applied_events(&published, &applied);
     assert_eq!(published.len(), changes, "one relay, no crash: no copy");
+    assert!(
+        published
+            .iter()
+            .all(|p| p.record["change"]["event"]["ts"] == "2026-11-26T12:00:00Z"),
+        "each change carries its event's time"
+    );
     assert_last_states_are_redis(&topic, &model, &published).await;
     let (duplicates, stale) = (
         idem.outcome(&topic, Outcome::Duplicate).await,
@@ -849,4 +855,46 @@ async fn a_snapshot_bootstraps_a_chained_view_of_what_was_applied_before_the_cha
         );
     }
     chained.terminate().await;
+}
+
+/// An entity whose state has more fields than a Lua call can pass as
+/// pairs (3,000): its changes carry the whole state all the same (the
+/// script sends it as one JSON field), so a chained view stays whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entity_with_thousands_of_fields_is_published_whole() {
+    const FIELDS: usize = 3_500;
+    let topic = unique("chg-wide");
+    create_with_changelog(&topic, 1).await;
+    let wide: serde_json::Map<String, Value> = (0..FIELDS)
+        .map(|i| (format!("f{i}"), Value::from(format!("v{i}"))))
+        .collect();
+    let first = serde_json::json!({"id": "w-1", "entity": "wide", "seq": 1, "data": wide});
+    let second =
+        serde_json::json!({"id": "w-2", "entity": "wide", "seq": 2, "data": {"f0": "changed"}});
+    let narrow = serde_json::json!({"id": "n-1", "entity": "narrow", "seq": 1, "data": {"a": "1"}});
+    let values: Vec<Vec<u8>> = [first, second, narrow]
+        .iter()
+        .map(|v| serde_json::to_vec(v).unwrap())
+        .collect();
+    let raw: Vec<RawRecord<'_>> = values
+        .iter()
+        .zip([&b"wide"[..], b"wide", b"narrow"])
+        .map(|(v, k)| (Some(k), Some(&v[..])))
+        .collect();
+    produce_raw(&topic, &raw).await;
+    let idem =
+        Idem::spawn(&IdemOpts::new(&topic, &topic, &topic).with("IDEM__CHANGELOG__TOPICS", &topic));
+    let published = wait_published(&topic, 3).await;
+    let by_id: BTreeMap<&str, &Value> = published
+        .iter()
+        .map(|p| (p.id.as_str(), &p.record))
+        .collect();
+    for (id, f0) in [("wide#1", "v0"), ("wide#2", "changed")] {
+        let data = by_id[id]["data"].as_object().unwrap();
+        assert_eq!(data.len(), FIELDS, "{id}: the whole state");
+        assert_eq!(data["f0"], f0, "{id}");
+        assert_eq!(data["f3499"], "v3499", "{id}");
+    }
+    assert_eq!(by_id["narrow#1"]["data"], serde_json::json!({"a": "1"}));
+    idem.terminate().await;
 }

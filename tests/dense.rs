@@ -234,6 +234,7 @@ async fn never_produced_seqs_close_at_the_cap_and_a_late_original_is_dead_letter
         let mut m = EntityModel::default();
         for s in seqs {
             let e = idem::event::Event {
+                ts: None,
                 id: format!("{entity}-{s}"),
                 entity: entity.to_string(),
                 seq: *s,

@@ -161,6 +161,7 @@ fn random_sequence(rng: &mut StdRng, tag: &str) -> Vec<(Event, Effects)> {
         let mut effects = random_effects(rng, &id, seq, state_order);
         effects.dense_seqs = dense;
         let event = Event {
+            ts: None,
             id,
             entity: format!("{tag}:{e}"),
             seq,
@@ -664,6 +665,7 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
     let layout = KeyLayout::new(&prefix);
     let mut guard = Guard::new(conn, layout.clone(), 100, "E".into());
     let event = |id: &str, op, set: &[(&str, &str)], unset: &[&str]| Event {
+        ts: None,
         id: id.into(),
         entity: format!("{prefix}:acct"),
         seq: 7,
@@ -917,6 +919,7 @@ async fn a_ledger_with_max_age_drops_entries_older_than_it() {
     let entity = format!("{prefix}:acct");
     let deposit = |seq: u64| {
         let event = Event {
+            ts: None,
             id: format!("d{seq}"),
             entity: entity.clone(),
             seq,
@@ -998,6 +1001,7 @@ async fn offset_marks_replay_decided_records_and_hold_at_a_conflict() {
     let mut guard = Guard::new(conn.clone(), KeyLayout::new(&prefix), 100, epoch);
     let entity = format!("{prefix}:acct");
     let event = |id: &str, seq: u64, fingerprint: u64| Event {
+        ts: None,
         id: id.into(),
         entity: entity.clone(),
         seq,
@@ -1093,6 +1097,7 @@ async fn dense_seqs_close_gaps_at_the_cap_as_the_model_does() {
     for history in 0..60 {
         let entity = format!("{prefix}:e{history}");
         let event = |id: String, seq: u64, fingerprint: u64| Event {
+            ts: None,
             id,
             entity: entity.clone(),
             seq,
@@ -1204,6 +1209,7 @@ async fn calls_sent_as_built_survive_a_flushed_script_cache_and_a_durable_wait_i
     let mut guard = new_guard();
     let events: Vec<Event> = (0..24)
         .map(|i| Event {
+            ts: None,
             id: format!("e{i}"),
             entity: format!("{prefix}:n{i}"),
             seq: 1,

@@ -521,6 +521,7 @@ state = "keep"
         let e = load(text).unwrap().effects;
         assert_eq!(e.state_order, StateOrder::PerField);
         let event = crate::event::Event {
+            ts: None,
             id: "a".into(),
             entity: "e".into(),
             seq: 1,

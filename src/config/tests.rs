@@ -848,6 +848,7 @@ fn a_changelog_names_consumed_topics_and_never_one_idem_reads() {
             .plan_for(
                 "orders",
                 &crate::event::Event {
+                    ts: None,
                     id: "i".into(),
                     entity: "e".into(),
                     seq: 1,

@@ -135,6 +135,7 @@ mod tests {
 
     fn event(set: &[(&str, &str)]) -> Event {
         Event {
+            ts: None,
             id: "i".into(),
             entity: "e".into(),
             seq: 7,

@@ -154,6 +154,7 @@ impl Attributes {
             set,
             unset,
             fingerprint,
+            ts: None,
         })
     }
 }

@@ -38,6 +38,9 @@ pub struct Event {
     pub unset: Vec<String>,
     /// Hash of the canonical form of the whole record value.
     pub fingerprint: u64,
+    /// When the event happened (`ts`, RFC 3339 as written; none from
+    /// CloudEvents): not used for decisions, carried into its change record.
+    pub ts: Option<String>,
 }
 
 /// Why a record is not a valid event. The code is part of the public contract.
@@ -217,11 +220,11 @@ pub fn decode_with(
             })
         }
     };
-    match lookup(&root, &fields.ts) {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) if is_rfc3339(s) => {}
+    let ts = match lookup(&root, &fields.ts) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if is_rfc3339(s) => Some(s.clone()),
         Some(_) => return Err(Invalid::BadTimestamp(fields.ts.clone())),
-    }
+    };
     match lookup(&root, &fields.data) {
         None | Some(Value::Null) | Some(Value::Object(_)) => {}
         Some(_) => {
@@ -247,6 +250,7 @@ pub fn decode_with(
         set,
         unset,
         fingerprint,
+        ts,
     })
 }
 

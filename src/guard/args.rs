@@ -192,6 +192,9 @@ pub fn push_event_args(
         cmd.arg(a);
     }
     cmd.arg(effects.changelog.as_deref().unwrap_or(""));
+    if effects.changelog.is_some() {
+        cmd.arg(e.ts.as_deref().unwrap_or(""));
+    }
 }
 
 /// The line in `guard.lua` where custom effects go.
@@ -279,6 +282,7 @@ mod tests {
     #[test]
     fn keys_are_named_once_and_args_follow_the_script_layout() {
         let event = Event {
+            ts: None,
             id: "i".into(),
             entity: "e".into(),
             seq: 3,

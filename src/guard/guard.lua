@@ -48,7 +48,8 @@
 --                                                     "ordered" | "commutative"),
 --                                                     the event's data fields
 --            and last the changelog: the event's topic when its changes go to
---            the outbox (changelog.topics), "" otherwise
+--            the outbox (changelog.topics), "" otherwise; after a topic, the
+--            event's ts ("" without one)
 -- Returns  per event two values: code, detail
 --            0 applied    detail: how many dense seqs the event's decision
 --                         closed (0 but at the dense cap; so for 2, 6, 10)
@@ -393,7 +394,12 @@ local function read_event(k, a, e)
   e.keys = nkeys == 0 and NONE or { unpack(KEYS, k + 4, k + 3 + nkeys) }
   e.mutations, a, e.commutative = read_mutations(a + 2, e.keys)
   e.changelog = ARGV[a]
-  return e, k + 4 + nkeys, a + 1
+  if e.changelog == '' then
+    e.ts = ''
+    return e, k + 4 + nkeys, a + 1
+  end
+  e.ts = ARGV[a + 1]
+  return e, k + 4 + nkeys, a + 2
 end
 
 -- Every event of the call, in order, each in a table of its own.
@@ -569,7 +575,7 @@ end
 -- parts does.
 --   e v t p o at    entity, version, source topic, partition, offset, time
 --   k ty            kind (applied, late, partial), type (idem.change, delete)
---   ei es [et]      the event's id, seq and type
+--   ei es [et] [ts] the event's id, seq, type and time
 --   n               how many state pairs follow; then the state after, pairs
 --                   (or n = 0 and `dj` the state as JSON, when too many to pass)
 --   then one pair per effect: c<counter> value, C<counter> '' (removed),
@@ -609,6 +615,7 @@ local function write_change(e, plan, decided)
     'k', CHANGE_KIND[decided], 'ty', (e.op == 'delete' and #state == 0) and 'delete' or 'idem.change',
     'ei', e.id, 'es', e.seq }
   if e.type ~= '' then args[#args + 1], args[#args + 2] = 'et', e.type end
+  if e.ts ~= '' then args[#args + 1], args[#args + 2] = 'ts', e.ts end
   if #state > 2 * MAX_STATE_PAIRS then
     args[#args + 1], args[#args + 2] = 'dj', cjson.encode(hash_table(e.state))
     args[#args + 1], args[#args + 2] = 'n', 0

@@ -100,6 +100,7 @@ mod tests {
 
     fn event(entity: &str) -> Event {
         Event {
+            ts: None,
             id: String::new(),
             entity: entity.into(),
             seq: 0,

@@ -120,6 +120,7 @@ mod tests {
 
     fn event(id: &str) -> Event {
         Event {
+            ts: None,
             id: id.into(),
             entity: "e".into(),
             seq: 1,

@@ -148,6 +148,9 @@ fn parse_entry(stream_id: String, fields: Vec<Vec<u8>>) -> Result<Entry, String>
         if let Some(t) = text(b"et") {
             event.insert("type".into(), t.into());
         }
+        if let Some(ts) = text(b"ts") {
+            event.insert("ts".into(), ts.into());
+        }
         change.insert("event".into(), event.into());
     }
     for (k, v) in pairs {
@@ -279,6 +282,7 @@ mod tests {
             ("ei", "evt-9"),
             ("es", "12"),
             ("et", "deposit"),
+            ("ts", "2026-12-04T01:02:03Z"),
             ("n", "2"),
             // The state pairs: names that look like the fixed fields' are data.
             ("status", "paid"),
@@ -299,7 +303,7 @@ mod tests {
                 "data": { "status": "paid", "e": "x" },
                 "change": {
                     "kind": "late",
-                    "event": { "id": "evt-9", "seq": 12, "type": "deposit" },
+                    "event": { "id": "evt-9", "seq": 12, "type": "deposit", "ts": "2026-12-04T01:02:03Z" },
                     "counters": { "balance": "4210", "old": null },
                     "sets": { "tags": { "gift": true, "rush": false } },
                     "ledger": { "moves": { "amount": "42.10", "seq": "12" } },

@@ -177,11 +177,14 @@ impl Outboxes {
             .filter(|(_, &n)| n > 0)
             .map(|(b, &n)| {
                 let mut conn = conn.clone();
-                let mut cmd = redis::cmd("XDEL");
-                cmd.arg(&b.key);
-                for e in &b.entries[..n] {
-                    cmd.arg(&e.stream_id);
-                }
+                // The entries read are the outbox's first, so the acknowledged
+                // ones are a prefix: trimming below the next id removes them
+                // and frees their nodes (XDEL would leave them as tombstones
+                // that every later XRANGE steps over).
+                let mut cmd = redis::cmd("XTRIM");
+                cmd.arg(&b.key)
+                    .arg("MINID")
+                    .arg(id_after(&b.entries[n - 1].stream_id));
                 async move { cmd.query_async::<u64>(&mut conn).await }
             });
         let mut total = 0;
@@ -259,6 +262,14 @@ impl Outboxes {
     }
 }
 
+/// The stream id just after `id` (`<ms>-<n>` → `<ms>-<n+1>`).
+fn id_after(id: &str) -> String {
+    match id.split_once('-').map(|(ms, n)| (ms, n.parse::<u64>())) {
+        Some((ms, Ok(n))) => format!("{ms}-{}", n + 1),
+        _ => id.to_string(),
+    }
+}
+
 /// Every outbox that holds entries, and how many: on a cluster the length
 /// of each of the 16,384 slots' outboxes ([`SWEEP_CONCURRENCY`] at once),
 /// standalone the one outbox (`None`).
@@ -289,4 +300,15 @@ pub async fn nonempty_outboxes(
         }
     }
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::id_after;
+
+    #[test]
+    fn the_id_after_an_entry_is_its_sequence_plus_one() {
+        assert_eq!(id_after("1700000000123-0"), "1700000000123-1");
+        assert_eq!(id_after("5-41"), "5-42");
+    }
 }
