@@ -1282,3 +1282,58 @@ async fn calls_sent_as_built_survive_a_flushed_script_cache_and_a_durable_wait_i
         "the durable wait was not checked: {refused:?}"
     );
 }
+
+/// An event whose effects are more than a Lua call can pass as pairs
+/// (4,100 set members: 8,200 values, past the ~8,000 of a Lua unpack): its change goes to the outbox with
+/// them as one JSON list, and the relay reads every member back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_with_thousands_of_effects_reaches_the_outbox_whole() {
+    const MEMBERS: usize = 4_100;
+    let prefix = unique("wide-fx");
+    let conn = redis_conn(&redis_url()).await;
+    let layout = KeyLayout::new(&prefix);
+    let epoch = ProgressStore::new(conn.clone(), layout.clone())
+        .establish_epoch()
+        .await
+        .expect("epoch");
+    let mut guard = Guard::new(conn.clone(), layout.clone(), 10, epoch);
+    let event = Event {
+        id: "w".into(),
+        entity: format!("{prefix}:e"),
+        seq: 1,
+        op: Op::Upsert,
+        kind: Some("tagged".into()),
+        set: vec![("a".into(), "1".into())],
+        unset: vec![],
+        fingerprint: 1,
+        ts: None,
+    };
+    let effects = Effects {
+        state: StateEffect::Merge,
+        fields: None,
+        mutations: (0..MEMBERS)
+            .map(|i| Mutation::SetAdd {
+                set: "tags".into(),
+                member: format!("m{i}"),
+            })
+            .collect(),
+        state_order: StateOrder::PerEntity,
+        dense_seqs: false,
+        changelog: Some("src".into()),
+    };
+    let input = GuardInput {
+        event: &event,
+        window: Duration::from_secs(3600),
+        effects: &effects,
+        place: None,
+    };
+    guard.begin_batch();
+    let verdicts = guard.apply(&[input]).await.expect("applied");
+    assert_eq!(verdicts[0].outcome, Outcome::Applied);
+    let outbox = take_outbox(&mut conn.clone(), &prefix, [event.entity.clone()].iter()).await;
+    let record = &outbox[&event.entity][0];
+    let tags = record["change"]["sets"]["tags"].as_object().unwrap();
+    assert_eq!(tags.len(), MEMBERS, "every member");
+    assert!(tags.values().all(|added| added == true));
+    assert_eq!(record["data"], serde_json::json!({ "a": "1" }));
+}

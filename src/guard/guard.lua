@@ -579,13 +579,14 @@ end
 --   n               how many state pairs follow; then the state after, pairs
 --                   (or n = 0 and `dj` the state as JSON, when too many to pass)
 --   then one pair per effect: c<counter> value, C<counter> '' (removed),
---   s+<set> member, s-<set> member, l<stream>\0<field> value (the entry)
+--   s+<set> member, s-<set> member, l<stream>\0<field> value (the entry);
+--   or, when too many to pass, `fj` before `n`: those pairs as one JSON list
 local CHANGE_KIND = { a = 'applied', l = 'late', p = 'partial' }
--- Lua passes at most ~8000 values to a call: a state larger than this is
--- sent as one JSON field instead of pairs.
-local MAX_STATE_PAIRS = 3000
+-- Lua passes at most ~8000 values to a call (unpack): a state or effects
+-- larger than this are sent as one JSON field each instead of pairs.
+local MAX_PAIRS = 3000
 
-local function push_change_effects(plan, base, args)
+local function change_effect_pairs(plan, base, args)
   local counters_key = base .. ':counters'
   for _, w in ipairs(plan) do
     local cmd, key = w[1], w[2]
@@ -616,14 +617,20 @@ local function write_change(e, plan, decided)
     'ei', e.id, 'es', e.seq }
   if e.type ~= '' then args[#args + 1], args[#args + 2] = 'et', e.type end
   if e.ts ~= '' then args[#args + 1], args[#args + 2] = 'ts', e.ts end
-  if #state > 2 * MAX_STATE_PAIRS then
+  local fx = {}
+  if plan then change_effect_pairs(plan, base, fx) end
+  if #fx > 2 * MAX_PAIRS then
+    args[#args + 1], args[#args + 2] = 'fj', cjson.encode(fx)
+    fx = {}
+  end
+  if #state > 2 * MAX_PAIRS then
     args[#args + 1], args[#args + 2] = 'dj', cjson.encode(hash_table(e.state))
     args[#args + 1], args[#args + 2] = 'n', 0
   else
     args[#args + 1], args[#args + 2] = 'n', #state / 2
     for i = 1, #state do args[#args + 1] = state[i] end
   end
-  if plan then push_change_effects(plan, base, args) end
+  for i = 1, #fx do args[#args + 1] = fx[i] end
   redis.call(unpack(args))
 end
 

@@ -442,6 +442,8 @@ impl GuardStage {
         let max = self.config.changelog.max_outbox as u64;
         let (slot, mut depth) = self.guard.deepest_outbox();
         if self.config.changelog.topics.is_empty() || depth < max {
+            // Also after a restarted stage, whose new guard measured nothing yet.
+            self.health.set_changelog_full(None);
             return true;
         }
         let where_ = slot.map_or("the outbox".to_string(), |s| {

@@ -124,8 +124,10 @@ fn parse_entry(stream_id: String, fields: Vec<Vec<u8>>) -> Result<Entry, String>
         .ok_or_else(|| missing("v"))?;
     let topic = text(b"t").ok_or_else(|| missing("t"))?.to_string();
     let state_pairs = state_pairs.ok_or_else(|| missing("n"))?;
+    // cjson passes bytes through as they are: read them as the pairs are
+    // read, invalid UTF-8 replaced, so one odd value never stops the outbox.
     let mut data: Map<String, JsonValue> = match get(b"dj") {
-        Some(json) => serde_json::from_slice(json).map_err(|_| missing("dj"))?,
+        Some(json) => serde_json::from_str(&lossy(json)).map_err(|_| missing("dj"))?,
         None => Map::new(),
     };
     for (k, v) in pairs.by_ref().take(state_pairs) {
@@ -136,25 +138,18 @@ fn parse_entry(stream_id: String, fields: Vec<Vec<u8>>) -> Result<Entry, String>
         "kind".into(),
         text(b"k").ok_or_else(|| missing("k"))?.into(),
     );
-    if let Some(id) = text(b"ei") {
-        let seq = text(b"es").ok_or_else(|| missing("es"))?;
-        let mut event = Map::new();
-        event.insert("id".into(), id.into());
-        event.insert(
-            "seq".into(),
-            seq.parse::<u64>()
-                .map_or_else(|_| seq.into(), JsonValue::from),
-        );
-        if let Some(t) = text(b"et") {
-            event.insert("type".into(), t.into());
-        }
-        if let Some(ts) = text(b"ts") {
-            event.insert("ts".into(), ts.into());
-        }
-        change.insert("event".into(), event.into());
+    if let Some(event) = event_of(&text).map_err(missing)? {
+        change.insert("event".into(), event);
     }
     for (k, v) in pairs {
         add_effect(&mut change, k, v);
+    }
+    // Effects too many to pass as pairs: one JSON list [k1, v1, k2, v2, …].
+    if let Some(json) = get(b"fj") {
+        let flat: Vec<String> = serde_json::from_str(&lossy(json)).map_err(|_| missing("fj"))?;
+        for kv in flat.chunks_exact(2) {
+            add_effect(&mut change, kv[0].as_bytes(), kv[1].as_bytes());
+        }
     }
     let record = serde_json::json!({
         "id": format!("{entity}#{version}"),
@@ -174,6 +169,31 @@ fn parse_entry(stream_id: String, fields: Vec<Vec<u8>>) -> Result<Entry, String>
         applied_ms: text(b"at").and_then(|a| a.parse().ok()).unwrap_or(0),
         entity,
     })
+}
+
+/// The source event of a change (`ei`, `es`, `et`, `ts`); none for a
+/// snapshot. An error names the missing field.
+fn event_of<'a>(
+    text: &impl Fn(&[u8]) -> Option<&'a str>,
+) -> Result<Option<JsonValue>, &'static str> {
+    let Some(id) = text(b"ei") else {
+        return Ok(None);
+    };
+    let seq = text(b"es").ok_or("es")?;
+    let mut event = Map::new();
+    event.insert("id".into(), id.into());
+    event.insert(
+        "seq".into(),
+        seq.parse::<u64>()
+            .map_or_else(|_| seq.into(), JsonValue::from),
+    );
+    if let Some(t) = text(b"et") {
+        event.insert("type".into(), t.into());
+    }
+    if let Some(ts) = text(b"ts") {
+        event.insert("ts".into(), ts.into());
+    }
+    Ok(Some(event.into()))
 }
 
 /// One effect pair of an entry into the record's `change`: `c<counter>`
@@ -337,6 +357,7 @@ mod tests {
             ("k", "snapshot"),
             ("ty", "delete"),
             ("dj", r#"{"a":"1"}"#),
+            ("fj", r#"["s+tags","gift","cbalance","5"]"#),
             ("n", "0"),
         ];
         let entry = &parse_entries(reply(&[("6-0", &snapshot)])).unwrap()[0];
@@ -344,7 +365,14 @@ mod tests {
         let record: serde_json::Value = serde_json::from_slice(&entry.record).unwrap();
         assert_eq!(record["type"], "delete");
         assert_eq!(record["data"], serde_json::json!({ "a": "1" }));
-        assert_eq!(record["change"], serde_json::json!({ "kind": "snapshot" }));
+        assert_eq!(
+            record["change"],
+            serde_json::json!({
+                "kind": "snapshot",
+                "sets": { "tags": { "gift": true } },
+                "counters": { "balance": "5" },
+            })
+        );
         let no_count = &snapshot[..snapshot.len() - 1];
         assert_eq!(
             parse_entries(reply(&[("7-0", no_count)])).unwrap_err(),

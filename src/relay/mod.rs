@@ -41,6 +41,8 @@ pub use snapshot::{snapshot, SnapshotReport};
 /// At most this many entries are read and published per round: the bound
 /// on the copies a hand-over can publish twice, and on the relay's memory.
 pub const ROUND_ENTRIES: usize = 2000;
+// A round's outboxes, each given at least its minimum share, stay within it.
+const _: () = assert!(outboxes::OUTBOXES_PER_ROUND * outboxes::MIN_SHARE <= ROUND_ENTRIES);
 /// How long a lease lasts without renewal.
 pub const LEASE_TTL: Duration = Duration::from_secs(10);
 /// The largest record the relay's producer sends (Kafka's default topic
@@ -50,7 +52,7 @@ pub const MAX_RECORD_BYTES: usize = 1_000_000;
 /// How long the broker has to acknowledge a record before the round fails
 /// and its entries are sent again: below [`LEASE_TTL`], so a round stuck on
 /// a missing topic or a down broker ends before the lease could lapse.
-const MESSAGE_TIMEOUT: Duration = Duration::from_secs(8);
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest wait between two tries after an error: short enough that the
 /// outbox drains within seconds of the topic or the brokers coming back.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -148,9 +150,12 @@ impl Relay {
             self.outboxes.forget_empty(&mut self.conn, &batches).await?;
             return Ok(Round::Idle);
         }
-        // A holder that slept past its lease (a pause, a slow Redis) reads
-        // on, but publishes nothing.
-        if !self.lease.held(Instant::now()) {
+        // Renewed just before publishing, so the round (at most
+        // MESSAGE_TIMEOUT of waiting for the broker) ends inside the lease; a
+        // holder that slept past it (a pause, a slow Redis) publishes nothing.
+        let held = self.lease.renew(&mut self.conn).await;
+        metrics::set_relay_lease(matches!(held, Ok(true)));
+        if !held? || !self.lease.held(Instant::now()) {
             return Ok(Round::NotHolder);
         }
         let (acked, error) = self.publish(&batches).await;
@@ -389,10 +394,18 @@ pub async fn run(config: Arc<Config>, stop: impl Future<Output = ()>) {
                 backoff = Duration::from_millis(250);
                 tracing::debug!(published = n, "changelog round");
             }
-            Ok(Round::Idle | Round::NotHolder) => {
+            Ok(Round::Idle) => {
                 tokio::select! {
                     _ = &mut stop => break,
                     _ = relay.wait_for_work() => {}
+                }
+            }
+            // Only the holder waits on the bell: a relay that does not hold
+            // the lease would take the ring meant for the holder.
+            Ok(Round::NotHolder) => {
+                tokio::select! {
+                    _ = &mut stop => break,
+                    _ = tokio::time::sleep(LEASE_TTL / 5) => {}
                 }
             }
             Err(e) => {

@@ -21,11 +21,13 @@ use crate::store::{KeyLayout, RedisConn};
 
 /// How often a cluster's relay looks at every slot's outbox.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(60);
-/// At most this many outboxes are read in one round; the next round
+/// At most this many outboxes are read in one round (so that their shares
+/// of at least [`MIN_SHARE`] stay within a round's entries); the next round
 /// starts where this one stopped, so no slot waits behind a busy one.
-const OUTBOXES_PER_ROUND: usize = 64;
+/// (relay/mod.rs holds them to `ROUND_ENTRIES`).
+pub(super) const OUTBOXES_PER_ROUND: usize = 40;
 /// Each outbox read gets at least this many entries of a round.
-const MIN_SHARE: usize = 50;
+pub(super) const MIN_SHARE: usize = 50;
 /// How many commands of a sweep are in flight at once.
 const SWEEP_CONCURRENCY: usize = 512;
 
