@@ -192,6 +192,50 @@ async fn assert_last_states_are_redis(prefix: &str, model: &Model, published: &[
     }
 }
 
+/// A chained idem with the shipped config/changelog-consumer.toml, on
+/// `topic`'s changelog into the prefix `<topic>-copy`, caught up: it
+/// applied `changes` versions once each (the copies are duplicates), and
+/// its view equals the source's (`prefix` `topic` in `source_url`) entity
+/// for entity: the same state, the same deletes. Returns the copy's view.
+async fn assert_a_chained_idem_rebuilds_the_view(
+    source_url: &str,
+    topic: &str,
+    entities: &BTreeMap<String, idem::model::EntityModel>,
+    changes: usize,
+) -> BTreeMap<String, idem::store::EntityView> {
+    let changelog = format!("{topic}.changes");
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/changelog-consumer.toml"
+    ))
+    .unwrap();
+    let file = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{}.toml", unique("chained")));
+    std::fs::write(&file, shipped.replace("orders.changes", &changelog)).unwrap();
+    let copy = format!("{topic}-copy");
+    let chained = Idem::spawn(
+        &IdemOpts::new(&changelog, &copy, &copy).with("IDEM_CONFIG", file.to_str().unwrap()),
+    );
+    wait_caught_up(&copy, &changelog, 3, CATCH_UP).await;
+    assert_eq!(
+        chained.outcome(&changelog, Outcome::Applied).await,
+        changes as u64,
+        "every change applied once; the copies are duplicates"
+    );
+    let source = read_entities(source_url, topic, entities.keys()).await;
+    let view = read_entities(&redis_url(), &copy, entities.keys()).await;
+    for (entity, want) in &source {
+        let got = &view[entity];
+        assert_eq!(
+            (&got.state, got.deleted),
+            (&want.state, want.deleted),
+            "{entity}"
+        );
+    }
+    chained.terminate().await;
+    view
+}
+
 /// How many entries wait in each outbox of `prefix`'s entities (one
 /// outbox standalone, one per slot on a cluster).
 async fn outbox_depths(prefix: &str, entities: impl Iterator<Item = &String>) -> Vec<u64> {
@@ -472,41 +516,16 @@ async fn a_killed_idem_publishes_every_change_and_a_chained_idem_rebuilds_the_vi
     idem.terminate().await;
 
     // The chained idem, with the shipped config for this changelog.
-    let changelog = format!("{topic}.changes");
-    let shipped = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/config/changelog-consumer.toml"
-    ))
-    .unwrap();
-    let file = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("{}.toml", unique("chained")));
-    std::fs::write(&file, shipped.replace("orders.changes", &changelog)).unwrap();
-    let copy = format!("{topic}-copy");
-    let chained = Idem::spawn(
-        &IdemOpts::new(&changelog, &copy, &copy).with("IDEM_CONFIG", file.to_str().unwrap()),
-    );
-    wait_caught_up(&copy, &changelog, 3, CATCH_UP).await;
-    assert_eq!(
-        chained.outcome(&changelog, Outcome::Applied).await,
-        changes as u64,
-        "every change applied once; the copies are duplicates"
-    );
-    let source = read_entities(&redis_url(), &topic, model.entities.keys()).await;
-    let view = read_entities(&redis_url(), &copy, model.entities.keys()).await;
-    for (entity, want) in &source {
-        let got = &view[entity];
+    let view =
+        assert_a_chained_idem_rebuilds_the_view(&redis_url(), &topic, &model.entities, changes)
+            .await;
+    for (entity, versions) in &applied {
         assert_eq!(
-            (&got.state, got.deleted),
-            (&want.state, want.deleted),
-            "{entity}"
-        );
-        assert_eq!(
-            got.seq,
-            Some(applied[entity].len() as u64),
+            view[entity].seq,
+            Some(versions.len() as u64),
             "{entity}: its last version"
         );
     }
-    chained.terminate().await;
 }
 
 /// The relay cannot publish for 20 s: the changelog topic is missing (the
@@ -713,36 +732,7 @@ async fn a_chained_view_stays_equal_across_a_snapshot_restore_of_the_source() {
         published.len() - changes
     );
     idem.terminate().await;
-
-    let changelog = format!("{topic}.changes");
-    let shipped = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/config/changelog-consumer.toml"
-    ))
-    .unwrap();
-    let file = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("{}.toml", unique("chained-restore")));
-    std::fs::write(&file, shipped.replace("orders.changes", &changelog)).unwrap();
-    let copy = format!("{topic}-copy");
-    let chained = Idem::spawn(
-        &IdemOpts::new(&changelog, &copy, &copy).with("IDEM_CONFIG", file.to_str().unwrap()),
-    );
-    wait_caught_up(&copy, &changelog, 3, CATCH_UP).await;
-    assert_eq!(
-        chained.outcome(&changelog, Outcome::Applied).await,
-        changes as u64
-    );
-    let source = read_entities(&redis.url(), &topic, model.entities.keys()).await;
-    let view = read_entities(&redis_url(), &copy, model.entities.keys()).await;
-    for (entity, want) in &source {
-        let got = &view[entity];
-        assert_eq!(
-            (&got.state, got.deleted),
-            (&want.state, want.deleted),
-            "{entity}"
-        );
-    }
-    chained.terminate().await;
+    assert_a_chained_idem_rebuilds_the_view(&redis.url(), &topic, &model.entities, changes).await;
 }
 
 /// Bootstrapping a consumer: a third of the stream applied with the
@@ -825,36 +815,7 @@ async fn a_snapshot_bootstraps_a_chained_view_of_what_was_applied_before_the_cha
         }
     }
     idem.terminate().await;
-
-    let changelog = format!("{topic}.changes");
-    let shipped = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/config/changelog-consumer.toml"
-    ))
-    .unwrap();
-    let file = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("{}.toml", unique("chained-snapshot")));
-    std::fs::write(&file, shipped.replace("orders.changes", &changelog)).unwrap();
-    let copy = format!("{topic}-copy");
-    let chained = Idem::spawn(
-        &IdemOpts::new(&changelog, &copy, &copy).with("IDEM_CONFIG", file.to_str().unwrap()),
-    );
-    wait_caught_up(&copy, &changelog, 3, CATCH_UP).await;
-    assert_eq!(
-        chained.outcome(&changelog, Outcome::Applied).await,
-        changes as u64
-    );
-    let source = read_entities(&redis_url(), &topic, model.entities.keys()).await;
-    let view = read_entities(&redis_url(), &copy, model.entities.keys()).await;
-    for (entity, want) in &source {
-        let got = &view[entity];
-        assert_eq!(
-            (&got.state, got.deleted),
-            (&want.state, want.deleted),
-            "{entity}"
-        );
-    }
-    chained.terminate().await;
+    assert_a_chained_idem_rebuilds_the_view(&redis_url(), &topic, &model.entities, changes).await;
 }
 
 /// An entity whose state has more fields than a Lua call can pass as
