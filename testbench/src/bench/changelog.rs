@@ -5,20 +5,12 @@
 //! every change and its bytes per entry are measured), and off again (how
 //! much the order of the runs moves the figures). docs/changelog.md.
 
-use super::effects::{run_variant, Setup};
+use super::effects::{payments_stream, run_variant, Setup};
 use super::report::EffectsRow;
 use super::BenchSpec;
-use crate::payments::{self, PaymentsSpec};
 
 pub async fn measure(spec: &BenchSpec, run_prefix: &str) -> anyhow::Result<Vec<EffectsRow>> {
-    let records = payments::generate(&PaymentsSpec {
-        events: spec.events.min(100_000),
-        accounts: spec.entities,
-        duplicate_ratio: spec.duplicate_ratio,
-        out_of_order_ratio: spec.out_of_order_ratio,
-        seed: spec.seed,
-        prefix: run_prefix.to_string(),
-    });
+    let records = payments_stream(spec, run_prefix);
     let mut rows = Vec::new();
     for (i, (name, on, topic_there)) in [
         ("off", false, false),

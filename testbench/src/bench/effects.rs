@@ -65,17 +65,23 @@ fn variants(
     ]
 }
 
-/// Runs every variant on the same payments stream (at most 100,000 events),
-/// each on its own topic and key prefix named after `run_prefix`.
-pub async fn measure(spec: &BenchSpec, run_prefix: &str) -> anyhow::Result<Vec<EffectsRow>> {
-    let records = payments::generate(&PaymentsSpec {
+/// The payments stream the effects and changelog phases run (at most
+/// 100,000 events), its ids under `run_prefix`.
+pub(super) fn payments_stream(spec: &BenchSpec, run_prefix: &str) -> Vec<SampleRecord> {
+    payments::generate(&PaymentsSpec {
         events: spec.events.min(100_000),
         accounts: spec.entities,
         duplicate_ratio: spec.duplicate_ratio,
         out_of_order_ratio: spec.out_of_order_ratio,
         seed: spec.seed,
         prefix: run_prefix.to_string(),
-    });
+    })
+}
+
+/// Runs every variant on the same payments stream (at most 100,000 events),
+/// each on its own topic and key prefix named after `run_prefix`.
+pub async fn measure(spec: &BenchSpec, run_prefix: &str) -> anyhow::Result<Vec<EffectsRow>> {
+    let records = payments_stream(spec, run_prefix);
     let dir = spec.out_dir.join("effects");
     std::fs::create_dir_all(&dir)?;
     let snippet = dir.join("loyalty.lua");
