@@ -344,6 +344,22 @@ impl EntityModel {
         for m in &effects.mutations {
             match m {
                 Mutation::Count { .. } => {}
+                Mutation::SetCounter { field, value } => {
+                    if !newer {
+                        continue;
+                    }
+                    match value.as_deref().map(stored_counter) {
+                        None => {
+                            self.counters.remove(field);
+                        }
+                        Some(Some(amount)) => {
+                            self.counters.insert(field.clone(), amount);
+                        }
+                        // Not a decimal (a custom effect's value): the model
+                        // cannot hold it, as for custom effects.
+                        Some(None) => self.ran_custom = true,
+                    }
+                }
                 Mutation::Append {
                     stream,
                     entry,
@@ -380,6 +396,13 @@ impl EntityModel {
         }
         true
     }
+}
+
+/// A counter's stored text (`12.50`, `-3`) as an amount at the scale it is
+/// written with.
+fn stored_counter(text: &str) -> Option<Amount> {
+    let scale = text.split_once('.').map_or(0, |(_, d)| d.len());
+    Amount::parse(text, u8::try_from(scale).ok()?).ok()
 }
 
 /// Whether a write at `at` falls under `floor` (seq, covering its own seq).
@@ -584,6 +607,7 @@ mod tests {
     fn ev(id: &str, seq: u64, op: Op, set: &[(&str, &str)], fp: u64) -> Event {
         Event {
             ts: None,
+            change: None,
             id: id.into(),
             entity: "e".into(),
             seq,
@@ -713,6 +737,7 @@ mod tests {
                 }
                 let event = Event {
                     ts: None,
+                    change: None,
                     id: format!("e{i}"),
                     entity: "e".into(),
                     seq,

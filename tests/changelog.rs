@@ -196,7 +196,10 @@ async fn assert_last_states_are_redis(prefix: &str, model: &Model, published: &[
 /// `topic`'s changelog into the prefix `<topic>-copy`, caught up: it
 /// applied `changes` versions once each (the copies are duplicates), and
 /// its view equals the source's (`prefix` `topic` in `source_url`) entity
-/// for entity: the same state, the same deletes. Returns the copy's view.
+/// for entity: the same state, the same deletes, the same counters, the
+/// same members of set `tags` and the same entries of ledger `ledger`
+/// (each entry's fields, in the order they were appended). Returns the
+/// copy's view.
 async fn assert_a_chained_idem_rebuilds_the_view(
     source_url: &str,
     topic: &str,
@@ -231,8 +234,36 @@ async fn assert_a_chained_idem_rebuilds_the_view(
             (&want.state, want.deleted),
             "{entity}"
         );
+        assert_eq!(
+            effects_of(&redis_url(), &copy, entity).await,
+            effects_of(source_url, topic, entity).await,
+            "{entity}: counters, sets and ledger entries"
+        );
     }
     chained.terminate().await;
+    view
+}
+
+/// An entity's counters, the members of its set `tags` and the entries of
+/// its ledger `ledger` (each entry's fields sorted: a copy's entry has the
+/// source's fields, in the JSON object's order).
+async fn effects_of(url: &str, prefix: &str, entity: &str) -> idem::effects::CommutativeView {
+    let mut conn = redis_conn(url).await;
+    let mut view = idem::store::commutative::read(
+        &mut conn,
+        &KeyLayout::new(prefix),
+        entity,
+        &["ledger".to_string()],
+        &["tags".to_string()],
+    )
+    .await
+    .unwrap();
+    for entry in view.ledgers.values_mut().flatten() {
+        entry.sort();
+    }
+    // Which seq last touched a member is each keyspace's own (the copy's
+    // are versions).
+    view.set_seqs.clear();
     view
 }
 
@@ -526,6 +557,107 @@ async fn a_killed_idem_publishes_every_change_and_a_chained_idem_rebuilds_the_vi
             "{entity}: its last version"
         );
     }
+}
+
+/// A payments stream (balances, a ledger, loyalty points from a commutative
+/// custom effect, late deposits) and tag events (a set's adds and removes),
+/// with redeliveries and reordering, through an idem with the changelog on:
+/// a chained idem with the shipped config ends with the same counters, set
+/// members and ledger entries as the source, entity for entity, besides
+/// the same state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chained_idem_rebuilds_counters_sets_and_ledgers() {
+    let topic = unique("chg-fx");
+    create_with_changelog(&topic, 3).await;
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(&topic);
+    let file = idem_testbench::payments::write_config(&dir, &topic).unwrap();
+    let mut config = std::fs::read_to_string(&file).unwrap();
+    for (kind, list) in [("tagged", "set_add"), ("untagged", "set_remove")] {
+        config.push_str(&format!(
+            "\n[[effects]]\ntopic = \"{topic}\"\ntypes = [\"{kind}\"]\nstate = \"keep\"\n{list} = [{{ set = \"tags\", from = \"/tag\" }}]\n"
+        ));
+    }
+    std::fs::write(&file, config).unwrap();
+    let mut records = idem_testbench::payments::generate(&idem_testbench::payments::PaymentsSpec {
+        events: 3_000,
+        accounts: 30,
+        duplicate_ratio: 0.3,
+        out_of_order_ratio: 0.1,
+        seed: 29,
+        prefix: topic.clone(),
+    });
+    records.extend(tag_stream(&topic, 1_000, 20));
+
+    let idem = Idem::spawn(
+        &IdemOpts::new(&topic, &topic, &topic)
+            .with("IDEM_CONFIG", file.to_str().unwrap())
+            .with("IDEM__CHANGELOG__TOPICS", &topic),
+    );
+    produce(&topic, &records).await;
+    wait_caught_up(&topic, &topic, 3, CATCH_UP).await;
+    let mut changes = 0;
+    for outcome in [Outcome::Applied, Outcome::Late] {
+        changes += idem.outcome(&topic, outcome).await as usize;
+    }
+    assert!(
+        idem.outcome(&topic, Outcome::Late).await > 10,
+        "the stream has late deposits and tags"
+    );
+    let published = wait_published(&topic, changes).await;
+    idem.terminate().await;
+    let entities: BTreeMap<String, idem::model::EntityModel> = published
+        .iter()
+        .map(|p| (p.key.clone(), Default::default()))
+        .collect();
+
+    assert_a_chained_idem_rebuilds_the_view(&redis_url(), &topic, &entities, changes).await;
+    // What was compared is not empty: balances, points, members, entries.
+    let mut seen = (false, false, false, false);
+    for entity in entities.keys() {
+        let fx = effects_of(&redis_url(), &topic, entity).await;
+        seen.0 |= fx.counters.contains_key("balance");
+        seen.1 |= fx.counters.contains_key("points");
+        seen.2 |= fx.sets.get("tags").is_some_and(|t| !t.is_empty());
+        seen.3 |= fx.ledgers.get("ledger").is_some_and(|l| l.len() > 10);
+    }
+    assert_eq!(
+        seen,
+        (true, true, true, true),
+        "balance, points, tags, ledger"
+    );
+}
+
+/// `events` tag events over `users` entities (`tagged` / `untagged` of one
+/// of four tags), each entity's seqs 1, 2, 3, …, with 30% redeliveries and
+/// 10% reordering.
+fn tag_stream(prefix: &str, events: usize, users: usize) -> Vec<SampleRecord> {
+    let mut rng = idem::tools::sample::Rng::new(7);
+    let mut shuffler = idem::tools::sample::Shuffler::new(users, 0.3, 0.1, events * 2);
+    let mut next_seq = vec![1u64; users];
+    for i in 0..events {
+        let u = rng.below(users as u64) as usize;
+        let seq = next_seq[u];
+        next_seq[u] += 1;
+        let entity = format!("{prefix}:user-{u}");
+        let kind = if rng.chance(0.6) {
+            "tagged"
+        } else {
+            "untagged"
+        };
+        let tag = ["a", "b", "c", "d"][rng.below(4) as usize];
+        let value = format!(
+            r#"{{"id":"{prefix}-t{i}","entity":"{entity}","seq":{seq},"type":"{kind}","data":{{"tag":"{tag}"}}}}"#
+        );
+        shuffler.push(
+            &mut rng,
+            u,
+            SampleRecord {
+                key: entity,
+                value: value.into_bytes(),
+            },
+        );
+    }
+    shuffler.finish()
 }
 
 /// The relay cannot publish for 20 s: the changelog topic is missing (the

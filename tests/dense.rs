@@ -235,6 +235,7 @@ async fn never_produced_seqs_close_at_the_cap_and_a_late_original_is_dead_letter
         for s in seqs {
             let e = idem::event::Event {
                 ts: None,
+                change: None,
                 id: format!("{entity}-{s}"),
                 entity: entity.to_string(),
                 seq: *s,

@@ -78,6 +78,15 @@ fn random_effects(rng: &mut StdRng, id: &str, seq: u64, state_order: StateOrder)
             Mutation::SetAdd { set, member }
         });
     }
+    // A chained idem's counter set to a value (changes = true, refused
+    // under per-field order): ordered, so a late event leaves it.
+    if state_order == StateOrder::PerEntity && rng.random_range(0..3) == 0 {
+        let values = [Some("1.50"), Some("-3"), Some("0.00"), None];
+        mutations.push(Mutation::SetCounter {
+            field: "abs".into(),
+            value: values[rng.random_range(0..4) as usize].map(String::from),
+        });
+    }
     Effects {
         state,
         fields,
@@ -162,6 +171,7 @@ fn random_sequence(rng: &mut StdRng, tag: &str) -> Vec<(Event, Effects)> {
         effects.dense_seqs = dense;
         let event = Event {
             ts: None,
+            change: None,
             id,
             entity: format!("{tag}:{e}"),
             seq,
@@ -666,6 +676,7 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
     let mut guard = Guard::new(conn, layout.clone(), 100, "E".into());
     let event = |id: &str, op, set: &[(&str, &str)], unset: &[&str]| Event {
         ts: None,
+        change: None,
         id: id.into(),
         entity: format!("{prefix}:acct"),
         seq: 7,
@@ -699,6 +710,14 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
         Mutation::SetRemove {
             set: "tags".into(),
             member: "new".into(),
+        },
+        Mutation::SetCounter {
+            field: "points".into(),
+            value: Some("40".into()),
+        },
+        Mutation::SetCounter {
+            field: "old".into(),
+            value: None,
         },
         Mutation::Custom {
             snippet: 1,
@@ -817,6 +836,9 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
             "kind": "set_add", "key": keys.set(s), "seqkey": keys.set_seqs(s), "member": member }),
         Mutation::SetRemove { set: s, member } => json!({
             "kind": "set_remove", "key": keys.set(s), "seqkey": keys.set_seqs(s), "member": member }),
+        Mutation::SetCounter { field, value } => json!({
+            "kind": "counter_set", "key": keys.counters(), "field": field,
+            "present": value.is_some(), "value": value.clone().unwrap_or_default() }),
         Mutation::Custom { snippet, order } => json!({
             "kind": "custom", "snippet": snippet + 1, "key": keys.counters(),
             "order": if *order == Order::Ordered { "ordered" } else { "commutative" },
@@ -836,7 +858,9 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
             }
             for m in &effects.mutations {
                 let named = match m {
-                    Mutation::Count { .. } | Mutation::Custom { .. } => vec![keys.counters()],
+                    Mutation::Count { .. }
+                    | Mutation::SetCounter { .. }
+                    | Mutation::Custom { .. } => vec![keys.counters()],
                     Mutation::Append { stream, .. } => vec![keys.ledger(stream)],
                     Mutation::SetAdd { set, .. } | Mutation::SetRemove { set, .. } => {
                         vec![keys.set(set), keys.set_seqs(set)]
@@ -920,6 +944,7 @@ async fn a_ledger_with_max_age_drops_entries_older_than_it() {
     let deposit = |seq: u64| {
         let event = Event {
             ts: None,
+            change: None,
             id: format!("d{seq}"),
             entity: entity.clone(),
             seq,
@@ -1002,6 +1027,7 @@ async fn offset_marks_replay_decided_records_and_hold_at_a_conflict() {
     let entity = format!("{prefix}:acct");
     let event = |id: &str, seq: u64, fingerprint: u64| Event {
         ts: None,
+        change: None,
         id: id.into(),
         entity: entity.clone(),
         seq,
@@ -1098,6 +1124,7 @@ async fn dense_seqs_close_gaps_at_the_cap_as_the_model_does() {
         let entity = format!("{prefix}:e{history}");
         let event = |id: String, seq: u64, fingerprint: u64| Event {
             ts: None,
+            change: None,
             id,
             entity: entity.clone(),
             seq,
@@ -1210,6 +1237,7 @@ async fn calls_sent_as_built_survive_a_flushed_script_cache_and_a_durable_wait_i
     let events: Vec<Event> = (0..24)
         .map(|i| Event {
             ts: None,
+            change: None,
             id: format!("e{i}"),
             entity: format!("{prefix}:n{i}"),
             seq: 1,
@@ -1307,6 +1335,7 @@ async fn a_change_with_thousands_of_effects_reaches_the_outbox_whole() {
         unset: vec![],
         fingerprint: 1,
         ts: None,
+        change: None,
     };
     let effects = Effects {
         state: StateEffect::Merge,

@@ -33,6 +33,8 @@ pub(super) struct RawRule {
     set_remove: Vec<RawSet>,
     #[serde(default)]
     custom: Vec<RawCustom>,
+    #[serde(default)]
+    changes: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,6 +131,13 @@ pub(super) fn validate(
     }
     check_convergence(&out)?;
     if state_order == StateOrder::PerField {
+        if let Some(i) = out.rules.iter().position(|r| r.changes) {
+            return Err(invalid(
+                format!("effects[{i}].changes"),
+                "true",
+                "false under state.order = \"per_field\" (a change record's versions are one order per entity: set state.order = \"per_entity\")",
+            ));
+        }
         for (i, r) in out.rules.iter().enumerate() {
             if let Some(c) = r.custom.iter().position(|c| c.order == Order::Ordered) {
                 return Err(invalid(
@@ -144,7 +153,11 @@ pub(super) fn validate(
 
 fn validate_rule(i: usize, r: RawRule, snippets: &mut Vec<Snippet>) -> Result<Rule, ConfigError> {
     let key = |k: &str| format!("effects[{i}].{k}");
-    let state = match r.state.as_deref().unwrap_or("merge") {
+    if r.changes {
+        check_change_rule(&key, &r)?;
+    }
+    let default_state = if r.changes { "replace" } else { "merge" };
+    let state = match r.state.as_deref().unwrap_or(default_state) {
         "merge" => StateEffect::Merge,
         "replace" => StateEffect::Replace,
         "keep" => StateEffect::Keep,
@@ -190,7 +203,38 @@ fn validate_rule(i: usize, r: RawRule, snippets: &mut Vec<Snippet>) -> Result<Ru
         ledger,
         sets,
         custom,
+        changes: r.changes,
     })
+}
+
+/// A rule for idem change records (`changes = true`) takes its effects from
+/// each record's `change`, and its state from `data`, the whole state
+/// after: so it declares none of its own, and replaces the state. Its
+/// `ledger` table only says how to trim the stream it names.
+fn check_change_rule(key: &dyn Fn(&str) -> String, r: &RawRule) -> Result<(), ConfigError> {
+    let why = "absent in a rule with `changes = true` (each change record brings its counters, sets and ledger entries)";
+    let declared = [
+        ("counters", !r.counters.is_empty()),
+        ("set_add", !r.set_add.is_empty()),
+        ("set_remove", !r.set_remove.is_empty()),
+        ("custom", !r.custom.is_empty()),
+        ("fields", r.fields.is_some()),
+        (
+            "ledger.fields",
+            r.ledger.as_ref().is_some_and(|l| l.fields.is_some()),
+        ),
+    ];
+    if let Some((name, _)) = declared.iter().find(|(_, given)| *given) {
+        return Err(invalid(key(name), "given", why));
+    }
+    match r.state.as_deref() {
+        None | Some("replace") => Ok(()),
+        Some(other) => Err(invalid(
+            key("state"),
+            other,
+            "\"replace\" (or absent) with `changes = true`: a change's data is the entity's whole state after it",
+        )),
+    }
 }
 
 fn customs(
@@ -473,6 +517,15 @@ state = "keep"
         assert_eq!(other.state, StateEffect::Keep);
         assert!(e.rule_for("orders", Some("payment.captured")).is_none());
         assert!(load("").unwrap().effects.rules.is_empty());
+        let chained =
+            load("[[effects]]\ntopic = \"o.changes\"\nchanges = true\nledger = { max_len = 9 }\n")
+                .unwrap()
+                .effects;
+        let rule = chained.rule_for("o.changes", Some("idem.change")).unwrap();
+        assert!(rule.changes);
+        assert_eq!(rule.state, StateEffect::Replace);
+        assert_eq!(rule.ledger.as_ref().unwrap().max_len, Some(9));
+        assert!(chained.has_commutative("o.changes"));
     }
 
     /// Each refusal names its key.
@@ -502,6 +555,14 @@ state = "keep"
             (format!("{}types = [\"a\"]\n{}", rule("counters = [{ field = \"b\", from = \"/a\", scale = 2 }]"), rule("types = [\"b\"]\ncounters = [{ field = \"b\", from = \"/a\" }]")), "effects[1].counters[0].field"),
             (rule("counters = [{ field = \"b\", by = \"1\" }, { field = \"b\", by = \"2\" }]"), "effects[0].counters[1].field"),
             (rule("set_add = [{ set = \"s\", from = \"/m\" }]\nset_remove = [{ set = \"s\", from = \"/m\" }]"), "effects[0].set_remove"),
+            // a rule for change records takes its effects from each record
+            (rule("changes = true\nstate = \"merge\""), "effects[0].state"),
+            (rule("changes = true\ncounters = [{ field = \"b\", by = \"1\" }]"), "effects[0].counters"),
+            (rule("changes = true\nset_add = [{ set = \"s\", from = \"/m\" }]"), "effects[0].set_add"),
+            (rule("changes = true\nfields = [\"a\"]"), "effects[0].fields"),
+            (rule("changes = true\nledger = { fields = [\"a\"], max_len = 5 }"), "effects[0].ledger.fields"),
+            (rule("changes = true\nledger = { stream = \"l\" }"), "effects[0].ledger"),
+            (format!("[state]\norder = \"per_field\"\n{}", rule("changes = true")), "effects[0].changes"),
             // per-field order reads no state as of a seq
             (format!("[state]\norder = \"per_field\"\n{}", rule("custom = [{ file = \"SNIPPET\", order = \"commutative\", writes = [\"p\"] }, { file = \"SNIPPET\", order = \"ordered\", writes = [\"x\"] }]")), "effects[0].custom[1].order"),
         ];
@@ -522,6 +583,7 @@ state = "keep"
         assert_eq!(e.state_order, StateOrder::PerField);
         let event = crate::event::Event {
             ts: None,
+            change: None,
             id: "a".into(),
             entity: "e".into(),
             seq: 1,

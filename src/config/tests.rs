@@ -849,6 +849,7 @@ fn a_changelog_names_consumed_topics_and_never_one_idem_reads() {
                 "orders",
                 &crate::event::Event {
                     ts: None,
+                    change: None,
                     id: "i".into(),
                     entity: "e".into(),
                     seq: 1,

@@ -43,7 +43,7 @@ pub mod header {
 
 /// The closed list of reason codes: the decoder's codes, `conflict`, and
 /// the effects' (docs/effects.md).
-pub const REASONS: [&str; 25] = [
+pub const REASONS: [&str; 26] = [
     "empty_value",
     "too_large",
     "not_utf8",
@@ -62,6 +62,7 @@ pub const REASONS: [&str; 25] = [
     "amount_not_numeric",
     "amount_excess_decimals",
     "amount_overflow",
+    "change_malformed",
     "counter_overflow",
     "counter_unreadable",
     "effect_failed",

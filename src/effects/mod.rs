@@ -147,6 +147,11 @@ pub struct Rule {
     pub ledger: Option<LedgerSpec>,
     pub sets: Vec<SetSpec>,
     pub custom: Vec<CustomSpec>,
+    /// The events are idem change records (`changes = true`, docs/changelog.md,
+    /// "A chained idem"): besides the state, each applies what its `change`
+    /// says: counters set to their values after, set members added or
+    /// removed, ledger entries appended (trimmed as `ledger` says, if given).
+    pub changes: bool,
 }
 
 /// Every declared effect (`[[effects]]` in the config).
@@ -197,6 +202,9 @@ impl EffectsConfig {
                     (state, Some(fields)) => format!("{} {}", state.as_str(), fields.join(" ")),
                     (state, None) => state.as_str().to_string(),
                 }];
+                if r.changes {
+                    parts.push("the change's counters, sets and ledger entries".to_string());
+                }
                 parts.extend(r.counters.iter().map(|c| format!("counter {}", c.field)));
                 parts.extend(r.ledger.iter().map(|l| format!("ledger {}", l.stream)));
                 parts.extend(r.sets.iter().map(|s| format!("set {}", s.set)));
@@ -216,7 +224,8 @@ impl EffectsConfig {
     /// event too (so a replay from before the dedupe window counts again).
     pub fn has_commutative(&self, topic: &str) -> bool {
         self.rules.iter().filter(|r| r.topic == topic).any(|r| {
-            !r.counters.is_empty()
+            r.changes
+                || !r.counters.is_empty()
                 || r.ledger.is_some()
                 || !r.sets.is_empty()
                 || r.custom.iter().any(|c| c.order == Order::Commutative)
@@ -255,6 +264,13 @@ pub enum Mutation {
         field: String,
         amount: Amount,
     },
+    /// A counter set to a value (`None`: removed), as a change record of
+    /// another idem says it is after the change: ordered, the last version
+    /// wins.
+    SetCounter {
+        field: String,
+        value: Option<String>,
+    },
     Append {
         stream: String,
         entry: Vec<(String, String)>,
@@ -280,10 +296,11 @@ impl Mutation {
     pub fn commutes(&self) -> bool {
         !matches!(
             self,
-            Mutation::Custom {
-                order: Order::Ordered,
-                ..
-            }
+            Mutation::SetCounter { .. }
+                | Mutation::Custom {
+                    order: Order::Ordered,
+                    ..
+                }
         )
     }
 }

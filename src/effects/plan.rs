@@ -41,7 +41,9 @@ pub fn plan(event: &Event, rule: Option<&Rule>) -> Result<Effects, Invalid> {
             amount: if c.subtract { amount.negated() } else { amount },
         });
     }
-    if let Some(l) = &rule.ledger {
+    if rule.changes {
+        mutations.extend(change_mutations(event, rule.ledger.as_ref())?);
+    } else if let Some(l) = &rule.ledger {
         let mut entry = vec![
             ("id".to_string(), event.id.clone()),
             ("seq".to_string(), event.seq.to_string()),
@@ -87,6 +89,85 @@ pub fn plan(event: &Event, rule: Option<&Rule>) -> Result<Effects, Invalid> {
         dense_seqs: false,
         changelog: None,
     })
+}
+
+/// What an idem change record's `change` says its change did, as this
+/// idem's mutations (a rule with `changes = true`): each counter set to its
+/// value after, each set member added or removed, each ledger entry
+/// appended as it was (trimmed as `ledger` says, for the stream it names).
+/// A record without `change` (a snapshot of an entity with none of these)
+/// has none; one whose `change` is not of the documented shape is refused
+/// (`change_malformed`), never half applied.
+fn change_mutations(
+    event: &Event,
+    trim: Option<&super::LedgerSpec>,
+) -> Result<Vec<Mutation>, Invalid> {
+    use serde_json::Value;
+    let malformed = |what: &str| Invalid::Effect {
+        code: "change_malformed",
+        message: format!("change.{what} is not as docs/changelog.md describes it"),
+    };
+    let object = |what: &str, v: Option<&Value>| match v {
+        None => Ok(None),
+        Some(Value::Object(map)) => Ok(Some(map.clone())),
+        Some(_) => Err(malformed(what)),
+    };
+    let mut mutations = Vec::new();
+    let Some(change) = &event.change else {
+        return Ok(mutations);
+    };
+    for (field, value) in object("counters", change.get("counters"))?.unwrap_or_default() {
+        let value = match value {
+            Value::String(s) => Some(s),
+            Value::Null => None,
+            _ => return Err(malformed(&format!("counters.{field}"))),
+        };
+        mutations.push(Mutation::SetCounter { field, value });
+    }
+    for (set, members) in object("sets", change.get("sets"))?.unwrap_or_default() {
+        let Value::Object(members) = members else {
+            return Err(malformed(&format!("sets.{set}")));
+        };
+        if !is_key_name(&set) {
+            return Err(malformed(&format!("sets.{set}")));
+        }
+        for (member, added) in members {
+            let set = set.clone();
+            mutations.push(match added {
+                Value::Bool(true) => Mutation::SetAdd { set, member },
+                Value::Bool(false) => Mutation::SetRemove { set, member },
+                _ => return Err(malformed(&format!("sets.{set}.{member}"))),
+            });
+        }
+    }
+    for (stream, fields) in object("ledger", change.get("ledger"))?.unwrap_or_default() {
+        let (Value::Object(fields), true) = (fields, is_key_name(&stream)) else {
+            return Err(malformed(&format!("ledger.{stream}")));
+        };
+        let mut entry = Vec::with_capacity(fields.len());
+        for (k, v) in fields {
+            let Value::String(v) = v else {
+                return Err(malformed(&format!("ledger.{stream}.{k}")));
+            };
+            entry.push((k, v));
+        }
+        let trim = trim.filter(|l| l.stream == stream);
+        mutations.push(Mutation::Append {
+            stream,
+            entry,
+            max_len: trim.and_then(|l| l.max_len).unwrap_or(0),
+            max_age_ms: trim
+                .and_then(|l| l.max_age)
+                .map_or(0, |d| d.as_millis() as u64),
+        });
+    }
+    Ok(mutations)
+}
+
+/// A set or stream name as a config may declare it: not empty, no `:`
+/// (which would reach another key, like a set's `<set>:seq`).
+fn is_key_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(':')
 }
 
 /// The value at JSON pointer `pointer` inside the event's `data`, as text:
@@ -136,6 +217,7 @@ mod tests {
     fn event(set: &[(&str, &str)]) -> Event {
         Event {
             ts: None,
+            change: None,
             id: "i".into(),
             entity: "e".into(),
             seq: 7,
@@ -250,5 +332,88 @@ mod tests {
             assert_eq!(got.code(), code, "{set:?}: {got}");
         }
         assert_eq!(plan(&event(&[]), None).unwrap(), Effects::default());
+    }
+
+    #[test]
+    fn a_change_record_plans_its_counters_sets_and_ledger_entries() {
+        let rule = Rule {
+            topic: "orders.changes".into(),
+            state: crate::effects::StateEffect::Replace,
+            changes: true,
+            ledger: Some(crate::effects::LedgerSpec {
+                stream: "ledger".into(),
+                fields: None,
+                max_len: Some(10),
+                max_age: None,
+            }),
+            ..Rule::default()
+        };
+        let with_change = |change: &str| Event {
+            change: Some(serde_json::from_str(change).unwrap()),
+            ..event(&[("status", "open")])
+        };
+        let got = plan(
+            &with_change(
+                r#"{"kind":"applied","counters":{"balance":"12.50","old":null},
+                "sets":{"tags":{"gift":true,"rush":false}},
+                "ledger":{"ledger":{"id":"e1","amount":"12.50"},"audit":{"id":"e1"}}}"#,
+            ),
+            Some(&rule),
+        )
+        .unwrap();
+        let pairs = |p: &[(&str, &str)]| -> Vec<(String, String)> {
+            p.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            got.mutations,
+            vec![
+                Mutation::SetCounter {
+                    field: "balance".into(),
+                    value: Some("12.50".into())
+                },
+                Mutation::SetCounter {
+                    field: "old".into(),
+                    value: None
+                },
+                Mutation::SetAdd {
+                    set: "tags".into(),
+                    member: "gift".into()
+                },
+                Mutation::SetRemove {
+                    set: "tags".into(),
+                    member: "rush".into()
+                },
+                Mutation::Append {
+                    stream: "audit".into(),
+                    entry: pairs(&[("id", "e1")]),
+                    max_len: 0,
+                    max_age_ms: 0
+                },
+                Mutation::Append {
+                    stream: "ledger".into(),
+                    entry: pairs(&[("amount", "12.50"), ("id", "e1")]),
+                    max_len: 10,
+                    max_age_ms: 0
+                },
+            ]
+        );
+        // A counter's value after is ordered (the last version wins); the
+        // set members and entries commute as everywhere.
+        assert!(!got.mutations[0].commutes() && got.mutations[2].commutes());
+        assert!(plan(&event(&[]), Some(&rule)).unwrap().mutations.is_empty());
+        for change in [
+            r#"{"counters":[1]}"#,
+            r#"{"counters":{"balance":12}}"#,
+            r#"{"sets":{"tags":["a"]}}"#,
+            r#"{"sets":{"tags":{"a":1}}}"#,
+            r#"{"sets":{"a:seq":{"x":true}}}"#,
+            r#"{"ledger":{"ledger":{"amount":1}}}"#,
+            r#"{"ledger":{"":{}}}"#,
+        ] {
+            let got = plan(&with_change(change), Some(&rule)).unwrap_err();
+            assert_eq!(got.code(), "change_malformed", "{change}: {got}");
+        }
     }
 }

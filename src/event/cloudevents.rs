@@ -155,6 +155,7 @@ impl Attributes {
             unset,
             fingerprint,
             ts: None,
+            change: None,
         })
     }
 }

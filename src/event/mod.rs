@@ -41,6 +41,10 @@ pub struct Event {
     /// When the event happened (`ts`, RFC 3339 as written; none from
     /// CloudEvents): not used for decisions, carried into its change record.
     pub ts: Option<String>,
+    /// The record's top-level `change` object, when it has one: what an
+    /// idem change record says its change did (docs/changelog.md), read by
+    /// a rule with `changes = true`.
+    pub change: Option<Value>,
 }
 
 /// Why a record is not a valid event. The code is part of the public contract.
@@ -225,20 +229,21 @@ pub fn decode_with(
         Some(Value::String(s)) if is_rfc3339(s) => Some(s.clone()),
         Some(_) => return Err(Invalid::BadTimestamp(fields.ts.clone())),
     };
-    match lookup(&root, &fields.data) {
-        None | Some(Value::Null) | Some(Value::Object(_)) => {}
-        Some(_) => {
-            return Err(Invalid::WrongType {
-                field: fields.data.clone(),
-                expected: "a JSON object",
-            })
-        }
+    if !is_object_or_absent(lookup(&root, &fields.data)) {
+        return Err(Invalid::WrongType {
+            field: fields.data.clone(),
+            expected: "a JSON object",
+        });
     }
     if entity.starts_with('}') {
         return Err(Invalid::BadEntity(entity.to_string()));
     }
     let fingerprint = fingerprint(&root);
     let (id, entity) = (id.to_string(), entity.to_string());
+    let change = root
+        .get_mut("change")
+        .filter(|c| c.is_object())
+        .map(Value::take);
     // The fingerprint is taken: the data fields can now be moved out, not copied.
     let (set, unset) = data_fields(text, &fields.data, root.pointer_mut(&fields.data))?;
     Ok(Event {
@@ -251,7 +256,13 @@ pub fn decode_with(
         unset,
         fingerprint,
         ts,
+        change,
     })
+}
+
+/// Whether a `data` member is an object, `null` or absent (no fields).
+fn is_object_or_absent(data: Option<&Value>) -> bool {
+    matches!(data, None | Some(Value::Null | Value::Object(_)))
 }
 
 /// serde_json's private marker key for raw values.

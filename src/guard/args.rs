@@ -14,6 +14,7 @@ use crate::store::EntityKeys;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MutationKind {
     Counter,
+    CounterSet,
     Ledger,
     SetAdd,
     SetRemove,
@@ -25,6 +26,7 @@ impl MutationKind {
     pub fn code(self) -> &'static str {
         match self {
             MutationKind::Counter => "counter",
+            MutationKind::CounterSet => "counter_set",
             MutationKind::Ledger => "ledger",
             MutationKind::SetAdd => "set_add",
             MutationKind::SetRemove => "set_remove",
@@ -70,6 +72,16 @@ impl EffectParts {
                         field.clone(),
                         amount.units_text(),
                         amount.scale.to_string(),
+                    ]);
+                }
+                Mutation::SetCounter { field, value } => {
+                    let key = parts.key(entity.counters());
+                    args.extend([
+                        MutationKind::CounterSet.code().into(),
+                        key,
+                        field.clone(),
+                        if value.is_some() { "1" } else { "0" }.into(),
+                        value.clone().unwrap_or_default(),
                     ]);
                 }
                 Mutation::Append {
@@ -283,6 +295,7 @@ mod tests {
     fn keys_are_named_once_and_args_follow_the_script_layout() {
         let event = Event {
             ts: None,
+            change: None,
             id: "i".into(),
             entity: "e".into(),
             seq: 3,

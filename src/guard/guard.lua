@@ -41,6 +41,8 @@
 --            numbers count from the event's fifth key, 1-based; each kind
 --            has its own code, read by its own function below):
 --              "counter" key field units scale        counter += units / 10^scale
+--              "counter_set" key field present value  counter = value ("0": removed);
+--                                                     ordered (a chained idem, docs/changelog.md)
 --              "ledger" key max_len max_age_ms n f1 v1 ...  ledger entry
 --              "set_add" key seqkey member            set add
 --              "set_remove" key seqkey member         set remove
@@ -273,6 +275,14 @@ local function prepare(mutations, newer, seq, state_key, event_head)
       end
       counters_seen[m.field] = { sign, digits }
       plan[#plan + 1] = { 'HSET', m.key, m.field, format_units(sign, digits, m.scale) }
+    elseif m.kind == 'counter_set' then
+      if newer then
+        if m.present then
+          plan[#plan + 1] = { 'HSET', m.key, m.field, m.value }
+        else
+          plan[#plan + 1] = { 'HDEL', m.key, m.field }
+        end
+      end
     elseif m.kind == 'set_add' or m.kind == 'set_remove' then
       local removes = m.kind == 'set_remove'
       local last = redis.call('HGET', m.seqkey, m.member)
@@ -328,6 +338,10 @@ local READ_MUTATION = {
     return { key = keys[tonumber(ARGV[a])], max_len = ARGV[a + 1], max_age_ms = tonumber(ARGV[a + 2]),
       entry = { unpack(ARGV, a + 4, a + 3 + 2 * count) } }, a + 4 + 2 * count
   end,
+  counter_set = function(a, keys)
+    return { key = keys[tonumber(ARGV[a])], field = ARGV[a + 1], present = ARGV[a + 2] == '1',
+      value = ARGV[a + 3] }, a + 4
+  end,
   set_add = function(a, keys)
     return { key = keys[tonumber(ARGV[a])], seqkey = keys[tonumber(ARGV[a + 1])], member = ARGV[a + 2] }, a + 3
   end,
@@ -356,7 +370,7 @@ local function read_mutations(a, keys)
     m, a = read(a + 1, keys)
     m.kind = kind
     mutations[#mutations + 1] = m
-    commutative = commutative or kind ~= 'custom' or m.order == 'commutative'
+    commutative = commutative or (kind ~= 'custom' and kind ~= 'counter_set') or m.order == 'commutative'
   end
   return mutations, a, commutative
 end

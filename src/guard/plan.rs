@@ -101,6 +101,7 @@ mod tests {
     fn event(entity: &str) -> Event {
         Event {
             ts: None,
+            change: None,
             id: String::new(),
             entity: entity.into(),
             seq: 0,

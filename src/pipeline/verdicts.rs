@@ -121,6 +121,7 @@ mod tests {
     fn event(id: &str) -> Event {
         Event {
             ts: None,
+            change: None,
             id: id.into(),
             entity: "e".into(),
             seq: 1,
