@@ -660,6 +660,119 @@ fn tag_stream(prefix: &str, events: usize, users: usize) -> Vec<SampleRecord> {
     shuffler.finish()
 }
 
+/// A group member that writes no changes is named by the members that do:
+/// first a plain consumer in the group (as an idem older than the changelog
+/// looks: it holds partitions and does not register), then an idem whose
+/// config has no changelog. Each time `idem_changelog_unpublished_partitions`
+/// counts the partitions it holds and `idem check` warns with the way out;
+/// once only publishing members are left both say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_writes_no_changes_is_named_by_the_others() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let topic = unique("chg-members");
+    create_with_changelog(&topic, 4).await;
+    let with_changelog =
+        IdemOpts::new(&topic, &topic, &topic).with("IDEM__CHANGELOG__TOPICS", &topic);
+    let idem = Idem::spawn(&with_changelog);
+    let unpublished = || async {
+        idem.counter(
+            "idem_changelog_unpublished_partitions",
+            &[("topic", topic.as_str())],
+        )
+        .await
+    };
+    let check = || {
+        let out = idem_tool(
+            &["check"],
+            &topic,
+            &[
+                ("IDEM__KAFKA__TOPICS", topic.as_str()),
+                ("IDEM__KAFKA__GROUP_ID", topic.as_str()),
+                ("IDEM__CHANGELOG__TOPICS", topic.as_str()),
+            ],
+        );
+        // The `changelog members` lines, as "<status> <detail>".
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let (status, rest) = l.split_once(' ')?;
+                let detail = rest.trim_start().strip_prefix("changelog members")?;
+                Some(format!("{status} {}\n", detail.trim_start()))
+            })
+            .collect::<String>()
+    };
+    wait_until(
+        "idem reports every partition published",
+        CATCH_UP,
+        || async {
+            unpublished().await == Some(0)
+                && check().contains(&format!("ok {topic}: all 4 partitions"))
+        },
+    )
+    .await;
+
+    // An older member: in the group, holding partitions, not registering.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let older = {
+        let (topic, stop) = (topic.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let consumer: BaseConsumer = idem::kafka::base_config(&kafka())
+                .set("group.id", &topic)
+                .set("partition.assignment.strategy", "cooperative-sticky")
+                .set("enable.auto.commit", "false")
+                .create()
+                .unwrap();
+            consumer.subscribe(&[&topic]).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                consumer.poll(Duration::from_millis(100));
+            }
+        })
+    };
+    wait_until(
+        "idem names the older member's partitions",
+        CATCH_UP,
+        || async { unpublished().await.unwrap_or(0) > 0 },
+    )
+    .await;
+    let said = check();
+    assert!(
+        said.starts_with("warn ")
+            && said.contains("held by no member that registers")
+            && said.contains(&format!(
+                "idem changelog snapshot --topic {topic} --execute"
+            )),
+        "{said}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    older.join().unwrap();
+    wait_until(
+        "the older member's partitions come back",
+        CATCH_UP,
+        || async { unpublished().await == Some(0) },
+    )
+    .await;
+
+    // A member of this version whose config has no changelog yet.
+    let without = Idem::spawn(&IdemOpts::new(&topic, &topic, &topic));
+    wait_until(
+        "idem names the member without the changelog",
+        CATCH_UP,
+        || async { unpublished().await.unwrap_or(0) > 0 },
+    )
+    .await;
+    let said = check();
+    assert!(
+        said.starts_with("warn ") && said.contains("held by members without changelog.topics"),
+        "{said}"
+    );
+    without.terminate().await;
+    wait_until("only publishing members are left", CATCH_UP, || async {
+        unpublished().await == Some(0)
+    })
+    .await;
+    idem.terminate().await;
+}
+
 /// The relay cannot publish for 20 s: the changelog topic is missing (the
 /// suite shares one broker, so the topic is made unavailable, not the
 /// broker), then created. Meanwhile each outbox grows to

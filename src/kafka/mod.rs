@@ -58,6 +58,21 @@ pub fn base_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// Every topic the brokers know, with its partition count (blocking).
+pub fn partition_counts(
+    cfg: &KafkaConfig,
+) -> Result<std::collections::BTreeMap<String, i32>, rdkafka::error::KafkaError> {
+    let client: rdkafka::consumer::BaseConsumer<QuietContext> =
+        base_config(cfg).create_with_context(QuietContext)?;
+    let md = client.fetch_metadata(None, cfg.request_timeout)?;
+    Ok(md
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| (t.name().to_string(), t.partitions().len() as i32))
+        .collect())
+}
+
 /// `idem-<host>`, so that group listings and broker logs name the machine
 /// (or pod) rather than librdkafka's default `rdkafka`. Characters Kafka
 /// quotas and logs do not like become `-`. Override with

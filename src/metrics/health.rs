@@ -149,6 +149,14 @@ impl Health {
         *self.owned.write().unwrap_or_else(|e| e.into_inner()) = owned;
     }
 
+    /// The partitions this instance owns now, sorted.
+    pub fn owned(&self) -> Vec<TopicPartition> {
+        let owned = self.owned.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<TopicPartition> = owned.iter().cloned().collect();
+        out.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        out
+    }
+
     /// The exposition without the per-partition series of partitions this
     /// instance no longer owns.
     pub(super) fn exposition(&self, handle: &PrometheusHandle) -> String {

@@ -51,6 +51,7 @@ pub const CHANGELOG_ERRORS_TOTAL: &str = "idem_changelog_publish_errors_total";
 pub const CHANGELOG_LAG_SECONDS: &str = "idem_changelog_lag_seconds";
 pub const RELAY_LEASE_HELD: &str = "idem_relay_lease_held";
 pub const CHANGELOG_OUTBOX_ENTRIES: &str = "idem_changelog_outbox_entries";
+pub const CHANGELOG_UNPUBLISHED_PARTITIONS: &str = "idem_changelog_unpublished_partitions";
 
 /// Buckets fine enough for the benchmark to read p50/p99/p99.9 from.
 pub const LATENCY_BUCKETS: [f64; 24] = [
@@ -175,6 +176,10 @@ fn describe_changelog() {
         "Changes waiting in the outboxes the relay read in its last round, after it deleted what it published (0 when they are empty). Only the lease holder measures it; the others show 0."
     );
     describe_gauge!(
+        CHANGELOG_UNPUBLISHED_PARTITIONS,
+        "Partitions of a topic in changelog.topics held by a group member that writes no changes for it (an idem older than the changelog, or one without the topic in changelog.topics), by topic: their changes are missing from the changelog."
+    );
+    describe_gauge!(
         RELAY_LEASE_HELD,
         "1 while this instance's relay holds the lease and publishes the changelog."
     );
@@ -201,6 +206,10 @@ pub fn set_changelog_outbox_entries(entries: u64) {
     gauge!(CHANGELOG_OUTBOX_ENTRIES).set(entries as f64);
 }
 
+pub fn set_changelog_unpublished(topic: &str, partitions: usize) {
+    gauge!(CHANGELOG_UNPUBLISHED_PARTITIONS, "topic" => topic.to_string()).set(partitions as f64);
+}
+
 pub fn set_relay_lease(held: bool) {
     gauge!(RELAY_LEASE_HELD).set(if held { 1.0 } else { 0.0 });
 }
@@ -210,6 +219,7 @@ pub fn init_changelog(topics: &[String]) {
     for t in topics {
         record_changes_published(t, 0);
         counter!(CHANGELOG_REFERENCES_TOTAL, "topic" => t.to_string()).increment(0);
+        set_changelog_unpublished(t, 0);
     }
     for kind in ["redis", "unknown_topic", "kafka", "protocol"] {
         counter!(CHANGELOG_ERRORS_TOTAL, "kind" => kind).increment(0);

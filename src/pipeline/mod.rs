@@ -66,7 +66,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
             stop.wait().await
         }))
     });
+    let members = tokio::spawn(crate::relay::members::watch(config.clone(), health.clone()));
     let result = run_pipeline(config, health, shutdown).await;
+    members.abort();
     if let Some(relay) = relay {
         // It stops with the same signal; a clean stop hands its lease over.
         let _ = tokio::time::timeout(Duration::from_secs(5), relay).await;

@@ -17,6 +17,7 @@
 mod entry;
 mod error;
 mod lease;
+pub mod members;
 mod outboxes;
 mod snapshot;
 

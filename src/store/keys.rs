@@ -106,6 +106,12 @@ impl KeyLayout {
         self.own_key("relay-lease", cluster.then_some(0))
     }
 
+    /// Who in consumer group `group` writes changes (docs/changelog.md,
+    /// "Turning it on"): a hash, field the instance, value its registration.
+    pub fn members_key(&self, group: &str) -> String {
+        format!("{}:members:{{{group}}}", self.prefix)
+    }
+
     /// The counter a durable wait increments (standalone Redis only).
     pub fn durability_barrier_key(&self) -> String {
         self.own_key("durability-barrier", None)
@@ -338,6 +344,7 @@ mod tests {
             l.relay_lease_key(true)
                 .replace(&format!("{{{}}}", slot_tag(0)), "{<tag>}"),
             l.redriven_key("<dlq topic>"),
+            l.members_key("<group>"),
         ]
     }
 

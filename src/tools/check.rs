@@ -393,6 +393,9 @@ async fn redis(config: &Config, checks: &mut Vec<Check>) {
             Err(e) => line(Status::Warn, "redis progress", e.to_string()),
         },
     );
+    if !config.changelog.topics.is_empty() {
+        checks.extend(changelog_members(config, &mut conn).await);
+    }
     match store::persistence(&mut conn).await {
         Ok(nodes) => checks.extend(nodes.iter().map(|p| match p.warning(durability) {
             Some(w) => line(Status::Warn, "redis persistence", w),
@@ -409,6 +412,47 @@ async fn redis(config: &Config, checks: &mut Vec<Check>) {
         })),
         Err(e) => checks.push(line(Status::Warn, "redis persistence", e.to_string())),
     }
+}
+
+/// Whether every partition of each changelog topic is held by a member
+/// that publishes its changes (`crate::relay::members`): a warning per
+/// topic where some are not, since holes are expected during a roll.
+async fn changelog_members(config: &Config, conn: &mut store::RedisConn) -> Vec<Check> {
+    use crate::relay::members;
+    let what = "changelog members";
+    let key = store::KeyLayout::new(&config.redis.key_prefix).members_key(&config.kafka.group_id);
+    let registered = match members::registrations(conn, &key).await {
+        Ok(r) => r,
+        Err(e) => return vec![line(Status::Warn, what, e.to_string())],
+    };
+    let Some(counts) = members::partition_counts(config).await else {
+        return vec![line(
+            Status::Warn,
+            what,
+            "the brokers did not list the topics",
+        )];
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let live = registered.values().filter(|r| r.expires_ms > now).count();
+    if live == 0 {
+        return vec![line(Status::Warn, what, format!("no member of group {} registers: none runs now, or every one is older than the changelog (their changes would not be published)", config.kafka.group_id))];
+    }
+    config
+        .changelog
+        .topics
+        .iter()
+        .filter_map(|t| Some((t, *counts.get(t)?)))
+        .map(|(topic, partitions)| {
+            let found = members::unpublished(topic, partitions, &registered, now);
+            if found.is_empty() {
+                line(Status::Ok, what, format!("{topic}: all {partitions} partitions held by the {live} registered member(s) that publish its changes"))
+            } else {
+                line(Status::Warn, what, found.describe())
+            }
+        })
+        .collect()
 }
 
 /// The epoch markers and progress records under the key prefix
