@@ -935,7 +935,27 @@ async fn save_snapshot(redis: &PrivateRedis) -> std::path::PathBuf {
 /// version applied once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chained_view_stays_equal_across_a_snapshot_restore_of_the_source() {
-    let topic = unique("chg-restore");
+    chained_view_across_a_rollback(Rollback::ToSnapshot).await;
+}
+
+/// The same when the source's Redis restarts empty after two thirds: idem
+/// notices (no epoch marker), re-reads every partition from its start, and
+/// re-derives every change under the version it had: all copies, dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chained_view_stays_equal_across_an_empty_restart_of_the_source() {
+    chained_view_across_a_rollback(Rollback::ToEmpty).await;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rollback {
+    /// Restored from a snapshot taken a third of the way.
+    ToSnapshot,
+    /// Restarted with nothing.
+    ToEmpty,
+}
+
+async fn chained_view_across_a_rollback(rollback: Rollback) {
+    let topic = unique("chg-rollback");
     create_with_changelog(&topic, 3).await;
     let mut redis = PrivateRedis::start_with(
         std::path::Path::new(env!("CARGO_TARGET_TMPDIR")),
@@ -956,24 +976,38 @@ async fn a_chained_view_stays_equal_across_a_snapshot_restore_of_the_source() {
     produce(&topic, a).await;
     wait_caught_up(&topic, &topic, 3, CATCH_UP).await;
     wait_published(&topic, count(a)).await;
-    let halfway = save_snapshot(&redis).await;
+    let halfway = match rollback {
+        Rollback::ToSnapshot => Some(save_snapshot(&redis).await),
+        Rollback::ToEmpty => None,
+    };
     produce(&topic, b).await;
     wait_caught_up(&topic, &topic, 3, CATCH_UP).await;
     wait_published(&topic, count(&records[..2_000])).await;
     redis.kill();
-    std::fs::copy(&halfway, redis.dir().join("dump.rdb")).unwrap();
+    let dump = redis.dir().join("dump.rdb");
+    match &halfway {
+        Some(snapshot) => drop(std::fs::copy(snapshot, &dump).unwrap()),
+        None => drop(std::fs::remove_file(&dump)),
+    }
     redis.restart().await.unwrap();
     produce(&topic, c).await;
     wait_caught_up(&topic, &topic, 3, CATCH_UP).await;
     let published = wait_published(&topic, changes).await;
     assert_changes_are_the_applied_events(&published, &applied);
+    let cause = match rollback {
+        Rollback::ToSnapshot => "rolled_back",
+        Rollback::ToEmpty => "lost",
+    };
     let rewinds = idem
-        .counter("idem_redis_rewinds_total", &[("cause", "rolled_back")])
+        .counter("idem_redis_rewinds_total", &[("cause", cause)])
         .await
         .unwrap_or(0);
-    assert!(rewinds >= 1, "idem noticed the restore: {rewinds} rewinds");
+    assert!(
+        rewinds >= 1,
+        "idem noticed the {rollback:?}: {rewinds} rewinds"
+    );
     eprintln!(
-        "restore: {changes} changes, {} copies on the wire (the second third re-derived)",
+        "{rollback:?}: {changes} changes, {} copies on the wire (re-derived)",
         published.len() - changes
     );
     idem.terminate().await;
