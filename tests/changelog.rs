@@ -776,8 +776,8 @@ async fn a_member_that_writes_no_changes_is_named_by_the_others() {
 /// The relay cannot publish for 20 s: the changelog topic is missing (the
 /// suite shares one broker, so the topic is made unavailable, not the
 /// broker), then created. Meanwhile each outbox grows to
-/// `changelog.max_outbox` and no further than one batch's changes past it
-/// (two batches: the depth is measured after a batch, asynchronously),
+/// `changelog.max_outbox` and no further than the changes of the batches in
+/// flight past it (the depth is the one the batch's calls found),
 /// consumption pauses with records left, `/readyz` names the bound and
 /// the errors are counted; once the topic exists every change is
 /// published, in version order, and the outbox drains.

@@ -79,6 +79,8 @@
 --           13 conflict   dense seqs: another event (other fingerprint) was
 --                         decided at its seq; nothing written; detail: that
 --                         event's fingerprint (hex)
+--          then, when the call wrote a change (a changelog topic's event),
+--          one more value: the outbox's length (XLEN KEYS[2]) after it
 --          or, before any write, the error `IDEMEPOCH <marker>` when the
 --          marker is not the epoch idem knows: Redis lost (some of) its state
 --          since, and idem must find out how far it goes before it writes.
@@ -620,7 +622,12 @@ local function change_effect_pairs(plan, base, args)
   end
 end
 
+-- Whether this call wrote a change: its reply then ends with the outbox's
+-- length, which idem holds against changelog.max_outbox.
+local wrote_change = false
+
 local function write_change(e, plan, decided)
+  wrote_change = true
   local base = string.sub(e.meta, 1, #e.meta - 5)
   local entity = string.sub(base, string.find(base, '{', 1, true) + 1, -2)
   local version = redis.call('HINCRBY', e.meta, 'cv', 1)
@@ -1042,6 +1049,7 @@ local function main()
     out[#out + 1] = code
     out[#out + 1] = detail
   end
+  if wrote_change then out[#out + 1] = redis.call('XLEN', KEYS[2]) end
   return out
 end
 

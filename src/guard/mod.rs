@@ -305,7 +305,9 @@ impl Guard {
             check_durable(self.wait, &replies.pop().unwrap_or(Value::Nil))?;
             replies.pop(); // the barrier's count
         }
-        verdicts_by_chunk(&chunks, &script_items(replies)?, inputs.len())
+        let (verdicts, depths) = verdicts_by_chunk(&chunks, &script_items(replies)?, inputs.len())?;
+        self.note_outbox_depths(depths.into_iter().map(|d| (None, d)));
+        Ok(verdicts)
     }
 
     /// Every call of `chunks` in one pipeline, ended by the durable wait if
@@ -339,7 +341,16 @@ impl Guard {
                 return Err(e);
             }
         };
-        verdicts_by_chunk(&chunks, &replies, inputs.len())
+        let (verdicts, depths) = verdicts_by_chunk(&chunks, &replies, inputs.len())?;
+        let slots = chunks.iter().map(|c| {
+            Some(hash_slot(
+                self.layout
+                    .entity_base(&inputs[c[0]].event.entity)
+                    .as_bytes(),
+            ))
+        });
+        self.note_outbox_depths(slots.zip(depths));
+        Ok(verdicts)
     }
 
     /// Redis Cluster: the slots' calls (a script may touch one slot only)

@@ -1,6 +1,8 @@
 //! The guard's side of the changelog's outboxes (docs/changelog.md): after
-//! a batch, it rings the relay and measures the outboxes it wrote to, so
-//! the guard stage can hold the next batch at `changelog.max_outbox`.
+//! a batch, it rings the relay and keeps the deepest outbox the batch's
+//! calls wrote to (each call that writes changes ends its reply with its
+//! outbox's length), so the guard stage can hold the next batch at
+//! `changelog.max_outbox`.
 
 use super::{Guard, GuardInput};
 use crate::store::{hash_slot, StoreError};
@@ -29,35 +31,33 @@ impl Guard {
         let dirty: Vec<u16> = slots.iter().copied().collect();
         let pipe = crate::store::outbox::ring(&self.layout, cluster, &dirty);
         let mut conn = self.conn.clone();
-        let outboxes: Vec<(Option<u16>, String)> = slots
-            .iter()
-            .map(|&s| {
-                let slot = cluster.then_some(s);
-                (slot, self.layout.outbox_key(slot))
-            })
-            .collect();
-        let deepest = self.deepest_outbox.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.pipeline_on(&None, &pipe).await {
                 tracing::debug!(error = %e, "could not ring the outbox bell; the relay's sweep finds the entries");
             }
-            let mut seen = (None, 0);
-            for (slot, key) in outboxes {
-                let len: u64 = redis::cmd("XLEN")
-                    .arg(key)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap_or(0);
-                if len >= seen.1 {
-                    seen = (slot, len);
-                }
-            }
-            *deepest.lock().unwrap_or_else(|e| e.into_inner()) = seen;
         });
     }
 
-    /// The deepest outbox the last batch with changes wrote to, as measured
-    /// after it: its slot (`None` standalone) and how many entries it holds.
+    /// Keeps the deepest of the outboxes the calls reported (slot, length
+    /// after the call; `None` for a call that wrote no change), if any did.
+    pub(super) fn note_outbox_depths(
+        &self,
+        depths: impl Iterator<Item = (Option<u16>, Option<u64>)>,
+    ) {
+        let deepest = depths
+            .filter_map(|(slot, depth)| Some((slot, depth?)))
+            .max_by_key(|&(_, depth)| depth);
+        if let Some(deepest) = deepest {
+            *self
+                .deepest_outbox
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = deepest;
+        }
+    }
+
+    /// The deepest outbox the last batch with changes wrote to, as its
+    /// calls found it: its slot (`None` standalone) and how many entries it
+    /// held after the call.
     pub fn deepest_outbox(&self) -> (Option<u16>, u64) {
         *self
             .deepest_outbox

@@ -73,12 +73,13 @@ pub fn script_items(replies: Vec<Value>) -> Result<Vec<Vec<Value>>, StoreError> 
 }
 
 /// Verdicts in input order from each chunk's script reply items
-/// (`replies[c]` answers `chunks[c]`).
+/// (`replies[c]` answers `chunks[c]`), and per chunk the length of the
+/// outbox its call wrote changes to (`None`: it wrote none).
 pub fn verdicts_by_chunk(
     chunks: &[Vec<usize>],
     replies: &[Vec<Value>],
     inputs: usize,
-) -> Result<Vec<Verdict>, StoreError> {
+) -> Result<(Vec<Verdict>, Vec<Option<u64>>), StoreError> {
     if replies.len() != chunks.len() {
         return Err(StoreError::Protocol(format!(
             "{} guard replies for {} calls",
@@ -87,32 +88,45 @@ pub fn verdicts_by_chunk(
         )));
     }
     let mut verdicts = vec![None; inputs];
+    let mut depths = Vec::with_capacity(chunks.len());
     for (chunk, reply) in chunks.iter().zip(replies) {
-        for (&i, v) in chunk.iter().zip(parse_reply(reply, chunk.len())?) {
+        let (parsed, depth) = parse_reply(reply, chunk.len())?;
+        for (&i, v) in chunk.iter().zip(parsed) {
             verdicts[i] = Some(v);
         }
+        depths.push(depth);
     }
-    verdicts
+    let verdicts = verdicts
         .into_iter()
         .enumerate()
         .map(|(i, v)| {
             v.ok_or_else(|| StoreError::Protocol(format!("no guard verdict for event {i}")))
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((verdicts, depths))
 }
 
-/// One call's verdicts: `expected` pairs of (code, detail).
-fn parse_reply(reply: &[Value], expected: usize) -> Result<Vec<Verdict>, StoreError> {
-    if reply.len() != 2 * expected {
-        return Err(StoreError::Protocol(format!(
-            "guard returned {} values for {expected} events",
-            reply.len()
-        )));
-    }
-    reply
+/// One call's verdicts: `expected` pairs of (code, detail), then, when the
+/// call wrote changes, the length of its outbox after them.
+fn parse_reply(
+    reply: &[Value],
+    expected: usize,
+) -> Result<(Vec<Verdict>, Option<u64>), StoreError> {
+    let depth = match reply.get(2 * expected..) {
+        Some([]) => None,
+        Some([Value::Int(n)]) => Some((*n).max(0) as u64),
+        _ => {
+            return Err(StoreError::Protocol(format!(
+                "guard returned {} values for {expected} events",
+                reply.len()
+            )))
+        }
+    };
+    let verdicts = reply[..2 * expected]
         .chunks(2)
         .map(|pair| parse_verdict(&pair[0], &pair[1]))
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((verdicts, depth))
 }
 
 fn parse_verdict(code: &Value, detail: &Value) -> Result<Verdict, StoreError> {
@@ -231,7 +245,8 @@ mod tests {
         ];
         // Chunks in another order than the inputs: verdicts come back in input order.
         let chunks = vec![vec![4, 0], vec![1, 5, 2, 3]];
-        let v = verdicts_by_chunk(&chunks, &replies, 6).unwrap();
+        let (v, depths) = verdicts_by_chunk(&chunks, &replies, 6).unwrap();
+        assert_eq!(depths, vec![None, None]);
         use Outcome::*;
         assert_eq!(
             outcomes(&v),
@@ -274,7 +289,7 @@ mod tests {
             Value::Int(code::APPLIED),
             Value::Int(3),
         ]];
-        let v = verdicts_by_chunk(&[(0..10).collect()], &replies, 10).unwrap();
+        let (v, _) = verdicts_by_chunk(&[(0..10).collect()], &replies, 10).unwrap();
         assert_eq!(
             outcomes(&v),
             vec![
@@ -317,6 +332,8 @@ mod tests {
             (vec![vec![0, 1]], vec![ok()], 2),
             // a verdict too many
             (vec![vec![0]], vec![[ok(), ok()].concat()], 1),
+            // a trailer that is not the outbox's length
+            (vec![vec![0]], vec![[ok(), vec![Value::Nil]].concat()], 1),
             // a reply missing for a call
             (vec![vec![0], vec![1]], vec![ok()], 2),
             // an unknown code
@@ -344,6 +361,10 @@ mod tests {
                 "{replies:?} gave {got:?}"
             );
         }
+        // A call that wrote changes ends with its outbox's length.
+        let with_depth = vec![[ok(), vec![Value::Int(42)]].concat(), ok()];
+        let (_, depths) = verdicts_by_chunk(&[vec![0], vec![1]], &with_depth, 2).unwrap();
+        assert_eq!(depths, vec![Some(42), None]);
         assert!(script_items(vec![Value::Int(1)]).is_err());
         assert_eq!(script_items(vec![Value::Array(ok())]).unwrap(), vec![ok()]);
     }
