@@ -773,6 +773,76 @@ async fn a_member_that_writes_no_changes_is_named_by_the_others() {
     idem.terminate().await;
 }
 
+/// A fatal error of the relay's idempotent producer (injected with
+/// librdkafka's test hook: a broker makes one only for a refused sequence or
+/// a missing `IdempotentWrite` ACL) does not stop the changelog: the next
+/// round replaces the producer, and every change in the outbox is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_producer_failed_fatally_publishes_with_a_new_one() {
+    use idem::relay::{Relay, Round};
+    use rdkafka::bindings::{rd_kafka_resp_err_t, rd_kafka_test_fatal_error};
+    use rdkafka::producer::Producer;
+    let topic = unique("chg-fatal");
+    create_with_changelog(&topic, 3).await;
+    // Changes in the outbox and no relay: a snapshot of what an idem
+    // without the changelog applied.
+    let records = stream(&topic, 300, 53);
+    let (model, _) = applied_events(&records);
+    let idem = Idem::spawn(&IdemOpts::new(&topic, &topic, &topic));
+    produce(&topic, &records).await;
+    wait_caught_up(&topic, &topic, 3, CATCH_UP).await;
+    idem.terminate().await;
+    let out = idem_tool(
+        &["changelog", "snapshot", "--topic", &topic, "--execute"],
+        &topic,
+        &[("IDEM__CHANGELOG__TOPICS", &topic)],
+    );
+    assert!(out.status.success(), "{out:?}");
+
+    let mut env: std::collections::HashMap<String, String> = redis_env(&redis_url())
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    for (k, v) in [
+        ("IDEM__KAFKA__BROKERS", brokers()),
+        ("IDEM__KAFKA__TOPICS", topic.clone()),
+        ("IDEM__KAFKA__GROUP_ID", topic.clone()),
+        ("IDEM__REDIS__KEY_PREFIX", topic.clone()),
+        ("IDEM__CHANGELOG__TOPICS", topic.clone()),
+    ] {
+        env.insert(k.to_string(), v);
+    }
+    let config = std::sync::Arc::new(idem::config::Config::load(None, &env).unwrap());
+    let mut relay = Relay::connect(config).await.unwrap();
+    let injected = unsafe {
+        rd_kafka_test_fatal_error(
+            relay.producer().client().native_ptr(),
+            rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+            c"injected by the test".as_ptr(),
+        )
+    };
+    assert_eq!(injected, rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
+    assert!(relay.producer().client().fatal_error().is_some());
+    let mut rounds = Vec::new();
+    for _ in 0..20 {
+        let round = relay.round().await;
+        rounds.push(format!("{round:?}"));
+        if matches!(round, Ok(Round::Idle)) {
+            break;
+        }
+    }
+    assert_eq!(
+        rounds.last().map(String::as_str),
+        Some("Ok(Idle)"),
+        "{rounds:?}"
+    );
+    assert!(relay.producer().client().fatal_error().is_none());
+    let published = wait_published(&topic, model.entities.len()).await;
+    assert!(published
+        .iter()
+        .all(|p| p.record["change"]["kind"] == "snapshot"));
+}
+
 /// The relay cannot publish for 20 s: the changelog topic is missing (the
 /// suite shares one broker, so the topic is made unavailable, not the
 /// broker), then created. Meanwhile each outbox grows to

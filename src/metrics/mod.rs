@@ -219,7 +219,6 @@ pub fn init_changelog(topics: &[String]) {
     for t in topics {
         record_changes_published(t, 0);
         counter!(CHANGELOG_REFERENCES_TOTAL, "topic" => t.to_string()).increment(0);
-        set_changelog_unpublished(t, 0);
     }
     for kind in ["redis", "unknown_topic", "kafka", "protocol"] {
         counter!(CHANGELOG_ERRORS_TOTAL, "kind" => kind).increment(0);

@@ -203,6 +203,9 @@ pub async fn watch(config: Arc<Config>, health: Health) {
     let mut conn = None;
     let mut before: BTreeMap<String, Unpublished> = BTreeMap::new();
     let mut warned_at: Option<std::time::Instant> = None;
+    for topic in &config.changelog.topics {
+        metrics::set_changelog_unpublished(topic, 0);
+    }
     let mut tick = tokio::time::interval(REGISTER_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

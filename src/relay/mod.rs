@@ -61,6 +61,22 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// batch framing.
 const RECORD_HEADROOM: usize = 16_384;
 
+/// The relay's idempotent producer.
+fn make_producer(config: &Config) -> Result<FutureProducer<QuietContext>, RelayError> {
+    Ok(crate::kafka::base_config(&config.kafka)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        // A round waits at most this for the broker, so it ends (and the
+        // lease is renewed) well before the lease could lapse.
+        .set(
+            "message.timeout.ms",
+            MESSAGE_TIMEOUT.as_millis().to_string(),
+        )
+        .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
+        .create_with_context(QuietContext)?)
+}
+
 /// What one round did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Round {
@@ -93,18 +109,7 @@ impl Relay {
             holder_name(),
             LEASE_TTL,
         );
-        let producer = crate::kafka::base_config(&config.kafka)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            // A round waits at most this for the broker, so it ends (and the
-            // lease is renewed) well before the lease could lapse.
-            .set(
-                "message.timeout.ms",
-                MESSAGE_TIMEOUT.as_millis().to_string(),
-            )
-            .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
-            .create_with_context(QuietContext)?;
+        let producer = make_producer(&config)?;
         Ok(Relay {
             outboxes: Outboxes::new(layout, conn.is_cluster()),
             conn,
@@ -117,6 +122,29 @@ impl Relay {
 
     pub fn holder(&self) -> &str {
         self.lease.holder()
+    }
+
+    /// The producer, for tests that inject a fault a broker cannot make on
+    /// demand (a fatal idempotence error).
+    #[doc(hidden)]
+    pub fn producer(&self) -> &FutureProducer<QuietContext> {
+        &self.producer
+    }
+
+    /// A producer with a fatal error (librdkafka's idempotence: a sequence
+    /// the broker refused, a missing `IdempotentWrite` ACL) refuses every
+    /// record from then on: a new one takes its place. The records the old
+    /// one had in flight were not acknowledged, so their entries are still
+    /// in the outbox and are published again (copies, with the same ids,
+    /// where the broker had written them).
+    fn replace_fatal_producer(&mut self) -> Result<(), RelayError> {
+        let Some((code, reason)) = self.producer.client().fatal_error() else {
+            return Ok(());
+        };
+        metrics::record_changelog_error("kafka");
+        tracing::warn!(?code, %reason, "the changelog producer hit a fatal error: a new producer takes over; the changes not acknowledged are published again");
+        self.producer = make_producer(&self.config)?;
+        Ok(())
     }
 
     /// One round: renew the lease when due; read up to [`ROUND_ENTRIES`]
@@ -159,6 +187,7 @@ impl Relay {
         if !held? || !self.lease.held(Instant::now()) {
             return Ok(Round::NotHolder);
         }
+        self.replace_fatal_producer()?;
         let (acked, error) = self.publish(&batches).await;
         let published = self
             .outboxes
