@@ -64,7 +64,15 @@ pub fn partition_counts(
 ) -> Result<std::collections::BTreeMap<String, i32>, rdkafka::error::KafkaError> {
     let client: rdkafka::consumer::BaseConsumer<QuietContext> =
         base_config(cfg).create_with_context(QuietContext)?;
-    let md = client.fetch_metadata(None, cfg.request_timeout)?;
+    partition_counts_of(client.client(), cfg.request_timeout)
+}
+
+/// [`partition_counts`] with a client idem already has (blocking).
+pub fn partition_counts_of<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    timeout: Duration,
+) -> Result<std::collections::BTreeMap<String, i32>, rdkafka::error::KafkaError> {
+    let md = client.fetch_metadata(None, timeout)?;
     Ok(md
         .topics()
         .iter()

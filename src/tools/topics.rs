@@ -221,16 +221,8 @@ fn partition_counts(
     kafka: &crate::config::KafkaConfig,
     admin: &AdminClient<QuietContext>,
 ) -> anyhow::Result<BTreeMap<String, i32>> {
-    let md = admin
-        .inner()
-        .fetch_metadata(None, kafka.request_timeout)
-        .map_err(|e| super::unanswered(kafka, "listing topics", e))?;
-    Ok(md
-        .topics()
-        .iter()
-        .filter(|t| t.error().is_none())
-        .map(|t| (t.name().to_string(), t.partitions().len() as i32))
-        .collect())
+    crate::kafka::partition_counts_of(admin.inner(), kafka.request_timeout)
+        .map_err(|e| super::unanswered(kafka, "listing topics", e))
 }
 
 /// Creates missing topics, adds missing partitions and sets declared
