@@ -54,18 +54,14 @@ struct RawCounter {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLedger {
-    #[serde(default = "default_stream")]
-    stream: String,
+    #[serde(default)]
+    stream: Option<String>,
     #[serde(default)]
     fields: Option<Vec<String>>,
     #[serde(default)]
     max_len: i64,
     #[serde(default)]
     max_age: String,
-}
-
-fn default_stream() -> String {
-    "ledger".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,6 +126,17 @@ pub(super) fn validate(
         out.rules.push(rule);
     }
     check_convergence(&out)?;
+    if let Some(i) = out
+        .rules
+        .iter()
+        .position(|r| r.changes && !out.dense_seq_topics.contains(&r.topic))
+    {
+        return Err(invalid(
+            format!("effects[{i}].changes"),
+            "true",
+            &format!("a topic in dedupe.dense_seq_topics (add \"{}\"): a change's seq is its dense version, so a copy read again after the dedupe window is recognised by it instead of counted again", out.rules[i].topic),
+        ));
+    }
     if state_order == StateOrder::PerField {
         if let Some(i) = out.rules.iter().position(|r| r.changes) {
             return Err(invalid(
@@ -179,7 +186,7 @@ fn validate_rule(i: usize, r: RawRule, snippets: &mut Vec<Snippet>) -> Result<Ru
         let name = if remove { "set_remove" } else { "set_add" };
         for (s, raw) in list.into_iter().enumerate() {
             let k = key(&format!("{name}[{s}]"));
-            if raw.set.is_empty() || raw.set.contains(':') {
+            if !crate::effects::is_key_name(&raw.set) {
                 return Err(invalid(
                     format!("{k}.set"),
                     &raw.set,
@@ -213,7 +220,25 @@ fn validate_rule(i: usize, r: RawRule, snippets: &mut Vec<Snippet>) -> Result<Ru
 /// `ledger` table only says how to trim the stream it names.
 fn check_change_rule(key: &dyn Fn(&str) -> String, r: &RawRule) -> Result<(), ConfigError> {
     let why = "absent in a rule with `changes = true` (each change record brings its counters, sets and ledger entries)";
+    if r.types.is_empty() {
+        return Err(invalid(
+            key("types"),
+            "[]",
+            "the change types, like [\"idem.change\", \"delete\"] (a reference, idem.change-reference, carries no state: give it its own rule with state = \"keep\")",
+        ));
+    }
+    if r.ledger.is_none() {
+        return Err(invalid(
+            key("ledger"),
+            "absent",
+            "ledger = { max_len = N } and/or max_age: how the copy trims every ledger stream the changes append to (a ledger is always trimmed)",
+        ));
+    }
     let declared = [
+        (
+            "ledger.stream",
+            r.ledger.as_ref().is_some_and(|l| l.stream.is_some()),
+        ),
         ("counters", !r.counters.is_empty()),
         ("set_add", !r.set_add.is_empty()),
         ("set_remove", !r.set_remove.is_empty()),
@@ -334,10 +359,11 @@ fn counter(key: &str, raw: RawCounter) -> Result<CounterSpec, ConfigError> {
 }
 
 fn ledger(key: &str, raw: RawLedger) -> Result<LedgerSpec, ConfigError> {
-    if raw.stream.is_empty() || raw.stream.contains(':') {
+    let stream = raw.stream.unwrap_or_else(|| "ledger".to_string());
+    if !crate::effects::is_key_name(&stream) {
         return Err(invalid(
             format!("{key}.stream"),
-            &raw.stream,
+            &stream,
             "a stream name without `:`",
         ));
     }
@@ -375,7 +401,7 @@ fn ledger(key: &str, raw: RawLedger) -> Result<LedgerSpec, ConfigError> {
         ));
     }
     Ok(LedgerSpec {
-        stream: raw.stream,
+        stream,
         fields: raw.fields,
         max_len,
         max_age,
@@ -517,10 +543,11 @@ state = "keep"
         assert_eq!(other.state, StateEffect::Keep);
         assert!(e.rule_for("orders", Some("payment.captured")).is_none());
         assert!(load("").unwrap().effects.rules.is_empty());
-        let chained =
-            load("[[effects]]\ntopic = \"o.changes\"\nchanges = true\nledger = { max_len = 9 }\n")
-                .unwrap()
-                .effects;
+        let chained = load(
+            "[dedupe]\ndense_seq_topics = [\"o.changes\"]\n[[effects]]\ntopic = \"o.changes\"\ntypes = [\"idem.change\"]\nchanges = true\nledger = { max_len = 9 }\n",
+        )
+        .unwrap()
+        .effects;
         let rule = chained.rule_for("o.changes", Some("idem.change")).unwrap();
         assert!(rule.changes);
         assert_eq!(rule.state, StateEffect::Replace);
@@ -532,6 +559,10 @@ state = "keep"
     #[test]
     fn refusals_name_their_key() {
         let rule = |body: &str| format!("[[effects]]\ntopic = \"t\"\n{body}\n");
+        // A valid rule for change records, plus `body`.
+        let change_rule = |body: &str| {
+            format!("[dedupe]\ndense_seq_topics = [\"t\"]\n[[effects]]\ntopic = \"t\"\ntypes = [\"idem.change\"]\nchanges = true\nledger = {{ max_len = 5 }}\n{body}\n")
+        };
         let table = [
             (rule("state = \"upsert\""), "effects[0].state"),
             (rule("counters = [{ field = \"b\" }]"), "effects[0].counters[0]"),
@@ -556,13 +587,17 @@ state = "keep"
             (rule("counters = [{ field = \"b\", by = \"1\" }, { field = \"b\", by = \"2\" }]"), "effects[0].counters[1].field"),
             (rule("set_add = [{ set = \"s\", from = \"/m\" }]\nset_remove = [{ set = \"s\", from = \"/m\" }]"), "effects[0].set_remove"),
             // a rule for change records takes its effects from each record
-            (rule("changes = true\nstate = \"merge\""), "effects[0].state"),
-            (rule("changes = true\ncounters = [{ field = \"b\", by = \"1\" }]"), "effects[0].counters"),
-            (rule("changes = true\nset_add = [{ set = \"s\", from = \"/m\" }]"), "effects[0].set_add"),
-            (rule("changes = true\nfields = [\"a\"]"), "effects[0].fields"),
-            (rule("changes = true\nledger = { fields = [\"a\"], max_len = 5 }"), "effects[0].ledger.fields"),
-            (rule("changes = true\nledger = { stream = \"l\" }"), "effects[0].ledger"),
-            (format!("[state]\norder = \"per_field\"\n{}", rule("changes = true")), "effects[0].changes"),
+            (change_rule("state = \"merge\""), "effects[0].state"),
+            (change_rule("counters = [{ field = \"b\", by = \"1\" }]"), "effects[0].counters"),
+            (change_rule("set_add = [{ set = \"s\", from = \"/m\" }]"), "effects[0].set_add"),
+            (change_rule("fields = [\"a\"]"), "effects[0].fields"),
+            (rule("changes = true\ntypes = [\"idem.change\"]\nledger = { fields = [\"a\"], max_len = 5 }"), "effects[0].ledger.fields"),
+            (rule("changes = true\ntypes = [\"idem.change\"]\nledger = { stream = \"l\", max_len = 5 }"), "effects[0].ledger.stream"),
+            (rule("changes = true\ntypes = [\"idem.change\"]\nledger = { max_age = \"\" }"), "effects[0].ledger"),
+            (rule("changes = true\ntypes = [\"idem.change\"]"), "effects[0].ledger"),
+            (rule("changes = true\nledger = { max_len = 5 }"), "effects[0].types"),
+            (format!("[dedupe]\ndense_seq_topics = []\n{}", rule("changes = true\ntypes = [\"idem.change\"]\nledger = { max_len = 5 }")), "effects[0].changes"),
+            (format!("[state]\norder = \"per_field\"\n{}", change_rule("")), "effects[0].changes"),
             // per-field order reads no state as of a seq
             (format!("[state]\norder = \"per_field\"\n{}", rule("custom = [{ file = \"SNIPPET\", order = \"commutative\", writes = [\"p\"] }, { file = \"SNIPPET\", order = \"ordered\", writes = [\"x\"] }]")), "effects[0].custom[1].order"),
         ];

@@ -27,6 +27,12 @@ use crate::event::{Event, Invalid};
 pub use decimal::{Amount, AmountError};
 pub use plan::{data_value, plan};
 
+/// Whether `name` may name a set or a ledger stream: not empty, no `:`
+/// (which would reach another key, like a set's `<set>:seq`).
+pub fn is_key_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(':')
+}
+
 /// What happens to the state hash when the event is newer.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum StateEffect {

@@ -94,7 +94,8 @@ pub fn plan(event: &Event, rule: Option<&Rule>) -> Result<Effects, Invalid> {
 /// What an idem change record's `change` says its change did, as this
 /// idem's mutations (a rule with `changes = true`): each counter set to its
 /// value after, each set member added or removed, each ledger entry
-/// appended as it was (trimmed as `ledger` says, for the stream it names).
+/// appended with its fields (trimmed as the rule's `ledger` says, every
+/// stream alike).
 /// A record without `change` (a snapshot of an entity with none of these)
 /// has none; one whose `change` is not of the documented shape is refused
 /// (`change_malformed`), never half applied.
@@ -113,8 +114,10 @@ fn change_mutations(
         Some(_) => Err(malformed(what)),
     };
     let mut mutations = Vec::new();
-    let Some(change) = &event.change else {
-        return Ok(mutations);
+    let change = match &event.change {
+        None => return Ok(mutations),
+        Some(c @ Value::Object(_)) => c,
+        Some(_) => return Err(malformed("")),
     };
     for (field, value) in object("counters", change.get("counters"))?.unwrap_or_default() {
         let value = match value {
@@ -128,7 +131,7 @@ fn change_mutations(
         let Value::Object(members) = members else {
             return Err(malformed(&format!("sets.{set}")));
         };
-        if !is_key_name(&set) {
+        if !super::is_key_name(&set) {
             return Err(malformed(&format!("sets.{set}")));
         }
         for (member, added) in members {
@@ -141,9 +144,13 @@ fn change_mutations(
         }
     }
     for (stream, fields) in object("ledger", change.get("ledger"))?.unwrap_or_default() {
-        let (Value::Object(fields), true) = (fields, is_key_name(&stream)) else {
+        // An entry has fields (XADD refuses none), and a name of a stream.
+        let (Value::Object(fields), true) = (fields, super::is_key_name(&stream)) else {
             return Err(malformed(&format!("ledger.{stream}")));
         };
+        if fields.is_empty() {
+            return Err(malformed(&format!("ledger.{stream}")));
+        }
         let mut entry = Vec::with_capacity(fields.len());
         for (k, v) in fields {
             let Value::String(v) = v else {
@@ -151,7 +158,6 @@ fn change_mutations(
             };
             entry.push((k, v));
         }
-        let trim = trim.filter(|l| l.stream == stream);
         mutations.push(Mutation::Append {
             stream,
             entry,
@@ -162,12 +168,6 @@ fn change_mutations(
         });
     }
     Ok(mutations)
-}
-
-/// A set or stream name as a config may declare it: not empty, no `:`
-/// (which would reach another key, like a set's `<set>:seq`).
-fn is_key_name(name: &str) -> bool {
-    !name.is_empty() && !name.contains(':')
 }
 
 /// The value at JSON pointer `pointer` inside the event's `data`, as text:
@@ -388,7 +388,7 @@ mod tests {
                 Mutation::Append {
                     stream: "audit".into(),
                     entry: pairs(&[("id", "e1")]),
-                    max_len: 0,
+                    max_len: 10,
                     max_age_ms: 0
                 },
                 Mutation::Append {
@@ -403,6 +403,14 @@ mod tests {
         // set members and entries commute as everywhere.
         assert!(!got.mutations[0].commutes() && got.mutations[2].commutes());
         assert!(plan(&event(&[]), Some(&rule)).unwrap().mutations.is_empty());
+        let not_an_object = Event {
+            change: Some(serde_json::json!("x")),
+            ..event(&[])
+        };
+        assert_eq!(
+            plan(&not_an_object, Some(&rule)).unwrap_err().code(),
+            "change_malformed"
+        );
         for change in [
             r#"{"counters":[1]}"#,
             r#"{"counters":{"balance":12}}"#,
@@ -410,7 +418,8 @@ mod tests {
             r#"{"sets":{"tags":{"a":1}}}"#,
             r#"{"sets":{"a:seq":{"x":true}}}"#,
             r#"{"ledger":{"ledger":{"amount":1}}}"#,
-            r#"{"ledger":{"":{}}}"#,
+            r#"{"ledger":{"":{"a":"1"}}}"#,
+            r#"{"ledger":{"ledger":{}}}"#,
         ] {
             let got = plan(&with_change(change), Some(&rule)).unwrap_err();
             assert_eq!(got.code(), "change_malformed", "{change}: {got}");

@@ -41,9 +41,9 @@ pub struct Event {
     /// When the event happened (`ts`, RFC 3339 as written; none from
     /// CloudEvents): not used for decisions, carried into its change record.
     pub ts: Option<String>,
-    /// The record's top-level `change` object, when it has one: what an
-    /// idem change record says its change did (docs/changelog.md), read by
-    /// a rule with `changes = true`.
+    /// The record's top-level `change` member, when it has one: what an
+    /// idem change record says its change did (docs/changelog.md), read
+    /// (and refused unless an object) by a rule with `changes = true`.
     pub change: Option<Value>,
 }
 
@@ -240,10 +240,7 @@ pub fn decode_with(
     }
     let fingerprint = fingerprint(&root);
     let (id, entity) = (id.to_string(), entity.to_string());
-    let change = root
-        .get_mut("change")
-        .filter(|c| c.is_object())
-        .map(Value::take);
+    let change = root.get_mut("change").map(Value::take);
     // The fingerprint is taken: the data fields can now be moved out, not copied.
     let (set, unset) = data_fields(text, &fields.data, root.pointer_mut(&fields.data))?;
     Ok(Event {

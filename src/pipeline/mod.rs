@@ -66,9 +66,17 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
             stop.wait().await
         }))
     });
-    let members = tokio::spawn(crate::relay::members::watch(config.clone(), health.clone()));
+    let members = {
+        let mut stop = shutdown.clone();
+        tokio::spawn(crate::relay::members::watch(
+            config.clone(),
+            health.clone(),
+            async move { stop.wait().await },
+        ))
+    };
     let result = run_pipeline(config, health, shutdown).await;
-    members.abort();
+    // It stops with the same signal, and removes its registration.
+    let _ = tokio::time::timeout(Duration::from_secs(2), members).await;
     if let Some(relay) = relay {
         // It stops with the same signal; a clean stop hands its lease over.
         let _ = tokio::time::timeout(Duration::from_secs(5), relay).await;

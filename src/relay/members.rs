@@ -127,21 +127,19 @@ pub fn unpublished(
     out
 }
 
-/// Writes `name`'s registration, and removes registrations expired for a
-/// minute (a member that stopped).
+/// Writes `name`'s registration, and removes those of `known` (the
+/// group's, as just read) that expired a minute before `now_ms`.
 pub async fn register(
     conn: &mut RedisConn,
     key: &str,
     name: &str,
     registration: &Registration,
+    known: &BTreeMap<String, Registration>,
+    now_ms: u64,
 ) -> Result<(), StoreError> {
-    let now = registration
-        .expires_ms
-        .saturating_sub(REGISTRATION_TTL.as_millis() as u64);
-    let gone: Vec<String> = registrations(conn, key)
-        .await?
-        .into_iter()
-        .filter(|(_, r)| r.expires_ms + FORGET_AFTER_MS < now)
+    let gone: Vec<&String> = known
+        .iter()
+        .filter(|(n, r)| *n != name && r.expires_ms + FORGET_AFTER_MS < now_ms)
         .map(|(n, _)| n)
         .collect();
     let json = serde_json::to_string(registration).unwrap_or_default();
@@ -168,14 +166,15 @@ pub async fn registrations(
         .collect())
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// Redis's clock, in ms: every member writes and judges expiries by it, so
+/// the machines' clocks do not matter.
+pub async fn redis_now_ms(conn: &mut RedisConn) -> Result<u64, StoreError> {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
+    Ok(secs * 1000 + micros / 1000)
 }
 
-/// This instance's registration now: what `health` says it holds.
-fn this_instance(config: &Config, health: &Health) -> Registration {
+/// This instance's registration at `now_ms`: what `health` says it holds.
+fn this_instance(config: &Config, health: &Health, now_ms: u64) -> Registration {
     let mut owns: BTreeMap<String, Vec<i32>> = BTreeMap::new();
     for tp in health.owned() {
         owns.entry(tp.topic).or_default().push(tp.partition);
@@ -185,92 +184,190 @@ fn this_instance(config: &Config, health: &Health) -> Registration {
     }
     Registration {
         version: env!("CARGO_PKG_VERSION").to_string(),
-        expires_ms: now_ms() + REGISTRATION_TTL.as_millis() as u64,
+        expires_ms: now_ms + REGISTRATION_TTL.as_millis() as u64,
         changelog: config.changelog.topics.clone(),
         owns,
     }
 }
 
+/// How long a partition must stay unpublished before it is reported: past
+/// a rebalance, and past a crashed member's registration expiring before
+/// the group's session timeout gives its partitions away.
+pub const REPORT_AFTER: Duration = Duration::from_secs(30);
+
 /// The task of `idem run`: registers every [`REGISTER_EVERY`]; with the
-/// changelog on, checks its topics and reports partitions whose changes are
-/// not published (a warning a minute, `idem_changelog_unpublished_partitions`)
-/// once they were so at two checks in a row (one assignment moving is not
-/// a finding). Errors are retried at the next tick: this is a report, and
-/// never stops consumption.
-pub async fn watch(config: Arc<Config>, health: Health) {
+/// changelog on, and while this instance holds partitions (so it has
+/// joined), checks its topics and reports the partitions whose changes
+/// have not been published for [`REPORT_AFTER`] (a warning a minute,
+/// `idem_changelog_unpublished_partitions`). Errors are retried at the next
+/// tick: this is a report, and never stops consumption. On `stop` it
+/// removes its registration.
+pub async fn watch(
+    config: Arc<Config>,
+    health: Health,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
     let key = KeyLayout::new(&config.redis.key_prefix).members_key(&config.kafka.group_id);
     let name = super::holder_name();
-    let mut conn = None;
-    let mut before: BTreeMap<String, Unpublished> = BTreeMap::new();
-    let mut warned_at: Option<std::time::Instant> = None;
-    for topic in &config.changelog.topics {
-        metrics::set_changelog_unpublished(topic, 0);
-    }
+    let mut conn: Option<RedisConn> = None;
+    let mut checker = Checker::new(config.clone());
     let mut tick = tokio::time::interval(REGISTER_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {}
+        }
         if conn.is_none() {
             conn = crate::store::connect(&config.redis).await.ok();
         }
         let Some(c) = conn.as_mut() else { continue };
-        let me = this_instance(&config, &health);
-        if register(c, &key, &name, &me).await.is_err() {
-            conn = None;
-            continue;
+        match tick_once(c, &key, &name, &config, &health, &mut checker).await {
+            Ok(()) => {}
+            Err(_) => conn = None,
         }
-        if config.changelog.topics.is_empty() {
-            continue;
+    }
+    if let Some(c) = conn.as_mut() {
+        let _: Result<(), _> = redis::cmd("HDEL").arg(&key).arg(&name).query_async(c).await;
+    }
+}
+
+async fn tick_once(
+    conn: &mut RedisConn,
+    key: &str,
+    name: &str,
+    config: &Config,
+    health: &Health,
+    checker: &mut Checker,
+) -> Result<(), StoreError> {
+    let now = redis_now_ms(conn).await?;
+    let mut members = registrations(conn, key).await?;
+    let me = this_instance(config, health, now);
+    register(conn, key, name, &me, &members, now).await?;
+    let joined = !me.owns.is_empty();
+    members.insert(name.to_string(), me);
+    if !config.changelog.topics.is_empty() && joined {
+        checker.check(&members, now).await;
+    }
+    Ok(())
+}
+
+/// The checks over time: since when each partition is unpublished, the
+/// topics' partition counts (read again once a minute, on one client).
+struct Checker {
+    config: Arc<Config>,
+    since: BTreeMap<(String, i32), u64>,
+    counts: Option<(BTreeMap<String, i32>, std::time::Instant)>,
+    client: Option<Arc<rdkafka::consumer::BaseConsumer<crate::kafka::QuietContext>>>,
+    warned_at: Option<std::time::Instant>,
+}
+
+impl Checker {
+    fn new(config: Arc<Config>) -> Checker {
+        Checker {
+            config,
+            since: BTreeMap::new(),
+            counts: None,
+            client: None,
+            warned_at: None,
         }
-        let Ok(members) = registrations(c, &key).await else {
-            continue;
+    }
+
+    async fn check(&mut self, members: &BTreeMap<String, Registration>, now: u64) {
+        let Some(counts) = self.partition_counts().await else {
+            return;
         };
-        let Some(counts) = partition_counts(&config).await else {
-            continue;
-        };
-        let now = now_ms();
         let mut found = Vec::new();
-        for topic in &config.changelog.topics {
+        for topic in &self.config.changelog.topics {
             let Some(&partitions) = counts.get(topic) else {
                 continue;
             };
-            let now_unpublished = unpublished(topic, partitions, &members, now);
-            let confirmed = confirmed(before.get(topic), &now_unpublished);
-            metrics::set_changelog_unpublished(topic, confirmed.count());
-            if !confirmed.is_empty() {
-                found.push(confirmed.describe());
+            let seen = unpublished(topic, partitions, members, now);
+            let lasting = lasting(&mut self.since, &seen, now, REPORT_AFTER.as_millis() as u64);
+            metrics::set_changelog_unpublished(topic, lasting.count());
+            if !lasting.is_empty() {
+                found.push(lasting.describe());
             }
-            before.insert(topic.clone(), now_unpublished);
         }
-        if !found.is_empty() && warned_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
-            warned_at = Some(std::time::Instant::now());
+        if !found.is_empty()
+            && self
+                .warned_at
+                .is_none_or(|at| at.elapsed() >= Duration::from_secs(60))
+        {
+            self.warned_at = Some(std::time::Instant::now());
             for line in found {
                 tracing::warn!("changelog: {line}");
             }
         }
     }
+
+    /// The changelog topics' partition counts, read at most once a minute.
+    async fn partition_counts(&mut self) -> Option<BTreeMap<String, i32>> {
+        if let Some((counts, at)) = &self.counts {
+            if at.elapsed() < Duration::from_secs(60) {
+                return Some(counts.clone());
+            }
+        }
+        if self.client.is_none() {
+            let made = crate::kafka::base_config(&self.config.kafka)
+                .create_with_context(crate::kafka::QuietContext);
+            self.client = made.ok().map(Arc::new);
+        }
+        let client = self.client.clone()?;
+        let topics = self.config.changelog.topics.clone();
+        let timeout = self.config.kafka.request_timeout;
+        let counts = tokio::task::spawn_blocking(move || {
+            use rdkafka::consumer::Consumer;
+            let mut counts = BTreeMap::new();
+            for topic in topics {
+                let md = client.fetch_metadata(Some(&topic), timeout).ok()?;
+                if let Some(t) = md.topics().first().filter(|t| t.error().is_none()) {
+                    counts.insert(topic, t.partitions().len() as i32);
+                }
+            }
+            Some(counts)
+        })
+        .await
+        .ok()
+        .flatten()?;
+        self.counts = Some((counts.clone(), std::time::Instant::now()));
+        Some(counts)
+    }
 }
 
-/// What two checks in a row found.
-fn confirmed(before: Option<&Unpublished>, now: &Unpublished) -> Unpublished {
-    let Some(before) = before else {
-        return Unpublished {
-            topic: now.topic.clone(),
-            ..Unpublished::default()
-        };
+/// What of `now` has lasted `after_ms`: `since` keeps when each partition
+/// was first found unpublished, and forgets those that are published again.
+fn lasting(
+    since: &mut BTreeMap<(String, i32), u64>,
+    now: &Unpublished,
+    at_ms: u64,
+    after_ms: u64,
+) -> Unpublished {
+    let topic = now.topic.clone();
+    let found: Vec<i32> = now
+        .unregistered
+        .iter()
+        .copied()
+        .chain(now.without_changelog.iter().map(|(p, _)| *p))
+        .collect();
+    since.retain(|(t, p), _| *t != topic || found.contains(p));
+    let mut old_enough = |p: i32| {
+        let first = *since.entry((topic.clone(), p)).or_insert(at_ms);
+        at_ms.saturating_sub(first) >= after_ms
     };
     Unpublished {
-        topic: now.topic.clone(),
+        topic: topic.clone(),
         unregistered: now
             .unregistered
             .iter()
-            .filter(|p| before.unregistered.contains(p))
             .copied()
+            .filter(|&p| old_enough(p))
             .collect(),
         without_changelog: now
             .without_changelog
             .iter()
-            .filter(|(p, _)| before.without_changelog.iter().any(|(q, _)| q == p))
+            .filter(|(p, _)| old_enough(*p))
             .cloned()
             .collect(),
     }
@@ -334,20 +431,24 @@ mod tests {
     }
 
     #[test]
-    fn a_finding_counts_once_two_checks_agree() {
-        let first = Unpublished {
+    fn a_finding_counts_once_it_lasted() {
+        let found = |unregistered: Vec<i32>, without: Vec<i32>| Unpublished {
             topic: "t".into(),
-            unregistered: vec![0, 1],
-            without_changelog: vec![(2, "b".into())],
+            unregistered,
+            without_changelog: without.into_iter().map(|p| (p, "b".to_string())).collect(),
         };
-        let second = Unpublished {
-            topic: "t".into(),
-            unregistered: vec![1, 3],
-            without_changelog: vec![(2, "c".into())],
-        };
-        assert!(confirmed(None, &first).is_empty());
-        let both = confirmed(Some(&first), &second);
-        assert_eq!(both.unregistered, vec![1]);
-        assert_eq!(both.without_changelog, vec![(2, "c".to_string())]);
+        let mut since = BTreeMap::new();
+        assert!(lasting(&mut since, &found(vec![0, 1], vec![2]), 1_000, 30_000).is_empty());
+        // 1 is published again at 20 s, then unpublished anew at 31 s.
+        assert!(lasting(&mut since, &found(vec![0], vec![2]), 20_000, 30_000).is_empty());
+        let at_31 = lasting(&mut since, &found(vec![0, 1], vec![2]), 31_000, 30_000);
+        assert_eq!(at_31.unregistered, vec![0]);
+        assert_eq!(at_31.without_changelog, vec![(2, "b".to_string())]);
+        let at_56 = lasting(&mut since, &found(vec![0, 1], vec![]), 56_000, 30_000);
+        assert_eq!(at_56.unregistered, vec![0], "1 for 25 s only");
+        assert!(at_56.without_changelog.is_empty());
+        let at_61 = lasting(&mut since, &found(vec![0, 1], vec![]), 61_000, 30_000);
+        assert_eq!(at_61.unregistered, vec![0, 1]);
+        assert_eq!(since.len(), 2, "2 was forgotten once published");
     }
 }

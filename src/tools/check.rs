@@ -432,9 +432,10 @@ async fn changelog_members(config: &Config, conn: &mut store::RedisConn) -> Vec<
             "the brokers did not list the topics",
         )];
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = match members::redis_now_ms(conn).await {
+        Ok(now) => now,
+        Err(e) => return vec![line(Status::Warn, what, e.to_string())],
+    };
     let live = registered.values().filter(|r| r.expires_ms > now).count();
     if live == 0 {
         return vec![line(Status::Warn, what, format!("no member of group {} registers: none runs now, or every one is older than the changelog (their changes would not be published)", config.kafka.group_id))];
