@@ -342,15 +342,18 @@ impl Guard {
             }
         };
         let (verdicts, depths) = verdicts_by_chunk(&chunks, &replies, inputs.len())?;
-        let slots = chunks.iter().map(|c| {
-            Some(hash_slot(
-                self.layout
-                    .entity_base(&inputs[c[0]].event.entity)
-                    .as_bytes(),
-            ))
-        });
+        let slots = chunks.iter().map(|c| Some(self.slot_of(inputs, c)));
         self.note_outbox_depths(slots.zip(depths));
         Ok(verdicts)
+    }
+
+    /// The hash slot of a chunk's events (one slot per chunk on a cluster).
+    fn slot_of(&self, inputs: &[GuardInput<'_>], chunk: &[usize]) -> u16 {
+        hash_slot(
+            self.layout
+                .entity_base(&inputs[chunk[0]].event.entity)
+                .as_bytes(),
+        )
     }
 
     /// Redis Cluster: the slots' calls (a script may touch one slot only)
@@ -382,13 +385,7 @@ impl Guard {
                 .map(|m| (m, std::time::Instant::now()));
         }
         let map = self.slot_map.clone().map(|(m, _)| m).unwrap_or_default();
-        let slot_of = |chunk: &[usize]| {
-            hash_slot(
-                self.layout
-                    .entity_base(&inputs[chunk[0]].event.entity)
-                    .as_bytes(),
-            )
-        };
+        let slot_of = |chunk: &[usize]| self.slot_of(inputs, chunk);
         let mut by_node: std::collections::BTreeMap<NodeAddr, Vec<usize>> = Default::default();
         for (c, chunk) in chunks.iter().enumerate() {
             let slot = slot_of(chunk);
