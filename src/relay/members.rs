@@ -211,6 +211,9 @@ pub async fn watch(
     let key = KeyLayout::new(&config.redis.key_prefix).members_key(&config.kafka.group_id);
     let name = super::holder_name();
     let mut conn: Option<RedisConn> = None;
+    for topic in &config.changelog.topics {
+        metrics::set_changelog_unpublished(topic, 0);
+    }
     let mut checker = Checker::new(config.clone());
     let mut tick = tokio::time::interval(REGISTER_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
