@@ -58,16 +58,8 @@ pub fn base_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// Every topic the brokers know, with its partition count (blocking).
-pub fn partition_counts(
-    cfg: &KafkaConfig,
-) -> Result<std::collections::BTreeMap<String, i32>, rdkafka::error::KafkaError> {
-    let client: rdkafka::consumer::BaseConsumer<QuietContext> =
-        base_config(cfg).create_with_context(QuietContext)?;
-    partition_counts_of(client.client(), cfg.request_timeout)
-}
-
-/// [`partition_counts`] with a client idem already has (blocking).
+/// Every topic the brokers know, with its partition count, asked on a
+/// client idem already has (blocking).
 pub fn partition_counts_of<C: rdkafka::ClientContext>(
     client: &rdkafka::client::Client<C>,
     timeout: Duration,

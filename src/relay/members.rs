@@ -176,11 +176,9 @@ pub async fn redis_now_ms(conn: &mut RedisConn) -> Result<u64, StoreError> {
 /// This instance's registration at `now_ms`: what `health` says it holds.
 fn this_instance(config: &Config, health: &Health, now_ms: u64) -> Registration {
     let mut owns: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+    // Sorted by topic and partition, so each list is too.
     for tp in health.owned() {
         owns.entry(tp.topic).or_default().push(tp.partition);
-    }
-    for ps in owns.values_mut() {
-        ps.sort_unstable();
     }
     Registration {
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -374,16 +372,6 @@ fn lasting(
             .cloned()
             .collect(),
     }
-}
-
-/// The partition count of every topic the brokers know, or `None` when they
-/// do not answer.
-pub async fn partition_counts(config: &Config) -> Option<BTreeMap<String, i32>> {
-    let kafka = config.kafka.clone();
-    tokio::task::spawn_blocking(move || crate::kafka::partition_counts(&kafka).ok())
-        .await
-        .ok()
-        .flatten()
 }
 
 #[cfg(test)]

@@ -84,12 +84,13 @@ pub async fn run(config: &Config, timeout: Duration, topics_dir: Option<&Path>) 
     if let Some(changelog) = config.changelog.describe(&config.kafka.group_id) {
         checks.push(line(Status::Ok, "changelog", changelog));
     }
-    if kafka(config, timeout, &mut checks).await {
+    let partitions = kafka(config, timeout, &mut checks).await;
+    if partitions.is_some() {
         if let Some(dir) = topics_dir {
             declared_topics(config, dir, &mut checks).await;
         }
     }
-    redis(config, &mut checks).await;
+    redis(config, &mut checks, partitions.as_ref()).await;
     checks
 }
 
@@ -116,9 +117,14 @@ fn answer(
     }
 }
 
-/// The brokers, the source topics and their dead-letter topics; false
-/// when the brokers did not answer (the rest cannot be checked).
-async fn kafka(config: &Config, timeout: Duration, checks: &mut Vec<Check>) -> bool {
+/// The brokers, the source topics and their dead-letter topics; the
+/// partition count of every topic the brokers know, or `None` when they did
+/// not answer (the rest cannot be checked).
+async fn kafka(
+    config: &Config,
+    timeout: Duration,
+    checks: &mut Vec<Check>,
+) -> Option<BTreeMap<String, usize>> {
     let cfg = config.kafka.clone();
     let probed =
         tokio::task::spawn_blocking(move || crate::kafka::probe(&cfg, None, timeout)).await;
@@ -126,7 +132,7 @@ async fn kafka(config: &Config, timeout: Duration, checks: &mut Vec<Check>) -> b
         Ok(answered) => answered,
         Err(why) => {
             checks.push(line(Status::Fail, "kafka", why));
-            return false;
+            return None;
         }
     };
     checks.push(line(
@@ -167,7 +173,7 @@ async fn kafka(config: &Config, timeout: Duration, checks: &mut Vec<Check>) -> b
             Err(e) => line(Status::Warn, what, format!("could not describe it: {e}")),
         });
     }
-    true
+    Some(partitions)
 }
 
 /// What the brokers' `group.coordinator.rebalance.protocols` says, per
@@ -340,7 +346,13 @@ async fn declared_topics(config: &Config, dir: &Path, checks: &mut Vec<Check>) {
 }
 
 /// Redis: reachable, keeps idem's keys, can give the durability, persists.
-async fn redis(config: &Config, checks: &mut Vec<Check>) {
+/// Redis, and with the changelog on its members (`partitions`: what the
+/// brokers answered, if they did).
+async fn redis(
+    config: &Config,
+    checks: &mut Vec<Check>,
+    partitions: Option<&BTreeMap<String, usize>>,
+) {
     let mut conn = match store::connect_or_explain(&config.redis).await {
         Ok(conn) => conn,
         Err(e) => return checks.push(line(Status::Fail, "redis", e.to_string())),
@@ -394,7 +406,7 @@ async fn redis(config: &Config, checks: &mut Vec<Check>) {
         },
     );
     if !config.changelog.topics.is_empty() {
-        checks.extend(changelog_members(config, &mut conn).await);
+        checks.extend(changelog_members(config, &mut conn, partitions).await);
     }
     match store::persistence(&mut conn).await {
         Ok(nodes) => checks.extend(nodes.iter().map(|p| match p.warning(durability) {
@@ -417,7 +429,11 @@ async fn redis(config: &Config, checks: &mut Vec<Check>) {
 /// Whether every partition of each changelog topic is held by a member
 /// that publishes its changes (`crate::relay::members`): a warning per
 /// topic where some are not, since holes are expected during a roll.
-async fn changelog_members(config: &Config, conn: &mut store::RedisConn) -> Vec<Check> {
+async fn changelog_members(
+    config: &Config,
+    conn: &mut store::RedisConn,
+    partitions: Option<&BTreeMap<String, usize>>,
+) -> Vec<Check> {
     use crate::relay::members;
     let what = "changelog members";
     let key = store::KeyLayout::new(&config.redis.key_prefix).members_key(&config.kafka.group_id);
@@ -425,11 +441,11 @@ async fn changelog_members(config: &Config, conn: &mut store::RedisConn) -> Vec<
         Ok(r) => r,
         Err(e) => return vec![line(Status::Warn, what, e.to_string())],
     };
-    let Some(counts) = members::partition_counts(config).await else {
+    let Some(counts) = partitions else {
         return vec![line(
             Status::Warn,
             what,
-            "the brokers did not list the topics",
+            "the brokers did not answer: cannot tell who holds the partitions",
         )];
     };
     let now = match members::redis_now_ms(conn).await {
@@ -444,7 +460,7 @@ async fn changelog_members(config: &Config, conn: &mut store::RedisConn) -> Vec<
         .changelog
         .topics
         .iter()
-        .filter_map(|t| Some((t, *counts.get(t)?)))
+        .filter_map(|t| Some((t, *counts.get(t)? as i32)))
         .map(|(topic, partitions)| {
             let found = members::unpublished(topic, partitions, &registered, now);
             if found.is_empty() {
