@@ -45,7 +45,7 @@ check-deploy:
 # on clusters in both passes; security.rs and decoder_props.rs do not depend
 # on the shared Redis.) Add a new integration test file here too; conformance
 # and bench_smoke are the test bench's (testbench/tests/).
-CLUSTER_PASS_TESTS := foundation group dead_letters replay guard observability conformance bench_smoke redis_loss effects changelog
+CLUSTER_PASS_TESTS := foundation group dead_letters replay guard observability conformance bench_smoke redis_loss effects changelog operator_tools
 
 ## The integration tests against the Redis Cluster only. The group protocol
 ## does not change what idem asks of Redis: the consumer-protocol variants

@@ -8,8 +8,12 @@
 //! are tied together by the commit metadata: idem commits `idem.v1
 //! epoch=<E>`, meaning "when this was committed, Redis with epoch E held
 //! progress records at least this far". A commit without it (written by an
-//! earlier idem, or by `idem replay`, `kafka-consumer-groups`) is taken as
-//! it is: that is the upgrade bootstrap and the operator's decision.
+//! earlier idem or by a plain Kafka client such as `kafka-consumer-groups`)
+//! is a bootstrap: taken as it is where Redis holds idem's data (the upgrade
+//! from a version without records), tied to Redis at once (records raised,
+//! the offset committed again with the metadata), and refused where Redis
+//! holds nothing of idem's, since then the commit cannot tell a new Redis
+//! from a lost one ([`Start::judged`]).
 
 use crate::store::progress::MasterRecord;
 
@@ -50,6 +54,19 @@ pub enum Start {
         committed: i64,
         cause: Cause,
     },
+    /// A commit idem did not write, and a Redis that holds nothing of
+    /// idem's: a new Redis meant to start at the commit, or one that lost
+    /// its state while idem was down. Only the operator can tell.
+    Ambiguous { committed: i64 },
+}
+
+/// What Redis holds beyond the partition's own records, for [`Start::judged`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RedisHolds {
+    /// Some server holds progress records (of any partition).
+    pub records: bool,
+    /// Some entity has state under the key prefix.
+    pub entities: bool,
 }
 
 /// Why Redis is behind.
@@ -89,7 +106,7 @@ impl Cause {
 /// | committed | metadata epoch | a server says                    | start        |
 /// |-----------|----------------|----------------------------------|--------------|
 /// | none      | any            | any                              | Committed    |
-/// | C         | none           | any                              | Bootstrap    |
+/// | C         | none           | any                              | Bootstrap (judged by [`Start::judged`]) |
 /// | C         | E              | every record ≥ C                 | Committed    |
 /// | C         | E              | record P < C                     | Rewind to P  |
 /// | C         | E              | no record, marker E, no records at all there | (no opinion) |
@@ -129,6 +146,31 @@ pub fn decide(committed: Option<(i64, &str)>, records: &[MasterRecord]) -> Start
 }
 
 impl Start {
+    /// A bootstrap judged by what Redis holds (`holds`; asked only for a
+    /// bootstrap, as it costs a SCAN): where Redis holds idem's records or
+    /// entities the commit is taken as it is (the upgrade from a version
+    /// without records); where it holds neither, the start is ambiguous
+    /// unless the operator accepted the commits (`accept`). Every other
+    /// start stays as it is. Every instance reads the same facts, and
+    /// nothing is written before a refusal, so instances starting at once
+    /// decide the same.
+    ///
+    /// | start     | records | entities | accept | judged    |
+    /// |-----------|---------|----------|--------|-----------|
+    /// | Bootstrap | yes     | any      | any    | Bootstrap |
+    /// | Bootstrap | no      | yes      | any    | Bootstrap |
+    /// | Bootstrap | no      | no       | no     | Ambiguous |
+    /// | Bootstrap | no      | no       | yes    | Bootstrap |
+    /// | other     | any     | any      | any    | unchanged |
+    pub fn judged(self, committed: Option<i64>, holds: RedisHolds, accept: bool) -> Start {
+        match (self, committed) {
+            (Start::Bootstrap, Some(committed)) if !holds.records && !holds.entities && !accept => {
+                Start::Ambiguous { committed }
+            }
+            (start, _) => start,
+        }
+    }
+
     /// A rewind held to the partition's first offset now (`log_start`): a
     /// rewind before it needs records retention deleted, and is refused.
     /// Every other start stays as it is.
@@ -161,6 +203,33 @@ mod tests {
             has_records: next.is_some(),
             of_incarnation: true,
         }
+    }
+
+    /// The table of `Start::judged`.
+    #[test]
+    fn bootstraps_are_judged_by_what_redis_holds() {
+        let holds = |records, entities| RedisHolds { records, entities };
+        let judged = |h, accept| Start::Bootstrap.judged(Some(500), h, accept);
+        assert_eq!(judged(holds(true, false), false), Start::Bootstrap);
+        assert_eq!(judged(holds(false, true), false), Start::Bootstrap);
+        assert_eq!(
+            judged(holds(false, false), false),
+            Start::Ambiguous { committed: 500 }
+        );
+        assert_eq!(judged(holds(false, false), true), Start::Bootstrap);
+        assert_eq!(
+            Start::Committed.judged(None, holds(false, false), false),
+            Start::Committed
+        );
+        let rewind = Start::Rewind {
+            to: 0,
+            committed: 500,
+            cause: Cause::Lost,
+        };
+        assert_eq!(
+            rewind.clone().judged(Some(500), holds(false, false), false),
+            rewind
+        );
     }
 
     #[test]

@@ -142,9 +142,22 @@ pub async fn run(args: ReplayArgs, config: Config) -> anyhow::Result<ExitCode> {
         eprintln!("error: {e}");
         return Ok(ExitCode::from(super::EXIT_FAILED));
     }
-    tokio::task::spawn_blocking(move || replay::execute(&kafka, &plan)).await??;
-    eprintln!("offsets moved; the group's next run replays from there");
+    execute(&config, plan).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Ties the plan to Redis, then commits the partitions it moves.
+async fn execute(config: &Config, plan: replay::ReplayPlan) -> anyhow::Result<()> {
+    let moved = plan.moves().count();
+    if moved == 0 {
+        eprintln!("nothing to move: every partition is already there; no commit written");
+        return Ok(());
+    }
+    let metadata = replay::tie_to_redis(config, &plan).await?;
+    let kafka = config.kafka.clone();
+    tokio::task::spawn_blocking(move || replay::execute(&kafka, &plan, &metadata)).await??;
+    eprintln!("offsets of {moved} partition(s) moved and tied to Redis's state; the group's next run replays from there");
+    Ok(())
 }
 
 /// The plan with what Redis says was decided (or as it is, with a note,

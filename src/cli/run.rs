@@ -19,9 +19,19 @@ use crate::pipeline::{self, Shutdown};
 ///   IDEM__KAFKA__TOPICS=orders IDEM__KAFKA__GROUP_ID=orders-view idem run
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
-pub struct RunArgs {}
+pub struct RunArgs {
+    /// Start at the group's commits where they cannot be tied to Redis: a
+    /// commit idem did not write (a plain Kafka client, an older idem) while
+    /// Redis holds no progress records and no entity. Without it idem
+    /// refuses such a start, as it reads two ways (a new Redis meant to start
+    /// there, or one that lost its state while idem was down); see
+    /// docs/runbook.md, "An ambiguous start". Needed once: the records idem
+    /// then writes settle it.
+    #[arg(long, env = "IDEM_ACCEPT_COMMITS")]
+    accept_commits: bool,
+}
 
-pub async fn run(_args: RunArgs, config: Config) -> anyhow::Result<ExitCode> {
+pub async fn run(args: RunArgs, config: Config) -> anyhow::Result<ExitCode> {
     let (trigger, shutdown) = Shutdown::new();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -33,7 +43,10 @@ pub async fn run(_args: RunArgs, config: Config) -> anyhow::Result<ExitCode> {
         );
         std::process::exit(130);
     });
-    pipeline::run(config, shutdown).await?;
+    let options = pipeline::RunOptions {
+        accept_commits: args.accept_commits,
+    };
+    pipeline::run(config, options, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 

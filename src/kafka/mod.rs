@@ -472,6 +472,29 @@ pub fn store_offset<C: ConsumerContext>(
     }
 }
 
+/// Commits `offsets` (next offsets to read) with `metadata` now, whatever
+/// is stored, without waiting: the result comes to the context's commit
+/// callback. For a commit whose offset is already committed but whose
+/// metadata must change (librdkafka's auto commit skips a stored offset
+/// equal to the committed one).
+pub fn commit_async<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    offsets: &[(TopicPartition, i64)],
+    metadata: &str,
+) {
+    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+    for (tp, next) in offsets {
+        let mut elem = tpl.add_partition(&tp.topic, tp.partition);
+        elem.set_metadata(metadata);
+        if let Err(e) = elem.set_offset(Offset::Offset(*next)) {
+            tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %e, "offset not set for the commit");
+        }
+    }
+    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        tracing::warn!(error = %e, "commit not sent; tried again in a few seconds");
+    }
+}
+
 /// Synchronously commits the stored offsets; "nothing to commit" is fine.
 pub fn commit_stored<C: ConsumerContext>(consumer: &impl Consumer<C>) {
     match consumer.commit_consumer_state(CommitMode::Sync) {

@@ -23,7 +23,7 @@ use super::blocked::BlockedWatch;
 use super::consumer::{Committed, Consumer, FatalError, Fetched, KafkaEvent, KafkaNote};
 use super::guard_stage::{Ownership, StageEvent};
 use super::owned::OwnedPartitions;
-use super::recovery::{resume_points, ResumeError, Resumed, Unrecoverable};
+use super::recovery::{resume_points, ResumeContext, ResumeError, Resumed, Unrecoverable};
 use super::shutdown::Shutdown;
 use crate::config::Config;
 use crate::kafka;
@@ -69,6 +69,9 @@ pub struct EventLoop<R = RedisSide> {
     metadata: String,
     /// Rewound partitions and the committed offset they were rewound from.
     rewinding: std::collections::HashMap<TopicPartition, i64>,
+    /// Bootstrapped partitions whose commit is not yet written again with
+    /// the metadata, and when that was last tried.
+    untied: ties::Untied,
 }
 
 /// Why the loop ended.
@@ -102,6 +105,8 @@ pub struct RedisSide {
     pub store: ProgressStore,
     pub epoch: String,
     pub group: String,
+    /// `idem run --accept-commits`.
+    pub accept_commits: bool,
 }
 
 impl Resume for RedisSide {
@@ -114,14 +119,12 @@ impl Resume for RedisSide {
         consumer: &Arc<Consumer>,
         assigned: &[Committed],
     ) -> Result<Resumed, ResumeError> {
-        resume_points(
-            &mut self.store,
-            &self.epoch,
-            consumer,
-            assigned,
-            &self.group,
-        )
-        .await
+        let context = ResumeContext {
+            epoch: &self.epoch,
+            group: &self.group,
+            accept_commits: self.accept_commits,
+        };
+        resume_points(&mut self.store, &context, consumer, assigned).await
     }
 }
 
@@ -146,6 +149,7 @@ impl<R: Resume> EventLoop<R> {
             metadata: crate::resume::commit_metadata(resume.epoch()),
             resume,
             rewinding: Default::default(),
+            untied: Default::default(),
             config,
             consumer,
             health,
@@ -334,6 +338,7 @@ impl<R: Resume> EventLoop<R> {
                 };
                 // The consumer thread assigns them from these offsets.
                 let _ = answer.send(starts);
+                self.tie_bootstraps();
                 return end;
             }
             KafkaEvent::Lost(tps) => {
@@ -400,7 +405,9 @@ impl<R: Resume> EventLoop<R> {
                 floors,
                 rewinds,
                 logs,
+                bootstraps,
             }) => {
+                self.untied.add(bootstraps);
                 // Ready, and counted as owned, only now that every start is
                 // decided: an instance reading Redis's records serves nothing
                 // yet. Any assignment, even an empty one (a standby), means
@@ -494,6 +501,7 @@ impl<R: Resume> EventLoop<R> {
         self.pending.retain(|r| !tps.contains(&r.tp));
         self.owned.forget(tps);
         self.rewinding.retain(|tp, _| !tps.contains(tp));
+        self.untied.release(tps);
         self.note_rewinding();
         self.note_assignment();
     }
@@ -508,6 +516,7 @@ impl<R: Resume> EventLoop<R> {
         match note {
             KafkaNote::Committed(offsets) => {
                 for (tp, offset) in offsets {
+                    self.untied.acknowledged(&tp, offset);
                     if let Some(lag) = self.owned.note_committed(&tp, offset) {
                         metrics::record_commit_lag(lag);
                     }
@@ -547,6 +556,9 @@ impl<R: Resume> EventLoop<R> {
             self.config.pipeline.stall_timeout,
         );
         self.keep_paused();
+        if self.untied.due() {
+            self.tie_bootstraps();
+        }
     }
 
     /// Events fetched and not yet done.
@@ -574,3 +586,4 @@ impl<R: Resume> EventLoop<R> {
 mod pausing;
 #[cfg(test)]
 mod tests;
+mod ties;

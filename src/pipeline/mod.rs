@@ -45,9 +45,17 @@ pub use startup::RunError;
 pub use timing::unix_millis;
 use timing::Backoff;
 
+/// What `idem run` is told beyond the configuration: one-off decisions of
+/// the operator, not settings of the deployment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// An ambiguous start (docs/runbook.md) takes the group's commits as they are.
+    pub accept_commits: bool,
+}
+
 /// Runs idem until `shutdown` fires: serves metrics, consumes the configured
 /// topics and applies them to Redis. Returns after the final commit.
-pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
+pub async fn run(config: Config, options: RunOptions, shutdown: Shutdown) -> Result<(), RunError> {
     let refusals = config.refusals();
     if !refusals.is_empty() {
         return Err(RunError::Config(refusals.join("\n")));
@@ -74,7 +82,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
             async move { stop.wait().await },
         ))
     };
-    let result = run_pipeline(config, health, shutdown).await;
+    let result = run_pipeline(config, options, health, shutdown).await;
     // It stops with the same signal, and removes its registration.
     let _ = tokio::time::timeout(Duration::from_secs(2), members).await;
     if let Some(relay) = relay {
@@ -124,6 +132,7 @@ const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn run_pipeline(
     config: Arc<Config>,
+    options: RunOptions,
     health: Health,
     mut shutdown: Shutdown,
 ) -> Result<(), RunError> {
@@ -141,9 +150,10 @@ async fn run_pipeline(
     });
     let mut backoff = Backoff::new(&config);
     loop {
-        let Some((guard, redis)) = start_guard(&config, &health, &mut shutdown).await? else {
+        let Some((guard, mut redis)) = start_guard(&config, &health, &mut shutdown).await? else {
             return Ok(());
         };
+        redis.accept_commits = options.accept_commits;
         health.set_redis_ok();
         let started = std::time::Instant::now();
         match run_consumer(&config, &health, &mut shutdown, guard, redis).await? {

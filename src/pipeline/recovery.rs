@@ -19,7 +19,7 @@ use super::consumer::{Committed, Consumer};
 use crate::consumed::{LogView, TopicId};
 use crate::metrics;
 use crate::offsets::TopicPartition;
-use crate::resume::{decide, Start};
+use crate::resume::{decide, RedisHolds, Start};
 use crate::store::progress::{Claim, MasterRecord, ProgressStore};
 use crate::store::StoreError;
 
@@ -223,6 +223,10 @@ pub struct Resumed {
     /// What Redis says of each assigned partition's log, where its topic
     /// has an id (brokers before Kafka 2.8 give none: no offset marks).
     pub logs: Vec<(TopicPartition, LogView)>,
+    /// The partitions whose commit idem did not write, with that commit:
+    /// their records now reach it, and the loop commits it again with the
+    /// metadata, so a loss from now on is seen like any other.
+    pub bootstraps: Vec<(TopicPartition, i64)>,
 }
 
 /// Why an assignment's resume points could not be settled.
@@ -241,45 +245,51 @@ pub struct Rewind {
     pub committed: i64,
 }
 
+/// Who resumes, and how far the operator let it.
+pub struct ResumeContext<'a> {
+    pub epoch: &'a str,
+    pub group: &'a str,
+    /// `idem run --accept-commits`: an ambiguous start takes the commits.
+    pub accept_commits: bool,
+}
+
 /// Where each newly assigned partition resumes. Reads Redis's records,
 /// decides (`resume::decide`), raises the records to the start positions
 /// (the bootstrap of a deployment that had none) and says so loudly for
 /// every rewind.
 pub async fn resume_points(
     store: &mut ProgressStore,
-    epoch: &str,
+    context: &ResumeContext<'_>,
     consumer: &Arc<Consumer>,
     assigned: &[Committed],
-    group: &str,
 ) -> Result<Resumed, ResumeError> {
+    let (epoch, group) = (context.epoch, context.group);
     let tps: Vec<TopicPartition> = assigned.iter().map(|c| c.tp.clone()).collect();
     let ids = learn_topic_ids(store, consumer, &tps).await?;
     let views = store.read(&tps).await.map_err(ResumeError::Unreadable)?;
     let mut rewinds = Vec::new();
+    let mut bootstraps = Vec::new();
     let mut starts = Vec::new();
     let mut held: HashMap<TopicPartition, i64> = HashMap::new();
+    // Asked once, and only for a bootstrap (a SCAN).
+    let mut holds_entities: Option<bool> = None;
     for (c, servers) in assigned.iter().zip(views) {
         if let Some(h) = held_by_every_server(&servers) {
             held.insert(c.tp.clone(), h);
         }
-        let committed = c.offset.map(|o| (o, c.metadata.as_str()));
-        let mut start = decide(committed, &servers);
-        if let Start::Rewind { .. } = start {
-            // Only a rewind needs the log: does it still hold the records?
-            let log_start = low_watermark(consumer, &c.tp).await.ok_or_else(|| {
-                ResumeError::Unreadable(StoreError::Protocol(format!(
-                    "the brokers did not say where {}/{} starts",
-                    c.tp.topic, c.tp.partition
-                )))
-            })?;
-            start = start.within_log(log_start);
-        }
+        let start = start_of(store, context, consumer, c, &servers, &mut holds_entities).await?;
         match start {
             // Every assigned partition gets a record at once (0 where
             // nothing is committed: trivially true), so a snapshot taken
             // from now on has one, and a restore of it shows as behind.
-            Start::Committed | Start::Bootstrap => {
+            Start::Committed => {
                 starts.push((c.tp.clone(), c.offset.unwrap_or(0), None));
+            }
+            Start::Bootstrap => {
+                let committed = c.offset.unwrap_or(0);
+                tracing::info!(topic = %c.tp.topic, partition = c.tp.partition, committed, "a commit idem did not write (an older version, or a plain Kafka client): taken as it is, Redis's records raised to it and the offset committed again with idem's metadata");
+                starts.push((c.tp.clone(), committed, None));
+                bootstraps.push((c.tp.clone(), committed));
             }
             Start::Rewind {
                 to,
@@ -294,20 +304,9 @@ pub async fn resume_points(
                     committed,
                 });
             }
-            Start::Refuse {
-                needed,
-                log_start,
-                cause,
-                ..
-            } => {
-                return Err(ResumeError::Unrecoverable(Unrecoverable(format!(
-                    "Redis {} for {}/{}: its state needs the records from offset {needed}, but the log now starts at {log_start} (retention deleted the rest); the effects of offsets {needed}..{} are gone from Redis and from Kafka. Restore Redis from a backup that holds them, or accept the loss and re-apply what the log still holds: `idem replay --group {group} --topic {} --to-earliest --execute` (a commit written by replay is taken as it is)",
-                    cause.describe(),
-                    c.tp.topic,
-                    c.tp.partition,
-                    log_start - 1,
-                    c.tp.topic,
-                ))));
+            refused @ (Start::Refuse { .. } | Start::Ambiguous { .. }) => {
+                let why = refusal(&refused, store.prefix(), group, &c.tp);
+                return Err(ResumeError::Unrecoverable(Unrecoverable(why)));
             }
         }
     }
@@ -323,7 +322,84 @@ pub async fn resume_points(
             .collect(),
         rewinds,
         logs,
+        bootstraps,
     })
+}
+
+/// Where one assigned partition starts: `resume::decide`, a bootstrap
+/// judged by what Redis holds (`holds_entities` is asked once per
+/// assignment, and only here), a rewind held to the log's start.
+async fn start_of(
+    store: &mut ProgressStore,
+    context: &ResumeContext<'_>,
+    consumer: &Arc<Consumer>,
+    c: &Committed,
+    servers: &[MasterRecord],
+    holds_entities: &mut Option<bool>,
+) -> Result<Start, ResumeError> {
+    let committed = c.offset.map(|o| (o, c.metadata.as_str()));
+    let mut start = decide(committed, servers);
+    if start == Start::Bootstrap {
+        let entities = match *holds_entities {
+            Some(e) => e,
+            None => *holds_entities.insert(
+                store
+                    .holds_entities()
+                    .await
+                    .map_err(ResumeError::Unreadable)?,
+            ),
+        };
+        let holds = RedisHolds {
+            records: servers.iter().any(|s| s.has_records),
+            entities,
+        };
+        start = start.judged(c.offset, holds, context.accept_commits);
+    }
+    if let Start::Rewind { .. } = start {
+        // Only a rewind needs the log: does it still hold the records?
+        let log_start = low_watermark(consumer, &c.tp).await.ok_or_else(|| {
+            ResumeError::Unreadable(StoreError::Protocol(format!(
+                "the brokers did not say where {}/{} starts",
+                c.tp.topic, c.tp.partition
+            )))
+        })?;
+        start = start.within_log(log_start);
+    }
+    Ok(start)
+}
+
+/// Why idem must not run, for a refused or ambiguous start: what happened
+/// and what to run.
+fn refusal(start: &Start, prefix: &str, group: &str, tp: &TopicPartition) -> String {
+    match start {
+        Start::Refuse {
+            needed,
+            log_start,
+            cause,
+            ..
+        } => format!(
+            "Redis {} for {}/{}: its state needs the records from offset {needed}, but the log now starts at {log_start} (retention deleted the rest); the effects of offsets {needed}..{} are gone from Redis and from Kafka. Restore Redis from a backup that holds them, or accept the loss and re-apply what the log still holds: `idem replay --group {group} --topic {} --to-earliest --execute` (replay ties its commit to Redis's state, and the next run reads from the log's start)",
+            cause.describe(),
+            tp.topic,
+            tp.partition,
+            log_start - 1,
+            tp.topic,
+        ),
+        Start::Ambiguous { committed } => ambiguous_start(prefix, group, tp, *committed),
+        other => format!("{}/{}: no refusal for {other:?}", tp.topic, tp.partition),
+    }
+}
+
+/// The refusal of an ambiguous start: both readings and what to run for each.
+fn ambiguous_start(prefix: &str, group: &str, tp: &TopicPartition, committed: i64) -> String {
+    format!(
+        "Redis holds no progress records and no entity under prefix {prefix:?}, and group {group}'s commit of {topic}/{partition} (offset {committed}) was not written by idem (a plain Kafka client such as kafka-consumer-groups, or an idem before progress records). \
+         It reads two ways, and idem cannot tell which: \
+         (1) this Redis is new and meant to start at the group's commits: start idem once with --accept-commits (IDEM_ACCEPT_COMMITS=true); the records before the commits are never applied to this Redis; \
+         (2) Redis lost its state while idem was down: re-apply the log with `idem replay --group {group} --topic {topic} --to-earliest --execute`, then start idem (docs/runbook.md, \"An ambiguous start\")",
+        topic = tp.topic,
+        partition = tp.partition,
+    )
 }
 
 /// The offset every server's record of a partition reaches (none where a

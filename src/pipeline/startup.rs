@@ -103,6 +103,7 @@ pub async fn start_guard(
             store,
             epoch,
             group,
+            accept_commits: false,
         },
     )))
 }

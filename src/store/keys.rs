@@ -29,6 +29,11 @@ impl KeyLayout {
         }
     }
 
+    /// The key prefix every key of this layout starts with.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The keys of `entity`.
     pub fn entity(&self, entity: &str) -> EntityKeys {
         let mut base = String::with_capacity(self.prefix.len() + entity.len() + 3);

@@ -186,9 +186,6 @@ impl RedisConn {
         }
     }
 
-    /// Every key matching `pattern`, by SCAN (never KEYS): on the one
-    /// server, or on each master of a cluster in turn (a SCAN cursor
-    /// belongs to one node).
     /// Every entity that has a meta hash under `layout`'s prefix (SCAN).
     pub async fn entities(&mut self, layout: &KeyLayout) -> Result<Vec<String>, StoreError> {
         let (pattern, prefix_len) = layout.meta_pattern();
@@ -200,7 +197,19 @@ impl RedisConn {
             .collect())
     }
 
+    /// Every key matching `pattern`, by SCAN (never KEYS): on the one
+    /// server, or on each master of a cluster in turn (a SCAN cursor
+    /// belongs to one node).
     pub async fn scan_keys(&mut self, pattern: &str) -> Result<Vec<String>, StoreError> {
+        self.scan(pattern, false).await
+    }
+
+    /// Whether any key matches `pattern`: a SCAN that stops at the first.
+    pub async fn any_key(&mut self, pattern: &str) -> Result<bool, StoreError> {
+        Ok(!self.scan(pattern, true).await?.is_empty())
+    }
+
+    async fn scan(&mut self, pattern: &str, first_only: bool) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();
         for node in self.masters().await? {
             let mut cursor: u64 = 0;
@@ -214,6 +223,9 @@ impl RedisConn {
                 let reply = self.query_on(&node, &cmd).await?;
                 let (next, keys): (u64, Vec<String>) = redis::from_redis_value(&reply)?;
                 out.extend(keys);
+                if first_only && !out.is_empty() {
+                    return Ok(out);
+                }
                 if next == 0 {
                     break;
                 }

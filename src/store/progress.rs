@@ -245,6 +245,18 @@ impl ProgressStore {
             .map(|id| (progress_incarnation_field(tp, id), id.short().to_string()))
     }
 
+    /// The key prefix the markers and records live under.
+    pub fn prefix(&self) -> &str {
+        self.layout.prefix()
+    }
+
+    /// Whether any entity has bookkeeping under the prefix (a SCAN that
+    /// stops at the first): Redis holds idem's data, records or not.
+    pub async fn holds_entities(&mut self) -> Result<bool, StoreError> {
+        let (pattern, _) = self.layout.meta_pattern();
+        self.conn.any_key(&pattern).await
+    }
+
     pub fn set_connection(&mut self, conn: RedisConn) {
         self.conn = conn;
         self.anchors = None;

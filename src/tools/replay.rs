@@ -336,8 +336,54 @@ impl ReplayPlan {
     }
 }
 
-/// Commits the plan's offsets for the group, refusing while it has members. Blocking.
-pub fn execute(kafka: &crate::config::KafkaConfig, plan: &ReplayPlan) -> anyhow::Result<()> {
+impl ReplayPlan {
+    /// The rows that move a partition (the others are left untouched).
+    pub fn moves(&self) -> impl Iterator<Item = &PlanRow> {
+        self.rows.iter().filter(|r| r.reread != 0)
+    }
+}
+
+/// Ties the plan to Redis before its commit, as idem's own start does: the
+/// epoch every marker agrees on (set where none is), and for each forward
+/// move (a skip the operator allowed) the progress records raised to the new
+/// offset on every server, so the next run does not take Redis for behind
+/// the skip and undo it. A backward move leaves the records as they are: a
+/// record below the new offset then means Redis lost what it held, and the
+/// next run re-reads from it. Returns the commit metadata naming the epoch.
+pub async fn tie_to_redis(config: &Config, plan: &ReplayPlan) -> anyhow::Result<String> {
+    let conn = crate::store::connect(&config.redis).await?;
+    let layout = crate::store::KeyLayout::new(&config.redis.key_prefix);
+    let mut store = crate::store::progress::ProgressStore::new(conn, layout);
+    let epoch = store.establish_epoch().await?;
+    let skips: Vec<(crate::offsets::TopicPartition, i64, Option<i64>)> = plan
+        .moves()
+        .filter(|r| r.reread < 0)
+        .map(|r| {
+            (
+                crate::offsets::TopicPartition::new(&plan.topic, r.partition),
+                r.new,
+                None,
+            )
+        })
+        .collect();
+    if !skips.is_empty() {
+        // The records of the topic as it is now (its id from the brokers).
+        if let Some(id) = crate::kafka::topic_ids::topic_id_of(&config.kafka, &plan.topic).await? {
+            store.learn_incarnations(&BTreeMap::from([(plan.topic.clone(), id)]));
+        }
+        store.record(&epoch, &skips, &[]).await?;
+    }
+    Ok(crate::resume::commit_metadata(&epoch))
+}
+
+/// Commits the moved partitions' new offsets for the group with `metadata`
+/// (from [`tie_to_redis`]), refusing while it has members; the partitions
+/// the plan does not move keep their commits. Blocking.
+pub fn execute(
+    kafka: &crate::config::KafkaConfig,
+    plan: &ReplayPlan,
+    metadata: &str,
+) -> anyhow::Result<()> {
     // Check again right before committing: someone may have started meanwhile.
     let status = group_status(kafka, &plan.group, std::slice::from_ref(&plan.topic))?;
     refuse_if_active(&plan.group, &status.members)?;
@@ -346,8 +392,13 @@ pub fn execute(kafka: &crate::config::KafkaConfig, plan: &ReplayPlan) -> anyhow:
         .set("enable.auto.commit", "false")
         .create_with_context(QuietContext)?;
     let mut tpl = TopicPartitionList::new();
-    for r in &plan.rows {
-        tpl.add_partition_offset(&plan.topic, r.partition, Offset::Offset(r.new))?;
+    for r in plan.moves() {
+        let mut elem = tpl.add_partition(&plan.topic, r.partition);
+        elem.set_offset(Offset::Offset(r.new))?;
+        elem.set_metadata(metadata);
+    }
+    if tpl.count() == 0 {
+        return Ok(());
     }
     consumer.commit(&tpl, CommitMode::Sync).map_err(|e| {
         anyhow::anyhow!(

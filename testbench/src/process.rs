@@ -62,8 +62,10 @@ pub struct IdemCommand {
     exe: PathBuf,
     env: Vec<(String, String)>,
     clear_env: bool,
-    /// `run`, or another long-running command (`relay`).
+    /// `run`, or another command (`relay`, `replay`).
     subcommand: &'static str,
+    /// Arguments after the subcommand.
+    args: Vec<String>,
 }
 
 impl IdemCommand {
@@ -73,6 +75,7 @@ impl IdemCommand {
             env: Vec::new(),
             clear_env: false,
             subcommand: "run",
+            args: Vec::new(),
         }
         .env("IDEM__KAFKA__BROKERS", brokers)
         .env("IDEM__KAFKA__TOPICS", topics)
@@ -124,22 +127,36 @@ impl IdemCommand {
         self
     }
 
+    /// Arguments after the subcommand.
+    pub fn args(mut self, args: &[&str]) -> IdemCommand {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg(self.subcommand).args(&self.args);
+        if self.clear_env {
+            cmd.env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default());
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null());
+        cmd
+    }
+
     /// Starts `idem run`, its log (stderr) appended to `log`.
     pub fn spawn(&self, log: &Path) -> std::io::Result<Child> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)?;
-        let mut cmd = Command::new(&self.exe);
-        cmd.arg(self.subcommand);
-        if self.clear_env {
-            cmd.env_clear()
-                .env("PATH", std::env::var("PATH").unwrap_or_default());
-        }
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
+        self.command().stdout(Stdio::null()).stderr(log).spawn()
+    }
+
+    /// Runs the command to its end (a tool: `replay`, `reconcile`):
+    /// its exit status, stdout and stderr. Blocking.
+    pub fn output(&self) -> std::io::Result<std::process::Output> {
+        self.command().output()
     }
 }

@@ -56,6 +56,7 @@ impl Resume for Table {
             floors,
             rewinds,
             logs: Vec::new(),
+            bootstraps: Vec::new(),
         })
     }
 }

@@ -62,33 +62,40 @@ pub(super) async fn replay_earliest(
     Ok((r, k))
 }
 
-/// `idem replay --to-earliest --execute` on the case's group, once it is empty.
+/// `idem replay --to-earliest --execute` on the case's group, run as the
+/// operator runs it (the binary, its Redis tie included), once the group
+/// is empty.
 async fn replay_to_earliest(case: &Case) -> anyhow::Result<()> {
-    let (brokers, topic) = (case.env.brokers.clone(), case.topic.clone());
-    tokio::task::spawn_blocking(move || {
-        let start = Instant::now();
-        let kafka = idem::config::KafkaConfig::for_brokers(&brokers);
-        loop {
-            let plan = idem::tools::replay::plan(
-                &kafka,
-                &topic,
-                &topic,
-                None,
-                &idem::tools::replay::ReplayTarget::Earliest,
-                idem::config::OffsetReset::Earliest,
-                None,
-            )?;
-            if plan.members.is_empty() {
-                return idem::tools::replay::execute(&kafka, &plan);
-            }
-            anyhow::ensure!(
-                start.elapsed() < Duration::from_secs(60),
-                "the group never emptied"
-            );
-            std::thread::sleep(Duration::from_millis(200));
+    let topic = case.topic.as_str();
+    let cmd = crate::process::IdemCommand::new(&case.env.idem_exe, &case.env.brokers, topic, topic)
+        .clean_env()
+        .redis(&case.redis.url, case.redis.mode, topic)
+        .subcommand("replay")
+        .args(&[
+            "--topic",
+            topic,
+            "--group",
+            topic,
+            "--to-earliest",
+            "--execute",
+        ]);
+    let start = Instant::now();
+    loop {
+        let out = tokio::task::spawn_blocking({
+            let cmd = cmd.clone();
+            move || cmd.output()
+        })
+        .await??;
+        if out.status.success() {
+            return Ok(());
         }
-    })
-    .await?
+        let err = String::from_utf8_lossy(&out.stderr);
+        anyhow::ensure!(
+            err.contains("active member") && start.elapsed() < Duration::from_secs(60),
+            "idem replay failed: {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Counters, a ledger and a custom effect replayed from earliest once the
