@@ -317,3 +317,156 @@ async fn an_ambiguous_start_is_refused_alike_and_each_reading_has_its_way() {
     wait_matches_oracle(&redis_url(), &topic, &oracle(&all).0, CATCH_UP).await;
     idem.terminate().await;
 }
+
+/// Runs `idem <args>` with the test's prefix and `IDEM__KAFKA__TOPICS`.
+fn tool_with_topics(prefix: &str, topics: &str, args: &[&str]) -> (i32, String, String) {
+    let out = idem_tool(args, prefix, &[("IDEM__KAFKA__TOPICS", topics)]);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Whether Redis still holds every entity of `records`.
+async fn all_exist(prefix: &str, records: &[SampleRecord]) -> bool {
+    let names: Vec<String> = oracle(records).0.entities.keys().cloned().collect();
+    read_entities(&redis_url(), prefix, names.iter())
+        .await
+        .into_iter()
+        .all(|(_, view)| view.exists)
+}
+
+/// Two topics write one key prefix (the layout config/example.toml ships).
+/// A plain reconcile of that config reads both and finds nothing; one
+/// narrowed to a topic neither reports nor deletes the other's entities,
+/// and `--delete-extra` refuses while a topic that writes the prefix is
+/// not read (named by kafka.topics, or by another deployment's members);
+/// with every topic read it deletes only what no topic names. Before: every
+/// entity of B was `entity_not_in_log`, and deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_reads_every_topic_that_writes_the_prefix() {
+    let prefix = unique("tools-two-topics");
+    let (a, b) = (format!("{prefix}-a"), format!("{prefix}-b"));
+    let (on_a, on_b) = (stream(&a, 300, 87), stream(&b, 300, 88));
+    create_topic(&a, 2).await;
+    create_topic(&b, 1).await;
+    produce(&a, &on_a).await;
+    produce(&b, &on_b).await;
+    let mut opts = IdemOpts::new(&a, &prefix, &prefix);
+    opts.topics = vec![a.clone(), b.clone()];
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&prefix, &a, 2, CATCH_UP).await;
+    wait_caught_up(&prefix, &b, 1, CATCH_UP).await;
+    idem.terminate().await;
+    let both = format!("{a},{b}");
+    let report =
+        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{prefix}.json"));
+    let report = report.to_str().unwrap();
+
+    let (code, out, err) = tool_with_topics(&prefix, &both, &["reconcile", "--report", report]);
+    assert_eq!(code, 0, "a plain reconcile reads both topics: {out}{err}");
+    assert!(out.contains(" 0 divergences"), "{out}");
+
+    let (code, out, err) = tool_with_topics(
+        &prefix,
+        &both,
+        &["reconcile", "--topic", &a, "--report", report],
+    );
+    assert_eq!(code, 0, "B's entities are not divergences: {out}{err}");
+    assert!(err.contains("not judged"), "{err}");
+
+    let (code, _, err) = tool_with_topics(
+        &prefix,
+        &both,
+        &[
+            "reconcile",
+            "--topic",
+            &a,
+            "--repair",
+            "--delete-extra",
+            "--report",
+            report,
+        ],
+    );
+    assert_eq!(code, 2, "refused: {err}");
+    assert!(
+        err.contains("--delete-extra refused") && err.contains(&b),
+        "{err}"
+    );
+    assert!(
+        all_exist(&prefix, &on_b).await,
+        "B's entities are untouched"
+    );
+
+    // Another deployment on the prefix: named by the members registry.
+    let other = IdemOpts::new(&b, &format!("{prefix}-other"), &prefix);
+    let member = Idem::spawn(&other);
+    wait_all_hold_partitions(std::slice::from_ref(&member), "holding B").await;
+    let key = idem::store::KeyLayout::new(&prefix).members_key(&format!("{prefix}-other"));
+    wait_until("the member registers B", CATCH_UP, || {
+        let (key, b) = (key.clone(), b.clone());
+        async move {
+            let mut conn = redis_conn(&redis_url()).await;
+            let held: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            held.values().any(|r| r.contains(&b))
+        }
+    })
+    .await;
+    let (code, _, err) = tool_with_topics(
+        &prefix,
+        &a,
+        &[
+            "reconcile",
+            "--repair",
+            "--delete-extra",
+            "--report",
+            report,
+        ],
+    );
+    assert_eq!(code, 2, "refused: {err}");
+    assert!(err.contains(&format!("group {prefix}-other")), "{err}");
+    member.terminate().await;
+    assert!(
+        all_exist(&prefix, &on_b).await,
+        "B's entities are untouched"
+    );
+
+    // Every topic read: only an entity no topic names is extra.
+    let ghost = idem::store::KeyLayout::new(&prefix).meta_key("ghost");
+    let mut conn = redis_conn(&redis_url()).await;
+    let _: redis::Value = redis::cmd("HSET")
+        .arg(&ghost)
+        .arg("seq")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (code, out, err) = tool_with_topics(
+        &prefix,
+        &both,
+        &[
+            "reconcile",
+            "--repair",
+            "--delete-extra",
+            "--report",
+            report,
+        ],
+    );
+    assert_eq!(code, 1, "the ghost was a divergence: {out}{err}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
+    let extras: Vec<&serde_json::Value> = json["divergences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["kind"] == "entity_not_in_log")
+        .collect();
+    assert_eq!(extras.len(), 1, "{json}");
+    assert_eq!(extras[0]["entity"], "ghost");
+    assert!(all_exist(&prefix, &on_a).await && all_exist(&prefix, &on_b).await);
+}

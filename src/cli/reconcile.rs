@@ -41,9 +41,15 @@ use crate::tools::reconcile::{self, ReconcileOptions};
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub struct ReconcileArgs {
-    /// Topic to read (default: the first of kafka.topics).
-    #[arg(long)]
-    topic: Option<String>,
+    /// A topic to read (repeat the flag for several; default: every topic
+    /// of kafka.topics). Every entity the topics' records name is judged
+    /// against all of its events in them. Entities no topic read names are
+    /// judged (entity_not_in_log) only when every topic that writes the key
+    /// prefix was read: kafka.topics, and the topics of every deployment
+    /// sharing the prefix (the members registry); --delete-extra refuses
+    /// otherwise.
+    #[arg(long = "topic")]
+    topics: Vec<String>,
     /// Where to write the JSON report; `-` writes it to stdout (the summary
     /// then goes to stderr). Checked before the topic is read.
     #[arg(long, default_value = "reconcile-report.json")]
@@ -61,8 +67,13 @@ pub struct ReconcileArgs {
 }
 
 pub async fn run(args: ReconcileArgs, config: Config) -> anyhow::Result<ExitCode> {
+    let mut topics = args.topics.clone();
+    if topics.is_empty() {
+        topics = config.kafka.topics.clone();
+    }
+    topics.dedup();
     let opts = ReconcileOptions {
-        topic: args.topic.unwrap_or_else(|| config.kafka.topics[0].clone()),
+        topics,
         repair: args.repair,
         delete_extra: args.delete_extra,
         repair_spanning: args.repair_spanning,

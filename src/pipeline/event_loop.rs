@@ -338,7 +338,7 @@ impl<R: Resume> EventLoop<R> {
                 };
                 // The consumer thread assigns them from these offsets.
                 let _ = answer.send(starts);
-                self.tie_bootstraps();
+                self.untied.tie(&self.consumer, &self.metadata);
                 return end;
             }
             KafkaEvent::Lost(tps) => {
@@ -557,7 +557,7 @@ impl<R: Resume> EventLoop<R> {
         );
         self.keep_paused();
         if self.untied.due() {
-            self.tie_bootstraps();
+            self.untied.tie(&self.consumer, &self.metadata);
         }
     }
 

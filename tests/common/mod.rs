@@ -213,7 +213,8 @@ pub fn idem_tool(args: &[&str], prefix: &str, env: &[(&str, &str)]) -> std::proc
         .expect("run idem")
 }
 
-/// Runs `idem reconcile --topic <topic>` (key prefix `<topic>`) with `extra`
+/// Runs `idem reconcile --topic <topic>` (key prefix `<topic>`, the only
+/// topic of kafka.topics) with `extra`
 /// arguments and `env`: its exit code and its JSON report.
 pub fn reconcile_report(
     topic: &str,
@@ -229,7 +230,10 @@ pub fn reconcile_report(
         report.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let out = idem_tool(&args, topic, env);
+    // The deployment's config: its one topic writes the prefix.
+    let mut env = env.to_vec();
+    env.insert(0, ("IDEM__KAFKA__TOPICS", topic));
+    let out = idem_tool(&args, topic, &env);
     let json = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     (out.status.code(), json)
 }

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{EventLoop, Resume};
 use crate::kafka;
 use crate::offsets::TopicPartition;
+use crate::pipeline::consumer::Consumer;
 
 /// How long a tie waits for its commit to be acknowledged before it is sent again.
 const TIE_RETRY: Duration = Duration::from_secs(5);
@@ -49,23 +49,21 @@ impl Untied {
     pub(super) fn due(&self) -> bool {
         self.tried.is_some_and(|t| t.elapsed() >= TIE_RETRY)
     }
-}
 
-impl<R: Resume> EventLoop<R> {
-    /// Commits each bootstrapped partition's commit again, with the
-    /// metadata (its records were raised to it first).
-    pub(super) fn tie_bootstraps(&mut self) {
-        if self.untied.offsets.is_empty() {
-            self.untied.tried = None;
+    /// Commits each bootstrapped partition's commit again, with `metadata`
+    /// (its records were raised to it first); acknowledged later through
+    /// [`Untied::acknowledged`].
+    pub(super) fn tie(&mut self, consumer: &Consumer, metadata: &str) {
+        if self.offsets.is_empty() {
+            self.tried = None;
             return;
         }
         let offsets: Vec<(TopicPartition, i64)> = self
-            .untied
             .offsets
             .iter()
             .map(|(tp, o)| (tp.clone(), *o))
             .collect();
-        kafka::commit_async(&*self.consumer, &offsets, &self.metadata);
-        self.untied.tried = Some(Instant::now());
+        kafka::commit_async(consumer, &offsets, metadata);
+        self.tried = Some(Instant::now());
     }
 }

@@ -24,17 +24,18 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::event::decode_keyed;
 use crate::model::{EntityModel, Model};
 use crate::store::{self, EntityView, KeyLayout, StoreError};
-use crate::tools::topic_reader::read_topic;
 
 mod bookkeeping;
 mod effects;
+mod log;
 mod report;
+mod writers;
 
 use bookkeeping::BookkeepingCheck;
 use effects::EffectsCheck;
+use log::{read_logs, seq_ordered_model, LogModels};
 use report::{field_differences, not_repaired_reason};
 pub use report::{FieldDifference, RepairAsked};
 
@@ -113,7 +114,11 @@ pub struct Divergence {
 /// The JSON report.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReconcileReport {
+    /// The topics read, comma-separated: every entity they name was compared.
     pub topic: String,
+    /// Why entities that no topic read names were not judged (other topics
+    /// write the prefix); `None`: they were (`entity_not_in_log`).
+    pub extras_not_judged: Option<String>,
     pub key_prefix: String,
     pub records_read: u64,
     pub invalid_records: u64,
@@ -191,7 +196,9 @@ pub fn judge(
 
 /// Options of one reconcile run.
 pub struct ReconcileOptions {
-    pub topic: String,
+    /// The topics read (`--topic`, repeated; by default `kafka.topics`):
+    /// every entity their records name is compared.
+    pub topics: Vec<String>,
     /// Rewrite missing, behind and differing entities (never lowering a seq).
     pub repair: bool,
     /// With `repair`: also delete entities that are not in the log.
@@ -217,15 +224,28 @@ pub async fn reconcile(
     progress: impl Fn(String) + Send + Sync + 'static,
 ) -> anyhow::Result<ReconcileReport> {
     let progress = std::sync::Arc::new(progress);
-    let window_ms = config.dedupe.window_for(&opts.topic).as_millis() as i64;
+    let mut conn = store::connect_or_explain(&config.redis).await?;
+    let layout = KeyLayout::new(&config.redis.key_prefix);
+    let registered = writers::registered_topics(&mut conn, &layout).await?;
+    let unread = writers::unread_writers(&config.kafka.topics, &registered, &opts.topics);
+    let extras_not_judged =
+        (!unread.is_empty()).then(|| writers::describe(&config.redis.key_prefix, &unread));
+    if let (true, Some(why)) = (opts.repair && opts.delete_extra, &extras_not_judged) {
+        // Before the read: a refusal should not cost the whole log.
+        anyhow::bail!(
+            "--delete-extra refused: {why}; their entities would be taken for extras and deleted. \
+             Read them too (--topic, repeated; by default every topic of kafka.topics), or run without --delete-extra"
+        );
+    }
     let p = progress.clone();
-    let log = read_log(config, &opts.topic, window_ms, move |n| {
+    let log = read_logs(config, &opts.topics, move |n| {
         p(format!("read {n} records"))
     })
     .await?;
     progress(format!(
-        "read {} records ({} invalid), {} entities ({} with events in several partitions); comparing with Redis",
+        "read {} records of {} ({} invalid), {} entities ({} with events in several partitions or topics); comparing with Redis",
         log.read,
+        opts.topics.join(", "),
         log.invalid,
         log.model.entities.len(),
         log.spanning.len()
@@ -233,31 +253,11 @@ pub async fn reconcile(
     // Spanning entities: with repair_spanning, their expectation is their
     // events in seq order (a second read, of those entities only).
     let seq_ordered = if opts.repair && opts.repair_spanning && !log.spanning.is_empty() {
-        Some(seq_ordered_model(config, &opts.topic, &log.spanning, window_ms).await?)
+        Some(seq_ordered_model(config, &opts.topics, &log.spanning).await?)
     } else {
         None
     };
-
-    let topic_id = match crate::kafka::topic_ids::topic_id_of(&config.kafka, &opts.topic).await {
-        Ok(id) => id,
-        Err(e) => {
-            progress(format!(
-                "could not read the topic's id ({e}): offset marks not compared"
-            ));
-            None
-        }
-    };
-    let mut conn = store::connect_or_explain(&config.redis).await?;
-    let layout = KeyLayout::new(&config.redis.key_prefix);
-    let checks = Checks {
-        effects: EffectsCheck::of(config, &opts.topic),
-        bookkeeping: BookkeepingCheck::of(
-            &config.effects,
-            &opts.topic,
-            topic_id.as_ref(),
-            log.spans.clone(),
-        ),
-    };
+    let checks = checks_of(config, opts, &log, &*progress).await;
     let mut divergences = compare_with_redis(
         &mut conn,
         &layout,
@@ -268,10 +268,18 @@ pub async fn reconcile(
         &*progress,
     )
     .await?;
-    let in_log: BTreeSet<&String> = log.model.entities.keys().collect();
-    divergences.extend(not_in_log(&mut conn, &layout, &in_log, opts).await?);
+    match &extras_not_judged {
+        None => {
+            let in_log: BTreeSet<&String> = log.model.entities.keys().collect();
+            divergences.extend(not_in_log(&mut conn, &layout, &in_log, opts).await?);
+        }
+        Some(why) => progress(format!(
+            "entities no topic read names are not judged (entity_not_in_log): {why}"
+        )),
+    }
     Ok(ReconcileReport {
-        topic: opts.topic.clone(),
+        topic: opts.topics.join(","),
+        extras_not_judged,
         key_prefix: config.redis.key_prefix.clone(),
         records_read: log.read,
         invalid_records: log.invalid,
@@ -281,100 +289,43 @@ pub async fn reconcile(
     })
 }
 
+/// Each topic's checks beyond state and seq: its effects, its dense and
+/// offset-mark bookkeeping (by its id as the brokers say it is now).
+async fn checks_of(
+    config: &Config,
+    opts: &ReconcileOptions,
+    log: &LogModels,
+    progress: &(dyn Fn(String) + Send + Sync),
+) -> HashMap<String, Checks> {
+    let mut checks = HashMap::new();
+    for topic in &opts.topics {
+        let topic_id = match crate::kafka::topic_ids::topic_id_of(&config.kafka, topic).await {
+            Ok(id) => id,
+            Err(e) => {
+                progress(format!(
+                    "could not read the id of {topic} ({e}): its offset marks not compared"
+                ));
+                None
+            }
+        };
+        let spans = log.spans.get(topic).cloned().unwrap_or_default();
+        checks.insert(
+            topic.clone(),
+            Checks {
+                effects: EffectsCheck::of(config, topic),
+                bookkeeping: BookkeepingCheck::of(&config.effects, topic, topic_id.as_ref(), spans),
+            },
+        );
+    }
+    checks
+}
+
 fn count_by_kind(divergences: &[Divergence]) -> BTreeMap<DivergenceKind, usize> {
     let mut by_kind = BTreeMap::new();
     for d in divergences {
         *by_kind.entry(d.kind).or_insert(0) += 1;
     }
     by_kind
-}
-
-/// What the log says: the model under both readings of an ambiguous window
-/// decision, the entities whose events span partitions, records read and
-/// invalid ones.
-struct LogModels {
-    /// An id reused between one and two windows taken as forgotten.
-    model: Model,
-    /// The same id taken as still remembered (see `Model::apply_at`).
-    kept: Model,
-    spanning: BTreeSet<String>,
-    /// Entity → partition → offset of its last record there.
-    last_offsets: HashMap<String, BTreeMap<i32, i64>>,
-    /// Partition → offsets of the first and the last record read.
-    spans: HashMap<i32, (i64, i64)>,
-    read: u64,
-    invalid: u64,
-}
-
-/// Reads the whole topic once and builds both models.
-async fn read_log(
-    config: &Config,
-    topic: &str,
-    window_ms: i64,
-    progress: impl Fn(u64) + Send + 'static,
-) -> anyhow::Result<LogModels> {
-    let (kafka, topic, event_cfg, effects) = (
-        config.kafka.clone(),
-        topic.to_string(),
-        config.event.clone(),
-        config.effects.clone(),
-    );
-    tokio::task::spawn_blocking(move || {
-        let (mut model, mut kept) = (Model::default(), Model::default());
-        let mut first_partition: HashMap<String, i32> = HashMap::new();
-        let mut spanning: BTreeSet<String> = BTreeSet::new();
-        let mut last_offsets: HashMap<String, BTreeMap<i32, i64>> = HashMap::new();
-        let mut spans: HashMap<i32, (i64, i64)> = HashMap::new();
-        let mut invalid = 0u64;
-        let read = read_topic(
-            &kafka,
-            &topic,
-            |r| {
-                let span = spans.entry(r.partition).or_insert((r.offset, r.offset));
-                *span = (span.0.min(r.offset), span.1.max(r.offset));
-                let decoded = decode_keyed(
-                    r.key.as_deref(),
-                    r.value.as_deref(),
-                    &r.header_refs(),
-                    &event_cfg,
-                )
-                .0
-                .and_then(|e| {
-                    let planned = effects.plan_for(&topic, &e)?;
-                    Ok((e, planned))
-                });
-                match decoded {
-                    Ok((e, planned)) => {
-                        let p = *first_partition
-                            .entry(e.entity.clone())
-                            .or_insert(r.partition);
-                        if p != r.partition {
-                            spanning.insert(e.entity.clone());
-                        }
-                        last_offsets
-                            .entry(e.entity.clone())
-                            .or_default()
-                            .insert(r.partition, r.offset);
-                        let at = r.timestamp_ms.unwrap_or(0);
-                        model.apply_at(&e, &planned, at, window_ms, false);
-                        kept.apply_at(&e, &planned, at, window_ms, true);
-                    }
-                    Err(_) => invalid += 1,
-                }
-            },
-            progress,
-        )?;
-        anyhow::Ok(LogModels {
-            model,
-            kept,
-            spanning,
-            last_offsets,
-            spans,
-            read,
-            invalid,
-        })
-    })
-    .await?
 }
 
 /// What is compared beyond the state and the seq.
@@ -391,11 +342,14 @@ async fn compare_with_redis(
     log: &LogModels,
     seq_ordered: Option<&Model>,
     opts: &ReconcileOptions,
-    checks: &Checks,
+    checks: &HashMap<String, Checks>,
     progress: &(dyn Fn(String) + Send + Sync),
 ) -> anyhow::Result<Vec<Divergence>> {
     let mut divergences = Vec::new();
     for (i, (entity, want)) in log.model.entities.iter().enumerate() {
+        let Some(checks) = log.home(entity).and_then(|t| checks.get(t)) else {
+            continue;
+        };
         let view = store::read_entity(conn, layout, entity).await?;
         let is_spanning = log.spanning.contains(entity);
         let reordered = seq_ordered
@@ -491,55 +445,6 @@ async fn not_in_log(
         }
     }
     Ok(divergences)
-}
-
-/// The expectation for `entities` (whose events span partitions): each
-/// one's events applied in (seq, partition, offset) order.
-async fn seq_ordered_model(
-    config: &Config,
-    topic: &str,
-    entities: &BTreeSet<String>,
-    window_ms: i64,
-) -> anyhow::Result<Model> {
-    let (kafka, topic, event_cfg, entities, effects) = (
-        config.kafka.clone(),
-        topic.to_string(),
-        config.event.clone(),
-        entities.clone(),
-        config.effects.clone(),
-    );
-    tokio::task::spawn_blocking(move || {
-        let mut events = Vec::new();
-        read_topic(
-            &kafka,
-            &topic,
-            |r| {
-                if let Ok(e) = decode_keyed(
-                    r.key.as_deref(),
-                    r.value.as_deref(),
-                    &r.header_refs(),
-                    &event_cfg,
-                )
-                .0
-                {
-                    if let (true, Ok(planned)) =
-                        (entities.contains(&e.entity), effects.plan_for(&topic, &e))
-                    {
-                        let at = r.timestamp_ms.unwrap_or(0);
-                        events.push((e.seq, r.partition, r.offset, at, e, planned));
-                    }
-                }
-            },
-            |_| {},
-        )?;
-        events.sort_by_key(|(seq, partition, offset, ..)| (*seq, *partition, *offset));
-        let mut model = Model::default();
-        for (_, _, _, at, e, planned) in &events {
-            model.apply_at(e, planned, *at, window_ms, false);
-        }
-        anyhow::Ok(model)
-    })
-    .await?
 }
 
 async fn repair(
