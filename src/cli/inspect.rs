@@ -186,9 +186,10 @@ async fn inspect_entity(
 /// The group, its members and per-partition lag, as a table.
 fn print_group(status: &crate::tools::group::GroupStatus) {
     crate::outln!(
-        "group {} ({}), {} member(s)",
+        "group {} ({}, {} protocol), {} member(s)",
         status.group,
         status.state,
+        status.protocol,
         status.members.len()
     );
     for m in &status.members {

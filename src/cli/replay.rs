@@ -19,19 +19,25 @@ use crate::tools::replay::{self, ReplayTarget};
 /// Replaying is safe for the state: already-applied events come back as
 /// duplicates (inside the dedupe window) or stale (after it).
 ///
+/// Refuses, with --execute: an unknown group (a typo) unless --create-group;
+/// a --to-offset past a partition's end (naming the end).
+///
 /// Examples:
 ///   idem replay --topic orders --to-earliest
 ///   idem replay --topic orders --since 2h --execute
 ///   idem replay --topic orders --to-timestamp 2026-11-26T08:00:00Z --partition 3
 ///   idem replay --topic orders --to-offset 0:1200,1:980 --execute
 ///   idem replay --topic orders --to-offset 0:5000 --allow-skip --execute
+///   idem replay --topic orders --topic payments --shift-by -1000 --execute
+///   idem replay --topic orders --to-latest --allow-skip --execute
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
-#[command(group(clap::ArgGroup::new("target").required(true).args(["to_earliest", "since", "to_timestamp", "to_offset"])))]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["to_earliest", "to_latest", "since", "to_timestamp", "to_offset", "shift_by"])))]
 pub struct ReplayArgs {
-    /// Topic to replay (default: the first of kafka.topics).
-    #[arg(long)]
-    topic: Option<String>,
+    /// Topic to replay (repeat the flag for several, in one plan; default:
+    /// every topic of kafka.topics).
+    #[arg(long = "topic")]
+    topics: Vec<String>,
     /// Consumer group (default: kafka.group_id).
     #[arg(long)]
     group: Option<String>,
@@ -41,6 +47,15 @@ pub struct ReplayArgs {
     /// Back to the start of the log.
     #[arg(long)]
     to_earliest: bool,
+    /// Forward to the end of the log: every record not yet read is SKIPPED
+    /// (never applied); refused unless --allow-skip.
+    #[arg(long)]
+    to_latest: bool,
+    /// Move each partition by N records from its committed offset: negative
+    /// goes back (a re-read), positive forward (a skip: --allow-skip).
+    /// Held to the log's start and end.
+    #[arg(long, allow_hyphen_values = true, value_name = "N")]
+    shift_by: Option<i64>,
     /// Back to the first record newer than this long ago, e.g. 30m, 2h, 7d.
     #[arg(long)]
     since: Option<String>,
@@ -65,28 +80,90 @@ pub struct ReplayArgs {
     /// (docs/operations.md).
     #[arg(long)]
     allow_recount: bool,
-    /// Print one JSON document instead of text: an object, the plan.
+    /// Refuse no unknown group: create it at the plan's offsets (without
+    /// it, a group that has no members and nothing committed is taken for a
+    /// typo, and refused).
+    #[arg(long)]
+    create_group: bool,
+    /// Print one JSON document instead of text: the plan (an object), or
+    /// with several topics an array of them.
     #[arg(long)]
     json: bool,
 }
 
 pub async fn run(args: ReplayArgs, config: Config) -> anyhow::Result<ExitCode> {
     let target = replay_target(&args)?;
-    let topic = args.topic.unwrap_or_else(|| config.kafka.topics[0].clone());
-    let group = args.group.unwrap_or_else(|| config.kafka.group_id.clone());
-    let kafka = config.kafka.clone();
+    let mut topics = args.topics.clone();
+    if topics.is_empty() {
+        topics = config.kafka.topics.clone();
+    }
+    topics.dedup();
+    if topics.len() > 1 {
+        anyhow::ensure!(
+            args.partitions.is_empty() && args.to_offset.is_none(),
+            "--partition and --to-offset name partitions of one topic: give one --topic with them"
+        );
+    }
+    let group = args
+        .group
+        .clone()
+        .unwrap_or_else(|| config.kafka.group_id.clone());
+    let mut plans = Vec::new();
+    for topic in &topics {
+        plans.push(plan_topic(&config, &args, &group, topic, &target).await?);
+    }
+    if args.json {
+        let json = match plans.as_slice() {
+            [one] => serde_json::to_string_pretty(one)?,
+            several => serde_json::to_string_pretty(several)?,
+        };
+        crate::outln!("{json}");
+    } else {
+        for plan in &plans {
+            print_plan(&group, &plan.topic, plan);
+        }
+    }
+    let refusals = refusals(&config, &args, &group, &plans);
+    if !args.execute {
+        for refusal in &refusals {
+            eprintln!("note: --execute would refuse: {refusal}");
+        }
+        eprintln!("dry run: nothing changed; add --execute to apply");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(e) = refusals.first() {
+        eprintln!("error: {e}");
+        return Ok(ExitCode::from(super::EXIT_FAILED));
+    }
+    for plan in plans {
+        execute(&config, plan).await?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The plan of one topic, with what Redis says was decided.
+async fn plan_topic(
+    config: &Config,
+    args: &ReplayArgs,
+    group: &str,
+    topic: &str,
+    target: &ReplayTarget,
+) -> anyhow::Result<replay::ReplayPlan> {
     let reset = config.kafka.auto_offset_reset;
-    let partitions = (!args.partitions.is_empty()).then_some(args.partitions);
+    let partitions = (!args.partitions.is_empty()).then(|| args.partitions.clone());
     // Only where a re-read could count twice: the window's start, as a time.
-    let window = config.dedupe.window_for(&topic);
-    let window_start_ms = config.effects.has_commutative(&topic).then(|| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        now.saturating_sub(i64::try_from(window.as_millis()).unwrap_or(i64::MAX))
+    let window = config.dedupe.window_for(topic);
+    let window_start_ms = config.effects.has_commutative(topic).then(|| {
+        crate::pipeline::unix_millis()
+            .saturating_sub(i64::try_from(window.as_millis()).unwrap_or(i64::MAX))
     });
     let plan = tokio::task::spawn_blocking({
-        let (kafka, group, topic) = (kafka.clone(), group.clone(), topic.clone());
+        let (kafka, group, topic, target) = (
+            config.kafka.clone(),
+            group.to_string(),
+            topic.to_string(),
+            target.clone(),
+        );
         move || {
             replay::plan(
                 &kafka,
@@ -100,63 +177,70 @@ pub async fn run(args: ReplayArgs, config: Config) -> anyhow::Result<ExitCode> {
         }
     })
     .await??;
-    let plan = with_decided(&config, &topic, plan).await;
-    if args.json {
-        crate::outln!("{}", serde_json::to_string_pretty(&plan)?);
-    } else {
-        print_plan(&group, &topic, &plan);
-    }
-    let skip_refusal = (plan.total_skipped > 0 && !args.allow_skip).then(|| {
-        format!(
-            "the plan moves partition(s) {} forward and would skip {} records that were never applied; \
-             add --allow-skip if that is what you want",
-            plan.skipping_partitions().join(", "),
-            plan.total_skipped
-        )
-    });
-    let recount_refusal = (plan.total_recount > 0 && !args.allow_recount).then(|| {
-        format!(
-            "the plan re-reads {} events of {topic} older than the dedupe window ({}) that idem has no \
-             record of deciding (before its offset marks, or outside the ranges it consumed) and whose \
-             commutative effects (counters, ledgers, sets) would count again. \
-             Add --allow-recount if that is what you want (docs/effects.md)",
-            plan.total_recount,
-            crate::config::format_duration(window)
-        )
-    });
-    let active_refusal = replay::refuse_if_active(&group, &plan.members)
-        .err()
-        .map(|e| e.to_string());
-    let refusals: Vec<String> = [skip_refusal, recount_refusal, active_refusal]
-        .into_iter()
-        .flatten()
-        .collect();
-    if !args.execute {
-        for refusal in &refusals {
-            eprintln!("note: --execute would refuse: {refusal}");
+    Ok(with_decided(config, topic, plan).await)
+}
+
+/// Why `--execute` would refuse the plans, each reason once.
+fn refusals(
+    config: &Config,
+    args: &ReplayArgs,
+    group: &str,
+    plans: &[replay::ReplayPlan],
+) -> Vec<String> {
+    let mut refusals = Vec::new();
+    if let Some(plan) = plans.iter().find(|p| !p.group_exists) {
+        if !args.create_group {
+            refusals.push(format!(
+                "group {group} does not exist (no members, nothing committed on {}): check the name \
+                 (`idem inspect group {group}`), or add --create-group to create it at these offsets",
+                plan.topic
+            ));
         }
-        eprintln!("dry run: nothing changed; add --execute to apply");
-        return Ok(ExitCode::SUCCESS);
     }
-    if let Some(e) = refusals.first() {
-        eprintln!("error: {e}");
-        return Ok(ExitCode::from(super::EXIT_FAILED));
+    for plan in plans {
+        if plan.total_skipped > 0 && !args.allow_skip {
+            refusals.push(format!(
+                "the plan moves partition(s) {} of {} forward and would skip {} records that were never applied; \
+                 add --allow-skip if that is what you want",
+                plan.skipping_partitions().join(", "),
+                plan.topic,
+                plan.total_skipped
+            ));
+        }
+        if plan.total_recount > 0 && !args.allow_recount {
+            refusals.push(format!(
+                "the plan re-reads {} events of {} older than the dedupe window ({}) that idem has no \
+                 record of deciding (before its offset marks, or outside the ranges it consumed) and whose \
+                 commutative effects (counters, ledgers, sets) would count again. \
+                 Add --allow-recount if that is what you want (docs/effects.md)",
+                plan.total_recount,
+                plan.topic,
+                crate::config::format_duration(config.dedupe.window_for(&plan.topic))
+            ));
+        }
     }
-    execute(&config, plan).await?;
-    Ok(ExitCode::SUCCESS)
+    let members: Vec<replay::Member> = plans.first().map(|p| p.members.clone()).unwrap_or_default();
+    if let Err(e) = replay::refuse_if_active(group, &members) {
+        refusals.push(e.to_string());
+    }
+    refusals
 }
 
 /// Ties the plan to Redis, then commits the partitions it moves.
 async fn execute(config: &Config, plan: replay::ReplayPlan) -> anyhow::Result<()> {
     let moved = plan.moves().count();
     if moved == 0 {
-        eprintln!("nothing to move: every partition is already there; no commit written");
+        eprintln!(
+            "{}: nothing to move, every partition is already there; no commit written",
+            plan.topic
+        );
         return Ok(());
     }
     let metadata = replay::tie_to_redis(config, &plan).await?;
     let kafka = config.kafka.clone();
+    let topic = plan.topic.clone();
     tokio::task::spawn_blocking(move || replay::execute(&kafka, &plan, &metadata)).await??;
-    eprintln!("offsets of {moved} partition(s) moved and tied to Redis's state; the group's next run replays from there");
+    eprintln!("{topic}: offsets of {moved} partition(s) moved and tied to Redis's state; the group's next run replays from there");
     Ok(())
 }
 
@@ -232,6 +316,10 @@ async fn decided_ranges(
 fn replay_target(args: &ReplayArgs) -> anyhow::Result<ReplayTarget> {
     Ok(if args.to_earliest {
         ReplayTarget::Earliest
+    } else if args.to_latest {
+        ReplayTarget::Latest
+    } else if let Some(n) = args.shift_by {
+        ReplayTarget::ShiftBy(n)
     } else if let Some(since) = &args.since {
         let d = parse_duration(since).ok_or_else(|| {
             anyhow::anyhow!("--since {since:?}: expected a duration like 30m, 2h or 7d")

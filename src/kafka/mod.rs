@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+pub mod groups;
 pub mod quiet;
 pub mod topic_ids;
 pub use quiet::QuietContext;

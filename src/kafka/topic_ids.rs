@@ -146,7 +146,7 @@ unsafe fn read_result(
 ///
 /// # Safety
 /// `s` is null or a NUL-terminated string alive for the call.
-unsafe fn text(s: *const std::os::raw::c_char) -> String {
+pub(super) unsafe fn text(s: *const std::os::raw::c_char) -> String {
     if s.is_null() {
         return String::new();
     }

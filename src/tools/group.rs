@@ -1,5 +1,6 @@
 //! A consumer group's members, assignment, committed offsets and lag, read
-//! through Kafka's APIs without joining the group.
+//! through Kafka's APIs without joining the group, under either group
+//! protocol (`kafka::groups`).
 
 use crate::kafka::QuietContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -41,6 +42,9 @@ pub struct PartitionLag {
 pub struct GroupStatus {
     pub group: String,
     pub state: String,
+    /// The group's protocol: `classic`, `consumer` (KIP-848), or `unknown`
+    /// for a group the coordinator does not know.
+    pub protocol: String,
     pub members: Vec<Member>,
     pub partitions: Vec<PartitionLag>,
     pub total_lag: i64,
@@ -68,24 +72,25 @@ pub fn group_status(
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create_with_context(QuietContext)?;
-    let groups = consumer
-        .fetch_group_list(Some(group), timeout)
-        .map_err(|e| super::unanswered(kafka, &format!("describing group {group}"), e))?;
-    let (state, members) = match groups.groups().first() {
-        Some(g) => (
-            g.state().to_string(),
-            g.members()
-                .iter()
-                .map(|m| Member {
-                    member_id: m.id().to_string(),
-                    client_id: m.client_id().to_string(),
-                    host: m.client_host().to_string(),
-                    assignment: m.assignment().map(decode_assignment).unwrap_or_default(),
-                })
-                .collect(),
+    use crate::kafka::groups::{describe_group, GroupError};
+    let described = describe_group(consumer.client(), group, timeout).map_err(|e| match e {
+        GroupError::Timeout { .. } => anyhow::anyhow!(
+            "describing group {group}: no answer from the brokers at {} within {timeout:?}; is kafka.brokers right and the broker up? (--timeout waits longer)",
+            kafka.brokers
         ),
-        None => ("Unknown".to_string(), Vec::new()),
-    };
+        other => anyhow::anyhow!("{other}"),
+    })?;
+    let members: Vec<Member> = described
+        .members
+        .into_iter()
+        .map(|m| Member {
+            member_id: m.member_id,
+            client_id: m.client_id,
+            host: m.host,
+            assignment: by_topic(&m.assignment),
+        })
+        .collect();
+    let (state, protocol) = (described.state, described.protocol);
 
     let topics = if topics.is_empty() {
         group_topics(&consumer, &members, timeout)?
@@ -127,6 +132,7 @@ pub fn group_status(
     Ok(GroupStatus {
         group: group.to_string(),
         state,
+        protocol,
         members,
         partitions,
         total_lag,
@@ -166,51 +172,23 @@ fn group_topics(
     Ok(found.into_iter().collect())
 }
 
-/// Decodes Kafka's ConsumerProtocolAssignment: version (i16), then
-/// [topic (i16-length string), [partition (i32)]], then user data.
-/// Anything malformed yields what was decoded so far.
-pub fn decode_assignment(bytes: &[u8]) -> Vec<TopicAssignment> {
-    let mut r = Reader { bytes, pos: 0 };
-    let mut out = Vec::new();
-    let decoded = (|| {
-        r.i16()?;
-        let topics = r.i32()?;
-        for _ in 0..topics.max(0) {
-            let len = r.i16()?;
-            let name = String::from_utf8_lossy(r.take(len.max(0) as usize)?).into_owned();
-            let n = r.i32()?;
-            let mut parts = Vec::new();
-            for _ in 0..n.max(0) {
-                parts.push(r.i32()?);
-            }
-            out.push(TopicAssignment {
-                topic: name,
-                partitions: parts,
-            });
+/// (topic, partition) pairs grouped by topic, in first-seen order, each
+/// topic's partitions sorted.
+fn by_topic(pairs: &[(String, i32)]) -> Vec<TopicAssignment> {
+    let mut out: Vec<TopicAssignment> = Vec::new();
+    for (topic, partition) in pairs {
+        match out.iter_mut().find(|a| &a.topic == topic) {
+            Some(a) => a.partitions.push(*partition),
+            None => out.push(TopicAssignment {
+                topic: topic.clone(),
+                partitions: vec![*partition],
+            }),
         }
-        Some(())
-    })();
-    let _ = decoded;
+    }
+    for a in &mut out {
+        a.partitions.sort_unstable();
+    }
     out
-}
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let s = self.bytes.get(self.pos..self.pos.checked_add(n)?)?;
-        self.pos += n;
-        Some(s)
-    }
-    fn i16(&mut self) -> Option<i16> {
-        Some(i16::from_be_bytes(self.take(2)?.try_into().ok()?))
-    }
-    fn i32(&mut self) -> Option<i32> {
-        Some(i32::from_be_bytes(self.take(4)?.try_into().ok()?))
-    }
 }
 
 #[cfg(test)]
@@ -218,19 +196,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn assignment_decodes_and_survives_truncation() {
-        let mut b = vec![0, 1, 0, 0, 0, 1, 0, 3];
-        b.extend_from_slice(b"abc");
-        b.extend_from_slice(&[0, 0, 0, 2, 0, 0, 0, 4, 0, 0, 0, 9, 0, 0, 0, 0]);
+    fn assignments_group_by_topic() {
+        let pairs = [
+            ("b".to_string(), 3),
+            ("a".to_string(), 1),
+            ("b".to_string(), 0),
+        ];
         assert_eq!(
-            decode_assignment(&b),
-            vec![TopicAssignment {
-                topic: "abc".to_string(),
-                partitions: vec![4, 9]
-            }]
+            by_topic(&pairs),
+            vec![
+                TopicAssignment {
+                    topic: "b".into(),
+                    partitions: vec![0, 3]
+                },
+                TopicAssignment {
+                    topic: "a".into(),
+                    partitions: vec![1]
+                },
+            ]
         );
-        for cut in 0..b.len() {
-            let _ = decode_assignment(&b[..cut]);
-        }
+        assert!(by_topic(&[]).is_empty());
     }
 }

@@ -17,13 +17,18 @@ use serde::Serialize;
 
 use crate::config::{Config, OffsetReset};
 use crate::consumed::DecidedRanges;
-use crate::tools::group::{group_status, GroupStatus, Member};
+pub use crate::tools::group::Member;
+use crate::tools::group::{group_status, GroupStatus};
 use crate::tools::topic_reader::{read_ranges, TopicRecord};
 
 /// Where to move the offsets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplayTarget {
     Earliest,
+    /// The end of the log: a skip of everything not yet read.
+    Latest,
+    /// N records from the committed offset (negative: back).
+    ShiftBy(i64),
     /// The first offset at or after this time (ms since the epoch).
     Timestamp(i64),
     /// Explicit offsets per partition.
@@ -69,6 +74,8 @@ pub struct ReplayPlan {
     pub total_decided: i64,
     #[serde(skip)]
     pub members: Vec<Member>,
+    /// Whether the group exists (members, or something committed).
+    pub group_exists: bool,
 }
 
 /// The new offset of one partition, clamped to what the log holds. A group
@@ -247,22 +254,7 @@ pub fn plan(
             );
         }
     }
-    let wanted: BTreeMap<i32, i64> = match target {
-        ReplayTarget::Earliest => selected
-            .iter()
-            .map(|p| (p.partition, p.log_start))
-            .collect(),
-        ReplayTarget::Offsets(map) => {
-            for p in map.keys() {
-                anyhow::ensure!(
-                    selected.iter().any(|s| s.partition == *p),
-                    "--to-offset names partition {p}, which is not selected or does not exist"
-                );
-            }
-            map.clone()
-        }
-        ReplayTarget::Timestamp(ms) => offsets_at(kafka, topic, &selected, *ms)?,
-    };
+    let wanted = wanted_offsets(kafka, topic, &selected, target, reset)?;
     let window_start = match window_start_ms {
         Some(ms) => Some(offsets_at(kafka, topic, &selected, ms)?),
         None => None,
@@ -294,7 +286,54 @@ pub fn plan(
         total_recount: rows.iter().map(|r| r.recount).sum(),
         total_decided: 0,
         rows,
+        group_exists: status.exists(),
         members: status.members,
+    })
+}
+
+/// Where `target` moves each selected partition, before it is held to the
+/// log (`plan_row`); an explicit offset past a partition's end is refused.
+fn wanted_offsets(
+    kafka: &crate::config::KafkaConfig,
+    topic: &str,
+    selected: &[&crate::tools::group::PartitionLag],
+    target: &ReplayTarget,
+    reset: OffsetReset,
+) -> anyhow::Result<BTreeMap<i32, i64>> {
+    Ok(match target {
+        ReplayTarget::Earliest => selected
+            .iter()
+            .map(|p| (p.partition, p.log_start))
+            .collect(),
+        ReplayTarget::Latest => selected.iter().map(|p| (p.partition, p.end)).collect(),
+        ReplayTarget::ShiftBy(n) => selected
+            .iter()
+            .map(|p| {
+                let from = p.committed.unwrap_or(match reset {
+                    OffsetReset::Earliest => p.log_start,
+                    OffsetReset::Latest => p.end,
+                });
+                (p.partition, from.saturating_add(*n).max(0))
+            })
+            .collect(),
+        ReplayTarget::Offsets(map) => {
+            for (p, o) in map {
+                let Some(s) = selected.iter().find(|s| s.partition == *p) else {
+                    anyhow::bail!(
+                        "--to-offset names partition {p}, which is not selected or does not exist"
+                    );
+                };
+                anyhow::ensure!(
+                    *o <= s.end,
+                    "--to-offset {p}:{o} is past the end of {topic}/{p}, whose next offset is {}: \
+                     give an offset up to {} (or --to-latest to skip to the end)",
+                    s.end,
+                    s.end
+                );
+            }
+            map.clone()
+        }
+        ReplayTarget::Timestamp(ms) => offsets_at(kafka, topic, selected, *ms)?,
     })
 }
 
@@ -337,9 +376,11 @@ impl ReplayPlan {
 }
 
 impl ReplayPlan {
-    /// The rows that move a partition (the others are left untouched).
+    /// The rows whose commit changes (the others are left untouched): a
+    /// partition moved, or one the group never committed (it gets a commit
+    /// at the plan's offset, where it would have started anyway).
     pub fn moves(&self) -> impl Iterator<Item = &PlanRow> {
-        self.rows.iter().filter(|r| r.reread != 0)
+        self.rows.iter().filter(|r| r.current != Some(r.new))
     }
 }
 
@@ -494,6 +535,7 @@ mod tests {
             total_decided: 0,
             rows: vec![row, other],
             members: Vec::new(),
+            group_exists: true,
         };
         let decided = BTreeMap::from([(0, DecidedRanges::decode("0-250").unwrap())]);
         let plan = plan.with_decided(&decided);

@@ -123,6 +123,20 @@ pub async fn committed(
     topic: &str,
     partitions: i32,
 ) -> anyhow::Result<Vec<i64>> {
+    Ok(committed_metadata(env, group, topic, partitions)
+        .await?
+        .into_iter()
+        .map(|(offset, _)| offset)
+        .collect())
+}
+
+/// Committed offset (-1 where none) and its metadata, per partition.
+pub async fn committed_metadata(
+    env: &Env,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<Vec<(i64, String)>> {
     let (env, group, topic) = (env.clone(), group.to_string(), topic.to_string());
     tokio::task::spawn_blocking(move || {
         let c = admin_consumer(&env, &group)?;
@@ -142,13 +156,41 @@ pub async fn committed(
             }
         };
         Ok((0..partitions)
-            .map(
-                |p| match got.find_partition(&topic, p).map(|e| e.offset()) {
-                    Some(Offset::Offset(o)) => o,
-                    _ => -1,
+            .map(|p| match got.find_partition(&topic, p) {
+                Some(e) => match e.offset() {
+                    Offset::Offset(o) => (o, e.metadata().to_string()),
+                    _ => (-1, String::new()),
                 },
-            )
+                None => (-1, String::new()),
+            })
             .collect())
+    })
+    .await?
+}
+
+/// Commits `offsets` (partition i at offsets[i]; -1: left alone) for
+/// `group` as any Kafka client does (`kafka-consumer-groups
+/// --reset-offsets`): without idem's metadata.
+pub async fn commit_plain(
+    env: &Env,
+    group: &str,
+    topic: &str,
+    offsets: &[i64],
+) -> anyhow::Result<()> {
+    let (env, group, topic, offsets) = (
+        env.clone(),
+        group.to_string(),
+        topic.to_string(),
+        offsets.to_vec(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let c = admin_consumer(&env, &group)?;
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in offsets.iter().enumerate().filter(|(_, o)| **o >= 0) {
+            tpl.add_partition_offset(&topic, p as i32, Offset::Offset(*o))?;
+        }
+        c.commit(&tpl, rdkafka::consumer::CommitMode::Sync)?;
+        anyhow::Ok(())
     })
     .await?
 }

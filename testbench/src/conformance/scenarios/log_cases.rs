@@ -67,32 +67,23 @@ pub(super) async fn replay_earliest(
 /// is empty.
 async fn replay_to_earliest(case: &Case) -> anyhow::Result<()> {
     let topic = case.topic.as_str();
-    let cmd = crate::process::IdemCommand::new(&case.env.idem_exe, &case.env.brokers, topic, topic)
-        .clean_env()
-        .redis(&case.redis.url, case.redis.mode, topic)
-        .subcommand("replay")
-        .args(&[
-            "--topic",
-            topic,
-            "--group",
-            topic,
-            "--to-earliest",
-            "--execute",
-        ]);
+    let args = [
+        "--topic",
+        topic,
+        "--group",
+        topic,
+        "--to-earliest",
+        "--execute",
+    ];
     let start = Instant::now();
     loop {
-        let out = tokio::task::spawn_blocking({
-            let cmd = cmd.clone();
-            move || cmd.output()
-        })
-        .await??;
-        if out.status.success() {
+        let (code, out) = super::tool_cases::tool(case, topic, "replay", &args).await?;
+        if code == 0 {
             return Ok(());
         }
-        let err = String::from_utf8_lossy(&out.stderr);
         anyhow::ensure!(
-            err.contains("active member") && start.elapsed() < Duration::from_secs(60),
-            "idem replay failed: {err}"
+            out.contains("active member") && start.elapsed() < Duration::from_secs(60),
+            "idem replay failed: {out}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

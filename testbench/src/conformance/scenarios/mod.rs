@@ -13,6 +13,7 @@ use idem::tools::sample::{generate, Rng, SampleRecord, SampleSpec};
 mod log_cases;
 mod process_faults;
 mod redis_faults;
+mod tool_cases;
 
 use log_cases::*;
 use process_faults::*;
@@ -95,6 +96,7 @@ pub fn all(profile: Profile) -> Vec<Scenario> {
     ];
     table
         .into_iter()
+        .chain(tool_cases::table())
         .filter(|(_, full_only, _)| profile == Profile::Full || !full_only)
         .map(|(name, _, run)| Scenario { name, run })
         .collect()
