@@ -161,10 +161,14 @@ impl Start {
     /// | Bootstrap | no      | yes      | any    | Bootstrap |
     /// | Bootstrap | no      | no       | no     | Ambiguous |
     /// | Bootstrap | no      | no       | yes    | Bootstrap |
+    /// | Bootstrap at offset 0 | no | no   | no     | Bootstrap |
     /// | other     | any     | any      | any    | unchanged |
     pub fn judged(self, committed: Option<i64>, holds: RedisHolds, accept: bool) -> Start {
         match (self, committed) {
-            (Start::Bootstrap, Some(committed)) if !holds.records && !holds.entities && !accept => {
+            // A commit at 0 has nothing before it to disagree about.
+            (Start::Bootstrap, Some(committed))
+                if committed > 0 && !holds.records && !holds.entities && !accept =>
+            {
                 Start::Ambiguous { committed }
             }
             (start, _) => start,
@@ -217,6 +221,11 @@ mod tests {
             Start::Ambiguous { committed: 500 }
         );
         assert_eq!(judged(holds(false, false), true), Start::Bootstrap);
+        assert_eq!(
+            Start::Bootstrap.judged(Some(0), holds(false, false), false),
+            Start::Bootstrap,
+            "nothing before offset 0"
+        );
         assert_eq!(
             Start::Committed.judged(None, holds(false, false), false),
             Start::Committed

@@ -41,7 +41,8 @@ fn commit(group: &str, topic: &str, offsets: &[i64]) {
 
 /// A running idem of `protocol`: `inspect group` names its member and
 /// partitions, replay's dry run says --execute would refuse, and --execute
-/// refuses with the members named, committing nothing.
+/// refuses with the members named, committing nothing; once it stopped,
+/// the group is found and replay moves it.
 async fn a_running_group_is_seen(protocol: &str) {
     let topic = unique(&format!("group-tools-{protocol}"));
     create_topic(&topic, 2).await;
@@ -86,6 +87,25 @@ async fn a_running_group_is_seen(protocol: &str) {
         "nothing committed"
     );
     idem.terminate().await;
+
+    // Stopped, the group is found (not taken for a typo) and moved.
+    let (g, t) = (topic.clone(), topic.clone());
+    wait_until("the group has no members", CATCH_UP, || {
+        let (g, t) = (g.clone(), t.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                idem::tools::group::group_status(&kafka(), &g, &[t]).unwrap()
+            })
+            .await
+            .unwrap()
+            .members
+            .is_empty()
+        }
+    })
+    .await;
+    let (code, _, err) = tool(&topic, &[&replay[..], &["--execute"]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(committed(&topic, &topic, 2).await, vec![0, 0]);
 }
 
 fn sample_stream(prefix: &str, events: usize) -> Vec<idem::tools::sample::SampleRecord> {

@@ -396,7 +396,7 @@ async fn reconcile_reads_every_topic_that_writes_the_prefix() {
     );
     assert_eq!(code, 2, "refused: {err}");
     assert!(
-        err.contains("--delete-extra refused") && err.contains(&b),
+        err.contains("--repair refused") && err.contains(&b),
         "{err}"
     );
     assert!(
@@ -474,4 +474,38 @@ async fn reconcile_reads_every_topic_that_writes_the_prefix() {
     assert_eq!(extras.len(), 1, "{json}");
     assert_eq!(extras[0]["entity"], "ghost");
     assert!(all_exist(&prefix, &on_a).await && all_exist(&prefix, &on_b).await);
+}
+
+/// Redis lost its state while idem was stopped, and the operator replays
+/// before starting it: a move that would hide the loss (the next start
+/// would take the new commits as tied to the new epoch) is refused, naming
+/// what to do; a replay from the log's start is the loss accepted and the
+/// log re-applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_cannot_hide_a_loss_that_happened_while_idem_was_stopped() {
+    let topic = unique("tools-hidden-loss");
+    let records = stream(&topic, 300, 89);
+    applied_and_stopped(&topic, 2, &records).await;
+    lose_state(&topic).await;
+    let group = ["--topic", topic.as_str(), "--group", topic.as_str()];
+    let (code, _, err) = tool(
+        &topic,
+        &[&["replay"][..], &group, &["--shift-by", "-10", "--execute"]].concat(),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("would hide it") && err.contains("--to-earliest"),
+        "{err}"
+    );
+    let before = commit_metadata(&topic, &topic, 2).await;
+    let (code, _, err) = tool(
+        &topic,
+        &[&["replay"][..], &group, &["--to-earliest", "--execute"]].concat(),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_ne!(commit_metadata(&topic, &topic, 2).await, before);
+    let idem = started(&topic, "after the replay").await;
+    let (model, _) = oracle(&records);
+    wait_matches_oracle(&redis_url(), &topic, &model, CATCH_UP).await;
+    idem.terminate().await;
 }

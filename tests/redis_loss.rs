@@ -571,6 +571,36 @@ async fn a_loss_past_the_log_start_is_refused_with_what_to_do() {
             "{name}: nothing is applied before the refusal"
         );
     }
+
+    // The refusal's advice, followed: the loss accepted, the rest re-applied.
+    let url = redis.url();
+    let replay = idem_tool(
+        &[
+            "replay",
+            "--topic",
+            &topic,
+            "--group",
+            &topic,
+            "--to-earliest",
+            "--execute",
+        ],
+        &topic,
+        &[
+            ("IDEM__REDIS__URL", url.as_str()),
+            ("IDEM__REDIS__MODE", "standalone"),
+        ],
+    );
+    let err = String::from_utf8_lossy(&replay.stderr);
+    assert!(replay.status.success(), "{err}");
+    assert!(
+        err.contains("accepts that"),
+        "the replay says it accepts the loss: {err}"
+    );
+    let idem = Idem::spawn(&opts);
+    wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
+    let (kept, _) = oracle(&records[100..]);
+    wait_matches_oracle(&url, &topic, &kept, CATCH_UP).await;
+    idem.terminate().await;
 }
 
 /// A rollback that no failed call revealed (a silent reconnect) is not

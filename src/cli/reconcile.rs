@@ -71,7 +71,8 @@ pub async fn run(args: ReconcileArgs, config: Config) -> anyhow::Result<ExitCode
     if topics.is_empty() {
         topics = config.kafka.topics.clone();
     }
-    topics.dedup();
+    let mut seen = std::collections::BTreeSet::new();
+    topics.retain(|t| seen.insert(t.clone()));
     let opts = ReconcileOptions {
         topics,
         repair: args.repair,

@@ -19,8 +19,10 @@ use crate::tools::replay::{self, ReplayTarget};
 /// Replaying is safe for the state: already-applied events come back as
 /// duplicates (inside the dedupe window) or stale (after it).
 ///
-/// Refuses, with --execute: an unknown group (a typo) unless --create-group;
-/// a --to-offset past a partition's end (naming the end).
+/// Refuses an offset past a partition's end (naming the end); with
+/// --execute, an unknown group (a typo) unless --create-group, and a move
+/// that would hide a loss of Redis that happened while idem was stopped
+/// (start idem first, or replay from the log's start).
 ///
 /// Examples:
 ///   idem replay --topic orders --to-earliest
@@ -97,7 +99,8 @@ pub async fn run(args: ReplayArgs, config: Config) -> anyhow::Result<ExitCode> {
     if topics.is_empty() {
         topics = config.kafka.topics.clone();
     }
-    topics.dedup();
+    let mut seen = std::collections::BTreeSet::new();
+    topics.retain(|t| seen.insert(t.clone()));
     if topics.len() > 1 {
         anyhow::ensure!(
             args.partitions.is_empty() && args.to_offset.is_none(),
@@ -236,7 +239,14 @@ async fn execute(config: &Config, plan: replay::ReplayPlan) -> anyhow::Result<()
         );
         return Ok(());
     }
-    let metadata = replay::tie_to_redis(config, &plan).await?;
+    // Before Redis is written: the group may have started since the plan.
+    let (kafka, group, topic) = (config.kafka.clone(), plan.group.clone(), plan.topic.clone());
+    let status = tokio::task::spawn_blocking(move || {
+        crate::tools::group::group_status(&kafka, &group, &[topic])
+    })
+    .await??;
+    replay::refuse_if_active(&plan.group, &status.members)?;
+    let metadata = crate::tools::replay_tie::tie_to_redis(config, &plan).await?;
     let kafka = config.kafka.clone();
     let topic = plan.topic.clone();
     tokio::task::spawn_blocking(move || replay::execute(&kafka, &plan, &metadata)).await??;

@@ -105,8 +105,9 @@ pub struct RedisSide {
     pub store: ProgressStore,
     pub epoch: String,
     pub group: String,
-    /// `idem run --accept-commits`.
-    pub accept_commits: bool,
+    /// `idem run --accept-commits`, until the first assignment took it:
+    /// one start's decision, not a setting that outlives it.
+    pub accept_commits: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Resume for RedisSide {
@@ -119,12 +120,18 @@ impl Resume for RedisSide {
         consumer: &Arc<Consumer>,
         assigned: &[Committed],
     ) -> Result<Resumed, ResumeError> {
+        use std::sync::atomic::Ordering;
+        let accept = self.accept_commits.load(Ordering::Relaxed);
         let context = ResumeContext {
             epoch: &self.epoch,
             group: &self.group,
-            accept_commits: self.accept_commits,
+            accept_commits: accept,
         };
-        resume_points(&mut self.store, &context, consumer, assigned).await
+        let resumed = resume_points(&mut self.store, &context, consumer, assigned).await;
+        if accept && resumed.is_ok() {
+            self.accept_commits.store(false, Ordering::Relaxed);
+        }
+        resumed
     }
 }
 

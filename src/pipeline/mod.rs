@@ -149,11 +149,15 @@ async fn run_pipeline(
         async move { crate::dlq::check_topics(&config).await }
     });
     let mut backoff = Backoff::new(&config);
+    let accept_commits = Arc::new(std::sync::atomic::AtomicBool::new(options.accept_commits));
+    if options.accept_commits {
+        tracing::warn!("--accept-commits: the first assignment takes commits idem did not write as they are, even over a Redis that holds nothing of idem's; remove the flag (IDEM_ACCEPT_COMMITS) once idem started");
+    }
     loop {
         let Some((guard, mut redis)) = start_guard(&config, &health, &mut shutdown).await? else {
             return Ok(());
         };
-        redis.accept_commits = options.accept_commits;
+        redis.accept_commits = accept_commits.clone();
         health.set_redis_ok();
         let started = std::time::Instant::now();
         match run_consumer(&config, &health, &mut shutdown, guard, redis).await? {

@@ -339,7 +339,8 @@ async fn start_of(
 ) -> Result<Start, ResumeError> {
     let committed = c.offset.map(|o| (o, c.metadata.as_str()));
     let mut start = decide(committed, servers);
-    if start == Start::Bootstrap {
+    let records = servers.iter().any(|s| s.has_records);
+    if start == Start::Bootstrap && !records {
         let entities = match *holds_entities {
             Some(e) => e,
             None => *holds_entities.insert(
@@ -349,10 +350,7 @@ async fn start_of(
                     .map_err(ResumeError::Unreadable)?,
             ),
         };
-        let holds = RedisHolds {
-            records: servers.iter().any(|s| s.has_records),
-            entities,
-        };
+        let holds = RedisHolds { records, entities };
         start = start.judged(c.offset, holds, context.accept_commits);
     }
     if let Start::Rewind { .. } = start {

@@ -66,6 +66,15 @@ pub async fn start_guard(
         Err(e) => tracing::debug!(error = %e, "could not read Redis's persistence settings"),
     }
     let layout = KeyLayout::new(&config.redis.key_prefix);
+    // Who writes the prefix, for reconcile's extras (docs/redis-layout.md).
+    if let Err(e) = redis::cmd("SADD")
+        .arg(layout.writers_key())
+        .arg(&config.kafka.topics)
+        .query_async::<i64>(&mut conn)
+        .await
+    {
+        tracing::warn!(error = %e, "could not record the consumed topics in Redis ({}); idem reconcile --delete-extra will not know them from there", layout.writers_key());
+    }
     let mut store = ProgressStore::new(conn.clone(), layout.clone());
     let Some(epoch) = establish_epoch(config, &mut store, shutdown).await else {
         return Ok(None);
@@ -103,7 +112,7 @@ pub async fn start_guard(
             store,
             epoch,
             group,
-            accept_commits: false,
+            accept_commits: Default::default(),
         },
     )))
 }

@@ -117,6 +117,12 @@ impl KeyLayout {
         format!("{}:members:{{{group}}}", self.prefix)
     }
 
+    /// The topics every `idem run` on this prefix consumes (a set, never
+    /// shrunk): who writes the prefix, for `idem reconcile --delete-extra`.
+    pub fn writers_key(&self) -> String {
+        self.own_key("writers", None)
+    }
+
     /// The counter a durable wait increments (standalone Redis only).
     pub fn durability_barrier_key(&self) -> String {
         self.own_key("durability-barrier", None)
@@ -350,6 +356,7 @@ mod tests {
                 .replace(&format!("{{{}}}", slot_tag(0)), "{<tag>}"),
             l.redriven_key("<dlq topic>"),
             l.members_key("<group>"),
+            l.writers_key(),
         ]
     }
 

@@ -31,6 +31,9 @@ pub struct PartitionLag {
     pub partition: i32,
     /// The next offset the group will read; None when it never committed.
     pub committed: Option<i64>,
+    /// The commit's metadata (idem's names Redis's epoch: `resume`).
+    #[serde(skip)]
+    pub metadata: String,
     pub log_start: i64,
     pub end: i64,
     /// Records between the commit point (or log start) and the end.
@@ -111,10 +114,11 @@ pub fn group_status(
     let mut partitions = Vec::new();
     for e in tpl.elements() {
         let (low, high) = consumer.fetch_watermarks(e.topic(), e.partition(), timeout)?;
-        let committed = match committed
-            .find_partition(e.topic(), e.partition())
-            .map(|c| c.offset())
-        {
+        let found = committed.find_partition(e.topic(), e.partition());
+        let metadata = found
+            .as_ref()
+            .map_or(String::new(), |c| c.metadata().to_string());
+        let committed = match found.map(|c| c.offset()) {
             Some(Offset::Offset(o)) => Some(o),
             _ => None,
         };
@@ -123,6 +127,7 @@ pub fn group_status(
             topic: e.topic().to_string(),
             partition: e.partition(),
             committed,
+            metadata,
             log_start: low,
             end: high,
             lag: (high - from).max(0),

@@ -19,6 +19,7 @@ pub mod outbox;
 pub mod reconcile;
 pub mod redrive;
 pub mod replay;
+pub mod replay_tie;
 pub mod sample;
 pub mod topic_reader;
 pub mod topics;

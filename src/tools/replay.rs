@@ -55,6 +55,12 @@ pub struct PlanRow {
     /// The first offset inside the dedupe window, where it matters.
     #[serde(skip)]
     pub window_start: Option<i64>,
+    /// The partition's first offset now.
+    #[serde(skip)]
+    pub log_start: i64,
+    /// The current commit's metadata (idem's names Redis's epoch).
+    #[serde(skip)]
+    pub metadata: String,
 }
 
 /// What `idem replay` would do.
@@ -111,6 +117,8 @@ pub fn plan_row(
         recount: 0,
         decided: 0,
         window_start: None,
+        log_start,
+        metadata: String::new(),
     }
 }
 
@@ -270,6 +278,7 @@ pub fn plan(
                 p.committed,
                 reset,
             );
+            row.metadata = p.metadata.clone();
             if let Some(starts) = &window_start {
                 let from = row.new + row.reread;
                 row.window_start = Some(starts[&p.partition]);
@@ -384,41 +393,8 @@ impl ReplayPlan {
     }
 }
 
-/// Ties the plan to Redis before its commit, as idem's own start does: the
-/// epoch every marker agrees on (set where none is), and for each forward
-/// move (a skip the operator allowed) the progress records raised to the new
-/// offset on every server, so the next run does not take Redis for behind
-/// the skip and undo it. A backward move leaves the records as they are: a
-/// record below the new offset then means Redis lost what it held, and the
-/// next run re-reads from it. Returns the commit metadata naming the epoch.
-pub async fn tie_to_redis(config: &Config, plan: &ReplayPlan) -> anyhow::Result<String> {
-    let conn = crate::store::connect(&config.redis).await?;
-    let layout = crate::store::KeyLayout::new(&config.redis.key_prefix);
-    let mut store = crate::store::progress::ProgressStore::new(conn, layout);
-    let epoch = store.establish_epoch().await?;
-    let skips: Vec<(crate::offsets::TopicPartition, i64, Option<i64>)> = plan
-        .moves()
-        .filter(|r| r.reread < 0)
-        .map(|r| {
-            (
-                crate::offsets::TopicPartition::new(&plan.topic, r.partition),
-                r.new,
-                None,
-            )
-        })
-        .collect();
-    if !skips.is_empty() {
-        // The records of the topic as it is now (its id from the brokers).
-        if let Some(id) = crate::kafka::topic_ids::topic_id_of(&config.kafka, &plan.topic).await? {
-            store.learn_incarnations(&BTreeMap::from([(plan.topic.clone(), id)]));
-        }
-        store.record(&epoch, &skips, &[]).await?;
-    }
-    Ok(crate::resume::commit_metadata(&epoch))
-}
-
 /// Commits the moved partitions' new offsets for the group with `metadata`
-/// (from [`tie_to_redis`]), refusing while it has members; the partitions
+/// (from `tools::replay_tie::tie_to_redis`), refusing while it has members; the partitions
 /// the plan does not move keep their commits. Blocking.
 pub fn execute(
     kafka: &crate::config::KafkaConfig,

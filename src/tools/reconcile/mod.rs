@@ -226,17 +226,9 @@ pub async fn reconcile(
     let progress = std::sync::Arc::new(progress);
     let mut conn = store::connect_or_explain(&config.redis).await?;
     let layout = KeyLayout::new(&config.redis.key_prefix);
-    let registered = writers::registered_topics(&mut conn, &layout).await?;
-    let unread = writers::unread_writers(&config.kafka.topics, &registered, &opts.topics);
-    let extras_not_judged =
-        (!unread.is_empty()).then(|| writers::describe(&config.redis.key_prefix, &unread));
-    if let (true, Some(why)) = (opts.repair && opts.delete_extra, &extras_not_judged) {
-        // Before the read: a refusal should not cost the whole log.
-        anyhow::bail!(
-            "--delete-extra refused: {why}; their entities would be taken for extras and deleted. \
-             Read them too (--topic, repeated; by default every topic of kafka.topics), or run without --delete-extra"
-        );
-    }
+    let extras_not_judged = writers::unread_or_refuse(&mut conn, &layout, config, opts).await?;
+    // Entities changed from here on may come from records the read misses.
+    let read_started_ms = crate::relay::members::redis_now_ms(&mut conn).await?;
     let p = progress.clone();
     let log = read_logs(config, &opts.topics, move |n| {
         p(format!("read {n} records"))
@@ -271,7 +263,16 @@ pub async fn reconcile(
     match &extras_not_judged {
         None => {
             let in_log: BTreeSet<&String> = log.model.entities.keys().collect();
-            divergences.extend(not_in_log(&mut conn, &layout, &in_log, opts).await?);
+            let extras = not_in_log(
+                &mut conn,
+                &layout,
+                &in_log,
+                read_started_ms,
+                opts,
+                &*progress,
+            )
+            .await?;
+            divergences.extend(extras);
         }
         Some(why) => progress(format!(
             "entities no topic read names are not judged (entity_not_in_log): {why}"
@@ -416,12 +417,20 @@ async fn not_in_log(
     conn: &mut store::RedisConn,
     layout: &KeyLayout,
     in_log: &BTreeSet<&String>,
+    read_started_ms: u64,
     opts: &ReconcileOptions,
+    progress: &(dyn Fn(String) + Send + Sync),
 ) -> anyhow::Result<Vec<Divergence>> {
     let mut divergences = Vec::new();
+    let mut newer = 0;
     for entity in conn.entities(layout).await? {
         if !in_log.contains(&entity) {
             let view = store::read_entity(conn, layout, &entity).await?;
+            // Written since the read began: by records the read did not reach.
+            if view.updated_ms.is_some_and(|t| t >= read_started_ms) {
+                newer += 1;
+                continue;
+            }
             let mut repaired = false;
             if opts.repair && opts.delete_extra {
                 let keys = layout.entity(&entity);
@@ -443,6 +452,11 @@ async fn not_in_log(
                 not_repaired: not_repaired_reason(kind, opts.asked(), repaired),
             });
         }
+    }
+    if newer > 0 {
+        progress(format!(
+            "{newer} entities no record read names were written after the read began (by newer records): not judged"
+        ));
     }
     Ok(divergences)
 }

@@ -1,10 +1,10 @@
 //! Who else writes the key prefix. An entity that no topic read names is
 //! an extra only if every topic that writes the prefix was read: the
-//! config's `kafka.topics`, and the topics held by every deployment that
-//! shares the prefix (the members registry, `<prefix>:members:{<group>}`,
-//! names those that ran within the last hour: docs/redis-layout.md).
+//! config's `kafka.topics`, the topics every `idem run` recorded in
+//! `<prefix>:writers`, and those held by the members of every group
+//! registered in `<prefix>:members:{<group>}` (docs/redis-layout.md).
 //! Otherwise such an entity may be another topic's, live: it is neither
-//! reported nor deleted.
+//! reported nor deleted, and a repair could erase that topic's fields.
 
 use std::collections::BTreeSet;
 
@@ -30,21 +30,26 @@ pub(super) fn unread_writers(
         .filter(|t| !read.contains(t))
         .map(|t| ("kafka.topics".to_string(), t.clone()))
         .collect();
-    for (group, topics) in registered {
+    for (who, topics) in registered {
         for topic in topics.iter().filter(|t| !read.contains(t)) {
-            unread.push((format!("group {group}"), topic.clone()));
+            unread.push((who.clone(), topic.clone()));
         }
     }
     unread
 }
 
-/// The groups registered under `layout`'s prefix, each with the topics its
-/// members hold.
+/// Who writes `layout`'s prefix: the topics every `idem run` recorded in
+/// `<prefix>:writers` (as one pseudo-group), and the groups registered in
+/// the members registry, each with the topics its members hold.
 pub(super) async fn registered_topics(
     conn: &mut RedisConn,
     layout: &KeyLayout,
 ) -> anyhow::Result<Vec<(String, BTreeSet<String>)>> {
-    let mut registered = Vec::new();
+    let recorded: BTreeSet<String> = redis::cmd("SMEMBERS")
+        .arg(layout.writers_key())
+        .query_async(conn)
+        .await?;
+    let mut registered = vec![(format!("recorded in {}", layout.writers_key()), recorded)];
     for key in conn.scan_keys(&layout.members_key("*")).await? {
         let group = key
             .rsplit_once(":members:{")
@@ -55,9 +60,32 @@ pub(super) async fn registered_topics(
             .into_values()
             .flat_map(|r| r.owns.into_keys())
             .collect();
-        registered.push((group, topics));
+        registered.push((format!("group {group}"), topics));
     }
     Ok(registered)
+}
+
+/// Why entities no topic read names cannot be judged (topics that write
+/// the prefix were not read), or `None` when they can; refuses `--repair`
+/// in that case, before anything is read or written.
+pub(super) async fn unread_or_refuse(
+    conn: &mut RedisConn,
+    layout: &KeyLayout,
+    config: &crate::config::Config,
+    opts: &super::ReconcileOptions,
+) -> anyhow::Result<Option<String>> {
+    let registered = registered_topics(conn, layout).await?;
+    let unread = unread_writers(&config.kafka.topics, &registered, &opts.topics);
+    let Some(why) = (!unread.is_empty()).then(|| describe(layout.prefix(), &unread)) else {
+        return Ok(None);
+    };
+    anyhow::ensure!(
+        !opts.repair,
+        "--repair refused: {why}. A repair would rewrite an entity those topics also write without \
+         their fields (and --delete-extra would take their entities for extras). Read them too \
+         (--topic, repeated; by default every topic of kafka.topics), or run without --repair to report"
+    );
+    Ok(Some(why))
 }
 
 /// One sentence naming the unread writers.
@@ -80,7 +108,12 @@ mod tests {
     #[test]
     fn unread_writers_by_table() {
         let s = |v: &[&str]| v.iter().map(|t| t.to_string()).collect::<Vec<_>>();
-        let reg = |g: &str, v: &[&str]| (g.to_string(), v.iter().map(|t| t.to_string()).collect());
+        let reg = |g: &str, v: &[&str]| {
+            (
+                format!("group {g}"),
+                v.iter().map(|t| t.to_string()).collect(),
+            )
+        };
         assert!(unread_writers(&s(&["orders"]), &[], &s(&["orders"])).is_empty());
         assert_eq!(
             unread_writers(&s(&["orders", "pay"]), &[], &s(&["orders"])),
