@@ -9,34 +9,12 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
 
 const CATCH_UP: Duration = Duration::from_secs(120);
 
+/// `idem <args>` with the test's prefix: (exit code, stdout, stderr).
 fn tool(prefix: &str, args: &[&str]) -> (i32, String, String) {
-    let out = idem_tool(args, prefix, &[]);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Commits `offsets` (partition i at offsets[i]) for `group` as a plain client.
-fn commit(group: &str, topic: &str, offsets: &[i64]) {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for (p, o) in offsets.iter().enumerate() {
-        tpl.add_partition_offset(topic, p as i32, Offset::Offset(*o))
-            .unwrap();
-    }
-    consumer.commit(&tpl, CommitMode::Sync).unwrap();
+    idem_tool_output(args, prefix)
 }
 
 /// A running idem of `protocol`: `inspect group` names its member and
@@ -146,8 +124,8 @@ async fn replay_refuses_what_it_cannot_do_and_has_kafkas_moves() {
     produce(&topic, &sample_stream(&topic, 18)).await;
     produce(&other, &sample_stream(&other, 30)).await;
     let group = topic.clone();
-    commit(&group, &topic, &[10]);
-    commit(&group, &other, &[30]);
+    commit_as_a_plain_client(&group, &topic, &[10]);
+    commit_as_a_plain_client(&group, &other, &[30]);
 
     let typo = format!("{group}-typo");
     let earliest = |g: &str| -> Vec<String> {

@@ -15,8 +15,8 @@ use std::time::Duration;
 use common::*;
 use idem::model::Outcome;
 use idem::tools::sample::{generate, SampleRecord, SampleSpec};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::TopicPartitionList;
 
 const CATCH_UP: Duration = Duration::from_secs(120);
 
@@ -44,33 +44,6 @@ async fn lose_state(prefix: &str) {
         del.arg(&key);
         let _: redis::Value = del.query_async(&mut conn).await.unwrap();
     }
-}
-
-/// Runs `idem <args>` with the test's prefix: (exit code, stdout, stderr).
-fn tool(prefix: &str, args: &[&str]) -> (i32, String, String) {
-    let out = idem_tool(args, prefix, &[]);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Commits `offsets` for the group as any other Kafka client does (as
-/// `kafka-consumer-groups --reset-offsets --execute` does): no metadata.
-fn commit_as_a_plain_client(group: &str, topic: &str, offsets: &[i64]) {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for (p, o) in offsets.iter().enumerate() {
-        tpl.add_partition_offset(topic, p as i32, Offset::Offset(*o))
-            .unwrap();
-    }
-    consumer.commit(&tpl, CommitMode::Sync).unwrap();
 }
 
 /// The metadata of each partition's commit.
@@ -321,6 +294,11 @@ async fn an_ambiguous_start_is_refused_alike_and_each_reading_has_its_way() {
     let all: Vec<SampleRecord> = records.iter().chain(&later).cloned().collect();
     wait_matches_oracle(&redis_url(), &topic, &oracle(&all).0, CATCH_UP).await;
     idem.terminate().await;
+}
+
+/// `idem <args>` with the test's prefix: (exit code, stdout, stderr).
+fn tool(prefix: &str, args: &[&str]) -> (i32, String, String) {
+    idem_tool_output(args, prefix)
 }
 
 /// Runs `idem <args>` with the test's prefix and `IDEM__KAFKA__TOPICS`.

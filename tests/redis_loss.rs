@@ -12,7 +12,6 @@ use common::*;
 use idem::model::Outcome;
 use idem::tools::sample::{generate, SampleRecord, SampleSpec};
 use idem_testbench::conformance::harness::{PrivateCluster, PrivateRedis};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
 const CATCH_UP: Duration = Duration::from_secs(120);
@@ -338,23 +337,6 @@ async fn restore_snapshot(redis: &mut PrivateRedis, saved: &std::path::Path) {
     redis.restart().await.unwrap();
 }
 
-/// Commits `offsets` for `group` with no metadata, as idem before progress
-/// records (and every other tool) commits.
-fn commit_without_metadata(group: &str, topic: &str, offsets: &[i64]) {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for (p, o) in offsets.iter().enumerate() {
-        tpl.add_partition_offset(topic, p as i32, Offset::Offset(*o))
-            .unwrap();
-    }
-    consumer.commit(&tpl, CommitMode::Sync).unwrap();
-}
-
 /// A deployment upgraded from the version without progress records: Redis
 /// holds state but no epoch marker and no records, Kafka holds commits
 /// without idem's metadata. The new version starts without refusing and
@@ -390,7 +372,7 @@ async fn an_upgrade_bootstraps_progress_records_without_a_rewind() {
         redis_cmd(&url, &["DEL", &key]).await;
     }
     let ends = end_offsets(&topic, 2).await;
-    commit_without_metadata(&topic, &topic, &ends);
+    commit_as_a_plain_client(&topic, &topic, &ends);
 
     spec.seed = 64;
     spec.prefix = format!("{topic}-after");

@@ -213,6 +213,35 @@ pub fn idem_tool(args: &[&str], prefix: &str, env: &[(&str, &str)]) -> std::proc
         .expect("run idem")
 }
 
+/// `idem_tool` without more settings: (exit code, stdout, stderr).
+pub fn idem_tool_output(args: &[&str], prefix: &str) -> (i32, String, String) {
+    let out = idem_tool(args, prefix, &[]);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Commits `offsets` (partition i at offsets[i]) for `group` as any other
+/// Kafka client does (`kafka-consumer-groups --reset-offsets --execute`):
+/// without idem's metadata.
+pub fn commit_as_a_plain_client(group: &str, topic: &str, offsets: &[i64]) {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for (p, o) in offsets.iter().enumerate() {
+        tpl.add_partition_offset(topic, p as i32, rdkafka::Offset::Offset(*o))
+            .unwrap();
+    }
+    consumer.commit(&tpl, CommitMode::Sync).unwrap();
+}
+
 /// Runs `idem reconcile --topic <topic>` (key prefix `<topic>`, the only
 /// topic of kafka.topics) with `extra`
 /// arguments and `env`: its exit code and its JSON report.

@@ -256,9 +256,10 @@ async fn save_snapshot(redis: &PrivateRedis) -> anyhow::Result<std::path::PathBu
 }
 
 /// Two topics write one key prefix; `idem reconcile --repair` (then with
-/// `--delete-extra`) runs while both take traffic. Repairs never lower a
-/// seq and the extras check reads both topics, so nothing is lost,
-/// doubled or deleted.
+/// `--delete-extra`) runs while records arrive, the second while the whole
+/// second topic does. Repairs never lower a seq, the extras check reads
+/// both topics and leaves entities written after its read began, so
+/// nothing is lost, doubled or deleted.
 pub(super) async fn reconcile_during_traffic(
     spec: ConformanceSpec,
     seed: u64,
@@ -290,22 +291,44 @@ pub(super) async fn reconcile_during_traffic(
         &[],
     )?;
     let n = case.records.len();
+    // Each run while records arrive: the first while the first topic's
+    // first half is produced, the second (--delete-extra) while the whole
+    // second topic is, so that its entities appear in Redis after the run's
+    // read began (they must not be taken for extras).
+    let first_half = case.records[..n / 2].to_vec();
+    let runs: [(&[&str], &str, Vec<SampleRecord>); 2] = [
+        (&["--repair"], case.topic.as_str(), first_half),
+        (
+            &["--repair", "--delete-extra"],
+            second.as_str(),
+            on_second.clone(),
+        ),
+    ];
     let mut repairs = 0;
-    for (i, args) in [vec!["--repair"], vec!["--repair", "--delete-extra"]]
-        .into_iter()
-        .enumerate()
-    {
-        case.produce(i * n / 2, (i + 1) * n / 2).await?;
-        let half = on_second.len() / 2;
-        harness::produce(&case.env, &second, &on_second[i * half..(i + 1) * half]).await?;
+    let mut first_delivered = Vec::new();
+    for (i, (flags, topic, records)) in runs.into_iter().enumerate() {
+        let producing = {
+            let (env, topic) = (case.env.clone(), topic.to_string());
+            tokio::spawn(async move { harness::produce(&env, &topic, &records).await })
+        };
         let report = case.env.work_dir.join(format!("{}-{i}.json", case.topic));
         let report = report.to_string_lossy().into_owned();
-        let mut args = args;
+        let mut args = flags.to_vec();
         args.extend(["--report", report.as_str()]);
         let (code, out) = tool(&case, &topics, "reconcile", &args).await?;
         anyhow::ensure!(code <= 1, "reconcile failed ({code}): {out}");
+        let delivered = producing.await??;
+        if i == 0 {
+            first_delivered = delivered;
+        }
         repairs += 1;
     }
+    let rest = harness::produce(&case.env, &case.topic, &case.records[n / 2..]).await?;
+    let (first, second_half) = case.records.split_at(n / 2);
+    let (applied_first, applied_second) = case.applied.split_at(n / 2);
+    let mut positions = harness::positions(first, &first_delivered, applied_first);
+    positions.extend(harness::positions(second_half, &rest, applied_second));
+    case.positions.extend(positions);
     case.catch_up().await?;
     harness::wait_caught_up(&case.env, &case.topic, &second, 2, RECOVERY_BOUND).await?;
     p.terminate().await;
