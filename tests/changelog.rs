@@ -351,20 +351,7 @@ async fn changes_are_published_in_version_order_with_their_ids() {
 /// `idem replay` of `topic`'s group (named like the topic) to the earliest
 /// offsets, once the group is empty.
 async fn replay_from_the_start(topic: &str) {
-    let (g, t) = (topic.to_string(), topic.to_string());
-    wait_until("the group has no members", CATCH_UP, || {
-        let (g, t) = (g.clone(), t.clone());
-        async move {
-            tokio::task::spawn_blocking(move || {
-                idem::tools::group::group_status(&kafka(), &g, &[t]).unwrap()
-            })
-            .await
-            .unwrap()
-            .members
-            .is_empty()
-        }
-    })
-    .await;
+    wait_group_empty(topic, topic).await;
     let out = idem_tool(
         &[
             "replay",

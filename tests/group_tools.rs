@@ -67,20 +67,7 @@ async fn a_running_group_is_seen(protocol: &str) {
     idem.terminate().await;
 
     // Stopped, the group is found (not taken for a typo) and moved.
-    let (g, t) = (topic.clone(), topic.clone());
-    wait_until("the group has no members", CATCH_UP, || {
-        let (g, t) = (g.clone(), t.clone());
-        async move {
-            tokio::task::spawn_blocking(move || {
-                idem::tools::group::group_status(&kafka(), &g, &[t]).unwrap()
-            })
-            .await
-            .unwrap()
-            .members
-            .is_empty()
-        }
-    })
-    .await;
+    wait_group_empty(&topic, &topic).await;
     let (code, _, err) = tool(&topic, &[&replay[..], &["--execute"]].concat());
     assert_eq!(code, 0, "{err}");
     assert_eq!(committed(&topic, &topic, 2).await, vec![0, 0]);

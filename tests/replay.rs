@@ -64,23 +64,6 @@ fn replay_to_earliest(topic: &str) -> (i32, String, String) {
     )
 }
 
-async fn wait_group_empty(group: &str, topic: &str) {
-    let (g, t) = (group.to_string(), topic.to_string());
-    wait_until("the group has no members", CATCH_UP, || {
-        let (g, t) = (g.clone(), t.clone());
-        async move {
-            tokio::task::spawn_blocking(move || {
-                idem::tools::group::group_status(&common::kafka(), &g, &[t]).unwrap()
-            })
-            .await
-            .unwrap()
-            .members
-            .is_empty()
-        }
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_to_earliest_applies_nothing_and_catches_up() {
     let topic = unique("replay-earliest");

@@ -240,12 +240,8 @@ async fn execute(config: &Config, plan: replay::ReplayPlan) -> anyhow::Result<()
         return Ok(());
     }
     // Before Redis is written: the group may have started since the plan.
-    let (kafka, group, topic) = (config.kafka.clone(), plan.group.clone(), plan.topic.clone());
-    let status = tokio::task::spawn_blocking(move || {
-        crate::tools::group::group_status(&kafka, &group, &[topic])
-    })
-    .await??;
-    replay::refuse_if_active(&plan.group, &status.members)?;
+    let (kafka, checked) = (config.kafka.clone(), plan.clone());
+    tokio::task::spawn_blocking(move || replay::refuse_if_still_active(&kafka, &checked)).await??;
     let metadata = crate::tools::replay_tie::tie_to_redis(config, &plan).await?;
     let kafka = config.kafka.clone();
     let topic = plan.topic.clone();

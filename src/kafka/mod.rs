@@ -446,6 +446,20 @@ pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// The list `(topic, partition, next offset)` to commit, each with `metadata`.
+pub fn offsets_with_metadata<'a>(
+    offsets: impl IntoIterator<Item = (&'a str, i32, i64)>,
+    metadata: &str,
+) -> rdkafka::error::KafkaResult<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition, next) in offsets {
+        let mut elem = tpl.add_partition(topic, partition);
+        elem.set_metadata(metadata);
+        elem.set_offset(Offset::Offset(next))?;
+    }
+    Ok(tpl)
+}
+
 /// Stores `next` (the next offset to read) as the partition's commit point,
 /// with `metadata` (see `resume::commit_metadata`); returns whether it was
 /// stored. A partition no longer assigned is skipped: its new owner decides.
@@ -455,12 +469,8 @@ pub fn store_offset<C: ConsumerContext>(
     next: i64,
     metadata: &str,
 ) -> bool {
-    let mut tpl = TopicPartitionList::with_capacity(1);
-    let mut elem = tpl.add_partition(&tp.topic, tp.partition);
-    elem.set_metadata(metadata);
-    let stored = elem
-        .set_offset(Offset::Offset(next))
-        .and_then(|()| consumer.store_offsets(&tpl));
+    let stored = offsets_with_metadata([(tp.topic.as_str(), tp.partition, next)], metadata)
+        .and_then(|tpl| consumer.store_offsets(&tpl));
     match stored {
         Ok(()) => {
             metrics::set_stored_offset(&tp.topic, tp.partition, next);
@@ -483,15 +493,12 @@ pub fn commit_async<C: ConsumerContext>(
     offsets: &[(TopicPartition, i64)],
     metadata: &str,
 ) {
-    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
-    for (tp, next) in offsets {
-        let mut elem = tpl.add_partition(&tp.topic, tp.partition);
-        elem.set_metadata(metadata);
-        if let Err(e) = elem.set_offset(Offset::Offset(*next)) {
-            tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %e, "offset not set for the commit");
-        }
-    }
-    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+    let listed = offsets
+        .iter()
+        .map(|(tp, next)| (tp.topic.as_str(), tp.partition, *next));
+    let sent = offsets_with_metadata(listed, metadata)
+        .and_then(|tpl| consumer.commit(&tpl, CommitMode::Async));
+    if let Err(e) = sent {
         tracing::warn!(error = %e, "commit not sent; tried again in a few seconds");
     }
 }

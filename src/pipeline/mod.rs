@@ -38,6 +38,7 @@ use consumer::{Consumer, Forwarder, KafkaEvent, PollThread};
 use event_loop::{EventLoop, LoopEnd, RedisSide, StageLink};
 use guard_stage::GuardStage;
 pub use owned::OwnedPartitions;
+pub use recovery::judged_start;
 use recovery::ProgressRecords;
 pub use shutdown::{Shutdown, ShutdownTrigger};
 use startup::start_guard;

@@ -338,21 +338,15 @@ async fn start_of(
     holds_entities: &mut Option<bool>,
 ) -> Result<Start, ResumeError> {
     let committed = c.offset.map(|o| (o, c.metadata.as_str()));
-    let mut start = decide(committed, servers);
-    let records = servers.iter().any(|s| s.has_records);
-    if start == Start::Bootstrap && !records {
-        let entities = match *holds_entities {
-            Some(e) => e,
-            None => *holds_entities.insert(
-                store
-                    .holds_entities()
-                    .await
-                    .map_err(ResumeError::Unreadable)?,
-            ),
-        };
-        let holds = RedisHolds { records, entities };
-        start = start.judged(c.offset, holds, context.accept_commits);
-    }
+    let mut start = judged_start(
+        store,
+        committed,
+        servers,
+        context.accept_commits,
+        holds_entities,
+    )
+    .await
+    .map_err(ResumeError::Unreadable)?;
     if let Start::Rewind { .. } = start {
         // Only a rewind needs the log: does it still hold the records?
         let log_start = low_watermark(consumer, &c.tp).await.ok_or_else(|| {
@@ -364,6 +358,31 @@ async fn start_of(
         start = start.within_log(log_start);
     }
     Ok(start)
+}
+
+/// A partition's start from its commit and what Redis holds
+/// (`resume::decide`, a bootstrap then `Start::judged`): the decision of
+/// `idem run`, and what `idem replay` checks before it moves a commit.
+/// `holds_entities` keeps the answer of the one SCAN across a call's
+/// partitions; it is asked only for a bootstrap where no server has records.
+pub async fn judged_start(
+    store: &mut ProgressStore,
+    committed: Option<(i64, &str)>,
+    servers: &[MasterRecord],
+    accept_commits: bool,
+    holds_entities: &mut Option<bool>,
+) -> Result<Start, StoreError> {
+    let start = decide(committed, servers);
+    let records = servers.iter().any(|s| s.has_records);
+    if start != Start::Bootstrap || records {
+        return Ok(start);
+    }
+    let entities = match *holds_entities {
+        Some(e) => e,
+        None => *holds_entities.insert(store.holds_entities().await?),
+    };
+    let holds = RedisHolds { records, entities };
+    Ok(start.judged(committed.map(|(o, _)| o), holds, accept_commits))
 }
 
 /// Why idem must not run, for a refused or ambiguous start: what happened

@@ -394,26 +394,22 @@ impl ReplayPlan {
 }
 
 /// Commits the moved partitions' new offsets for the group with `metadata`
-/// (from `tools::replay_tie::tie_to_redis`), refusing while it has members; the partitions
-/// the plan does not move keep their commits. Blocking.
+/// (from `tools::replay_tie::tie_to_redis`); the partitions the plan does
+/// not move keep their commits. Call [`refuse_if_still_active`] first.
+/// Blocking.
 pub fn execute(
     kafka: &crate::config::KafkaConfig,
     plan: &ReplayPlan,
     metadata: &str,
 ) -> anyhow::Result<()> {
-    // Check again right before committing: someone may have started meanwhile.
-    let status = group_status(kafka, &plan.group, std::slice::from_ref(&plan.topic))?;
-    refuse_if_active(&plan.group, &status.members)?;
     let consumer: BaseConsumer<QuietContext> = crate::kafka::base_config(kafka)
         .set("group.id", &plan.group)
         .set("enable.auto.commit", "false")
         .create_with_context(QuietContext)?;
-    let mut tpl = TopicPartitionList::new();
-    for r in plan.moves() {
-        let mut elem = tpl.add_partition(&plan.topic, r.partition);
-        elem.set_offset(Offset::Offset(r.new))?;
-        elem.set_metadata(metadata);
-    }
+    let moves = plan
+        .moves()
+        .map(|r| (plan.topic.as_str(), r.partition, r.new));
+    let tpl = crate::kafka::offsets_with_metadata(moves, metadata)?;
     if tpl.count() == 0 {
         return Ok(());
     }
@@ -424,6 +420,16 @@ pub fn execute(
         )
     })?;
     Ok(())
+}
+
+/// Refuses while the group has members now: someone may have started since
+/// the plan. Checked before Redis is written. Blocking.
+pub fn refuse_if_still_active(
+    kafka: &crate::config::KafkaConfig,
+    plan: &ReplayPlan,
+) -> anyhow::Result<()> {
+    let status = group_status(kafka, &plan.group, std::slice::from_ref(&plan.topic))?;
+    refuse_if_active(&plan.group, &status.members)
 }
 
 /// An error naming the active members and how to stop them.

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 
 use crate::config::Config;
 use crate::offsets::TopicPartition;
-use crate::resume::{decide, Cause, RedisHolds, Start};
+use crate::pipeline::judged_start;
+use crate::resume::{Cause, Start};
 use crate::store::progress::ProgressStore;
 use crate::tools::replay::{PlanRow, ReplayPlan};
 
@@ -62,19 +63,7 @@ pub async fn tie_to_redis(config: &Config, plan: &ReplayPlan) -> anyhow::Result<
     let mut raised = Vec::new();
     for ((row, tp), servers) in moved.iter().zip(&tps).zip(&views) {
         let committed = row.current.map(|c| (c, row.metadata.as_str()));
-        let mut start = decide(committed, servers);
-        let records = servers.iter().any(|s| s.has_records);
-        if start == Start::Bootstrap && !records {
-            let e = match entities {
-                Some(e) => e,
-                None => *entities.insert(store.holds_entities().await?),
-            };
-            let holds = RedisHolds {
-                records,
-                entities: e,
-            };
-            start = start.judged(row.current, holds, false);
-        }
+        let start = judged_start(&mut store, committed, servers, false, &mut entities).await?;
         anyhow::ensure!(
             !hides_a_loss(&start, row),
             "{}/{}: Redis lost its state since the group's commit at {} ({}), and moving to {} would hide it: \

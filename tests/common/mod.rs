@@ -213,6 +213,24 @@ pub fn idem_tool(args: &[&str], prefix: &str, env: &[(&str, &str)]) -> std::proc
         .expect("run idem")
 }
 
+/// Until the group has no members (its instances stopped and left).
+pub async fn wait_group_empty(group: &str, topic: &str) {
+    let (g, t) = (group.to_string(), topic.to_string());
+    wait_until("the group has no members", Duration::from_secs(120), || {
+        let (g, t) = (g.clone(), t.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                idem::tools::group::group_status(&kafka(), &g, &[t]).unwrap()
+            })
+            .await
+            .unwrap()
+            .members
+            .is_empty()
+        }
+    })
+    .await;
+}
+
 /// `idem_tool` without more settings: (exit code, stdout, stderr).
 pub fn idem_tool_output(args: &[&str], prefix: &str) -> (i32, String, String) {
     let out = idem_tool(args, prefix, &[]);
