@@ -2,11 +2,15 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 RUN apt-get update && apt-get install -y --no-install-recommends cmake libssl-dev pkg-config && rm -rf /var/lib/apt/lists/*
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY config ./config
 # The workspace names the test bench; only the idem binary is built and shipped.
 COPY testbench ./testbench
+# The commit `idem --version` and idem_build_info name (the build context has
+# no .git): docker build --build-arg IDEM_COMMIT=$(git rev-parse --short=12 HEAD) .
+ARG IDEM_COMMIT=unknown
+ENV IDEM_COMMIT=${IDEM_COMMIT}
 RUN cargo build --release --locked -p idem --bin idem
 # The release profile keeps line tables for profiles (debug = 1): ship the
 # binary without them and keep them apart, linked by a .gnu_debuglink, so

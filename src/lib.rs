@@ -9,6 +9,8 @@
 //! - [`effects`]: what an event does, declared per topic and event type:
 //!   merge, replace, counters, ledger, sets, custom Lua; planned purely.
 //! - [`config`]: typed settings from `config/default.toml`, a file and `IDEM__…` variables.
+//! - [`version`]: this build's release and commit; the release each
+//!   setting needs from every member of a group.
 //! - [`consumed`]: which records of a partition were decided, forever: the
 //!   decided ranges and the entities' offset marks, and the re-read rule.
 //! - [`model`]: the decision rules as a pure function (the oracle of the tests).
@@ -50,3 +52,4 @@ pub mod relay;
 pub mod resume;
 pub mod store;
 pub mod tools;
+pub mod version;

@@ -24,6 +24,27 @@ impl TopicPartition {
     }
 }
 
+/// Which partitions, for a log line: `orders[0,2] payments[1]` (topics in
+/// order, each topic's partitions sorted), `none` for an empty list.
+pub fn describe_partitions<'a>(tps: impl IntoIterator<Item = &'a TopicPartition>) -> String {
+    let mut by_topic: BTreeMap<&str, Vec<i32>> = BTreeMap::new();
+    for tp in tps {
+        by_topic.entry(&tp.topic).or_default().push(tp.partition);
+    }
+    if by_topic.is_empty() {
+        return "none".to_string();
+    }
+    let topics: Vec<String> = by_topic
+        .into_iter()
+        .map(|(topic, mut partitions)| {
+            partitions.sort_unstable();
+            let list: Vec<String> = partitions.iter().map(i32::to_string).collect();
+            format!("{topic}[{}]", list.join(","))
+        })
+        .collect();
+    topics.join(" ")
+}
+
 /// Progress of one partition. Offsets are begun in fetch order; they may have
 /// gaps (compaction, transaction markers), which is why the tracker keeps the
 /// fetched offsets rather than assuming `offset + 1`.
@@ -157,6 +178,18 @@ impl Offsets {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The assignment's log line names the partitions, not only their count.
+    #[test]
+    fn partitions_are_named_by_topic() {
+        let tps = [
+            TopicPartition::new("payments", 1),
+            TopicPartition::new("orders", 2),
+            TopicPartition::new("orders", 0),
+        ];
+        assert_eq!(describe_partitions(&tps), "orders[0,2] payments[1]");
+        assert_eq!(describe_partitions(&[]), "none");
+    }
 
     /// A rewound partition (a rebalance hands back offsets already begun):
     /// the repeated offsets are not tracked again, and the commit point

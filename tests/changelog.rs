@@ -1,4 +1,4 @@
-//! The change stream (docs/changelog.md): the outbox the guard writes in
+//! The change stream (docs/change-stream.md): the outbox the guard writes in
 //! the same step as each change, and the relay that publishes it, against
 //! the real broker and Redis (and the Redis Cluster in its pass).
 
@@ -987,7 +987,7 @@ async fn save_snapshot(redis: &PrivateRedis) -> std::path::PathBuf {
 /// second third again: its changes come out again under the same versions,
 /// with the same content (one partition per entity, ids still in the
 /// window), so under ids already published, and a deduplicating consumer
-/// drops the copies (the guarantee across a rollback, docs/changelog.md).
+/// drops the copies (the guarantee across a rollback, docs/change-stream.md).
 /// A chained idem ends with the source's view, entity for entity, every
 /// version applied once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

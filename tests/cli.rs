@@ -568,3 +568,238 @@ fn topics_apply_on_a_folder_without_toml_files_says_so() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no *.toml topic files in"), "{stderr}");
 }
+
+/// `idem run` as a child, killed if it has not exited within `within`
+/// (a start that should refuse must not hang the suite).
+fn run_expecting_exit(env: &[(&str, &str)], within: std::time::Duration) -> std::process::Output {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
+        .arg("run")
+        .env("IDEM__KAFKA__BROKERS", brokers())
+        .env(
+            "IDEM__METRICS__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn idem run");
+    let deadline = std::time::Instant::now() + within;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "idem run did not exit within {within:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// `redis.mode = "standalone"` pointed at a Redis Cluster node: `idem
+/// check` fails saying so (it said `ok redis standalone`), and `idem run`
+/// refuses to start with the same words (it retried `Moved` for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_mode_pointed_at_a_cluster_node_fails_check_and_refuses_run() {
+    let topic = unique("cluster-node");
+    create_topic(&topic, 1).await;
+    let node = redis_cluster_url().split(',').next().unwrap().to_string();
+    let env = [
+        ("IDEM__KAFKA__TOPICS", topic.as_str()),
+        ("IDEM__KAFKA__GROUP_ID", topic.as_str()),
+        ("IDEM__REDIS__URL", node.as_str()),
+        ("IDEM__REDIS__MODE", "standalone"),
+        ("IDEM__REDIS__KEY_PREFIX", topic.as_str()),
+    ];
+    let says = "this is a Redis Cluster node: set redis.mode = \"cluster\"";
+    let check = idem_tool(&["check", "--timeout", "5s"], &topic, &env);
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains(says), "{stdout}");
+    assert!(!stdout.contains("ok   redis "), "{stdout}");
+    let run = run_expecting_exit(&env, std::time::Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    assert!(stderr.contains(says), "{stderr}");
+}
+
+/// The changelog on and its topic missing: `idem check` fails naming the
+/// topic and the fix, `/readyz` names it while it lasts, and is ready once
+/// the topic exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_changelog_topic_fails_check_and_is_named_by_readyz_while_it_lasts() {
+    let topic = unique("chg-missing");
+    create_topic(&topic, 1).await;
+    let changelog = format!("{topic}.changes");
+    let env = [
+        ("IDEM__KAFKA__TOPICS", topic.as_str()),
+        ("IDEM__CHANGELOG__TOPICS", topic.as_str()),
+    ];
+    let check = idem_tool(&["check", "--timeout", "5s"], &topic, &env);
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{stdout}");
+    let failed: Vec<&str> = stdout.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert!(
+        failed.len() == 1
+            && failed[0].contains(&format!("changelog topic {changelog} does not exist"))
+            && failed[0].contains("idem topics apply"),
+        "{stdout}"
+    );
+    let idem =
+        Idem::spawn(&IdemOpts::new(&topic, &topic, &topic).with("IDEM__CHANGELOG__TOPICS", &topic));
+    wait_until(
+        "/readyz names the missing changelog topic",
+        std::time::Duration::from_secs(60),
+        || async {
+            http_get(idem.metrics_port, "/readyz")
+                .await
+                .is_some_and(|r| r.contains(&format!("changelog topic {changelog} does not exist")))
+        },
+    )
+    .await;
+    create_topic_without_dlq(&changelog, 1).await;
+    wait_until(
+        "/readyz is ready once the topic exists",
+        std::time::Duration::from_secs(60),
+        || async { http_get(idem.metrics_port, "/readyz").await.as_deref() == Some("ready\n") },
+    )
+    .await;
+    idem.terminate().await;
+}
+
+/// `--help` says what a replay's records come back as: `replayed`.
+#[test]
+fn replay_help_says_records_read_again_come_back_replayed() {
+    let (code, help, _) = idem_tool_output(&["replay", "--help"], "help");
+    assert_eq!(code, 0);
+    assert!(
+        help.contains("come back\n`replayed`") || help.contains("`replayed`"),
+        "{help}"
+    );
+    assert!(
+        !help.contains("come back as\nduplicates") && !help.contains("come back as duplicates"),
+        "{help}"
+    );
+}
+
+/// `--version` names the release and the commit the build came from.
+#[test]
+fn version_names_the_release_and_the_commit() {
+    let (code, out, _) = idem_tool_output(&["--version"], "version");
+    assert_eq!(code, 0);
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or("unknown".to_string(), |o| {
+            String::from_utf8_lossy(&o.stdout).trim().to_string()
+        });
+    assert_eq!(
+        out.trim(),
+        format!("idem {} (commit {head})", env!("CARGO_PKG_VERSION"))
+    );
+    assert_ne!(
+        env!("CARGO_PKG_VERSION"),
+        "0.2.0",
+        "a release, not the pre-release number"
+    );
+}
+
+/// `idem config show` prints values as TOML (lists and numbers bare), and
+/// `idem config defaults` prints the commented defaults the image lacks as
+/// a file.
+#[test]
+fn config_show_prints_toml_and_defaults_print_the_commented_file() {
+    let out = idem_tool(
+        &["config", "show"],
+        "config-show",
+        &[("IDEM__KAFKA__TOPICS", "orders,payments")],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let line = |key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{key} ")))
+            .unwrap_or_else(|| panic!("no {key} in {text}"))
+            .to_string()
+    };
+    assert!(
+        line("kafka.topics").contains(r#"= ["orders", "payments"]  # env"#),
+        "{text}"
+    );
+    assert!(line("dlq.max_ratio").contains("= 0.5  # default"), "{text}");
+    assert!(!text.contains("config/default.toml"), "{text}");
+    let (code, defaults, _) = idem_tool_output(&["config", "defaults"], "config-defaults");
+    assert_eq!(code, 0);
+    let file = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"))
+        .unwrap();
+    assert_eq!(defaults.trim_end(), file.trim_end());
+}
+
+/// `idem sample` refuses a fraction out of range, and a topic that does
+/// not exist at once, naming it (it waited 30 s for a flush timeout).
+#[test]
+fn sample_refuses_a_fraction_out_of_range_and_a_missing_topic_at_once() {
+    for bad in ["--duplicates=1.5", "--duplicates=-0.5", "--out-of-order=2"] {
+        let out = idem_tool(&["sample", "--topic", "x", bad], "sample", &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains("is not a fraction"), "{bad}: {stderr}");
+    }
+    let missing = unique("no-such-topic");
+    let started = std::time::Instant::now();
+    let out = idem_tool(
+        &["sample", "--topic", &missing, "--events", "10"],
+        "sample",
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("topic {missing} does not exist")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("OperationTimedOut"), "{stderr}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(25),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// Adding partitions says what it does to the entities' order.
+#[test]
+fn topics_apply_says_what_adding_partitions_does() {
+    let topic = unique("grow");
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique("grow-topics"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let declare = |partitions: u32| {
+        std::fs::write(
+            dir.join("t.toml"),
+            format!("[[topic]]\nname = \"{topic}\"\npartitions = {partitions}\n"),
+        )
+        .unwrap()
+    };
+    let dir_arg = dir.to_str().unwrap();
+    declare(1);
+    let out = idem_tool(&["topics", "apply", "--dir", dir_arg], &topic, &[]);
+    assert!(out.status.success(), "{out:?}");
+    declare(3);
+    let out = idem_tool(
+        &["topics", "apply", "--dry-run", "--dir", dir_arg],
+        &topic,
+        &[],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("partitions 1 -> 3"), "{text}");
+    assert!(
+        text.contains("keys then map to other partitions") && text.contains("per_field"),
+        "{text}"
+    );
+}

@@ -98,7 +98,22 @@ async fn metrics_count_a_scripted_scenario_exactly() {
         sum_metric(&text, "idem_duplicate_age_seconds_count", &[]),
         dups
     );
-    assert_eq!(sum_metric(&text, "idem_build_info", &[]), 1);
+    assert_eq!(
+        sum_metric(
+            &text,
+            "idem_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1
+    );
+    let build = text
+        .lines()
+        .find(|l| l.starts_with("idem_build_info{"))
+        .unwrap_or_default();
+    assert!(
+        build.contains("commit=\"") && !build.contains("commit=\"\""),
+        "{build}"
+    );
     for line in text.lines().filter(|l| l.starts_with("idem_")) {
         assert!(
             !line.contains(":e0") && !line.contains("-a0"),
@@ -651,4 +666,174 @@ async fn readyz_names_the_cause_it_knows() {
     })
     .await;
     no_topic.terminate().await;
+}
+
+/// `idem top` on a running group of two instances, from Redis alone: its
+/// totals equal the instances' own `idem_events_total`, it has rates and a
+/// duplicate ratio, and each member's registration names its release and
+/// commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_shows_a_running_groups_rates_and_totals_from_redis_alone() {
+    let topic = unique("top");
+    create_topic(&topic, 4).await;
+    let records = idem::tools::sample::generate(&idem::tools::sample::SampleSpec {
+        events: 1_500,
+        entities: 60,
+        duplicate_ratio: 0.2,
+        out_of_order_ratio: 0.05,
+        delete_ratio: 0.0,
+        data_bytes: 8,
+        seed: 7,
+        prefix: topic.clone(),
+        zipf: None,
+    });
+    produce(&topic, &records).await;
+    let opts = IdemOpts::new(&topic, &topic, &topic);
+    let members = [Idem::spawn(&opts), Idem::spawn(&opts)];
+    wait_caught_up(&topic, &topic, 4, CATCH_UP).await;
+    let own = |texts: &[String]| -> BTreeMap<String, u64> {
+        Outcome::ALL
+            .iter()
+            .map(|o| {
+                let n = texts
+                    .iter()
+                    .map(|t| {
+                        sum_metric(
+                            t,
+                            "idem_events_total",
+                            &[("topic", &topic), ("outcome", o.as_str())],
+                        )
+                    })
+                    .sum();
+                (o.as_str().to_string(), n)
+            })
+            .collect()
+    };
+    let top = || {
+        let out = idem_tool(
+            &["top", "--json"],
+            &topic,
+            &[("IDEM__KAFKA__GROUP_ID", topic.as_str())],
+        );
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    // Registrations are written every 5 s: wait for the one after the last batch.
+    let mut last = serde_json::Value::Null;
+    let produced = records.len();
+    wait_until(
+        "idem top's totals equal the instances' counters",
+        CATCH_UP,
+        || {
+            let report = top();
+            last = report.clone();
+            let (members, topic, own) = (&members, topic.clone(), &own);
+            async move {
+                let mut texts = Vec::new();
+                for m in members {
+                    texts.push(m.metrics().await.unwrap_or_default());
+                }
+                let counted = own(&texts);
+                let totals: BTreeMap<String, u64> = report["topics"]
+                    .as_array()
+                    .and_then(|ts| ts.iter().find(|t| t["topic"] == topic.as_str()))
+                    .and_then(|t| t["totals"].as_object().cloned())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.as_u64().unwrap_or(0)))
+                    .collect();
+                counted.values().sum::<u64>() as usize >= produced && totals == counted
+            }
+        },
+    )
+    .await;
+    let members_seen = last["members"].as_array().unwrap();
+    assert_eq!(members_seen.len(), 2, "{last}");
+    let (_, version, _) = idem_tool_output(&["--version"], "v");
+    for m in members_seen {
+        let registered = format!(
+            "idem {} (commit {})",
+            m["version"].as_str().unwrap(),
+            m["commit"].as_str().unwrap()
+        );
+        assert_eq!(registered, version.trim(), "{m}");
+    }
+    let row = &last["topics"][0];
+    assert!(row["events_per_second"].as_f64().unwrap() > 0.0, "{row}");
+    let ratio = row["duplicate_ratio"].as_f64().unwrap();
+    assert!(ratio > 0.0 && ratio < 1.0, "{row}");
+    let (code, table, _) = {
+        let out = idem_tool(
+            &["top", "--once"],
+            &topic,
+            &[("IDEM__KAFKA__GROUP_ID", topic.as_str())],
+        );
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            (),
+        )
+    };
+    assert_eq!(code, Some(0));
+    assert!(
+        table.contains("2 live instance(s)") && table.contains("DUP%") && table.contains(&topic),
+        "{table}"
+    );
+    for m in members {
+        m.terminate().await;
+    }
+}
+
+/// `idem check` compares the releases the group's members registered with
+/// the settings the config turns on: a member that registered `0.2.0` (a
+/// build before the first release) is older than every release, and fails
+/// the check once the config turns on a setting of 0.3.0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_a_member_too_old_for_a_setting_the_config_turns_on() {
+    use idem::relay::members;
+    let topic = unique("old-member");
+    create_topic(&topic, 1).await;
+    let mut conn = redis_conn(&redis_url()).await;
+    let key = idem::store::KeyLayout::new(&topic).members_key(&topic);
+    let now = members::redis_now_ms(&mut conn).await.unwrap();
+    // As a build before 0.3.0 writes it: no commit, no counts.
+    let old = format!(
+        r#"{{"version":"0.2.0","expires_ms":{},"changelog":[],"owns":{{"{topic}":[0]}}}}"#,
+        now + 120_000
+    );
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("old-host")
+        .arg(old)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let check = |extra: &[(&str, &str)]| {
+        let mut env = vec![
+            ("IDEM__KAFKA__TOPICS", topic.as_str()),
+            ("IDEM__KAFKA__GROUP_ID", topic.as_str()),
+        ];
+        env.extend_from_slice(extra);
+        let out = idem_tool(&["check", "--timeout", "5s"], &topic, &env);
+        let line = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.contains("group versions"))
+            .unwrap_or_default()
+            .to_string();
+        (out.status.code(), line)
+    };
+    let (code, line) = check(&[]);
+    assert_eq!(code, Some(0), "{line}");
+    assert!(
+        line.starts_with("ok") && line.contains("1 on 0.2.0 (an unknown build older than 0.3.0)"),
+        "{line}"
+    );
+    let (code, line) = check(&[("IDEM__DEDUPE__DENSE_SEQ_TOPICS", topic.as_str())]);
+    assert_eq!(code, Some(1), "{line}");
+    assert!(
+        line.starts_with("FAIL")
+            && line.contains("member old-host runs an unknown build older than 0.3.0")
+            && line.contains("dedupe.dense_seq_topics"),
+        "{line}"
+    );
 }

@@ -387,16 +387,16 @@ async fn reconcile_reads_every_topic_that_writes_the_prefix() {
     let member = Idem::spawn(&other);
     wait_all_hold_partitions(std::slice::from_ref(&member), "holding B").await;
     let key = idem::store::KeyLayout::new(&prefix).members_key(&format!("{prefix}-other"));
-    wait_until("the member registers B", CATCH_UP, || {
+    wait_until("the member registers B as held", CATCH_UP, || {
         let (key, b) = (key.clone(), b.clone());
         async move {
             let mut conn = redis_conn(&redis_url()).await;
-            let held: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
-                .arg(&key)
-                .query_async(&mut conn)
+            // Its partitions, not only its counts (which name B from start).
+            idem::relay::members::registrations(&mut conn, &key)
                 .await
-                .unwrap();
-            held.values().any(|r| r.contains(&b))
+                .unwrap()
+                .values()
+                .any(|r| r.owns.contains_key(&b))
         }
     })
     .await;

@@ -731,3 +731,33 @@ async fn decided_ranges_merge_in_redis_as_in_the_model() {
     assert!(!stored[0].contains(90_000));
     assert_ne!(renewed, epoch);
 }
+
+/// Instances starting together on a new prefix settle on one epoch: the
+/// one that sets the marker first wins and the other adopts it, so neither
+/// later takes the other's epoch for a loss of Redis ("epoch marker is X
+/// where idem expected Y", a false alarm). Each trial starts the second a
+/// few scheduler turns later, to cross its read of the markers with the
+/// first one's write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_starting_together_on_a_new_prefix_agree_on_the_epoch() {
+    use idem::store::{progress::ProgressStore, KeyLayout};
+    let url = redis_url();
+    let mut disagreed = Vec::new();
+    for trial in 0..30 {
+        let layout = KeyLayout::new(unique("epoch-race"));
+        let mut first = ProgressStore::new(redis_conn(&url).await, layout.clone());
+        let mut second = ProgressStore::new(redis_conn(&url).await, layout);
+        let a = tokio::spawn(async move { first.establish_epoch().await.unwrap() });
+        let b = tokio::spawn(async move {
+            for _ in 0..trial % 12 {
+                tokio::task::yield_now().await;
+            }
+            second.establish_epoch().await.unwrap()
+        });
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        if a != b {
+            disagreed.push((trial, a, b));
+        }
+    }
+    assert!(disagreed.is_empty(), "epochs differ: {disagreed:?}");
+}

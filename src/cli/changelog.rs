@@ -1,4 +1,4 @@
-//! `idem changelog`: the change stream's own tools (docs/changelog.md).
+//! `idem changelog`: the change stream's own tools (docs/change-stream.md).
 
 use std::process::ExitCode;
 
@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use crate::config::Config;
 use crate::store::{self, KeyLayout};
 
-/// The change stream's tools (docs/changelog.md)
+/// The change stream's tools (docs/change-stream.md)
 ///
 /// Examples:
 ///   idem changelog snapshot --topic orders             # how many entities it would write
@@ -58,14 +58,14 @@ pub async fn run(args: ChangelogArgs, config: Config) -> anyhow::Result<ExitCode
         (None, [only]) => only.clone(),
         (Some(t), _) => {
             eprintln!(
-                "error: --topic {t} has no changelog: changelog.topics is [{}]. Add it (e.g. IDEM__CHANGELOG__TOPICS={t}); docs/changelog.md",
+                "error: --topic {t} has no changelog: changelog.topics is [{}]. Add it (e.g. IDEM__CHANGELOG__TOPICS={t}); docs/change-stream.md",
                 topics.join(",")
             );
             return Ok(ExitCode::from(super::EXIT_FAILED));
         }
         (None, _) => {
             eprintln!(
-                "error: name the source topic with --topic (changelog.topics is [{}]); docs/changelog.md",
+                "error: name the source topic with --topic (changelog.topics is [{}]); docs/change-stream.md",
                 topics.join(",")
             );
             return Ok(ExitCode::from(super::EXIT_FAILED));

@@ -20,9 +20,11 @@ pub struct ConfigArgs {
 enum ConfigAction {
     /// Every effective key, its value and the layer that set it
     ///
-    /// The layers: `default` (config/default.toml), `file` (--config), `env`
-    /// (an IDEM__… variable) and `flag` (--timeout, which sets
-    /// kafka.request_timeout for one run). Secrets are redacted.
+    /// The layers: `default` (built in: `idem config defaults` prints them with
+    /// their comments), `file` (--config), `env` (an IDEM__… variable) and
+    /// `flag` (--timeout, which sets kafka.request_timeout for one run).
+    /// Values are TOML (strings quoted, numbers and lists bare), so a line can
+    /// be pasted into a config file. Secrets are redacted.
     ///
     /// Example: IDEM__KAFKA__GROUP_ID=orders idem config show | grep group_id
     #[command(verbatim_doc_comment)]
@@ -32,6 +34,12 @@ enum ConfigAction {
         #[arg(long)]
         json: bool,
     },
+    /// The built-in defaults as a commented TOML file: every key, what it
+    /// does, and its default (a starting point for --config)
+    ///
+    /// Example: idem config defaults > idem.toml
+    #[command(verbatim_doc_comment)]
+    Defaults,
 }
 
 pub async fn run(
@@ -40,7 +48,13 @@ pub async fn run(
     file: Option<PathBuf>,
     timeout: Option<std::time::Duration>,
 ) -> anyhow::Result<ExitCode> {
-    let ConfigAction::Show { json } = args.action;
+    let json = match args.action {
+        ConfigAction::Show { json } => json,
+        ConfigAction::Defaults => {
+            crate::outln!("{}", crate::config::DEFAULTS.trim_end());
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     let env: HashMap<String, String> = std::env::vars().collect();
     let mut settings = effective(file.as_deref(), &env)?;
     if timeout.is_some() {
@@ -49,21 +63,29 @@ pub async fn run(
             .iter_mut()
             .filter(|s| s.key == "kafka.request_timeout")
         {
-            s.value = crate::config::format_duration(config.kafka.request_timeout);
+            s.value = format!(
+                "{:?}",
+                crate::config::format_duration(config.kafka.request_timeout)
+            );
             s.layer = Layer::Flag;
         }
     }
     if json {
         let rows: Vec<serde_json::Value> = settings
             .iter()
-            .map(|s| serde_json::json!({"key": s.key, "value": s.value, "layer": s.layer.as_str()}))
+            .map(|s| {
+                // TOML's strings, numbers, booleans and lists read as JSON.
+                let value = serde_json::from_str(&s.value)
+                    .unwrap_or_else(|_| serde_json::Value::from(s.value.as_str()));
+                serde_json::json!({"key": s.key, "value": value, "layer": s.layer.as_str()})
+            })
             .collect();
         outln!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(ExitCode::SUCCESS);
     }
     let width = settings.iter().map(|s| s.key.len()).max().unwrap_or(0);
     for s in &settings {
-        outln!("{:width$} = {:?}  # {}", s.key, s.value, s.layer.as_str());
+        outln!("{:width$} = {}  # {}", s.key, s.value, s.layer.as_str());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -69,7 +69,7 @@ enum InspectWhat {
         #[arg(long)]
         json: bool,
     },
-    /// Show the changelog's outboxes (docs/changelog.md)
+    /// Show the changelog's outboxes (docs/change-stream.md)
     ///
     /// Each outbox that holds changes not yet published: its depth, its
     /// oldest change and that change's age; and which relay holds the lease.

@@ -18,6 +18,7 @@ pub mod relay;
 pub mod replay;
 pub mod run;
 pub mod sample;
+pub mod top;
 pub mod topics;
 
 /// idem applies Kafka topics to Redis with exactly-once effects.
@@ -40,7 +41,7 @@ pub mod topics;
 /// (an object, or an array of objects, as the command's help says) and
 /// nothing else there; progress and diagnostics go to stderr.
 #[derive(Debug, Parser)]
-#[command(name = "idem", version, propagate_version = true)]
+#[command(name = "idem", version = crate::version::LONG, propagate_version = true)]
 pub struct Cli {
     /// Config file (TOML) layered over the defaults; keys as in config/default.toml.
     #[arg(long, global = true, env = "IDEM_CONFIG")]
@@ -66,6 +67,7 @@ pub enum Command {
     Changelog(changelog::ChangelogArgs),
     Config(config::ConfigArgs),
     Check(check::CheckArgs),
+    Top(top::TopArgs),
 }
 
 /// Loads config, starts logging and runs the chosen command.
@@ -88,11 +90,12 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Changelog(args) => changelog::run(args, config).await,
             Command::Config(args) => config::run(args, config, file, timeout).await,
             Command::Check(args) => check::run(args, config).await,
+            Command::Top(args) => top::run(args, config).await,
         }
     })
 }
 
-fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
+pub(crate) fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
     crate::config::parse_duration(text)
         .filter(|d| !d.is_zero())
         .ok_or_else(|| format!("expected a duration such as 500ms, 10s or 1m, got {text:?}"))

@@ -13,7 +13,7 @@ use crate::config::Config;
 /// one beside it to publish from a process that does not consume (e.g. to
 /// drain the outboxes before a rollback, or while the consumers are
 /// stopped). Relays sharing a Redis and redis.key_prefix take turns: one
-/// holds the lease and publishes, the others wait (docs/changelog.md).
+/// holds the lease and publishes, the others wait (docs/change-stream.md).
 ///
 /// Each change goes to changelog.topic (default "{topic}.changes") with
 /// key = the entity and header `id` = "<entity>#<version>"; an entry leaves
@@ -28,7 +28,7 @@ pub struct RelayArgs {}
 
 pub async fn run(_args: RelayArgs, config: Config) -> anyhow::Result<ExitCode> {
     if config.changelog.topics.is_empty() {
-        eprintln!("error: changelog.topics is empty: there is no changelog to publish. Set it (e.g. IDEM__CHANGELOG__TOPICS=orders); docs/changelog.md");
+        eprintln!("error: changelog.topics is empty: there is no changelog to publish. Set it (e.g. IDEM__CHANGELOG__TOPICS=orders); docs/change-stream.md");
         return Ok(ExitCode::from(super::EXIT_FAILED));
     }
     let refusals = config.refusals();

@@ -16,8 +16,10 @@ use crate::tools::replay::{self, ReplayTarget};
 /// forward would skip records, which would then never be applied: it is
 /// refused unless --allow-skip is given, and the plan says how many.
 ///
-/// Replaying is safe for the state: already-applied events come back as
-/// duplicates (inside the dedupe window) or stale (after it).
+/// Replaying is safe for the state: records idem already decided come back
+/// `replayed` (their offsets are remembered, whatever the window), and have
+/// no effect. Only a record with no offset mark (written before 0.3.0, or
+/// on a broker without topic ids) comes back `duplicate` or `stale`.
 ///
 /// Refuses an offset past a partition's end (naming the end); with
 /// --execute, an unknown group (a typo) unless --create-group, and a move

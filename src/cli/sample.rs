@@ -28,14 +28,14 @@ pub struct SampleArgs {
     /// Number of entities the events are spread over.
     #[arg(long, default_value_t = 100)]
     entities: usize,
-    /// Fraction of produced records that are redelivered copies.
-    #[arg(long, default_value_t = 0.2)]
+    /// Fraction of produced records that are redelivered copies (0 to below 1).
+    #[arg(long, default_value_t = 0.2, value_parser = fraction_below_one)]
     duplicates: f64,
-    /// Fraction of events that arrive before their entity's previous event.
-    #[arg(long, default_value_t = 0.05)]
+    /// Fraction of events that arrive before their entity's previous event (0 to 1).
+    #[arg(long, default_value_t = 0.05, value_parser = fraction)]
     out_of_order: f64,
-    /// Fraction of events that delete their entity.
-    #[arg(long, default_value_t = 0.0)]
+    /// Fraction of events that delete their entity (0 to 1).
+    #[arg(long, default_value_t = 0.0, value_parser = fraction)]
     deletes: f64,
     /// Seed of the generator: the same seed gives the same stream.
     #[arg(long, default_value_t = 1)]
@@ -50,7 +50,48 @@ pub struct SampleArgs {
     zipf: Option<f64>,
 }
 
+/// A fraction from 0 to 1, for clap.
+fn fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{text} is not a fraction from 0 to 1 (e.g. 0.2)")),
+    }
+}
+
+/// A fraction from 0 to below 1: a stream of copies only has no events.
+fn fraction_below_one(text: &str) -> Result<f64, String> {
+    match fraction(text) {
+        Ok(v) if v < 1.0 => Ok(v),
+        _ => Err(format!(
+            "{text} is not a fraction from 0 to below 1 (e.g. 0.2: a fifth of the records are copies)"
+        )),
+    }
+}
+
+/// Whether `topic` exists, asked before producing: a mistyped name would
+/// otherwise wait for the producer's flush and end in a timeout.
+async fn refuse_missing_topic(config: &Config, topic: &str) -> anyhow::Result<()> {
+    let kafka = config.kafka.clone();
+    let timeout = config.kafka.request_timeout;
+    let reach =
+        tokio::task::spawn_blocking(move || crate::kafka::probe(&kafka, None, timeout)).await??;
+    match reach {
+        crate::kafka::Reach::Answered { partitions, .. } if !partitions.contains_key(topic) => {
+            anyhow::bail!(
+                "topic {topic} does not exist at {}: create it (idem topics apply --dir topics, or kafka-topics.sh --create --topic {topic}) or check --topic",
+                config.kafka.brokers
+            )
+        }
+        crate::kafka::Reach::Answered { .. } => Ok(()),
+        crate::kafka::Reach::NotYet(e) | crate::kafka::Reach::NotABroker(e) => anyhow::bail!(
+            "no broker at {} answered within {timeout:?}: {e}. Is kafka.brokers right and the broker up?",
+            config.kafka.brokers
+        ),
+    }
+}
+
 pub async fn run(args: SampleArgs, config: Config) -> anyhow::Result<ExitCode> {
+    refuse_missing_topic(&config, &args.topic).await?;
     let spec = SampleSpec {
         events: args.events,
         entities: args.entities,

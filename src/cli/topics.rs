@@ -125,11 +125,24 @@ pub async fn run(args: TopicsArgs, config: Config) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// What adding partitions does to the entities (said with each such plan
+/// line; docs/operations.md, "Adding partitions").
+const PARTITIONS_MOVE_KEYS: &str =
+    "note: keys then map to other partitions. An entity whose key moves has its new events read\n\
+in parallel with its older ones still unread in the old partition, so its order across the move\n\
+holds only for commutative effects (counters, ledgers, sets), under state.order = \"per_field\",\n\
+and on dense topics (dedupe.dense_seq_topics): elsewhere an older event read after a newer one\n\
+is `stale` and its fields are lost. To keep every entity's order, stop the producers and let idem\n\
+reach lag 0 before adding partitions (docs/operations.md, \"Adding partitions\").";
+
 /// One line of `topics apply`'s plan.
 fn plan_line(name: &str, state: &TopicState) -> String {
     match state {
         TopicState::Created => format!("+ {name}: create"),
-        TopicState::PartitionsAdded { from, to } => format!("~ {name}: partitions {from} -> {to}"),
+        TopicState::PartitionsAdded { from, to } => format!(
+            "~ {name}: partitions {from} -> {to}\n  {}",
+            PARTITIONS_MOVE_KEYS.replace('\n', "\n  ")
+        ),
         TopicState::ConfigSet { key, from, to } => format!("~ {name}: {key} {from:?} -> {to:?}"),
         TopicState::CannotShrink { declared, actual } => format!(
             "! {name}: has {actual} partitions, declared {declared}: Kafka cannot remove partitions (recreate the topic, or declare {actual})"
@@ -146,6 +159,9 @@ fn json_rows(rows: &[(String, TopicState)]) -> anyhow::Result<String> {
         .map(|(topic, state)| {
             let mut row = serde_json::to_value(state)?;
             row["topic"] = serde_json::Value::from(topic.as_str());
+            if matches!(state, TopicState::PartitionsAdded { .. }) {
+                row["note"] = serde_json::Value::from(PARTITIONS_MOVE_KEYS.replace('\n', " "));
+            }
             Ok(row)
         })
         .collect::<anyhow::Result<_>>()?;

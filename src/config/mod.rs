@@ -41,7 +41,8 @@ pub use sections::{
 use show::Layers;
 pub use show::{effective, Layer, Setting};
 
-const DEFAULTS: &str = include_str!("../../config/default.toml");
+/// The built-in defaults: config/default.toml, commented (`idem config defaults`).
+pub const DEFAULTS: &str = include_str!("../../config/default.toml");
 
 /// A configuration that cannot be used, with the key at fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -288,7 +289,38 @@ impl Config {
         let mut warnings =
             forms::unused_window_warnings(&self.dedupe.topic_windows, &self.kafka.topics);
         warnings.extend(self.kafka.group_protocol_warnings(&self.explicit));
+        warnings.extend(self.late_copy_warnings());
         warnings
+    }
+
+    /// One warning per consumed topic whose events count (counters, a
+    /// ledger, sets) without a dense seq to recognise a copy after the
+    /// window, unless `dedupe.late_copies_accepted` names it.
+    fn late_copy_warnings(&self) -> Vec<String> {
+        let counting: std::collections::BTreeSet<&String> = self
+            .effects
+            .rules
+            .iter()
+            .filter(|r| !r.counters.is_empty() || r.ledger.is_some() || !r.sets.is_empty())
+            .map(|r| &r.topic)
+            .filter(|t| !self.dedupe.dense_seq_topics.contains(t))
+            .filter(|t| !self.dedupe.late_copies_accepted.contains(t))
+            .collect();
+        counting
+            .into_iter()
+            .map(|topic| {
+                format!(
+                    "topic {topic} has counters, a ledger or sets and is not in dedupe.dense_seq_topics: \
+                     a producer's copy that arrives after its dedupe window ({}) counts again. \
+                     Declaring it in dedupe.dense_seq_topics recognises such a copy forever by its seq, \
+                     but is only right when its producers number each entity's events 1, 2, 3, … \
+                     (otherwise every gap closes and dead-letters `seq_gap_closed`). If copies never \
+                     come that late, accept it: dedupe.late_copies_accepted = [\"{topic}\"] \
+                     (docs/effects.md, \"Copies after the window\")",
+                    format_duration(self.dedupe.window_for(topic))
+                )
+            })
+            .collect()
     }
 
     /// Settings naming a topic that idem does not consume where that would

@@ -99,6 +99,12 @@ pub struct DedupeConfig {
     /// is a duplicate, and another event at a decided seq a conflict (seq_reused).
     /// See docs/guarantees.md, "Dense seqs".
     pub dense_seq_topics: Vec<String>,
+    /// Topics with counters, ledgers or sets whose copies arriving after the dedupe
+    /// window you accept to count again (the producers never re-send that late),
+    /// e.g. ["deposits"]. Silences the warning `idem check` and `idem run` give for
+    /// each topic with such effects that is not in dense_seq_topics.
+    /// See docs/effects.md, "Copies after the window".
+    pub late_copies_accepted: Vec<String>,
 }
 
 impl DedupeConfig {
@@ -203,7 +209,7 @@ impl EventSection {
 }
 
 /// `[changelog]`: each applied change published to Kafka through an
-/// outbox in Redis (docs/changelog.md).
+/// outbox in Redis (docs/change-stream.md).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChangelogConfig {
@@ -226,6 +232,14 @@ pub struct ChangelogConfig {
 }
 
 impl ChangelogConfig {
+    /// What `idem check` and `/readyz` say of a changelog topic the brokers
+    /// do not know.
+    pub fn missing_topic_text(&self, changelog: &str) -> String {
+        format!(
+            "changelog topic {changelog} does not exist: the changes wait in the outbox (consumption stops at changelog.max_outbox). Create it: `idem topics apply --dir topics` with `changelog = \"{changelog}\"` in its source topic's declaration (docs/change-stream.md)"
+        )
+    }
+
     /// The changelog topic of `source`.
     pub fn topic_for(&self, source: &str) -> String {
         self.topic.replace("{topic}", source)
@@ -233,7 +247,7 @@ impl ChangelogConfig {
 
     /// With the changelog on: where it goes, and the rule of a rolling
     /// upgrade (docs/upgrading.md), which `idem run` logs and `idem check`
-    /// prints, since nothing detects an older member.
+    /// prints (a member that does not register at all goes unseen).
     pub fn describe(&self, group: &str) -> Option<String> {
         if self.topics.is_empty() {
             return None;
@@ -244,9 +258,9 @@ impl ChangelogConfig {
             .map(|t| format!("{t} -> {}", self.topic_for(t)))
             .collect();
         Some(format!(
-            "changelog on ({}): every instance of group {group} must run a build with the changelog \
-             (one that has `idem relay`); an older one applies changes without writing them, and no \
-             consumer could see the hole (docs/upgrading.md)",
+            "changelog on ({}): every instance of group {group} must run 0.3.0 or later; an older one \
+             applies changes without writing them, and no consumer could see the hole (the `group \
+             versions` line names the members too old; docs/upgrading.md)",
             to.join(", ")
         ))
     }

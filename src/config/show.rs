@@ -65,6 +65,7 @@ impl Layers {
                     .list_separator(",")
                     .with_list_parse_key("kafka.topics")
                     .with_list_parse_key("dedupe.dense_seq_topics")
+                    .with_list_parse_key("dedupe.late_copies_accepted")
                     .with_list_parse_key("changelog.topics")
                     .try_parsing(true)
                     .source(Some(idem_env)),
@@ -110,14 +111,32 @@ fn flatten(key: &str, value: config::Value, out: &mut BTreeMap<String, String>) 
                 flatten(&format!("{key}[{i}]"), v, out);
             }
         }
-        config::ValueKind::Array(items) => {
-            let items: Vec<String> = items.iter().map(ToString::to_string).collect();
-            out.insert(key.to_string(), items.join(","));
-        }
         kind => {
-            out.insert(key.to_string(), kind.to_string());
+            out.insert(key.to_string(), toml_text(&kind));
         }
     }
+}
+
+/// A leaf value as TOML writes it: strings quoted, numbers and booleans
+/// bare, lists in brackets, so `idem config show` can be pasted into a file.
+fn toml_text(kind: &config::ValueKind) -> String {
+    use config::ValueKind;
+    match kind {
+        ValueKind::String(s) => quoted(s),
+        ValueKind::Nil => quoted(""),
+        ValueKind::Float(v) if v.fract() == 0.0 && v.is_finite() => format!("{v:.1}"),
+        ValueKind::Array(items) => {
+            let items: Vec<String> = items.iter().map(|v| toml_text(&v.kind)).collect();
+            format!("[{}]", items.join(", "))
+        }
+        other => other.to_string(),
+    }
+}
+
+/// A TOML basic string (its escapes are JSON's for every character idem's
+/// values hold).
+fn quoted(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| format!("\"{s}\""))
 }
 
 /// Where an effective value came from.
@@ -185,14 +204,16 @@ pub fn effective(
         .collect())
 }
 
-/// Passwords and secrets as `***` (when set), URLs without their password.
+/// Passwords and secrets as `***` (when set), URLs without their password
+/// (`value` is TOML text, [`toml_text`]).
 fn redacted(key: &str, value: String) -> String {
     let leaf = key.rsplit('.').next().unwrap_or(key);
     let secret = (leaf.contains("password") || leaf.contains("secret")) && !leaf.ends_with("_file");
-    if secret && !value.is_empty() {
-        "***".to_string()
+    if secret && value != quoted("") {
+        quoted("***")
     } else if key == "redis.url" {
-        redact_url(&value)
+        let url: String = serde_json::from_str(&value).unwrap_or(value);
+        quoted(&redact_url(&url))
     } else {
         value
     }

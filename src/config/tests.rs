@@ -839,7 +839,7 @@ fn a_changelog_names_consumed_topics_and_never_one_idem_reads() {
     // The rolling-upgrade rule, which `idem run` logs and `idem check` prints.
     let said = c.changelog.describe("orders-view").unwrap();
     assert!(
-        said.starts_with("changelog on (orders -> orders.changes): every instance of group orders-view must run a build with the changelog (one"),
+        said.starts_with("changelog on (orders -> orders.changes): every instance of group orders-view must run 0.3.0 or later;"),
         "{said}"
     );
     assert_eq!(Config::defaults().changelog.describe("g"), None);
@@ -1015,4 +1015,93 @@ fn group_protocol_keys_are_refused_or_warned_by_name() {
     let err = Config::load(None, &env(&[("IDEM__KAFKA__GROUP_PROTOCOL", "kip848")])).unwrap_err();
     assert_eq!(err.key(), Some("kafka.group_protocol"));
     assert!(err.to_string().contains("consumer"), "{err}");
+}
+
+/// `idem config show` prints TOML values: lists and numbers bare, strings
+/// quoted, secrets redacted inside their quotes.
+#[test]
+fn effective_values_are_toml() {
+    let settings = effective(
+        None,
+        &env(&[
+            ("IDEM__KAFKA__TOPICS", "orders,payments"),
+            ("IDEM__KAFKA__SASL_PASSWORD", "hunter2"),
+            ("IDEM__REDIS__URL", "redis://:pw@127.0.0.1:6379"),
+        ]),
+    )
+    .unwrap();
+    let value = |key: &str| {
+        settings
+            .iter()
+            .find(|s| s.key == key)
+            .map(|s| s.value.clone())
+            .unwrap_or_else(|| panic!("no {key}"))
+    };
+    assert_eq!(value("kafka.topics"), r#"["orders", "payments"]"#);
+    assert_eq!(value("dlq.max_ratio"), "0.5");
+    assert_eq!(value("dlq.ratio_window"), "1000");
+    assert_eq!(value("kafka.group_id"), r#""idem""#);
+    assert_eq!(value("dedupe.dense_seq_topics"), "[]");
+    assert_eq!(value("kafka.sasl_password"), r#""***""#);
+    assert!(!value("redis.url").contains("pw"), "{}", value("redis.url"));
+    // The lines (dotted keys) read back as a TOML file.
+    let text: Vec<String> = settings
+        .iter()
+        .filter(|s| !s.key.contains('['))
+        .map(|s| format!("{} = {}", s.key, s.value))
+        .collect();
+    let text = text.join("\n");
+    let read = config::Config::builder()
+        .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+        .build();
+    assert!(read.is_ok(), "not TOML: {read:?}\n{text}");
+}
+
+/// A topic whose events count (counters, ledgers, sets) without a dense
+/// seq is warned about once, with its window, what a dense seq would
+/// change and when it is right; `dedupe.late_copies_accepted` silences it.
+#[test]
+fn counting_effects_without_dense_seqs_are_warned_once_per_topic_unless_accepted() {
+    let dir = std::env::temp_dir().join(format!("idem-late-copies-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("effects.toml");
+    std::fs::write(
+        &file,
+        "[dedupe.topic_windows]\ndeposits = \"2m\"\n\
+         [[effects]]\ntopic = \"deposits\"\ntypes = [\"deposit\"]\ncounters = [{ field = \"balance\", from = \"/amount\" }]\n\
+         [[effects]]\ntopic = \"deposits\"\ntypes = [\"fee\"]\nledger = { stream = \"fees\", max_len = 100 }\n\
+         [[effects]]\ntopic = \"orders\"\ntypes = [\"paid\"]\nstate = \"merge\"\n",
+    )
+    .unwrap();
+    let load = |extra: &[(&str, &str)]| {
+        let mut vars = vec![("IDEM__KAFKA__TOPICS", "deposits,orders")];
+        vars.extend_from_slice(extra);
+        Config::load(Some(&file), &env(&vars)).unwrap().warnings()
+    };
+    let warned: Vec<String> = load(&[])
+        .into_iter()
+        .filter(|w| w.contains("dense_seq_topics"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    let w = &warned[0];
+    for needed in [
+        "topic deposits",
+        "(2m)",
+        "counts again",
+        "1, 2, 3",
+        "seq_gap_closed",
+        "dedupe.late_copies_accepted = [\"deposits\"]",
+    ] {
+        assert!(w.contains(needed), "{needed}: {w}");
+    }
+    let accepted = load(&[("IDEM__DEDUPE__LATE_COPIES_ACCEPTED", "deposits")]);
+    assert!(
+        !accepted.iter().any(|w| w.contains("dense_seq_topics")),
+        "{accepted:?}"
+    );
+    let dense = load(&[("IDEM__DEDUPE__DENSE_SEQ_TOPICS", "deposits")]);
+    assert!(
+        !dense.iter().any(|w| w.contains("counts again")),
+        "{dense:?}"
+    );
 }

@@ -299,7 +299,7 @@ impl DlqWriter {
                 l.timestamp_ms.map(|t| t.to_string()).unwrap_or_default(),
             ),
             (header::GROUP, self.group.clone()),
-            (header::VERSION, env!("CARGO_PKG_VERSION").to_string()),
+            (header::VERSION, crate::version::VERSION.to_string()),
         ];
         if let Some((fp, remembered)) = l.fingerprints {
             idem_headers.push((header::FINGERPRINT, format!("{fp:016x}")));

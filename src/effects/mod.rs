@@ -153,7 +153,7 @@ pub struct Rule {
     pub ledger: Option<LedgerSpec>,
     pub sets: Vec<SetSpec>,
     pub custom: Vec<CustomSpec>,
-    /// The events are idem change records (`changes = true`, docs/changelog.md,
+    /// The events are idem change records (`changes = true`, docs/change-stream.md,
     /// "A chained idem"): besides the state, each applies what its `change`
     /// says: counters set to their values after, set members added or
     /// removed, ledger entries appended (trimmed as `ledger` says, if given).

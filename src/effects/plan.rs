@@ -106,7 +106,7 @@ fn change_mutations(
     use serde_json::Value;
     let malformed = |what: &str| Invalid::Effect {
         code: "change_malformed",
-        message: format!("change.{what} is not as docs/changelog.md describes it"),
+        message: format!("change.{what} is not as docs/change-stream.md describes it"),
     };
     let object = |what: &str, v: Option<&Value>| match v {
         None => Ok(None),

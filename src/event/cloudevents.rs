@@ -179,9 +179,7 @@ fn string_attr(map: &Map<String, Value>, name: &str) -> Result<String, Invalid> 
 fn sequence_attr(value: Option<&Value>, name: &str) -> Result<u64, Invalid> {
     match value {
         None | Some(Value::Null) => Err(Invalid::MissingField(name.to_string())),
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .ok_or_else(|| Invalid::SeqOutOfRange(name.to_string())),
+        Some(Value::Number(n)) => super::seq_number(n, name),
         Some(Value::String(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => s
             .parse()
             .map_err(|_| Invalid::SeqOutOfRange(name.to_string())),

@@ -42,7 +42,7 @@ pub struct Event {
     /// CloudEvents): not used for decisions, carried into its change record.
     pub ts: Option<String>,
     /// The record's top-level `change` member, when it has one: what an
-    /// idem change record says its change did (docs/changelog.md), read
+    /// idem change record says its change did (docs/change-stream.md), read
     /// (and refused unless an object) by a rule with `changes = true`.
     pub change: Option<Value>,
 }
@@ -71,6 +71,12 @@ pub enum Invalid {
     },
     #[error("field {0} must be an integer from 0 to 18446744073709551615")]
     SeqOutOfRange(String),
+    /// A number with a fraction or written as one (`1.0`, `1e3`): JSON
+    /// readers differ on whether `1.0` is the integer 1, so idem refuses it.
+    #[error(
+        "field {field} is {value}, not an integer: write the seq as a whole number (1, not 1.0)"
+    )]
+    SeqNotInteger { field: String, value: String },
     #[error("field {0} is not an RFC 3339 timestamp")]
     BadTimestamp(String),
     #[error("entity {0:?} starts with `}}`, which would empty its Redis Cluster hash tag")]
@@ -82,6 +88,24 @@ pub enum Invalid {
     /// The event's declared effects cannot be applied (docs/effects.md).
     #[error("{message}")]
     Effect { code: &'static str, message: String },
+}
+
+/// A JSON number as a seq: an integer from 0 to 2^64−1. A number written
+/// with a fraction or an exponent is not an integer, even `1.0`.
+pub(crate) fn seq_number(n: &serde_json::Number, field: &str) -> Result<u64, Invalid> {
+    if let Some(seq) = n.as_u64() {
+        return Ok(seq);
+    }
+    let whole_in_range = n
+        .as_f64()
+        .is_some_and(|v| v.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&v));
+    match n.as_f64() {
+        Some(v) if v.fract() != 0.0 || whole_in_range => Err(Invalid::SeqNotInteger {
+            field: field.to_string(),
+            value: n.to_string(),
+        }),
+        _ => Err(Invalid::SeqOutOfRange(field.to_string())),
+    }
 }
 
 impl Invalid {
@@ -96,7 +120,7 @@ impl Invalid {
             Invalid::MissingField(_) => "missing_field",
             Invalid::EmptyField(_) => "empty_field",
             Invalid::WrongType { .. } => "wrong_type",
-            Invalid::SeqOutOfRange(_) => "seq_out_of_range",
+            Invalid::SeqOutOfRange(_) | Invalid::SeqNotInteger { .. } => "seq_out_of_range",
             Invalid::BadTimestamp(_) => "bad_timestamp",
             Invalid::BadEntity(_) => "bad_entity",
             Invalid::DuplicateKey(_) => "duplicate_key",
@@ -203,9 +227,7 @@ pub fn decode_with(
     let entity = required_string(&root, &fields.entity)?;
     let seq = match lookup(&root, &fields.seq) {
         None | Some(Value::Null) => return Err(Invalid::MissingField(fields.seq.clone())),
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .ok_or_else(|| Invalid::SeqOutOfRange(fields.seq.clone()))?,
+        Some(Value::Number(n)) => seq_number(n, &fields.seq)?,
         Some(_) => {
             return Err(Invalid::WrongType {
                 field: fields.seq.clone(),

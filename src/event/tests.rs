@@ -32,6 +32,26 @@ fn delete_and_missing_data() {
     assert!(e.set.is_empty() && e.unset.is_empty());
 }
 
+/// A seq written as a decimal is refused as not an integer (the same
+/// reason code), not as out of range; a big or negative one stays out of range.
+#[test]
+fn a_seq_written_as_a_decimal_is_said_not_to_be_an_integer() {
+    let says = |seq: &str| match dec(&format!(r#"{{"id":"a","entity":"e","seq":{seq}}}"#)) {
+        Err(e) => (e.code(), e.to_string()),
+        Ok(e) => panic!("{seq} decoded to {}", e.seq),
+    };
+    for seq in ["1.0", "1.5", "1e3", "-0.5"] {
+        let (code, text) = says(seq);
+        assert_eq!(code, "seq_out_of_range");
+        assert!(text.contains("not an integer"), "{seq}: {text}");
+    }
+    for seq in ["-1", "18446744073709551616", "1e30"] {
+        let (code, text) = says(seq);
+        assert_eq!(code, "seq_out_of_range");
+        assert!(text.contains("from 0 to"), "{seq}: {text}");
+    }
+}
+
 /// Truth table of rejected inputs and their reason codes.
 #[test]
 fn invalid_inputs_by_table() {

@@ -42,7 +42,7 @@
 --            has its own code, read by its own function below):
 --              "counter" key field units scale        counter += units / 10^scale
 --              "counter_set" key field present value  counter = value ("0": removed);
---                                                     ordered (a chained idem, docs/changelog.md)
+--                                                     ordered (a chained idem, docs/change-stream.md)
 --              "ledger" key max_len max_age_ms n f1 v1 ...  ledger entry
 --              "set_add" key seqkey member            set add
 --              "set_remove" key seqkey member         set remove
@@ -583,7 +583,7 @@ local function write_newer(e, applied, no_effects)
 end
 
 -- The change an event made, appended to the call's outbox (KEYS[2]) for
--- the relay to publish (docs/changelog.md). Its version is the entity's
+-- the relay to publish (docs/change-stream.md). Its version is the entity's
 -- `cv`, one more per change: late and per-field events apply out of seq
 -- order, so the seq cannot number the changes. The entry holds the parts
 -- of the record as fields, and the relay writes the JSON (src/relay/entry.rs):

@@ -1,4 +1,4 @@
-//! The guard's side of the changelog's outboxes (docs/changelog.md): after
+//! The guard's side of the changelog's outboxes (docs/change-stream.md): after
 //! a batch, it rings the relay and keeps the deepest outbox the batch's
 //! calls wrote to (each call that writes changes ends its reply with its
 //! outbox's length), so the guard stage can hold the next batch at

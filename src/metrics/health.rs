@@ -38,6 +38,9 @@ pub struct Health {
     /// Why the guard stage waits for the changelog's relay (an outbox at
     /// changelog.max_outbox).
     changelog_full: Arc<std::sync::Mutex<Option<String>>>,
+    /// Changelog topics the brokers do not know (their changes wait in
+    /// the outbox), until they exist.
+    changelog_missing: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// `/readyz`'s reason while nothing but the group's admission is missing.
@@ -60,6 +63,14 @@ impl Health {
     /// Sets (or clears, with `None`) why partitions are blocked.
     pub fn set_blocked(&self, reason: Option<String>) {
         *self.blocked.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+    }
+
+    /// Sets (or clears) which changelog topics do not exist.
+    pub fn set_changelog_missing(&self, what: Option<String>) {
+        *self
+            .changelog_missing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = what;
     }
 
     /// Sets (or clears) why consumption waits for the changelog's relay.
@@ -112,7 +123,7 @@ impl Health {
 
     /// Why `/readyz` says not ready, the most specific cause known first:
     /// stopped, a fatally failed consumer, a blocked partition, re-reading after a state loss, Redis,
-    /// a missing topic, the brokers unreachable, the group not joined yet.
+    /// a missing topic, a missing changelog topic, the brokers unreachable, the group not joined yet.
     pub fn not_ready_reason(&self) -> Option<String> {
         let lock = |m: &std::sync::Mutex<Option<String>>| {
             m.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -130,6 +141,7 @@ impl Health {
             .or_else(|| lock(&self.rewinding))
             .or_else(redis)
             .or_else(|| lock(&self.topics_missing))
+            .or_else(|| lock(&self.changelog_missing))
             .or_else(|| (!joined).then(|| lock(&self.kafka_unreachable)).flatten())
             .or_else(|| (!joined).then(|| WAITING_TO_JOIN.to_string()))
     }

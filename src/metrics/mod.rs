@@ -18,8 +18,10 @@ use crate::model::Outcome;
 
 mod exposition;
 mod health;
+mod tally;
 
 pub use health::{Health, WAITING_TO_JOIN};
+pub use tally::{outcome_counts, Counts};
 
 pub const EVENTS_TOTAL: &str = "idem_events_total";
 pub const DUPLICATE_AGE_SECONDS: &str = "idem_duplicate_age_seconds";
@@ -152,7 +154,7 @@ fn describe_redis_state() {
     );
 }
 
-/// The metrics of the changelog relay (docs/changelog.md).
+/// The metrics of the changelog relay (docs/change-stream.md).
 fn describe_changelog() {
     describe_counter!(
         CHANGES_PUBLISHED_TOTAL,
@@ -275,7 +277,7 @@ fn describe_all() {
     );
     describe_gauge!(
         BUILD_INFO,
-        "Always 1; the version label says which idem runs."
+        "Always 1; the labels say which idem runs: its release and the commit it was built from."
     );
     describe_counter!(
         KEY_MISMATCH_TOTAL,
@@ -319,7 +321,8 @@ fn describe_all() {
 
 /// Series that exist from the start, so dashboards and alerts see zeros, not gaps.
 fn initial_series() {
-    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    gauge!(BUILD_INFO, "version" => crate::version::VERSION, "commit" => crate::version::COMMIT)
+        .set(1.0);
     set_paused(false);
     set_in_flight_events(0);
     set_uncommitted_events(0);
@@ -387,10 +390,11 @@ pub fn init_topic(topic: &str) {
     counter!(DENSE_SEQS_CLOSED_TOTAL, "topic" => topic.to_string()).increment(0);
 }
 
-/// Counts one outcome.
+/// Counts one outcome (Prometheus, and the tally `idem top` reads).
 pub fn record_outcome(topic: &str, outcome: Outcome, n: u64) {
     counter!(EVENTS_TOTAL, "topic" => topic.to_string(), "outcome" => outcome.as_str())
         .increment(n);
+    tally::add(topic, outcome, n);
 }
 
 pub fn record_duplicate_age(age: Duration) {

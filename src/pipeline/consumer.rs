@@ -201,6 +201,7 @@ impl Forwarder {
     fn revoke(&self, consumer: &Consumer, partitions: Vec<TopicPartition>) {
         let (answer, answered) = std::sync::mpsc::sync_channel(1);
         let n = partitions.len();
+        let named = crate::offsets::describe_partitions(&partitions);
         if self
             .events
             .blocking_send(KafkaEvent::Revoked { partitions, answer })
@@ -210,7 +211,8 @@ impl Forwarder {
         }
         let Ok(commits) = answered.recv_timeout(self.revoke_wait) else {
             tracing::warn!(
-                partitions = n,
+                partitions = %named,
+                count = n,
                 "the loop did not answer the revoke in time; committing nothing for the revoked partitions"
             );
             return;
@@ -220,7 +222,8 @@ impl Forwarder {
         }
         kafka::commit_stored(consumer);
         tracing::info!(
-            partitions = n,
+            partitions = %named,
+            count = n,
             committed = commits.len(),
             "partitions revoked after committing their finished offsets"
         );

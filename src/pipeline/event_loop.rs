@@ -351,7 +351,8 @@ impl<R: Resume> EventLoop<R> {
             KafkaEvent::Lost(tps) => {
                 metrics::record_rebalance("lost");
                 tracing::warn!(
-                    partitions = tps.len(),
+                    partitions = %crate::offsets::describe_partitions(&tps),
+                    count = tps.len(),
                     "partitions lost; their in-flight work is not committed"
                 );
                 self.drop_partitions(&tps);
@@ -449,7 +450,11 @@ impl<R: Resume> EventLoop<R> {
         for tp in tps {
             metrics::init_partition(&tp.topic, tp.partition);
         }
-        tracing::info!(partitions = tps.len(), "partitions assigned");
+        tracing::info!(
+            partitions = %crate::offsets::describe_partitions(tps),
+            count = tps.len(),
+            "partitions assigned"
+        );
         if self.paused.is_some() || self.stopped {
             // A partition assigned during the pause (or after consumption
             // was stopped) would fetch: pause it too. The consumer thread

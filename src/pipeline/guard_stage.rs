@@ -152,6 +152,7 @@ impl GuardStage {
                 }
                 _ = tokio::time::sleep(idle) => {
                     self.take_ownership();
+                    self.summary.maybe_log();
                     if !self.check_while_idle().await {
                         break;
                     }
@@ -450,7 +451,7 @@ impl GuardStage {
             format!("the outbox of slot {s}")
         });
         let reason = format!(
-            "{where_} holds {depth} changes, changelog.max_outbox = {max}: consumption waits for the relay to publish them (is the changelog topic there? see idem_changelog_publish_errors_total, docs/changelog.md)"
+            "{where_} holds {depth} changes, changelog.max_outbox = {max}: consumption waits for the relay to publish them (is the changelog topic there? see idem_changelog_publish_errors_total, docs/change-stream.md)"
         );
         tracing::warn!("{reason}");
         self.health.set_changelog_full(Some(reason));

@@ -55,6 +55,7 @@ pub async fn start_guard(
     let Some(mut conn) = connect_redis(config, health, shutdown).await? else {
         return Ok(None);
     };
+    store::check_mode(&mut conn).await?;
     store::check_version(&mut conn).await?;
     store::check_eviction_policy(&mut conn, config.redis.allow_eviction).await?;
     let wait = store::durable_wait(&mut conn, config.redis.durability).await?;

@@ -13,7 +13,7 @@ pub struct Entry {
     pub entity: String,
     /// The entity's change version (dense: 1, 2, 3, …).
     pub version: u64,
-    /// The change record, published as it is (JSON, docs/changelog.md).
+    /// The change record, published as it is (JSON, docs/change-stream.md).
     pub record: Vec<u8>,
     /// Where the event that made the change was read.
     pub topic: String,

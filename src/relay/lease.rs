@@ -1,5 +1,5 @@
 //! The relay's lease: one publisher at a time for a key prefix's outboxes
-//! (docs/changelog.md, "The relay"). A holder renews it well before
+//! (docs/change-stream.md, "The relay"). A holder renews it well before
 //! it expires and stops publishing `MARGIN` before its own reckoning of
 //! the expiry, on its monotonic clock, so a paused holder that wakes up
 //! late publishes nothing new. Nothing is lost when a lease moves: entries

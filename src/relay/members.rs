@@ -1,4 +1,4 @@
-//! Who in the consumer group writes changes (docs/upgrading.md, docs/changelog.md
+//! Who in the consumer group writes changes (docs/upgrading.md, docs/change-stream.md
 //! "Turning it on"). Every `idem run` registers in Redis, every few
 //! seconds, its version, its `changelog.topics` and the partitions it
 //! holds. An instance with the changelog on compares the partitions of its
@@ -6,6 +6,10 @@
 //! member that writes no changes for them: an older idem (it does not
 //! register) or one whose config has no changelog for the topic yet. Their
 //! changes get no version and no outbox entry: holes no consumer can see.
+//!
+//! The registration also carries the member's commit and its outcome
+//! counts (since start, and over the last minute), which `idem top` reads:
+//! the registry is how the group's instances are seen from Redis alone.
 //!
 //! Layout: [`unpublished`] decides (pure); [`register`] and
 //! [`registrations`] are the Redis I/O; [`watch`] is the task.
@@ -27,8 +31,9 @@ pub const REGISTRATION_TTL: Duration = Duration::from_secs(20);
 /// How long an expired registration stays before a writer removes it.
 const FORGET_AFTER_MS: u64 = 60_000;
 
-/// What one instance says of itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What one instance says of itself. Fields after `owns` came with 0.3.0:
+/// earlier builds neither write them (read as empty) nor mind them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registration {
     pub version: String,
     /// Until when it counts (ms since the Unix epoch).
@@ -37,6 +42,79 @@ pub struct Registration {
     pub changelog: Vec<String>,
     /// The partitions it holds, by topic.
     pub owns: BTreeMap<String, Vec<i32>>,
+    /// The commit it was built from (`idem --version`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// Its outcome counts since it started, by topic and outcome.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub outcomes: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Its outcome counts over the last `window_ms` (for rates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recent: Option<Recent>,
+}
+
+/// Outcome counts over a recent window of one instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recent {
+    /// How long the window is, by the instance's own clock.
+    pub window_ms: u64,
+    /// The counts added during it, by topic and outcome.
+    pub outcomes: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+/// How long the window of [`Recent`] reaches back (a minute, as
+/// Prometheus's `rate(…[1m])`).
+const RECENT_WINDOW: Duration = Duration::from_secs(60);
+
+/// The snapshots of this process's outcome counts over the last
+/// [`RECENT_WINDOW`], one per registration.
+#[derive(Default)]
+struct Activity {
+    snapshots: std::collections::VecDeque<(std::time::Instant, BTreeMap<String, metrics::Counts>)>,
+}
+
+impl Activity {
+    /// Takes a snapshot now: the counts since start, and those since the
+    /// oldest snapshot within the window.
+    fn sample(&mut self) -> (BTreeMap<String, BTreeMap<String, u64>>, Option<Recent>) {
+        let now = std::time::Instant::now();
+        let counts = metrics::outcome_counts();
+        // Keep the newest snapshot at least a window old as the base.
+        while self.snapshots.len() > 1 && now.duration_since(self.snapshots[1].0) >= RECENT_WINDOW {
+            self.snapshots.pop_front();
+        }
+        let recent = self.snapshots.front().map(|(at, then)| Recent {
+            window_ms: now.duration_since(*at).as_millis() as u64,
+            outcomes: by_name(&counts, Some(then)),
+        });
+        self.snapshots.push_back((now, counts.clone()));
+        (by_name(&counts, None), recent)
+    }
+}
+
+/// Counts by topic and outcome name; minus `base` where given.
+fn by_name(
+    counts: &BTreeMap<String, metrics::Counts>,
+    base: Option<&BTreeMap<String, metrics::Counts>>,
+) -> BTreeMap<String, BTreeMap<String, u64>> {
+    use crate::model::Outcome;
+    counts
+        .iter()
+        .map(|(topic, now)| {
+            let then = base.and_then(|b| b.get(topic));
+            let named = Outcome::ALL
+                .iter()
+                .map(|&o| {
+                    let before = then.map_or(0, |t| t[o as usize]);
+                    (
+                        o.as_str().to_string(),
+                        now[o as usize].saturating_sub(before),
+                    )
+                })
+                .collect();
+            (topic.clone(), named)
+        })
+        .collect()
 }
 
 /// The partitions of one changelog topic whose changes are not published.
@@ -173,18 +251,28 @@ pub async fn redis_now_ms(conn: &mut RedisConn) -> Result<u64, StoreError> {
     Ok(secs * 1000 + micros / 1000)
 }
 
-/// This instance's registration at `now_ms`: what `health` says it holds.
-fn this_instance(config: &Config, health: &Health, now_ms: u64) -> Registration {
+/// This instance's registration at `now_ms`: what `health` says it holds,
+/// and what `activity` counted.
+fn this_instance(
+    config: &Config,
+    health: &Health,
+    activity: &mut Activity,
+    now_ms: u64,
+) -> Registration {
     let mut owns: BTreeMap<String, Vec<i32>> = BTreeMap::new();
     // Sorted by topic and partition, so each list is too.
     for tp in health.owned() {
         owns.entry(tp.topic).or_default().push(tp.partition);
     }
+    let (outcomes, recent) = activity.sample();
     Registration {
-        version: env!("CARGO_PKG_VERSION").to_string(),
+        version: crate::version::VERSION.to_string(),
         expires_ms: now_ms + REGISTRATION_TTL.as_millis() as u64,
         changelog: config.changelog.topics.clone(),
         owns,
+        commit: Some(crate::version::COMMIT.to_string()),
+        outcomes,
+        recent,
     }
 }
 
@@ -213,6 +301,7 @@ pub async fn watch(
         metrics::set_changelog_unpublished(topic, 0);
     }
     let mut checker = Checker::new(config.clone());
+    let mut activity = Activity::default();
     let mut tick = tokio::time::interval(REGISTER_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -224,7 +313,8 @@ pub async fn watch(
             conn = crate::store::connect(&config.redis).await.ok();
         }
         let Some(c) = conn.as_mut() else { continue };
-        match tick_once(c, &key, &name, &config, &health, &mut checker).await {
+        let mine = (&mut checker, &mut activity);
+        match tick_once(c, &key, &name, &config, &health, mine).await {
             Ok(()) => {}
             Err(_) => conn = None,
         }
@@ -240,18 +330,47 @@ async fn tick_once(
     name: &str,
     config: &Config,
     health: &Health,
-    checker: &mut Checker,
+    (checker, activity): (&mut Checker, &mut Activity),
 ) -> Result<(), StoreError> {
     let now = redis_now_ms(conn).await?;
     let mut members = registrations(conn, key).await?;
-    let me = this_instance(config, health, now);
+    let me = this_instance(config, health, activity, now);
     register(conn, key, name, &me, &members, now).await?;
     let joined = !me.owns.is_empty();
     members.insert(name.to_string(), me);
-    if !config.changelog.topics.is_empty() && joined {
-        checker.check(&members, now).await;
+    checker.warn_held_back(&members, now);
+    if !config.changelog.topics.is_empty() {
+        let counts = checker.partition_counts(health).await;
+        if let (true, Some(counts)) = (joined, counts) {
+            checker.check(&members, &counts, now);
+        }
     }
     Ok(())
+}
+
+/// The settings `config` turns on that a live member's release does not
+/// know: one line per member ([`crate::version::held_back`]).
+pub fn held_back_by_members(
+    config: &Config,
+    members: &BTreeMap<String, Registration>,
+    now_ms: u64,
+) -> Vec<String> {
+    use crate::version::{held_back, Release};
+    members
+        .iter()
+        .filter(|(_, r)| r.expires_ms > now_ms)
+        .filter_map(|(name, r)| {
+            let release = Release::parse(&r.version);
+            let settings = held_back(config, release);
+            let (_, since) = settings.first()?;
+            let names: Vec<&str> = settings.iter().map(|(s, _)| *s).collect();
+            Some(format!(
+                "member {name} runs {release} (registered {}): {} need(s) every member on {since} or later; upgrade it before turning them on (docs/upgrading.md)",
+                r.version,
+                names.join(", ")
+            ))
+        })
+        .collect()
 }
 
 /// The checks over time: since when each partition is unpublished, the
@@ -262,6 +381,9 @@ struct Checker {
     counts: Option<(BTreeMap<String, i32>, std::time::Instant)>,
     client: Option<Arc<rdkafka::consumer::BaseConsumer<crate::kafka::QuietContext>>>,
     warned_at: Option<std::time::Instant>,
+    held_back_warned_at: Option<std::time::Instant>,
+    /// A changelog topic was missing at the last read.
+    changelog_missing: bool,
 }
 
 impl Checker {
@@ -272,13 +394,34 @@ impl Checker {
             counts: None,
             client: None,
             warned_at: None,
+            held_back_warned_at: None,
+            changelog_missing: false,
         }
     }
 
-    async fn check(&mut self, members: &BTreeMap<String, Registration>, now: u64) {
-        let Some(counts) = self.partition_counts().await else {
+    /// Warns, once a minute while it lasts, of members too old for what
+    /// this instance's config turns on.
+    fn warn_held_back(&mut self, members: &BTreeMap<String, Registration>, now: u64) {
+        let found = held_back_by_members(&self.config, members, now);
+        if found.is_empty()
+            || self
+                .held_back_warned_at
+                .is_some_and(|at| at.elapsed() < Duration::from_secs(60))
+        {
             return;
-        };
+        }
+        self.held_back_warned_at = Some(std::time::Instant::now());
+        for line in found {
+            tracing::warn!("group versions: {line}");
+        }
+    }
+
+    fn check(
+        &mut self,
+        members: &BTreeMap<String, Registration>,
+        counts: &BTreeMap<String, i32>,
+        now: u64,
+    ) {
         let mut found = Vec::new();
         for topic in &self.config.changelog.topics {
             let Some(&partitions) = counts.get(topic) else {
@@ -303,10 +446,14 @@ impl Checker {
         }
     }
 
-    /// The changelog topics' partition counts, read at most once a minute.
-    async fn partition_counts(&mut self) -> Option<BTreeMap<String, i32>> {
+    /// The changelog topics' partition counts, read at most once a minute
+    /// while every one exists, at each tick while one is missing (which
+    /// `health` names in `/readyz` meanwhile).
+    async fn partition_counts(&mut self, health: &Health) -> Option<BTreeMap<String, i32>> {
         if let Some((counts, at)) = &self.counts {
-            if at.elapsed() < Duration::from_secs(60) {
+            let all_there =
+                !self.changelog_missing && counts.len() == self.config.changelog.topics.len();
+            if all_there && at.elapsed() < Duration::from_secs(60) {
                 return Some(counts.clone());
             }
         }
@@ -318,20 +465,30 @@ impl Checker {
         let client = self.client.clone()?;
         let topics = self.config.changelog.topics.clone();
         let timeout = self.config.kafka.request_timeout;
-        let counts = tokio::task::spawn_blocking(move || {
+        let changelog = self.config.changelog.clone();
+        let (counts, missing) = tokio::task::spawn_blocking(move || {
             use rdkafka::consumer::Consumer;
             let mut counts = BTreeMap::new();
+            let mut missing = Vec::new();
             for topic in topics {
-                let md = client.fetch_metadata(Some(&topic), timeout).ok()?;
-                if let Some(t) = md.topics().first().filter(|t| t.error().is_none()) {
+                let name = changelog.topic_for(&topic);
+                let md = client.fetch_metadata(Some(&name), timeout).ok()?;
+                let source = client.fetch_metadata(Some(&topic), timeout).ok()?;
+                match md.topics().first().map(|t| t.error().is_none()) {
+                    Some(true) => {}
+                    _ => missing.push(changelog.missing_topic_text(&name)),
+                }
+                if let Some(t) = source.topics().first().filter(|t| t.error().is_none()) {
                     counts.insert(topic, t.partitions().len() as i32);
                 }
             }
-            Some(counts)
+            Some((counts, missing))
         })
         .await
         .ok()
         .flatten()?;
+        self.changelog_missing = !missing.is_empty();
+        health.set_changelog_missing((!missing.is_empty()).then(|| missing.join("; ")));
         self.counts = Some((counts.clone(), std::time::Instant::now()));
         Some(counts)
     }
@@ -387,7 +544,37 @@ mod tests {
                 .iter()
                 .map(|(t, ps)| (t.to_string(), ps.to_vec()))
                 .collect(),
+            ..Registration::default()
         }
+    }
+
+    /// A registration reads across versions: an earlier build's (no commit,
+    /// no counts) here, and this one's in a build that knows only the
+    /// fields before 0.3.0 (serde ignores the fields it does not know).
+    #[test]
+    fn registrations_read_across_versions() {
+        let earlier = r#"{"version":"0.2.0","expires_ms":5,"changelog":["o"],"owns":{"o":[1]}}"#;
+        let read: Registration = serde_json::from_str(earlier).unwrap();
+        assert_eq!((read.version.as_str(), read.commit), ("0.2.0", None));
+        assert!(read.outcomes.is_empty() && read.recent.is_none());
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        struct Earlier {
+            version: String,
+            expires_ms: u64,
+            changelog: Vec<String>,
+            owns: BTreeMap<String, Vec<i32>>,
+        }
+        let now = Registration {
+            version: "0.3.0".into(),
+            commit: Some("abc".into()),
+            outcomes: [("o".to_string(), [("applied".to_string(), 3)].into())].into(),
+            recent: Some(Recent::default()),
+            ..read
+        };
+        let json = serde_json::to_string(&now).unwrap();
+        let old: Earlier = serde_json::from_str(&json).unwrap();
+        assert_eq!((old.version.as_str(), old.expires_ms), ("0.3.0", 5));
     }
 
     #[test]

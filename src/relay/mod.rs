@@ -1,5 +1,5 @@
 //! The relay: publishes the changes the guard script wrote to the outboxes
-//! (`changelog.topics`, docs/changelog.md) to their changelog topics, and
+//! (`changelog.topics`, docs/change-stream.md) to their changelog topics, and
 //! deletes each entry only once the broker acknowledged it.
 //!
 //! Guarantee: every change reaches its changelog topic at least once, with

@@ -2,7 +2,7 @@
 -- idem changelog snapshot: one entity's current state written to its
 -- slot's outbox as a change (kind "snapshot"), under the entity's next
 -- change version, in one atomic step like the guard's changes. The entry
--- has the fields of write_change in guard.lua (docs/changelog.md,
+-- has the fields of write_change in guard.lua (docs/change-stream.md,
 -- "Bootstrapping a consumer"), without an event; its counters are all of
 -- them (c<name> value), its sets every member (s+<set> member), as one
 -- JSON list `fj` when too many to pass as pairs.

@@ -1,6 +1,6 @@
 //! The snapshot (`idem changelog snapshot`): every entity's current state
 //! written once to the outbox as a change of kind `snapshot`, so that a new
-//! consumer of the changelog can start from it (docs/changelog.md,
+//! consumer of the changelog can start from it (docs/change-stream.md,
 //! "Bootstrapping a consumer"). Each entity is one script call in its own
 //! slot, like the guard's: the change takes the entity's next version, so
 //! the versions stay dense and in order with the live changes around it,

@@ -33,6 +33,8 @@ pub enum CheckError {
     },
     #[error("{node} has maxmemory-policy {policy}: it may evict idem's keys (volatile-* evicts exactly the remembered ids, so redeliveries would be applied twice; allkeys-* also evicts entity state). Set `CONFIG SET maxmemory-policy noeviction` (and in redis.conf), or set redis.allow_eviction = true to accept the loss")]
     EvictionPolicy { node: String, policy: String },
+    #[error("{node} answers with cluster_enabled:1 while redis.mode = \"standalone\": this is a Redis Cluster node: set redis.mode = \"cluster\" and list the cluster's nodes in redis.url, comma-separated (IDEM__REDIS__MODE=cluster)")]
+    ClusterNode { node: String },
     #[error("{node} runs Redis {version}; idem needs Redis 7.0 or newer (its guard script declares its flags with `#!lua`, so an out-of-memory server refuses a whole call). Upgrade Redis")]
     TooOld { node: String, version: String },
     #[error("redis.durability = replicas:{wanted}, but {node} has {connected} connected replica(s); add replicas or lower N")]
@@ -90,6 +92,22 @@ pub async fn check_eviction_policy(
     policies.sort();
     policies.dedup();
     Ok(policies)
+}
+
+/// Refuses a Redis Cluster node reached as a standalone server: every
+/// command on a key of another node's slots would answer `MOVED`, retried
+/// for ever.
+pub async fn check_mode(conn: &mut RedisConn) -> Result<(), CheckError> {
+    if conn.is_cluster() {
+        return Ok(());
+    }
+    let cluster = info(conn, &None, "cluster").await?;
+    match info_field(&cluster, "cluster_enabled").as_deref() {
+        Some("1") => Err(CheckError::ClusterNode {
+            node: node_name(&None),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Refuses a server (any master of a cluster) older than Redis 7.0. A

@@ -87,7 +87,7 @@ impl KeyLayout {
     }
 
     /// The outbox of a server (`None`), or of cluster slot `slot`: a
-    /// stream of the changes the guard wrote there (docs/changelog.md),
+    /// stream of the changes the guard wrote there (docs/change-stream.md),
     /// in the slot of the entities whose changes it holds.
     pub fn outbox_key(&self, slot: Option<u16>) -> String {
         self.own_key("outbox", slot)
@@ -106,12 +106,12 @@ impl KeyLayout {
         self.own_key("outbox-bell", cluster.then_some(0))
     }
 
-    /// The relay's lease (docs/changelog.md): the holder's name, expiring.
+    /// The relay's lease (docs/change-stream.md): the holder's name, expiring.
     pub fn relay_lease_key(&self, cluster: bool) -> String {
         self.own_key("relay-lease", cluster.then_some(0))
     }
 
-    /// Who in consumer group `group` writes changes (docs/changelog.md,
+    /// Who in consumer group `group` writes changes (docs/change-stream.md,
     /// "Turning it on"): a hash, field the instance, value its registration.
     pub fn members_key(&self, group: &str) -> String {
         format!("{}:members:{{{group}}}", self.prefix)

@@ -19,8 +19,8 @@ mod keys;
 pub mod outbox;
 pub mod progress;
 pub use checks::{
-    check_eviction_policy, check_version, durable_wait, persistence, CheckError, DurableWait,
-    Persistence,
+    check_eviction_policy, check_mode, check_version, durable_wait, persistence, CheckError,
+    DurableWait, Persistence,
 };
 pub use keys::{
     decided_field, hash_slot, mark_field, progress_field, progress_incarnation_field,

@@ -1,6 +1,6 @@
 //! What a writer of the changelog's outboxes (the guard, the snapshot)
 //! sends after it wrote changes, so that the relay finds them without
-//! polling (docs/changelog.md, "The relay"; src/relay/outboxes.rs).
+//! polling (docs/change-stream.md, "The relay"; src/relay/outboxes.rs).
 
 use super::KeyLayout;
 

@@ -328,13 +328,28 @@ impl ProgressStore {
         let seen: Option<String> =
             redis::from_redis_value(&self.query(redis::cmd("GET").arg(&authority)).await?)?;
         let renew = renew_from.is_some_and(|k| seen.as_deref() == Some(k));
+        // A marker absent when read renews the epoch only if the authority
+        // still holds what it held then: if it changed since, another
+        // instance just set or renewed the epoch, and this one adopts it
+        // (two instances starting on a new prefix agree at once, and
+        // neither takes the other's epoch for a loss). On a cluster one
+        // window remains: a read between another instance's renewal of the
+        // authority and its SET of the other markers sees an absent marker
+        // beside a fresh authority, as after a loss of one server's state,
+        // and renews once more (a needless re-read, never a missed loss).
+        let authority_at_read = groups
+            .iter()
+            .flat_map(|(_, keys)| keys)
+            .position(|k| *k == authority)
+            .map_or_else(|| seen.clone(), |i| markers[i].clone());
         let epoch: String = if renew || markers.iter().any(Option::is_none) {
+            let expected = if renew { seen } else { authority_at_read };
             let mut renew = redis::cmd("EVAL");
             renew
                 .arg(RENEW)
                 .arg(1)
                 .arg(&authority)
-                .arg(seen.unwrap_or_default())
+                .arg(expected.unwrap_or_default())
                 .arg(new_epoch());
             redis::from_redis_value(&self.query(&renew).await?)?
         } else {

@@ -11,6 +11,7 @@
 //! - [`outbox`]: the changelog's outboxes and lease (`idem inspect outbox`).
 //! - [`topic_reader`]: reading a partition range, shared by the tools above.
 //! - [`sample`]: a deterministic test-data generator (`idem sample`).
+//! - [`top`]: a running group's outcome rates and duplicate ratio (`idem top`).
 
 pub mod check;
 pub mod dead_letters;
@@ -21,6 +22,7 @@ pub mod redrive;
 pub mod replay;
 pub mod replay_tie;
 pub mod sample;
+pub mod top;
 pub mod topic_reader;
 pub mod topics;
 

@@ -1,5 +1,5 @@
 //! `idem inspect outbox`: the changelog's outboxes as Redis holds them
-//! (docs/changelog.md): each non-empty outbox's depth and oldest change,
+//! (docs/change-stream.md): each non-empty outbox's depth and oldest change,
 //! and who holds the relay's lease.
 
 use serde::Serialize;

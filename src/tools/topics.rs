@@ -37,7 +37,7 @@ pub struct TopicSpec {
     /// source partition.
     #[serde(default)]
     pub dead_letter: Option<String>,
-    /// The matching changelog topic (`changelog.topic`, docs/changelog.md),
+    /// The matching changelog topic (`changelog.topic`, docs/change-stream.md),
     /// created beside it with as many partitions and the same retention.
     #[serde(default)]
     pub changelog: Option<String>,

@@ -3,7 +3,7 @@
 //! on (the relay publishing to `<topic>.changes` meanwhile), on with the
 //! changelog topic missing (the relay cannot publish, so the outbox keeps
 //! every change and its bytes per entry are measured), and off again (how
-//! much the order of the runs moves the figures). docs/changelog.md.
+//! much the order of the runs moves the figures). docs/change-stream.md.
 
 use super::effects::{payments_stream, run_variant, Setup};
 use super::report::EffectsRow;

@@ -11,7 +11,7 @@
 //! no effects declared, then with each kind of effect, then all together
 //! (records/s, Redis µs per record and bytes per entity, docs/effects.md);
 //! and the changelog phase: the same stream with the changelog off, on,
-//! on with the relay unable to publish, and off again (docs/changelog.md).
+//! on with the relay unable to publish, and off again (docs/change-stream.md).
 
 mod backlog;
 mod baselines;

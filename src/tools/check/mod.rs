@@ -5,47 +5,16 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Serialize;
-
 use crate::config::{Config, GroupProtocol};
 use crate::dlq::TopicState as DlqTopic;
 use crate::kafka::Reach;
-use crate::store;
 use crate::tools::topics::{self, TopicState};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    Ok,
-    Warn,
-    Fail,
-}
+mod redis_checks;
+mod report;
 
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Ok => "ok",
-            Status::Warn => "warn",
-            Status::Fail => "FAIL",
-        }
-    }
-}
-
-/// One line of the report.
-#[derive(Debug, Clone, Serialize)]
-pub struct Check {
-    pub status: Status,
-    pub what: String,
-    pub detail: String,
-}
-
-fn line(status: Status, what: impl Into<String>, detail: impl Into<String>) -> Check {
-    Check {
-        status,
-        what: what.into(),
-        detail: detail.into(),
-    }
-}
+use report::line;
+pub use report::{Check, Status};
 
 /// Runs every check; Kafka's wait for an answer is bounded by `timeout`.
 /// `topics_dir`: also compare the declared topics (partitions, settings).
@@ -90,7 +59,7 @@ pub async fn run(config: &Config, timeout: Duration, topics_dir: Option<&Path>) 
             declared_topics(config, dir, &mut checks).await;
         }
     }
-    redis(config, &mut checks, partitions.as_ref()).await;
+    redis_checks::redis(config, &mut checks, partitions.as_ref()).await;
     checks
 }
 
@@ -163,6 +132,18 @@ async fn kafka(
         }
         let dlq = config.dlq.topic_for(topic);
         let what = format!("dead-letter topic {dlq}");
+        if config.changelog.topics.contains(topic) {
+            let changelog = config.changelog.topic_for(topic);
+            let what = format!("changelog topic {changelog}");
+            checks.push(match partitions.get(&changelog) {
+                Some(_) => line(Status::Ok, what, format!("exists (for {topic})")),
+                None => line(
+                    Status::Fail,
+                    what,
+                    config.changelog.missing_topic_text(&changelog),
+                ),
+            });
+        }
         checks.push(match crate::dlq::describe_topic(&config.kafka, &dlq).await {
             Ok(DlqTopic::Exists(_)) => line(Status::Ok, what, format!("exists (for {topic})")),
             Ok(DlqTopic::Missing) => line(
@@ -345,202 +326,11 @@ async fn declared_topics(config: &Config, dir: &Path, checks: &mut Vec<Check>) {
     }
 }
 
-/// Redis: reachable, keeps idem's keys, can give the durability, persists.
-/// Redis, and with the changelog on its members (`partitions`: what the
-/// brokers answered, if they did).
-async fn redis(
-    config: &Config,
-    checks: &mut Vec<Check>,
-    partitions: Option<&BTreeMap<String, usize>>,
-) {
-    let mut conn = match store::connect_or_explain(&config.redis).await {
-        Ok(conn) => conn,
-        Err(e) => return checks.push(line(Status::Fail, "redis", e.to_string())),
-    };
-    let shape = match conn.masters().await {
-        Ok(masters) if conn.is_cluster() => format!("cluster of {} master(s)", masters.len()),
-        Ok(_) => "standalone".to_string(),
-        Err(e) => return checks.push(line(Status::Fail, "redis", e.to_string())),
-    };
-    let url = crate::config::redact_url(&config.redis.url);
-    checks.push(line(
-        Status::Ok,
-        "redis",
-        format!("{shape} at {url} answered"),
-    ));
-    checks.push(
-        match store::check_eviction_policy(&mut conn, config.redis.allow_eviction).await {
-            Ok(policies) if policies.iter().all(|p| p == "noeviction") => line(
-                Status::Ok,
-                "redis eviction",
-                "maxmemory-policy noeviction: idem's keys are never evicted",
-            ),
-            Ok(policies) => line(
-                Status::Ok,
-                "redis eviction",
-                format!(
-                    "maxmemory-policy {}: Redis may evict idem's keys, accepted by redis.allow_eviction = true (evicted ids and state are lost)",
-                    policies.join(", ")
-                ),
-            ),
-            Err(e) => line(Status::Fail, "redis eviction", e.to_string()),
-        },
-    );
-    let durability = config.redis.durability;
-    checks.push(match store::durable_wait(&mut conn, durability).await {
-        Ok(wait) => line(
-            Status::Ok,
-            "redis durability",
-            durability_text(durability, wait),
-        ),
-        Err(e) => line(Status::Fail, "redis durability", e.to_string()),
-    });
-    let layout = store::KeyLayout::new(&config.redis.key_prefix);
-    checks.push(
-        match store::progress::ProgressStore::new(conn.clone(), layout)
-            .survey()
-            .await
-        {
-            Ok(survey) => progress_line(&survey),
-            Err(e) => line(Status::Warn, "redis progress", e.to_string()),
-        },
-    );
-    if !config.changelog.topics.is_empty() {
-        checks.extend(changelog_members(config, &mut conn, partitions).await);
-    }
-    match store::persistence(&mut conn).await {
-        Ok(nodes) => checks.extend(nodes.iter().map(|p| match p.warning(durability) {
-            Some(w) => line(Status::Warn, "redis persistence", w),
-            None => line(
-                Status::Ok,
-                "redis persistence",
-                format!(
-                    "{}: appendonly {}, snapshots {}",
-                    p.node,
-                    yes_no(Some(p.aof)),
-                    yes_no(p.rdb)
-                ),
-            ),
-        })),
-        Err(e) => checks.push(line(Status::Warn, "redis persistence", e.to_string())),
-    }
-}
-
-/// Whether every partition of each changelog topic is held by a member
-/// that publishes its changes (`crate::relay::members`): a warning per
-/// topic where some are not, since holes are expected during a roll.
-async fn changelog_members(
-    config: &Config,
-    conn: &mut store::RedisConn,
-    partitions: Option<&BTreeMap<String, usize>>,
-) -> Vec<Check> {
-    use crate::relay::members;
-    let what = "changelog members";
-    let key = store::KeyLayout::new(&config.redis.key_prefix).members_key(&config.kafka.group_id);
-    let registered = match members::registrations(conn, &key).await {
-        Ok(r) => r,
-        Err(e) => return vec![line(Status::Warn, what, e.to_string())],
-    };
-    let Some(counts) = partitions else {
-        return vec![line(
-            Status::Warn,
-            what,
-            "the brokers did not answer: cannot tell who holds the partitions",
-        )];
-    };
-    let now = match members::redis_now_ms(conn).await {
-        Ok(now) => now,
-        Err(e) => return vec![line(Status::Warn, what, e.to_string())],
-    };
-    let live = registered.values().filter(|r| r.expires_ms > now).count();
-    if live == 0 {
-        return vec![line(Status::Warn, what, format!("no member of group {} registers: none runs now, or every one is older than the changelog (their changes would not be published)", config.kafka.group_id))];
-    }
-    config
-        .changelog
-        .topics
-        .iter()
-        .filter_map(|t| Some((t, *counts.get(t)? as i32)))
-        .map(|(topic, partitions)| {
-            let found = members::unpublished(topic, partitions, &registered, now);
-            if found.is_empty() {
-                line(Status::Ok, what, format!("{topic}: all {partitions} partitions held by the {live} registered member(s) that publish its changes"))
-            } else {
-                line(Status::Warn, what, found.describe())
-            }
-        })
-        .collect()
-}
-
-/// The epoch markers and progress records under the key prefix
-/// (docs/guarantees.md, "When Redis loses or rolls back its state").
-///
-/// | markers               | records | status |
-/// |-----------------------|---------|--------|
-/// | none                  | none    | ok: not set yet (the first run sets them) |
-/// | all present, one value| any     | ok     |
-/// | some absent, or values differ | any | warn: a server lost state, or a renewal is under way |
-/// | none                  | some    | warn   |
-fn progress_line(s: &store::progress::Survey) -> Check {
-    let records: usize = s.records.iter().map(|(_, n)| n).sum();
-    let what = "redis progress";
-    match (s.epochs.len(), s.missing) {
-        (0, _) if records == 0 => line(
-            Status::Ok,
-            what,
-            "no epoch marker and no progress records under this key prefix yet: the first `idem run` sets them",
-        ),
-        (1, 0) => line(
-            Status::Ok,
-            what,
-            format!(
-                "epoch {} on every marker ({}); {records} progress record(s) on {} server(s)",
-                s.epochs.keys().next().map_or("", String::as_str),
-                s.epochs.values().sum::<usize>(),
-                s.records.len()
-            ),
-        ),
-        _ => line(
-            Status::Warn,
-            what,
-            format!(
-                "epoch markers absent ({} of {}) or differing ({} values): Redis lost state on some server, or an instance is renewing the epoch; idem re-reads from the log what Redis lost (docs/guarantees.md)",
-                s.missing,
-                s.missing + s.epochs.values().sum::<usize>(),
-                s.epochs.len()
-            ),
-        ),
-    }
-}
-
-/// The durability level as configured, and how a batch waits for it.
-fn durability_text(durability: crate::config::Durability, wait: store::DurableWait) -> String {
-    use crate::config::Durability;
-    let level = match durability {
-        Durability::Ack => "ack".to_string(),
-        Durability::Fsync => "fsync".to_string(),
-        Durability::Replicas(n) => format!("replicas:{n}"),
-    };
-    let how = match wait {
-        store::DurableWait::None => "the script's reply".to_string(),
-        store::DurableWait::Replicas(n) => format!("WAIT for {n} replica(s)"),
-        store::DurableWait::LocalAof => "WAITAOF (fsync of the local append-only file)".to_string(),
-    };
-    format!("{level}: a batch counts as durable after {how}")
-}
-
-fn yes_no(v: Option<bool>) -> &'static str {
-    match v {
-        Some(true) => "yes",
-        Some(false) => "no",
-        None => "unknown (CONFIG GET refused)",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use store::progress::Survey;
+    use crate::store::progress::Survey;
+    use redis_checks::progress_line;
 
     /// The table of `progress_line`, row by row.
     #[test]
