@@ -29,10 +29,11 @@ demo: services-demo build
 REDIS_CLUSTER_URL ?= redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002
 
 ## The whole suite against the real Kafka and Redis: every test against
-## standalone Redis, then the integration tests again against the Redis Cluster.
+## standalone Redis and, at the same time, the integration tests again
+## against the Redis Cluster (scripts/test-passes.sh: built once, run as two
+## processes; docs/development.md, "The suite's time").
 test: services
-	$(CARGO) test --workspace --all-targets
-	$(MAKE) --no-print-directory test-cluster
+	CARGO='$(CARGO)' scripts/test-passes.sh '$(REDIS_CLUSTER_URL)' '$(CLUSTER_PASS_TESTS)'
 	$(MAKE) --no-print-directory check-deploy
 
 ## The deployment files, checked offline: compose schema, hadolint, Kubernetes
