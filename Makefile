@@ -65,7 +65,7 @@ lint:
 	python3 scripts/sizes.py src testbench/src
 
 # The pure core that `make mutants` holds to >= 95% caught (docs/development.md).
-MUTANTS_FILES := src/offsets.rs src/consumed.rs src/model.rs src/event/*.rs src/dlq/budget.rs src/config/*.rs
+MUTANTS_FILES := src/offsets.rs src/consumed.rs src/model/*.rs src/event/*.rs src/dlq/budget.rs src/config/*.rs
 
 ## Mutation testing of the pure core with cargo-mutants against the library's
 ## unit tests alone (no services); report in mutants.out/. Two copies of the

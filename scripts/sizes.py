@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """House limits (docs/development.md): no source file over 600 lines and no
-function over 80 lines, outside tests. Prints each excess and exits 1 if
-any; `make lint` runs it over src/ and testbench/src/.
+function over 80 lines, outside tests, in Rust and in Lua alike. Prints
+each excess and exits 1 if any; `make lint` runs it over src/ and
+testbench/src/.
 
-A function is counted from its `fn` line to the closing brace at the same
-indentation (rustfmt's layout); `#[cfg(test)]` modules and `tests/` folders
-are skipped."""
+A Rust function is counted from its `fn` line to the closing brace at the
+same indentation (rustfmt's layout), a Lua one from its `function` line
+to the `end` at the same indentation; `#[cfg(test)]` modules and `tests/`
+folders are skipped."""
 import pathlib
 import re
 import sys
@@ -13,6 +15,7 @@ import sys
 MAX_FILE_LINES = 600
 MAX_FN_LINES = 80
 FN = re.compile(r"^(\s*)(pub(\([^)]*\))? )?(const )?(async )?(unsafe )?fn \w+")
+LUA_FN = re.compile(r"^(\s*)(local function [\w.]+|function [\w.:]+|[\w.\[\]]+ = function)\(")
 
 
 def test_module_start(lines):
@@ -23,7 +26,27 @@ def test_module_start(lines):
     return len(lines)
 
 
+def lua_excesses(path):
+    lines = path.read_text().split("\n")
+    if len(lines) > MAX_FILE_LINES:
+        yield f"{path}: {len(lines)} lines (limit {MAX_FILE_LINES})"
+    for i, line in enumerate(lines):
+        m = LUA_FN.match(line)
+        if not m or re.search(r"\bend\b[\s,)}]*$", line):
+            continue
+        indent = m.group(1)
+        for j in range(i + 1, len(lines)):
+            if re.match(re.escape(indent) + r"end\b", lines[j]):
+                if j - i + 1 > MAX_FN_LINES:
+                    name = m.group(2).replace("local function ", "").replace(" = function", "")
+                    yield f"{path}:{i + 1}: {name} is {j - i + 1} lines (limit {MAX_FN_LINES})"
+                break
+
+
 def excesses(path):
+    if path.suffix == ".lua":
+        yield from lua_excesses(path)
+        return
     lines = path.read_text().split("\n")
     code = lines[: test_module_start(lines)]
     if path.name == "tests.rs" or "tests" in path.parts:
@@ -44,7 +67,8 @@ def excesses(path):
 
 
 def main(roots):
-    found = [e for root in roots for p in sorted(pathlib.Path(root).rglob("*.rs")) for e in excesses(p)]
+    paths = [p for root in roots for ext in ("*.rs", "*.lua") for p in sorted(pathlib.Path(root).rglob(ext))]
+    found = [e for p in paths for e in excesses(p)]
     for e in found:
         print(e)
     print(f"SIZES: {'ok' if not found else f'{len(found)} over the limits'}")

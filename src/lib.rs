@@ -17,6 +17,8 @@
 //! - [`offsets`]: per-partition done offsets and the contiguous commit point.
 //!
 //! The edges:
+//! - [`http`]: the HTTP server and client every endpoint shares (axum on
+//!   hyper): keep-alive, HEAD, 404/405, timeouts, a bounded body.
 //! - [`metrics`]: Prometheus names and the `/metrics` and `/readyz` endpoints.
 //! - [`kafka`]: client settings and the start-up check of credentials.
 //! - [`store`]: the Redis connection, key layout and start-up checks.
@@ -43,6 +45,7 @@ pub mod dlq;
 pub mod effects;
 pub mod event;
 pub mod guard;
+pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod model;

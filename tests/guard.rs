@@ -8,13 +8,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::*;
-use idem::consumed::Mark;
 use idem::effects::{Amount, Effects, Mutation, StateEffect, StateOrder};
 use idem::event::{Event, Op};
 use idem::guard::{Guard, GuardInput, Place};
-use idem::model::{Delivery, Model, Outcome};
+use idem::model::{Model, Outcome};
 use idem::store::progress::ProgressStore;
 use idem::store::KeyLayout;
+use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -97,110 +97,9 @@ fn random_effects(rng: &mut StdRng, id: &str, seq: u64, state_order: StateOrder)
     }
 }
 
-/// Random short sequences over a few entities, with redelivered copies,
-/// reordering, conflicts, deletes and field removals; a third under
-/// per-entity order, a third per field, a third switching event by event
-/// (as a keyspace whose `state.order` changed, or a rolling change).
-fn random_sequence(rng: &mut StdRng, tag: &str) -> Vec<(Event, Effects)> {
-    let entities = 1 + rng.random_range(0..3) as usize;
-    let mode = rng.random_range(0..3);
-    // Half the sequences number each entity's seqs densely (with gaps,
-    // swaps and copies at another id), as a dense topic's would be.
-    let dense = rng.random_range(0..2) == 0;
-    let mut next_seq = vec![1u64; entities];
-    let mut out: Vec<(Event, Effects)> = Vec::new();
-    for i in 0..(2 + rng.random_range(0..12)) {
-        let roll = rng.random_range(0..10);
-        if dense && roll == 4 && !out.is_empty() {
-            // A copy under another id (the window forgot the first), or,
-            // with another payload, a second event at a decided seq.
-            let mut c = out[rng.random_range(0..out.len() as u64) as usize].clone();
-            c.0.id = format!("{tag}-{i}-copy");
-            if rng.random_range(0..2) == 0 {
-                c.0.fingerprint ^= 0x7777;
-            }
-            out.push(c);
-            continue;
-        }
-        if roll < 2 && !out.is_empty() {
-            // A redelivered copy.
-            let copy = out[rng.random_range(0..out.len() as u64) as usize].clone();
-            out.push(copy);
-            continue;
-        }
-        if roll == 2 && !out.is_empty() {
-            // The same id with another payload.
-            let mut c = out[rng.random_range(0..out.len() as u64) as usize].clone();
-            c.0.fingerprint ^= 0x5555;
-            c.0.set.push(("conflict".into(), "1".into()));
-            out.push(c);
-            continue;
-        }
-        let e = rng.random_range(0..entities as u64);
-        let op = if roll == 3 { Op::Delete } else { Op::Upsert };
-        let mut set = Vec::new();
-        let mut unset = Vec::new();
-        if op == Op::Upsert {
-            for f in 0..rng.random_range(0..4) {
-                set.push((
-                    format!("f{}", (f + rng.random_range(0..3)) % 4),
-                    format!("v{i}"),
-                ));
-            }
-            if rng.random_range(0..4) == 0 {
-                unset.push(format!("f{}", rng.random_range(0..4)));
-                set.retain(|(k, _)| !unset.contains(k));
-            }
-        }
-        let seq = if dense {
-            // A gap now and then: a seq never produced.
-            next_seq[e as usize] += u64::from(rng.random_range(0..8) == 0);
-            next_seq[e as usize] += 1;
-            next_seq[e as usize] - 1
-        } else {
-            rng.random_range(0..8)
-        };
-        let id = format!("{tag}-{i}");
-        let state_order = match mode {
-            0 => StateOrder::PerEntity,
-            1 => StateOrder::PerField,
-            _ if rng.random_range(0..2) == 0 => StateOrder::PerEntity,
-            _ => StateOrder::PerField,
-        };
-        let mut effects = random_effects(rng, &id, seq, state_order);
-        effects.dense_seqs = dense;
-        let event = Event {
-            ts: None,
-            change: None,
-            id,
-            entity: format!("{tag}:{e}"),
-            seq,
-            op,
-            kind: None,
-            set,
-            unset,
-            fingerprint: rng.random::<u64>(),
-        };
-        out.push((event, effects));
-    }
-    if dense {
-        for i in 1..out.len() {
-            if rng.random_range(0..5) == 0 {
-                out.swap(i - 1, i);
-            }
-        }
-    }
-    // Half the sequences are of a changelog topic: their changes go to the outbox.
-    if rng.random_range(0..2) == 0 {
-        for (_, effects) in &mut out {
-            effects.changelog = Some("src".into());
-        }
-    }
-    out
-}
-
 /// An entity's dense-seq meta fields: `dense`, `dense_above`, `dense_closed`.
 async fn dense_fields(
+    conn: &mut idem::store::RedisConn,
     prefix: &str,
     entity: &str,
 ) -> (Option<String>, Option<String>, Option<String>) {
@@ -209,75 +108,9 @@ async fn dense_fields(
         .arg("dense")
         .arg("dense_above")
         .arg("dense_closed")
-        .query_async(&mut redis_conn(&redis_url()).await)
+        .query_async(conn)
         .await
         .unwrap()
-}
-
-/// One record of a round as delivered: (sequence, event, and its mark
-/// field and mark, or none for a topic without an id).
-type Delivered = (usize, usize, Option<(String, Mark)>);
-
-/// How a round's logs are consumed, as batches in delivery order. Each
-/// sequence's events are the log of one partition (sometimes two, so that
-/// an entity's events span partitions; one in five has no topic id), at
-/// offsets with gaps (transaction markers, compaction). Each partition is
-/// read by runs: the first from offset 0 or, now and then, after a forward
-/// skip (`latest`, `--allow-skip`), then perhaps a replay from earliest or
-/// a rewind to a random offset, each a new run of consumption. A batch
-/// holds the next few records of every partition, never across runs (a
-/// batch that goes back in offset restarts consumption).
-fn schedule(rng: &mut StdRng, sequences: &[Vec<(Event, Effects)>]) -> Vec<Vec<Delivered>> {
-    let mut batches: Vec<Vec<Delivered>> = Vec::new();
-    for (s, sequence) in sequences.iter().enumerate() {
-        let count = 1 + usize::from(rng.random_range(0..4) == 0);
-        let mut logs: Vec<Vec<(usize, i64)>> = vec![Vec::new(); count];
-        for i in 0..sequence.len() {
-            let log = &mut logs[rng.random_range(0..count as u64) as usize];
-            let next = log.last().map_or(0, |&(_, o)| o + 1);
-            let gap = if rng.random_range(0..5) == 0 {
-                rng.random_range(1..4)
-            } else {
-                0
-            };
-            log.push((i, next + gap));
-        }
-        for (p, log) in logs.iter().enumerate() {
-            let field = (rng.random_range(0..5) != 0).then(|| format!("o:000000000000:{s}.{p}"));
-            let mut b = 0;
-            let mut from = if rng.random_range(0..4) == 0 {
-                rng.random_range(0..=log.len() as u64) as usize
-            } else {
-                0
-            };
-            loop {
-                let run_start = if from == 0 { 0 } else { log[from - 1].1 + 1 };
-                let run: Vec<Delivered> = log[from..]
-                    .iter()
-                    .map(|&(i, offset)| {
-                        (s, i, field.clone().map(|f| (f, Mark { run_start, offset })))
-                    })
-                    .collect();
-                for chunk in run.chunks(1 + rng.random_range(0..6) as usize) {
-                    if batches.len() <= b {
-                        batches.push(Vec::new());
-                    }
-                    batches[b].extend(chunk.iter().cloned());
-                    b += 1;
-                }
-                if log.is_empty() || rng.random_range(0..3) != 0 {
-                    break;
-                }
-                // A replay from earliest or a rewind: a new run.
-                from = if rng.random_range(0..2) == 0 {
-                    0
-                } else {
-                    rng.random_range(0..log.len() as u64) as usize
-                };
-            }
-        }
-    }
-    batches
 }
 
 /// Forgets every id of `entity`, as the window does when it has passed.
@@ -306,142 +139,538 @@ async fn expire_ids(
     }
 }
 
-/// The script and the model decide the same, record by record, and leave
-/// the same state, counters, ledgers, sets, field seqs, dense marks and
-/// offset marks: random sequences (reorderings, copies, conflicts, gaps in
-/// dense seqs, every order mode) read by runs with forward skips, replays
-/// and rewinds, batches retried after a lost reply (whole or in part), and
-/// ids forgotten as if the window had passed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn guard_script_matches_the_model_on_random_sequences() {
-    // The cluster pass checks the same script through slot routing: a fifth
-    // of the sequences is enough there.
-    let cluster = redis_mode(&redis_url()) == idem::config::RedisMode::Cluster;
-    let sequences_total: usize = if cluster { 2_000 } else { 10_000 };
-    let prefix = unique("diff");
-    let mut conn = redis_conn(&redis_url()).await;
-    let mut rng = StdRng::seed_from_u64(0xD1FF);
-    let (mut checked_events, mut retries) = (0, 0);
-    let mut outcomes = std::collections::BTreeMap::new();
-    let window = Duration::from_secs(3600);
-    let epoch = ProgressStore::new(conn.clone(), KeyLayout::new(&prefix))
-        .establish_epoch()
-        .await
-        .expect("epoch");
-    let mut token = 0u32;
-    let mut changes_total = 0;
-    for round in 0..(sequences_total / 100) {
-        // 100 sequences per round; each sequence has its own entities.
-        let events_per_script = 1 + rng.random_range(0..40) as usize;
-        let mut guard = Guard::new(
-            conn.clone(),
-            KeyLayout::new(&prefix),
-            events_per_script,
-            epoch.clone(),
+/// One step of a differential case, at the script's level: what a
+/// consumer group and an operator can do to the guard. A failing case is
+/// shrunk to the fewest, simplest steps that still break.
+#[derive(Debug, Clone)]
+enum Step {
+    /// A new event at the end of partition `p`'s log (`gap`: offsets
+    /// skipped before it, as transaction markers or compaction leave).
+    Produce {
+        p: usize,
+        entity: u8,
+        seq: u64,
+        delete: bool,
+        fields: Vec<(u8, u8)>,
+        unset: Option<u8>,
+        per_field: bool,
+        effects: u64,
+        gap: bool,
+    },
+    /// A copy of an earlier record (by index, modulo how many there are)
+    /// at a new offset of partition `p`: the same event (a producer's
+    /// retry), under another id (a copy after the window), or the same id
+    /// with another payload (a conflict).
+    Copy { of: usize, p: usize, kind: CopyKind },
+    /// Partition `p`'s next records (at most `max`) decided as one batch;
+    /// with `lost`, an earlier attempt went through for the entities in
+    /// the mask and its reply was lost, so the batch is retried whole.
+    Deliver {
+        p: usize,
+        max: usize,
+        lost: Option<u8>,
+    },
+    /// Partition `p` read again from its record `from` (modulo the log's
+    /// length + 1), a new run: a replay, a rewind or a forward skip.
+    Reread { p: usize, from: usize },
+    /// Redis's keys under the prefix saved (DUMP), the model with them.
+    Save,
+    /// Redis rolled back to the last save (RESTORE), the model with it.
+    Rollback,
+    /// The window passes: every id forgotten.
+    ExpireWindow,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum CopyKind {
+    SameEvent,
+    OtherId,
+    OtherPayload,
+}
+
+/// A case: its steps and the settings every event of it shares.
+#[derive(Debug, Clone)]
+struct Case {
+    /// The topic numbers each entity's seqs densely (dedupe.dense_seq_topics).
+    dense: bool,
+    /// The topic's changes go to the outbox (changelog.topics).
+    changelog: bool,
+    /// Which partitions have a topic id (offset marks); the others decide
+    /// as before.
+    marked: [bool; 2],
+    events_per_script: usize,
+    steps: Vec<Step>,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let produce = (
+        0..2usize,
+        0..3u8,
+        0..8u64,
+        prop::bool::weighted(0.1),
+        prop::collection::vec((0..4u8, 0..4u8), 0..4),
+        prop::option::weighted(0.25, 0..4u8),
+        any::<bool>(),
+        any::<u64>(),
+        prop::bool::weighted(0.2),
+    )
+        .prop_map(
+            |(p, entity, seq, delete, fields, unset, per_field, effects, gap)| Step::Produce {
+                p,
+                entity,
+                seq,
+                delete,
+                fields,
+                unset,
+                per_field,
+                effects,
+                gap,
+            },
         );
-        let sequences: Vec<Vec<(Event, Effects)>> = (0..100)
-            .map(|s| random_sequence(&mut rng, &format!("r{round}s{s}")))
+    let copy = (
+        any::<usize>(),
+        0..2usize,
+        prop_oneof![
+            Just(CopyKind::SameEvent),
+            Just(CopyKind::OtherId),
+            Just(CopyKind::OtherPayload)
+        ],
+    )
+        .prop_map(|(of, p, kind)| Step::Copy { of, p, kind });
+    let deliver = (
+        0..2usize,
+        1..7usize,
+        prop::option::weighted(0.2, any::<u8>()),
+    )
+        .prop_map(|(p, max, lost)| Step::Deliver { p, max, lost });
+    prop_oneof![
+        8 => produce,
+        3 => copy,
+        8 => deliver,
+        1 => (0..2usize, any::<usize>()).prop_map(|(p, from)| Step::Reread { p, from }),
+        1 => Just(Step::Save),
+        1 => Just(Step::Rollback),
+        1 => Just(Step::ExpireWindow),
+    ]
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        any::<bool>(),
+        any::<bool>(),
+        (prop::bool::weighted(0.8), prop::bool::weighted(0.8)),
+        1..40usize,
+        prop::collection::vec(step(), 1..40),
+    )
+        .prop_map(
+            |(dense, changelog, marked, events_per_script, steps)| Case {
+                dense,
+                changelog,
+                marked: [marked.0, marked.1],
+                events_per_script,
+                steps,
+            },
+        )
+}
+
+/// A partition's log and where its consumer is.
+#[derive(Default, Clone)]
+struct Log {
+    /// (record index, offset).
+    records: Vec<(usize, i64)>,
+    next: usize,
+    run_start: i64,
+}
+
+/// A save: the case's keys as DUMP gave them (with their times to live),
+/// the model and the changes of that moment.
+type Saved = (
+    Vec<(String, Vec<u8>, i64)>,
+    Model,
+    BTreeMap<String, Vec<String>>,
+);
+
+/// What a case has made so far: the records, the logs, what the model and
+/// Redis hold (and the last save of both).
+struct Run {
+    prefix: String,
+    records: Vec<(Event, Effects)>,
+    logs: [Log; 2],
+    next_seq: [u64; 3],
+    model: Model,
+    /// Per entity, the ids whose decision wrote a change.
+    changes: BTreeMap<String, Vec<String>>,
+    saved: Option<Saved>,
+    token: u32,
+}
+
+impl Run {
+    fn produce(&mut self, case: &Case, step: &Step) {
+        let Step::Produce {
+            p,
+            entity,
+            seq,
+            delete,
+            fields,
+            unset,
+            per_field,
+            effects,
+            gap,
+        } = step
+        else {
+            unreachable!()
+        };
+        let i = self.records.len();
+        let e = usize::from(*entity);
+        let seq = if case.dense {
+            // A gap now and then: a seq never produced.
+            self.next_seq[e] += u64::from(*seq == 7) + 1;
+            self.next_seq[e] - 1
+        } else {
+            *seq
+        };
+        let id = format!("{}-{i}", self.prefix);
+        let op = if *delete { Op::Delete } else { Op::Upsert };
+        let mut set: Vec<(String, String)> = Vec::new();
+        if op == Op::Upsert {
+            for (f, v) in fields {
+                set.retain(|(k, _)| *k != format!("f{f}"));
+                set.push((format!("f{f}"), format!("v{v}")));
+            }
+        }
+        let unset: Vec<String> = unset
+            .filter(|_| op == Op::Upsert)
+            .map(|f| format!("f{f}"))
+            .into_iter()
             .collect();
-        let mut model = Model::default();
-        // Per entity, the ids of the events whose decision made a change.
-        let mut changes: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for batch in schedule(&mut rng, &sequences) {
-            guard.begin_batch();
-            token += 1;
-            let mut attempts = vec![batch.clone()];
-            if rng.random_range(0..6) == 0 {
-                // An earlier attempt whose reply was lost: some calls (whole
-                // entities) or all of it went through.
-                let entity = |d: &Delivered| sequences[d.0][d.1].0.entity.clone();
-                let through: std::collections::BTreeSet<String> = batch
-                    .iter()
-                    .map(entity)
-                    .filter(|_| rng.random_range(0..2) == 0)
-                    .collect();
-                let part: Vec<Delivered> = batch
-                    .iter()
-                    .filter(|d| through.contains(&entity(d)))
-                    .cloned()
-                    .collect();
-                attempts.insert(0, part);
-                retries += 1;
+        set.retain(|(k, _)| !unset.contains(k));
+        let order = if *per_field {
+            StateOrder::PerField
+        } else {
+            StateOrder::PerEntity
+        };
+        let mut rng = StdRng::seed_from_u64(*effects);
+        let mut effects = random_effects(&mut rng, &id, seq, order);
+        effects.dense_seqs = case.dense;
+        effects.changelog = case.changelog.then(|| "src".into());
+        let event = Event {
+            ts: None,
+            change: None,
+            id,
+            entity: format!("{}:{e}", self.prefix),
+            seq,
+            op,
+            kind: None,
+            set,
+            unset,
+            fingerprint: rng.random::<u64>(),
+        };
+        self.records.push((event, effects));
+        self.append(*p, i, *gap);
+    }
+
+    fn copy(&mut self, of: usize, p: usize, kind: CopyKind) {
+        if self.records.is_empty() {
+            return;
+        }
+        let i = self.records.len();
+        let mut c = self.records[of % i].clone();
+        match kind {
+            CopyKind::SameEvent => {}
+            CopyKind::OtherId => c.0.id = format!("{}-{i}-copy", self.prefix),
+            CopyKind::OtherPayload => {
+                c.0.fingerprint ^= 0x5555;
+                c.0.set.push(("conflict".into(), "1".into()));
             }
-            for attempt in attempts {
-                let records: Vec<&(Event, Effects)> =
-                    attempt.iter().map(|(s, i, _)| &sequences[*s][*i]).collect();
-                let inputs: Vec<GuardInput<'_>> = records
-                    .iter()
-                    .zip(&attempt)
-                    .map(|((event, effects), (_, _, place))| GuardInput {
-                        event,
-                        window,
-                        effects,
-                        place: place.as_ref().map(|(field, mark)| Place {
-                            mark_field: field,
-                            offset: mark.offset,
-                            run_start: mark.run_start,
-                        }),
-                    })
-                    .collect();
-                let deliveries: Vec<Delivery<'_>> = records
-                    .iter()
-                    .zip(&attempt)
-                    .map(|((event, effects), (_, _, place))| Delivery {
-                        event,
-                        effects,
-                        place: place.as_ref().map(|(field, mark)| (field.as_str(), *mark)),
-                    })
-                    .collect();
-                let verdicts = guard.apply(&inputs).await.unwrap();
-                let want = model.apply_batch(&deliveries, token);
-                for ((verdict, want), (event, effects)) in verdicts.iter().zip(&want).zip(&records)
+        }
+        self.records.push(c);
+        self.append(p, i, false);
+    }
+
+    fn append(&mut self, p: usize, i: usize, gap: bool) {
+        let log = &mut self.logs[p];
+        let offset = log.records.last().map_or(0, |&(_, o)| o + 1) + i64::from(gap) * 2;
+        log.records.push((i, offset));
+    }
+
+    fn reread(&mut self, p: usize, from: usize) {
+        let log = &mut self.logs[p];
+        log.next = from % (log.records.len() + 1);
+        log.run_start = match log.next {
+            0 => 0,
+            n => log.records[n - 1].1 + 1,
+        };
+    }
+
+    /// Decides partition `p`'s next records with the guard and the model.
+    async fn deliver(
+        &mut self,
+        case: &Case,
+        guard: &mut Guard,
+        p: usize,
+        max: usize,
+        lost: Option<u8>,
+    ) {
+        let log = self.logs[p].clone();
+        let batch: Vec<(usize, i64)> = log.records[log.next..].iter().take(max).copied().collect();
+        if batch.is_empty() {
+            return;
+        }
+        self.logs[p].next += batch.len();
+        let field = format!("o:000000000000:{p}");
+        guard.begin_batch();
+        self.token += 1;
+        let mut attempts = vec![batch.clone()];
+        if let Some(mask) = lost {
+            // An earlier attempt whose reply was lost: the calls of the
+            // entities in the mask went through.
+            let through = |i: usize| {
+                let e: u32 = self.records[i]
+                    .0
+                    .entity
+                    .rsplit(':')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                mask & (1 << e) != 0
+            };
+            attempts.insert(
+                0,
+                batch.iter().copied().filter(|&(i, _)| through(i)).collect(),
+            );
+        }
+        for attempt in attempts {
+            let inputs: Vec<GuardInput<'_>> = attempt
+                .iter()
+                .map(|&(i, offset)| GuardInput {
+                    event: &self.records[i].0,
+                    window: Duration::from_secs(3600),
+                    effects: &self.records[i].1,
+                    place: case.marked[p].then_some(Place {
+                        mark_field: &field,
+                        offset,
+                        run_start: log.run_start,
+                    }),
+                })
+                .collect();
+            let verdicts = guard.apply(&inputs).await.unwrap();
+            let want = self.model.apply_batch(&inputs, self.token);
+            for ((got, want), input) in verdicts.iter().zip(&want).zip(&inputs) {
+                assert_eq!(
+                    (got.outcome, got.earlier_attempt),
+                    (want.outcome, want.earlier_attempt),
+                    "verdict for {:?} with {:?}",
+                    input.event,
+                    input.effects
+                );
+                if case.changelog
+                    && want.earlier_attempt.is_none()
+                    && matches!(
+                        want.outcome,
+                        Outcome::Applied | Outcome::Late | Outcome::Partial
+                    )
                 {
-                    assert_eq!(
-                        (verdict.outcome, verdict.earlier_attempt),
-                        (want.outcome, want.earlier_attempt),
-                        "outcome of {event:?} with {effects:?}"
-                    );
-                    *outcomes.entry(want.outcome.as_str()).or_insert(0u64) += 1;
-                    if effects.changelog.is_some()
-                        && want.earlier_attempt.is_none()
-                        && matches!(
-                            want.outcome,
-                            Outcome::Applied | Outcome::Late | Outcome::Partial
-                        )
-                    {
-                        changes
-                            .entry(event.entity.clone())
-                            .or_default()
-                            .push(event.id.clone());
-                    }
-                }
-                checked_events += records.len();
-            }
-            if rng.random_range(0..3) == 0 {
-                // A sequence of this batch, whose later batches then read on
-                // (or replay) with its ids forgotten.
-                let s = batch[rng.random_range(0..batch.len() as u64) as usize].0;
-                for entity in sequences[s]
-                    .iter()
-                    .map(|(e, _)| &e.entity)
-                    .collect::<std::collections::BTreeSet<_>>()
-                {
-                    expire_ids(&mut conn, &prefix, entity, &mut model).await;
+                    self.changes
+                        .entry(input.event.entity.clone())
+                        .or_default()
+                        .push(input.event.id.clone());
                 }
             }
         }
-        assert_entities_match(&mut conn, &prefix, &model).await;
-        let changelog: BTreeSet<&String> = sequences
-            .iter()
-            .flatten()
-            .filter(|(_, effects)| effects.changelog.is_some())
-            .map(|(e, _)| &e.entity)
-            .collect();
-        changes_total +=
-            assert_changes_rebuild_the_view(&mut conn, &prefix, &model, &changelog, &changes).await;
     }
-    eprintln!("differential: {changes_total} changes in the outbox rebuild their views;");
-    eprintln!("differential: {sequences_total} sequences, {checked_events} records delivered ({retries} batches retried), Lua == model; outcomes {outcomes:?}");
+
+    /// Every key the case can write: its entities' and their outboxes (a
+    /// SCAN would walk every test's keys).
+    fn keys(&self) -> BTreeSet<String> {
+        let layout = KeyLayout::new(&self.prefix);
+        let cluster = redis_mode(&redis_url()) == idem::config::RedisMode::Cluster;
+        let ids = idem::guard::id_generations(
+            idem::pipeline::unix_millis() as u64,
+            Duration::from_secs(3600),
+        );
+        let mut keys = BTreeSet::new();
+        for name in self.model.entities.keys() {
+            let k = layout.entity(name);
+            let slot = cluster.then(|| idem::store::hash_slot(k.base().as_bytes()));
+            keys.extend([
+                k.meta(),
+                k.state(),
+                k.ids(ids.previous),
+                k.ids(ids.current),
+                k.ids(ids.current + 1),
+                k.counters(),
+                k.ledger("l"),
+                k.set("s"),
+                k.set_seqs("s"),
+                k.field_seqs(),
+                layout.outbox_key(slot),
+            ]);
+        }
+        keys
+    }
+
+    /// The case's keys by slot: a cluster pipelines one slot at a time.
+    fn keys_by_slot(&self) -> BTreeMap<u16, Vec<String>> {
+        let mut out: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+        for key in self.keys() {
+            out.entry(idem::store::hash_slot(key.as_bytes()))
+                .or_default()
+                .push(key);
+        }
+        out
+    }
+
+    /// The case's keys saved with their values (DUMP) and times to live.
+    async fn save(&mut self, conn: &mut idem::store::RedisConn) {
+        let mut saved = Vec::new();
+        for keys in self.keys_by_slot().into_values() {
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                pipe.cmd("DUMP").arg(key).cmd("PTTL").arg(key);
+            }
+            let replies: Vec<(Option<Vec<u8>>, i64)> = pipe.query_async(conn).await.unwrap();
+            saved.extend(
+                keys.into_iter()
+                    .zip(replies)
+                    .filter_map(|(key, (dump, ttl))| dump.map(|d| (key, d, ttl.max(0)))),
+            );
+        }
+        self.saved = Some((saved, self.model.clone(), self.changes.clone()));
+    }
+
+    /// Redis back to the last save: every key of the case replaced.
+    async fn rollback(&mut self, conn: &mut idem::store::RedisConn) {
+        let Some((saved, model, changes)) = self.saved.clone() else {
+            return;
+        };
+        for (slot, keys) in self.keys_by_slot() {
+            let mut pipe = redis::pipe();
+            for key in keys {
+                pipe.cmd("DEL").arg(key).ignore();
+            }
+            let restored = saved
+                .iter()
+                .filter(|(key, _, _)| idem::store::hash_slot(key.as_bytes()) == slot);
+            for (key, dump, ttl) in restored {
+                pipe.cmd("RESTORE")
+                    .arg(key)
+                    .arg(ttl)
+                    .arg(dump)
+                    .arg("REPLACE")
+                    .ignore();
+            }
+            let _: () = pipe.query_async(conn).await.unwrap();
+        }
+        self.model = model;
+        self.changes = changes;
+    }
+}
+
+/// Runs one case on a fresh prefix and checks every verdict, then every
+/// entity (state, counters, ledgers, sets, field seqs, dense marks, offset
+/// marks) and the changes in the outbox against the model.
+async fn run_case(conn: &idem::store::RedisConn, prefix: String, case: &Case) {
+    let mut conn = conn.clone();
+    // The epoch marker the guard checks, in each slot the case can write
+    // (what `ProgressStore::establish_epoch` leaves, without its walk over
+    // every master on a cluster).
+    let layout = KeyLayout::new(&prefix);
+    let cluster = redis_mode(&redis_url()) == idem::config::RedisMode::Cluster;
+    for e in 0..3 {
+        let base = layout.entity_base(&format!("{prefix}:{e}"));
+        let slot = cluster.then(|| idem::store::hash_slot(base.as_bytes()));
+        let _: () = redis::cmd("SET")
+            .arg(layout.epoch_key(slot))
+            .arg("E")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let epoch = String::from("E");
+    let mut guard = Guard::new(
+        conn.clone(),
+        KeyLayout::new(&prefix),
+        case.events_per_script,
+        epoch,
+    );
+    let mut run = Run {
+        prefix: prefix.clone(),
+        records: Vec::new(),
+        logs: Default::default(),
+        next_seq: [1; 3],
+        model: Model::default(),
+        changes: BTreeMap::new(),
+        saved: None,
+        token: 0,
+    };
+    for step in &case.steps {
+        match step {
+            Step::Produce { .. } => run.produce(case, step),
+            Step::Copy { of, p, kind } => run.copy(*of, *p, *kind),
+            Step::Deliver { p, max, lost } => run.deliver(case, &mut guard, *p, *max, *lost).await,
+            Step::Reread { p, from } => run.reread(*p, *from),
+            Step::Save => run.save(&mut conn).await,
+            Step::Rollback => run.rollback(&mut conn).await,
+            Step::ExpireWindow => {
+                let entities: Vec<String> = run.model.entities.keys().cloned().collect();
+                for entity in entities {
+                    expire_ids(&mut conn, &prefix, &entity, &mut run.model).await;
+                }
+            }
+        }
+    }
+    assert_entities_match(&mut conn, &prefix, &run.model).await;
+    if case.changelog {
+        let entities: BTreeSet<&String> = run.model.entities.keys().collect();
+        assert_changes_rebuild_the_view(&mut conn, &prefix, &run.model, &entities, &run.changes)
+            .await;
+    }
+}
+
+/// The script and the model decide the same, record by record, and leave
+/// the same entities and changes, on cases built of steps (events, copies
+/// at new offsets, batches retried after a lost reply, re-reads, rollbacks
+/// of Redis, the window passing), each on a fresh prefix. proptest shrinks
+/// a failing case to the shortest steps that still break and prints it.
+/// `IDEM_DIFFERENTIAL_CASES` sets how many (10,000; 2,000 on the cluster,
+/// which checks the same script through slot routing).
+#[test]
+fn guard_script_matches_the_model_step_by_step() {
+    let cluster = redis_mode(&redis_url()) == idem::config::RedisMode::Cluster;
+    let cases = std::env::var("IDEM_DIFFERENTIAL_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if cluster { 2_000 } else { 10_000 });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let conn = rt.block_on(redis_conn(&redis_url()));
+    let base = unique("diff");
+    let counter = std::sync::atomic::AtomicU64::new(0);
+    let config = proptest::test_runner::Config {
+        cases,
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    };
+    let mut runner = proptest::test_runner::TestRunner::new_with_rng(
+        config,
+        proptest::test_runner::TestRng::deterministic_rng(
+            proptest::test_runner::RngAlgorithm::ChaCha,
+        ),
+    );
+    let result = runner.run(&case(), |case| {
+        let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        rt.block_on(run_case(&conn, format!("{base}c{n}"), &case));
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("the script and the model differ: {e}");
+    }
+    let n = counter.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("differential: {n} cases (steps of events, copies, retries, re-reads, rollbacks), Lua == model");
 }
 
 /// The changes in the outbox under `prefix` (read, then deleted for the
@@ -494,7 +723,12 @@ async fn assert_changes_rebuild_the_view(
     changes: &BTreeMap<String, Vec<String>>,
 ) -> usize {
     let outbox = take_outbox(conn, prefix, model.entities.keys()).await;
-    let views = read_entities(&redis_url(), prefix, model.entities.keys()).await;
+    let layout = KeyLayout::new(prefix);
+    let mut views = BTreeMap::new();
+    for name in model.entities.keys() {
+        let view = idem::store::read_entity(conn, &layout, name).await.unwrap();
+        views.insert(name.clone(), view);
+    }
     let mut total = 0;
     for (name, want) in &model.entities {
         let records = outbox.get(name).map_or(&[][..], Vec::as_slice);
@@ -582,10 +816,25 @@ async fn assert_changes_rebuild_the_view(
 }
 
 /// Every entity of `model` as Redis holds it under `prefix`.
+/// The entities are read at once, over the one multiplexed connection.
 async fn assert_entities_match(conn: &mut idem::store::RedisConn, prefix: &str, model: &Model) {
-    let views = read_entities(&redis_url(), prefix, model.entities.keys()).await;
-    for (name, want) in &model.entities {
-        let got = &views[name];
+    let checks = model
+        .entities
+        .iter()
+        .map(|(name, want)| assert_entity_matches(conn.clone(), prefix, name, want));
+    futures_util::future::join_all(checks).await;
+}
+
+async fn assert_entity_matches(
+    mut conn: idem::store::RedisConn,
+    prefix: &str,
+    name: &str,
+    want: &idem::model::EntityModel,
+) {
+    let conn = &mut conn;
+    let layout = KeyLayout::new(prefix);
+    {
+        let got = &idem::store::read_entity(conn, &layout, name).await.unwrap();
         assert_eq!(
             (
                 got.seq,
@@ -623,7 +872,7 @@ async fn assert_entities_match(conn: &mut idem::store::RedisConn, prefix: &str, 
             .await
             .unwrap();
         assert_eq!(field_seqs, want.field_seqs, "field seqs of {name}");
-        let dense = dense_fields(prefix, name).await;
+        let dense = dense_fields(conn, prefix, name).await;
         let want_dense = want.dense.as_ref().map(|d| d.encode());
         assert_eq!(
             (dense.0, dense.1, dense.2),
@@ -665,7 +914,7 @@ async fn assert_entities_match(conn: &mut idem::store::RedisConn, prefix: &str, 
 
 /// What the script parses, for one call with every mutation kind and
 /// every state rule, equals what each typed input means: the encoder
-/// (src/guard/args.rs) and the script's readers (guard.lua) agree.
+/// (src/guard/args.rs) and the script's readers (src/guard/lua/) agree.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
     use idem::effects::Order;
@@ -1107,7 +1356,7 @@ async fn offset_marks_replay_decided_records_and_hold_at_a_conflict() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dense_seqs_close_gaps_at_the_cap_as_the_model_does() {
     let prefix = unique("dense");
-    let conn = redis_conn(&redis_url()).await;
+    let mut conn = redis_conn(&redis_url()).await;
     let mut rng = StdRng::seed_from_u64(0xDE45E);
     let epoch = ProgressStore::new(conn.clone(), KeyLayout::new(&prefix))
         .establish_epoch()
@@ -1172,7 +1421,7 @@ async fn dense_seqs_close_gaps_at_the_cap_as_the_model_does() {
                 assert_eq!(v.rejection.as_ref().map(|r| r.0), Some("seq_gap_closed"));
             }
         }
-        let (mark, above, closed) = dense_fields(&prefix, &entity).await;
+        let (mark, above, closed) = dense_fields(&mut conn, &prefix, &entity).await;
         let want = model.entities[&entity]
             .dense
             .as_ref()
@@ -1365,4 +1614,69 @@ async fn a_change_with_thousands_of_effects_reaches_the_outbox_whole() {
     assert_eq!(tags.len(), MEMBERS, "every member");
     assert!(tags.values().all(|added| added == true));
     assert_eq!(record["data"], serde_json::json!({ "a": "1" }));
+}
+
+/// An error raised inside the guard script names the file and line it
+/// came from, not a line of the joined script: a call with a mutation
+/// kind no version knows is refused by mutations.lua's reader.
+#[tokio::test]
+async fn an_error_raised_in_the_script_names_its_file_and_line() {
+    use idem::guard::script::{assemble, Ending};
+    let prefix = unique("located");
+    let mut conn = redis_conn(&redis_url()).await;
+    let script = assemble(&[], Ending::Run);
+    // Every key in one slot (the cluster pass runs it too).
+    let base = format!("{prefix}:{{e}}");
+    let marker = format!("{base}:epoch");
+    let _: () = redis::cmd("SET")
+        .arg(&marker)
+        .arg("E")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(script.source())
+        .arg(6)
+        .arg(&marker)
+        .arg(format!("{base}:outbox"));
+    for suffix in [":meta", ":state", ":ids:1", ":ids:0"] {
+        cmd.arg(format!("{base}{suffix}"));
+    }
+    // token, epoch; then one event's head, no fields, one mutation of an unknown kind.
+    let head = ["tokn", "E", "99999999999999", "id", "idhash!!", "fprint!!"];
+    let rest = [
+        "0000000000000001",
+        "1",
+        "",
+        "0",
+        "",
+        "",
+        "merge",
+        "0",
+        "0",
+        "0",
+        "",
+        "1",
+    ];
+    for arg in head.iter().chain(&rest).chain(&["bogus"]) {
+        cmd.arg(*arg);
+    }
+    let err = cmd
+        .query_async::<redis::Value>(&mut conn)
+        .await
+        .unwrap_err();
+    let raw = err.to_string();
+    assert!(raw.contains("IDEMPROTOCOL unknown mutation bogus"), "{raw}");
+    let reader = include_str!("../src/guard/lua/mutations.lua");
+    let line = reader
+        .lines()
+        .position(|l| l.contains("error('IDEMPROTOCOL unknown mutation"))
+        .unwrap()
+        + 1;
+    let located = script.locate(&raw);
+    assert!(
+        located.contains(&format!("src/guard/lua/mutations.lua:{line}:")),
+        "{raw} located as {located}"
+    );
+    assert!(!located.contains("user_script:"), "{located}");
 }

@@ -4,7 +4,7 @@
 //! Guarantee: parsing is total (text in, amount or a reason out) and exact;
 //! an amount with more decimals than the scale is refused, never rounded;
 //! every value, amount or sum, has at most [`MAX_DIGITS`] digits, so the
-//! arithmetic fits an `i128` here and digit strings in `guard.lua`.
+//! arithmetic fits an `i128` here and digit strings in `decimal.lua`.
 
 use std::fmt;
 
@@ -130,7 +130,7 @@ impl Amount {
         }
     }
 
-    /// The units as signed decimal digits, the form `guard.lua` adds.
+    /// The units as signed decimal digits, the form `decimal.lua` adds.
     pub fn units_text(self) -> String {
         self.units.to_string()
     }

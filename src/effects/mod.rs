@@ -6,7 +6,7 @@
 //! decimals or a missing field makes the whole event invalid (dead-lettered
 //! with the reason), never a part of it. What only Redis can decide (a
 //! counter that would overflow, a custom effect that fails) is checked by
-//! `guard.lua` before its first write, with the same all-or-nothing rule.
+//! the guard script before its first write, with the same all-or-nothing rule.
 //!
 //! Two kinds, by how they meet order:
 //! - *ordered* (the state: merge, replace, delete; ordered custom effects)

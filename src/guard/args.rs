@@ -1,12 +1,13 @@
-//! What one event sends to `guard.lua`: its keys beyond the four every
+//! What one event sends to the guard script: its keys beyond the four every
 //! event has, and its arguments (the layout is documented at the top of
-//! the script). Pure: an event and its effects in, keys and arguments out.
+//! the script, `lua/call.lua`). Pure: an event and its effects in, keys
+//! and arguments out.
 //! Each mutation kind has a code of its own ([`MutationKind::code`]), read
 //! by its own function in the script; a test has the script report how it
 //! parsed a call of every kind (tests/guard.rs).
 
 use super::GuardInput;
-use crate::effects::{Effects, Mutation, Order, Snippet, StateEffect, StateOrder};
+use crate::effects::{Effects, Mutation, Order, StateEffect, StateOrder};
 use crate::event::{id_hash, Event, Op};
 use crate::store::EntityKeys;
 
@@ -22,7 +23,17 @@ pub enum MutationKind {
 }
 
 impl MutationKind {
-    /// The code `guard.lua`'s `READ_MUTATION` is keyed by.
+    pub const ALL: [MutationKind; 6] = [
+        MutationKind::Counter,
+        MutationKind::CounterSet,
+        MutationKind::Ledger,
+        MutationKind::SetAdd,
+        MutationKind::SetRemove,
+        MutationKind::Custom,
+    ];
+
+    /// The code the script's `READ_MUTATION` is keyed by (its prelude
+    /// names each `KIND_<CODE>`).
     pub fn code(self) -> &'static str {
         match self {
             MutationKind::Counter => "counter",
@@ -35,7 +46,7 @@ impl MutationKind {
     }
 }
 
-/// A custom effect's order, as `guard.lua` reads it.
+/// A custom effect's order, as the script reads it (`ORDER_<CODE>`).
 pub fn order_code(order: Order) -> &'static str {
     match order {
         Order::Ordered => "ordered",
@@ -55,7 +66,7 @@ impl EffectParts {
     pub fn new(entity: &EntityKeys, event: &Event, effects: &Effects) -> EffectParts {
         let mut parts = EffectParts::default();
         if effects.state_order == StateOrder::PerField {
-            // Always the first: guard.lua reads it as the event's key 1.
+            // Always the first: the script reads it as the event's key 1.
             parts.key(entity.field_seqs());
         }
         if effects.mutations.is_empty() {
@@ -140,7 +151,7 @@ impl EffectParts {
     }
 }
 
-/// The state code `guard.lua` reads: what the event does to the state, and
+/// The state code the script reads (read.lua): what the event does to the state, and
 /// under which order (`field:` for `state.order = "per_field"`, whose
 /// event's first effect key is the field seqs hash).
 pub fn state_code(event: &Event, effects: &Effects) -> &'static str {
@@ -209,83 +220,6 @@ pub fn push_event_args(
     }
 }
 
-/// The line in `guard.lua` where custom effects go.
-const CUSTOM_MARK: &str = "-- @CUSTOM\n";
-
-/// `guard.lua` with the custom effects inserted: each one a function of
-/// (state, counters, event) that cannot reach `redis`, `KEYS` or `ARGV`,
-/// with the line offset that maps error messages back to its file.
-pub fn assemble(script: &str, snippets: &[Snippet]) -> String {
-    if snippets.is_empty() {
-        return script.to_string();
-    }
-    let (head, tail) = script
-        .split_once(CUSTOM_MARK)
-        .expect("guard.lua has the custom mark");
-    let mut out = head.to_string();
-    for (i, s) in snippets.iter().enumerate() {
-        let writes: Vec<String> = s
-            .writes
-            .iter()
-            .map(|w| format!("[ {} ] = true", lua_string(w)))
-            .collect();
-        out.push_str(&format!(
-            "CUSTOM[{}] = {{ file = {}, writes = {{ {} }}, offset = {}, fn = function(state, counters, event)\n{}\n",
-            i + 1,
-            lua_string(&s.file),
-            writes.join(", "),
-            0,
-            SANDBOX
-        ));
-        // Lines are 1-based; the snippet's first line follows the two above.
-        let offset = out.lines().count();
-        out = out.replacen("offset = 0, fn", &format!("offset = {offset}, fn"), 1);
-        out.push_str(&s.source);
-        out.push_str("\nend }\n");
-    }
-    out.push_str(tail);
-    out
-}
-
-/// Shadows what a pure effect must not touch.
-const SANDBOX: &str = "local redis, KEYS, ARGV, _G, loadstring, rawset, rawget, setmetatable, getmetatable = nil, nil, nil, nil, nil, nil, nil, nil, nil";
-
-/// A Lua long string literal that holds `text` whatever it contains.
-fn lua_string(text: &str) -> String {
-    let mut eq = String::new();
-    while text.contains(&format!("]{eq}]")) || text.ends_with(&format!("]{eq}")) {
-        eq.push('=');
-    }
-    format!("[{eq}[{text}]{eq}]")
-}
-
-/// A standalone script that only compiles `snippet` (for the start-up
-/// check): its errors name the snippet's own lines.
-pub fn compile_check(snippet: &Snippet) -> String {
-    format!(
-        "#!lua flags=no-writes\nlocal f = function(state, counters, event)\n{}\nend\nreturn 1\n",
-        snippet.source
-    )
-}
-
-/// `text` with Lua's `user_script:N:` positions turned into `file:N-offset:`.
-pub fn snippet_lines(text: &str, file: &str, offset: usize) -> String {
-    let mut out = String::new();
-    let mut rest = text;
-    while let Some(at) = rest.find("user_script:") {
-        out.push_str(&rest[..at]);
-        let after = &rest[at + "user_script:".len()..];
-        let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
-        match digits.parse::<usize>() {
-            Ok(n) => out.push_str(&format!("{file}:{}", n.saturating_sub(offset))),
-            Err(_) => out.push_str("user_script:"),
-        }
-        rest = &after[digits.len()..];
-    }
-    out.push_str(rest);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,41 +277,5 @@ mod tests {
             EffectParts::new(&entity, &event, &Effects::default()),
             EffectParts::default()
         );
-    }
-
-    #[test]
-    fn snippet_positions_name_the_file() {
-        assert_eq!(
-            snippet_lines(
-                "Error compiling script (new function): user_script:3: unexpected symbol",
-                "a.lua",
-                2
-            ),
-            "Error compiling script (new function): a.lua:1: unexpected symbol"
-        );
-        assert_eq!(snippet_lines("no position", "a.lua", 2), "no position");
-    }
-
-    #[test]
-    fn assembled_snippets_know_their_first_line() {
-        let snippet = Snippet {
-            file: "a]].lua".into(),
-            source: "local x = 1\nreturn { p = x }".into(),
-            writes: vec!["p".into()],
-        };
-        let script = "head\n-- @CUSTOM\ntail\n";
-        let out = assemble(script, &[snippet]);
-        let lines: Vec<&str> = out.lines().collect();
-        let offset: usize = out
-            .split("offset = ")
-            .nth(1)
-            .and_then(|r| r.split(',').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap();
-        assert_eq!(lines[offset], "local x = 1", "{out}");
-        assert!(out.contains("file = [=[a]].lua]=]"), "{out}");
-        assert_eq!(lua_string("tags]"), "[=[tags]]=]");
-        assert!(out.ends_with("end }\ntail\n"), "{out}");
-        assert_eq!(assemble(script, &[]), script);
     }
 }

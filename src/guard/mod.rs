@@ -1,5 +1,6 @@
 //! The guard: dedupe check, sequence check and effect as one atomic Redis
-//! script (`guard.lua`, beside this file), called for many events per round trip.
+//! script (the files of `lua/`, beside this file, joined by [`script`]),
+//! called for many events per round trip.
 //!
 //! Guarantee: for each event, the decision and its effect happen in one
 //! script execution, so there is no moment where an id is remembered and its
@@ -10,10 +11,10 @@ use std::time::Duration;
 
 use redis::Value;
 
-use crate::effects::{Effects, Snippet};
-use crate::event::Event;
-use crate::model::Outcome;
+use crate::effects::Snippet;
+pub use crate::model::{GuardInput, Outcome, Place, Verdict};
 use crate::store::progress::epoch_refusal;
+use crate::store::script::Script;
 use crate::store::{
     hash_slot, DurableWait, EntityKeys, KeyLayout, NodeAddr, RedisConn, SlotMap, StoreError,
 };
@@ -22,6 +23,7 @@ mod args;
 mod outbox;
 mod plan;
 mod reply;
+pub mod script;
 mod send;
 
 use args::{push_event_args, EffectParts};
@@ -29,60 +31,17 @@ pub use plan::{chunk_by_entity, chunk_by_slot, id_generations, IdGenerations};
 use reply::{check_durable, script_items, verdicts_by_chunk};
 use send::{is_noscript, send_as_built};
 
-const SCRIPT: &str = include_str!("guard.lua");
-
-/// Replaces guard.lua's last line for `Guard::parsed_by_script`: a report
-/// of what `read_call` made of the call, instead of running it.
-const REPORT: &str = r#"
-local function hex(bytes)
-  return (string.gsub(bytes, '.', function(c) return string.format('%02x', string.byte(c)) end))
-end
-local report = {}
-for _, e in ipairs(read_call()) do
-  local set, unset = {}, {}
-  for i = e.set_from, e.set_from + 2 * e.nset - 1 do set[#set + 1] = ARGV[i] end
-  for i = e.unset_from, e.unset_from + e.nunset - 1 do unset[#unset + 1] = ARGV[i] end
-  report[#report + 1] = { meta = e.meta, state = e.state, current = e.current, previous = e.previous,
-    expire_at = e.expire_at, id = e.id, id_hash = hex(e.idh), fingerprint_bytes = hex(e.fp),
-    fingerprint = e.fp_hex, seq = e.seq, mark_field = e.mark_field, offset = e.offset, mark = e.mark,
-    op = e.op, per_field = e.per_field, dense = e.dense, type = e.type, set = set, unset = unset,
-    keys = e.keys, mutations = e.mutations, commutative = e.commutative,
-    changelog = e.changelog }
-end
-return cjson.encode(report)
-"#;
-
-/// The guard's answer for one event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verdict {
-    pub outcome: Outcome,
-    /// For a duplicate: how long after its first sighting it arrived.
-    pub duplicate_age: Option<Duration>,
-    /// For a conflict: the fingerprint remembered for the id.
-    pub remembered_fingerprint: Option<u64>,
-    /// For a duplicate first seen by an earlier attempt of the same batch
-    /// (whose reply was lost): what that attempt decided, applied or stale.
-    pub earlier_attempt: Option<Outcome>,
-    /// For an event Redis refused to apply (outcome `Invalid`): the
-    /// dead-letter reason and message (a counter would overflow, a custom
-    /// effect failed). Nothing of it was written.
-    pub rejection: Option<(&'static str, String)>,
-    /// Dense seqs: how many never-decided seqs this event's decision closed
-    /// (the set above the entity's mark was at its cap).
-    pub dense_seqs_closed: u64,
-}
-
-impl Verdict {
-    /// A verdict that says nothing beyond its outcome.
-    pub fn of(outcome: Outcome) -> Verdict {
-        Verdict {
-            outcome,
-            duplicate_age: None,
-            remembered_fingerprint: None,
-            earlier_attempt: None,
-            rejection: None,
-            dense_seqs_closed: 0,
+/// An error raised inside the script, its place named by file and line
+/// (`user_script:<line>` means nothing to a reader).
+fn located(e: StoreError, script: &Script) -> StoreError {
+    match e {
+        StoreError::Redis(error) if error.to_string().contains("user_script:") => {
+            StoreError::Script {
+                located: script.locate(&error.to_string()),
+                error,
+            }
         }
+        other => other,
     }
 }
 
@@ -103,14 +62,15 @@ pub async fn check_snippets(
     snippets: &[Snippet],
 ) -> Result<(), SnippetError> {
     for snippet in snippets {
+        let check = script::compile_check(snippet);
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(args::compile_check(snippet)).arg(0);
+        cmd.arg(check.source()).arg(0);
         match cmd.query_async::<Value>(conn).await {
             Ok(_) => {}
             Err(e) if is_compile_refusal(&e) => {
                 return Err(SnippetError {
                     file: snippet.file.clone(),
-                    message: args::snippet_lines(&e.to_string(), &snippet.file, 2),
+                    message: check.locate(&e.to_string()),
                 })
             }
             Err(e) => {
@@ -127,37 +87,16 @@ pub fn is_compile_refusal(e: &redis::RedisError) -> bool {
     e.kind() == redis::ErrorKind::ResponseError
 }
 
-/// One event to guard, with the dedupe window of its topic.
-#[derive(Debug, Clone, Copy)]
-pub struct GuardInput<'a> {
-    pub event: &'a Event,
-    pub window: Duration,
-    /// Its planned effects (`Effects::default()`: merge every field).
-    pub effects: &'a Effects,
-    /// Where the record sits in its log, for the entity's offset mark
-    /// (`None`: its topic has no id, and the record is decided as before).
-    pub place: Option<Place<'a>>,
-}
-
-/// A record's place in its log, as the guard marks it (`crate::consumed`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Place<'a> {
-    /// The mark's field in the entity's meta (`store::mark_field`).
-    pub mark_field: &'a str,
-    pub offset: i64,
-    /// The start of the run of consumption that decides it.
-    pub run_start: i64,
-}
-
 /// How long a cluster's slot map is used before it is read again.
 const SLOT_MAP_MAX_AGE: Duration = Duration::from_secs(5);
 
 /// Runs the guard script against one Redis.
 pub struct Guard {
     conn: RedisConn,
-    /// `guard.lua` with the custom effects in it, and its SHA.
-    source: std::sync::Arc<str>,
+    /// The script with the custom effects in it, and its SHA.
+    source: std::sync::Arc<Script>,
     script: redis::Script,
+    snippets: Vec<Snippet>,
     layout: KeyLayout,
     events_per_script: usize,
     wait: DurableWait,
@@ -184,10 +123,19 @@ impl Guard {
         events_per_script: usize,
         epoch: String,
     ) -> Self {
+        // Put together and hashed once per process: restarts of consumption
+        // make new guards.
+        static PLAIN: std::sync::LazyLock<(std::sync::Arc<Script>, redis::Script)> =
+            std::sync::LazyLock::new(|| {
+                let source = script::assemble(&[], script::Ending::Run);
+                let hashed = redis::Script::new(source.source());
+                (source.into(), hashed)
+            });
         Guard {
             conn,
-            source: SCRIPT.into(),
-            script: redis::Script::new(SCRIPT),
+            script: PLAIN.1.clone(),
+            source: PLAIN.0.clone(),
+            snippets: Vec::new(),
             layout,
             events_per_script: events_per_script.max(1),
             wait: DurableWait::None,
@@ -221,10 +169,17 @@ impl Guard {
 
     /// Runs the custom effects (`effects.snippets`) in the script.
     pub fn with_snippets(mut self, snippets: &[Snippet]) -> Self {
-        let source = args::assemble(SCRIPT, snippets);
-        self.script = redis::Script::new(&source);
+        let source = script::assemble(snippets, script::Ending::Run);
+        self.script = redis::Script::new(source.source());
         self.source = source.into();
+        self.snippets = snippets.to_vec();
         self
+    }
+
+    /// `text` (an error Redis returned) with each place in the script
+    /// named by its file and line.
+    pub fn locate(&self, text: &str) -> String {
+        self.source.locate(text)
     }
 
     /// Makes every batch wait for replicas or an fsync before it counts as done.
@@ -262,7 +217,7 @@ impl Guard {
         let verdicts = self
             .apply_unchecked(inputs)
             .await
-            .map_err(|e| epoch_refusal(e, &epoch))?;
+            .map_err(|e| located(epoch_refusal(e, &epoch), &self.source))?;
         self.ring_outboxes(inputs);
         Ok(verdicts)
     }
@@ -403,7 +358,7 @@ impl Guard {
                     let mut pipe = redis::pipe();
                     for (n, &c) in mine.iter().enumerate() {
                         // One EVAL loads the script for the EVALSHAs after it.
-                        let source = (with_source && n == 0).then_some(&*this.source);
+                        let source = (with_source && n == 0).then_some(this.source.source());
                         pipe.add_command(this.script_cmd(inputs, &chunks[c], source));
                     }
                     if this.wait != DurableWait::None {
@@ -453,7 +408,7 @@ impl Guard {
         c
     }
 
-    /// How `guard.lua` parses one call of `inputs`, as the script itself
+    /// How the guard script parses one call of `inputs`, as the script itself
     /// reports it (JSON: per event its keys, head, state fields and
     /// mutations by name). Nothing is written. tests/guard.rs holds the
     /// encoder to it for every mutation kind, so the two cannot drift.
@@ -461,10 +416,10 @@ impl Guard {
         &mut self,
         inputs: &[GuardInput<'_>],
     ) -> Result<serde_json::Value, StoreError> {
-        let report = self.source.replace("\nreturn main()\n", REPORT);
+        let report = script::assemble(&self.snippets, script::Ending::Report);
         let chunk: Vec<usize> = (0..inputs.len()).collect();
-        // The same call, with the reporting script in place of guard.lua.
-        let cmd = self.script_cmd(inputs, &chunk, Some(&report));
+        // The same call, with report.lua in place of main.lua.
+        let cmd = self.script_cmd(inputs, &chunk, Some(report.source()));
         let json: String = cmd.query_async(&mut self.conn).await?;
         serde_json::from_str(&json).map_err(|e| StoreError::Protocol(format!("parse report: {e}")))
     }

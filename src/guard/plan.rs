@@ -65,7 +65,7 @@ pub fn chunk_by_entity(inputs: &[GuardInput<'_>], per_call: usize) -> Vec<Vec<us
 /// into generations of one window; an id is written into the current
 /// generation's hash, which expires at the end of the next generation, and
 /// looked up in the current and the previous one. So an id is remembered
-/// for at least one window and at most two (see `guard.lua`).
+/// for at least one window and at most two (see `lua/call.lua`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IdGenerations {
     pub current: u64,

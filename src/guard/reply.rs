@@ -9,40 +9,53 @@ use super::Verdict;
 use crate::model::Outcome;
 use crate::store::{DurableWait, StoreError};
 
-/// The verdict codes `guard.lua` returns (it declares the same names).
-pub mod code {
-    pub const APPLIED: i64 = 0;
-    /// Detail: ms since the id was first seen.
-    pub const DUPLICATE: i64 = 1;
-    /// Detail: the entity's recorded seq.
-    pub const STALE: i64 = 2;
-    /// Detail: the remembered fingerprint (8 bytes).
-    pub const CONFLICT: i64 = 3;
-    /// A duplicate first seen by an earlier attempt of this batch, which applied it.
-    pub const DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT: i64 = 4;
-    /// Likewise, but that attempt found it stale.
-    pub const DUPLICATE_STALE_BY_EARLIER_ATTEMPT: i64 = 5;
-    /// Ordered part stale, commutative part applied. Detail: the recorded seq.
-    pub const LATE: i64 = 6;
-    /// Nothing written. Detail: "<reason> <message>".
-    pub const REJECTED: i64 = 7;
-    /// Like 4, but that attempt found it late.
-    pub const DUPLICATE_LATE_BY_EARLIER_ATTEMPT: i64 = 8;
-    /// The record was decided before (its entity's offset mark covers it).
-    pub const REPLAYED: i64 = 9;
-    /// Per-field order: some fields written, others had newer writers.
-    pub const PARTIAL: i64 = 10;
-    /// Like 4, but that attempt found it partial.
-    pub const DUPLICATE_PARTIAL_BY_EARLIER_ATTEMPT: i64 = 11;
-    /// Dense seqs: the seq was decided before (a copy at a new offset).
-    pub const DUPLICATE_BY_SEQ: i64 = 12;
-    /// Dense seqs: another event was decided at the seq. Detail: its
-    /// fingerprint in hex.
-    pub const SEQ_REUSED: i64 = 13;
+/// Declares the verdict codes once: as Rust constants (`code::APPLIED`)
+/// and as the table the script's prelude is generated from.
+macro_rules! verdict_codes {
+    ($($(#[$doc:meta])* $name:ident = $value:literal;)*) => {
+        /// The verdict codes the guard script returns.
+        pub mod code {
+            $($(#[$doc])* pub const $name: i64 = $value;)*
+        }
+        /// Each verdict code by its name, for the script's prelude.
+        pub const VERDICT_CODES: &[(&str, i64)] = &[$((stringify!($name), $value)),*];
+    };
 }
 
-/// The reasons `guard.lua` gives for a rejection (dead-letter reasons).
-const REJECTION_REASONS: [&str; 5] = [
+verdict_codes! {
+    APPLIED = 0;
+    /// Detail: ms since the id was first seen.
+    DUPLICATE = 1;
+    /// Detail: the entity's recorded seq.
+    STALE = 2;
+    /// Detail: the remembered fingerprint (8 bytes).
+    CONFLICT = 3;
+    /// A duplicate first seen by an earlier attempt of this batch, which applied it.
+    DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT = 4;
+    /// Likewise, but that attempt found it stale.
+    DUPLICATE_STALE_BY_EARLIER_ATTEMPT = 5;
+    /// Ordered part stale, commutative part applied. Detail: the recorded seq.
+    LATE = 6;
+    /// Nothing written. Detail: "<reason> <message>".
+    REJECTED = 7;
+    /// Like 4, but that attempt found it late.
+    DUPLICATE_LATE_BY_EARLIER_ATTEMPT = 8;
+    /// The record was decided before (its entity's offset mark covers it).
+    REPLAYED = 9;
+    /// Per-field order: some fields written, others had newer writers.
+    PARTIAL = 10;
+    /// Like 4, but that attempt found it partial.
+    DUPLICATE_PARTIAL_BY_EARLIER_ATTEMPT = 11;
+    /// Dense seqs: the seq was decided before (a copy at a new offset).
+    DUPLICATE_BY_SEQ = 12;
+    /// Dense seqs: another event was decided at the seq. Detail: its
+    /// fingerprint in hex.
+    SEQ_REUSED = 13;
+}
+
+/// The reasons the guard script gives for a rejection (dead-letter
+/// reasons); its prelude names each `REASON_<NAME>`.
+pub const REJECTION_REASONS: [&str; 5] = [
     "counter_overflow",
     "counter_unreadable",
     "effect_failed",
@@ -367,50 +380,6 @@ mod tests {
         assert_eq!(depths, vec![Some(42), None]);
         assert!(script_items(vec![Value::Int(1)]).is_err());
         assert_eq!(script_items(vec![Value::Array(ok())]).unwrap(), vec![ok()]);
-    }
-
-    /// The Rust and Lua sides name the same numbers.
-    #[test]
-    fn lua_declares_the_same_verdict_codes() {
-        let declared = |name: &str| -> i64 {
-            let line = super::super::SCRIPT
-                .lines()
-                .find(|l| l.starts_with(&format!("local {name} = ")))
-                .unwrap_or_else(|| panic!("guard.lua declares {name}"));
-            line.rsplit(' ').next().unwrap().parse().unwrap()
-        };
-        assert_eq!(declared("APPLIED"), code::APPLIED);
-        assert_eq!(declared("DUPLICATE"), code::DUPLICATE);
-        assert_eq!(declared("STALE"), code::STALE);
-        assert_eq!(declared("CONFLICT"), code::CONFLICT);
-        assert_eq!(
-            declared("DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT"),
-            code::DUPLICATE_APPLIED_BY_EARLIER_ATTEMPT
-        );
-        assert_eq!(
-            declared("DUPLICATE_STALE_BY_EARLIER_ATTEMPT"),
-            code::DUPLICATE_STALE_BY_EARLIER_ATTEMPT
-        );
-        assert_eq!(declared("LATE"), code::LATE);
-        assert_eq!(declared("REJECTED"), code::REJECTED);
-        assert_eq!(
-            declared("DUPLICATE_LATE_BY_EARLIER_ATTEMPT"),
-            code::DUPLICATE_LATE_BY_EARLIER_ATTEMPT
-        );
-        assert_eq!(declared("REPLAYED"), code::REPLAYED);
-        assert_eq!(declared("PARTIAL"), code::PARTIAL);
-        assert_eq!(declared("DUPLICATE_BY_SEQ"), code::DUPLICATE_BY_SEQ);
-        assert_eq!(declared("SEQ_REUSED"), code::SEQ_REUSED);
-        assert_eq!(
-            declared("DUPLICATE_PARTIAL_BY_EARLIER_ATTEMPT"),
-            code::DUPLICATE_PARTIAL_BY_EARLIER_ATTEMPT
-        );
-        for reason in REJECTION_REASONS {
-            assert!(
-                super::super::SCRIPT.contains(&format!("'{reason} ")),
-                "{reason}"
-            );
-        }
     }
 
     #[test]

@@ -7,12 +7,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use axum::http::{header, StatusCode};
+use axum::routing::get;
+use axum::Router;
 use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 use crate::model::Outcome;
 
@@ -510,79 +511,53 @@ pub fn set_stored_offset(topic: &str, partition: i32, offset: i64) {
 }
 
 /// GETs `path` from an idem metrics endpoint on loopback `port` (used by the
-/// benchmark and the conformance suite to read the processes they run).
+/// benchmark and the conformance suite to read the processes they run):
+/// the body of any answer, `None` when nothing answers.
 pub async fn fetch_local(port: u16, path: &str) -> Option<String> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.ok()?;
-    Some(buf.split_once("\r\n\r\n")?.1.to_string())
+    crate::http::get(port, path).await.map(|a| a.body)
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listen` until the task is dropped.
+/// The endpoints: `/metrics` (the Prometheus text format), `/healthz`
+/// (alive), `/readyz` (ready to process, or 503 and why not).
+fn router(handle: PrometheusHandle, health: Health) -> Router {
+    let metrics = {
+        let health = health.clone();
+        move || async move {
+            (
+                [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                health.exposition(&handle),
+            )
+        }
+    };
+    let ready = move || async move {
+        match health.is_ready() {
+            true => (StatusCode::OK, "ready\n".to_string()),
+            false => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "not ready: {}\n",
+                    health.not_ready_reason().unwrap_or_default()
+                ),
+            ),
+        }
+    };
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n") })
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listen` (crate::http:
+/// keep-alive, HEAD, 404/405, timeouts) until the process ends.
 pub async fn serve(
     listen: SocketAddr,
     handle: PrometheusHandle,
     health: Health,
 ) -> Result<(), MetricsError> {
-    let listener = TcpListener::bind(listen)
+    let address = crate::http::serve(listen, router(handle, health))
         .await
         .map_err(|cause| MetricsError::Listen { listen, cause })?;
-    let address = listener.local_addr().unwrap_or(listen);
     tracing::info!(address = %address, "metrics endpoint listening");
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut socket, _)) = listener.accept().await else {
-                continue;
-            };
-            let handle = handle.clone();
-            let health = health.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let n = match tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buf))
-                    .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
-                let request = String::from_utf8_lossy(&buf[..n]);
-                let path = request.split_whitespace().nth(1).unwrap_or("/");
-                let (status, content_type, body) = match path {
-                    "/metrics" => (
-                        "200 OK",
-                        "text/plain; version=0.0.4",
-                        health.exposition(&handle),
-                    ),
-                    "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
-                    "/readyz" if health.is_ready() => {
-                        ("200 OK", "text/plain", "ready\n".to_string())
-                    }
-                    "/readyz" => (
-                        "503 Service Unavailable",
-                        "text/plain",
-                        format!(
-                            "not ready: {}\n",
-                            health.not_ready_reason().unwrap_or_default()
-                        ),
-                    ),
-                    _ => (
-                        "404 Not Found",
-                        "text/plain",
-                        "try /metrics, /healthz or /readyz\n".to_string(),
-                    ),
-                };
-                let response = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = socket.write_all(response.as_bytes()).await;
-                let _ = socket.shutdown().await;
-            });
-        }
-    });
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! The dense-seq rule (`dedupe.dense_seq_topics`, docs/guarantees.md,
-//! "Dense seqs"), as pure Rust: `guard.lua`'s `read_dense`,
+//! "Dense seqs"), as pure Rust: `dense.lua`'s `read_dense`,
 //! `dense_verdict` and `dense_decided` do the same in Redis.
 
 use std::collections::BTreeMap;
@@ -31,7 +31,7 @@ pub struct DenseMark {
 }
 
 impl DenseMark {
-    /// At most this many decided seqs wait above the mark (`guard.lua`'s
+    /// At most this many decided seqs wait above the mark (`dense.lua`'s
     /// `MAX_DENSE_ABOVE`); beyond, the gap below the lowest is closed.
     pub const MAX_ABOVE: usize = 32;
     /// At most this many closed ranges; beyond, the two oldest merge.
@@ -107,7 +107,7 @@ impl DenseMark {
         self.seqs_closed += closed;
     }
 
-    /// The meta fields as `guard.lua` writes them: `dense`, `dense_above`
+    /// The meta fields as `dense.lua` writes them: `dense`, `dense_above`
     /// and `dense_closed` (None where the script leaves the field out).
     pub fn encode(&self) -> (String, Option<String>, Option<String>) {
         let above: Vec<String> = self

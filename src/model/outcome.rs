@@ -1,4 +1,7 @@
-//! The outcome of one event, and how the window and the seq classify it.
+//! The outcome of one event, how the window and the seq classify it, and
+//! the verdict that carries it.
+
+use std::time::Duration;
 
 /// The outcome of one event. Every record gets exactly one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -77,5 +80,40 @@ pub fn classify(
         (Some(_), _) => Outcome::Conflict,
         (None, Some(recorded)) if seq <= recorded => Outcome::Stale,
         (None, _) => Outcome::Applied,
+    }
+}
+
+/// The answer for one event: the guard's, or the model's (which knows
+/// the outcome and the earlier attempt's; the rest is the guard's detail).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub outcome: Outcome,
+    /// For a duplicate: how long after its first sighting it arrived.
+    pub duplicate_age: Option<Duration>,
+    /// For a conflict: the fingerprint remembered for the id.
+    pub remembered_fingerprint: Option<u64>,
+    /// For a duplicate first seen by an earlier attempt of the same batch
+    /// (whose reply was lost): what that attempt decided, applied or stale.
+    pub earlier_attempt: Option<Outcome>,
+    /// For an event Redis refused to apply (outcome `Invalid`): the
+    /// dead-letter reason and message (a counter would overflow, a custom
+    /// effect failed). Nothing of it was written.
+    pub rejection: Option<(&'static str, String)>,
+    /// Dense seqs: how many never-decided seqs this event's decision closed
+    /// (the set above the entity's mark was at its cap).
+    pub dense_seqs_closed: u64,
+}
+
+impl Verdict {
+    /// A verdict that says nothing beyond its outcome.
+    pub fn of(outcome: Outcome) -> Verdict {
+        Verdict {
+            outcome,
+            duplicate_age: None,
+            remembered_fingerprint: None,
+            earlier_attempt: None,
+            rejection: None,
+            dense_seqs_closed: 0,
+        }
     }
 }

@@ -97,8 +97,8 @@ pub async fn start_guard(
             if !config.effects.snippets.is_empty() && crate::guard::is_compile_refusal(&e) =>
         {
             return Err(RunError::Snippet(crate::guard::SnippetError {
-                file: "guard.lua with the custom effects".into(),
-                message: e.to_string(),
+                file: "the guard script with the custom effects".into(),
+                message: guard.locate(&e.to_string()),
             }))
         }
         Err(e) => {

@@ -10,18 +10,10 @@ use std::time::{Duration, Instant};
 use crate::store::{RedisConn, StoreError};
 
 /// Takes the lease if it is free or already ours, and (re)sets its expiry.
-const TAKE: &str = r"
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-";
+const TAKE: &str = include_str!("lease_take.lua");
 
 /// Gives the lease up if it is ours (a clean stop hands over at once).
-const RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-";
+const RELEASE: &str = include_str!("lease_release.lua");
 
 /// How long before the lease's expiry its holder stops publishing: covers
 /// the clock rates of two machines and one round's sends.

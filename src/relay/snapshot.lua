@@ -1,8 +1,7 @@
-#!lua
 -- idem changelog snapshot: one entity's current state written to its
 -- slot's outbox as a change (kind "snapshot"), under the entity's next
 -- change version, in one atomic step like the guard's changes. The entry
--- has the fields of write_change in guard.lua (docs/change-stream.md,
+-- has the fields of write_change in src/guard/lua/writes.lua (docs/change-stream.md,
 -- "Bootstrapping a consumer"), without an event; its counters are all of
 -- them (c<name> value), its sets every member (s+<set> member), as one
 -- JSON list `fj` when too many to pass as pairs.
@@ -11,12 +10,11 @@
 --       key per ARGV[3..]
 -- ARGV  entity, source topic, then the declared set names
 -- Returns the version written, or 0 where the entity has no meta (gone).
+-- The prelude idem generates gives MAX_PAIRS (src/store/script.rs).
 
 local meta, state_key, outbox, counters_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local entity, topic = ARGV[1], ARGV[2]
 if redis.call('EXISTS', meta) == 0 then return 0 end
--- Lua passes at most ~8000 values to a call (as in guard.lua).
-local MAX_PAIRS = 3000
 
 local t = redis.call('TIME')
 local now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))

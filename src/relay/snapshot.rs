@@ -13,9 +13,19 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 
 use crate::config::Config;
+use crate::store::script::{Constant, Script, MAX_PAIRS};
 use crate::store::{self, hash_slot, KeyLayout, RedisConn, StoreError};
 
-const SCRIPT: &str = include_str!("snapshot.lua");
+/// snapshot.lua after a prelude with the pairs limit the guard uses too.
+fn script() -> Script {
+    let max_pairs = ("MAX_PAIRS".into(), Constant::Int(MAX_PAIRS));
+    Script::of(
+        Some("#!lua"),
+        &[max_pairs],
+        "src/relay/snapshot.lua",
+        include_str!("snapshot.lua"),
+    )
+}
 /// Entities written per round (then the relay is rung and the bound checked).
 const ROUND: usize = 500;
 /// Script calls in flight at once.
@@ -48,7 +58,7 @@ pub async fn snapshot(
     let layout = KeyLayout::new(&config.redis.key_prefix);
     let cluster = conn.is_cluster();
     let (_, sets) = config.effects.names();
-    let script = redis::Script::new(SCRIPT);
+    let script = redis::Script::new(script().source());
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
     let mut report = SnapshotReport {
         started_ms: secs * 1000 + micros / 1000,

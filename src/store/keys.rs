@@ -177,6 +177,16 @@ pub fn mark_field(partition: i32, topic_id: &TopicId) -> String {
     format!("o:{}:{partition}", topic_id.short())
 }
 
+/// The suffixes of an entity's keys after its base, as Rust and the
+/// scripts both write them (the guard's prelude carries them).
+pub const STATE_SUFFIX: &str = ":state";
+pub const META_SUFFIX: &str = ":meta";
+pub const COUNTERS_SUFFIX: &str = ":counters";
+/// Between the base and a ledger's name.
+pub const LEDGER_INFIX: &str = ":ledger:";
+/// Between the base and a set's name.
+pub const SET_INFIX: &str = ":set:";
+
 impl EntityKeys {
     /// `<prefix>:{<entity>}`.
     pub fn base(&self) -> &str {
@@ -185,13 +195,13 @@ impl EntityKeys {
 
     /// Hash: the materialized view (user fields only).
     pub fn state(&self) -> String {
-        self.with(":state")
+        self.with(STATE_SUFFIX)
     }
 
     /// Hash: seq, last_id, fingerprint, applied, updated_ms, deleted, and
     /// one offset mark per partition ([`mark_field`]).
     pub fn meta(&self) -> String {
-        self.with(":meta")
+        self.with(META_SUFFIX)
     }
 
     /// Hash: the ids remembered in dedupe-window generation `generation`.
@@ -201,22 +211,22 @@ impl EntityKeys {
 
     /// Hash: counter field → stored decimal; commutative custom effects' fields.
     pub fn counters(&self) -> String {
-        self.with(":counters")
+        self.with(COUNTERS_SUFFIX)
     }
 
     /// Stream: one entry per event, in the order they were applied.
     pub fn ledger(&self, stream: &str) -> String {
-        format!("{}:ledger:{stream}", self.base)
+        format!("{}{LEDGER_INFIX}{stream}", self.base)
     }
 
     /// Set: the members.
     pub fn set(&self, set: &str) -> String {
-        format!("{}:set:{set}", self.base)
+        format!("{}{SET_INFIX}{set}", self.base)
     }
 
     /// Hash: member → seq of the newest add or remove that touched it.
     pub fn set_seqs(&self, set: &str) -> String {
-        format!("{}:set:{set}:seq", self.base)
+        format!("{}{SET_INFIX}{set}:seq", self.base)
     }
 
     /// Hash: data field → seq of the event that wrote (or removed) it, under

@@ -18,13 +18,15 @@ pub mod commutative;
 mod keys;
 pub mod outbox;
 pub mod progress;
+pub mod script;
 pub use checks::{
     check_eviction_policy, check_mode, check_version, durable_wait, persistence, CheckError,
     DurableWait, Persistence,
 };
 pub use keys::{
     decided_field, hash_slot, mark_field, progress_field, progress_incarnation_field,
-    progress_owner_field, EntityKeys, KeyLayout, SLOTS,
+    progress_owner_field, EntityKeys, KeyLayout, COUNTERS_SUFFIX, LEDGER_INFIX, META_SUFFIX,
+    SET_INFIX, SLOTS, STATE_SUFFIX,
 };
 
 /// An error talking to Redis.
@@ -43,29 +45,38 @@ pub enum StoreError {
     /// A progress record went below what idem wrote (nothing written).
     #[error("a progress record went back: {0}")]
     RolledBack(String),
+    /// An error raised while a script ran, its place in the script named
+    /// by file and line (`located`); retried as `error` would be.
+    #[error("redis: {located}")]
+    Script {
+        located: String,
+        #[source]
+        error: redis::RedisError,
+    },
 }
 
 impl StoreError {
     /// Whether trying again later can succeed (connection lost, timeout,
     /// failover, a busy or loading server).
     pub fn is_retryable(&self) -> bool {
+        let redis_retryable = |e: &redis::RedisError| {
+            e.is_io_error()
+                || e.is_timeout()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+                || e.is_cluster_error()
+                || matches!(
+                    e.kind(),
+                    redis::ErrorKind::BusyLoadingError
+                        | redis::ErrorKind::TryAgain
+                        | redis::ErrorKind::ClusterDown
+                        | redis::ErrorKind::MasterDown
+                        | redis::ErrorKind::Moved
+                        | redis::ErrorKind::Ask
+                )
+        };
         match self {
-            StoreError::Redis(e) => {
-                e.is_io_error()
-                    || e.is_timeout()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal()
-                    || e.is_cluster_error()
-                    || matches!(
-                        e.kind(),
-                        redis::ErrorKind::BusyLoadingError
-                            | redis::ErrorKind::TryAgain
-                            | redis::ErrorKind::ClusterDown
-                            | redis::ErrorKind::MasterDown
-                            | redis::ErrorKind::Moved
-                            | redis::ErrorKind::Ask
-                    )
-            }
+            StoreError::Redis(e) | StoreError::Script { error: e, .. } => redis_retryable(e),
             StoreError::Protocol(_)
             | StoreError::EpochChanged { .. }
             | StoreError::RolledBack(_) => false,
@@ -100,7 +111,7 @@ impl StoreError {
             }
             StoreError::Redis(e) if e.kind() == redis::ErrorKind::NoScriptError => "noscript",
             StoreError::Redis(e) if e.is_cluster_error() => "cluster",
-            StoreError::Redis(_) => "server",
+            StoreError::Redis(_) | StoreError::Script { .. } => "server",
             StoreError::Protocol(_) => "protocol",
             StoreError::NotDurable(_) => "not_durable",
             StoreError::EpochChanged { .. } => "epoch",

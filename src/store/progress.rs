@@ -20,6 +20,7 @@ use std::hash::{BuildHasher, Hasher};
 
 use redis::Value;
 
+use super::script::{Constant, Script};
 use super::{
     decided_field, progress_field, progress_incarnation_field, progress_owner_field, KeyLayout,
     NodeAddr, RedisConn, StoreError,
@@ -39,62 +40,15 @@ use crate::offsets::TopicPartition;
 /// own field; else the plain `<topic>:<partition>` field (versions before
 /// 0.3 write only that one), unless its owner field names another
 /// incarnation (the topic was created again since).
-const RECORD: &str = r#"
-local found = redis.call('GET', KEYS[1])
-if found ~= ARGV[1] then return redis.error_reply('IDEMEPOCH ' .. (found or 'missing')) end
-local last = 2 + 5 * tonumber(ARGV[2])
-local function record_of(i)
-  local own = ARGV[i + 1] ~= '' and redis.call('HGET', KEYS[2], ARGV[i + 1])
-  if own then return tonumber(own) end
-  local owner = ARGV[i + 1] ~= '' and redis.call('HGET', KEYS[2], ARGV[i] .. ':id')
-  if owner and owner ~= ARGV[i + 2] then return nil end
-  return tonumber(redis.call('HGET', KEYS[2], ARGV[i]))
-end
-local current = {}
-for i = 3, last, 5 do
-  local cur = record_of(i)
-  local expected = tonumber(ARGV[i + 4])
-  if expected >= 0 and (not cur or cur < expected) then
-    return redis.error_reply('IDEMROLLBACK ' .. ARGV[i] .. ' is ' .. tostring(cur) .. ', idem recorded ' .. ARGV[i + 4])
-  end
-  current[i] = cur
-end
-for i = 3, last, 5 do
-  local next = tonumber(ARGV[i + 3])
-  if not current[i] or current[i] < next then
-    if ARGV[i + 1] ~= '' then redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 3]) end
-  end
-  -- The plain field only rises (older versions read it); its owner says
-  -- which incarnation last raised it or found it high enough.
-  local plain = tonumber(redis.call('HGET', KEYS[2], ARGV[i]))
-  if not plain or plain < next then redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 3]) end
-  if ARGV[i + 1] ~= '' and (not plain or plain <= next) then
-    redis.call('HSET', KEYS[2], ARGV[i] .. ':id', ARGV[i + 2])
-  end
-end
-local MAX_RANGES = 32
-for i = last + 1, #ARGV, 3 do
-  local s, e = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local out = {}
-  for a, b in string.gmatch(redis.call('HGET', KEYS[3], ARGV[i]) or '', '(%d+)-(%d+)') do
-    a, b = tonumber(a), tonumber(b)
-    if b < s or e < a then out[#out + 1] = { a, b } else s, e = math.min(s, a), math.max(e, b) end
-  end
-  out[#out + 1] = { s, e }
-  table.sort(out, function(x, y) return x[1] < y[1] end)
-  while #out > MAX_RANGES do
-    local smallest = 1
-    for j = 2, #out do
-      if out[j][2] - out[j][1] < out[smallest][2] - out[smallest][1] then smallest = j end
-    end
-    table.remove(out, smallest)
-  end
-  local parts = {}
-  for j, r in ipairs(out) do parts[j] = string.format('%d-%d', r[1], r[2]) end
-  redis.call('HSET', KEYS[3], ARGV[i], table.concat(parts, ','))
-end
-return 1
-"#;
+static RECORD: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+    let max = i64::try_from(crate::consumed::MAX_RANGES).expect("a small number");
+    Script::of(
+        None,
+        &[("MAX_RANGES".into(), Constant::Int(max))],
+        "src/store/record.lua",
+        include_str!("record.lua"),
+    )
+});
 
 /// A partition's record as [`RECORD`] reads it, and whether it is the
 /// incarnation's own:
@@ -126,14 +80,7 @@ fn record_of(
 }
 
 /// Sets the marker to ARGV[2] if it still is ARGV[1] ('' for absent); answers the marker.
-const RENEW: &str = r#"
-local cur = redis.call('GET', KEYS[1])
-if cur == ARGV[1] or (not cur and ARGV[1] == '') then
-  redis.call('SET', KEYS[1], ARGV[2])
-  return ARGV[2]
-end
-return cur
-"#;
+const RENEW: &str = include_str!("renew.lua");
 
 /// That every record of a partition (of one topic incarnation) in
 /// `[start, end)` was decided: added to its decided ranges.
@@ -538,7 +485,7 @@ impl ProgressStore {
         let calls = anchors.into_iter().map(|(node, anchor)| {
             let mut conn = self.conn.clone();
             let mut cmd = redis::cmd("EVAL");
-            cmd.arg(RECORD)
+            cmd.arg(RECORD.source())
                 .arg(3)
                 .arg(self.layout.epoch_key(anchor))
                 .arg(self.layout.progress_key(anchor))

@@ -30,8 +30,8 @@ pub async fn run(spec: &BenchSpec, command: String) -> anyhow::Result<BenchRepor
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
     let names = Names {
-        topic: format!("bench-{run_id}"),
-        prefix: format!("bench-{run_id}"),
+        topic: format!("bench-{run_id}-{}", std::process::id()),
+        prefix: format!("bench-{run_id}-{}", std::process::id()),
     };
     std::fs::create_dir_all(&spec.out_dir)?;
     let mut report = BenchReport {

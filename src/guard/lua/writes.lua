@@ -1,0 +1,142 @@
+-- A newer event's state and bookkeeping (`applied`: the count before it).
+-- Writes in the order state, meta; the effects and the id mark follow.
+-- For an event without effects (`no_effects`) the meta write also moves
+-- the offset mark: the state is written by then, so the mark never covers
+-- a record without its effects, and the call saves a write.
+local function write_newer(e, applied, no_effects)
+  local count = string.format('%d', (tonumber(applied) or 0) + 1)
+  local mark_field, mark = nil, nil
+  if no_effects and e.mark_field ~= '' and not is_held(e) then
+    mark_field, mark = e.mark_field, e.mark
+    e.marked = true
+  end
+  local known = known_meta[e.meta]
+  if known then
+    known.seq, known.applied = e.seq, count
+    if mark then known.marks[mark_field] = mark end
+  end
+  if e.op == 'delete' or e.op == 'replace' then
+    redis.call('DEL', e.state)
+  end
+  if e.op == 'merge' or e.op == 'replace' then
+    for from = e.set_from, e.set_from + 2 * e.nset - 1, UNPACK_CHUNK do
+      redis.call('HSET', e.state, unpack(ARGV, from, math.min(from + UNPACK_CHUNK, e.set_from + 2 * e.nset) - 1))
+    end
+    for from = e.unset_from, e.unset_from + e.nunset - 1, UNPACK_CHUNK do
+      redis.call('HDEL', e.state, unpack(ARGV, from, math.min(from + UNPACK_CHUNK, e.unset_from + e.nunset) - 1))
+    end
+  end
+  if e.op == 'keep' then
+    -- "keep" changes no state: a tombstone stays one.
+    if mark then
+      redis.call('HSET', e.meta, 'seq', e.seq, 'last_id', e.id, 'fingerprint', e.fp_hex, 'updated_ms', now_str,
+        'applied', count, mark_field, mark)
+    else
+      redis.call('HSET', e.meta, 'seq', e.seq, 'last_id', e.id, 'fingerprint', e.fp_hex, 'updated_ms', now_str,
+        'applied', count)
+    end
+  else
+    local deleted = e.op == 'delete' and '1' or '0'
+    if mark then
+      redis.call('HSET', e.meta, 'seq', e.seq, 'last_id', e.id, 'fingerprint', e.fp_hex, 'updated_ms', now_str,
+        'applied', count, 'deleted', deleted, mark_field, mark)
+    else
+      redis.call('HSET', e.meta, 'seq', e.seq, 'last_id', e.id, 'fingerprint', e.fp_hex, 'updated_ms', now_str,
+        'applied', count, 'deleted', deleted)
+    end
+  end
+end
+
+-- The change an event made, appended to the call's outbox (KEYS[2]) for
+-- the relay to publish (docs/change-stream.md). Its version is the entity's
+-- `cv`, one more per change: late and per-field events apply out of seq
+-- order, so the seq cannot number the changes. The entry holds the parts
+-- of the record as fields, and the relay writes the JSON (src/relay/entry.rs):
+-- encoding it here cost Redis, the one busy core, twice what storing the
+-- parts does.
+--   e v t p o at    entity, version, source topic, partition, offset, time
+--   k ty            kind (applied, late, partial), type (idem.change, delete)
+--   ei es [et] [ts] the event's id, seq, type and time
+--   n               how many state pairs follow; then the state after, pairs
+--                   (or n = 0 and `dj` the state as JSON, when too many to pass)
+--   then one pair per effect: c<counter> value, C<counter> '' (removed),
+--   s+<set> member, s-<set> member, l<stream>\0<field> value (the entry);
+--   or, when too many to pass, `fj` before `n`: those pairs as one JSON list
+local CHANGE_KIND = { a = 'applied', l = 'late', p = 'partial' }
+-- A state or effects of more than MAX_PAIRS pairs (Lua passes at most
+-- ~8000 values to a call) are sent as one JSON field each instead.
+
+local function change_effect_pairs(plan, base, args)
+  local counters_key = base .. COUNTERS_SUFFIX
+  for _, w in ipairs(plan) do
+    local cmd, key = w[1], w[2]
+    if key == counters_key and cmd == 'HSET' then
+      args[#args + 1], args[#args + 2] = 'c' .. w[3], w[4]
+    elseif key == counters_key and cmd == 'HDEL' then
+      args[#args + 1], args[#args + 2] = 'C' .. w[3], ''
+    elseif cmd == 'SADD' or cmd == 'SREM' then
+      args[#args + 1] = (cmd == 'SADD' and 's+' or 's-') .. string.sub(key, #base + #SET_INFIX + 1)
+      args[#args + 1] = w[3]
+    elseif cmd == 'XADD' then
+      local stream = string.sub(key, #base + #LEDGER_INFIX + 1)
+      for i = (w[3] == 'MAXLEN') and 7 or 4, #w, 2 do
+        args[#args + 1], args[#args + 2] = 'l' .. stream .. '\0' .. w[i], w[i + 1]
+      end
+    end
+  end
+end
+
+-- Whether this call wrote a change: its reply then ends with the outbox's
+-- length, which idem holds against changelog.max_outbox.
+local wrote_change = false
+
+local function write_change(e, plan, decided)
+  wrote_change = true
+  local base = string.sub(e.meta, 1, #e.meta - #META_SUFFIX)
+  local entity = string.sub(base, string.find(base, '{', 1, true) + 1, -2)
+  local version = redis.call('HINCRBY', e.meta, 'cv', 1)
+  local state = redis.call('HGETALL', e.state)
+  local args = { 'XADD', KEYS[2], '*', 'e', entity, 'v', version, 't', e.changelog,
+    'p', string.match(e.mark_field, ':(%d+)$') or '', 'o', e.offset, 'at', now_str,
+    'k', CHANGE_KIND[decided], 'ty', (e.op == 'delete' and #state == 0) and 'delete' or 'idem.change',
+    'ei', e.id, 'es', e.seq }
+  if e.type ~= '' then args[#args + 1], args[#args + 2] = 'et', e.type end
+  if e.ts ~= '' then args[#args + 1], args[#args + 2] = 'ts', e.ts end
+  local fx = {}
+  if plan then change_effect_pairs(plan, base, fx) end
+  if #fx > 2 * MAX_PAIRS then
+    args[#args + 1], args[#args + 2] = 'fj', cjson.encode(fx)
+    fx = {}
+  end
+  if #state > 2 * MAX_PAIRS then
+    args[#args + 1], args[#args + 2] = 'dj', cjson.encode(hash_table(e.state))
+    args[#args + 1], args[#args + 2] = 'n', 0
+  else
+    args[#args + 1], args[#args + 2] = 'n', #state / 2
+    for i = 1, #state do args[#args + 1] = state[i] end
+  end
+  for i = 1, #fx do args[#args + 1] = fx[i] end
+  redis.call(unpack(args))
+end
+
+-- The last writes of a decided event, after its state and meta: its
+-- effects, its change (for a changelog topic), then its id (stale and late ids too, so that a redelivery is a
+-- duplicate), then its offset mark. A failure before the id leaves the
+-- event to be decided again, never remembered without its effects.
+local function finish_decision(e, token, plan, decided)
+  if plan then
+    for _, w in ipairs(plan) do
+      redis.call(unpack(w))
+    end
+  end
+  if e.changelog ~= '' and decided ~= 's' then write_change(e, plan, decided) end
+  redis.call('HSET', e.current, e.idh, e.fp .. now_packed .. token .. decided)
+  if not expiring[e.current] then
+    if redis.call('HLEN', e.current) == 1 then
+      redis.call('PEXPIREAT', e.current, e.expire_at)
+    end
+    expiring[e.current] = true
+  end
+  mark_decided(e)
+end
+
