@@ -302,6 +302,8 @@ struct Run {
     changes: BTreeMap<String, Vec<String>>,
     saved: Option<Saved>,
     token: u32,
+    /// Whether the Redis under test is a cluster (read once per case).
+    cluster: bool,
 }
 
 impl Run {
@@ -484,7 +486,7 @@ impl Run {
     /// SCAN would walk every test's keys).
     fn keys(&self) -> BTreeSet<String> {
         let layout = KeyLayout::new(&self.prefix);
-        let cluster = redis_mode(&redis_url()) == idem::config::RedisMode::Cluster;
+        let cluster = self.cluster;
         let ids = idem::guard::id_generations(
             idem::pipeline::unix_millis() as u64,
             Duration::from_secs(3600),
@@ -603,6 +605,7 @@ async fn run_case(conn: &idem::store::RedisConn, prefix: String, case: &Case) {
         changes: BTreeMap::new(),
         saved: None,
         token: 0,
+        cluster,
     };
     for step in &case.steps {
         match step {

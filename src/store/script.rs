@@ -106,7 +106,8 @@ impl Builder {
         if !text.ends_with('\n') {
             self.source.push('\n');
         }
-        self.lines = self.source.matches('\n').count();
+        // The part's own lines, not the whole source counted again.
+        self.lines += text.lines().count().max(1);
         self
     }
 
