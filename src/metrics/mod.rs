@@ -348,7 +348,7 @@ fn initial_series() {
 
 /// Every cause of `idem_retries_total`: Redis's errors
 /// ([`crate::store::StoreError::cause`]) and idem's own retried steps.
-pub const RETRY_CAUSES: [&str; 10] = [
+pub const RETRY_CAUSES: [&str; 11] = [
     "timeout",
     "connection",
     "server",
@@ -358,6 +358,7 @@ pub const RETRY_CAUSES: [&str; 10] = [
     "not_durable",
     "dead_letter",
     "redis_connect",
+    "redis_check",
     "kafka_refused",
 ];
 

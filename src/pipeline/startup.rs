@@ -52,13 +52,9 @@ pub async fn start_guard(
     health: &crate::metrics::Health,
     shutdown: &mut Shutdown,
 ) -> Result<Option<(Guard, RedisSide)>, RunError> {
-    let Some(mut conn) = connect_redis(config, health, shutdown).await? else {
+    let Some((mut conn, wait)) = checked_redis(config, health, shutdown).await? else {
         return Ok(None);
     };
-    store::check_mode(&mut conn).await?;
-    store::check_version(&mut conn).await?;
-    store::check_eviction_policy(&mut conn, config.redis.allow_eviction).await?;
-    let wait = store::durable_wait(&mut conn, config.redis.durability).await?;
     match store::persistence(&mut conn).await {
         Ok(nodes) => nodes
             .iter()
@@ -116,6 +112,45 @@ pub async fn start_guard(
             accept_commits: Default::default(),
         },
     )))
+}
+
+/// A connection to a Redis that passed idem's checks, and the durable wait
+/// it gives, retrying while Redis does not answer (a timeout or a dropped
+/// connection says nothing about its fitness; found from outside: a Redis
+/// slow for a moment at a consumption restart ended `idem run`); `None` if
+/// shutdown fired first. A Redis unfit for idem ends the start.
+async fn checked_redis(
+    config: &Config,
+    health: &crate::metrics::Health,
+    shutdown: &mut Shutdown,
+) -> Result<Option<(crate::store::RedisConn, crate::store::DurableWait)>, RunError> {
+    let mut backoff = Backoff::new(config);
+    loop {
+        let Some(mut conn) = connect_redis(config, health, shutdown).await? else {
+            return Ok(None);
+        };
+        let checked = async {
+            store::check_mode(&mut conn).await?;
+            store::check_version(&mut conn).await?;
+            store::check_eviction_policy(&mut conn, config.redis.allow_eviction).await?;
+            store::durable_wait(&mut conn, config.redis.durability).await
+        }
+        .await;
+        match checked {
+            Ok(wait) => return Ok(Some((conn, wait))),
+            Err(e) if e.is_retryable() => {
+                health.set_redis_failing(&config.redis.url, &e, false);
+                let wait = backoff.next();
+                metrics::record_retry("redis_check");
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot check Redis now; trying again");
+                tokio::select! {
+                    _ = shutdown.wait() => return Ok(None),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// The epoch every marker agrees on (renewed where one is missing),
@@ -178,3 +213,6 @@ async fn connect_redis(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -52,6 +52,17 @@ pub enum CheckError {
     },
 }
 
+impl CheckError {
+    /// A Redis that did not answer (a timeout, a dropped connection): the
+    /// check is tried again, it said nothing about Redis's fitness.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            CheckError::Masters(e) | CheckError::Info { source: e, .. } => e.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
 /// How a node is named in logs and errors.
 fn node_name(node: &Option<(String, u16)>) -> String {
     node.as_ref()
