@@ -1421,7 +1421,10 @@ async fn dense_seqs_close_gaps_at_the_cap_as_the_model_does() {
             closed_gaps += v.dense_seqs_closed;
             if want == idem::model::Outcome::Invalid {
                 refused += 1;
-                assert_eq!(v.rejection.as_ref().map(|r| r.0), Some("seq_gap_closed"));
+                assert_eq!(
+                    v.rejection.as_ref().map(|r| r.reason),
+                    Some(idem::event::Reason::SeqGapClosed)
+                );
             }
         }
         let (mark, above, closed) = dense_fields(&mut conn, &prefix, &entity).await;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 
 use crate::config::Config;
-use crate::dlq::REASONS;
+use crate::event::Reason;
 use crate::tools::topic_reader::MissingTopic;
 use crate::tools::{dead_letters, redrive};
 
@@ -68,7 +68,7 @@ enum DlqAction {
     #[command(verbatim_doc_comment)]
     Redrive {
         /// Only records with this reason code (see docs/event-contract.md).
-        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(REASONS))]
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(Reason::NAMES))]
         reason: Option<String>,
         /// Publish (default: only report what would be published).
         #[arg(long)]

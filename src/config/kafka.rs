@@ -48,84 +48,64 @@ const MOVED_BY_CONSUMER_PROTOCOL: [(&str, &str); 3] = [
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
-    /// Bootstrap brokers, comma separated host:port.
+    #[doc = key_doc!("kafka", "brokers")]
     #[serde(deserialize_with = "values::brokers")]
     pub brokers: String,
-    /// Consumer group. All idem instances of one pipeline share it.
+    #[doc = key_doc!("kafka", "group_id")]
     #[serde(deserialize_with = "values::non_empty")]
     pub group_id: String,
-    /// Source topics (at least one).
+    #[doc = key_doc!("kafka", "topics")]
     #[serde(deserialize_with = "values::topics")]
     pub topics: Vec<String>,
-    /// Where a group without a committed offset starts: "earliest" or "latest".
+    #[doc = key_doc!("kafka", "auto_offset_reset")]
     #[serde(deserialize_with = "values::choice")]
     pub auto_offset_reset: OffsetReset,
-    /// How often the offsets of finished events are committed. Only offsets whose
-    /// effects are already in Redis are ever committed, so this trades redelivered
-    /// work after a crash against commit traffic; it never affects correctness.
+    #[doc = key_doc!("kafka", "commit_interval")]
     #[serde(deserialize_with = "values::positive_duration")]
     pub commit_interval: Duration,
-    /// Group session timeout: how long the group waits for a silent instance.
+    #[doc = key_doc!("kafka", "session_timeout")]
     #[serde(deserialize_with = "values::positive_duration")]
     pub session_timeout: Duration,
-    /// When partitions are revoked in a rebalance, how long idem waits for their
-    /// in-flight batches before committing what is done and letting go.
+    #[doc = key_doc!("kafka", "revoke_timeout")]
     #[serde(deserialize_with = "values::positive_duration")]
     pub revoke_timeout: Duration,
-    /// How long a tool (topics, inspect, replay, reconcile, dlq, check) and the
-    /// start-up checks wait for the brokers to answer one request. The tools'
-    /// global --timeout sets it for one run.
+    #[doc = key_doc!("kafka", "request_timeout")]
     #[serde(deserialize_with = "values::positive_duration")]
     pub request_timeout: Duration,
-    /// Static group membership: a stable id per instance (e.g. the pod name,
-    /// IDEM__KAFKA__GROUP_INSTANCE_ID=$POD_NAME). An instance that restarts within
-    /// session_timeout gets its partitions back without a rebalance. Empty: dynamic.
+    #[doc = key_doc!("kafka", "group_instance_id")]
     #[serde(deserialize_with = "values::optional_trimmed")]
     pub group_instance_id: Option<String>,
-    /// The consumer group protocol. "classic": every Kafka version; the members
-    /// agree on the assignment, and session_timeout is idem's. "consumer" (KIP-848,
-    /// Kafka 4.0 and later): the broker assigns partitions and decides the session
-    /// and heartbeat timing (its group.consumer.* settings). See docs/configuration.md.
+    #[doc = key_doc!("kafka", "group_protocol")]
     #[serde(deserialize_with = "values::choice")]
     pub group_protocol: GroupProtocol,
-    /// Security (docs/security.md). security_protocol: "plaintext", "ssl",
-    /// "sasl_plaintext" or "sasl_ssl". Every Kafka client idem makes uses these
-    /// settings: the consumer, the dead-letter producer and the tools.
+    #[doc = key_doc!("kafka", "security_protocol")]
     #[serde(deserialize_with = "values::choice")]
     pub security_protocol: SecurityProtocol,
-    /// SASL mechanism: "PLAIN", "SCRAM-SHA-256" or "SCRAM-SHA-512". sasl_username
-    /// is required with the sasl protocols.
+    #[doc = key_doc!("kafka", "sasl_mechanism")]
     #[serde(deserialize_with = "values::choice")]
     pub sasl_mechanism: SaslMechanism,
-    /// Described with `sasl_mechanism` (config/default.toml has one comment for the group).
+    #[doc = key_doc!("kafka", "sasl_username")]
     pub sasl_username: String,
-    /// The SASL password, inline (better: IDEM__KAFKA__SASL_PASSWORD) or from a file
-    /// (sasl_password_file, e.g. a mounted secret). Never logged.
+    #[doc = key_doc!("kafka", "sasl_password")]
     #[serde(deserialize_with = "values::secret")]
     pub sasl_password: Option<Secret>,
-    /// Described with `sasl_password` (config/default.toml has one comment for the group).
+    #[doc = key_doc!("kafka", "sasl_password_file")]
     pub sasl_password_file: String,
-    /// CA bundle (PEM file, or a directory of them) to verify the brokers'
-    /// certificates; empty: librdkafka's default; "probe": search the system's usual places.
+    #[doc = key_doc!("kafka", "ssl_ca_location")]
     #[serde(deserialize_with = "values::ca_location")]
     pub ssl_ca_location: String,
-    /// Mutual TLS: the client certificate and its private key (PEM), both or
-    /// neither; the key's password inline or from a file, if the key is encrypted.
+    #[doc = key_doc!("kafka", "ssl_certificate_location")]
     #[serde(deserialize_with = "values::readable_file")]
     pub ssl_certificate_location: String,
-    /// Described with `ssl_certificate_location` (config/default.toml has one comment for the group).
+    #[doc = key_doc!("kafka", "ssl_key_location")]
     #[serde(deserialize_with = "values::readable_file")]
     pub ssl_key_location: String,
-    /// Described with `ssl_certificate_location` (config/default.toml has one comment for the group).
+    #[doc = key_doc!("kafka", "ssl_key_password")]
     #[serde(deserialize_with = "values::secret")]
     pub ssl_key_password: Option<Secret>,
-    /// Described with `ssl_certificate_location` (config/default.toml has one comment for the group).
+    #[doc = key_doc!("kafka", "ssl_key_password_file")]
     pub ssl_key_password_file: String,
-    /// Extra librdkafka consumer settings, passed as they are (e.g. "fetch.max.bytes",
-    /// "ssl.endpoint.identification.algorithm"). Refused here because they protect
-    /// the delivery guarantee or have a key of their own above: enable.auto.offset.store,
-    /// enable.auto.commit, bootstrap.servers, group.id, security.protocol, sasl.*,
-    /// ssl.ca.location, ssl.certificate.location, ssl.key.location, ssl.key.password.
+    #[doc = key_doc!("kafka", "librdkafka")]
     #[serde(default, deserialize_with = "dotted_settings")]
     pub librdkafka: BTreeMap<String, String>,
 }

@@ -20,6 +20,22 @@ use serde::Deserialize;
 
 pub use crate::event::settings::{EventConfig, EventFormat, FieldMap};
 
+/// A key's doc, written once: its comment in config/default.toml, which
+/// build.rs copies to a file per key. A field names its own key (a test
+/// holds each to its section and name; a key without a comment does not build).
+macro_rules! key_doc {
+    ($section:literal, $key:literal) => {
+        include_str!(concat!(
+            env!("OUT_DIR"),
+            "/config-docs/",
+            $section,
+            ".",
+            $key,
+            ".md"
+        ))
+    };
+}
+
 mod effects;
 mod forms;
 mod kafka;
@@ -178,19 +194,16 @@ impl fmt::Debug for Secret {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DlqConfig {
-    /// Dead-letter topic for invalid records and conflicts; "{topic}" is replaced by
-    /// the source topic. Declare it in topics/ (dead_letter = ...).
+    #[doc = key_doc!("dlq", "topic")]
     #[serde(deserialize_with = "values::dlq_topic")]
     pub topic: String,
-    /// If more than this share of the last `ratio_window` records went to the
-    /// dead-letter topic, idem stops consuming, turns /readyz unhealthy and says why:
-    /// a poison flood must not quietly become a dead-letter flood. 1.0 disables it.
+    #[doc = key_doc!("dlq", "max_ratio")]
     #[serde(deserialize_with = "values::share")]
     pub max_ratio: f64,
-    /// Described with `max_ratio` (config/default.toml has one comment for the group).
+    #[doc = key_doc!("dlq", "ratio_window")]
     #[serde(deserialize_with = "values::positive_int")]
     pub ratio_window: usize,
-    /// How long one dead-letter write may take before it is retried.
+    #[doc = key_doc!("dlq", "send_timeout")]
     #[serde(deserialize_with = "values::positive_duration")]
     pub send_timeout: Duration,
 }
@@ -207,25 +220,22 @@ impl DlqConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
-    /// Largest number of events taken from Kafka into one batch.
+    #[doc = key_doc!("pipeline", "batch_max_events")]
     #[serde(deserialize_with = "values::positive_count")]
     pub batch_max_events: NonZeroUsize,
-    /// How long a batch waits to fill once it has its first event.
+    #[doc = key_doc!("pipeline", "batch_linger")]
     #[serde(deserialize_with = "values::duration")]
     pub batch_linger: Duration,
-    /// Events carried by one call of the guard script (Redis is single-threaded:
-    /// bigger calls amortise per-call cost, smaller ones keep latency of other clients low).
+    #[doc = key_doc!("pipeline", "events_per_script")]
     #[serde(deserialize_with = "values::positive_count")]
     pub events_per_script: NonZeroUsize,
-    /// Backoff of retried Redis calls and of restarts of consumption: starts here, doubles,
-    /// capped at retry_max_backoff (a restart after a run of a minute or more starts over).
+    #[doc = key_doc!("pipeline", "retry_initial_backoff")]
     #[serde(deserialize_with = "values::positive_duration")]
     pub retry_initial_backoff: Duration,
-    /// Described with `retry_initial_backoff` (config/default.toml has one comment for the group).
+    #[doc = key_doc!("pipeline", "retry_max_backoff")]
     #[serde(deserialize_with = "values::positive_duration")]
     pub retry_max_backoff: Duration,
-    /// A partition with fetched records and no progress for this long is blocked:
-    /// /readyz answers 503 naming it, and idem_partition_blocked{topic,partition,cause} is 1.
+    #[doc = key_doc!("pipeline", "stall_timeout")]
     #[serde(deserialize_with = "values::positive_duration")]
     pub stall_timeout: Duration,
 }

@@ -13,62 +13,43 @@ use super::{redact_url, values, Config, ConfigError, Secret};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// "standalone" (one Redis) or "cluster" (Redis Cluster: events are grouped by
-    /// the hash slot of their entity; MOVED/ASK and failovers are followed).
+    #[doc = key_doc!("redis", "mode")]
     #[serde(deserialize_with = "values::choice")]
     pub mode: RedisMode,
-    /// Redis URL: redis://[user:password@]host:port[/db]. For a cluster, seed nodes
-    /// separated by commas: redis://10.0.0.1:7000,redis://10.0.0.2:7000
+    #[doc = key_doc!("redis", "url")]
     pub url: String,
-    /// Prefix of every key idem writes, so several pipelines can share one Redis.
-    /// Keys look like <prefix>:{<entity>}:state (see docs/redis-layout.md).
+    #[doc = key_doc!("redis", "key_prefix")]
     #[serde(deserialize_with = "values::key_prefix")]
     pub key_prefix: String,
-    /// How long one Redis round trip may take before it counts as failed and is retried.
+    #[doc = key_doc!("redis", "response_timeout")]
     #[serde(deserialize_with = "values::positive_duration")]
     pub response_timeout: Duration,
-    /// How long to wait for a (re)connection to Redis.
+    #[doc = key_doc!("redis", "connect_timeout")]
     #[serde(deserialize_with = "values::positive_duration")]
     pub connect_timeout: Duration,
-    /// While no batch runs, how often the epoch marker and the progress records of
-    /// every assigned partition are checked, so that a Redis restarted empty or
-    /// restored from an older snapshot is noticed (and re-read from the log) even on
-    /// an idle topic. Each check is one round trip of three commands per server.
+    #[doc = key_doc!("redis", "progress_check_interval")]
     #[serde(deserialize_with = "values::positive_duration")]
     pub progress_check_interval: Duration,
-    /// When an effect counts as durable, so that its offset may be committed:
-    ///   "ack"        when Redis replied. What a Redis crash loses then depends on its
-    ///                persistence (AOF everysec loses up to a second of acknowledged writes).
-    ///   "fsync"      when the write is on disk: needs appendonly yes + appendfsync always
-    ///                (checked at start), or Redis >= 7.2 where idem waits with WAITAOF.
-    ///   "replicas:N" when N replicas acknowledged it (WAIT after each batch).
-    /// idem checks at start that the server (every master of a cluster) can give the
-    /// level and refuses otherwise. On a cluster the wait runs on each master a batch wrote to.
+    #[doc = key_doc!("redis", "durability")]
     #[serde(deserialize_with = "values::durability")]
     pub durability: Durability,
-    /// ACL user and password; override any in the URL. The password may come from
-    /// a file (password_file, e.g. a mounted secret) and is never logged.
+    #[doc = key_doc!("redis", "username")]
     pub username: String,
-    /// Described with `username` (config/default.toml has one comment for the group).
+    #[doc = key_doc!("redis", "password")]
     #[serde(deserialize_with = "values::secret")]
     pub password: Option<Secret>,
-    /// Described with `username` (config/default.toml has one comment for the group).
+    #[doc = key_doc!("redis", "password_file")]
     pub password_file: String,
-    /// With rediss:// URLs: a PEM CA bundle to verify the server's certificate
-    /// (empty: the system's trust store).
+    #[doc = key_doc!("redis", "tls_ca_file")]
     #[serde(deserialize_with = "values::readable_file")]
     pub tls_ca_file: String,
-    /// Mutual TLS (a server with tls-auth-clients yes): the client certificate and
-    /// its private key (PEM), both or neither.
+    #[doc = key_doc!("redis", "tls_cert_file")]
     #[serde(deserialize_with = "values::readable_file")]
     pub tls_cert_file: String,
-    /// Described with `tls_cert_file` (config/default.toml has one comment for the group).
+    #[doc = key_doc!("redis", "tls_key_file")]
     #[serde(deserialize_with = "values::readable_file")]
     pub tls_key_file: String,
-    /// idem refuses to start unless Redis's maxmemory-policy is "noeviction" (on a
-    /// cluster: every master): an allkeys-* policy evicts entity state, and a
-    /// volatile-* policy evicts exactly the remembered ids (they carry TTLs), so
-    /// redeliveries would be applied again. true starts anyway, with a warning.
+    #[doc = key_doc!("redis", "allow_eviction")]
     pub allow_eviction: bool,
 }
 

@@ -63,12 +63,7 @@ impl Document {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StateSection {
-    /// How a late event meets the state hash, for the whole keyspace (redis.key_prefix).
-    /// "per_entity": an event not newer than its entity's seq writes no state (stale).
-    /// "per_field": each field keeps the seq that wrote it (hash <base>:field_seqs), so an
-    /// older event still writes the fields no newer event wrote; a replace or delete removes
-    /// older fields. The state then equals in-order application whatever the arrival order.
-    /// Ordered custom effects are refused in this mode. See docs/effects.md.
+    #[doc = key_doc!("state", "order")]
     #[serde(deserialize_with = "values::choice")]
     order: crate::effects::StateOrder,
 }
@@ -77,33 +72,18 @@ struct StateSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DedupeConfig {
-    /// How long an event id is remembered to reject redeliveries as duplicates.
-    /// Ids are remembered for at least this long and at most twice this long.
-    /// Events older than the window are still caught by the per-entity sequence (stale).
+    #[doc = key_doc!("dedupe", "window")]
     #[serde(deserialize_with = "values::positive_duration")]
     pub window: Duration,
-    /// Per-topic windows, overriding `window` for the named topics, e.g.
-    ///   payments = "72h"
-    /// A window for a topic that kafka.topics does not name is logged at WARN.
+    #[doc = key_doc!("dedupe", "topic_windows")]
     #[serde(default, deserialize_with = "values::positive_durations")]
     pub topic_windows: BTreeMap<String, Duration>,
-    /// Per-topic windows as one string, for the environment (whose keys are
-    /// lower-cased and cannot hold `-` or `.`), e.g.
-    ///   IDEM__DEDUPE__WINDOWS="orders-v2=72h,payments=24h"
-    /// A topic named here wins over the same topic in [dedupe.topic_windows].
+    #[doc = key_doc!("dedupe", "windows")]
     #[serde(default, deserialize_with = "values::window_map")]
     windows: BTreeMap<String, Duration>,
-    /// Topics whose events number each entity's seqs densely (1, 2, 3, ... without
-    /// gaps: an outbox, a per-account counter), e.g. ["payments"]. For them a seq
-    /// decided once is recognised forever, so a copy at a new offset after the window
-    /// is a duplicate, and another event at a decided seq a conflict (seq_reused).
-    /// See docs/guarantees.md, "Dense seqs".
+    #[doc = key_doc!("dedupe", "dense_seq_topics")]
     pub dense_seq_topics: Vec<String>,
-    /// Topics with counters, ledgers or sets whose copies arriving after the dedupe
-    /// window you accept to count again (the producers never re-send that late),
-    /// e.g. ["deposits"]. Silences the warning `idem check` and `idem run` give for
-    /// each topic with such effects that is not in dense_seq_topics.
-    /// See docs/effects.md, "Copies after the window".
+    #[doc = key_doc!("dedupe", "late_copies_accepted")]
     pub late_copies_accepted: Vec<String>,
 }
 
@@ -146,45 +126,34 @@ enum KeyMismatch {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EventSection {
-    /// Record formats: "auto" reads CloudEvents 1.0 when the record says so (header
-    /// content-type: application/cloudevents+json for structured mode, ce_* headers
-    /// for binary mode) and idem's envelope otherwise; "idem" or "cloudevents" force one.
-    /// See docs/event-contract.md for how CloudEvents attributes map to id, entity and seq.
+    #[doc = key_doc!("event", "format")]
     #[serde(deserialize_with = "values::choice")]
     format: EventFormat,
-    /// JSON pointers (RFC 6901) to the fields of the event envelope.
+    #[doc = key_doc!("event", "id")]
     #[serde(deserialize_with = "values::pointer")]
     id: String,
-    /// Described with `id` (config/default.toml has one comment for the group).
+    #[doc = key_doc!("event", "entity")]
     #[serde(deserialize_with = "values::pointer")]
     entity: String,
-    /// Described with `id` (config/default.toml has one comment for the group).
+    #[doc = key_doc!("event", "seq")]
     #[serde(deserialize_with = "values::pointer")]
     seq: String,
-    /// Described with `id` (config/default.toml has one comment for the group).
+    #[doc = key_doc!("event", "type")]
     #[serde(rename = "type", deserialize_with = "values::pointer")]
     kind: String,
-    /// Described with `id` (config/default.toml has one comment for the group).
+    #[doc = key_doc!("event", "data")]
     #[serde(deserialize_with = "values::pointer")]
     data: String,
-    /// Described with `id` (config/default.toml has one comment for the group).
+    #[doc = key_doc!("event", "ts")]
     #[serde(deserialize_with = "values::pointer")]
     ts: String,
-    /// Records larger than this many bytes are rejected as invalid (and
-    /// dead-lettered: the dead-letter producer accepts records of this size plus headers).
+    #[doc = key_doc!("event", "max_bytes")]
     #[serde(deserialize_with = "values::positive_int")]
     max_bytes: usize,
-    /// Two equal keys in one JSON object, e.g. {"amount":1,"amount":100}:
-    /// "last_wins" keeps the last (what most JSON parsers do; the default, so that
-    /// upgrading does not turn an existing producer's records into dead letters), or
-    /// "reject" dead-letters the record with reason duplicate_key.
+    #[doc = key_doc!("event", "duplicate_keys")]
     #[serde(deserialize_with = "values::choice")]
     duplicate_keys: DuplicateKeys,
-    /// A record whose Kafka key is not its entity (or has no key) may put the
-    /// entity's events on several partitions, where their order is lost and a merge
-    /// can keep an older field (docs/guarantees.md). "count" counts them
-    /// (idem_key_mismatch_total) and logs now and then; "dead_letter" also
-    /// dead-letters them with reason key_mismatch.
+    #[doc = key_doc!("event", "key_mismatch")]
     #[serde(deserialize_with = "values::choice")]
     key_mismatch: KeyMismatch,
 }
@@ -213,20 +182,12 @@ impl EventSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChangelogConfig {
-    /// Source topics whose applied changes are published, e.g. ["orders"]; empty: none.
-    /// The guard script writes each change (applied, late or partial; never a duplicate,
-    /// a stale event or a conflict) to an outbox in Redis in the same step as the change,
-    /// and the relay publishes it to the topic's changelog. Turn it on only once every
-    /// instance of the group runs a version that knows it (docs/upgrading.md).
+    #[doc = key_doc!("changelog", "topics")]
     pub topics: Vec<String>,
-    /// The changelog topic of each; "{topic}" is replaced by the source topic.
-    /// Declare it in topics/ (changelog = ...).
+    #[doc = key_doc!("changelog", "topic")]
     #[serde(deserialize_with = "values::changelog_topic")]
     pub topic: String,
-    /// The most entries an outbox holds before consumption waits for the relay (the
-    /// changelog topic is missing, the brokers refuse): one outbox on a standalone
-    /// Redis, one per slot on a cluster. /readyz says so meanwhile; a batch may pass
-    /// it by its own changes. Redis memory, not the log, is what this bounds.
+    #[doc = key_doc!("changelog", "max_outbox")]
     #[serde(deserialize_with = "values::positive_int")]
     pub max_outbox: usize,
 }
@@ -270,8 +231,7 @@ impl ChangelogConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz.
-    /// Loopback by default; set "0.0.0.0:9464" to expose it.
+    #[doc = key_doc!("metrics", "listen")]
     #[serde(deserialize_with = "values::listen")]
     pub listen: SocketAddr,
 }
@@ -280,8 +240,7 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
-    /// On SIGTERM/SIGINT, how long in-flight batches may take to finish before the
-    /// final commit. What is not finished is not committed (and is redelivered later).
+    #[doc = key_doc!("shutdown", "drain_timeout")]
     #[serde(deserialize_with = "values::positive_duration")]
     pub drain_timeout: Duration,
 }
@@ -290,10 +249,10 @@ pub struct ShutdownConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
-    /// "text" for people, "json" for log pipelines.
+    #[doc = key_doc!("log", "format")]
     #[serde(deserialize_with = "values::choice")]
     pub format: LogFormat,
-    /// Default level filter (tracing EnvFilter syntax); RUST_LOG overrides it.
+    #[doc = key_doc!("log", "level")]
     pub level: String,
 }
 

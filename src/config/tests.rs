@@ -704,9 +704,9 @@ fn default_toml_comments() -> BTreeMap<(String, String), TomlComment> {
     out
 }
 
-/// `(section, key)` → the `///` doc of its field, read from the sources
-/// of the structs serde decodes the sections into.
-fn field_docs() -> BTreeMap<(String, String), String> {
+/// `(section, key)` → the key its field's doc names (`key_doc!`), read
+/// from the sources of the structs serde decodes the sections into.
+fn field_docs() -> BTreeMap<(String, String), (String, String)> {
     let sections = [
         ("KafkaConfig", "kafka"),
         ("RedisConfig", "redis"),
@@ -728,7 +728,7 @@ fn field_docs() -> BTreeMap<(String, String), String> {
         include_str!("mod.rs"),
     ] {
         let mut section: Option<&str> = None;
-        let (mut doc, mut rename) = (Vec::new(), None);
+        let (mut named, mut rename) = (None, None);
         for line in source.lines().map(str::trim) {
             if let Some((_, s)) = sections.iter().find(|(name, _)| {
                 [format!("struct {name} {{"), format!("pub struct {name} {{")]
@@ -741,8 +741,13 @@ fn field_docs() -> BTreeMap<(String, String), String> {
             let Some(sec) = section else { continue };
             if line == "}" {
                 section = None;
-            } else if let Some(text) = line.strip_prefix("///") {
-                doc.push(text.trim().to_string());
+            } else if let Some(args) = line.strip_prefix("#[doc = key_doc!(") {
+                let args: Vec<String> = args
+                    .trim_end_matches(")]")
+                    .split(", ")
+                    .map(|a| a.trim_matches('"').to_string())
+                    .collect();
+                named = Some((args[0].clone(), args[1].clone()));
             } else if line.starts_with("#[") {
                 rename = line
                     .split_once("rename = \"")
@@ -750,8 +755,8 @@ fn field_docs() -> BTreeMap<(String, String), String> {
                     .map(|(r, _)| r.to_string());
             } else if let Some((field, _)) = line.trim_start_matches("pub ").split_once(':') {
                 let key = rename.take().unwrap_or_else(|| field.to_string());
-                out.insert((sec.to_string(), key), normalise(&doc.join(" ")));
-                doc.clear();
+                let doc = named.take().unwrap_or_default();
+                out.insert((sec.to_string(), key), doc);
             }
         }
     }
@@ -760,10 +765,11 @@ fn field_docs() -> BTreeMap<(String, String), String> {
 
 /// Every key of config/default.toml is a field of the struct its section
 /// is decoded into (serde refuses unknown keys, and a field without a
-/// default fails the load), and the field's doc is the key's comment: the
-/// two cannot drift. A key sharing a comment says with which key.
+/// default fails the load), and the field's doc is the key's comment,
+/// included from it (written once: build.rs copies each comment), naming
+/// the field's own section and key.
 #[test]
-fn every_key_is_documented_where_it_is_declared_as_in_default_toml() {
+fn every_key_is_documented_once_in_default_toml_and_its_field_includes_it() {
     let comments = default_toml_comments();
     let docs = field_docs();
     assert_eq!(
@@ -771,19 +777,19 @@ fn every_key_is_documented_where_it_is_declared_as_in_default_toml() {
         docs.keys().collect::<Vec<_>>(),
         "the keys of config/default.toml and the decoded structs' fields"
     );
-    for (key, comment) in &comments {
-        let doc = &docs[key];
-        let want = match comment {
-            TomlComment::Own(text) => text.clone(),
-            TomlComment::With(head) => format!(
-                "Described with `{head}` (config/default.toml has one comment for the group)."
-            ),
-        };
+    for (key, named) in &docs {
         assert_eq!(
-            doc, &want,
-            "{}.{}: its /// doc must say what config/default.toml says",
-            key.0, key.1
+            (&key.0, &key.1),
+            (&named.0, &named.1),
+            "{}.{}: its field must include its own key's doc",
+            key.0,
+            key.1
         );
+    }
+    for (key, comment) in &comments {
+        if let TomlComment::Own(text) = comment {
+            assert!(!text.is_empty(), "{}.{} has an empty comment", key.0, key.1);
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::{Config, DlqConfig};
+use crate::event::Reason;
 use crate::kafka::QuietContext;
 use crate::offsets::TopicPartition;
 
@@ -41,37 +42,6 @@ pub mod header {
     pub const PREFIX: &str = "idem.";
 }
 
-/// The closed list of reason codes: the decoder's codes, `conflict`, and
-/// the effects' (docs/effects.md).
-pub const REASONS: [&str; 26] = [
-    "empty_value",
-    "too_large",
-    "not_utf8",
-    "not_json",
-    "not_object",
-    "missing_field",
-    "empty_field",
-    "wrong_type",
-    "seq_out_of_range",
-    "bad_timestamp",
-    "bad_entity",
-    "duplicate_key",
-    "key_mismatch",
-    "conflict",
-    "effect_field_missing",
-    "amount_not_numeric",
-    "amount_excess_decimals",
-    "amount_overflow",
-    "change_malformed",
-    "counter_overflow",
-    "counter_unreadable",
-    "effect_failed",
-    "effect_invalid_output",
-    "effect_rejected",
-    "seq_reused",
-    "seq_gap_closed",
-];
-
 /// One record to dead-letter.
 pub struct DeadLetter<'a> {
     pub source: &'a TopicPartition,
@@ -80,7 +50,7 @@ pub struct DeadLetter<'a> {
     pub key: Option<&'a [u8]>,
     pub value: Option<&'a [u8]>,
     pub headers: &'a [(String, Vec<u8>)],
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
     /// For conflicts: (this record's fingerprint, the remembered one).
     pub fingerprints: Option<(u64, u64)>,

@@ -28,11 +28,12 @@ pub enum AmountError {
 }
 
 impl AmountError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> crate::event::Reason {
+        use crate::event::Reason;
         match self {
-            AmountError::NotNumeric { .. } => "amount_not_numeric",
-            AmountError::ExcessDecimals { .. } => "amount_excess_decimals",
-            AmountError::TooLarge { .. } => "amount_overflow",
+            AmountError::NotNumeric { .. } => Reason::AmountNotNumeric,
+            AmountError::ExcessDecimals { .. } => Reason::AmountExcessDecimals,
+            AmountError::TooLarge { .. } => Reason::AmountOverflow,
         }
     }
 }
@@ -185,7 +186,7 @@ mod tests {
         for (text, scale, want) in cases {
             let got = Amount::parse(text, *scale)
                 .map(|a| a.units)
-                .map_err(|e| e.code());
+                .map_err(|e| e.code().as_str());
             assert_eq!(got, *want, "{text:?} at scale {scale}");
         }
     }

@@ -20,7 +20,7 @@ pub fn plan(event: &Event, rule: Option<&Rule>) -> Result<Effects, Invalid> {
         return Ok(Effects::default());
     };
     let missing = |what: String, pointer: &str| Invalid::Effect {
-        code: "effect_field_missing",
+        code: crate::event::Reason::EffectFieldMissing,
         message: format!("{what} reads data{pointer}, which this event does not have"),
     };
     let mut mutations = Vec::new();
@@ -105,7 +105,7 @@ fn change_mutations(
 ) -> Result<Vec<Mutation>, Invalid> {
     use serde_json::Value;
     let malformed = |what: &str| Invalid::Effect {
-        code: "change_malformed",
+        code: crate::event::Reason::ChangeMalformed,
         message: format!("change.{what} is not as docs/change-stream.md describes it"),
     };
     let object = |what: &str, v: Option<&Value>| match v {

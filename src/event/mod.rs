@@ -6,10 +6,13 @@
 
 pub mod cloudevents;
 pub mod exact;
+pub mod reason;
 pub mod settings;
 pub mod strict;
 
 use serde_json::Value;
+
+pub use reason::Reason;
 
 pub use settings::{EventConfig, EventFormat, FieldMap};
 
@@ -87,7 +90,7 @@ pub enum Invalid {
     KeyMismatch { key: String, entity: String },
     /// The event's declared effects cannot be applied (docs/effects.md).
     #[error("{message}")]
-    Effect { code: &'static str, message: String },
+    Effect { code: Reason, message: String },
 }
 
 /// A JSON number as a seq: an integer from 0 to 2^64−1. A number written
@@ -110,22 +113,22 @@ pub(crate) fn seq_number(n: &serde_json::Number, field: &str) -> Result<u64, Inv
 
 impl Invalid {
     /// A stable, machine-readable reason code (documented in docs/event-contract.md).
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Reason {
         match self {
-            Invalid::EmptyValue => "empty_value",
-            Invalid::TooLarge { .. } => "too_large",
-            Invalid::NotUtf8 => "not_utf8",
-            Invalid::NotJson(_) => "not_json",
-            Invalid::NotObject => "not_object",
-            Invalid::MissingField(_) => "missing_field",
-            Invalid::EmptyField(_) => "empty_field",
-            Invalid::WrongType { .. } => "wrong_type",
-            Invalid::SeqOutOfRange(_) | Invalid::SeqNotInteger { .. } => "seq_out_of_range",
-            Invalid::BadTimestamp(_) => "bad_timestamp",
-            Invalid::BadEntity(_) => "bad_entity",
-            Invalid::DuplicateKey(_) => "duplicate_key",
-            Invalid::KeyMismatch { .. } => "key_mismatch",
-            Invalid::Effect { code, .. } => code,
+            Invalid::EmptyValue => Reason::EmptyValue,
+            Invalid::TooLarge { .. } => Reason::TooLarge,
+            Invalid::NotUtf8 => Reason::NotUtf8,
+            Invalid::NotJson(_) => Reason::NotJson,
+            Invalid::NotObject => Reason::NotObject,
+            Invalid::MissingField(_) => Reason::MissingField,
+            Invalid::EmptyField(_) => Reason::EmptyField,
+            Invalid::WrongType { .. } => Reason::WrongType,
+            Invalid::SeqOutOfRange(_) | Invalid::SeqNotInteger { .. } => Reason::SeqOutOfRange,
+            Invalid::BadTimestamp(_) => Reason::BadTimestamp,
+            Invalid::BadEntity(_) => Reason::BadEntity,
+            Invalid::DuplicateKey(_) => Reason::DuplicateKey,
+            Invalid::KeyMismatch { .. } => Reason::KeyMismatch,
+            Invalid::Effect { code, .. } => *code,
         }
     }
 }

@@ -95,7 +95,7 @@ fn invalid_inputs_by_table() {
     for (input, code) in table {
         let got = decode(Some(input), &FieldMap::default(), 1024);
         assert_eq!(
-            got.as_ref().map_err(Invalid::code).err(),
+            got.as_ref().map_err(|e| e.code().as_str()).err(),
             Some(*code),
             "{:?} gave {got:?}",
             String::from_utf8_lossy(input)

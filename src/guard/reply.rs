@@ -6,7 +6,8 @@ use std::time::Duration;
 use redis::Value;
 
 use super::Verdict;
-use crate::model::Outcome;
+use crate::event::Reason;
+use crate::model::{Outcome, Rejection};
 use crate::store::{DurableWait, StoreError};
 
 /// Declares the verdict codes once: as Rust constants (`code::APPLIED`)
@@ -53,24 +54,24 @@ verdict_codes! {
     SEQ_REUSED = 13;
 }
 
-/// The reasons the guard script gives for a rejection (dead-letter
-/// reasons); its prelude names each `REASON_<NAME>`.
-pub const REJECTION_REASONS: [&str; 5] = [
-    "counter_overflow",
-    "counter_unreadable",
-    "effect_failed",
-    "effect_invalid_output",
-    "seq_gap_closed",
-];
-
-/// A rejection's detail as (reason, message); an unknown reason is
-/// `effect_rejected` with the whole detail as the message.
-fn rejection(detail: &[u8]) -> (&'static str, String) {
+/// A rejection's detail, `<reason> <message>`: one of
+/// [`Reason::REJECTIONS`], or `effect_rejected` with the whole detail as
+/// the message.
+fn rejection(detail: &[u8]) -> Rejection {
     let text = String::from_utf8_lossy(detail);
     let (reason, message) = text.split_once(' ').unwrap_or((&text, ""));
-    match REJECTION_REASONS.iter().find(|r| **r == reason) {
-        Some(r) => (*r, message.to_string()),
-        None => ("effect_rejected", text.to_string()),
+    match Reason::REJECTIONS
+        .into_iter()
+        .find(|r| r.as_str() == reason)
+    {
+        Some(reason) => Rejection {
+            reason,
+            message: message.to_string(),
+        },
+        None => Rejection {
+            reason: Reason::EffectRejected,
+            message: text.to_string(),
+        },
     }
 }
 
@@ -184,13 +185,13 @@ fn parse_verdict(code: &Value, detail: &Value) -> Result<Verdict, StoreError> {
         (Value::Int(PARTIAL), _) => decided(Outcome::Partial),
         (Value::Int(DUPLICATE_BY_SEQ), _) => Ok(plain(Outcome::Duplicate)),
         (Value::Int(SEQ_REUSED), Value::BulkString(fp)) => Ok(Verdict {
-            rejection: Some((
-                "seq_reused",
-                format!(
+            rejection: Some(Rejection {
+                reason: Reason::SeqReused,
+                message: format!(
                     "its seq was decided for another event (fingerprint {}): a dense seq names one event",
                     String::from_utf8_lossy(fp)
                 ),
-            )),
+            }),
             ..plain(Outcome::Conflict)
         }),
         (Value::Int(REJECTED), Value::BulkString(detail)) => Ok(Verdict {
@@ -319,19 +320,23 @@ mod tests {
             ]
         );
         assert_eq!(v[7].duplicate_age, None, "a copy by its seq has no age");
-        let (reason, message) = v[8].rejection.clone().expect("dead-lettered");
-        assert_eq!(reason, "seq_reused");
+        let Rejection { reason, message } = v[8].rejection.clone().expect("dead-lettered");
+        assert_eq!(reason, Reason::SeqReused);
         assert!(message.contains("00000000000000ab"), "{message}");
         assert_eq!(v[9].dense_seqs_closed, 3);
         assert_eq!(v[4].earlier_attempt, None);
         assert_eq!(v[6].earlier_attempt, Some(Outcome::Partial));
+        let reason_and_message = |v: &Verdict| {
+            let r = v.rejection.clone().expect("rejected");
+            (r.reason, r.message)
+        };
         assert_eq!(
-            v[1].rejection,
-            Some(("effect_failed", "loyalty.lua:3: boom".to_string()))
+            reason_and_message(&v[1]),
+            (Reason::EffectFailed, "loyalty.lua:3: boom".to_string())
         );
         assert_eq!(
-            v[2].rejection,
-            Some(("effect_rejected", "something new".to_string()))
+            reason_and_message(&v[2]),
+            (Reason::EffectRejected, "something new".to_string())
         );
         assert_eq!(v[3].earlier_attempt, Some(Outcome::Late));
     }

@@ -14,25 +14,38 @@
 //! and every test that runs the guard compiles it.
 
 use super::args::{order_code, MutationKind};
-use super::reply::{REJECTION_REASONS, VERDICT_CODES};
+use super::reply::VERDICT_CODES;
 use crate::effects::{Order, Snippet};
+use crate::event::Reason;
+use crate::store::outbox::ENTRY_LUA;
 use crate::store::script::{
     constant_name, lua_string, Builder, Constant, Named, Script, MAX_PAIRS,
 };
 use crate::store::{COUNTERS_SUFFIX, LEDGER_INFIX, META_SUFFIX, SET_INFIX};
 
 /// The files, in the order they are joined: each uses what is above it.
-const FILES: [(&str, &str); 10] = [
-    ("call.lua", include_str!("lua/call.lua")),
-    ("decimal.lua", include_str!("lua/decimal.lua")),
-    ("custom.lua", include_str!("lua/custom.lua")),
-    ("mutations.lua", include_str!("lua/mutations.lua")),
-    ("read.lua", include_str!("lua/read.lua")),
-    ("marks.lua", include_str!("lua/marks.lua")),
-    ("writes.lua", include_str!("lua/writes.lua")),
-    ("dense.lua", include_str!("lua/dense.lua")),
-    ("per_field.lua", include_str!("lua/per_field.lua")),
-    ("decisions.lua", include_str!("lua/decisions.lua")),
+/// The outbox entry's writer is the store's, shared with the snapshot.
+const FILES: [(&str, &str); 11] = [
+    ("src/guard/lua/call.lua", include_str!("lua/call.lua")),
+    ("src/guard/lua/decimal.lua", include_str!("lua/decimal.lua")),
+    ("src/guard/lua/custom.lua", include_str!("lua/custom.lua")),
+    (
+        "src/guard/lua/mutations.lua",
+        include_str!("lua/mutations.lua"),
+    ),
+    ("src/guard/lua/read.lua", include_str!("lua/read.lua")),
+    ("src/guard/lua/marks.lua", include_str!("lua/marks.lua")),
+    ENTRY_LUA,
+    ("src/guard/lua/writes.lua", include_str!("lua/writes.lua")),
+    ("src/guard/lua/dense.lua", include_str!("lua/dense.lua")),
+    (
+        "src/guard/lua/per_field.lua",
+        include_str!("lua/per_field.lua"),
+    ),
+    (
+        "src/guard/lua/decisions.lua",
+        include_str!("lua/decisions.lua"),
+    ),
 ];
 
 /// How the script ends: running the call, or reporting how it read it.
@@ -62,7 +75,11 @@ pub fn constants() -> Vec<Named> {
         .collect();
     let text =
         |prefix: &str, code: &str| (constant_name(prefix, code), Constant::Text(code.into()));
-    out.extend(REJECTION_REASONS.iter().map(|r| text("REASON_", r)));
+    out.extend(
+        Reason::REJECTIONS
+            .iter()
+            .map(|r| text("REASON_", r.as_str())),
+    );
     out.extend(MutationKind::ALL.iter().map(|k| text("KIND_", k.code())));
     out.extend([Order::Ordered, Order::Commutative].map(|o| text("ORDER_", order_code(o))));
     for (name, suffix) in [
@@ -80,19 +97,18 @@ pub fn constants() -> Vec<Named> {
 /// The guard script with `snippets` (the custom effects) in it.
 pub fn assemble(snippets: &[Snippet], ending: Ending) -> Script {
     let mut b = Builder::new(Some("#!lua"), &constants());
-    for (name, text) in FILES {
-        let path = format!("{DIR}{name}");
+    for (path, text) in FILES {
         match text.split_once(CUSTOM_MARK) {
             Some((head, tail)) if !snippets.is_empty() => {
                 let head = format!("{head}{CUSTOM_MARK}");
-                b.file(&path, &head);
+                b.file(path, &head);
                 for (i, snippet) in snippets.iter().enumerate() {
                     push_snippet(&mut b, i + 1, snippet);
                 }
-                b.push(&path, tail, head.lines().count() + 1);
+                b.push(path, tail, head.lines().count() + 1);
             }
             _ => {
-                b.file(&path, text);
+                b.file(path, text);
             }
         }
     }
@@ -165,7 +181,7 @@ mod tests {
             let at = lines.iter().position(|l| *l == first).unwrap() + 1;
             assert_eq!(
                 script.locate(&format!("user_script:{at}:")),
-                format!("{DIR}{name}:1:"),
+                format!("{name}:1:"),
                 "{first}"
             );
         }

@@ -22,8 +22,6 @@ pub struct Health {
     redis_ok: Arc<AtomicBool>,
     stopped: Arc<std::sync::Mutex<Option<String>>>,
     blocked: Arc<std::sync::Mutex<Option<String>>>,
-    /// What the guard stage is retrying right now (`redis`, `dead_letter`).
-    waiting_on: Arc<std::sync::Mutex<Option<&'static str>>>,
     /// Partitions re-read because Redis lost state, until they are back
     /// where Kafka's commit was.
     rewinding: Arc<std::sync::Mutex<Option<String>>>,
@@ -79,16 +77,6 @@ impl Health {
             .changelog_full
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = reason;
-    }
-
-    /// Notes what the pipeline is retrying (`None`: nothing).
-    pub fn set_waiting_on(&self, cause: Option<&'static str>) {
-        *self.waiting_on.lock().unwrap_or_else(|e| e.into_inner()) = cause;
-    }
-
-    /// What the pipeline is retrying, if anything.
-    pub fn waiting_on(&self) -> Option<&'static str> {
-        *self.waiting_on.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Sets (or clears) what is being re-read after a Redis state loss.

@@ -20,7 +20,7 @@ mod per_field;
 pub use dense::{DenseMark, Seen};
 pub use entity::{EntityModel, Model};
 pub use marks::{GuardInput, Place};
-pub use outcome::{classify, Outcome, Verdict};
+pub use outcome::{classify, Outcome, Rejection, Verdict};
 
 #[cfg(test)]
 mod tests;

@@ -83,6 +83,13 @@ pub fn classify(
     }
 }
 
+/// Why Redis refused to apply an event, for its dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub reason: crate::event::Reason,
+    pub message: String,
+}
+
 /// The answer for one event: the guard's, or the model's (which knows
 /// the outcome and the earlier attempt's; the rest is the guard's detail).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,7 +105,7 @@ pub struct Verdict {
     /// For an event Redis refused to apply (outcome `Invalid`): the
     /// dead-letter reason and message (a counter would overflow, a custom
     /// effect failed). Nothing of it was written.
-    pub rejection: Option<(&'static str, String)>,
+    pub rejection: Option<Rejection>,
     /// Dense seqs: how many never-decided seqs this event's decision closed
     /// (the set above the entity's mark was at its cap).
     pub dense_seqs_closed: u64,

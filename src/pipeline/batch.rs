@@ -7,6 +7,7 @@ use super::consumer::Fetched;
 use crate::config::Config;
 use crate::effects::Effects;
 use crate::event::{self, Event, Invalid};
+use crate::guard::Verdict;
 use crate::offsets::TopicPartition;
 
 /// One record of a batch.
@@ -24,6 +25,10 @@ pub struct Item {
     pub decoded: Result<Event, Invalid>,
     /// The decoded event's planned effects (its topic's and type's rule).
     pub effects: Effects,
+    /// What the guard stage decided of it; `None` until then, and for an
+    /// invalid record outside a decided range (it has no verdict: its
+    /// reason is `decoded`'s error).
+    pub verdict: Option<Verdict>,
 }
 
 /// A decoded event's effects under its topic's rules; an event whose
@@ -48,16 +53,12 @@ pub struct Batch {
     /// The dedupe window of each partition's topic.
     pub windows: Vec<Duration>,
     pub items: Vec<Item>,
-    /// The loop's count of batches handed over, this one included: the
-    /// stage tells a batch fetched before an assignment from one after it.
-    pub seq: u64,
 }
 
 impl Batch {
     /// Decodes `records` in order.
     pub fn decode(records: Vec<Fetched>, config: &Config) -> Batch {
         let mut batch = Batch {
-            seq: 0,
             partitions: Vec::new(),
             windows: Vec::new(),
             items: Vec::with_capacity(records.len()),
@@ -85,6 +86,7 @@ impl Batch {
                 headers: r.headers,
                 decoded,
                 effects,
+                verdict: None,
             });
         }
         batch

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::owned::OwnedPartitions;
 use crate::metrics::{self, Health};
+
 use crate::offsets::TopicPartition;
 
 /// The partitions reported blocked, with the cause they were reported with.
@@ -17,8 +18,16 @@ pub struct BlockedWatch {
 }
 
 impl BlockedWatch {
-    pub fn check(&mut self, progress: &OwnedPartitions, health: &Health, stall: Duration) {
-        let cause = health.waiting_on().unwrap_or("slow");
+    /// `retrying`: what the guard stage said it retries, if anything (the
+    /// cause named; else `slow`).
+    pub fn check(
+        &mut self,
+        progress: &OwnedPartitions,
+        health: &Health,
+        stall: Duration,
+        retrying: Option<&'static str>,
+    ) {
+        let cause = retrying.unwrap_or("slow");
         let blocked = progress.blocked(stall);
         for (tp, was) in std::mem::take(&mut self.reported) {
             if !blocked.iter().any(|(b, _)| *b == tp) {

@@ -1,9 +1,11 @@
 //! The processing loop: the one owner of [`OwnedPartitions`]. It takes what the
 //! consumer thread reports (records, rebalances) and what the guard stage
-//! reports ([`StageEvent`]), batches records, hands batches over in fetch
-//! order, and stores each partition's contiguous commit point. Messages
-//! alone drive it: shutdown, a stage's event or a rebalance; why it ended is
-//! what [`EventLoop::run`] returns.
+//! reports ([`StageEvent`]), batches records, hands batches and ownership
+//! changes over in the order it decided them (one queue, `super::link`),
+//! and stores each partition's contiguous commit point. Messages alone
+//! drive it: shutdown, a stage's event or a rebalance; why it ended is what
+//! [`EventLoop::run`] returns. What it does with fetched records is its
+//! [`Mode`]; `Health` is what it publishes, never what it reads.
 //!
 //! Guarantee: the commit-after-effect rule of docs/guarantees.md, kept by
 //! storing only [`OwnedPartitions`]'s contiguous commit points; a revoke is
@@ -21,19 +23,17 @@ use tokio::time::Instant;
 use super::batch::{Batch, Finished};
 use super::blocked::BlockedWatch;
 use super::consumer::{Committed, Consumer, FatalError, Fetched, KafkaEvent, KafkaNote};
-use super::guard_stage::{Ownership, StageEvent};
+use super::link::{Ownership, Room, StageEvent, StageSender};
 use super::owned::OwnedPartitions;
-use super::recovery::{resume_points, ResumeContext, ResumeError, Resumed, Unrecoverable};
+use super::recovery::{resume_points, ResumeContext, ResumeError, Resumed};
 use super::shutdown::Shutdown;
 use crate::config::Config;
 use crate::kafka;
 use crate::metrics::{self, Health};
 use crate::offsets::TopicPartition;
 use crate::store::progress::ProgressStore;
-
-/// How long the loop waits for the guard stage with a full batch before it
-/// pauses fetching (instead of buffering) while it keeps serving rebalances.
-const PAUSE_AFTER: Duration = Duration::from_secs(1);
+pub use end::{LoopEnd, Restart};
+pub(super) use mode::Mode;
 
 pub struct EventLoop<R = RedisSide> {
     config: Arc<Config>,
@@ -44,27 +44,24 @@ pub struct EventLoop<R = RedisSide> {
     notes: mpsc::UnboundedReceiver<KafkaNote>,
     /// What the guard stage reports, in the order it decided it.
     stage: mpsc::UnboundedReceiver<StageEvent>,
-    /// Tells the guard stage which partitions to check.
-    ownership: mpsc::UnboundedSender<Ownership>,
+    /// Batches and ownership changes for the guard stage, in order.
+    queue: StageSender,
     /// Fetched records not yet handed over, in fetch order.
     pending: Vec<Fetched>,
-    /// Batches handed to the guard stage so far (each batch's `seq`).
-    handed: u64,
     /// When the pending records must be handed over even if few.
     linger_until: Option<Instant>,
-    /// Since when a batch is ready and the guard stage has no room.
-    stage_full_since: Option<Instant>,
-    /// What was paused (Redis behind, or consumption stopped).
-    paused: Option<TopicPartitionList>,
+    /// What the loop does with fetched records.
+    mode: Mode,
     blocked: BlockedWatch,
-    /// Consumption was stopped (the guard stage said so: dead-letter budget).
-    stopped: bool,
+    /// What the guard stage said it retries (`StageEvent::Retrying`).
+    stage_retrying: Option<&'static str>,
     /// Holds back repeated consumer errors (one per poll with the brokers down).
     quiet: crate::kafka::quiet::LogLimiter,
-    /// When to warn that the group has not admitted this consumer yet (once).
+    /// When to warn that the group has not admitted this consumer yet
+    /// (once; cleared by the join, put off by each error the consumer reports).
     join_warning_at: Option<Instant>,
-    /// Where assigned partitions resume: Redis's progress records.
-    resume: R,
+    /// Where assigned partitions start: Redis's progress records.
+    starts: R,
     /// The commit metadata naming the epoch of the Redis this run writes to.
     metadata: String,
     /// Rewound partitions and the committed offset they were rewound from.
@@ -74,26 +71,15 @@ pub struct EventLoop<R = RedisSide> {
     untied: ties::Untied,
 }
 
-/// Why the loop ended.
-#[derive(Debug)]
-pub enum LoopEnd {
-    Shutdown,
-    /// Consumption restarts from what Redis holds (its state changed, or
-    /// the progress check of an assignment could not be made).
-    Restart(String),
-    /// Redis lost effects the log no longer holds.
-    Unrecoverable(Unrecoverable),
-}
-
 /// Where newly assigned partitions resume. The loop asks it at every
 /// assignment; production reads Redis's progress records ([`RedisSide`]),
 /// the loop's unit tests answer from a table.
-pub trait Resume {
+pub trait Starts {
     /// The epoch of the Redis this run writes to (named in the commit metadata).
     fn epoch(&self) -> &str;
 
     /// Where each of `assigned` starts; every one's record is at least its floor afterwards.
-    fn resume(
+    fn decide(
         &mut self,
         consumer: &Arc<Consumer>,
         assigned: &[Committed],
@@ -110,12 +96,12 @@ pub struct RedisSide {
     pub accept_commits: Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl Resume for RedisSide {
+impl Starts for RedisSide {
     fn epoch(&self) -> &str {
         &self.epoch
     }
 
-    async fn resume(
+    async fn decide(
         &mut self,
         consumer: &Arc<Consumer>,
         assigned: &[Committed],
@@ -135,13 +121,13 @@ impl Resume for RedisSide {
     }
 }
 
-/// The channels the loop talks to the guard stage on.
+/// The loop's ends of its links with the guard stage.
 pub struct StageLink {
     pub events: mpsc::UnboundedReceiver<StageEvent>,
-    pub ownership: mpsc::UnboundedSender<Ownership>,
+    pub queue: StageSender,
 }
 
-impl<R: Resume> EventLoop<R> {
+impl<R: Starts> EventLoop<R> {
     pub fn new(
         config: Arc<Config>,
         consumer: Arc<Consumer>,
@@ -149,12 +135,11 @@ impl<R: Resume> EventLoop<R> {
         events: mpsc::Receiver<KafkaEvent>,
         notes: mpsc::UnboundedReceiver<KafkaNote>,
         stage: StageLink,
-        resume: R,
+        starts: R,
     ) -> EventLoop<R> {
-        let stopped = health.stopped_reason().is_some();
         EventLoop {
-            metadata: crate::resume::commit_metadata(resume.epoch()),
-            resume,
+            metadata: crate::resume::commit_metadata(starts.epoch()),
+            starts,
             rewinding: Default::default(),
             untied: Default::default(),
             config,
@@ -164,15 +149,12 @@ impl<R: Resume> EventLoop<R> {
             events,
             notes,
             stage: stage.events,
-            ownership: stage.ownership,
+            queue: stage.queue,
             pending: Vec::new(),
-            handed: 0,
             linger_until: None,
-            stage_full_since: None,
-            paused: None,
+            mode: Mode::Consuming,
             blocked: BlockedWatch::default(),
-            // A stop outlives a restart of consumption: only a restart of idem lifts it.
-            stopped,
+            stage_retrying: None,
             quiet: Default::default(),
             join_warning_at: Some(Instant::now() + crate::kafka::NOT_ADMITTED_AFTER),
         }
@@ -180,46 +162,46 @@ impl<R: Resume> EventLoop<R> {
 
     /// Runs until `shutdown` fires, the guard stage ends or reports a
     /// change of Redis's state, or an assignment cannot start safely; says which.
-    pub async fn run(&mut self, batches: &mpsc::Sender<Batch>, shutdown: &mut Shutdown) -> LoopEnd {
+    pub async fn run(&mut self, shutdown: &mut Shutdown) -> LoopEnd {
         let max = self.config.pipeline.batch_max_events.get();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
-            // Fetching pauses while records wait for a full guard stage, and
-            // resumes when they are handed over. Records of partitions lost
-            // or revoked meanwhile are dropped: with none left to hand over,
-            // resume here, or nothing ever would.
-            if self.paused.is_some() && !self.stopped && self.pending.is_empty() {
-                self.stage_full_since = None;
-                self.resume();
+            // Records of partitions lost or revoked during a pause are
+            // dropped: with none left to hand over, resume here, or nothing
+            // ever would.
+            if matches!(self.mode, Mode::Paused { .. }) && self.pending.is_empty() {
+                self.shift(Mode::resume_fetching);
             }
-            let stopped = self.stopped;
-            let ready = !stopped
+            let ready = !self.mode.is_stopped()
                 && !self.pending.is_empty()
                 && (self.pending.len() >= max
                     || self.linger_until.is_some_and(|t| t <= Instant::now()));
-            if ready {
-                self.stage_full_since.get_or_insert_with(Instant::now);
+            if ready && matches!(self.mode, Mode::Consuming) {
+                self.mode = Mode::Waiting {
+                    since: Instant::now(),
+                };
             }
-            let take_events = self.pending.len() < max || self.paused.is_some();
-            let wake_at = self.wake_at(ready);
+            let take_events = self.pending.len() < max || self.mode.paused().is_some();
+            let wake_at = self.mode.wake_at(ready, self.linger_until);
             tokio::select! {
-                // Shutdown first: once asked to stop, take no new work.
+                // Shutdown first: once asked to stop, take no new work. Then
+                // the stage's reports: a finished batch frees commits, a
+                // restart must not wait behind new records.
                 biased;
                 _ = shutdown.wait() => return LoopEnd::Shutdown,
                 Some(event) = self.stage.recv() => if let Some(end) = self.on_stage_event(event) {
                     return end;
                 },
-                permit = batches.reserve(), if ready => match permit {
-                    Ok(permit) => self.hand_over(permit, max),
-                    Err(_) => return LoopEnd::Shutdown, // the guard stage ended (shutdown while Redis failed)
+                room = self.queue.room(), if ready => if let Some(end) = self.hand_over(room, max) {
+                    return end;
                 },
                 Some(event) = self.events.recv(), if take_events => if let Some(end) = self.on_event(event).await {
                     return end;
                 },
                 Some(note) = self.notes.recv() => self.on_note(note),
                 _ = tokio::time::sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => {
-                    if ready && self.paused.is_none() && self.stage_full_since.is_some_and(|t| t.elapsed() >= PAUSE_AFTER) {
-                        self.pause();
+                    if ready {
+                        self.shift(Mode::pause_if_waited);
                     }
                 }
                 _ = tick.tick() => self.on_tick(),
@@ -234,44 +216,57 @@ impl<R: Resume> EventLoop<R> {
             StageEvent::StopConsuming(reason) => {
                 // Fetch nothing more, but keep serving rebalances and
                 // committing what finishes.
-                self.health.stop_consuming(reason);
-                self.stopped = true;
+                self.health.stop_consuming(reason.clone());
                 self.pending.clear();
                 self.linger_until = None;
-                if self.paused.is_none() {
-                    self.pause();
-                }
+                self.shift(|mode, consumer| mode.stop(reason, consumer));
             }
             StageEvent::Restart(changed) => {
-                return Some(LoopEnd::Restart(format!(
-                    "the guard stage found Redis's state changed ({}: {})",
-                    changed.cause.as_str(),
-                    changed.detail
-                )))
+                return Some(LoopEnd::Restart(Restart::StateChanged(changed)))
             }
             StageEvent::LogReplaced(detail) => {
-                return Some(LoopEnd::Restart(format!(
-                    "a partition's log was replaced ({detail})"
-                )))
+                return Some(LoopEnd::Restart(Restart::LogReplaced(detail)))
             }
+            StageEvent::Retrying(what) => self.stage_retrying = what,
         }
         None
     }
 
-    /// The next moment the loop must look again without any message: the
-    /// linger deadline, or when a waiting batch should pause fetching.
-    fn wake_at(&self, ready: bool) -> Option<Instant> {
-        if ready {
-            (self.paused.is_none())
-                .then(|| self.stage_full_since.map(|t| t + PAUSE_AFTER))
-                .flatten()
-        } else {
-            self.linger_until
+    /// Moves the loop to the mode `transition` returns.
+    fn shift(&mut self, transition: impl FnOnce(Mode, &Consumer) -> Mode) {
+        let mode = std::mem::replace(&mut self.mode, Mode::Consuming);
+        self.mode = transition(mode, &self.consumer);
+    }
+
+    /// Consumption was stopped in an earlier round (the dead-letter
+    /// budget, `reason`): this round fetches nothing either. Only a restart
+    /// of idem lifts a stop; the pipeline holds it between rounds.
+    pub fn stopped_before(mut self, reason: Option<String>) -> Self {
+        if let Some(reason) = reason {
+            let paused = TopicPartitionList::new();
+            self.mode = Mode::Stopped { paused, reason };
+        }
+        self
+    }
+
+    /// Nothing more for the guard stage: it ends once it applied what is queued.
+    pub fn close_queue(&mut self) {
+        self.queue.close();
+    }
+
+    /// Why consumption was stopped, if it was: the pipeline carries it into
+    /// the next round.
+    pub fn stopped(&self) -> Option<String> {
+        match &self.mode {
+            Mode::Stopped { reason, .. } => Some(reason.clone()),
+            _ => None,
         }
     }
 
-    /// Decodes up to `max` pending records and hands them to the guard stage.
-    fn hand_over(&mut self, permit: mpsc::Permit<'_, Batch>, max: usize) {
+    /// Decodes up to `max` pending records and hands them to the guard
+    /// stage; `Some` when the stage is gone (it ended: shutdown while Redis
+    /// failed, or its state changed and the loop is told so next).
+    fn hand_over(&mut self, room: Room, max: usize) -> Option<LoopEnd> {
         let take = self.pending.len().min(max);
         let records: Vec<Fetched> = self.pending.drain(..take).collect();
         self.linger_until = if self.pending.is_empty() {
@@ -279,16 +274,14 @@ impl<R: Resume> EventLoop<R> {
         } else {
             Some(Instant::now() + self.config.pipeline.batch_linger)
         };
-        self.stage_full_since = None;
-        if self.paused.is_some() && !self.stopped {
-            self.resume();
-        }
-        let mut batch = Batch::decode(records, &self.config);
-        self.handed += 1;
-        batch.seq = self.handed;
+        self.shift(Mode::resume_fetching);
+        let batch = Batch::decode(records, &self.config);
         self.owned.begin(batch.positions());
         metrics::set_in_flight_events(self.owned.in_flight());
-        permit.send(batch);
+        self.queue
+            .batch(room, batch)
+            .err()
+            .map(|_| LoopEnd::Shutdown)
     }
 
     fn on_finished(&mut self, done: Finished) {
@@ -328,7 +321,7 @@ impl<R: Resume> EventLoop<R> {
                 // Records of partitions revoked meanwhile belong to their new
                 // owner; while stopped, records are dropped unprocessed (never
                 // begun, so never committed).
-                if self.owned.is_assigned(&record.tp) && !self.stopped {
+                if self.owned.is_assigned(&record.tp) && !self.mode.is_stopped() {
                     if self.pending.is_empty() {
                         self.linger_until =
                             Some(Instant::now() + self.config.pipeline.batch_linger);
@@ -336,7 +329,13 @@ impl<R: Resume> EventLoop<R> {
                     self.pending.push(record);
                 }
             }
-            KafkaEvent::Error(e) => self.quiet.consumer_error(&e),
+            KafkaEvent::Error(e) => {
+                // The error says why the group is not joined: no second word.
+                if let Some(at) = &mut self.join_warning_at {
+                    *at = Instant::now() + crate::kafka::NOT_ADMITTED_AFTER;
+                }
+                self.quiet.consumer_error(&e)
+            }
             KafkaEvent::Fatal(fatal) => return Some(self.on_fatal(fatal)),
             KafkaEvent::Assigned { partitions, answer } => {
                 let (starts, end) = match self.on_assigned(&partitions).await {
@@ -390,7 +389,7 @@ impl<R: Resume> EventLoop<R> {
         );
         self.health
             .set_kafka_failed(Some(format!("{why}; restarting the consumer")));
-        LoopEnd::Restart(why)
+        LoopEnd::Restart(Restart::KafkaFatal(why))
     }
 
     /// Takes newly assigned partitions and returns where those must start
@@ -403,12 +402,9 @@ impl<R: Resume> EventLoop<R> {
         let tps: Vec<TopicPartition> = assigned.iter().map(|c| c.tp.clone()).collect();
         self.take_partitions(&tps);
         if let Some(c) = assigned.iter().find(|c| !c.known) {
-            return Err(LoopEnd::Restart(format!(
-                "could not read the committed offset of {}/{}",
-                c.tp.topic, c.tp.partition
-            )));
+            return Err(LoopEnd::Restart(Restart::CommitUnknown(c.tp.clone())));
         }
-        match self.resume.resume(&self.consumer, assigned).await {
+        match self.starts.decide(&self.consumer, assigned).await {
             Ok(Resumed {
                 floors,
                 rewinds,
@@ -420,14 +416,11 @@ impl<R: Resume> EventLoop<R> {
                 // decided: an instance reading Redis's records serves nothing
                 // yet. Any assignment, even an empty one (a standby), means
                 // the group has us.
-                self.health.set_joined();
+                self.joined();
                 self.note_assignment();
-                // Sent before any batch of these partitions: the stage checks them from now on.
-                let _ = self.ownership.send(Ownership::Taken {
-                    floors,
-                    logs,
-                    after_batch: self.handed,
-                });
+                // Queued after every batch fetched before the assignment and
+                // before any batch of it: the stage checks them from now on.
+                let _ = self.queue.ownership(Ownership::Taken { floors, logs });
                 let starts = rewinds.iter().map(|r| (r.tp.clone(), r.to)).collect();
                 for r in rewinds {
                     self.rewinding.insert(r.tp, r.committed);
@@ -438,9 +431,9 @@ impl<R: Resume> EventLoop<R> {
             Err(ResumeError::Unrecoverable(unrecoverable)) => {
                 Err(LoopEnd::Unrecoverable(unrecoverable))
             }
-            Err(ResumeError::Unreadable(e)) => Err(LoopEnd::Restart(format!(
-                "could not read Redis's progress records for the assigned partitions: {e}"
-            ))),
+            Err(ResumeError::Unreadable(e)) => {
+                Err(LoopEnd::Restart(Restart::ProgressUnreadable(e.to_string())))
+            }
         }
     }
 
@@ -455,13 +448,12 @@ impl<R: Resume> EventLoop<R> {
             count = tps.len(),
             "partitions assigned"
         );
-        if self.paused.is_some() || self.stopped {
+        if let Some(paused) = self.mode.paused_mut() {
             // A partition assigned during the pause (or after consumption
             // was stopped) would fetch: pause it too. The consumer thread
             // assigns it only once the loop answered, so the assignment does
             // not hold it yet: count it as paused now (a resume then resumes
             // it too) and pause it at the next tick, once assigned.
-            let paused = self.paused.get_or_insert_with(TopicPartitionList::new);
             for tp in tps {
                 if paused.find_partition(&tp.topic, tp.partition).is_none() {
                     paused.add_partition(&tp.topic, tp.partition);
@@ -509,7 +501,8 @@ impl<R: Resume> EventLoop<R> {
 
     /// Forgets `tps`: their pending records and progress go, nothing of them is committed.
     fn drop_partitions(&mut self, tps: &[TopicPartition]) {
-        let _ = self.ownership.send(Ownership::Released(tps.to_vec()));
+        // Queued after the partitions' batches: the stage applies those first.
+        let _ = self.queue.ownership(Ownership::Released(tps.to_vec()));
         self.pending.retain(|r| !tps.contains(&r.tp));
         self.owned.forget(tps);
         self.rewinding.retain(|tp, _| !tps.contains(tp));
@@ -536,7 +529,7 @@ impl<R: Resume> EventLoop<R> {
             }
             KafkaNote::Stats { joined, rows } => {
                 if joined || kafka::group_generation(&self.consumer) > 0 {
-                    self.health.set_joined();
+                    self.joined();
                 }
                 let mut uncommitted = 0i64;
                 for (tp, lag, stored, committed) in rows {
@@ -555,19 +548,24 @@ impl<R: Resume> EventLoop<R> {
         }
     }
 
+    /// The group has this consumer: ready, and no warning that it has not.
+    fn joined(&mut self) {
+        self.join_warning_at = None;
+        self.health.set_joined();
+    }
+
     fn on_tick(&mut self) {
         if self.join_warning_at.is_some_and(|t| t <= Instant::now()) {
             self.join_warning_at = None;
-            if self.health.not_ready_reason().as_deref() == Some(crate::metrics::WAITING_TO_JOIN) {
-                crate::kafka::warn_not_admitted(&self.config.kafka);
-            }
+            crate::kafka::warn_not_admitted(&self.config.kafka);
         }
         self.blocked.check(
             &self.owned,
             &self.health,
             self.config.pipeline.stall_timeout,
+            self.stage_retrying,
         );
-        self.keep_paused();
+        self.mode.keep_paused(&self.consumer);
         if self.untied.due() {
             self.untied.tie(&self.consumer, &self.metadata);
         }
@@ -595,7 +593,8 @@ impl<R: Resume> EventLoop<R> {
     }
 }
 
-mod pausing;
+mod end;
+mod mode;
 #[cfg(test)]
 mod tests;
 mod ties;

@@ -9,6 +9,18 @@
 //! for all of its events and holds its progress record (the commit-after-
 //! effect rule of docs/guarantees.md rests on this). The stage steers the
 //! loop only through [`StageEvent`]s, in the order it decided them.
+//!
+//! Three checks stand between a batch and a Redis that lost or rolled back
+//! its state, each for what the others cannot see:
+//! - the progress check before every guard attempt
+//!   (`ProgressRecords::check`): the epoch marker, and for every owned
+//!   partition a record at least what idem wrote. It alone sees a restored
+//!   snapshot or a promoted replica, which keep the marker;
+//! - the guard script's epoch check (`IDEMEPOCH`): a Redis that lost its
+//!   state between that check and the script;
+//! - the progress record's own checks (the epoch, and each of the batch's
+//!   partitions not below idem's record: `IDEMROLLBACK`), atomic with its
+//!   write: so no second progress check runs between the guard and it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,78 +29,33 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use super::batch::{Batch, Finished};
-use super::recovery::{batch_ends, ProgressRecords, StateChanged};
+use super::batch::Batch;
+use super::link::{Ownership, StageEvent, StageReceiver, ToStage};
+use super::recovery::{batch_ends, ProgressRecords};
 use super::runs::Runs;
 use super::shutdown::Shutdown;
 use super::summary::Summary;
-use super::timing::{unix_millis, Backoff};
-use super::verdicts::{dead_letters, recount_retried, with_replayed};
+use super::timing::unix_millis;
+use super::verdicts::{awaits_guard, dead_letters, give_verdicts, mark_replayed, recount_retried};
 use crate::config::Config;
-use crate::consumed::LogView;
 use crate::dlq::budget::DlqBudget;
 use crate::dlq::{DeadLetter, DlqWriter};
-use crate::guard::{Guard, GuardInput, Verdict};
+use crate::guard::{Guard, GuardInput};
 use crate::metrics::{self, Health};
 use crate::model::Outcome;
 use crate::offsets::TopicPartition;
-use crate::store::progress::Claim;
-
-/// Consecutive failures after which the Redis connection is replaced.
-const RECONNECT_AFTER: u32 = 3;
-
-/// What the guard stage tells the loop: the only way it steers it.
-#[derive(Debug)]
-pub enum StageEvent {
-    /// A batch is applied and its progress recorded: its offsets are done.
-    Finished(Finished),
-    /// The dead-letter budget is exceeded: fetch nothing more (the reason
-    /// is what `/readyz` and the log show).
-    StopConsuming(String),
-    /// Redis lost or rolled back its state (a refused write, or the
-    /// progress check): nothing more is written, consumption restarts from
-    /// what Redis holds.
-    Restart(StateChanged),
-    /// A partition's log went back to an earlier offset without a new
-    /// assignment (truncated, or deleted and created again): consumption
-    /// restarts, so every partition resumes with the ids and records of the
-    /// log as it is now.
-    LogReplaced(String),
-}
-
-/// What the loop tells the guard stage besides batches: which partitions
-/// it owns, so the progress check covers exactly those.
-#[derive(Debug)]
-pub enum Ownership {
-    /// Assigned: each partition with the offset Redis's record was raised
-    /// to at the assignment (the check expects at least that from then on),
-    /// and what Redis says of its log (where its topic has an id).
-    Taken {
-        floors: Vec<(TopicPartition, i64)>,
-        logs: Vec<(TopicPartition, LogView)>,
-        /// Batches up to this `seq` were fetched before the assignment: a
-        /// partition's run begins with the first batch after it.
-        after_batch: u64,
-    },
-    /// Revoked or lost: no longer checked.
-    Released(Vec<TopicPartition>),
-}
+use retry::{
+    restart_for, retry, Control, DeadLettering, Guarding, Io, Recording, Stop, RECONNECT_AFTER,
+};
 
 pub struct GuardStage {
-    config: Arc<Config>,
-    guard: Guard,
-    health: Health,
-    shutdown: Shutdown,
+    /// The guard, Redis's progress records (written after each batch,
+    /// checked before each batch and on a timer while idle), the dead letters.
+    io: Io,
+    /// The settings, `/readyz`, shutdown, and where the stage reports to the loop.
+    ctl: Control,
     summary: Summary,
-    dlq: DlqWriter,
     budget: DlqBudget,
-    /// Where the stage reports to the loop.
-    events: mpsc::UnboundedSender<StageEvent>,
-    /// The partitions the loop owns, as it takes and releases them.
-    ownership: mpsc::UnboundedReceiver<Ownership>,
-    /// Redis's progress records: written after each batch, checked before
-    /// each batch and on a timer while idle.
-    progress: ProgressRecords,
     /// Consumption was stopped (dead-letter budget): said once.
     stopped: bool,
     /// Idle progress checks that failed in a row (the connection is
@@ -100,9 +67,8 @@ pub struct GuardStage {
 
 impl GuardStage {
     /// A stage for `guard` and Redis's progress records, reporting on
-    /// `events` and told of the loop's partitions on `ownership`. Redis is
-    /// reached only through `guard` and `progress`: a test gives them a
-    /// connection through a fault-injecting proxy.
+    /// `events`. Redis is reached only through `guard` and `progress`: a
+    /// test gives them a connection through a fault-injecting proxy.
     pub fn new(
         config: &Arc<Config>,
         guard: Guard,
@@ -110,195 +76,168 @@ impl GuardStage {
         health: &Health,
         shutdown: &Shutdown,
         events: mpsc::UnboundedSender<StageEvent>,
-        ownership: mpsc::UnboundedReceiver<Ownership>,
     ) -> Result<GuardStage, rdkafka::error::KafkaError> {
         Ok(GuardStage {
-            config: config.clone(),
-            guard,
-            health: health.clone(),
-            shutdown: shutdown.clone(),
+            io: Io {
+                guard,
+                progress,
+                dlq: DlqWriter::new(config)?,
+            },
+            ctl: Control {
+                config: config.clone(),
+                health: health.clone(),
+                shutdown: shutdown.clone(),
+                events,
+            },
             summary: Summary::new(),
-            dlq: DlqWriter::new(config)?,
             budget: DlqBudget::new(config.dlq.ratio_window, config.dlq.max_ratio),
-            events,
-            ownership,
-            progress,
-            // A stop outlives a restart of consumption: only a restart of idem lifts it.
-            stopped: health.stopped_reason().is_some(),
+            stopped: false,
             idle_failures: 0,
             runs: Default::default(),
         })
     }
 
-    /// Applies batches until the channel closes, shutdown fires while Redis
-    /// fails, or Redis's state changed. With no batch for
-    /// `redis.progress_check_interval`, checks Redis's progress records:
-    /// here, so the check never reads between two of the stage's own writes.
-    pub async fn run(mut self, mut batches: mpsc::Receiver<Batch>) {
-        let idle = self.config.redis.progress_check_interval;
+    /// Consumption was stopped in an earlier round (the pipeline holds the
+    /// stop): the budget's verdict is not said again.
+    pub fn already_stopped(mut self, stopped: bool) -> Self {
+        self.stopped = stopped;
+        self
+    }
+
+    /// Takes batches and ownership changes in order until the loop drops
+    /// its end of the queue, shutdown fires while a write waits, or Redis's
+    /// state changed. With nothing queued for `redis.progress_check_interval`,
+    /// checks Redis's progress records: here, so the check never reads
+    /// between two of the stage's own writes.
+    pub async fn run(mut self, mut queue: StageReceiver) {
+        let idle = self.ctl.config.redis.progress_check_interval;
         loop {
-            tokio::select! {
-                // A batch first: it runs the same check before it writes.
+            let next = tokio::select! {
+                // What is queued first: a batch runs the same check before it writes.
                 biased;
-                batch = batches.recv() => {
-                    let Some(batch) = batch else { break };
-                    self.take_ownership();
+                next = queue.recv() => next,
+                _ = tokio::time::sleep(idle) => {
+                    self.summary.maybe_log();
+                    if self.check_while_idle().await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            match next {
+                None => break,
+                Some(ToStage::Ownership(change)) => self.take(change),
+                Some(ToStage::Batch(batch)) => {
                     // Every log line of the batch names its records.
                     let span = tracing::info_span!("batch", records = batch.len(), offsets = %batch.describe());
-                    if !self.apply(batch).instrument(span).await {
+                    if self.apply(batch).instrument(span).await.is_err() {
                         break;
                     }
                     self.summary.maybe_log();
-                }
-                _ = tokio::time::sleep(idle) => {
-                    self.take_ownership();
-                    self.summary.maybe_log();
-                    if !self.check_while_idle().await {
-                        break;
-                    }
                 }
             }
         }
         self.summary.log();
     }
 
-    /// Applies what the loop said about its partitions (all of it sent
-    /// before the batch at hand, so a batch's partitions are known).
-    fn take_ownership(&mut self) {
-        while let Ok(change) = self.ownership.try_recv() {
-            match change {
-                Ownership::Taken {
-                    floors,
-                    logs,
-                    after_batch,
-                } => {
-                    self.progress.watch(floors);
-                    self.runs.take(logs, after_batch);
-                }
-                Ownership::Released(tps) => {
-                    self.progress.release(&tps);
-                    self.runs.release(&tps);
-                }
+    /// Applies what the loop said about its partitions: every batch handed
+    /// before it was applied already (one ordered queue).
+    fn take(&mut self, change: Ownership) {
+        match change {
+            Ownership::Taken { floors, logs } => {
+                self.io.progress.watch(floors);
+                self.runs.take(logs);
+            }
+            Ownership::Released(tps) => {
+                self.io.progress.release(&tps);
+                self.runs.release(&tps);
             }
         }
     }
 
-    /// The check while no batch runs. False when Redis's state changed (the
-    /// loop was told to restart). A Redis that does not answer is logged
-    /// and tried again at the next turn; nothing is written meanwhile.
-    async fn check_while_idle(&mut self) -> bool {
-        match self.progress.check().await {
+    /// The check while no batch runs. A Redis that does not answer is
+    /// logged and tried again at the next turn; nothing is written meanwhile.
+    async fn check_while_idle(&mut self) -> Result<(), Stop> {
+        match self.io.progress.check().await {
             Ok(None) => {
                 self.idle_failures = 0;
-                self.health.set_redis_ok();
-                true
+                self.ctl.health.set_redis_ok();
             }
-            Ok(Some(changed)) => {
-                self.restart_for(changed).await;
-                false
-            }
+            Ok(Some(changed)) => return Err(restart_for(&mut self.io, &self.ctl, changed).await),
             Err(e) => {
-                self.progress.suspect();
-                self.health
-                    .set_redis_failing(&self.config.redis.url, &e, e.is_auth_refusal());
+                self.io.progress.suspect();
+                self.ctl.health.set_redis_failing(
+                    &self.ctl.config.redis.url,
+                    &e,
+                    e.is_auth_refusal(),
+                );
                 self.idle_failures += 1;
                 tracing::warn!(
                     error = %e,
-                    retry_in = ?self.config.redis.progress_check_interval,
+                    retry_in = ?self.ctl.config.redis.progress_check_interval,
                     "cannot check Redis's progress records while idle; is Redis up?"
                 );
                 if self.idle_failures % RECONNECT_AFTER == 0 {
-                    self.reconnect(self.idle_failures).await;
+                    self.io
+                        .reconnect(&self.ctl.config, self.idle_failures)
+                        .await;
                 }
-                true
             }
         }
+        Ok(())
     }
 
-    async fn apply(&mut self, batch: Batch) -> bool {
+    async fn apply(&mut self, mut batch: Batch) -> Result<(), Stop> {
         let started = Instant::now();
         let jumped = self.runs.jumped_back(&batch);
         if !jumped.is_empty() {
-            self.log_replaced(&jumped);
-            return false;
+            return Err(self.log_replaced(&jumped));
         }
         let placed = self.runs.place(&batch);
-        self.count_invalid(&batch, &placed.decided);
         // Records in a decided range are replayed without asking Redis.
+        mark_replayed(&mut batch, &placed.decided);
+        self.count_invalid(&batch);
+        self.wait_for_the_relay().await?;
+        self.io.guard.begin_batch();
         let inputs: Vec<GuardInput<'_>> = batch
             .items
             .iter()
-            .zip(&placed.decided)
-            .filter(|(_, decided)| !**decided)
-            .filter_map(|(it, _)| {
-                it.decoded.as_ref().ok().map(|event| GuardInput {
-                    event,
+            .filter(|it| awaits_guard(it))
+            .filter_map(|it| {
+                Some(GuardInput {
+                    event: it.decoded.as_ref().ok()?,
                     window: batch.windows[it.partition_index],
                     effects: &it.effects,
                     place: placed.place(it),
                 })
             })
             .collect();
-        if !self.wait_for_the_relay().await {
-            return false;
-        }
-        self.guard.begin_batch();
-        let Some(mut verdicts) = self.guard_with_retry(&inputs).await else {
-            return false;
-        };
+        let mut verdicts = retry(&mut self.io, &mut self.ctl, Guarding(&inputs)).await?;
         recount_retried(&inputs, &mut verdicts);
         drop(inputs);
-        let verdicts = with_replayed(&batch, &placed.decided, verdicts);
-        let letters = dead_letters(&batch, &verdicts, &placed.decided);
-        if !letters.is_empty() && !self.dead_letter_with_retry(&letters).await {
-            return false;
+        give_verdicts(&mut batch, verdicts);
+        let letters = dead_letters(&batch);
+        if !letters.is_empty() {
+            retry(&mut self.io, &mut self.ctl, DeadLettering::new(&letters)).await?;
         }
         let claims = self.runs.claims(&batch);
-        if !self.record_batch_progress(&batch, &claims).await {
-            return false;
-        }
+        let ends = batch_ends(batch.positions());
+        retry(
+            &mut self.io,
+            &mut self.ctl,
+            Recording {
+                ends,
+                claims: &claims,
+            },
+        )
+        .await?;
         self.runs.claimed(&claims);
         // Count before marking done: whoever sees the commit sees the counts.
-        self.record(&batch, &verdicts);
-        let _ = self.events.send(StageEvent::Finished(batch.finished()));
+        self.record(&batch);
+        let _ = self.ctl.events.send(StageEvent::Finished(batch.finished()));
         self.check_budget(&batch, &letters);
         metrics::record_batch(batch.len(), started.elapsed());
-        true
-    }
-
-    /// Writes dead letters until Kafka acknowledges all of them. Returns
-    /// false if shutdown fired first: the batch then stays unfinished.
-    async fn dead_letter_with_retry(&mut self, letters: &[DeadLetter<'_>]) -> bool {
-        let mut backoff = Backoff::new(&self.config);
-        let mut delivered = vec![false; letters.len()];
-        loop {
-            match self.dlq.send_all(letters, &mut delivered).await {
-                Ok(()) => {
-                    self.health.set_waiting_on(None);
-                    for l in letters {
-                        metrics::record_dead_letter(&l.source.topic, l.reason);
-                    }
-                    return true;
-                }
-                Err(e) => {
-                    self.health.set_waiting_on(Some("dead_letter"));
-                    metrics::record_retry("dead_letter");
-                    let wait = backoff.next();
-                    tracing::warn!(
-                        error = %e,
-                        hint = e.hint(),
-                        records = letters.len(),
-                        dlq_topic = %self.config.dlq.topic_for(&letters[0].source.topic),
-                        retry_in = ?wait,
-                        "cannot write to the dead-letter topic; the batch waits and nothing past it is committed"
-                    );
-                    tokio::select! {
-                        _ = self.shutdown.wait() => return false,
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
-        }
+        Ok(())
     }
 
     fn check_budget(&mut self, batch: &Batch, letters: &[DeadLetter<'_>]) {
@@ -310,29 +249,29 @@ impl GuardStage {
             let reason = format!(
                 "dead-letter ratio {:.2} over the last {} records exceeds dlq.max_ratio = {}",
                 self.budget.ratio(),
-                self.config.dlq.ratio_window,
-                self.config.dlq.max_ratio
+                self.ctl.config.dlq.ratio_window,
+                self.ctl.config.dlq.max_ratio
             );
             tracing::error!(
                 ratio = self.budget.ratio(),
-                max_ratio = self.config.dlq.max_ratio,
+                max_ratio = self.ctl.config.dlq.max_ratio,
                 "{reason}: consumption stopped. Look at the dead letters with `idem dlq inspect`, fix the producer (or raise dlq.max_ratio), restart idem, then `idem dlq redrive` what should be applied"
             );
             self.stopped = true;
-            let _ = self.events.send(StageEvent::StopConsuming(reason));
+            let _ = self.ctl.events.send(StageEvent::StopConsuming(reason));
         }
     }
 
     /// Invalid records are counted (and logged) here, once per batch; one
     /// in a decided range was dead-lettered when first decided, and is the
     /// re-read it is (`replayed`).
-    fn count_invalid(&mut self, batch: &Batch, decided: &[bool]) {
-        for (it, decided) in batch.items.iter().zip(decided) {
+    fn count_invalid(&mut self, batch: &Batch) {
+        for it in &batch.items {
             let Err(invalid) = &it.decoded else {
                 continue;
             };
             let tp = &batch.partitions[it.partition_index];
-            if *decided {
+            if it.verdict.is_some() {
                 metrics::record_outcome(&tp.topic, Outcome::Replayed, 1);
                 self.summary.add(Outcome::Replayed, 1);
                 continue;
@@ -341,7 +280,7 @@ impl GuardStage {
                 topic = %tp.topic,
                 partition = tp.partition,
                 offset = it.offset,
-                reason = invalid.code(),
+                reason = %invalid.code(),
                 error = %invalid,
                 "invalid record dead-lettered (not applied; `idem dlq inspect` shows it)"
             );
@@ -350,15 +289,14 @@ impl GuardStage {
         }
     }
 
-    fn record(&mut self, batch: &Batch, verdicts: &[Verdict]) {
+    fn record(&mut self, batch: &Batch) {
         // Duplicate ages, conflict logs and outcome counts.
         let mut counts: HashMap<(usize, Outcome), u64> = HashMap::new();
-        let mut verdicts = verdicts.iter();
         for it in &batch.items {
-            let Ok(event) = &it.decoded else {
-                continue; // invalid records were counted when decoded
+            // Invalid records were counted when the batch was placed.
+            let (Ok(event), Some(v)) = (&it.decoded, &it.verdict) else {
+                continue;
             };
-            let v = verdicts.next().expect("one verdict per decoded event");
             *counts.entry((it.partition_index, v.outcome)).or_default() += 1;
             if v.dense_seqs_closed > 0 {
                 let tp = &batch.partitions[it.partition_index];
@@ -379,15 +317,18 @@ impl GuardStage {
                 }
                 Outcome::Conflict if v.rejection.is_some() => {
                     let tp = &batch.partitions[it.partition_index];
-                    let (reason, message) = v.rejection.as_ref().expect("checked");
+                    let Some(rejection) = &v.rejection else {
+                        continue;
+                    };
                     tracing::warn!(
                         topic = %tp.topic,
                         partition = tp.partition,
                         offset = it.offset,
                         id = %event.id,
                         seq = event.seq,
-                        reason = %reason,
-                        "conflict: {message}; not applied"
+                        reason = %rejection.reason,
+                        "conflict: {}; not applied",
+                        rejection.message
                     );
                 }
                 Outcome::Conflict => {
@@ -420,32 +361,17 @@ impl GuardStage {
 }
 
 impl GuardStage {
-    /// After repeated failures, a fresh connection for the guard and the
-    /// progress records: it can recover where a long-lived client stays
-    /// stuck (a failover that moved the address, a cluster topology change).
-    async fn reconnect(&mut self, failures: u32) {
-        match crate::store::connect(&self.config.redis).await {
-            Ok(conn) => {
-                tracing::warn!(failures, "redis keeps failing: replaced the connection");
-                self.progress.replace_connection(conn.clone());
-                self.guard.replace_connection(conn);
-            }
-            Err(e) => tracing::warn!(error = %e, "redis reconnect failed"),
-        }
-    }
-
     /// With the changelog on: while the deepest outbox the last batch wrote
     /// to holds `changelog.max_outbox` entries or more (the relay cannot
     /// publish), waits before the next batch, so Redis does not grow
-    /// without limit; the loop pauses fetching meanwhile. False if shutdown
-    /// fired first.
-    async fn wait_for_the_relay(&mut self) -> bool {
-        let max = self.config.changelog.max_outbox as u64;
-        let (slot, mut depth) = self.guard.deepest_outbox();
-        if self.config.changelog.topics.is_empty() || depth < max {
+    /// without limit; the loop pauses fetching meanwhile.
+    async fn wait_for_the_relay(&mut self) -> Result<(), Stop> {
+        let max = self.ctl.config.changelog.max_outbox as u64;
+        let (slot, mut depth) = self.io.guard.deepest_outbox();
+        if self.ctl.config.changelog.topics.is_empty() || depth < max {
             // Also after a restarted stage, whose new guard measured nothing yet.
-            self.health.set_changelog_full(None);
-            return true;
+            self.ctl.health.set_changelog_full(None);
+            return Ok(());
         }
         let where_ = slot.map_or("the outbox".to_string(), |s| {
             format!("the outbox of slot {s}")
@@ -454,77 +380,23 @@ impl GuardStage {
             "{where_} holds {depth} changes, changelog.max_outbox = {max}: consumption waits for the relay to publish them (is the changelog topic there? see idem_changelog_publish_errors_total, docs/change-stream.md)"
         );
         tracing::warn!("{reason}");
-        self.health.set_changelog_full(Some(reason));
+        self.ctl.health.set_changelog_full(Some(reason));
         while depth >= max {
             tokio::select! {
-                _ = self.shutdown.wait() => return false,
+                _ = self.ctl.shutdown.wait() => return Err(Stop::Shutdown),
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
-            match self.guard.measure_outbox(slot).await {
+            match self.io.guard.measure_outbox(slot).await {
                 Ok(d) => depth = d,
                 Err(e) => tracing::warn!(error = %e, "cannot measure the outbox; waiting on"),
             }
         }
-        self.health.set_changelog_full(None);
+        self.ctl.health.set_changelog_full(None);
         tracing::info!(
             depth,
             "the outbox is below changelog.max_outbox again: consumption goes on"
         );
-        true
-    }
-
-    /// Runs the guard until Redis answers; `None` if shutdown fired first.
-    async fn guard_with_retry(&mut self, inputs: &[GuardInput<'_>]) -> Option<Vec<Verdict>> {
-        let mut backoff = Backoff::new(&self.config);
-        let mut failures = 0u32;
-        loop {
-            let started = Instant::now();
-            // After a failure, nothing is written before the check says
-            // Redis still holds what idem recorded.
-            let attempt = match self.progress.check().await {
-                Ok(Some(changed)) => {
-                    self.restart_for(changed).await;
-                    return None;
-                }
-                Ok(None) => self.guard.apply(inputs).await,
-                Err(e) => Err(e),
-            };
-            match attempt {
-                Ok(verdicts) => {
-                    metrics::record_round_trip(started.elapsed());
-                    self.health.set_redis_ok();
-                    self.health.set_waiting_on(None);
-                    return Some(verdicts);
-                }
-                Err(e) => {
-                    if let Some(changed) = StateChanged::from_refusal(&e) {
-                        self.restart_for(changed).await;
-                        return None;
-                    }
-                    self.progress.suspect();
-                    self.health
-                        .set_redis_failing(&self.config.redis.url, &e, e.is_auth_refusal());
-                    self.health.set_waiting_on(Some("redis"));
-                    metrics::record_retry(e.cause());
-                    failures += 1;
-                    if failures % RECONNECT_AFTER == 0 {
-                        self.reconnect(failures).await;
-                    }
-                    let wait: Duration = backoff.next();
-                    tracing::warn!(
-                        error = %e,
-                        retryable = e.is_retryable(),
-                        events = inputs.len(),
-                        retry_in = ?wait,
-                        "redis guard call failed; nothing past this batch is committed until it succeeds"
-                    );
-                    tokio::select! {
-                        _ = self.shutdown.wait() => return None,
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
-        }
+        Ok(())
     }
 
     /// Partitions whose offsets go back without a new assignment: their
@@ -532,69 +404,20 @@ impl GuardStage {
     /// a truncation, or a topic deleted and created again). Consumption
     /// restarts, so every partition resumes with the topic ids and records
     /// of the log as it is now; nothing of the batch is decided.
-    fn log_replaced(&mut self, jumped: &[TopicPartition]) {
+    fn log_replaced(&mut self, jumped: &[TopicPartition]) -> Stop {
         let detail = jumped
             .iter()
             .map(|tp| format!("{}/{}", tp.topic, tp.partition))
             .collect::<Vec<_>>()
             .join(", ");
         tracing::error!(partitions = %detail, "a partition's log went back to an earlier offset without a new assignment (the topic was truncated or created again, or its cluster changed): consumption restarts with the log as it is now");
-        let _ = self.events.send(StageEvent::LogReplaced(format!(
+        let _ = self.ctl.events.send(StageEvent::LogReplaced(format!(
             "{detail} went back to an earlier offset"
         )));
-    }
-
-    /// Logs and counts a change of Redis's state and tells the loop to
-    /// restart consumption from what Redis holds. The batch at hand stays
-    /// unfinished (nothing of it is committed).
-    async fn restart_for(&mut self, changed: StateChanged) {
-        if changed.cause == super::recovery::Change::RolledBack {
-            self.progress.renew_epoch().await;
-        }
-        metrics::record_redis_state_change(changed.cause.as_str());
-        tracing::error!(
-            cause = changed.cause.as_str(),
-            detail = %changed.detail,
-            "Redis lost or rolled back its state: nothing more is written; consumption restarts from the offsets Redis's state reflects"
-        );
-        let _ = self.events.send(StageEvent::Restart(changed));
-    }
-
-    /// Records the batch's progress and its runs' claims in Redis, retrying
-    /// until it answers. False if shutdown fired first or Redis's state
-    /// changed (then the batch stays unfinished).
-    async fn record_batch_progress(&mut self, batch: &Batch, claims: &[Claim]) -> bool {
-        let ends = batch_ends(batch.positions());
-        let mut backoff = Backoff::new(&self.config);
-        loop {
-            let attempt = match self.progress.check().await {
-                Ok(Some(changed)) => {
-                    self.restart_for(changed).await;
-                    return false;
-                }
-                Ok(None) => self.progress.record(&ends, claims).await,
-                Err(e) => Err(e),
-            };
-            match attempt {
-                Ok(()) => return true,
-                Err(e) => {
-                    if let Some(changed) = StateChanged::from_refusal(&e) {
-                        self.restart_for(changed).await;
-                        return false;
-                    }
-                    self.progress.suspect();
-                    metrics::record_retry(e.cause());
-                    let wait = backoff.next();
-                    tracing::warn!(error = %e, retry_in = ?wait, "cannot record the batch's progress in Redis; the batch waits and nothing past it is committed");
-                    tokio::select! {
-                        _ = self.shutdown.wait() => return false,
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
-        }
+        Stop::LogReplaced
     }
 }
 
+mod retry;
 #[cfg(test)]
 mod tests;

@@ -4,8 +4,9 @@
 //! docs/guarantees.md; each part's doc says its share.
 //!
 //! Layout: `consumer` (librdkafka's callbacks as messages) → `event_loop`
-//! (the one owner of progress, driven by messages only) → `guard_stage`
-//! (Redis, dead letters, progress records); `startup` connects and checks
+//! (the one owner of progress, driven by messages only) → `queue` (batches
+//! and ownership changes, in order: `link`) → `guard_stage` (Redis, dead letters,
+//! progress records); `startup` connects and checks
 //! Redis, `recovery` reads and keeps Redis's progress records, `shutdown`
 //! is the one cancellation signal.
 
@@ -14,6 +15,7 @@ mod blocked;
 mod consumer;
 mod event_loop;
 mod guard_stage;
+mod link;
 mod owned;
 mod recovery;
 mod runs;
@@ -33,7 +35,6 @@ use crate::config::Config;
 use crate::guard::Guard;
 use crate::kafka;
 use crate::metrics::{self, Health};
-use batch::Batch;
 use consumer::{Consumer, Forwarder, KafkaEvent, PollThread};
 use event_loop::{EventLoop, LoopEnd, RedisSide, StageLink};
 use guard_stage::GuardStage;
@@ -154,6 +155,9 @@ async fn run_pipeline(
     if options.accept_commits {
         tracing::warn!("--accept-commits: the first assignment takes commits idem did not write as they are, even over a Redis that holds nothing of idem's; remove the flag (IDEM_ACCEPT_COMMITS) once idem started");
     }
+    // A stop of consumption (the dead-letter budget) outlives a restart of
+    // consumption: only a restart of idem lifts it. Held here, between rounds.
+    let mut stopped: Option<String> = None;
     loop {
         let Some((guard, mut redis)) = start_guard(&config, &health, &mut shutdown).await? else {
             return Ok(());
@@ -161,7 +165,12 @@ async fn run_pipeline(
         redis.accept_commits = accept_commits.clone();
         health.set_redis_ok();
         let started = std::time::Instant::now();
-        match run_consumer(&config, &health, &mut shutdown, guard, redis).await? {
+        let round = Round {
+            guard,
+            redis,
+            stopped: &mut stopped,
+        };
+        match run_consumer(&config, &health, &mut shutdown, round).await? {
             LoopEnd::Shutdown => return Ok(()),
             LoopEnd::Unrecoverable(e) => return Err(e.into()),
             LoopEnd::Restart(why) => {
@@ -206,28 +215,39 @@ async fn watch_missing_topics(config: Arc<Config>, health: Health, mut reach: ka
     }
 }
 
+/// What one round of consumption starts with.
+struct Round<'a> {
+    guard: Guard,
+    redis: RedisSide,
+    /// Why consumption was stopped in an earlier round, if it was; the
+    /// round leaves here what the next one starts with.
+    stopped: &'a mut Option<String>,
+}
+
 /// One consumer's life: joins the group, applies batches until shutdown,
 /// a restart or an unrecoverable loss, then commits what is done and leaves.
 async fn run_consumer(
     config: &Arc<Config>,
     health: &Health,
     shutdown: &mut Shutdown,
-    guard: Guard,
-    redis: RedisSide,
+    round: Round<'_>,
 ) -> Result<LoopEnd, RunError> {
+    let Round {
+        guard,
+        redis,
+        stopped,
+    } = round;
     let (consumer, poller, events, notes) = start_consumer(config, &redis.epoch)?;
 
-    // The guard stage, its own task: applies batches in order. The channel
+    // The guard stage, its own task: applies batches in order. The queue
     // holds one batch while another is applied, so fetching and decoding
     // overlap the Redis round trip, and at most two batches are in flight.
-    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
+    let (queue, queued) = link::stage_queue(1);
     let (stage_tx, stage_events) = mpsc::unbounded_channel();
-    let (ownership_tx, ownership) = mpsc::unbounded_channel();
     let progress = ProgressRecords::new(redis.store.clone(), redis.epoch.clone());
-    let stage = GuardStage::new(
-        config, guard, progress, health, shutdown, stage_tx, ownership,
-    )?;
-    let guard_task = tokio::spawn(stage.run(batch_rx));
+    let stage = GuardStage::new(config, guard, progress, health, shutdown, stage_tx)?
+        .already_stopped(stopped.is_some());
+    let guard_task = tokio::spawn(stage.run(queued));
     let mut event_loop = EventLoop::new(
         config.clone(),
         consumer,
@@ -236,13 +256,15 @@ async fn run_consumer(
         notes,
         StageLink {
             events: stage_events,
-            ownership: ownership_tx,
+            queue,
         },
         redis,
-    );
-    let end = event_loop.run(&batch_tx, shutdown).await;
+    )
+    .stopped_before(stopped.clone());
+    let end = event_loop.run(shutdown).await;
+    *stopped = event_loop.stopped();
 
-    shut_down(config, event_loop, guard_task, batch_tx, poller).await;
+    shut_down(config, event_loop, guard_task, poller).await;
     Ok(end)
 }
 
@@ -289,7 +311,6 @@ async fn shut_down(
     config: &Config,
     mut event_loop: EventLoop,
     mut guard_task: tokio::task::JoinHandle<()>,
-    batch_tx: mpsc::Sender<Batch>,
     poller: PollThread,
 ) {
     tracing::info!(
@@ -297,7 +318,8 @@ async fn shut_down(
         drain_timeout = ?config.shutdown.drain_timeout,
         "shutting down: finishing in-flight batches, then committing"
     );
-    drop(batch_tx);
+    // The stage ends once it has applied what is queued.
+    event_loop.close_queue();
     if tokio::time::timeout(config.shutdown.drain_timeout, &mut guard_task)
         .await
         .is_err()

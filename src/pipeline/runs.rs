@@ -9,8 +9,9 @@
 //! offsets go back (below the run, or within the batch) means the log was
 //! read from an earlier offset without a new assignment (librdkafka's
 //! reset on a log that was truncated or created again): it is reported,
-//! never placed. A batch fetched before the partition was taken is
-//! decided as before offset marks.
+//! never placed. A batch fetched under an earlier assignment of the
+//! partition reaches the stage before that assignment's release (one
+//! ordered queue, `super::link`): it belongs to the earlier run.
 
 use std::collections::HashMap;
 
@@ -27,11 +28,6 @@ struct PartitionRun {
     view: LogView,
     mark_field: String,
     run: Option<Run>,
-    /// Batches up to this `seq` were fetched before the partition was
-    /// taken (a revoke that timed out, then the same partition again): they
-    /// are decided as before offset marks, and neither begin the run nor
-    /// claim (their offsets may not join up with where the run starts).
-    taken_after: u64,
 }
 
 /// The runs of the partitions the stage owns.
@@ -66,7 +62,7 @@ impl Placed {
 impl Runs {
     /// Partitions taken, each with what Redis says of its log: their runs
     /// begin at the next record seen.
-    pub fn take(&mut self, logs: Vec<(TopicPartition, LogView)>, after_batch: u64) {
+    pub fn take(&mut self, logs: Vec<(TopicPartition, LogView)>) {
         for (tp, view) in logs {
             let field = mark_field(tp.partition, &view.topic_id);
             self.partitions.insert(
@@ -75,17 +71,14 @@ impl Runs {
                     view,
                     mark_field: field,
                     run: None,
-                    taken_after: after_batch,
                 },
             );
         }
     }
 
-    /// `tp`'s run, if `batch` was fetched after the partition was taken.
-    fn current(&self, tp: &TopicPartition, batch: &Batch) -> Option<&PartitionRun> {
-        self.partitions
-            .get(tp)
-            .filter(|p| batch.seq > p.taken_after)
+    /// `tp`'s run, if the stage owns `tp`.
+    fn current(&self, tp: &TopicPartition) -> Option<&PartitionRun> {
+        self.partitions.get(tp)
     }
 
     /// Partitions revoked or lost.
@@ -102,14 +95,14 @@ impl Runs {
             .partitions
             .iter()
             .map(|tp| {
-                let run = self.current(tp, batch)?.run?;
+                let run = self.current(tp)?.run?;
                 Some(run.next - 1)
             })
             .collect();
         let mut jumped: Vec<TopicPartition> = Vec::new();
         for it in &batch.items {
             let tp = &batch.partitions[it.partition_index];
-            if self.current(tp, batch).is_none() {
+            if self.current(tp).is_none() {
                 continue;
             }
             let before = &mut last[it.partition_index];
@@ -126,16 +119,13 @@ impl Runs {
     pub fn place(&mut self, batch: &Batch) -> Placed {
         for (index, first) in first_offsets(batch) {
             if let Some(p) = self.partitions.get_mut(&batch.partitions[index]) {
-                if p.run.is_none() && batch.seq > p.taken_after {
+                if p.run.is_none() {
                     p.run = Some(Run::begin(&p.view.decided, first));
                 }
             }
         }
-        let by_index: Vec<Option<&PartitionRun>> = batch
-            .partitions
-            .iter()
-            .map(|tp| self.current(tp, batch))
-            .collect();
+        let by_index: Vec<Option<&PartitionRun>> =
+            batch.partitions.iter().map(|tp| self.current(tp)).collect();
         Placed {
             partitions: by_index
                 .iter()
@@ -167,9 +157,6 @@ impl Runs {
             let Some(p) = self.partitions.get_mut(tp) else {
                 continue;
             };
-            if batch.seq <= p.taken_after {
-                continue;
-            }
             let Some(run) = p.run.as_mut() else { continue };
             let (start, end) = run.advance(end);
             claims.push(Claim {

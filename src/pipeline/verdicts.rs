@@ -1,10 +1,11 @@
 //! What a batch's verdicts become: a retried batch's events counted as
 //! what its lost attempt decided, `replayed` for the records in a decided
-//! range, and the dead letters (invalid records, conflicts, rejections).
-//! Pure: a batch and verdicts in, verdicts and letters out.
+//! range, each verdict carried by its record, and the dead letters
+//! (invalid records, conflicts, rejections). Pure: no I/O.
 
 use super::batch::{Batch, Item};
 use crate::dlq::DeadLetter;
+use crate::event::Reason;
 use crate::guard::{GuardInput, Verdict};
 use crate::model::Outcome;
 
@@ -33,51 +34,53 @@ pub fn recount_retried(inputs: &[GuardInput<'_>], verdicts: &mut [Verdict]) {
     }
 }
 
-/// One verdict per decoded record of the batch, in batch order: `replayed`
-/// for those in a decided range, the guard's for the rest.
-pub fn with_replayed(batch: &Batch, decided: &[bool], guarded: Vec<Verdict>) -> Vec<Verdict> {
-    let mut guarded = guarded.into_iter();
-    batch
-        .items
-        .iter()
-        .zip(decided)
-        .filter(|(it, _)| it.decoded.is_ok())
-        .map(|(_, decided)| {
-            if *decided {
-                Verdict::of(Outcome::Replayed)
-            } else {
-                guarded.next().expect("one verdict per guarded event")
-            }
-        })
-        .collect()
+/// Records in a decided range are re-reads: `replayed`, without asking
+/// Redis (an invalid one too: it was dead-lettered when first decided).
+pub fn mark_replayed(batch: &mut Batch, decided: &[bool]) {
+    for (it, decided) in batch.items.iter_mut().zip(decided) {
+        if *decided {
+            it.verdict = Some(Verdict::of(Outcome::Replayed));
+        }
+    }
 }
 
-/// The batch's invalid records and conflicts, in batch order. An invalid
-/// record in a decided range (`decided`, one per item) was dead-lettered
-/// when it was first decided: a replay does not dead-letter it again.
-pub fn dead_letters<'a>(
-    batch: &'a Batch,
-    verdicts: &[Verdict],
-    decided: &[bool],
-) -> Vec<DeadLetter<'a>> {
+/// Whether the guard judges `it`: decoded, and not judged yet.
+pub fn awaits_guard(it: &Item) -> bool {
+    it.verdict.is_none() && it.decoded.is_ok()
+}
+
+/// Gives each record the guard judged its verdict: `guarded` holds one
+/// per record [`awaits_guard`] picked, in batch order (the guard's contract).
+pub fn give_verdicts(batch: &mut Batch, guarded: Vec<Verdict>) {
+    debug_assert_eq!(
+        batch.items.iter().filter(|it| awaits_guard(it)).count(),
+        guarded.len()
+    );
+    let awaiting = batch.items.iter_mut().filter(|it| awaits_guard(it));
+    for (it, v) in awaiting.zip(guarded) {
+        it.verdict = Some(v);
+    }
+}
+
+/// The batch's invalid records and conflicts, in batch order. A record
+/// `replayed` was dead-lettered (if at all) when it was first decided.
+pub fn dead_letters(batch: &Batch) -> Vec<DeadLetter<'_>> {
     let mut letters = Vec::new();
-    let mut verdicts = verdicts.iter();
-    for (it, decided) in batch.items.iter().zip(decided) {
-        let (reason, message, fingerprints) = match &it.decoded {
-            Err(_) if *decided => continue,
-            Err(invalid) => (invalid.code(), invalid.to_string(), None),
-            Ok(event) => {
-                let v = verdicts.next().expect("one verdict per decoded event");
-                if let Some((reason, message)) = &v.rejection {
-                    letters.push(letter(batch, it, reason, message.clone(), None));
-                    continue;
-                }
-                if v.outcome != Outcome::Conflict {
-                    continue;
-                }
+    for it in &batch.items {
+        let (reason, message, fingerprints) = match (&it.decoded, &it.verdict) {
+            (_, Some(v)) if v.outcome == Outcome::Replayed => continue,
+            (Err(invalid), _) => (invalid.code(), invalid.to_string(), None),
+            (Ok(_), None) => continue,
+            (
+                Ok(_),
+                Some(Verdict {
+                    rejection: Some(r), ..
+                }),
+            ) => (r.reason, r.message.clone(), None),
+            (Ok(event), Some(v)) if v.outcome == Outcome::Conflict => {
                 let remembered = v.remembered_fingerprint.unwrap_or(0);
                 (
-                    "conflict",
+                    Reason::Conflict,
                     format!(
                         "id {:?} was seen with another payload (fingerprint {remembered:016x}, this one {:016x})",
                         event.id, event.fingerprint
@@ -85,6 +88,7 @@ pub fn dead_letters<'a>(
                     Some((event.fingerprint, remembered)),
                 )
             }
+            (Ok(_), Some(_)) => continue,
         };
         letters.push(letter(batch, it, reason, message, fingerprints));
     }
@@ -94,7 +98,7 @@ pub fn dead_letters<'a>(
 fn letter<'a>(
     batch: &'a Batch,
     it: &'a Item,
-    reason: &'static str,
+    reason: Reason,
     message: String,
     fingerprints: Option<(u64, u64)>,
 ) -> DeadLetter<'a> {
@@ -187,11 +191,11 @@ mod tests {
             headers: vec![("h".into(), b"x".to_vec())],
             decoded,
             effects: Default::default(),
+            verdict: None,
         };
         let mut conflicting = event("c");
         conflicting.fingerprint = 0xab;
-        let batch = Batch {
-            seq: 1,
+        let mut batch = Batch {
             partitions: vec![TopicPartition::new("t", 0), TopicPartition::new("t", 3)],
             windows: vec![Duration::from_secs(60); 2],
             items: vec![
@@ -202,25 +206,40 @@ mod tests {
                 item(1, 14, Err(Invalid::EmptyValue)),
                 item(0, 15, Ok(event("s"))),
                 item(1, 16, Ok(event("r"))),
+                // Re-reads in a decided range: dead-lettered (if at all) before.
+                item(0, 17, Err(Invalid::EmptyValue)),
+                item(0, 18, Ok(event("c"))),
             ],
         };
+        let mut decided = [false; 9];
+        decided[7] = true;
+        decided[8] = true;
+        mark_replayed(&mut batch, &decided);
         use Outcome::*;
         let mut conflict = verdict(Conflict, None);
         conflict.remembered_fingerprint = Some(0xcd);
-        let verdicts = [
+        let verdicts = vec![
             verdict(Applied, None),
             conflict,
             verdict(Duplicate, None),
             verdict(Stale, None),
             Verdict {
-                rejection: Some(("counter_overflow", "counter b would pass 38 digits".into())),
+                rejection: Some(crate::model::Rejection {
+                    reason: Reason::CounterOverflow,
+                    message: "counter b would pass 38 digits".into(),
+                }),
                 ..verdict(Invalid, None)
             },
         ];
-        let letters = dead_letters(&batch, &verdicts, &[false; 7]);
+        give_verdicts(&mut batch, verdicts);
+        assert_eq!(
+            batch.items[8].verdict.as_ref().map(|v| v.outcome),
+            Some(Replayed)
+        );
+        let letters = dead_letters(&batch);
         let summary: Vec<(i32, i64, &str)> = letters
             .iter()
-            .map(|l| (l.source.partition, l.offset, l.reason))
+            .map(|l| (l.source.partition, l.offset, l.reason.as_str()))
             .collect();
         assert_eq!(
             summary,

@@ -14,7 +14,6 @@
 //! with entries without polling them (the dirty set and the bell), and
 //! this file is the loop: renew, read, publish, delete.
 
-mod entry;
 mod error;
 mod lease;
 pub mod members;
@@ -32,8 +31,8 @@ use rdkafka::types::RDKafkaErrorCode;
 use crate::config::Config;
 use crate::kafka::QuietContext;
 use crate::metrics;
+pub use crate::store::outbox::{parse_entries, Entry, Form, REFERENCE_TYPE};
 use crate::store::{KeyLayout, RedisConn};
-pub use entry::{parse_entries, Entry, Form, REFERENCE_TYPE};
 pub use error::RelayError;
 pub use lease::{holder_name, Lease};
 pub use outboxes::{lease_key, nonempty_outboxes, Outboxes};
@@ -166,7 +165,7 @@ impl Relay {
         let oldest = batches
             .iter()
             .filter_map(|b| b.entries.first())
-            .filter_map(|e| entry::written_ms(&e.stream_id))
+            .filter_map(|e| crate::store::outbox::written_ms(&e.stream_id))
             .min();
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -213,7 +212,10 @@ impl Relay {
     /// Sends every entry of `batches`, each outbox's in order, and waits for
     /// the broker. Returns how many of each outbox's first entries were
     /// acknowledged (its acknowledged prefix), and the first error.
-    async fn publish(&mut self, batches: &[outboxes::Batch]) -> (Vec<usize>, Option<RelayError>) {
+    async fn publish(
+        &mut self,
+        batches: &[outboxes::OutboxRead],
+    ) -> (Vec<usize>, Option<RelayError>) {
         let mut sent: Vec<Vec<DeliveryFuture>> = Vec::with_capacity(batches.len());
         let mut first_error = None;
         for batch in batches {

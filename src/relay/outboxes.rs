@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use redis::Value;
 
-use super::entry::{parse_entries, Entry};
 use super::error::RelayError;
+use crate::store::outbox::{parse_entries, Entry};
 use crate::store::{KeyLayout, RedisConn};
 
 /// How often a cluster's relay looks at every slot's outbox.
@@ -32,7 +32,7 @@ pub(super) const MIN_SHARE: usize = 50;
 const SWEEP_CONCURRENCY: usize = 512;
 
 /// The entries read from one outbox in a round, oldest first.
-pub struct Batch {
+pub struct OutboxRead {
     pub slot: Option<u16>,
     pub key: String,
     pub entries: Vec<Entry>,
@@ -67,7 +67,7 @@ impl Outboxes {
         &mut self,
         conn: &mut RedisConn,
         total: usize,
-    ) -> Result<Vec<Batch>, RelayError> {
+    ) -> Result<Vec<OutboxRead>, RelayError> {
         let slots = self.due_for_reading(conn).await?;
         let share = (total / slots.len().max(1)).max(MIN_SHARE);
         let reads = slots.iter().map(|&slot| {
@@ -84,7 +84,7 @@ impl Outboxes {
                     .await
                     .map_err(crate::store::StoreError::from)?;
                 let entries = parse_entries(reply).map_err(RelayError::Protocol)?;
-                Ok::<_, RelayError>(Batch {
+                Ok::<_, RelayError>(OutboxRead {
                     slot,
                     key,
                     entries,
@@ -148,7 +148,11 @@ impl Outboxes {
     }
 
     /// How many entries the outboxes of `batches` hold now.
-    pub async fn depth(&self, conn: &mut RedisConn, batches: &[Batch]) -> Result<u64, RelayError> {
+    pub async fn depth(
+        &self,
+        conn: &mut RedisConn,
+        batches: &[OutboxRead],
+    ) -> Result<u64, RelayError> {
         let lengths = batches.iter().map(|b| {
             let mut conn = conn.clone();
             let key = b.key.clone();
@@ -170,7 +174,7 @@ impl Outboxes {
     pub async fn delete(
         &mut self,
         conn: &mut RedisConn,
-        batches: &[Batch],
+        batches: &[OutboxRead],
         acked: &[usize],
     ) -> Result<usize, RelayError> {
         let deletes = batches
@@ -201,7 +205,7 @@ impl Outboxes {
     pub async fn forget_empty(
         &mut self,
         conn: &mut RedisConn,
-        batches: &[Batch],
+        batches: &[OutboxRead],
     ) -> Result<(), RelayError> {
         let drained: Vec<u16> = batches
             .iter()

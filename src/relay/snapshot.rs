@@ -13,18 +13,19 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 
 use crate::config::Config;
-use crate::store::script::{Constant, Script, MAX_PAIRS};
+use crate::store::outbox::ENTRY_LUA;
+use crate::store::script::{Builder, Constant, Script, MAX_PAIRS};
 use crate::store::{self, hash_slot, KeyLayout, RedisConn, StoreError};
 
-/// snapshot.lua after a prelude with the pairs limit the guard uses too.
+/// snapshot.lua after a prelude with the pairs limit the guard uses too,
+/// and the outbox entry's one writer.
 fn script() -> Script {
     let max_pairs = ("MAX_PAIRS".into(), Constant::Int(MAX_PAIRS));
-    Script::of(
-        Some("#!lua"),
-        &[max_pairs],
-        "src/relay/snapshot.lua",
-        include_str!("snapshot.lua"),
-    )
+    let mut b = Builder::new(Some("#!lua"), &[max_pairs]);
+    let (entry_path, entry) = ENTRY_LUA;
+    b.file(entry_path, entry)
+        .file("src/relay/snapshot.lua", include_str!("snapshot.lua"));
+    b.finish()
 }
 /// Entities written per round (then the relay is rung and the bound checked).
 const ROUND: usize = 500;

@@ -1,8 +1,21 @@
-//! What a writer of the changelog's outboxes (the guard, the snapshot)
-//! sends after it wrote changes, so that the relay finds them without
-//! polling (docs/change-stream.md, "The relay"; src/relay/outboxes.rs).
+//! The changelog's outboxes (docs/change-stream.md): the layout of an
+//! entry, written by one Lua function ([`ENTRY_LUA`], joined into the
+//! guard's script and the snapshot's) and read by one parser ([`entry`],
+//! the relay's); and what a writer sends after it wrote changes, so that
+//! the relay finds them without polling ("The relay"; src/relay/outboxes.rs).
+
+mod entry;
+
+pub use entry::{parse_entries, written_ms, Entry, Form, REFERENCE_TYPE};
 
 use super::KeyLayout;
+
+/// `add_outbox_entry(outbox, fields, state, effects)`: the one writer of
+/// an entry's layout, as (path, text) to join into a script.
+pub const ENTRY_LUA: (&str, &str) = (
+    "src/store/outbox/entry.lua",
+    include_str!("outbox/entry.lua"),
+);
 
 /// The ring after changes were written to the outboxes of `slots` (the
 /// entities' hash slots; ignored standalone): on a cluster the slots join

@@ -51,20 +51,10 @@ end
 -- the relay to publish (docs/change-stream.md). Its version is the entity's
 -- `cv`, one more per change: late and per-field events apply out of seq
 -- order, so the seq cannot number the changes. The entry holds the parts
--- of the record as fields, and the relay writes the JSON (src/relay/entry.rs):
--- encoding it here cost Redis, the one busy core, twice what storing the
--- parts does.
---   e v t p o at    entity, version, source topic, partition, offset, time
---   k ty            kind (applied, late, partial), type (idem.change, delete)
---   ei es [et] [ts] the event's id, seq, type and time
---   n               how many state pairs follow; then the state after, pairs
---                   (or n = 0 and `dj` the state as JSON, when too many to pass)
---   then one pair per effect: c<counter> value, C<counter> '' (removed),
---   s+<set> member, s-<set> member, l<stream>\0<field> value (the entry);
---   or, when too many to pass, `fj` before `n`: those pairs as one JSON list
+-- of the record as fields (src/store/outbox/entry.lua lays them out), and
+-- the relay writes the JSON: encoding it here cost Redis, the one busy
+-- core, twice what storing the parts does.
 local CHANGE_KIND = { a = 'applied', l = 'late', p = 'partial' }
--- A state or effects of more than MAX_PAIRS pairs (Lua passes at most
--- ~8000 values to a call) are sent as one JSON field each instead.
 
 local function change_effect_pairs(plan, base, args)
   local counters_key = base .. COUNTERS_SUFFIX
@@ -96,27 +86,14 @@ local function write_change(e, plan, decided)
   local entity = string.sub(base, string.find(base, '{', 1, true) + 1, -2)
   local version = redis.call('HINCRBY', e.meta, 'cv', 1)
   local state = redis.call('HGETALL', e.state)
-  local args = { 'XADD', KEYS[2], '*', 'e', entity, 'v', version, 't', e.changelog,
-    'p', string.match(e.mark_field, ':(%d+)$') or '', 'o', e.offset, 'at', now_str,
-    'k', CHANGE_KIND[decided], 'ty', (e.op == 'delete' and #state == 0) and 'delete' or 'idem.change',
-    'ei', e.id, 'es', e.seq }
-  if e.type ~= '' then args[#args + 1], args[#args + 2] = 'et', e.type end
-  if e.ts ~= '' then args[#args + 1], args[#args + 2] = 'ts', e.ts end
   local fx = {}
   if plan then change_effect_pairs(plan, base, fx) end
-  if #fx > 2 * MAX_PAIRS then
-    args[#args + 1], args[#args + 2] = 'fj', cjson.encode(fx)
-    fx = {}
-  end
-  if #state > 2 * MAX_PAIRS then
-    args[#args + 1], args[#args + 2] = 'dj', cjson.encode(hash_table(e.state))
-    args[#args + 1], args[#args + 2] = 'n', 0
-  else
-    args[#args + 1], args[#args + 2] = 'n', #state / 2
-    for i = 1, #state do args[#args + 1] = state[i] end
-  end
-  for i = 1, #fx do args[#args + 1] = fx[i] end
-  redis.call(unpack(args))
+  add_outbox_entry(KEYS[2], {
+    entity = entity, version = version, topic = e.changelog,
+    partition = string.match(e.mark_field, ':(%d+)$') or '', offset = e.offset, at = now_str,
+    kind = CHANGE_KIND[decided], type = (e.op == 'delete' and #state == 0) and 'delete' or 'idem.change',
+    event_id = e.id, event_seq = e.seq, event_type = e.type, ts = e.ts,
+  }, state, fx)
 end
 
 -- The last writes of a decided event, after its state and meta: its

@@ -13,10 +13,12 @@ use rdkafka::consumer::Consumer as _;
 use rdkafka::TopicPartitionList;
 use tokio::sync::mpsc;
 
+use super::mode::PAUSE_AFTER;
 use super::*;
 use crate::kafka::TopicRecord;
 use crate::pipeline::consumer::Forwarder;
-use crate::pipeline::recovery::{Change, Rewind, StateChanged};
+use crate::pipeline::link::{StageReceiver, ToStage};
+use crate::pipeline::recovery::{Change, Rewind, StateChanged, Unrecoverable};
 use crate::pipeline::shutdown::ShutdownTrigger;
 
 /// Where partitions resume: rewinds by partition, or a failure for all.
@@ -25,12 +27,12 @@ struct Table {
     unrecoverable: bool,
 }
 
-impl Resume for Table {
+impl Starts for Table {
     fn epoch(&self) -> &str {
         "E"
     }
 
-    async fn resume(
+    async fn decide(
         &mut self,
         _consumer: &Arc<Consumer>,
         assigned: &[Committed],
@@ -66,8 +68,8 @@ struct Harness {
     consumer: Arc<Consumer>,
     kafka: mpsc::Sender<KafkaEvent>,
     stage: mpsc::UnboundedSender<StageEvent>,
-    ownership: mpsc::UnboundedReceiver<Ownership>,
-    batches: mpsc::Receiver<Batch>,
+    /// The stage's end of the queue: batches and ownership changes, in order.
+    queue: StageReceiver,
     health: Health,
     shutdown: ShutdownTrigger,
     task: tokio::task::JoinHandle<(LoopEnd, EventLoop<Table>)>,
@@ -80,12 +82,13 @@ fn tp(partition: i32) -> TopicPartition {
 }
 
 fn start(table: Table) -> Harness {
-    start_with(table, Health::default())
+    start_with(table, None)
 }
 
-/// The loop of a consumption round that starts with `health` as the last
-/// round left it.
-fn start_with(table: Table, health: Health) -> Harness {
+/// The loop of a consumption round after one that stopped consumption
+/// (`stopped`), or the first round.
+fn start_with(table: Table, stopped: Option<String>) -> Harness {
+    let health = Health::default();
     let mut config = Config::defaults();
     config.pipeline.batch_linger = Duration::from_millis(5);
     config.kafka.revoke_timeout = Duration::from_secs(30);
@@ -109,8 +112,7 @@ fn start_with(table: Table, health: Health) -> Harness {
             .expect("a consumer without a broker"),
     );
     let (stage_tx, stage_rx) = mpsc::unbounded_channel();
-    let (ownership_tx, ownership_rx) = mpsc::unbounded_channel();
-    let (batch_tx, batch_rx) = mpsc::channel(1);
+    let (queue_tx, queue_rx) = crate::pipeline::link::stage_queue(1);
     let (trigger, mut shutdown) = Shutdown::new();
     let mut event_loop = EventLoop::new(
         Arc::new(config),
@@ -120,20 +122,20 @@ fn start_with(table: Table, health: Health) -> Harness {
         notes,
         StageLink {
             events: stage_rx,
-            ownership: ownership_tx,
+            queue: queue_tx,
         },
         table,
-    );
+    )
+    .stopped_before(stopped);
     let task = tokio::spawn(async move {
-        let end = event_loop.run(&batch_tx, &mut shutdown).await;
+        let end = event_loop.run(&mut shutdown).await;
         (end, event_loop)
     });
     Harness {
         consumer,
         kafka: kafka_tx,
         stage: stage_tx,
-        ownership: ownership_rx,
-        batches: batch_rx,
+        queue: queue_rx,
         health,
         shutdown: trigger,
         task,
@@ -196,12 +198,36 @@ impl Harness {
         }
     }
 
-    /// The next batch the loop hands to the guard stage.
-    async fn next_batch(&mut self) -> Batch {
-        tokio::time::timeout(WAIT, self.batches.recv())
+    /// The next item the loop queued for the guard stage.
+    async fn next_queued(&mut self) -> ToStage {
+        tokio::time::timeout(WAIT, self.queue.recv())
             .await
-            .expect("a batch within the wait")
+            .expect("something queued within the wait")
             .expect("the loop is running")
+    }
+
+    /// The next batch the loop hands to the guard stage, past any
+    /// ownership change queued before it.
+    async fn next_batch(&mut self) -> Batch {
+        loop {
+            if let ToStage::Batch(batch) = self.next_queued().await {
+                return batch;
+            }
+        }
+    }
+
+    /// The next ownership change, past any batch queued before it.
+    async fn next_ownership(&mut self) -> Ownership {
+        loop {
+            if let ToStage::Ownership(change) = self.next_queued().await {
+                return change;
+            }
+        }
+    }
+
+    /// Whether anything but ownership changes is queued now.
+    fn batch_queued(&mut self) -> bool {
+        std::iter::from_fn(|| self.queue.try_recv()).any(|q| matches!(q, ToStage::Batch(_)))
     }
 
     /// Sends a revoke and returns the answer's receiver (answered later).
@@ -252,8 +278,8 @@ async fn an_assignment_answers_the_rewinds_and_tells_the_stage_what_to_check() {
         [(tp(1), 5)],
         "only the rewound partition starts elsewhere"
     );
-    match h.ownership.recv().await {
-        Some(Ownership::Taken { mut floors, .. }) => {
+    match h.next_ownership().await {
+        Ownership::Taken { mut floors, .. } => {
             floors.sort_by_key(|(tp, _)| tp.partition);
             assert_eq!(floors, [(tp(0), 10), (tp(1), 5)]);
         }
@@ -289,10 +315,9 @@ async fn a_revoke_waits_for_the_in_flight_batch_and_answers_its_commit_point() {
         "committed == last done + 1"
     );
     let released = loop {
-        match h.ownership.recv().await {
-            Some(Ownership::Released(tps)) => break tps,
-            Some(Ownership::Taken { .. }) => continue,
-            None => panic!("the loop dropped the ownership channel"),
+        match h.next_ownership().await {
+            Ownership::Released(tps) => break tps,
+            Ownership::Taken { .. } => continue,
         }
     };
     assert_eq!(
@@ -309,7 +334,8 @@ async fn a_restart_from_the_stage_ends_the_loop_with_its_cause() {
     // What the idle check reports when Redis went back under an idle partition.
     h.stage.send(StageEvent::Restart(rolled_back())).unwrap();
     match h.ended().await.0 {
-        LoopEnd::Restart(why) => {
+        LoopEnd::Restart(why @ Restart::StateChanged(_)) => {
+            let why = why.to_string();
             assert!(why.contains("rolled_back") && why.contains("400"), "{why}")
         }
         other => panic!("expected a restart, got {other:?}"),
@@ -359,10 +385,7 @@ async fn stop_consuming_drops_new_records_and_still_commits_what_finishes() {
         h.health.stopped_reason().as_deref(),
         Some("dead-letter ratio 0.9")
     );
-    assert!(
-        h.batches.try_recv().is_err(),
-        "no record is batched once stopped"
-    );
+    assert!(!h.batch_queued(), "no record is batched once stopped");
     h.shutdown.trigger();
     let (end, event_loop) = h.ended().await;
     assert!(matches!(end, LoopEnd::Shutdown));
@@ -407,7 +430,7 @@ async fn an_unreadable_commit_or_a_lost_log_ends_the_loop_without_starts() {
         .await;
     assert_eq!(starts, []);
     assert!(
-        matches!(h.ended().await.0, LoopEnd::Restart(why) if why.contains("committed offset of t/0"))
+        matches!(h.ended().await.0, LoopEnd::Restart(why @ Restart::CommitUnknown(_)) if why.to_string().contains("committed offset of t/0"))
     );
 
     let mut table = table();
@@ -443,9 +466,7 @@ async fn an_assignment_is_ready_only_once_its_starts_are_decided() {
 
 #[tokio::test]
 async fn a_stop_outlives_a_restart_of_consumption() {
-    let health = Health::default();
-    health.stop_consuming("dead-letter ratio 0.9".into());
-    let mut h = start_with(table(), health);
+    let mut h = start_with(table(), Some("dead-letter ratio 0.9".into()));
     h.assign(&[(0, None)]).await;
     h.records(0, 0..3).await;
     let answer = h.revoke(&[0]).await;
@@ -455,12 +476,17 @@ async fn a_stop_outlives_a_restart_of_consumption() {
         "nothing was begun, so nothing is committed"
     );
     assert!(
-        h.batches.try_recv().is_err(),
+        !h.batch_queued(),
         "the new round batches nothing once stopped"
     );
     h.shutdown.trigger();
     let (_, event_loop) = h.ended().await;
     assert_eq!(event_loop.in_flight(), 0);
+    assert_eq!(
+        event_loop.stopped().as_deref(),
+        Some("dead-letter ratio 0.9"),
+        "and the round hands the stop on to the next"
+    );
 }
 
 #[tokio::test]
@@ -479,6 +505,7 @@ async fn a_fatal_consumer_error_ends_the_loop_and_readyz_names_it_until_a_join()
     let LoopEnd::Restart(why) = end else {
         panic!("a fatal error restarts the consumer, got {end:?}");
     };
+    let why = why.to_string();
     assert!(
         why.contains("unreleased_instance_id: instance id pod-0 is in use"),
         "{why}"
@@ -530,8 +557,8 @@ async fn partitions_assigned_again_while_paused_stay_among_the_paused() {
     h.shutdown.trigger();
     let (_, event_loop) = h.ended().await;
     let paused: Vec<i32> = event_loop
-        .paused
-        .as_ref()
+        .mode
+        .paused()
         .map(|p| p.elements().iter().map(|e| e.partition()).collect())
         .unwrap_or_default();
     assert_eq!(
@@ -563,8 +590,43 @@ async fn a_pause_ends_when_the_records_it_held_back_are_dropped() {
     h.shutdown.trigger();
     let (_, event_loop) = h.ended().await;
     assert!(
-        event_loop.paused.is_none(),
+        event_loop.mode.paused().is_none(),
         "still paused: {:?}",
-        event_loop.paused
+        event_loop.mode
     );
+}
+
+/// A revoke is answered while the stage's queue is full and the stage
+/// takes nothing (as while it retries a Redis outage): only batches count
+/// toward the queue's bound. The release is queued behind the batch
+/// handed before it, so the stage applies that batch first.
+#[tokio::test]
+async fn a_revoke_is_answered_while_the_queue_has_no_room() {
+    let mut h = start(table());
+    h.assign(&[(0, None), (1, None)]).await;
+    h.records(0, 0..2).await;
+    // The stage holds this one, retrying it.
+    let _held = h.next_batch().await;
+    h.records(0, 2..4).await;
+    // Queued: the queue (room for one) is full once it is there.
+    let deadline = Instant::now() + WAIT;
+    while h.queue.len() == 0 {
+        assert!(Instant::now() < deadline, "the second batch was not queued");
+        tokio::task::yield_now().await;
+    }
+    h.records(0, 4..6).await;
+    let answer = h.revoke(&[1]).await;
+    assert_eq!(
+        answer_of(answer).await,
+        [],
+        "nothing of partition 1 in flight"
+    );
+    let Some(ToStage::Batch(queued)) = h.queue.try_recv() else {
+        panic!("the batch handed before the revoke comes first");
+    };
+    assert_eq!(offsets(&queued), [(0, 2), (0, 3)]);
+    assert!(matches!(
+        h.queue.try_recv(),
+        Some(ToStage::Ownership(Ownership::Released(tps))) if tps == [tp(1)]
+    ));
 }

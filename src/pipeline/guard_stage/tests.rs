@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::*;
-use crate::consumed::{DecidedRanges, TopicId};
+use crate::consumed::{DecidedRanges, LogView, TopicId};
 use crate::kafka::TopicRecord;
 use crate::pipeline::consumer::Fetched;
 use crate::pipeline::startup::start_guard;
@@ -100,7 +100,7 @@ async fn forward(
     }
 }
 
-fn batch(config: &Config, seq: u64, records: &[(i64, &str, &str, u64, &str)]) -> Batch {
+fn batch(config: &Config, records: &[(i64, &str, &str, u64, &str)]) -> Batch {
     let fetched = records
         .iter()
         .map(|(offset, id, entity, event_seq, data)| Fetched {
@@ -120,9 +120,7 @@ fn batch(config: &Config, seq: u64, records: &[(i64, &str, &str, u64, &str)]) ->
             },
         })
         .collect();
-    let mut batch = Batch::decode(fetched, config);
-    batch.seq = seq;
-    batch
+    Batch::decode(fetched, config)
 }
 
 fn redis_address() -> String {
@@ -175,26 +173,22 @@ async fn a_failed_batch_holds_back_the_next(fault: Fault) {
         .unwrap();
     let progress = ProgressRecords::new(store, redis.epoch);
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let (ownership_tx, ownership) = mpsc::unbounded_channel();
-    let stage = GuardStage::new(
-        &config, guard, progress, &health, &shutdown, events_tx, ownership,
-    )
-    .expect("a dead-letter producer (it never sends here)");
+    let stage = GuardStage::new(&config, guard, progress, &health, &shutdown, events_tx)
+        .expect("a dead-letter producer (it never sends here)");
 
     let view = LogView {
         topic_id: TopicId::from_bits(0x5747, 0x0e).unwrap(),
         decided: DecidedRanges::default(),
     };
-    ownership_tx
-        .send(Ownership::Taken {
+    let (queue, queued) = crate::pipeline::link::stage_queue(2);
+    queue
+        .ownership(Ownership::Taken {
             floors: vec![(tp.clone(), 0)],
             logs: vec![(tp.clone(), view)],
-            after_batch: 0,
         })
         .unwrap();
     let first = batch(
         &config,
-        1,
         &[
             (0, "first-1", "acct", 1, r#"{"a":"1"}"#),
             (1, "first-2", "acct", 2, r#"{"b":"2"}"#),
@@ -204,37 +198,47 @@ async fn a_failed_batch_holds_back_the_next(fault: Fault) {
     // first batch's retry, the retry's events would be stale and lost.
     let second = batch(
         &config,
-        2,
         &[
             (2, "second-3", "acct", 3, r#"{"c":"3"}"#),
             (3, "second-1", "other", 1, r#"{"d":"4"}"#),
         ],
     );
-    let (batch_tx, batch_rx) = mpsc::channel(2);
-    batch_tx.send(first).await.unwrap();
-    batch_tx.send(second).await.unwrap();
-    let stage = tokio::spawn(stage.run(batch_rx));
+    queue.batch(queue.room().await, first).unwrap();
+    queue.batch(queue.room().await, second).unwrap();
+    let stage = tokio::spawn(stage.run(queued));
 
-    let mut finished = Vec::new();
-    while finished.len() < 2 {
+    let mut reports = Vec::new();
+    while reports
+        .iter()
+        .filter(|r: &&String| r.starts_with('['))
+        .count()
+        < 2
+    {
         match tokio::time::timeout(WAIT, events.recv()).await {
-            Ok(Some(StageEvent::Finished(f))) => {
-                finished.push(f.positions().map(|(_, o)| o).collect::<Vec<_>>())
-            }
+            Ok(Some(StageEvent::Finished(f))) => reports.push(format!(
+                "{:?}",
+                f.positions().map(|(_, o)| o).collect::<Vec<_>>()
+            )),
+            Ok(Some(StageEvent::Retrying(what))) => reports.push(format!("retrying {what:?}")),
             other => panic!("expected two finished batches, got {other:?}"),
         }
     }
     assert_eq!(
-        finished,
-        vec![vec![0, 1], vec![2, 3]],
-        "in order, each whole"
+        reports,
+        [
+            "retrying Some(\"redis\")",
+            "retrying None",
+            "[0, 1]",
+            "[2, 3]"
+        ],
+        "in order, each whole, the retry said to the loop (the cause of a blocked partition)"
     );
     assert_eq!(
         *calls.lock().unwrap(),
         vec![("first", false), ("first", true), ("second", true)],
         "the later batch's call went out only after the retry of the earlier one"
     );
-    drop(batch_tx);
+    drop(queue);
     tokio::time::timeout(WAIT, stage).await.unwrap().unwrap();
 
     let mut direct = config.redis.clone();

@@ -24,15 +24,9 @@ fn view(decided: &str) -> LogView {
     }
 }
 
-/// A batch of (partition index, offset) over partitions 0 and 1, handed
-/// over after every assignment of the test.
+/// A batch of (partition index, offset) over partitions 0 and 1.
 fn batch(records: &[(usize, i64)]) -> Batch {
-    batch_numbered(10, records)
-}
-
-fn batch_numbered(seq: u64, records: &[(usize, i64)]) -> Batch {
     Batch {
-        seq,
         partitions: vec![tp(0), tp(1)],
         windows: vec![Duration::from_secs(60); 2],
         items: records
@@ -46,6 +40,7 @@ fn batch_numbered(seq: u64, records: &[(usize, i64)]) -> Batch {
                 headers: Vec::new(),
                 decoded: Err(Invalid::EmptyValue),
                 effects: Default::default(),
+                verdict: None,
             })
             .collect(),
     }
@@ -61,7 +56,7 @@ fn starts(placed: &Placed, b: &Batch) -> Vec<Option<i64>> {
 #[test]
 fn a_run_begins_at_the_first_record_and_extends_what_was_decided() {
     let mut runs = Runs::default();
-    runs.take(vec![(tp(0), view("0-100")), (tp(1), view("0-10"))], 0);
+    runs.take(vec![(tp(0), view("0-100")), (tp(1), view("0-10"))]);
     // Partition 0 resumes inside its decided range, 1 past a gap.
     let b = batch(&[(0, 98), (1, 20), (0, 99), (0, 100), (1, 21)]);
     assert!(runs.jumped_back(&b).is_empty());
@@ -94,7 +89,7 @@ fn a_run_begins_at_the_first_record_and_extends_what_was_decided() {
 #[test]
 fn a_partition_without_a_topic_id_is_not_placed_and_a_released_one_neither() {
     let mut runs = Runs::default();
-    runs.take(vec![(tp(0), view(""))], 0);
+    runs.take(vec![(tp(0), view(""))]);
     let b = batch(&[(0, 50), (1, 7)]);
     let placed = runs.place(&b);
     assert_eq!(
@@ -112,32 +107,11 @@ fn a_partition_without_a_topic_id_is_not_placed_and_a_released_one_neither() {
     assert!(runs.claims(&next).is_empty());
 }
 
-/// A batch fetched before the partition was taken again (its revoke timed
-/// out) neither begins the run nor claims: the new assignment may start far
-/// from it (at the end, under `latest`), and a claim spanning the two would
-/// call the records between them decided.
-#[test]
-fn a_batch_fetched_before_the_assignment_is_not_part_of_the_run() {
-    let mut runs = Runs::default();
-    runs.take(vec![(tp(0), view(""))], 4);
-    let leftover = batch_numbered(4, &[(0, 100), (0, 101)]);
-    assert!(runs.jumped_back(&leftover).is_empty());
-    let placed = runs.place(&leftover);
-    assert_eq!(starts(&placed, &leftover), [None, None]);
-    assert!(runs.claims(&leftover).is_empty());
-    // The assignment's first batch begins the run where it starts.
-    let first = batch_numbered(5, &[(0, 900), (0, 901)]);
-    let placed = runs.place(&first);
-    assert_eq!(starts(&placed, &first), [Some(900), Some(900)]);
-    let claims = runs.claims(&first);
-    assert_eq!((claims[0].start, claims[0].end), (900, 902));
-}
-
 /// Offsets that go back within one batch are a jump too.
 #[test]
 fn offsets_going_back_inside_a_batch_are_reported() {
     let mut runs = Runs::default();
-    runs.take(vec![(tp(0), view("")), (tp(1), view(""))], 0);
+    runs.take(vec![(tp(0), view("")), (tp(1), view(""))]);
     let b = batch(&[(0, 10), (1, 5), (0, 11), (0, 3), (1, 6)]);
     assert_eq!(runs.jumped_back(&b), [tp(0)]);
     let fine = batch(&[(0, 10), (1, 5), (0, 11)]);

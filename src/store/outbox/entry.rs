@@ -1,6 +1,7 @@
-//! One outbox entry as the guard script wrote it (`write_change` in
-//! src/guard/lua/writes.lua), and the Kafka record the relay makes of it. Pure: stream
-//! fields in, key, value and headers out.
+//! One outbox entry as `add_outbox_entry` wrote it (entry.lua beside this
+//! file: the one writer, for the guard's changes and the snapshot's), and
+//! the Kafka record the relay makes of it. Pure: stream fields in, key,
+//! value and headers out.
 
 use redis::Value;
 use serde_json::{Map, Value as JsonValue};
@@ -104,7 +105,7 @@ pub fn parse_entries(reply: Value) -> Result<Vec<Entry>, String> {
 fn parse_entry(stream_id: String, fields: Vec<Vec<u8>>) -> Result<Entry, String> {
     let missing = |what: &str| format!("outbox entry {stream_id} has no valid `{what}`");
     let mut pairs = fields.chunks_exact(2).map(|kv| (&kv[0][..], &kv[1][..]));
-    // The fixed fields, up to `n` (write_change in src/guard/lua/writes.lua).
+    // The fixed fields, up to `n` (entry.lua).
     let mut fixed: Vec<(&[u8], &[u8])> = Vec::new();
     let mut state_pairs = None;
     for (k, v) in pairs.by_ref() {
