@@ -29,12 +29,13 @@ demo: services-demo build
 REDIS_CLUSTER_URL ?= redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002
 
 ## The whole suite against the real Kafka and Redis: every test against
-## standalone Redis and, at the same time, the integration tests again
-## against the Redis Cluster (scripts/test-passes.sh: built once, run as two
-## processes; docs/development.md, "The suite's time").
+## standalone Redis and the integration tests again against the Redis
+## Cluster (scripts/test-passes.sh: built once, run as one queue of jobs,
+## three at once; docs/development.md, "The suite's time").
 test: services
 	CARGO='$(CARGO)' scripts/test-passes.sh '$(REDIS_CLUSTER_URL)' '$(CLUSTER_PASS_TESTS)'
-	$(MAKE) --no-print-directory check-deploy
+	@# The idem the tests just ran (built with their features: no second build).
+	scripts/check-deploy.sh target/debug/idem
 
 ## The deployment files, checked offline: compose schema, hadolint, Kubernetes
 ## schemas, and the example configs loaded by idem (tools from PyPI, cached).

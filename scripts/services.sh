@@ -4,6 +4,10 @@
 #   scripts/services.sh up      install what is missing, start what is not running
 #   scripts/services.sh down    stop only what `up` started (pid files)
 #   scripts/services.sh status  say what runs
+#   scripts/services.sh flush   empty the Redis and Redis Cluster started here
+#                                (make test, before its jobs: each test prefix
+#                                leaves keys, epoch markers per slot on the
+#                                cluster, and SCANs slow down as they pile up)
 #   scripts/services.sh kill-kafka  SIGKILL the broker (fault injection; `up` restarts it)
 #   scripts/services.sh pause-kafka / resume-kafka  SIGSTOP / SIGCONT the broker (fault injection)
 #
@@ -321,9 +325,17 @@ case "${1:-up}" in
     log "SIG$sig kafka (pid $(cat "$KAFKA_DIR/kafka.pid"))"
     kill -"$sig" "$(cat "$KAFKA_DIR/kafka.pid")"
     ;;
+  flush)
+    # Only what `up` started (its pid files): never a Redis it found running.
+    if is_alive "$REDIS_DIR/redis.pid"; then redis-cli -p "$REDIS_PORT" flushall >/dev/null; fi
+    for port in $CLUSTER_PORTS; do
+      if is_alive "$CLUSTER_DIR/$port/redis.pid"; then redis-cli -p "$port" flushall >/dev/null; fi
+    done
+    log "flushed the redis and redis cluster started here"
+    ;;
   status)
     is_alive "$KAFKA_DIR/kafka.pid" && echo "kafka: running (pid $(cat "$KAFKA_DIR/kafka.pid"))" || echo "kafka: not started here"
     is_alive "$REDIS_DIR/redis.pid" && echo "redis: running (pid $(cat "$REDIS_DIR/redis.pid"))" || echo "redis: not started here"
     ;;
-  *) die "usage: $0 up|down|status|kill-kafka|pause-kafka|resume-kafka" ;;
+  *) die "usage: $0 up|down|status|flush|kill-kafka|pause-kafka|resume-kafka" ;;
 esac
