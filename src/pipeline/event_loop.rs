@@ -173,6 +173,7 @@ impl<R: Starts> EventLoop<R> {
                 self.shift(Mode::resume_fetching);
             }
             let ready = !self.mode.is_stopped()
+                && !self.queue.is_closed()
                 && !self.pending.is_empty()
                 && (self.pending.len() >= max
                     || self.linger_until.is_some_and(|t| t <= Instant::now()));
@@ -189,12 +190,14 @@ impl<R: Starts> EventLoop<R> {
                 // restart must not wait behind new records.
                 biased;
                 _ = shutdown.wait() => return LoopEnd::Shutdown,
-                Some(event) = self.stage.recv() => if let Some(end) = self.on_stage_event(event) {
-                    return end;
+                event = self.stage.recv() => match event {
+                    Some(event) => if let Some(end) = self.on_stage_event(event) {
+                        return end;
+                    },
+                    // The stage ended without a word: shutdown while it retried.
+                    None => return LoopEnd::Shutdown,
                 },
-                room = self.queue.room(), if ready => if let Some(end) = self.hand_over(room, max) {
-                    return end;
-                },
+                room = self.queue.room(), if ready => self.hand_over(room, max),
                 Some(event) = self.events.recv(), if take_events => if let Some(end) = self.on_event(event).await {
                     return end;
                 },
@@ -264,9 +267,12 @@ impl<R: Starts> EventLoop<R> {
     }
 
     /// Decodes up to `max` pending records and hands them to the guard
-    /// stage; `Some` when the stage is gone (it ended: shutdown while Redis
-    /// failed, or its state changed and the loop is told so next).
-    fn hand_over(&mut self, room: Room, max: usize) -> Option<LoopEnd> {
+    /// stage. A stage that ended meanwhile takes nothing more; why it ended
+    /// (Redis's state changed, the log was replaced, shutdown) is its last
+    /// report, which the loop reads next, so the round ends as it says.
+    /// (Found from outside: ending here with `Shutdown` when the stage had
+    /// just reported a restart exited idem instead of restarting it.)
+    fn hand_over(&mut self, room: Room, max: usize) {
         let take = self.pending.len().min(max);
         let records: Vec<Fetched> = self.pending.drain(..take).collect();
         self.linger_until = if self.pending.is_empty() {
@@ -278,10 +284,9 @@ impl<R: Starts> EventLoop<R> {
         let batch = Batch::decode(records, &self.config);
         self.owned.begin(batch.positions());
         metrics::set_in_flight_events(self.owned.in_flight());
-        self.queue
-            .batch(room, batch)
-            .err()
-            .map(|_| LoopEnd::Shutdown)
+        if self.queue.batch(room, batch).is_err() {
+            self.queue.close();
+        }
     }
 
     fn on_finished(&mut self, done: Finished) {

@@ -126,6 +126,11 @@ impl StageSender {
         self.queue = None;
     }
 
+    /// Closed by [`StageSender::close`].
+    pub fn is_closed(&self) -> bool {
+        self.queue.is_none()
+    }
+
     fn send(&self, item: ToStage, room: Option<Room>) -> Result<(), StageGone> {
         let queue = self.queue.as_ref().ok_or(StageGone)?;
         queue.send((item, room)).map_err(|_| StageGone)

@@ -88,10 +88,15 @@ fn start(table: Table) -> Harness {
 /// The loop of a consumption round after one that stopped consumption
 /// (`stopped`), or the first round.
 fn start_with(table: Table, stopped: Option<String>) -> Harness {
+    start_configured(table, stopped, Duration::from_secs(30))
+}
+
+/// The loop with `kafka.revoke_timeout` at `revoke_timeout`.
+fn start_configured(table: Table, stopped: Option<String>, revoke_timeout: Duration) -> Harness {
     let health = Health::default();
     let mut config = Config::defaults();
     config.pipeline.batch_linger = Duration::from_millis(5);
-    config.kafka.revoke_timeout = Duration::from_secs(30);
+    config.kafka.revoke_timeout = revoke_timeout;
     let (kafka_tx, kafka_rx) = mpsc::channel(64);
     let (note_tx, notes) = mpsc::unbounded_channel();
     let consumer: Arc<Consumer> = Arc::new(
@@ -628,5 +633,34 @@ async fn a_revoke_is_answered_while_the_queue_has_no_room() {
     assert!(matches!(
         h.queue.try_recv(),
         Some(ToStage::Ownership(Ownership::Released(tps))) if tps == [tp(1)]
+    ));
+}
+
+/// The stage ends (Redis's state changed) while the loop hands it a full
+/// batch: the hand-over finds it gone, and the round ends as the stage's
+/// last report says, a restart, not a shutdown. (Found from outside: the
+/// loop took the failed hand-over for a shutdown, and idem exited instead
+/// of restarting consumption.) A full batch is handed over before the loop
+/// reads anything more, so the revoke comes after it; its answer (after
+/// `kafka.revoke_timeout`, nothing of the batch being done) shows the loop
+/// still runs.
+#[tokio::test]
+async fn a_stage_gone_during_a_hand_over_ends_the_round_as_its_last_report_says() {
+    let mut h = start_configured(table(), None, Duration::from_millis(200));
+    h.assign(&[(0, None)]).await;
+    let (_, fresh) = crate::pipeline::link::stage_queue(1);
+    drop(std::mem::replace(&mut h.queue, fresh));
+    let max = Config::defaults().pipeline.batch_max_events.get() as i64;
+    h.records(0, 0..max).await;
+    let answer = h.revoke(&[0]).await;
+    assert_eq!(
+        answer_of(answer).await,
+        [],
+        "the loop outlived the failed hand-over; nothing of the batch is committed"
+    );
+    h.stage.send(StageEvent::Restart(rolled_back())).unwrap();
+    assert!(matches!(
+        h.ended().await.0,
+        LoopEnd::Restart(Restart::StateChanged(_))
     ));
 }
