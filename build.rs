@@ -27,6 +27,8 @@ fn config_docs() {
     println!("cargo:rerun-if-changed=config/default.toml");
     let defaults = std::fs::read_to_string("config/default.toml").expect("config/default.toml");
     let dir = Path::new(&std::env::var("OUT_DIR").expect("OUT_DIR")).join("config-docs");
+    // Afresh: a key taken out of config/default.toml leaves no doc behind.
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("config-docs directory");
     let (mut section, mut block, mut head) = (String::new(), Vec::<String>::new(), None);
     let write = |section: &str, key: &str, block: &mut Vec<String>, head: &Option<String>| {

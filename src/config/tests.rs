@@ -652,56 +652,20 @@ fn durations_format_back_to_themselves() {
     assert_eq!(c.effective_windows(), "a=24h,b=36h");
 }
 
-/// The comment of each key in config/default.toml: its own block, or the
-/// key whose block it shares (`With(head)`).
-#[derive(Debug, PartialEq, Eq)]
-enum TomlComment {
-    Own(String),
-    With(String),
-}
-
-fn normalise(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// `(section, key)` → its comment, read from config/default.toml.
-fn default_toml_comments() -> BTreeMap<(String, String), TomlComment> {
-    let mut out = BTreeMap::new();
-    let (mut section, mut block, mut head) = (String::new(), Vec::<String>::new(), None);
-    let note = |out: &mut BTreeMap<_, _>,
-                sec: &str,
-                key: &str,
-                block: &mut Vec<String>,
-                head: &Option<String>| {
-        let comment = if block.is_empty() {
-            TomlComment::With(head.clone().unwrap_or_default())
-        } else {
-            TomlComment::Own(normalise(&block.join(" ")))
-        };
-        out.insert((sec.to_string(), key.to_string()), comment);
-        block.clear();
-    };
-    for line in DEFAULTS.lines().map(str::trim) {
-        if let Some(comment) = line.strip_prefix('#') {
-            block.push(comment.trim().to_string());
-        } else if let Some(name) = line.strip_prefix('[').map(|l| l.trim_matches(['[', ']'])) {
-            match name.split_once('.') {
-                Some((sec, key)) => note(&mut out, sec, key, &mut block, &head),
-                None => section = name.to_string(),
-            }
-            block.clear();
-            head = None;
-        } else if let Some((key, _)) = line.split_once('=') {
-            let key = key.trim();
-            if !block.is_empty() {
-                head = Some(key.to_string());
-            }
-            note(&mut out, &section, key, &mut block, &head);
-        } else {
-            block.clear();
-        }
-    }
-    out
+/// `(section, key)` → its doc, as build.rs wrote it from
+/// config/default.toml (one file per key).
+fn key_docs() -> BTreeMap<(String, String), String> {
+    let dir = concat!(env!("OUT_DIR"), "/config-docs");
+    std::fs::read_dir(dir)
+        .expect("build.rs wrote the keys' docs")
+        .map(|entry| {
+            let path = entry.unwrap().path();
+            let name = path.file_stem().unwrap().to_string_lossy().to_string();
+            let (section, key) = name.split_once('.').unwrap();
+            let doc = std::fs::read_to_string(&path).unwrap();
+            ((section.to_string(), key.to_string()), doc)
+        })
+        .collect()
 }
 
 /// `(section, key)` → the key its field's doc names (`key_doc!`), read
@@ -770,7 +734,7 @@ fn field_docs() -> BTreeMap<(String, String), (String, String)> {
 /// the field's own section and key.
 #[test]
 fn every_key_is_documented_once_in_default_toml_and_its_field_includes_it() {
-    let comments = default_toml_comments();
+    let comments = key_docs();
     let docs = field_docs();
     assert_eq!(
         comments.keys().collect::<Vec<_>>(),
@@ -786,10 +750,13 @@ fn every_key_is_documented_once_in_default_toml_and_its_field_includes_it() {
             key.1
         );
     }
-    for (key, comment) in &comments {
-        if let TomlComment::Own(text) = comment {
-            assert!(!text.is_empty(), "{}.{} has an empty comment", key.0, key.1);
-        }
+    for (key, doc) in &comments {
+        assert!(
+            !doc.trim().is_empty(),
+            "{}.{} has an empty doc",
+            key.0,
+            key.1
+        );
     }
 }
 

@@ -22,6 +22,8 @@ mod runs;
 mod shutdown;
 mod startup;
 mod summary;
+#[cfg(test)]
+mod test_proxy;
 mod timing;
 mod verdicts;
 

@@ -7,7 +7,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::*;
@@ -15,6 +14,7 @@ use crate::consumed::{DecidedRanges, LogView, TopicId};
 use crate::kafka::TopicRecord;
 use crate::pipeline::consumer::Fetched;
 use crate::pipeline::startup::start_guard;
+use crate::pipeline::test_proxy::{proxy, redis_address, sends_command, Act};
 use crate::store::KeyLayout;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -36,68 +36,33 @@ enum Fault {
 /// its ids belong to (`first-…` or `second-…`) and does `fault` to the
 /// first call of the first batch (whose pipeline is that one call).
 async fn faulty_proxy(upstream: String, fault: Fault) -> (u16, CallLog) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
     let calls: CallLog = Arc::default();
     let log = calls.clone();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            tokio::spawn(forward(client, upstream.clone(), log.clone(), fault));
+    let port = proxy(upstream, move |chunk| {
+        let has = |needle: &[u8]| chunk.windows(needle.len()).any(|w| w == needle);
+        if !sends_command(chunk, "EVALSHA") {
+            return Act::Forward;
         }
-    });
+        let batch = if has(b"first-") {
+            "first"
+        } else if has(b"second-") {
+            "second"
+        } else {
+            return Act::Forward;
+        };
+        let mut calls = log.lock().unwrap();
+        let fail = batch == "first" && calls.is_empty();
+        calls.push((batch, !fail));
+        match fault {
+            Fault::Cut if fail => Act::Drop,
+            Fault::OutOfMemory if fail => {
+                Act::Answer(b"-OOM command not allowed when used memory > 'maxmemory'.\r\n")
+            }
+            _ => Act::Forward,
+        }
+    })
+    .await;
     (port, calls)
-}
-
-async fn forward(
-    mut client: tokio::net::TcpStream,
-    upstream: String,
-    calls: CallLog,
-    fault: Fault,
-) {
-    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
-        return;
-    };
-    let (mut up, mut down) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
-    loop {
-        tokio::select! {
-            n = client.read(&mut up) => {
-                let Ok(n @ 1..) = n else { return };
-                let chunk = &up[..n];
-                let has = |needle: &[u8]| chunk.windows(needle.len()).any(|w| w == needle);
-                if has(b"EVALSHA") {
-                    let batch = if has(b"first-") { "first" } else if has(b"second-") { "second" } else { "" };
-                    if !batch.is_empty() {
-                        let fail = {
-                            let mut calls = calls.lock().unwrap();
-                            let fail = batch == "first" && calls.is_empty();
-                            calls.push((batch, !fail));
-                            fail
-                        };
-                        match fault {
-                            Fault::Cut if fail => return, // both ends dropped: Redis never saw the call
-                            Fault::OutOfMemory if fail => {
-                                let oom = b"-OOM command not allowed when used memory > 'maxmemory'.\r\n";
-                                if client.write_all(oom).await.is_err() {
-                                    return;
-                                }
-                                continue;
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-                if server.write_all(chunk).await.is_err() {
-                    return;
-                }
-            }
-            n = server.read(&mut down) => {
-                let Ok(n @ 1..) = n else { return };
-                if client.write_all(&down[..n]).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
 }
 
 fn batch(config: &Config, records: &[(i64, &str, &str, u64, &str)]) -> Batch {
@@ -121,15 +86,6 @@ fn batch(config: &Config, records: &[(i64, &str, &str, u64, &str)]) -> Batch {
         })
         .collect();
     Batch::decode(fetched, config)
-}
-
-fn redis_address() -> String {
-    let url = std::env::var("IDEM_REDIS_URL").unwrap_or("redis://127.0.0.1:6379".into());
-    let first = url.split(',').next().unwrap_or_default();
-    first
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .to_string()
 }
 
 /// Ordering is load-bearing: a batch whose first guard call fails holds

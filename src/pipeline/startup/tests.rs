@@ -8,61 +8,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use super::*;
+use crate::pipeline::test_proxy::{proxy, redis_address, sends_command, Act};
 
-fn redis_address() -> String {
-    let url = std::env::var("IDEM_REDIS_URL").unwrap_or("redis://127.0.0.1:6379".into());
-    let first = url.split(',').next().unwrap_or_default();
-    first
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .to_string()
-}
-
-/// A proxy to `upstream` that holds the first `INFO` for `hold`, then
+/// A proxy to `upstream` that holds the first `INFO` past `hold`, then
 /// drops its connection (nothing forwarded); says whether it did.
 async fn proxy_holding_the_first_info(upstream: String, hold: Duration) -> (u16, Arc<AtomicBool>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let dropped = Arc::new(AtomicBool::new(false));
-    let seen = dropped.clone();
-    tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
-            let (upstream, seen) = (upstream.clone(), seen.clone());
-            tokio::spawn(async move {
-                let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
-                    return;
-                };
-                let (mut up, mut down) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
-                loop {
-                    tokio::select! {
-                        n = client.read(&mut up) => {
-                            let Ok(n @ 1..) = n else { return };
-                            // The command, not `CLIENT SETINFO` at connect.
-                            let info = up[..n].windows(10).any(|w| w.eq_ignore_ascii_case(b"$4\r\nINFO\r\n"));
-                            if info && !seen.swap(true, Ordering::SeqCst) {
-                                // Unanswered past the timeout, then dropped: Redis never sees it.
-                                tokio::time::sleep(hold).await;
-                                return;
-                            }
-                            if server.write_all(&up[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                        n = server.read(&mut down) => {
-                            let Ok(n @ 1..) = n else { return };
-                            if client.write_all(&down[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
+    let held = Arc::new(AtomicBool::new(false));
+    let seen = held.clone();
+    let port = proxy(upstream, move |chunk| {
+        if sends_command(chunk, "INFO") && !seen.swap(true, Ordering::SeqCst) {
+            Act::HoldThenDrop(hold)
+        } else {
+            Act::Forward
         }
-    });
-    (port, dropped)
+    })
+    .await;
+    (port, held)
 }
 
 /// Found from outside: a Redis that did not answer one start-up check for
