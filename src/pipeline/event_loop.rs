@@ -267,11 +267,8 @@ impl<R: Starts> EventLoop<R> {
     }
 
     /// Decodes up to `max` pending records and hands them to the guard
-    /// stage. A stage that ended meanwhile takes nothing more; why it ended
-    /// (Redis's state changed, the log was replaced, shutdown) is its last
-    /// report, which the loop reads next, so the round ends as it says.
-    /// (Found from outside: ending here with `Shutdown` when the stage had
-    /// just reported a restart exited idem instead of restarting it.)
+    /// stage. A stage that ended meanwhile takes nothing more: the round
+    /// ends as its last report, read next, says (a restart, not a shutdown).
     fn hand_over(&mut self, room: Room, max: usize) {
         let take = self.pending.len().min(max);
         let records: Vec<Fetched> = self.pending.drain(..take).collect();

@@ -44,9 +44,7 @@ use crate::guard::{Guard, GuardInput};
 use crate::metrics::{self, Health};
 use crate::model::Outcome;
 use crate::offsets::TopicPartition;
-use retry::{
-    restart_for, retry, Control, DeadLettering, Guarding, Io, Recording, Stop, RECONNECT_AFTER,
-};
+use retry::{restart_for, retry, Control, DeadLettering, Guarding, Io, Recording, Stop};
 
 pub struct GuardStage {
     /// The guard, Redis's progress records (written after each batch,
@@ -165,23 +163,15 @@ impl GuardStage {
             }
             Ok(Some(changed)) => return Err(restart_for(&mut self.io, &self.ctl, changed).await),
             Err(e) => {
-                self.io.progress.suspect();
-                self.ctl.health.set_redis_failing(
-                    &self.ctl.config.redis.url,
-                    &e,
-                    e.is_auth_refusal(),
-                );
                 self.idle_failures += 1;
                 tracing::warn!(
                     error = %e,
                     retry_in = ?self.ctl.config.redis.progress_check_interval,
                     "cannot check Redis's progress records while idle; is Redis up?"
                 );
-                if self.idle_failures % RECONNECT_AFTER == 0 {
-                    self.io
-                        .reconnect(&self.ctl.config, self.idle_failures)
-                        .await;
-                }
+                self.io
+                    .redis_failed(&self.ctl, &e, self.idle_failures)
+                    .await;
             }
         }
         Ok(())

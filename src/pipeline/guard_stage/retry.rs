@@ -38,7 +38,7 @@ pub(super) struct Control {
 }
 
 /// Consecutive failures after which the Redis connection is replaced.
-pub(super) const RECONNECT_AFTER: u32 = 3;
+const RECONNECT_AFTER: u32 = 3;
 
 /// Why the stage stops work on a batch, which then stays unfinished
 /// (nothing of it is committed). Whatever the loop must know of it was
@@ -113,14 +113,9 @@ pub(super) async fn retry<W: Write>(
                 if let Some(changed) = StateChanged::from_refusal(e) {
                     return Err(restart_for(io, ctl, changed).await);
                 }
-                io.progress.suspect();
-                ctl.health
-                    .set_redis_failing(&ctl.config.redis.url, e, e.is_auth_refusal());
                 metrics::record_retry(e.cause());
                 redis_failures += 1;
-                if redis_failures % RECONNECT_AFTER == 0 {
-                    io.reconnect(&ctl.config, redis_failures).await;
-                }
+                io.redis_failed(ctl, e, redis_failures).await;
             }
             Failure::Kafka(_) => metrics::record_retry("dead_letter"),
         }
@@ -155,6 +150,18 @@ pub(super) async fn restart_for(io: &mut Io, ctl: &Control, changed: StateChange
 }
 
 impl Io {
+    /// After the `failures`th Redis failure in a row: the progress records
+    /// are suspect, `/readyz` names the failure, and every
+    /// [`RECONNECT_AFTER`] failures the connection is replaced.
+    pub(super) async fn redis_failed(&mut self, ctl: &Control, e: &StoreError, failures: u32) {
+        self.progress.suspect();
+        ctl.health
+            .set_redis_failing(&ctl.config.redis.url, e, e.is_auth_refusal());
+        if failures % RECONNECT_AFTER == 0 {
+            self.reconnect(&ctl.config, failures).await;
+        }
+    }
+
     /// After repeated failures, a fresh connection for the guard and the
     /// progress records: it can recover where a long-lived client stays
     /// stuck (a failover that moved the address, a cluster topology change).
