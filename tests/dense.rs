@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
-use idem::effects::Effects;
+use idem::config::TopicPolicy;
 use idem::model::{EntityModel, Outcome};
 use idem::store::commutative as view;
 use idem::store::KeyLayout;
@@ -226,9 +226,9 @@ async fn never_produced_seqs_close_at_the_cap_and_a_late_original_is_dead_letter
     wait_caught_up(&topic, &topic, 1, CATCH_UP).await;
 
     // What the model says, for both entities.
-    let dense = Effects {
+    let dense = TopicPolicy {
         dense_seqs: true,
-        ..Effects::default()
+        ..TopicPolicy::default()
     };
     let model = |entity: &str, seqs: &[u64]| {
         let mut m = EntityModel::default();
@@ -245,7 +245,7 @@ async fn never_produced_seqs_close_at_the_cap_and_a_late_original_is_dead_letter
                 unset: vec![],
                 fingerprint: 0,
             };
-            m.apply_effects(&e, &dense);
+            m.apply_effects(&e, &idem::effects::MERGE, &dense);
         }
         m.dense.expect("dense")
     };

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
-use idem::config::Config;
+use idem::config::{Config, TopicPolicy};
 use idem::effects::CommutativeView;
 use idem::model::{Model, Outcome};
 use idem::store::commutative as view;
@@ -24,10 +24,10 @@ fn config_dir(name: &str) -> PathBuf {
 }
 
 /// The effects idem will run with, read back through idem's own config loader.
-fn effects_of(file: &std::path::Path) -> idem::effects::EffectsConfig {
+fn policy_of(file: &std::path::Path, topic: &str) -> TopicPolicy {
     Config::load(Some(file), &Default::default())
         .expect("effects config")
-        .effects
+        .policy(topic)
 }
 
 async fn commutative(prefix: &str, entity: &str) -> CommutativeView {
@@ -84,7 +84,7 @@ async fn counters_ledger_and_custom_effect_apply_exactly_once_through_sigkills()
         seed: 15,
         prefix: topic.clone(),
     });
-    let (model, counts, points) = payments::oracle(&records, &topic, &effects_of(&file));
+    let (model, counts, points) = payments::oracle(&records, &policy_of(&file, &topic));
     assert!(
         counts[&Outcome::Late] > 100,
         "the stream has late deposits: {counts:?}"
@@ -381,7 +381,7 @@ async fn a_replay_after_the_window_changes_nothing_and_only_unmarked_records_rec
         seed: 77,
         prefix: topic.clone(),
     });
-    let (model, _, points) = payments::oracle(&records, &topic, &effects_of(&file));
+    let (model, _, points) = payments::oracle(&records, &policy_of(&file, &topic));
     produce(&topic, &records).await;
     // Malformed records among them: dead-lettered, never counted again.
     let malformed: Vec<RawRecord<'_>> = (0..5)
@@ -573,11 +573,7 @@ async fn forget_offset_marks(prefix: &str) {
 /// The in-order state of each entity: its distinct events sorted by seq and
 /// applied one by one (each newer than the last, so per-entity order writes
 /// every one of them).
-fn in_order(
-    records: &[SampleRecord],
-    topic: &str,
-    effects: &idem::effects::EffectsConfig,
-) -> Model {
+fn in_order(records: &[SampleRecord], policy: &TopicPolicy) -> Model {
     let mut events: Vec<idem::event::Event> = records
         .iter()
         .map(|r| idem::event::decode(Some(&r.value), &Default::default(), 1 << 20).expect("valid"))
@@ -585,10 +581,13 @@ fn in_order(
     events.sort_by(|a, b| (&a.entity, a.seq).cmp(&(&b.entity, b.seq)));
     events.dedup_by(|a, b| a.id == b.id);
     let mut model = Model::default();
+    let per_entity = TopicPolicy {
+        state_order: idem::effects::StateOrder::PerEntity,
+        ..policy.clone()
+    };
     for e in &events {
-        let mut planned = effects.plan_for(topic, e).expect("plannable");
-        planned.state_order = idem::effects::StateOrder::PerEntity;
-        model.apply_effects(e, &planned);
+        let planned = policy.plan(e).expect("plannable");
+        model.apply_effects(e, &planned, &per_entity);
     }
     model
 }
@@ -628,15 +627,14 @@ async fn per_field_order_keeps_every_late_status_among_deposits() {
     wait_caught_up(&per_entity, &topic, 3, CATCH_UP).await;
     wait_caught_up(&per_field, &topic, 3, CATCH_UP).await;
 
-    let effects = effects_of(&file);
-    let mut field_effects = effects.clone();
-    field_effects.state_order = idem::effects::StateOrder::PerField;
-    let want = in_order(&records, &topic, &effects);
-    for (prefix, effects, process) in [
-        (&per_entity, &effects, &a),
-        (&per_field, &field_effects, &b),
-    ] {
-        let (model, counts, points) = payments::oracle(&records, &topic, effects);
+    let policy = policy_of(&file, &topic);
+    let field_policy = TopicPolicy {
+        state_order: idem::effects::StateOrder::PerField,
+        ..policy.clone()
+    };
+    let want = in_order(&records, &policy);
+    for (prefix, policy, process) in [(&per_entity, &policy, &a), (&per_field, &field_policy, &b)] {
+        let (model, counts, points) = payments::oracle(&records, policy);
         assert_effects(prefix, &model, &points).await;
         for (outcome, n) in &counts {
             assert_eq!(
@@ -763,7 +761,7 @@ async fn per_field_merges_spread_over_six_partitions_end_in_the_in_order_state()
         &IdemOpts::new(&topic, &topic, &topic).with("IDEM_CONFIG", file.to_str().unwrap()),
     );
     wait_caught_up(&topic, &topic, 6, CATCH_UP).await;
-    let want = in_order(&records, &topic, &effects_of(&file));
+    let want = in_order(&records, &policy_of(&file, &topic));
     let views = read_entities(&redis_url(), &topic, want.entities.keys()).await;
     let mut wrong = Vec::new();
     for (entity, m) in &want.entities {

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::*;
+use idem::config::TopicPolicy;
 use idem::effects::{Amount, Effects, Mutation, StateEffect, StateOrder};
 use idem::event::{Event, Op};
 use idem::guard::{Guard, GuardInput, Place};
@@ -39,10 +40,7 @@ fn random_amount(rng: &mut StdRng, scale: u8) -> Amount {
 /// removes on a few members; a quarter of the events have none (merge).
 fn random_effects(rng: &mut StdRng, id: &str, seq: u64, state_order: StateOrder) -> Effects {
     if rng.random_range(0..4) == 0 {
-        return Effects {
-            state_order,
-            ..Effects::default()
-        };
+        return Effects::default();
     }
     let state = match rng.random_range(0..4) {
         0 => StateEffect::Replace,
@@ -91,9 +89,6 @@ fn random_effects(rng: &mut StdRng, id: &str, seq: u64, state_order: StateOrder)
         state,
         fields,
         mutations,
-        state_order,
-        dense_seqs: false,
-        changelog: None,
     }
 }
 
@@ -294,7 +289,11 @@ type Saved = (
 /// Redis hold (and the last save of both).
 struct Run {
     prefix: String,
-    records: Vec<(Event, Effects)>,
+    /// Each record's event, effects and policy (an index into `policies`).
+    records: Vec<(Event, Effects, usize)>,
+    /// The case's topic under per-entity order (0) and per-field order (1):
+    /// a step picks its event's order, so the script meets both mixed.
+    policies: [TopicPolicy; 2],
     logs: [Log; 2],
     next_seq: [u64; 3],
     model: Model,
@@ -352,9 +351,7 @@ impl Run {
             StateOrder::PerEntity
         };
         let mut rng = StdRng::seed_from_u64(*effects);
-        let mut effects = random_effects(&mut rng, &id, seq, order);
-        effects.dense_seqs = case.dense;
-        effects.changelog = case.changelog.then(|| "src".into());
+        let effects = random_effects(&mut rng, &id, seq, order);
         let event = Event {
             ts: None,
             change: None,
@@ -367,7 +364,7 @@ impl Run {
             unset,
             fingerprint: rng.random::<u64>(),
         };
-        self.records.push((event, effects));
+        self.records.push((event, effects, usize::from(*per_field)));
         self.append(*p, i, *gap);
     }
 
@@ -447,7 +444,7 @@ impl Run {
                 .iter()
                 .map(|&(i, offset)| GuardInput {
                     event: &self.records[i].0,
-                    window: Duration::from_secs(3600),
+                    policy: &self.policies[self.records[i].2],
                     effects: &self.records[i].1,
                     place: case.marked[p].then_some(Place {
                         mark_field: &field,
@@ -596,9 +593,18 @@ async fn run_case(conn: &idem::store::RedisConn, prefix: String, case: &Case) {
         case.events_per_script,
         epoch,
     );
+    let policy = |state_order| TopicPolicy {
+        topic: "src".into(),
+        window: Duration::from_secs(3600),
+        dense_seqs: case.dense,
+        changelog: case.changelog,
+        state_order,
+        ..TopicPolicy::default()
+    };
     let mut run = Run {
         prefix: prefix.clone(),
         records: Vec::new(),
+        policies: [policy(StateOrder::PerEntity), policy(StateOrder::PerField)],
         logs: Default::default(),
         next_seq: [1; 3],
         model: Model::default(),
@@ -980,6 +986,15 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
             order: Order::Ordered,
         },
     ];
+    let plain = TopicPolicy {
+        topic: "orders".into(),
+        window: Duration::from_secs(3600),
+        ..TopicPolicy::default()
+    };
+    let per_field = TopicPolicy {
+        state_order: StateOrder::PerField,
+        ..plain.clone()
+    };
     let cases = [
         (
             event(
@@ -992,10 +1007,8 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
                 state: StateEffect::Merge,
                 fields: None,
                 mutations: mutations.clone(),
-                state_order: StateOrder::PerEntity,
-                dense_seqs: false,
-                changelog: None,
             },
+            &plain,
             "merge",
         ),
         (
@@ -1004,9 +1017,10 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
                 state: StateEffect::Replace,
                 fields: None,
                 mutations: Vec::new(),
-                state_order: StateOrder::PerEntity,
-                dense_seqs: false,
-                changelog: Some("orders".into()),
+            },
+            &TopicPolicy {
+                changelog: true,
+                ..plain.clone()
             },
             "replace",
         ),
@@ -1016,15 +1030,14 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
                 state: StateEffect::Keep,
                 fields: None,
                 mutations: vec![mutations[2].clone()],
-                state_order: StateOrder::PerEntity,
-                dense_seqs: false,
-                changelog: None,
             },
+            &plain,
             "keep",
         ),
         (
             event("d", Op::Delete, &[], &[]),
             Effects::default(),
+            &plain,
             "delete",
         ),
         // Per-field order: the field seqs are the event's first effect key.
@@ -1034,18 +1047,17 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
                 state: StateEffect::Merge,
                 fields: None,
                 mutations: mutations.clone(),
-                state_order: StateOrder::PerField,
+            },
+            &TopicPolicy {
                 dense_seqs: true,
-                changelog: None,
+                ..per_field.clone()
             },
             "merge",
         ),
         (
             event("f", Op::Delete, &[], &[]),
-            Effects {
-                state_order: StateOrder::PerField,
-                ..Effects::default()
-            },
+            Effects::default(),
+            &per_field,
             "delete",
         ),
     ];
@@ -1060,9 +1072,9 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
     let inputs: Vec<GuardInput<'_>> = cases
         .iter()
         .enumerate()
-        .map(|(i, (event, effects, _))| GuardInput {
+        .map(|(i, (event, effects, policy, _))| GuardInput {
             event,
-            window: Duration::from_secs(3600),
+            policy,
             effects,
             place: place(i),
         })
@@ -1099,11 +1111,11 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
     let expected: Vec<Value> = cases
         .iter()
         .enumerate()
-        .map(|(i, (e, effects, op))| {
+        .map(|(i, (e, effects, policy, op))| {
             let written = |k: &String| effects.writes_field(k);
             // Each effect key once, in the order the mutations name them,
             // after the field seqs under per-field order.
-            let per_field = effects.state_order == StateOrder::PerField;
+            let per_field = policy.per_field();
             let mut effect_keys: Vec<String> = Vec::new();
             if per_field {
                 effect_keys.push(keys.field_seqs());
@@ -1133,13 +1145,13 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
                 "mark_field": place(i).map_or("", |p| p.mark_field),
                 "offset": place(i).map_or(0, |p| p.offset),
                 "mark": place(i).map_or(String::new(), |p| format!("{}:{}", p.run_start, p.offset)),
-                "op": op, "per_field": per_field, "dense": effects.dense_seqs, "type": "deposit",
+                "op": op, "per_field": per_field, "dense": policy.dense_seqs, "type": "deposit",
                 "set": e.set.iter().filter(|(k, _)| written(k))
                     .flat_map(|(k, v)| [k.clone(), v.clone()]).collect::<Vec<_>>(),
                 "unset": e.unset.iter().filter(|k| written(k)).collect::<Vec<_>>(),
                 "mutations": effects.mutations.iter().map(|m| meaning(m, &e.set)).collect::<Vec<_>>(),
                 "commutative": effects.mutations.iter().any(Mutation::commutes),
-                "changelog": effects.changelog.as_deref().unwrap_or(""),
+                "changelog": if policy.changelog { "orders" } else { "" },
             })
         })
         .collect();
@@ -1215,9 +1227,6 @@ async fn a_ledger_with_max_age_drops_entries_older_than_it() {
                 max_len: 0,
                 max_age_ms: 300,
             }],
-            state_order: StateOrder::PerEntity,
-            dense_seqs: false,
-            changelog: None,
         };
         (event, effects)
     };
@@ -1247,7 +1256,7 @@ async fn a_ledger_with_max_age_drops_entries_older_than_it() {
         let (event, effects) = deposit(seq);
         let input = GuardInput {
             event: &event,
-            window: Duration::from_secs(3600),
+            policy: &hour(),
             effects: &effects,
             place: None,
         };
@@ -1296,9 +1305,10 @@ async fn offset_marks_replay_decided_records_and_hold_at_a_conflict() {
         event("b", 3, 3),
     );
     let effects = Effects::default();
+    let policy: &'static TopicPolicy = Box::leak(Box::new(hour()));
     let at = |event: &'static Event, offset: i64| GuardInput {
         event,
-        window: Duration::from_secs(3600),
+        policy,
         effects: Box::leak(Box::new(effects.clone())),
         place: Some(Place {
             mark_field: "o:0123456789ab:0",
@@ -1366,9 +1376,10 @@ async fn dense_seqs_close_gaps_at_the_cap_as_the_model_does() {
         .await
         .expect("epoch");
     let mut guard = Guard::new(conn.clone(), KeyLayout::new(&prefix), 64, epoch);
-    let effects = Effects {
+    let effects = Effects::default();
+    let dense = TopicPolicy {
         dense_seqs: true,
-        ..Effects::default()
+        ..hour()
     };
     let mut model = Model::default();
     let (mut closed_gaps, mut refused) = (0, 0);
@@ -1413,10 +1424,10 @@ async fn dense_seqs_close_gaps_at_the_cap_as_the_model_does() {
         for seq in skipped.iter().filter(|_| rng.random_range(0..2) == 0) {
             events.push(event(format!("{history}-{seq}"), *seq, *seq));
         }
-        let inputs = unplaced(&events, &effects);
+        let inputs = unplaced(&events, &effects, &dense);
         let verdicts = guard.apply(&inputs).await.unwrap();
         for (e, v) in events.iter().zip(&verdicts) {
-            let want = model.apply_effects(e, &effects);
+            let want = model.apply_effects(e, &effects, &dense);
             assert_eq!(v.outcome, want, "{e:?}");
             closed_gaps += v.dense_seqs_closed;
             if want == idem::model::Outcome::Invalid {
@@ -1445,13 +1456,26 @@ async fn dense_seqs_close_gaps_at_the_cap_as_the_model_does() {
     eprintln!("dense: {closed_gaps} seqs closed at the cap, {refused} late originals refused");
 }
 
-/// `events` to guard in a one-hour window, with no place in a log (no offset marks).
-fn unplaced<'a>(events: &'a [Event], effects: &'a Effects) -> Vec<GuardInput<'a>> {
+/// A plain topic's policy with a one-hour window.
+fn hour() -> TopicPolicy {
+    TopicPolicy {
+        topic: "src".into(),
+        window: Duration::from_secs(3600),
+        ..TopicPolicy::default()
+    }
+}
+
+/// `events` to guard under `policy`, with no place in a log (no offset marks).
+fn unplaced<'a>(
+    events: &'a [Event],
+    effects: &'a Effects,
+    policy: &'a TopicPolicy,
+) -> Vec<GuardInput<'a>> {
     events
         .iter()
         .map(|event| GuardInput {
             event,
-            window: Duration::from_secs(3600),
+            policy,
             effects,
             place: None,
         })
@@ -1504,7 +1528,8 @@ async fn calls_sent_as_built_survive_a_flushed_script_cache_and_a_durable_wait_i
         })
         .collect();
     let effects = Effects::default();
-    let inputs = unplaced(&events, &effects);
+    let plain = hour();
+    let inputs = unplaced(&events, &effects, &plain);
     let flush = || {
         let mut conn = conn.clone();
         async move {
@@ -1551,7 +1576,7 @@ async fn calls_sent_as_built_survive_a_flushed_script_cache_and_a_durable_wait_i
             ..e.clone()
         })
         .collect();
-    let again = |range: std::ops::Range<usize>| unplaced(&more[range], &effects);
+    let again = |range: std::ops::Range<usize>| unplaced(&more[range], &effects, &plain);
     let mut guard = guard_waiting_for(0);
     guard.begin_batch();
     let waited = guard.apply(&again(0..6)).await.expect("WAIT 0 is met");
@@ -1601,13 +1626,14 @@ async fn a_change_with_thousands_of_effects_reaches_the_outbox_whole() {
                 member: format!("m{i}"),
             })
             .collect(),
-        state_order: StateOrder::PerEntity,
-        dense_seqs: false,
-        changelog: Some("src".into()),
+    };
+    let changelog = TopicPolicy {
+        changelog: true,
+        ..hour()
     };
     let input = GuardInput {
         event: &event,
-        window: Duration::from_secs(3600),
+        policy: &changelog,
         effects: &effects,
         place: None,
     };

@@ -157,8 +157,9 @@ async fn plan_topic(
     let reset = config.kafka.auto_offset_reset;
     let partitions = (!args.partitions.is_empty()).then(|| args.partitions.clone());
     // Only where a re-read could count twice: the window's start, as a time.
-    let window = config.dedupe.window_for(topic);
-    let window_start_ms = config.effects.has_commutative(topic).then(|| {
+    let policy = config.policy(topic);
+    let window = policy.window;
+    let window_start_ms = policy.has_commutative().then(|| {
         crate::pipeline::unix_millis()
             .saturating_sub(i64::try_from(window.as_millis()).unwrap_or(i64::MAX))
     });

@@ -543,16 +543,17 @@ state = "keep"
         assert_eq!(other.state, StateEffect::Keep);
         assert!(e.rule_for("orders", Some("payment.captured")).is_none());
         assert!(load("").unwrap().effects.rules.is_empty());
-        let chained = load(
+        let chained_config = load(
             "[dedupe]\ndense_seq_topics = [\"o.changes\"]\n[[effects]]\ntopic = \"o.changes\"\ntypes = [\"idem.change\"]\nchanges = true\nledger = { max_len = 9 }\n",
         )
-        .unwrap()
-        .effects;
+        .unwrap();
+        let chained = &chained_config.effects;
         let rule = chained.rule_for("o.changes", Some("idem.change")).unwrap();
         assert!(rule.changes);
         assert_eq!(rule.state, StateEffect::Replace);
         assert_eq!(rule.ledger.as_ref().unwrap().max_len, Some(9));
-        assert!(chained.has_commutative("o.changes"));
+        assert!(chained_config.policy("o.changes").has_commutative());
+        assert!(!chained_config.policy("orders").has_commutative());
     }
 
     /// Each refusal names its key.
@@ -609,32 +610,17 @@ state = "keep"
         }
     }
 
-    /// `state.order` reaches every planned event; a commutative custom
+    /// `state.order` reaches every topic's policy; a commutative custom
     /// effect is accepted under per-field order.
     #[test]
-    fn the_state_order_is_planned_into_every_event() {
+    fn the_state_order_is_every_topics_policy() {
         let text = "[state]\norder = \"per_field\"\n[[effects]]\ntopic = \"t\"\ncustom = [{ file = \"SNIPPET\", order = \"commutative\", writes = [\"p\"] }]\n";
-        let e = load(text).unwrap().effects;
-        assert_eq!(e.state_order, StateOrder::PerField);
-        let event = crate::event::Event {
-            ts: None,
-            change: None,
-            id: "a".into(),
-            entity: "e".into(),
-            seq: 1,
-            op: crate::event::Op::Upsert,
-            kind: None,
-            set: vec![],
-            unset: vec![],
-            fingerprint: 0,
-        };
+        let c = load(text).unwrap();
+        assert_eq!(c.effects.state_order, StateOrder::PerField);
         for topic in ["t", "other"] {
-            assert_eq!(
-                e.plan_for(topic, &event).unwrap().state_order,
-                StateOrder::PerField
-            );
+            assert!(c.policy(topic).per_field(), "{topic}");
         }
-        assert_eq!(load("").unwrap().effects.state_order, StateOrder::PerEntity);
+        assert!(!load("").unwrap().policy("t").per_field());
         match load("[state]\norder = \"by_field\"\n").map_err(|e| e.first().clone()) {
             Err(ConfigError::Refused { key, message }) => {
                 assert_eq!(key, "state.order");

@@ -40,6 +40,7 @@ mod effects;
 mod forms;
 mod kafka;
 mod mistakes;
+mod policy;
 mod redis;
 mod sections;
 mod show;
@@ -50,6 +51,7 @@ mod values;
 pub use forms::format_duration;
 pub use kafka::{GroupProtocol, KafkaConfig, OffsetReset, SaslMechanism, SecurityProtocol};
 pub use mistakes::Mistake;
+pub use policy::{Policies, TopicPolicy};
 pub use redis::{Durability, RedisConfig, RedisMode};
 pub use sections::{
     ChangelogConfig, DedupeConfig, LogConfig, LogFormat, MetricsConfig, ShutdownConfig,

@@ -39,8 +39,7 @@ impl Document {
             self.effects,
             self.state.order,
             &self.dedupe.dense_seq_topics,
-        )?
-        .with_changelog(&self.changelog.topics);
+        )?;
         Ok(Config {
             kafka: self.kafka.checked()?,
             redis: self.redis.checked()?,

@@ -14,7 +14,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::config::{Config, DlqConfig};
+use crate::config::Config;
 use crate::event::Reason;
 use crate::kafka::QuietContext;
 use crate::offsets::TopicPartition;
@@ -45,6 +45,8 @@ pub mod header {
 /// One record to dead-letter.
 pub struct DeadLetter<'a> {
     pub source: &'a TopicPartition,
+    /// Where it goes: its source topic's dead-letter topic (`TopicPolicy`).
+    pub topic: &'a str,
     pub offset: i64,
     pub timestamp_ms: Option<i64>,
     pub key: Option<&'a [u8]>,
@@ -77,7 +79,6 @@ pub fn producer_max_bytes(event_max_bytes: usize) -> usize {
 pub struct DlqWriter {
     producer: FutureProducer<QuietContext>,
     group: String,
-    config: DlqConfig,
 }
 
 /// Why dead letters could not be written. Every kind is retried by the
@@ -130,7 +131,6 @@ impl DlqWriter {
         Ok(DlqWriter {
             producer,
             group: config.kafka.group_id.clone(),
-            config: config.dlq.clone(),
         })
     }
 
@@ -196,7 +196,7 @@ impl DlqWriter {
         l: &DeadLetter<'_>,
         as_reference: bool,
     ) -> Result<rdkafka::producer::DeliveryFuture, SendError> {
-        let topic = self.config.topic_for(&l.source.topic);
+        let topic = l.topic;
         let mut headers = OwnedHeaders::new_with_capacity(l.headers.len() + 14);
         let own_headers_bytes: usize = l.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
         // A reference keeps the record's headers unless they are what is too large.
@@ -215,7 +215,7 @@ impl DlqWriter {
                 value: Some(v.as_bytes()),
             });
         }
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(headers);
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
         if let Some(k) = l
             .key
             .filter(|k| !as_reference || k.len() <= REFERENCE_PREFIX_BYTES)

@@ -19,10 +19,7 @@ pub mod decimal;
 mod plan;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::Duration;
-
-use crate::event::{Event, Invalid};
 
 pub use decimal::{Amount, AmountError};
 pub use plan::{data_value, plan};
@@ -169,27 +166,12 @@ pub struct EffectsConfig {
     pub state_order: StateOrder,
     /// Topics whose entities' seqs are dense (`dedupe.dense_seq_topics`).
     pub dense_seq_topics: BTreeSet<String>,
-    /// Topics whose changes go to the outbox (`changelog.topics`), each
-    /// with its name as the guard writes it into the change.
-    pub changelog_topics: BTreeMap<String, Arc<str>>,
 }
 
 impl EffectsConfig {
-    /// With the changes of `topics` written to the outbox.
-    pub fn with_changelog(mut self, topics: &[String]) -> Self {
-        self.changelog_topics = topics
-            .iter()
-            .map(|t| (t.clone(), Arc::from(t.as_str())))
-            .collect();
-        self
-    }
-
-    /// The rule for an event of `kind` on `topic`: the one naming its type,
-    /// else the topic's catch-all, else none (merge, as without effects).
+    /// The rule for an event of `kind` on `topic` (see [`pick_rule`]).
     pub fn rule_for(&self, topic: &str, kind: Option<&str>) -> Option<&Rule> {
-        let of_topic = || self.rules.iter().filter(move |r| r.topic == topic);
-        kind.and_then(|k| of_topic().find(|r| r.types.iter().any(|t| t == k)))
-            .or_else(|| of_topic().find(|r| r.types.is_empty()))
+        pick_rule(self.rules.iter().filter(|r| r.topic == topic), kind)
     }
 
     /// Each rule in a line, as the start-up log shows them, e.g.
@@ -226,18 +208,6 @@ impl EffectsConfig {
             .collect()
     }
 
-    /// Whether some event of `topic` has an effect that applies to a late
-    /// event too (so a replay from before the dedupe window counts again).
-    pub fn has_commutative(&self, topic: &str) -> bool {
-        self.rules.iter().filter(|r| r.topic == topic).any(|r| {
-            r.changes
-                || !r.counters.is_empty()
-                || r.ledger.is_some()
-                || !r.sets.is_empty()
-                || r.custom.iter().any(|c| c.order == Order::Commutative)
-        })
-    }
-
     /// Every declared ledger stream and set name (sorted, once each).
     pub fn names(&self) -> (Vec<String>, Vec<String>) {
         let streams: BTreeSet<String> = self
@@ -252,15 +222,16 @@ impl EffectsConfig {
             .collect();
         (streams.into_iter().collect(), sets.into_iter().collect())
     }
+}
 
-    /// `event`'s effects on `topic` (see [`plan`]).
-    pub fn plan_for(&self, topic: &str, event: &Event) -> Result<Effects, Invalid> {
-        let mut effects = plan(event, self.rule_for(topic, event.kind.as_deref()))?;
-        effects.state_order = self.state_order;
-        effects.dense_seqs = self.dense_seq_topics.contains(topic);
-        effects.changelog = self.changelog_topics.get(topic).cloned();
-        Ok(effects)
-    }
+/// Among one topic's `rules`: the one naming `kind`, else the catch-all
+/// (no types), else none (merge, as without effects).
+pub fn pick_rule<'a>(
+    rules: impl Iterator<Item = &'a Rule> + Clone,
+    kind: Option<&str>,
+) -> Option<&'a Rule> {
+    let named = kind.and_then(|k| rules.clone().find(|r| r.types.iter().any(|t| t == k)));
+    named.or_else(|| rules.clone().find(|r| r.types.is_empty()))
 }
 
 /// One commutative or custom change, ready for the guard and the model.
@@ -316,9 +287,6 @@ pub static MERGE: Effects = Effects {
     state: StateEffect::Merge,
     fields: None,
     mutations: Vec::new(),
-    state_order: StateOrder::PerEntity,
-    dense_seqs: false,
-    changelog: None,
 };
 
 /// An event's planned effects. The default is today's merge of every field.
@@ -327,13 +295,6 @@ pub struct Effects {
     pub state: StateEffect,
     pub fields: Option<Vec<String>>,
     pub mutations: Vec<Mutation>,
-    pub state_order: StateOrder,
-    /// Whether the event's topic numbers its entities' seqs densely: the
-    /// guard then recognises a decided seq whatever the window.
-    pub dense_seqs: bool,
-    /// The event's topic when its changes go to the outbox
-    /// (`changelog.topics`): the guard writes each change it makes there.
-    pub changelog: Option<Arc<str>>,
 }
 
 impl Effects {

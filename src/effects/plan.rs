@@ -85,9 +85,6 @@ pub fn plan(event: &Event, rule: Option<&Rule>) -> Result<Effects, Invalid> {
         state: rule.state.clone(),
         fields: rule.fields.clone(),
         mutations,
-        state_order: super::StateOrder::PerEntity,
-        dense_seqs: false,
-        changelog: None,
     })
 }
 

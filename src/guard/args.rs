@@ -7,7 +7,7 @@
 //! parsed a call of every kind (tests/guard.rs).
 
 use super::GuardInput;
-use crate::effects::{Effects, Mutation, Order, StateEffect, StateOrder};
+use crate::effects::{Effects, Mutation, Order, StateEffect};
 use crate::event::{id_hash, Event, Op};
 use crate::store::EntityKeys;
 
@@ -63,9 +63,14 @@ pub struct EffectParts {
 }
 
 impl EffectParts {
-    pub fn new(entity: &EntityKeys, event: &Event, effects: &Effects) -> EffectParts {
+    pub fn new(
+        entity: &EntityKeys,
+        event: &Event,
+        effects: &Effects,
+        per_field: bool,
+    ) -> EffectParts {
         let mut parts = EffectParts::default();
-        if effects.state_order == StateOrder::PerField {
+        if per_field {
             // Always the first: the script reads it as the event's key 1.
             parts.key(entity.field_seqs());
         }
@@ -154,8 +159,7 @@ impl EffectParts {
 /// The state code the script reads (read.lua): what the event does to the state, and
 /// under which order (`field:` for `state.order = "per_field"`, whose
 /// event's first effect key is the field seqs hash).
-pub fn state_code(event: &Event, effects: &Effects) -> &'static str {
-    let per_field = effects.state_order == StateOrder::PerField;
+pub fn state_code(event: &Event, effects: &Effects, per_field: bool) -> &'static str {
     match (event.op, &effects.state, per_field) {
         (Op::Delete, _, false) => "delete",
         (Op::Upsert, StateEffect::Merge, false) => "merge",
@@ -198,8 +202,9 @@ pub fn push_event_args(
         ),
         None => cmd.arg("").arg(0).arg(""),
     };
-    cmd.arg(if effects.dense_seqs { "1" } else { "" })
-        .arg(state_code(e, effects))
+    let policy = input.policy;
+    cmd.arg(if policy.dense_seqs { "1" } else { "" })
+        .arg(state_code(e, effects, policy.per_field()))
         .arg(set.len());
     for (k, v) in set {
         cmd.arg(k).arg(v);
@@ -214,8 +219,8 @@ pub fn push_event_args(
     for a in &parts.args {
         cmd.arg(a);
     }
-    cmd.arg(effects.changelog.as_deref().unwrap_or(""));
-    if effects.changelog.is_some() {
+    cmd.arg(if policy.changelog { &policy.topic } else { "" });
+    if policy.changelog {
         cmd.arg(e.ts.as_deref().unwrap_or(""));
     }
 }
@@ -260,7 +265,7 @@ mod tests {
             ..Effects::default()
         };
         let entity = crate::store::KeyLayout::new("p").entity("e");
-        let parts = EffectParts::new(&entity, &event, &effects);
+        let parts = EffectParts::new(&entity, &event, &effects, false);
         assert_eq!(
             parts.keys,
             ["p:{e}:counters", "p:{e}:set:s", "p:{e}:set:s:seq"]
@@ -274,7 +279,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            EffectParts::new(&entity, &event, &Effects::default()),
+            EffectParts::new(&entity, &event, &Effects::default(), false),
             EffectParts::default()
         );
     }

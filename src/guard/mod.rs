@@ -450,12 +450,15 @@ impl Guard {
             .collect();
         let generations: Vec<IdGenerations> = chunk
             .iter()
-            .map(|&i| id_generations(now_ms, inputs[i].window))
+            .map(|&i| id_generations(now_ms, inputs[i].policy.window))
             .collect();
         let parts: Vec<EffectParts> = chunk
             .iter()
             .zip(&entities)
-            .map(|(&i, keys)| EffectParts::new(keys, inputs[i].event, inputs[i].effects))
+            .map(|(&i, keys)| {
+                let input = &inputs[i];
+                EffectParts::new(keys, input.event, input.effects, input.policy.per_field())
+            })
             .collect();
         let keys = 2 + 4 * chunk.len() + parts.iter().map(|p| p.keys.len()).sum::<usize>();
         cmd.arg(keys);

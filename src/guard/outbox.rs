@@ -16,7 +16,7 @@ impl Guard {
         let cluster = self.conn.is_cluster();
         let slots: std::collections::BTreeSet<u16> = inputs
             .iter()
-            .filter(|i| i.effects.changelog.is_some())
+            .filter(|i| i.policy.changelog)
             .map(|i| {
                 if cluster {
                     hash_slot(self.layout.entity_base(&i.event.entity).as_bytes())

@@ -96,7 +96,10 @@ pub fn id_generations(now_ms: u64, window: Duration) -> IdGenerations {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::TopicPolicy;
     use crate::event::{Event, Op};
+
+    static POLICY: std::sync::LazyLock<TopicPolicy> = std::sync::LazyLock::new(Default::default);
 
     fn event(entity: &str) -> Event {
         Event {
@@ -118,7 +121,7 @@ mod tests {
             .iter()
             .map(|event| GuardInput {
                 event,
-                window: Duration::from_secs(1),
+                policy: &POLICY,
                 effects: &crate::effects::MERGE,
                 place: None,
             })

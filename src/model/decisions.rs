@@ -4,12 +4,18 @@
 
 use super::entity::EntityModel;
 use super::outcome::{classify, Outcome};
-use crate::effects::{Effects, StateEffect, StateOrder};
+use crate::config::TopicPolicy;
+use crate::effects::{Effects, StateEffect};
 use crate::event::{id_hash, Event, Op};
 
 impl EntityModel {
     /// Decides `event` by the window and the entity's order mode.
-    pub(super) fn decide(&mut self, event: &Event, effects: &Effects) -> Outcome {
+    pub(super) fn decide(
+        &mut self,
+        event: &Event,
+        effects: &Effects,
+        policy: &TopicPolicy,
+    ) -> Outcome {
         let key = id_hash(&event.id);
         let outcome = classify(
             self.remembered.get(&key).copied(),
@@ -20,7 +26,7 @@ impl EntityModel {
         if !matches!(outcome, Outcome::Applied | Outcome::Stale) {
             return outcome;
         }
-        if effects.state_order == StateOrder::PerField {
+        if policy.per_field() {
             return self.apply_per_field(event, effects);
         }
         let newer = outcome == Outcome::Applied;

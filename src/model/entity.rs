@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::dense::{DenseMark, Seen};
 use super::outcome::Outcome;
-use crate::effects::{Amount, Effects};
+use crate::config::TopicPolicy;
+use crate::effects::{Amount, Effects, MERGE};
 use crate::event::{id_hash, Event};
 
 /// What Redis holds for one entity, as the model sees it.
@@ -54,12 +55,14 @@ pub struct EntityModel {
 }
 
 impl EntityModel {
-    /// Decides `event` and applies its effect (merge), exactly as the guard script does.
+    /// Decides `event` and applies its effect (merge) under a plain policy
+    /// (no dense seqs, per-entity order), exactly as the guard script does.
     pub fn apply(&mut self, event: &Event) -> Outcome {
-        self.apply_effects(event, &Effects::default())
+        self.apply_effects(event, &MERGE, &TopicPolicy::default())
     }
 
-    /// Decides `event` and applies `effects`, exactly as the guard script does.
+    /// Decides `event` and applies `effects` under its topic's `policy`,
+    /// exactly as the guard script does.
     ///
     /// | id in window | seq newer | commutative part | outcome   | writes                         |
     /// |--------------|-----------|------------------|-----------|--------------------------------|
@@ -68,15 +71,20 @@ impl EntityModel {
     /// | no           | no        | yes              | late      | the commutative mutations only |
     /// | no           | no        | no               | stale     | none (the id is remembered)    |
     /// | no           | any       | a counter would pass 38 digits | invalid | none, not even the id |
-    pub fn apply_effects(&mut self, event: &Event, effects: &Effects) -> Outcome {
+    pub fn apply_effects(
+        &mut self,
+        event: &Event,
+        effects: &Effects,
+        policy: &TopicPolicy,
+    ) -> Outcome {
         // The rule counts exactly below 10^15: it does not start for an
         // entity whose seq is above that.
-        let dense = effects.dense_seqs
+        let dense = policy.dense_seqs
             && event.seq <= DenseMark::MAX_SEQ
             && (self.dense.is_some() || self.seq.unwrap_or(0) <= DenseMark::MAX_SEQ)
             && !self.remembered.contains_key(&id_hash(&event.id));
         if !dense {
-            return self.decide(event, effects);
+            return self.decide(event, effects, policy);
         }
         let mut mark = self
             .dense
@@ -90,7 +98,7 @@ impl EntityModel {
                 Seen::InClosedGap => Outcome::Invalid,
             };
         }
-        let outcome = self.decide(event, effects);
+        let outcome = self.decide(event, effects, policy);
         if outcome.decides() && event.seq >= mark.base {
             mark.decide(event.seq, event.fingerprint);
             self.dense = Some(mark);
@@ -106,21 +114,27 @@ pub struct Model {
 }
 
 impl Model {
-    /// Decides and applies one event (merge).
+    /// Decides and applies one event (merge, a plain policy).
     pub fn apply(&mut self, event: &Event) -> Outcome {
-        self.apply_effects(event, &Effects::default())
+        self.apply_effects(event, &MERGE, &TopicPolicy::default())
     }
 
-    /// Decides and applies one event with its planned effects.
-    pub fn apply_effects(&mut self, event: &Event, effects: &Effects) -> Outcome {
+    /// Decides and applies one event with its planned effects under its
+    /// topic's policy.
+    pub fn apply_effects(
+        &mut self,
+        event: &Event,
+        effects: &Effects,
+        policy: &TopicPolicy,
+    ) -> Outcome {
         self.entities
             .entry(event.entity.clone())
             .or_default()
-            .apply_effects(event, effects)
+            .apply_effects(event, effects, policy)
     }
 
-    /// Decides and applies one event seen at `at_ms`, with a dedupe window
-    /// of `window_ms`. Redis remembers an id for at least one window and at
+    /// Decides and applies one event seen at `at_ms`, with its topic's
+    /// dedupe window (`policy.window`). Redis remembers an id for at least one window and at
     /// most two (generations), so an id seen again after `gap` ms:
     ///
     /// | gap               | remembered by Redis? | model             |
@@ -135,10 +149,11 @@ impl Model {
         &mut self,
         event: &Event,
         effects: &Effects,
+        policy: &TopicPolicy,
         at_ms: i64,
-        window_ms: i64,
         keep_ambiguous: bool,
     ) -> Outcome {
+        let window_ms = policy.window.as_millis() as i64;
         let entity = self.entities.entry(event.entity.clone()).or_default();
         let key = id_hash(&event.id);
         if let Some(first) = entity.remembered_at.get(&key).copied() {
@@ -150,7 +165,7 @@ impl Model {
                 entity.remembered_at.remove(&key);
             }
         }
-        let outcome = entity.apply_effects(event, effects);
+        let outcome = entity.apply_effects(event, effects, policy);
         if outcome.decides() {
             entity.remembered_at.insert(key, at_ms);
         }

@@ -3,21 +3,21 @@
 //! `decide_seen_record`, `mark_decided` and `hold_mark` do with a record's
 //! place in its log and the batch's token.
 
-use std::time::Duration;
-
 use super::entity::{EntityModel, Model};
 use super::outcome::{Outcome, Verdict};
+use crate::config::TopicPolicy;
 use crate::consumed::Mark;
 use crate::effects::Effects;
 use crate::event::{id_hash, Event};
 
 /// One record as the guard (and the model) receives it: the event, its
-/// planned effects, its topic's dedupe window (the model has no clock: it
-/// forgets ids when told), and its place in its log.
+/// topic's policy (its dedupe window: the model has no clock and forgets
+/// ids when told; dense seqs, the changelog, the state's order), its
+/// planned effects, and its place in its log.
 #[derive(Debug, Clone, Copy)]
 pub struct GuardInput<'a> {
     pub event: &'a Event,
-    pub window: Duration,
+    pub policy: &'a TopicPolicy,
     /// Its planned effects (`Effects::default()`: merge every field).
     pub effects: &'a Effects,
     /// Where the record sits in its log, for the entity's offset mark
@@ -96,7 +96,7 @@ impl EntityModel {
         });
         let plain = Verdict::of;
         if self.remembered.contains_key(&key) {
-            let outcome = self.apply_effects(d.event, d.effects);
+            let outcome = self.apply_effects(d.event, d.effects, d.policy);
             let earlier_attempt = self
                 .decided_by
                 .get(&key)
@@ -120,7 +120,7 @@ impl EntityModel {
         if covered {
             return (plain(Outcome::Replayed), MarkMove::Leave);
         }
-        let outcome = self.apply_effects(d.event, d.effects);
+        let outcome = self.apply_effects(d.event, d.effects, d.policy);
         if outcome.decides() {
             self.decided_by.insert(key, (token, outcome));
         }

@@ -2,8 +2,18 @@
 //! in-order state per field whatever the arrival order.
 
 use super::*;
-use crate::effects::{Effects, StateEffect, StateOrder};
+use crate::config::TopicPolicy;
+use crate::effects::{Effects, StateEffect, StateOrder, MERGE};
 use crate::event::{Event, Op};
+
+/// A topic's policy under `state_order`, with a window of one second.
+fn policy(state_order: StateOrder) -> TopicPolicy {
+    TopicPolicy {
+        window: std::time::Duration::from_secs(1),
+        state_order,
+        ..TopicPolicy::default()
+    }
+}
 
 /// The labels are a contract (metrics, reports, alerts).
 #[test]
@@ -103,7 +113,7 @@ fn stale_ids_are_remembered_and_window_expiry_turns_duplicates_stale() {
 /// its seq again; between one and two windows the entity is ambiguous.
 #[test]
 fn windowed_model_forgets_ids_like_redis() {
-    let w = 1000;
+    let window = policy(StateOrder::PerEntity);
     for (gap, keep, reused_outcome, ambiguous) in [
         (500, false, Outcome::Duplicate, false),
         (999, false, Outcome::Duplicate, false),
@@ -119,8 +129,8 @@ fn windowed_model_forgets_ids_like_redis() {
         let first = m.apply_at(
             &ev("a", 1, Op::Upsert, &[], 1),
             &Effects::default(),
+            &window,
             0,
-            w,
             keep,
         );
         assert_eq!(first, Outcome::Applied);
@@ -129,8 +139,8 @@ fn windowed_model_forgets_ids_like_redis() {
         let outcome = m.apply_at(
             &ev("a", 2, Op::Upsert, &[], 1),
             &Effects::default(),
+            &window,
             gap,
-            w,
             keep,
         );
         assert_eq!(outcome, reused_outcome, "gap {gap}");
@@ -189,7 +199,6 @@ fn random_history(rng: &mut rand::rngs::StdRng, distinct: bool) -> Vec<(Event, E
             };
             let effects = Effects {
                 state,
-                state_order: StateOrder::PerField,
                 ..Effects::default()
             };
             (event, effects)
@@ -197,10 +206,10 @@ fn random_history(rng: &mut rand::rngs::StdRng, distinct: bool) -> Vec<(Event, E
         .collect()
 }
 
-fn run(history: &[(Event, Effects)]) -> EntityModel {
+fn run(history: &[(Event, Effects)], order: StateOrder) -> EntityModel {
     let mut m = EntityModel::default();
     for (event, effects) in history {
-        m.apply_effects(event, effects);
+        m.apply_effects(event, effects, &policy(order));
     }
     m
 }
@@ -219,7 +228,8 @@ fn per_field_order_ends_in_the_in_order_state_whatever_the_arrival_order() {
         let history = random_history(&mut rng, distinct);
         let mut shuffled = history.clone();
         shuffled.shuffle(&mut rng);
-        let (a, b) = (run(&history), run(&shuffled));
+        let per_field = StateOrder::PerField;
+        let (a, b) = (run(&history, per_field), run(&shuffled, per_field));
         assert_eq!(
             (&a.state, a.deleted),
             (&b.state, b.deleted),
@@ -228,10 +238,7 @@ fn per_field_order_ends_in_the_in_order_state_whatever_the_arrival_order() {
         if distinct {
             let mut in_order = history.clone();
             in_order.sort_by_key(|(e, _)| e.seq);
-            for (_, effects) in &mut in_order {
-                effects.state_order = StateOrder::PerEntity;
-            }
-            let want = run(&in_order);
+            let want = run(&in_order, StateOrder::PerEntity);
             assert_eq!(
                 (&a.state, a.deleted),
                 (&want.state, want.deleted),
@@ -253,16 +260,12 @@ fn a_late_field_is_written_per_field_and_stale_per_entity() {
     ] {
         let keep = Effects {
             state: StateEffect::Keep,
-            state_order: order,
             ..Effects::default()
         };
-        let merge = Effects {
-            state_order: order,
-            ..Effects::default()
-        };
+        let (merge, policy) = (Effects::default(), policy(order));
         let mut m = EntityModel::default();
-        assert_eq!(m.apply_effects(&deposit, &keep), Outcome::Applied);
-        assert_eq!(m.apply_effects(&status, &merge), want, "{order:?}");
+        assert_eq!(m.apply_effects(&deposit, &keep, &policy), Outcome::Applied);
+        assert_eq!(m.apply_effects(&status, &merge, &policy), want, "{order:?}");
         assert_eq!(m.state.get("status").map(String::as_str), state);
         assert_eq!(m.seq, Some(11));
     }
@@ -271,48 +274,59 @@ fn a_late_field_is_written_per_field_and_stale_per_entity() {
 /// Outcomes under per-field order, and the switch from per-entity order.
 #[test]
 fn per_field_outcomes_by_example() {
-    let merge = Effects {
-        state_order: StateOrder::PerField,
-        ..Effects::default()
-    };
+    let per_field = policy(StateOrder::PerField);
+    let merge = Effects::default();
     let replace = Effects {
         state: StateEffect::Replace,
         ..merge.clone()
     };
     let mut m = EntityModel::default();
-    m.apply_effects(&ev("a", 5, Op::Upsert, &[("x", "1")], 1), &merge);
+    m.apply_effects(
+        &ev("a", 5, Op::Upsert, &[("x", "1")], 1),
+        &merge,
+        &per_field,
+    );
     // y is new, x has a newer writer: partial.
     assert_eq!(
         m.apply_effects(
             &ev("b", 3, Op::Upsert, &[("x", "0"), ("y", "0")], 2),
-            &merge
+            &merge,
+            &per_field
         ),
         Outcome::Partial
     );
     assert_eq!(m.state.get("x").map(String::as_str), Some("1"));
     // A replace at 7 removes both; a write at 6 comes too late.
     assert_eq!(
-        m.apply_effects(&ev("c", 7, Op::Upsert, &[("z", "1")], 3), &replace),
+        m.apply_effects(
+            &ev("c", 7, Op::Upsert, &[("z", "1")], 3),
+            &replace,
+            &per_field
+        ),
         Outcome::Applied
     );
     assert_eq!(
-        m.apply_effects(&ev("d", 6, Op::Upsert, &[("w", "1")], 4), &merge),
+        m.apply_effects(
+            &ev("d", 6, Op::Upsert, &[("w", "1")], 4),
+            &merge,
+            &per_field
+        ),
         Outcome::Stale
     );
     assert_eq!(m.state.keys().collect::<Vec<_>>(), ["z"]);
     // A delete at 5 is below the floor; one at 9 empties; an upsert
     // without data at 10 brings the entity back.
     assert_eq!(
-        m.apply_effects(&ev("e", 5, Op::Delete, &[], 5), &merge),
+        m.apply_effects(&ev("e", 5, Op::Delete, &[], 5), &merge, &per_field),
         Outcome::Stale
     );
     assert_eq!(
-        m.apply_effects(&ev("f", 9, Op::Delete, &[], 6), &merge),
+        m.apply_effects(&ev("f", 9, Op::Delete, &[], 6), &merge, &per_field),
         Outcome::Applied
     );
     assert!(m.deleted && m.state.is_empty());
     assert_eq!(
-        m.apply_effects(&ev("g", 10, Op::Upsert, &[], 7), &merge),
+        m.apply_effects(&ev("g", 10, Op::Upsert, &[], 7), &merge, &per_field),
         Outcome::Applied
     );
     assert!(!m.deleted);
@@ -320,20 +334,31 @@ fn per_field_outcomes_by_example() {
     let mut m = EntityModel::default();
     m.apply(&ev("a", 20, Op::Upsert, &[("x", "1")], 1));
     assert_eq!(
-        m.apply_effects(&ev("b", 19, Op::Upsert, &[("y", "1")], 2), &merge),
+        m.apply_effects(
+            &ev("b", 19, Op::Upsert, &[("y", "1")], 2),
+            &merge,
+            &per_field
+        ),
         Outcome::Stale
     );
     assert_eq!(m.floor, Some((20, true)));
     assert_eq!(
-        m.apply_effects(&ev("c", 21, Op::Upsert, &[("y", "2")], 3), &merge),
+        m.apply_effects(
+            &ev("c", 21, Op::Upsert, &[("y", "2")], 3),
+            &merge,
+            &per_field
+        ),
         Outcome::Applied
     );
     // Copies after the window change nothing, and say so: a merge, a
     // replace and a delete at the seq they already wrote.
     let del = ev("d", 22, Op::Delete, &[], 4);
     let rep = ev("r", 23, Op::Upsert, &[("y", "3")], 5);
-    assert_eq!(m.apply_effects(&del, &merge), Outcome::Applied);
-    assert_eq!(m.apply_effects(&rep, &replace), Outcome::Applied);
+    assert_eq!(m.apply_effects(&del, &merge, &per_field), Outcome::Applied);
+    assert_eq!(
+        m.apply_effects(&rep, &replace, &per_field),
+        Outcome::Applied
+    );
     let before = m.clone();
     m.remembered.clear();
     for (event, effects) in [
@@ -341,7 +366,11 @@ fn per_field_outcomes_by_example() {
         (&del, &merge),
         (&rep, &replace),
     ] {
-        assert_eq!(m.apply_effects(event, effects), Outcome::Stale, "{event:?}");
+        assert_eq!(
+            m.apply_effects(event, effects, &per_field),
+            Outcome::Stale,
+            "{event:?}"
+        );
     }
     assert_eq!(
         (&m.state, m.deleted, m.applied),
@@ -354,30 +383,34 @@ fn per_field_outcomes_by_example() {
 /// an entity decided before the rule began.
 #[test]
 fn dense_seqs_by_example() {
-    let dense = Effects {
+    let dense = TopicPolicy {
         dense_seqs: true,
-        ..Effects::default()
+        ..TopicPolicy::default()
     };
     let mut m = EntityModel::default();
     for seq in 1..=3 {
         assert_eq!(
-            m.apply_effects(&ev(&format!("a{seq}"), seq, Op::Upsert, &[], seq), &dense),
+            m.apply_effects(
+                &ev(&format!("a{seq}"), seq, Op::Upsert, &[], seq),
+                &MERGE,
+                &dense
+            ),
             Outcome::Applied
         );
     }
     // The window forgot the ids: a copy is a duplicate by its seq.
     m.remembered.clear();
     assert_eq!(
-        m.apply_effects(&ev("a2", 2, Op::Upsert, &[], 2), &dense),
+        m.apply_effects(&ev("a2", 2, Op::Upsert, &[], 2), &MERGE, &dense),
         Outcome::Duplicate
     );
     assert_eq!(
-        m.apply_effects(&ev("x", 2, Op::Upsert, &[], 2), &dense),
+        m.apply_effects(&ev("x", 2, Op::Upsert, &[], 2), &MERGE, &dense),
         Outcome::Duplicate
     );
     // At the newest seq idem knows the fingerprint: another event is a conflict.
     assert_eq!(
-        m.apply_effects(&ev("y", 3, Op::Upsert, &[], 99), &dense),
+        m.apply_effects(&ev("y", 3, Op::Upsert, &[], 99), &MERGE, &dense),
         Outcome::Conflict
     );
     assert_eq!(
@@ -386,7 +419,11 @@ fn dense_seqs_by_example() {
     );
     // Seq 4 never comes; 5 ..= 37 wait above it, one more than the cap.
     for seq in 5..=37 {
-        m.apply_effects(&ev(&format!("a{seq}"), seq, Op::Upsert, &[], seq), &dense);
+        m.apply_effects(
+            &ev(&format!("a{seq}"), seq, Op::Upsert, &[], seq),
+            &MERGE,
+            &dense,
+        );
     }
     let d = m.dense.clone().unwrap();
     assert_eq!(
@@ -395,10 +432,10 @@ fn dense_seqs_by_example() {
     );
     // Another event at a waiting seq is a conflict too.
     let mut w = EntityModel::default();
-    w.apply_effects(&ev("b1", 1, Op::Upsert, &[], 1), &dense);
-    w.apply_effects(&ev("b3", 3, Op::Upsert, &[], 3), &dense);
+    w.apply_effects(&ev("b1", 1, Op::Upsert, &[], 1), &MERGE, &dense);
+    w.apply_effects(&ev("b3", 3, Op::Upsert, &[], 3), &MERGE, &dense);
     assert_eq!(
-        w.apply_effects(&ev("z", 3, Op::Upsert, &[], 7), &dense),
+        w.apply_effects(&ev("z", 3, Op::Upsert, &[], 7), &MERGE, &dense),
         Outcome::Conflict
     );
     assert_eq!(
@@ -408,7 +445,7 @@ fn dense_seqs_by_example() {
     // The late original of seq 4: refused (dead-lettered), nothing written.
     let before = m.clone();
     assert_eq!(
-        m.apply_effects(&ev("a4", 4, Op::Upsert, &[("v", "4")], 4), &dense),
+        m.apply_effects(&ev("a4", 4, Op::Upsert, &[("v", "4")], 4), &MERGE, &dense),
         Outcome::Invalid
     );
     assert_eq!(m, before);
@@ -417,12 +454,12 @@ fn dense_seqs_by_example() {
     let mut old = EntityModel::default();
     old.apply(&ev("o10", 10, Op::Upsert, &[], 10));
     assert_eq!(
-        old.apply_effects(&ev("o11", 11, Op::Upsert, &[], 11), &dense),
+        old.apply_effects(&ev("o11", 11, Op::Upsert, &[], 11), &MERGE, &dense),
         Outcome::Applied
     );
     assert_eq!(old.dense.as_ref().unwrap().encode().0, "11:11");
     assert_eq!(
-        old.apply_effects(&ev("o5", 5, Op::Upsert, &[], 5), &dense),
+        old.apply_effects(&ev("o5", 5, Op::Upsert, &[], 5), &MERGE, &dense),
         Outcome::Stale
     );
 }
@@ -431,21 +468,25 @@ fn dense_seqs_by_example() {
 /// as every decided id is (the windowed model reconcile uses).
 #[test]
 fn a_partial_events_id_leaves_the_window_like_any_other() {
-    let merge = Effects {
-        state_order: StateOrder::PerField,
-        ..Effects::default()
-    };
+    let merge = Effects::default();
+    let per_field = policy(StateOrder::PerField);
     let mut m = Model::default();
     let newer = ev("b", 3, Op::Upsert, &[("z", "1")], 1);
     let older = ev("a", 2, Op::Upsert, &[("z", "0"), ("y", "0")], 2);
-    assert_eq!(m.apply_at(&newer, &merge, 0, 1000, false), Outcome::Applied);
-    assert_eq!(m.apply_at(&older, &merge, 1, 1000, false), Outcome::Partial);
     assert_eq!(
-        m.apply_at(&older, &merge, 500, 1000, false),
+        m.apply_at(&newer, &merge, &per_field, 0, false),
+        Outcome::Applied
+    );
+    assert_eq!(
+        m.apply_at(&older, &merge, &per_field, 1, false),
+        Outcome::Partial
+    );
+    assert_eq!(
+        m.apply_at(&older, &merge, &per_field, 500, false),
         Outcome::Duplicate
     );
     assert_eq!(
-        m.apply_at(&older, &merge, 3000, 1000, false),
+        m.apply_at(&older, &merge, &per_field, 3000, false),
         Outcome::Stale
     );
 }

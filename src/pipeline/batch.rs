@@ -1,10 +1,10 @@
 //! A batch of fetched records, decoded and owned, so it can move from the
 //! fetch loop to the guard stage.
 
-use std::time::Duration;
+use std::sync::Arc;
 
 use super::consumer::Fetched;
-use crate::config::Config;
+use crate::config::{EventConfig, Policies, TopicPolicy};
 use crate::effects::Effects;
 use crate::event::{self, Event, Invalid};
 use crate::guard::Verdict;
@@ -35,13 +35,12 @@ pub struct Item {
 /// effects cannot be planned becomes invalid (dead-lettered with the reason).
 pub fn plan_effects(
     decoded: Result<Event, Invalid>,
-    topic: &str,
-    config: &Config,
+    policy: &TopicPolicy,
 ) -> (Result<Event, Invalid>, Effects) {
     let Ok(event) = decoded else {
         return (decoded, Effects::default());
     };
-    match config.effects.plan_for(topic, &event) {
+    match policy.plan(&event) {
         Ok(planned) => (Ok(event), planned),
         Err(invalid) => (Err(invalid), Effects::default()),
     }
@@ -50,33 +49,29 @@ pub fn plan_effects(
 /// Records in fetch order, with the partitions they came from.
 pub struct Batch {
     pub partitions: Vec<TopicPartition>,
-    /// The dedupe window of each partition's topic.
-    pub windows: Vec<Duration>,
+    /// The policy of each partition's topic.
+    pub policies: Vec<Arc<TopicPolicy>>,
     pub items: Vec<Item>,
 }
 
 impl Batch {
-    /// Decodes `records` in order.
-    pub fn decode(records: Vec<Fetched>, config: &Config) -> Batch {
+    /// Decodes `records` in order, each under its topic's policy.
+    pub fn decode(records: Vec<Fetched>, policies: &Policies, format: &EventConfig) -> Batch {
         let mut batch = Batch {
             partitions: Vec::new(),
-            windows: Vec::new(),
+            policies: Vec::new(),
             items: Vec::with_capacity(records.len()),
         };
         for Fetched { tp, record: r } in records {
-            let partition_index = batch.partition_index(&tp, config);
+            let partition_index = batch.partition_index(&tp, policies);
             let header_refs = r.header_refs();
-            let (decoded, key_mismatch) = event::decode_keyed(
-                r.key.as_deref(),
-                r.value.as_deref(),
-                &header_refs,
-                &config.event,
-            );
+            let (decoded, key_mismatch) =
+                event::decode_keyed(r.key.as_deref(), r.value.as_deref(), &header_refs, format);
             if key_mismatch {
                 note_key_mismatch(&tp.topic, tp.partition, r.offset, r.key.as_deref());
             }
             drop(header_refs);
-            let (decoded, effects) = plan_effects(decoded, &tp.topic, config);
+            let (decoded, effects) = plan_effects(decoded, &batch.policies[partition_index]);
             batch.items.push(Item {
                 partition_index,
                 offset: r.offset,
@@ -92,13 +87,13 @@ impl Batch {
         batch
     }
 
-    fn partition_index(&mut self, tp: &TopicPartition, config: &Config) -> usize {
+    fn partition_index(&mut self, tp: &TopicPartition, policies: &Policies) -> usize {
         // Batches hold few partitions: a linear search beats hashing here.
         if let Some(i) = self.partitions.iter().position(|p| p == tp) {
             return i;
         }
         self.partitions.push(tp.clone());
-        self.windows.push(config.dedupe.window_for(&tp.topic));
+        self.policies.push(policies.get(&tp.topic));
         self.partitions.len() - 1
     }
 

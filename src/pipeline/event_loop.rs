@@ -27,7 +27,7 @@ use super::link::{Ownership, Room, StageEvent, StageSender};
 use super::owned::OwnedPartitions;
 use super::recovery::{resume_points, ResumeContext, ResumeError, Resumed};
 use super::shutdown::Shutdown;
-use crate::config::Config;
+use crate::config::{Config, Policies};
 use crate::kafka;
 use crate::metrics::{self, Health};
 use crate::offsets::TopicPartition;
@@ -37,6 +37,8 @@ pub(super) use mode::Mode;
 
 pub struct EventLoop<R = RedisSide> {
     config: Arc<Config>,
+    /// The consumed topics' policies, resolved once for the round.
+    policies: Policies,
     consumer: Arc<Consumer>,
     health: Health,
     owned: OwnedPartitions,
@@ -142,6 +144,7 @@ impl<R: Starts> EventLoop<R> {
             starts,
             rewinding: Default::default(),
             untied: Default::default(),
+            policies: Policies::of(Arc::clone(&config)),
             config,
             consumer,
             health,
@@ -272,13 +275,10 @@ impl<R: Starts> EventLoop<R> {
     fn hand_over(&mut self, room: Room, max: usize) {
         let take = self.pending.len().min(max);
         let records: Vec<Fetched> = self.pending.drain(..take).collect();
-        self.linger_until = if self.pending.is_empty() {
-            None
-        } else {
-            Some(Instant::now() + self.config.pipeline.batch_linger)
-        };
+        let linger = self.config.pipeline.batch_linger;
+        self.linger_until = (!self.pending.is_empty()).then(|| Instant::now() + linger);
         self.shift(Mode::resume_fetching);
-        let batch = Batch::decode(records, &self.config);
+        let batch = Batch::decode(records, &self.policies, &self.config.event);
         self.owned.begin(batch.positions());
         metrics::set_in_flight_events(self.owned.in_flight());
         if self.queue.batch(room, batch).is_err() {

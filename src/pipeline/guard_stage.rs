@@ -196,7 +196,7 @@ impl GuardStage {
             .filter_map(|it| {
                 Some(GuardInput {
                     event: it.decoded.as_ref().ok()?,
-                    window: batch.windows[it.partition_index],
+                    policy: &batch.policies[it.partition_index],
                     effects: &it.effects,
                     place: placed.place(it),
                 })

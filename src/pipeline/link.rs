@@ -165,7 +165,7 @@ mod tests {
     fn batch(number: i32) -> Batch {
         Batch {
             partitions: vec![TopicPartition::new("batch", number)],
-            windows: Vec::new(),
+            policies: Vec::new(),
             items: Vec::new(),
         }
     }

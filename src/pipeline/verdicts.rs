@@ -104,6 +104,7 @@ fn letter<'a>(
 ) -> DeadLetter<'a> {
     DeadLetter {
         source: &batch.partitions[it.partition_index],
+        topic: &batch.policies[it.partition_index].dead_letter_topic,
         offset: it.offset,
         timestamp_ms: it.timestamp_ms,
         key: it.key.as_deref(),
@@ -149,11 +150,12 @@ mod tests {
     #[test]
     fn retried_batches_count_what_their_lost_attempt_decided() {
         let events = [event("a"), event("b"), event("a"), event("c"), event("d")];
+        let policy = crate::config::TopicPolicy::default();
         let inputs: Vec<GuardInput<'_>> = events
             .iter()
             .map(|event| GuardInput {
                 event,
-                window: Duration::from_secs(60),
+                policy: &policy,
                 effects: &crate::effects::MERGE,
                 place: None,
             })
@@ -197,7 +199,7 @@ mod tests {
         conflicting.fingerprint = 0xab;
         let mut batch = Batch {
             partitions: vec![TopicPartition::new("t", 0), TopicPartition::new("t", 3)],
-            windows: vec![Duration::from_secs(60); 2],
+            policies: vec![Default::default(); 2],
             items: vec![
                 item(0, 10, Err(Invalid::NotJson("eof".into()))),
                 item(1, 11, Ok(event("a"))),

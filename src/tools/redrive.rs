@@ -114,8 +114,10 @@ pub async fn redrive(
     let mut conn = crate::store::connect_or_explain(&config.redis).await?;
     let key = KeyLayout::new(&config.redis.key_prefix).redriven_key(dlq_topic);
     let done: HashSet<String> = conn.smembers(&key).await?;
+    let shared = Arc::new(config.clone());
     let run = Run {
-        config: Arc::new(config.clone()),
+        policies: crate::config::Policies::of(Arc::clone(&shared)),
+        config: shared,
         dlq_topic: dlq_topic.to_string(),
         reason: reason.map(str::to_string),
         done,
@@ -149,6 +151,8 @@ pub async fn redrive(
 /// blocking consumer; the window lookups go back to the runtime).
 struct Run {
     config: Arc<Config>,
+    /// The target topics' policies, resolved once each.
+    policies: crate::config::Policies,
     dlq_topic: String,
     reason: Option<String>,
     done: HashSet<String>,
@@ -261,10 +265,11 @@ impl Run {
             Ok(event) => event,
             Err(invalid) => return Fate::StillInvalid(invalid.code().to_string()),
         };
-        if let Err(invalid) = self.config.effects.plan_for(&target, &event) {
+        let policy = self.policies.get(&target);
+        if let Err(invalid) = policy.plan(&event) {
             return Fate::StillInvalid(invalid.code().to_string());
         }
-        let window = self.config.dedupe.window_for(&target);
+        let window = policy.window;
         let remembered = self.runtime.block_on(remembered_fingerprint(
             &mut self.conn,
             &self.layout,

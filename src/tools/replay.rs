@@ -15,7 +15,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
-use crate::config::{Config, OffsetReset};
+use crate::config::{Config, OffsetReset, TopicPolicy};
 use crate::consumed::DecidedRanges;
 pub use crate::tools::group::Member;
 use crate::tools::group::{group_status, GroupStatus};
@@ -190,9 +190,10 @@ pub fn recounted_events(
     let none = DecidedRanges::default();
     let mut counts: BTreeMap<i32, i64> = ranges.keys().map(|p| (*p, 0)).collect();
     let mut ids: HashSet<(String, String)> = HashSet::new();
+    let policy = config.policy(&plan.topic);
     read_ranges(&config.kafka, &plan.topic, &ranges, |r| {
         let decided = decided.get(&r.partition).unwrap_or(&none);
-        if !decided.contains(r.offset) && counts_again(&r, &plan.topic, config, &mut ids) {
+        if !decided.contains(r.offset) && counts_again(&r, &policy, config, &mut ids) {
             *counts.entry(r.partition).or_default() += 1;
         }
     })?;
@@ -203,7 +204,7 @@ pub fn recounted_events(
 /// its effects commute, and its id is new to this replay.
 fn counts_again(
     r: &TopicRecord,
-    topic: &str,
+    policy: &TopicPolicy,
     config: &Config,
     ids: &mut HashSet<(String, String)>,
 ) -> bool {
@@ -217,7 +218,7 @@ fn counts_again(
     let Ok(event) = decoded else {
         return false;
     };
-    match config.effects.plan_for(topic, &event) {
+    match policy.plan(&event) {
         Ok(effects) if effects.commutes() => ids.insert((event.entity, event.id)),
         _ => false,
     }

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use idem::effects::EffectsConfig;
+use idem::config::TopicPolicy;
 use idem::event::{decode, FieldMap};
 use idem::model::{Model, Outcome};
 use idem::tools::sample::{Rng, SampleRecord, Shuffler};
@@ -137,10 +137,9 @@ pub fn generate(spec: &PaymentsSpec) -> Vec<SampleRecord> {
 /// cannot compute, as it does not run Lua).
 pub fn oracle(
     records: &[SampleRecord],
-    topic: &str,
-    effects: &EffectsConfig,
+    policy: &TopicPolicy,
 ) -> (Model, BTreeMap<Outcome, u64>, BTreeMap<String, u64>) {
-    let (model, decided) = decide_all(records, topic, effects);
+    let (model, decided) = decide_all(records, policy);
     let mut counts = BTreeMap::new();
     let mut points: BTreeMap<String, u64> = BTreeMap::new();
     for (event, outcome) in decided {
@@ -161,8 +160,8 @@ pub fn oracle(
 }
 
 /// For each record in production order: does the oracle apply it?
-pub fn oracle_applies(records: &[SampleRecord], topic: &str, effects: &EffectsConfig) -> Vec<bool> {
-    let (_, decided) = decide_all(records, topic, effects);
+pub fn oracle_applies(records: &[SampleRecord], policy: &TopicPolicy) -> Vec<bool> {
+    let (_, decided) = decide_all(records, policy);
     decided
         .iter()
         .map(|(_, o)| *o == Outcome::Applied)
@@ -172,16 +171,15 @@ pub fn oracle_applies(records: &[SampleRecord], topic: &str, effects: &EffectsCo
 /// The model after `records`, and each record's event and outcome.
 fn decide_all(
     records: &[SampleRecord],
-    topic: &str,
-    effects: &EffectsConfig,
+    policy: &TopicPolicy,
 ) -> (Model, Vec<(idem::event::Event, Outcome)>) {
     let mut model = Model::default();
     let decided = records
         .iter()
         .map(|r| {
             let event = decode(Some(&r.value), &FieldMap::default(), 1 << 20).expect("valid");
-            let planned = effects.plan_for(topic, &event).expect("plannable");
-            let outcome = model.apply_effects(&event, &planned);
+            let planned = policy.plan(&event).expect("plannable");
+            let outcome = model.apply_effects(&event, &planned, policy);
             (event, outcome)
         })
         .collect();

@@ -249,7 +249,7 @@ impl Write for DeadLettering<'_, '_> {
         }
     }
 
-    fn warn(&self, ctl: &Control, failure: &Failure, retry_in: Duration) {
+    fn warn(&self, _ctl: &Control, failure: &Failure, retry_in: Duration) {
         let hint = match failure {
             Failure::Kafka(e) => e.hint(),
             _ => "",
@@ -258,7 +258,7 @@ impl Write for DeadLettering<'_, '_> {
             error = %failure,
             hint,
             records = self.letters.len(),
-            dlq_topic = %ctl.config.dlq.topic_for(&self.letters[0].source.topic),
+            dlq_topic = %self.letters[0].topic,
             ?retry_in,
             "cannot write to the dead-letter topic; the batch waits and nothing past it is committed"
         );

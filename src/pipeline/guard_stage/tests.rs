@@ -85,7 +85,8 @@ fn batch(config: &Config, records: &[(i64, &str, &str, u64, &str)]) -> Batch {
             },
         })
         .collect();
-    Batch::decode(fetched, config)
+    let policies = crate::config::Policies::of(std::sync::Arc::new(config.clone()));
+    Batch::decode(fetched, &policies, &config.event)
 }
 
 /// Ordering is load-bearing: a batch whose first guard call fails holds

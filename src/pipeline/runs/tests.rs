@@ -2,8 +2,6 @@
 //! seen, extends the decided range it begins in, claims from its start,
 //! and a batch that starts below its run is reported, never placed.
 
-use std::time::Duration;
-
 use super::*;
 use crate::consumed::{DecidedRanges, TopicId};
 use crate::event::Invalid;
@@ -28,7 +26,7 @@ fn view(decided: &str) -> LogView {
 fn batch(records: &[(usize, i64)]) -> Batch {
     Batch {
         partitions: vec![tp(0), tp(1)],
-        windows: vec![Duration::from_secs(60); 2],
+        policies: vec![Default::default(); 2],
         items: records
             .iter()
             .map(|&(partition_index, offset)| Item {

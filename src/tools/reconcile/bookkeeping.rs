@@ -15,8 +15,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::DivergenceKind;
+use crate::config::TopicPolicy;
 use crate::consumed::{Mark, TopicId};
-use crate::effects::{EffectsConfig, StateOrder};
 use crate::model::EntityModel;
 use crate::store::{self, EntityView, KeyLayout, StoreError};
 
@@ -33,14 +33,13 @@ pub(super) struct BookkeepingCheck {
 
 impl BookkeepingCheck {
     pub(super) fn of(
-        effects: &EffectsConfig,
-        topic: &str,
+        policy: &TopicPolicy,
         id: Option<&TopicId>,
         spans: HashMap<i32, (i64, i64)>,
     ) -> Self {
         BookkeepingCheck {
-            dense: effects.dense_seq_topics.contains(topic),
-            per_field: effects.state_order == StateOrder::PerField,
+            dense: policy.dense_seqs,
+            per_field: policy.per_field(),
             mark_prefix: id.map(|id| format!("o:{}:", id.short())),
             spans,
         }

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use super::DivergenceKind;
-use crate::config::Config;
+use crate::config::{Config, TopicPolicy};
 use crate::model::EntityModel;
 use crate::store::{self, KeyLayout, StoreError};
 
@@ -20,12 +20,12 @@ pub(super) struct EffectsCheck {
 
 impl EffectsCheck {
     /// `None` when the topic has no commutative effects.
-    pub(super) fn of(config: &Config, topic: &str) -> Option<EffectsCheck> {
+    pub(super) fn of(config: &Config, policy: &TopicPolicy) -> Option<EffectsCheck> {
         let effects = &config.effects;
-        if !effects.has_commutative(topic) {
+        if !policy.has_commutative() {
             return None;
         }
-        let rules = || effects.rules.iter().filter(|r| r.topic == topic);
+        let rules = || policy.rules.iter();
         let (_, sets) = effects.names();
         Some(EffectsCheck {
             streams: rules()

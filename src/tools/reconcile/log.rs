@@ -60,7 +60,7 @@ pub(super) async fn read_logs(
         };
         let mut first_partition: HashMap<String, (String, i32)> = HashMap::new();
         for topic in &topics {
-            let window_ms = config.dedupe.window_for(topic).as_millis() as i64;
+            let policy = config.policy(topic);
             let mut spans_here: HashMap<i32, (i64, i64)> = HashMap::new();
             let before = log.read;
             let read = read_topic(
@@ -79,7 +79,7 @@ pub(super) async fn read_logs(
                     )
                     .0
                     .and_then(|e| {
-                        let planned = config.effects.plan_for(topic, &e)?;
+                        let planned = policy.plan(&e)?;
                         Ok((e, planned))
                     });
                     let Ok((e, planned)) = decoded else {
@@ -104,8 +104,8 @@ pub(super) async fn read_logs(
                             .insert(r.partition, r.offset);
                     }
                     let at = r.timestamp_ms.unwrap_or(0);
-                    log.model.apply_at(&e, &planned, at, window_ms, false);
-                    log.kept.apply_at(&e, &planned, at, window_ms, true);
+                    log.model.apply_at(&e, &planned, &policy, at, false);
+                    log.kept.apply_at(&e, &planned, &policy, at, true);
                 },
                 |n| progress(before + n),
             )?;
@@ -128,8 +128,8 @@ pub(super) async fn seq_ordered_model(
     let (config, topics, entities) = (config.clone(), topics.to_vec(), entities.clone());
     tokio::task::spawn_blocking(move || {
         let mut events = Vec::new();
+        let policies: Vec<_> = topics.iter().map(|t| config.policy(t)).collect();
         for (t, topic) in topics.iter().enumerate() {
-            let window_ms = config.dedupe.window_for(topic).as_millis() as i64;
             read_topic(
                 &config.kafka,
                 topic,
@@ -144,12 +144,11 @@ pub(super) async fn seq_ordered_model(
                     else {
                         return;
                     };
-                    if let (true, Ok(planned)) = (
-                        entities.contains(&e.entity),
-                        config.effects.plan_for(topic, &e),
-                    ) {
+                    if let (true, Ok(planned)) =
+                        (entities.contains(&e.entity), policies[t].plan(&e))
+                    {
                         let at = r.timestamp_ms.unwrap_or(0);
-                        events.push(((e.seq, t, r.partition, r.offset), at, window_ms, e, planned));
+                        events.push(((e.seq, t, r.partition, r.offset), at, e, planned));
                     }
                 },
                 |_| {},
@@ -157,8 +156,8 @@ pub(super) async fn seq_ordered_model(
         }
         events.sort_by_key(|(order, ..)| *order);
         let mut model = Model::default();
-        for (_, at, window_ms, e, planned) in &events {
-            model.apply_at(e, planned, *at, *window_ms, false);
+        for ((_, t, ..), at, e, planned) in &events {
+            model.apply_at(e, planned, &policies[*t], *at, false);
         }
         anyhow::Ok(model)
     })

@@ -310,11 +310,12 @@ async fn checks_of(
             }
         };
         let spans = log.spans.get(topic).cloned().unwrap_or_default();
+        let policy = config.policy(topic);
         checks.insert(
             topic.clone(),
             Checks {
-                effects: EffectsCheck::of(config, topic),
-                bookkeeping: BookkeepingCheck::of(&config.effects, topic, topic_id.as_ref(), spans),
+                effects: EffectsCheck::of(config, &policy),
+                bookkeeping: BookkeepingCheck::of(&policy, topic_id.as_ref(), spans),
             },
         );
     }

@@ -18,6 +18,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 
+use idem::config::TopicPolicy;
 use idem::event::{decode, Event, FieldMap};
 use idem::guard::{Guard, GuardInput, Place};
 use idem::store::KeyLayout;
@@ -118,7 +119,10 @@ pub async fn guard_alone(
     let pipeline = idem::config::Config::defaults().pipeline;
     let per_batch = pipeline.batch_max_events.get();
     let mut guard = loaded_guard(redis_url, prefix, pipeline.events_per_script.get()).await?;
-    let window = Duration::from_secs(86_400);
+    let policy = TopicPolicy {
+        window: Duration::from_secs(86_400),
+        ..TopicPolicy::default()
+    };
     let (cpu0, script0) = super::io::redis_time(&mut info).await?;
     let started = Instant::now();
     for (chunk, at) in events.chunks(per_batch).zip(places.chunks(per_batch)) {
@@ -128,7 +132,7 @@ pub async fn guard_alone(
             .zip(at)
             .map(|(event, &(p, offset))| GuardInput {
                 event,
-                window,
+                policy: &policy,
                 effects: &idem::effects::MERGE,
                 place: Some(Place {
                     mark_field: &marks[p],
@@ -186,14 +190,17 @@ pub async fn per_event_script_ceiling(
 ) -> anyhow::Result<f64> {
     let events = decode_all(values);
     let mut guard = loaded_guard(redis_url, prefix, 1).await?;
-    let window = Duration::from_secs(86_400);
+    let policy = TopicPolicy {
+        window: Duration::from_secs(86_400),
+        ..TopicPolicy::default()
+    };
     let started = Instant::now();
     for chunk in events.chunks(1000) {
         let inputs: Vec<GuardInput<'_>> = chunk
             .iter()
             .map(|event| GuardInput {
                 event,
-                window,
+                policy: &policy,
                 effects: &idem::effects::MERGE,
                 place: None,
             })

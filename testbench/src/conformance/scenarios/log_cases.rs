@@ -100,7 +100,7 @@ pub(super) async fn replay_after_window_counters(
     use crate::payments::{self, PaymentsSpec};
     let mut case = Case::new(&spec, "replay-after-window-counters", seed, 1, 3).await?;
     let file = payments::write_config(&case.env.work_dir.join(&case.topic), &case.topic)?;
-    let effects = idem::config::Config::load(Some(&file), &Default::default())?.effects;
+    let policy = idem::config::Config::load(Some(&file), &Default::default())?.policy(&case.topic);
     case.records = payments::generate(&PaymentsSpec {
         events: 4_000,
         accounts: 100,
@@ -109,9 +109,9 @@ pub(super) async fn replay_after_window_counters(
         seed,
         prefix: case.topic.clone(),
     });
-    let (model, _, points) = payments::oracle(&case.records, &case.topic, &effects);
+    let (model, _, points) = payments::oracle(&case.records, &policy);
     case.model = model;
-    case.applied = payments::oracle_applies(&case.records, &case.topic, &effects);
+    case.applied = payments::oracle_applies(&case.records, &policy);
     case.produce(0, case.records.len()).await?;
     let config = file.to_string_lossy().into_owned();
     let extra = [
