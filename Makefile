@@ -66,17 +66,23 @@ lint:
 	python3 scripts/sizes.py src testbench/src
 
 # The pure core that `make mutants` holds to >= 95% caught (docs/development.md).
-MUTANTS_FILES := src/offsets.rs src/consumed.rs src/model/*.rs src/event/*.rs src/dlq/budget.rs src/config/*.rs
+# Globs are expanded here: after `--file` the shell would spread one glob
+# over several words and cargo-mutants would refuse the rest.
+MUTANTS_FILES := $(wildcard src/offsets.rs src/consumed.rs src/model/*.rs src/event/*.rs src/dlq/budget.rs src/config/*.rs)
 
 ## Mutation testing of the pure core with cargo-mutants against the library's
 ## unit tests alone (no services); report in mutants.out/. Two copies of the
 ## tree build side by side (the copies skip .gitignore'd files such as .cache/,
-## whose Kafka index files are sparse); about 90 minutes on 2 cores.
+## whose Kafka index files are sparse). The whole core is ~1,070 mutants,
+## ~27 s each on 2 cores: check a change on its files (MUTANTS_FILES=...)
+## or a sample (MUTANTS_ARGS="--shard 0/4 --sharding round-robin").
 mutants:
 	command -v cargo-mutants >/dev/null || $(CARGO) install --locked cargo-mutants
 	$(CARGO) mutants --package idem --test-workspace=false --cargo-test-arg=--lib \
 	  --profile mutants --gitignore=true --jobs 2 --timeout 60 \
 	  $(addprefix --file ,$(MUTANTS_FILES)) $(MUTANTS_ARGS) -- -- --skip with_redis; \
+	  status=$$?; \
+	  case $$status in 0|2|3) ;; *) echo "make mutants: cargo-mutants exited $$status (not a verdict on the mutants)"; exit $$status;; esac; \
 	  python3 scripts/mutants-summary.py mutants.out
 
 clean-cache:

@@ -30,6 +30,9 @@ def main(out):
             counts[m][kind] += 1
             if kind != "caught":
                 missed[m].append(f"{kind}: {line}")
+    if not counts:
+        print(f"MUTANTS: no mutant was tested ({out} holds no outcomes): nothing to judge")
+        return 1
     below = 0
     print(f"{'module':<22} {'caught':>6} {'missed':>6} {'timeout':>7} {'share':>7}")
     for m in sorted(counts):

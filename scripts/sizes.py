@@ -21,7 +21,7 @@ LUA_FN = re.compile(r"^(\s*)(local function [\w.]+|function [\w.:]+|[\w.\[\]]+ =
 def test_module_start(lines):
     """Index of a trailing `#[cfg(test)] mod tests {`, or len(lines)."""
     for i, line in enumerate(lines):
-        if line.strip() == "#[cfg(test)]" and i + 1 < len(lines) and lines[i + 1].startswith("mod tests"):
+        if line.strip() == "#[cfg(test)]" and i + 1 < len(lines) and re.match(r"(pub(\([\w:]+\))? )?mod tests\b", lines[i + 1]):
             return i
     return len(lines)
 

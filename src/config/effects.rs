@@ -486,14 +486,14 @@ pub(super) fn check_convergence(cfg: &EffectsConfig) -> Result<(), ConfigError> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::collections::HashMap;
 
     use crate::config::{Config, ConfigError};
     use crate::effects::{AmountSource, Order, StateEffect, StateOrder};
 
     /// Loads `[[effects]]` text (with `SNIPPET` standing for a readable Lua file).
-    fn load(text: &str) -> Result<Config, ConfigError> {
+    pub(in crate::config) fn load(text: &str) -> Result<Config, ConfigError> {
         let dir = std::env::temp_dir().join(format!(
             "idem-effects-{}-{:x}",
             std::process::id(),

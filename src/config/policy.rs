@@ -113,13 +113,12 @@ impl Policies {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::effects::{Mutation, StateEffect};
+    use crate::event::Op;
 
+    /// A config from TOML text (`SNIPPET` stands for a readable Lua file).
     fn config(toml: &str) -> Config {
-        let dir = std::env::temp_dir().join(format!("idem-policy-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{:x}.toml", crate::event::id_hash(toml)));
-        std::fs::write(&path, toml).unwrap();
-        Config::load(Some(&path), &HashMap::new()).unwrap()
+        super::super::effects::tests::load(toml).unwrap()
     }
 
     /// Each field comes from its own key, for the topic named and no other.
@@ -145,6 +144,78 @@ mod tests {
         assert!(a.has_commutative() && !b.has_commutative());
         assert_eq!(a.rules.len(), 1);
         assert!(b.rules.is_empty());
+    }
+
+    /// A topic has effects that apply to a late event when any rule of it
+    /// counts, appends, adds or removes set members, applies a change's
+    /// effects, or runs a commutative custom effect; not for state rules
+    /// or ordered custom effects alone.
+    #[test]
+    fn a_topic_has_commutative_effects_by_its_rules() {
+        let table = [
+            ("counters = [{ field = \"n\", by = \"1\" }]", true),
+            ("ledger = { max_len = 5 }", true),
+            ("set_add = [{ set = \"s\", from = \"/m\" }]", true),
+            ("set_remove = [{ set = \"s\", from = \"/m\" }]", true),
+            (
+                "types = [\"idem.change\"]\nchanges = true\nledger = { max_len = 5 }",
+                true,
+            ),
+            (
+                "custom = [{ file = \"SNIPPET\", order = \"commutative\", writes = [\"p\"] }]",
+                true,
+            ),
+            (
+                "custom = [{ file = \"SNIPPET\", order = \"ordered\", writes = [\"p\"] }]",
+                false,
+            ),
+            ("state = \"replace\"", false),
+        ];
+        for (body, want) in table {
+            let c = config(&format!(
+                "[dedupe]\ndense_seq_topics = [\"t\"]\n[[effects]]\ntopic = \"t\"\n{body}\n"
+            ));
+            assert_eq!(c.policy("t").has_commutative(), want, "{body}");
+            assert!(!c.policy("u").has_commutative(), "{body}");
+        }
+    }
+
+    /// An event is planned by the rule naming its type, else the topic's
+    /// catch-all, else as a merge of every field; another topic's rules
+    /// never apply.
+    #[test]
+    fn an_event_is_planned_by_its_topics_rule_for_its_type() {
+        let c = config(
+            "[[effects]]\ntopic = \"t\"\ntypes = [\"deposit\"]\ncounters = [{ field = \"n\", by = \"1\" }]\n\
+             [[effects]]\ntopic = \"t\"\nstate = \"keep\"\n\
+             [[effects]]\ntopic = \"u\"\nstate = \"replace\"\n",
+        );
+        let event = |kind: Option<&str>| Event {
+            ts: None,
+            change: None,
+            id: "i".into(),
+            entity: "e".into(),
+            seq: 1,
+            op: Op::Upsert,
+            kind: kind.map(String::from),
+            set: vec![],
+            unset: vec![],
+            fingerprint: 0,
+        };
+        let t = c.policy("t");
+        let deposit = t.plan(&event(Some("deposit"))).unwrap();
+        assert!(matches!(&deposit.mutations[..], [Mutation::Count { field, .. }] if field == "n"));
+        assert_eq!(
+            t.plan(&event(Some("other"))).unwrap().state,
+            StateEffect::Keep
+        );
+        assert_eq!(t.plan(&event(None)).unwrap().state, StateEffect::Keep);
+        let plain = c.policy("v").plan(&event(Some("deposit"))).unwrap();
+        assert_eq!(plain, Effects::default());
+        assert_eq!(
+            c.policy("u").plan(&event(None)).unwrap().state,
+            StateEffect::Replace
+        );
     }
 
     /// The shared policies are the ones `Config::policy` resolves, and a

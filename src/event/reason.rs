@@ -100,6 +100,8 @@ mod tests {
         assert_eq!(Reason::ALL.len(), Reason::NAMES.len());
         for (reason, name) in Reason::ALL.iter().zip(Reason::NAMES) {
             assert_eq!(reason.as_str(), *name);
+            assert_eq!(reason.to_string(), *name);
+            assert!(*reason == *name && *reason != "nonsense");
             assert_eq!(Reason::named(name), Some(*reason));
         }
         let unique: std::collections::HashSet<_> = Reason::NAMES.iter().collect();

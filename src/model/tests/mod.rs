@@ -6,6 +6,10 @@ use crate::config::TopicPolicy;
 use crate::effects::{Effects, StateEffect, StateOrder, MERGE};
 use crate::event::{Event, Op};
 
+mod marks;
+mod mutations;
+mod per_field;
+
 /// A topic's policy under `state_order`, with a window of one second.
 fn policy(state_order: StateOrder) -> TopicPolicy {
     TopicPolicy {
@@ -248,6 +252,33 @@ fn per_field_order_ends_in_the_in_order_state_whatever_the_arrival_order() {
     }
 }
 
+/// An ordered effect (a counter set to a value, as a chained idem's
+/// change says) applies with a newer event, and never with a late one.
+#[test]
+fn an_ordered_effect_applies_only_with_a_newer_event() {
+    let set_to = |value: &str| Effects {
+        mutations: vec![crate::effects::Mutation::SetCounter {
+            field: "abs".into(),
+            value: Some(value.into()),
+        }],
+        ..Effects::default()
+    };
+    let plain = policy(StateOrder::PerEntity);
+    let mut m = EntityModel::default();
+    let newer = ev("a", 2, Op::Upsert, &[], 1);
+    assert_eq!(
+        m.apply_effects(&newer, &set_to("1.50"), &plain),
+        Outcome::Applied
+    );
+    assert_eq!(m.counters["abs"].to_string(), "1.50");
+    let older = ev("b", 1, Op::Upsert, &[], 2);
+    assert_eq!(
+        m.apply_effects(&older, &set_to("9"), &plain),
+        Outcome::Stale
+    );
+    assert_eq!(m.counters["abs"].to_string(), "1.50");
+}
+
 /// The lost update the per-entity rule makes: a status at seq 10 after
 /// a deposit (state kept) at 11 is stale per entity, and written per field.
 #[test]
@@ -427,8 +458,8 @@ fn dense_seqs_by_example() {
     }
     let d = m.dense.clone().unwrap();
     assert_eq!(
-        (d.mark, d.above.len(), d.closed.clone()),
-        (37, 0, vec![(4, 4)])
+        (d.mark, d.above.len(), d.closed.clone(), d.seqs_closed),
+        (37, 0, vec![(4, 4)], 1)
     );
     // Another event at a waiting seq is a conflict too.
     let mut w = EntityModel::default();
