@@ -594,12 +594,10 @@ async fn run_case(conn: &idem::store::RedisConn, prefix: String, case: &Case) {
         epoch,
     );
     let policy = |state_order| TopicPolicy {
-        topic: "src".into(),
-        window: Duration::from_secs(3600),
         dense_seqs: case.dense,
         changelog: case.changelog,
         state_order,
-        ..TopicPolicy::default()
+        ..hour()
     };
     let mut run = Run {
         prefix: prefix.clone(),
@@ -988,8 +986,7 @@ async fn the_script_parses_every_mutation_kind_as_the_encoder_meant_it() {
     ];
     let plain = TopicPolicy {
         topic: "orders".into(),
-        window: Duration::from_secs(3600),
-        ..TopicPolicy::default()
+        ..hour()
     };
     let per_field = TopicPolicy {
         state_order: StateOrder::PerField,

@@ -98,7 +98,6 @@ pub(super) fn validate(
 ) -> Result<EffectsConfig, ConfigError> {
     let mut out = EffectsConfig {
         state_order,
-        dense_seq_topics: dense_seq_topics.iter().cloned().collect(),
         ..EffectsConfig::default()
     };
     let mut declared: BTreeSet<(String, String)> = BTreeSet::new();
@@ -129,7 +128,7 @@ pub(super) fn validate(
     if let Some(i) = out
         .rules
         .iter()
-        .position(|r| r.changes && !out.dense_seq_topics.contains(&r.topic))
+        .position(|r| r.changes && !dense_seq_topics.contains(&r.topic))
     {
         return Err(invalid(
             format!("effects[{i}].changes"),

@@ -164,8 +164,6 @@ pub struct EffectsConfig {
     pub snippets: Vec<Snippet>,
     /// How every event's state write meets order (one mode per keyspace).
     pub state_order: StateOrder,
-    /// Topics whose entities' seqs are dense (`dedupe.dense_seq_topics`).
-    pub dense_seq_topics: BTreeSet<String>,
 }
 
 impl EffectsConfig {

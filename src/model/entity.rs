@@ -116,7 +116,10 @@ pub struct Model {
 impl Model {
     /// Decides and applies one event (merge, a plain policy).
     pub fn apply(&mut self, event: &Event) -> Outcome {
-        self.apply_effects(event, &MERGE, &TopicPolicy::default())
+        self.entities
+            .entry(event.entity.clone())
+            .or_default()
+            .apply(event)
     }
 
     /// Decides and applies one event with its planned effects under its

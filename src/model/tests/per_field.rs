@@ -6,15 +6,20 @@ use crate::effects::{Effects, StateEffect, StateOrder, MERGE};
 use crate::event::Op;
 use crate::model::{EntityModel, Outcome};
 
+/// A replace of the whole state.
+fn replace() -> Effects {
+    Effects {
+        state: StateEffect::Replace,
+        ..Effects::default()
+    }
+}
+
 /// A replace older than one of its fields' writers still raises the
 /// floor: it wins that, loses the field, and is partial.
 #[test]
 fn a_replace_under_a_newer_field_is_partial() {
     let per_field = policy(StateOrder::PerField);
-    let replace = Effects {
-        state: StateEffect::Replace,
-        ..Effects::default()
-    };
+    let replace = replace();
     let mut m = EntityModel::default();
     let newer = ev("a", 10, Op::Upsert, &[("x", "new")], 1);
     assert_eq!(
@@ -99,10 +104,7 @@ fn a_merge_without_data_decides_existence() {
 #[test]
 fn a_replace_at_the_floors_seq_loses_the_floor() {
     let per_field = policy(StateOrder::PerField);
-    let replace = Effects {
-        state: StateEffect::Replace,
-        ..Effects::default()
-    };
+    let replace = replace();
     let mut m = EntityModel::default();
     let first = ev("a", 7, Op::Upsert, &[("x", "a")], 1);
     assert_eq!(

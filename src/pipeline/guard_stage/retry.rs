@@ -80,7 +80,7 @@ pub(super) trait Write {
     /// After it was done, `took` being the successful attempt's time.
     fn done(&self, _ctl: &Control, _took: Duration) {}
     /// The warning for a failed attempt.
-    fn warn(&self, ctl: &Control, failure: &Failure, retry_in: Duration);
+    fn warn(&self, failure: &Failure, retry_in: Duration);
 }
 
 /// Tries `write` until it is done. Between attempts: backoff, and a new
@@ -125,7 +125,7 @@ pub(super) async fn retry<W: Write>(
             let _ = ctl.events.send(StageEvent::Retrying(Some(W::WAITING_ON)));
         }
         let wait = backoff.next();
-        write.warn(ctl, &failure, wait);
+        write.warn(&failure, wait);
         tokio::select! {
             _ = ctl.shutdown.wait() => return Err(Stop::Shutdown),
             _ = tokio::time::sleep(wait) => {}
@@ -208,7 +208,7 @@ impl Write for Guarding<'_, '_> {
         ctl.health.set_redis_ok();
     }
 
-    fn warn(&self, _ctl: &Control, failure: &Failure, retry_in: Duration) {
+    fn warn(&self, failure: &Failure, retry_in: Duration) {
         let retryable = matches!(failure, Failure::Redis(e) if e.is_retryable());
         tracing::warn!(
             error = %failure,
@@ -249,7 +249,7 @@ impl Write for DeadLettering<'_, '_> {
         }
     }
 
-    fn warn(&self, _ctl: &Control, failure: &Failure, retry_in: Duration) {
+    fn warn(&self, failure: &Failure, retry_in: Duration) {
         let hint = match failure {
             Failure::Kafka(e) => e.hint(),
             _ => "",
@@ -281,7 +281,7 @@ impl Write for Recording<'_> {
         Ok(io.progress.record(&self.ends, self.claims).await?)
     }
 
-    fn warn(&self, _ctl: &Control, failure: &Failure, retry_in: Duration) {
+    fn warn(&self, failure: &Failure, retry_in: Duration) {
         tracing::warn!(error = %failure, ?retry_in, "cannot record the batch's progress in Redis; the batch waits and nothing past it is committed");
     }
 }
