@@ -958,24 +958,11 @@ async fn a_missing_changelog_topic_pauses_consumption_at_the_bound_and_loses_not
     idem.terminate().await;
 }
 
-/// BGSAVE on `redis`, waited for, and a copy of the dump to restore later.
+/// SAVE on `redis` (synchronous: done when it answers, an error if it
+/// failed), and a copy of the dump to restore later.
 async fn save_snapshot(redis: &PrivateRedis) -> std::path::PathBuf {
     let mut conn = redis_conn(&redis.url()).await;
-    let before: i64 = redis::cmd("LASTSAVE").query_async(&mut conn).await.unwrap();
-    let _: redis::Value = redis::cmd("BGSAVE").query_async(&mut conn).await.unwrap();
-    wait_until("BGSAVE finished", CATCH_UP, || {
-        let mut conn = conn.clone();
-        async move {
-            let now: i64 = redis::cmd("LASTSAVE").query_async(&mut conn).await.unwrap();
-            let info: String = redis::cmd("INFO")
-                .arg("persistence")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            now > before && info.contains("rdb_bgsave_in_progress:0")
-        }
-    })
-    .await;
+    let _: () = redis::cmd("SAVE").query_async(&mut conn).await.unwrap();
     let saved = redis.dir().join("snapshot-halfway.rdb");
     std::fs::copy(redis.dir().join("dump.rdb"), &saved).unwrap();
     saved

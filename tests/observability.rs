@@ -536,8 +536,11 @@ async fn alert_rules_pass_promtool_and_fire_on_a_duplicate_flood() {
         port,
     };
 
-    // A duplicate flood: every event delivered five times, over several scrapes.
-    for round in 0..6 {
+    // A duplicate flood: every event delivered five times, each round seen
+    // by a scrape of its own. rate() needs samples that differ: a series
+    // Prometheus first sees at its final value has a rate of zero, which is
+    // what a flood produced before idem joined its group used to give.
+    for round in 0..6u64 {
         let mut values = Vec::new();
         for i in 0..100 {
             let v = event(
@@ -555,7 +558,13 @@ async fn alert_rules_pass_promtool_and_fire_on_a_duplicate_flood() {
             .map(|v| (Some(&b"k"[..]), Some(v.as_slice())))
             .collect();
         produce_raw(&topic, &raw).await;
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        let seen = 500 * (round + 1);
+        wait_until(
+            &format!("Prometheus scrapes {seen} events of {topic}"),
+            Duration::from_secs(60),
+            || async { scraped_events(prometheus.port, &topic).await >= seen },
+        )
+        .await;
     }
     wait_until(
         "Prometheus fires IdemDuplicateRatioSpike",
@@ -571,6 +580,22 @@ async fn alert_rules_pass_promtool_and_fire_on_a_duplicate_flood() {
         firing(prometheus.port, "IdemDown", None)
     })
     .await;
+}
+
+/// `idem_events_total` of `topic`, over every outcome, as the Prometheus on
+/// `port` last scraped it (0 before its first scrape of the series).
+async fn scraped_events(port: u16, topic: &str) -> u64 {
+    let Some(body) = http_get(port, "/api/v1/query?query=idem_events_total").await else {
+        return 0;
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    v["data"]["result"].as_array().map_or(0, |series| {
+        series
+            .iter()
+            .filter(|s| s["metric"]["topic"] == topic)
+            .filter_map(|s| s["value"][1].as_str()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    })
 }
 
 /// Whether the Prometheus on `port` has `alert` firing (for `topic`, if given).
