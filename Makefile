@@ -47,7 +47,7 @@ check-deploy:
 # on clusters in both passes; security.rs and decoder_props.rs do not depend
 # on the shared Redis.) Add a new integration test file here too; conformance
 # and bench_smoke are the test bench's (testbench/tests/).
-CLUSTER_PASS_TESTS := foundation group dead_letters replay guard observability conformance bench_smoke redis_loss effects changelog operator_tools
+CLUSTER_PASS_TESTS := foundation group dead_letters replay guard observability conformance bench_smoke redis_loss effects changelog operator_tools gateway
 
 ## The integration tests against the Redis Cluster only. The group protocol
 ## does not change what idem asks of Redis: the consumer-protocol variants
@@ -95,6 +95,7 @@ bench: services
 	$(CARGO) build --release --workspace
 	target/release/idem-testbench bench --out bench-out
 	target/release/idem-testbench bench --zipf 1.1 --throughput-only --out bench-out/zipf
+	scripts/bench-gateway.sh target/release/idem bench-out/gateway
 
 ## How long partitions go without an owner when the group changes, under each
 ## group protocol (docs/performance.md, "Hand-over under each group protocol"; ~25 minutes).

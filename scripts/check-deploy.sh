@@ -39,14 +39,17 @@ trap 'rm -rf "$work"' EXIT
 python3 - "$work" <<'PY'
 import sys, yaml
 work = sys.argv[1]
-for doc in yaml.safe_load_all(open("deploy/k8s/idem.yaml")):
-    if doc and doc.get("kind") == "ConfigMap":
-        open(f"{work}/idem.toml", "w").write(doc["data"]["idem.toml"])
+for name in ("idem", "gateway"):
+    for doc in yaml.safe_load_all(open(f"deploy/k8s/{name}.yaml")):
+        if doc and doc.get("kind") == "ConfigMap":
+            open(f"{work}/{name}.toml", "w").write(doc["data"]["idem.toml"])
 PY
 echo "example-password" > "$work/redis-password"
 # The mounted secret's path exists only in the pod: point at a stand-in.
-env -i PATH="$PATH" IDEM__REDIS__PASSWORD_FILE="$work/redis-password" \
-  "$IDEM" --config "$work/idem.toml" config show >/dev/null
+for name in idem gateway; do
+  env -i PATH="$PATH" IDEM__REDIS__PASSWORD_FILE="$work/redis-password" \
+    "$IDEM" --config "$work/$name.toml" config show >/dev/null
+done
 say "config/example.toml, loaded by $IDEM"
 env -i PATH="$PATH" "$IDEM" --config config/example.toml config show >/dev/null
 say "config/changelog-consumer.toml, loaded and checked by $IDEM"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo: topics from topics/demo.toml, idem consuming them, a sample stream
 # with redeliveries and out-of-order events, the arithmetic of the outcomes,
-# then a replay of the whole topic that applies nothing. Expects
+# then a replay of the whole topic that applies nothing, and the front door:
+# a payment POSTed twice under one Idempotency-Key, applied once. Expects
 # `make services-demo` and `cargo build` done (make demo does both).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -90,6 +91,42 @@ REPLAY_START="$(total)"
 wait_caught_up "$REPLAY_START"
 REPLAYED=$(( $(total) - REPLAY_START ))
 echo "  read $(commas "$REPLAYED") records again: $(count applied) applied, $(commas "$(count duplicate)") duplicate, $(commas "$(count stale)") stale: the replay changed nothing in Redis"
+
+say "the front door: a payment POSTed twice under one Idempotency-Key (idem gateway, docs/gateway.md)"
+GW_PORT="${DEMO_GATEWAY_PORT:-18081}"
+# The gateway's topic has its own consumer and key prefix: dense seqs, per-field order.
+PAYMENTS=(IDEM__KAFKA__TOPICS=payments IDEM__KAFKA__GROUP_ID=idem-demo-payments
+  IDEM__REDIS__KEY_PREFIX=idem-demo-payments IDEM__DEDUPE__DENSE_SEQ_TOPICS=payments
+  IDEM__STATE__ORDER=per_field IDEM__GATEWAY__TOPICS=payments
+  IDEM__GATEWAY__TOKENS_FILE=deploy/gateway/tokens IDEM__GATEWAY__LISTEN="127.0.0.1:$GW_PORT")
+env "${PAYMENTS[@]}" IDEM__METRICS__LISTEN="127.0.0.1:$((PORT + 1))" "$IDEM" run 2>>"$LOG" &
+PAY_PID=$!
+env "${PAYMENTS[@]}" IDEM__METRICS__LISTEN="127.0.0.1:$((PORT + 2))" "$IDEM" gateway 2>>"$LOG" &
+GW_PID=$!
+trap 'kill -TERM "$PAY_PID" "$GW_PID" 2>/dev/null; stop_idem' EXIT
+for _ in $(seq 1 240); do
+  [[ "$(curl -s "http://127.0.0.1:$GW_PORT/readyz")" == ready ]] && break
+  sleep 0.5
+done
+ENTITY="acct:$RUN_ID"
+pay() {
+  curl -s -i -X POST "http://127.0.0.1:$GW_PORT/v1/topics/payments/entities/$ENTITY/events" \
+    -H 'Authorization: Bearer demo-token' -H "Idempotency-Key: \"pay-$RUN_ID\"" \
+    -H 'Content-Type: application/json' -d '{"type":"payment","data":{"amount":"12.50"}}' \
+    | tr -d '\r' | grep -Ei '^HTTP/|^idempotent-replayed|^\{' | sed 's/^/    /'
+}
+echo "  the first try:"
+pay
+echo "  the client's retry (say its first answer timed out), the same key and body:"
+pay
+echo "  reading it back once idem applied seq 1 (GET ...?min_seq=1):"
+curl -s "http://127.0.0.1:$GW_PORT/v1/topics/payments/entities/$ENTITY?min_seq=1&timeout=5s" \
+  -H 'Authorization: Bearer demo-token' | sed 's/^/    /'
+echo
+echo "  applied once: idem inspect entity $ENTITY"
+env "${PAYMENTS[@]}" "$IDEM" inspect entity "$ENTITY" 2>>"$LOG" | grep -E 'seq|applied' | sed 's/^/  /'
+kill -TERM "$PAY_PID" "$GW_PID" 2>/dev/null || true
+wait "$PAY_PID" "$GW_PID" 2>/dev/null || true
 
 if [[ -t 0 ]]; then
   say "idem keeps running; produce more with: $IDEM sample --topic demo --events 1000 --prefix more. Ctrl-C stops it cleanly."

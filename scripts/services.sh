@@ -69,6 +69,9 @@ install_packages() {
   command -v pkg-config >/dev/null || missing+=(pkg-config)
   # promtool and a Prometheus server for the alert-rule tests.
   [[ "${1:-}" == demo ]] || command -v promtool >/dev/null || missing+=(prometheus)
+  # curl: the demo's requests to the front door; wrk: its benchmark (make bench).
+  command -v curl >/dev/null || missing+=(curl)
+  [[ "${1:-}" == demo ]] || command -v wrk >/dev/null || missing+=(wrk)
   command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null || missing+=(maven)
   if ((${#missing[@]})); then need_root_install "${missing[@]}"; fi

@@ -80,24 +80,82 @@ pub struct Answer {
     pub body: String,
 }
 
+/// An answer read by [`send`]: the status, the headers (names in lower
+/// case) and the body as bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 /// GETs `path` from an idem endpoint on loopback `port`; `None` when
 /// nothing answers there.
 pub async fn get(port: u16, path: &str) -> Option<Answer> {
+    let reply = send(port, "GET", path, &[], Vec::new()).await?;
+    Some(Answer {
+        status: reply.status,
+        body: String::from_utf8_lossy(&reply.body).into_owned(),
+    })
+}
+
+/// Sends one request to loopback `port` on a connection of its own; `None`
+/// when nothing answers there.
+pub async fn send(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Option<Reply> {
     let stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .ok()?;
     tokio::spawn(connection);
-    let request = axum::http::Request::get(path)
-        .header(axum::http::header::HOST, format!("127.0.0.1:{port}"))
-        .body(http_body_util::Empty::<axum::body::Bytes>::new())
+    let mut request = axum::http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(axum::http::header::HOST, format!("127.0.0.1:{port}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
+        .body(http_body_util::Full::new(axum::body::Bytes::from(body)))
         .ok()?;
     let response = sender.send_request(request).await.ok()?;
     let status = response.status().as_u16();
-    let body = response.into_body().collect().await.ok()?.to_bytes();
-    Some(Answer {
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .ok()?
+        .to_bytes()
+        .to_vec();
+    Some(Reply {
         status,
-        body: String::from_utf8_lossy(&body).into_owned(),
+        headers,
+        body,
     })
 }
 

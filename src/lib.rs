@@ -36,6 +36,9 @@
 //! On top:
 //! - [`tools`]: the operator's tools: topics as code, a group's lag, replay,
 //!   reconcile, dead-letter inspection and redrive, the sample generator.
+//! - [`gateway`]: `idem gateway`, the HTTP front door: a request with an
+//!   Idempotency-Key becomes one event on a dense topic, and reads wait for
+//!   idem's decision of the seq it was given.
 //! - [`cli`]: the `idem` command line over all of it.
 
 pub mod cli;
@@ -44,6 +47,7 @@ pub mod consumed;
 pub mod dlq;
 pub mod effects;
 pub mod event;
+pub mod gateway;
 pub mod guard;
 pub mod http;
 pub mod kafka;

@@ -12,6 +12,7 @@ pub mod changelog;
 pub mod check;
 pub mod config;
 pub mod dlq;
+pub mod gateway;
 pub mod inspect;
 pub mod reconcile;
 pub mod relay;
@@ -64,6 +65,7 @@ pub enum Command {
     Replay(replay::ReplayArgs),
     Reconcile(reconcile::ReconcileArgs),
     Relay(relay::RelayArgs),
+    Gateway(gateway::GatewayArgs),
     Changelog(changelog::ChangelogArgs),
     Config(config::ConfigArgs),
     Check(check::CheckArgs),
@@ -87,6 +89,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Replay(args) => replay::run(args, config).await,
             Command::Reconcile(args) => reconcile::run(args, config).await,
             Command::Relay(args) => relay::run(args, config).await,
+            Command::Gateway(args) => gateway::run(args, config).await,
             Command::Changelog(args) => changelog::run(args, config).await,
             Command::Config(args) => config::run(args, config, file, timeout).await,
             Command::Check(args) => check::run(args, config).await,

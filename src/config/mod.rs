@@ -54,7 +54,8 @@ pub use mistakes::Mistake;
 pub use policy::{Policies, TopicPolicy};
 pub use redis::{Durability, RedisConfig, RedisMode};
 pub use sections::{
-    ChangelogConfig, DedupeConfig, LogConfig, LogFormat, MetricsConfig, ShutdownConfig,
+    ChangelogConfig, DedupeConfig, GatewayConfig, LogConfig, LogFormat, MetricsConfig,
+    ShutdownConfig,
 };
 use show::Layers;
 pub use show::{effective, Layer, Setting};
@@ -255,6 +256,7 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
     pub changelog: ChangelogConfig,
+    pub gateway: GatewayConfig,
     /// What events do, per topic and type (docs/effects.md).
     pub effects: crate::effects::EffectsConfig,
     /// The keys a file or the environment set (the rest are defaults).

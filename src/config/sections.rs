@@ -27,6 +27,7 @@ pub(super) struct Document {
     shutdown: ShutdownConfig,
     log: LogConfig,
     changelog: ChangelogConfig,
+    gateway: GatewayConfig,
     /// `[[effects]]`: none by default (every event merges its data).
     #[serde(default)]
     effects: Vec<super::effects::RawRule>,
@@ -51,6 +52,7 @@ impl Document {
             shutdown: self.shutdown,
             log: self.log,
             changelog: self.changelog,
+            gateway: self.gateway,
             effects,
             explicit: Default::default(),
         })
@@ -224,6 +226,39 @@ impl ChangelogConfig {
             to.join(", ")
         ))
     }
+}
+
+/// `[gateway]`: `idem gateway`, the HTTP front door (docs/gateway.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    #[doc = key_doc!("gateway", "listen")]
+    #[serde(deserialize_with = "values::listen")]
+    pub listen: SocketAddr,
+    #[doc = key_doc!("gateway", "topics")]
+    pub topics: Vec<String>,
+    #[doc = key_doc!("gateway", "tokens_file")]
+    pub tokens_file: String,
+    #[doc = key_doc!("gateway", "key_window")]
+    #[serde(deserialize_with = "values::positive_duration")]
+    pub key_window: Duration,
+    #[doc = key_doc!("gateway", "lease")]
+    #[serde(deserialize_with = "values::positive_duration")]
+    pub lease: Duration,
+    #[doc = key_doc!("gateway", "produce_timeout")]
+    #[serde(deserialize_with = "values::positive_duration")]
+    pub produce_timeout: Duration,
+    #[doc = key_doc!("gateway", "max_body_bytes")]
+    #[serde(deserialize_with = "values::positive_int")]
+    pub max_body_bytes: usize,
+    #[doc = key_doc!("gateway", "rate_per_caller")]
+    #[serde(deserialize_with = "values::positive_int")]
+    pub rate_per_caller: usize,
+    #[doc = key_doc!("gateway", "require_key")]
+    pub require_key: bool,
+    #[doc = key_doc!("gateway", "max_read_wait")]
+    #[serde(deserialize_with = "values::positive_duration")]
+    pub max_read_wait: Duration,
 }
 
 /// `[metrics]`.

@@ -67,6 +67,7 @@ impl Layers {
                     .with_list_parse_key("dedupe.dense_seq_topics")
                     .with_list_parse_key("dedupe.late_copies_accepted")
                     .with_list_parse_key("changelog.topics")
+                    .with_list_parse_key("gateway.topics")
                     .try_parsing(true)
                     .source(Some(idem_env)),
             );

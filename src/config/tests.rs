@@ -683,6 +683,7 @@ fn field_docs() -> BTreeMap<(String, String), (String, String)> {
         ("ShutdownConfig", "shutdown"),
         ("LogConfig", "log"),
         ("ChangelogConfig", "changelog"),
+        ("GatewayConfig", "gateway"),
     ];
     let mut out = BTreeMap::new();
     for source in [

@@ -18,9 +18,14 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use crate::model::Outcome;
 
 mod exposition;
+mod gateway;
 mod health;
 mod tally;
 
+pub use gateway::{
+    describe_gateway, gateway_answered, GATEWAY_CONFLICT_WAIT_SECONDS, GATEWAY_PRODUCE_SECONDS,
+    GATEWAY_READ_WAIT_SECONDS, GATEWAY_REPLAYS_TOTAL, GATEWAY_REQUESTS_TOTAL, GATEWAY_SWEPT_TOTAL,
+};
 pub use health::{Health, WAITING_TO_JOIN};
 pub use tally::{outcome_counts, Counts};
 
@@ -127,6 +132,7 @@ fn recorder(group: &str, key_prefix: &str) -> Result<PrometheusHandle, MetricsEr
         .set_buckets_for_metric(Matcher::Full(REDIS_ROUND_TRIP_SECONDS.into()), &latency)?
         .set_buckets_for_metric(Matcher::Full(DUPLICATE_AGE_SECONDS.into()), &ages)?
         .set_buckets_for_metric(Matcher::Full(BATCH_EVENTS.into()), &sizes)?
+        .set_buckets_for_metric(Matcher::Prefix("idem_gateway_".into()), &LATENCY_BUCKETS)?
         .set_buckets_for_metric(
             Matcher::Full(EVENT_LATENCY_SECONDS.into()),
             &LATENCY_BUCKETS,

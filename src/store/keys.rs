@@ -139,6 +139,18 @@ impl KeyLayout {
         format!("{}:redriven:{{{dlq_topic}}}", self.prefix)
     }
 
+    /// `idem gateway`'s bindings whose response is not stored yet, by
+    /// lease expiry (a sorted set of binding keys): of a server (`None`),
+    /// or of cluster slot `slot`, beside the entities whose bindings it holds.
+    pub fn gateway_pending_key(&self, slot: Option<u16>) -> String {
+        self.own_key("gw-pending", slot)
+    }
+
+    /// The `SCAN` pattern of every slot's [`Self::gateway_pending_key`] on a cluster.
+    pub fn gateway_pending_pattern(&self) -> String {
+        format!("{}:gw-pending:*", self.prefix)
+    }
+
     /// `<prefix>:<name>`, or on a cluster `<prefix>:<name>:{<tag>}` in slot `slot`.
     fn own_key(&self, name: &str, slot: Option<u16>) -> String {
         match slot {
@@ -182,6 +194,9 @@ pub fn mark_field(partition: i32, topic_id: &TopicId) -> String {
 pub const STATE_SUFFIX: &str = ":state";
 pub const META_SUFFIX: &str = ":meta";
 pub const COUNTERS_SUFFIX: &str = ":counters";
+/// `idem gateway`'s keys of an entity: its counters, and after one more
+/// `:` each binding.
+pub const GATEWAY_SUFFIX: &str = ":gw";
 /// Between the base and a ledger's name.
 pub const LEDGER_INFIX: &str = ":ledger:";
 /// Between the base and a set's name.
@@ -234,6 +249,18 @@ impl EntityKeys {
     /// holds user fields only.
     pub fn field_seqs(&self) -> String {
         self.with(":field_seqs")
+    }
+
+    /// Hash: `idem gateway`'s counters for the entity: `next` (the next
+    /// seq to bind) and `unacked` (bound, not yet acknowledged by the broker).
+    pub fn gateway(&self) -> String {
+        self.with(GATEWAY_SUFFIX)
+    }
+
+    /// Hash: one Idempotency-Key's binding (`key_hash` names the caller
+    /// and the key): its seq, request fingerprint, lease and stored response.
+    pub fn gateway_binding(&self, key_hash: &str) -> String {
+        format!("{}{GATEWAY_SUFFIX}:{key_hash}", self.base)
     }
 
     fn with(&self, suffix: &str) -> String {
@@ -328,6 +355,10 @@ mod tests {
             assert_eq!(hash_slot(l.epoch_key(Some(slot)).as_bytes()), slot);
             assert_eq!(hash_slot(l.slot_barrier_key(slot).as_bytes()), slot);
             assert_eq!(hash_slot(l.outbox_key(Some(slot)).as_bytes()), slot);
+            assert_eq!(
+                hash_slot(l.gateway_pending_key(Some(slot)).as_bytes()),
+                slot
+            );
         }
     }
 
@@ -346,6 +377,10 @@ mod tests {
             e.set("<set>"),
             e.set_seqs("<set>"),
             e.field_seqs(),
+            e.gateway(),
+            e.gateway_binding("<key hash>"),
+            l.gateway_pending_key(None),
+            tag(l.gateway_pending_key(Some(5))),
             l.epoch_key(None),
             tag(l.epoch_key(Some(5))),
             l.progress_key(None),

@@ -138,6 +138,12 @@ pub struct ProgressStore {
     incarnations: std::sync::Arc<std::sync::Mutex<BTreeMap<String, TopicId>>>,
 }
 
+/// How often, and how far apart, markers partly absent are read again
+/// before they count as a loss (another instance setting them finishes
+/// within milliseconds).
+const SETTLE_READS: usize = 5;
+const SETTLE_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// A fresh epoch: 16 hex digits, random.
 pub fn new_epoch() -> String {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -255,6 +261,17 @@ impl ProgressStore {
         self.settle_epoch(None).await
     }
 
+    /// The epoch every marker holds, read only (never written): `None`
+    /// while any marker is absent or two disagree (no `idem run` set them
+    /// yet, one is setting them, or a server lost its state). For a
+    /// process that writes under idem's epoch without owning it: `idem gateway`.
+    pub async fn agreed_epoch(&mut self) -> Result<Option<String>, StoreError> {
+        let groups = self.marker_groups().await?;
+        let markers = self.read_markers(&groups).await?;
+        let first = markers.first().cloned().flatten();
+        Ok(first.filter(|f| markers.iter().all(|m| m.as_ref() == Some(f))))
+    }
+
     /// Replaces the epoch `known` by a new one on every marker (or adopts
     /// the one another instance already put there): every instance's next
     /// write is refused, and each reads Redis's records again.
@@ -264,7 +281,20 @@ impl ProgressStore {
 
     async fn settle_epoch(&mut self, renew_from: Option<&str>) -> Result<String, StoreError> {
         let groups = self.marker_groups().await?;
-        let markers = self.read_markers(&groups).await?;
+        let mut markers = self.read_markers(&groups).await?;
+        // On a cluster, markers absent beside a present one are either a
+        // server that lost its state or another instance between its SET
+        // of the first markers and of the last: a few reads apart tell the
+        // two, so an instance that starts beside another adopts its epoch
+        // instead of renewing it (which would make the other re-read).
+        for _ in 0..SETTLE_READS {
+            let some = markers.iter().any(Option::is_some);
+            if renew_from.is_some() || !some || markers.iter().all(Option::is_some) {
+                break;
+            }
+            tokio::time::sleep(SETTLE_PAUSE).await;
+            markers = self.read_markers(&groups).await?;
+        }
         if let Some(Some(first)) = markers.first() {
             let agree = markers.iter().all(|m| m.as_deref() == Some(first));
             if agree && renew_from != Some(first.as_str()) {
@@ -279,11 +309,13 @@ impl ProgressStore {
         // still holds what it held then: if it changed since, another
         // instance just set or renewed the epoch, and this one adopts it
         // (two instances starting on a new prefix agree at once, and
-        // neither takes the other's epoch for a loss). On a cluster one
-        // window remains: a read between another instance's renewal of the
-        // authority and its SET of the other markers sees an absent marker
-        // beside a fresh authority, as after a loss of one server's state,
-        // and renews once more (a needless re-read, never a missed loss).
+        // neither takes the other's epoch for a loss). On a cluster a read
+        // between another instance's renewal of the authority and its SET
+        // of the other markers sees absent markers beside a fresh
+        // authority, as after a loss of one server's state: the reads
+        // again above let that SET finish first. Only an instance stalled
+        // for longer mid-SET still makes this one renew once more (a
+        // needless re-read, never a missed loss).
         let authority_at_read = groups
             .iter()
             .flat_map(|(_, keys)| keys)

@@ -1,0 +1,80 @@
+-- BIND: an Idempotency-Key bound to its request's event, once and for the
+-- key's lifetime, in one step in the entity's slot (docs/gateway.md).
+--
+-- KEYS: 1 the epoch marker of the entity's slot, 2 <base>:meta,
+--       3 <base>:gw (next, unacked), 4 the binding <base>:gw:<key hash>,
+--       5 the slot's pending set (binding keys by lease expiry)
+-- ARGV: 1 the epoch the gateway knows, 2 the request's fingerprint,
+--       3 topic, 4 entity, 5 the canonical body, 6 key window (ms),
+--       7 lease (ms), 8 the most bound seqs not yet acknowledged
+-- Reply: {'new', seq, token} | {'retake', seq, token, topic, body, waited}
+--      | {'stored', response, waited} | {'busy', ms the lease has left}
+--      | {'conflict', seq} | {'full', unacked}; or the error
+--      IDEMEPOCH <found> when Redis lost or rolled back its state. `waited`:
+--      ms since this key was first answered 'busy' ('' if never, or told before).
+
+local marker = redis.call('GET', KEYS[1])
+if marker ~= ARGV[1] then
+  return redis.error_reply('IDEMEPOCH ' .. (marker or 'missing'))
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local until_ms = string.format('%d', now + tonumber(ARGV[7]))
+
+local b = redis.call('HMGET', KEYS[4], 'fp', 'seq', 'state', 'response', 'lease_until', 'topic', 'body', 'busy_since')
+if b[1] then
+  if b[1] ~= ARGV[2] then
+    return {'conflict', b[2]}
+  end
+  local left = b[3] ~= 'stored' and tonumber(b[5]) - now or 0
+  if left > 0 then
+    if not b[8] then
+      redis.call('HSET', KEYS[4], 'busy_since', string.format('%d', now))
+    end
+    return {'busy', string.format('%d', left)}
+  end
+  -- How long ago a request with this key was first told 409 (for the
+  -- metric of a client's wait to its final answer), reported once.
+  local waited = ''
+  if b[8] then
+    waited = string.format('%d', now - tonumber(b[8]))
+    redis.call('HDEL', KEYS[4], 'busy_since')
+  end
+  if b[3] == 'stored' then
+    return {'stored', b[4], waited}
+  end
+  -- The holder's lease expired (it crashed, or its produce failed): this
+  -- request takes it over and produces the same bound event again.
+  local token = redis.call('HINCRBY', KEYS[4], 'token', 1)
+  redis.call('HSET', KEYS[4], 'lease_until', until_ms)
+  redis.call('ZADD', KEYS[5], until_ms, KEYS[4])
+  return {'retake', b[2], token, b[6], b[7], waited}
+end
+
+local gw = redis.call('HMGET', KEYS[3], 'next', 'unacked')
+local unacked = tonumber(gw[2] or '0')
+if unacked >= tonumber(ARGV[8]) then
+  return {'full', unacked}
+end
+-- The next seq continues from what idem decided, so a counter lost with
+-- Redis's state reseeds itself from the meta idem rebuilt from the log.
+local seq = tonumber(gw[1] or '1')
+local meta = redis.call('HMGET', KEYS[2], 'seq', 'dense')
+local decided = tonumber(meta[1] or '0')
+if decided + 1 > seq then
+  seq = decided + 1
+end
+if meta[2] then
+  local mark = tonumber(string.match(meta[2], ':(%d+)$') or '0')
+  if mark + 1 > seq then
+    seq = mark + 1
+  end
+end
+local s = string.format('%d', seq)
+redis.call('HSET', KEYS[4], 'fp', ARGV[2], 'seq', s, 'state', 'bound',
+  'lease_until', until_ms, 'token', 1, 'topic', ARGV[3], 'entity', ARGV[4], 'body', ARGV[5])
+redis.call('PEXPIRE', KEYS[4], ARGV[6])
+redis.call('HSET', KEYS[3], 'next', string.format('%d', seq + 1))
+redis.call('HINCRBY', KEYS[3], 'unacked', 1)
+redis.call('ZADD', KEYS[5], until_ms, KEYS[4])
+return {'new', s, 1}
