@@ -93,7 +93,7 @@ bench replay 1 > /dev/null   # binds the 100 replay keys
   echo "== replays (the stored response), 16 connections, 10 s"
   bench replay 10
   echo "== Redis round trip, same run (redis-benchmark PING_INLINE, 16 clients, no pipelining)"
-  redis-benchmark -t ping_inline -c 16 -n 200000 -q
+  redis-benchmark -t ping_inline -c 16 -n 200000 -q | tr '\r' '\n' | grep 'requests per second' | tail -1
 } | tee "$OUT/report.txt"
 summary() { # $1 section title prefix
   awk -v s="$1" '$0 ~ "^== "s {on=1; next} /^== / {on=0} on && /Requests\/sec/ {rps=$2} on && /^ +50%/ {p50=$2} on && /^ +99%/ {p99=$2} on && /Non-2xx/ {bad=$NF} END {printf "%-9s %10s req/s  p50 %8s  p99 %8s  non-2xx %s\n", s, rps, p50, p99, (bad==""?0:bad)}' "$OUT/report.txt"

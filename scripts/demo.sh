@@ -103,7 +103,7 @@ env "${PAYMENTS[@]}" IDEM__METRICS__LISTEN="127.0.0.1:$((PORT + 1))" "$IDEM" run
 PAY_PID=$!
 env "${PAYMENTS[@]}" IDEM__METRICS__LISTEN="127.0.0.1:$((PORT + 2))" "$IDEM" gateway 2>>"$LOG" &
 GW_PID=$!
-trap 'kill -TERM "$PAY_PID" "$GW_PID" 2>/dev/null; stop_idem' EXIT
+trap 'kill -TERM "$PAY_PID" "$GW_PID" 2>/dev/null || true; stop_idem' EXIT
 for _ in $(seq 1 240); do
   [[ "$(curl -s "http://127.0.0.1:$GW_PORT/readyz")" == ready ]] && break
   sleep 0.5
@@ -124,7 +124,7 @@ curl -s "http://127.0.0.1:$GW_PORT/v1/topics/payments/entities/$ENTITY?min_seq=1
   -H 'Authorization: Bearer demo-token' | sed 's/^/    /'
 echo
 echo "  applied once: idem inspect entity $ENTITY"
-env "${PAYMENTS[@]}" "$IDEM" inspect entity "$ENTITY" 2>>"$LOG" | grep -E 'seq|applied' | sed 's/^/  /'
+env "${PAYMENTS[@]}" "$IDEM" inspect entity "$ENTITY" 2>>"$LOG" | grep -E '^(seq|applied) ' | sed 's/^/  /'
 kill -TERM "$PAY_PID" "$GW_PID" 2>/dev/null || true
 wait "$PAY_PID" "$GW_PID" 2>/dev/null || true
 

@@ -284,35 +284,23 @@ async fn the_front_door_answers_each_case_once() {
         Some("application/problem+json")
     );
     assert!(String::from_utf8_lossy(&other.body).contains("k1"));
-    assert_eq!(
-        gw.post(t, "acct:1", "alice", None, &deposit("1.00"))
-            .await
-            .unwrap()
-            .status,
-        400
-    );
     let big = format!(r#"{{"data":{{"x":"{}"}}}}"#, "y".repeat(4096));
-    assert_eq!(
-        gw.post(t, "acct:1", "alice", Some("k-big"), &big)
-            .await
-            .unwrap()
-            .status,
-        413
-    );
-    assert_eq!(
-        gw.post(t, "acct:1", "mallory", Some("k1"), &deposit("2.50"))
-            .await
-            .unwrap()
-            .status,
-        401
-    );
-    assert_eq!(
-        gw.post(t, "acct:1", "carol", Some("k1"), &deposit("2.50"))
-            .await
-            .unwrap()
-            .status,
-        403
-    );
+    let (pay, k1) = (deposit("2.50"), Some("k1"));
+    for (caller, key, body, status, why) in [
+        ("alice", None, deposit("1.00"), 400, "no Idempotency-Key"),
+        (
+            "alice",
+            Some("k-big"),
+            big,
+            413,
+            "over gateway.max_body_bytes",
+        ),
+        ("mallory", k1, pay.clone(), 401, "no known token"),
+        ("carol", k1, pay.clone(), 403, "a topic carol may not use"),
+    ] {
+        let reply = gw.post(t, "acct:1", caller, key, &body).await.unwrap();
+        assert_eq!(reply.status, status, "{why}");
+    }
     let invalid = gw
         .post(
             t,
@@ -548,19 +536,10 @@ async fn the_front_door_answers_each_case_once() {
 /// The gateway's alert rules are valid Prometheus rules.
 #[test]
 fn the_gateway_alert_rules_pass_promtool() {
-    let rules = concat!(
+    assert_promtool_passes(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/deploy/prometheus/gateway-alerts.yml"
-    );
-    let check = std::process::Command::new("promtool")
-        .args(["check", "rules", rules])
-        .output()
-        .expect("promtool (apt-get install prometheus, or make services)");
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    ));
 }
 
 /// A retry storm: 50 clients each send their write 10 times, with random

@@ -478,15 +478,7 @@ impl Drop for Prometheus {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alert_rules_pass_promtool_and_fire_on_a_duplicate_flood() {
     let rules = format!("{ROOT}/deploy/prometheus/alerts.yml");
-    let check = Command::new("promtool")
-        .args(["check", "rules", &rules])
-        .output()
-        .expect("promtool (apt-get install prometheus, or make services)");
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    assert_promtool_passes(&rules);
 
     let topic = unique("flood");
     create_topic(&topic, 1).await;

@@ -8,7 +8,8 @@
 --       3 topic, 4 entity, 5 the canonical body, 6 key window (ms),
 --       7 lease (ms), 8 the most bound seqs not yet acknowledged
 -- Reply: {'new', seq, token} | {'retake', seq, token, topic, body, waited}
---      | {'stored', response, waited} | {'busy', ms the lease has left}
+--      | {'stored', seq, topic, partition, offset, waited}
+--      | {'busy', ms the lease has left}
 --      | {'conflict', seq} | {'full', unacked}; or the error
 --      IDEMEPOCH <found> when Redis lost or rolled back its state. `waited`:
 --      ms since this key was first answered 'busy' ('' if never, or told before).
@@ -21,7 +22,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local until_ms = string.format('%d', now + tonumber(ARGV[7]))
 
-local b = redis.call('HMGET', KEYS[4], 'fp', 'seq', 'state', 'response', 'lease_until', 'topic', 'body', 'busy_since')
+local b = redis.call('HMGET', KEYS[4], 'fp', 'seq', 'state', 'partition', 'lease_until', 'topic', 'body', 'busy_since', 'offset')
 if b[1] then
   if b[1] ~= ARGV[2] then
     return {'conflict', b[2]}
@@ -41,7 +42,7 @@ if b[1] then
     redis.call('HDEL', KEYS[4], 'busy_since')
   end
   if b[3] == 'stored' then
-    return {'stored', b[4], waited}
+    return {'stored', b[2], b[6], b[4], b[9], waited}
   end
   -- The holder's lease expired (it crashed, or its produce failed): this
   -- request takes it over and produces the same bound event again.

@@ -24,9 +24,16 @@ pub enum Bound {
         /// Since this key was first answered busy (`409`), if it was.
         waited: Option<Duration>,
     },
-    /// Done before: the stored response, byte for byte, and how long since
-    /// this key was first answered busy, if it was and nobody was told yet.
-    Stored(Vec<u8>, Option<Duration>),
+    /// Done before: where the bound event was acknowledged (the stored
+    /// response's parts), and how long since this key was first answered
+    /// busy, if it was and nobody was told yet.
+    Stored {
+        seq: u64,
+        topic: String,
+        partition: i32,
+        offset: i64,
+        waited: Option<Duration>,
+    },
     /// Another request holds the key for this long yet.
     Busy(Duration),
     /// The key is bound to another request (at `seq`).
@@ -162,14 +169,18 @@ impl Bindings {
         parse_bound(&reply)
     }
 
-    /// STORE `response` (or RELEASE the lease, with `None`) as the holder of `token`.
+    /// STORE where the brokers acknowledged the event, `(partition,
+    /// offset)` (or RELEASE the lease, with `None`) as the holder of `token`.
     pub async fn keep(
         &self,
         entity: &str,
         binding: &str,
         token: u64,
-        response: Option<&[u8]>,
+        acknowledged: Option<(i32, i64)>,
     ) -> Result<Kept, StoreError> {
+        let (partition, offset) = acknowledged
+            .map(|(p, o)| (p.to_string(), o.to_string()))
+            .unwrap_or_default();
         let slot = self.slot(entity);
         let mut conn = self.conn.clone();
         let reply: String = self
@@ -178,7 +189,8 @@ impl Bindings {
             .key(self.layout.entity(entity).gateway())
             .key(self.layout.gateway_pending_key(slot))
             .arg(token)
-            .arg(response.unwrap_or_default())
+            .arg(partition)
+            .arg(offset)
             .invoke_async(&mut conn)
             .await?;
         Ok(match reply.as_str() {
@@ -315,10 +327,13 @@ fn parse_bound(reply: &[Value]) -> Result<Bound, StoreError> {
             body: text(reply.get(4))?,
             waited: waited(reply.get(5)),
         },
-        "stored" => Bound::Stored(
-            Vec::<u8>::from_redis_value(reply.get(1).unwrap_or(&Value::Nil))?,
-            waited(reply.get(2)),
-        ),
+        "stored" => Bound::Stored {
+            seq: number(reply.get(1))?,
+            topic: text(reply.get(2))?,
+            partition: i32::from_redis_value(reply.get(3).unwrap_or(&Value::Nil))?,
+            offset: i64::from_redis_value(reply.get(4).unwrap_or(&Value::Nil))?,
+            waited: waited(reply.get(5)),
+        },
         "busy" => Bound::Busy(Duration::from_millis(number(reply.get(1))?)),
         "conflict" => Bound::Conflict {
             seq: number(reply.get(1))?,

@@ -155,6 +155,14 @@ pub struct Accepted {
     pub offset: i64,
 }
 
+impl Accepted {
+    /// The `202`'s body. The same fields always make the same bytes, so a
+    /// replay rebuilt from the stored binding is the first answer, byte for byte.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("plain data serialises")
+    }
+}
+
 /// An error answer, as problem+json (RFC 9457).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {

@@ -17,7 +17,7 @@ use super::binding::{Bound, Kept};
 use super::callers::Caller;
 use super::fence::Gate;
 use super::read::{decided, representation};
-use super::request::{self, Intent, Problem};
+use super::request::{self, Accepted, Intent, Problem};
 use super::service::Gateway;
 use crate::metrics::gateway_answered;
 
@@ -201,9 +201,11 @@ async fn write_inner(
         .await
         .map_err(|e| store_failed(gw, &epoch, e))?;
     let (seq, token, topic, intent) = match bound {
-        Bound::Stored(response, waited) => {
+        Bound::Stored { seq, topic, partition, offset, waited } => {
             record_wait(waited);
-            return Ok(replayed(response));
+            let id = request::event_id(seq);
+            let entity = entity.to_string();
+            return Ok(replayed(Accepted { id, entity, seq, topic, partition, offset }.to_bytes()));
         }
         Bound::Conflict { seq } => return Err(Problem::new(422, "key-reused", "Idempotency-Key reused with another request", format!("key {key:?} is bound to another request (seq {seq} of entity {entity}): a new change needs a new key"))),
         Bound::Busy(left) => return Err(in_flight(&key, left)),

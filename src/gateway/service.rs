@@ -147,13 +147,13 @@ impl Gateway {
                     );
                     std::process::exit(137);
                 }
-                let body = serde_json::to_vec(&accepted).expect("plain data serialises");
+                let at = (accepted.partition, accepted.offset);
                 let kept = self
                     .bindings
-                    .keep(entity, binding, token, Some(&body))
+                    .keep(entity, binding, token, Some(at))
                     .await
                     .map_err(|e| Unfinished::NotStored(e.to_string()))?;
-                Ok((kept, body))
+                Ok((kept, accepted.to_bytes()))
             }
             Err(e) => {
                 if let Err(release) = self.bindings.keep(entity, binding, token, None).await {

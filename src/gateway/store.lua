@@ -5,7 +5,11 @@
 -- lease was taken over) cannot store over the newer one.
 --
 -- KEYS: 1 the binding, 2 <base>:gw, 3 the slot's pending set
--- ARGV: 1 the holder's token, 2 the response ('' to release)
+-- ARGV: 1 the holder's token, 2 the partition and 3 the offset the
+--       brokers acknowledged ('' to release)
+-- The stored binding is written again, compact: only what a replay needs
+-- (the 202 is rebuilt from it byte for byte), every value short enough
+-- for Redis's small-hash encoding (a few hundred bytes less per key).
 -- Reply: 'stored' | 'released' | 'fenced' (another holder's token)
 --      | 'done' (already stored) | 'gone' (no binding: expired, or lost)
 
@@ -24,8 +28,17 @@ if ARGV[2] == '' then
   redis.call('ZADD', KEYS[3], 0, KEYS[1])
   return 'released'
 end
-redis.call('HSET', KEYS[1], 'state', 'stored', 'response', ARGV[2])
-redis.call('HDEL', KEYS[1], 'lease_until', 'body')
+local kept = redis.call('HMGET', KEYS[1], 'fp', 'seq', 'topic', 'busy_since')
+local ttl = redis.call('PTTL', KEYS[1])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'fp', kept[1], 'seq', kept[2], 'topic', kept[3],
+  'state', 'stored', 'partition', ARGV[2], 'offset', ARGV[3])
+if kept[4] then
+  redis.call('HSET', KEYS[1], 'busy_since', kept[4])
+end
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
 if redis.call('HINCRBY', KEYS[2], 'unacked', -1) < 0 then
   redis.call('HSET', KEYS[2], 'unacked', 0)
 end

@@ -294,6 +294,19 @@ pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
     idem_testbench::exposition::sum(text, name, labels) as u64
 }
 
+/// `promtool check rules` accepts the rules file at `path`.
+pub fn assert_promtool_passes(path: &str) {
+    let check = Command::new("promtool")
+        .args(["check", "rules", path])
+        .output()
+        .expect("promtool (apt-get install prometheus, or make services)");
+    assert!(
+        check.status.success(),
+        "{path}: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
+
 /// Polls `check` until it returns true or `timeout` passes (then panics with `what`).
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
 where
