@@ -15,6 +15,7 @@ use common::*;
 use idem::gateway::binding::{Bindings, Bound};
 use idem::gateway::request::{self, token_hash, Accepted, Intent};
 use idem::http::Reply;
+use idem::store::progress::ProgressStore;
 use idem::store::KeyLayout;
 use serde_json::Value;
 
@@ -327,29 +328,24 @@ async fn the_front_door_answers_each_case_once() {
     // still producing) answers 409; once the lease lapses the sweeper
     // produces the bound event and the key answers its stored response.
     let bindings = d.bindings().await;
-    let epoch = bindings.epoch().await.unwrap().unwrap();
+    let mut markers = ProgressStore::new(bindings.conn(), KeyLayout::new(t));
+    let epoch = markers.agreed_epoch().await.unwrap().unwrap();
     let body = Intent::parse(deposit("1.25").as_bytes())
         .unwrap()
         .canonical();
-    let held = |key: &str| {
-        let key_hash = request::key_hash("alice", key);
-        let fp = request::fingerprint("POST", &request::write_route(t, "acct:1"), &body);
-        (key_hash, fp)
+    // Binds `key` of alice for `entity` as a request would, and holds it
+    // (a 2 s lease nobody renews).
+    let hold = |entity: &'static str, key: String| {
+        let (bindings, epoch, body) = (&bindings, &epoch, &body);
+        async move {
+            let key_hash = request::key_hash("alice", &key);
+            let fp = request::fingerprint("POST", &request::write_route(t, entity), body);
+            let (window, lease) = (Duration::from_secs(3600), Duration::from_secs(2));
+            let bind = bindings.bind(epoch, entity, &key_hash, &fp, t, body, window, lease);
+            bind.await.unwrap()
+        }
     };
-    let (kh, fp) = held("k-held");
-    let bound = bindings
-        .bind(
-            &epoch,
-            "acct:1",
-            &kh,
-            &fp,
-            t,
-            &body,
-            Duration::from_secs(3600),
-            Duration::from_secs(2),
-        )
-        .await
-        .unwrap();
+    let bound = hold("acct:1", "k-held".to_string()).await;
     assert_eq!(bound, Bound::New { seq: 3, token: 1 });
     let busy = gw
         .post(t, "acct:1", "alice", Some("k-held"), &deposit("1.25"))
@@ -376,20 +372,7 @@ async fn the_front_door_answers_each_case_once() {
 
     // 32 bound seqs unacknowledged: the 33rd claim on the entity waits.
     for i in 0..idem::gateway::MAX_UNACKED {
-        let (kh, fp) = held(&format!("k-full-{i}"));
-        let b = bindings
-            .bind(
-                &epoch,
-                "acct:2",
-                &kh,
-                &fp,
-                t,
-                &body,
-                Duration::from_secs(3600),
-                Duration::from_secs(2),
-            )
-            .await
-            .unwrap();
+        let b = hold("acct:2", format!("k-full-{i}")).await;
         assert_eq!(
             b,
             Bound::New {

@@ -14,12 +14,7 @@
 --      IDEMEPOCH <found> when Redis lost or rolled back its state. `waited`:
 --      ms since this key was first answered 'busy' ('' if never, or told before).
 
-local marker = redis.call('GET', KEYS[1])
-if marker ~= ARGV[1] then
-  return redis.error_reply('IDEMEPOCH ' .. (marker or 'missing'))
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- (After fenced.lua: the epoch checked, `now` read.)
 local until_ms = string.format('%d', now + tonumber(ARGV[7]))
 
 local b = redis.call('HMGET', KEYS[4], 'fp', 'seq', 'state', 'partition', 'lease_until', 'topic', 'body', 'busy_since', 'offset')

@@ -8,6 +8,7 @@ use std::time::Duration;
 use redis::{FromRedisValue, Value};
 
 use crate::guard::id_generations;
+use crate::store::script::Builder;
 use crate::store::{hash_slot, KeyLayout, RedisConn, StoreError};
 
 /// What BIND found for a key.
@@ -93,6 +94,16 @@ pub struct Bindings {
     read: redis::Script,
 }
 
+/// `text` after fenced.lua: the epoch check and the clock every script
+/// that binds or takes over a seq starts with, written once.
+fn fenced(name: &str, text: &str) -> redis::Script {
+    let mut script = Builder::new(None, &[]);
+    script
+        .file("src/gateway/fenced.lua", include_str!("fenced.lua"))
+        .file(name, text);
+    redis::Script::new(script.finish().source())
+}
+
 /// The most bound seqs of one entity not yet acknowledged by the broker:
 /// under the dense rule a 33rd later decided seq closes a gap, so a 33rd
 /// unacknowledged seq could leave an earlier one to be dead-lettered.
@@ -104,9 +115,9 @@ impl Bindings {
             cluster: conn.is_cluster(),
             conn,
             layout,
-            bind: redis::Script::new(include_str!("bind.lua")),
+            bind: fenced("src/gateway/bind.lua", include_str!("bind.lua")),
             store: redis::Script::new(include_str!("store.lua")),
-            sweep: redis::Script::new(include_str!("sweep.lua")),
+            sweep: fenced("src/gateway/sweep.lua", include_str!("sweep.lua")),
             read: redis::Script::new(include_str!("read.lua")),
         }
     }
@@ -124,14 +135,6 @@ impl Bindings {
     fn slot(&self, entity: &str) -> Option<u16> {
         self.cluster
             .then(|| hash_slot(self.layout.entity_base(entity).as_bytes()))
-    }
-
-    /// The epoch every marker agrees on, as the authority holds it; `None`
-    /// while no `idem run` has set one (or after Redis lost it).
-    pub async fn epoch(&self) -> Result<Option<String>, StoreError> {
-        let key = self.layout.epoch_key(self.cluster.then_some(0));
-        let mut conn = self.conn.clone();
-        Ok(redis::cmd("GET").arg(key).query_async(&mut conn).await?)
     }
 
     #[allow(clippy::too_many_arguments)]

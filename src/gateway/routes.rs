@@ -287,14 +287,18 @@ fn store_failed(gw: &Gateway, epoch: &str, e: crate::store::StoreError) -> Probl
             gw.fence.lost(epoch, &found);
             unavailable(gw)
         }
-        other => Problem::new(
-            503,
-            "redis-unavailable",
-            "Redis did not answer",
-            other.to_string(),
-        )
-        .retry_after(1),
+        other => redis_unavailable(other),
     }
+}
+
+fn redis_unavailable(e: crate::store::StoreError) -> Problem {
+    Problem::new(
+        503,
+        "redis-unavailable",
+        "Redis did not answer",
+        e.to_string(),
+    )
+    .retry_after(1)
 }
 
 /// A read's query: `min_seq=N` and `timeout=2s`.
@@ -370,26 +374,18 @@ async fn read_inner(
             .min(most),
     };
     let window = gw.policies.get(topic).window;
+    let id = query.min_seq.map(request::event_id);
     let started = Instant::now();
     let mut pause = Duration::from_millis(2);
     loop {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let id = query.min_seq.map(request::event_id);
         let snapshot = gw
             .bindings
             .read(entity, id.as_deref(), window, now_ms)
             .await
-            .map_err(|e| {
-                Problem::new(
-                    503,
-                    "redis-unavailable",
-                    "Redis did not answer",
-                    e.to_string(),
-                )
-                .retry_after(1)
-            })?;
+            .map_err(redis_unavailable)?;
         let asked = match query.min_seq {
             None => None,
             Some(n) => match decided(&snapshot, n) {

@@ -8,12 +8,7 @@
 --        or the error IDEMEPOCH <found>. The bindings are in the pending
 --        set's slot (it is named by that slot's tag).
 
-local marker = redis.call('GET', KEYS[1])
-if marker ~= ARGV[1] then
-  return redis.error_reply('IDEMEPOCH ' .. (marker or 'missing'))
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- (After fenced.lua: the epoch checked, `now` read.)
 local until_ms = string.format('%d', now + tonumber(ARGV[2]))
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', string.format('%d', now), 'LIMIT', 0, tonumber(ARGV[3]))
 local taken = {}
