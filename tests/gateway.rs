@@ -525,6 +525,83 @@ fn the_gateway_alert_rules_pass_promtool() {
     ));
 }
 
+/// The fencing token, against real Redis scripts: a holder whose lease was
+/// taken over cannot store its answer over the newer holder's, and after
+/// the newer one stored, the old one finds the key done. The binding (its
+/// seq) never changes through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_holder_cannot_store_over_a_newer_one() {
+    use idem::gateway::binding::Kept;
+    let prefix = unique("gw-fence");
+    let layout = KeyLayout::new(&prefix);
+    let conn = redis_conn(&redis_url()).await;
+    let epoch = ProgressStore::new(conn.clone(), layout.clone())
+        .establish_epoch()
+        .await
+        .unwrap();
+    let bindings = Bindings::new(conn, layout.clone());
+    let (entity, key_hash, fp, body) = ("acct:f", "k".repeat(32), "f".repeat(32), "{}");
+    let binding = layout.entity(entity).gateway_binding(&key_hash);
+    let lease = Duration::from_millis(1);
+    let bind = || {
+        bindings.bind(
+            &epoch,
+            entity,
+            &key_hash,
+            &fp,
+            "t",
+            body,
+            Duration::from_secs(60),
+            lease,
+        )
+    };
+    assert_eq!(bind().await.unwrap(), Bound::New { seq: 1, token: 1 });
+    // The first holder's 1 ms lease lapses: the next request takes it over.
+    let retaken = std::sync::Mutex::new(None);
+    wait_until(
+        "the lease is taken over",
+        Duration::from_secs(10),
+        || async {
+            let b = bind().await.unwrap();
+            let taken = matches!(b, Bound::Retake { .. });
+            *retaken.lock().unwrap() = Some(b);
+            taken
+        },
+    )
+    .await;
+    let Some(Bound::Retake { seq, token, .. }) = retaken.into_inner().unwrap() else {
+        unreachable!()
+    };
+    assert_eq!((seq, token), (1, 2), "the same seq, a newer token");
+    assert_eq!(
+        bindings
+            .keep(entity, &binding, 1, Some((0, 10)))
+            .await
+            .unwrap(),
+        Kept::Fenced
+    );
+    assert_eq!(
+        bindings
+            .keep(entity, &binding, 2, Some((0, 11)))
+            .await
+            .unwrap(),
+        Kept::Stored
+    );
+    assert_eq!(
+        bindings
+            .keep(entity, &binding, 1, Some((0, 10)))
+            .await
+            .unwrap(),
+        Kept::Done
+    );
+    match bind().await.unwrap() {
+        Bound::Stored { seq, offset, .. } => {
+            assert_eq!((seq, offset), (1, 11), "the newer holder's answer")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 /// A retry storm: 50 clients each send their write 10 times, with random
 /// client-side timeouts, and the gateway is SIGKILLed mid-storm and
 /// started again; then each client retries until its final answer. Every

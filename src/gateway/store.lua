@@ -13,14 +13,16 @@
 -- Reply: 'stored' | 'released' | 'fenced' (another holder's token)
 --      | 'done' (already stored) | 'gone' (no binding: expired, or lost)
 
-local b = redis.call('HMGET', KEYS[1], 'token', 'state')
+-- A stored binding keeps no token (it is written again compactly below):
+-- its state says it is done.
+local b = redis.call('HMGET', KEYS[1], 'state', 'token')
 if not b[1] then
   return 'gone'
 end
-if b[2] == 'stored' then
+if b[1] == 'stored' then
   return 'done'
 end
-if b[1] ~= ARGV[1] then
+if b[2] ~= ARGV[1] then
   return 'fenced'
 end
 if ARGV[2] == '' then
