@@ -4,10 +4,13 @@
 #   scripts/services.sh up      install what is missing, start what is not running
 #   scripts/services.sh down    stop only what `up` started (pid files)
 #   scripts/services.sh status  say what runs
-#   scripts/services.sh flush   empty the Redis and Redis Cluster started here
-#                                (make test, before its jobs: each test prefix
-#                                leaves keys, epoch markers per slot on the
-#                                cluster, and SCANs slow down as they pile up)
+#   scripts/services.sh flush   empty the Redis and Redis Cluster started here and
+#                                delete the broker's topics (make test, before its
+#                                jobs: each test prefix leaves keys, epoch markers
+#                                per slot on the cluster, and SCANs slow down as
+#                                they pile up; each test leaves topics, and a
+#                                broker holding ~20k partitions runs out of file
+#                                descriptors)
 #   scripts/services.sh kill-kafka  SIGKILL the broker (fault injection; `up` restarts it)
 #   scripts/services.sh pause-kafka / resume-kafka  SIGSTOP / SIGCONT the broker (fault injection)
 #
@@ -335,6 +338,15 @@ case "${1:-up}" in
       if is_alive "$CLUSTER_DIR/$port/redis.pid"; then redis-cli -p "$port" flushall >/dev/null; fi
     done
     log "flushed the redis and redis cluster started here"
+    # Every topic but the broker's own (__consumer_offsets, ...): the Redis
+    # state they fed is gone with the flush, and the demo creates its own again.
+    if is_alive "$KAFKA_DIR/kafka.pid"; then
+      resolve_kafka_jars
+      kafka_java org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" \
+        --delete --if-exists --topic '[^_].*' >"$KAFKA_DIR/flush.log" 2>&1 ||
+        die "deleting the broker's topics failed; see $KAFKA_DIR/flush.log"
+      log "deleted the topics of the broker started here"
+    fi
     ;;
   status)
     is_alive "$KAFKA_DIR/kafka.pid" && echo "kafka: running (pid $(cat "$KAFKA_DIR/kafka.pid"))" || echo "kafka: not started here"
