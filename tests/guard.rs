@@ -1671,24 +1671,35 @@ async fn an_error_raised_in_the_script_names_its_file_and_line() {
     for suffix in [":meta", ":state", ":ids:1", ":ids:0"] {
         cmd.arg(format!("{base}{suffix}"));
     }
-    // token, epoch; then one event's head, no fields, one mutation of an unknown kind.
-    let head = ["tokn", "E", "99999999999999", "id", "idhash!!", "fprint!!"];
-    let rest = [
+    // token, epoch, one context (expire_at, no mark field, no prefix, not
+    // dense, no changelog); then one event's head, no fields, one
+    // mutation of an unknown kind.
+    let call = [
+        "tokn",
+        "E",
+        "1",
+        "99999999999999",
+        "",
+        "",
+        "",
+        "",
+        "1",
+        "id",
+        "idhash!!",
+        "fprint!!",
         "0000000000000001",
         "1",
-        "",
         "0",
-        "",
-        "",
         "merge",
         "0",
         "0",
         "0",
         "",
         "1",
+        "bogus",
     ];
-    for arg in head.iter().chain(&rest).chain(&["bogus"]) {
-        cmd.arg(*arg);
+    for arg in call {
+        cmd.arg(arg);
     }
     let err = cmd
         .query_async::<redis::Value>(&mut conn)

@@ -172,10 +172,75 @@ pub fn state_code(event: &Event, effects: &Effects, per_field: bool) -> &'static
     }
 }
 
+/// What the events of one call share with others of their topic and
+/// partition, sent once per call (the script's "contexts") instead of once
+/// per event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Context<'a> {
+    /// When the current generation's id hash expires (Unix ms).
+    pub expire_at_ms: u64,
+    /// The entity's offset mark field for the partition ("" for none).
+    pub mark_field: &'a str,
+    /// The run that decides the records (the marks' first part).
+    pub run_start: i64,
+    pub dense: bool,
+    /// The topic named in the changes written to the outbox; "" when the
+    /// topic's changes do not go there.
+    pub changelog: &'a str,
+}
+
+impl<'a> Context<'a> {
+    pub fn of(input: &GuardInput<'a>, expire_at_ms: u64) -> Context<'a> {
+        let policy = input.policy;
+        Context {
+            expire_at_ms,
+            mark_field: input.place.map_or("", |p| p.mark_field),
+            run_start: input.place.map_or(0, |p| p.run_start),
+            dense: policy.dense_seqs,
+            changelog: if policy.changelog { &policy.topic } else { "" },
+        }
+    }
+
+    /// Its five arguments: expire_at_ms, mark_field, the marks' prefix
+    /// ("<run start>:", "" without a mark field), dense ("1" or ""), changelog.
+    pub fn push_args(&self, cmd: &mut redis::Cmd) {
+        cmd.arg(self.expire_at_ms).arg(self.mark_field);
+        if self.mark_field.is_empty() {
+            cmd.arg("");
+        } else {
+            cmd.arg(format!("{}:", self.run_start));
+        }
+        cmd.arg(if self.dense { "1" } else { "" })
+            .arg(self.changelog);
+    }
+}
+
+/// The distinct contexts of a call, and each event's (1-based, as the
+/// script reads it). A call holds few (one per topic and partition).
+pub fn contexts<'a>(
+    of_events: impl Iterator<Item = Context<'a>>,
+) -> (Vec<Context<'a>>, Vec<usize>) {
+    let mut distinct: Vec<Context<'a>> = Vec::new();
+    let mut index = Vec::new();
+    for ctx in of_events {
+        let at = match distinct.iter().position(|c| *c == ctx) {
+            Some(at) => at,
+            None => {
+                distinct.push(ctx);
+                distinct.len() - 1
+            }
+        };
+        index.push(at + 1);
+    }
+    (distinct, index)
+}
+
+/// One event's arguments (after the call's contexts): its context's
+/// number, then its own head, state fields, effect keys and mutations.
 pub fn push_event_args(
     cmd: &mut redis::Cmd,
     input: &GuardInput<'_>,
-    expire_at_ms: u64,
+    context: usize,
     parts: &EffectParts,
 ) {
     let e = input.event;
@@ -186,25 +251,15 @@ pub fn push_event_args(
         .filter(|(k, _)| effects.writes_field(k))
         .collect();
     let unset: Vec<&String> = e.unset.iter().filter(|k| effects.writes_field(k)).collect();
-    cmd.arg(expire_at_ms)
+    cmd.arg(context)
         .arg(&e.id)
         .arg(&id_hash(&e.id).to_be_bytes()[..])
         .arg(&e.fingerprint.to_be_bytes()[..])
         .arg(format!("{:016x}", e.fingerprint))
-        .arg(e.seq);
-    match input.place {
-        Some(place) => cmd.arg(place.mark_field).arg(place.offset).arg(
-            crate::consumed::Mark {
-                run_start: place.run_start,
-                offset: place.offset,
-            }
-            .encode(),
-        ),
-        None => cmd.arg("").arg(0).arg(""),
-    };
+        .arg(e.seq)
+        .arg(input.place.map_or(0, |p| p.offset));
     let policy = input.policy;
-    cmd.arg(if policy.dense_seqs { "1" } else { "" })
-        .arg(state_code(e, effects, policy.per_field()))
+    cmd.arg(state_code(e, effects, policy.per_field()))
         .arg(set.len());
     for (k, v) in set {
         cmd.arg(k).arg(v);
@@ -219,7 +274,6 @@ pub fn push_event_args(
     for a in &parts.args {
         cmd.arg(a);
     }
-    cmd.arg(if policy.changelog { &policy.topic } else { "" });
     if policy.changelog {
         cmd.arg(e.ts.as_deref().unwrap_or(""));
     }

@@ -26,7 +26,7 @@ mod reply;
 pub mod script;
 mod send;
 
-use args::{push_event_args, EffectParts};
+use args::{contexts, push_event_args, Context, EffectParts};
 pub use plan::{chunk_by_entity, chunk_by_slot, id_generations, IdGenerations};
 use reply::{check_durable, script_items, verdicts_by_chunk};
 use send::{is_noscript, send_as_built};
@@ -127,7 +127,7 @@ impl Guard {
         // make new guards.
         static PLAIN: std::sync::LazyLock<(std::sync::Arc<Script>, redis::Script)> =
             std::sync::LazyLock::new(|| {
-                let source = script::assemble(&[], script::Ending::Run);
+                let source = script::assemble(&[], script::Ending::from_env());
                 let hashed = redis::Script::new(source.source());
                 (source.into(), hashed)
             });
@@ -169,6 +169,10 @@ impl Guard {
 
     /// Runs the custom effects (`effects.snippets`) in the script.
     pub fn with_snippets(mut self, snippets: &[Snippet]) -> Self {
+        if snippets.is_empty() {
+            // The plain script (or the benchmark's stub) is in place.
+            return self;
+        }
         let source = script::assemble(snippets, script::Ending::Run);
         self.script = redis::Script::new(source.source());
         self.source = source.into();
@@ -480,8 +484,18 @@ impl Guard {
             }
         }
         cmd.arg(&self.batch_token[..]).arg(&self.epoch);
-        for ((&i, ids), part) in chunk.iter().zip(&generations).zip(&parts) {
-            push_event_args(&mut cmd, &inputs[i], ids.expire_at_ms, part);
+        let (distinct, context_of) = contexts(
+            chunk
+                .iter()
+                .zip(&generations)
+                .map(|(&i, ids)| Context::of(&inputs[i], ids.expire_at_ms)),
+        );
+        cmd.arg(distinct.len());
+        for context in &distinct {
+            context.push_args(&mut cmd);
+        }
+        for ((&i, context), part) in chunk.iter().zip(context_of).zip(&parts) {
+            push_event_args(&mut cmd, &inputs[i], context, part);
         }
         cmd
     }

@@ -56,6 +56,23 @@ pub enum Ending {
     /// `report.lua`: what `read_call` made of the call, as JSON, nothing
     /// written (`Guard::parsed_by_script`).
     Report,
+    /// `stub.lua`: the commands of a new plain merge event, no decision,
+    /// every event answered applied. The benchmark's floor for the
+    /// script's own time, never a run's (`IDEM_BENCH_GUARD_STUB`).
+    Stub,
+}
+
+impl Ending {
+    /// `Stub` where the benchmark asks for it (`IDEM_BENCH_GUARD_STUB=1`),
+    /// else `Run`.
+    pub fn from_env() -> Ending {
+        if std::env::var("IDEM_BENCH_GUARD_STUB").is_ok_and(|v| v == "1") {
+            tracing::warn!("IDEM_BENCH_GUARD_STUB=1: the guard decides nothing and answers every event applied; for the benchmark's floor only");
+            Ending::Stub
+        } else {
+            Ending::Run
+        }
+    }
 }
 
 /// The line in custom.lua after which the custom effects go.
@@ -115,6 +132,7 @@ pub fn assemble(snippets: &[Snippet], ending: Ending) -> Script {
     let (name, text) = match ending {
         Ending::Run => ("main.lua", include_str!("lua/main.lua")),
         Ending::Report => ("report.lua", include_str!("lua/report.lua")),
+        Ending::Stub => ("stub.lua", include_str!("lua/stub.lua")),
     };
     b.file(&format!("{DIR}{name}"), text);
     b.finish()

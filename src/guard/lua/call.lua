@@ -27,14 +27,20 @@
 --          where <base> is "<prefix>:{<entity>}".
 -- ARGV     first the batch token (4 bytes: the same for every attempt of one
 --          batch, new for the next batch), then the epoch idem knows, then
---          per event a fixed head, the state fields and the mutations:
---            expire_at_ms (end of generation g+1), id, id_hash (8 bytes),
---            fingerprint (8 bytes), fingerprint_hex, seq (decimal u64),
---            mark_field (the entity's offset mark for the record's partition,
---            "o:<topic id>:<partition>"; "" for none), offset (the record's),
---            mark ("<run start>:<offset>", what this decision marks),
---            dense ("1" when the event's topic numbers its seqs densely:
+--          the call's contexts, what its events share with others of their
+--          topic and partition: their count, then five values each:
+--            expire_at_ms (end of generation g+1),
+--            mark_field (the entity's offset mark for the records'
+--            partition, "o:<topic id>:<partition>"; "" for none),
+--            mark prefix ("<run start>:"; a mark is it .. the offset),
+--            dense ("1" when the topic numbers its seqs densely:
 --            dedupe.dense_seq_topics; "" otherwise),
+--            changelog (the topic when its changes go to the outbox,
+--            changelog.topics; "" otherwise);
+--          then per event its context's number (1-based), a fixed head,
+--          the state fields and the mutations:
+--            id, id_hash (8 bytes), fingerprint (8 bytes), fingerprint_hex,
+--            seq (decimal u64), offset (the record's),
 --            state ("merge" | "replace" | "delete" | "keep", each also as
 --            "field:<op>" under state.order = "per_field", whose event's
 --            first effect key is <base>:field_seqs),
@@ -52,8 +58,7 @@
 --              "custom" snippet key order n f1 v1 ... custom effect (order
 --                                                     "ordered" | "commutative"),
 --                                                     the event's data fields
---            and last the changelog: the event's topic when its changes go to
---            the outbox (changelog.topics), "" otherwise; after a topic, the
+--            and last, when its context names a changelog topic, the
 --            event's ts ("" without one)
 -- Returns  per event two values: code, detail
 --            0 applied    detail: how many dense seqs the event's decision

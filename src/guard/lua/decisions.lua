@@ -47,7 +47,7 @@ local function decide_new(e, token)
   local code, detail
   if e.per_field then
     code, detail = decide_per_field(e, token, recorded, applied)
-    known_meta[e.meta] = nil
+    forget_meta(e.meta)
   else
     code, detail = decide_per_entity(e, token, recorded, applied)
   end

@@ -8,9 +8,10 @@ local function main()
   end
   local token = ARGV[1]
   local out = {}
-  local e, k, a = {}, 3, 3
+  local contexts, a = read_contexts()
+  local e, k = {}, 3
   while a <= #ARGV do
-    e, k, a = read_event(k, a, e)
+    e, k, a = read_event(contexts, k, a, e)
     local seen = redis.call('HGET', e.current, e.idh) or redis.call('HGET', e.previous, e.idh)
     local code, detail
     if seen then

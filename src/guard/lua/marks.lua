@@ -1,41 +1,47 @@
 -- What this call knows of each entity's meta: seq, applied and the offset
--- marks by field (false: none), read once and kept in step with the call's
--- own writes, so an entity with several events in one call reads its meta
--- once. Per-entity order's writes keep an entry; per-field order's drop it.
-local known_meta = {}
+-- mark of one field (false: none), read once and kept in step with the
+-- call's own writes, so an entity with several events in one call reads
+-- its meta once. Per-entity order's writes keep an entry; per-field
+-- order's drop it (forget_meta). Flat tables keyed by the meta key: an
+-- entity costs the call no table of its own.
+local known = {}
+local known_seq, known_applied = {}, {}
+local known_field, known_mark = {}, {}
+
+local function forget_meta(meta)
+  known[meta] = nil
+end
 
 local function remember_mark(meta, field, mark)
-  local known = known_meta[meta]
-  if known then known.marks[field] = mark end
+  if known[meta] then known_field[meta], known_mark[meta] = field, mark end
 end
 
 -- The entity's offset mark for the record's partition (false: none).
 local function offset_mark(e)
-  local known = known_meta[e.meta]
-  local mark = known and known.marks[e.mark_field]
-  if mark == nil then
-    mark = redis.call('HGET', e.meta, e.mark_field)
-    remember_mark(e.meta, e.mark_field, mark)
-  end
+  if known[e.meta] and known_field[e.meta] == e.mark_field then return known_mark[e.meta] end
+  local mark = redis.call('HGET', e.meta, e.mark_field)
+  remember_mark(e.meta, e.mark_field, mark)
   return mark
 end
 
 -- The entity's seq, applied count and offset mark for the record's
 -- partition (each false where there is none).
 local function read_meta(e)
-  local known = known_meta[e.meta]
-  if known and (e.mark_field == '' or known.marks[e.mark_field] ~= nil) then
-    return known.seq, known.applied, known.marks[e.mark_field] or false
+  local meta = e.meta
+  if known[meta] then
+    if e.mark_field == '' then return known_seq[meta], known_applied[meta], false end
+    if known_field[meta] == e.mark_field then
+      return known_seq[meta], known_applied[meta], known_mark[meta]
+    end
   end
   local m
   if e.mark_field ~= '' then
-    m = redis.call('HMGET', e.meta, 'seq', 'applied', e.mark_field)
+    m = redis.call('HMGET', meta, 'seq', 'applied', e.mark_field)
   else
-    m = redis.call('HMGET', e.meta, 'seq', 'applied')
+    m = redis.call('HMGET', meta, 'seq', 'applied')
   end
-  known = { seq = m[1], applied = m[2], marks = {} }
-  if e.mark_field ~= '' then known.marks[e.mark_field] = m[3] end
-  known_meta[e.meta] = known
+  known[meta], known_seq[meta], known_applied[meta] = true, m[1], m[2]
+  known_field[meta], known_mark[meta] = e.mark_field, m[3] or false
   return m[1], m[2], m[3] or false
 end
 

@@ -4,16 +4,16 @@
 -- the offset mark: the state is written by then, so the mark never covers
 -- a record without its effects, and the call saves a write.
 local function write_newer(e, applied, no_effects)
-  local count = string.format('%d', (tonumber(applied) or 0) + 1)
+  -- A number: Redis writes it as its digits, with no Lua string made.
+  local count = (tonumber(applied) or 0) + 1
   local mark_field, mark = nil, nil
   if no_effects and e.mark_field ~= '' and not is_held(e) then
     mark_field, mark = e.mark_field, e.mark
     e.marked = true
   end
-  local known = known_meta[e.meta]
-  if known then
-    known.seq, known.applied = e.seq, count
-    if mark then known.marks[mark_field] = mark end
+  if known[e.meta] then
+    known_seq[e.meta], known_applied[e.meta] = e.seq, count
+    if mark then known_field[e.meta], known_mark[e.meta] = mark_field, mark end
   end
   if e.op == 'delete' or e.op == 'replace' then
     redis.call('DEL', e.state)
@@ -96,6 +96,20 @@ local function write_change(e, plan, decided)
   }, state, fx)
 end
 
+-- The id mark's tail after the fingerprint (first-seen ms, batch token,
+-- outcome) is the same for every event of the call with one outcome:
+-- made once per outcome.
+local id_mark_tails = {}
+
+local function id_mark(fp, token, decided)
+  local tail = id_mark_tails[decided]
+  if not tail then
+    tail = now_packed .. token .. decided
+    id_mark_tails[decided] = tail
+  end
+  return fp .. tail
+end
+
 -- The last writes of a decided event, after its state and meta: its
 -- effects, its change (for a changelog topic), then its id (stale and late ids too, so that a redelivery is a
 -- duplicate), then its offset mark. A failure before the id leaves the
@@ -107,7 +121,7 @@ local function finish_decision(e, token, plan, decided)
     end
   end
   if e.changelog ~= '' and decided ~= 's' then write_change(e, plan, decided) end
-  redis.call('HSET', e.current, e.idh, e.fp .. now_packed .. token .. decided)
+  redis.call('HSET', e.current, e.idh, id_mark(e.fp, token, decided))
   if not expiring[e.current] then
     if redis.call('HLEN', e.current) == 1 then
       redis.call('PEXPIREAT', e.current, e.expire_at)

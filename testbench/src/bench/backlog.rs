@@ -8,7 +8,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use super::cpu::{self, cpu_seconds, Busy};
-use super::io::{progress, redis_time, scrape, scrape_total, stop};
+use super::io::{progress, redis_time, scrape, scrape_total, stop, RedisPerRecord};
 use super::BenchSpec;
 use crate::process::IdemCommand;
 
@@ -54,10 +54,9 @@ pub(super) struct Backlog {
 pub(super) struct Measured {
     pub records_per_second: f64,
     pub idem_cpu_seconds_per_million: f64,
-    /// Redis's CPU (`INFO cpu`) per record, µs; `None` on a cluster.
-    pub redis_cpu_us_per_record: Option<f64>,
-    /// Redis's time in scripts (`INFO commandstats`) per record, µs.
-    pub script_us_per_record: Option<f64>,
+    /// What Redis spent per record (CPU, the script, its commands); `None`
+    /// on a cluster.
+    pub redis: Option<RedisPerRecord>,
     /// Where the machine's cores went while the backlog was consumed.
     pub busy: Busy,
     /// Every instance's metrics at the end.
@@ -117,16 +116,11 @@ pub(super) async fn run_on_backlog(
     let cpu = cpu_seconds_all(&idems) - cpu0;
     // Redis's CPU and script time over the run, µs.
     let redis_spent = match (redis, redis0) {
-        (Some(r), Some((cpu0, script0))) => {
-            let (cpu1, script1) = redis_time(r).await?;
-            Some((cpu1 - cpu0, script1 - script0))
-        }
+        (Some(r), Some(before)) => Some(redis_time(r).await? - before),
         _ => None,
     };
-    let per_record = |us: f64| us / total as f64;
-    let redis_cpu = redis_spent.map(|(cpu, _)| per_record(cpu));
-    let script = redis_spent.map(|(_, script)| per_record(script));
-    let busy = machine0.busy(elapsed, cpu, redis_spent.map(|(cpu, _)| cpu / 1e6));
+    let busy = machine0.busy(elapsed, cpu, redis_spent.map(|t| t.cpu / 1e6));
+    let redis_per_record = redis_spent.map(|t| t.per_record(total));
     let mut metrics = String::new();
     for p in &ports {
         metrics.push_str(&scrape(*p).await.unwrap_or_default());
@@ -134,17 +128,19 @@ pub(super) async fn run_on_backlog(
     let measured = Measured {
         records_per_second: total as f64 / elapsed,
         idem_cpu_seconds_per_million: cpu / total as f64 * 1e6,
-        redis_cpu_us_per_record: redis_cpu,
-        script_us_per_record: script,
+        redis: redis_per_record,
         busy,
         metrics,
         idems,
     };
     progress(&format!(
-        "idem: {:.0} records/s, {:.2} CPU s per million, Redis {} µs per record; cores busy: {}",
+        "idem: {:.0} records/s, {:.2} CPU s per million, Redis {}; cores busy: {}",
         measured.records_per_second,
         measured.idem_cpu_seconds_per_million,
-        redis_cpu.map_or("?".into(), |us| format!("{us:.2}")),
+        redis_per_record.map_or("?".into(), |r| format!(
+            "{:.2} µs CPU, script {:.2} µs = commands {:.2} µs ({:.2} per record) + outside {:.2} µs, per record",
+            r.cpu_us, r.script_us, r.commands_us, r.commands, r.outside_us
+        )),
         measured.busy.summary()
     ));
     Ok(measured)

@@ -85,10 +85,8 @@ pub async fn naive_consumer(
 pub struct GuardAlone {
     pub records: usize,
     pub records_per_second: f64,
-    /// `INFO cpu` (user + sys) per record, µs.
-    pub redis_cpu_us_per_record: f64,
-    /// `INFO commandstats` time in scripts per record, µs.
-    pub script_us_per_record: f64,
+    /// Redis's CPU, the script's time and its commands', per record.
+    pub redis: super::io::RedisPerRecord,
 }
 
 /// Runs idem's guard on `values` in batches as idem forms them, each
@@ -123,7 +121,7 @@ pub async fn guard_alone(
         window: Duration::from_secs(86_400),
         ..TopicPolicy::default()
     };
-    let (cpu0, script0) = super::io::redis_time(&mut info).await?;
+    let before = super::io::redis_time(&mut info).await?;
     let started = Instant::now();
     for (chunk, at) in events.chunks(per_batch).zip(places.chunks(per_batch)) {
         guard.begin_batch();
@@ -144,13 +142,11 @@ pub async fn guard_alone(
         guard.apply(&inputs).await?;
     }
     let elapsed = started.elapsed().as_secs_f64().max(1e-9);
-    let (cpu1, script1) = super::io::redis_time(&mut info).await?;
-    let n = events.len().max(1) as f64;
+    let spent = super::io::redis_time(&mut info).await? - before;
     Ok(GuardAlone {
         records: events.len(),
         records_per_second: events.len() as f64 / elapsed,
-        redis_cpu_us_per_record: (cpu1 - cpu0) / n,
-        script_us_per_record: (script1 - script0) / n,
+        redis: spent.per_record(events.len() as u64),
     })
 }
 

@@ -62,6 +62,12 @@ pub struct CompareRow {
     pub redis_cpu_us_per_record: Vec<f64>,
     /// Time Redis spent in the guard script (`INFO commandstats`) per record, µs.
     pub script_us_per_record: Vec<f64>,
+    /// Of it, the commands the script ran, µs per record.
+    pub commands_us_per_record: Vec<f64>,
+    /// Of it, the script's own time outside its commands, µs per record.
+    pub outside_us_per_record: Vec<f64>,
+    /// Commands the script ran per record.
+    pub commands_per_record: Vec<f64>,
     /// Redis's cores busy over the backlog (standalone only; issue #27, target 4).
     pub redis_cores_busy: Vec<f64>,
 }
@@ -106,10 +112,13 @@ pub async fn run(spec: &BenchSpec, backlog: &Backlog) -> anyhow::Result<Vec<Comp
             row.records_per_second.push(measured.records_per_second);
             row.idem_cpu_seconds_per_million
                 .push(measured.idem_cpu_seconds_per_million);
-            row.redis_cpu_us_per_record
-                .extend(measured.redis_cpu_us_per_record);
-            row.script_us_per_record
-                .extend(measured.script_us_per_record);
+            if let Some(r) = measured.redis {
+                row.redis_cpu_us_per_record.push(r.cpu_us);
+                row.script_us_per_record.push(r.script_us);
+                row.commands_us_per_record.push(r.commands_us);
+                row.outside_us_per_record.push(r.outside_us);
+                row.commands_per_record.push(r.commands);
+            }
             row.redis_cores_busy.extend(measured.busy.redis_cores_busy);
             measured.stop();
             if let Some(r) = redis.as_mut() {
@@ -120,19 +129,49 @@ pub async fn run(spec: &BenchSpec, backlog: &Backlog) -> anyhow::Result<Vec<Comp
     Ok(rows)
 }
 
-fn mean(v: &[f64]) -> f64 {
+/// The median of `v` (the mean of the middle two for an even count): one
+/// run disturbed by the shared machine moves it less than a mean.
+fn median(v: &[f64]) -> f64 {
     if v.is_empty() {
-        f64::NAN
+        return f64::NAN;
+    }
+    let mut sorted = v.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 0 {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
     } else {
-        v.iter().sum::<f64>() / v.len() as f64
+        sorted[mid]
     }
 }
 
-/// The comparison as Markdown: every run, the mean and its ratio to this build's.
+/// The comparison as Markdown: every run, then each median's ratio to
+/// this build's median.
 pub fn to_markdown(rows: &[CompareRow]) -> String {
-    let mut s = String::from(
-        "| build | records/s (runs) | ÷ this build | idem CPU s per million | ÷ | Redis CPU µs per record | ÷ | guard script µs per record | ÷ | Redis cores busy | ÷ |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
-    );
+    type Column = (&'static str, usize, fn(&CompareRow) -> &[f64]);
+    let columns: [Column; 8] = [
+        ("records/s", 0, |r| &r.records_per_second),
+        ("idem CPU s per million", 2, |r| {
+            &r.idem_cpu_seconds_per_million
+        }),
+        ("Redis CPU µs per record", 2, |r| {
+            &r.redis_cpu_us_per_record
+        }),
+        ("guard script µs per record", 2, |r| {
+            &r.script_us_per_record
+        }),
+        ("of it commands µs", 2, |r| &r.commands_us_per_record),
+        ("of it outside commands µs", 2, |r| {
+            &r.outside_us_per_record
+        }),
+        ("commands per record", 2, |r| &r.commands_per_record),
+        ("Redis cores busy", 2, |r| &r.redis_cores_busy),
+    ];
+    let mut s = String::from("| build |");
+    for (name, _, _) in &columns {
+        s.push_str(&format!(" {name} (runs) | ÷ this (medians) |"));
+    }
+    s.push_str(&format!("\n|---|{}\n", "---|---|".repeat(columns.len())));
     let Some(base) = rows.first() else {
         return s;
     };
@@ -143,7 +182,7 @@ pub fn to_markdown(rows: &[CompareRow]) -> String {
             .join(", ")
     };
     // "—" where a figure is not known (Redis's, on a cluster).
-    let ratio = |v: &[f64], b: &[f64]| match mean(v) / mean(b) {
+    let ratio = |v: &[f64], b: &[f64]| match median(v) / median(b) {
         r if r.is_nan() => "—".to_string(),
         r => format!("{r:.2}"),
     };
@@ -153,22 +192,15 @@ pub fn to_markdown(rows: &[CompareRow]) -> String {
         } else {
             format!("{} ({})", r.name, r.env.join(" "))
         };
-        s.push_str(&format!(
-            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            runs(&r.records_per_second, 0),
-            ratio(&r.records_per_second, &base.records_per_second),
-            runs(&r.idem_cpu_seconds_per_million, 2),
-            ratio(
-                &r.idem_cpu_seconds_per_million,
-                &base.idem_cpu_seconds_per_million
-            ),
-            runs(&r.redis_cpu_us_per_record, 2),
-            ratio(&r.redis_cpu_us_per_record, &base.redis_cpu_us_per_record),
-            runs(&r.script_us_per_record, 2),
-            ratio(&r.script_us_per_record, &base.script_us_per_record),
-            runs(&r.redis_cores_busy, 2),
-            ratio(&r.redis_cores_busy, &base.redis_cores_busy),
-        ));
+        s.push_str(&format!("| {label} |"));
+        for (_, digits, field) in &columns {
+            s.push_str(&format!(
+                " {} | {} |",
+                runs(field(r), *digits),
+                ratio(field(r), field(base))
+            ));
+        }
+        s.push('\n');
     }
     s
 }
@@ -195,7 +227,7 @@ mod tests {
     }
 
     #[test]
-    fn ratios_are_to_this_builds_mean() {
+    fn ratios_are_to_this_builds_median() {
         let row = |name: &str, rps: Vec<f64>| CompareRow {
             name: name.into(),
             records_per_second: rps,
@@ -205,11 +237,12 @@ mod tests {
             ..CompareRow::default()
         };
         let md = to_markdown(&[
-            row("this build", vec![100.0, 300.0]),
-            row("old", vec![100.0]),
+            row("this build", vec![100.0, 200.0, 900.0]),
+            row("old", vec![100.0, 600.0]),
         ]);
-        assert!(md.contains("| this build | 100, 300 | 1.00 |"), "{md}");
-        assert!(md.contains("| old | 100 | 0.50 |"), "{md}");
+        // Medians: 200 and 350.
+        assert!(md.contains("| this build | 100, 200, 900 | 1.00 |"), "{md}");
+        assert!(md.contains("| old | 100, 600 | 1.75 |"), "{md}");
         // Redis's cores busy is not known for either (a cluster): no ratio.
         assert!(md.ends_with("| 1.00 |  | — |\n"), "{md}");
     }

@@ -150,7 +150,7 @@ pub(super) async fn run_variant(
     let mut cpu_before = 0.0;
     if let Some(r) = redis.as_mut() {
         let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(r).await?;
-        cpu_before = redis_time(r).await?.0;
+        cpu_before = redis_time(r).await?.cpu;
     }
     let port = crate::process::free_port();
     let mut cmd = IdemCommand::new(&spec.idem_exe, &spec.brokers, topic, topic)
@@ -182,9 +182,9 @@ pub(super) async fn run_variant(
     }
     stop(child);
     if let Some(r) = redis.as_mut() {
-        let (cpu, scripts) = redis_time(r).await?;
-        row.redis_us_per_record = scripts / total as f64;
-        row.redis_cpu_us_per_record = (cpu - cpu_before) / total as f64;
+        let now = redis_time(r).await?;
+        row.redis_us_per_record = now.scripts / total as f64;
+        row.redis_cpu_us_per_record = (now.cpu - cpu_before) / total as f64;
         row.redis_bytes_per_entity =
             key_bytes(r, prefix, key_suffixes).await? as f64 / spec.entities.max(1) as f64;
     }

@@ -84,11 +84,79 @@ pub(super) async fn scan_keys(
     }
 }
 
-/// Redis's CPU (`INFO cpu`: user + sys) and its time in scripts (`INFO
-/// commandstats`: `eval` and `evalsha`), both in µs since it started.
+/// Redis's counters since it started (`INFO cpu` and `INFO commandstats`),
+/// all times in µs.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(super) struct RedisTime {
+    /// CPU, user + sys.
+    pub cpu: f64,
+    /// Time in scripts (`eval`, `evalsha`): the commands they run included.
+    pub scripts: f64,
+    /// Time in every other command: nearly all of it the scripts' own
+    /// `redis.call`s (Redis counts those in commandstats too); the rest is
+    /// idem's few commands outside the guard (progress, epoch reads).
+    pub commands: f64,
+    /// How many of those commands ran.
+    pub command_calls: f64,
+}
+
+impl std::ops::Sub for RedisTime {
+    type Output = RedisTime;
+    fn sub(self, before: RedisTime) -> RedisTime {
+        RedisTime {
+            cpu: self.cpu - before.cpu,
+            scripts: self.scripts - before.scripts,
+            commands: self.commands - before.commands,
+            command_calls: self.command_calls - before.command_calls,
+        }
+    }
+}
+
+/// What Redis spent per record over a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct RedisPerRecord {
+    /// Redis's own CPU, µs.
+    pub cpu_us: f64,
+    /// The guard script's time, its commands included, µs.
+    pub script_us: f64,
+    /// The time of the commands it ran, µs.
+    pub commands_us: f64,
+    /// The script's time outside its commands (Lua, arguments, the bridge
+    /// of each `redis.call`), µs.
+    pub outside_us: f64,
+    pub commands: f64,
+}
+
+impl RedisTime {
+    /// This span's counters divided by `records`.
+    pub fn per_record(&self, records: u64) -> RedisPerRecord {
+        let n = records.max(1) as f64;
+        RedisPerRecord {
+            cpu_us: self.cpu / n,
+            script_us: self.scripts / n,
+            commands_us: self.commands / n,
+            outside_us: (self.scripts - self.commands) / n,
+            commands: self.command_calls / n,
+        }
+    }
+}
+
+/// One `cmdstat_<name>:calls=..,usec=..,...` line: name, calls, usec.
+fn command_stat(line: &str) -> Option<(&str, f64, f64)> {
+    let (name, fields) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+    let field = |key: &str| {
+        fields
+            .split(',')
+            .find_map(|f| f.strip_prefix(key))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    Some((name, field("calls=")?, field("usec=")?))
+}
+
+/// Redis's counters now (`INFO cpu commandstats`).
 pub(super) async fn redis_time(
     conn: &mut redis::aio::MultiplexedConnection,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<RedisTime> {
     let info: String = redis::cmd("INFO")
         .arg("cpu")
         .arg("commandstats")
@@ -100,14 +168,22 @@ pub(super) async fn redis_time(
             .and_then(|v| v.trim().parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    let cpu = (seconds("used_cpu_user:") + seconds("used_cpu_sys:")) * 1e6;
-    let scripts = info
-        .lines()
-        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
-        .filter_map(|l| l.split(',').find_map(|f| f.strip_prefix("usec=")))
-        .filter_map(|v| v.parse::<f64>().ok())
-        .sum();
-    Ok((cpu, scripts))
+    let mut time = RedisTime {
+        cpu: (seconds("used_cpu_user:") + seconds("used_cpu_sys:")) * 1e6,
+        ..RedisTime::default()
+    };
+    // INFO itself is the bench's, not idem's.
+    for (name, calls, usec) in info.lines().filter_map(command_stat) {
+        match name {
+            "eval" | "evalsha" => time.scripts += usec,
+            "info" => {}
+            _ => {
+                time.commands += usec;
+                time.command_calls += calls;
+            }
+        }
+    }
+    Ok(time)
 }
 
 /// Deletes what the bench wrote, so repeated runs do not fill Redis.

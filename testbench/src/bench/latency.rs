@@ -142,7 +142,7 @@ async fn run_level(
     let before = buckets(&scrape(port).await.unwrap_or_default());
     let want = scrape_total(port, target.topic).await.unwrap_or(0) + live.len() as u64;
     let redis0 = match redis.as_deref_mut() {
-        Some(r) => Some(redis_time(r).await?.0),
+        Some(r) => Some(redis_time(r).await?.cpu),
         None => None,
     };
     let (t0, machine0) = (Instant::now(), cpu::start());
@@ -163,7 +163,7 @@ async fn run_level(
     let generator = (cpu_seconds(std::process::id()) - generator0) / seconds.max(1e-9);
     let redis_cpu = match (redis, redis0) {
         // `redis_time` counts µs.
-        (Some(r), Some(cpu0)) => Some((redis_time(r).await?.0 - cpu0) / 1e6),
+        (Some(r), Some(cpu0)) => Some((redis_time(r).await?.cpu - cpu0) / 1e6),
         _ => None,
     };
     let busy = machine0.busy(seconds, idem_cpu, redis_cpu);

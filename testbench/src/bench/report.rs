@@ -44,10 +44,9 @@ pub struct BenchReport {
     /// idem, end to end from a Kafka backlog until every record had its outcome.
     pub idem_records_per_second: f64,
     pub idem_cpu_seconds_per_million: f64,
-    /// Redis's CPU per record over the backlog (standalone only), µs.
-    pub redis_cpu_us_per_record: Option<f64>,
-    /// Of it, the guard script's time per record, µs.
-    pub script_us_per_record: Option<f64>,
+    /// What Redis spent per record over the backlog (standalone only):
+    /// its CPU, the guard script's time, its commands' and the rest.
+    pub redis: Option<super::io::RedisPerRecord>,
     /// Where the machine's cores went over the backlog.
     pub busy: super::Busy,
     pub idem_peak_rss_bytes: u64,
@@ -285,12 +284,28 @@ impl BenchReport {
             ),
             (
                 "Redis CPU per record over the backlog (INFO cpu)".into(),
-                us(self.redis_cpu_us_per_record),
+                us(self.redis.map(|r| r.cpu_us)),
                 "",
             ),
             (
                 "guard script time per record over the backlog (INFO commandstats)".into(),
-                us(self.script_us_per_record),
+                us(self.redis.map(|r| r.script_us)),
+                "",
+            ),
+            (
+                "of it, the commands the script ran, per record".into(),
+                us(self.redis.map(|r| r.commands_us)),
+                "",
+            ),
+            (
+                "of it, the script's time outside its commands, per record".into(),
+                us(self.redis.map(|r| r.outside_us)),
+                "",
+            ),
+            (
+                "commands the script ran per record".into(),
+                self.redis
+                    .map_or("–".into(), |r| format!("{:.2}", r.commands)),
                 "",
             ),
         ]
@@ -324,12 +339,22 @@ impl BenchReport {
             ),
             (
                 "(c): Redis CPU per record (INFO cpu)".into(),
-                format!("{:.2} µs", self.guard_alone.redis_cpu_us_per_record),
+                format!("{:.2} µs", self.guard_alone.redis.cpu_us),
                 "≤ 5 µs",
             ),
             (
                 "(c): guard script time per record (INFO commandstats)".into(),
-                format!("{:.2} µs", self.guard_alone.script_us_per_record),
+                format!("{:.2} µs", self.guard_alone.redis.script_us),
+                "",
+            ),
+            (
+                "(c): of it, commands / outside them / commands per record".into(),
+                format!(
+                    "{:.2} µs / {:.2} µs / {:.2}",
+                    self.guard_alone.redis.commands_us,
+                    self.guard_alone.redis.outside_us,
+                    self.guard_alone.redis.commands
+                ),
                 "",
             ),
             (

@@ -225,8 +225,7 @@ async fn measure_throughput(
         run_on_backlog(spec, &backlog, &spec.idem_exe, &[], &names.prefix, redis).await?;
     report.idem_records_per_second = measured.records_per_second;
     report.idem_cpu_seconds_per_million = measured.idem_cpu_seconds_per_million;
-    report.redis_cpu_us_per_record = measured.redis_cpu_us_per_record;
-    report.script_us_per_record = measured.script_us_per_record;
+    report.redis = measured.redis;
     report.busy = measured.busy.clone();
     for o in Outcome::ALL {
         let n = exposition::sum(
@@ -317,7 +316,7 @@ async fn run_baselines(
     .await?;
     progress(&format!(
         "  {:.0} records/s, Redis {:.2} µs per record",
-        report.guard_alone.records_per_second, report.guard_alone.redis_cpu_us_per_record
+        report.guard_alone.records_per_second, report.guard_alone.redis.cpu_us
     ));
     Ok(())
 }
