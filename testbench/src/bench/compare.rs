@@ -244,6 +244,10 @@ mod tests {
         assert!(md.contains("| this build | 100, 200, 900 | 1.00 |"), "{md}");
         assert!(md.contains("| old | 100, 600 | 1.75 |"), "{md}");
         // Redis's cores busy is not known for either (a cluster): no ratio.
-        assert!(md.ends_with("| 1.00 |  | — |\n"), "{md}");
+        // Nor the commands' split: no ratio either.
+        assert!(
+            md.ends_with("| 3.00 | 1.00 |  | — |  | — |  | — |  | — |\n"),
+            "{md}"
+        );
     }
 }
