@@ -63,6 +63,70 @@ pub fn data_fields(text: &str, pointer: &str) -> Result<Option<DataFields>, Inva
     Ok(Some((set, unset)))
 }
 
+/// The fields of `map`, the data object at `pointer` in `text` as `Value`
+/// parsed it: strings and nulls are taken from it as they are (moved, not
+/// read again), and only the other values (numbers, and objects, arrays
+/// and literals, which may hold numbers) are read again from `text` for
+/// their exact text. What [`data_fields`] gives, with less read twice.
+pub fn data_fields_beside(
+    text: &str,
+    pointer: &str,
+    map: serde_json::Map<String, Value>,
+) -> Result<DataFields, Invalid> {
+    let members = match raw_at(text, pointer)? {
+        Some(raw) if raw.get().as_bytes().first() == Some(&b'{') => raw_members(raw.get())?,
+        _ => Vec::new(),
+    };
+    let mut set = Vec::with_capacity(map.len());
+    let mut unset = Vec::new();
+    for (k, v) in map {
+        match v {
+            Value::Null => unset.push(k),
+            Value::String(s) => set.push((k, s)),
+            _ => {
+                // The last of a repeated key, as `Value` kept it.
+                let raw = members
+                    .iter()
+                    .rev()
+                    .find(|(key, _)| key.0 == k.as_str())
+                    .map(|(_, raw)| *raw)
+                    .ok_or_else(|| {
+                        Invalid::NotJson(format!("data field {k:?} not found in the text"))
+                    })?;
+                let mut out = String::with_capacity(raw.get().len());
+                write_canonical(raw, &mut out)?;
+                set.push((k, out));
+            }
+        }
+    }
+    Ok((set, unset))
+}
+
+/// The members of the JSON object `text`, in order, keys borrowed unless
+/// escaped.
+fn raw_members(text: &str) -> Result<Vec<(Key<'_>, &RawValue)>, Invalid> {
+    struct Members;
+    impl<'de> de::Visitor<'de> for Members {
+        type Value = Vec<(Key<'de>, &'de RawValue)>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(key) = map.next_key::<Key<'de>>()? {
+                out.push((key, map.next_value()?));
+            }
+            Ok(out)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    de::Deserializer::deserialize_map(&mut de, Members)
+        .and_then(|members| de.end().map(|()| members))
+        .map_err(|e| Invalid::NotJson(e.to_string()))
+}
+
 /// The raw value at a JSON pointer (RFC 6901), or `None` if absent.
 fn raw_at<'a>(text: &'a str, pointer: &str) -> Result<Option<&'a RawValue>, Invalid> {
     if pointer.is_empty() {
@@ -198,8 +262,20 @@ fn parse<'a, T: serde::Deserialize<'a>>(text: &'a str) -> Result<T, Invalid> {
 mod tests {
     use super::*;
 
+    /// The fields read from the text alone, checked against the fields
+    /// read beside the parsed `Value` (the decoder's path).
     fn fields(text: &str) -> DataFields {
-        data_fields(text, "/data").unwrap().unwrap()
+        let alone = data_fields(text, "/data").unwrap().unwrap();
+        // (`Value` refuses a number past f64, e.g. 1e400: so does the decoder.)
+        if let Ok(value) = serde_json::from_str::<Value>(text) {
+            let map = value["data"].as_object().unwrap().clone();
+            assert_eq!(
+                data_fields_beside(text, "/data", map).unwrap(),
+                alone,
+                "{text}"
+            );
+        }
+        alone
     }
 
     /// Number texts that a binary float would change, kept byte for byte.

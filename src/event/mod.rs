@@ -324,7 +324,7 @@ pub(crate) fn data_fields(
 ) -> Result<exact::DataFields, Invalid> {
     match data.map(Value::take) {
         Some(Value::Object(map)) if map.values().any(exact::contains_number) => {
-            Ok(exact::data_fields(text, pointer)?.unwrap_or_default())
+            exact::data_fields_beside(text, pointer, map)
         }
         Some(Value::Object(map)) => Ok(split_data(map)),
         _ => Ok((Vec::new(), Vec::new())),

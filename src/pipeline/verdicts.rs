@@ -23,6 +23,11 @@ use crate::model::Outcome;
 /// | duplicate, earlier attempt: X   | no             | duplicate           |
 /// | anything else                   | any            | itself              |
 pub fn recount_retried(inputs: &[GuardInput<'_>], verdicts: &mut [Verdict]) {
+    // Most batches are first attempts: nothing to recount, no set to build.
+    let retried = |v: &Verdict| v.outcome == Outcome::Duplicate && v.earlier_attempt.is_some();
+    if !verdicts.iter().any(retried) {
+        return;
+    }
     let mut seen = std::collections::HashSet::new();
     for (input, v) in inputs.iter().zip(verdicts.iter_mut()) {
         let first_in_batch = seen.insert((input.event.entity.as_str(), input.event.id.as_str()));
