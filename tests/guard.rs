@@ -108,7 +108,10 @@ async fn dense_fields(
         .unwrap()
 }
 
-/// Forgets every id of `entity`, as the window does when it has passed.
+/// Forgets every id of `entity`, as the window does when it has passed:
+/// its id hashes go, and meta's `idg` with them (a passed window has
+/// moved the generation past the one `idg` names, so the guard looks at
+/// the new generation's hash again and gives it its expiry).
 async fn expire_ids(
     conn: &mut idem::store::RedisConn,
     prefix: &str,
@@ -126,6 +129,12 @@ async fn expire_ids(
         .arg(keys.ids(ids.previous))
         .arg(keys.ids(ids.current))
         .arg(keys.ids(ids.current + 1))
+        .query_async(conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HDEL")
+        .arg(keys.meta())
+        .arg("idg")
         .query_async(conn)
         .await
         .unwrap();
@@ -1671,12 +1680,13 @@ async fn an_error_raised_in_the_script_names_its_file_and_line() {
     for suffix in [":meta", ":state", ":ids:1", ":ids:0"] {
         cmd.arg(format!("{base}{suffix}"));
     }
-    // token, epoch, one context (expire_at, no mark field, no prefix, not
-    // dense, no changelog); then one event's head, no fields, one
-    // mutation of an unknown kind.
+    // token, epoch, one context (generation 1, expire_at, no mark field,
+    // no prefix, not dense, no changelog); then one event's head, no
+    // fields, one mutation of an unknown kind.
     let call = [
         "tokn",
         "E",
+        "1",
         "1",
         "99999999999999",
         "",
