@@ -77,29 +77,18 @@ pub fn data_fields_beside(
         Some(raw) if raw.get().as_bytes().first() == Some(&b'{') => raw_members(raw.get())?,
         _ => Vec::new(),
     };
-    let mut set = Vec::with_capacity(map.len());
-    let mut unset = Vec::new();
-    for (k, v) in map {
-        match v {
-            Value::Null => unset.push(k),
-            Value::String(s) => set.push((k, s)),
-            _ => {
-                // The last of a repeated key, as `Value` kept it.
-                let raw = members
-                    .iter()
-                    .rev()
-                    .find(|(key, _)| key.0 == k.as_str())
-                    .map(|(_, raw)| *raw)
-                    .ok_or_else(|| {
-                        Invalid::NotJson(format!("data field {k:?} not found in the text"))
-                    })?;
-                let mut out = String::with_capacity(raw.get().len());
-                write_canonical(raw, &mut out)?;
-                set.push((k, out));
-            }
-        }
-    }
-    Ok((set, unset))
+    super::split_data_with(map, |k, _| {
+        // The last of a repeated key, as `Value` kept it.
+        let raw = members
+            .iter()
+            .rev()
+            .find(|(key, _)| key.0 == k)
+            .map(|(_, raw)| *raw)
+            .ok_or_else(|| Invalid::NotJson(format!("data field {k:?} not found in the text")))?;
+        let mut out = String::with_capacity(raw.get().len());
+        write_canonical(raw, &mut out)?;
+        Ok(out)
+    })
 }
 
 /// The members of the JSON object `text`, in order, keys borrowed unless

@@ -336,16 +336,30 @@ pub(crate) fn data_fields(
 pub(crate) fn split_data(
     map: serde_json::Map<String, Value>,
 ) -> (Vec<(String, String)>, Vec<String>) {
+    let split: Result<_, std::convert::Infallible> =
+        split_data_with(map, |_, other| Ok(other.to_string()));
+    split.unwrap_or_else(|never| match never {})
+}
+
+/// [`split_data`], with the text of each value that is neither a string
+/// nor `null` written by `text_of(key, value)`.
+pub(crate) fn split_data_with<E>(
+    map: serde_json::Map<String, Value>,
+    mut text_of: impl FnMut(&str, Value) -> Result<String, E>,
+) -> Result<exact::DataFields, E> {
     let mut set = Vec::with_capacity(map.len());
     let mut unset = Vec::new();
     for (k, v) in map {
         match v {
             Value::Null => unset.push(k),
             Value::String(s) => set.push((k, s)),
-            other => set.push((k, other.to_string())),
+            other => {
+                let text = text_of(&k, other)?;
+                set.push((k, text));
+            }
         }
     }
-    (set, unset)
+    Ok((set, unset))
 }
 
 /// `Value::pointer` without its per-token allocation in the common case
