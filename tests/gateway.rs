@@ -617,11 +617,15 @@ async fn a_retry_storm_across_a_gateway_kill_writes_each_key_once() {
     let rate = [("IDEM__GATEWAY__RATE_PER_CALLER", "100000")];
     let front = d.gateway_at(port, &rate).await;
     let t = d.topic.clone();
-    // The kill comes mid-storm: once 10 writes were answered 202.
+    // The kill comes mid-storm: once 10 writes were answered 202. Clients
+    // storm on until it came (at least 10 sends each), with a patience that
+    // grows as a backing-off client's does: on a loaded machine a first
+    // write can take longer than a whole storm of short patiences.
     let answered = AtomicUsize::new(0);
+    let killed = std::sync::atomic::AtomicBool::new(false);
     let clients: Vec<_> = (0..50u64)
         .map(|i| {
-            let (front, t, answered) = (&front, t.clone(), &answered);
+            let (front, t, answered, killed) = (&front, t.clone(), &answered, &killed);
             async move {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(i);
                 let (entity, key, body) = (
@@ -630,8 +634,11 @@ async fn a_retry_storm_across_a_gateway_kill_writes_each_key_once() {
                     deposit(&format!("{}.00", i + 1)),
                 );
                 let mut answers = Vec::new();
-                for _ in 0..10 {
-                    let patience = Duration::from_millis(rng.random_range(2..150));
+                let mut sends = 0u64;
+                while sends < 10 || !killed.load(Ordering::SeqCst) {
+                    let grown = 1 + (sends / 10).min(20);
+                    let patience = Duration::from_millis(rng.random_range(2..150) * grown);
+                    sends += 1;
                     if let Ok(Some(r)) = tokio::time::timeout(
                         patience,
                         front.post(&t, &entity, "alice", Some(&key), &body),
@@ -660,6 +667,7 @@ async fn a_retry_storm_across_a_gateway_kill_writes_each_key_once() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(signal(front.process.pid(), "-KILL"), "kill -KILL failed");
+        killed.store(true, Ordering::SeqCst);
     };
     let (sent, ()) = tokio::join!(storm, kill);
     let again = d.gateway_at(port, &rate).await;
