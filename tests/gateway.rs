@@ -848,6 +848,108 @@ async fn two_gateways_on_one_entity_end_as_the_writes_in_seq_order() {
     d.idem.unwrap().terminate().await;
 }
 
+/// A slow holder's seq is never closed by later ones. Its gateway dies
+/// after binding seq 1 and before producing it; another gateway then binds
+/// at most 32 seqs above it and answers `429` for the next, until the
+/// sweeper has produced seq 1. Every seq counts its deposit. Before the
+/// bound above the lowest unacknowledged seq (counting them alone), all 40
+/// later writes were bound and acknowledged one by one, idem decided 33 of
+/// them ahead of seq 1, the dense rule closed its gap, and its `202`'d
+/// deposit was dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_holders_seq_is_never_closed_by_later_ones() {
+    // A lease long enough that seqs 2..=33 are bound before the sweeper
+    // takes seq 1 over, however loaded the machine.
+    let d = Deployment::start("gw-slow", redis_url(), &[("IDEM__GATEWAY__LEASE", "8s")]).await;
+    let t = d.topic.clone();
+    let doomed = d
+        .gateway(&[("IDEM_GATEWAY_FAULT", "exit_before_produce")])
+        .await;
+    let lost = doomed
+        .post(&t, "acct:1", "alice", Some("first"), &deposit("1.00"))
+        .await;
+    assert!(
+        lost.is_none(),
+        "the gateway died before producing: {lost:?}"
+    );
+    assert!(doomed
+        .process
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .is_ok());
+    let gw = d
+        .gateway(&[("IDEM__GATEWAY__RATE_PER_CALLER", "100000")])
+        .await;
+    let mut refused_at = Vec::new();
+    for i in 2..=41u64 {
+        let mut tries = 0;
+        loop {
+            let key = format!("w{i}");
+            let reply = gw
+                .post(&t, "acct:1", "alice", Some(&key), &deposit("1.00"))
+                .await
+                .expect("the gateway answers");
+            if reply.status != 429 {
+                assert_eq!(accepted(&reply).seq, i, "writes one after the other");
+                break;
+            }
+            refused_at.push(i);
+            tries += 1;
+            assert!(tries < 30, "seq {i} refused for 30 s: {reply:?}");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    assert!(
+        refused_at.iter().all(|&i| i == 34) && !refused_at.is_empty(),
+        "only seq 34, 33 above the unacknowledged seq 1, waits for it: {refused_at:?}"
+    );
+    let first = accepted(
+        &gw.post_until_final(&t, "acct:1", "first", &deposit("1.00"))
+            .await,
+    );
+    assert_eq!(first.seq, 1, "the key kept its seq");
+    for n in 1..=41 {
+        let decided = gw.read_at(&t, "acct:1", n).await["decided"].clone();
+        assert!(
+            ["applied", "late", "partial"].contains(&decided["outcome"].as_str().unwrap_or("")),
+            "seq {n}: {decided}"
+        );
+    }
+    let state = gw.read_at(&t, "acct:1", 41).await;
+    assert_eq!(
+        state["counters"]["balance"], "41.00",
+        "every deposit once: {state}"
+    );
+    // A gateway of the previous version stores without removing its seq's
+    // u:<seq>: the next BIND drops one idem has decided, or it would hold
+    // the entity back for good.
+    let counters = KeyLayout::new(&t).entity("acct:1").gateway();
+    let mut conn = redis_conn(&d.redis_url).await;
+    let () = redis::cmd("HSET")
+        .arg(&counters)
+        .arg("u:5")
+        .arg("left by an older gateway")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let more = gw
+        .post(&t, "acct:1", "alice", Some("w42"), &deposit("1.00"))
+        .await
+        .unwrap();
+    assert_eq!(accepted(&more).seq, 42);
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(&counters)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        !fields.contains(&"u:5".to_string()),
+        "a decided seq's u: field is dropped: {fields:?}"
+    );
+    gw.process.terminate().await;
+    d.idem.unwrap().terminate().await;
+}
+
 /// Read your writes: a write, then a read with its seq, sees the write, a
 /// thousand times in a row, while the same idem applies a background
 /// stream on another topic (2,000 records a second, in bursts of 500).

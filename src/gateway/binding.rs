@@ -39,8 +39,10 @@ pub enum Bound {
     Busy(Duration),
     /// The key is bound to another request (at `seq`).
     Conflict { seq: u64 },
-    /// The entity has this many bound seqs the broker has not acknowledged.
-    Full { unacked: u64 },
+    /// The entity has this many bound seqs the broker has not acknowledged,
+    /// or the next seq would be more than [`MAX_UNACKED`] above the lowest
+    /// of them (`lowest`).
+    Full { unacked: u64, lowest: Option<u64> },
 }
 
 /// What STORE (or RELEASE) did.
@@ -104,9 +106,10 @@ fn fenced(name: &str, text: &str) -> redis::Script {
     redis::Script::new(script.finish().source())
 }
 
-/// The most bound seqs of one entity not yet acknowledged by the broker:
-/// under the dense rule a 33rd later decided seq closes a gap, so a 33rd
-/// unacknowledged seq could leave an earlier one to be dead-lettered.
+/// The most bound seqs of one entity not yet acknowledged by the broker,
+/// and the most a new seq may be above the lowest of them: under the dense
+/// rule a 33rd later seq decided ahead of a seq closes its gap, and only
+/// seqs bound before its event is acknowledged can be decided ahead of it.
 pub const MAX_UNACKED: u64 = 32;
 
 impl Bindings {
@@ -343,6 +346,7 @@ fn parse_bound(reply: &[Value]) -> Result<Bound, StoreError> {
         },
         "full" => Bound::Full {
             unacked: number(reply.get(1))?,
+            lowest: number(reply.get(2)).ok(),
         },
         other => return Err(StoreError::Protocol(format!("BIND answered {other:?}"))),
     })

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
-use super::binding::{Bound, Kept};
+use super::binding::{Bound, Kept, MAX_UNACKED};
 use super::callers::Caller;
 use super::fence::Gate;
 use super::read::{decided, representation};
@@ -209,7 +209,8 @@ async fn write_inner(
         }
         Bound::Conflict { seq } => return Err(Problem::new(422, "key-reused", "Idempotency-Key reused with another request", format!("key {key:?} is bound to another request (seq {seq} of entity {entity}): a new change needs a new key"))),
         Bound::Busy(left) => return Err(in_flight(&key, left)),
-        Bound::Full { unacked } => return Err(Problem::new(429, "entity-busy", "Too many writes in flight for this entity", format!("entity {entity} has {unacked} writes the brokers have not acknowledged yet")).retry_after(1)),
+        Bound::Full { unacked, lowest: None } => return Err(Problem::new(429, "entity-busy", "Too many writes in flight for this entity", format!("entity {entity} has {unacked} writes the brokers have not acknowledged yet")).retry_after(1)),
+        Bound::Full { lowest: Some(lowest), .. } => return Err(Problem::new(429, "entity-busy", "Too many writes in flight for this entity", format!("entity {entity}'s write at seq {lowest} is not acknowledged by the brokers yet, and the next seq may be at most {MAX_UNACKED} above it")).retry_after(1)),
         Bound::New { seq, token } => (seq, token, topic.to_string(), intent),
         Bound::Retake { seq, token, topic, body, waited } => {
             record_wait(waited);

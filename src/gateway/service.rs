@@ -47,10 +47,37 @@ pub struct Gateway {
     pub(super) callers: Callers,
     pub(super) fence: Fence,
     producer: FutureProducer<QuietContext>,
-    /// Fault injection for the tests (`IDEM_GATEWAY_FAULT=exit_after_ack`):
-    /// the process exits between the broker's acknowledgement and the
-    /// stored response, a crash no real server produces on demand.
-    exit_after_ack: bool,
+    /// Fault injection for the tests: a crash no real server produces on
+    /// demand (`IDEM_GATEWAY_FAULT`).
+    fault: Option<Fault>,
+}
+
+/// Where `IDEM_GATEWAY_FAULT` makes the process exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// `exit_before_produce`: a seq bound, its event not produced yet.
+    ExitBeforeProduce,
+    /// `exit_after_ack`: the broker acknowledged the event, the response
+    /// is not stored yet.
+    ExitAfterAck,
+}
+
+impl Fault {
+    fn from_env() -> Option<Fault> {
+        match std::env::var("IDEM_GATEWAY_FAULT").as_deref() {
+            Ok("exit_before_produce") => Some(Fault::ExitBeforeProduce),
+            Ok("exit_after_ack") => Some(Fault::ExitAfterAck),
+            _ => None,
+        }
+    }
+
+    /// Exits the process where this fault is `at`.
+    fn strike(fault: Option<Fault>, at: Fault) {
+        if fault == Some(at) {
+            tracing::error!(?at, "IDEM_GATEWAY_FAULT: exiting");
+            std::process::exit(137);
+        }
+    }
 }
 
 /// The gateway's idempotent producer: the brokers' acknowledgement within
@@ -83,7 +110,7 @@ impl Gateway {
             producer: producer(&config)?,
             callers,
             fence: Fence::default(),
-            exit_after_ack: std::env::var("IDEM_GATEWAY_FAULT").as_deref() == Ok("exit_after_ack"),
+            fault: Fault::from_env(),
             config,
         }))
     }
@@ -139,14 +166,10 @@ impl Gateway {
         (seq, token): (u64, u64),
         intent: &Intent,
     ) -> Result<(Kept, Vec<u8>), Unfinished> {
+        Fault::strike(self.fault, Fault::ExitBeforeProduce);
         match self.produce(topic, entity, seq, intent).await {
             Ok(accepted) => {
-                if self.exit_after_ack {
-                    tracing::error!(
-                        "IDEM_GATEWAY_FAULT=exit_after_ack: exiting before the response is stored"
-                    );
-                    std::process::exit(137);
-                }
+                Fault::strike(self.fault, Fault::ExitAfterAck);
                 let at = (accepted.partition, accepted.offset);
                 let kept = self
                     .bindings

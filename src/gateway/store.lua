@@ -44,5 +44,7 @@ end
 if redis.call('HINCRBY', KEYS[2], 'unacked', -1) < 0 then
   redis.call('HSET', KEYS[2], 'unacked', 0)
 end
+-- Acknowledged: no longer the lowest unacknowledged seq (bind.lua).
+redis.call('HDEL', KEYS[2], 'u:' .. kept[2])
 redis.call('ZREM', KEYS[3], KEYS[1])
 return 'stored'

@@ -21,6 +21,14 @@ for _, key in ipairs(due) do
     if redis.call('HINCRBY', counters, 'unacked', -1) < 0 then
       redis.call('HSET', counters, 'unacked', 0)
     end
+    -- Nor is its seq the lowest unacknowledged (bind.lua's u:<seq>, whose
+    -- value names the binding): the dense rule will close its gap.
+    local fields = redis.call('HGETALL', counters)
+    for i = 1, #fields, 2 do
+      if fields[i + 1] == key and string.sub(fields[i], 1, 2) == 'u:' then
+        redis.call('HDEL', counters, fields[i])
+      end
+    end
     redis.call('ZREM', KEYS[2], key)
   elseif b[1] == 'stored' then
     redis.call('ZREM', KEYS[2], key)
