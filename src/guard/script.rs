@@ -56,22 +56,25 @@ pub enum Ending {
     /// `report.lua`: what `read_call` made of the call, as JSON, nothing
     /// written (`Guard::parsed_by_script`).
     Report,
-    /// `stub.lua`: the commands of a new plain merge event, no decision,
+    /// `stub.lua`: every event read as `main.lua` reads it, with (`true`)
+    /// or without the commands of a new plain merge event, no decision,
     /// every event answered applied. The benchmark's floor for the
-    /// script's own time, never a run's (`IDEM_BENCH_GUARD_STUB`).
-    Stub,
+    /// script's own time and its parts, never a run's
+    /// (`IDEM_BENCH_GUARD_STUB`).
+    Stub { commands: bool },
 }
 
 impl Ending {
-    /// `Stub` where the benchmark asks for it (`IDEM_BENCH_GUARD_STUB=1`),
-    /// else `Run`.
+    /// A stub where the benchmark asks for one (`IDEM_BENCH_GUARD_STUB=1`:
+    /// reads and commands; `=arguments`: reads only), else `Run`.
     pub fn from_env() -> Ending {
-        if std::env::var("IDEM_BENCH_GUARD_STUB").is_ok_and(|v| v == "1") {
-            tracing::warn!("IDEM_BENCH_GUARD_STUB=1: the guard decides nothing and answers every event applied; for the benchmark's floor only");
-            Ending::Stub
-        } else {
-            Ending::Run
-        }
+        let ending = match std::env::var("IDEM_BENCH_GUARD_STUB").as_deref() {
+            Ok("1") => Ending::Stub { commands: true },
+            Ok("arguments") => Ending::Stub { commands: false },
+            _ => return Ending::Run,
+        };
+        tracing::warn!("IDEM_BENCH_GUARD_STUB is set: the guard decides nothing and answers every event applied; for the benchmark's floor only");
+        ending
     }
 }
 
@@ -132,7 +135,11 @@ pub fn assemble(snippets: &[Snippet], ending: Ending) -> Script {
     let (name, text) = match ending {
         Ending::Run => ("main.lua", include_str!("lua/main.lua")),
         Ending::Report => ("report.lua", include_str!("lua/report.lua")),
-        Ending::Stub => ("stub.lua", include_str!("lua/stub.lua")),
+        Ending::Stub { commands } => {
+            // One line, so stub.lua's line numbers stay its own.
+            b.push("stub", &format!("local STUB_COMMANDS = {commands}\n"), 1);
+            ("stub.lua", include_str!("lua/stub.lua"))
+        }
     };
     b.file(&format!("{DIR}{name}"), text);
     b.finish()
