@@ -20,6 +20,22 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
+/// A plain upsert of `entity` setting `v` to its own id.
+fn upsert(entity: &str, id: &str, seq: u64, fingerprint: u64) -> Event {
+    Event {
+        ts: None,
+        change: None,
+        id: id.into(),
+        entity: entity.into(),
+        seq,
+        op: Op::Upsert,
+        kind: None,
+        set: vec![("v".into(), id.into())],
+        unset: Vec::new(),
+        fingerprint,
+    }
+}
+
 /// A random amount: mostly small with 0 or 2 decimals, sometimes 30 or 37
 /// digits (so sums pass 38 digits and are rejected).
 fn random_amount(rng: &mut StdRng, scale: u8) -> Amount {
@@ -1292,18 +1308,7 @@ async fn offset_marks_replay_decided_records_and_hold_at_a_conflict() {
         .expect("epoch");
     let mut guard = Guard::new(conn.clone(), KeyLayout::new(&prefix), 100, epoch);
     let entity = format!("{prefix}:acct");
-    let event = |id: &str, seq: u64, fingerprint: u64| Event {
-        ts: None,
-        change: None,
-        id: id.into(),
-        entity: entity.clone(),
-        seq,
-        op: Op::Upsert,
-        kind: None,
-        set: vec![("v".into(), id.into())],
-        unset: Vec::new(),
-        fingerprint,
-    };
+    let event = |id: &str, seq: u64, fingerprint: u64| upsert(&entity, id, seq, fingerprint);
     let (first, conflicting, later, copy) = (
         event("a", 1, 1),
         event("a", 2, 2),
@@ -1750,18 +1755,7 @@ async fn an_id_hash_is_looked_at_once_per_generation_as_meta_idg_says() {
     let entity = format!("{prefix}:e");
     let keys = KeyLayout::new(&prefix).entity(&entity);
     let (policy, effects) = (hour(), Effects::default());
-    let event = |id: &str, seq: u64| Event {
-        ts: None,
-        change: None,
-        id: id.into(),
-        entity: entity.clone(),
-        seq,
-        op: Op::Upsert,
-        kind: None,
-        set: vec![("v".into(), id.into())],
-        unset: Vec::new(),
-        fingerprint: seq,
-    };
+    let event = |id: &str, seq: u64| upsert(&entity, id, seq, seq);
     let generation = idem::guard::id_generations(
         idem::pipeline::unix_millis() as u64,
         Duration::from_secs(3600),
