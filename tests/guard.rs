@@ -124,10 +124,7 @@ async fn dense_fields(
         .unwrap()
 }
 
-/// Forgets every id of `entity`, as the window does when it has passed:
-/// its id hashes go, and meta's `idg` with them (a passed window has
-/// moved the generation past the one `idg` names, so the guard looks at
-/// the new generation's hash again and gives it its expiry).
+/// Forgets every id of `entity`, as the window does when it has passed.
 async fn expire_ids(
     conn: &mut idem::store::RedisConn,
     prefix: &str,
@@ -145,12 +142,6 @@ async fn expire_ids(
         .arg(keys.ids(ids.previous))
         .arg(keys.ids(ids.current))
         .arg(keys.ids(ids.current + 1))
-        .query_async(conn)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("HDEL")
-        .arg(keys.meta())
-        .arg("idg")
         .query_async(conn)
         .await
         .unwrap();
@@ -1685,13 +1676,12 @@ async fn an_error_raised_in_the_script_names_its_file_and_line() {
     for suffix in [":meta", ":state", ":ids:1", ":ids:0"] {
         cmd.arg(format!("{base}{suffix}"));
     }
-    // token, epoch, one context (generation 1, expire_at, no mark field,
-    // no prefix, not dense, no changelog); then one event's head, no
-    // fields, one mutation of an unknown kind.
+    // token, epoch, one context (expire_at, no mark field, no prefix, not
+    // dense, no changelog); then one event's head, no fields, one
+    // mutation of an unknown kind.
     let call = [
         "tokn",
         "E",
-        "1",
         "1",
         "99999999999999",
         "",
@@ -1734,83 +1724,4 @@ async fn an_error_raised_in_the_script_names_its_file_and_line() {
         "{raw} located as {located}"
     );
     assert!(!located.contains("user_script:"), "{located}");
-}
-
-/// An entity's id hash is looked at once per generation, not once per
-/// call: its first id gives it its expiry, and meta's `idg` then names the
-/// generation. A hash an older version made (no `idg`) is looked at once
-/// and keeps its expiry. Where `idg` names the current generation the
-/// guard does not look at all: shown by a hash removed under it, which
-/// the next id makes again without a look (what a window's passing never
-/// does: it moves the generation past `idg`).
-#[tokio::test]
-async fn an_id_hash_is_looked_at_once_per_generation_as_meta_idg_says() {
-    let prefix = unique("idg");
-    let mut conn = redis_conn(&redis_url()).await;
-    let epoch = ProgressStore::new(conn.clone(), KeyLayout::new(&prefix))
-        .establish_epoch()
-        .await
-        .expect("epoch");
-    let mut guard = Guard::new(conn.clone(), KeyLayout::new(&prefix), 100, epoch);
-    let entity = format!("{prefix}:e");
-    let keys = KeyLayout::new(&prefix).entity(&entity);
-    let (policy, effects) = (hour(), Effects::default());
-    let event = |id: &str, seq: u64| upsert(&entity, id, seq, seq);
-    let generation = idem::guard::id_generations(
-        idem::pipeline::unix_millis() as u64,
-        Duration::from_secs(3600),
-    )
-    .current;
-    let ids = keys.ids(generation);
-    let idg_and_ttl = async |conn: &mut idem::store::RedisConn| -> (Option<String>, i64) {
-        redis::pipe()
-            .hget(keys.meta(), "idg")
-            .pttl(&ids)
-            .query_async(conn)
-            .await
-            .unwrap()
-    };
-    for (n, id) in ["a", "b", "c"].into_iter().enumerate() {
-        let seq = n as u64 + 1;
-        match id {
-            // An older version made the hash: it set the expiry, not idg.
-            "b" => {
-                let _: () = redis::cmd("HDEL")
-                    .arg(keys.meta())
-                    .arg("idg")
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-            }
-            // The hash goes while idg names its generation.
-            "c" => {
-                let _: () = redis::cmd("DEL")
-                    .arg(&ids)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-            }
-            _ => {}
-        }
-        let events = [event(id, seq)];
-        let verdicts = guard
-            .apply(&unplaced(&events, &effects, &policy))
-            .await
-            .unwrap();
-        assert_eq!(verdicts[0].outcome, Outcome::Applied, "{id}");
-        let (idg, ttl) = idg_and_ttl(&mut conn).await;
-        assert_eq!(idg, Some(generation.to_string()), "idg after {id}");
-        if id == "c" {
-            assert_eq!(ttl, -1, "idg was trusted: no look, so no expiry");
-        } else {
-            assert!(ttl > 0, "the id hash expires after {id}: {ttl}");
-        }
-    }
-    let _: () = redis::cmd("DEL")
-        .arg(&ids)
-        .arg(keys.meta())
-        .arg(keys.state())
-        .query_async(&mut conn)
-        .await
-        .unwrap();
 }

@@ -177,8 +177,6 @@ pub fn state_code(event: &Event, effects: &Effects, per_field: bool) -> &'static
 /// per event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Context<'a> {
-    /// The current dedupe-window generation (its id hash is `ids:<it>`).
-    pub generation: u64,
     /// When the current generation's id hash expires (Unix ms).
     pub expire_at_ms: u64,
     /// The entity's offset mark field for the partition ("" for none).
@@ -192,11 +190,10 @@ pub struct Context<'a> {
 }
 
 impl<'a> Context<'a> {
-    pub fn of(input: &GuardInput<'a>, ids: &super::IdGenerations) -> Context<'a> {
+    pub fn of(input: &GuardInput<'a>, expire_at_ms: u64) -> Context<'a> {
         let policy = input.policy;
         Context {
-            generation: ids.current,
-            expire_at_ms: ids.expire_at_ms,
+            expire_at_ms,
             mark_field: input.place.map_or("", |p| p.mark_field),
             run_start: input.place.map_or(0, |p| p.run_start),
             dense: policy.dense_seqs,
@@ -204,13 +201,10 @@ impl<'a> Context<'a> {
         }
     }
 
-    /// Its six arguments: generation, expire_at_ms, mark_field, the marks'
-    /// prefix ("<run start>:", "" without a mark field), dense ("1" or ""),
-    /// changelog.
+    /// Its five arguments: expire_at_ms, mark_field, the marks' prefix
+    /// ("<run start>:", "" without a mark field), dense ("1" or ""), changelog.
     pub fn push_args(&self, cmd: &mut redis::Cmd) {
-        cmd.arg(self.generation)
-            .arg(self.expire_at_ms)
-            .arg(self.mark_field);
+        cmd.arg(self.expire_at_ms).arg(self.mark_field);
         if self.mark_field.is_empty() {
             cmd.arg("");
         } else {

@@ -488,7 +488,7 @@ impl Guard {
             chunk
                 .iter()
                 .zip(&generations)
-                .map(|(&i, ids)| Context::of(&inputs[i], ids)),
+                .map(|(&i, ids)| Context::of(&inputs[i], ids.expire_at_ms)),
         );
         cmd.arg(distinct.len());
         for context in &distinct {

@@ -18,9 +18,7 @@
 --          all with the entity's hash tag (so one slot), and all declared, so
 --          that Redis Cluster runs the call only where every key is (during
 --          a slot migration it answers TRYAGAIN instead):
---            <base>:meta        hash: seq, last_id, fingerprint, applied, updated_ms, deleted,
---                               idg (a generation whose id hash has its expiry: see
---                               writes.lua, finish_decision)
+--            <base>:meta        hash: seq, last_id, fingerprint, applied, updated_ms, deleted
 --            <base>:state       hash, the materialized view (user fields only)
 --            <base>:ids:<g>     hash: remembered ids of window generation g (current)
 --            <base>:ids:<g-1>   the previous generation
@@ -30,8 +28,7 @@
 -- ARGV     first the batch token (4 bytes: the same for every attempt of one
 --          batch, new for the next batch), then the epoch idem knows, then
 --          the call's contexts, what its events share with others of their
---          topic and partition: their count, then six values each:
---            g (the current generation of the dedupe window),
+--          topic and partition: their count, then five values each:
 --            expire_at_ms (end of generation g+1),
 --            mark_field (the entity's offset mark for the records'
 --            partition, "o:<topic id>:<partition>"; "" for none),

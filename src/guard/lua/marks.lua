@@ -5,7 +5,7 @@
 -- order's drop it (forget_meta). Flat tables keyed by the meta key: an
 -- entity costs the call no table of its own.
 local known = {}
-local known_seq, known_applied, known_idg = {}, {}, {}
+local known_seq, known_applied = {}, {}
 local known_field, known_mark = {}, {}
 
 local function forget_meta(meta)
@@ -34,17 +34,15 @@ local function read_meta(e)
       return known_seq[meta], known_applied[meta], known_mark[meta]
     end
   end
-  local m, mark
+  local m
   if e.mark_field ~= '' then
-    m = redis.call('HMGET', meta, 'seq', 'applied', 'idg', e.mark_field)
-    mark = m[4] or false
+    m = redis.call('HMGET', meta, 'seq', 'applied', e.mark_field)
   else
-    m = redis.call('HMGET', meta, 'seq', 'applied', 'idg')
-    mark = false
+    m = redis.call('HMGET', meta, 'seq', 'applied')
   end
-  known[meta], known_seq[meta], known_applied[meta], known_idg[meta] = true, m[1], m[2], m[3]
-  known_field[meta], known_mark[meta] = e.mark_field, mark
-  return m[1], m[2], mark
+  known[meta], known_seq[meta], known_applied[meta] = true, m[1], m[2]
+  known_field[meta], known_mark[meta] = e.mark_field, m[3] or false
+  return m[1], m[2], m[3] or false
 end
 
 -- Id hashes this call wrote an id to: their expiry is set (when their

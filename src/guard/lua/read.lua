@@ -11,11 +11,11 @@ local PER_FIELD_OPS = {
 local function read_contexts()
   local contexts, a = {}, 4
   local n = tonumber(ARGV[3])
-  if not n or 3 + 6 * n > #ARGV then error('IDEMPROTOCOL ' .. tostring(ARGV[3]) .. ' contexts') end
+  if not n or 3 + 5 * n > #ARGV then error('IDEMPROTOCOL ' .. tostring(ARGV[3]) .. ' contexts') end
   for i = 1, n do
-    contexts[i] = { generation = ARGV[a], expire_at = ARGV[a + 1], mark_field = ARGV[a + 2],
-      mark_prefix = ARGV[a + 3], dense = ARGV[a + 4] == '1', changelog = ARGV[a + 5] }
-    a = a + 6
+    contexts[i] = { expire_at = ARGV[a], mark_field = ARGV[a + 1], mark_prefix = ARGV[a + 2],
+      dense = ARGV[a + 3] == '1', changelog = ARGV[a + 4] }
+    a = a + 5
   end
   return contexts, a
 end
@@ -27,8 +27,7 @@ end
 local function read_event(contexts, k, a, e)
   e.meta, e.state, e.current, e.previous = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local c = contexts[tonumber(ARGV[a])]
-  e.generation, e.expire_at = c.generation, c.expire_at
-  e.mark_field, e.dense, e.changelog = c.mark_field, c.dense, c.changelog
+  e.expire_at, e.mark_field, e.dense, e.changelog = c.expire_at, c.mark_field, c.dense, c.changelog
   e.id, e.idh, e.fp, e.fp_hex, e.seq = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
   local offset = ARGV[a + 6]
   e.offset = tonumber(offset)

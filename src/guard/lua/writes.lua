@@ -123,19 +123,8 @@ local function finish_decision(e, token, plan, decided)
   if e.changelog ~= '' and decided ~= 's' then write_change(e, plan, decided) end
   redis.call('HSET', e.current, e.idh, id_mark(e.fp, token, decided))
   if not expiring[e.current] then
-    -- meta's idg names a generation whose id hash has its expiry: it is
-    -- written only here, after the expiry is set, in the same script, and
-    -- the two keys share a slot (a Redis that loses or rolls back one
-    -- loses or rolls back both; idem refuses eviction). So a generation
-    -- idg names needs no look, and the look (HLEN) happens once per entity
-    -- and generation, not once per entity and call. Versions before idg
-    -- ignore the field, and their id hashes get their expiry as before.
-    if not (known[e.meta] and known_idg[e.meta] == e.generation) then
-      if redis.call('HLEN', e.current) == 1 then
-        redis.call('PEXPIREAT', e.current, e.expire_at)
-      end
-      redis.call('HSET', e.meta, 'idg', e.generation)
-      if known[e.meta] then known_idg[e.meta] = e.generation end
+    if redis.call('HLEN', e.current) == 1 then
+      redis.call('PEXPIREAT', e.current, e.expire_at)
     end
     expiring[e.current] = true
   end
