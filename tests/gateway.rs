@@ -143,6 +143,25 @@ counters = [{{ field = "balance", from = "/amount", scale = 2, subtract = true }
         Gateway { process, port }
     }
 
+    /// Sends `body` under `key` to a gateway started with
+    /// `IDEM_GATEWAY_FAULT=fault`, which exits before it answers: no
+    /// answer, and the process gone.
+    async fn post_to_a_gateway_that_dies(&self, fault: &str, entity: &str, key: &str, body: &str) {
+        let doomed = self.gateway(&[("IDEM_GATEWAY_FAULT", fault)]).await;
+        let lost = doomed
+            .post(&self.topic, entity, "alice", Some(key), body)
+            .await;
+        assert!(
+            lost.is_none(),
+            "the gateway died ({fault}) before answering: {lost:?}"
+        );
+        assert!(doomed
+            .process
+            .wait_exit(Duration::from_secs(10))
+            .await
+            .is_ok());
+    }
+
     async fn bindings(&self) -> Bindings {
         Bindings::new(
             redis_conn(&self.redis_url).await,
@@ -862,21 +881,8 @@ async fn a_slow_holders_seq_is_never_closed_by_later_ones() {
     // takes seq 1 over, however loaded the machine.
     let d = Deployment::start("gw-slow", redis_url(), &[("IDEM__GATEWAY__LEASE", "8s")]).await;
     let t = d.topic.clone();
-    let doomed = d
-        .gateway(&[("IDEM_GATEWAY_FAULT", "exit_before_produce")])
+    d.post_to_a_gateway_that_dies("exit_before_produce", "acct:1", "first", &deposit("1.00"))
         .await;
-    let lost = doomed
-        .post(&t, "acct:1", "alice", Some("first"), &deposit("1.00"))
-        .await;
-    assert!(
-        lost.is_none(),
-        "the gateway died before producing: {lost:?}"
-    );
-    assert!(doomed
-        .process
-        .wait_exit(Duration::from_secs(10))
-        .await
-        .is_ok());
     let gw = d
         .gateway(&[("IDEM__GATEWAY__RATE_PER_CALLER", "100000")])
         .await;
@@ -1042,20 +1048,9 @@ async fn a_crash_after_the_ack_answers_the_same_event_and_counts_it_once() {
         ],
     )
     .await;
-    let doomed = d.gateway(&[("IDEM_GATEWAY_FAULT", "exit_after_ack")]).await;
-    let t = d.topic.as_str();
-    let lost = doomed
-        .post(t, "acct:9", "alice", Some("pay-1"), &deposit("10.00"))
+    d.post_to_a_gateway_that_dies("exit_after_ack", "acct:9", "pay-1", &deposit("10.00"))
         .await;
-    assert!(
-        lost.is_none(),
-        "the gateway died before answering: {lost:?}"
-    );
-    assert!(doomed
-        .process
-        .wait_exit(Duration::from_secs(10))
-        .await
-        .is_ok());
+    let t = d.topic.as_str();
     let gw = d.gateway(&[]).await;
     let first = gw.read_at(t, "acct:9", 1).await;
     assert_eq!(first["counters"]["balance"], "10.00");

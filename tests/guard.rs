@@ -20,22 +20,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-/// A plain upsert of `entity` setting `v` to its own id.
-fn upsert(entity: &str, id: &str, seq: u64, fingerprint: u64) -> Event {
-    Event {
-        ts: None,
-        change: None,
-        id: id.into(),
-        entity: entity.into(),
-        seq,
-        op: Op::Upsert,
-        kind: None,
-        set: vec![("v".into(), id.into())],
-        unset: Vec::new(),
-        fingerprint,
-    }
-}
-
 /// A random amount: mostly small with 0 or 2 decimals, sometimes 30 or 37
 /// digits (so sums pass 38 digits and are rejected).
 fn random_amount(rng: &mut StdRng, scale: u8) -> Amount {
@@ -1299,7 +1283,18 @@ async fn offset_marks_replay_decided_records_and_hold_at_a_conflict() {
         .expect("epoch");
     let mut guard = Guard::new(conn.clone(), KeyLayout::new(&prefix), 100, epoch);
     let entity = format!("{prefix}:acct");
-    let event = |id: &str, seq: u64, fingerprint: u64| upsert(&entity, id, seq, fingerprint);
+    let event = |id: &str, seq: u64, fingerprint: u64| Event {
+        ts: None,
+        change: None,
+        id: id.into(),
+        entity: entity.clone(),
+        seq,
+        op: Op::Upsert,
+        kind: None,
+        set: vec![("v".into(), id.into())],
+        unset: Vec::new(),
+        fingerprint,
+    };
     let (first, conflicting, later, copy) = (
         event("a", 1, 1),
         event("a", 2, 2),

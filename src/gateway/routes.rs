@@ -209,8 +209,7 @@ async fn write_inner(
         }
         Bound::Conflict { seq } => return Err(Problem::new(422, "key-reused", "Idempotency-Key reused with another request", format!("key {key:?} is bound to another request (seq {seq} of entity {entity}): a new change needs a new key"))),
         Bound::Busy(left) => return Err(in_flight(&key, left)),
-        Bound::Full { unacked, lowest: None } => return Err(Problem::new(429, "entity-busy", "Too many writes in flight for this entity", format!("entity {entity} has {unacked} writes the brokers have not acknowledged yet")).retry_after(1)),
-        Bound::Full { lowest: Some(lowest), .. } => return Err(Problem::new(429, "entity-busy", "Too many writes in flight for this entity", format!("entity {entity}'s write at seq {lowest} is not acknowledged by the brokers yet, and the next seq may be at most {MAX_UNACKED} above it")).retry_after(1)),
+        Bound::Full { unacked, lowest } => return Err(entity_busy(entity, unacked, lowest)),
         Bound::New { seq, token } => (seq, token, topic.to_string(), intent),
         Bound::Retake { seq, token, topic, body, waited } => {
             record_wait(waited);
@@ -261,6 +260,27 @@ fn replayed(response: Vec<u8>) -> Response {
         .headers_mut()
         .insert("idempotent-replayed", HeaderValue::from_static("true"));
     answer
+}
+
+/// 429: too many of `entity`'s writes unacknowledged, or the next seq too
+/// far above the lowest of them (`lowest`).
+fn entity_busy(entity: &str, unacked: u64, lowest: Option<u64>) -> Problem {
+    let detail = match lowest {
+        None => {
+            format!("entity {entity} has {unacked} writes the brokers have not acknowledged yet")
+        }
+        Some(lowest) => format!(
+            "entity {entity}'s write at seq {lowest} is not acknowledged by the brokers yet, \
+             and the next seq may be at most {MAX_UNACKED} above it"
+        ),
+    };
+    Problem::new(
+        429,
+        "entity-busy",
+        "Too many writes in flight for this entity",
+        detail,
+    )
+    .retry_after(1)
 }
 
 fn in_flight(key: &str, left: Duration) -> Problem {

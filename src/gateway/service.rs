@@ -70,14 +70,6 @@ impl Fault {
             _ => None,
         }
     }
-
-    /// Exits the process where this fault is `at`.
-    fn strike(fault: Option<Fault>, at: Fault) {
-        if fault == Some(at) {
-            tracing::error!(?at, "IDEM_GATEWAY_FAULT: exiting");
-            std::process::exit(137);
-        }
-    }
 }
 
 /// The gateway's idempotent producer: the brokers' acknowledgement within
@@ -123,6 +115,14 @@ impl Gateway {
         tokio::spawn(self.clone().sweep_forever());
     }
 
+    /// Exits the process where the test's fault (`IDEM_GATEWAY_FAULT`) is `at`.
+    fn strike(&self, at: Fault) {
+        if self.fault == Some(at) {
+            tracing::error!(?at, "IDEM_GATEWAY_FAULT: exiting");
+            std::process::exit(137);
+        }
+    }
+
     /// Produces `entity`'s event at `seq` and waits for the acknowledgement.
     async fn produce(
         &self,
@@ -166,10 +166,10 @@ impl Gateway {
         (seq, token): (u64, u64),
         intent: &Intent,
     ) -> Result<(Kept, Vec<u8>), Unfinished> {
-        Fault::strike(self.fault, Fault::ExitBeforeProduce);
+        self.strike(Fault::ExitBeforeProduce);
         match self.produce(topic, entity, seq, intent).await {
             Ok(accepted) => {
-                Fault::strike(self.fault, Fault::ExitAfterAck);
+                self.strike(Fault::ExitAfterAck);
                 let at = (accepted.partition, accepted.offset);
                 let kept = self
                     .bindings

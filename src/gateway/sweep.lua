@@ -21,8 +21,9 @@ for _, key in ipairs(due) do
     if redis.call('HINCRBY', counters, 'unacked', -1) < 0 then
       redis.call('HSET', counters, 'unacked', 0)
     end
-    -- Nor is its seq the lowest unacknowledged (bind.lua's u:<seq>, whose
-    -- value names the binding): the dense rule will close its gap.
+    -- Nor is its seq the lowest unacknowledged (bind.lua's u:<seq>): the
+    -- dense rule will close its gap. The binding, and its seq with it, is
+    -- gone, so the field is found by its value, the binding's key.
     local fields = redis.call('HGETALL', counters)
     for i = 1, #fields, 2 do
       if fields[i + 1] == key and string.sub(fields[i], 1, 2) == 'u:' then
