@@ -222,6 +222,19 @@ impl Gateway {
             .expect("the gateway answers")
     }
 
+    /// Waits for each of `entity`'s seqs `1..=through` and asserts it
+    /// counted: applied, late or partial, never dead-lettered (a seq the
+    /// dense rule closed) or only known as decided.
+    async fn assert_each_seq_counted(&self, topic: &str, entity: &str, through: u64) {
+        for n in 1..=through {
+            let decided = self.read_at(topic, entity, n).await["decided"].clone();
+            assert!(
+                ["applied", "late", "partial"].contains(&decided["outcome"].as_str().unwrap_or("")),
+                "seq {n}: {decided}"
+            );
+        }
+    }
+
     /// The entity once seq `n` is decided.
     async fn read_at(&self, topic: &str, entity: &str, n: u64) -> Value {
         let reply = self
@@ -848,16 +861,8 @@ async fn two_gateways_on_one_entity_end_as_the_writes_in_seq_order() {
         expected.insert(format!("f{}", i % 5), i.to_string());
     }
     expected.insert("amount".into(), "1.00".into());
-    // A read waits for its own seq only: wait for each of the 60. Each
-    // counts its deposit: applied, late or partial, never dead-lettered
-    // (a seq the dense rule closed) or only known as decided.
-    for n in 1..=60 {
-        let decided = g1.read_at(&t, "shared", n).await["decided"].clone();
-        assert!(
-            ["applied", "late", "partial"].contains(&decided["outcome"].as_str().unwrap_or("")),
-            "seq {n}: {decided}"
-        );
-    }
+    // A read waits for its own seq only: wait for each of the 60.
+    g1.assert_each_seq_counted(&t, "shared", 60).await;
     let state = g1.read_at(&t, "shared", 60).await;
     let got: BTreeMap<String, String> = serde_json::from_value(state["state"].clone()).unwrap();
     assert_eq!(got, expected);
@@ -914,13 +919,7 @@ async fn a_slow_holders_seq_is_never_closed_by_later_ones() {
             .await,
     );
     assert_eq!(first.seq, 1, "the key kept its seq");
-    for n in 1..=41 {
-        let decided = gw.read_at(&t, "acct:1", n).await["decided"].clone();
-        assert!(
-            ["applied", "late", "partial"].contains(&decided["outcome"].as_str().unwrap_or("")),
-            "seq {n}: {decided}"
-        );
-    }
+    gw.assert_each_seq_counted(&t, "acct:1", 41).await;
     let state = gw.read_at(&t, "acct:1", 41).await;
     assert_eq!(
         state["counters"]["balance"], "41.00",
